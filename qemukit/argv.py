@@ -1,0 +1,201 @@
+"""Turn a :class:`~qemukit.spec.VMSpec` into a QEMU argv: pure, no I/O.
+
+Everything a user supplies reaches QEMU as exactly that value: values that
+go through QEMU's option parser are quoted with :func:`quote_opt` (',' is
+written ',,'), and options QEMU takes literally (``-kernel``, ``-append``)
+are passed as they are. The runtime plumbing (sockets, fds, overlay paths)
+comes in as a :class:`Plumbing` so the result depends on its inputs only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SpecError
+from .spec import Drive, Nic, VMSpec
+
+__all__ = ["AGENT_PORT_NAME", "Plumbing", "build_argv", "drive_ids", "nic_ids", "quote_opt"]
+
+AGENT_PORT_NAME = "org.qemukit.agent"
+SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def quote_opt(value: str) -> str:
+    """Quote a value for QEMU's ``key=value,...`` option parser (',' -> ',,')."""
+    if "\x00" in value:
+        raise SpecError("value", value, "must not contain a NUL byte")
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class Plumbing:
+    """Where this VM's sockets, logs and disk files are, decided at launch.
+
+    ``qmp_fd`` is the QEMU end of a socketpair the launcher already holds, so
+    the owner's monitor connection cannot race QEMU's start-up. ``drive_files``
+    and ``drive_formats`` are the files QEMU opens per drive: the overlay for
+    an ``overlay=True`` drive, else the drive's own file.
+    """
+
+    qmp_fd: int | None = None
+    qmp_path: str | None = None
+    console_path: str | None = None
+    console_log: str | None = None
+    agent_path: str | None = None
+    drive_files: tuple[str, ...] = ()
+    drive_formats: tuple[str, ...] = ()
+    ovmf_code: str | None = None
+    ovmf_vars: str | None = None
+
+
+def drive_ids(spec: VMSpec) -> list[str]:
+    """The device id of each boot drive (the spec's id, else ``disk0``, ``disk1``...)."""
+    return [d.id or f"disk{i}" for i, d in enumerate(spec.drives)]
+
+
+def nic_ids(spec: VMSpec) -> list[str]:
+    """The device id of each boot nic (the spec's id, else ``net0``, ``net1``...)."""
+    return [n.id or f"net{i}" for i, n in enumerate(spec.nics)]
+
+
+def _chardev_socket(chardev_id: str, path: str, extra: str = "") -> list[str]:
+    return ["-chardev", f"socket,id={chardev_id},path={quote_opt(path)},server=on,wait=off{extra}"]
+
+
+def _virtio(spec: VMSpec, kind: str) -> str:
+    """The virtio device model for the machine's transport (PCI or MMIO)."""
+    return f"virtio-{kind}-device" if spec.machine == "microvm" else f"virtio-{kind}-pci"
+
+
+def _drive_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
+    if len(plumbing.drive_files) != len(spec.drives) or len(plumbing.drive_formats) != len(
+        spec.drives
+    ):
+        raise SpecError("drives", spec.drives, "every drive needs a resolved file and format")
+    args: list[str] = []
+    scsi_added = False
+    for drive, dev_id, path, fmt in zip(
+        spec.drives, drive_ids(spec), plumbing.drive_files, plumbing.drive_formats, strict=True
+    ):
+        ro = ",read-only=on" if drive.read_only else ""
+        args += [
+            "-blockdev",
+            f"driver=file,node-name={dev_id}-file,filename={quote_opt(path)}{ro}",
+            "-blockdev",
+            f"driver={fmt},node-name={dev_id}-fmt,file={dev_id}-file{ro}",
+        ]
+        args += _drive_device(spec, drive, dev_id, scsi_added)
+        scsi_added = scsi_added or drive.interface == "virtio-scsi"
+    return args
+
+
+def _drive_device(spec: VMSpec, drive: Drive, dev_id: str, scsi_added: bool) -> list[str]:
+    if drive.interface == "virtio-blk":
+        return ["-device", f"{_virtio(spec, 'blk')},drive={dev_id}-fmt,id={dev_id}"]
+    if drive.interface == "virtio-scsi":
+        ctrl = [] if scsi_added else ["-device", "virtio-scsi-pci,id=scsi0"]
+        return ctrl + ["-device", f"scsi-hd,bus=scsi0.0,drive={dev_id}-fmt,id={dev_id}"]
+    return ["-device", f"nvme,drive={dev_id}-fmt,id={dev_id},serial={dev_id}"]
+
+
+def _nic_args(spec: VMSpec) -> list[str]:
+    args: list[str] = []
+    for nic, dev_id in zip(spec.nics, nic_ids(spec), strict=True):
+        args += ["-netdev", _netdev(nic, f"{dev_id}-backend")]
+        mac = f",mac={nic.mac}" if nic.mac else ""
+        args += ["-device", f"{_virtio(spec, 'net')},netdev={dev_id}-backend,id={dev_id}{mac}"]
+    return args
+
+
+def _netdev(nic: Nic, backend_id: str) -> str:
+    if nic.kind == "tap":
+        assert nic.ifname is not None
+        return f"tap,id={backend_id},ifname={quote_opt(nic.ifname)},script=no,downscript=no"
+    fwds = "".join(
+        f",hostfwd={fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"
+        for fw in nic.forwards
+    )
+    return f"user,id={backend_id}{fwds}"
+
+
+def build_argv(
+    spec: VMSpec,
+    *,
+    qemu: str,
+    accel: str,
+    plumbing: Plumbing,
+    sandbox: bool = False,
+    name: str | None = None,
+) -> list[str]:
+    """The full QEMU argv for ``spec`` with the accelerator already decided.
+
+    ``accel`` is ``kvm`` or ``tcg`` (``auto`` is resolved by the host probe
+    first); ``sandbox`` adds QEMU's seccomp sandbox and should be true only
+    when the binary supports it.
+    """
+    if accel not in ("kvm", "tcg"):
+        raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
+    vm_name = name or spec.name or "vm"
+    machine = f"{spec.machine},accel={accel}"
+    if spec.firmware == "ovmf":
+        if not (plumbing.ovmf_code and plumbing.ovmf_vars):
+            raise SpecError("firmware", "ovmf", "OVMF firmware files were not resolved")
+        machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
+    argv = [qemu, "-name", quote_opt(vm_name), "-machine", machine]
+    cpu = spec.cpu or ("host" if accel == "kvm" else None)
+    if cpu:
+        argv += ["-cpu", cpu]
+    smp = str(spec.cpus) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else "")
+    mem = f"{spec.memory}M"
+    if spec.max_memory is not None:
+        mem += f",slots={spec.slots},maxmem={spec.max_memory}M"
+    argv += ["-smp", smp, "-m", mem, "-nodefaults", "-no-user-config", "-display", "none"]
+    if spec.no_reboot:
+        argv.append("-no-reboot")
+    if sandbox:
+        argv += ["-sandbox", SANDBOX_OPTS]
+    if plumbing.qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp-owner,fd={plumbing.qmp_fd}"]
+        argv += ["-mon", "chardev=qmp-owner,mode=control"]
+    if plumbing.qmp_path:
+        argv += _chardev_socket("qmp-shared", plumbing.qmp_path)
+        argv += ["-mon", "chardev=qmp-shared,mode=control"]
+    if spec.serial:
+        if plumbing.console_path:
+            log = ""
+            if plumbing.console_log:
+                log = f",logfile={quote_opt(plumbing.console_log)},logappend=on"
+            argv += _chardev_socket("console0", plumbing.console_path, log)
+            argv += ["-serial", "chardev:console0"]
+        elif plumbing.console_log:
+            argv += ["-chardev", f"file,id=console0,path={quote_opt(plumbing.console_log)}"]
+            argv += ["-serial", "chardev:console0"]
+    if spec.firmware == "ovmf":
+        assert plumbing.ovmf_code and plumbing.ovmf_vars
+        argv += [
+            "-blockdev",
+            f"driver=file,node-name=ovmf-code,filename={quote_opt(plumbing.ovmf_code)},read-only=on",
+            "-blockdev",
+            f"driver=file,node-name=ovmf-vars,filename={quote_opt(plumbing.ovmf_vars)}",
+        ]
+    if spec.kernel is not None:
+        # -kernel, -initrd and -append are stored verbatim by QEMU: no ',,' quoting.
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
+        if spec.append is not None:
+            argv += ["-append", spec.append]
+    if spec.machine == "q35":
+        for i in range(spec.hotplug_ports):
+            argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={i + 1}"]
+    argv += _drive_args(spec, plumbing)
+    argv += _nic_args(spec)
+    if spec.agent and plumbing.agent_path:
+        argv += ["-device", f"{_virtio(spec, 'serial')},id=vser0"]
+        argv += _chardev_socket("agent0", plumbing.agent_path)
+        argv += [
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME},id=agent0-port",
+        ]
+    argv += list(spec.extra_args)
+    return argv

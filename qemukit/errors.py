@@ -1,0 +1,151 @@
+"""Exceptions raised by qemukit.
+
+Every error qemukit raises derives from :class:`QemukitError`, so one
+``except QemukitError`` catches them all. Each subclass carries the context a
+user needs to act on it without rerunning anything::
+
+    QemukitError
+    ├── SpecError            a VM description field has a bad value (field, value)
+    ├── HostError            the host lacks something (QEMU binary, firmware, image)
+    │   └── AcceleratorError the asked-for accelerator does not work here (reason)
+    ├── LaunchError          QEMU did not come up (argv, exit status, its stderr)
+    ├── StateError           an operation does not fit the VM's lifecycle state
+    ├── WaitTimeout          a bounded wait expired (what, timeout, console tail)
+    ├── QMPError             talking to QEMU's monitor failed
+    │   ├── QMPCommandError  QEMU answered a command with an error (class, desc)
+    │   └── QMPConnectionError the monitor connection was lost or never made
+    └── GuestError           the guest misbehaved
+        ├── GuestPanic       the guest kernel panicked (panic line, console tail)
+        └── AgentError       the in-guest agent answered garbage or went away
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "AcceleratorError",
+    "AgentError",
+    "GuestError",
+    "GuestPanic",
+    "HostError",
+    "LaunchError",
+    "QMPCommandError",
+    "QMPConnectionError",
+    "QMPError",
+    "QemukitError",
+    "SpecError",
+    "StateError",
+    "WaitTimeout",
+]
+
+
+def _tail_block(title: str, text: str | None) -> str:
+    if not text:
+        return ""
+    return f"\n--- {title} ---\n{text.rstrip()}"
+
+
+class QemukitError(Exception):
+    """Root of every exception qemukit raises."""
+
+
+class SpecError(QemukitError, ValueError):
+    """A VM description has a bad value; raised before any process starts."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}={value!r}: {reason}")
+
+
+class HostError(QemukitError):
+    """The host lacks something qemukit needs (a QEMU binary, firmware, an image)."""
+
+
+class AcceleratorError(HostError):
+    """The requested accelerator cannot be used on this host."""
+
+    def __init__(self, accel: str, reason: str) -> None:
+        self.accel = accel
+        self.reason = reason
+        super().__init__(f"accelerator {accel!r} is not usable on this host: {reason}")
+
+
+class LaunchError(QemukitError):
+    """QEMU exited or refused to start; carries its argv, exit status and stderr."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str] = (),
+        returncode: int | None = None,
+        stderr: str = "",
+        console: str = "",
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.console = console
+        text = message
+        if returncode is not None:
+            text += f" (exit status {returncode})"
+        text += _tail_block("QEMU output", stderr)
+        text += _tail_block("console", console)
+        if self.argv:
+            text += "\n--- command line ---\n" + " ".join(self.argv)
+        super().__init__(text)
+
+
+class StateError(QemukitError):
+    """The VM is not in a state that allows the operation (e.g. used after shutdown)."""
+
+
+class WaitTimeout(QemukitError, TimeoutError):
+    """A bounded wait expired; says what was awaited and shows the latest output."""
+
+    def __init__(self, what: str, timeout: float, console: str = "") -> None:
+        self.what = what
+        self.timeout = timeout
+        self.console = console
+        super().__init__(
+            f"timed out after {timeout:g}s waiting for {what}" + _tail_block("console", console)
+        )
+
+
+class QMPError(QemukitError):
+    """Talking to QEMU's QMP monitor failed."""
+
+
+class QMPCommandError(QMPError):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, error_class: str, description: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+        super().__init__(f"QMP {command}: {error_class}: {description}")
+
+
+class QMPConnectionError(QMPError):
+    """The QMP connection could not be made or was lost."""
+
+
+class GuestError(QemukitError):
+    """The guest did something that stops the operation."""
+
+
+class GuestPanic(GuestError):
+    """The guest kernel panicked (or oopsed); carries the first panic line."""
+
+    def __init__(self, line: str, console: str = "") -> None:
+        self.line = line
+        self.console = console
+        super().__init__(f"guest kernel panic: {line}" + _tail_block("console", console))
+
+
+class AgentError(GuestError):
+    """The in-guest agent answered something unexpected or went away."""

@@ -1,0 +1,256 @@
+"""Facts about the host: the QEMU binary, its features, firmware, and KVM.
+
+Everything here is probed, not assumed, and cached: the binary's facts per
+process, the KVM probe boot per host boot (on disk). ``/dev/kvm`` existing is
+not proof that KVM works (on some paravirtual hosts QEMU starts but Linux
+guests hang), so ``accel='auto'`` uses KVM only after a short probe boot of
+the tiny guest reached its init under it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .argv import Plumbing, build_argv
+from .errors import AcceleratorError, HostError, SpecError
+from .paths import cache_dir
+from .process import run_command, run_until_output
+from .spec import VMSpec
+
+__all__ = [
+    "AccelChoice",
+    "KvmStatus",
+    "QemuBinary",
+    "find_ovmf",
+    "find_qemu",
+    "image_format",
+    "kvm_device_status",
+    "kvm_status",
+    "resolve_accel",
+]
+
+INIT_MARKER = b"qemukit-init: ready"
+KVM_PROBE_TIMEOUT = float(os.environ.get("QEMUKIT_KVM_PROBE_TIMEOUT", "8"))
+_KVM_GET_API_VERSION = 0xAE00
+_OVMF_CANDIDATES = [
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+]
+
+
+@dataclass(frozen=True)
+class QemuBinary:
+    """A qemu-system binary and what it supports (read from its own help)."""
+
+    path: str
+    version: tuple[int, int, int]
+    version_text: str
+    machines: frozenset[str]
+    has_sandbox: bool
+    qemu_img: str | None
+
+    @property
+    def version_string(self) -> str:
+        """The version as ``major.minor.micro``."""
+        return ".".join(map(str, self.version))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_binary(path: str) -> QemuBinary:
+    out = run_command([path, "-version"], timeout=20)
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out.stdout)
+    if out.returncode != 0 or not m:
+        raise HostError(f"{path} -version failed: {(out.stdout + out.stderr).strip()[:300]}")
+    version = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    help_text = run_command([path, "-help"], timeout=20).stdout
+    machines_text = run_command([path, "-machine", "help"], timeout=20).stdout
+    machines = frozenset(
+        line.split()[0] for line in machines_text.splitlines()[1:] if line.strip()
+    )
+    img = shutil.which("qemu-img", path=str(Path(path).parent)) or shutil.which("qemu-img")
+    return QemuBinary(
+        path=path,
+        version=version,
+        version_text=out.stdout.splitlines()[0].strip(),
+        machines=machines,
+        has_sandbox=bool(re.search(r"^-sandbox ", help_text, re.MULTILINE)),
+        qemu_img=img,
+    )
+
+
+def find_qemu() -> QemuBinary:
+    """The QEMU to use: ``$QEMUKIT_QEMU``, else ``qemu-system-x86_64`` on PATH."""
+    env = os.environ.get("QEMUKIT_QEMU")
+    path = env or shutil.which("qemu-system-x86_64")
+    if not path or not os.access(path, os.X_OK):
+        where = f"$QEMUKIT_QEMU={env!r}" if env else "qemu-system-x86_64 on PATH"
+        raise HostError(
+            f"no QEMU found ({where}); install it with: apt-get install qemu-system-x86 qemu-utils"
+        )
+    return _probe_binary(str(Path(path).resolve()) if not env else path)
+
+
+def find_ovmf() -> tuple[str, str] | None:
+    """OVMF's code and variable-template files, if the ovmf package is installed."""
+    for code, vars_ in _OVMF_CANDIDATES:
+        if os.path.exists(code) and os.path.exists(vars_):
+            return code, vars_
+    return None
+
+
+def image_format(path: str, qemu: QemuBinary) -> str:
+    """The format of a disk image as ``qemu-img info`` detects it (read-only, -U)."""
+    if not os.path.exists(path):
+        raise SpecError("drive.file", path, "no such file")
+    if qemu.qemu_img is None:
+        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
+    out = run_command([qemu.qemu_img, "info", "-U", "--output=json", "--", path], timeout=30)
+    if out.returncode != 0:
+        raise SpecError("drive.file", path, f"qemu-img cannot read it: {out.stderr.strip()}")
+    fmt = str(json.loads(out.stdout).get("format", ""))
+    if fmt not in ("qcow2", "raw"):
+        raise SpecError("drive.format", fmt, f"{path}: only qcow2 and raw images are supported")
+    return fmt
+
+
+def kvm_device_status() -> tuple[bool, str]:
+    """Whether ``/dev/kvm`` can be opened and speaks the expected KVM API."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, "/dev/kvm does not exist (no KVM in this kernel or VM)"
+    except PermissionError:
+        return False, "/dev/kvm is not accessible (add the user to the kvm group)"
+    except OSError as exc:
+        return False, f"/dev/kvm cannot be opened: {exc.strerror}"
+    try:
+        version = fcntl.ioctl(fd, _KVM_GET_API_VERSION)
+    except OSError as exc:
+        return False, f"/dev/kvm rejected KVM_GET_API_VERSION: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if version != 12:
+        return False, f"/dev/kvm speaks KVM API {version}, expected 12"
+    return True, "/dev/kvm is usable"
+
+
+@dataclass(frozen=True)
+class KvmStatus:
+    """The verdict on KVM: usable or not, and why (with the probe's console tail)."""
+
+    usable: bool
+    reason: str
+    probed: bool
+    console: str = ""
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator a VM will run under and one line saying why."""
+
+    accel: str
+    reason: str
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _probe_key(qemu: QemuBinary, kernel: str, initrd: str) -> str:
+    stamp = [str(os.stat(p).st_mtime_ns) for p in (kernel, initrd)]
+    return "|".join([_boot_id(), qemu.path, qemu.version_string, kernel, initrd, *stamp])
+
+
+def kvm_status(
+    qemu: QemuBinary,
+    probe_image: tuple[str, str] | None,
+    *,
+    timeout: float = KVM_PROBE_TIMEOUT,
+    use_cache: bool = True,
+) -> KvmStatus:
+    """Decide whether KVM really works: device check, then a cached probe boot.
+
+    ``probe_image`` is a (kernel, initrd) pair whose init prints
+    ``qemukit-init: ready``; without one KVM cannot be verified and is not used.
+    """
+    ok, reason = kvm_device_status()
+    if not ok:
+        return KvmStatus(False, reason, probed=False)
+    if probe_image is None:
+        return KvmStatus(
+            False, "/dev/kvm is present but unverified: no probe image (qemukit images build tiny)",
+            probed=False,
+        )
+    kernel, initrd = probe_image
+    cache_file = cache_dir() / "kvm-probe.json"
+    key = _probe_key(qemu, kernel, initrd)
+    if use_cache:
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("key") == key:
+                return KvmStatus(cached["usable"], cached["reason"], True, cached.get("console", ""))
+        except (OSError, ValueError, KeyError):
+            pass
+    status = _probe_boot(qemu, kernel, initrd, timeout)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False) as fh:
+            json.dump({"key": key, **asdict(status)}, fh)
+        os.replace(fh.name, cache_file)
+    except OSError:
+        pass  # an unwritable cache only costs a probe next time
+    return status
+
+
+def _probe_boot(qemu: QemuBinary, kernel: str, initrd: str, timeout: float) -> KvmStatus:
+    spec = VMSpec(
+        name="kvm-probe",
+        kernel=kernel,
+        initrd=initrd,
+        append="console=ttyS0 panic=-1 quiet qemukit.probe",
+        no_reboot=True,
+        agent=False,
+        serial=False,
+        hotplug_ports=0,
+        extra_args=("-serial", "stdio"),
+    )
+    argv = build_argv(spec, qemu=qemu.path, accel="kvm", plumbing=Plumbing())
+    seen, tail, exited = run_until_output(argv, INIT_MARKER, timeout=timeout)
+    if seen:
+        return KvmStatus(True, "a probe boot under KVM reached the guest's init", True, tail)
+    if exited is not None:
+        why = f"QEMU exited with status {exited} during a KVM probe boot"
+    else:
+        why = f"a probe boot under KVM did not reach the guest's init within {timeout:g}s"
+    return KvmStatus(False, why, True, tail)
+
+
+def resolve_accel(
+    requested: str, qemu: QemuBinary, probe_image: tuple[str, str] | None
+) -> AccelChoice:
+    """Turn ``auto``/``kvm``/``tcg`` into the accelerator to run under.
+
+    ``kvm`` on a host where KVM does not work raises :class:`AcceleratorError`;
+    ``auto`` falls back to TCG and says why.
+    """
+    if requested == "tcg":
+        return AccelChoice("tcg", "TCG (software emulation) as requested")
+    status = kvm_status(qemu, probe_image)
+    if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
+        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)")
+    if status.usable:
+        return AccelChoice("kvm", f"KVM: {status.reason}")
+    if requested == "kvm":
+        raise AcceleratorError("kvm", status.reason)
+    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}")

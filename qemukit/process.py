@@ -1,0 +1,260 @@
+"""The one place that spawns processes: QEMU itself and short helper commands.
+
+QEMU gets its own stdout/stderr file (never a pipe a harness might block
+on), no shell, a private umask, and by default a parent-death signal so it
+cannot outlive the Python process that started it. Exit is awaited through a
+pidfd, so waiting costs no polling and the child is reaped at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from .errors import HostError, LaunchError, WaitTimeout
+
+__all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child before exec: SIGKILL it when the spawning thread dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died between fork and prctl: then nobody would signal us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def process_start_time(pid: int) -> float | None:
+    """The process's start time as psutil reports it, or None if there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_same_process(pid: int, start_time: float) -> bool:
+    """True if ``pid`` is alive, not a zombie, and started at ``start_time``.
+
+    The start time guards against pid reuse: a pid that now belongs to some
+    other program is never taken for the process we started.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - start_time) < 0.05
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def run_command(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a short helper command (qemu-img, qemu -help) and capture its output.
+
+    Raises :class:`HostError` if it cannot be started or times out; a non-zero
+    exit is returned for the caller to judge.
+    """
+    try:
+        return subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise HostError(f"cannot run {argv[0]}: not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{' '.join(argv)} did not finish within {timeout:g}s") from exc
+
+
+class QemuProcess:
+    """A spawned QEMU: its pid, start time, log file, exit and signals."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], log_path: Path) -> None:
+        self._popen = popen
+        self.argv = argv
+        self.log_path = log_path
+        self.pid = popen.pid
+        self.start_time = process_start_time(popen.pid) or time.time()
+        self._pidfd: int | None = None
+        self._exit_fut: asyncio.Future[int] | None = None
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(popen.pid)
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        pass_fds: Sequence[int] = (),
+        die_with_parent: bool = True,
+        cwd: Path | None = None,
+    ) -> QemuProcess:
+        """Start QEMU with ``argv`` (a list, never a shell), output to ``log_path``.
+
+        With ``die_with_parent`` QEMU is killed when the calling thread exits,
+        and it is started in its own session so a terminal's Ctrl-C reaches
+        the Python process, which then shuts QEMU down in order.
+        """
+        argv = list(argv)
+        parent = os.getpid()
+        with open(log_path, "ab") as log:
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=tuple(pass_fds),
+                    cwd=cwd,
+                    umask=0o077,
+                    start_new_session=True,
+                    preexec_fn=(lambda: _die_with_parent(parent)) if die_with_parent else None,
+                )
+            except OSError as exc:
+                raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}", argv=argv) from exc
+        return cls(popen, argv, log_path)
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once it has exited (negative: killed by that signal)."""
+        return self._popen.poll()
+
+    def alive(self) -> bool:
+        """True while QEMU runs (a zombie counts as exited)."""
+        return self._popen.poll() is None
+
+    def output_tail(self, max_lines: int = 20) -> str:
+        """The last lines QEMU wrote to stdout/stderr."""
+        try:
+            data = self.log_path.read_bytes()[-16384:]
+        except OSError:
+            return ""
+        lines = data.decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-max_lines:])
+
+    def exit_future(self) -> asyncio.Future[int]:
+        """A future resolved with the exit status when QEMU exits (one per process).
+
+        Bound to the running loop on first use; the pidfd wakes it, so nothing
+        polls, and the child is reaped the moment it exits.
+        """
+        if self._exit_fut is not None:
+            return self._exit_fut
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._exit_fut = fut
+        if self._popen.poll() is not None:
+            fut.set_result(self._popen.returncode)
+        elif self._pidfd is not None:
+            pidfd = self._pidfd
+
+            def on_exit() -> None:
+                loop.remove_reader(pidfd)
+                if not fut.done():
+                    fut.set_result(self._popen.wait())
+
+            loop.add_reader(pidfd, on_exit)
+        else:
+            # No pidfd (very old kernel): a thread blocks in wait() instead of polling.
+            waiter = asyncio.ensure_future(asyncio.to_thread(self._popen.wait))
+            waiter.add_done_callback(
+                lambda t: fut.done() or fut.set_result(t.result())  # type: ignore[func-returns-value]
+            )
+        return fut
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit (reaping it) and return its exit status."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.exit_future()), timeout)
+        except TimeoutError:
+            raise WaitTimeout(f"QEMU (pid {self.pid}) to exit", timeout or 0) from None
+
+    def send_signal(self, sig: int) -> None:
+        """Signal QEMU if it is still ours and running (never a reused pid)."""
+        if self._popen.poll() is not None:
+            return
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+        else:
+            self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd; QEMU must have exited (or be abandoned on purpose)."""
+        if self._pidfd is not None:
+            if self._exit_fut is not None and not self._exit_fut.done():
+                with contextlib.suppress(Exception):
+                    self._exit_fut.get_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def run_until_output(
+    argv: Sequence[str], marker: bytes, *, timeout: float
+) -> tuple[bool, str, int | None]:
+    """Run ``argv`` until ``marker`` appears on its stdout, it exits, or ``timeout``.
+
+    The process is killed and reaped in every case (it dies with us too).
+    Returns (marker seen, the output's tail, exit status if it exited by itself).
+    Used for probe boots, where the console is the process's stdout.
+    """
+    import selectors
+
+    parent = os.getpid()
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+    except OSError as exc:
+        raise HostError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+    assert popen.stdout is not None
+    output = bytearray()
+    seen = False
+    exited: int | None = None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(popen.stdout, selectors.EVENT_READ)
+        while not seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                break
+            chunk = os.read(popen.stdout.fileno(), 65536)
+            if not chunk:
+                exited = popen.wait()
+                break
+            output += chunk
+            seen = marker in output
+    if exited is None:
+        popen.kill()
+        popen.wait()
+    popen.stdout.close()
+    tail = "\n".join(output.decode("utf-8", "replace").splitlines()[-15:])
+    return seen, tail, exited

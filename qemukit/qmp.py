@@ -1,0 +1,112 @@
+"""The boundary to qemu.qmp: connect, execute, wait for events.
+
+qemu.qmp's exceptions are translated here into qemukit's own, carrying
+QEMU's error class and description. Every call takes a timeout; events are
+awaited through listeners registered *before* the command that causes them,
+so an event can never slip by between the command and the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
+from qemu.qmp import QMPError as _LibQMPError
+
+from .errors import QMPCommandError, QMPConnectionError, WaitTimeout
+
+__all__ = ["QMP", "EventListener"]
+
+# qemu.qmp logs every disconnect at ERROR; qemukit reports those through exceptions.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class QMP:
+    """One QMP connection (async). Commands and event waits are bounded in time."""
+
+    def __init__(self, name: str = "qemukit") -> None:
+        self._client = QMPClient(name)
+        self.name = name
+
+    @property
+    def connected(self) -> bool:
+        """True while the session is up."""
+        return bool(self._client.runstate == Runstate.RUNNING)
+
+    @property
+    def greeting(self) -> Mapping[str, Any] | None:
+        """QEMU's greeting (version and capabilities) once connected."""
+        greeting = self._client.greeting
+        return dict(greeting._raw) if greeting is not None else None
+
+    async def connect(self, address: str | socket.socket, timeout: float) -> None:
+        """Connect to a monitor socket path, or over an already-connected socket."""
+        try:
+            await asyncio.wait_for(self._client.connect(address), timeout)
+        except TimeoutError:
+            await self._abort()
+            raise WaitTimeout(f"the QMP greeting on {self._describe(address)}", timeout) from None
+        except ConnectError as exc:
+            raise QMPConnectionError(
+                f"cannot connect to QMP at {self._describe(address)}: {exc.exc or exc}"
+            ) from exc
+
+    @staticmethod
+    def _describe(address: str | socket.socket) -> str:
+        return address if isinstance(address, str) else f"fd {address.fileno()}"
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: float = 30.0
+    ) -> Any:
+        """Run one QMP command and return its ``return`` value."""
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            error = exc.error.error
+            raise QMPCommandError(command, error.class_, error.desc) from exc
+        except TimeoutError:
+            raise WaitTimeout(f"QEMU's reply to QMP {command}", timeout) from None
+        except (_LibQMPError, OSError, EOFError) as exc:
+            raise QMPConnectionError(f"QMP {command}: connection lost ({exc})") from exc
+
+    def send_fd(self, fd: int) -> None:
+        """Pass an open file descriptor to QEMU (for a following ``getfd``)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (_LibQMPError, OSError) as exc:
+            raise QMPConnectionError(f"cannot pass fd {fd} to QEMU: {exc}") from exc
+
+    @contextlib.contextmanager
+    def listen(
+        self, *names: str, match: Callable[[Mapping[str, Any]], bool] | None = None
+    ) -> Iterator[EventListener]:
+        """Register a listener for events named ``names`` (optionally filtered)."""
+        listener = EventListener(names or None, match)
+        with self._client.listen(listener):
+            yield listener
+
+    async def wait_event(self, listener: EventListener, timeout: float, what: str) -> dict[str, Any]:
+        """The next event from ``listener``, or :class:`WaitTimeout` naming ``what``."""
+        try:
+            event = await asyncio.wait_for(listener.get(), timeout)
+        except TimeoutError:
+            raise WaitTimeout(what, timeout) from None
+        return dict(event)
+
+    async def wait_disconnected(self) -> None:
+        """Return once QEMU has closed the connection (e.g. after ``quit``)."""
+        while self._client.runstate not in (Runstate.IDLE, Runstate.DISCONNECTING):
+            await self._client.runstate_changed()
+
+    async def close(self) -> None:
+        """Disconnect; never raises for a connection that already died."""
+        await self._abort()
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(_LibQMPError, OSError, EOFError):
+            await self._client.disconnect()

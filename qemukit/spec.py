@@ -1,0 +1,481 @@
+"""Typed, validated descriptions of a VM: pure data, no processes.
+
+A :class:`VMSpec` is frozen and checked when it is built: a bad value raises
+:class:`~qemukit.errors.SpecError` naming the field and the value, so nothing
+is started for a description that cannot work. Specs load from and dump to
+TOML, and the CLI's ``--disk``/``--nic`` strings parse into the same parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+from .errors import SpecError
+
+__all__ = [
+    "Drive",
+    "Nic",
+    "PortForward",
+    "VMSpec",
+    "parse_drive",
+    "parse_nic",
+    "parse_size",
+]
+
+MachineType = Literal["q35", "pc", "microvm"]
+AccelName = Literal["auto", "kvm", "tcg"]
+Firmware = Literal["seabios", "ovmf"]
+DriveInterface = Literal["virtio-blk", "virtio-scsi", "nvme"]
+DriveFormat = Literal["qcow2", "raw"]
+NicKind = Literal["user", "tap"]
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+MAX_CPUS = 288
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+
+
+def parse_size(value: int | str, field_name: str = "size") -> int:
+    """Parse a memory size into MiB: an int is MiB already; '512M', '2G', '2GiB' work."""
+    if isinstance(value, bool):
+        raise SpecError(field_name, value, "expected a size such as 512M or 2G")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise SpecError(field_name, value, "expected a size such as 512M or 2G")
+    m = _SIZE_RE.fullmatch(value)
+    if not m:
+        raise SpecError(field_name, value, "expected a size such as 512M or 2G")
+    mib = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if mib != int(mib):
+        raise SpecError(field_name, value, "must be a whole number of MiB")
+    return int(mib)
+
+
+def _check_choice(field_name: str, value: object, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise SpecError(field_name, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def _check_int(field_name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field_name, value, "must be an integer")
+    if not low <= value <= high:
+        raise SpecError(field_name, value, f"must be between {low} and {high}")
+
+
+def _check_text(field_name: str, value: object, *, allow_empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise SpecError(field_name, value, "must be a string")
+    if not value and not allow_empty:
+        raise SpecError(field_name, value, "must not be empty")
+    if "\x00" in value:
+        raise SpecError(field_name, value, "must not contain a NUL byte")
+
+
+def _check_path(field_name: str, value: object) -> None:
+    if isinstance(value, Path):
+        value = str(value)
+    _check_text(field_name, value)
+    if "\n" in cast(str, value):
+        raise SpecError(field_name, value, "must not contain a newline")
+
+
+def _freeze(obj: object, name: str, item_type: type, parse: Any = None) -> None:
+    """Turn a list given for a tuple field into a tuple, parsing strings if allowed."""
+    raw = getattr(obj, name)
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+        raise SpecError(name, raw, "must be a list")
+    items = []
+    for item in raw:
+        if parse is not None and isinstance(item, (str, Mapping)):
+            item = parse(item) if isinstance(item, str) else item_type(**item)
+        if not isinstance(item, item_type):
+            raise SpecError(name, item, f"items must be {item_type.__name__}")
+        items.append(item)
+    object.__setattr__(obj, name, tuple(items))
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A user-mode networking port forward from the host to the guest."""
+
+    host_port: int
+    guest_port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        _check_int("forward.host_port", self.host_port, 0, 65535)
+        _check_int("forward.guest_port", self.guest_port, 1, 65535)
+        _check_choice("forward.protocol", self.protocol, Literal["tcp", "udp"])
+        try:
+            ipaddress.IPv4Address(self.host_addr)
+        except (ipaddress.AddressValueError, ValueError):
+            raise SpecError("forward.host_addr", self.host_addr, "must be an IPv4 address") from None
+
+    @classmethod
+    def parse(cls, text: str) -> PortForward:
+        """Parse ``[tcp|udp:][ADDR:]HOSTPORT:GUESTPORT`` (e.g. ``2222:22``)."""
+        parts = text.split(":")
+        protocol = "tcp"
+        if parts and parts[0] in ("tcp", "udp"):
+            protocol = parts.pop(0)
+        addr = "127.0.0.1"
+        if len(parts) == 3:
+            addr = parts.pop(0)
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise SpecError("forward", text, "expected [tcp|udp:][ADDR:]HOSTPORT:GUESTPORT")
+        return cls(int(parts[0]), int(parts[1]), cast(Literal["tcp", "udp"], protocol), addr)
+
+    def __str__(self) -> str:
+        return f"{self.protocol}:{self.host_addr}:{self.host_port}:{self.guest_port}"
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A disk attached at boot.
+
+    ``overlay=True`` boots on a throwaway qcow2 overlay over ``file``; the
+    base is opened read-only and never written, and the overlay is removed
+    when the VM stops. ``format=None`` means detect it from the file.
+    """
+
+    file: str | Path
+    format: DriveFormat | None = None
+    interface: DriveInterface = "virtio-blk"
+    read_only: bool = False
+    overlay: bool = False
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_path("drive.file", self.file)
+        object.__setattr__(self, "file", str(self.file))
+        if self.format is not None:
+            _check_choice("drive.format", self.format, DriveFormat)
+        _check_choice("drive.interface", self.interface, DriveInterface)
+        for name in ("read_only", "overlay"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"drive.{name}", getattr(self, name), "must be true or false")
+        if self.id is not None and not (isinstance(self.id, str) and ID_RE.fullmatch(self.id)):
+            raise SpecError("drive.id", self.id, f"must match {ID_RE.pattern}")
+        if self.read_only and self.overlay:
+            raise SpecError("drive.overlay", True, "a read-only drive needs no overlay")
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A network interface: user-mode (with port forwards) or an existing tap device."""
+
+    kind: NicKind = "user"
+    forwards: tuple[PortForward, ...] = ()
+    ifname: str | None = None
+    mac: str | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("nic.kind", self.kind, NicKind)
+        _freeze(self, "forwards", PortForward, PortForward.parse)
+        if self.kind == "tap":
+            if self.ifname is None or not IFNAME_RE.fullmatch(str(self.ifname)):
+                raise SpecError("nic.ifname", self.ifname, "a tap nic needs an interface name")
+            if self.forwards:
+                raise SpecError("nic.forwards", self.forwards, "only user-mode nics forward ports")
+        elif self.ifname is not None:
+            raise SpecError("nic.ifname", self.ifname, "only tap nics take an interface name")
+        if self.mac is not None and not (isinstance(self.mac, str) and MAC_RE.fullmatch(self.mac)):
+            raise SpecError("nic.mac", self.mac, "must look like 52:54:00:12:34:56")
+        if self.id is not None and not (isinstance(self.id, str) and ID_RE.fullmatch(self.id)):
+            raise SpecError("nic.id", self.id, f"must match {ID_RE.pattern}")
+
+
+def _parse_bool(field_name: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("on", "true", "yes", "1", ""):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise SpecError(field_name, text, "expected on or off")
+
+
+def _split_opts(text: str) -> list[str]:
+    """Split on ',' where ',,' stands for a literal comma (QEMU's own convention)."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_drive(text: str) -> Drive:
+    """Parse the CLI form ``PATH[,format=F][,if=I][,readonly][,overlay][,id=ID]``.
+
+    A comma inside the path is written ',,' as in QEMU's own syntax; a path
+    with a single comma that does not start a known option is taken whole.
+    """
+    parts = _split_opts(text)
+    known = {"format", "if", "interface", "readonly", "read-only", "overlay", "id"}
+    # A path such as 'x,y.qcow2' (single comma, no known key) is a path, not options.
+    while len(parts) > 1 and parts[1].split("=", 1)[0] not in known:
+        parts[0:2] = [parts[0] + "," + parts[1]]
+    kwargs: dict[str, Any] = {"file": parts[0]}
+    for opt in parts[1:]:
+        key, _, value = opt.partition("=")
+        if key == "format":
+            kwargs["format"] = value
+        elif key in ("if", "interface"):
+            kwargs["interface"] = value
+        elif key in ("readonly", "read-only"):
+            kwargs["read_only"] = _parse_bool("drive.read_only", value)
+        elif key == "overlay":
+            kwargs["overlay"] = _parse_bool("drive.overlay", value)
+        elif key == "id":
+            kwargs["id"] = value
+        else:
+            raise SpecError("disk", text, f"unknown option {key!r}")
+    return Drive(**kwargs)
+
+
+def parse_nic(text: str) -> Nic:
+    """Parse ``user[,hostfwd=2222:22]...`` or ``tap,ifname=tap0`` (``mac=``, ``id=``)."""
+    parts = text.split(",")
+    kind = parts[0] or "user"
+    kwargs: dict[str, Any] = {"kind": kind}
+    forwards = []
+    for opt in parts[1:]:
+        key, _, value = opt.partition("=")
+        if key in ("hostfwd", "fwd", "forward"):
+            forwards.append(PortForward.parse(value))
+        elif key == "ifname":
+            kwargs["ifname"] = value
+        elif key == "mac":
+            kwargs["mac"] = value
+        elif key == "id":
+            kwargs["id"] = value
+        else:
+            raise SpecError("nic", text, f"unknown option {key!r}")
+    return Nic(forwards=tuple(forwards), **kwargs)
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything needed to start one VM. Sizes are in MiB.
+
+    ``name=None`` lets the launcher pick a unique name. ``accel='auto'`` uses
+    KVM only when a probe boot proved it works on this host, else TCG.
+    ``extra_args`` are appended verbatim to QEMU's argv (an escape hatch).
+    """
+
+    name: str | None = None
+    machine: MachineType = "q35"
+    accel: AccelName = "auto"
+    cpu: str | None = None
+    cpus: int = 1
+    max_cpus: int | None = None
+    memory: int = 512
+    max_memory: int | None = None
+    slots: int = 0
+    kernel: str | Path | None = None
+    initrd: str | Path | None = None
+    append: str | None = None
+    firmware: Firmware = "seabios"
+    drives: tuple[Drive, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    serial: bool = True
+    agent: bool = True
+    no_reboot: bool = False
+    hotplug_ports: int = 4
+    sandbox: bool = True
+    extra_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not (
+            isinstance(self.name, str) and NAME_RE.fullmatch(self.name)
+        ):
+            raise SpecError(
+                "name", self.name, "use 1-40 letters, digits, '_', '.' or '-', not starting with one"
+            )
+        _check_choice("machine", self.machine, MachineType)
+        _check_choice("accel", self.accel, AccelName)
+        _check_choice("firmware", self.firmware, Firmware)
+        if self.cpu is not None:
+            _check_text("cpu", self.cpu)
+            if not re.fullmatch(r"[A-Za-z0-9_.+=,-]+", self.cpu):
+                raise SpecError("cpu", self.cpu, "not a CPU model name")
+        _check_int("cpus", self.cpus, 1, MAX_CPUS)
+        if self.max_cpus is not None:
+            _check_int("max_cpus", self.max_cpus, 1, MAX_CPUS)
+            if self.max_cpus < self.cpus:
+                raise SpecError("max_cpus", self.max_cpus, f"must be >= cpus ({self.cpus})")
+        object.__setattr__(self, "memory", parse_size(self.memory, "memory"))
+        _check_int("memory", self.memory, 16, MAX_MEMORY_MIB)
+        _check_int("slots", self.slots, 0, 256)
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
+            _check_int("max_memory", self.max_memory, 16, MAX_MEMORY_MIB)
+            assert self.max_memory is not None
+            if self.max_memory < self.memory:
+                raise SpecError(
+                    "max_memory", self.max_memory, f"must be >= memory ({self.memory} MiB)"
+                )
+            if self.slots < 1:
+                raise SpecError("slots", self.slots, "max_memory needs at least one slot")
+        elif self.slots:
+            raise SpecError("slots", self.slots, "slots need max_memory")
+        for name in ("kernel", "initrd"):
+            if getattr(self, name) is not None:
+                _check_path(name, getattr(self, name))
+                object.__setattr__(self, name, str(getattr(self, name)))
+        if self.append is not None:
+            _check_text("append", self.append, allow_empty=True)
+        if self.kernel is None and (self.initrd is not None or self.append is not None):
+            raise SpecError("kernel", None, "initrd and append need a kernel")
+        for name in ("serial", "agent", "no_reboot", "sandbox"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(name, getattr(self, name), "must be true or false")
+        _check_int("hotplug_ports", self.hotplug_ports, 0, 32)
+        _freeze(self, "drives", Drive, parse_drive)
+        _freeze(self, "nics", Nic, parse_nic)
+        if isinstance(cast(object, self.extra_args), str):
+            raise SpecError("extra_args", self.extra_args, "must be a list of arguments")
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if self.machine == "microvm":
+            if self.firmware != "seabios":
+                raise SpecError("firmware", self.firmware, "microvm boots without OVMF")
+            if self.kernel is None:
+                raise SpecError("kernel", None, "microvm needs a kernel to boot")
+            if any(d.interface != "virtio-blk" for d in self.drives):
+                raise SpecError("drives", self.drives, "microvm supports virtio-blk drives only")
+        for arg in self.extra_args:
+            _check_text("extra_args", arg, allow_empty=True)
+        ids = [d.id for d in self.drives if d.id] + [n.id for n in self.nics if n.id]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise SpecError("id", sorted(dupes)[0], "device ids must be unique")
+
+    # -- helpers ---------------------------------------------------------
+
+    def replace(self, **changes: Any) -> VMSpec:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, bool, lists, dicts) with None fields left out."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or value == ():
+                continue
+            if f.name == "drives":
+                value = [_part_dict(d) for d in value]
+            elif f.name == "nics":
+                value = [
+                    {**_part_dict(n), "forwards": [str(fw) for fw in n.forwards]}
+                    if n.forwards
+                    else _part_dict(n)
+                    for n in value
+                ]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VMSpec:
+        """Build a spec from plain data (as written by :meth:`to_dict` or a TOML file)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(unknown[0], data[unknown[0]], "unknown field")
+        kwargs = dict(data)
+        kwargs["drives"] = tuple(
+            Drive(**_known(Drive, d, "drives")) if isinstance(d, Mapping) else d
+            for d in kwargs.get("drives", ())
+        )
+        kwargs["nics"] = tuple(
+            Nic(**_known(Nic, n, "nics")) if isinstance(n, Mapping) else n
+            for n in kwargs.get("nics", ())
+        )
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> VMSpec:
+        """Read a spec from a TOML file."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError("file", str(path), f"invalid TOML: {exc}") from exc
+        except OSError as exc:
+            raise SpecError("file", str(path), exc.strerror or str(exc)) from exc
+        return cls.from_dict(data)
+
+    def dumps(self) -> str:
+        """The spec as TOML text that :meth:`load` reads back to an equal spec."""
+        data = self.to_dict()
+        lines: list[str] = []
+        tables: list[str] = []
+        for key, value in data.items():
+            if key in ("drives", "nics"):
+                for item in value:
+                    tables.append(f"\n[[{key}]]")
+                    tables.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines + tables) + "\n"
+
+    def dump(self, path: str | Path) -> None:
+        """Write the spec as TOML to ``path``."""
+        Path(path).write_text(self.dumps(), encoding="utf-8")
+
+
+def _known(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise SpecError(f"{where}.{key}", data[key], "unknown field")
+    return dict(data)
+
+
+def _part_dict(part: Any) -> dict[str, Any]:
+    return {
+        f.name: getattr(part, f.name)
+        for f in dataclasses.fields(part)
+        if getattr(part, f.name) is not None and getattr(part, f.name) != ()
+    }
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        escaped = "".join(
+            ch if ch.isprintable() and ch not in '"\\' else f"\\u{ord(ch):04x}" for ch in value
+        )
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

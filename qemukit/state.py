@@ -1,0 +1,165 @@
+"""The per-VM runtime directory: what lets a later process find and control a VM.
+
+Each VM owns ``<state_dir>/<name>/`` (mode 0700) holding its QMP, console and
+agent sockets, the console and QEMU logs, overlays, the spec, and ``vm.json``
+with QEMU's pid and start time. Creating the directory is the name lock:
+``mkdir`` is atomic, so two launches can never share a name. An entry whose
+QEMU is gone (pid dead, or reused by another program) is stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError, StateError
+from .paths import state_dir
+from .process import is_same_process
+
+__all__ = ["RuntimeDir", "VMInfo"]
+
+_SUN_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """What ``vm.json`` records about a running VM."""
+
+    name: str
+    pid: int
+    start_time: float
+    accel: str
+    accel_reason: str
+    owner_pid: int
+    die_with_parent: bool
+    created: float
+    argv: tuple[str, ...]
+
+    def alive(self) -> bool:
+        """True if the recorded QEMU still runs (same pid and start time)."""
+        return is_same_process(self.pid, self.start_time)
+
+
+@dataclass(frozen=True)
+class RuntimeDir:
+    """Paths inside one VM's runtime directory."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """The VM's name (the directory's name)."""
+        return self.path.name
+
+    @property
+    def qmp_socket(self) -> Path:
+        """Shared QMP monitor socket for clients other than the owner."""
+        return self.path / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        """Serial console socket (interactive use)."""
+        return self.path / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        """Everything the guest wrote to its serial console."""
+        return self.path / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The in-guest agent's virtio-serial channel."""
+        return self.path / "agent.sock"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own stdout and stderr."""
+        return self.path / "qemu.log"
+
+    @property
+    def info_file(self) -> Path:
+        """``vm.json``: pid, start time, accelerator, argv."""
+        return self.path / "vm.json"
+
+    @property
+    def spec_file(self) -> Path:
+        """The VM's spec as TOML."""
+        return self.path / "spec.toml"
+
+    def overlay(self, drive_id: str) -> Path:
+        """Where the throwaway overlay of drive ``drive_id`` lives."""
+        return self.path / f"overlay-{drive_id}.qcow2"
+
+    @classmethod
+    def create(cls, name: str | None, root: Path | None = None) -> RuntimeDir:
+        """Claim a fresh runtime directory for ``name`` (generated when None).
+
+        Raises :class:`StateError` if a live VM already has the name; a stale
+        entry of a dead VM is removed and the name reused.
+        """
+        root = root or state_dir()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for _ in range(20):
+            vm_name = name or f"vm-{secrets.token_hex(3)}"
+            rd = cls(root / vm_name)
+            longest = rd.path / "console.sock"
+            if len(os.fsencode(longest)) > _SUN_PATH_MAX:
+                raise SpecError(
+                    "name", vm_name, f"socket path {longest} is longer than {_SUN_PATH_MAX} bytes; "
+                    "use a shorter name or set QEMUKIT_STATE to a shorter directory",
+                )
+            try:
+                rd.path.mkdir(mode=0o700)
+            except FileExistsError:
+                info = rd.read_info()
+                if info is not None and info.alive():
+                    if name is not None:
+                        raise StateError(
+                            f"a VM named {name!r} is already running (pid {info.pid})"
+                        ) from None
+                    continue
+                if info is None and time.time() - _mtime(rd.path) < 60:
+                    # Another launch is setting this entry up right now.
+                    if name is not None:
+                        raise StateError(f"a VM named {name!r} is being started") from None
+                    continue
+                rd.remove()
+                continue
+            os.chmod(rd.path, 0o700)
+            return rd
+        raise StateError("could not claim a runtime directory (too many name collisions)")
+
+    def write_info(self, info: VMInfo) -> None:
+        """Write ``vm.json`` atomically."""
+        data: dict[str, Any] = dict(info.__dict__)
+        data["argv"] = list(info.argv)
+        with tempfile.NamedTemporaryFile("w", dir=self.path, delete=False, suffix=".tmp") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(fh.name, self.info_file)
+
+    def read_info(self) -> VMInfo | None:
+        """Read ``vm.json``; None if missing or unreadable."""
+        try:
+            data = json.loads(self.info_file.read_text())
+            data["argv"] = tuple(data["argv"])
+            return VMInfo(**data)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def remove(self) -> None:
+        """Delete the directory and everything in it (sockets, logs, overlays)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    with contextlib.suppress(OSError):
+        return path.stat().st_mtime
+    return 0.0

@@ -1,0 +1,698 @@
+"""The VM facade: process + QMP + console + agent, with an explicit lifecycle.
+
+:class:`AsyncVM` is the async core; :class:`VM` is the same API for
+synchronous code, run on qemukit's own loop thread. Both are context
+managers: leaving the block shuts the VM down through the ladder. A start
+that fails half-way stops what it started and removes its files before the
+error is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import enum
+import os
+import shutil
+import signal
+import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from . import host
+from ._sync import run_sync
+from .argv import Plumbing, build_argv, drive_ids
+from .console import PANIC_RE, ConsoleWatcher, log_tail
+from .errors import (
+    GuestPanic,
+    LaunchError,
+    QemukitError,
+    QMPConnectionError,
+    SpecError,
+    StateError,
+    WaitTimeout,
+)
+from .guest import Agent, ExecResult
+from .paths import cache_dir
+from .process import QemuProcess, run_command
+from .qmp import QMP
+from .spec import VMSpec
+from .state import RuntimeDir, VMInfo
+
+__all__ = ["VM", "AsyncVM", "ShutdownResult", "ShutdownRung", "VMState", "preview_argv"]
+
+T = TypeVar("T")
+
+QMP_TIMEOUT = 30.0
+BOOT_TIMEOUT = 120.0
+
+
+class VMState(enum.Enum):
+    """Where a VM is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ShutdownRung(enum.Enum):
+    """The rung of the shutdown ladder that ended QEMU."""
+
+    ALREADY_EXITED = "already-exited"
+    ACPI = "acpi"
+    QUIT = "quit"
+    SIGTERM = "sigterm"
+    SIGKILL = "sigkill"
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    """How a shutdown went: the rung that worked, QEMU's exit status, time taken."""
+
+    rung: ShutdownRung
+    exit_status: int | None
+    elapsed: float
+    tried: tuple[ShutdownRung, ...]
+
+
+_live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Last resort at interpreter exit: no VM owned by this process outlives it."""
+    for vm in list(_live):
+        vm._emergency_stop()
+
+
+def _default_probe_image() -> tuple[str, str] | None:
+    from .images.tiny import find_tiny
+
+    image = find_tiny(cache_dir())
+    return (str(image.kernel), str(image.initrd)) if image else None
+
+
+class AsyncVM:
+    """A QEMU virtual machine controlled from asyncio.
+
+    ``die_with_parent`` (default) kills QEMU when this Python process dies;
+    ``keep_runtime`` leaves the runtime directory (logs, overlays) after
+    shutdown; ``state_root`` overrides where runtime directories live.
+    """
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        *,
+        die_with_parent: bool = True,
+        keep_runtime: bool = False,
+        state_root: Path | None = None,
+        boot_timeout: float = BOOT_TIMEOUT,
+    ) -> None:
+        if not isinstance(spec, VMSpec):
+            raise SpecError("spec", spec, "must be a VMSpec")
+        self.spec = spec
+        self.die_with_parent = die_with_parent
+        self.keep_runtime = keep_runtime
+        self.boot_timeout = boot_timeout
+        self._state_root = state_root
+        self.state = VMState.NEW
+        self.accel: host.AccelChoice | None = None
+        self.argv: list[str] = []
+        self.runtime: RuntimeDir | None = None
+        self._proc: QemuProcess | None = None
+        self._qmp: QMP | None = None
+        self._console: ConsoleWatcher | None = None
+        self._agent: Agent | None = None
+        self.last_shutdown: ShutdownResult | None = None
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The VM's name (generated at start when the spec has none)."""
+        if self.runtime is not None:
+            return self.runtime.name
+        return self.spec.name or "(unnamed)"
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid once started."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def console_log(self) -> Path | None:
+        """Path of the console log (inside the runtime directory)."""
+        return self.runtime.console_log if self.runtime else None
+
+    def console_tail(self, max_lines: int = 30) -> str:
+        """The last lines the guest printed on its serial console."""
+        return log_tail(self.runtime.console_log, max_lines) if self.runtime else ""
+
+    def qemu_output(self, max_lines: int = 30) -> str:
+        """The last lines QEMU itself printed."""
+        return self._proc.output_tail(max_lines) if self._proc else ""
+
+    def _require(self, *states: VMState) -> None:
+        if self.state not in states:
+            allowed = ", ".join(s.value for s in states)
+            raise StateError(f"VM {self.name!r} is {self.state.value}; this needs: {allowed}")
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self, timeout: float = QMP_TIMEOUT) -> AsyncVM:
+        """Launch QEMU and connect to its monitor; returns once QMP answers."""
+        self._require(VMState.NEW)
+        self.state = VMState.STARTING
+        try:
+            await self._start(timeout)
+        except BaseException:
+            self.state = VMState.FAILED
+            await self._cleanup(force=True)
+            raise
+        self.state = VMState.RUNNING
+        return self
+
+    def _prepare(self) -> tuple[host.QemuBinary, list[str], list[str]]:
+        """Everything before the spawn that can fail on bad input: no process yet."""
+        qemu = host.find_qemu()
+        if self.spec.machine not in qemu.machines:
+            raise SpecError("machine", self.spec.machine, f"{qemu.path} does not support it")
+        for name in ("kernel", "initrd"):
+            path = getattr(self.spec, name)
+            if path is not None and not os.path.isfile(path):
+                raise SpecError(name, path, "no such file")
+        files, formats = [], []
+        for drive in self.spec.drives:
+            fmt = host.image_format(str(drive.file), qemu)
+            if drive.format is not None and drive.format != fmt:
+                raise SpecError("drive.format", drive.format, f"{drive.file} is {fmt}")
+            files.append(os.path.abspath(drive.file))
+            formats.append(fmt)
+        self.accel = host.resolve_accel(self.spec.accel, qemu, _default_probe_image())
+        return qemu, files, formats
+
+    async def _start(self, timeout: float) -> None:
+        qemu, files, formats = await asyncio.to_thread(self._prepare)
+        assert self.accel is not None
+        self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
+        self.spec.dump(rd.spec_file)
+        for i, drive in enumerate(self.spec.drives):
+            if drive.overlay:
+                files[i], formats[i] = await asyncio.to_thread(
+                    self._make_overlay, qemu, files[i], formats[i], drive_ids(self.spec)[i]
+                )
+        ovmf_code = ovmf_vars = None
+        if self.spec.firmware == "ovmf":
+            found = host.find_ovmf()
+            if found is None:
+                raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
+            ovmf_code, ovmf_vars = found[0], str(rd.path / "ovmf-vars.fd")
+            shutil.copyfile(found[1], ovmf_vars)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            plumbing = Plumbing(
+                qmp_fd=theirs.fileno(),
+                qmp_path=str(rd.qmp_socket),
+                console_path=str(rd.console_socket),
+                console_log=str(rd.console_log),
+                agent_path=str(rd.agent_socket),
+                drive_files=tuple(files),
+                drive_formats=tuple(formats),
+                ovmf_code=ovmf_code,
+                ovmf_vars=ovmf_vars,
+            )
+            self.argv = build_argv(
+                self.spec,
+                qemu=qemu.path,
+                accel=self.accel.accel,
+                plumbing=plumbing,
+                sandbox=self.spec.sandbox and qemu.has_sandbox,
+                name=rd.name,
+            )
+            self._proc = QemuProcess.spawn(
+                self.argv,
+                log_path=rd.qemu_log,
+                pass_fds=[theirs.fileno()],
+                die_with_parent=self.die_with_parent,
+            )
+        finally:
+            theirs.close()
+        _live.add(self)
+        rd.write_info(
+            VMInfo(
+                name=rd.name,
+                pid=self._proc.pid,
+                start_time=self._proc.start_time,
+                accel=self.accel.accel,
+                accel_reason=self.accel.reason,
+                owner_pid=os.getpid(),
+                die_with_parent=self.die_with_parent,
+                created=time.time(),
+                argv=tuple(self.argv),
+            )
+        )
+        self._qmp = QMP(f"qemukit-{rd.name}")
+        ours.setblocking(False)
+        try:
+            await self._guard(self._qmp.connect(ours, timeout), timeout, "QMP", launching=True)
+        except QMPConnectionError:
+            # QEMU closed the monitor: it is exiting; report why it failed.
+            await self._raise_launch_failure()
+            raise
+        if self.spec.serial:
+            self._console = ConsoleWatcher(rd.console_log)
+            await self._console.start(rd.console_socket)
+        if self.spec.agent:
+            self._agent = Agent(rd.agent_socket)
+
+    def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, drive_id: str) -> tuple[
+        str, str
+    ]:
+        assert self.runtime is not None and qemu.qemu_img is not None
+        overlay = self.runtime.overlay(drive_id)
+        out = run_command(
+            [qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, str(overlay)],
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise LaunchError(
+                f"cannot create an overlay over {base}", argv=[], stderr=out.stderr.strip()
+            )
+        return str(overlay), "qcow2"
+
+    async def _raise_launch_failure(self) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(WaitTimeout):
+            await self._proc.wait(5)
+        raise LaunchError(
+            "QEMU exited during start-up" if not self._proc.alive() else "QEMU closed its monitor",
+            argv=self.argv,
+            returncode=self._proc.returncode,
+            stderr=self._proc.output_tail(),
+            console=self.console_tail(10),
+        )
+
+    # -- guarded waits ---------------------------------------------------------
+
+    async def _guard(
+        self, aw: Awaitable[T], timeout: float | None, what: str, *, launching: bool = False
+    ) -> T:
+        """Await ``aw`` but stop early, with the right error, if QEMU exits or the guest panics."""
+        assert self._proc is not None
+        task = asyncio.ensure_future(aw)
+        exited = asyncio.shield(self._proc.exit_future())
+        waiters: set[asyncio.Future[Any]] = {task, exited}
+        panic = self._console.panic if self._console else None
+        if panic is not None:
+            waiters.add(asyncio.shield(panic))
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:
+            task.cancel()
+            raise
+        if task in done and (
+            task.exception() is None or (self._proc.alive() and self._panic_line(panic) is None)
+        ):
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        panic_line = self._panic_line(panic)
+        if panic_line is not None:
+            # Give the kernel a moment to finish printing its backtrace into the log.
+            with contextlib.suppress(WaitTimeout):
+                await self._proc.wait(2)
+            raise GuestPanic(panic_line, self.console_tail(40))
+        if not self._proc.alive():
+            raise LaunchError(
+                f"QEMU exited while waiting for {what}",
+                argv=self.argv if launching else (),
+                returncode=self._proc.returncode,
+                stderr=self._proc.output_tail(),
+                console=self.console_tail(20),
+            )
+        raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
+
+    def _panic_line(self, panic: asyncio.Future[str] | None) -> str | None:
+        """The panic line seen live, or found in the console log after QEMU exited."""
+        if panic is not None and panic.done() and not panic.cancelled():
+            return panic.result()
+        for line in self.console_tail(200).splitlines():
+            m = PANIC_RE.search(line)
+            if m:
+                return m.group(1).strip()
+        return None
+
+    # -- QMP ---------------------------------------------------------------------
+
+    @property
+    def monitor(self) -> QMP:
+        """The owner's QMP connection (for event listeners)."""
+        self._require(VMState.RUNNING, VMState.STOPPING)
+        assert self._qmp is not None
+        return self._qmp
+
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = QMP_TIMEOUT, **kwargs: Any) -> Any:
+        """Run a raw QMP command: ``await vm.qmp("query-status")``.
+
+        Arguments come as a mapping or as keyword arguments (``-`` in QMP
+        names becomes ``_``: ``node_name=`` is sent as ``node-name``).
+        """
+        args = dict(arguments or {})
+        args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        return await self._guard(
+            self.monitor.execute(command, args or None, timeout=timeout),
+            timeout + 1,
+            f"QEMU's reply to QMP {command}",
+        )
+
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
+        return str((await self.qmp("query-status"))["status"])
+
+    # -- guest -------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait until the guest agent answers; returns seconds since QEMU started.
+
+        Raises :class:`GuestPanic` if the kernel panics, :class:`LaunchError`
+        if QEMU exits, :class:`WaitTimeout` (with the console tail) otherwise.
+        """
+        self._require(VMState.RUNNING)
+        if self._agent is None:
+            raise StateError(f"VM {self.name!r} has no agent (spec.agent is false)")
+        timeout = self.boot_timeout if timeout is None else timeout
+        if not self._agent.ready:
+            await self._guard(self._agent.ping(timeout), timeout, "the guest agent (boot)")
+        assert self._proc is not None
+        return time.time() - self._proc.start_time
+
+    async def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
+                   check: bool = False) -> ExecResult:
+        """Run a command in the guest: a list runs as argv, a string as shell code.
+
+        Waits for the agent first if the guest is still booting. With
+        ``check=True`` a non-zero exit raises :class:`~qemukit.errors.GuestError`.
+        """
+        await self.wait_ready()
+        assert self._agent is not None
+        what = f"the guest command {command!r}"
+        result = await self._guard(
+            self._agent.exec(command, timeout), None if timeout is None else timeout + 10, what
+        )
+        if check and result.exit_status != 0:
+            from .errors import GuestError
+
+            raise GuestError(
+                f"{command!r} exited with {result.exit_status}: {result.stderr_text.strip()[-500:]}"
+            )
+        return result
+
+    def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
+        """Pass everything the guest prints from now on to ``sink`` (None stops)."""
+        if self._console is None:
+            raise StateError(f"VM {self.name!r} has no serial console")
+        self._console.sink = sink
+
+    async def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait until QEMU exits by itself (the guest powered off); returns its status."""
+        self._require(VMState.RUNNING)
+        assert self._proc is not None
+        return await self._proc.wait(timeout)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def shutdown(
+        self,
+        timeout: float = 30.0,
+        *,
+        quit_timeout: float = 5.0,
+        term_timeout: float = 5.0,
+        kill_timeout: float = 5.0,
+    ) -> ShutdownResult:
+        """Stop the VM through the ladder: ACPI powerdown, quit, SIGTERM, SIGKILL.
+
+        ``timeout`` bounds the ACPI rung (the guest's own clean shutdown; 0
+        skips it). The runtime directory and throwaway overlays are removed
+        afterwards, whatever happened. Calling it again returns the first result.
+        """
+        if self.state in (VMState.STOPPED, VMState.FAILED) and self.last_shutdown:
+            return self.last_shutdown
+        self._require(VMState.RUNNING)
+        self.state = VMState.STOPPING
+        try:
+            result = await self._ladder(timeout, quit_timeout, term_timeout, kill_timeout)
+        finally:
+            await self._cleanup(force=True)
+            self.state = VMState.STOPPED
+        self.last_shutdown = result
+        return result
+
+    async def _ladder(self, acpi_timeout: float, quit_timeout: float, term_timeout: float,
+                      kill_timeout: float) -> ShutdownResult:
+        assert self._proc is not None
+        proc = self._proc
+        start = time.monotonic()
+        tried: list[ShutdownRung] = []
+
+        def done(rung: ShutdownRung) -> ShutdownResult:
+            return ShutdownResult(rung, proc.returncode, time.monotonic() - start, tuple(tried))
+
+        if not proc.alive():
+            return done(ShutdownRung.ALREADY_EXITED)
+        qmp = self._qmp if self._qmp and self._qmp.connected else None
+        if qmp is not None and acpi_timeout > 0:
+            tried.append(ShutdownRung.ACPI)
+            with contextlib.suppress(QemukitError):
+                await qmp.execute("system_powerdown", timeout=min(acpi_timeout, 5))
+                await proc.wait(acpi_timeout)
+                return done(ShutdownRung.ACPI)
+        if qmp is not None and qmp.connected and proc.alive():
+            tried.append(ShutdownRung.QUIT)
+            with contextlib.suppress(QemukitError):
+                with contextlib.suppress(QMPConnectionError):  # QEMU may hang up before replying
+                    await qmp.execute("quit", timeout=quit_timeout)
+                await proc.wait(quit_timeout)
+                return done(ShutdownRung.QUIT)
+        for rung, sig, wait in (
+            (ShutdownRung.SIGTERM, signal.SIGTERM, term_timeout),
+            (ShutdownRung.SIGKILL, signal.SIGKILL, kill_timeout),
+        ):
+            if not proc.alive():
+                break
+            tried.append(rung)
+            proc.send_signal(sig)
+            with contextlib.suppress(WaitTimeout):
+                await proc.wait(wait)
+                return done(rung)
+        if proc.alive():
+            raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s")
+        return done(tried[-1] if tried else ShutdownRung.ALREADY_EXITED)
+
+    async def kill(self) -> ShutdownResult:
+        """SIGKILL QEMU at once and clean up (no graceful rungs)."""
+        return await self.shutdown(0, quit_timeout=0, term_timeout=0)
+
+    async def _cleanup(self, force: bool) -> None:
+        """Close connections, make sure QEMU is gone, remove runtime files."""
+        for closer in (self._agent, self._console, self._qmp):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.close()
+        if self._proc is not None:
+            if force and self._proc.alive():
+                self._proc.kill()
+                with contextlib.suppress(WaitTimeout):
+                    await self._proc.wait(10)
+            self._proc.close()
+        _live.discard(self)
+        if self.runtime is not None and not self.keep_runtime:
+            self.runtime.remove()
+
+    def _emergency_stop(self) -> None:
+        """Synchronous kill used at interpreter exit."""
+        if self._proc is not None and self._proc.alive():
+            self._proc.kill()
+        if self.runtime is not None and not self.keep_runtime:
+            self.runtime.remove()
+
+    async def __aenter__(self) -> AsyncVM:
+        if self.state == VMState.NEW:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state == VMState.RUNNING:
+            await self.shutdown()
+
+
+class VM:
+    """A QEMU virtual machine with a synchronous API (see :class:`AsyncVM`).
+
+    ``with VM(spec) as vm: vm.exec(["uname", "-r"])`` boots, runs and stops.
+    Works from plain code and from inside a running asyncio loop alike.
+    """
+
+    def __init__(self, spec: VMSpec, **options: Any) -> None:
+        self._vm = AsyncVM(spec, **options)
+
+    @property
+    def aio(self) -> AsyncVM:
+        """The underlying :class:`AsyncVM`."""
+        return self._vm
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self._vm.name
+
+    @property
+    def spec(self) -> VMSpec:
+        """The VM's spec."""
+        return self._vm.spec
+
+    @property
+    def state(self) -> VMState:
+        """The lifecycle state."""
+        return self._vm.state
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid."""
+        return self._vm.pid
+
+    @property
+    def accel(self) -> host.AccelChoice | None:
+        """The accelerator chosen at start, with the reason."""
+        return self._vm.accel
+
+    @property
+    def argv(self) -> list[str]:
+        """The argv QEMU was started with."""
+        return self._vm.argv
+
+    @property
+    def runtime(self) -> RuntimeDir | None:
+        """The runtime directory."""
+        return self._vm.runtime
+
+    @property
+    def console_log(self) -> Path | None:
+        """Path of the console log."""
+        return self._vm.console_log
+
+    def console_tail(self, max_lines: int = 30) -> str:
+        """The last console lines."""
+        return self._vm.console_tail(max_lines)
+
+    def start(self, timeout: float = QMP_TIMEOUT) -> VM:
+        """Launch QEMU; returns once QMP answers."""
+        run_sync(self._vm.start(timeout))
+        return self
+
+    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Run a raw QMP command."""
+        return run_sync(self._vm.qmp(command, arguments, **kwargs))
+
+    def status(self) -> str:
+        """QEMU's run state."""
+        return run_sync(self._vm.status())
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait for the guest agent; returns seconds since QEMU started."""
+        return run_sync(self._vm.wait_ready(timeout))
+
+    def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
+             check: bool = False) -> ExecResult:
+        """Run a command in the guest."""
+        return run_sync(self._vm.exec(command, timeout=timeout, check=check))
+
+    def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
+        """Pass everything the guest prints from now on to ``sink``."""
+        self._vm.follow_console(sink)
+
+    def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait until QEMU exits by itself; returns its exit status."""
+        return run_sync(self._vm.wait_exit(timeout))
+
+    def shutdown(self, timeout: float = 30.0, **kwargs: float) -> ShutdownResult:
+        """Stop the VM through the shutdown ladder."""
+        return run_sync(self._vm.shutdown(timeout, **kwargs))
+
+    def kill(self) -> ShutdownResult:
+        """SIGKILL QEMU and clean up."""
+        return run_sync(self._vm.kill())
+
+    def __enter__(self) -> VM:
+        if self._vm.state == VMState.NEW:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._vm.state == VMState.RUNNING:
+            self.shutdown()
+
+
+def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], list[str]]:
+    """The argv :class:`VM` would run for ``spec``, without starting anything.
+
+    Returns (argv, notes): paths are those the runtime directory would have;
+    a drive file that does not exist is shown with its declared format (or
+    qcow2) and a note. The accelerator is resolved as at a real start.
+    """
+    qemu = host.find_qemu()
+    notes: list[str] = []
+    formats = []
+    for drive in spec.drives:
+        if os.path.exists(drive.file):
+            formats.append(host.image_format(str(drive.file), qemu))
+        else:
+            formats.append(drive.format or "qcow2")
+            notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
+    accel = host.resolve_accel(spec.accel, qemu, _default_probe_image())
+    notes.append(f"accelerator: {accel.reason}")
+    from .paths import state_dir
+
+    rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
+    ids = drive_ids(spec)
+    files = [
+        str(rd.overlay(ids[i])) if d.overlay else os.path.abspath(d.file)
+        for i, d in enumerate(spec.drives)
+    ]
+    formats = ["qcow2" if d.overlay else f for d, f in zip(spec.drives, formats, strict=True)]
+    ovmf = host.find_ovmf() if spec.firmware == "ovmf" else None
+    plumbing = Plumbing(
+        qmp_fd=3,
+        qmp_path=str(rd.qmp_socket),
+        console_path=str(rd.console_socket),
+        console_log=str(rd.console_log),
+        agent_path=str(rd.agent_socket),
+        drive_files=tuple(files),
+        drive_formats=tuple(formats),
+        ovmf_code=ovmf[0] if ovmf else ("OVMF_CODE.fd" if spec.firmware == "ovmf" else None),
+        ovmf_vars=str(rd.path / "ovmf-vars.fd") if spec.firmware == "ovmf" else None,
+    )
+    argv = build_argv(
+        spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
+        sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name,
+    )
+    return argv, notes
