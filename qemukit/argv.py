@@ -126,12 +126,14 @@ def build_argv(
     plumbing: Plumbing,
     sandbox: bool = False,
     name: str | None = None,
+    cpu: str | None = None,
 ) -> list[str]:
     """The full QEMU argv for ``spec`` with the accelerator already decided.
 
     ``accel`` is ``kvm`` or ``tcg`` (``auto`` is resolved by the host probe
     first); ``sandbox`` adds QEMU's seccomp sandbox and should be true only
-    when the binary supports it.
+    when the binary supports it; ``cpu`` is the host's preferred CPU model
+    for that accelerator, used when the spec names none.
     """
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
@@ -142,9 +144,9 @@ def build_argv(
             raise SpecError("firmware", "ovmf", "OVMF firmware files were not resolved")
         machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
     argv = [qemu, "-name", quote_opt(vm_name), "-machine", machine]
-    cpu = spec.cpu or ("host" if accel == "kvm" else None)
-    if cpu:
-        argv += ["-cpu", cpu]
+    cpu_model = spec.cpu or cpu or ("host" if accel == "kvm" else None)
+    if cpu_model:
+        argv += ["-cpu", cpu_model]
     smp = str(spec.cpus) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else "")
     mem = f"{spec.memory}M"
     if spec.max_memory is not None:

@@ -150,6 +150,7 @@ class KvmStatus:
     reason: str
     probed: bool
     console: str = ""
+    cpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class AccelChoice:
 
     accel: str
     reason: str
+    cpu: str | None = None
 
 
 def _boot_id() -> str:
@@ -199,7 +201,9 @@ def kvm_status(
         try:
             cached = json.loads(cache_file.read_text())
             if cached.get("key") == key:
-                return KvmStatus(cached["usable"], cached["reason"], True, cached.get("console", ""))
+                return KvmStatus(
+                    cached["usable"], cached["reason"], True, cached.get("console", ""), cached.get("cpu")
+                )
         except (OSError, ValueError, KeyError):
             pass
     status = _probe_boot(qemu, kernel, initrd, timeout)
@@ -213,27 +217,42 @@ def kvm_status(
     return status
 
 
+#: CPU models tried under KVM, in order. Some hosts (nested, paravirtual)
+#: reject an MSR that ``host`` passes through and QEMU aborts at start; the
+#: next model is tried only when QEMU exited, never after a hang.
+KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
+
+
 def _probe_boot(qemu: QemuBinary, kernel: str, initrd: str, timeout: float) -> KvmStatus:
-    spec = VMSpec(
-        name="kvm-probe",
-        kernel=kernel,
-        initrd=initrd,
-        append="console=ttyS0 panic=-1 quiet qemukit.probe",
-        no_reboot=True,
-        agent=False,
-        serial=False,
-        hotplug_ports=0,
-        extra_args=("-serial", "stdio"),
-    )
-    argv = build_argv(spec, qemu=qemu.path, accel="kvm", plumbing=Plumbing())
-    seen, tail, exited = run_until_output(argv, INIT_MARKER, timeout=timeout)
-    if seen:
-        return KvmStatus(True, "a probe boot under KVM reached the guest's init", True, tail)
-    if exited is not None:
-        why = f"QEMU exited with status {exited} during a KVM probe boot"
-    else:
-        why = f"a probe boot under KVM did not reach the guest's init within {timeout:g}s"
-    return KvmStatus(False, why, True, tail)
+    failures: list[str] = []
+    for cpu in KVM_CPU_CANDIDATES:
+        spec = VMSpec(
+            name="kvm-probe",
+            cpu=cpu,
+            kernel=kernel,
+            initrd=initrd,
+            append="console=ttyS0 panic=-1 quiet qemukit.probe",
+            no_reboot=True,
+            agent=False,
+            serial=False,
+            hotplug_ports=0,
+            extra_args=("-serial", "stdio"),
+        )
+        argv = build_argv(spec, qemu=qemu.path, accel="kvm", plumbing=Plumbing())
+        seen, tail, exited = run_until_output(argv, INIT_MARKER, timeout=timeout)
+        if seen:
+            return KvmStatus(
+                True, f"a probe boot under KVM (-cpu {cpu}) reached the guest's init", True, tail, cpu
+            )
+        if exited is None:
+            why = (
+                f"QEMU starts under KVM (-cpu {cpu}) but the guest did not reach its init "
+                f"within {timeout:g}s (this host's KVM does not run Linux guests)"
+            )
+            return KvmStatus(False, "; ".join([*failures, why]), True, tail)
+        last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+        failures.append(f"-cpu {cpu}: QEMU exited with status {exited} ({last_line[:160]})")
+    return KvmStatus(False, "; ".join(failures), True, tail)
 
 
 def resolve_accel(
@@ -250,7 +269,7 @@ def resolve_accel(
     if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
         return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)")
     if status.usable:
-        return AccelChoice("kvm", f"KVM: {status.reason}")
+        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu)
     if requested == "kvm":
         raise AcceleratorError("kvm", status.reason)
     return AccelChoice("tcg", f"TCG (software emulation): {status.reason}")

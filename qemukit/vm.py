@@ -238,6 +238,7 @@ class AsyncVM:
                 plumbing=plumbing,
                 sandbox=self.spec.sandbox and qemu.has_sandbox,
                 name=rd.name,
+                cpu=self.accel.cpu,
             )
             self._proc = QemuProcess.spawn(
                 self.argv,
@@ -693,6 +694,6 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     )
     argv = build_argv(
         spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
-        sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name,
+        sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name, cpu=accel.cpu,
     )
     return argv, notes
