@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -118,8 +119,13 @@ def main() -> None:
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds for boot plus command; a hung guest ends with exit 124.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--detach", "-d", is_flag=True,
+              help="Start the VM in the background, print its name and return.")
+@click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent"]), default="qmp",
+              show_default=True, help="With --detach: return once QMP answers, or the guest agent.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(timeout: float, as_json: bool, command: tuple[str, ...], **opts: Any) -> None:
+def run(timeout: float, as_json: bool, detach: bool, wait_for: str, command: tuple[str, ...],
+        **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -139,6 +145,12 @@ def run(timeout: float, as_json: bool, command: tuple[str, ...], **opts: Any) ->
         spec = build_spec(opts)
     except errors.QemukitError as exc:
         _fail(exc)
+    if detach:
+        if command:
+            _fail(errors.SpecError("command", list(command), "--detach takes no command; "
+                                   "use 'qemukit exec NAME -- CMD'"))
+        _run_detached(spec, timeout, wait_for, as_json)
+        return
     deadline = time.monotonic() + timeout
     vm = VM(spec, boot_timeout=timeout)
     result_json: dict[str, Any] = {"name": None, "command": list(command)}
@@ -185,6 +197,30 @@ def run(timeout: float, as_json: bool, command: tuple[str, ...], **opts: Any) ->
         result_json.setdefault("exit_status", code)
         _emit_json(result_json)
     sys.exit(code)
+
+
+def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
+    from .vm import VM
+
+    vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
+    try:
+        vm.start()
+        if wait_for == "agent":
+            vm.wait_ready(timeout)
+    except errors.WaitTimeout as exc:
+        if vm.state.value == "running":
+            vm.kill()
+        _fail(exc, EXIT_TIMEOUT)
+    except errors.QemukitError as exc:
+        if vm.state.value == "running":
+            vm.kill()
+        _fail(exc)
+    name, pid, accel = vm.name, vm.pid, vm.accel
+    vm.detach()
+    if as_json:
+        _emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None})
+    else:
+        click.echo(name)
 
 
 def _foreground(vm: Any) -> None:
@@ -321,3 +357,254 @@ def images_list(as_json: bool) -> None:
         return
     for n, i in rows.items():
         click.echo(f"{n:8} {i.directory if i else 'not built'}")
+
+
+# -- detached VMs -------------------------------------------------------------
+
+
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from .state import list_entries
+
+    return [rd.name for rd, _ in list_entries() if rd.name.startswith(incomplete)]
+
+
+def _name_argument(func: F) -> F:
+    return click.argument("name", shell_complete=_complete_names)(func)
+
+
+def _attach(name: str, timeout: float = 30.0) -> Any:
+    from .vm import VM
+
+    try:
+        return VM.attach(name, timeout=timeout)
+    except errors.QemukitError as exc:
+        _fail(exc, 1)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n //= 1024
+    return f"{n}T"
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def ls_command(as_json: bool) -> None:
+    """List VMs: name, pid, state (from QMP), accelerator, uptime, CPU %, RSS, ports."""
+    from .registry import list_vms
+
+    vms = list_vms()
+    if as_json:
+        _emit_json([vm.to_dict() for vm in vms])
+        return
+    click.echo(f"{'NAME':20} {'PID':>8} {'STATE':12} {'ACCEL':5} {'UPTIME':>8} {'CPU%':>6} "
+               f"{'RSS':>6}  PORTS")
+    for vm in vms:
+        state = vm.state + (" (orphan)" if vm.orphaned else "")
+        uptime = f"{vm.uptime:.0f}s" if vm.uptime is not None else "-"
+        cpu = f"{vm.cpu_percent:.1f}" if vm.cpu_percent is not None else "-"
+        click.echo(f"{vm.name:20} {vm.pid or '-':>8} {state:12} {vm.accel or '-':5} {uptime:>8} "
+                   f"{cpu:>6} {_human_bytes(vm.rss):>6}  {', '.join(vm.forwards)}")
+
+
+@main.command()
+@_name_argument
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds for the guest's own (ACPI) shutdown before falling back.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def stop(name: str, timeout: float, as_json: bool) -> None:
+    """Stop a VM through the ladder (ACPI, quit, SIGTERM, SIGKILL); prints the rung that worked."""
+    vm = _attach(name)
+    result = vm.shutdown(timeout=timeout)
+    if as_json:
+        _emit_json({"name": name, "rung": result.rung.value, "elapsed": round(result.elapsed, 3),
+                    "tried": [r.value for r in result.tried]})
+    else:
+        click.echo(f"{name}: stopped by {result.rung.value} after {result.elapsed:.1f}s")
+
+
+@main.command()
+@_name_argument
+def kill(name: str) -> None:
+    """SIGKILL a VM's QEMU at once (no QMP needed) and remove its entry."""
+    from .paths import state_dir
+    from .registry import _kill_verified
+    from .state import RuntimeDir
+
+    rd = RuntimeDir(state_dir() / name)
+    info = rd.read_info()
+    if info is None:
+        _fail(errors.StateError(f"no VM named {name!r}"), 1)
+    assert info is not None
+    _kill_verified(info)
+    rd.remove()
+    click.echo(f"{name}: killed")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def gc(as_json: bool) -> None:
+    """Remove entries of dead VMs; kill QEMUs whose owner died (die-with-parent VMs)."""
+    from .registry import gc as run_gc
+
+    actions = run_gc()
+    if as_json:
+        _emit_json([a.__dict__ for a in actions])
+        return
+    for a in actions:
+        click.echo(f"{a.name}: {a.action} ({a.detail})")
+    if not actions:
+        click.echo("nothing to clean")
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@_name_argument
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(name: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
+    """Run CMD in a running VM's guest; exit with its status."""
+    vm = _attach(name)
+    try:
+        result = vm.exec(list(command), timeout=timeout)
+    except errors.WaitTimeout as exc:
+        _fail(exc, EXIT_TIMEOUT)
+    except errors.GuestPanic as exc:
+        _fail(exc, EXIT_PANIC)
+    except errors.QemukitError as exc:
+        _fail(exc, EXIT_ERROR)
+    finally:
+        vm.detach()
+    if as_json:
+        _emit_json({"exit_status": result.exit_status, "stdout": result.stdout_text,
+                    "stderr": result.stderr_text, "duration": round(result.duration, 3)})
+    else:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+    sys.exit(result.exit_status)
+
+
+@main.command(name="qmp")
+@_name_argument
+@click.argument("command")
+@click.argument("arguments", required=False)
+def qmp_command(name: str, command: str, arguments: str | None) -> None:
+    """Send a raw QMP command; ARGUMENTS is a JSON object. Prints the reply as JSON.
+
+    QMP errors exit 1 with QEMU's error class and message.
+    """
+    args: dict[str, Any] | None = None
+    if arguments is not None:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError as exc:
+            _fail(errors.SpecError("arguments", arguments, f"not valid JSON: {exc}"), 2)
+        if not isinstance(parsed, dict):
+            _fail(errors.SpecError("arguments", arguments, "must be a JSON object"), 2)
+        args = parsed
+    vm = _attach(name)
+    try:
+        reply = vm.qmp(command, args)
+    except errors.QemukitError as exc:
+        _fail(exc, 1)
+    finally:
+        vm.detach()
+    _emit_json(reply)
+
+
+@main.command()
+@_name_argument
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new console output.")
+@click.option("--qemu", "qemu_log", is_flag=True, help="Show QEMU's own output instead.")
+@click.option("-n", "--lines", type=int, default=0, help="Only the last N lines (0: all).")
+def logs(name: str, follow: bool, qemu_log: bool, lines: int) -> None:
+    """Print a VM's console log (or QEMU's own output with --qemu)."""
+    from .paths import state_dir
+    from .state import RuntimeDir
+
+    rd = RuntimeDir(state_dir() / name)
+    path = rd.qemu_log if qemu_log else rd.console_log
+    if not path.exists():
+        _fail(errors.StateError(f"no log for VM {name!r} at {path}"), 1)
+    data = path.read_bytes()
+    if lines:
+        data = b"\n".join(data.splitlines()[-lines:]) + b"\n"
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    if follow and not qemu_log:
+        _stream_console(rd.console_socket, interactive=False)
+
+
+def _stream_console(path: Path, interactive: bool) -> None:
+    """Copy the console socket to stdout (and stdin to it when interactive) until it closes.
+
+    Interactive mode puts the terminal in raw mode; Ctrl-] detaches.
+    """
+    import select
+    import socket as socket_mod
+
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        _fail(errors.StateError(f"cannot connect to the console at {path}: {exc.strerror}"), 1)
+    fds: list[Any] = [sock]
+    old_tty = None
+    if interactive and sys.stdin.isatty():
+        import termios
+        import tty
+
+        old_tty = termios.tcgetattr(sys.stdin.fileno())
+        tty.setraw(sys.stdin.fileno())
+        fds.append(sys.stdin)
+    elif interactive:
+        fds.append(sys.stdin)
+    try:
+        while True:
+            readable, _, _ = select.select(fds, [], [])
+            if sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            if sys.stdin in readable:
+                data = os_read(sys.stdin.fileno())
+                if not data or b"\x1d" in data:  # Ctrl-] detaches
+                    break
+                sock.sendall(data)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if old_tty is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, old_tty)
+        sock.close()
+
+
+def os_read(fd: int) -> bytes:
+    """Read what is available on ``fd`` (at most 4 KiB)."""
+    import os
+
+    return os.read(fd, 4096)
+
+
+@main.command()
+@_name_argument
+def console(name: str) -> None:
+    """Attach to a VM's serial console. Press Ctrl-] to detach (the VM keeps running)."""
+    from .paths import state_dir
+    from .state import RuntimeDir
+
+    rd = RuntimeDir(state_dir() / name)
+    if rd.read_info() is None:
+        _fail(errors.StateError(f"no VM named {name!r}"), 1)
+    click.echo(f"qemukit: connected to {name}'s console; Ctrl-] detaches", err=True)
+    _stream_console(rd.console_socket, interactive=True)
+    click.echo("\r\nqemukit: detached", err=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AgentError, WaitTimeout
+from .qmp import connect_unix
 
 __all__ = ["Agent", "ExecResult"]
 
@@ -65,8 +66,9 @@ def command_script(command: str | Sequence[str]) -> str:
 class Agent:
     """One connection to the guest agent; requests are serialised."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, connect_timeout: float = 30.0) -> None:
         self.socket_path = socket_path
+        self.connect_timeout = connect_timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -74,12 +76,10 @@ class Agent:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None:
-            try:
-                self._reader, self._writer = await asyncio.open_unix_connection(
-                    str(self.socket_path), limit=_LINE_LIMIT
-                )
-            except OSError as exc:
-                raise AgentError(f"cannot connect to the agent at {self.socket_path}: {exc}") from exc
+            sock = await connect_unix(str(self.socket_path), self.connect_timeout)
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                sock=sock, limit=_LINE_LIMIT
+            )
         return self._reader, self._writer
 
     async def _request(self, line: str, token: str, expect: str) -> list[str]:

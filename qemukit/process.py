@@ -81,18 +81,28 @@ def run_command(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.Com
 
 
 class QemuProcess:
-    """A spawned QEMU: its pid, start time, log file, exit and signals."""
+    """A QEMU process: one we spawned (a child) or one we adopted by pid.
 
-    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], log_path: Path) -> None:
-        self._popen = popen
+    Exit is observed through a pidfd, which works for adopted processes too;
+    only a child can be reaped and report its exit status.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        start_time: float,
+        argv: list[str],
+        log_path: Path,
+        popen: subprocess.Popen[bytes] | None = None,
+        pidfd: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.start_time = start_time
         self.argv = argv
         self.log_path = log_path
-        self.pid = popen.pid
-        self.start_time = process_start_time(popen.pid) or time.time()
-        self._pidfd: int | None = None
-        self._exit_fut: asyncio.Future[int] | None = None
-        with contextlib.suppress(OSError):
-            self._pidfd = os.pidfd_open(popen.pid)
+        self._popen = popen
+        self._pidfd = pidfd
+        self._exit_fut: asyncio.Future[int | None] | None = None
 
     @classmethod
     def spawn(
@@ -106,9 +116,9 @@ class QemuProcess:
     ) -> QemuProcess:
         """Start QEMU with ``argv`` (a list, never a shell), output to ``log_path``.
 
-        With ``die_with_parent`` QEMU is killed when the calling thread exits,
-        and it is started in its own session so a terminal's Ctrl-C reaches
-        the Python process, which then shuts QEMU down in order.
+        With ``die_with_parent`` QEMU is killed when the calling thread exits.
+        It is started in its own session either way, so a terminal's Ctrl-C
+        reaches the Python process, which then shuts QEMU down in order.
         """
         argv = list(argv)
         parent = os.getpid()
@@ -127,16 +137,45 @@ class QemuProcess:
                 )
             except OSError as exc:
                 raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}", argv=argv) from exc
-        return cls(popen, argv, log_path)
+        pidfd = None
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(popen.pid)
+        start_time = process_start_time(popen.pid) or time.time()
+        return cls(popen.pid, start_time, argv, log_path, popen, pidfd)
+
+    @classmethod
+    def adopt(cls, pid: int, start_time: float, argv: list[str], log_path: Path) -> QemuProcess | None:
+        """Take control of a QEMU started by another process; None if it is gone.
+
+        The pidfd is opened first and the start time checked afterwards, so
+        the pidfd can never refer to a different process that reused the pid.
+        """
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        if not is_same_process(pid, start_time):
+            os.close(pidfd)
+            return None
+        return cls(pid, start_time, argv, log_path, None, pidfd)
+
+    @property
+    def is_child(self) -> bool:
+        """True if this process spawned QEMU (so it can reap it and read its status)."""
+        return self._popen is not None
 
     @property
     def returncode(self) -> int | None:
-        """QEMU's exit status once it has exited (negative: killed by that signal)."""
-        return self._popen.poll()
+        """The exit status once a child QEMU exited (negative: killed by that signal)."""
+        return self._popen.poll() if self._popen is not None else None
 
     def alive(self) -> bool:
         """True while QEMU runs (a zombie counts as exited)."""
-        return self._popen.poll() is None
+        if self._popen is not None:
+            return self._popen.poll() is None
+        if self._exit_fut is not None and self._exit_fut.done():
+            return False
+        return is_same_process(self.pid, self.start_time)
 
     def output_tail(self, max_lines: int = 20) -> str:
         """The last lines QEMU wrote to stdout/stderr."""
@@ -147,51 +186,54 @@ class QemuProcess:
         lines = data.decode("utf-8", "replace").splitlines()
         return "\n".join(lines[-max_lines:])
 
-    def exit_future(self) -> asyncio.Future[int]:
-        """A future resolved with the exit status when QEMU exits (one per process).
+    def exit_future(self) -> asyncio.Future[int | None]:
+        """A future resolved when QEMU exits: its status, or None for an adopted one.
 
         Bound to the running loop on first use; the pidfd wakes it, so nothing
-        polls, and the child is reaped the moment it exits.
+        polls, and a child is reaped the moment it exits.
         """
         if self._exit_fut is not None:
             return self._exit_fut
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[int | None] = loop.create_future()
         self._exit_fut = fut
-        if self._popen.poll() is not None:
-            fut.set_result(self._popen.returncode)
+        popen = self._popen
+        if not self.alive():
+            fut.set_result(self.returncode)
         elif self._pidfd is not None:
             pidfd = self._pidfd
 
             def on_exit() -> None:
                 loop.remove_reader(pidfd)
                 if not fut.done():
-                    fut.set_result(self._popen.wait())
+                    fut.set_result(popen.wait() if popen is not None else None)
 
             loop.add_reader(pidfd, on_exit)
-        else:
+        elif popen is not None:
             # No pidfd (very old kernel): a thread blocks in wait() instead of polling.
-            waiter = asyncio.ensure_future(asyncio.to_thread(self._popen.wait))
+            waiter = asyncio.ensure_future(asyncio.to_thread(popen.wait))
             waiter.add_done_callback(
                 lambda t: fut.done() or fut.set_result(t.result())  # type: ignore[func-returns-value]
             )
+        else:
+            raise HostError("cannot watch an adopted process without pidfd support")
         return fut
 
-    async def wait(self, timeout: float | None = None) -> int:
-        """Wait for QEMU to exit (reaping it) and return its exit status."""
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit (reaping a child); returns its status if known."""
         try:
             return await asyncio.wait_for(asyncio.shield(self.exit_future()), timeout)
         except TimeoutError:
             raise WaitTimeout(f"QEMU (pid {self.pid}) to exit", timeout or 0) from None
 
     def send_signal(self, sig: int) -> None:
-        """Signal QEMU if it is still ours and running (never a reused pid)."""
-        if self._popen.poll() is not None:
+        """Signal QEMU if it is still running (never a process that reused its pid)."""
+        if not self.alive():
             return
         if self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
-        else:
+        elif self._popen is not None:
             self._popen.send_signal(sig)
 
     def terminate(self) -> None:
@@ -203,7 +245,7 @@ class QemuProcess:
         self.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
-        """Release the pidfd; QEMU must have exited (or be abandoned on purpose)."""
+        """Release the pidfd (QEMU has exited, or is left running on purpose)."""
         if self._pidfd is not None:
             if self._exit_fut is not None and not self._exit_fut.done():
                 with contextlib.suppress(Exception):

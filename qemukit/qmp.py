@@ -20,10 +20,38 @@ from qemu.qmp import QMPError as _LibQMPError
 
 from .errors import QMPCommandError, QMPConnectionError, WaitTimeout
 
-__all__ = ["QMP", "EventListener"]
+__all__ = ["QMP", "EventListener", "connect_unix"]
 
 # qemu.qmp logs every disconnect at ERROR; qemukit reports those through exceptions.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+async def connect_unix(path: str, timeout: float) -> socket.socket:
+    """Connect to a QEMU server socket, waiting (bounded) while another client holds it.
+
+    QEMU serves one client per chardev socket and keeps later ones in a tiny
+    listen backlog. A non-blocking connect fails with EAGAIN when that backlog
+    is full; a blocking connect with a timeout instead sleeps in the kernel
+    until there is room, so concurrent clients queue up without polling.
+    """
+
+    def blocking_connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    try:
+        return await asyncio.to_thread(blocking_connect)
+    except TimeoutError:
+        raise WaitTimeout(f"a free connection slot on {path}", timeout) from None
+    except OSError as exc:
+        raise QMPConnectionError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
 
 
 class QMP:

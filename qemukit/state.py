@@ -24,7 +24,7 @@ from .errors import SpecError, StateError
 from .paths import state_dir
 from .process import is_same_process
 
-__all__ = ["RuntimeDir", "VMInfo"]
+__all__ = ["RuntimeDir", "VMInfo", "list_entries"]
 
 _SUN_PATH_MAX = 107
 
@@ -42,10 +42,15 @@ class VMInfo:
     die_with_parent: bool
     created: float
     argv: tuple[str, ...]
+    owner_start_time: float = 0.0
 
     def alive(self) -> bool:
         """True if the recorded QEMU still runs (same pid and start time)."""
         return is_same_process(self.pid, self.start_time)
+
+    def orphaned(self) -> bool:
+        """True if QEMU was meant to die with its owner and the owner is gone."""
+        return self.die_with_parent and not is_same_process(self.owner_pid, self.owner_start_time)
 
 
 @dataclass(frozen=True)
@@ -163,3 +168,13 @@ def _mtime(path: Path) -> float:
     with contextlib.suppress(OSError):
         return path.stat().st_mtime
     return 0.0
+
+
+def list_entries(root: Path | None = None) -> list[tuple[RuntimeDir, VMInfo | None]]:
+    """Every runtime directory under ``root`` with its ``vm.json`` (None if unreadable)."""
+    root = root or state_dir()
+    try:
+        dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    return [(RuntimeDir(p), RuntimeDir(p).read_info()) for p in dirs]

@@ -40,7 +40,7 @@ from .errors import (
 )
 from .guest import Agent, ExecResult
 from .paths import cache_dir
-from .process import QemuProcess, run_command
+from .process import QemuProcess, process_start_time, run_command
 from .qmp import QMP
 from .spec import VMSpec
 from .state import RuntimeDir, VMInfo
@@ -62,6 +62,7 @@ class VMState(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    DETACHED = "detached"
 
 
 class ShutdownRung(enum.Enum):
@@ -134,6 +135,8 @@ class AsyncVM:
         self._console: ConsoleWatcher | None = None
         self._agent: Agent | None = None
         self.last_shutdown: ShutdownResult | None = None
+        #: True for a VM taken over with :meth:`attach` rather than started here.
+        self.attached = False
 
     # -- properties --------------------------------------------------------
 
@@ -161,6 +164,25 @@ class AsyncVM:
     def qemu_output(self, max_lines: int = 30) -> str:
         """The last lines QEMU itself printed."""
         return self._proc.output_tail(max_lines) if self._proc else ""
+
+    def stats(self) -> dict[str, Any]:
+        """QEMU's resource use from psutil: CPU seconds, RSS, threads, open files and fds."""
+        import psutil
+
+        if self._proc is None or not self._proc.alive():
+            raise StateError(f"VM {self.name!r} has no running QEMU")
+        proc = psutil.Process(self._proc.pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return {
+                "pid": proc.pid,
+                "cpu_seconds": round(times.user + times.system, 3),
+                "rss": proc.memory_info().rss,
+                "threads": proc.num_threads(),
+                "open_files": len(proc.open_files()),
+                "fds": proc.num_fds(),
+                "uptime": round(time.time() - self._proc.start_time, 3),
+            }
 
     def _require(self, *states: VMState) -> None:
         if self.state not in states:
@@ -260,6 +282,7 @@ class AsyncVM:
                 die_with_parent=self.die_with_parent,
                 created=time.time(),
                 argv=tuple(self.argv),
+                owner_start_time=process_start_time(os.getpid()) or 0.0,
             )
         )
         self._qmp = QMP(f"qemukit-{rd.name}")
@@ -275,6 +298,59 @@ class AsyncVM:
             await self._console.start(rd.console_socket)
         if self.spec.agent:
             self._agent = Agent(rd.agent_socket)
+
+    @classmethod
+    async def attach(
+        cls, name: str, *, state_root: Path | None = None, timeout: float = QMP_TIMEOUT
+    ) -> AsyncVM:
+        """Take control of a running VM by name (e.g. one started with ``--detach``).
+
+        Connects to its shared QMP socket; QEMU serves one client at a time,
+        so this waits (up to ``timeout``) while another client is connected.
+        Raises :class:`StateError` if no such VM runs.
+        """
+        from .paths import state_dir
+        from .qmp import connect_unix
+
+        rd = RuntimeDir((state_root or state_dir()) / name)
+        info = rd.read_info()
+        if info is None:
+            raise StateError(f"no VM named {name!r} in {rd.path.parent}")
+        proc = QemuProcess.adopt(info.pid, info.start_time, list(info.argv), rd.qemu_log)
+        if proc is None:
+            raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
+                             "'qemukit gc' removes its entry")
+        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
+                 state_root=rd.path.parent)
+        vm.runtime, vm._proc, vm.argv = rd, proc, list(info.argv)
+        vm.accel = host.AccelChoice(info.accel, info.accel_reason)
+        vm.state = VMState.RUNNING
+        vm.attached = True
+        try:
+            sock = await connect_unix(str(rd.qmp_socket), timeout)
+            vm._qmp = QMP(f"qemukit-{name}")
+            await vm._guard(vm._qmp.connect(sock, timeout), timeout, "QMP")
+        except BaseException:
+            await vm.detach()
+            raise
+        if vm.spec.agent:
+            vm._agent = Agent(rd.agent_socket, connect_timeout=timeout)
+        return vm
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it: close connections, leave QEMU running.
+
+        Only a VM started with ``die_with_parent=False`` outlives this process.
+        """
+        for closer in (self._agent, self._console, self._qmp):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.close()
+        self._agent = self._console = self._qmp = None
+        if self._proc is not None:
+            self._proc.close()
+        _live.discard(self)
+        self.state = VMState.DETACHED
 
     def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, drive_id: str) -> tuple[
         str, str
@@ -428,7 +504,7 @@ class AsyncVM:
             raise StateError(f"VM {self.name!r} has no serial console")
         self._console.sink = sink
 
-    async def wait_exit(self, timeout: float | None = None) -> int:
+    async def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait until QEMU exits by itself (the guest powered off); returns its status."""
         self._require(VMState.RUNNING)
         assert self._proc is not None
@@ -602,6 +678,22 @@ class VM:
         """The last console lines."""
         return self._vm.console_tail(max_lines)
 
+    def stats(self) -> dict[str, Any]:
+        """QEMU's resource use (see :meth:`AsyncVM.stats`)."""
+        return self._vm.stats()
+
+    @classmethod
+    def attach(cls, name: str, *, state_root: Path | None = None,
+               timeout: float = QMP_TIMEOUT) -> VM:
+        """Take control of a running VM by name (see :meth:`AsyncVM.attach`)."""
+        vm = cls.__new__(cls)
+        vm._vm = run_sync(AsyncVM.attach(name, state_root=state_root, timeout=timeout))
+        return vm
+
+    def detach(self) -> None:
+        """Let go of the VM without stopping it."""
+        run_sync(self._vm.detach())
+
     def start(self, timeout: float = QMP_TIMEOUT) -> VM:
         """Launch QEMU; returns once QMP answers."""
         run_sync(self._vm.start(timeout))
@@ -628,7 +720,7 @@ class VM:
         """Pass everything the guest prints from now on to ``sink``."""
         self._vm.follow_console(sink)
 
-    def wait_exit(self, timeout: float | None = None) -> int:
+    def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait until QEMU exits by itself; returns its exit status."""
         return run_sync(self._vm.wait_exit(timeout))
 

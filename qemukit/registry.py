@@ -1,0 +1,171 @@
+"""The daemonless registry: find, inspect and clean up VMs from any process.
+
+Runtime directories are the registry (see :mod:`qemukit.state`). Listing
+reads each ``vm.json``, checks with psutil that the pid is still the same
+QEMU (pid and start time), and asks QEMU its run state over the shared QMP
+socket with a short, raw exchange: ``qemukit ls`` must stay fast, and
+importing qemu.qmp's asyncio stack alone costs more than the whole listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .spec import VMSpec
+from .state import RuntimeDir, VMInfo, list_entries
+
+__all__ = ["GcAction", "VMEntry", "gc", "list_vms"]
+
+_PEEK_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True)
+class VMEntry:
+    """One VM as ``qemukit ls`` shows it."""
+
+    name: str
+    path: str
+    pid: int | None
+    alive: bool
+    state: str
+    accel: str | None
+    uptime: float | None
+    cpu_percent: float | None
+    rss: int | None
+    forwards: tuple[str, ...]
+    orphaned: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON output."""
+        return {**self.__dict__, "forwards": list(self.forwards)}
+
+
+@dataclass(frozen=True)
+class GcAction:
+    """What ``gc`` did to one entry."""
+
+    name: str
+    action: str
+    detail: str
+
+
+def _peek_status(path: Path, timeout: float = _PEEK_TIMEOUT) -> str:
+    """QEMU's run state via a minimal QMP exchange; 'busy' if another client holds it."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            stream = sock.makefile("rwb")
+            stream.readline()  # greeting
+            for command in ("qmp_capabilities", "query-status"):
+                stream.write(json.dumps({"execute": command}).encode() + b"\n")
+                stream.flush()
+                while True:
+                    reply = json.loads(stream.readline() or b"{}")
+                    if "event" not in reply:
+                        break
+            return str(reply.get("return", {}).get("status", "unknown"))
+    except TimeoutError:
+        return "busy"
+    except (OSError, ValueError):
+        return "unreachable"
+
+
+def _forwards(rd: RuntimeDir) -> tuple[str, ...]:
+    try:
+        spec = VMSpec.load(rd.spec_file)
+    except Exception:  # noqa: BLE001 - a damaged spec file only loses this column
+        return ()
+    return tuple(
+        f"{fw.host_addr}:{fw.host_port}->{fw.guest_port}/{fw.protocol}"
+        for nic in spec.nics
+        for fw in nic.forwards
+    )
+
+
+def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
+    if info is None:
+        return VMEntry(rd.name, str(rd.path), None, False, "incomplete", None, None, None, None,
+                       (), False)
+    alive = info.alive()
+    cpu = rss = uptime = None
+    if alive:
+        try:
+            proc = psutil.Process(info.pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                uptime = max(time.time() - info.start_time, 1e-3)
+                cpu = round(100.0 * (times.user + times.system) / uptime, 1)
+                rss = proc.memory_info().rss
+        except psutil.Error:
+            alive = False
+    state = (_peek_status(rd.qmp_socket) if query else "alive") if alive else "gone"
+    return VMEntry(
+        name=rd.name, path=str(rd.path), pid=info.pid, alive=alive, state=state,
+        accel=info.accel, uptime=None if uptime is None else round(uptime, 1), cpu_percent=cpu,
+        rss=rss, forwards=_forwards(rd), orphaned=alive and info.orphaned(),
+    )
+
+
+def list_vms(state_root: Path | None = None, *, query: bool = True) -> list[VMEntry]:
+    """Every VM in the registry, live or stale, with its state from QMP if ``query``."""
+    entries = list_entries(state_root)
+    if not entries:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
+        return list(pool.map(lambda e: _entry(e[0], e[1], query), entries))
+
+
+def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[GcAction]:
+    """Clean the registry.
+
+    Removes entries whose QEMU is gone; kills (SIGKILL, through a pidfd so a
+    reused pid is never hit) QEMUs that were meant to die with an owner that
+    is gone, then removes their entries; removes entries left half-created
+    by a launch that died more than ``incomplete_age`` seconds ago.
+    """
+    actions = []
+    for rd, info in list_entries(state_root):
+        if info is None:
+            try:
+                age = time.time() - rd.path.stat().st_mtime
+            except OSError:
+                continue
+            if age > incomplete_age:
+                rd.remove()
+                actions.append(GcAction(rd.name, "removed", "incomplete entry of a failed launch"))
+            continue
+        if not info.alive():
+            rd.remove()
+            actions.append(GcAction(rd.name, "removed", f"QEMU pid {info.pid} is gone"))
+        elif info.orphaned():
+            _kill_verified(info)
+            rd.remove()
+            actions.append(
+                GcAction(rd.name, "killed", f"QEMU pid {info.pid} outlived its owner {info.owner_pid}")
+            )
+    return actions
+
+
+def _kill_verified(info: VMInfo) -> None:
+    try:
+        pidfd = os.pidfd_open(info.pid)
+    except OSError:
+        return
+    try:
+        if info.alive():  # checked after the pidfd is open: the pidfd is that same process
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
