@@ -460,6 +460,22 @@ class AsyncVM:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
         return str((await self.qmp("query-status"))["status"])
 
+    async def pause(self) -> None:
+        """Stop the guest's vCPUs; returns once QEMU reports the STOP event."""
+        with self.monitor.listen("STOP") as listener:
+            if await self.status() == "paused":
+                return
+            await self.qmp("stop")
+            await self.monitor.wait_event(listener, QMP_TIMEOUT, "the STOP event after 'stop'")
+
+    async def resume(self) -> None:
+        """Let a paused guest run again; returns once QEMU reports the RESUME event."""
+        with self.monitor.listen("RESUME") as listener:
+            if await self.status() == "running":
+                return
+            await self.qmp("cont")
+            await self.monitor.wait_event(listener, QMP_TIMEOUT, "the RESUME event after 'cont'")
+
     # -- guest -------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float | None = None) -> float:
@@ -706,6 +722,14 @@ class VM:
     def status(self) -> str:
         """QEMU's run state."""
         return run_sync(self._vm.status())
+
+    def pause(self) -> None:
+        """Pause the guest (waits for the STOP event)."""
+        run_sync(self._vm.pause())
+
+    def resume(self) -> None:
+        """Resume a paused guest (waits for the RESUME event)."""
+        run_sync(self._vm.resume())
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent; returns seconds since QEMU started."""

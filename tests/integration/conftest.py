@@ -1,0 +1,40 @@
+"""Fixtures for tests that boot the tiny guest in real QEMU under TCG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from qemukit import VM, VMSpec, images
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> images.TinyImage:
+    """The tiny image, built once if the cache does not have it yet."""
+    return images.build("tiny")
+
+
+@pytest.fixture
+def tiny_spec(tiny_image: images.TinyImage) -> VMSpec:
+    """A spec booting the tiny guest under TCG (tests never rely on KVM)."""
+    return images.spec("tiny", accel="tcg")
+
+
+@pytest.fixture
+def booted(tiny_spec: VMSpec) -> Iterator[Any]:
+    """Factory: ``booted(**spec_overrides)`` returns a VM whose agent answers; all stopped after."""
+    vms: list[VM] = []
+
+    def make(**overrides: Any) -> VM:
+        vm = VM(tiny_spec.replace(**overrides) if overrides else tiny_spec)
+        vms.append(vm)
+        vm.start()
+        vm.wait_ready(120)
+        return vm
+
+    yield make
+    for vm in vms:
+        if vm.state.value == "running":
+            vm.shutdown(timeout=10)
