@@ -1,0 +1,61 @@
+"""``qemukit run``: the kernel-testing loop as a user runs it from a shell."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from qemukit import images
+
+pytestmark = pytest.mark.integration
+TCG = ("--image", "tiny", "--accel", "tcg")
+
+
+def test_run_prints_guest_output_and_exits_0(qk: Any, tiny_image: images.TinyImage) -> None:
+    out = qk("run", *TCG, "--", "uname", "-r")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == tiny_image.kernel_release
+
+
+def test_run_propagates_exit_code(qk: Any) -> None:
+    out = qk("run", *TCG, "--", "sh", "-c", "echo to-stderr >&2; exit 7")
+    assert out.returncode == 7
+    assert "to-stderr" in out.stderr
+
+
+def test_run_json_result(qk: Any) -> None:
+    out = qk("run", *TCG, "--json", "--", "sh", "-c", "echo hi; exit 3")
+    assert out.returncode == 3
+    data = json.loads(out.stdout)
+    assert data["exit_status"] == 3 and data["stdout"] == "hi\n"
+    assert data["accel"] == "tcg" and data["boot_time"] > 0
+
+
+def test_run_panic_exits_255_with_panic_line(qk: Any) -> None:
+    out = qk("run", *TCG, "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert out.returncode == 255
+    assert "Kernel panic" in out.stderr
+
+
+def test_run_boot_timeout_exits_124_with_console_tail(qk: Any) -> None:
+    out = qk("run", *TCG, "--append", "console=ttyS0 rdinit=/bin/sh", "--timeout", "10",
+             "--", "true")
+    assert out.returncode == 124
+    assert "timed out" in out.stderr and "--- console ---" in out.stderr
+
+
+def test_run_bad_option_exits_125_naming_the_field(qk: Any) -> None:
+    out = qk("run", *TCG, "--memory", "lots", "--", "true")
+    assert out.returncode == 125
+    assert "memory" in out.stderr and "lots" in out.stderr
+
+
+def test_run_from_toml_file(qk: Any, tmp_path: Any) -> None:
+    spec = images.spec("tiny", accel="tcg", cpus=2)
+    path = tmp_path / "vm.toml"
+    spec.dump(path)
+    out = qk("run", "-f", str(path), "--", "nproc")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2"
