@@ -37,7 +37,10 @@ DriveFormat = Literal["qcow2", "raw"]
 NicKind = Literal["user", "tap"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
-ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+# Device ids also name block nodes ("<id>-file"), and QEMU caps node names at 31 bytes.
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,25}")
+# Ids qemukit gives its own devices: a user id of this shape could collide with one.
+RESERVED_ID_RE = re.compile(r"(hp\d+|scsi\d+|vser\d+|agent\d.*|console\d+|qmp-.*|ovmf-.*)")
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
@@ -83,6 +86,12 @@ def _check_text(field_name: str, value: object, *, allow_empty: bool = False) ->
         raise SpecError(field_name, value, "must not be empty")
     if "\x00" in value:
         raise SpecError(field_name, value, "must not contain a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(
+            field_name, value, "is not valid UTF-8 (a file name that is not UTF-8 cannot be used)"
+        ) from None
 
 
 def _check_path(field_name: str, value: object) -> None:
@@ -136,7 +145,7 @@ class PortForward:
         addr = "127.0.0.1"
         if len(parts) == 3:
             addr = parts.pop(0)
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
             raise SpecError("forward", text, "expected [tcp|udp:][ADDR:]HOSTPORT:GUESTPORT")
         return cls(int(parts[0]), int(parts[1]), cast(Literal["tcp", "udp"], protocol), addr)
 
@@ -189,7 +198,7 @@ class Nic:
         _check_choice("nic.kind", self.kind, NicKind)
         _freeze(self, "forwards", PortForward, PortForward.parse)
         if self.kind == "tap":
-            if self.ifname is None or not IFNAME_RE.fullmatch(str(self.ifname)):
+            if not isinstance(self.ifname, str) or not IFNAME_RE.fullmatch(self.ifname):
                 raise SpecError("nic.ifname", self.ifname, "a tap nic needs an interface name")
             if self.forwards:
                 raise SpecError("nic.forwards", self.forwards, "only user-mode nics forward ports")
@@ -357,7 +366,7 @@ class VMSpec:
         _check_int("hotplug_ports", self.hotplug_ports, 0, 32)
         _freeze(self, "drives", Drive, parse_drive)
         _freeze(self, "nics", Nic, parse_nic)
-        if isinstance(cast(object, self.extra_args), str):
+        if not isinstance(cast(object, self.extra_args), (list, tuple)):
             raise SpecError("extra_args", self.extra_args, "must be a list of arguments")
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         if self.machine == "microvm":
@@ -369,10 +378,17 @@ class VMSpec:
                 raise SpecError("drives", self.drives, "microvm supports virtio-blk drives only")
         for arg in self.extra_args:
             _check_text("extra_args", arg, allow_empty=True)
-        ids = [d.id for d in self.drives if d.id] + [n.id for n in self.nics if n.id]
+        for given in [d.id for d in self.drives if d.id] + [n.id for n in self.nics if n.id]:
+            if RESERVED_ID_RE.fullmatch(given):
+                raise SpecError("id", given, "qemukit uses ids of this shape for its own devices")
+        # Generated ids (disk0, net0...) count too: 'disk1' given to the first drive
+        # would otherwise collide with the second drive's default id.
+        ids = [d.id or f"disk{i}" for i, d in enumerate(self.drives)]
+        ids += [n.id or f"net{i}" for i, n in enumerate(self.nics)]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
-            raise SpecError("id", sorted(dupes)[0], "device ids must be unique")
+            raise SpecError("id", sorted(dupes)[0], "device ids must be unique (defaults are "
+                            "disk0, disk1... and net0, net1...)")
 
     # -- helpers ---------------------------------------------------------
 
@@ -409,6 +425,9 @@ class VMSpec:
         if unknown:
             raise SpecError(unknown[0], data[unknown[0]], "unknown field")
         kwargs = dict(data)
+        for key in ("drives", "nics"):
+            if not isinstance(kwargs.get(key, ()), (list, tuple)):
+                raise SpecError(key, kwargs[key], "must be a list")
         kwargs["drives"] = tuple(
             Drive(**_known(Drive, d, "drives")) if isinstance(d, Mapping) else d
             for d in kwargs.get("drives", ())
@@ -473,7 +492,9 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, str):
         escaped = "".join(
-            ch if ch.isprintable() and ch not in '"\\' else f"\\u{ord(ch):04x}" for ch in value
+            ch if ch.isprintable() and ch not in '"\\'
+            else (f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+            for ch in value
         )
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):

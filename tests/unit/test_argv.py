@@ -1,0 +1,443 @@
+"""build_argv: golden command lines, QEMU's quoting rule, and the accelerator/CPU choice.
+
+Golden files live in ``golden/`` as one JSON argv list each. After an
+intended change to the command line, rewrite them with::
+
+    QEMUKIT_UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py
+
+and read the diff: it is the change to what QEMU will be asked to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qemukit import Drive, Nic, PortForward, SpecError, VMSpec
+from qemukit.argv import AGENT_PORT_NAME, Plumbing, build_argv, drive_ids, nic_ids, quote_opt
+from qemukit.spec import NAME_RE
+
+from .optsplit import parse_opts, split_opts
+
+GOLDEN = Path(__file__).parent / "golden"
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def check_golden(name: str, argv: list[str]) -> None:
+    """Compare ``argv`` with ``golden/<name>.json``; rewrite it when QEMUKIT_UPDATE_GOLDEN=1."""
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("QEMUKIT_UPDATE_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(json.dumps(argv, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not path.exists():
+        pytest.fail(f"{path} is missing; create it with QEMUKIT_UPDATE_GOLDEN=1")
+    assert argv == json.loads(path.read_text(encoding="utf-8"))
+
+
+def plumbing(
+    run_dir: str,
+    *,
+    drive_files: tuple[str, ...] = (),
+    drive_formats: tuple[str, ...] = (),
+    ovmf: bool = False,
+) -> Plumbing:
+    """The plumbing a launch would pass for a runtime directory ``run_dir``."""
+    return Plumbing(
+        qmp_fd=3,
+        qmp_path=f"{run_dir}/qmp.sock",
+        console_path=f"{run_dir}/console.sock",
+        console_log=f"{run_dir}/console.log",
+        agent_path=f"{run_dir}/agent.sock",
+        drive_files=drive_files,
+        drive_formats=drive_formats,
+        ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd" if ovmf else None,
+        ovmf_vars=f"{run_dir}/ovmf-vars.fd" if ovmf else None,
+    )
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    """Every value given to ``option`` (e.g. all -device arguments)."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def option_value(argv: list[str], option: str) -> str:
+    (value,) = option_values(argv, option)
+    return value
+
+
+# -- golden command lines ------------------------------------------------------------
+
+
+def test_golden_minimal_q35() -> None:
+    argv = build_argv(
+        VMSpec(name="minimal"), qemu=QEMU, accel="tcg", plumbing=plumbing("/run/user/1000/qemukit/minimal")
+    )
+    check_golden("minimal_q35", argv)
+
+
+def test_golden_kernel_boot() -> None:
+    # Like images.spec("tiny"): direct kernel boot, panics end QEMU. Only a console
+    # log (no socket), no agent socket: the file chardev and no virtio-serial.
+    spec = VMSpec(
+        name="tiny",
+        kernel="/home/u/.cache/qemukit/tiny,v1/vmlinuz",
+        initrd="/home/u/.cache/qemukit/tiny,v1/initrd.img",
+        append="console=ttyS0 panic=-1 quiet memhp_default_state=online opt=a,b",
+        no_reboot=True,
+        hotplug_ports=1,
+    )
+    argv = build_argv(spec, qemu=QEMU, accel="kvm", plumbing=Plumbing(console_log="/run/qk/tiny/console.log"))
+    check_golden("kernel_boot", argv)
+
+
+def test_golden_drives() -> None:
+    run = "/run/user/1000/qemukit/disks"
+    spec = VMSpec(
+        name="disks",
+        hotplug_ports=0,
+        drives=(
+            Drive("/images/base,v2.qcow2", overlay=True),
+            Drive("/images/seed.raw", format="raw", read_only=True),
+            Drive("/images/data,1.qcow2", interface="virtio-scsi"),
+            Drive("/images/data2.img", format="raw", interface="virtio-scsi", id="scratch"),
+            Drive("/images/fast,,.qcow2", interface="nvme", read_only=True),
+        ),
+    )
+    files = (
+        f"{run}/overlay-disk0.qcow2",  # the overlay, not the base
+        "/images/seed.raw",
+        "/images/data,1.qcow2",
+        "/images/data2.img",
+        "/images/fast,,.qcow2",
+    )
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=plumbing(run, drive_files=files, drive_formats=("qcow2", "raw", "qcow2", "raw", "qcow2")),
+    )
+    check_golden("drives", argv)
+
+
+def test_golden_nics() -> None:
+    spec = VMSpec(
+        name="nets",
+        machine="pc",
+        nics=(
+            Nic(
+                forwards=(
+                    PortForward(2222, 22),
+                    PortForward.parse("udp:0.0.0.0:5353:53"),
+                    PortForward.parse("0.0.0.0:8080:80"),
+                )
+            ),
+            Nic(kind="tap", ifname="tap0", mac="52:54:00:12:34:56", id="lan"),
+        ),
+    )
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=plumbing("/run/user/1000/qemukit/nets"))
+    check_golden("nics", argv)
+
+
+def test_golden_hotplug() -> None:
+    spec = VMSpec(name="hotplug", cpus=2, max_cpus=8, memory="1G", max_memory="8G", slots=4, hotplug_ports=2)
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="kvm",
+        cpu="host,-arch-capabilities",
+        plumbing=plumbing("/run/user/1000/qemukit/hotplug"),
+    )
+    check_golden("hotplug", argv)
+
+
+def test_golden_microvm() -> None:
+    run = "/run/user/1000/qemukit/micro"
+    spec = VMSpec(
+        name="micro",
+        machine="microvm",
+        kernel="/boot/vmlinuz",
+        append="console=ttyS0 reboot=t root=/dev/vda",
+        drives=(Drive("/images/root.raw", format="raw"),),
+        nics=(Nic(forwards=(PortForward(2222, 22),)),),
+    )
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=plumbing(run, drive_files=("/images/root.raw",), drive_formats=("raw",)),
+    )
+    check_golden("microvm", argv)
+
+
+def test_golden_ovmf() -> None:
+    run = "/run/user/1000/qemukit/uefi"
+    spec = VMSpec(name="uefi", firmware="ovmf", memory="1G", drives=(Drive("/images/esp.qcow2"),))
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=plumbing(run, drive_files=("/images/esp.qcow2",), drive_formats=("qcow2",), ovmf=True),
+    )
+    check_golden("ovmf", argv)
+
+
+def test_golden_sandbox_and_extra_args() -> None:
+    # A state directory with a comma in it: every socket and log path needs ',,'.
+    spec = VMSpec(name="boxed", extra_args=("-device", "virtio-rng-pci,id=rng0", "-S"))
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        sandbox=True,
+        name="boxed-1",
+        plumbing=plumbing("/tmp/state,dir/boxed-1"),
+    )
+    check_golden("sandbox_extra_args", argv)
+
+
+# -- properties of every command line -----------------------------------------------
+
+_path_text = st.text(st.characters(exclude_characters="\x00\n"), min_size=1)
+
+
+@given(path=_path_text, read_only=st.booleans())
+def test_blockdev_filename_survives_qemu_parsing(path: str, read_only: bool) -> None:
+    spec = VMSpec(drives=(Drive(path, format="raw", read_only=read_only),), hotplug_ports=0)
+    argv = build_argv(
+        spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(drive_files=(path,), drive_formats=("raw",))
+    )
+    file_node = option_values(argv, "-blockdev")[0]
+    expected = {"driver": "file", "node-name": "disk0-file", "filename": path}
+    if read_only:
+        expected["read-only"] = "on"
+    assert parse_opts(file_node) == expected
+
+
+@given(name=st.from_regex(NAME_RE, fullmatch=True))
+def test_name_survives_qemu_parsing(name: str) -> None:
+    argv = build_argv(VMSpec(name=name), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    assert parse_opts(option_value(argv, "-name"), implied="guest") == {"guest": name}
+
+
+@given(run_dir=_path_text)
+def test_chardev_paths_survive_qemu_parsing(run_dir: str) -> None:
+    argv = build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=plumbing(run_dir))
+    chardevs = {}
+    for text in option_values(argv, "-chardev"):
+        opts = parse_opts(text, implied="backend")
+        chardevs[opts["id"]] = opts
+    assert chardevs["qmp-shared"]["path"] == f"{run_dir}/qmp.sock"
+    assert chardevs["console0"]["path"] == f"{run_dir}/console.sock"
+    assert chardevs["console0"]["logfile"] == f"{run_dir}/console.log"
+    assert chardevs["agent0"]["path"] == f"{run_dir}/agent.sock"
+
+
+@given(
+    kernel=_path_text,
+    initrd=_path_text,
+    append=st.text(st.characters(exclude_characters="\x00")),
+)
+def test_kernel_initrd_append_are_verbatim(kernel: str, initrd: str, append: str) -> None:
+    # QEMU stores these as they are: quoting them would change the guest's command line.
+    spec = VMSpec(kernel=kernel, initrd=initrd, append=append)
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    start = argv.index("-kernel")  # the values may themselves look like options
+    assert argv[start : start + 6] == ["-kernel", kernel, "-initrd", initrd, "-append", append]
+
+
+def test_quote_opt() -> None:
+    assert quote_opt("a,b,,c") == "a,,b,,,,c"
+    assert split_opts(quote_opt("a,b,,c")) == ["a,b,,c"]
+    with pytest.raises(SpecError):
+        quote_opt("a\x00b")
+
+
+def test_extra_args_come_last_and_verbatim() -> None:
+    extra = ("-device", "virtio-rng-pci,id=rng0", "-S", "")
+    argv = build_argv(VMSpec(extra_args=extra), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    assert tuple(argv[-len(extra) :]) == extra
+
+
+def test_two_scsi_drives_share_one_controller() -> None:
+    spec = VMSpec(drives=(Drive("a.img", interface="virtio-scsi"), Drive("b.img", interface="virtio-scsi")))
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=Plumbing(drive_files=("a.img", "b.img"), drive_formats=("raw", "raw")),
+    )
+    devices = option_values(argv, "-device")
+    assert [d for d in devices if d.startswith("virtio-scsi-pci")] == ["virtio-scsi-pci,id=scsi0"]
+    assert [d for d in devices if d.startswith("scsi-hd")] == [
+        "scsi-hd,bus=scsi0.0,drive=disk0-fmt,id=disk0",
+        "scsi-hd,bus=scsi0.0,drive=disk1-fmt,id=disk1",
+    ]
+
+
+def test_overlay_drive_uses_the_plumbing_file() -> None:
+    spec = VMSpec(drives=(Drive("/base.qcow2", overlay=True),))
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=Plumbing(drive_files=("/run/ov.qcow2",), drive_formats=("qcow2",)),
+    )
+    assert "/base.qcow2" not in " ".join(argv)
+    assert parse_opts(option_values(argv, "-blockdev")[0])["filename"] == "/run/ov.qcow2"
+
+
+def test_agent_port_only_with_agent_socket() -> None:
+    with_agent = build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    assert any(f"name={AGENT_PORT_NAME}" in d for d in option_values(with_agent, "-device"))
+    without = build_argv(VMSpec(agent=False), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    assert not any("virtserialport" in d for d in option_values(without, "-device"))
+    assert not any("agent" in c for c in option_values(without, "-chardev"))
+
+
+def test_no_serial_means_no_console_chardev() -> None:
+    argv = build_argv(VMSpec(serial=False), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    assert "-serial" not in argv
+    assert not any("console0" in c for c in option_values(argv, "-chardev"))
+
+
+def _device_ids(argv: list[str]) -> list[str]:
+    ids = []
+    for text in option_values(argv, "-device"):
+        opts = parse_opts(text, implied="driver")
+        if "id" in opts:
+            ids.append(opts["id"])
+    return ids
+
+
+@pytest.mark.parametrize(
+    "make_spec",
+    [
+        lambda: VMSpec(drives=(Drive("a.img", id="disk1"), Drive("b.img"))),
+        lambda: VMSpec(drives=(Drive("a.img", id="net0"),), nics=(Nic(),)),
+        lambda: VMSpec(nics=(Nic(id="net1"), Nic())),
+        lambda: VMSpec(drives=(Drive("a.img", id="hp0"),)),
+        lambda: VMSpec(drives=(Drive("a.img", id="scsi0"), Drive("b.img", interface="virtio-scsi"))),
+        lambda: VMSpec(drives=(Drive("a.img", id="vser0"),)),
+    ],
+    ids=[
+        "drive-vs-default-drive",
+        "drive-vs-default-nic",
+        "nic-vs-default-nic",
+        "drive-vs-root-port",
+        "drive-vs-scsi-controller",
+        "drive-vs-virtio-serial",
+    ],
+)
+def test_clashing_device_ids_are_refused_up_front(make_spec: Any) -> None:
+    # A clash must be a SpecError naming the id, never QEMU's "Duplicate ID" at launch.
+    with pytest.raises(SpecError) as info:
+        make_spec()
+    assert info.value.field == "id"
+
+
+def test_accepted_specs_give_unique_device_ids() -> None:
+    spec = VMSpec(
+        drives=(Drive("a.img", id="data"), Drive("b.img"), Drive("c.img", interface="virtio-scsi")),
+        nics=(Nic(id="uplink"), Nic()),
+    )
+    argv = build_argv(
+        spec,
+        qemu=QEMU,
+        accel="tcg",
+        plumbing=plumbing(
+            "/r", drive_files=tuple(d.file for d in spec.drives), drive_formats=("raw",) * len(spec.drives)
+        ),
+    )
+    ids = _device_ids(argv)
+    assert len(ids) == len(set(ids)), ids
+    assert len(set(drive_ids(spec) + nic_ids(spec))) == len(spec.drives) + len(spec.nics)
+
+
+def test_longest_accepted_drive_id_gives_valid_node_names() -> None:
+    # QEMU refuses block node names of 32 characters or more ("Node name too long").
+    with pytest.raises(SpecError):
+        Drive("a.img", id="d" * 27)
+    spec = VMSpec(drives=(Drive("a.img", id="d" * 26),))
+    argv = build_argv(
+        spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(drive_files=("a.img",), drive_formats=("raw",))
+    )
+    for text in option_values(argv, "-blockdev"):
+        node_name = parse_opts(text)["node-name"]
+        assert len(node_name) <= 31, node_name
+
+
+def test_drive_files_must_match_drives() -> None:
+    spec = VMSpec(drives=(Drive("a.img"), Drive("b.img")))
+    with pytest.raises(SpecError) as info:
+        build_argv(
+            spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(drive_files=("a.img",), drive_formats=("raw",))
+        )
+    assert info.value.field == "drives"
+
+
+def test_ovmf_needs_resolved_files() -> None:
+    with pytest.raises(SpecError) as info:
+        build_argv(VMSpec(firmware="ovmf"), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    assert (info.value.field, info.value.value) == ("firmware", "ovmf")
+
+
+# -- accelerator and CPU model -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accel", ["auto", "hvf", "", "KVM"])
+def test_accel_must_be_resolved(accel: str) -> None:
+    with pytest.raises(SpecError) as info:
+        build_argv(VMSpec(), qemu=QEMU, accel=accel, plumbing=Plumbing())
+    assert (info.value.field, info.value.value) == ("accel", accel)
+
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_machine_names_the_accel(accel: str) -> None:
+    argv = build_argv(VMSpec(machine="pc"), qemu=QEMU, accel=accel, plumbing=Plumbing())
+    assert option_value(argv, "-machine") == f"pc,accel={accel}"
+
+
+@pytest.mark.parametrize(
+    ("accel", "spec_cpu", "host_cpu", "expected"),
+    [
+        ("kvm", None, None, "host"),
+        ("kvm", None, "kvm64", "kvm64"),
+        ("kvm", "max", "kvm64", "max"),
+        ("kvm", "max", None, "max"),
+        ("tcg", None, None, None),
+        ("tcg", None, "max", "max"),
+        ("tcg", "qemu64", None, "qemu64"),
+    ],
+)
+def test_cpu_model(accel: str, spec_cpu: str | None, host_cpu: str | None, expected: str | None) -> None:
+    argv = build_argv(VMSpec(cpu=spec_cpu), qemu=QEMU, accel=accel, plumbing=Plumbing(), cpu=host_cpu)
+    assert option_values(argv, "-cpu") == ([expected] if expected else [])
+
+
+def test_sandbox_only_when_asked() -> None:
+    # The spec's wish is decided against the binary's support by the caller.
+    assert "-sandbox" not in build_argv(VMSpec(sandbox=True), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    argv = build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=Plumbing(), sandbox=True)
+    assert re.fullmatch(r"on(,\w+=deny)+", option_value(argv, "-sandbox"))
+
+
+def test_name_argument_overrides_spec_name() -> None:
+    argv = build_argv(VMSpec(name="a"), qemu=QEMU, accel="tcg", plumbing=Plumbing(), name="b")
+    assert option_value(argv, "-name") == "b"
+    assert option_value(build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=Plumbing()), "-name") == "vm"
+
+
+def test_build_argv_is_pure() -> None:
+    spec = VMSpec(name="same", drives=(Drive("a.img"),), nics=(Nic(forwards=(PortForward(1, 2),)),))
+    p = plumbing("/r", drive_files=("a.img",), drive_formats=("raw",))
+    first = build_argv(spec, qemu=QEMU, accel="kvm", plumbing=p)
+    assert build_argv(spec, qemu=QEMU, accel="kvm", plumbing=p) == first
+    assert first[0] == QEMU
+    assert all(isinstance(a, str) for a in first)
