@@ -11,19 +11,22 @@ from .errors import (
     AcceleratorError,
     AgentError,
     GuestError,
+    GuestIOError,
     GuestPanic,
     HostError,
+    HotplugError,
     LaunchError,
     QemukitError,
     QMPCommandError,
     QMPConnectionError,
     QMPError,
+    SnapshotError,
     SpecError,
     StateError,
     WaitTimeout,
 )
 from .guest import ExecResult
-from .spec import Drive, Nic, PortForward, VMSpec, parse_drive, parse_nic, parse_size
+from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
 from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
 
 __version__ = "0.1.0"
@@ -36,8 +39,10 @@ __all__ = [
     "Drive",
     "ExecResult",
     "GuestError",
+    "GuestIOError",
     "GuestPanic",
     "HostError",
+    "HotplugError",
     "LaunchError",
     "Nic",
     "PortForward",
@@ -46,7 +51,9 @@ __all__ = [
     "QMPError",
     "QemukitError",
     "ShutdownResult",
+    "Share",
     "ShutdownRung",
+    "SnapshotError",
     "SpecError",
     "StateError",
     "VMSpec",

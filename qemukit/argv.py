@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from .errors import SpecError
 from .spec import Drive, Nic, VMSpec
 
-__all__ = ["AGENT_PORT_NAME", "Plumbing", "build_argv", "drive_ids", "nic_ids", "quote_opt"]
+__all__ = ["AGENT_PORT_NAME", "QGA_PORT_NAME", "Plumbing", "build_argv", "drive_ids", "nic_ids", "quote_opt"]
 
 AGENT_PORT_NAME = "org.qemukit.agent"
+QGA_PORT_NAME = "org.qemu.guest_agent.0"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -46,6 +47,10 @@ class Plumbing:
     drive_formats: tuple[str, ...] = ()
     ovmf_code: str | None = None
     ovmf_vars: str | None = None
+    #: Per virtiofs share (in spec order, 9p shares skipped): virtiofsd's socket.
+    share_sockets: tuple[str, ...] = ()
+    #: ``-incoming`` value for a VM restored from saved state (``defer``: fed over QMP).
+    incoming: str | None = None
 
 
 def drive_ids(spec: VMSpec) -> list[str]:
@@ -96,6 +101,29 @@ def _drive_device(spec: VMSpec, drive: Drive, dev_id: str, scsi_added: bool) -> 
         ctrl = [] if scsi_added else ["-device", "virtio-scsi-pci,id=scsi0"]
         return ctrl + ["-device", f"scsi-hd,bus=scsi0.0,drive={dev_id}-fmt,id={dev_id}"]
     return ["-device", f"nvme,drive={dev_id}-fmt,id={dev_id},serial={dev_id}"]
+
+
+def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
+    """9p shares need nothing but QEMU; virtiofs needs shared guest RAM and a socket."""
+    args: list[str] = []
+    virtiofs = [sh for sh in spec.shares if sh.transport == "virtiofs"]
+    if len(plumbing.share_sockets) != len(virtiofs):
+        raise SpecError("shares", spec.shares, "every virtiofs share needs a virtiofsd socket")
+    if virtiofs:
+        # vhost-user devices map guest RAM into virtiofsd: it must be a shared memfd.
+        args += ["-object", f"memory-backend-memfd,id=ram0,size={spec.memory}M,share=on",
+                 "-numa", "node,memdev=ram0"]
+    sockets = iter(plumbing.share_sockets)
+    for sh in spec.shares:
+        if sh.transport == "9p":
+            ro = ",readonly=on" if sh.read_only else ""
+            args += ["-fsdev", f"local,id={sh.tag}-fs,path={quote_opt(str(sh.host_path))},"
+                               f"security_model=none{ro}",
+                     "-device", f"virtio-9p-pci,fsdev={sh.tag}-fs,mount_tag={sh.tag}"]
+        else:
+            args += ["-chardev", f"socket,id={sh.tag}-vfs,path={quote_opt(next(sockets))}",
+                     "-device", f"vhost-user-fs-pci,chardev={sh.tag}-vfs,tag={sh.tag}"]
+    return args
 
 
 def _nic_args(spec: VMSpec) -> list[str]:
@@ -185,19 +213,25 @@ def build_argv(
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
-        if spec.append is not None:
-            argv += ["-append", spec.append]
+        mounts = " ".join(f"qemukit.share={sh.tag}:{sh.guest_path}" for sh in spec.shares)
+        append = " ".join(a for a in (spec.append, mounts) if a)
+        if spec.append is not None or mounts:
+            argv += ["-append", append]
+    argv += _share_args(spec, plumbing)
     if spec.machine == "q35":
         for i in range(spec.hotplug_ports):
             argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={i + 1}"]
     argv += _drive_args(spec, plumbing)
     argv += _nic_args(spec)
-    if spec.agent and plumbing.agent_path:
+    if spec.agent != "none" and plumbing.agent_path:
+        port_name = QGA_PORT_NAME if spec.agent == "qga" else AGENT_PORT_NAME
         argv += ["-device", f"{_virtio(spec, 'serial')},id=vser0"]
         argv += _chardev_socket("agent0", plumbing.agent_path)
         argv += [
             "-device",
-            f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME},id=agent0-port",
+            f"virtserialport,bus=vser0.0,chardev=agent0,name={port_name},id=agent0-port",
         ]
+    if plumbing.incoming:
+        argv += ["-incoming", plumbing.incoming]
     argv += list(spec.extra_args)
     return argv

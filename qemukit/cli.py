@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from . import errors
-from .spec import VMSpec, parse_drive, parse_nic
+from .spec import Share, VMSpec, parse_drive, parse_nic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,7 +41,7 @@ def spec_options(func: F) -> F:
     options = [
         click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),
                      help="Read the VM description from a TOML file."),
-        click.option("--image", help="Start from a built-in image (tiny)."),
+        click.option("--image", help="Start from a built-in image (tiny, debian)."),
         click.option("--name", help="VM name (unique among running VMs)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
                      help="Accelerator; auto uses KVM only where a probe boot proved it works."),
@@ -60,6 +60,9 @@ def spec_options(func: F) -> F:
                      "[,readonly][,overlay][,id=ID]; write ',' in PATH as ',,'."),
         click.option("--nic", "nics", multiple=True, metavar="user|tap[,opts]",
                      help="Add a NIC: user[,hostfwd=[ADDR:]HOST:GUEST] or tap,ifname=NAME."),
+        click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",
+                     help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
+                     "9p with ,9p)."),
         click.option("--no-sandbox", is_flag=True, default=None,
                      help="Do not start QEMU under its seccomp sandbox."),
         click.option("--qemu-arg", "extra_args", multiple=True, metavar="ARG",
@@ -95,6 +98,8 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
         changes["drives"] = spec.drives + tuple(parse_drive(d) for d in opts["disks"])
     if opts["nics"]:
         changes["nics"] = spec.nics + tuple(parse_nic(n) for n in opts["nics"])
+    if opts.get("shares"):
+        changes["shares"] = spec.shares + tuple(Share.parse(sh) for sh in opts["shares"])
     if opts["no_sandbox"]:
         changes["sandbox"] = False
     if opts["extra_args"]:
@@ -118,13 +123,27 @@ def main() -> None:
 @spec_options
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds for boot plus command; a hung guest ends with exit 124.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Write the result as JSON to FILE, or to stdout when no FILE is given.")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
+@click.option("--console-log", type=click.Path(dir_okay=False),
+              help="Keep a copy of the guest's whole console log here.")
+@click.option("--modules", type=click.Path(file_okay=False, exists=True),
+              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR).")
 @click.option("--detach", "-d", is_flag=True,
               help="Start the VM in the background, print its name and return.")
-@click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent"]), default="qmp",
-              show_default=True, help="With --detach: return once QMP answers, or the guest agent.")
+@click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent", "ssh"]), default="qmp",
+              show_default=True, help="With --detach: return once QMP answers, the guest agent "
+              "answers, or ssh logs in.")
+@click.option("--keep", is_flag=True, help="Keep the disk changes (overlays) under the VM's name; "
+              "a later --keep run of that name boots them again.")
+@click.option("--user-data", type=click.Path(exists=True, dir_okay=False),
+              help="cloud-init user-data file, passed to the guest as it is.")
+@click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False),
+              help="SSH public key to authorize in the guest (default: a keypair made per VM).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(timeout: float, as_json: bool, detach: bool, wait_for: str, command: tuple[str, ...],
+def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
+        modules: str | None, detach: bool, wait_for: str, command: tuple[str, ...],
         **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
@@ -137,66 +156,61 @@ def run(timeout: float, as_json: bool, detach: bool, wait_for: str, command: tup
 
     \b
     Exit codes: the command's status; 124 timeout; 125 qemukit error;
-    255 guest kernel panic.
+    255 guest kernel panic (or oops/BUG).
     """
+    from .cli_guest import apply_run_options
     from .vm import VM
 
     try:
-        spec = build_spec(opts)
+        spec = apply_run_options(build_spec(opts), opts)
     except errors.QemukitError as exc:
         _fail(exc)
     if detach:
         if command:
             _fail(errors.SpecError("command", list(command), "--detach takes no command; "
                                    "use 'qemukit exec NAME -- CMD'"))
-        _run_detached(spec, timeout, wait_for, as_json)
+        _run_detached(spec, timeout, wait_for, json_out == "-")
         return
-    deadline = time.monotonic() + timeout
-    vm = VM(spec, boot_timeout=timeout)
-    result_json: dict[str, Any] = {"name": None, "command": list(command)}
-    code = 0
+    if not command:
+        vm = VM(spec, boot_timeout=timeout)
+        try:
+            vm.start()
+        except errors.QemukitError as exc:
+            _fail(exc)
+        if vm.accel is not None:
+            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+        _foreground(vm)
+        return
+    from .kernel import run_in_vm
+
+    def announce(vm: VM) -> None:
+        if vm.accel is not None and json_out != "-":
+            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+
     try:
-        vm.start()
-        result_json["name"] = vm.name
-        accel = vm.accel
-        if accel is not None and not as_json:
-            click.echo(f"qemukit: {vm.name}: {accel.reason}", err=True)
-        if not command:
-            _foreground(vm)
-            return
-        boot_time = vm.wait_ready(max(1.0, deadline - time.monotonic()))
-        result = vm.exec(list(command), timeout=max(1.0, deadline - time.monotonic()))
-        code = result.exit_status
-        if as_json:
-            result_json.update(
-                exit_status=code, stdout=result.stdout_text, stderr=result.stderr_text,
-                boot_time=round(boot_time, 3), accel=accel.accel if accel else None,
-                console_log=str(vm.console_log),
-            )
-        else:
-            sys.stdout.buffer.write(result.stdout)
-            sys.stdout.flush()
-            sys.stderr.buffer.write(result.stderr)
-            sys.stderr.flush()
-    except errors.GuestPanic as exc:
-        code = EXIT_PANIC
-        result_json.update(panic=exc.line, console=exc.console)
-        click.echo(f"qemukit: {exc}", err=True)
-    except errors.WaitTimeout as exc:
-        code = EXIT_TIMEOUT
-        result_json.update(error=str(exc))
-        click.echo(f"qemukit: {exc}", err=True)
+        result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
+                           modules=modules, on_started=announce)
     except errors.QemukitError as exc:
-        code = EXIT_ERROR
-        result_json.update(error=str(exc))
-        click.echo(f"qemukit: {exc}", err=True)
-    finally:
-        if vm.state.value == "running":
-            vm.shutdown(timeout=10)
-    if as_json:
-        result_json.setdefault("exit_status", code)
-        _emit_json(result_json)
-    sys.exit(code)
+        _fail(exc)
+    if json_out is not None:
+        if json_out == "-":
+            _emit_json(result.to_dict())
+        else:
+            result.write_json(json_out)
+    if junit is not None:
+        result.write_junit(junit)
+    if json_out != "-":
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+    if result.outcome == "panic":
+        click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
+                   f"{result.console_tail}", err=True)
+    elif result.outcome in ("timeout", "error"):
+        tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
+        click.echo(f"qemukit: {result.error}{tail}", err=True)
+    sys.exit({"panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
+        result.outcome, result.exit_status or 0))
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
@@ -207,6 +221,8 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
         vm.start()
         if wait_for == "agent":
             vm.wait_ready(timeout)
+        elif wait_for == "ssh":
+            vm.wait_ssh(timeout)
     except errors.WaitTimeout as exc:
         if vm.state.value == "running":
             vm.kill()
@@ -324,7 +340,7 @@ def images_group() -> None:
 
 
 @images_group.command(name="build")
-@click.argument("name", type=click.Choice(["tiny"]))
+@click.argument("name", type=click.Choice(["tiny", "debian"]))
 @click.option("--force", is_flag=True, help="Rebuild even if already built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def images_build(name: str, force: bool, as_json: bool) -> None:
@@ -338,10 +354,17 @@ def images_build(name: str, force: bool, as_json: bool) -> None:
         )
     except errors.QemukitError as exc:
         _fail(exc, 1)
+    from .cli_guest import image_summary
+
+    summary = image_summary(image)
     if as_json:
         _emit_json({"name": name, "directory": str(image.directory), "kernel": str(image.kernel),
-                    "initrd": str(image.initrd), "seconds": round(time.monotonic() - start, 1)})
+                    "initrd": str(image.initrd), "seconds": round(time.monotonic() - start, 1),
+                    **summary})
     else:
+        if "disk" in summary:
+            click.echo(f"  {name}: {summary['disk_bytes'] / 2**20:.0f} MiB qcow2, built in "
+                       f"{summary['build_seconds']:.0f}s", err=True)
         click.echo(str(image.directory))
 
 
@@ -608,3 +631,9 @@ def console(name: str) -> None:
     click.echo(f"qemukit: connected to {name}'s console; Ctrl-] detaches", err=True)
     _stream_console(rd.console_socket, interactive=True)
     click.echo("\r\nqemukit: detached", err=True)
+
+
+from . import cli_hotplug  # noqa: E402,F401
+
+from . import cli_snapshot  # noqa: E402,F401  # isort: skip
+from . import cli_guest  # noqa: E402,F401

@@ -10,12 +10,16 @@ user needs to act on it without rerunning anything::
     │   └── AcceleratorError the asked-for accelerator does not work here (reason)
     ├── LaunchError          QEMU did not come up (argv, exit status, its stderr)
     ├── StateError           an operation does not fit the VM's lifecycle state
+    ├── HotplugError         a hotplug or unplug was refused, rolled back or not released
+    │                        (field, value, device, QEMU's error)
+    ├── SnapshotError        a snapshot, state save or restore cannot be done (why, what to do)
     ├── WaitTimeout          a bounded wait expired (what, timeout, console tail)
     ├── QMPError             talking to QEMU's monitor failed
     │   ├── QMPCommandError  QEMU answered a command with an error (class, desc)
     │   └── QMPConnectionError the monitor connection was lost or never made
     └── GuestError           the guest misbehaved
         ├── GuestPanic       the guest kernel panicked (panic line, console tail)
+        ├── GuestIOError     QEMU paused the guest on a disk I/O error (node, reason)
         └── AgentError       the in-guest agent answered garbage or went away
 """
 
@@ -28,13 +32,16 @@ __all__ = [
     "AcceleratorError",
     "AgentError",
     "GuestError",
+    "GuestIOError",
     "GuestPanic",
     "HostError",
+    "HotplugError",
     "LaunchError",
     "QMPCommandError",
     "QMPConnectionError",
     "QMPError",
     "QemukitError",
+    "SnapshotError",
     "SpecError",
     "StateError",
     "WaitTimeout",
@@ -104,6 +111,48 @@ class StateError(QemukitError):
     """The VM is not in a state that allows the operation (e.g. used after shutdown)."""
 
 
+class HotplugError(QemukitError):
+    """A hotplug or unplug could not be done; QEMU is left as it was, or as the message says.
+
+    Raised by the preflight before QEMU is touched (``field`` and ``value``
+    name what was rejected), after a refused ``device_add`` whose backend was
+    rolled back (``qmp_error`` is QEMU's own error), and when the guest
+    refuses or does not release a device in time (the device stays plugged).
+    ``device`` is the device id concerned, when there is one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        value: Any = None,
+        device: str | None = None,
+        qmp_error: str | None = None,
+    ) -> None:
+        self.field = field
+        self.value = value
+        self.device = device
+        self.qmp_error = qmp_error
+        super().__init__(message)
+
+
+class SnapshotError(QemukitError):
+    """A snapshot, state save or restore was refused or failed.
+
+    ``problems`` lists each reason found by the preflight (the device and
+    what to do instead); ``job_error`` is QEMU's own error for a failed job.
+    """
+
+    def __init__(
+        self, message: str, *, problems: Sequence[str] = (), job_error: str | None = None
+    ) -> None:
+        self.problems = list(problems)
+        self.job_error = job_error
+        text = message + "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
 class WaitTimeout(QemukitError, TimeoutError):
     """A bounded wait expired; says what was awaited and shows the latest output."""
 
@@ -149,3 +198,16 @@ class GuestPanic(GuestError):
 
 class AgentError(GuestError):
     """The in-guest agent answered something unexpected or went away."""
+
+
+class GuestIOError(GuestError):
+    """QEMU stopped the guest after a disk I/O error (e.g. the host disk is full)."""
+
+    def __init__(self, node: str, operation: str, reason: str) -> None:
+        self.node = node
+        self.operation = operation
+        self.reason = reason
+        super().__init__(
+            f"QEMU paused the guest: {operation} error on block node {node!r}: {reason}"
+            + (" (the disk holding the image or overlay is full)" if "space" in reason else "")
+        )

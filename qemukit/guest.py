@@ -84,25 +84,40 @@ class Agent:
 
     async def _request(self, line: str, token: str, expect: str) -> list[str]:
         reader, writer = await self._connect()
-        writer.write(line.encode() + b"\n")
-        await writer.drain()
-        while True:
-            raw = await reader.readline()
-            if not raw:
-                self._drop()
-                raise AgentError("the guest agent closed the connection")
-            fields = raw.decode("ascii", "replace").split()
-            if len(fields) >= 2 and fields[1] == token:
-                if fields[0] == "ERR":
-                    raise AgentError(f"the guest agent refused the request: {' '.join(fields[2:])}")
-                if fields[0] != expect:
-                    raise AgentError(f"unexpected agent reply {fields[0]!r}")
-                return fields
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            while True:
+                raw = await reader.readline()
+                if not raw:
+                    self._drop()
+                    raise AgentError("the guest agent closed the connection")
+                fields = self._match(raw, token, expect)
+                if fields is not None:
+                    return fields
+        except (OSError, ValueError) as exc:
+            # The connection broke (guest reset, QEMU gone): the next request reconnects.
+            self._drop()
+            raise AgentError(f"lost the connection to the guest agent: {exc}") from exc
+
+    @staticmethod
+    def _match(raw: bytes, token: str, expect: str) -> list[str] | None:
+        """The reply's fields if it answers ``token``; None for a stale reply."""
+        fields = raw.decode("ascii", "replace").split()
+        if len(fields) < 2 or fields[1] != token:
+            return None
+        if fields[0] == "ERR":
+            raise AgentError(f"the guest agent refused the request: {' '.join(fields[2:])}")
+        if fields[0] != expect:
+            raise AgentError(f"unexpected agent reply {fields[0]!r}")
+        return fields
 
     def _drop(self) -> None:
+        """Forget the connection (and readiness): the guest may have been reset."""
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+        self.ready = False
 
     async def ping(self, timeout: float) -> None:
         """Wait until the agent answers (it comes up with the guest's init)."""

@@ -23,7 +23,7 @@ from .argv import Plumbing, build_argv
 from .errors import AcceleratorError, HostError, SpecError
 from .paths import cache_dir
 from .process import run_command, run_until_output
-from .spec import VMSpec
+from .spec import Share, VMSpec
 
 __all__ = [
     "AccelChoice",
@@ -31,10 +31,12 @@ __all__ = [
     "QemuBinary",
     "find_ovmf",
     "find_qemu",
+    "find_virtiofsd",
     "image_format",
     "kvm_device_status",
     "kvm_status",
     "resolve_accel",
+    "virtiofsd_argv",
 ]
 
 INIT_MARKER = b"qemukit-init: ready"
@@ -96,6 +98,37 @@ def find_qemu() -> QemuBinary:
             f"no QEMU found ({where}); install it with: apt-get install qemu-system-x86 qemu-utils"
         )
     return _probe_binary(str(Path(path).resolve()) if not env else path)
+
+
+_VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+
+@functools.lru_cache(maxsize=1)
+def find_virtiofsd() -> tuple[str, str] | None:
+    """virtiofsd's path and flavour (``rust`` or ``c``), or None if not installed."""
+    path = os.environ.get("QEMUKIT_VIRTIOFSD") or shutil.which("virtiofsd")
+    if not path:
+        path = next((p for p in _VIRTIOFSD_CANDIDATES if os.access(p, os.X_OK)), None)
+    if not path:
+        return None
+    help_text = run_command([path, "--help"], timeout=10)
+    flavour = "rust" if "--shared-dir" in help_text.stdout + help_text.stderr else "c"
+    return path, flavour
+
+
+def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int) -> list[str]:
+    """The argv to serve ``share`` on the listening socket ``fd`` (both flavours)."""
+    path, flavour = daemon
+    if flavour == "rust":
+        argv = [path, f"--fd={fd}", f"--shared-dir={share.host_path}", "--cache=auto"]
+        return argv + (["--readonly"] if share.read_only else [])
+    if share.read_only:
+        raise SpecError("share.read_only", True, f"{path} (C virtiofsd) cannot share read-only; "
+                        "use transport='9p' or the Rust virtiofsd")
+    # C virtiofsd parses -o with libfuse's option parser: ',' separates options and a
+    # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
+    source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
+    return [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
 
 
 def find_ovmf() -> tuple[str, str] | None:

@@ -103,6 +103,13 @@ class QemuProcess:
         self._popen = popen
         self._pidfd = pidfd
         self._exit_fut: asyncio.Future[int | None] | None = None
+        # Monotonic time of the spawn: psutil's start time has jiffy/boot-time
+        # rounding errors of up to a second, too coarse to time a boot with.
+        self.spawned_at = time.monotonic() - max(0.0, time.time() - start_time)
+
+    def uptime(self) -> float:
+        """Seconds since QEMU was started (monotonic clock for our own children)."""
+        return time.monotonic() - self.spawned_at
 
     @classmethod
     def spawn(
@@ -122,6 +129,7 @@ class QemuProcess:
         """
         argv = list(argv)
         parent = os.getpid()
+        spawned_at = time.monotonic()
         with open(log_path, "ab") as log:
             try:
                 popen = subprocess.Popen(
@@ -141,7 +149,9 @@ class QemuProcess:
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(popen.pid)
         start_time = process_start_time(popen.pid) or time.time()
-        return cls(popen.pid, start_time, argv, log_path, popen, pidfd)
+        proc = cls(popen.pid, start_time, argv, log_path, popen, pidfd)
+        proc.spawned_at = spawned_at
+        return proc
 
     @classmethod
     def adopt(cls, pid: int, start_time: float, argv: list[str], log_path: Path) -> QemuProcess | None:

@@ -118,12 +118,14 @@ class QMP:
         with self._client.listen(listener):
             yield listener
 
-    async def wait_event(self, listener: EventListener, timeout: float, what: str) -> dict[str, Any]:
+    async def wait_event(
+        self, listener: EventListener, timeout: float | None, what: str
+    ) -> dict[str, Any]:
         """The next event from ``listener``, or :class:`WaitTimeout` naming ``what``."""
         try:
             event = await asyncio.wait_for(listener.get(), timeout)
         except TimeoutError:
-            raise WaitTimeout(what, timeout) from None
+            raise WaitTimeout(what, timeout or 0) from None
         return dict(event)
 
     async def wait_disconnected(self) -> None:

@@ -20,9 +20,11 @@ from typing import Any, Literal, cast, get_args
 from .errors import SpecError
 
 __all__ = [
+    "CloudInit",
     "Drive",
     "Nic",
     "PortForward",
+    "Share",
     "VMSpec",
     "parse_drive",
     "parse_nic",
@@ -35,6 +37,7 @@ Firmware = Literal["seabios", "ovmf"]
 DriveInterface = Literal["virtio-blk", "virtio-scsi", "nvme"]
 DriveFormat = Literal["qcow2", "raw"]
 NicKind = Literal["user", "tap"]
+AgentKind = Literal["qemukit", "qga", "none"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 # Device ids also name block nodes ("<id>-file"), and QEMU caps node names at 31 bytes.
@@ -287,13 +290,109 @@ def parse_nic(text: str) -> Nic:
     return Nic(forwards=tuple(forwards), **kwargs)
 
 
+ShareTransport = Literal["virtiofs", "9p"]
+TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}")
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory shared with the guest (virtiofs, or virtio-9p).
+
+    qemukit's guests mount it on ``guest_path`` by themselves (the tiny
+    image reads ``qemukit.share=TAG:PATH`` from the kernel command line).
+    virtiofs needs a virtiofsd on the host; 9p needs a guest kernel with 9p.
+    """
+
+    host_path: str | Path
+    guest_path: str = "/mnt/host"
+    tag: str = "share0"
+    read_only: bool = False
+    transport: ShareTransport = "virtiofs"
+
+    def __post_init__(self) -> None:
+        _check_path("share.host_path", self.host_path)
+        object.__setattr__(self, "host_path", str(self.host_path))
+        _check_path("share.guest_path", self.guest_path)
+        if not self.guest_path.startswith("/") or any(c.isspace() for c in self.guest_path):
+            raise SpecError("share.guest_path", self.guest_path,
+                            "must be an absolute path without spaces")
+        if not (isinstance(self.tag, str) and TAG_RE.fullmatch(self.tag)):
+            raise SpecError("share.tag", self.tag, f"must match {TAG_RE.pattern}")
+        if not isinstance(self.read_only, bool):
+            raise SpecError("share.read_only", self.read_only, "must be true or false")
+        _check_choice("share.transport", self.transport, ShareTransport)
+
+    @classmethod
+    def parse(cls, text: str) -> Share:
+        """Parse the CLI form ``HOST:GUEST[,ro][,9p][,tag=T]`` (',' in a path: ',,')."""
+        known = {"ro", "readonly", "9p", "virtiofs", "tag"}
+        parts = _split_opts(text)
+        # As for --disk: a single ',' that does not start a known option is part of the path.
+        while len(parts) > 1 and parts[1].split("=", 1)[0] not in known:
+            parts[0:2] = [parts[0] + "," + parts[1]]
+        head, *opts = parts
+        host, sep, guest = head.rpartition(":")
+        if not sep or not host:
+            raise SpecError("share", text, "expected HOST_DIR:GUEST_DIR[,ro][,9p][,tag=TAG]")
+        kwargs: dict[str, Any] = {"host_path": host, "guest_path": guest}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key in ("ro", "readonly"):
+                kwargs["read_only"] = True
+            elif key in ("9p", "virtiofs"):
+                kwargs["transport"] = key
+            elif key == "tag":
+                kwargs["tag"] = value
+            else:
+                raise SpecError("share", text, f"unknown option {key!r}")
+        return cls(**kwargs)
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """A cloud-init NoCloud seed CD, written per VM at start (see :mod:`qemukit.seed`).
+
+    ``hostname`` defaults to the VM's name. ``ssh_key`` is a public key file
+    to authorize; without one, a keypair is generated into the VM's runtime
+    directory. ``user_data`` is a file passed through to the guest as it is.
+    ``ssh_user`` is the account ``qemukit ssh`` logs in as: the default user
+    cloud-init creates on Debian's images.
+    """
+
+    hostname: str | None = None
+    ssh_key: str | Path | None = None
+    user_data: str | Path | None = None
+    ssh_user: str = "debian"
+
+    def __post_init__(self) -> None:
+        if self.hostname is not None and not (
+            isinstance(self.hostname, str) and HOSTNAME_RE.fullmatch(self.hostname)
+        ):
+            raise SpecError("cloud_init.hostname", self.hostname,
+                            "must be a host name: lower-case letters, digits, '-' and '.'")
+        for name in ("ssh_key", "user_data"):
+            if getattr(self, name) is not None:
+                _check_path(f"cloud_init.{name}", getattr(self, name))
+                object.__setattr__(self, name, str(getattr(self, name)))
+        if not (isinstance(self.ssh_user, str) and USER_RE.fullmatch(self.ssh_user)):
+            raise SpecError("cloud_init.ssh_user", self.ssh_user, f"must match {USER_RE.pattern}")
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """Everything needed to start one VM. Sizes are in MiB.
 
-    ``name=None`` lets the launcher pick a unique name. ``accel='auto'`` uses
+    ``name=None`` lets the launcher pick a unique name. ``agent`` is the
+    in-guest agent to talk to: ``qemukit`` (the tiny image's), ``qga``
+    (qemu-guest-agent, as in the debian image) or ``none``. ``accel='auto'`` uses
     KVM only when a probe boot proved it works on this host, else TCG.
     ``extra_args`` are appended verbatim to QEMU's argv (an escape hatch).
+    ``cloud_init`` attaches a per-VM cloud-init seed CD (:class:`CloudInit`).
     """
 
     name: str | None = None
@@ -311,12 +410,14 @@ class VMSpec:
     firmware: Firmware = "seabios"
     drives: tuple[Drive, ...] = ()
     nics: tuple[Nic, ...] = ()
+    shares: tuple[Share, ...] = ()
     serial: bool = True
-    agent: bool = True
+    agent: AgentKind | bool = "qemukit"
     no_reboot: bool = False
     hotplug_ports: int = 4
     sandbox: bool = True
     extra_args: tuple[str, ...] = field(default=())
+    cloud_init: CloudInit | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -360,15 +461,36 @@ class VMSpec:
             _check_text("append", self.append, allow_empty=True)
         if self.kernel is None and (self.initrd is not None or self.append is not None):
             raise SpecError("kernel", None, "initrd and append need a kernel")
-        for name in ("serial", "agent", "no_reboot", "sandbox"):
+        if isinstance(self.agent, bool):  # True/False kept for convenience
+            object.__setattr__(self, "agent", "qemukit" if self.agent else "none")
+        _check_choice("agent", self.agent, AgentKind)
+        for name in ("serial", "no_reboot", "sandbox"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, getattr(self, name), "must be true or false")
         _check_int("hotplug_ports", self.hotplug_ports, 0, 32)
         _freeze(self, "drives", Drive, parse_drive)
         _freeze(self, "nics", Nic, parse_nic)
+        _freeze(self, "shares", Share, Share.parse)
+        tags = [sh.tag for sh in self.shares]
+        if len(tags) != len(set(tags)):
+            raise SpecError("share.tag", tags, "share tags must be unique")
         if not isinstance(cast(object, self.extra_args), (list, tuple)):
             raise SpecError("extra_args", self.extra_args, "must be a list of arguments")
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        raw_seed = cast(object, self.cloud_init)
+        if isinstance(raw_seed, Mapping):
+            object.__setattr__(
+                self, "cloud_init", CloudInit(**_known(CloudInit, raw_seed, "cloud_init"))
+            )
+        if self.cloud_init is not None:
+            if not isinstance(cast(object, self.cloud_init), CloudInit):
+                raise SpecError("cloud_init", self.cloud_init, "must be a CloudInit")
+            if self.machine == "microvm":
+                raise SpecError("cloud_init", "set", "microvm has no PCI bus for the seed CD")
+            taken = [i for i in [d.id for d in self.drives] + [n.id for n in self.nics]
+                     if i and i.startswith("cidata")]
+            if taken:
+                raise SpecError("id", taken[0], "ids starting with 'cidata' name the seed CD")
         if self.machine == "microvm":
             if self.firmware != "seabios":
                 raise SpecError("firmware", self.firmware, "microvm boots without OVMF")
@@ -403,7 +525,7 @@ class VMSpec:
             value = getattr(self, f.name)
             if value is None or value == ():
                 continue
-            if f.name == "drives":
+            if f.name in ("drives", "shares"):
                 value = [_part_dict(d) for d in value]
             elif f.name == "nics":
                 value = [
@@ -412,6 +534,8 @@ class VMSpec:
                     else _part_dict(n)
                     for n in value
                 ]
+            elif f.name == "cloud_init":
+                value = _part_dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -425,12 +549,16 @@ class VMSpec:
         if unknown:
             raise SpecError(unknown[0], data[unknown[0]], "unknown field")
         kwargs = dict(data)
-        for key in ("drives", "nics"):
+        for key in ("drives", "nics", "shares"):
             if not isinstance(kwargs.get(key, ()), (list, tuple)):
                 raise SpecError(key, kwargs[key], "must be a list")
         kwargs["drives"] = tuple(
             Drive(**_known(Drive, d, "drives")) if isinstance(d, Mapping) else d
             for d in kwargs.get("drives", ())
+        )
+        kwargs["shares"] = tuple(
+            Share(**_known(Share, sh, "shares")) if isinstance(sh, Mapping) else sh
+            for sh in kwargs.get("shares", ())
         )
         kwargs["nics"] = tuple(
             Nic(**_known(Nic, n, "nics")) if isinstance(n, Mapping) else n
@@ -456,10 +584,13 @@ class VMSpec:
         lines: list[str] = []
         tables: list[str] = []
         for key, value in data.items():
-            if key in ("drives", "nics"):
+            if key in ("drives", "nics", "shares"):
                 for item in value:
                     tables.append(f"\n[[{key}]]")
                     tables.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+            elif isinstance(value, dict):
+                tables.append(f"\n[{key}]")
+                tables.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
             else:
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines + tables) + "\n"

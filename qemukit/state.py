@@ -43,6 +43,8 @@ class VMInfo:
     created: float
     argv: tuple[str, ...]
     owner_start_time: float = 0.0
+    #: (pid, start time) of helper daemons such as virtiofsd.
+    helpers: tuple[tuple[int, float], ...] = ()
 
     def alive(self) -> bool:
         """True if the recorded QEMU still runs (same pid and start time)."""
@@ -146,6 +148,7 @@ class RuntimeDir:
         """Write ``vm.json`` atomically."""
         data: dict[str, Any] = dict(info.__dict__)
         data["argv"] = list(info.argv)
+        data["helpers"] = [list(h) for h in info.helpers]
         with tempfile.NamedTemporaryFile("w", dir=self.path, delete=False, suffix=".tmp") as fh:
             json.dump(data, fh, indent=1)
         os.replace(fh.name, self.info_file)
@@ -155,6 +158,7 @@ class RuntimeDir:
         try:
             data = json.loads(self.info_file.read_text())
             data["argv"] = tuple(data["argv"])
+            data["helpers"] = tuple(tuple(h) for h in data.get("helpers", ()))
             return VMInfo(**data)
         except (OSError, ValueError, TypeError, KeyError):
             return None

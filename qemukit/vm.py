@@ -30,7 +30,9 @@ from ._sync import run_sync
 from .argv import Plumbing, build_argv, drive_ids
 from .console import PANIC_RE, ConsoleWatcher, log_tail
 from .errors import (
+    GuestIOError,
     GuestPanic,
+    HostError,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -39,9 +41,12 @@ from .errors import (
     WaitTimeout,
 )
 from .guest import Agent, ExecResult
+from .hotplug import UNPLUG_TIMEOUT, AsyncHotplug, Hotplug, PluggedDevice
 from .paths import cache_dir
 from .process import QemuProcess, process_start_time, run_command
+from .qga import SyncGuest
 from .qmp import QMP
+from .snapshot import SAVE_TIMEOUT, Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
 from .spec import VMSpec
 from .state import RuntimeDir, VMInfo
 
@@ -95,6 +100,19 @@ def _kill_leftovers() -> None:
         vm._emergency_stop()
 
 
+def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
+                monitor: QMP | None = None) -> Agent:
+    """The client for the spec's in-guest agent (qemukit's own, or qemu-guest-agent).
+
+    qemu-guest-agent's client watches ``monitor`` for the guest opening its port.
+    """
+    if spec.agent == "qga":
+        from .qga import GuestAgent
+
+        return GuestAgent(rd.agent_socket, connect_timeout=connect_timeout, monitor=monitor)
+    return Agent(rd.agent_socket, connect_timeout=connect_timeout)
+
+
 def _default_probe_image() -> tuple[str, str] | None:
     from .images.tiny import find_tiny
 
@@ -134,6 +152,10 @@ class AsyncVM:
         self._qmp: QMP | None = None
         self._console: ConsoleWatcher | None = None
         self._agent: Agent | None = None
+        self._io_error: asyncio.Future[GuestIOError] | None = None
+        self._io_watch: asyncio.Task[None] | None = None
+        #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
+        self._helpers: list[QemuProcess] = []
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
@@ -181,7 +203,7 @@ class AsyncVM:
                 "threads": proc.num_threads(),
                 "open_files": len(proc.open_files()),
                 "fds": proc.num_fds(),
-                "uptime": round(time.time() - self._proc.start_time, 3),
+                "uptime": round(self._proc.uptime(), 3),
             }
 
     def _require(self, *states: VMState) -> None:
@@ -228,6 +250,7 @@ class AsyncVM:
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         self.spec.dump(rd.spec_file)
+        seed_args = await asyncio.to_thread(self._write_seed, rd)
         for i, drive in enumerate(self.spec.drives):
             if drive.overlay:
                 files[i], formats[i] = await asyncio.to_thread(
@@ -240,9 +263,11 @@ class AsyncVM:
                 raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
             ovmf_code, ovmf_vars = found[0], str(rd.path / "ovmf-vars.fd")
             shutil.copyfile(found[1], ovmf_vars)
+        share_sockets = self._start_virtiofsd(rd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             plumbing = Plumbing(
+                share_sockets=share_sockets,
                 qmp_fd=theirs.fileno(),
                 qmp_path=str(rd.qmp_socket),
                 console_path=str(rd.console_socket),
@@ -252,6 +277,7 @@ class AsyncVM:
                 drive_formats=tuple(formats),
                 ovmf_code=ovmf_code,
                 ovmf_vars=ovmf_vars,
+                incoming=self._incoming,
             )
             self.argv = build_argv(
                 self.spec,
@@ -261,7 +287,7 @@ class AsyncVM:
                 sandbox=self.spec.sandbox and qemu.has_sandbox,
                 name=rd.name,
                 cpu=self.accel.cpu,
-            )
+            ) + seed_args
             self._proc = QemuProcess.spawn(
                 self.argv,
                 log_path=rd.qemu_log,
@@ -283,6 +309,7 @@ class AsyncVM:
                 created=time.time(),
                 argv=tuple(self.argv),
                 owner_start_time=process_start_time(os.getpid()) or 0.0,
+                helpers=tuple((h.pid, h.start_time) for h in self._helpers),
             )
         )
         self._qmp = QMP(f"qemukit-{rd.name}")
@@ -293,11 +320,12 @@ class AsyncVM:
             # QEMU closed the monitor: it is exiting; report why it failed.
             await self._raise_launch_failure()
             raise
+        self._watch_io_errors()
         if self.spec.serial:
             self._console = ConsoleWatcher(rd.console_log)
             await self._console.start(rd.console_socket)
-        if self.spec.agent:
-            self._agent = Agent(rd.agent_socket)
+        if self.spec.agent != "none":
+            self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
 
     @classmethod
     async def attach(
@@ -323,6 +351,10 @@ class AsyncVM:
         vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
                  state_root=rd.path.parent)
         vm.runtime, vm._proc, vm.argv = rd, proc, list(info.argv)
+        vm._helpers = [
+            h for pid, start in info.helpers
+            if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
+        ]
         vm.accel = host.AccelChoice(info.accel, info.accel_reason)
         vm.state = VMState.RUNNING
         vm.attached = True
@@ -330,11 +362,12 @@ class AsyncVM:
             sock = await connect_unix(str(rd.qmp_socket), timeout)
             vm._qmp = QMP(f"qemukit-{name}")
             await vm._guard(vm._qmp.connect(sock, timeout), timeout, "QMP")
+            vm._watch_io_errors()
         except BaseException:
             await vm.detach()
             raise
-        if vm.spec.agent:
-            vm._agent = Agent(rd.agent_socket, connect_timeout=timeout)
+        if vm.spec.agent != "none":
+            vm._agent = _make_agent(vm.spec, rd, connect_timeout=timeout, monitor=vm._qmp)
         return vm
 
     async def detach(self) -> None:
@@ -342,15 +375,77 @@ class AsyncVM:
 
         Only a VM started with ``die_with_parent=False`` outlives this process.
         """
+        await self._stop_io_watch()
         for closer in (self._agent, self._console, self._qmp):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer.close()
         self._agent = self._console = self._qmp = None
-        if self._proc is not None:
-            self._proc.close()
+        for proc in (self._proc, *self._helpers):
+            if proc is not None:
+                proc.close()
         _live.discard(self)
         self.state = VMState.DETACHED
+
+    def _start_virtiofsd(self, rd: RuntimeDir) -> tuple[str, ...]:
+        """One virtiofsd per virtiofs share, each on a listening socket we bound.
+
+        Binding the socket here and handing virtiofsd the fd means QEMU can
+        connect at once (the kernel queues it) with no wait for the daemon.
+        """
+        shares = [sh for sh in self.spec.shares if sh.transport == "virtiofs"]
+        if not shares:
+            return ()
+        daemon = host.find_virtiofsd()
+        if daemon is None:
+            raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
+                            "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+        paths = []
+        for sh in shares:
+            if not os.path.isdir(sh.host_path):
+                raise SpecError("share.host_path", sh.host_path, "no such directory")
+            path = rd.path / f"vfs-{sh.tag}.sock"
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(str(path))
+                listener.listen(1)
+                argv = host.virtiofsd_argv(daemon, sh, listener.fileno())
+                self._helpers.append(QemuProcess.spawn(
+                    argv, log_path=rd.path / f"virtiofsd-{sh.tag}.log",
+                    pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
+                ))
+            finally:
+                listener.close()
+            paths.append(str(path))
+        return tuple(paths)
+
+    async def _stop_io_watch(self) -> None:
+        if self._io_watch is not None:
+            self._io_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, QemukitError):
+                await self._io_watch
+            self._io_watch = None
+
+    def _output_for_error(self) -> str:
+        """QEMU's last output, plus that of any helper daemon that died (its cause, often)."""
+        assert self._proc is not None
+        parts = [self._proc.output_tail()]
+        for helper in self._helpers:
+            if not helper.alive():
+                parts.append(f"[{Path(helper.argv[0]).name} exited]\n{helper.output_tail(10)}")
+        return "\n".join(p for p in parts if p)
+
+    async def _stop_helpers(self) -> None:
+        """Stop helper daemons (they normally exit with QEMU's disconnect)."""
+        for helper in self._helpers:
+            with contextlib.suppress(WaitTimeout):
+                await helper.wait(2)
+            if helper.alive():
+                helper.kill()
+                with contextlib.suppress(WaitTimeout):
+                    await helper.wait(5)
+            helper.close()
+        self._helpers = []
 
     def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, drive_id: str) -> tuple[
         str, str
@@ -375,16 +470,21 @@ class AsyncVM:
             "QEMU exited during start-up" if not self._proc.alive() else "QEMU closed its monitor",
             argv=self.argv,
             returncode=self._proc.returncode,
-            stderr=self._proc.output_tail(),
+            stderr=self._output_for_error(),
             console=self.console_tail(10),
         )
 
     # -- guarded waits ---------------------------------------------------------
 
     async def _guard(
-        self, aw: Awaitable[T], timeout: float | None, what: str, *, launching: bool = False
+        self, aw: Awaitable[T], timeout: float | None, what: str, *, launching: bool = False,
+        guest_io: bool = False,
     ) -> T:
-        """Await ``aw`` but stop early, with the right error, if QEMU exits or the guest panics."""
+        """Await ``aw`` but stop early, with the right error, if QEMU exits or the guest panics.
+
+        With ``guest_io`` (waits that need the guest to run), a disk I/O error
+        that makes QEMU pause the guest ends the wait too, as :class:`GuestIOError`.
+        """
         assert self._proc is not None
         task = asyncio.ensure_future(aw)
         exited = asyncio.shield(self._proc.exit_future())
@@ -392,6 +492,9 @@ class AsyncVM:
         panic = self._console.panic if self._console else None
         if panic is not None:
             waiters.add(asyncio.shield(panic))
+        io_error = self._io_error if guest_io else None
+        if io_error is not None:
+            waiters.add(asyncio.shield(io_error))
         try:
             done, _ = await asyncio.wait(
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -399,6 +502,11 @@ class AsyncVM:
         except BaseException:
             task.cancel()
             raise
+        if task in done and task.exception() is not None and self._proc.alive():
+            # A connection that broke (agent, monitor) often means QEMU is dying: it
+            # closes its sockets before it exits. Let the exit, if any, show first.
+            with contextlib.suppress(WaitTimeout):
+                await self._proc.wait(0.5)
         if task in done and (
             task.exception() is None or (self._proc.alive() and self._panic_line(panic) is None)
         ):
@@ -406,6 +514,10 @@ class AsyncVM:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+        if io_error is not None and io_error.done():
+            # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
+            self._io_error = asyncio.get_running_loop().create_future()
+            raise io_error.result()
         panic_line = self._panic_line(panic)
         if panic_line is not None:
             # Give the kernel a moment to finish printing its backtrace into the log.
@@ -417,10 +529,30 @@ class AsyncVM:
                 f"QEMU exited while waiting for {what}",
                 argv=self.argv if launching else (),
                 returncode=self._proc.returncode,
-                stderr=self._proc.output_tail(),
+                stderr=self._output_for_error(),
                 console=self.console_tail(20),
             )
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
+
+    def _watch_io_errors(self) -> None:
+        """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
+        assert self._qmp is not None
+        qmp = self._qmp
+        self._io_error = asyncio.get_running_loop().create_future()
+
+        async def watch() -> None:
+            with qmp.listen("BLOCK_IO_ERROR") as listener:
+                while True:
+                    event = await qmp.wait_event(listener, None, "BLOCK_IO_ERROR")
+                    data = event.get("data", {})
+                    if self._io_error is not None and not self._io_error.done():
+                        self._io_error.set_result(GuestIOError(
+                            str(data.get("node-name") or data.get("device") or "?"),
+                            str(data.get("operation", "I/O")),
+                            str(data.get("reason", "unknown error")),
+                        ))
+
+        self._io_watch = asyncio.create_task(watch(), name=f"io-errors {self.name}")
 
     def _panic_line(self, panic: asyncio.Future[str] | None) -> str | None:
         """The panic line seen live, or found in the console log after QEMU exited."""
@@ -476,6 +608,148 @@ class AsyncVM:
             await self.qmp("cont")
             await self.monitor.wait_event(listener, QMP_TIMEOUT, "the RESUME event after 'cont'")
 
+    # -- hotplug (qemukit.hotplug) -------------------------------------------------------
+
+    @property
+    def hotplug(self) -> AsyncHotplug:
+        """Hot-plug disks, NICs, CPUs and memory: ``await vm.hotplug.disk("scratch.qcow2")``.
+
+        See :class:`qemukit.hotplug.AsyncHotplug` (disk, nic, cpu, memory).
+        """
+        self._require(VMState.RUNNING)
+        return AsyncHotplug.of(self)
+
+    async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
+
+        Raises :class:`~qemukit.errors.HotplugError` if the guest refuses or
+        does not release it within ``timeout`` (it then stays plugged).
+        """
+        await self.hotplug.unplug(device, timeout)
+
+    async def devices(self) -> list[PluggedDevice]:
+        """The devices hot-plugged into this VM (by any process) that are still plugged."""
+        return await self.hotplug.devices()
+
+    # -- snapshots (qemukit.snapshot) --------------------------------------------------
+
+    #: ``-incoming`` for the next start: ``defer`` when :meth:`restore` feeds saved state.
+    _incoming: str | None = None
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """Internal and external snapshots: ``await vm.snapshots.save("tag")``.
+
+        See :class:`qemukit.snapshot.Snapshots` (save, load, delete, list,
+        external, revert, commit, preflight).
+        """
+        self._require(VMState.RUNNING)
+        return Snapshots(self)
+
+    async def save_state(self, path: str | Path, *, stop: bool = False,
+                         timeout: float = SAVE_TIMEOUT) -> Bundle:
+        """Save the guest's live state to a new bundle directory at ``path``.
+
+        The guest is paused, its state migrated into ``path/state.bin`` and
+        each writable disk's top layer copied beside it, then it runs on
+        (``stop=True``: QEMU quits instead). :meth:`restore` starts clones
+        from the bundle. Raises :class:`~qemukit.errors.SnapshotError`, before
+        anything changed, if the VM cannot be saved (and says why).
+        """
+        self._require(VMState.RUNNING)
+        return await save_state(self, Path(path), stop=stop, timeout=timeout)
+
+    @classmethod
+    async def restore(cls, bundle: str | Path, *, name: str | None = None,
+                      timeout: float = SAVE_TIMEOUT, **options: Any) -> AsyncVM:
+        """Start a clone from a bundle written by :meth:`save_state`; returns it running.
+
+        The clone resumes where the saved guest was, without booting, on its
+        own qcow2 overlays over the bundle's disk copies (the bundle is never
+        written), so several clones can run side by side. ``name`` names it
+        (generated when None); ``options`` are those of :class:`AsyncVM`.
+        """
+        saved = Bundle.open(bundle)
+        saved.check_qemu(await asyncio.to_thread(host.find_qemu))
+        vm = cls(saved.clone_spec(name), **options)
+        vm._incoming = "defer"
+        await vm.start()
+        try:
+            await restore_vm(vm, saved, timeout)
+        except BaseException:
+            with contextlib.suppress(QemukitError):  # the restore's own error is raised
+                await vm.kill()
+            raise
+        return vm
+
+    # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
+
+    def _write_seed(self, rd: RuntimeDir) -> list[str]:
+        """Write the spec's cloud-init seed into the runtime directory; the args attaching it."""
+        if self.spec.cloud_init is None:
+            return []
+        from .seed import build_seed, seed_device_args
+
+        seed = build_seed(self.spec.cloud_init, rd.path, rd.name)
+        return seed_device_args(self.spec, str(seed.iso))
+
+    @property
+    def guest(self) -> Agent:
+        """The guest agent's client, for more than :meth:`exec`.
+
+        With ``agent="qga"`` it is a :class:`qemukit.qga.GuestAgent`: file
+        read and write, fsfreeze/thaw, raw QGA calls. Call :meth:`wait_ready`
+        first, or use the calls' own timeouts.
+        """
+        self._require(VMState.RUNNING)
+        if self._agent is None:
+            raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
+        return self._agent
+
+    async def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
+        """The host address and port forwarded to the guest's TCP ``guest_port``.
+
+        Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
+        the port the kernel picked. Raises :class:`StateError` if none.
+        """
+        from .seed import parse_usernet
+
+        text = await self.qmp("human-monitor-command", command_line="info usernet")
+        for fw in parse_usernet(str(text)):
+            if fw.protocol == "tcp" and fw.guest_port == guest_port:
+                addr = "127.0.0.1" if fw.host_addr == "0.0.0.0" else fw.host_addr
+                return addr, fw.host_port
+        raise StateError(f"VM {self.name!r} forwards no host port to guest port {guest_port} "
+                         f"(add --nic user,hostfwd=0:{guest_port})")
+
+    async def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
+                       options: Sequence[str] = ()) -> list[str]:
+        """The ``ssh`` argv reaching this guest through its forward, with the seed's key.
+
+        Host keys are neither checked nor recorded: every boot of a seeded
+        guest makes new ones, on a port that changes each time.
+        """
+        from .seed import identity_file, ssh_argv
+
+        assert self.runtime is not None
+        host_addr, port = await self.ssh_address()
+        ci = self.spec.cloud_init
+        login = user or (ci.ssh_user if ci is not None else None) or os.environ.get("USER", "root")
+        return ssh_argv(host_addr, port, login, identity_file(ci, self.runtime.path), command,
+                        options=options)
+
+    async def wait_ssh(self, timeout: float | None = None) -> float:
+        """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
+        from .seed import wait_for_ssh
+
+        self._require(VMState.RUNNING)
+        timeout = self.boot_timeout if timeout is None else timeout
+        argv = await self.ssh_argv(["true"], options=("-o", "BatchMode=yes",
+                                                      "-o", "ConnectTimeout=5"))
+        await self._guard(wait_for_ssh(argv, timeout), timeout + 5, "ssh to log in")
+        assert self._proc is not None
+        return self._proc.uptime()
+
     # -- guest -------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float | None = None) -> float:
@@ -486,12 +760,13 @@ class AsyncVM:
         """
         self._require(VMState.RUNNING)
         if self._agent is None:
-            raise StateError(f"VM {self.name!r} has no agent (spec.agent is false)")
+            raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
         timeout = self.boot_timeout if timeout is None else timeout
         if not self._agent.ready:
-            await self._guard(self._agent.ping(timeout), timeout, "the guest agent (boot)")
+            await self._guard(self._agent.ping(timeout), timeout, "the guest agent (boot)",
+                              guest_io=True)
         assert self._proc is not None
-        return time.time() - self._proc.start_time
+        return self._proc.uptime()
 
     async def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
                    check: bool = False) -> ExecResult:
@@ -504,7 +779,8 @@ class AsyncVM:
         assert self._agent is not None
         what = f"the guest command {command!r}"
         result = await self._guard(
-            self._agent.exec(command, timeout), None if timeout is None else timeout + 10, what
+            self._agent.exec(command, timeout), None if timeout is None else timeout + 10, what,
+            guest_io=True,
         )
         if check and result.exit_status != 0:
             from .errors import GuestError
@@ -564,9 +840,14 @@ class AsyncVM:
         def done(rung: ShutdownRung) -> ShutdownResult:
             return ShutdownResult(rung, proc.returncode, time.monotonic() - start, tuple(tried))
 
+        qmp = self._qmp if self._qmp and self._qmp.connected else None
+        if qmp is None and proc.alive():
+            # A monitor that went away usually means QEMU is exiting: it closes its
+            # sockets before it becomes a zombie. Give it a moment before signalling.
+            with contextlib.suppress(WaitTimeout):
+                await proc.wait(0.5)
         if not proc.alive():
             return done(ShutdownRung.ALREADY_EXITED)
-        qmp = self._qmp if self._qmp and self._qmp.connected else None
         if qmp is not None and acpi_timeout > 0:
             tried.append(ShutdownRung.ACPI)
             with contextlib.suppress(QemukitError):
@@ -601,6 +882,7 @@ class AsyncVM:
 
     async def _cleanup(self, force: bool) -> None:
         """Close connections, make sure QEMU is gone, remove runtime files."""
+        await self._stop_io_watch()
         for closer in (self._agent, self._console, self._qmp):
             if closer is not None:
                 with contextlib.suppress(Exception):
@@ -611,14 +893,16 @@ class AsyncVM:
                 with contextlib.suppress(WaitTimeout):
                     await self._proc.wait(10)
             self._proc.close()
+        await self._stop_helpers()
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
 
     def _emergency_stop(self) -> None:
         """Synchronous kill used at interpreter exit."""
-        if self._proc is not None and self._proc.alive():
-            self._proc.kill()
+        for proc in (self._proc, *self._helpers):
+            if proc is not None and proc.alive():
+                proc.kill()
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
 
@@ -731,6 +1015,61 @@ class VM:
         """Resume a paused guest (waits for the RESUME event)."""
         run_sync(self._vm.resume())
 
+    # -- hotplug (qemukit.hotplug) -------------------------------------------------------
+
+    @property
+    def hotplug(self) -> Hotplug:
+        """Hot-plug disks, NICs, CPUs and memory: ``vm.hotplug.disk("scratch.qcow2")``."""
+        return Hotplug(self._vm.hotplug)
+
+    def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """Remove a hot-plugged device (see :meth:`AsyncVM.unplug`)."""
+        run_sync(self._vm.unplug(device, timeout))
+
+    def devices(self) -> list[PluggedDevice]:
+        """The hot-plugged devices still plugged (see :meth:`AsyncVM.devices`)."""
+        return run_sync(self._vm.devices())
+
+    # -- snapshots (qemukit.snapshot) --------------------------------------------------
+
+    @property
+    def snapshots(self) -> SyncSnapshots:
+        """Internal and external snapshots: ``vm.snapshots.save("tag")`` (see AsyncVM)."""
+        return SyncSnapshots(self._vm.snapshots)
+
+    def save_state(self, path: str | Path, *, stop: bool = False,
+                   timeout: float = SAVE_TIMEOUT) -> Bundle:
+        """Save the guest's live state to a new bundle directory (see :meth:`AsyncVM.save_state`)."""
+        return run_sync(self._vm.save_state(path, stop=stop, timeout=timeout))
+
+    @classmethod
+    def restore(cls, bundle: str | Path, *, name: str | None = None,
+                timeout: float = SAVE_TIMEOUT, **options: Any) -> VM:
+        """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
+        vm = cls.__new__(cls)
+        vm._vm = run_sync(AsyncVM.restore(bundle, name=name, timeout=timeout, **options))
+        return vm
+
+    # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
+
+    @property
+    def guest(self) -> SyncGuest:
+        """The guest agent: ``vm.guest.read_file(path)``, ``with vm.guest.frozen(): ...``."""
+        return SyncGuest(self._vm.guest)
+
+    def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
+        """The host address and port forwarded to the guest's ``guest_port``."""
+        return run_sync(self._vm.ssh_address(guest_port))
+
+    def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
+                 options: Sequence[str] = ()) -> list[str]:
+        """The ``ssh`` argv reaching this guest (see :meth:`AsyncVM.ssh_argv`)."""
+        return run_sync(self._vm.ssh_argv(command, user=user, options=options))
+
+    def wait_ssh(self, timeout: float | None = None) -> float:
+        """Wait until ssh logs in; returns seconds since QEMU started."""
+        return run_sync(self._vm.wait_ssh(timeout))
+
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent; returns seconds since QEMU started."""
         return run_sync(self._vm.wait_ready(timeout))
@@ -812,4 +1151,9 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
         spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
         sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name, cpu=accel.cpu,
     )
+    if spec.cloud_init is not None:
+        from .seed import SEED_FILE, seed_device_args
+
+        argv += seed_device_args(spec, str(rd.path / SEED_FILE))
+        notes.append(f"cloud-init seed: written to {rd.path / SEED_FILE} at start")
     return argv, notes

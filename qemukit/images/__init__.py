@@ -3,22 +3,29 @@
 ``qemukit.images.spec("tiny")`` returns a ready :class:`~qemukit.spec.VMSpec`
 for the tiny image (a Debian cloud kernel and a busybox initramfs with the
 qemukit agent); build it once with ``qemukit images build tiny``.
+``spec("debian")`` boots Debian bookworm (systemd, sshd, qemu-guest-agent,
+cloud-init) on a throwaway overlay with a per-VM cloud-init seed; build it
+with ``qemukit images build debian`` (needs root and mmdebstrap).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..errors import HostError, SpecError
 from ..paths import cache_dir
-from ..spec import VMSpec
+from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
+from .debian import DEBIAN_APPEND, DebianImage, build_debian, find_debian
 from .tiny import TinyImage, build_tiny, find_tiny
 
-__all__ = ["NAMES", "TINY_APPEND", "TinyImage", "build", "find_image", "recipe_dir", "spec"]
+__all__ = [
+    "DEBIAN_APPEND", "NAMES", "TINY_APPEND", "DebianImage", "TinyImage", "build", "find_image",
+    "recipe_dir", "spec",
+]
 
-NAMES = ("tiny",)
+NAMES = ("tiny", "debian")
 #: The tiny guest's default kernel command line: serial console, a panic ends
 #: QEMU at once (with -no-reboot), hot-added memory comes online by itself.
 TINY_APPEND = "console=ttyS0 panic=-1 quiet memhp_default_state=online"
@@ -38,15 +45,32 @@ def _check_name(name: str) -> None:
         raise SpecError("image", name, f"unknown image; choose from {', '.join(NAMES)}")
 
 
-def find_image(name: str) -> TinyImage | None:
+@overload
+def find_image(name: Literal["tiny"]) -> TinyImage | None: ...
+@overload
+def find_image(name: Literal["debian"]) -> DebianImage | None: ...
+@overload
+def find_image(name: str) -> TinyImage | DebianImage | None: ...
+def find_image(name: str) -> TinyImage | DebianImage | None:
     """The built image called ``name`` in the cache, or None."""
     _check_name(name)
-    return find_tiny(cache_dir())
+    if name == "debian":
+        return find_debian(cache_dir())
+    return find_tiny(cache_dir(), recipe_dir(name))
 
 
+@overload
+def build(name: Literal["tiny"], *, force: bool = ...,
+          progress: Callable[[str], None] = ...) -> TinyImage: ...
+@overload
+def build(name: Literal["debian"], *, force: bool = ...,
+          progress: Callable[[str], None] = ...) -> DebianImage: ...
+@overload
+def build(name: str, *, force: bool = ...,
+          progress: Callable[[str], None] = ...) -> TinyImage | DebianImage: ...
 def build(
     name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None
-) -> TinyImage:
+) -> TinyImage | DebianImage:
     """Build image ``name`` into the cache (skipped if already built, unless ``force``)."""
     _check_name(name)
     if not force:
@@ -55,6 +79,8 @@ def build(
             progress(f"already built: {found.directory}")
             return found
     try:
+        if name == "debian":
+            return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force)
         return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force)
     except (RuntimeError, OSError) as exc:
         raise HostError(f"building image {name!r} failed: {exc}") from exc
@@ -64,9 +90,11 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     """A ready :class:`VMSpec` booting image ``name``; keyword arguments override fields.
 
     Raises :class:`HostError` if the image is not built yet (unless ``kernel``
-    and ``initrd`` are both overridden).
+    and ``initrd`` are both overridden, for tiny).
     """
     _check_name(name)
+    if name == "debian":
+        return _debian_spec(overrides)
     image = find_image(name)
     kernel = overrides.pop("kernel", None)
     initrd = overrides.pop("initrd", None)
@@ -79,5 +107,26 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
         initrd=str(initrd or image.initrd),  # type: ignore[union-attr]
         append=TINY_APPEND,
         no_reboot=True,
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+def _debian_spec(overrides: dict[str, Any]) -> VMSpec:
+    """The debian guest: 2 vCPUs, 1 GiB, a throwaway overlay, ssh on a free 127.0.0.1 port."""
+    image = find_debian(cache_dir())
+    if image is None:
+        raise HostError("image 'debian' is not built; run: qemukit images build debian")
+    base = VMSpec(
+        machine="q35",
+        cpus=2,
+        memory=1024,
+        kernel=str(image.kernel),
+        initrd=str(image.initrd),
+        append=DEBIAN_APPEND,
+        drives=(Drive(image.disk, format="qcow2", overlay=True),),
+        # Host port 0: the kernel picks a free port, no race; vm.ssh_address() reads it back.
+        nics=(Nic(forwards=(PortForward(0, 22),)),),
+        agent="qga",
+        cloud_init=CloudInit(),
     )
     return base.replace(**overrides) if overrides else base

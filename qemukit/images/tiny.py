@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TinyImage", "build_tiny", "find_tiny"]
+__all__ = ["TinyImage", "append_to_initrd", "build_tiny", "find_tiny", "recipe_digest"]
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -57,7 +58,7 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "evdev",
 )
 #: Modules loaded when the kernel package has them (silently skipped otherwise).
-OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci",)
+OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs")
 
 MANIFEST = "manifest.json"
 KERNEL_NAME = "vmlinuz"
@@ -88,8 +89,21 @@ def _image_root(cache_dir: Path) -> Path:
     return Path(cache_dir) / "tiny"
 
 
-def _load_image(directory: Path) -> TinyImage | None:
-    """Return the image in ``directory`` if its manifest and files are present."""
+def recipe_digest(recipe_dir: Path) -> str:
+    """A digest of everything that shapes the image: the recipe files and module lists.
+
+    An image built from another recipe is stale and is not returned by :func:`find_tiny`.
+    """
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in Path(recipe_dir).iterdir() if p.is_file()):
+        h.update(name.encode() + b"\0" + (Path(recipe_dir) / name).read_bytes() + b"\0")
+    h.update(repr((REQUIRED_MODULES, OPTIONAL_MODULES)).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_image(directory: Path, digest: str | None = None) -> TinyImage | None:
+    """Return the image in ``directory`` if its manifest and files are present
+    (and, given ``digest``, it was built from that recipe)."""
     manifest = directory / MANIFEST
     kernel = directory / KERNEL_NAME
     initrd = directory / INITRD_NAME
@@ -102,18 +116,22 @@ def _load_image(directory: Path) -> TinyImage | None:
     release = data.get("kernel_release")
     if not isinstance(release, str) or not release:
         return None
+    if digest is not None and data.get("recipe") != digest:
+        return None
     if not (kernel.is_file() and initrd.is_file()):
         return None
     return TinyImage(kernel=kernel, initrd=initrd, kernel_release=release, directory=directory)
 
 
-def find_tiny(cache_dir: Path) -> TinyImage | None:
+def find_tiny(cache_dir: Path, recipe_dir: Path | None = None) -> TinyImage | None:
     """Return the already-built tiny image under ``cache_dir``, or ``None``.
 
     An image counts only when its ``manifest.json`` (written last) and both
     boot files exist.  When several kernel releases are cached, the most
-    recently built one wins.
+    recently built one wins. With ``recipe_dir``, only an image built from
+    that exact recipe counts (see :func:`recipe_digest`).
     """
+    digest = recipe_digest(recipe_dir) if recipe_dir is not None else None
     root = _image_root(cache_dir)
     if not root.is_dir():
         return None
@@ -121,7 +139,7 @@ def find_tiny(cache_dir: Path) -> TinyImage | None:
     for child in root.iterdir():
         if child.name.startswith(".") or not child.is_dir():
             continue
-        image = _load_image(child)
+        image = _load_image(child, digest)
         if image is not None:
             found.append(((child / MANIFEST).stat().st_mtime, image))
     if not found:
@@ -540,6 +558,22 @@ def _write_initrd(staging: Path, target: Path, mtime: int) -> None:
         writer.finish()
 
 
+def append_to_initrd(base: Path, tree: Path, target: Path) -> None:
+    """Write ``target``: the initrd ``base`` followed by a second archive of ``tree``.
+
+    The kernel unpacks concatenated (compressed) cpio archives in order, so
+    files of ``tree`` (e.g. ``lib/modules/<release>/...``) are added to the
+    guest's root without rebuilding the image.
+    """
+    mtime = int(datetime.datetime.now(datetime.UTC).timestamp())
+    with open(target, "wb") as raw:
+        raw.write(Path(base).read_bytes())
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=mtime) as gz:
+            writer = _CpioWriter(gz, mtime)
+            writer.tree(tree)
+            writer.finish()
+
+
 def _install(src: Path, dest: Path) -> None:
     """Copy ``src`` to ``dest`` through a temporary name and an atomic rename."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -564,7 +598,7 @@ def build_tiny(
     cache_dir = Path(cache_dir)
     recipe_dir = Path(recipe_dir)
     if not force:
-        existing = find_tiny(cache_dir)
+        existing = find_tiny(cache_dir, recipe_dir)
         if existing is not None:
             progress(f"using cached tiny image {existing.directory}")
             return existing
@@ -623,6 +657,7 @@ def build_tiny(
             "busybox_version": busybox_version,
             "built_at": now.isoformat().replace("+00:00", "Z"),
             "modules": [module.base for module in modules],
+            "recipe": recipe_digest(recipe_dir),
         }
         tmp_manifest = work / MANIFEST
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

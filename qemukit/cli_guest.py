@@ -1,0 +1,157 @@
+"""``qemukit ssh`` and the guest-facing options of ``qemukit run`` (seed, keep, wait).
+
+Registered on :func:`qemukit.cli.main` when the CLI module loads.
+``qemukit ssh NAME [-- CMD...]`` replaces itself with ``ssh`` (an argv list,
+no shell) logged in through the VM's 127.0.0.1 port forward with the key
+its cloud-init seed authorized; host keys are neither checked nor stored,
+since each boot of a seeded guest makes new ones on a new port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import errors
+from .cli import EXIT_ERROR, _attach, _fail, _name_argument, main
+from .spec import CloudInit, Drive, VMSpec
+
+__all__ = [
+    "apply_run_options", "apply_seed_options", "image_summary", "keep_disks", "kept_dir",
+    "ssh_command",
+]
+
+
+def kept_dir() -> Path:
+    """Where ``--keep`` keeps disks: ``$XDG_DATA_HOME/qemukit/disks`` (``~/.local/share/...``)."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "qemukit" / "disks"
+
+
+def apply_seed_options(spec: VMSpec, user_data: str | None, ssh_key: str | None) -> VMSpec:
+    """``--user-data FILE`` and ``--ssh-key FILE``: set them on the spec's seed (adding one if needed)."""
+    if user_data is None and ssh_key is None:
+        return spec
+    seed = spec.cloud_init or CloudInit()
+    changes: dict[str, str] = {}
+    if user_data is not None:
+        changes["user_data"] = os.path.abspath(user_data)
+    if ssh_key is not None:
+        changes["ssh_key"] = os.path.abspath(ssh_key)
+    return spec.replace(cloud_init=dataclasses.replace(seed, **changes))
+
+
+def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
+    """``--keep``: give each throwaway drive a persistent overlay in ``kept_dir()/NAME/``.
+
+    The base stays untouched (the overlay is a qcow2 whose backing file
+    QEMU opens read-only). The overlay is made once and booted again by the
+    next ``--keep`` run of the same name; a generated ssh key is kept there
+    too, so the guest (which cloud-init set up once) still accepts it.
+    Delete the directory to throw the VM away.
+    """
+    from . import host
+    from .argv import drive_ids
+    from .process import run_command
+    from .seed import generate_keypair
+
+    name = spec.name or f"vm-{secrets.token_hex(3)}"
+    directory = kept_dir() / name
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    qemu = host.find_qemu()
+    if qemu.qemu_img is None:
+        raise errors.HostError("qemu-img not found (apt-get install qemu-utils)")
+    drives = []
+    for drive, dev_id in zip(spec.drives, drive_ids(spec), strict=True):
+        if not drive.overlay:
+            drives.append(drive)
+            continue
+        overlay = directory / f"{dev_id}.qcow2"
+        base = os.path.abspath(drive.file)
+        stamp = directory / f"{dev_id}.base"
+        if not overlay.exists():
+            fmt = drive.format or host.image_format(base, qemu)
+            out = run_command([qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base,
+                               str(overlay)], timeout=60)
+            if out.returncode != 0:
+                raise errors.HostError(f"cannot create {overlay}: {out.stderr.strip()}")
+            stamp.write_text(_base_stamp(base))
+        elif stamp.exists() and stamp.read_text() != _base_stamp(base):
+            # An overlay only makes sense over the very base it was made on.
+            raise errors.StateError(f"{base} changed (rebuilt?) since {overlay} was made over it: "
+                                    f"delete {directory} to start afresh")
+        drives.append(Drive(str(overlay), format="qcow2", interface=drive.interface, id=drive.id))
+    changes: dict[str, object] = {"name": name, "drives": tuple(drives)}
+    if spec.cloud_init is not None and spec.cloud_init.ssh_key is None:
+        key = directory / "ssh_key"
+        public = key.with_name("ssh_key.pub")
+        if not public.exists():
+            generate_keypair(key, f"qemukit@{name}")
+        changes["cloud_init"] = dataclasses.replace(spec.cloud_init, ssh_key=str(public))
+    return spec.replace(**changes), directory
+
+
+def apply_run_options(spec: VMSpec, opts: dict[str, Any]) -> VMSpec:
+    """``run``'s ``--user-data``, ``--ssh-key`` and ``--keep`` applied to the spec."""
+    spec = apply_seed_options(spec, opts.get("user_data"), opts.get("ssh_key"))
+    if opts.get("keep"):
+        spec, directory = keep_disks(spec)
+        click.echo(f"qemukit: {spec.name}: disk changes are kept in {directory} (boot them again "
+                   f"with --name {spec.name} --keep; delete the directory to discard them)",
+                   err=True)
+    return spec
+
+
+def image_summary(image: Any) -> dict[str, Any]:
+    """What ``images build`` reports about a disk image: its file, size and build time."""
+    disk = getattr(image, "disk", None)
+    if disk is None:
+        return {}
+    manifest = getattr(image, "manifest", {})
+    return {"disk": str(disk), "disk_bytes": disk.stat().st_size,
+            "build_seconds": manifest.get("build_seconds"),
+            "packages": manifest.get("packages"), "kernel_release": image.kernel_release}
+
+
+def _base_stamp(path: str) -> str:
+    """Size and modification time of a base image: enough to see that it was replaced."""
+    st = os.stat(path)
+    return f"{path}\n{st.st_size}\n{st.st_mtime_ns}\n"
+
+
+@main.command(name="ssh", context_settings={"ignore_unknown_options": True})
+@_name_argument
+@click.option("-l", "--user", help="Log in as USER (default: the seed's user, 'debian').")
+@click.option("--print", "print_only", is_flag=True,
+              help="Print the ssh command line instead of running it.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[str, ...]) -> None:
+    """Log in to a running VM over ssh, or run CMD there: qemukit ssh NAME [-- CMD...].
+
+    \b
+    Goes through the VM's port forward to guest port 22 on 127.0.0.1, with
+    the key its cloud-init seed authorized (generated per VM unless
+    --ssh-key was given to run). Exits with ssh's status (the command's,
+    or 255 if ssh itself failed).
+    """
+    vm = _attach(name)
+    try:
+        argv = vm.ssh_argv(list(command), user=user)
+    except errors.QemukitError as exc:
+        _fail(exc, 1)
+    finally:
+        vm.detach()
+    if print_only:
+        click.echo(shlex.join(argv))
+        return
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        _fail(errors.HostError(f"cannot run {argv[0]}: {exc.strerror}; install openssh-client"),
+              EXIT_ERROR)

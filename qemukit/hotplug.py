@@ -1,0 +1,967 @@
+"""Hot-plug and unplug disks, NICs, CPUs and memory on a running VM.
+
+Every change goes the same way:
+
+1. **Preflight**, before anything in QEMU changes: the arguments, a free
+   pcie-root-port or slot, ``max_cpus``/``max_memory``/``slots`` headroom,
+   the file and its real format, an unused id. A change that cannot work
+   raises :class:`~qemukit.errors.HotplugError` naming the field and value.
+2. **Backend, then device**: ``blockdev-add``/``netdev_add``/``object-add``,
+   then ``device_add``. If ``device_add`` fails, the backends added so far
+   are removed again, so nothing half-plugged remains.
+3. **Record**: what was plugged goes to ``devices.json`` in the VM's runtime
+   directory (the backend commands and the ``device_add`` arguments), so
+   another process (``qemukit`` commands, :meth:`AsyncVM.attach`) sees it and
+   a restore can declare the same devices on a new QEMU's command line.
+4. **Completion** comes from QMP events, never from sleeping: CPUs and DIMMs
+   return once the guest acknowledged them (``ACPI_DEVICE_OST``); an unplug
+   returns once QEMU reports the device gone (``DEVICE_DELETED``) and its
+   backends are deleted. A guest that refuses (a failing ``_OST`` status or
+   ``DEVICE_UNPLUG_GUEST_ERROR``) or does not answer in time raises
+   :class:`HotplugError`; the device then stays listed as plugged.
+
+PCI devices (virtio-blk, virtio-net, nvme, the virtio-scsi controller) go
+on the q35 machine's free ``pcie-root-port`` (``hp0``..``hpN-1``, see
+``VMSpec.hotplug_ports``). QEMU's ACPI PCI hotplug gives no QMP signal when
+the guest has probed a new PCI device, so :meth:`AsyncHotplug.disk` and
+:meth:`AsyncHotplug.nic` return once QEMU has the device; a Linux guest sees
+it about 0.1 s later under TCG.
+
+Two QEMU limits under TCG (measured, QEMU 7.2 and 10.0) shape the CPU
+preflight: QEMU 7.2 corrupts its own heap when a vCPU is unplugged (the next
+QMP command or CPU hotplug crashes it), so qemukit refuses CPU unplug there;
+and every vCPU thread ever started keeps its TCG context until QEMU exits,
+so the number of vCPUs hot-added over the VM's life cannot exceed
+``max_cpus - cpus`` (QEMU 10.0 aborts on the next one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import socket
+import tempfile
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+from . import host
+from ._sync import run_sync
+from .errors import HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
+from .process import run_command
+from .qmp import QMP
+from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, VMSpec, parse_size
+from .state import RuntimeDir
+
+__all__ = [
+    "PLUG_TIMEOUT",
+    "UNPLUG_TIMEOUT",
+    "AsyncHotplug",
+    "DeviceKind",
+    "DeviceLedger",
+    "Hotplug",
+    "PluggedDevice",
+]
+
+T = TypeVar("T")
+
+DeviceKind = Literal["disk", "nic", "cpu", "memory", "controller"]
+
+PLUG_TIMEOUT = 30.0
+UNPLUG_TIMEOUT = 30.0
+#: Linux onlines hot-added memory in blocks of 128 MiB (x86-64); the rest of
+#: a DIMM that is not a multiple is silently ignored by the guest.
+MEMORY_BLOCK_MIB = 128
+#: First QEMU release measured to survive a vCPU unplug under TCG.
+TCG_CPU_UNPLUG_MIN_QEMU = (10, 0)
+
+# ACPI _OST (ACPI 6.x, 6.3.5): the event that caused it, and the status.
+_OST_EJECT_REQUEST = 3
+_OST_SUCCESS = 0
+_OST_EJECT_IN_PROGRESS = 0x84
+_OST_STATUS = {
+    0x01: "non-specific failure",
+    0x02: "unrecognized notify code",
+    0x80: "ejection not supported by the guest",
+    0x81: "device in use by an application",
+    0x82: "device busy",
+    0x83: "ejection dependency is busy or not supported",
+    0x84: "ejection in progress",
+}
+
+_ID_PREFIX: dict[str, str] = {
+    "disk": "disk", "nic": "net", "cpu": "cpu", "memory": "dimm", "controller": "scsi",
+}
+# The command that removes what each backend command created, and the argument naming it.
+_UNDO = {"blockdev-add": ("blockdev-del", "node-name", "node-name"),
+         "netdev_add": ("netdev_del", "id", "id"),
+         "object-add": ("object-del", "id", "id")}
+
+
+def _refuse(field_name: str, value: Any, reason: str, device: str | None = None) -> HotplugError:
+    return HotplugError(f"{field_name}={value!r}: {reason}", field=field_name, value=value,
+                        device=device)
+
+
+# -- records -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PluggedDevice:
+    """A device qemukit hot-plugged: what :meth:`AsyncHotplug.disk` & co. return.
+
+    ``backends`` are the block node names (file node first), the netdev id or
+    the memory backend object id; ``bus`` is the pcie-root-port (``hp2``) or
+    the SCSI bus the device sits on; ``overlay`` the throwaway qcow2 of an
+    ``overlay=True`` disk.
+    """
+
+    id: str
+    kind: DeviceKind
+    driver: str
+    bus: str | None = None
+    backends: tuple[str, ...] = ()
+    overlay: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON output."""
+        return {"id": self.id, "kind": self.kind, "driver": self.driver, "bus": self.bus,
+                "backends": list(self.backends), "overlay": self.overlay}
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One entry of ``devices.json``: the QMP commands that recreate a device."""
+
+    id: str
+    kind: DeviceKind
+    backend: tuple[tuple[str, dict[str, Any]], ...]
+    device: dict[str, Any]
+    overlay: str | None = None
+
+    def handle(self) -> PluggedDevice:
+        names = tuple(str(args[_UNDO[cmd][2]]) for cmd, args in self.backend if cmd in _UNDO)
+        bus = self.device.get("bus")
+        return PluggedDevice(self.id, self.kind, str(self.device["driver"]),
+                             str(bus) if bus is not None else None, names, self.overlay)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "backend": [{"command": cmd, "arguments": args} for cmd, args in self.backend],
+            "device": self.device,
+        }
+        if self.overlay is not None:
+            data["overlay"] = self.overlay
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> _Record:
+        return cls(
+            id=str(data["id"]),
+            kind=data["kind"],
+            backend=tuple((str(b["command"]), dict(b["arguments"])) for b in data["backend"]),
+            device=dict(data["device"]),
+            overlay=data.get("overlay"),
+        )
+
+
+class DeviceLedger:
+    """``devices.json`` (and the TCG vCPU count) in a VM's runtime directory.
+
+    The file is the one view of what is plugged, shared by every process
+    that controls the VM: each change is a read-modify-write under an
+    ``flock`` and lands with an atomic rename, so a reader never sees half a
+    file and two writers never lose each other's entry.
+    """
+
+    def __init__(self, runtime: RuntimeDir) -> None:
+        self.runtime = runtime
+
+    @property
+    def path(self) -> Path:
+        """``devices.json``: a list of {"id", "kind", "backend", "device"} entries."""
+        return self.runtime.path / "devices.json"
+
+    @property
+    def _counter_path(self) -> Path:
+        return self.runtime.path / "vcpus-added"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.runtime.path / "devices.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> list[_Record]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _refuse("devices.json", str(self.path), exc.strerror or str(exc)) from exc
+        try:
+            return [_Record.from_json(item) for item in json.loads(text)]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _refuse("devices.json", str(self.path), f"unreadable: {exc}") from exc
+
+    def _write(self, records: Sequence[_Record]) -> None:
+        _atomic_write(self.path, json.dumps([r.to_json() for r in records], indent=1))
+
+    def records(self) -> list[_Record]:
+        """Every recorded device, in the order they were plugged."""
+        with self._locked():
+            return self._read()
+
+    def add(self, record: _Record) -> None:
+        """Append ``record`` (replacing an entry with the same id)."""
+        with self._locked():
+            records = [r for r in self._read() if r.id != record.id]
+            self._write([*records, record])
+            if record.kind == "cpu":
+                _atomic_write(self._counter_path, str(self._vcpus_added() + 1))
+
+    def remove(self, device_id: str) -> None:
+        """Drop the entry of ``device_id`` (no error if there is none)."""
+        with self._locked():
+            records = self._read()
+            if any(r.id == device_id for r in records):
+                self._write([r for r in records if r.id != device_id])
+
+    def argv(self) -> list[str]:
+        """QEMU options that declare the recorded devices on a new QEMU's command line.
+
+        For a restore (``-incoming``) the new QEMU must have the same devices
+        with the same ids and properties: ``-blockdev``/``-netdev``/``-object``
+        then ``-device``, in JSON, in plug order. Paths are used as recorded
+        (an overlay lives in this VM's runtime directory).
+        """
+        return _records_argv(self.records())
+
+    def vcpus_added(self) -> int:
+        """How many vCPUs were hot-added over the VM's life (unplugged ones included)."""
+        with self._locked():
+            return self._vcpus_added()
+
+    def _vcpus_added(self) -> int:
+        try:
+            return int(self._counter_path.read_text())
+        except (OSError, ValueError):
+            return 0
+
+
+_BACKEND_OPTION = {"blockdev-add": "-blockdev", "netdev_add": "-netdev", "object-add": "-object"}
+
+
+def _records_argv(records: Sequence[_Record]) -> list[str]:
+    """The command-line form of recorded devices (see :meth:`DeviceLedger.argv`)."""
+    argv: list[str] = []
+    for record in records:
+        for command, arguments in record.backend:
+            argv += [_BACKEND_OPTION[command], json.dumps(arguments, separators=(",", ":"))]
+        argv += ["-device", json.dumps(record.device, separators=(",", ":"))]
+    return argv
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half."""
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as fh:
+        fh.write(text)
+    os.replace(fh.name, path)
+
+
+# -- the operations ------------------------------------------------------------------
+
+
+class _VMLike(Protocol):
+    """What the hotplug operations need from a VM (an :class:`~qemukit.vm.AsyncVM`)."""
+
+    spec: VMSpec
+    runtime: RuntimeDir | None
+    accel: host.AccelChoice | None
+
+    @property
+    def monitor(self) -> QMP: ...
+
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = ..., **kwargs: Any) -> Any: ...
+
+    async def status(self) -> str: ...
+
+    async def _guard(self, aw: Awaitable[T], timeout: float | None, what: str, *,
+                     launching: bool = False) -> T: ...
+
+
+_ops: weakref.WeakKeyDictionary[Any, AsyncHotplug] = weakref.WeakKeyDictionary()
+
+
+class AsyncHotplug:
+    """Hotplug operations on one running VM (``vm.hotplug`` of an :class:`AsyncVM`).
+
+    Operations on the same VM run one at a time (a port found free stays
+    free until its device is added); other processes are kept consistent by
+    ``devices.json`` and, for ports, by QEMU refusing an occupied one.
+    """
+
+    def __init__(self, vm: _VMLike) -> None:
+        self._vm = vm
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, vm: _VMLike) -> AsyncHotplug:
+        """The one operations object of ``vm`` (created on first use)."""
+        ops = _ops.get(vm)
+        if ops is None:
+            ops = _ops[vm] = cls(vm)
+        return ops
+
+    @property
+    def ledger(self) -> DeviceLedger:
+        """The VM's ``devices.json``."""
+        if self._vm.runtime is None:
+            raise StateError("the VM has no runtime directory (not started)")
+        return DeviceLedger(self._vm.runtime)
+
+    # -- disks -----------------------------------------------------------------------
+
+    async def disk(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: DriveFormat | None = None,
+        read_only: bool = False,
+        overlay: bool = False,
+        interface: DriveInterface = "virtio-blk",
+        id: str | None = None,
+        timeout: float = PLUG_TIMEOUT,
+    ) -> PluggedDevice:
+        """Plug a qcow2 or raw image as a disk; returns once QEMU has the device.
+
+        ``format=None`` takes the format ``qemu-img info`` reports; a given
+        format must match it. ``overlay=True`` plugs a throwaway qcow2 over
+        the image (the image itself is never written), created in the runtime
+        directory and removed on unplug and with the VM. ``interface`` is
+        ``virtio-blk`` (a PCI device on a free port), ``virtio-scsi`` (a
+        ``scsi-hd`` on a virtio-scsi controller, added on a free port if the
+        VM has none) or ``nvme``.
+        """
+        try:
+            drive = Drive(file=os.fspath(path), format=format, interface=interface,
+                          read_only=read_only, overlay=overlay, id=id)
+        except SpecError as exc:
+            name = exc.field.removeprefix("drive.")
+            raise _refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
+        async with self._lock:
+            file = os.path.abspath(drive.file)
+            if not os.path.isfile(file):
+                raise _refuse("path", str(drive.file), "no such file")
+            qemu = await asyncio.to_thread(host.find_qemu)
+            try:
+                actual = await asyncio.to_thread(host.image_format, file, qemu)
+            except SpecError as exc:
+                raise _refuse("path", str(drive.file), exc.reason) from exc
+            if drive.format is not None and drive.format != actual:
+                raise _refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
+            self._require_pci()
+            used = await self._used_names()
+            dev_id = self._pick_id(drive.id, "disk", used, lambda i: (f"{i}-file", f"{i}-fmt"))
+            controller = None
+            if drive.interface == "virtio-scsi":
+                controller = await self._scsi_controller()
+            port = None
+            if drive.interface != "virtio-scsi" or controller is None:
+                port = await self._free_port()
+            overlay_path = None
+            if drive.overlay:
+                overlay_path = await asyncio.to_thread(self._make_overlay, qemu, file, actual, dev_id)
+                file, actual = overlay_path, "qcow2"
+            added_controller = None
+            try:
+                if drive.interface == "virtio-scsi" and controller is None:
+                    assert port is not None
+                    controller = added_controller = await self._plug_controller(port, used, timeout)
+                ro = {"read-only": True} if drive.read_only else {}
+                backend = (
+                    ("blockdev-add", {"driver": "file", "node-name": f"{dev_id}-file",
+                                      "filename": file, **ro}),
+                    ("blockdev-add", {"driver": actual, "node-name": f"{dev_id}-fmt",
+                                      "file": f"{dev_id}-file", **ro}),
+                )
+                device: dict[str, Any] = {"id": dev_id, "drive": f"{dev_id}-fmt"}
+                if drive.interface == "virtio-blk":
+                    device.update(driver="virtio-blk-pci", bus=port)
+                elif drive.interface == "virtio-scsi":
+                    device.update(driver="scsi-hd", bus=f"{controller}.0")
+                else:
+                    device.update(driver="nvme", bus=port, serial=dev_id[:20])
+                record = _Record(dev_id, "disk", backend, device, overlay_path)
+                try:
+                    await self._plug(record, timeout)
+                except HotplugError as exc:
+                    if added_controller is None:
+                        raise
+                    raise HotplugError(
+                        f"{exc}; the virtio-scsi controller {added_controller} added for it stays "
+                        "plugged (unplug it if it is not wanted)",
+                        field=exc.field, value=exc.value, device=exc.device, qmp_error=exc.qmp_error,
+                    ) from exc
+            except BaseException:
+                if overlay_path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(overlay_path)
+                raise
+            return record.handle()
+
+    def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, dev_id: str) -> str:
+        assert self._vm.runtime is not None
+        if qemu.qemu_img is None:
+            raise HotplugError("overlay=True needs qemu-img; install it with: apt-get install qemu-utils")
+        overlay = self._vm.runtime.overlay(dev_id)
+        with contextlib.suppress(FileNotFoundError):
+            overlay.unlink()  # a leftover of a device with this id that is gone
+        out = run_command(
+            [qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, str(overlay)],
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise _refuse("overlay", True, f"qemu-img could not create {overlay}: "
+                          f"{out.stderr.strip()}", dev_id)
+        return str(overlay)
+
+    async def _scsi_controller(self) -> str | None:
+        """The id of a virtio-scsi controller the VM already has (boot or hot-plugged)."""
+        for entry in await self._vm.qmp("qom-list", path="/machine/peripheral"):
+            if entry["type"] == "child<virtio-scsi-pci>":
+                return str(entry["name"])
+        return None
+
+    async def _plug_controller(self, port: str, used: set[str], timeout: float) -> str:
+        ctrl_id = self._pick_id(None, "controller", used, lambda i: ())
+        record = _Record(ctrl_id, "controller", (),
+                         {"driver": "virtio-scsi-pci", "id": ctrl_id, "bus": port})
+        await self._plug(record, timeout)
+        used.add(ctrl_id)
+        return ctrl_id
+
+    # -- NICs --------------------------------------------------------------------------
+
+    async def nic(
+        self,
+        *,
+        forwards: Sequence[PortForward | str] = (),
+        kind: NicKind = "user",
+        ifname: str | None = None,
+        mac: str | None = None,
+        id: str | None = None,
+        timeout: float = PLUG_TIMEOUT,
+    ) -> PluggedDevice:
+        """Plug a virtio-net NIC: user-mode networking (with host port forwards) or a tap.
+
+        ``forwards`` are :class:`~qemukit.spec.PortForward` or strings such
+        as ``"2222:22"`` (host 127.0.0.1:2222 to guest port 22). Without
+        ``mac`` a random locally administered ``52:54:00:...`` address is
+        chosen and recorded, so a restore gives the guest the same one.
+        """
+        try:
+            # Nic parses "2222:22" strings into PortForward itself.
+            nic = Nic(kind=kind, forwards=cast(Any, tuple(forwards)), ifname=ifname, mac=mac, id=id)
+        except SpecError as exc:
+            raise _refuse(exc.field.removeprefix("nic."), exc.value, exc.reason) from exc
+        async with self._lock:
+            self._require_pci()
+            for fw in nic.forwards:
+                await asyncio.to_thread(_check_host_port, fw)
+            used = await self._used_names()
+            dev_id = self._pick_id(nic.id, "nic", used, lambda i: (f"{i}-backend",))
+            port = await self._free_port()
+            backend_id = f"{dev_id}-backend"
+            netdev: dict[str, Any]
+            if nic.kind == "tap":
+                netdev = {"type": "tap", "id": backend_id, "ifname": nic.ifname,
+                          "script": "no", "downscript": "no"}
+            else:
+                netdev = {"type": "user", "id": backend_id}
+                if nic.forwards:
+                    netdev["hostfwd"] = [
+                        {"str": f"{fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"}
+                        for fw in nic.forwards
+                    ]
+            device = {"driver": "virtio-net-pci", "id": dev_id, "netdev": backend_id,
+                      "mac": nic.mac or _random_mac(), "bus": port}
+            record = _Record(dev_id, "nic", (("netdev_add", netdev),), device)
+            await self._plug(record, timeout)
+            return record.handle()
+
+    # -- CPUs --------------------------------------------------------------------------
+
+    async def cpu(self, count: int = 1, *, timeout: float = PLUG_TIMEOUT) -> tuple[PluggedDevice, ...]:
+        """Plug ``count`` vCPUs into the next free slots; one handle per vCPU.
+
+        Returns once the guest acknowledged each one (``ACPI_DEVICE_OST``);
+        a Linux guest then onlines it through its hotplug uevent (the tiny
+        guest does so by itself). Needs ``max_cpus`` above ``cpus``. A paused
+        guest is not waited for; a guest still booting acknowledges nothing,
+        so plug after :meth:`~qemukit.vm.AsyncVM.wait_ready`.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _refuse("count", count, "must be a positive integer")
+        async with self._lock:
+            self._require_acpi()
+            spec = self._vm.spec
+            slots = await self._vm.qmp("query-hotpluggable-cpus")
+            free = sorted((s for s in slots if "qom-path" not in s),
+                          key=lambda s: sorted(s["props"].items()))
+            if len(free) < count:
+                hint = "" if free else f"; start the VM with max_cpus above cpus ({spec.cpus})"
+                raise _refuse("max_cpus", spec.max_cpus,
+                              f"{len(free)} free vCPU slot(s), {count} asked{hint}")
+            if self._tcg:
+                added = await asyncio.to_thread(self.ledger.vcpus_added)
+                limit = (spec.max_cpus or spec.cpus) - spec.cpus
+                if added + count > limit:
+                    raise _refuse(
+                        "max_cpus", spec.max_cpus,
+                        f"under TCG every vCPU ever hot-added keeps its translation context "
+                        f"until QEMU exits: {added} of {limit} already used, {count} more asked",
+                    )
+            used = await self._used_names()
+            plugged: list[PluggedDevice] = []
+            for slot in free[:count]:
+                # Named from the boot CPUs' count up, as the guest tends to number them.
+                cpu_id = self._pick_id(None, "cpu", used, lambda i: (), start=spec.cpus)
+                used.add(cpu_id)
+                record = _Record(cpu_id, "cpu", (),
+                                 {"driver": slot["type"], "id": cpu_id, **slot["props"]})
+                try:
+                    await self._plug(record, timeout, acknowledge=True)
+                except HotplugError as exc:
+                    if plugged:
+                        raise HotplugError(
+                            f"{exc}; already plugged and kept: {', '.join(p.id for p in plugged)}",
+                            field=exc.field, value=exc.value, device=exc.device,
+                            qmp_error=exc.qmp_error,
+                        ) from exc
+                    raise
+                plugged.append(record.handle())
+            return tuple(plugged)
+
+    # -- memory ----------------------------------------------------------------------
+
+    async def memory(self, size: int | str, *, timeout: float = PLUG_TIMEOUT) -> PluggedDevice:
+        """Plug a DIMM of ``size`` (MiB, or ``"256M"``, ``"1G"``) backed by host RAM.
+
+        Needs ``max_memory`` and ``slots`` in the spec; the size must be a
+        multiple of 128 MiB (the block size a Linux guest onlines). Returns
+        once the guest acknowledged the DIMM (``ACPI_DEVICE_OST``); with
+        ``memhp_default_state=online`` the memory is then already usable (a
+        Linux guest can give memory back on unplug only if it onlined it as
+        movable: ``memhp_default_state=online_movable``). As for :meth:`cpu`,
+        a paused guest is not waited for.
+        """
+        try:
+            mib = parse_size(size, "size")
+        except SpecError as exc:
+            raise _refuse("size", size, exc.reason) from exc
+        if mib <= 0 or mib % MEMORY_BLOCK_MIB:
+            raise _refuse("size", size, f"must be a positive multiple of {MEMORY_BLOCK_MIB} MiB "
+                          "(Linux guests online memory in 128 MiB blocks)")
+        async with self._lock:
+            self._require_acpi()
+            spec = self._vm.spec
+            if spec.max_memory is None:
+                raise _refuse("max_memory", None, "memory hotplug needs max_memory and slots "
+                              "in the spec (e.g. max_memory='2G', slots=4)")
+            summary = await self._vm.qmp("query-memory-size-summary")
+            in_use = (summary["base-memory"] + summary.get("plugged-memory", 0)) >> 20
+            if in_use + mib > spec.max_memory:
+                raise _refuse("max_memory", spec.max_memory,
+                              f"{in_use} MiB in use, {mib} MiB more would exceed "
+                              f"{spec.max_memory} MiB")
+            dimms = await self._vm.qmp("query-memory-devices")
+            if len(dimms) >= spec.slots:
+                raise _refuse("slots", spec.slots, f"all {spec.slots} memory slot(s) are in use")
+            used = await self._used_names()
+            dimm_id = self._pick_id(None, "memory", used, lambda i: (f"mem-{i}",))
+            backend = (("object-add", {"qom-type": "memory-backend-ram", "id": f"mem-{dimm_id}",
+                                       "size": mib << 20}),)
+            record = _Record(dimm_id, "memory", backend,
+                             {"driver": "pc-dimm", "id": dimm_id, "memdev": f"mem-{dimm_id}"})
+            await self._plug(record, timeout, acknowledge=True)
+            return record.handle()
+
+    # -- unplug and listing -------------------------------------------------------
+
+    async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """Remove a hot-plugged device and its backends; returns once both are gone.
+
+        Waits for ``DEVICE_DELETED`` (the guest has to release a PCI device,
+        CPU or DIMM), then deletes the block nodes / netdev / memory backend
+        and a disk's overlay. Raises :class:`HotplugError` if the guest
+        refuses or does not release it within ``timeout``: the device then
+        stays plugged and listed, and calling ``unplug`` again retries.
+        """
+        dev_id = device.id if isinstance(device, PluggedDevice) else device
+        async with self._lock:
+            records = await asyncio.to_thread(self.ledger.records)
+            record = next((r for r in records if r.id == dev_id), None)
+            if record is None:
+                known = ", ".join(r.id for r in records) or "none"
+                raise _refuse("id", dev_id, f"not a device qemukit hot-plugged (plugged: {known})")
+            if record.kind == "controller":
+                bus = f"{dev_id}.0"
+                users = [r.id for r in records if r.device.get("bus") == bus]
+                if users:
+                    raise _refuse("id", dev_id, f"the controller still has disks: {', '.join(users)}; "
+                                  "unplug them first", dev_id)
+            if record.kind == "cpu" and self._tcg:
+                version = await self._qemu_version()
+                if version < TCG_CPU_UNPLUG_MIN_QEMU:
+                    raise _refuse(
+                        "id", dev_id,
+                        f"QEMU {'.'.join(map(str, version))} corrupts its memory when a vCPU is "
+                        f"unplugged under TCG (it crashes soon after); that needs QEMU "
+                        f"{'.'.join(map(str, TCG_CPU_UNPLUG_MIN_QEMU))} or later, or KVM",
+                        dev_id,
+                    )
+            if dev_id in await self._peripheral():
+                await self._device_del(record, timeout)
+            await self._teardown(record)
+
+    async def devices(self) -> list[PluggedDevice]:
+        """The devices qemukit hot-plugged that are still plugged, in plug order.
+
+        A device QEMU deleted after an unplug had timed out (the guest let it
+        go later) has its backends removed here and is no longer listed.
+        """
+        async with self._lock:
+            records = await asyncio.to_thread(self.ledger.records)
+            if not records:
+                return []
+            present = await self._peripheral()
+            out = []
+            for record in records:
+                if record.id in present:
+                    out.append(record.handle())
+                    continue
+                try:
+                    await self._teardown(record)
+                except HotplugError:
+                    out.append(record.handle())
+            return out
+
+    # -- the common steps -------------------------------------------------------------
+
+    async def _plug(self, record: _Record, timeout: float, *, acknowledge: bool = False) -> None:
+        """Add the backends, then the device; undo the backends if the device fails.
+
+        With ``acknowledge`` (CPUs, DIMMs) wait for the guest's ``_OST``
+        report of the insertion, unless the guest is paused.
+        """
+        added: list[tuple[str, dict[str, Any]]] = []
+        vm = self._vm
+
+        def ours(event: Mapping[str, Any]) -> bool:
+            info = event.get("data", {}).get("info", {})
+            return bool(info.get("device") == record.id and info.get("source") != _OST_EJECT_REQUEST)
+
+        with vm.monitor.listen("ACPI_DEVICE_OST", match=ours) as acks:
+            try:
+                for command, arguments in record.backend:
+                    await vm.qmp(command, arguments, timeout=timeout)
+                    added.append((command, arguments))
+                await vm.qmp("device_add", record.device, timeout=timeout)
+            except QMPCommandError as exc:
+                leftovers = await self._undo(added)
+                what = "QEMU refused " + ("the backend" if exc.command != "device_add" else "the device")
+                raise HotplugError(
+                    f"{record.kind} {record.id}: {what}: {exc.description}"
+                    + (" (rolled back: nothing was left plugged)" if not leftovers else
+                       f"; rolling back failed, still present: {'; '.join(leftovers)}"),
+                    device=record.id,
+                    qmp_error=f"{exc.error_class}: {exc.description}",
+                ) from exc
+            except QemukitError:
+                # QEMU did not answer in time or went away: undo what can be undone.
+                with contextlib.suppress(QemukitError):
+                    await self._undo(added)
+                raise
+            await asyncio.to_thread(self.ledger.add, record)
+            if not acknowledge or await vm.status() != "running":
+                return
+            what = f"the guest's ACPI acknowledgement of {record.kind} {record.id}"
+            try:
+                event = await vm._guard(vm.monitor.wait_event(acks, timeout, what), timeout + 1, what)
+            except WaitTimeout:
+                raise HotplugError(
+                    f"{record.kind} {record.id}: QEMU plugged it, but the guest did not acknowledge it "
+                    f"within {timeout:g}s (no ACPI_DEVICE_OST); it stays plugged and listed",
+                    device=record.id,
+                ) from None
+            status = event["data"]["info"].get("status", 0)
+            if status != _OST_SUCCESS:
+                raise HotplugError(
+                    f"{record.kind} {record.id}: the guest reported failure for it "
+                    f"(_OST status {status:#x}: {_OST_STATUS.get(status, 'unknown')}); "
+                    "it stays plugged in QEMU and listed",
+                    device=record.id,
+                )
+
+    async def _undo(self, added: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        """Remove backends in reverse order; returns a description of each one that stayed."""
+        leftovers = []
+        for command, arguments in reversed(added):
+            undo, key, name_key = _UNDO[command]
+            try:
+                await self._vm.qmp(undo, {key: arguments[name_key]})
+            except QMPCommandError as exc:
+                if not _is_not_found(exc):
+                    leftovers.append(f"{arguments[name_key]} ({exc.description})")
+        return leftovers
+
+    async def _device_del(self, record: _Record, timeout: float) -> None:
+        """``device_del`` and wait until QEMU reports the device gone, or the guest refuses."""
+        vm, dev_id = self._vm, record.id
+        path = f"/machine/peripheral/{dev_id}"
+
+        def relevant(event: Mapping[str, Any]) -> bool:
+            data = event.get("data", {})
+            if event["event"] == "ACPI_DEVICE_OST":
+                info = data.get("info", {})
+                return bool(info.get("source") == _OST_EJECT_REQUEST
+                            and info.get("device") in (dev_id, None))
+            return bool(data.get("device") == dev_id or data.get("path") == path)
+
+        names = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", "ACPI_DEVICE_OST")
+        with vm.monitor.listen(*names, match=relevant) as events:
+            try:
+                await vm.qmp("device_del", id=dev_id)
+            except QMPCommandError as exc:
+                if exc.error_class == "DeviceNotFound":
+                    return  # deleted meanwhile (e.g. a timed-out unplug completed)
+                if "in the process of unplug" not in exc.description:
+                    raise HotplugError(
+                        f"{record.kind} {dev_id}: QEMU refused to unplug it: {exc.description}",
+                        device=dev_id, qmp_error=f"{exc.error_class}: {exc.description}",
+                    ) from exc
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            what = f"DEVICE_DELETED for {record.kind} {dev_id}"
+            while True:
+                remaining = deadline - loop.time()
+                try:
+                    if remaining <= 0:
+                        raise WaitTimeout(what, timeout)
+                    event = await vm._guard(vm.monitor.wait_event(events, remaining, what),
+                                            remaining + 1, what)
+                except WaitTimeout:
+                    raise HotplugError(
+                        f"{record.kind} {dev_id}: no DEVICE_DELETED within {timeout:g}s: the guest "
+                        "did not release it (busy, paused or not listening); it stays plugged and "
+                        "listed; unplug again to retry",
+                        device=dev_id,
+                    ) from None
+                name, data = event["event"], event.get("data", {})
+                if name == "DEVICE_DELETED" and data.get("device") == dev_id:
+                    return
+                if name == "DEVICE_UNPLUG_GUEST_ERROR":
+                    raise HotplugError(
+                        f"{record.kind} {dev_id}: the guest refused to release it "
+                        "(DEVICE_UNPLUG_GUEST_ERROR); it stays plugged and listed",
+                        device=dev_id,
+                    )
+                if name == "ACPI_DEVICE_OST":
+                    info = data.get("info", {})
+                    status = info.get("status", 0)
+                    if info.get("device") == dev_id and status not in (_OST_SUCCESS,
+                                                                       _OST_EJECT_IN_PROGRESS):
+                        raise HotplugError(
+                            f"{record.kind} {dev_id}: the guest refused to release it (_OST status "
+                            f"{status:#x}: {_OST_STATUS.get(status, 'unknown')}); it stays plugged "
+                            "and listed",
+                            device=dev_id,
+                        )
+                    # QEMU sends no DEVICE_DELETED for an unplugged vCPU, only the
+                    # guest's final _OST; whether the device is gone, QOM says.
+                    if status == _OST_SUCCESS and dev_id not in await self._peripheral():
+                        return
+                # A child's DEVICE_DELETED (virtio-backend, lapic) comes before the
+                # device's own; the device may have left QOM already, but its
+                # backends are released only once its own event is sent.
+
+    async def _teardown(self, record: _Record) -> None:
+        """After the device is gone: delete its backends and overlay, drop its record."""
+        leftovers = await self._undo(record.backend)
+        if leftovers:
+            raise HotplugError(
+                f"{record.kind} {record.id}: the device is gone but QEMU kept its backend: "
+                + "; ".join(leftovers),
+                device=record.id,
+            )
+        if record.overlay is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record.overlay)
+        await asyncio.to_thread(self.ledger.remove, record.id)
+
+    # -- facts from QEMU ---------------------------------------------------------------
+
+    @property
+    def _tcg(self) -> bool:
+        accel = self._vm.accel
+        return accel is not None and accel.accel == "tcg"
+
+    def _require_pci(self) -> None:
+        spec = self._vm.spec
+        if spec.machine != "q35":
+            raise _refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
+        if spec.hotplug_ports < 1:
+            raise _refuse("hotplug_ports", spec.hotplug_ports, "the VM has no hotplug ports")
+
+    def _require_acpi(self) -> None:
+        if self._vm.spec.machine == "microvm":
+            raise _refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
+
+    async def _peripheral(self) -> dict[str, str]:
+        """Device id -> QOM type of every device that has an id."""
+        entries = await self._vm.qmp("qom-list", path="/machine/peripheral")
+        return {str(e["name"]): str(e["type"]) for e in entries if str(e["type"]).startswith("child<")}
+
+    async def _used_names(self) -> set[str]:
+        """Ids and names in use: devices, block nodes, objects, and recorded devices."""
+        names = set(await self._peripheral())
+        names.update(n["node-name"] for n in await self._vm.qmp("query-named-block-nodes", flat=True))
+        names.update(str(e["name"]) for e in await self._vm.qmp("qom-list", path="/objects"))
+        names.update(r.id for r in await asyncio.to_thread(self.ledger.records))
+        return names
+
+    def _pick_id(self, wanted: str | None, kind: str, used: set[str],
+                 derived: Callable[[str], tuple[str, ...]], start: int = 0) -> str:
+        if wanted is not None:
+            if not ID_RE.fullmatch(wanted):
+                raise _refuse("id", wanted, f"must match {ID_RE.pattern}")
+            clash = [n for n in (wanted, *derived(wanted)) if n in used]
+            if clash:
+                raise _refuse("id", wanted, f"already in use in QEMU ({clash[0]})")
+            return wanted
+        n = start
+        while True:
+            candidate = f"{_ID_PREFIX[kind]}{n}"
+            if not any(name in used for name in (candidate, *derived(candidate))):
+                return candidate
+            n += 1
+
+    async def _free_port(self) -> str:
+        """The first pcie-root-port (hp0, hp1...) with no device on it."""
+        ports = {f"hp{i}" for i in range(self._vm.spec.hotplug_ports)}
+        busy: dict[str, list[str]] = {}
+        for bus in await self._vm.qmp("query-pci"):
+            for dev in bus.get("devices", ()):
+                if dev.get("qdev_id") in ports and "pci_bridge" in dev:
+                    busy[dev["qdev_id"]] = [
+                        d.get("qdev_id") or d.get("class_info", {}).get("desc", "?")
+                        for d in dev["pci_bridge"].get("devices", ())
+                    ]
+        for i in range(self._vm.spec.hotplug_ports):
+            if f"hp{i}" in busy and not busy[f"hp{i}"]:
+                return f"hp{i}"
+        taken = ", ".join(f"{p}: {'/'.join(map(str, d))}" for p, d in sorted(busy.items()))
+        raise _refuse("hotplug_ports", self._vm.spec.hotplug_ports,
+                      f"no free pcie-root-port ({taken or 'none found in QEMU'}); "
+                      "unplug a device or start the VM with more hotplug_ports")
+
+    async def _qemu_version(self) -> tuple[int, int]:
+        version = (await self._vm.qmp("query-version"))["qemu"]
+        return int(version["major"]), int(version["minor"])
+
+
+def _is_not_found(exc: QMPCommandError) -> bool:
+    text = exc.description.lower()
+    return exc.error_class == "DeviceNotFound" or "not found" in text or "failed to find" in text
+
+
+def _random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def _check_host_port(fw: PortForward) -> None:
+    """A forward's host port must be free now, or netdev_add would fail later."""
+    if fw.host_port == 0:
+        return
+    kind = socket.SOCK_STREAM if fw.protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind((fw.host_addr, fw.host_port))
+        except OSError as exc:
+            raise _refuse("forwards", str(fw), f"cannot use {fw.host_addr}:{fw.host_port} on the "
+                          f"host: {exc.strerror or exc}") from exc
+
+
+# -- sync facade ---------------------------------------------------------------------------
+
+
+class Hotplug:
+    """The synchronous face of :class:`AsyncHotplug` (``vm.hotplug`` of a :class:`VM`)."""
+
+    def __init__(self, ops: AsyncHotplug) -> None:
+        self._ops = ops
+
+    @property
+    def aio(self) -> AsyncHotplug:
+        """The underlying async operations."""
+        return self._ops
+
+    def disk(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: DriveFormat | None = None,
+        read_only: bool = False,
+        overlay: bool = False,
+        interface: DriveInterface = "virtio-blk",
+        id: str | None = None,
+        timeout: float = PLUG_TIMEOUT,
+    ) -> PluggedDevice:
+        """Plug a disk image (see :meth:`AsyncHotplug.disk`)."""
+        return run_sync(self._ops.disk(path, format=format, read_only=read_only, overlay=overlay,
+                                       interface=interface, id=id, timeout=timeout))
+
+    def nic(
+        self,
+        *,
+        forwards: Sequence[PortForward | str] = (),
+        kind: NicKind = "user",
+        ifname: str | None = None,
+        mac: str | None = None,
+        id: str | None = None,
+        timeout: float = PLUG_TIMEOUT,
+    ) -> PluggedDevice:
+        """Plug a virtio-net NIC (see :meth:`AsyncHotplug.nic`)."""
+        return run_sync(self._ops.nic(forwards=forwards, kind=kind, ifname=ifname, mac=mac, id=id,
+                                      timeout=timeout))
+
+    def cpu(self, count: int = 1, *, timeout: float = PLUG_TIMEOUT) -> tuple[PluggedDevice, ...]:
+        """Plug vCPUs (see :meth:`AsyncHotplug.cpu`)."""
+        return run_sync(self._ops.cpu(count, timeout=timeout))
+
+    def memory(self, size: int | str, *, timeout: float = PLUG_TIMEOUT) -> PluggedDevice:
+        """Plug a DIMM (see :meth:`AsyncHotplug.memory`)."""
+        return run_sync(self._ops.memory(size, timeout=timeout))
+
+    def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """Remove a hot-plugged device (see :meth:`AsyncHotplug.unplug`)."""
+        run_sync(self._ops.unplug(device, timeout))
+
+    def devices(self) -> list[PluggedDevice]:
+        """The hot-plugged devices still plugged (see :meth:`AsyncHotplug.devices`)."""
+        return run_sync(self._ops.devices())

@@ -1,0 +1,341 @@
+"""Build the "debian" guest: Debian bookworm with systemd, sshd, qemu-guest-agent and cloud-init.
+
+The recipe lives in ``images/debian`` (the package list, the cloud-init
+defaults and a README). The steps, all from Debian's packages:
+
+1. ``mmdebstrap --variant=apt`` (as root) installs the packages into a
+   directory, from the bookworm, bookworm-updates and bookworm-security
+   suites (the last one carries the current kernel);
+2. qemukit's changes are written into that tree (fstab, no ssh host keys,
+   cloud-init defaults, locale), and the kernel and initramfs are copied out;
+3. ``mkfs.ext4 -d`` turns the tree into a file system image, with no loop
+   device and no mount;
+4. ``qemu-img convert`` makes it a qcow2, which is made read-only: VMs boot on
+   overlays over it and never write it.
+
+The result is cached in ``<cache>/debian/bookworm/`` with ``manifest.json``
+written last, so a half-built image is never found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEBIAN_APPEND",
+    "DebianImage",
+    "build_debian",
+    "find_debian",
+    "read_package_list",
+]
+
+SUITE = "bookworm"
+#: Where packages come from; ``QEMUKIT_DEBIAN_MIRROR`` points at another mirror of the same layout.
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+#: The file system's size (a sparse qcow2 stores only what is used).
+DEFAULT_DISK_SIZE = "4G"
+ROOT_LABEL = "debian-root"
+#: The guest's kernel command line: root on the first virtio disk, console on the serial port.
+DEBIAN_APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
+
+MANIFEST = "manifest.json"
+DISK_NAME = "disk.qcow2"
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+
+# Written into the tree after mmdebstrap. The root is whatever the kernel was told.
+_FSTAB = (
+    "# qemukit debian image: the root file system (the kernel is told root=/dev/vda)\n"
+    f"LABEL={ROOT_LABEL} / ext4 rw,errors=remount-ro 0 1\n"
+)
+# The root disk must be found by the initramfs; everything else udev loads from the disk.
+_MODULES_WANTED = ("virtio_blk", "virtio_pci")
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """A built debian guest: boot ``kernel`` + ``initrd`` with an overlay over ``disk``."""
+
+    disk: Path
+    kernel: Path
+    initrd: Path
+    kernel_release: str
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the qcow2 file takes."""
+        return self.disk.stat().st_size
+
+    @property
+    def build_seconds(self) -> float | None:
+        """How long the build took, from the manifest."""
+        value = self.manifest.get("build_seconds")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def _image_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "debian" / SUITE
+
+
+def _load_image(directory: Path) -> DebianImage | None:
+    try:
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("kernel_release"), str):
+        return None
+    files = [directory / n for n in (DISK_NAME, KERNEL_NAME, INITRD_NAME)]
+    if not all(f.is_file() for f in files):
+        return None
+    return DebianImage(files[0], files[1], files[2], data["kernel_release"], directory, data)
+
+
+def find_debian(cache_dir: Path) -> DebianImage | None:
+    """The built debian image under ``cache_dir``, or None (the manifest is written last)."""
+    return _load_image(_image_dir(cache_dir))
+
+
+def read_package_list(recipe_dir: Path) -> list[str]:
+    """The packages named in the recipe's ``packages`` file (comments and blanks skipped)."""
+    names = []
+    for line in (Path(recipe_dir) / "packages").read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+                raise RuntimeError(f"bad package name {name!r} in {recipe_dir / 'packages'}")
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _run(argv: list[str], what: str, timeout: float = 600) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{argv[0]} not found; {what} needs it (scripts/setup installs it)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{what} did not finish within {timeout:g}s") from exc
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {detail}")
+    return proc.stdout
+
+
+def _sources() -> list[str]:
+    """The apt lines for the chroot: the suite, its updates, and security (current kernel)."""
+    mirror = os.environ.get("QEMUKIT_DEBIAN_MIRROR", DEFAULT_MIRROR).rstrip("/")
+    security = os.environ.get("QEMUKIT_DEBIAN_SECURITY_MIRROR", DEFAULT_SECURITY_MIRROR).rstrip("/")
+    return [
+        f"deb {mirror} {SUITE} main",
+        f"deb {mirror} {SUITE}-updates main",
+        f"deb {security} {SUITE}-security main",
+    ]
+
+
+def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None]) -> None:
+    """Install the packages into ``root``, passing mmdebstrap's own progress lines on."""
+    argv = [
+        "mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
+        "--include=" + ",".join(packages),
+        # The guest never needs documentation or translations: about 60 MB less.
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        SUITE, str(root), *_sources(),
+    ]
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+    except FileNotFoundError as exc:
+        raise RuntimeError("mmdebstrap not found; apt-get install mmdebstrap "
+                           "(scripts/setup does)") from exc
+    tail: list[str] = []
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-30:]
+            if line.startswith(("I:", "E:", "W:")):
+                progress("mmdebstrap: " + line[2:].strip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmdebstrap failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def _customize(root: Path, recipe_dir: Path) -> None:
+    """qemukit's changes to the installed tree: what makes it a clonable cloud guest."""
+    (root / "etc/fstab").write_text(_FSTAB, encoding="utf-8")
+    cloud_cfg = root / "etc/cloud/cloud.cfg.d/90-qemukit.cfg"
+    shutil.copyfile(recipe_dir / "cloud.cfg", cloud_cfg)
+    cloud_cfg.chmod(0o644)
+    (root / "etc/default/locale").write_text("LANG=C.UTF-8\n", encoding="utf-8")
+    # Each clone gets its own identity: cloud-init makes new host keys and names the host,
+    # systemd makes a machine id on first boot.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/hostname").write_text("debian\n", encoding="utf-8")
+    (root / "etc/machine-id").write_text("", encoding="utf-8")
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.is_file() and not dbus_id.is_symlink():
+        dbus_id.unlink()
+    # mmdebstrap copied the build host's resolver config; dhclient writes the guest's own.
+    resolv = root / "etc/resolv.conf"
+    if resolv.exists() or resolv.is_symlink():
+        resolv.unlink()
+    for leftover in (root / "var/cache/apt").glob("*.bin"):
+        leftover.unlink()
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+
+
+def _kernel_files(root: Path) -> tuple[str, Path, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise RuntimeError(f"expected one kernel in the image's /boot, found {[k.name for k in kernels]}")
+    release = kernels[0].name[len("vmlinuz-"):]
+    initrd = root / "boot" / f"initrd.img-{release}"
+    if not initrd.is_file():
+        raise RuntimeError(f"the image has no initramfs for {release} (initramfs-tools did not run)")
+    return release, kernels[0], initrd
+
+
+def _check_initramfs(root: Path, release: str) -> list[str]:
+    """The wanted virtio modules missing from the initramfs (lsinitramfs run in the tree)."""
+    listing = _run(["chroot", str(root), "lsinitramfs", f"/boot/initrd.img-{release}"],
+                   "listing the initramfs")
+    present = {Path(line).name.split(".ko")[0] for line in listing.splitlines() if ".ko" in line}
+    return [m for m in _MODULES_WANTED if m not in present]
+
+
+def _du_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_debian(
+    cache_dir: Path,
+    recipe_dir: Path,
+    progress: Callable[[str], None] = lambda s: None,
+    force: bool = False,
+    disk_size: str = DEFAULT_DISK_SIZE,
+) -> DebianImage:
+    """Build (or reuse) the debian guest under ``cache_dir/debian/bookworm/``.
+
+    Needs root (mmdebstrap into a directory keeps file ownership only as
+    root; no mount or loop device is used), ``mmdebstrap``, ``mkfs.ext4``
+    and ``qemu-img``. ``progress`` receives one line per step. Raises
+    ``RuntimeError`` naming the failed step.
+    """
+    cache_dir, recipe_dir = Path(cache_dir), Path(recipe_dir)
+    if not force:
+        existing = find_debian(cache_dir)
+        if existing is not None:
+            progress(f"using cached debian image {existing.directory}")
+            return existing
+    if os.geteuid() != 0:
+        raise RuntimeError("building the debian image needs root: mmdebstrap writes a tree "
+                           "owned by root that mkfs.ext4 -d copies as it is")
+    packages = read_package_list(recipe_dir)
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise RuntimeError("qemu-img not found (apt-get install qemu-utils)")
+    started = time.monotonic()
+    parent = cache_dir / "debian"
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=parent))
+    try:
+        root = work / "root"
+        progress(f"mmdebstrap {SUITE} with {len(packages)} packages (and their dependencies)")
+        t0 = time.monotonic()
+        _mmdebstrap(root, packages, progress)
+        installed = len(list((root / "var/lib/dpkg/info").glob("*.list")))
+        progress(f"installed {installed} packages in {time.monotonic() - t0:.0f}s")
+
+        _customize(root, recipe_dir)
+        release, vmlinuz, initrd = _kernel_files(root)
+        missing = _check_initramfs(root, release)
+        if missing:
+            raise RuntimeError(f"the initramfs for {release} lacks {', '.join(missing)}; "
+                               "the guest could not find its root disk")
+        shutil.copyfile(vmlinuz, work / KERNEL_NAME)
+        shutil.copyfile(initrd, work / INITRD_NAME)
+        tree_bytes = _du_bytes(root)
+
+        progress(f"mkfs.ext4 -d ({tree_bytes / 2**20:.0f} MiB of files, {disk_size} file system)")
+        raw = work / "disk.raw"
+        _run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(root), str(raw), disk_size],
+             "mkfs.ext4 -d")
+        shutil.rmtree(root)
+        progress("qemu-img convert to qcow2")
+        _run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / DISK_NAME)],
+             "qemu-img convert")
+        raw.unlink()
+        (work / DISK_NAME).chmod(0o444)  # the base is never written: VMs use overlays
+        for name in (KERNEL_NAME, INITRD_NAME):
+            (work / name).chmod(0o644)
+
+        progress("installing image")
+        out = _image_dir(cache_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # incomplete from here on
+        for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME):
+            target = out / name
+            if target.exists():
+                target.chmod(0o644)
+            os.replace(work / name, target)
+        manifest = {
+            "suite": SUITE,
+            "kernel_release": release,
+            "packages": installed,
+            "requested_packages": packages,
+            "tree_bytes": tree_bytes,
+            "disk_size": disk_size,
+            "disk_bytes": (out / DISK_NAME).stat().st_size,
+            "disk_sha256": _sha256(out / DISK_NAME),
+            "build_seconds": round(time.monotonic() - started, 1),
+            "built_at": datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+            .isoformat().replace("+00:00", "Z"),
+            "sources": _sources(),
+        }
+        tmp = work / MANIFEST
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    image = _load_image(out)
+    if image is None:
+        raise RuntimeError(f"debian image in {out} is incomplete after building")
+    progress(f"debian image ready in {out}")
+    return image

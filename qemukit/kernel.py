@@ -1,0 +1,193 @@
+"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
+
+:func:`run_in_vm` boots any spec, waits for the guest agent, runs the
+command and always stops the VM; :func:`run_kernel` does the same for a
+freshly built kernel with the tiny initramfs (plus optional modules and host
+shares). Both return a :class:`KernelTestResult`, which writes itself as
+JSON or JUnit XML for CI. A panic, oops or BUG ends the run within seconds
+with the panic line; a boot that never reaches the agent ends at the timeout
+with the console tail. Neither raises for guest trouble: it is in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import images
+from .errors import GuestPanic, QemukitError, SpecError, WaitTimeout
+from .spec import Share, VMSpec
+from .vm import VM, VMState
+
+__all__ = ["KernelTestResult", "run_in_vm", "run_kernel"]
+
+
+@dataclass(frozen=True)
+class KernelTestResult:
+    """The outcome of one boot-and-run.
+
+    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``,
+    ``timeout`` or ``error`` (qemukit or QEMU failed before the command ran).
+    """
+
+    command: tuple[str, ...]
+    outcome: str
+    exit_status: int | None
+    stdout: str
+    stderr: str
+    boot_time: float | None
+    duration: float
+    panic: str | None
+    error: str | None
+    accel: str | None
+    console_log: str | None
+    console_tail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        data = asdict(self)
+        data["command"] = list(self.command)
+        return data
+
+    def write_json(self, path: str | Path) -> None:
+        """Write the result as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
+        """Write the result as a JUnit XML report with one test case."""
+        failures = int(self.outcome == "failed" or self.outcome == "panic")
+        errors = int(self.outcome in ("timeout", "error"))
+        root = ET.Element("testsuites")
+        ts = ET.SubElement(root, "testsuite", name=suite, tests="1", failures=str(failures),
+                           errors=str(errors), time=f"{self.duration:.3f}")
+        case = ET.SubElement(ts, "testcase", classname=suite, name=" ".join(self.command) or "boot",
+                             time=f"{self.duration:.3f}")
+        if self.outcome == "failed":
+            ET.SubElement(case, "failure", message=f"exit status {self.exit_status}").text = (
+                self.stderr
+            )
+        elif self.outcome == "panic":
+            ET.SubElement(case, "failure", message=f"kernel panic: {self.panic}").text = (
+                self.console_tail
+            )
+        elif errors:
+            ET.SubElement(case, "error", message=self.error or self.outcome).text = (
+                self.console_tail
+            )
+        ET.SubElement(case, "system-out").text = self.stdout
+        ET.SubElement(case, "system-err").text = self.stderr
+        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def run_in_vm(
+    spec: VMSpec,
+    command: str | Sequence[str],
+    *,
+    timeout: float = 300.0,
+    console_log: str | Path | None = None,
+    modules: str | Path | None = None,
+    on_started: Callable[[VM], None] | None = None,
+) -> KernelTestResult:
+    """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
+
+    ``timeout`` bounds boot plus command. ``console_log`` keeps a copy of the
+    whole serial console (the VM's runtime directory is removed afterwards).
+    ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
+    ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
+    """
+    if modules is not None:
+        if spec.initrd is None:
+            raise SpecError("modules", str(modules), "needs a kernel booted with an initrd")
+        with tempfile.TemporaryDirectory(prefix="qemukit-kernel-") as tmp:
+            initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
+            return run_in_vm(spec.replace(initrd=str(initrd)), command, timeout=timeout,
+                             console_log=console_log, on_started=on_started)
+    argv = (command,) if isinstance(command, str) else tuple(command)
+    start = time.monotonic()
+    vm = VM(spec, boot_timeout=timeout)
+    fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
+                                  panic=None, error=None, accel=None)
+    outcome = "error"
+    tail = ""
+    try:
+        vm.start()
+        fields["accel"] = vm.accel.accel if vm.accel else None
+        if on_started is not None:
+            on_started(vm)
+        fields["boot_time"] = round(vm.wait_ready(timeout), 3)
+        remaining = max(1.0, timeout - (time.monotonic() - start))
+        result = vm.exec(command, timeout=remaining)
+        fields.update(exit_status=result.exit_status, stdout=result.stdout_text,
+                      stderr=result.stderr_text)
+        outcome = "passed" if result.exit_status == 0 else "failed"
+    except GuestPanic as exc:
+        outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
+    except WaitTimeout as exc:
+        outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
+    except QemukitError as exc:
+        fields["error"] = str(exc)
+    finally:
+        tail = vm.console_tail(40)
+        if console_log is not None and vm.console_log is not None and vm.console_log.exists():
+            shutil.copyfile(vm.console_log, console_log)
+        if vm.state is VMState.RUNNING:
+            vm.shutdown(timeout=10)
+    return KernelTestResult(
+        command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
+        console_log=str(console_log) if console_log is not None else None, console_tail=tail,
+        **fields,
+    )
+
+
+def run_kernel(
+    kernel: str | Path,
+    command: str | Sequence[str] = ("true",),
+    *,
+    initrd: str | Path | None = None,
+    modules: str | Path | None = None,
+    shares: Sequence[Share | str] = (),
+    append: str | None = None,
+    timeout: float = 300.0,
+    console_log: str | Path | None = None,
+    **spec_fields: Any,
+) -> KernelTestResult:
+    """Boot ``kernel`` with the tiny initramfs (or ``initrd``), run ``command``, report.
+
+    ``modules`` is a directory as ``make modules_install INSTALL_MOD_PATH=DIR``
+    leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
+    itself; it is appended to the initramfs so the guest loads its virtio
+    drivers from it. ``append`` adds to the default kernel command line;
+    other keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
+    """
+    if not Path(kernel).is_file():
+        raise SpecError("kernel", str(kernel), "no such file")
+    base = initrd if initrd is not None else images.build("tiny").initrd
+    cmdline = images.TINY_APPEND + (f" {append}" if append else "")
+    spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
+                       shares=tuple(shares), **spec_fields)
+    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules)
+
+
+def _with_modules(initrd: Path, modules: Path, tmp: Path) -> Path:
+    from .images.tiny import append_to_initrd
+
+    release_dirs = [modules] if (modules / "modules.dep").exists() else []
+    release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    if not release_dirs:
+        raise SpecError("modules", str(modules),
+                        "expected DIR/lib/modules/<release>/ or a <release>/ directory "
+                        "with modules.dep (make modules_install INSTALL_MOD_PATH=DIR)")
+    tree = tmp / "tree"
+    for release_dir in release_dirs:
+        shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name, symlinks=True,
+                        ignore=shutil.ignore_patterns("build", "source"))
+    target = tmp / "initrd-with-modules.img"
+    append_to_initrd(initrd, tree, target)
+    return target

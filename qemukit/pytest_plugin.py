@@ -1,0 +1,167 @@
+"""pytest fixtures for tests that need a real VM (registered via the ``pytest11`` entry point).
+
+Fixtures:
+
+``qemu_vm``
+    A booted VM of ``--qemukit-image`` (default: tiny) for one test, stopped after it.
+``qemu_vm_factory``
+    ``qemu_vm_factory(spec=None, **overrides)`` boots VMs from your own specs; every VM
+    it made is stopped at teardown, even when the test failed.
+``qemu_clean_vm``
+    A session-wide VM booted once; each test receives it rolled back to a snapshot
+    taken right after boot, so what one test did in the guest is gone in the next.
+
+Options: ``--qemukit-accel`` (default tcg), ``--qemukit-image`` (default tiny),
+``--qemukit-keep-failed`` (leave a failing test's VM running and print how to reach
+it). A failing test's report gets the tail of each of its VMs' serial consoles.
+The fixtures are thin wrappers over :class:`qemukit.VM`; names are generated per VM
+and port forwards ask the kernel for free ports, so ``pytest -n`` is safe.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import images
+from .errors import QemukitError
+from .host import find_qemu
+from .spec import Drive, VMSpec
+from .vm import VM, VMState
+
+_VMS_KEY = pytest.StashKey[list[VM]]()
+CLEAN_TAG = "qemukit-clean"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register qemukit's command-line options."""
+    group = parser.getgroup("qemukit", "VMs for tests (qemukit)")
+    group.addoption("--qemukit-accel", default="tcg", choices=("auto", "kvm", "tcg"),
+                    help="accelerator for fixture VMs (default: tcg)")
+    group.addoption("--qemukit-image", default="tiny", help="image for fixture VMs (default: tiny)")
+    group.addoption("--qemukit-keep-failed", action="store_true",
+                    help="leave a failing test's VMs running and print how to attach")
+
+
+def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
+    image = config.getoption("--qemukit-image")
+    images.build(image)
+    return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+
+
+def _track(request: pytest.FixtureRequest, vm: VM) -> None:
+    request.node.stash.setdefault(_VMS_KEY, []).append(vm)
+
+
+def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
+    """Stop ``vm``, or leave it running if its test failed and --qemukit-keep-failed."""
+    if vm.state is not VMState.RUNNING:
+        return
+    failed = getattr(request.node, "_qemukit_failed", False)
+    if failed and request.config.getoption("--qemukit-keep-failed"):
+        name = vm.name
+        vm.detach()
+        print(f"\nqemukit: kept VM {name!r} of failed test {request.node.nodeid}: "
+              f"'qemukit console {name}', 'qemukit exec {name} -- CMD', 'qemukit stop {name}'")
+        return
+    vm.shutdown(timeout=10)
+
+
+def _boot(request: pytest.FixtureRequest, spec: VMSpec) -> VM:
+    keep = bool(request.config.getoption("--qemukit-keep-failed"))
+    vm = VM(spec, die_with_parent=not keep)
+    _track(request, vm)
+    vm.start()
+    vm.wait_ready()
+    return vm
+
+
+@pytest.fixture
+def qemu_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    """A booted VM of the configured image, for one test."""
+    vm = _boot(request, _base_spec(request.config))
+    try:
+        yield vm
+    finally:
+        _finish(request, vm)
+
+
+@pytest.fixture
+def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
+    """Boot VMs from your own specs: ``qemu_vm_factory(spec=None, **overrides)``."""
+    made: list[VM] = []
+
+    def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
+        if spec is None:
+            spec = _base_spec(request.config, **overrides)
+        elif overrides:
+            spec = spec.replace(**overrides)
+        vm = _boot(request, spec)
+        made.append(vm)
+        return vm
+
+    try:
+        yield make
+    finally:
+        errors: list[BaseException] = []
+        for vm in made:
+            try:
+                _finish(request, vm)
+            except QemukitError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    # Internal snapshots need a writable qcow2 to hold the RAM state: give the VM a
+    # small scratch disk that lives as long as the session.
+    workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
+    scratch = workdir / "scratch.qcow2"
+    qemu_img = find_qemu().qemu_img or "qemu-img"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"], check=True)
+    spec = _base_spec(request.config)
+    vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
+    try:
+        vm.start()
+        vm.wait_ready()
+        vm.snapshots.save(CLEAN_TAG)
+        yield vm
+    finally:
+        try:
+            if vm.state is VMState.RUNNING:
+                vm.shutdown(timeout=10)
+        finally:
+            scratch.unlink(missing_ok=True)
+            workdir.rmdir()
+
+
+@pytest.fixture
+def qemu_clean_vm(request: pytest.FixtureRequest, _qemukit_session_vm: VM) -> VM:
+    """The session VM, rolled back to its just-booted snapshot before this test."""
+    vm = _qemukit_session_vm
+    vm.snapshots.load(CLEAN_TAG)
+    _track(request, vm)
+    return vm
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Attach the console tail of the test's VMs to a failing report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed:
+        return
+    item._qemukit_failed = True  # type: ignore[attr-defined]
+    for vm in item.stash.get(_VMS_KEY, []):
+        tail = vm.console_tail(40)
+        if tail:
+            report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))
