@@ -226,7 +226,8 @@ def test_library_does_not_import_click_or_pytest() -> None:
     allowed = {"cli.py", "pytest_plugin.py"}
     bad = []
     for path in SOURCES:
-        if path.name in allowed:
+        # The command line lives in cli.py and its cli_*.py parts.
+        if path.name in allowed or path.name.startswith("cli_"):
             continue
         external, _ = _imports(path)
         if external & {"click", "pytest"}:

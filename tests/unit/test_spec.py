@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qemukit import Drive, Nic, PortForward, SpecError, VMSpec, parse_drive, parse_nic, parse_size
+from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec, parse_drive, parse_nic, parse_size
+from qemukit.spec import CloudInit
 
 
 def spec_error(make: Callable[[], object]) -> SpecError:
@@ -426,12 +427,18 @@ def full_spec() -> VMSpec:
             Nic(forwards=(PortForward(2222, 22), PortForward(5353, 53, "udp", "0.0.0.0"))),
             Nic(kind="tap", ifname="tap0", mac="52:54:00:12:34:56", id="lan"),
         ),
+        shares=(
+            Share('/src/my "tree",x', "/mnt/src", tag="src", read_only=True, transport="9p"),
+            Share("/data"),
+        ),
         serial=False,
         agent=False,
         no_reboot=True,
         hotplug_ports=8,
         sandbox=False,
         extra_args=("-S", "-device", "virtio-rng-pci,id=rng0", "", 'a "q" \\ b'),
+        cloud_init=CloudInit(hostname="full-spec.example", ssh_key='/keys/my "key",x.pub',
+                             user_data="/ud/ünï 😀\\data", ssh_user="admin"),
     )
 
 
@@ -441,7 +448,8 @@ def test_full_spec_sets_every_field() -> None:
     defaults = VMSpec()
     for f in dataclasses.fields(VMSpec):
         assert getattr(spec, f.name) != getattr(defaults, f.name), f.name
-    for cls, parts in ((Drive, spec.drives), (Nic, spec.nics)):
+    for cls, parts in ((Drive, spec.drives), (Nic, spec.nics), (Share, spec.shares),
+                       (CloudInit, (spec.cloud_init,))):
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             assert any(getattr(p, f.name) != default for p in parts), f"{cls.__name__}.{f.name}"

@@ -1,0 +1,449 @@
+"""Hotplug preflight, rollback and unplug outcomes against a fake QEMU (no processes).
+
+The fake answers the few QMP commands qemukit.hotplug uses from a small
+model of QEMU's state and sends the events a guest would cause. Real QEMU
+is exercised in tests/integration/test_hotplug.py; these cover the paths a
+real guest rarely takes (DEVICE_UNPLUG_GUEST_ERROR, a failing blockdev-del)
+and check that a refused change sends no command that changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import EventListener
+
+from qemukit import HotplugError, VMSpec, host
+from qemukit.errors import QMPCommandError, WaitTimeout
+from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
+from qemukit.state import RuntimeDir
+
+MUTATING = {"blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "object-add", "object-del",
+            "device_add", "device_del"}
+
+
+class FakeMonitor:
+    def __init__(self) -> None:
+        self.listeners: list[EventListener] = []
+
+    @contextlib.contextmanager
+    def listen(self, *names: str, match: Any = None) -> Iterator[EventListener]:
+        listener = EventListener(names or None, match)
+        self.listeners.append(listener)
+        try:
+            yield listener
+        finally:
+            self.listeners.remove(listener)
+
+    async def wait_event(self, listener: EventListener, timeout: float, what: str) -> dict[str, Any]:
+        try:
+            return dict(await asyncio.wait_for(listener.get(), timeout))
+        except TimeoutError:
+            raise WaitTimeout(what, timeout) from None
+
+    def emit_soon(self, name: str, data: Mapping[str, Any]) -> None:
+        """Send an event after the current command's reply, as QEMU does."""
+        event = {"event": name, "data": dict(data), "timestamp": {"seconds": 0, "microseconds": 0}}
+
+        async def send() -> None:
+            for listener in list(self.listeners):
+                await listener.put(event)
+
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(send()))
+
+
+class FakeVM:
+    """Enough of AsyncVM and QEMU for qemukit.hotplug: state, commands, events."""
+
+    def __init__(self, runtime: Path, spec: VMSpec, *, version: tuple[int, int] = (7, 2)) -> None:
+        self.spec = spec
+        self.runtime = RuntimeDir(runtime)
+        self.accel = host.AccelChoice("tcg", "unit test")
+        self.monitor = FakeMonitor()
+        self.version = version
+        self.log: list[tuple[str, dict[str, Any]]] = []
+        self.peripheral: dict[str, str] = {"vser0": "virtio-serial-pci"}
+        self.ports: dict[str, str | None] = {f"hp{i}": None for i in range(spec.hotplug_ports)}
+        self.nodes: set[str] = set()
+        self.objects: set[str] = set()
+        self.netdevs: set[str] = set()
+        self.dimms: list[dict[str, Any]] = []
+        self.cpus = [{"props": {"core-id": i, "socket-id": 0, "thread-id": 0}, "vcpus-count": 1,
+                      "type": "qemu64-x86_64-cpu"} for i in range(spec.max_cpus or spec.cpus)]
+        for cpu in self.cpus[: spec.cpus]:
+            cpu["qom-path"] = "/machine/unattached/device[0]"
+        #: What the guest does on device_del: delete, guest-error, ost-busy, nothing.
+        self.on_unplug = "delete"
+        self.fail: dict[str, str] = {}  # command -> error description
+
+    async def status(self) -> str:
+        return "running"
+
+    async def _guard(self, aw: Any, timeout: float | None, what: str, *, launching: bool = False) -> Any:
+        return await aw
+
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = 30.0, **kwargs: Any) -> Any:
+        args = dict(arguments or {})
+        args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        self.log.append((command, args))
+        if command in self.fail:
+            raise QMPCommandError(command, "GenericError", self.fail[command])
+        handler = getattr(self, "do_" + command.replace("-", "_"))
+        return handler(args)
+
+    @property
+    def mutations(self) -> list[str]:
+        return [c for c, _ in self.log if c in MUTATING]
+
+    # -- queries
+    def do_qom_list(self, args: dict[str, Any]) -> Any:
+        if args["path"] == "/objects":
+            return [{"name": o, "type": "child<memory-backend-ram>"} for o in self.objects]
+        return [{"name": "type", "type": "string"}] + [
+            {"name": n, "type": f"child<{t}>"} for n, t in self.peripheral.items()]
+
+    def do_query_named_block_nodes(self, args: dict[str, Any]) -> Any:
+        return [{"node-name": n} for n in self.nodes]
+
+    def do_query_pci(self, args: dict[str, Any]) -> Any:
+        devices = [{"qdev_id": port, "pci_bridge": {"devices": [] if dev is None else [{"qdev_id": dev}]}}
+                   for port, dev in self.ports.items()]
+        return [{"bus": 0, "devices": devices}]
+
+    def do_query_hotpluggable_cpus(self, args: dict[str, Any]) -> Any:
+        return self.cpus
+
+    def do_query_memory_size_summary(self, args: dict[str, Any]) -> Any:
+        return {"base-memory": self.spec.memory << 20,
+                "plugged-memory": sum(d["data"]["size"] for d in self.dimms)}
+
+    def do_query_memory_devices(self, args: dict[str, Any]) -> Any:
+        return self.dimms
+
+    def do_query_version(self, args: dict[str, Any]) -> Any:
+        return {"qemu": {"major": self.version[0], "minor": self.version[1], "micro": 0}}
+
+    # -- changes
+    def do_blockdev_add(self, args: dict[str, Any]) -> Any:
+        self.nodes.add(args["node-name"])
+        return {}
+
+    def do_blockdev_del(self, args: dict[str, Any]) -> Any:
+        if args["node-name"] not in self.nodes:
+            raise QMPCommandError("blockdev-del", "GenericError",
+                                  f"Failed to find node with node-name='{args['node-name']}'")
+        self.nodes.remove(args["node-name"])
+        return {}
+
+    def do_netdev_add(self, args: dict[str, Any]) -> Any:
+        self.netdevs.add(args["id"])
+        return {}
+
+    def do_netdev_del(self, args: dict[str, Any]) -> Any:
+        self.netdevs.remove(args["id"])
+        return {}
+
+    def do_object_add(self, args: dict[str, Any]) -> Any:
+        self.objects.add(args["id"])
+        return {}
+
+    def do_object_del(self, args: dict[str, Any]) -> Any:
+        self.objects.remove(args["id"])
+        return {}
+
+    def do_device_add(self, args: dict[str, Any]) -> Any:
+        dev_id = args["id"]
+        self.peripheral[dev_id] = args["driver"]
+        if args.get("bus") in self.ports:
+            self.ports[args["bus"]] = dev_id
+        if args["driver"] == "pc-dimm":
+            size = 128 << 20
+            self.dimms.append({"type": "dimm", "data": {"id": dev_id, "size": size}})
+        if args["driver"].endswith("-cpu"):
+            slot = next(c for c in self.cpus if c["props"]["core-id"] == args["core-id"])
+            slot["qom-path"] = f"/machine/peripheral/{dev_id}"
+        if args["driver"] in ("pc-dimm",) or args["driver"].endswith("-cpu"):
+            self.monitor.emit_soon("ACPI_DEVICE_OST", {"info": {"device": dev_id, "source": 1,
+                                                                 "status": 0}})
+        return {}
+
+    def do_device_del(self, args: dict[str, Any]) -> Any:
+        dev_id = args["id"]
+        if dev_id not in self.peripheral:
+            raise QMPCommandError("device_del", "DeviceNotFound", f"Device '{dev_id}' not found")
+        path = f"/machine/peripheral/{dev_id}"
+        if self.on_unplug == "delete":
+            self.remove_device(dev_id)
+            self.monitor.emit_soon("DEVICE_DELETED", {"path": f"{path}/virtio-backend"})
+            self.monitor.emit_soon("DEVICE_DELETED", {"device": dev_id, "path": path})
+        elif self.on_unplug == "guest-error":
+            self.monitor.emit_soon("DEVICE_UNPLUG_GUEST_ERROR", {"device": dev_id, "path": path})
+        elif self.on_unplug == "ost-busy":
+            for status in (0x84, 0x82):
+                self.monitor.emit_soon("ACPI_DEVICE_OST", {"info": {"device": dev_id, "source": 3,
+                                                                     "status": status}})
+        return {}
+
+    def remove_device(self, dev_id: str) -> None:
+        del self.peripheral[dev_id]
+        for port, dev in self.ports.items():
+            if dev == dev_id:
+                self.ports[port] = None
+        self.dimms = [d for d in self.dimms if d["data"]["id"] != dev_id]
+        for cpu in self.cpus:
+            if cpu.get("qom-path") == f"/machine/peripheral/{dev_id}":
+                del cpu["qom-path"]
+
+
+SPEC = VMSpec(kernel="/vmlinuz", cpus=1, max_cpus=3, memory=512, max_memory=1024, slots=2,
+              hotplug_ports=2)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
+    qemu = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
+                           True, "/usr/bin/qemu-img")
+    monkeypatch.setattr(host, "find_qemu", lambda: qemu)
+    monkeypatch.setattr(host, "image_format", lambda path, q: "qcow2" if path.endswith(".qcow2")
+                        else "raw")
+    return FakeVM(tmp_path, SPEC)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"\0" * 4096)
+    return path
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# -- preflight ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "call"),
+    [
+        ("path", lambda ops, img: ops.disk(img.parent / "missing.raw")),
+        ("format", lambda ops, img: ops.disk(img, format="qcow2")),
+        ("interface", lambda ops, img: ops.disk(img, interface="ide")),
+        ("overlay", lambda ops, img: ops.disk(img, read_only=True, overlay=True)),
+        ("id", lambda ops, img: ops.disk(img, id="vser0")),
+        ("id", lambda ops, img: ops.disk(img, id="2bad")),
+        ("mac", lambda ops, img: ops.nic(mac="xx")),
+        ("max_cpus", lambda ops, img: ops.cpu(3)),
+        ("count", lambda ops, img: ops.cpu(0)),
+        ("size", lambda ops, img: ops.memory("100M")),
+        ("size", lambda ops, img: ops.memory("-1")),
+        ("max_memory", lambda ops, img: ops.memory("1G")),
+        ("id", lambda ops, img: ops.unplug("never-plugged")),
+    ],
+)
+def test_refused_changes_touch_nothing(fake: FakeVM, image: Path, field: str, call: Any) -> None:
+    ops = AsyncHotplug(fake)
+    with pytest.raises(HotplugError) as info:
+        run(call(ops, image))
+    assert info.value.field == field, str(info.value)
+    assert field in str(info.value)
+    assert fake.mutations == []
+
+
+def test_no_free_port(fake: FakeVM, image: Path) -> None:
+    fake.ports = {"hp0": "a", "hp1": "b"}
+    with pytest.raises(HotplugError, match="no free pcie-root-port .*hp0: a") as info:
+        run(AsyncHotplug(fake).disk(image))
+    assert (info.value.field, info.value.value) == ("hotplug_ports", 2)
+    assert fake.mutations == []
+
+
+def test_memory_needs_max_memory_and_a_slot(tmp_path: Path, fake: FakeVM) -> None:
+    plain = FakeVM(tmp_path, VMSpec(kernel="/vmlinuz"))
+    with pytest.raises(HotplugError, match="max_memory and slots") as info:
+        run(AsyncHotplug(plain).memory(128))
+    assert info.value.field == "max_memory"
+    fake.dimms = [{"type": "dimm", "data": {"id": f"d{i}", "size": 0}} for i in range(2)]
+    with pytest.raises(HotplugError, match="2 memory slot") as info:
+        run(AsyncHotplug(fake).memory(128))
+    assert info.value.field == "slots"
+    assert fake.mutations == []
+
+
+def test_tcg_limits_vcpus_added_over_the_vm_life(fake: FakeVM) -> None:
+    ops = AsyncHotplug(fake)
+    (first,) = run(ops.cpu())
+    assert first.id == "cpu1"
+    # QEMU 10 could unplug it; the slot is free again, but its TCG context is not.
+    fake.version = (10, 0)
+    run(ops.unplug(first))
+    (second,) = run(ops.cpu())
+    run(ops.unplug(second))
+    before = list(fake.log)
+    with pytest.raises(HotplugError, match="2 of 2 already used") as info:
+        run(ops.cpu())
+    assert info.value.field == "max_cpus"
+    assert [c for c, _ in fake.log[len(before):] if c in MUTATING] == []
+
+
+def test_cpu_unplug_refused_on_qemu_7_2_under_tcg(fake: FakeVM) -> None:
+    ops = AsyncHotplug(fake)
+    (cpu,) = run(ops.cpu())
+    with pytest.raises(HotplugError, match="corrupts its memory"):
+        run(ops.unplug(cpu))
+    assert "device_del" not in fake.mutations
+    assert [d.id for d in run(ops.devices())] == ["cpu1"]
+
+
+# -- plug, rollback, record ------------------------------------------------------------------
+
+
+def test_disk_plugs_backend_then_device_and_records_it(fake: FakeVM, image: Path) -> None:
+    ops = AsyncHotplug(fake)
+    disk = run(ops.disk(image, id="scratch"))
+    assert disk == PluggedDevice("scratch", "disk", "virtio-blk-pci", "hp0",
+                                 ("scratch-file", "scratch-fmt"))
+    assert fake.mutations == ["blockdev-add", "blockdev-add", "device_add"]
+    saved = json.loads((fake.runtime.path / "devices.json").read_text())
+    assert saved == [{
+        "id": "scratch", "kind": "disk",
+        "backend": [
+            {"command": "blockdev-add", "arguments": {"driver": "file", "node-name": "scratch-file",
+                                                      "filename": str(image)}},
+            {"command": "blockdev-add", "arguments": {"driver": "raw", "node-name": "scratch-fmt",
+                                                      "file": "scratch-file"}},
+        ],
+        "device": {"id": "scratch", "drive": "scratch-fmt", "driver": "virtio-blk-pci", "bus": "hp0"},
+    }]
+    # A second disk goes on the next port with the next generated id.
+    assert run(ops.disk(image)).bus == "hp1"
+
+
+def test_failed_device_add_removes_the_backends_in_reverse(fake: FakeVM, image: Path) -> None:
+    fake.fail["device_add"] = "Bus 'hp0' is full"
+    with pytest.raises(HotplugError, match="rolled back") as info:
+        run(AsyncHotplug(fake).disk(image, id="d"))
+    assert info.value.qmp_error == "GenericError: Bus 'hp0' is full"
+    assert info.value.device == "d"
+    assert fake.mutations == ["blockdev-add", "blockdev-add", "device_add", "blockdev-del",
+                              "blockdev-del"]
+    assert [a["node-name"] for c, a in fake.log if c == "blockdev-del"] == ["d-fmt", "d-file"]
+    assert fake.nodes == set()
+    assert not (fake.runtime.path / "devices.json").exists()
+
+
+def test_failed_format_node_removes_the_file_node(fake: FakeVM, image: Path) -> None:
+    real = fake.do_blockdev_add
+
+    def second_fails(args: dict[str, Any]) -> Any:
+        if args["node-name"].endswith("-fmt"):
+            raise QMPCommandError("blockdev-add", "GenericError", "Failed to get \"write\" lock")
+        return real(args)
+
+    fake.do_blockdev_add = second_fails  # type: ignore[method-assign]
+    with pytest.raises(HotplugError, match="QEMU refused the backend: .*lock"):
+        run(AsyncHotplug(fake).disk(image, id="d"))
+    assert fake.nodes == set()
+    assert "device_add" not in fake.mutations
+
+
+def test_nic_and_memory_roll_back_their_backend(fake: FakeVM) -> None:
+    fake.fail["device_add"] = "nope"
+    ops = AsyncHotplug(fake)
+    with pytest.raises(HotplugError, match="rolled back"):
+        run(ops.nic(forwards=["0:22"]))
+    with pytest.raises(HotplugError, match="rolled back"):
+        run(ops.memory("128M"))
+    assert fake.netdevs == set() and fake.objects == set()
+    assert [c for c in fake.mutations if c.endswith(("del", "_del"))] == ["netdev_del", "object-del"]
+
+
+def test_nic_records_forwards_and_a_mac(fake: FakeVM) -> None:
+    nic = run(AsyncHotplug(fake).nic(forwards=["0:22", "udp:0:53"], id="n"))
+    (record,) = json.loads((fake.runtime.path / "devices.json").read_text())
+    assert record["backend"] == [{"command": "netdev_add", "arguments": {
+        "type": "user", "id": "n-backend",
+        "hostfwd": [{"str": "tcp:127.0.0.1:0-:22"}, {"str": "udp:127.0.0.1:0-:53"}]}}]
+    assert record["device"]["mac"].startswith("52:54:00:")
+    assert nic.backends == ("n-backend",)
+
+
+# -- unplug outcomes ----------------------------------------------------------------------------
+
+
+def test_unplug_waits_for_the_device_then_deletes_backends(fake: FakeVM, image: Path) -> None:
+    ops = AsyncHotplug(fake)
+    disk = run(ops.disk(image, id="d"))
+    run(ops.unplug("d"))
+    assert fake.mutations[-3:] == ["device_del", "blockdev-del", "blockdev-del"]
+    assert fake.nodes == set() and run(ops.devices()) == []
+    assert disk.id == "d"
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    ("guest-error", "DEVICE_UNPLUG_GUEST_ERROR"),
+    ("ost-busy", r"_OST status 0x82: device busy"),
+    ("nothing", "no DEVICE_DELETED within 0.2s"),
+])
+def test_unplug_the_guest_does_not_allow(fake: FakeVM, behaviour: str, message: str) -> None:
+    ops = AsyncHotplug(fake)
+    dimm = run(ops.memory(128))
+    fake.on_unplug = behaviour
+    with pytest.raises(HotplugError, match=message) as info:
+        run(ops.unplug(dimm, timeout=0.2))
+    assert info.value.device == dimm.id
+    assert "object-del" not in fake.mutations
+    assert [d.id for d in run(ops.devices())] == [dimm.id]
+
+
+def test_a_late_deletion_is_finished_by_devices_and_unplug(fake: FakeVM, image: Path) -> None:
+    ops = AsyncHotplug(fake)
+    run(ops.disk(image, id="a"))
+    run(ops.disk(image, id="b"))
+    fake.on_unplug = "nothing"
+    with pytest.raises(HotplugError):
+        run(ops.unplug("a", timeout=0.05))
+    with pytest.raises(HotplugError):
+        run(ops.unplug("b", timeout=0.05))
+    # The guest lets both go later, while nobody listens.
+    fake.remove_device("a")
+    fake.remove_device("b")
+    assert [d.id for d in run(ops.devices())] == []  # devices() finished a's and b's teardown
+    assert fake.nodes == set()
+
+
+def test_a_backend_that_stays_keeps_the_record(fake: FakeVM, image: Path) -> None:
+    ops = AsyncHotplug(fake)
+    run(ops.disk(image, id="d"))
+    fake.fail["blockdev-del"] = "Node d-fmt is in use"
+    with pytest.raises(HotplugError, match="kept its backend: d-fmt"):
+        run(ops.unplug("d"))
+    assert [d.id for d in run(ops.devices())] == ["d"]
+    del fake.fail["blockdev-del"]
+    run(ops.unplug("d"))
+    assert run(ops.devices()) == [] and fake.nodes == set()
+
+
+# -- the ledger --------------------------------------------------------------------------------
+
+
+def test_ledger_writes_atomically_and_keeps_order(tmp_path: Path) -> None:
+    from qemukit.hotplug import _Record
+
+    ledger = DeviceLedger(RuntimeDir(tmp_path))
+    assert ledger.records() == []
+    for name in ("x", "y", "z"):
+        ledger.add(_Record(name, "nic", (), {"driver": "virtio-net-pci", "id": name}))
+    ledger.remove("y")
+    assert [r.id for r in ledger.records()] == ["x", "z"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.json", "devices.lock"]
+    (tmp_path / "devices.json").write_text("{not json")
+    with pytest.raises(HotplugError, match="unreadable"):
+        ledger.records()
