@@ -38,3 +38,21 @@ def booted(tiny_spec: VMSpec) -> Iterator[Any]:
     for vm in vms:
         if vm.state.value == "running":
             vm.shutdown(timeout=10)
+
+
+@pytest.fixture
+def qk_cli() -> Any:
+    """Run the installed ``qemukit`` command: ``qk_cli("ls", "--json")``."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or "qemukit"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
+                              env=os.environ.copy(), check=False)
+
+    return run
