@@ -21,8 +21,9 @@ from typing import Any
 
 import psutil
 
-from .spec import VMSpec
+from .spec import PortForward, VMSpec
 from .state import RuntimeDir, VMInfo, list_entries
+from .usernet import parse_usernet
 
 __all__ = ["GcAction", "VMEntry", "gc", "list_vms"]
 
@@ -59,38 +60,63 @@ class GcAction:
     detail: str
 
 
-def _peek_status(path: Path, timeout: float = _PEEK_TIMEOUT) -> str:
-    """QEMU's run state via a minimal QMP exchange; 'busy' if another client holds it."""
+def _peek(path: Path, usernet: bool, timeout: float = _PEEK_TIMEOUT) -> tuple[str, str]:
+    """QEMU's run state (and ``info usernet`` if asked) via a minimal QMP exchange.
+
+    The state is 'busy' if another client holds the monitor, 'unreachable'
+    if its socket does not answer.
+    """
+    commands: list[dict[str, Any]] = [{"execute": "qmp_capabilities"},
+                                      {"execute": "query-status"}]
+    if usernet:
+        commands.append({"execute": "human-monitor-command",
+                         "arguments": {"command-line": "info usernet"}})
+    replies = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
             stream = sock.makefile("rwb")
             stream.readline()  # greeting
-            for command in ("qmp_capabilities", "query-status"):
-                stream.write(json.dumps({"execute": command}).encode() + b"\n")
+            for command in commands:
+                stream.write(json.dumps(command).encode() + b"\n")
                 stream.flush()
                 while True:
                     reply = json.loads(stream.readline() or b"{}")
                     if "event" not in reply:
                         break
-            return str(reply.get("return", {}).get("status", "unknown"))
+                replies.append(reply.get("return"))
     except TimeoutError:
-        return "busy"
+        return "busy", ""
     except (OSError, ValueError):
-        return "unreachable"
+        return "unreachable", ""
+    status = replies[1].get("status", "unknown") if isinstance(replies[1], dict) else "unknown"
+    text = replies[2] if usernet and isinstance(replies[2], str) else ""
+    return str(status), text
 
 
-def _forwards(rd: RuntimeDir) -> tuple[str, ...]:
+def _spec_forwards(rd: RuntimeDir) -> list[PortForward]:
     try:
         spec = VMSpec.load(rd.spec_file)
     except Exception:  # noqa: BLE001 - a damaged spec file only loses this column
-        return ()
-    return tuple(
-        f"{fw.host_addr}:{fw.host_port}->{fw.guest_port}/{fw.protocol}"
-        for nic in spec.nics
-        for fw in nic.forwards
-    )
+        return []
+    return [fw for nic in spec.nics for fw in nic.forwards]
+
+
+def _format_forwards(spec_fwds: list[PortForward], usernet: str) -> tuple[str, ...]:
+    """Forwards as bound: a port-0 forward shows the port the kernel picked."""
+    bound = parse_usernet(usernet) if usernet else []
+    out = []
+    for fw in spec_fwds:
+        port = fw.host_port
+        if port == 0:
+            match = next((b for b in bound if b.protocol == fw.protocol
+                          and b.guest_port == fw.guest_port and b.host_addr == fw.host_addr), None)
+            if match is not None:
+                bound.remove(match)
+                port = match.host_port
+        out.append(f"{fw.host_addr}:{port}->{fw.guest_port}/{fw.protocol}")
+    return tuple(out)
 
 
 def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
@@ -109,11 +135,17 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
                 rss = proc.memory_info().rss
         except psutil.Error:
             alive = False
-    state = (_peek_status(rd.qmp_socket) if query else "alive") if alive else "gone"
+    spec_fwds = _spec_forwards(rd)
+    state, usernet = "gone", ""
+    if alive:
+        state, usernet = (
+            _peek(rd.qmp_socket, any(fw.host_port == 0 for fw in spec_fwds))
+            if query else ("alive", "")
+        )
     return VMEntry(
         name=rd.name, path=str(rd.path), pid=info.pid, alive=alive, state=state,
         accel=info.accel, uptime=None if uptime is None else round(uptime, 1), cpu_percent=cpu,
-        rss=rss, forwards=_forwards(rd), orphaned=alive and info.orphaned(),
+        rss=rss, forwards=_format_forwards(spec_fwds, usernet), orphaned=alive and info.orphaned(),
     )
 
 

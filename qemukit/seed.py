@@ -28,6 +28,7 @@ from .argv import quote_opt
 from .errors import HostError, SpecError, WaitTimeout
 from .process import run_command
 from .spec import CloudInit, VMSpec
+from .usernet import UsernetForward, parse_usernet
 
 __all__ = [
     "SEED_DEVICE_ID",
@@ -209,46 +210,6 @@ def seed_device_args(spec: VMSpec, iso: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ssh
-
-
-@dataclass(frozen=True)
-class UsernetForward:
-    """One host forward of a user-mode network, as QEMU actually bound it."""
-
-    netdev: str
-    protocol: str
-    host_addr: str
-    host_port: int
-    guest_addr: str
-    guest_port: int
-
-
-_HUB_RE = re.compile(r"^Hub\s+-?\d+\s+\((?P<netdev>[^)]*)\):")
-_FWD_RE = re.compile(
-    r"^\s*(?P<proto>TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(?P<haddr>\S+)\s+(?P<hport>\d+)"
-    r"\s+(?P<gaddr>\S+)\s+(?P<gport>\d+)"
-)
-
-
-def parse_usernet(text: str) -> list[UsernetForward]:
-    """The host forwards in the output of HMP ``info usernet``.
-
-    A forward asked for with host port 0 shows here with the port the
-    kernel picked, which is the only race-free way to get a free port.
-    """
-    forwards = []
-    netdev = ""
-    for line in text.splitlines():
-        hub = _HUB_RE.match(line)
-        if hub:
-            netdev = hub.group("netdev")
-            continue
-        m = _FWD_RE.match(line)
-        if m:
-            forwards.append(UsernetForward(netdev, m.group("proto").lower(), m.group("haddr"),
-                                           int(m.group("hport")), m.group("gaddr"),
-                                           int(m.group("gport"))))
-    return forwards
 
 
 def ssh_argv(host: str, port: int, user: str, identity: Path | None,
