@@ -58,7 +58,6 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
     """
     from . import host
     from .argv import drive_ids
-    from .process import run_command
     from .seed import generate_keypair
 
     name = spec.name or f"vm-{secrets.token_hex(3)}"
@@ -77,10 +76,7 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
         stamp = directory / f"{dev_id}.base"
         if not overlay.exists():
             fmt = drive.format or host.image_format(base, qemu)
-            out = run_command([qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base,
-                               str(overlay)], timeout=60)
-            if out.returncode != 0:
-                raise errors.HostError(f"cannot create {overlay}: {out.stderr.strip()}")
+            host.create_overlay(base, fmt, overlay)
             stamp.write_text(_base_stamp(base))
         elif stamp.exists() and stamp.read_text() != _base_stamp(base):
             # An overlay only makes sense over the very base it was made on.

@@ -29,6 +29,7 @@ __all__ = [
     "AccelChoice",
     "KvmStatus",
     "QemuBinary",
+    "create_overlay",
     "find_ovmf",
     "find_qemu",
     "find_virtiofsd",
@@ -58,6 +59,7 @@ class QemuBinary:
     machines: frozenset[str]
     has_sandbox: bool
     qemu_img: str | None
+    has_run_with: bool = False
 
     @property
     def version_string(self) -> str:
@@ -85,6 +87,7 @@ def _probe_binary(path: str) -> QemuBinary:
         machines=machines,
         has_sandbox=bool(re.search(r"^-sandbox ", help_text, re.MULTILINE)),
         qemu_img=img,
+        has_run_with=bool(re.search(r"^-run-with ", help_text, re.MULTILINE)),
     )
 
 
@@ -152,6 +155,26 @@ def image_format(path: str, qemu: QemuBinary) -> str:
     if fmt not in ("qcow2", "raw"):
         raise SpecError("drive.format", fmt, f"{path}: only qcow2 and raw images are supported")
     return fmt
+
+
+def create_overlay(base: str, base_format: str, target: str | os.PathLike[str], *,
+                   size: int | None = None, unsafe: bool = False) -> None:
+    """Create a private (0600) qcow2 overlay at ``target`` over ``base``.
+
+    The base is only recorded as the backing file, never written. ``unsafe``
+    skips opening the base (needed while a running QEMU holds its lock).
+    Raises :class:`HostError` with qemu-img's own message on failure.
+    """
+    qemu_img = find_qemu().qemu_img
+    if qemu_img is None:
+        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", base]
+    argv += ["-u"] if unsafe else []
+    argv += [os.fspath(target)] + ([str(size)] if size is not None else [])
+    out = run_command(argv, timeout=60)
+    if out.returncode != 0:
+        raise HostError(f"cannot create an overlay over {base}: {out.stderr.strip()}")
+    os.chmod(target, 0o600)
 
 
 def kvm_device_status() -> tuple[bool, str]:

@@ -53,8 +53,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 
 from . import host
 from ._sync import run_sync
-from .errors import HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
-from .process import run_command
+from .errors import HostError, HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
 from .qmp import QMP
 from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, VMSpec, parse_size
 from .state import RuntimeDir
@@ -431,13 +430,10 @@ class AsyncHotplug:
         overlay = self._vm.runtime.overlay(dev_id)
         with contextlib.suppress(FileNotFoundError):
             overlay.unlink()  # a leftover of a device with this id that is gone
-        out = run_command(
-            [qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, str(overlay)],
-            timeout=60,
-        )
-        if out.returncode != 0:
-            raise _refuse("overlay", True, f"qemu-img could not create {overlay}: "
-                          f"{out.stderr.strip()}", dev_id)
+        try:
+            host.create_overlay(base, fmt, overlay)
+        except HostError as exc:
+            raise _refuse("overlay", True, str(exc), dev_id) from exc
         return str(overlay)
 
     async def _scsi_controller(self) -> str | None:

@@ -130,7 +130,9 @@ class QemuProcess:
         argv = list(argv)
         parent = os.getpid()
         spawned_at = time.monotonic()
-        with open(log_path, "ab") as log:
+        # Private from the start: the log may show guest or host details.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        with open(fd, "ab") as log:
             try:
                 popen = subprocess.Popen(
                     argv,

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import host
 from ._sync import run_sync
 from .argv import drive_ids
-from .errors import LaunchError, QemukitError, QMPCommandError, SnapshotError, WaitTimeout
+from .errors import HostError, LaunchError, QemukitError, QMPCommandError, SnapshotError, WaitTimeout
 from .process import run_command
 from .qmp import EventListener
 from .spec import Drive, VMSpec
@@ -441,13 +441,10 @@ def _qemu_img() -> str:
 
 def _create_overlay(backing: str, backing_fmt: str, size: int, path: Path) -> None:
     """A qcow2 over ``backing``, without opening it (QEMU holds its write lock)."""
-    out = run_command(
-        [_qemu_img(), "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", backing, "-u",
-         str(path), str(size)],
-        timeout=60,
-    )
-    if out.returncode != 0:
-        raise SnapshotError(f"cannot create an overlay over {backing}: {out.stderr.strip()}")
+    try:
+        host.create_overlay(backing, backing_fmt, path, size=size, unsafe=True)
+    except HostError as exc:
+        raise SnapshotError(str(exc)) from exc
 
 
 def _safe_name(text: str) -> str:

@@ -144,6 +144,12 @@ class RuntimeDir:
             return rd
         raise StateError("could not claim a runtime directory (too many name collisions)")
 
+    def write_private(self, path: Path, text: str) -> None:
+        """Write a file readable by the owner only (mode 0600 from creation)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
     def write_info(self, info: VMInfo) -> None:
         """Write ``vm.json`` atomically."""
         data: dict[str, Any] = dict(info.__dict__)

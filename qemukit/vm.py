@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import time
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from .errors import (
 from .guest import Agent, ExecResult
 from .hotplug import UNPLUG_TIMEOUT, AsyncHotplug, Hotplug, PluggedDevice
 from .paths import cache_dir
-from .process import QemuProcess, process_start_time, run_command
+from .process import QemuProcess, process_start_time
 from .qga import SyncGuest
 from .qmp import QMP
 from .snapshot import SAVE_TIMEOUT, Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
@@ -246,10 +247,15 @@ class AsyncVM:
         return qemu, files, formats
 
     async def _start(self, timeout: float) -> None:
+        if self.spec.qmp_tcp_port is not None:
+            warnings.warn(
+                f"VM {self.spec.name or ''!r}: QMP also listens on 127.0.0.1:{self.spec.qmp_tcp_port};"
+                " any local user who can connect there controls the VM", stacklevel=3,
+            )
         qemu, files, formats = await asyncio.to_thread(self._prepare)
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
-        self.spec.dump(rd.spec_file)
+        rd.write_private(rd.spec_file, self.spec.dumps())
         seed_args = await asyncio.to_thread(self._write_seed, rd)
         for i, drive in enumerate(self.spec.drives):
             if drive.overlay:
@@ -287,6 +293,7 @@ class AsyncVM:
                 sandbox=self.spec.sandbox and qemu.has_sandbox,
                 name=rd.name,
                 cpu=self.accel.cpu,
+                run_with=qemu.has_run_with,
             ) + seed_args
             self._proc = QemuProcess.spawn(
                 self.argv,
@@ -450,16 +457,12 @@ class AsyncVM:
     def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, drive_id: str) -> tuple[
         str, str
     ]:
-        assert self.runtime is not None and qemu.qemu_img is not None
+        assert self.runtime is not None
         overlay = self.runtime.overlay(drive_id)
-        out = run_command(
-            [qemu.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, str(overlay)],
-            timeout=60,
-        )
-        if out.returncode != 0:
-            raise LaunchError(
-                f"cannot create an overlay over {base}", argv=[], stderr=out.stderr.strip()
-            )
+        try:
+            host.create_overlay(base, fmt, overlay)
+        except HostError as exc:
+            raise LaunchError(str(exc)) from exc
         return str(overlay), "qcow2"
 
     async def _raise_launch_failure(self) -> None:
@@ -960,6 +963,11 @@ class VM:
         return self._vm.accel
 
     @property
+    def last_shutdown(self) -> ShutdownResult | None:
+        """How the VM was stopped (also when a ``with`` block stopped it)."""
+        return self._vm.last_shutdown
+
+    @property
     def argv(self) -> list[str]:
         """The argv QEMU was started with."""
         return self._vm.argv
@@ -1150,6 +1158,7 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     argv = build_argv(
         spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
         sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name, cpu=accel.cpu,
+        run_with=qemu.has_run_with,
     )
     if spec.cloud_init is not None:
         from .seed import SEED_FILE, seed_device_args
