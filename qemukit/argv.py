@@ -155,13 +155,15 @@ def build_argv(
     sandbox: bool = False,
     name: str | None = None,
     cpu: str | None = None,
+    run_with: bool = False,
 ) -> list[str]:
     """The full QEMU argv for ``spec`` with the accelerator already decided.
 
     ``accel`` is ``kvm`` or ``tcg`` (``auto`` is resolved by the host probe
     first); ``sandbox`` adds QEMU's seccomp sandbox and should be true only
     when the binary supports it; ``cpu`` is the host's preferred CPU model
-    for that accelerator, used when the spec names none.
+    for that accelerator, used when the spec names none. ``run_with`` says
+    the binary takes ``-run-with user=`` (QEMU >= 9.1) rather than ``-runas``.
     """
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
@@ -183,7 +185,18 @@ def build_argv(
     if spec.no_reboot:
         argv.append("-no-reboot")
     if sandbox:
-        argv += ["-sandbox", SANDBOX_OPTS]
+        # -runas calls setgid/setuid after the filter is installed, so set*id must be
+        # allowed; once root has dropped all its ids, set*id cannot regain them anyway.
+        opts = SANDBOX_OPTS
+        if spec.run_as:
+            opts = opts.replace("elevateprivileges=deny", "elevateprivileges=allow")
+        argv += ["-sandbox", opts]
+    if spec.run_as:
+        argv += ["-run-with", f"user={spec.run_as}"] if run_with else ["-runas", spec.run_as]
+    if spec.qmp_tcp_port is not None:
+        argv += ["-chardev", f"socket,id=qmp-tcp,host=127.0.0.1,port={spec.qmp_tcp_port},"
+                             "server=on,wait=off",
+                 "-mon", "chardev=qmp-tcp,mode=control"]
     if plumbing.qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp-owner,fd={plumbing.qmp_fd}"]
         argv += ["-mon", "chardev=qmp-owner,mode=control"]

@@ -63,6 +63,9 @@ def spec_options(func: F) -> F:
         click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",
                      help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
                      "9p with ,9p)."),
+        click.option("--run-as", help="Run QEMU as this user once it has started (for root)."),
+        click.option("--qmp-tcp", "qmp_tcp_port", type=int, metavar="PORT",
+                     help="Also serve QMP on 127.0.0.1:PORT (off by default; a warning is shown)."),
         click.option("--no-sandbox", is_flag=True, default=None,
                      help="Do not start QEMU under its seccomp sandbox."),
         click.option("--qemu-arg", "extra_args", multiple=True, metavar="ARG",
@@ -91,7 +94,8 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
     for key, field in (("name", "name"), ("accel", "accel"), ("machine", "machine"),
                        ("cpu_model", "cpu"), ("cpus", "cpus"), ("max_cpus", "max_cpus"),
                        ("memory", "memory"), ("max_memory", "max_memory"), ("slots", "slots"),
-                       ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append")):
+                       ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append"),
+                       ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port")):
         if opts.get(key) is not None:
             changes[field] = opts[key]
     if opts["disks"]:

@@ -392,6 +392,9 @@ class VMSpec:
     (qemu-guest-agent, as in the debian image) or ``none``. ``accel='auto'`` uses
     KVM only when a probe boot proved it works on this host, else TCG.
     ``extra_args`` are appended verbatim to QEMU's argv (an escape hatch).
+    ``run_as`` drops QEMU to that user once it has opened its files (for
+    root); ``qmp_tcp_port`` adds a QMP monitor on 127.0.0.1 (off by default:
+    anyone on the host who can connect controls the VM).
     ``cloud_init`` attaches a per-VM cloud-init seed CD (:class:`CloudInit`).
     """
 
@@ -416,6 +419,8 @@ class VMSpec:
     no_reboot: bool = False
     hotplug_ports: int = 4
     sandbox: bool = True
+    run_as: str | None = None
+    qmp_tcp_port: int | None = None
     extra_args: tuple[str, ...] = field(default=())
     cloud_init: CloudInit | None = None
 
@@ -468,6 +473,12 @@ class VMSpec:
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, getattr(self, name), "must be true or false")
         _check_int("hotplug_ports", self.hotplug_ports, 0, 32)
+        if self.run_as is not None and not (
+            isinstance(self.run_as, str) and re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}|\d+:\d+", self.run_as)
+        ):
+            raise SpecError("run_as", self.run_as, "must be a user name or UID:GID")
+        if self.qmp_tcp_port is not None:
+            _check_int("qmp_tcp_port", self.qmp_tcp_port, 1, 65535)
         _freeze(self, "drives", Drive, parse_drive)
         _freeze(self, "nics", Nic, parse_nic)
         _freeze(self, "shares", Share, Share.parse)

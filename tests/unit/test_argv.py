@@ -459,3 +459,26 @@ def test_build_argv_is_pure() -> None:
     assert build_argv(spec, qemu=QEMU, accel="kvm", plumbing=p) == first
     assert first[0] == QEMU
     assert all(isinstance(a, str) for a in first)
+
+
+def test_run_as_uses_the_binary_s_option_and_allows_the_uid_switch() -> None:
+    spec = VMSpec(run_as="nobody")
+    old = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(), sandbox=True)
+    new = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(), sandbox=True,
+                     run_with=True)
+    assert option_value(old, "-runas") == "nobody" and "-run-with" not in old
+    assert option_value(new, "-run-with") == "user=nobody" and "-runas" not in new
+    assert "elevateprivileges=allow" in option_value(old, "-sandbox")
+    plain = build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=Plumbing(), sandbox=True)
+    assert "elevateprivileges=deny" in option_value(plain, "-sandbox")
+
+
+def test_qmp_tcp_only_when_asked_and_on_loopback() -> None:
+    plain = build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    assert not any("host=" in c or "port=" in c for c in option_values(plain, "-chardev"))
+    argv = build_argv(VMSpec(qmp_tcp_port=4444), qemu=QEMU, accel="tcg", plumbing=plumbing("/r"))
+    tcp = [parse_opts(c, implied="backend") for c in option_values(argv, "-chardev")
+           if "port=" in c]
+    assert tcp == [{"backend": "socket", "id": "qmp-tcp", "host": "127.0.0.1", "port": "4444",
+                    "server": "on", "wait": "off"}]
+    assert "chardev=qmp-tcp,mode=control" in option_values(argv, "-mon")

@@ -436,6 +436,8 @@ def full_spec() -> VMSpec:
         no_reboot=True,
         hotplug_ports=8,
         sandbox=False,
+        run_as="nobody",
+        qmp_tcp_port=4444,
         extra_args=("-S", "-device", "virtio-rng-pci,id=rng0", "", 'a "q" \\ b'),
         cloud_init=CloudInit(hostname="full-spec.example", ssh_key='/keys/my "key",x.pub',
                              user_data="/ud/ünï 😀\\data", ssh_user="admin"),
