@@ -138,7 +138,8 @@ def run_in_vm(
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
             shutil.copyfile(vm.console_log, console_log)
         if vm.state is VMState.RUNNING:
-            vm.shutdown(timeout=10)
+            # A guest that never became ready will hardly honour the power button.
+            vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
     return KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,

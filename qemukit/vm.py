@@ -57,6 +57,8 @@ T = TypeVar("T")
 
 QMP_TIMEOUT = 30.0
 BOOT_TIMEOUT = 120.0
+#: Seconds between power-button presses while the ACPI rung waits.
+ACPI_REPRESS_INTERVAL = 2.0
 
 
 class VMState(enum.Enum):
@@ -747,9 +749,18 @@ class AsyncVM:
 
         self._require(VMState.RUNNING)
         timeout = self.boot_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if self.spec.cloud_init is not None and self.spec.agent == "qga":
+            # cloud-init restarts sshd after it first comes up (new host keys, our key,
+            # password settings): a login that works early can be cut off moments later.
+            # Its own "status --wait" is the event that says it is done; ask the agent.
+            await self.wait_ready(timeout)
+            await self.exec(["cloud-init", "status", "--wait"],
+                            timeout=max(1.0, deadline - time.monotonic()))
         argv = await self.ssh_argv(["true"], options=("-o", "BatchMode=yes",
                                                       "-o", "ConnectTimeout=5"))
-        await self._guard(wait_for_ssh(argv, timeout), timeout + 5, "ssh to log in")
+        remaining = max(1.0, deadline - time.monotonic())
+        await self._guard(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
         assert self._proc is not None
         return self._proc.uptime()
 
@@ -853,10 +864,19 @@ class AsyncVM:
             return done(ShutdownRung.ALREADY_EXITED)
         if qmp is not None and acpi_timeout > 0:
             tried.append(ShutdownRung.ACPI)
+            deadline = time.monotonic() + acpi_timeout
             with contextlib.suppress(QemukitError):
-                await qmp.execute("system_powerdown", timeout=min(acpi_timeout, 5))
-                await proc.wait(acpi_timeout)
-                return done(ShutdownRung.ACPI)
+                # A guest still booting ignores the button until its ACPI driver is up:
+                # press again every few seconds, as a person would, until the deadline.
+                while True:
+                    remaining = deadline - time.monotonic()
+                    await qmp.execute("system_powerdown", timeout=max(0.1, min(remaining, 5)))
+                    try:
+                        await proc.wait(max(0.1, min(ACPI_REPRESS_INTERVAL, remaining)))
+                        return done(ShutdownRung.ACPI)
+                    except WaitTimeout:
+                        if time.monotonic() >= deadline:
+                            break
         if qmp is not None and qmp.connected and proc.alive():
             tried.append(ShutdownRung.QUIT)
             with contextlib.suppress(QemukitError):

@@ -42,6 +42,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_start_query_status_and_private_runtime_dir(tiny_spec: VMSpec, state_root: Path) -> None:
+    start = time.monotonic()
     with VM(tiny_spec.replace(name="basic")) as vm:
         assert vm.status() == "running"
         assert vm.qmp("query-status")["running"] is True
@@ -58,6 +59,10 @@ def test_start_query_status_and_private_runtime_dir(tiny_spec: VMSpec, state_roo
         assert [c for c in conns if c.status == psutil.CONN_LISTEN] == []
     assert not rd.path.exists()
     assert _gone(vm.pid or 0)
+    # Stopped while still booting: the power button is pressed again until the
+    # guest's ACPI handler is up, so it ends cleanly instead of waiting out the rung.
+    assert vm.last_shutdown is not None and vm.last_shutdown.rung is ShutdownRung.ACPI
+    assert time.monotonic() - start < 25
 
 
 def test_exec_output_and_exit_codes(booted: Any, tiny_image: images.TinyImage) -> None:
@@ -165,6 +170,8 @@ def test_boot_that_never_reaches_agent_times_out_with_console(tiny_spec: VMSpec)
         assert "guest agent" in str(info.value)
         assert info.value.console  # the console tail is in the error
         assert "Linux version" in info.value.console or "#" in info.value.console
+        # A bare shell ignores the power button: the ladder falls through to quit.
+        assert vm.shutdown(timeout=2).rung is ShutdownRung.QUIT
 
 
 def test_nonexistent_rdinit_is_a_panic_not_a_timeout(tiny_spec: VMSpec) -> None:
