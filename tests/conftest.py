@@ -35,6 +35,14 @@ def qemu_processes_under(root: Path) -> list[psutil.Process]:
     return found
 
 
+def qemu_gone(pid: int) -> bool:
+    """True if ``pid`` has exited; a zombie counts (init reaps orphans only every ~1.5 s)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(scope="session")
 def state_root() -> Path:
     """The test session's private registry directory (``QEMUKIT_STATE``)."""

@@ -236,7 +236,8 @@ def _du_bytes(root: Path) -> int:
     return total
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (images are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -323,7 +324,7 @@ def build_debian(
             "tree_bytes": tree_bytes,
             "disk_size": disk_size,
             "disk_bytes": (out / DISK_NAME).stat().st_size,
-            "disk_sha256": _sha256(out / DISK_NAME),
+            "disk_sha256": file_sha256(out / DISK_NAME),
             "build_seconds": round(time.monotonic() - started, 1),
             "built_at": datetime.datetime.now(datetime.UTC).replace(microsecond=0)
             .isoformat().replace("+00:00", "Z"),

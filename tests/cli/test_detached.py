@@ -15,17 +15,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import qemu_processes_under
+from tests.conftest import qemu_gone, qemu_processes_under
 
 pytestmark = pytest.mark.integration
 TCG = ("--image", "tiny", "--accel", "tcg")
 
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_detach_list_exec_stop(qk: Any, state_root: Path) -> None:
@@ -58,7 +52,7 @@ def test_detach_list_exec_stop(qk: Any, state_root: Path) -> None:
         stopped = qk("stop", "det1", "--json")
     assert stopped.returncode == 0, stopped.stderr
     assert json.loads(stopped.stdout)["rung"] == "acpi"
-    assert _gone(entry["pid"])
+    assert qemu_gone(entry["pid"])
     assert not (state_root / "det1").exists()
 
 
@@ -76,7 +70,7 @@ def test_killed_qemu_shows_gone_and_gc_removes_it(qk: Any, state_root: Path) -> 
     pid = json.loads((state_root / "victim" / "vm.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not qemu_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     entry = next(e for e in json.loads(qk("ls", "--json").stdout) if e["name"] == "victim")
     assert entry["alive"] is False and entry["state"] == "gone"

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from qemukit import VM, images
+from qemukit.images.debian import file_sha256 as sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -43,13 +44,6 @@ def qk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -30,15 +30,10 @@ from qemukit import (
     WaitTimeout,
     images,
 )
+from tests.conftest import qemu_gone
 
 pytestmark = pytest.mark.integration
 
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_start_query_status_and_private_runtime_dir(tiny_spec: VMSpec, state_root: Path) -> None:
@@ -58,7 +53,7 @@ def test_start_query_status_and_private_runtime_dir(tiny_spec: VMSpec, state_roo
         conns = psutil.Process(vm.pid).net_connections(kind="inet")
         assert [c for c in conns if c.status == psutil.CONN_LISTEN] == []
     assert not rd.path.exists()
-    assert _gone(vm.pid or 0)
+    assert qemu_gone(vm.pid or 0)
     # Stopped while still booting: the power button is pressed again until the
     # guest's ACPI handler is up, so it ends cleanly instead of waiting out the rung.
     assert vm.last_shutdown is not None and vm.last_shutdown.rung is ShutdownRung.ACPI
@@ -115,7 +110,7 @@ def test_stopped_qemu_needs_sigkill(booted: Any) -> None:
     result = vm.shutdown(timeout=1, quit_timeout=1, term_timeout=1)
     assert result.rung is ShutdownRung.SIGKILL
     assert result.exit_status == -signal.SIGKILL
-    assert _gone(pid)
+    assert qemu_gone(pid)
 
 
 def test_guest_poweroff_is_already_exited(booted: Any) -> None:
@@ -235,14 +230,14 @@ def test_killed_parent_leaves_no_qemu(tiny_spec: VMSpec, tmp_path: Path) -> None
     try:
         assert parent.stdout is not None
         qemu_pid = int(parent.stdout.readline())
-        assert not _gone(qemu_pid)
+        assert not qemu_gone(qemu_pid)
     finally:
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 2
-    while not _gone(qemu_pid) and time.monotonic() < deadline:
+    while not qemu_gone(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gone(qemu_pid), "QEMU outlived its killed parent for more than 2 s"
+    assert qemu_gone(qemu_pid), "QEMU outlived its killed parent for more than 2 s"
     from qemukit.registry import gc
 
     assert [a.name for a in gc()] == ["orphan-test"]
