@@ -567,7 +567,7 @@ def logs(name: str, follow: bool, qemu_log: bool, lines: int) -> None:
         _stream_console(rd.console_socket, interactive=False)
 
 
-def _stream_console(path: Path, interactive: bool) -> None:
+def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
     """Copy the console socket to stdout (and stdin to it when interactive) until it closes.
 
     Interactive mode puts the terminal in raw mode; Ctrl-] detaches.
@@ -587,10 +587,13 @@ def _stream_console(path: Path, interactive: bool) -> None:
         import tty
 
         old_tty = termios.tcgetattr(sys.stdin.fileno())
-        tty.setraw(sys.stdin.fileno())
+        # TCSANOW: what the user already typed is kept, not flushed.
+        tty.setraw(sys.stdin.fileno(), termios.TCSANOW)
         fds.append(sys.stdin)
     elif interactive:
         fds.append(sys.stdin)
+    if banner:  # only now: connected, and keystrokes go to the guest
+        click.echo(banner + "\r", err=True)
     try:
         while True:
             readable, _, _ = select.select(fds, [], [])
@@ -632,8 +635,8 @@ def console(name: str) -> None:
     rd = RuntimeDir(state_dir() / name)
     if rd.read_info() is None:
         _fail(errors.StateError(f"no VM named {name!r}"), 1)
-    click.echo(f"qemukit: connected to {name}'s console; Ctrl-] detaches", err=True)
-    _stream_console(rd.console_socket, interactive=True)
+    _stream_console(rd.console_socket, interactive=True,
+                    banner=f"qemukit: connected to {name}'s console; Ctrl-] detaches")
     click.echo("\r\nqemukit: detached", err=True)
 
 

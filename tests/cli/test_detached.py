@@ -123,3 +123,39 @@ def test_ten_parallel_detached_vms(qk: Any, state_root: Path) -> None:
     assert [s.returncode for s in stops] == [0] * 10, [s.stderr for s in stops]
     assert qemu_processes_under(state_root) == []
     assert list(state_root.iterdir()) == []
+
+
+def test_console_interactive_and_detach_key(qk: Any, state_root: Path) -> None:
+    import pty
+    import select
+
+    from tests.cli.conftest import QEMUKIT
+
+    assert qk("run", "--detach", "--name", "con1", *TCG, "--wait", "agent").returncode == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([QEMUKIT or "qemukit", "console", "con1"], stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 20) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {marker!r} on the console; saw {seen[-300:]!r}"
+            seen += os.read(master, 4096)
+
+    try:
+        read_until(b"Ctrl-] detaches")
+        os.write(master, b"echo hello-$((40+2))\r")
+        read_until(b"hello-42")
+        os.write(master, b"\x1d")  # Ctrl-] detaches; the VM keeps running
+        assert proc.wait(timeout=10) == 0
+        entry = next(e for e in json.loads(qk("ls", "--json").stdout) if e["name"] == "con1")
+        assert entry["state"] == "running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+        assert qk("stop", "con1").returncode == 0

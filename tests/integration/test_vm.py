@@ -241,3 +241,16 @@ def test_killed_parent_leaves_no_qemu(tiny_spec: VMSpec, tmp_path: Path) -> None
     from qemukit.registry import gc
 
     assert [a.name for a in gc()] == ["orphan-test"]
+
+
+def test_ovmf_boots_the_guest_under_uefi(tiny_spec: VMSpec) -> None:
+    from qemukit.host import find_ovmf
+
+    found = find_ovmf()
+    assert found is not None, "OVMF missing: scripts/setup installs Debian's ovmf package"
+    template = Path(found[1])
+    before = hashlib.sha256(template.read_bytes()).hexdigest()
+    with VM(tiny_spec.replace(firmware="ovmf")) as vm:
+        assert vm.exec("test -d /sys/firmware/efi").ok  # the kernel was started by UEFI
+        assert (vm.runtime.path / "ovmf-vars.fd").exists()  # a private copy of the store
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == before
