@@ -258,7 +258,12 @@ class GuestAgent(Agent):
             # costs a few round trips a second. The deadline bounds it.
             delay = _POLL_FIRST
             while True:
-                status = await self._command("guest-exec-status", {"pid": pid}, deadline)
+                try:
+                    status = await self._command("guest-exec-status", {"pid": pid}, deadline)
+                except WaitTimeout:
+                    # The deadline ran out inside the status call itself: same as below.
+                    await self._kill(pid, loop.time() + 5)
+                    raise WaitTimeout(what, timeout or 0) from None
                 if status.get("exited"):
                     break
                 if loop.time() + delay >= deadline:
