@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AcceleratorError,
     AgentError,
@@ -25,9 +27,33 @@ from .errors import (
     StateError,
     WaitTimeout,
 )
-from .guest import ExecResult
 from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
-from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
+
+if TYPE_CHECKING:
+    from .guest import ExecResult
+    from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
+
+# The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time):
+# load it on first use, so `import qemukit`, the CLI's --help and `qemukit ls` stay fast.
+_LAZY = {
+    "ExecResult": "guest",
+    "VM": "vm",
+    "AsyncVM": "vm",
+    "ShutdownResult": "vm",
+    "ShutdownRung": "vm",
+    "VMState": "vm",
+    "preview_argv": "vm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

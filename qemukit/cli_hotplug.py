@@ -10,13 +10,16 @@ time), 124 QEMU itself did not answer in time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import errors
 from .cli import EXIT_TIMEOUT, _attach, _emit_json, _fail, _name_argument, main
-from .hotplug import PLUG_TIMEOUT, UNPLUG_TIMEOUT, PluggedDevice
+from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
+
+if TYPE_CHECKING:
+    from .hotplug import PluggedDevice
 
 
 def _with_vm(name: str, action: Callable[[Any], Any]) -> Any:

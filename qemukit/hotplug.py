@@ -57,6 +57,7 @@ from .errors import HostError, HotplugError, QemukitError, QMPCommandError, Spec
 from .qmp import QMP
 from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, VMSpec, parse_size
 from .state import RuntimeDir
+from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
 
 __all__ = [
     "PLUG_TIMEOUT",
@@ -72,8 +73,6 @@ T = TypeVar("T")
 
 DeviceKind = Literal["disk", "nic", "cpu", "memory", "controller"]
 
-PLUG_TIMEOUT = 30.0
-UNPLUG_TIMEOUT = 30.0
 #: Linux onlines hot-added memory in blocks of 128 MiB (x86-64); the rest of
 #: a DIMM that is not a multiple is silently ignored by the guest.
 MEMORY_BLOCK_MIB = 128

@@ -61,6 +61,7 @@ from .errors import HostError, LaunchError, QemukitError, QMPCommandError, Snaps
 from .process import run_command
 from .qmp import EventListener
 from .spec import Drive, VMSpec
+from .timeouts import JOB_TIMEOUT, SAVE_TIMEOUT
 
 if TYPE_CHECKING:
     from .vm import AsyncVM
@@ -83,8 +84,6 @@ __all__ = [
 #: What a preflight checks for: the kind of snapshot about to be taken.
 CheckKind = Literal["internal", "external", "external-memory", "state"]
 
-JOB_TIMEOUT = 120.0
-SAVE_TIMEOUT = 300.0
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}")
 #: Internal snapshots holding an external snapshot's RAM are named with this prefix.
 EXT_PREFIX = "qemukit-ext-"

@@ -42,21 +42,20 @@ from .errors import (
     WaitTimeout,
 )
 from .guest import Agent, ExecResult
-from .hotplug import UNPLUG_TIMEOUT, AsyncHotplug, Hotplug, PluggedDevice
+from .hotplug import AsyncHotplug, Hotplug, PluggedDevice
 from .paths import cache_dir
 from .process import QemuProcess, process_start_time
 from .qga import SyncGuest
 from .qmp import QMP
-from .snapshot import SAVE_TIMEOUT, Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
+from .snapshot import Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
 from .spec import VMSpec
 from .state import RuntimeDir, VMInfo
+from .timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 
 __all__ = ["VM", "AsyncVM", "ShutdownResult", "ShutdownRung", "VMState", "preview_argv"]
 
 T = TypeVar("T")
 
-QMP_TIMEOUT = 30.0
-BOOT_TIMEOUT = 120.0
 #: Seconds between power-button presses while the ACPI rung waits.
 ACPI_REPRESS_INTERVAL = 2.0
 
