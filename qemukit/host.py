@@ -100,7 +100,38 @@ def find_qemu() -> QemuBinary:
         raise HostError(
             f"no QEMU found ({where}); install it with: apt-get install qemu-system-x86 qemu-utils"
         )
-    return _probe_binary(str(Path(path).resolve()) if not env else path)
+    return _facts(str(Path(path).resolve()) if not env else path)
+
+
+@functools.lru_cache(maxsize=8)
+def _facts(path: str) -> QemuBinary:
+    """The binary's facts: from the on-disk cache while the file is unchanged, else probed.
+
+    Probing runs QEMU three times (about 45 ms), which every short-lived
+    ``qemukit`` command would otherwise pay.
+    """
+    st = os.stat(path)
+    key = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = cache_dir() / "qemu-facts.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            data = cached["facts"]
+            data["version"] = tuple(data["version"])
+            data["machines"] = frozenset(data["machines"])
+            return QemuBinary(**data)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    facts = _probe_binary(path)
+    data = {**asdict(facts), "machines": sorted(facts.machines)}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False) as fh:
+            json.dump({"key": key, "facts": data}, fh)
+        os.replace(fh.name, cache_file)
+    except OSError:
+        pass  # an unwritable cache only costs a probe next time
+    return facts
 
 
 _VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")

@@ -244,7 +244,8 @@ class AsyncVM:
                 raise SpecError("drive.format", drive.format, f"{drive.file} is {fmt}")
             files.append(os.path.abspath(drive.file))
             formats.append(fmt)
-        self.accel = host.resolve_accel(self.spec.accel, qemu, _default_probe_image())
+        probe = _default_probe_image() if self.spec.accel != "tcg" else None
+        self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
         return qemu, files, formats
 
     async def _start(self, timeout: float) -> None:
@@ -305,25 +306,31 @@ class AsyncVM:
         finally:
             theirs.close()
         _live.add(self)
-        rd.write_info(
-            VMInfo(
-                name=rd.name,
-                pid=self._proc.pid,
-                start_time=self._proc.start_time,
-                accel=self.accel.accel,
-                accel_reason=self.accel.reason,
-                owner_pid=os.getpid(),
-                die_with_parent=self.die_with_parent,
-                created=time.time(),
-                argv=tuple(self.argv),
-                owner_start_time=process_start_time(os.getpid()) or 0.0,
-                helpers=tuple((h.pid, h.start_time) for h in self._helpers),
-            )
-        )
         self._qmp = QMP(f"qemukit-{rd.name}")
         ours.setblocking(False)
+        # Start talking to QEMU at once; the bookkeeping below runs while it boots.
+        connect = asyncio.ensure_future(self._qmp.connect(ours, timeout))
         try:
-            await self._guard(self._qmp.connect(ours, timeout), timeout, "QMP", launching=True)
+            rd.write_info(
+                VMInfo(
+                    name=rd.name,
+                    pid=self._proc.pid,
+                    start_time=self._proc.start_time,
+                    accel=self.accel.accel,
+                    accel_reason=self.accel.reason,
+                    owner_pid=os.getpid(),
+                    die_with_parent=self.die_with_parent,
+                    created=time.time(),
+                    argv=tuple(self.argv),
+                    owner_start_time=process_start_time(os.getpid()) or 0.0,
+                    helpers=tuple((h.pid, h.start_time) for h in self._helpers),
+                )
+            )
+        except BaseException:
+            connect.cancel()
+            raise
+        try:
+            await self._guard(connect, timeout, "QMP", launching=True)
         except QMPConnectionError:
             # QEMU closed the monitor: it is exiting; report why it failed.
             await self._raise_launch_failure()
@@ -586,11 +593,21 @@ class AsyncVM:
         """
         args = dict(arguments or {})
         args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
-        return await self._guard(
-            self.monitor.execute(command, args or None, timeout=timeout),
-            timeout + 1,
-            f"QEMU's reply to QMP {command}",
-        )
+        # No _guard here: a QEMU that dies closes the monitor, which fails the command
+        # at once; skipping the guard's extra futures keeps a round trip cheap.
+        try:
+            return await self.monitor.execute(command, args or None, timeout=timeout)
+        except QMPConnectionError:
+            assert self._proc is not None
+            with contextlib.suppress(WaitTimeout):
+                await self._proc.wait(0.5)
+            if not self._proc.alive():
+                raise LaunchError(
+                    f"QEMU exited while waiting for QEMU's reply to QMP {command}",
+                    returncode=self._proc.returncode, stderr=self._output_for_error(),
+                    console=self.console_tail(20),
+                ) from None
+            raise
 
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
