@@ -69,7 +69,11 @@ def _chardev_socket(chardev_id: str, path: str, extra: str = "") -> list[str]:
 
 def _virtio(spec: VMSpec, kind: str) -> str:
     """The virtio device model for the machine's transport (PCI or MMIO)."""
-    return f"virtio-{kind}-device" if spec.machine == "microvm" else f"virtio-{kind}-pci"
+    return _transport(spec, f"virtio-{kind}")
+
+
+def _transport(spec: VMSpec, model: str) -> str:
+    return f"{model}-device" if spec.machine == "microvm" else f"{model}-pci"
 
 
 def _drive_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
@@ -110,19 +114,23 @@ def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
     if len(plumbing.share_sockets) != len(virtiofs):
         raise SpecError("shares", spec.shares, "every virtiofs share needs a virtiofsd socket")
     if virtiofs:
-        # vhost-user devices map guest RAM into virtiofsd: it must be a shared memfd.
-        args += ["-object", f"memory-backend-memfd,id=ram0,size={spec.memory}M,share=on",
-                 "-numa", "node,memdev=ram0"]
+        # vhost-user devices map guest RAM into virtiofsd: it must be a shared memfd
+        # (made the machine's RAM with memory-backend=, which microvm honours too).
+        args += ["-object", f"memory-backend-memfd,id=ram0,size={spec.memory}M,share=on"]
+        if spec.machine == "microvm":
+            # vhost-user needs virtio 1.0; microvm's virtio-mmio defaults to legacy.
+            args += ["-global", "virtio-mmio.force-legacy=false"]
     sockets = iter(plumbing.share_sockets)
     for sh in spec.shares:
         if sh.transport == "9p":
             ro = ",readonly=on" if sh.read_only else ""
             args += ["-fsdev", f"local,id={sh.tag}-fs,path={quote_opt(str(sh.host_path))},"
                                f"security_model=none{ro}",
-                     "-device", f"virtio-9p-pci,fsdev={sh.tag}-fs,mount_tag={sh.tag}"]
+                     "-device", f"{_virtio(spec, '9p')},fsdev={sh.tag}-fs,mount_tag={sh.tag}"]
         else:
             args += ["-chardev", f"socket,id={sh.tag}-vfs,path={quote_opt(next(sockets))}",
-                     "-device", f"vhost-user-fs-pci,chardev={sh.tag}-vfs,tag={sh.tag}"]
+                     "-device", f"{_transport(spec, 'vhost-user-fs')},chardev={sh.tag}-vfs,"
+                                f"tag={sh.tag}"]
     return args
 
 
@@ -156,6 +164,7 @@ def build_argv(
     name: str | None = None,
     cpu: str | None = None,
     run_with: bool = False,
+    tsc_khz: int | None = None,
 ) -> list[str]:
     """The full QEMU argv for ``spec`` with the accelerator already decided.
 
@@ -164,11 +173,15 @@ def build_argv(
     when the binary supports it; ``cpu`` is the host's preferred CPU model
     for that accelerator, used when the spec names none. ``run_with`` says
     the binary takes ``-run-with user=`` (QEMU >= 9.1) rather than ``-runas``.
+    ``tsc_khz`` is the host's TSC rate: a kernel on microvm (no PIT to
+    calibrate against) gets ``tsc_early_khz=`` so it cannot hang at boot.
     """
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
     vm_name = name or spec.name or "vm"
     machine = f"{spec.machine},accel={accel}"
+    if any(sh.transport == "virtiofs" for sh in spec.shares):
+        machine += ",memory-backend=ram0"
     if spec.firmware == "ovmf":
         if not (plumbing.ovmf_code and plumbing.ovmf_vars):
             raise SpecError("firmware", "ovmf", "OVMF firmware files were not resolved")
@@ -227,8 +240,12 @@ def build_argv(
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
         mounts = " ".join(f"qemukit.share={sh.tag}:{sh.guest_path}" for sh in spec.shares)
-        append = " ".join(a for a in (spec.append, mounts) if a)
-        if spec.append is not None or mounts:
+        tsc = ""
+        if spec.machine == "microvm" and tsc_khz and "tsc_early_khz=" not in (spec.append or ""):
+            # Without it the kernel hangs in about 4 boots out of 10 on microvm.
+            tsc = f"tsc_early_khz={tsc_khz}"
+        append = " ".join(a for a in (spec.append, mounts, tsc) if a)
+        if spec.append is not None or mounts or tsc:
             argv += ["-append", append]
     argv += _share_args(spec, plumbing)
     if spec.machine == "q35":

@@ -37,6 +37,7 @@ __all__ = [
     "kvm_device_status",
     "kvm_status",
     "resolve_accel",
+    "tsc_khz",
     "virtiofsd_argv",
 ]
 
@@ -163,6 +164,22 @@ def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int) -> list[str]:
     # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
     source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
     return [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+
+
+@functools.lru_cache(maxsize=1)
+def tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz (what a guest's TSC ticks at), if it can be read."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def find_ovmf() -> tuple[str, str] | None:

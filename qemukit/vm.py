@@ -296,6 +296,7 @@ class AsyncVM:
                 name=rd.name,
                 cpu=self.accel.cpu,
                 run_with=qemu.has_run_with,
+                tsc_khz=host.tsc_khz(),
             ) + seed_args
             self._proc = QemuProcess.spawn(
                 self.argv,
@@ -1194,7 +1195,7 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     argv = build_argv(
         spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
         sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name, cpu=accel.cpu,
-        run_with=qemu.has_run_with,
+        run_with=qemu.has_run_with, tsc_khz=host.tsc_khz(),
     )
     if spec.cloud_init is not None:
         from .seed import SEED_FILE, seed_device_args

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qemukit import Drive, Nic, PortForward, SpecError, VMSpec
+from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec
 from qemukit.argv import AGENT_PORT_NAME, Plumbing, build_argv, drive_ids, nic_ids, quote_opt
 from qemukit.spec import NAME_RE
 
@@ -482,3 +482,31 @@ def test_qmp_tcp_only_when_asked_and_on_loopback() -> None:
     assert tcp == [{"backend": "socket", "id": "qmp-tcp", "host": "127.0.0.1", "port": "4444",
                     "server": "on", "wait": "off"}]
     assert "chardev=qmp-tcp,mode=control" in option_values(argv, "-mon")
+
+
+def test_microvm_kernel_gets_the_host_tsc_rate_once() -> None:
+    spec = VMSpec(machine="microvm", kernel="/k", append="console=ttyS0")
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(), tsc_khz=2596120)
+    assert option_value(argv, "-append") == "console=ttyS0 tsc_early_khz=2596120"
+    given = spec.replace(append="tsc_early_khz=1000")
+    argv = build_argv(given, qemu=QEMU, accel="tcg", plumbing=Plumbing(), tsc_khz=2596120)
+    assert option_value(argv, "-append") == "tsc_early_khz=1000"
+    q35 = build_argv(spec.replace(machine="q35"), qemu=QEMU, accel="tcg", plumbing=Plumbing(),
+                     tsc_khz=2596120)
+    assert option_value(q35, "-append") == "console=ttyS0"
+
+
+@pytest.mark.parametrize(("machine", "device"), [("q35", "vhost-user-fs-pci"),
+                                                 ("microvm", "vhost-user-fs-device")])
+def test_virtiofs_shares_guest_ram_and_uses_the_machine_s_transport(machine: str,
+                                                                   device: str) -> None:
+    spec = VMSpec(machine=machine, kernel="/k", shares=(Share("/src,x", "/mnt/src"),))
+    argv = build_argv(spec, qemu=QEMU, accel="tcg",
+                      plumbing=Plumbing(share_sockets=("/r/vfs.sock",)))
+    assert "memory-backend=ram0" in option_value(argv, "-machine")
+    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in option_values(argv, "-object")
+    assert any(d.startswith(f"{device},chardev=share0-vfs,tag=share0")
+               for d in option_values(argv, "-device"))
+    legacy_off = "virtio-mmio.force-legacy=false" in option_values(argv, "-global")
+    assert legacy_off == (machine == "microvm")  # vhost-user needs virtio 1.0 on MMIO
+    assert option_value(argv, "-append").endswith("qemukit.share=share0:/mnt/src")
