@@ -59,3 +59,22 @@ def test_run_from_toml_file(qk: Any, tmp_path: Any) -> None:
     out = qk("run", "-f", str(path), "--", "nproc")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2"
+
+
+def test_accelerator_negotiation_is_honest(qk: Any) -> None:
+    """doctor's probe verdict decides: --accel kvm boots where KVM really works and is a
+    clear error naming the reason where it does not; auto falls back to TCG and says so."""
+    report = json.loads(qk("doctor", "--json").stdout)
+    kvm = report["kvm"]
+    assert report["accel_auto"] == ("kvm" if kvm.get("usable") else "tcg")
+    forced = qk("run", "--image", "tiny", "--accel", "kvm", "--timeout", "60", "--", "true")
+    auto = qk("run", "--image", "tiny", "--timeout", "120", "--", "true")
+    assert auto.returncode == 0, auto.stderr
+    if kvm.get("usable"):
+        assert forced.returncode == 0, forced.stderr
+        assert "KVM" in auto.stderr
+    else:
+        assert forced.returncode == 125
+        assert "accelerator 'kvm' is not usable" in forced.stderr
+        assert kvm["reason"] in forced.stderr
+        assert "TCG (software emulation)" in auto.stderr and kvm["reason"] in auto.stderr
