@@ -459,7 +459,7 @@ def stop(name: str, timeout: float, as_json: bool) -> None:
 def kill(name: str) -> None:
     """SIGKILL a VM's QEMU at once (no QMP needed) and remove its entry."""
     from .paths import state_dir
-    from .registry import _kill_verified
+    from .registry import kill_verified
     from .state import RuntimeDir
 
     rd = RuntimeDir(state_dir() / name)
@@ -467,7 +467,7 @@ def kill(name: str) -> None:
     if info is None:
         _fail(errors.StateError(f"no VM named {name!r}"), 1)
     assert info is not None
-    _kill_verified(info)
+    kill_verified(info)
     rd.remove()
     click.echo(f"{name}: killed")
 
@@ -572,6 +572,7 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
 
     Interactive mode puts the terminal in raw mode; Ctrl-] detaches.
     """
+    import os
     import select
     import socket as socket_mod
 
@@ -604,7 +605,7 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
                 sys.stdout.buffer.write(data)
                 sys.stdout.flush()
             if sys.stdin in readable:
-                data = os_read(sys.stdin.fileno())
+                data = os.read(sys.stdin.fileno(), 4096)
                 if not data or b"\x1d" in data:  # Ctrl-] detaches
                     break
                 sock.sendall(data)
@@ -616,13 +617,6 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
 
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, old_tty)
         sock.close()
-
-
-def os_read(fd: int) -> bytes:
-    """Read what is available on ``fd`` (at most 4 KiB)."""
-    import os
-
-    return os.read(fd, 4096)
 
 
 @main.command()

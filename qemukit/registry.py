@@ -21,11 +21,12 @@ from typing import Any
 
 import psutil
 
+from .process import is_same_process
 from .spec import PortForward, VMSpec
 from .state import RuntimeDir, VMInfo, list_entries
 from .usernet import parse_usernet
 
-__all__ = ["GcAction", "VMEntry", "gc", "list_vms"]
+__all__ = ["GcAction", "VMEntry", "gc", "kill_verified", "list_vms"]
 
 _PEEK_TIMEOUT = 0.5
 
@@ -178,10 +179,11 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
                 actions.append(GcAction(rd.name, "removed", "incomplete entry of a failed launch"))
             continue
         if not info.alive():
+            kill_verified(info)  # a helper daemon (virtiofsd) may have outlived QEMU
             rd.remove()
             actions.append(GcAction(rd.name, "removed", f"QEMU pid {info.pid} is gone"))
         elif info.orphaned():
-            _kill_verified(info)
+            kill_verified(info)
             rd.remove()
             actions.append(
                 GcAction(rd.name, "killed", f"QEMU pid {info.pid} outlived its owner {info.owner_pid}")
@@ -189,15 +191,21 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
     return actions
 
 
-def _kill_verified(info: VMInfo) -> None:
-    try:
-        pidfd = os.pidfd_open(info.pid)
-    except OSError:
-        return
-    try:
-        if info.alive():  # checked after the pidfd is open: the pidfd is that same process
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
+def kill_verified(info: VMInfo) -> None:
+    """SIGKILL the VM's QEMU and its helper daemons, each only if it is still that process.
+
+    Each pid is opened as a pidfd first and its start time checked afterwards,
+    so the signal can never reach a process that merely reused the pid.
+    """
+    for pid, start_time in ((info.pid, info.start_time), *info.helpers):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if is_same_process(pid, start_time):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)

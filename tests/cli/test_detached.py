@@ -159,3 +159,20 @@ def test_console_interactive_and_detach_key(qk: Any, state_root: Path) -> None:
             proc.kill()
         os.close(master)
         assert qk("stop", "con1").returncode == 0
+
+
+def test_kill_ends_helper_daemons_too(qk: Any, state_root: Path, tmp_path: Path) -> None:
+    out = qk("run", "--detach", "--name", "withfs", *TCG, "--share", f"{tmp_path}:/mnt/h")
+    assert out.returncode == 0, out.stderr
+    info = json.loads((state_root / "withfs" / "vm.json").read_text())
+    (helper_pid, _), = info["helpers"]
+    assert "virtiofsd" in " ".join(psutil.Process(helper_pid).cmdline())
+    # A stopped virtiofsd cannot exit by itself when QEMU goes away: only kill's own
+    # signal to the helper can end it.
+    os.kill(helper_pid, signal.SIGSTOP)
+    assert qk("kill", "withfs").returncode == 0
+    deadline = time.monotonic() + 5
+    while not (qemu_gone(info["pid"]) and qemu_gone(helper_pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_gone(info["pid"]) and qemu_gone(helper_pid)
+    assert not (state_root / "withfs").exists()
