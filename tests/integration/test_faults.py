@@ -48,6 +48,19 @@ def _assert_clean(vm: VM | AsyncVM, state_root: Path) -> None:
     assert qemu_processes_under(state_root) == []
 
 
+async def _kill_qemu_during(vm: AsyncVM, event: str, operation: Any) -> None:
+    """Start ``operation``, SIGKILL QEMU once it emits ``event`` (the operation is under
+    way), and check the operation fails with a qemukit error within 5 s."""
+    with vm.monitor.listen(event) as events:
+        task = asyncio.ensure_future(operation)
+        await vm.monitor.wait_event(events, 30, f"{event} from the operation")
+        os.kill(vm.pid or 0, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(QemukitError):
+        await task
+    assert time.monotonic() - start < 5
+
+
 def test_sigkill_during_boot(tiny_spec: VMSpec, state_root: Path) -> None:
     vm = VM(tiny_spec).start()
     os.kill(vm.pid or 0, signal.SIGKILL)
@@ -91,14 +104,7 @@ def test_sigkill_during_snapshot_save(tiny_spec: VMSpec, state_root: Path,
     async def scenario() -> None:
         async with AsyncVM(spec) as vm:
             await vm.wait_ready()
-            with vm.monitor.listen("JOB_STATUS_CHANGE") as jobs:
-                save = asyncio.ensure_future(vm.snapshots.save("doomed"))
-                await vm.monitor.wait_event(jobs, 30, "the snapshot job to start")
-                os.kill(vm.pid or 0, signal.SIGKILL)
-            start = time.monotonic()
-            with pytest.raises(QemukitError):
-                await save
-            assert time.monotonic() - start < 5
+            await _kill_qemu_during(vm, "JOB_STATUS_CHANGE", vm.snapshots.save("doomed"))
             await vm.shutdown()
         _assert_clean(vm, state_root)
 
@@ -112,14 +118,7 @@ def test_sigkill_during_state_save(tiny_spec: VMSpec, state_root: Path, tmp_path
     async def scenario() -> None:
         async with AsyncVM(tiny_spec.replace(memory=1024)) as vm:
             await vm.wait_ready()
-            with vm.monitor.listen("MIGRATION") as migration:
-                save = asyncio.ensure_future(vm.save_state(bundle))
-                await vm.monitor.wait_event(migration, 30, "the migration to start")
-                os.kill(vm.pid or 0, signal.SIGKILL)
-            start = time.monotonic()
-            with pytest.raises(QemukitError):
-                await save
-            assert time.monotonic() - start < 5
+            await _kill_qemu_during(vm, "MIGRATION", vm.save_state(bundle))
             await vm.shutdown()
         _assert_clean(vm, state_root)
 
