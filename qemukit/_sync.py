@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .errors import StateError
 
 T = TypeVar("T")
+
+#: Threads for blocking work behind the loop (shared by every VM of the process; a
+#: waiting attach holds one while another client has the socket, so not too few).
+WORKERS = 16
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -27,6 +32,10 @@ def _get_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None:
             loop = asyncio.new_event_loop()
+            # Blocking helpers (qemu-img, connects) run here: a small, named, bounded pool.
+            loop.set_default_executor(
+                ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qemukit-worker")
+            )
             ready = threading.Event()
 
             def run() -> None:
