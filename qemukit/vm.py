@@ -424,6 +424,7 @@ class AsyncVM:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(str(path))
+                os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
                 listener.listen(1)
                 argv = host.virtiofsd_argv(daemon, sh, listener.fileno())
                 self._helpers.append(QemuProcess.spawn(

@@ -23,8 +23,9 @@ def _listening(pid: int) -> list[Any]:
             if c.status == psutil.CONN_LISTEN]
 
 
-def test_defaults_sandbox_loopback_forwards_private_files(booted: Any) -> None:
-    vm = booted(nics=("user,hostfwd=0:22", "user,hostfwd=udp:0:53"))
+def test_defaults_sandbox_loopback_forwards_private_files(booted: Any, tmp_path: Path) -> None:
+    vm = booted(nics=("user,hostfwd=0:22", "user,hostfwd=udp:0:53"),
+                shares=(f"{tmp_path}:/mnt/h",))
     status = Path(f"/proc/{vm.pid}/status").read_text()
     assert "Seccomp:\t2" in status  # QEMU runs under its seccomp filter
     assert any(a.startswith("on,obsolete=deny,elevateprivileges=deny,spawn=deny")
