@@ -9,16 +9,18 @@ the tiny guest reached its init under it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from ._fs import write_atomic
 from .argv import Plumbing, build_argv
 from .errors import AcceleratorError, HostError, SpecError
 from .paths import cache_dir
@@ -113,26 +115,36 @@ def _facts(path: str) -> QemuBinary:
     """
     st = os.stat(path)
     key = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = cache_dir() / "qemu-facts.json"
-    try:
-        cached = json.loads(cache_file.read_text())
-        if cached.get("key") == key:
-            data = cached["facts"]
-            data["version"] = tuple(data["version"])
-            data["machines"] = frozenset(data["machines"])
-            return QemuBinary(**data)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    cached = _read_cache("qemu-facts.json", key)
+    if cached is not None:
+        try:
+            cached["version"] = tuple(cached["version"])
+            cached["machines"] = frozenset(cached["machines"])
+            return QemuBinary(**cached)
+        except (KeyError, TypeError):
+            pass
     facts = _probe_binary(path)
-    data = {**asdict(facts), "machines": sorted(facts.machines)}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False) as fh:
-            json.dump({"key": key, "facts": data}, fh)
-        os.replace(fh.name, cache_file)
-    except OSError:
-        pass  # an unwritable cache only costs a probe next time
+    _write_cache("qemu-facts.json", key, {**asdict(facts), "machines": sorted(facts.machines)})
     return facts
+
+
+def _read_cache(name: str, key: str) -> dict[str, Any] | None:
+    """The data cached under ``name`` in the cache dir, if it was stored for ``key``."""
+    try:
+        cached = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    data = cached.get("data")
+    return data if isinstance(data, dict) else None
+
+
+def _write_cache(name: str, key: str, data: dict[str, Any]) -> None:
+    """Store ``data`` for ``key``; an unwritable cache only costs a probe next time."""
+    with contextlib.suppress(OSError):
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_dir() / name, json.dumps({"key": key, "data": data}))
 
 
 _VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
@@ -299,25 +311,13 @@ def kvm_status(
             probed=False,
         )
     kernel, initrd = probe_image
-    cache_file = cache_dir() / "kvm-probe.json"
     key = _probe_key(qemu, kernel, initrd)
-    if use_cache:
-        try:
-            cached = json.loads(cache_file.read_text())
-            if cached.get("key") == key:
-                return KvmStatus(
-                    cached["usable"], cached["reason"], True, cached.get("console", ""), cached.get("cpu")
-                )
-        except (OSError, ValueError, KeyError):
-            pass
+    cached = _read_cache("kvm-probe.json", key) if use_cache else None
+    if cached is not None:
+        with contextlib.suppress(TypeError):
+            return KvmStatus(**cached)
     status = _probe_boot(qemu, kernel, initrd, timeout)
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False) as fh:
-            json.dump({"key": key, **asdict(status)}, fh)
-        os.replace(fh.name, cache_file)
-    except OSError:
-        pass  # an unwritable cache only costs a probe next time
+    _write_cache("kvm-probe.json", key, asdict(status))
     return status
 
 

@@ -44,7 +44,6 @@ import json
 import os
 import secrets
 import socket
-import tempfile
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from . import host
+from ._fs import write_atomic
 from ._sync import run_sync
 from .errors import HostError, HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
 from .qmp import QMP
@@ -214,7 +214,7 @@ class DeviceLedger:
             raise _refuse("devices.json", str(self.path), f"unreadable: {exc}") from exc
 
     def _write(self, records: Sequence[_Record]) -> None:
-        _atomic_write(self.path, json.dumps([r.to_json() for r in records], indent=1))
+        write_atomic(self.path, json.dumps([r.to_json() for r in records], indent=1))
 
     def records(self) -> list[_Record]:
         """Every recorded device, in the order they were plugged."""
@@ -227,7 +227,7 @@ class DeviceLedger:
             records = [r for r in self._read() if r.id != record.id]
             self._write([*records, record])
             if record.kind == "cpu":
-                _atomic_write(self._counter_path, str(self._vcpus_added() + 1))
+                write_atomic(self._counter_path, str(self._vcpus_added() + 1))
 
     def remove(self, device_id: str) -> None:
         """Drop the entry of ``device_id`` (no error if there is none)."""
@@ -269,15 +269,6 @@ def _records_argv(records: Sequence[_Record]) -> list[str]:
             argv += [_BACKEND_OPTION[command], json.dumps(arguments, separators=(",", ":"))]
         argv += ["-device", json.dumps(record.device, separators=(",", ":"))]
     return argv
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half."""
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as fh:
-        fh.write(text)
-    os.replace(fh.name, path)
 
 
 # -- the operations ------------------------------------------------------------------

@@ -47,7 +47,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import host
+from ._fs import write_atomic
 from ._sync import run_sync
 from .argv import drive_ids
 from .errors import HostError, LaunchError, QemukitError, QMPCommandError, SnapshotError, WaitTimeout
@@ -422,9 +422,7 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(fh.name, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _external_records(vm: AsyncVM) -> list[dict[str, Any]]:

@@ -14,12 +14,12 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._fs import write_atomic
 from .errors import SpecError, StateError
 from .paths import state_dir
 from .process import is_same_process
@@ -155,9 +155,7 @@ class RuntimeDir:
         data: dict[str, Any] = dict(info.__dict__)
         data["argv"] = list(info.argv)
         data["helpers"] = [list(h) for h in info.helpers]
-        with tempfile.NamedTemporaryFile("w", dir=self.path, delete=False, suffix=".tmp") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(fh.name, self.info_file)
+        write_atomic(self.info_file, json.dumps(data, indent=1))
 
     def read_info(self) -> VMInfo | None:
         """Read ``vm.json``; None if missing or unreadable."""
