@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -35,6 +38,16 @@ def qemu_processes_under(root: Path) -> list[psutil.Process]:
     return found
 
 
+QEMUKIT = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or shutil.which("qemukit")
+
+
+def run_qemukit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``qemukit`` command as a user would, in a separate process."""
+    assert QEMUKIT, "the qemukit console script is not installed (pip install -e .)"
+    return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy(), stdin=subprocess.DEVNULL, check=False)
+
+
 def qemu_gone(pid: int) -> bool:
     """True if ``pid`` has exited; a zombie counts (init reaps orphans only every ~1.5 s)."""
     try:
@@ -47,6 +60,14 @@ def qemu_gone(pid: int) -> bool:
 def state_root() -> Path:
     """The test session's private registry directory (``QEMUKIT_STATE``)."""
     return _STATE
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> Any:
+    """The tiny image, built once if the cache does not have it yet."""
+    from qemukit import images
+
+    return images.build("tiny")
 
 
 @pytest.fixture(scope="session", autouse=True)

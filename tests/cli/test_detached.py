@@ -129,7 +129,7 @@ def test_console_interactive_and_detach_key(qk: Any, state_root: Path) -> None:
     import pty
     import select
 
-    from tests.cli.conftest import QEMUKIT
+    from tests.conftest import QEMUKIT
 
     assert qk("run", "--detach", "--name", "con1", *TCG, "--wait", "agent").returncode == 0
     master, slave = pty.openpty()

@@ -10,12 +10,6 @@ import pytest
 from qemukit import VM, VMSpec, images
 
 
-@pytest.fixture(scope="session")
-def tiny_image() -> images.TinyImage:
-    """The tiny image, built once if the cache does not have it yet."""
-    return images.build("tiny")
-
-
 @pytest.fixture
 def tiny_spec(tiny_image: images.TinyImage) -> VMSpec:
     """A spec booting the tiny guest under TCG (tests never rely on KVM)."""
@@ -43,16 +37,6 @@ def booted(tiny_spec: VMSpec) -> Iterator[Any]:
 @pytest.fixture
 def qk_cli() -> Any:
     """Run the installed ``qemukit`` command: ``qk_cli("ls", "--json")``."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_qemukit
 
-    exe = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or "qemukit"
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
-                              env=os.environ.copy(), check=False)
-
-    return run
+    return run_qemukit

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +25,10 @@ import pytest
 
 from qemukit import VM, images
 from qemukit.images.debian import file_sha256 as sha256
+from tests.conftest import run_qemukit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-QEMUKIT = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or shutil.which("qemukit")
 NAME = "qk-debian"
 USER_DATA = """\
 #cloud-config
@@ -40,9 +39,7 @@ write_files:
 
 
 def qk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    assert QEMUKIT, "the qemukit console script is not installed (pip install -e .)"
-    return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+    return run_qemukit(*args, timeout=timeout)
 
 
 

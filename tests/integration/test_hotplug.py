@@ -15,7 +15,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 from qemukit import VM, HotplugError, images
 from qemukit.hotplug import DeviceLedger
 from qemukit.images import TINY_APPEND
+from tests.conftest import run_qemukit
 
 pytestmark = pytest.mark.integration
 
@@ -581,20 +581,12 @@ def test_memory_rollback_removes_the_backend(vm_movable: VM, monkeypatch: pytest
 # -- CLI -----------------------------------------------------------------------------------
 
 
-def _qemukit_cli() -> list[str]:
-    script = Path(sys.executable).parent / "qemukit"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from qemukit.cli import main; main()"]
-
-
 def test_cli_hotplug_devices_unplug(tiny_image: images.TinyImage, images_dir: Path) -> None:
-    cli = _qemukit_cli()
     name = f"hpcli-{secrets.token_hex(3)}"
     raw = _raw_with_marker(images_dir, "cli", _marker())
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=180)
+        proc = run_qemukit(*args, timeout=180)
         if check:
             assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
