@@ -9,6 +9,7 @@ thread lives as long as the interpreter.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,22 @@ def _get_loop() -> asyncio.AbstractEventLoop:
             ready.wait()
             _loop = loop
         return _loop
+
+
+def _reset_after_fork() -> None:
+    """In a child of ``os.fork()``: the parent's loop thread does not exist here.
+
+    The child inherited the loop object but not the thread running it, so a
+    first sync call would wait forever. Start afresh: the child's first call
+    makes its own loop and thread.
+    """
+    global _lock, _loop, _thread
+    _lock = threading.Lock()
+    _loop = None
+    _thread = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

@@ -44,8 +44,8 @@ import json
 import os
 import secrets
 import socket
-import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -289,32 +289,27 @@ class _VMLike(Protocol):
 
     async def status(self) -> str: ...
 
+    @property
+    def guest_booted(self) -> bool: ...
+
+    async def wait_ready(self, timeout: float | None = None) -> float: ...
+
     async def _guard(self, aw: Awaitable[T], timeout: float | None, what: str, *,
                      launching: bool = False) -> T: ...
 
-
-_ops: weakref.WeakKeyDictionary[Any, AsyncHotplug] = weakref.WeakKeyDictionary()
+    def operation_lock(self, timeout: float = ...) -> AbstractAsyncContextManager[None]: ...
 
 
 class AsyncHotplug:
     """Hotplug operations on one running VM (``vm.hotplug`` of an :class:`AsyncVM`).
 
-    Operations on the same VM run one at a time (a port found free stays
-    free until its device is added); other processes are kept consistent by
-    ``devices.json`` and, for ports, by QEMU refusing an occupied one.
+    Operations on the same VM run one at a time, also across processes (the
+    VM's operation lock): a port found free stays free until its device is
+    added, and ``devices.json`` is read and written by one operation at a time.
     """
 
     def __init__(self, vm: _VMLike) -> None:
         self._vm = vm
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    def of(cls, vm: _VMLike) -> AsyncHotplug:
-        """The one operations object of ``vm`` (created on first use)."""
-        ops = _ops.get(vm)
-        if ops is None:
-            ops = _ops[vm] = cls(vm)
-        return ops
 
     @property
     def ledger(self) -> DeviceLedger:
@@ -352,7 +347,7 @@ class AsyncHotplug:
         except SpecError as exc:
             name = exc.field.removeprefix("drive.")
             raise _refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
-        async with self._lock:
+        async with self._vm.operation_lock():
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
                 raise _refuse("path", str(drive.file), "no such file")
@@ -465,7 +460,7 @@ class AsyncHotplug:
             nic = Nic(kind=kind, forwards=cast(Any, tuple(forwards)), ifname=ifname, mac=mac, id=id)
         except SpecError as exc:
             raise _refuse(exc.field.removeprefix("nic."), exc.value, exc.reason) from exc
-        async with self._lock:
+        async with self._vm.operation_lock():
             self._require_pci()
             for fw in nic.forwards:
                 await asyncio.to_thread(_check_host_port, fw)
@@ -503,7 +498,7 @@ class AsyncHotplug:
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise _refuse("count", count, "must be a positive integer")
-        async with self._lock:
+        async with self._vm.operation_lock():
             self._require_acpi()
             spec = self._vm.spec
             slots = await self._vm.qmp("query-hotpluggable-cpus")
@@ -563,7 +558,7 @@ class AsyncHotplug:
         if mib <= 0 or mib % MEMORY_BLOCK_MIB:
             raise _refuse("size", size, f"must be a positive multiple of {MEMORY_BLOCK_MIB} MiB "
                           "(Linux guests online memory in 128 MiB blocks)")
-        async with self._lock:
+        async with self._vm.operation_lock():
             self._require_acpi()
             spec = self._vm.spec
             if spec.max_memory is None:
@@ -599,7 +594,7 @@ class AsyncHotplug:
         stays plugged and listed, and calling ``unplug`` again retries.
         """
         dev_id = device.id if isinstance(device, PluggedDevice) else device
-        async with self._lock:
+        async with self._vm.operation_lock():
             records = await asyncio.to_thread(self.ledger.records)
             record = next((r for r in records if r.id == dev_id), None)
             if record is None:
@@ -622,6 +617,7 @@ class AsyncHotplug:
                         dev_id,
                     )
             if dev_id in await self._peripheral():
+                await self._guest_booted("unplug", dev_id)
                 await self._device_del(record, timeout)
             await self._teardown(record)
 
@@ -631,7 +627,7 @@ class AsyncHotplug:
         A device QEMU deleted after an unplug had timed out (the guest let it
         go later) has its backends removed here and is no longer listed.
         """
-        async with self._lock:
+        async with self._vm.operation_lock():
             records = await asyncio.to_thread(self.ledger.records)
             if not records:
                 return []
@@ -649,14 +645,38 @@ class AsyncHotplug:
 
     # -- the common steps -------------------------------------------------------------
 
+    async def _guest_booted(self, action: str, dev_id: str) -> None:
+        """Wait, bounded by the VM's boot timeout, until the guest can take part in ``action``.
+
+        A guest still booting has no ACPI hotplug handler yet: it would
+        never acknowledge a CPU or DIMM (although it enumerates them once its
+        drivers start) nor release a device being unplugged, so the operation
+        would report a false failure. Its agent answering is the sign that it
+        is up; a VM without an agent, or a paused one, is taken as it is.
+        """
+        vm = self._vm
+        if vm.spec.agent == "none" or vm.guest_booted or await vm.status() != "running":
+            return
+        try:
+            await vm.wait_ready()
+        except WaitTimeout as exc:
+            raise HotplugError(
+                f"{action} {dev_id}: the guest is still booting and did not become ready within "
+                f"{exc.timeout:g}s; nothing was changed" + (f"\n{exc.console}" if exc.console else ""),
+                device=dev_id,
+            ) from exc
+
     async def _plug(self, record: _Record, timeout: float, *, acknowledge: bool = False) -> None:
         """Add the backends, then the device; undo the backends if the device fails.
 
         With ``acknowledge`` (CPUs, DIMMs) wait for the guest's ``_OST``
-        report of the insertion, unless the guest is paused.
+        report of the insertion, unless the guest is paused; a guest still
+        booting is waited for first (see :meth:`_guest_booted`).
         """
         added: list[tuple[str, dict[str, Any]]] = []
         vm = self._vm
+        if acknowledge:
+            await self._guest_booted(f"plugging {record.kind}", record.id)
 
         def ours(event: Mapping[str, Any]) -> bool:
             info = event.get("data", {}).get("info", {})

@@ -29,10 +29,15 @@ __all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command"
 _PR_SET_PDEATHSIG = 1
 
 
+# Resolved here, in the parent, once: the preexec_fn below runs between fork and exec
+# of a possibly threaded process, where loading a library (dlopen takes locks another
+# thread may have held at the fork) can deadlock. Calling a resolved symbol does not load.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Runs in the child before exec: SIGKILL it when the spawning thread dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The parent may have died between fork and prctl: then nobody would signal us.
     if os.getppid() != parent_pid:
         os._exit(1)

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._aio import cancel_and_wait
 from .errors import AgentError, QemukitError, StateError, WaitTimeout
 from .guest import Agent, ExecResult
 
@@ -165,9 +166,7 @@ class GuestAgent(Agent):
             finally:
                 for task in (read_task, event_task):
                     if task is not None:
-                        task.cancel()
-                        with contextlib.suppress(BaseException):
-                            await task
+                        await cancel_and_wait(task)
 
     async def _command(self, name: str, arguments: dict[str, Any] | None, deadline: float) -> Any:
         """Send one command on a synced channel and return its ``return`` value."""

@@ -42,16 +42,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import json
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from . import host
 from ._fs import write_atomic
@@ -450,6 +451,23 @@ def _safe_name(text: str) -> str:
 
 # -- the snapshots API --------------------------------------------------------------------------
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _under_operation_lock(
+    method: Callable[Concatenate[Snapshots, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[Snapshots, _P], Coroutine[Any, Any, _R]]:
+    """Run a snapshot operation under the VM's operation lock (one at a time, any process)."""
+
+    @functools.wraps(method)
+    async def locked(self: Snapshots, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        async with self.vm.operation_lock():
+            return await method(self, *args, **kwargs)
+
+    return locked
+
+
 
 class Snapshots:
     """Internal and external snapshots of one running VM (``vm.snapshots``), async.
@@ -480,6 +498,7 @@ class Snapshots:
             )
         return infos
 
+    @_under_operation_lock
     async def save(self, tag: str, *, replace: bool = False,
                    timeout: float = JOB_TIMEOUT) -> SnapshotInfo:
         """Save disks and RAM as internal snapshot ``tag`` (``replace`` overwrites one).
@@ -505,6 +524,7 @@ class Snapshots:
         )
         return next(i for i in await self.list() if i.tag == tag)
 
+    @_under_operation_lock
     async def load(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
         """Bring back disks and RAM as they were at internal snapshot ``tag``.
 
@@ -541,6 +561,7 @@ class Snapshots:
             what=f"snapshot-load of {tag!r}", deadline=_Deadline(timeout),
         )
 
+    @_under_operation_lock
     async def delete(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
         """Delete snapshot ``tag``: an internal one from every disk holding it.
 
@@ -561,6 +582,7 @@ class Snapshots:
 
     # -- external ---------------------------------------------------------------------------
 
+    @_under_operation_lock
     async def external(self, tag: str, *, memory: bool = False,
                        timeout: float = JOB_TIMEOUT) -> SnapshotInfo:
         """Freeze every writable disk under a new qcow2 overlay (one ``blockdev-snapshot``
@@ -656,6 +678,7 @@ class Snapshots:
             )
         return records, records[-1]
 
+    @_under_operation_lock
     async def revert(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
         """Go back to external snapshot ``tag`` (the latest), dropping what was written since.
 
@@ -697,6 +720,7 @@ class Snapshots:
             _write_json(vm.runtime.path / EXTERNAL_FILE, records)
         await _reboot_guest(vm, deadline)
 
+    @_under_operation_lock
     async def commit(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
         """Merge external snapshot ``tag`` (the latest) back into the layers it froze.
 
@@ -952,6 +976,13 @@ async def _wait_migration(
 
 async def save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
                      timeout: float = SAVE_TIMEOUT) -> Bundle:
+    """Save ``vm``'s state to a new bundle (see :func:`_save_state`), under its operation lock."""
+    async with vm.operation_lock():
+        return await _save_state(vm, path, stop=stop, timeout=timeout)
+
+
+async def _save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
+                      timeout: float = SAVE_TIMEOUT) -> Bundle:
     """Save ``vm``'s state to a new bundle directory at ``path`` (see :class:`Bundle`).
 
     The guest is paused while its state is written and its disks copied,
@@ -1036,6 +1067,12 @@ async def _resume_after(vm: AsyncVM, was_running: bool, migrated: bool) -> None:
 
 
 async def restore_vm(vm: AsyncVM, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+    """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock."""
+    async with vm.operation_lock():
+        await _restore_vm(vm, bundle, timeout)
+
+
+async def _restore_vm(vm: AsyncVM, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
     """Feed ``bundle``'s state to ``vm``, just started with ``-incoming defer``; resume it.
 
     The hot-plugged devices are recreated first (same ids and arguments), so

@@ -77,6 +77,16 @@ class RuntimeDir:
         return self.path / "console.sock"
 
     @property
+    def ready_stamp(self) -> Path:
+        """``guest-ready``: written once the guest agent first answered (boot is over)."""
+        return self.path / "guest-ready"
+
+    @property
+    def lock_file(self) -> Path:
+        """``ops.lock``: flock'ed by every operation that changes the VM's state files."""
+        return self.path / "ops.lock"
+
+    @property
     def console_log(self) -> Path:
         """Everything the guest wrote to its serial console."""
         return self.path / "console.log"

@@ -16,3 +16,6 @@ UNPLUG_TIMEOUT = 30.0
 #: A snapshot job (save/load/delete); a state save to a bundle.
 JOB_TIMEOUT = 120.0
 SAVE_TIMEOUT = 300.0
+#: Waiting for a VM's operation lock held by another operation (hotplug, snapshot,
+#: restore), in this process or another: as long as the longest such operation.
+LOCK_TIMEOUT = 300.0

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import contextlib
 import enum
+import logging
 import os
 import shutil
 import signal
@@ -21,14 +22,15 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import host
+from ._aio import cancel_and_wait, file_lock
 from ._sync import run_sync
-from .argv import Plumbing, build_argv, drive_ids
 from .console import PANIC_RE, ConsoleWatcher, log_tail
 from .errors import (
     GuestIOError,
@@ -44,15 +46,18 @@ from .errors import (
 from .guest import Agent, ExecResult
 from .hotplug import AsyncHotplug, Hotplug, PluggedDevice
 from .paths import cache_dir
+from .plan import HostFacts, LaunchPlan, plan_launch
 from .process import QemuProcess, process_start_time
 from .qga import SyncGuest
 from .qmp import QMP
 from .snapshot import Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
-from .spec import VMSpec
+from .spec import Share, VMSpec
 from .state import RuntimeDir, VMInfo
-from .timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from .timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 
 __all__ = ["VM", "AsyncVM", "ShutdownResult", "ShutdownRung", "VMState", "preview_argv"]
+
+log = logging.getLogger("qemukit")
 
 T = TypeVar("T")
 
@@ -93,13 +98,27 @@ class ShutdownResult:
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
+#: The process that owns the VMs in ``_live`` (a forked child owns none of them).
+_live_pid = os.getpid()
 
 
 @atexit.register
 def _kill_leftovers() -> None:
     """Last resort at interpreter exit: no VM owned by this process outlives it."""
+    if os.getpid() != _live_pid:
+        return
     for vm in list(_live):
         vm._emergency_stop()
+
+
+def _forget_parents_vms() -> None:
+    """In a child of ``os.fork()``: the parent's VMs are not ours to kill or clean up."""
+    global _live, _live_pid
+    _live = weakref.WeakSet()
+    _live_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
 def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
@@ -156,8 +175,10 @@ class AsyncVM:
         self._agent: Agent | None = None
         self._io_error: asyncio.Future[GuestIOError] | None = None
         self._io_watch: asyncio.Task[None] | None = None
+        self._formats: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
+        self._hotplug: AsyncHotplug | None = None
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
@@ -228,8 +249,12 @@ class AsyncVM:
         self.state = VMState.RUNNING
         return self
 
-    def _prepare(self) -> tuple[host.QemuBinary, list[str], list[str]]:
-        """Everything before the spawn that can fail on bad input: no process yet."""
+    def _prepare(self) -> None:
+        """Everything before the spawn that can fail on bad input: no process, no file yet.
+
+        Checks the spec against the host, reads each drive's real format and
+        resolves the accelerator (the plan is made once the name is claimed).
+        """
         qemu = host.find_qemu()
         if self.spec.machine not in qemu.machines:
             raise SpecError("machine", self.spec.machine, f"{qemu.path} does not support it")
@@ -237,16 +262,23 @@ class AsyncVM:
             path = getattr(self.spec, name)
             if path is not None and not os.path.isfile(path):
                 raise SpecError(name, path, "no such file")
-        files, formats = [], []
+        formats = []
         for drive in self.spec.drives:
             fmt = host.image_format(str(drive.file), qemu)
             if drive.format is not None and drive.format != fmt:
                 raise SpecError("drive.format", drive.format, f"{drive.file} is {fmt}")
-            files.append(os.path.abspath(drive.file))
             formats.append(fmt)
+        for share in self.spec.shares:
+            if not os.path.isdir(share.host_path):
+                raise SpecError("share.host_path", share.host_path, "no such directory")
+        if self.spec.firmware == "ovmf" and host.find_ovmf() is None:
+            raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
+        if any(sh.transport == "virtiofs" for sh in self.spec.shares) and host.find_virtiofsd() is None:
+            raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
+                            "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
         probe = _default_probe_image() if self.spec.accel != "tcg" else None
         self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
-        return qemu, files, formats
+        self._formats = formats
 
     async def _start(self, timeout: float) -> None:
         if self.spec.qmp_tcp_port is not None:
@@ -254,50 +286,17 @@ class AsyncVM:
                 f"VM {self.spec.name or ''!r}: QMP also listens on 127.0.0.1:{self.spec.qmp_tcp_port};"
                 " any local user who can connect there controls the VM", stacklevel=3,
             )
-        qemu, files, formats = await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(self._prepare)
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
+        # The plan again, now in the directory really claimed (its name may be generated).
+        plan = plan_launch(self.spec, _host_facts(host.find_qemu(), self.accel), rd,
+                           self._formats, incoming=self._incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
-        seed_args = await asyncio.to_thread(self._write_seed, rd)
-        for i, drive in enumerate(self.spec.drives):
-            if drive.overlay:
-                files[i], formats[i] = await asyncio.to_thread(
-                    self._make_overlay, qemu, files[i], formats[i], drive_ids(self.spec)[i]
-                )
-        ovmf_code = ovmf_vars = None
-        if self.spec.firmware == "ovmf":
-            found = host.find_ovmf()
-            if found is None:
-                raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-            ovmf_code, ovmf_vars = found[0], str(rd.path / "ovmf-vars.fd")
-            shutil.copyfile(found[1], ovmf_vars)
-        share_sockets = self._start_virtiofsd(rd)
+        await asyncio.to_thread(self._carry_out, plan)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            plumbing = Plumbing(
-                share_sockets=share_sockets,
-                qmp_fd=theirs.fileno(),
-                qmp_path=str(rd.qmp_socket),
-                console_path=str(rd.console_socket),
-                console_log=str(rd.console_log),
-                agent_path=str(rd.agent_socket),
-                drive_files=tuple(files),
-                drive_formats=tuple(formats),
-                ovmf_code=ovmf_code,
-                ovmf_vars=ovmf_vars,
-                incoming=self._incoming,
-            )
-            self.argv = build_argv(
-                self.spec,
-                qemu=qemu.path,
-                accel=self.accel.accel,
-                plumbing=plumbing,
-                sandbox=self.spec.sandbox and qemu.has_sandbox,
-                name=rd.name,
-                cpu=self.accel.cpu,
-                run_with=qemu.has_run_with,
-                tsc_khz=host.tsc_khz(),
-            ) + seed_args
+            self.argv = plan.argv(qmp_fd=theirs.fileno())
             self._proc = QemuProcess.spawn(
                 self.argv,
                 log_path=rd.qemu_log,
@@ -342,6 +341,28 @@ class AsyncVM:
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
+
+    def _carry_out(self, plan: LaunchPlan) -> None:
+        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons."""
+        for step in plan.overlays:
+            try:
+                host.create_overlay(step.base, step.base_format, step.overlay)
+            except HostError as exc:
+                raise LaunchError(str(exc)) from exc
+        if plan.firmware_copy is not None:
+            template, copy = plan.firmware_copy
+            try:
+                shutil.copyfile(template, copy)
+            except OSError as exc:
+                raise LaunchError(f"cannot copy the UEFI variables {template} to {copy}: "
+                                  f"{exc.strerror}") from exc
+        if plan.seed_iso is not None:
+            from .seed import build_seed
+
+            assert self.spec.cloud_init is not None
+            build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
+        for share, sock in plan.virtiofs:
+            self._start_virtiofsd(share, sock)
 
     @classmethod
     async def attach(
@@ -403,44 +424,31 @@ class AsyncVM:
         _live.discard(self)
         self.state = VMState.DETACHED
 
-    def _start_virtiofsd(self, rd: RuntimeDir) -> tuple[str, ...]:
-        """One virtiofsd per virtiofs share, each on a listening socket we bound.
+    def _start_virtiofsd(self, share: Share, path: str) -> None:
+        """Start virtiofsd for ``share`` on a listening socket at ``path`` that we bound.
 
         Binding the socket here and handing virtiofsd the fd means QEMU can
         connect at once (the kernel queues it) with no wait for the daemon.
         """
-        shares = [sh for sh in self.spec.shares if sh.transport == "virtiofs"]
-        if not shares:
-            return ()
         daemon = host.find_virtiofsd()
-        if daemon is None:
-            raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
-                            "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
-        paths = []
-        for sh in shares:
-            if not os.path.isdir(sh.host_path):
-                raise SpecError("share.host_path", sh.host_path, "no such directory")
-            path = rd.path / f"vfs-{sh.tag}.sock"
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                listener.bind(str(path))
-                os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
-                listener.listen(1)
-                argv = host.virtiofsd_argv(daemon, sh, listener.fileno())
-                self._helpers.append(QemuProcess.spawn(
-                    argv, log_path=rd.path / f"virtiofsd-{sh.tag}.log",
-                    pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
-                ))
-            finally:
-                listener.close()
-            paths.append(str(path))
-        return tuple(paths)
+        assert daemon is not None  # checked by _prepare
+        assert self.runtime is not None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
+            listener.listen(1)
+            argv = host.virtiofsd_argv(daemon, share, listener.fileno())
+            self._helpers.append(QemuProcess.spawn(
+                argv, log_path=self.runtime.path / f"virtiofsd-{share.tag}.log",
+                pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
+            ))
+        finally:
+            listener.close()
 
     async def _stop_io_watch(self) -> None:
         if self._io_watch is not None:
-            self._io_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, QemukitError):
-                await self._io_watch
+            await cancel_and_wait(self._io_watch)
             self._io_watch = None
 
     def _output_for_error(self) -> str:
@@ -463,17 +471,6 @@ class AsyncVM:
                     await helper.wait(5)
             helper.close()
         self._helpers = []
-
-    def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, drive_id: str) -> tuple[
-        str, str
-    ]:
-        assert self.runtime is not None
-        overlay = self.runtime.overlay(drive_id)
-        try:
-            host.create_overlay(base, fmt, overlay)
-        except HostError as exc:
-            raise LaunchError(str(exc)) from exc
-        return str(overlay), "qcow2"
 
     async def _raise_launch_failure(self) -> None:
         assert self._proc is not None
@@ -500,19 +497,23 @@ class AsyncVM:
         """
         assert self._proc is not None
         task = asyncio.ensure_future(aw)
-        exited = asyncio.shield(self._proc.exit_future())
-        waiters: set[asyncio.Future[Any]] = {task, exited}
+        # The long-lived futures (QEMU's exit, a panic, an I/O error) go to asyncio.wait
+        # as they are: it removes its callbacks from them when it returns, so a VM that
+        # serves many calls keeps none per call (an asyncio.shield here would leave one
+        # on each until QEMU exits). asyncio.wait never cancels them.
+        waiters: set[asyncio.Future[Any]] = {task, self._proc.exit_future()}
         panic = self._console.panic if self._console else None
         if panic is not None:
-            waiters.add(asyncio.shield(panic))
+            waiters.add(panic)
         io_error = self._io_error if guest_io else None
         if io_error is not None:
-            waiters.add(asyncio.shield(io_error))
+            waiters.add(io_error)
         try:
             done, _ = await asyncio.wait(
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
+            # Our caller was cancelled (or interrupted): the call goes with it.
             task.cancel()
             raise
         if task in done and task.exception() is not None and self._proc.alive():
@@ -524,9 +525,7 @@ class AsyncVM:
             task.exception() is None or (self._proc.alive() and self._panic_line(panic) is None)
         ):
             return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await cancel_and_wait(task)
         if io_error is not None and io_error.done():
             # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
             self._io_error = asyncio.get_running_loop().create_future()
@@ -640,7 +639,23 @@ class AsyncVM:
         See :class:`qemukit.hotplug.AsyncHotplug` (disk, nic, cpu, memory).
         """
         self._require(VMState.RUNNING)
-        return AsyncHotplug.of(self)
+        if self._hotplug is None:
+            self._hotplug = AsyncHotplug(self)
+        return self._hotplug
+
+    def operation_lock(self, timeout: float = LOCK_TIMEOUT) -> AbstractAsyncContextManager[None]:
+        """Held by every operation that reads and changes the VM's state files.
+
+        Hotplug (``devices.json``), external snapshots (their records) and
+        restore run one at a time per VM, across processes too (an owner and
+        a ``qemukit`` command at once): an ``flock`` on ``ops.lock`` in the
+        runtime directory. Waiting for it is bounded by ``timeout``.
+        """
+        if self.runtime is None:
+            raise StateError(f"VM {self.name!r} has no runtime directory (not started)")
+        path = self.runtime.lock_file
+        return file_lock(path, timeout, f"VM {self.name!r}'s operation lock ({path}), "
+                         "held by another operation on it")
 
     async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
         """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
@@ -706,15 +721,6 @@ class AsyncVM:
         return vm
 
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
-
-    def _write_seed(self, rd: RuntimeDir) -> list[str]:
-        """Write the spec's cloud-init seed into the runtime directory; the args attaching it."""
-        if self.spec.cloud_init is None:
-            return []
-        from .seed import build_seed, seed_device_args
-
-        seed = build_seed(self.spec.cloud_init, rd.path, rd.name)
-        return seed_device_args(self.spec, str(seed.iso))
 
     @property
     def guest(self) -> Agent:
@@ -797,8 +803,18 @@ class AsyncVM:
         if not self._agent.ready:
             await self._guard(self._agent.ping(timeout), timeout, "the guest agent (boot)",
                               guest_io=True)
+            if self.runtime is not None and not self.runtime.ready_stamp.exists():
+                # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
+                self.runtime.write_private(self.runtime.ready_stamp, f"{time.time()}\n")
         assert self._proc is not None
         return self._proc.uptime()
+
+    @property
+    def guest_booted(self) -> bool:
+        """True once the guest agent has answered, here or in any process controlling the VM."""
+        if self._agent is not None and self._agent.ready:
+            return True
+        return self.runtime is not None and self.runtime.ready_stamp.exists()
 
     async def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
                    check: bool = False) -> ExecResult:
@@ -881,6 +897,7 @@ class AsyncVM:
         if not proc.alive():
             return done(ShutdownRung.ALREADY_EXITED)
         if qmp is not None and acpi_timeout > 0:
+            log.debug("%s: shutdown: ACPI powerdown, up to %gs", self.name, acpi_timeout)
             tried.append(ShutdownRung.ACPI)
             deadline = time.monotonic() + acpi_timeout
             with contextlib.suppress(QemukitError):
@@ -895,7 +912,8 @@ class AsyncVM:
                     except WaitTimeout:
                         if time.monotonic() >= deadline:
                             break
-        if qmp is not None and qmp.connected and proc.alive():
+        if qmp is not None and qmp.connected and proc.alive() and quit_timeout > 0:
+            log.debug("%s: shutdown: QMP quit, up to %gs", self.name, quit_timeout)
             tried.append(ShutdownRung.QUIT)
             with contextlib.suppress(QemukitError):
                 with contextlib.suppress(QMPConnectionError):  # QEMU may hang up before replying
@@ -908,6 +926,7 @@ class AsyncVM:
         ):
             if not proc.alive():
                 break
+            log.debug("%s: shutdown: %s, up to %gs", self.name, rung.value, wait)
             tried.append(rung)
             proc.send_signal(sig)
             with contextlib.suppress(WaitTimeout):
@@ -917,17 +936,48 @@ class AsyncVM:
             raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s")
         return done(tried[-1] if tried else ShutdownRung.ALREADY_EXITED)
 
-    async def kill(self) -> ShutdownResult:
-        """SIGKILL QEMU at once and clean up (no graceful rungs)."""
-        return await self.shutdown(0, quit_timeout=0, term_timeout=0)
+    async def kill(self, *, kill_timeout: float = 5.0) -> ShutdownResult:
+        """SIGKILL QEMU at once and clean up: no QMP, no graceful rung.
+
+        The result's rung is ``SIGKILL`` (``ALREADY_EXITED`` if QEMU was gone).
+        Calling it after a shutdown returns that shutdown's result.
+        """
+        if self.state in (VMState.STOPPED, VMState.FAILED) and self.last_shutdown:
+            return self.last_shutdown
+        self._require(VMState.RUNNING)
+        self.state = VMState.STOPPING
+        assert self._proc is not None
+        proc = self._proc
+        start = time.monotonic()
+        try:
+            if proc.alive():
+                log.debug("%s: kill: SIGKILL to QEMU pid %d", self.name, proc.pid)
+                proc.kill()
+                try:
+                    await proc.wait(kill_timeout)
+                except WaitTimeout:
+                    raise StateError(
+                        f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s") from None
+                rung = ShutdownRung.SIGKILL
+            else:
+                rung = ShutdownRung.ALREADY_EXITED
+        finally:
+            await self._cleanup(force=True)
+            self.state = VMState.STOPPED
+        tried = (rung,) if rung is ShutdownRung.SIGKILL else ()
+        self.last_shutdown = ShutdownResult(rung, proc.returncode, time.monotonic() - start, tried)
+        return self.last_shutdown
 
     async def _cleanup(self, force: bool) -> None:
         """Close connections, make sure QEMU is gone, remove runtime files."""
         await self._stop_io_watch()
         for closer in (self._agent, self._console, self._qmp):
             if closer is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await closer.close()
+                except Exception as exc:  # closing a dead connection may fail; go on
+                    log.debug("%s: cleanup: closing %s failed: %r", self.name,
+                              type(closer).__name__, exc)
         if self._proc is not None:
             if force and self._proc.alive():
                 self._proc.kill()
@@ -1154,13 +1204,24 @@ class VM:
             self.shutdown()
 
 
+def _host_facts(qemu: host.QemuBinary, accel: host.AccelChoice) -> HostFacts:
+    return HostFacts(
+        qemu=qemu.path, accel=accel.accel, cpu=accel.cpu,
+        sandbox=qemu.has_sandbox, run_with=qemu.has_run_with, tsc_khz=host.tsc_khz(),
+        ovmf=host.find_ovmf(),
+    )
+
+
 def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], list[str]]:
     """The argv :class:`VM` would run for ``spec``, without starting anything.
 
-    Returns (argv, notes): paths are those the runtime directory would have;
-    a drive file that does not exist is shown with its declared format (or
-    qcow2) and a note. The accelerator is resolved as at a real start.
+    Returns (argv, notes). It is the launch plan a start would carry out
+    (:mod:`qemukit.plan`), in the runtime directory the VM would get; a
+    drive file that does not exist yet is shown with its declared format
+    (or qcow2) and a note. The accelerator is resolved as at a real start.
     """
+    from .paths import state_dir
+
     qemu = host.find_qemu()
     notes: list[str] = []
     formats = []
@@ -1172,35 +1233,12 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
             notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
     accel = host.resolve_accel(spec.accel, qemu, _default_probe_image())
     notes.append(f"accelerator: {accel.reason}")
-    from .paths import state_dir
-
     rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
-    ids = drive_ids(spec)
-    files = [
-        str(rd.overlay(ids[i])) if d.overlay else os.path.abspath(d.file)
-        for i, d in enumerate(spec.drives)
-    ]
-    formats = ["qcow2" if d.overlay else f for d, f in zip(spec.drives, formats, strict=True)]
-    ovmf = host.find_ovmf() if spec.firmware == "ovmf" else None
-    plumbing = Plumbing(
-        qmp_fd=3,
-        qmp_path=str(rd.qmp_socket),
-        console_path=str(rd.console_socket),
-        console_log=str(rd.console_log),
-        agent_path=str(rd.agent_socket),
-        drive_files=tuple(files),
-        drive_formats=tuple(formats),
-        ovmf_code=ovmf[0] if ovmf else ("OVMF_CODE.fd" if spec.firmware == "ovmf" else None),
-        ovmf_vars=str(rd.path / "ovmf-vars.fd") if spec.firmware == "ovmf" else None,
-    )
-    argv = build_argv(
-        spec, qemu=qemu.path, accel=accel.accel, plumbing=plumbing,
-        sandbox=spec.sandbox and qemu.has_sandbox, name=rd.name, cpu=accel.cpu,
-        run_with=qemu.has_run_with, tsc_khz=host.tsc_khz(),
-    )
-    if spec.cloud_init is not None:
-        from .seed import SEED_FILE, seed_device_args
-
-        argv += seed_device_args(spec, str(rd.path / SEED_FILE))
-        notes.append(f"cloud-init seed: written to {rd.path / SEED_FILE} at start")
-    return argv, notes
+    plan = plan_launch(spec, _host_facts(qemu, accel), rd, formats)
+    if plan.firmware_copy is not None and plan.facts.ovmf is None:
+        notes.append("OVMF is not installed (apt-get install ovmf); a start would fail")
+    for share, sock in plan.virtiofs:
+        notes.append(f"share {share.tag}: virtiofsd serves {share.host_path} on {sock}")
+    if plan.seed_iso is not None:
+        notes.append(f"cloud-init seed: written to {plan.seed_iso} at start")
+    return plan.argv(), notes

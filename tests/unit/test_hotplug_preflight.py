@@ -20,6 +20,7 @@ import pytest
 from qemu.qmp import EventListener
 
 from qemukit import HotplugError, VMSpec, host
+from qemukit._aio import file_lock
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
 from qemukit.state import RuntimeDir
@@ -84,6 +85,15 @@ class FakeVM:
 
     async def status(self) -> str:
         return "running"
+
+    #: The guest has booted (its agent answered), so hotplug needs no wait for it.
+    guest_booted = True
+
+    async def wait_ready(self, timeout: float | None = None) -> float:
+        return 0.0
+
+    def operation_lock(self, timeout: float = 5.0) -> Any:
+        return file_lock(self.runtime.lock_file, timeout, "the fake VM's operation lock")
 
     async def _guard(self, aw: Any, timeout: float | None, what: str, *, launching: bool = False) -> Any:
         return await aw

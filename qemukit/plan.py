@@ -1,0 +1,147 @@
+"""The launch plan: every file, daemon and argument a VM's start needs, decided at once.
+
+:func:`plan_launch` is pure: from the spec, the host's facts, the chosen
+accelerator and the runtime directory it decides which files QEMU opens
+(overlays in the runtime directory for throwaway drives), which firmware
+copy it gets, which virtiofsd socket serves each share, where the cloud-init
+seed goes, and the whole argv. ``AsyncVM.start`` carries the plan out (makes
+the overlays, copies the firmware, starts the daemons, writes the seed);
+``preview_argv`` and ``qemukit cmdline`` only print it. One plan for both
+means the printed command line is the one a start runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .argv import Plumbing, build_argv, drive_ids
+from .spec import Share, VMSpec
+from .state import RuntimeDir
+
+__all__ = ["HostFacts", "LaunchPlan", "OverlayStep", "plan_launch"]
+
+#: The fd number QEMU's end of the owner's monitor socketpair has in a preview.
+PREVIEW_QMP_FD = 3
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the plan needs to know about the host (found by :mod:`qemukit.host`)."""
+
+    qemu: str
+    accel: str
+    cpu: str | None = None
+    sandbox: bool = False
+    run_with: bool = False
+    tsc_khz: int | None = None
+    #: (code, vars template) of the UEFI firmware, if installed.
+    ovmf: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class OverlayStep:
+    """A throwaway qcow2 overlay to create over a drive's base (never written)."""
+
+    base: str
+    base_format: str
+    overlay: str
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a start of one VM will do; :meth:`argv` is QEMU's command line."""
+
+    spec: VMSpec
+    runtime: RuntimeDir
+    facts: HostFacts
+    plumbing: Plumbing
+    overlays: tuple[OverlayStep, ...]
+    #: (firmware vars template, the VM's private copy) for OVMF guests.
+    firmware_copy: tuple[str, str] | None
+    #: One virtiofsd per virtiofs share: (share, the socket it listens on).
+    virtiofs: tuple[tuple[Share, str], ...]
+    #: The cloud-init seed ISO to write, and the arguments attaching it.
+    seed_iso: str | None
+    seed_args: tuple[str, ...]
+
+    def argv(self, qmp_fd: int = PREVIEW_QMP_FD) -> list[str]:
+        """QEMU's argv, with ``qmp_fd`` the inherited end of the owner's monitor socket."""
+        facts = self.facts
+        return build_argv(
+            self.spec,
+            qemu=facts.qemu,
+            accel=facts.accel,
+            plumbing=replace(self.plumbing, qmp_fd=qmp_fd),
+            sandbox=facts.sandbox,
+            name=self.runtime.name,
+            cpu=facts.cpu,
+            run_with=facts.run_with,
+            tsc_khz=facts.tsc_khz,
+        ) + list(self.seed_args)
+
+
+def plan_launch(
+    spec: VMSpec,
+    facts: HostFacts,
+    runtime: RuntimeDir,
+    formats: Sequence[str],
+    *,
+    incoming: str | None = None,
+) -> LaunchPlan:
+    """Decide a start of ``spec`` in ``runtime`` (pure; nothing is created).
+
+    ``formats`` is each drive's real format (read from the file by the
+    caller). ``incoming`` is ``-incoming``'s value for a VM that will be fed
+    saved state (``defer``).
+    """
+    from .seed import SEED_FILE, seed_device_args
+
+    files: list[str] = []
+    final_formats: list[str] = []
+    overlays: list[OverlayStep] = []
+    for drive, fmt, dev_id in zip(spec.drives, formats, drive_ids(spec), strict=True):
+        path = os.path.abspath(drive.file)
+        if drive.overlay:
+            overlay = str(runtime.overlay(dev_id))
+            overlays.append(OverlayStep(path, fmt, overlay))
+            files.append(overlay)
+            final_formats.append("qcow2")
+        else:
+            files.append(path)
+            final_formats.append(fmt)
+    firmware_copy = None
+    ovmf_code = ovmf_vars = None
+    if spec.firmware == "ovmf":
+        code, template = facts.ovmf or ("OVMF_CODE.fd", "OVMF_VARS.fd")
+        ovmf_code, ovmf_vars = code, str(runtime.path / "ovmf-vars.fd")
+        firmware_copy = (template, ovmf_vars)
+    virtiofs = tuple(
+        (share, str(runtime.path / f"vfs-{share.tag}.sock"))
+        for share in spec.shares if share.transport == "virtiofs"
+    )
+    seed_iso = str(runtime.path / SEED_FILE) if spec.cloud_init is not None else None
+    plumbing = Plumbing(
+        share_sockets=tuple(sock for _, sock in virtiofs),
+        qmp_path=str(runtime.qmp_socket),
+        console_path=str(runtime.console_socket),
+        console_log=str(runtime.console_log),
+        agent_path=str(runtime.agent_socket),
+        drive_files=tuple(files),
+        drive_formats=tuple(final_formats),
+        ovmf_code=ovmf_code,
+        ovmf_vars=ovmf_vars,
+        incoming=incoming,
+    )
+    return LaunchPlan(
+        spec=spec,
+        runtime=runtime,
+        facts=facts,
+        plumbing=plumbing,
+        overlays=tuple(overlays),
+        firmware_copy=firmware_copy,
+        virtiofs=virtiofs,
+        seed_iso=seed_iso,
+        seed_args=tuple(seed_device_args(spec, seed_iso)) if seed_iso else (),
+    )
