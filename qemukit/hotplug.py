@@ -44,19 +44,18 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from . import host
 from ._fs import write_atomic
-from ._sync import run_sync
+from ._sync import SyncFacade, blocking
 from .errors import HostError, HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
-from .qmp import QMP
-from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, VMSpec, parse_size
+from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, parse_size
 from .state import RuntimeDir
+from .target import VMTarget
 from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
 
 __all__ = [
@@ -274,32 +273,6 @@ def _records_argv(records: Sequence[_Record]) -> list[str]:
 # -- the operations ------------------------------------------------------------------
 
 
-class _VMLike(Protocol):
-    """What the hotplug operations need from a VM (an :class:`~qemukit.vm.AsyncVM`)."""
-
-    spec: VMSpec
-    runtime: RuntimeDir | None
-    accel: host.AccelChoice | None
-
-    @property
-    def monitor(self) -> QMP: ...
-
-    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
-                  timeout: float = ..., **kwargs: Any) -> Any: ...
-
-    async def status(self) -> str: ...
-
-    @property
-    def guest_booted(self) -> bool: ...
-
-    async def wait_ready(self, timeout: float | None = None) -> float: ...
-
-    async def _guard(self, aw: Awaitable[T], timeout: float | None, what: str, *,
-                     launching: bool = False) -> T: ...
-
-    def operation_lock(self, timeout: float = ...) -> AbstractAsyncContextManager[None]: ...
-
-
 class AsyncHotplug:
     """Hotplug operations on one running VM (``vm.hotplug`` of an :class:`AsyncVM`).
 
@@ -308,7 +281,7 @@ class AsyncHotplug:
     added, and ``devices.json`` is read and written by one operation at a time.
     """
 
-    def __init__(self, vm: _VMLike) -> None:
+    def __init__(self, vm: VMTarget) -> None:
         self._vm = vm
 
     @property
@@ -708,7 +681,7 @@ class AsyncHotplug:
                 return
             what = f"the guest's ACPI acknowledgement of {record.kind} {record.id}"
             try:
-                event = await vm._guard(vm.monitor.wait_event(acks, timeout, what), timeout + 1, what)
+                event = await vm.guarded(vm.monitor.wait_event(acks, timeout, what), timeout + 1, what)
             except WaitTimeout:
                 raise HotplugError(
                     f"{record.kind} {record.id}: QEMU plugged it, but the guest did not acknowledge it "
@@ -769,7 +742,7 @@ class AsyncHotplug:
                 try:
                     if remaining <= 0:
                         raise WaitTimeout(what, timeout)
-                    event = await vm._guard(vm.monitor.wait_event(events, remaining, what),
+                    event = await vm.guarded(vm.monitor.wait_event(events, remaining, what),
                                             remaining + 1, what)
                 except WaitTimeout:
                     raise HotplugError(
@@ -916,58 +889,22 @@ def _check_host_port(fw: PortForward) -> None:
 # -- sync facade ---------------------------------------------------------------------------
 
 
-class Hotplug:
-    """The synchronous face of :class:`AsyncHotplug` (``vm.hotplug`` of a :class:`VM`)."""
+class Hotplug(SyncFacade):
+    """The synchronous face of :class:`AsyncHotplug` (``vm.hotplug`` of a :class:`VM`).
 
-    def __init__(self, ops: AsyncHotplug) -> None:
-        self._ops = ops
+    Derived method by method from :class:`AsyncHotplug` (same signatures).
+    """
+
+    _aio: AsyncHotplug
 
     @property
     def aio(self) -> AsyncHotplug:
-        """The underlying async operations."""
-        return self._ops
+        """The async operations object."""
+        return self._aio
 
-    def disk(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        format: DriveFormat | None = None,
-        read_only: bool = False,
-        overlay: bool = False,
-        interface: DriveInterface = "virtio-blk",
-        id: str | None = None,
-        timeout: float = PLUG_TIMEOUT,
-    ) -> PluggedDevice:
-        """Plug a disk image (see :meth:`AsyncHotplug.disk`)."""
-        return run_sync(self._ops.disk(path, format=format, read_only=read_only, overlay=overlay,
-                                       interface=interface, id=id, timeout=timeout))
-
-    def nic(
-        self,
-        *,
-        forwards: Sequence[PortForward | str] = (),
-        kind: NicKind = "user",
-        ifname: str | None = None,
-        mac: str | None = None,
-        id: str | None = None,
-        timeout: float = PLUG_TIMEOUT,
-    ) -> PluggedDevice:
-        """Plug a virtio-net NIC (see :meth:`AsyncHotplug.nic`)."""
-        return run_sync(self._ops.nic(forwards=forwards, kind=kind, ifname=ifname, mac=mac, id=id,
-                                      timeout=timeout))
-
-    def cpu(self, count: int = 1, *, timeout: float = PLUG_TIMEOUT) -> tuple[PluggedDevice, ...]:
-        """Plug vCPUs (see :meth:`AsyncHotplug.cpu`)."""
-        return run_sync(self._ops.cpu(count, timeout=timeout))
-
-    def memory(self, size: int | str, *, timeout: float = PLUG_TIMEOUT) -> PluggedDevice:
-        """Plug a DIMM (see :meth:`AsyncHotplug.memory`)."""
-        return run_sync(self._ops.memory(size, timeout=timeout))
-
-    def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
-        """Remove a hot-plugged device (see :meth:`AsyncHotplug.unplug`)."""
-        run_sync(self._ops.unplug(device, timeout))
-
-    def devices(self) -> list[PluggedDevice]:
-        """The hot-plugged devices still plugged (see :meth:`AsyncHotplug.devices`)."""
-        return run_sync(self._ops.devices())
+    disk = blocking(AsyncHotplug.disk)
+    nic = blocking(AsyncHotplug.nic)
+    cpu = blocking(AsyncHotplug.cpu)
+    memory = blocking(AsyncHotplug.memory)
+    unplug = blocking(AsyncHotplug.unplug)
+    devices = blocking(AsyncHotplug.devices)

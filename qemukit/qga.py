@@ -24,18 +24,22 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._aio import cancel_and_wait
+from ._sync import SyncFacade, blocking
 from .errors import AgentError, QemukitError, StateError, WaitTimeout
 from .guest import Agent, ExecResult
 
 if TYPE_CHECKING:
     from .qmp import QMP
+    from .target import VMTarget
 
-__all__ = ["AGENT_PORT_ID", "GuestAgent", "SyncGuest", "exec_request"]
+T = TypeVar("T")
+
+__all__ = ["AGENT_PORT_ID", "AsyncGuest", "GuestAgent", "SyncGuest", "exec_request"]
 
 #: The virtserialport's device id (``argv`` gives the agent port this id).
 AGENT_PORT_ID = "agent0-port"
@@ -346,71 +350,128 @@ class GuestAgent(Agent):
         return dict(await self.call("guest-info", timeout=timeout))
 
 
-class SyncGuest:
-    """The guest agent for synchronous code (``VM.guest``): the same calls, run on qemukit's loop.
+#: Extra seconds the VM's guard allows beyond a call's own deadline (which fires first).
+_GUARD_SLACK = 10.0
 
-    File transfer and fsfreeze need qemu-guest-agent (``agent="qga"``);
-    the tiny image's own agent offers ``exec`` and ``ping`` only.
+
+class AsyncGuest:
+    """The guest agent of one running VM (``vm.guest`` of an :class:`~qemukit.AsyncVM`).
+
+    Every call is guarded like :meth:`AsyncVM.exec <qemukit.AsyncVM.exec>`:
+    it ends at once with the right error if QEMU exits
+    (:class:`~qemukit.errors.LaunchError`), the guest panics
+    (:class:`~qemukit.errors.GuestPanic`) or QEMU pauses it on a disk error
+    (:class:`~qemukit.errors.GuestIOError`), instead of waiting out its
+    timeout. File transfer and fsfreeze need qemu-guest-agent
+    (``agent="qga"``); the tiny image's own agent runs commands and answers
+    pings.
     """
 
-    def __init__(self, agent: Agent) -> None:
-        self.aio = agent
+    def __init__(self, vm: VMTarget, agent: Agent) -> None:
+        self._vm = vm
+        self._agent = agent
 
-    def _qga(self) -> GuestAgent:
-        if not isinstance(self.aio, GuestAgent):
-            raise StateError("this needs qemu-guest-agent (spec agent='qga'); "
+    @property
+    def agent(self) -> Agent:
+        """The unguarded agent client (:class:`~qemukit.guest.Agent` or :class:`GuestAgent`)."""
+        return self._agent
+
+    def _qga(self, what: str) -> GuestAgent:
+        if not isinstance(self._agent, GuestAgent):
+            raise StateError(f"{what} needs qemu-guest-agent (spec agent='qga'); "
                              "the qemukit agent only runs commands")
-        return self.aio
+        return self._agent
 
-    def ping(self, timeout: float = 60.0) -> None:
+    async def _guarded(self, aw: Awaitable[T], timeout: float | None, what: str) -> T:
+        limit = None if timeout is None else timeout + _GUARD_SLACK
+        return await self._vm.guarded(aw, limit, what, guest_io=True)
+
+    async def ping(self, timeout: float = 60.0) -> None:
         """Wait until the agent answers."""
-        from ._sync import run_sync
+        await self._guarded(self._agent.ping(timeout), timeout, "the guest agent to answer")
 
-        run_sync(self.aio.ping(timeout))
+    async def exec(self, command: str | Sequence[str], timeout: float | None = 60.0, *,
+                   stdin: bytes | None = None) -> ExecResult:
+        """Run ``command`` in the guest (a list as argv, a string as shell code).
 
-    def exec(self, command: str | Sequence[str], timeout: float | None = 60.0) -> ExecResult:
-        """Run ``command`` in the guest (see :meth:`GuestAgent.exec`)."""
-        from ._sync import run_sync
+        ``stdin`` is fed to the command (qemu-guest-agent only). When
+        ``timeout`` passes, the command is killed in the guest and
+        :class:`~qemukit.errors.WaitTimeout` is raised.
+        """
+        what = f"the guest command {command!r}"
+        if stdin is not None:
+            call = self._qga("stdin for a guest command").exec(command, timeout, stdin=stdin)
+        else:
+            call = self._agent.exec(command, timeout)
+        return await self._guarded(call, timeout, what)
 
-        return run_sync(self.aio.exec(command, timeout))
+    async def call(self, command: str, arguments: dict[str, Any] | None = None, *,
+                   timeout: float = 30.0) -> Any:
+        """Run one raw QGA command and return its ``return`` value."""
+        return await self._guarded(self._qga(command).call(command, arguments, timeout=timeout),
+                                   timeout, f"the guest agent to run {command}")
 
-    def call(self, command: str, arguments: dict[str, Any] | None = None, *,
-             timeout: float = 30.0) -> Any:
-        """Run one raw QGA command."""
-        from ._sync import run_sync
-
-        return run_sync(self._qga().call(command, arguments, timeout=timeout))
-
-    def read_file(self, path: str, *, timeout: float = 60.0) -> bytes:
+    async def read_file(self, path: str, *, timeout: float = 60.0) -> bytes:
         """The contents of ``path`` in the guest."""
-        from ._sync import run_sync
+        return await self._guarded(self._qga("reading a file").read_file(path, timeout=timeout),
+                                   timeout, f"the guest agent to read {path}")
 
-        return run_sync(self._qga().read_file(path, timeout=timeout))
+    async def write_file(self, path: str, data: bytes, *, timeout: float = 60.0,
+                         append: bool = False) -> None:
+        """Write ``data`` to ``path`` in the guest (created or truncated, unless ``append``)."""
+        agent = self._qga("writing a file")
+        await self._guarded(agent.write_file(path, data, timeout=timeout, append=append),
+                            timeout, f"the guest agent to write {path}")
 
-    def write_file(self, path: str, data: bytes, *, timeout: float = 60.0,
-                   append: bool = False) -> None:
-        """Write ``data`` to ``path`` in the guest."""
-        from ._sync import run_sync
+    async def freeze(self, *, timeout: float = 60.0) -> int:
+        """Flush and freeze the guest's file systems; returns how many."""
+        return await self._guarded(self._qga("fsfreeze").freeze(timeout=timeout), timeout,
+                                   "the guest agent to freeze the file systems")
 
-        run_sync(self._qga().write_file(path, data, timeout=timeout, append=append))
+    async def thaw(self, *, timeout: float = 60.0) -> int:
+        """Thaw the guest's file systems; returns how many were thawed."""
+        return await self._guarded(self._qga("fsfreeze").thaw(timeout=timeout), timeout,
+                                   "the guest agent to thaw the file systems")
 
-    def freeze(self, *, timeout: float = 60.0) -> int:
-        """Freeze the guest's file systems."""
-        from ._sync import run_sync
-
-        return run_sync(self._qga().freeze(timeout=timeout))
-
-    def thaw(self, *, timeout: float = 60.0) -> int:
-        """Thaw the guest's file systems."""
-        from ._sync import run_sync
-
-        return run_sync(self._qga().thaw(timeout=timeout))
-
-    def fsfreeze_status(self, *, timeout: float = 30.0) -> str:
+    async def fsfreeze_status(self, *, timeout: float = 30.0) -> str:
         """``thawed`` or ``frozen``."""
-        from ._sync import run_sync
+        return await self._guarded(self._qga("fsfreeze").fsfreeze_status(timeout=timeout),
+                                   timeout, "the guest agent's fsfreeze status")
 
-        return run_sync(self._qga().fsfreeze_status(timeout=timeout))
+    @contextlib.asynccontextmanager
+    async def frozen(self, *, timeout: float = 60.0) -> AsyncIterator[int]:
+        """``async with vm.guest.frozen():`` file systems frozen inside the block only."""
+        count = await self.freeze(timeout=timeout)
+        try:
+            yield count
+        finally:
+            await self.thaw(timeout=timeout)
+
+    async def info(self, *, timeout: float = 30.0) -> dict[str, Any]:
+        """The agent's version and the commands it supports."""
+        return await self._guarded(self._qga("guest-info").info(timeout=timeout), timeout,
+                                   "the guest agent's info")
+
+
+class SyncGuest(SyncFacade):
+    """The guest agent for synchronous code (``VM.guest``), derived from :class:`AsyncGuest`."""
+
+    _aio: AsyncGuest
+
+    @property
+    def aio(self) -> AsyncGuest:
+        """The async (guarded) guest agent."""
+        return self._aio
+
+    ping = blocking(AsyncGuest.ping)
+    exec = blocking(AsyncGuest.exec)
+    call = blocking(AsyncGuest.call)
+    read_file = blocking(AsyncGuest.read_file)
+    write_file = blocking(AsyncGuest.write_file)
+    freeze = blocking(AsyncGuest.freeze)
+    thaw = blocking(AsyncGuest.thaw)
+    fsfreeze_status = blocking(AsyncGuest.fsfreeze_status)
+    info = blocking(AsyncGuest.info)
 
     @contextlib.contextmanager
     def frozen(self, *, timeout: float = 60.0) -> Iterator[int]:
@@ -420,9 +481,3 @@ class SyncGuest:
             yield count
         finally:
             self.thaw(timeout=timeout)
-
-    def info(self, *, timeout: float = 30.0) -> dict[str, Any]:
-        """The agent's version and supported commands."""
-        from ._sync import run_sync
-
-        return run_sync(self._qga().info(timeout=timeout))

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from . import host
 from ._fs import write_atomic
-from ._sync import run_sync
+from ._sync import SyncFacade, blocking
 from .argv import drive_ids
 from .errors import HostError, LaunchError, QemukitError, QMPCommandError, SnapshotError, WaitTimeout
 from .process import run_command
@@ -65,7 +65,7 @@ from .spec import Drive, VMSpec
 from .timeouts import JOB_TIMEOUT, SAVE_TIMEOUT
 
 if TYPE_CHECKING:
-    from .vm import AsyncVM
+    from .target import VMTarget
 
 __all__ = [
     "BlockDevice",
@@ -336,18 +336,18 @@ class _Deadline:
 
 
 async def _next_event(
-    vm: AsyncVM, listener: EventListener, deadline: _Deadline, what: str
+    vm: VMTarget, listener: EventListener, deadline: _Deadline, what: str
 ) -> dict[str, Any]:
     """The next event from ``listener``; stops early if QEMU exits or the guest panics."""
     wait = vm.monitor.wait_event(listener, deadline.remaining(what), what)
     try:
-        return await vm._guard(wait, None, what)
+        return await vm.guarded(wait, None, what)
     except WaitTimeout as exc:
         raise WaitTimeout(what, deadline.timeout, exc.console) from None
 
 
 async def _run_job(
-    vm: AsyncVM,
+    vm: VMTarget,
     command: str,
     arguments: Mapping[str, Any],
     *,
@@ -383,11 +383,11 @@ async def _run_job(
         raise SnapshotError(f"{what} failed: {error}", job_error=str(error))
 
 
-async def _complete_job(vm: AsyncVM, job_id: str) -> None:
+async def _complete_job(vm: VMTarget, job_id: str) -> None:
     await vm.qmp("job-complete", id=job_id)
 
 
-async def _checks(vm: AsyncVM, kind: CheckKind) -> list[BlockDevice]:
+async def _checks(vm: VMTarget, kind: CheckKind) -> list[BlockDevice]:
     """Run the preflight for ``kind``; returns the block devices it looked at."""
     devices = block_devices(await vm.qmp("query-block"))
     runstate = str((await vm.qmp("query-status"))["status"])
@@ -426,7 +426,7 @@ def _write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1))
 
 
-def _external_records(vm: AsyncVM) -> list[dict[str, Any]]:
+def _external_records(vm: VMTarget) -> list[dict[str, Any]]:
     return _read_json_list(vm.runtime.path / EXTERNAL_FILE) if vm.runtime else []
 
 
@@ -477,7 +477,7 @@ class Snapshots:
     raises :class:`SnapshotError` carrying QEMU's error.
     """
 
-    def __init__(self, vm: AsyncVM) -> None:
+    def __init__(self, vm: VMTarget) -> None:
         self.vm = vm
 
     async def preflight(self, kind: CheckKind = "internal") -> None:
@@ -749,23 +749,20 @@ class Snapshots:
                 (vm.runtime.path / EXTERNAL_FILE).unlink(missing_ok=True)
 
 
-async def _reboot_guest(vm: AsyncVM, deadline: _Deadline) -> None:
+async def _reboot_guest(vm: VMTarget, deadline: _Deadline) -> None:
     """Reset the (paused) guest and let it boot; returns once its agent port is open again.
 
     Under ``no_reboot`` a reset ends QEMU, and the firmware resets once more
     by itself right after a host reset, so the reboot action is ``reset``
     until the new guest has come up (its agent opened the port).
     """
-    agent = vm._agent
-    if agent is None and vm.spec.no_reboot:
+    if not vm.has_agent and vm.spec.no_reboot:
         raise SnapshotError(
             "reverting a disk-only snapshot reboots the guest, and without an agent qemukit "
             "cannot tell when a no_reboot guest is up again: take it with memory=True"
         )
-    if agent is not None:
-        # Drop the connection to the old agent: the next command waits for the new one.
-        await agent.close()
-        agent.ready = False
+    # Drop the connection to the old agent: the next command waits for the new one.
+    await vm.reset_agent()
     if vm.spec.no_reboot:
         await vm.qmp("set-action", reboot="reset")
     try:
@@ -777,55 +774,35 @@ async def _reboot_guest(vm: AsyncVM, deadline: _Deadline) -> None:
             await vm.qmp("system_reset")
             await _next_event(vm, resets, deadline, "the RESET event after 'system_reset'")
             await vm.resume()
-            if agent is not None:
+            if vm.has_agent:
                 await _next_event(vm, port, deadline,
                                   "the rebooted guest's agent to open its port (VSERPORT_CHANGE)")
     finally:
-        if vm.spec.no_reboot and vm._proc is not None and vm._proc.alive():
+        if vm.spec.no_reboot and vm.qemu_alive():
             await vm.qmp("set-action", reboot="shutdown")
 
 
-class SyncSnapshots:
-    """The same API as :class:`Snapshots` for synchronous code (``VM.snapshots``)."""
+class SyncSnapshots(SyncFacade):
+    """The synchronous face of :class:`Snapshots` (``vm.snapshots`` of a :class:`~qemukit.VM`).
 
-    def __init__(self, snapshots: Snapshots) -> None:
-        self._snapshots = snapshots
+    Derived method by method from :class:`Snapshots` (same signatures).
+    """
 
-    def preflight(self, kind: CheckKind = "internal") -> None:
-        """Raise :class:`SnapshotError` if a snapshot of ``kind`` cannot be taken now."""
-        run_sync(self._snapshots.preflight(kind))
+    _aio: Snapshots
 
-    def list(self) -> builtins.list[SnapshotInfo]:
-        """Every snapshot, internal then external."""
-        return run_sync(self._snapshots.list())
+    @property
+    def aio(self) -> Snapshots:
+        """The async snapshots object."""
+        return self._aio
 
-    def save(self, tag: str, *, replace: bool = False, timeout: float = JOB_TIMEOUT) -> SnapshotInfo:
-        """Save disks and RAM as internal snapshot ``tag``."""
-        return run_sync(self._snapshots.save(tag, replace=replace, timeout=timeout))
-
-    def load(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
-        """Bring back internal snapshot ``tag``."""
-        run_sync(self._snapshots.load(tag, timeout=timeout))
-
-    def delete(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
-        """Delete snapshot ``tag`` (an external one is committed)."""
-        run_sync(self._snapshots.delete(tag, timeout=timeout))
-
-    def external(self, tag: str, *, memory: bool = False,
-                 timeout: float = JOB_TIMEOUT) -> SnapshotInfo:
-        """Take external snapshot ``tag`` (overlays; RAM too with ``memory=True``)."""
-        return run_sync(self._snapshots.external(tag, memory=memory, timeout=timeout))
-
-    def revert(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
-        """Go back to external snapshot ``tag``."""
-        run_sync(self._snapshots.revert(tag, timeout=timeout))
-
-    def commit(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
-        """Merge external snapshot ``tag`` into the layers it froze."""
-        run_sync(self._snapshots.commit(tag, timeout=timeout))
-
-
-# -- saved state: bundles -------------------------------------------------------------------
+    preflight = blocking(Snapshots.preflight)
+    list = blocking(Snapshots.list)
+    save = blocking(Snapshots.save)
+    load = blocking(Snapshots.load)
+    delete = blocking(Snapshots.delete)
+    external = blocking(Snapshots.external)
+    revert = blocking(Snapshots.revert)
+    commit = blocking(Snapshots.commit)
 
 
 @dataclass(frozen=True)
@@ -921,7 +898,7 @@ def _copy_top_layer(src: str, dst: Path) -> str:
     return str(info["format"])
 
 
-async def _migrate_out(vm: AsyncVM, path: Path, deadline: _Deadline) -> None:
+async def _migrate_out(vm: VMTarget, path: Path, deadline: _Deadline) -> None:
     """Migrate the (paused) guest's state into ``path`` through a passed fd."""
     caps = await vm.qmp("query-migrate-capabilities")
     events_were = bool(next((c["state"] for c in caps if c["capability"] == "events"), False))
@@ -945,20 +922,20 @@ async def _migrate_out(vm: AsyncVM, path: Path, deadline: _Deadline) -> None:
                 raise
             await _wait_migration(vm, listener, deadline, f"saving the guest's state to {path}")
     except BaseException:
-        if vm._proc is not None and vm._proc.alive():
+        if vm.qemu_alive():
             with contextlib.suppress(QemukitError):  # the migration's own error is raised
                 await _set_migration(vm, events_were, bandwidth_was)
         raise
     await _set_migration(vm, events_were, bandwidth_was)
 
 
-async def _set_migration(vm: AsyncVM, events: bool, bandwidth: int) -> None:
+async def _set_migration(vm: VMTarget, events: bool, bandwidth: int) -> None:
     await vm.qmp("migrate-set-parameters", max_bandwidth=bandwidth)
     await vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": events}])
 
 
 async def _wait_migration(
-    vm: AsyncVM, listener: EventListener, deadline: _Deadline, what: str
+    vm: VMTarget, listener: EventListener, deadline: _Deadline, what: str
 ) -> None:
     status = "setup"
     while status != "completed":
@@ -974,14 +951,14 @@ async def _wait_migration(
             )
 
 
-async def save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
+async def save_state(vm: VMTarget, path: Path, *, stop: bool = False,
                      timeout: float = SAVE_TIMEOUT) -> Bundle:
     """Save ``vm``'s state to a new bundle (see :func:`_save_state`), under its operation lock."""
     async with vm.operation_lock():
         return await _save_state(vm, path, stop=stop, timeout=timeout)
 
 
-async def _save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
+async def _save_state(vm: VMTarget, path: Path, *, stop: bool = False,
                       timeout: float = SAVE_TIMEOUT) -> Bundle:
     """Save ``vm``'s state to a new bundle directory at ``path`` (see :class:`Bundle`).
 
@@ -1017,7 +994,7 @@ async def _save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
     except BaseException:
         # Nothing was saved: remove the partial bundle and let the guest go on as before.
         shutil.rmtree(partial, ignore_errors=True)
-        if vm._proc is not None and vm._proc.alive():
+        if vm.qemu_alive():
             with contextlib.suppress(QemukitError):  # the save's own error is raised
                 await _resume_after(vm, was_running, migrated)
         raise
@@ -1028,7 +1005,7 @@ async def _save_state(vm: AsyncVM, path: Path, *, stop: bool = False,
     return Bundle(path, manifest)
 
 
-async def _fill_bundle(vm: AsyncVM, devices: Sequence[BlockDevice], partial: Path,
+async def _fill_bundle(vm: VMTarget, devices: Sequence[BlockDevice], partial: Path,
                        was_running: bool) -> dict[str, Any]:
     """Copy the disks' top layers, write the spec, devices and manifest; returns the manifest."""
     assert vm.runtime is not None and vm.accel is not None
@@ -1057,7 +1034,7 @@ async def _fill_bundle(vm: AsyncVM, devices: Sequence[BlockDevice], partial: Pat
     return manifest
 
 
-async def _resume_after(vm: AsyncVM, was_running: bool, migrated: bool) -> None:
+async def _resume_after(vm: VMTarget, was_running: bool, migrated: bool) -> None:
     """After an outgoing migration QEMU has let go of the disks; 'cont' takes them back."""
     if was_running:
         await vm.resume()
@@ -1066,13 +1043,13 @@ async def _resume_after(vm: AsyncVM, was_running: bool, migrated: bool) -> None:
         await vm.pause()
 
 
-async def restore_vm(vm: AsyncVM, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+async def restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
     """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock."""
     async with vm.operation_lock():
         await _restore_vm(vm, bundle, timeout)
 
 
-async def _restore_vm(vm: AsyncVM, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
     """Feed ``bundle``'s state to ``vm``, just started with ``-incoming defer``; resume it.
 
     The hot-plugged devices are recreated first (same ids and arguments), so

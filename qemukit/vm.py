@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from . import host
 from ._aio import cancel_and_wait, file_lock
-from ._sync import run_sync
+from ._sync import SyncFacade, blocking, delegated, passthrough, run_sync
 from .console import PANIC_RE, ConsoleWatcher, log_tail
 from .errors import (
     GuestIOError,
@@ -48,7 +48,7 @@ from .hotplug import AsyncHotplug, Hotplug, PluggedDevice
 from .paths import cache_dir
 from .plan import HostFacts, LaunchPlan, plan_launch
 from .process import QemuProcess, process_start_time
-from .qga import SyncGuest
+from .qga import AsyncGuest, SyncGuest
 from .qmp import QMP
 from .snapshot import Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
 from .spec import Share, VMSpec
@@ -330,7 +330,7 @@ class AsyncVM:
             connect.cancel()
             raise
         try:
-            await self._guard(connect, timeout, "QMP", launching=True)
+            await self.guarded(connect, timeout, "QMP", launching=True)
         except QMPConnectionError:
             # QEMU closed the monitor: it is exiting; report why it failed.
             await self._raise_launch_failure()
@@ -398,7 +398,7 @@ class AsyncVM:
         try:
             sock = await connect_unix(str(rd.qmp_socket), timeout)
             vm._qmp = QMP(f"qemukit-{name}")
-            await vm._guard(vm._qmp.connect(sock, timeout), timeout, "QMP")
+            await vm.guarded(vm._qmp.connect(sock, timeout), timeout, "QMP")
             vm._watch_io_errors()
         except BaseException:
             await vm.detach()
@@ -486,7 +486,7 @@ class AsyncVM:
 
     # -- guarded waits ---------------------------------------------------------
 
-    async def _guard(
+    async def guarded(
         self, aw: Awaitable[T], timeout: float | None, what: str, *, launching: bool = False,
         guest_io: bool = False,
     ) -> T:
@@ -546,6 +546,26 @@ class AsyncVM:
             )
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
 
+    def qemu_alive(self) -> bool:
+        """True while this VM's QEMU process runs."""
+        return self._proc is not None and self._proc.alive()
+
+    @property
+    def has_agent(self) -> bool:
+        """True if the spec has an in-guest agent (qemukit's own or qemu-guest-agent)."""
+        return self.spec.agent != "none"
+
+    async def reset_agent(self) -> None:
+        """Forget the agent connection and readiness: the guest is being rebooted.
+
+        The next agent call waits for the new guest's agent.
+        """
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent.ready = False
+        if self.runtime is not None:
+            self.runtime.ready_stamp.unlink(missing_ok=True)
+
     def _watch_io_errors(self) -> None:
         """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
         assert self._qmp is not None
@@ -585,7 +605,7 @@ class AsyncVM:
         assert self._qmp is not None
         return self._qmp
 
-    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+    async def qmp(self, /, command: str, arguments: Mapping[str, Any] | None = None, *,
                   timeout: float = QMP_TIMEOUT, **kwargs: Any) -> Any:
         """Run a raw QMP command: ``await vm.qmp("query-status")``.
 
@@ -699,17 +719,20 @@ class AsyncVM:
 
     @classmethod
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
-                      timeout: float = SAVE_TIMEOUT, **options: Any) -> AsyncVM:
+                      timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
+                      keep_runtime: bool = False, state_root: Path | None = None,
+                      boot_timeout: float = BOOT_TIMEOUT) -> AsyncVM:
         """Start a clone from a bundle written by :meth:`save_state`; returns it running.
 
         The clone resumes where the saved guest was, without booting, on its
         own qcow2 overlays over the bundle's disk copies (the bundle is never
         written), so several clones can run side by side. ``name`` names it
-        (generated when None); ``options`` are those of :class:`AsyncVM`.
+        (generated when None); the other options are those of :class:`AsyncVM`.
         """
         saved = Bundle.open(bundle)
         saved.check_qemu(await asyncio.to_thread(host.find_qemu))
-        vm = cls(saved.clone_spec(name), **options)
+        vm = cls(saved.clone_spec(name), die_with_parent=die_with_parent,
+                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)
         vm._incoming = "defer"
         await vm.start()
         try:
@@ -723,17 +746,17 @@ class AsyncVM:
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
 
     @property
-    def guest(self) -> Agent:
-        """The guest agent's client, for more than :meth:`exec`.
+    def guest(self) -> AsyncGuest:
+        """The guest agent, for more than :meth:`exec`; every call is guarded like exec.
 
-        With ``agent="qga"`` it is a :class:`qemukit.qga.GuestAgent`: file
-        read and write, fsfreeze/thaw, raw QGA calls. Call :meth:`wait_ready`
-        first, or use the calls' own timeouts.
+        With ``agent="qga"`` it offers file read and write, fsfreeze/thaw and
+        raw QGA calls (see :class:`qemukit.qga.AsyncGuest`). Call
+        :meth:`wait_ready` first, or use the calls' own timeouts.
         """
         self._require(VMState.RUNNING)
         if self._agent is None:
             raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
-        return self._agent
+        return AsyncGuest(self, self._agent)
 
     async def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
         """The host address and port forwarded to the guest's TCP ``guest_port``.
@@ -784,7 +807,7 @@ class AsyncVM:
         argv = await self.ssh_argv(["true"], options=("-o", "BatchMode=yes",
                                                       "-o", "ConnectTimeout=5"))
         remaining = max(1.0, deadline - time.monotonic())
-        await self._guard(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
+        await self.guarded(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
         assert self._proc is not None
         return self._proc.uptime()
 
@@ -801,7 +824,7 @@ class AsyncVM:
             raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
         timeout = self.boot_timeout if timeout is None else timeout
         if not self._agent.ready:
-            await self._guard(self._agent.ping(timeout), timeout, "the guest agent (boot)",
+            await self.guarded(self._agent.ping(timeout), timeout, "the guest agent (boot)",
                               guest_io=True)
             if self.runtime is not None and not self.runtime.ready_stamp.exists():
                 # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
@@ -817,19 +840,15 @@ class AsyncVM:
         return self.runtime is not None and self.runtime.ready_stamp.exists()
 
     async def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
-                   check: bool = False) -> ExecResult:
+                   check: bool = False, stdin: bytes | None = None) -> ExecResult:
         """Run a command in the guest: a list runs as argv, a string as shell code.
 
         Waits for the agent first if the guest is still booting. With
         ``check=True`` a non-zero exit raises :class:`~qemukit.errors.GuestError`.
+        ``stdin`` is fed to the command (qemu-guest-agent only).
         """
         await self.wait_ready()
-        assert self._agent is not None
-        what = f"the guest command {command!r}"
-        result = await self._guard(
-            self._agent.exec(command, timeout), None if timeout is None else timeout + 10, what,
-            guest_io=True,
-        )
+        result = await self.guest.exec(command, timeout, stdin=stdin)
         if check and result.exit_status != 0:
             from .errors import GuestError
 
@@ -1010,189 +1029,109 @@ class AsyncVM:
             await self.shutdown()
 
 
-class VM:
+class VM(SyncFacade):
     """A QEMU virtual machine with a synchronous API (see :class:`AsyncVM`).
 
     ``with VM(spec) as vm: vm.exec(["uname", "-r"])`` boots, runs and stops.
-    Works from plain code and from inside a running asyncio loop alike.
+    Works from plain code and from inside a running asyncio loop alike. Each
+    method is derived from :class:`AsyncVM`'s (same signature and meaning),
+    run on qemukit's own loop thread.
     """
 
-    def __init__(self, spec: VMSpec, **options: Any) -> None:
-        self._vm = AsyncVM(spec, **options)
+    _aio: AsyncVM
+
+    def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
+                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT) -> None:
+        super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
+                                 state_root=state_root, boot_timeout=boot_timeout))
 
     @property
     def aio(self) -> AsyncVM:
         """The underlying :class:`AsyncVM`."""
-        return self._vm
+        return self._aio
 
-    @property
-    def name(self) -> str:
-        """The VM's name."""
-        return self._vm.name
+    spec: delegated[VMSpec] = delegated(lambda vm: vm.spec, "The VM's spec.")
+    state: delegated[VMState] = delegated(lambda vm: vm.state, "The lifecycle state.")
+    accel: delegated[host.AccelChoice | None] = delegated(
+        lambda vm: vm.accel, "The accelerator chosen at start, with the reason.")
+    argv: delegated[list[str]] = delegated(lambda vm: vm.argv, "The argv QEMU was started with.")
+    runtime: delegated[RuntimeDir | None] = delegated(lambda vm: vm.runtime,
+                                                       "The runtime directory.")
+    last_shutdown: delegated[ShutdownResult | None] = delegated(
+        lambda vm: vm.last_shutdown, "How the VM was stopped (also by a ``with`` block).")
+    attached: delegated[bool] = delegated(lambda vm: vm.attached,
+                                          "True for a VM taken over with :meth:`attach`.")
+    name = delegated(AsyncVM.name)
+    pid = delegated(AsyncVM.pid)
+    console_log = delegated(AsyncVM.console_log)
+    guest_booted = delegated(AsyncVM.guest_booted)
 
-    @property
-    def spec(self) -> VMSpec:
-        """The VM's spec."""
-        return self._vm.spec
+    console_tail = passthrough(AsyncVM.console_tail)
+    qemu_output = passthrough(AsyncVM.qemu_output)
+    stats = passthrough(AsyncVM.stats)
+    follow_console = passthrough(AsyncVM.follow_console)
 
-    @property
-    def state(self) -> VMState:
-        """The lifecycle state."""
-        return self._vm.state
+    detach = blocking(AsyncVM.detach)
+    qmp = blocking(AsyncVM.qmp)
+    status = blocking(AsyncVM.status)
+    pause = blocking(AsyncVM.pause)
+    resume = blocking(AsyncVM.resume)
+    unplug = blocking(AsyncVM.unplug)
+    devices = blocking(AsyncVM.devices)
+    save_state = blocking(AsyncVM.save_state)
+    ssh_address = blocking(AsyncVM.ssh_address)
+    ssh_argv = blocking(AsyncVM.ssh_argv)
+    wait_ssh = blocking(AsyncVM.wait_ssh)
+    wait_ready = blocking(AsyncVM.wait_ready)
+    exec = blocking(AsyncVM.exec)
+    wait_exit = blocking(AsyncVM.wait_exit)
+    shutdown = blocking(AsyncVM.shutdown)
+    kill = blocking(AsyncVM.kill)
 
-    @property
-    def pid(self) -> int | None:
-        """QEMU's pid."""
-        return self._vm.pid
-
-    @property
-    def accel(self) -> host.AccelChoice | None:
-        """The accelerator chosen at start, with the reason."""
-        return self._vm.accel
-
-    @property
-    def last_shutdown(self) -> ShutdownResult | None:
-        """How the VM was stopped (also when a ``with`` block stopped it)."""
-        return self._vm.last_shutdown
-
-    @property
-    def argv(self) -> list[str]:
-        """The argv QEMU was started with."""
-        return self._vm.argv
-
-    @property
-    def runtime(self) -> RuntimeDir | None:
-        """The runtime directory."""
-        return self._vm.runtime
-
-    @property
-    def console_log(self) -> Path | None:
-        """Path of the console log."""
-        return self._vm.console_log
-
-    def console_tail(self, max_lines: int = 30) -> str:
-        """The last console lines."""
-        return self._vm.console_tail(max_lines)
-
-    def stats(self) -> dict[str, Any]:
-        """QEMU's resource use (see :meth:`AsyncVM.stats`)."""
-        return self._vm.stats()
+    def start(self, timeout: float = QMP_TIMEOUT) -> VM:
+        """Launch QEMU; returns once QMP answers (see :meth:`AsyncVM.start`)."""
+        run_sync(self._aio.start(timeout))
+        return self
 
     @classmethod
     def attach(cls, name: str, *, state_root: Path | None = None,
                timeout: float = QMP_TIMEOUT) -> VM:
         """Take control of a running VM by name (see :meth:`AsyncVM.attach`)."""
+        return cls._wrap(run_sync(AsyncVM.attach(name, state_root=state_root, timeout=timeout)))
+
+    @classmethod
+    def restore(cls, bundle: str | Path, *, name: str | None = None,
+                timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
+                keep_runtime: bool = False, state_root: Path | None = None,
+                boot_timeout: float = BOOT_TIMEOUT) -> VM:
+        """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
+        return cls._wrap(run_sync(AsyncVM.restore(
+            bundle, name=name, timeout=timeout, die_with_parent=die_with_parent,
+            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)))
+
+    @classmethod
+    def _wrap(cls, aio: AsyncVM) -> VM:
         vm = cls.__new__(cls)
-        vm._vm = run_sync(AsyncVM.attach(name, state_root=state_root, timeout=timeout))
+        SyncFacade.__init__(vm, aio)
         return vm
-
-    def detach(self) -> None:
-        """Let go of the VM without stopping it."""
-        run_sync(self._vm.detach())
-
-    def start(self, timeout: float = QMP_TIMEOUT) -> VM:
-        """Launch QEMU; returns once QMP answers."""
-        run_sync(self._vm.start(timeout))
-        return self
-
-    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Run a raw QMP command."""
-        return run_sync(self._vm.qmp(command, arguments, **kwargs))
-
-    def status(self) -> str:
-        """QEMU's run state."""
-        return run_sync(self._vm.status())
-
-    def pause(self) -> None:
-        """Pause the guest (waits for the STOP event)."""
-        run_sync(self._vm.pause())
-
-    def resume(self) -> None:
-        """Resume a paused guest (waits for the RESUME event)."""
-        run_sync(self._vm.resume())
-
-    # -- hotplug (qemukit.hotplug) -------------------------------------------------------
 
     @property
     def hotplug(self) -> Hotplug:
         """Hot-plug disks, NICs, CPUs and memory: ``vm.hotplug.disk("scratch.qcow2")``."""
-        return Hotplug(self._vm.hotplug)
-
-    def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
-        """Remove a hot-plugged device (see :meth:`AsyncVM.unplug`)."""
-        run_sync(self._vm.unplug(device, timeout))
-
-    def devices(self) -> list[PluggedDevice]:
-        """The hot-plugged devices still plugged (see :meth:`AsyncVM.devices`)."""
-        return run_sync(self._vm.devices())
-
-    # -- snapshots (qemukit.snapshot) --------------------------------------------------
+        return Hotplug(self._aio.hotplug)
 
     @property
     def snapshots(self) -> SyncSnapshots:
         """Internal and external snapshots: ``vm.snapshots.save("tag")`` (see AsyncVM)."""
-        return SyncSnapshots(self._vm.snapshots)
-
-    def save_state(self, path: str | Path, *, stop: bool = False,
-                   timeout: float = SAVE_TIMEOUT) -> Bundle:
-        """Save the guest's live state to a new bundle directory (see :meth:`AsyncVM.save_state`)."""
-        return run_sync(self._vm.save_state(path, stop=stop, timeout=timeout))
-
-    @classmethod
-    def restore(cls, bundle: str | Path, *, name: str | None = None,
-                timeout: float = SAVE_TIMEOUT, **options: Any) -> VM:
-        """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
-        vm = cls.__new__(cls)
-        vm._vm = run_sync(AsyncVM.restore(bundle, name=name, timeout=timeout, **options))
-        return vm
-
-    # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
+        return SyncSnapshots(self._aio.snapshots)
 
     @property
     def guest(self) -> SyncGuest:
         """The guest agent: ``vm.guest.read_file(path)``, ``with vm.guest.frozen(): ...``."""
-        return SyncGuest(self._vm.guest)
-
-    def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
-        """The host address and port forwarded to the guest's ``guest_port``."""
-        return run_sync(self._vm.ssh_address(guest_port))
-
-    def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
-                 options: Sequence[str] = ()) -> list[str]:
-        """The ``ssh`` argv reaching this guest (see :meth:`AsyncVM.ssh_argv`)."""
-        return run_sync(self._vm.ssh_argv(command, user=user, options=options))
-
-    def wait_ssh(self, timeout: float | None = None) -> float:
-        """Wait until ssh logs in; returns seconds since QEMU started."""
-        return run_sync(self._vm.wait_ssh(timeout))
-
-    def wait_ready(self, timeout: float | None = None) -> float:
-        """Wait for the guest agent; returns seconds since QEMU started."""
-        return run_sync(self._vm.wait_ready(timeout))
-
-    def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
-             check: bool = False) -> ExecResult:
-        """Run a command in the guest."""
-        return run_sync(self._vm.exec(command, timeout=timeout, check=check))
-
-    def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
-        """Pass everything the guest prints from now on to ``sink``."""
-        self._vm.follow_console(sink)
-
-    def wait_exit(self, timeout: float | None = None) -> int | None:
-        """Wait until QEMU exits by itself; returns its exit status."""
-        return run_sync(self._vm.wait_exit(timeout))
-
-    def shutdown(self, timeout: float = 30.0, **kwargs: float) -> ShutdownResult:
-        """Stop the VM through the shutdown ladder."""
-        return run_sync(self._vm.shutdown(timeout, **kwargs))
-
-    def kill(self) -> ShutdownResult:
-        """SIGKILL QEMU and clean up."""
-        return run_sync(self._vm.kill())
+        return SyncGuest(self._aio.guest)
 
     def __enter__(self) -> VM:
-        if self._vm.state == VMState.NEW:
+        if self._aio.state == VMState.NEW:
             self.start()
         return self
 
@@ -1200,7 +1139,7 @@ class VM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._vm.state == VMState.RUNNING:
+        if self._aio.state == VMState.RUNNING:
             self.shutdown()
 
 

@@ -56,7 +56,7 @@ def _describe_class(cls: type) -> dict[str, Any]:
         owner = next((k for k in cls.__mro__ if name in vars(k)), None)
         if owner is None or owner.__module__.split(".")[0] != "qemukit":
             continue  # inherited from Exception, object, ...
-        if isinstance(raw, property):
+        if isinstance(raw, property) or type(raw).__name__ == "delegated":
             members[name] = "property"
         elif isinstance(raw, classmethod):
             members[name] = "classmethod" + _signature(getattr(cls, name))

@@ -88,6 +88,15 @@ class FakeVM:
 
     #: The guest has booted (its agent answered), so hotplug needs no wait for it.
     guest_booted = True
+    has_agent = True
+    name = "fake"
+    boot_timeout = 5.0
+
+    def qemu_alive(self) -> bool:
+        return True
+
+    async def reset_agent(self) -> None:
+        pass
 
     async def wait_ready(self, timeout: float | None = None) -> float:
         return 0.0
@@ -95,7 +104,7 @@ class FakeVM:
     def operation_lock(self, timeout: float = 5.0) -> Any:
         return file_lock(self.runtime.lock_file, timeout, "the fake VM's operation lock")
 
-    async def _guard(self, aw: Any, timeout: float | None, what: str, *, launching: bool = False) -> Any:
+    async def guarded(self, aw: Any, timeout: float | None, what: str, *, guest_io: bool = False) -> Any:
         return await aw
 
     async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,

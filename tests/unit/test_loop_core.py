@@ -1,6 +1,6 @@
 """The event-loop core without QEMU: guarded waits, cancellation, file locks, fork safety.
 
-``AsyncVM._guard`` needs only a process to watch, so these tests give it a
+``AsyncVM.guarded`` needs only a process to watch, so these tests give it a
 real ``sleep`` process in place of QEMU: what is tested is the waiting logic.
 """
 
@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "qemukit"
 
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[AsyncVM]:
-    """An AsyncVM whose 'QEMU' is a sleeping process: enough for _guard."""
+    """An AsyncVM whose 'QEMU' is a sleeping process: enough for guarded()."""
     vm = AsyncVM(VMSpec())
     proc = QemuProcess.spawn(["sleep", "300"], log_path=tmp_path / "log")
     vm._proc = proc
@@ -44,10 +44,10 @@ def test_guard_keeps_no_callback_per_call(watched: AsyncVM) -> None:
     async def calls() -> None:
         assert watched._proc is not None
         exit_future = watched._proc.exit_future()
-        await watched._guard(asyncio.sleep(0), 5, "warm-up")
+        await watched.guarded(asyncio.sleep(0), 5, "warm-up")
         before = _callbacks(exit_future)
         for i in range(500):
-            assert await watched._guard(asyncio.sleep(0, i), 5, "a call") == i
+            assert await watched.guarded(asyncio.sleep(0, i), 5, "a call") == i
         assert _callbacks(exit_future) == before
 
     asyncio.run(calls())
@@ -68,7 +68,7 @@ def test_caller_cancellation_is_not_turned_into_a_timeout(watched: AsyncVM) -> N
             async with asyncio.timeout(0.3):
                 # The guard's own deadline (0.1 s) passes first; while it waits for the
                 # task's cleanup, the caller's deadline (0.3 s) cancels the caller.
-                await watched._guard(slow_to_cancel(), 0.1, "a slow task")
+                await watched.guarded(slow_to_cancel(), 0.1, "a slow task")
         except BaseException as exc:  # noqa: B036 - the type is what is checked
             return exc
         raise AssertionError("no exception")

@@ -22,7 +22,7 @@ import pytest
 from qemukit import qga
 from qemukit.errors import AgentError, StateError, WaitTimeout
 from qemukit.guest import Agent
-from qemukit.qga import GuestAgent, SyncGuest, exec_request
+from qemukit.qga import AsyncGuest, GuestAgent, SyncGuest, exec_request
 
 Handler = Callable[[str, dict[str, Any]], Any]
 
@@ -400,12 +400,22 @@ def test_frozen_thaws_even_when_the_block_fails(tmp_path: Path) -> None:
     run(main())
 
 
+class _NoVM:
+    """A VM target whose guard just awaits (these calls are refused before any wait)."""
+
+    async def guarded(self, aw: Any, timeout: float | None, what: str, *,
+                      guest_io: bool = False) -> Any:
+        return await aw
+
+
 def test_sync_guest_refuses_file_calls_for_the_qemukit_agent(tmp_path: Path) -> None:
-    guest = SyncGuest(Agent(tmp_path / "none.sock"))
+    guest = SyncGuest(AsyncGuest(_NoVM(), Agent(tmp_path / "none.sock")))  # type: ignore[arg-type]
     with pytest.raises(StateError, match="qemu-guest-agent"):
         guest.read_file("/etc/hostname")
     with pytest.raises(StateError):
         guest.freeze()
+    with pytest.raises(StateError, match="stdin"):
+        guest.exec(["cat"], stdin=b"data")
 
 
 def test_a_broken_connection_becomes_agent_error(tmp_path: Path) -> None:

@@ -1,0 +1,87 @@
+"""What operations on a running VM may use of it: the :class:`VMTarget` protocol.
+
+Hotplug, snapshots, saved state and the guarded guest agent are written
+against this interface, never against :class:`~qemukit.vm.AsyncVM`'s
+private parts; ``AsyncVM`` implements it, and unit tests pass small fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .host import AccelChoice
+    from .qmp import QMP
+    from .spec import VMSpec
+    from .state import RuntimeDir
+
+__all__ = ["VMTarget"]
+
+T = TypeVar("T")
+
+
+class VMTarget(Protocol):
+    """The least a running VM offers the operations built on it."""
+
+    @property
+    def spec(self) -> VMSpec:
+        """The VM's description."""
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+
+    @property
+    def runtime(self) -> RuntimeDir | None:
+        """Its runtime directory (None before start)."""
+
+    @property
+    def accel(self) -> AccelChoice | None:
+        """The accelerator QEMU runs with."""
+
+    @property
+    def monitor(self) -> QMP:
+        """The QMP connection, for event listeners."""
+
+    @property
+    def guest_booted(self) -> bool:
+        """True once the guest agent has answered (in any process)."""
+
+    @property
+    def has_agent(self) -> bool:
+        """True if the spec has an in-guest agent."""
+
+    async def qmp(self, /, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = ..., **kwargs: Any) -> Any:
+        """Run one QMP command."""
+
+    async def status(self) -> str:
+        """QEMU's run state."""
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (waits for STOP)."""
+
+    async def resume(self) -> None:
+        """Let the vCPUs run (waits for RESUME)."""
+
+    async def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait until the guest agent answers."""
+
+    async def guarded(self, aw: Awaitable[T], timeout: float | None, what: str, *,
+                      guest_io: bool = False) -> T:
+        """Await ``aw``, ending early with the right error if QEMU exits or the guest panics."""
+
+    def qemu_alive(self) -> bool:
+        """True while QEMU runs."""
+
+    async def reset_agent(self) -> None:
+        """Forget the agent connection and readiness (the guest is rebooting)."""
+
+    def operation_lock(self, timeout: float = ...) -> AbstractAsyncContextManager[None]:
+        """The VM's operation lock, held while its state files change."""
+
+    async def shutdown(self, timeout: float = ..., *, quit_timeout: float = ...,
+                       term_timeout: float = ..., kill_timeout: float = ...) -> Any:
+        """Stop the VM through the shutdown ladder."""

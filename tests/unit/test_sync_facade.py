@@ -1,0 +1,53 @@
+"""The sync classes are derived from the async ones: nothing missing, nothing drifted."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from qemukit import VM, AsyncVM
+from qemukit.hotplug import AsyncHotplug, Hotplug
+from qemukit.qga import AsyncGuest, SyncGuest
+from qemukit.snapshot import Snapshots, SyncSnapshots
+
+#: Coroutines with no sync twin, and why.
+ASYNC_ONLY = {
+    "guarded": "an awaitable in, an awaitable's result out: for async code and operations",
+    "reset_agent": "used by operations inside the loop (a reverted guest reboots)",
+    "frozen": "an async context manager; the sync class has its own context manager",
+}
+PAIRS = [(VM, AsyncVM), (Hotplug, AsyncHotplug), (SyncSnapshots, Snapshots), (SyncGuest, AsyncGuest)]
+
+
+def _public_coroutines(cls: type) -> dict[str, object]:
+    return {name: fn for name, fn in inspect.getmembers(cls, inspect.iscoroutinefunction)
+            if not name.startswith("_")}
+
+
+@pytest.mark.parametrize(("sync_cls", "async_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_every_coroutine_has_a_sync_twin_with_the_same_signature(sync_cls: type,
+                                                                 async_cls: type) -> None:
+    for name, coroutine in _public_coroutines(async_cls).items():
+        if name in ASYNC_ONLY:
+            continue
+        twin = getattr(sync_cls, name, None)
+        assert twin is not None, f"{sync_cls.__name__}.{name} is missing"
+        expected = inspect.signature(coroutine)
+        actual = inspect.signature(twin)
+        if isinstance(inspect.getattr_static(async_cls, name), classmethod) or name == "start":
+            # A factory (or start, which returns the VM) gives the sync class: same parameters.
+            assert list(actual.parameters.values()) == list(expected.parameters.values()), name
+        else:
+            assert actual == expected, f"{sync_cls.__name__}.{name}: {actual} != {expected}"
+
+
+def test_sync_methods_are_not_written_by_hand() -> None:
+    """Each non-factory twin is the ``blocking`` wrapper of the coroutine itself."""
+    for sync_cls, async_cls in PAIRS:
+        for name, coroutine in _public_coroutines(async_cls).items():
+            raw = inspect.getattr_static(sync_cls, name, None)
+            if name in ASYNC_ONLY or isinstance(inspect.getattr_static(async_cls, name),
+                                                classmethod) or name == "start":
+                continue
+            assert getattr(raw, "__wrapped__", None) is coroutine, f"{sync_cls.__name__}.{name}"
