@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import grp
 import json
 import os
+import pwd
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +247,7 @@ def kvm_device_status() -> tuple[bool, str]:
     except FileNotFoundError:
         return False, "/dev/kvm does not exist (no KVM in this kernel or VM)"
     except PermissionError:
-        return False, "/dev/kvm is not accessible (add the user to the kvm group)"
+        return False, f"/dev/kvm is not accessible: {_kvm_access_advice()}"
     except OSError as exc:
         return False, f"/dev/kvm cannot be opened: {exc.strerror}"
     try:
@@ -258,24 +261,100 @@ def kvm_device_status() -> tuple[bool, str]:
     return True, "/dev/kvm is usable"
 
 
+def _kvm_access_advice() -> str:
+    """What a user who cannot open ``/dev/kvm`` can do about it, on this host.
+
+    The kvm-group advice only helps where the device really is group ``kvm``
+    with group read-write; elsewhere (``root:root 0600``) it says what does.
+    """
+    user = _user_name()
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError as exc:
+        return f"cannot stat it ({exc.strerror})"
+    try:
+        group = grp.getgrgid(st.st_gid)
+        group_name = group.gr_name
+    except KeyError:
+        group_name = str(st.st_gid)
+    owner = f"{_uid_name(st.st_uid)}:{group_name} {stat.S_IMODE(st.st_mode):04o}"
+    group_rw = st.st_mode & 0o060 == 0o060
+    try:
+        kvm_group: grp.struct_group | None = grp.getgrnam("kvm")
+    except KeyError:
+        kvm_group = None
+    if kvm_group is not None and group_rw and st.st_gid == kvm_group.gr_gid:
+        if user in kvm_group.gr_mem and kvm_group.gr_gid not in os.getgroups():
+            return (f"{user} is in the kvm group but this session is not yet: "
+                    "log in again (or run 'newgrp kvm')")
+        return f"add {user} to the kvm group (usermod -aG kvm {user}), then log in again"
+    why = "this host has no kvm group" if kvm_group is None else "its group cannot open it"
+    return (f"it is {owner} and {why}; as root, grant {user} access with "
+            f"'setfacl -m u:{user}:rw /dev/kvm' (until reboot) or for good with 'groupadd kvm' "
+            "and a udev rule KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" "
+            f"(then usermod -aG kvm {user}), or run as root")
+
+
+def _uid_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as (its uid if it has no name)."""
+    return _uid_name(os.geteuid())
+
+
+def _kvm_summary(status: KvmStatus) -> str:
+    """A few words for the one-line verdict; ``reason`` keeps the whole story."""
+    if status.usable:
+        return f"KVM works (probe boot passed with -cpu {status.cpu})" if status.cpu \
+            else "KVM works"
+    if not status.probed:
+        return status.reason.split(":")[0].split(" (")[0]
+    if "did not reach its init" in status.reason:
+        return "this host's KVM cannot run Linux guests"
+    return "QEMU aborts under this host's KVM with every CPU model tried"
+
+
 @dataclass(frozen=True)
 class KvmStatus:
-    """The verdict on KVM: usable or not, and why (with the probe's console tail)."""
+    """The verdict on KVM: usable or not, and why (with the probe's console tail).
+
+    ``reason`` is the whole story (what each probe did, QEMU's own last words);
+    ``summary`` is a few words for a one-line verdict, derived when not given.
+    """
 
     usable: bool
     reason: str
     probed: bool
     console: str = ""
     cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", _kvm_summary(self))
 
 
 @dataclass(frozen=True)
 class AccelChoice:
-    """The accelerator a VM will run under and one line saying why."""
+    """The accelerator a VM will run under, why (``reason``) and in short (``summary``).
+
+    ``reason`` is the full explanation (``qemukit doctor``, ``run -v``);
+    ``summary`` is the short line printed by default. It defaults to ``reason``.
+    """
 
     accel: str
     reason: str
     cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", self.reason)
 
 
 def _boot_id() -> str:
@@ -308,7 +387,7 @@ def kvm_status(
     if probe_image is None:
         return KvmStatus(
             False, "/dev/kvm is present but unverified: no probe image (qemukit images build tiny)",
-            probed=False,
+            probed=False, summary="KVM not verified: no probe image",
         )
     kernel, initrd = probe_image
     key = _probe_key(qemu, kernel, initrd)
@@ -368,12 +447,14 @@ def resolve_accel(
     ``auto`` falls back to TCG and says why.
     """
     if requested == "tcg":
-        return AccelChoice("tcg", "TCG (software emulation) as requested")
+        return AccelChoice("tcg", "TCG (software emulation) as requested", summary="TCG (as requested)")
     status = kvm_status(qemu, probe_image)
     if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
-        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)")
+        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)",
+                           summary="KVM (as requested, not verified by a probe boot)")
     if status.usable:
-        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu)
+        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu, summary=status.summary)
     if requested == "kvm":
         raise AcceleratorError("kvm", status.reason)
-    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}")
+    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}",
+                       summary=f"TCG: {status.summary} (qemukit doctor)")
