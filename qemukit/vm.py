@@ -416,6 +416,7 @@ class AsyncVM:
         if daemon is None:
             raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
                             "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+        launcher = host.virtiofsd_launcher(daemon)  # a normal user: a user namespace, or why not
         paths = []
         for sh in shares:
             if not os.path.isdir(sh.host_path):
@@ -426,7 +427,7 @@ class AsyncVM:
                 listener.bind(str(path))
                 os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
                 listener.listen(1)
-                argv = host.virtiofsd_argv(daemon, sh, listener.fileno())
+                argv = host.virtiofsd_argv(daemon, sh, listener.fileno(), launcher)
                 self._helpers.append(QemuProcess.spawn(
                     argv, log_path=rd.path / f"virtiofsd-{sh.tag}.log",
                     pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,

@@ -118,3 +118,58 @@ def test_resolve_accel_summary_is_short_and_reason_is_full(monkeypatch: pytest.M
     assert host.resolve_accel("tcg", qemu, None).summary == "TCG (as requested)"
     # Built without a summary (e.g. from a detached VM's state file): the reason stands in.
     assert host.AccelChoice("kvm", "KVM: because").summary == "KVM: because"
+
+
+def _no_cache() -> None:
+    host._userns_prefix.cache_clear()
+
+
+def test_normal_user_without_uidmap_is_told_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_cache()
+    real_which = host.shutil.which
+    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: None
+                        if cmd in ("newuidmap", "newgidmap") else real_which(cmd, *a, **k))
+    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    with pytest.raises(host.HostError, match=r"normal user \(alice\) needs newuidmap and "
+                       r"newgidmap \(as root: apt-get install uidmap\); or run as root"):
+        host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
+    _no_cache()
+
+
+def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Any) -> None:
+    _no_cache()
+    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    subuid = tmp_path / "subuid"
+    subuid.write_text("bob:100000:65536\n1000:165536:65536\n")  # alice by uid, in subuid only
+    assert host._subid_range(str(subuid), "alice", 1000) == (165536, 65536)
+    monkeypatch.setattr(host, "_SUBUID", str(subuid))
+    monkeypatch.setattr(host, "_SUBGID", str(tmp_path / "subgid"))
+    # The advice names a range no entry uses yet.
+    with pytest.raises(host.HostError, match=rf"subordinate ids for alice in {tmp_path}/subgid "
+                       r"\(as root: usermod --add-subuids 231072-296607 --add-subgids "
+                       r"231072-296607 alice\)"):
+        host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
+    _no_cache()
+
+
+def test_root_and_rust_virtiofsd_need_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    assert host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c")) == []
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    assert host.virtiofsd_launcher(("/usr/libexec/virtiofsd", "rust")) == []
+
+
+def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
+    share = host.Share.parse("/srv/a,b:/mnt/s")
+    argv = host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5, ["unshare", "-U"])
+    hard = host.resource.getrlimit(host.resource.RLIMIT_NOFILE)[1]
+    expected = 1_000_000 if hard == host.resource.RLIM_INFINITY else min(hard, 1_000_000)
+    assert argv == ["unshare", "-U", "/usr/lib/qemu/virtiofsd", "--fd=5",
+                    f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto"]
+    assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[0] == \
+        "/usr/lib/qemu/virtiofsd"
