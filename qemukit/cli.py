@@ -145,10 +145,12 @@ def main() -> None:
               help="cloud-init user-data file, passed to the guest as it is.")
 @click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False),
               help="SSH public key to authorize in the guest (default: a keypair made per VM).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Explain the accelerator choice in full (as qemukit doctor does).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
-        modules: str | None, detach: bool, wait_for: str, command: tuple[str, ...],
-        **opts: Any) -> None:
+        modules: str | None, detach: bool, wait_for: str, verbose: bool,
+        command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -181,15 +183,14 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             vm.start()
         except errors.QemukitError as exc:
             _fail(exc)
-        if vm.accel is not None:
-            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+        _announce_accel(vm, verbose)
         _foreground(vm)
         return
     from .kernel import run_in_vm
 
     def announce(vm: VM) -> None:
-        if vm.accel is not None and json_out != "-":
-            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+        if json_out != "-":
+            _announce_accel(vm, verbose)
 
     try:
         result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
@@ -215,6 +216,13 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit({"panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
         result.outcome, result.exit_status or 0))
+
+
+def _announce_accel(vm: Any, verbose: bool) -> None:
+    """One line on stderr: the accelerator in short, or with the whole reason under -v."""
+    if vm.accel is not None:
+        text = vm.accel.reason if verbose else vm.accel.summary
+        click.echo(f"qemukit: {vm.name}: {text}", err=True)
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:

@@ -176,6 +176,7 @@ class AsyncVM:
         self._io_error: asyncio.Future[GuestIOError] | None = None
         self._io_watch: asyncio.Task[None] | None = None
         self._formats: list[str] = []
+        self._vfs_launcher: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
@@ -273,9 +274,13 @@ class AsyncVM:
                 raise SpecError("share.host_path", share.host_path, "no such directory")
         if self.spec.firmware == "ovmf" and host.find_ovmf() is None:
             raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-        if any(sh.transport == "virtiofs" for sh in self.spec.shares) and host.find_virtiofsd() is None:
-            raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
-                            "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+        if any(sh.transport == "virtiofs" for sh in self.spec.shares):
+            daemon = host.find_virtiofsd()
+            if daemon is None:
+                raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
+                                "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+            # A normal user runs it in a user namespace, or learns here what is missing.
+            self._vfs_launcher = host.virtiofsd_launcher(daemon)
         probe = _default_probe_image() if self.spec.accel != "tcg" else None
         self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
         self._formats = formats
@@ -431,14 +436,14 @@ class AsyncVM:
         connect at once (the kernel queues it) with no wait for the daemon.
         """
         daemon = host.find_virtiofsd()
-        assert daemon is not None  # checked by _prepare
+        assert daemon is not None  # checked by _prepare, as is the launcher
         assert self.runtime is not None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(path)
             os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
             listener.listen(1)
-            argv = host.virtiofsd_argv(daemon, share, listener.fileno())
+            argv = host.virtiofsd_argv(daemon, share, listener.fileno(), self._vfs_launcher)
             self._helpers.append(QemuProcess.spawn(
                 argv, log_path=self.runtime.path / f"virtiofsd-{share.tag}.log",
                 pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
