@@ -1,17 +1,30 @@
-"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
+r"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
 
 :func:`run_in_vm` boots any spec, waits for the guest agent, runs the
 command and always stops the VM; :func:`run_kernel` does the same for a
 freshly built kernel with the tiny initramfs (plus optional modules and host
 shares). Both return a :class:`KernelTestResult`, which writes itself as
-JSON or JUnit XML for CI. A panic, oops or BUG ends the run within seconds
-with the panic line; a boot that never reaches the agent ends at the timeout
-with the console tail. Neither raises for guest trouble: it is in the result.
+JSON or JUnit XML for CI. A panic ends the run within seconds with the panic
+line; an oops or BUG ends it too (outcome ``oops``) unless
+``continue_on_oops``; soft lockups, RCU stalls and ``WARNING:`` lines are
+recorded as warnings and end nothing; a boot that never reaches the agent
+ends at the timeout with the console tail. Neither raises for guest trouble:
+it is in the result.
+
+The files are valid whatever the guest printed. XML 1.0 forbids most control
+characters (the busybox shell's ``ESC [6n`` is on every console), so in the
+JUnit file each forbidden character is written as a visible escape (``\x1b``,
+``\x00``, ``\ufffe``); invalid UTF-8 from the guest is already U+FFFD in the
+result's text (the bytes themselves are in :class:`~qemukit.guest.ExecResult`).
+JUnit text elements keep at most :data:`JUNIT_TEXT_LIMIT` characters, the end,
+and say how much was cut; the JSON file keeps everything (pure ASCII, control
+characters escaped by JSON, lone surrogates written as ``\udcXX`` text).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -26,15 +39,69 @@ from .errors import GuestPanic, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
-__all__ = ["KernelTestResult", "run_in_vm", "run_kernel"]
+__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "json_safe", "run_in_vm", "run_kernel",
+           "xml_safe"]
+
+#: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
+JUNIT_TEXT_LIMIT = 1_000_000
+#: Characters kept in a test name or an attribute (message=, property values).
+_ATTR_LIMIT = 1000
+
+_XML_FORBIDDEN = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with every character XML 1.0 forbids written as ``\\xNN`` or ``\\uNNNN``.
+
+    Tab, newline and carriage return stay; so does everything printable.
+    """
+    return _XML_FORBIDDEN.sub(_escape_char, text)
+
+
+def json_safe(text: str) -> str:
+    """``text`` with lone surrogates (which strict JSON parsers reject) written as ``\\udcXX``."""
+    return _SURROGATE.sub(_escape_char, text)
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"[qemukit: the first {len(text) - limit} of {len(text)} characters were cut]\n" + (
+        text[-limit:]
+    )
+
+
+def _short(text: str, limit: int = _ATTR_LIMIT) -> str:
+    return xml_safe(text if len(text) <= limit else text[: limit - 1] + "\u2026")
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return json_safe(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {json_safe(str(k)): _json_clean(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
 class KernelTestResult:
     """The outcome of one boot-and-run.
 
-    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``,
-    ``timeout`` or ``error`` (qemukit or QEMU failed before the command ran).
+    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``
+    (the kernel stopped), ``oops`` (an oops or BUG; the kernel ran on but the
+    run was ended), ``timeout`` or ``error`` (qemukit or QEMU failed, or a
+    share did not mount, before the command ran). ``oops`` holds the first
+    oops line, also when the run continued past it; ``warnings`` the kernel's
+    warning lines (soft lockups, RCU stalls, ``WARNING:``, and oopses
+    continued past), in order.
     """
 
     command: tuple[str, ...]
@@ -49,40 +116,64 @@ class KernelTestResult:
     accel: str | None
     console_log: str | None
     console_tail: str
+    oops: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         data = asdict(self)
         data["command"] = list(self.command)
+        data["warnings"] = list(self.warnings)
         return data
 
     def write_json(self, path: str | Path) -> None:
-        """Write the result as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write the result as JSON (strict: ASCII only, no lone surrogates)."""
+        text = json.dumps(_json_clean(self.to_dict()), indent=2, allow_nan=False)
+        Path(path).write_text(text + "\n", encoding="ascii")
 
     def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
-        """Write the result as a JUnit XML report with one test case."""
-        failures = int(self.outcome == "failed" or self.outcome == "panic")
+        """Write the result as a JUnit XML report with one test case (always well-formed)."""
+        failures = int(self.outcome in ("failed", "panic", "oops"))
         errors = int(self.outcome in ("timeout", "error"))
         root = ET.Element("testsuites")
-        ts = ET.SubElement(root, "testsuite", name=suite, tests="1", failures=str(failures),
-                           errors=str(errors), time=f"{self.duration:.3f}")
-        case = ET.SubElement(ts, "testcase", classname=suite, name=" ".join(self.command) or "boot",
+        ts = ET.SubElement(root, "testsuite", name=_short(suite), tests="1",
+                           failures=str(failures), errors=str(errors),
+                           time=f"{self.duration:.3f}")
+        props = ET.SubElement(ts, "properties")
+        for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
+                            ("accel", self.accel), ("boot_time", self.boot_time),
+                            ("panic", self.panic), ("oops", self.oops),
+                            *(("warning", w) for w in self.warnings)):
+            if value is not None:
+                ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
+        case = ET.SubElement(ts, "testcase", classname=_short(suite),
+                             name=_short(" ".join(self.command) or "boot"),
                              time=f"{self.duration:.3f}")
+
+        def body(text: str) -> str:
+            return xml_safe(_cap(text, JUNIT_TEXT_LIMIT))
+
         if self.outcome == "failed":
             ET.SubElement(case, "failure", message=f"exit status {self.exit_status}").text = (
-                self.stderr
+                body(self.stderr)
             )
         elif self.outcome == "panic":
-            ET.SubElement(case, "failure", message=f"kernel panic: {self.panic}").text = (
-                self.console_tail
+            ET.SubElement(case, "failure", message=_short(f"kernel panic: {self.panic}")).text = (
+                body(self.console_tail)
+            )
+        elif self.outcome == "oops":
+            ET.SubElement(case, "failure", message=_short(f"kernel oops: {self.oops}")).text = (
+                body(self.console_tail)
             )
         elif errors:
-            ET.SubElement(case, "error", message=self.error or self.outcome).text = (
-                self.console_tail
+            ET.SubElement(case, "error", message=_short(self.error or self.outcome)).text = (
+                body(self.console_tail)
             )
-        ET.SubElement(case, "system-out").text = self.stdout
-        ET.SubElement(case, "system-err").text = self.stderr
+        out = self.stdout
+        if self.warnings:
+            out += "\n--- qemukit: kernel warnings on the console ---\n" + "\n".join(self.warnings)
+        ET.SubElement(case, "system-out").text = body(out)
+        ET.SubElement(case, "system-err").text = body(self.stderr)
         ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
