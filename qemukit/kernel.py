@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from . import images
-from .errors import GuestPanic, QemukitError, SpecError, WaitTimeout
+from .console import ConsoleEvent
+from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
@@ -185,6 +186,7 @@ def run_in_vm(
     console_log: str | Path | None = None,
     modules: str | Path | None = None,
     on_started: Callable[[VM], None] | None = None,
+    continue_on_oops: bool = False,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
@@ -192,6 +194,8 @@ def run_in_vm(
     whole serial console (the VM's runtime directory is removed afterwards).
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
+    An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
+    records it (``oops``, ``warnings``) and lets the command finish.
     """
     if modules is not None:
         if spec.initrd is None:
@@ -199,14 +203,17 @@ def run_in_vm(
         with tempfile.TemporaryDirectory(prefix="qemukit-kernel-") as tmp:
             initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
             return run_in_vm(spec.replace(initrd=str(initrd)), command, timeout=timeout,
-                             console_log=console_log, on_started=on_started)
+                             console_log=console_log, on_started=on_started,
+                             continue_on_oops=continue_on_oops)
     argv = (command,) if isinstance(command, str) else tuple(command)
     start = time.monotonic()
-    vm = VM(spec, boot_timeout=timeout)
+    vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops)
     fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
-                                  panic=None, error=None, accel=None)
+                                  panic=None, error=None, accel=None, oops=None)
     outcome = "error"
     tail = ""
+    events: list[ConsoleEvent] = []
+    log_copy_error: OSError | None = None
     try:
         vm.start()
         fields["accel"] = vm.accel.accel if vm.accel else None
@@ -220,21 +227,35 @@ def run_in_vm(
         outcome = "passed" if result.exit_status == 0 else "failed"
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
+    except GuestOops as exc:
+        outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
     except WaitTimeout as exc:
         outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
     except QemukitError as exc:
         fields["error"] = str(exc)
     finally:
+        events = vm.console_events()
         tail = vm.console_tail(40)
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
-            shutil.copyfile(vm.console_log, console_log)
+            try:
+                shutil.copyfile(vm.console_log, console_log)
+            except OSError as exc:
+                log_copy_error = exc
         if vm.state is VMState.RUNNING:
             # A guest that never became ready will hardly honour the power button.
             vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
+    if log_copy_error is not None:
+        raise HostError(f"cannot write the console log to {console_log}: "
+                        f"{log_copy_error.strerror or log_copy_error}") from log_copy_error
+    oopses = [e.line for e in events if e.kind == "oops"]
+    if fields["oops"] is None and oopses:
+        fields["oops"] = oopses[0]
+    warnings = [e.line for e in events
+                if e.kind == "warning" or (e.kind == "oops" and outcome != "oops")]
     return KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
-        **fields,
+        warnings=tuple(warnings), **fields,
     )
 
 
@@ -248,6 +269,7 @@ def run_kernel(
     append: str | None = None,
     timeout: float = 300.0,
     console_log: str | Path | None = None,
+    continue_on_oops: bool = False,
     **spec_fields: Any,
 ) -> KernelTestResult:
     """Boot ``kernel`` with the tiny initramfs (or ``initrd``), run ``command``, report.
@@ -256,7 +278,8 @@ def run_kernel(
     leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
     itself; it is appended to the initramfs so the guest loads its virtio
     drivers from it. ``append`` adds to the default kernel command line;
-    other keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
+    ``continue_on_oops`` as for :func:`run_in_vm`; other keyword arguments
+    are VMSpec fields (``accel``, ``memory``, ...).
     """
     if not Path(kernel).is_file():
         raise SpecError("kernel", str(kernel), "no such file")
@@ -264,7 +287,8 @@ def run_kernel(
     cmdline = images.TINY_APPEND + (f" {append}" if append else "")
     spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
                        shares=tuple(shares), **spec_fields)
-    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules)
+    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
+                     continue_on_oops=continue_on_oops)
 
 
 def _with_modules(initrd: Path, modules: Path, tmp: Path) -> Path:
