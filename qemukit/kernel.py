@@ -196,6 +196,8 @@ def run_in_vm(
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
     An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
     records it (``oops``, ``warnings``) and lets the command finish.
+    Raises :class:`SpecError` or :class:`HostError` for bad input (e.g. a
+    modules directory that cannot be read) before anything starts.
     """
     if modules is not None:
         if spec.initrd is None:
@@ -291,19 +293,44 @@ def run_kernel(
                      continue_on_oops=continue_on_oops)
 
 
+def _copy_errors(exc: OSError) -> str:
+    """What went wrong in a copy: shutil.Error carries a list of (source, target, why)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        problems = [f"{src}: {why}" for src, _dst, why in exc.args[0][:3]]
+        more = len(exc.args[0]) - len(problems)
+        return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
 def _with_modules(initrd: Path, modules: Path, tmp: Path) -> Path:
+    """``initrd`` with the modules tree appended; every failure names the path concerned."""
     from .images.tiny import append_to_initrd
 
-    release_dirs = [modules] if (modules / "modules.dep").exists() else []
-    release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    try:
+        if not modules.is_dir():
+            raise SpecError("modules", str(modules), "no such directory")
+        release_dirs = [modules] if (modules / "modules.dep").exists() else []
+        release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    except OSError as exc:
+        raise SpecError("modules", str(modules), f"cannot read it: {_copy_errors(exc)}") from exc
     if not release_dirs:
         raise SpecError("modules", str(modules),
                         "expected DIR/lib/modules/<release>/ or a <release>/ directory "
                         "with modules.dep (make modules_install INSTALL_MOD_PATH=DIR)")
     tree = tmp / "tree"
     for release_dir in release_dirs:
-        shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name, symlinks=True,
-                        ignore=shutil.ignore_patterns("build", "source"))
+        try:
+            shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name,
+                            symlinks=True, ignore=shutil.ignore_patterns("build", "source"))
+        except OSError as exc:
+            raise SpecError("modules", str(modules),
+                            f"cannot copy {release_dir}: {_copy_errors(exc)}") from exc
     target = tmp / "initrd-with-modules.img"
-    append_to_initrd(initrd, tree, target)
+    try:
+        append_to_initrd(initrd, tree, target)
+    except ValueError as exc:  # a file type a cpio archive for the kernel cannot hold
+        raise SpecError("modules", str(modules), f"cannot go into an initramfs: {exc}") from exc
+    except OSError as exc:
+        raise HostError(f"cannot append the modules from {modules} to the initramfs {initrd} "
+                        f"(writing {target}): {_copy_errors(exc)}") from exc
     return target
