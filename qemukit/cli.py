@@ -25,6 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_TIMEOUT = 124
 EXIT_ERROR = 125
 EXIT_PANIC = 255
+EXIT_OOPS = 254
 
 
 def _emit_json(data: Any) -> None:
@@ -145,11 +146,13 @@ def main() -> None:
               help="cloud-init user-data file, passed to the guest as it is.")
 @click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False),
               help="SSH public key to authorize in the guest (default: a keypair made per VM).")
+@click.option("--continue-on-oops", is_flag=True,
+              help="With -- CMD: a kernel oops or BUG is recorded, not fatal; CMD runs on.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Explain the accelerator choice in full (as qemukit doctor does).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
-        modules: str | None, detach: bool, wait_for: str, verbose: bool,
+        modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool, verbose: bool,
         command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
@@ -161,8 +164,10 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     until the guest powers off or you press Ctrl-C.
 
     \b
-    Exit codes: the command's status; 124 timeout; 125 qemukit error;
-    255 guest kernel panic (or oops/BUG).
+    Exit codes: the command's status; 124 timeout; 125 qemukit error (also a
+    --share the guest could not mount); 254 guest kernel oops or BUG (the
+    kernel kept running; --continue-on-oops runs on); 255 guest kernel panic.
+    Kernel warnings (soft lockups, RCU stalls, WARNING:) are reported, not fatal.
     """
     from .cli_guest import apply_run_options
     from .vm import VM
@@ -194,7 +199,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 
     try:
         result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
-                           modules=modules, on_started=announce)
+                           modules=modules, on_started=announce,
+                           continue_on_oops=continue_on_oops)
     except errors.QemukitError as exc:
         _fail(exc)
     if json_out is not None:
@@ -208,14 +214,24 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         sys.stdout.write(result.stdout)
         sys.stdout.flush()
         sys.stderr.write(result.stderr)
+    if json_out != "-":
+        from .console import classify
+
+        for line in result.warnings:
+            event = classify(line)
+            kind = "oops (continued past)" if event and event.kind == "oops" else "warning"
+            click.echo(f"qemukit: guest kernel {kind}: {line}", err=True)
     if result.outcome == "panic":
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
+    elif result.outcome == "oops":
+        click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
+                   f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
     elif result.outcome in ("timeout", "error"):
         tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
         click.echo(f"qemukit: {result.error}{tail}", err=True)
-    sys.exit({"panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
-        result.outcome, result.exit_status or 0))
+    sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
+              "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:

@@ -26,14 +26,15 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import host
 from ._aio import cancel_and_wait, file_lock
 from ._sync import SyncFacade, blocking, delegated, passthrough, run_sync
-from .console import PANIC_RE, ConsoleWatcher, log_tail
+from .console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .errors import (
     GuestIOError,
+    GuestOops,
     GuestPanic,
     HostError,
     LaunchError,
@@ -147,6 +148,8 @@ class AsyncVM:
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
     ``keep_runtime`` leaves the runtime directory (logs, overlays) after
     shutdown; ``state_root`` overrides where runtime directories live.
+    A kernel oops or BUG ends every guarded wait with :class:`GuestOops`
+    unless ``continue_on_oops`` (then it is only recorded, see :meth:`console_events`).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class AsyncVM:
         keep_runtime: bool = False,
         state_root: Path | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
+        continue_on_oops: bool = False,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
@@ -164,6 +168,8 @@ class AsyncVM:
         self.die_with_parent = die_with_parent
         self.keep_runtime = keep_runtime
         self.boot_timeout = boot_timeout
+        #: Handed to the console watcher at start (ConsoleWatcher.continue_on_oops).
+        self.continue_on_oops = continue_on_oops
         self._state_root = state_root
         self.state = VMState.NEW
         self.accel: host.AccelChoice | None = None
@@ -342,7 +348,7 @@ class AsyncVM:
             raise
         self._watch_io_errors()
         if self.spec.serial:
-            self._console = ConsoleWatcher(rd.console_log)
+            self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
@@ -535,12 +541,9 @@ class AsyncVM:
             # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
             self._io_error = asyncio.get_running_loop().create_future()
             raise io_error.result()
-        panic_line = self._panic_line(panic)
-        if panic_line is not None:
-            # Give the kernel a moment to finish printing its backtrace into the log.
-            with contextlib.suppress(WaitTimeout):
-                await self._proc.wait(2)
-            raise GuestPanic(panic_line, self.console_tail(40))
+        console_event = self._panic_line(panic)
+        if console_event is not None:
+            await self._raise_console_event(console_event)
         if not self._proc.alive():
             raise LaunchError(
                 f"QEMU exited while waiting for {what}",
@@ -571,6 +574,15 @@ class AsyncVM:
         if self.runtime is not None:
             self.runtime.ready_stamp.unlink(missing_ok=True)
 
+    def forget_guest_faults(self) -> None:
+        """Forget a panic, oops or share error seen so far: the guest's state is being replaced.
+
+        Loading a snapshot (or reverting to one) puts back a guest from
+        before the fault, so calls after it must not fail because of it.
+        """
+        if self._console is not None:
+            self._console.reset()
+
     def _watch_io_errors(self) -> None:
         """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
         assert self._qmp is not None
@@ -591,15 +603,30 @@ class AsyncVM:
 
         self._io_watch = asyncio.create_task(watch(), name=f"io-errors {self.name}")
 
-    def _panic_line(self, panic: asyncio.Future[str] | None) -> str | None:
-        """The panic line seen live, or found in the console log after QEMU exited."""
+    def _panic_line(self, panic: asyncio.Future[ConsoleEvent] | None) -> ConsoleEvent | None:
+        """The console event that ends the wait (a panic, an oops unless continued past,
+        a share that did not mount): seen live, else found in the console log (QEMU exited
+        before the watcher read it)."""
         if panic is not None and panic.done() and not panic.cancelled():
             return panic.result()
-        for line in self.console_tail(200).splitlines():
-            m = PANIC_RE.search(line)
-            if m:
-                return m.group(1).strip()
-        return None
+        continue_on_oops = self._console.continue_on_oops if self._console else self.continue_on_oops
+        return first_fatal(classify_text(self.console_tail(200)), continue_on_oops)
+
+    async def _raise_console_event(self, event: ConsoleEvent) -> NoReturn:
+        """Raise the error for a fatal console event, once the kernel has said all it will."""
+        assert self._proc is not None
+        if event.kind == "oops" and self._console is not None:
+            # An oops turns into a panic with panic_on_oops or in an interrupt: wait for
+            # the end of its report to tell which.
+            event = await self._console.oops_outcome(event)
+        if event.kind == "panic":
+            # Give the kernel a moment to finish printing its backtrace into the log.
+            with contextlib.suppress(WaitTimeout):
+                await self._proc.wait(2)
+            raise GuestPanic(event.line, self.console_tail(40))
+        if event.kind == "oops":
+            raise GuestOops(event.line, self.console_tail(60))
+        raise share_error(event, self.spec.shares, self.console_tail(20))
 
     # -- QMP ---------------------------------------------------------------------
 
@@ -726,7 +753,8 @@ class AsyncVM:
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
                       timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
                       keep_runtime: bool = False, state_root: Path | None = None,
-                      boot_timeout: float = BOOT_TIMEOUT) -> AsyncVM:
+                      boot_timeout: float = BOOT_TIMEOUT,
+                      continue_on_oops: bool = False) -> AsyncVM:
         """Start a clone from a bundle written by :meth:`save_state`; returns it running.
 
         The clone resumes where the saved guest was, without booting, on its
@@ -737,7 +765,8 @@ class AsyncVM:
         saved = Bundle.open(bundle)
         saved.check_qemu(await asyncio.to_thread(host.find_qemu))
         vm = cls(saved.clone_spec(name), die_with_parent=die_with_parent,
-                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)
+                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
+                 continue_on_oops=continue_on_oops)
         vm._incoming = "defer"
         await vm.start()
         try:
@@ -867,6 +896,18 @@ class AsyncVM:
         if self._console is None:
             raise StateError(f"VM {self.name!r} has no serial console")
         self._console.sink = sink
+
+    async def console_events(self) -> list[ConsoleEvent]:
+        """The kernel events seen on the console so far, in order (see :mod:`qemukit.console`).
+
+        Includes everything the guest printed before the call: panics, oopses,
+        warnings (soft lockups, RCU stalls, ``WARNING:``) and share errors.
+        Empty for a VM without a console watcher (attached, or no serial).
+        """
+        if self._console is None:
+            return []
+        await self._console.settle()
+        return list(self._console.events)
 
     async def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait until QEMU exits by itself (the guest powered off); returns its status."""
@@ -1046,9 +1087,11 @@ class VM(SyncFacade):
     _aio: AsyncVM
 
     def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
-                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT) -> None:
+                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
+                 continue_on_oops: bool = False) -> None:
         super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
-                                 state_root=state_root, boot_timeout=boot_timeout))
+                                 state_root=state_root, boot_timeout=boot_timeout,
+                                 continue_on_oops=continue_on_oops))
 
     @property
     def aio(self) -> AsyncVM:
@@ -1090,6 +1133,7 @@ class VM(SyncFacade):
     wait_ready = blocking(AsyncVM.wait_ready)
     exec = blocking(AsyncVM.exec)
     wait_exit = blocking(AsyncVM.wait_exit)
+    console_events = blocking(AsyncVM.console_events)
     shutdown = blocking(AsyncVM.shutdown)
     kill = blocking(AsyncVM.kill)
 
@@ -1108,11 +1152,12 @@ class VM(SyncFacade):
     def restore(cls, bundle: str | Path, *, name: str | None = None,
                 timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
                 keep_runtime: bool = False, state_root: Path | None = None,
-                boot_timeout: float = BOOT_TIMEOUT) -> VM:
+                boot_timeout: float = BOOT_TIMEOUT, continue_on_oops: bool = False) -> VM:
         """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
         return cls._wrap(run_sync(AsyncVM.restore(
             bundle, name=name, timeout=timeout, die_with_parent=die_with_parent,
-            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)))
+            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
+            continue_on_oops=continue_on_oops)))
 
     @classmethod
     def _wrap(cls, aio: AsyncVM) -> VM:

@@ -128,6 +128,8 @@ class Snapshots:
         vmstate = next((d for d in having if d.vm_state_size(tag) > 0), None)
         if vmstate is None:
             raise SnapshotError(f"snapshot {tag!r} holds no RAM state, so it cannot be loaded live")
+        # The guest comes back as it was at the snapshot: a panic or oops since is not its.
+        self.vm.forget_guest_faults()
         await run_job(
             self.vm, "snapshot-load",
             {"tag": tag, "vmstate": vmstate.node, "devices": [d.node for d in nodes]},
@@ -263,6 +265,7 @@ class Snapshots:
         vm = self.vm
         records, record = self._latest(tag, "revert")
         deadline = Deadline(timeout)
+        vm.forget_guest_faults()  # the guest is put back (or rebooted) from before them
         if record["memory"]:
             nodes = [d["overlay_node"] for d in record["disks"]]
             await run_job(vm, "snapshot-load",

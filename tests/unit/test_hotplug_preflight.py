@@ -98,6 +98,9 @@ class FakeVM:
     async def reset_agent(self) -> None:
         pass
 
+    def forget_guest_faults(self) -> None:
+        pass
+
     async def wait_ready(self, timeout: float | None = None) -> float:
         return 0.0
 

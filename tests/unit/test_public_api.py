@@ -46,8 +46,13 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_errors_share_one_root() -> None:
-    errors = [getattr(qemukit, n) for n in qemukit.__all__ if n.endswith(("Error", "Panic", "Timeout"))]
+    errors = [getattr(qemukit, n) for n in qemukit.__all__
+              if n.endswith(("Error", "Panic", "Oops", "Timeout"))]
     assert len(errors) >= 10
+    assert {qemukit.GuestOops, qemukit.ShareMountError} <= set(errors)
+    assert issubclass(qemukit.GuestOops, qemukit.GuestError)
+    assert not issubclass(qemukit.GuestOops, qemukit.GuestPanic)  # an oops is not a panic
+    assert issubclass(qemukit.ShareMountError, qemukit.GuestError)
     for cls in errors:
         assert issubclass(cls, qemukit.QemukitError), cls
 
