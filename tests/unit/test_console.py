@@ -341,7 +341,9 @@ def test_a_failing_sink_does_not_stop_the_draining() -> None:
     asyncio.run(main())
 
 
-def test_reset_forgets_an_oops_but_not_a_panic() -> None:
+def test_reset_forgets_fatal_events_and_sees_the_next_one() -> None:
+    """A snapshot load puts back a guest from before the oops or panic: both are forgotten."""
+
     async def main() -> None:
         console = FakeConsole()
         try:
@@ -351,9 +353,10 @@ def test_reset_forgets_an_oops_but_not_a_panic() -> None:
             watcher.reset()
             assert not watcher.fatal.done()
             console.send(sample("panic-sysrq.txt").encode())
-            await asyncio.wait_for(watcher.fatal, 10)
+            assert (await asyncio.wait_for(watcher.fatal, 10)).kind == "panic"
             watcher.reset()
-            assert watcher.fatal.done()
+            assert not watcher.fatal.done()
+            assert [e.kind for e in watcher.events if e.kind != "warning"][:1] == ["oops"]
             await watcher.close()
         finally:
             console.close()
