@@ -98,6 +98,16 @@ class ShutdownResult:
     tried: tuple[ShutdownRung, ...]
 
 
+@dataclass(frozen=True)
+class AdoptedQemu:
+    """A QEMU that already runs, for an :class:`AsyncVM` made to control it (attach)."""
+
+    runtime: RuntimeDir
+    process: QemuProcess
+    helpers: tuple[QemuProcess, ...]
+    accel: host.AccelChoice
+
+
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
 #: The process that owns the VMs in ``_live`` (a forked child owns none of them).
 _live_pid = os.getpid()
@@ -150,6 +160,9 @@ class AsyncVM:
     shutdown; ``state_root`` overrides where runtime directories live.
     A kernel oops or BUG ends every guarded wait with :class:`GuestOops`
     unless ``continue_on_oops`` (then it is only recorded, see :meth:`console_events`).
+    ``incoming`` is QEMU's ``-incoming`` for a VM that will be fed saved state
+    (``defer``: :meth:`restore` sends it over QMP). ``adopt`` makes the
+    object for a QEMU that already runs (:meth:`attach` uses it).
     """
 
     def __init__(
@@ -161,6 +174,8 @@ class AsyncVM:
         state_root: Path | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
         continue_on_oops: bool = False,
+        incoming: str | None = None,
+        adopt: AdoptedQemu | None = None,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
@@ -189,6 +204,13 @@ class AsyncVM:
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
+        self.incoming = incoming
+        if adopt is not None:
+            self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
+            self._helpers = list(adopt.helpers)
+            self.accel = adopt.accel
+            self.state = VMState.RUNNING
+            self.attached = True
 
     # -- properties --------------------------------------------------------
 
@@ -302,7 +324,7 @@ class AsyncVM:
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, _host_facts(host.find_qemu(), self.accel), rd,
-                           self._formats, incoming=self._incoming)
+                           self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -386,7 +408,6 @@ class AsyncVM:
         Raises :class:`StateError` if no such VM runs.
         """
         from .paths import state_dir
-        from .qmp import connect_unix
 
         rd = RuntimeDir((state_root or state_dir()) / name)
         info = rd.read_info()
@@ -396,27 +417,32 @@ class AsyncVM:
         if proc is None:
             raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
                              "'qemukit gc' removes its entry")
-        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
-                 state_root=rd.path.parent)
-        vm.runtime, vm._proc, vm.argv = rd, proc, list(info.argv)
-        vm._helpers = [
+        helpers = tuple(
             h for pid, start in info.helpers
             if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
-        ]
-        vm.accel = host.AccelChoice(info.accel, info.accel_reason)
-        vm.state = VMState.RUNNING
-        vm.attached = True
+        )
+        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
+                 state_root=rd.path.parent,
+                 adopt=AdoptedQemu(rd, proc, helpers, host.AccelChoice(info.accel, info.accel_reason)))
         try:
-            sock = await connect_unix(str(rd.qmp_socket), timeout)
-            vm._qmp = QMP(f"qemukit-{name}")
-            await vm.guarded(vm._qmp.connect(sock, timeout), timeout, "QMP")
-            vm._watch_io_errors()
+            await vm._connect_shared_monitor(timeout)
         except BaseException:
             await vm.detach()
             raise
-        if vm.spec.agent != "none":
-            vm._agent = _make_agent(vm.spec, rd, connect_timeout=timeout, monitor=vm._qmp)
         return vm
+
+    async def _connect_shared_monitor(self, timeout: float) -> None:
+        """An attached VM's QMP (the shared qmp.sock), I/O-error watch and agent client."""
+        from .qmp import connect_unix
+
+        assert self.runtime is not None
+        sock = await connect_unix(str(self.runtime.qmp_socket), timeout)
+        self._qmp = QMP(f"qemukit-{self.runtime.name}")
+        await self.guarded(self._qmp.connect(sock, timeout), timeout, "QMP")
+        self._watch_io_errors()
+        if self.has_agent:
+            self._agent = _make_agent(self.spec, self.runtime, connect_timeout=timeout,
+                                      monitor=self._qmp)
 
     async def detach(self) -> None:
         """Let go of the VM without stopping it: close connections, leave QEMU running.
@@ -723,9 +749,6 @@ class AsyncVM:
 
     # -- snapshots (qemukit.snapshot) --------------------------------------------------
 
-    #: ``-incoming`` for the next start: ``defer`` when :meth:`restore` feeds saved state.
-    _incoming: str | None = None
-
     @property
     def snapshots(self) -> Snapshots:
         """Internal and external snapshots: ``await vm.snapshots.save("tag")``.
@@ -766,8 +789,7 @@ class AsyncVM:
         saved.check_qemu(await asyncio.to_thread(host.find_qemu))
         vm = cls(saved.clone_spec(name), die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
-                 continue_on_oops=continue_on_oops)
-        vm._incoming = "defer"
+                 continue_on_oops=continue_on_oops, incoming="defer")
         await vm.start()
         try:
             await restore_vm(vm, saved, timeout)
@@ -1088,10 +1110,12 @@ class VM(SyncFacade):
 
     def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
                  state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
-                 continue_on_oops: bool = False) -> None:
+                 continue_on_oops: bool = False, incoming: str | None = None,
+                 adopt: AdoptedQemu | None = None) -> None:
         super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
                                  state_root=state_root, boot_timeout=boot_timeout,
-                                 continue_on_oops=continue_on_oops))
+                                 continue_on_oops=continue_on_oops, incoming=incoming,
+                                 adopt=adopt))
 
     @property
     def aio(self) -> AsyncVM:

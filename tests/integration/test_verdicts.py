@@ -56,10 +56,10 @@ def strict_files(junit: Path, js: Path) -> tuple[ET.Element, dict[str, Any]]:
 # -- results that CI systems can read -------------------------------------------------------------
 
 
-def test_panic_run_writes_strict_junit_and_json(tiny_image: images.TinyImage, qk_cli: Any,
+def test_panic_run_writes_strict_junit_and_json(tiny_image: images.TinyImage, qk: Any,
                                                 tmp_path: Path) -> None:
     junit, js = tmp_path / "r.xml", tmp_path / "r.json"
-    out = qk_cli("run", *TCG, "--junit", str(junit), "--json", str(js), "--",
+    out = qk("run", *TCG, "--junit", str(junit), "--json", str(js), "--",
                  "sh", "-c", "echo c > /proc/sysrq-trigger")
     assert out.returncode == 255, out.stderr
     root, data = strict_files(junit, js)
@@ -70,11 +70,11 @@ def test_panic_run_writes_strict_junit_and_json(tiny_image: images.TinyImage, qk
     assert "\\x1b[6n" in (failure.text or "")  # ...and as a visible escape in XML
 
 
-def test_every_byte_and_megabytes_give_strict_files(tiny_image: images.TinyImage, qk_cli: Any,
+def test_every_byte_and_megabytes_give_strict_files(tiny_image: images.TinyImage, qk: Any,
                                                     tmp_path: Path) -> None:
     every_byte = "".join(f"\\{i:03o}" for i in range(256))  # printf's octal escapes
     junit, js = tmp_path / "r.xml", tmp_path / "r.json"
-    out = qk_cli("run", *TCG, "--junit", str(junit), "--json", str(js), "--", "sh", "-c",
+    out = qk("run", *TCG, "--junit", str(junit), "--json", str(js), "--", "sh", "-c",
                  'printf "$1"; printf "$1" >&2; head -c 2000000 /dev/urandom', "sh", every_byte)
     assert out.returncode == 0, out.stderr
     root, data = strict_files(junit, js)
@@ -120,10 +120,10 @@ def test_rcu_stall_and_warn_lines_are_warnings(tiny_image: images.TinyImage) -> 
 
 
 def test_oops_ends_the_run_as_oops_while_the_kernel_runs_on(tiny_image: images.TinyImage,
-                                                             qk_cli: Any, tmp_path: Path) -> None:
+                                                             qk: Any, tmp_path: Path) -> None:
     junit = tmp_path / "r.xml"
     start = time.monotonic()
-    out = qk_cli("run", *TCG, "--junit", str(junit), "--", "sh", "-c",
+    out = qk("run", *TCG, "--junit", str(junit), "--", "sh", "-c",
                  f"{kmsg(NULL_OOPS, 1)}; sleep 300; echo never")
     assert out.returncode == 254, out.stderr
     assert time.monotonic() - start < 150  # not the command's 300 s
@@ -134,12 +134,12 @@ def test_oops_ends_the_run_as_oops_while_the_kernel_runs_on(tiny_image: images.T
 
 
 def test_continue_on_oops_lets_the_command_finish(tiny_image: images.TinyImage,
-                                                  qk_cli: Any) -> None:
+                                                  qk: Any) -> None:
     result = run_kernel(tiny_image.kernel, f"{kmsg(NULL_OOPS, 1)}; sleep 1; echo after",
                         accel="tcg", continue_on_oops=True)
     assert (result.outcome, result.stdout) == ("passed", "after\n"), result.error
     assert result.oops == NULL_OOPS and result.warnings == (NULL_OOPS,)
-    out = qk_cli("run", *TCG, "--continue-on-oops", "--", "sh", "-c",
+    out = qk("run", *TCG, "--continue-on-oops", "--", "sh", "-c",
                  f"{kmsg(NULL_OOPS, 1)}; sleep 1; exit 7")
     assert out.returncode == 7, out.stderr
     assert f"oops (continued past): {NULL_OOPS}" in out.stderr
@@ -172,10 +172,10 @@ def test_emulated_cpu_gets_relaxed_watchdogs(tiny_image: images.TinyImage) -> No
 # -- shares that do not mount -------------------------------------------------------------------------
 
 
-def test_9p_share_on_a_kernel_without_9p_is_an_error(tiny_image: images.TinyImage, qk_cli: Any,
+def test_9p_share_on_a_kernel_without_9p_is_an_error(tiny_image: images.TinyImage, qk: Any,
                                                      tmp_path: Path) -> None:
     (tmp_path / "f").write_text("host-data\n")
-    out = qk_cli("run", *TCG, "--share", f"{tmp_path}:/mnt/x,9p", "--", "cat", "/mnt/x/f")
+    out = qk("run", *TCG, "--share", f"{tmp_path}:/mnt/x,9p", "--", "cat", "/mnt/x/f")
     assert out.returncode == 125, out.stderr
     assert "'share0'" in out.stderr and "/mnt/x" in out.stderr and "9p" in out.stderr
     assert "CONFIG_9P_FS" in out.stderr and "CONFIG_NET_9P_VIRTIO" in out.stderr
@@ -190,12 +190,12 @@ def test_9p_share_on_a_kernel_without_9p_is_an_error(tiny_image: images.TinyImag
 
 
 def test_bogus_modules_dir_is_one_line_not_a_traceback(tiny_image: images.TinyImage,
-                                                       qk_cli: Any, tmp_path: Path) -> None:
+                                                       qk: Any, tmp_path: Path) -> None:
     release = tmp_path / "lib" / "modules" / tiny_image.kernel_release
     release.mkdir(parents=True)
     (release / "modules.dep").write_text("")
     os.mkfifo(release / "modules.pipe")
-    out = qk_cli("run", *TCG, "--modules", str(tmp_path), "--", "true")
+    out = qk("run", *TCG, "--modules", str(tmp_path), "--", "true")
     assert out.returncode == 125
     assert "Traceback" not in out.stderr
     assert str(release / "modules.pipe") in out.stderr and "modules=" in out.stderr
