@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from . import errors
-from .cli import EXIT_ERROR, _attach, _fail, _name_argument, main
+from .cli import _attach, _name_argument, main
 from .spec import CloudInit, Drive, VMSpec
 
 __all__ = [
@@ -139,8 +139,6 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     vm = _attach(name)
     try:
         argv = vm.ssh_argv(list(command), user=user)
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
     finally:
         vm.detach()
     if print_only:
@@ -149,5 +147,5 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
-        _fail(errors.HostError(f"cannot run {argv[0]}: {exc.strerror}; install openssh-client"),
-              EXIT_ERROR)
+        raise errors.HostError(
+            f"cannot run {argv[0]}: {exc.strerror}; install openssh-client") from exc
