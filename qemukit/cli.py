@@ -239,7 +239,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
       qemukit run --image tiny -- uname -r
       qemukit run --kernel arch/x86/boot/bzImage -- sh -c 'dmesg | tail'
     Without CMD the VM runs in the foreground with its console on stdout
-    until the guest powers off or you press Ctrl-C.
+    until the guest powers off or you press Ctrl-C (Ctrl-C stops the VM and exits 130).
 
     \b
     Exit codes: the command's status; 124 timeout; 125 qemukit error;
@@ -324,7 +324,10 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
 
 
 def _foreground(vm: Any) -> None:
-    """Show the console live until the guest powers off or Ctrl-C, then stop the VM."""
+    """Show the console live until the guest powers off or Ctrl-C, then stop the VM.
+
+    After Ctrl-C the process exits with 130 (128 + SIGINT), as shells expect.
+    """
     click.echo(f"qemukit: {vm.name} running; console below, Ctrl-C stops it", err=True)
     click.echo(vm.console_tail(200), nl=False)
 
@@ -333,13 +336,17 @@ def _foreground(vm: Any) -> None:
         sys.stdout.flush()
 
     vm.follow_console(show)
+    interrupted = False
     try:
         vm.wait_exit()
     except KeyboardInterrupt:
+        interrupted = True
         click.echo("", err=True)
     vm.follow_console(None)
     result = vm.shutdown(timeout=15)
     click.echo(f"qemukit: {vm.name} stopped ({result.rung.value})", err=True)
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
 
 
 @main.command()
