@@ -1,0 +1,62 @@
+"""Errors from the installed command: one line, the exit code from the one table, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import qemu_gone
+
+pytestmark = pytest.mark.integration
+TCG = ("--image", "tiny", "--accel", "tcg")
+
+
+def _one_error(out: Any, code: int) -> list[str]:
+    """Check the exit code and that stderr holds qemukit's message, not a traceback."""
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines and lines[0].startswith("qemukit: "), out.stderr
+    return lines
+
+
+def test_stop_of_a_vm_that_cannot_be_stopped(qk: Any, state_root: Path) -> None:
+    """A QEMU that does not answer QMP (stopped, or its socket deleted): the error with
+    the table's code and a hint, no traceback; the VM is left for 'qemukit kill'."""
+    assert qk("run", "--detach", "--name", "stuck", *TCG).returncode == 0
+    info = json.loads((state_root / "stuck" / "vm.json").read_text())
+    pid = info["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            hung = qk("stop", "stuck", "--timeout", "5")
+            assert time.monotonic() - start < 90
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        first, hint = _one_error(hung, 124)
+        assert "timed out" in first and "QMP" in first
+        assert "'qemukit kill stuck'" in hint
+        assert not qemu_gone(pid)  # a failed stop leaves the VM as it was
+
+        os.unlink(state_root / "stuck" / "qmp.sock")
+        gone = qk("stop", "stuck")
+        first, hint = _one_error(gone, 125)
+        assert "qmp.sock" in first and "'qemukit kill stuck'" in hint
+        # Every command reports the same error with the same code.
+        (plug,) = _one_error(qk("hotplug", "stuck", "cpu"), 125)
+        assert plug == first
+    finally:
+        killed = qk("kill", "stuck")
+    assert killed.returncode == 0, killed.stderr
+    deadline = time.monotonic() + 10
+    while not qemu_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_gone(pid)
+    assert not (state_root / "stuck").exists()
