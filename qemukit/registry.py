@@ -120,8 +120,17 @@ def _format_forwards(spec_fwds: list[PortForward], usernet: str) -> tuple[str, .
     return tuple(out)
 
 
-def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
+def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry | None:
+    """The row for one runtime directory; None once the directory is gone.
+
+    Another process may stop (or gc) a VM while it is being listed: its entry
+    then vanishes between the directory listing and the reads here. Such a VM
+    is no longer in the registry, so it gets no row, rather than a bogus
+    ``incomplete`` or ``gone`` one.
+    """
     if info is None:
+        if not rd.path.is_dir():
+            return None
         return VMEntry(rd.name, str(rd.path), None, False, "incomplete", None, None, None, None,
                        (), False)
     alive = info.alive()
@@ -143,6 +152,8 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
             _peek(rd.qmp_socket, any(fw.host_port == 0 for fw in spec_fwds))
             if query else ("alive", "")
         )
+    if not rd.path.is_dir():
+        return None
     return VMEntry(
         name=rd.name, path=str(rd.path), pid=info.pid, alive=alive, state=state,
         accel=info.accel, uptime=None if uptime is None else round(uptime, 1), cpu_percent=cpu,
@@ -151,12 +162,16 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
 
 
 def list_vms(state_root: Path | None = None, *, query: bool = True) -> list[VMEntry]:
-    """Every VM in the registry, live or stale, with its state from QMP if ``query``."""
+    """Every VM in the registry, live or stale, with its state from QMP if ``query``.
+
+    An entry removed while the listing runs (its VM stopped meanwhile) is left out.
+    """
     entries = list_entries(state_root)
     if not entries:
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
-        return list(pool.map(lambda e: _entry(e[0], e[1], query), entries))
+        rows = list(pool.map(lambda e: _entry(e[0], e[1], query), entries))
+    return [row for row in rows if row is not None]
 
 
 def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[GcAction]:
