@@ -470,7 +470,11 @@ def images_list(as_json: bool) -> None:
 def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     from .state import list_entries
 
-    return [rd.name for rd, _ in list_entries() if rd.name.startswith(incomplete)]
+    try:
+        entries = list_entries()
+    except OSError:  # an unreadable registry just offers nothing to complete
+        return []
+    return [rd.name for rd, _ in entries if rd.name.startswith(incomplete)]
 
 
 def _name_argument(func: F) -> F:

@@ -62,7 +62,12 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
 
     name = spec.name or f"vm-{secrets.token_hex(3)}"
     directory = kept_dir() / name
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise errors.StateError(
+            f"cannot keep disks in {directory} (--keep): {exc.strerror or exc}; "
+            "set XDG_DATA_HOME to a directory you can write") from exc
     qemu = host.find_qemu()
     if qemu.qemu_img is None:
         raise errors.HostError("qemu-img not found (apt-get install qemu-utils)")

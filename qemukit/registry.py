@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from .errors import StateError
+from .paths import state_dir, state_dir_error
 from .process import is_same_process
 from .spec import PortForward, VMSpec
 from .state import RuntimeDir, VMInfo, list_entries
@@ -161,12 +163,23 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry | None:
     )
 
 
+def _entries(state_root: Path | None) -> list[tuple[RuntimeDir, VMInfo | None]]:
+    """The registry's entries; a state directory that cannot be read is one clear error."""
+    try:
+        return list_entries(state_root)
+    except OSError as exc:
+        root = state_root or state_dir()
+        if state_root is None:
+            raise state_dir_error(root, exc) from exc
+        raise StateError(f"cannot read the registry {root}: {exc.strerror or exc}") from exc
+
+
 def list_vms(state_root: Path | None = None, *, query: bool = True) -> list[VMEntry]:
     """Every VM in the registry, live or stale, with its state from QMP if ``query``.
 
     An entry removed while the listing runs (its VM stopped meanwhile) is left out.
     """
-    entries = list_entries(state_root)
+    entries = _entries(state_root)
     if not entries:
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
@@ -183,7 +196,7 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
     by a launch that died more than ``incomplete_age`` seconds ago.
     """
     actions = []
-    for rd, info in list_entries(state_root):
+    for rd, info in _entries(state_root):
         if info is None:
             try:
                 age = time.time() - rd.path.stat().st_mtime

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import qemu_gone
+from tests.conftest import QEMUKIT, qemu_gone
 
 pytestmark = pytest.mark.integration
 TCG = ("--image", "tiny", "--accel", "tcg")
@@ -60,3 +62,42 @@ def test_stop_of_a_vm_that_cannot_be_stopped(qk: Any, state_root: Path) -> None:
         time.sleep(0.05)
     assert qemu_gone(pid)
     assert not (state_root / "stuck").exists()
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory this user cannot create anything in: read-only tmpfs for root (whom
+    permission bits do not stop), mode 0500 for anyone else."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M,mode=0755", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _qemukit_env(**env: str) -> Any:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        assert QEMUKIT
+        return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env}, stdin=subprocess.DEVNULL, check=False)
+    return run
+
+
+def test_unwritable_state_and_cache_dirs(qk: Any, unwritable_dir: Path) -> None:
+    state = _qemukit_env(QEMUKIT_STATE=str(unwritable_dir))
+    for args in (("run", "--detach", *TCG), ("run", *TCG, "--", "true")):
+        (line,) = _one_error(state(*args), 125)
+        assert str(unwritable_dir) in line and "set QEMUKIT_STATE" in line, line
+    assert os.listdir(unwritable_dir) == []
+    cache = _qemukit_env(QEMUKIT_CACHE=str(unwritable_dir / "cache"))
+    out = cache("images", "build", "tiny")
+    (line,) = _one_error(out, 125)
+    assert str(unwritable_dir / "cache") in line and "set QEMUKIT_CACHE" in line, line
