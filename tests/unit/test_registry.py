@@ -82,6 +82,7 @@ def test_real_race_with_a_process_removing_entries(tmp_path: Path) -> None:
     # Each entry appears complete (renamed into place with its vm.json) and disappears whole
     # (renamed away, then deleted), so the only rows it may give are 'alive' ones: an
     # 'incomplete' row would be an entry that vanished between the listing and the read.
+    # Names are not reused: a new VM taking a vanished one's name is another story.
     churn = subprocess.Popen([sys.executable, "-c", f"""
 import os, shutil
 root, staging, template = {str(root)!r}, {str(staging)!r}, {template!r}
@@ -90,12 +91,10 @@ for i in range(1500):
     os.mkdir(tmp)
     with open(os.path.join(tmp, "vm.json"), "w") as fh:
         fh.write(template)
-    os.rename(tmp, os.path.join(root, f"churn{{i % 20}}"))
-    try:
-        os.rename(os.path.join(root, f"churn{{(i + 10) % 20}}"), os.path.join(staging, "gone"))
-    except FileNotFoundError:
-        continue
-    shutil.rmtree(os.path.join(staging, "gone"))
+    os.rename(tmp, os.path.join(root, f"churn{{i}}"))
+    if i >= 10:
+        os.rename(os.path.join(root, f"churn{{i - 10}}"), os.path.join(staging, "gone"))
+        shutil.rmtree(os.path.join(staging, "gone"))
 """])
     seen: set[str] = set()
     try:
