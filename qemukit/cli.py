@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from . import errors
-from .spec import Share, VMSpec, parse_drive, parse_nic
+from .spec import DEFAULT_MEMORY_SLOTS, Share, VMSpec, parse_drive, parse_nic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,8 +138,10 @@ def spec_options(func: F) -> F:
         click.option("--cpus", type=int, help="vCPUs at boot."),
         click.option("--max-cpus", type=int, help="vCPU limit for hotplug."),
         click.option("--memory", "-m", help="Memory, e.g. 512M or 2G."),
-        click.option("--max-memory", help="Memory limit for hotplug (needs --slots)."),
-        click.option("--slots", type=int, help="Memory hotplug slots."),
+        click.option("--max-memory", help="Memory limit for hotplug, e.g. 2G; gives "
+                     f"{DEFAULT_MEMORY_SLOTS} DIMM slots unless --slots says otherwise."),
+        click.option("--slots", type=int, help="Memory hotplug (DIMM) slots; needs --max-memory "
+                     f"[default with --max-memory: {DEFAULT_MEMORY_SLOTS}]."),
         click.option("--kernel", type=click.Path(dir_okay=False), help="Kernel to boot."),
         click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs."),
         click.option("--append", help="Kernel command line (replaces the image's)."),

@@ -124,7 +124,7 @@ def hotplug_cpu(name: str, count: int, timeout: float, as_json: bool) -> None:
 @_json_option
 @click.pass_obj
 def hotplug_memory(name: str, size: str, timeout: float, as_json: bool) -> None:
-    """Plug a DIMM of SIZE, such as 256M or 1G (a multiple of 128M); needs --max-memory, --slots."""
+    """Plug a DIMM of SIZE, such as 256M or 1G (a multiple of 128M); the VM needs --max-memory."""
     device = _with_vm(name, lambda vm: vm.hotplug.memory(size, timeout=timeout))
     _print_plugged([device], as_json)
 
