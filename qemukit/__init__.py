@@ -7,10 +7,15 @@
 The public modules (:data:`SUBMODULES`: ``qemukit.images``, ``qemukit.kernel``,
 ``qemukit.hotplug``, ...) are attributes of the package, imported on first
 use, so ``import qemukit`` stays cheap (no asyncio, no qemu.qmp).
+
+qemukit logs under the ``qemukit`` logger (``qemukit.qmp`` carries qemu.qmp's
+records), which has a NullHandler: nothing reaches the terminal unless the
+application configures logging.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -72,6 +77,8 @@ SUBMODULES = (
     "argv", "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "qmp",
     "registry", "seed", "snapshot", "spec", "state", "vm",
 )
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:
