@@ -11,6 +11,7 @@ The table is printed in ``qemukit --help`` and the README.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -77,7 +78,8 @@ def exit_codes_help() -> str:
         (EXIT_USAGE, "bad command-line usage"),
         (EXIT_TIMEOUT, f"a wait timed out: boot, command, QEMU's reply ({classes(EXIT_TIMEOUT)})"),
         (EXIT_ERROR, "qemukit or QEMU failed: bad spec, missing host tool, QEMU refused to "
-                     f"start, VM not found or unreachable ({classes(EXIT_ERROR)})"),
+                     "start, VM not found or unreachable, a file it cannot write "
+                     f"({classes(EXIT_ERROR)})"),
         (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a VM in the foreground was stopped first"),
         (EXIT_PANIC, f"the guest kernel panicked ({classes(EXIT_PANIC)})"),
     ]
@@ -100,7 +102,9 @@ class QemukitGroup(click.Group):
 
     A :class:`~qemukit.errors.QemukitError` from any subcommand is printed as
     ``qemukit: <message>`` (no traceback) and ends the process with
-    :func:`exit_code_for`; Ctrl-C ends it with 130 instead of click's 1.
+    :func:`exit_code_for`; Ctrl-C ends it with 130 instead of click's 1. A
+    file-system error about a path that no library call turned into a qemukit
+    error (say ``--json`` into a missing directory) is one line and 125 too.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -113,6 +117,11 @@ class QemukitGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("qemukit: interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a file the user named: a bug, keep its traceback
+            click.echo(f"qemukit: {os.fsdecode(exc.filename)}: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_ERROR)
 
 
 def _emit_json(data: Any) -> None:
@@ -652,7 +661,6 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
 
     Interactive mode puts the terminal in raw mode; Ctrl-] detaches.
     """
-    import os
     import select
     import socket as socket_mod
 

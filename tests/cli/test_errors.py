@@ -112,3 +112,11 @@ def test_launch_failure_is_qemukits_error_without_qmp_noise(qk: Any) -> None:
             assert "qemu-system-x86_64: -nonexistent-option: invalid option" in lines
             text = "\n".join(lines)
             assert "bug in the QMP library" not in text and "Failed to establish" not in text
+
+
+def test_result_file_that_cannot_be_written(qk: Any, unwritable_dir: Path, state_root: Path) -> None:
+    before = set(state_root.iterdir())
+    out = qk("run", *TCG, "--json", str(unwritable_dir / "result.json"), "--", "true")
+    lines = _one_error(out, 125)
+    assert lines[-1].startswith(f"qemukit: {unwritable_dir / 'result.json'}: "), lines
+    assert set(state_root.iterdir()) == before  # the VM was stopped and its entry removed first

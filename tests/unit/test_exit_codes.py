@@ -237,3 +237,16 @@ def test_missing_vm_is_one_line(tmp_path: Path) -> None:
         assert result.exit_code == EXIT_ERROR, (args, result.output)
         assert result.stderr.startswith("qemukit: ") and "ghost" in result.stderr, args
         assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_a_file_error_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "state" / "vm1" / "console.log").mkdir(parents=True)  # unreadable as a file
+    result = _invoke(["logs", "vm1"], tmp_path)
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr == f"qemukit: {tmp_path}/state/vm1/console.log: Is a directory\n"
+
+
+def test_an_os_error_without_a_path_keeps_its_traceback(fake_attach: Any, tmp_path: Path) -> None:
+    fake_attach(ConnectionResetError(104, "Connection reset by peer"))
+    result = _invoke(COMMANDS["pause"], tmp_path)
+    assert isinstance(result.exception, ConnectionResetError)
