@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -33,8 +33,9 @@ EXIT_TIMEOUT = 124
 EXIT_ERROR = 125
 #: Ctrl-C (SIGINT): the VM in the foreground was stopped first. 128 + SIGINT, as shells use.
 EXIT_INTERRUPTED = 130
-EXIT_PANIC = 255
+#: The guest kernel oopsed (or hit a BUG) and ran on; 255 when it panicked.
 EXIT_OOPS = 254
+EXIT_PANIC = 255
 
 #: The exit code of each error class, for every command. A class missing here takes
 #: the code of its nearest listed base class; a unit test keeps every class listed.
@@ -53,6 +54,8 @@ EXIT_CODES: dict[type[errors.QemukitError], int] = {
     errors.QMPConnectionError: EXIT_ERROR,
     errors.GuestError: EXIT_ERROR,
     errors.GuestPanic: EXIT_PANIC,
+    errors.GuestOops: EXIT_OOPS,
+    errors.ShareMountError: EXIT_ERROR,
     errors.GuestIOError: EXIT_ERROR,
     errors.AgentError: EXIT_ERROR,
 }
@@ -82,6 +85,8 @@ def exit_codes_help() -> str:
                      "start, VM not found or unreachable, a file it cannot write "
                      f"({classes(EXIT_ERROR)})"),
         (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a VM in the foreground was stopped first"),
+        (EXIT_OOPS, f"the guest kernel oopsed or hit a BUG and ran on, tainted "
+                    f"({classes(EXIT_OOPS)}; run --continue-on-oops records it instead)"),
         (EXIT_PANIC, f"the guest kernel panicked ({classes(EXIT_PANIC)})"),
     ]
     import textwrap
@@ -127,11 +132,6 @@ class QemukitGroup(click.Group):
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _fail(exc: errors.QemukitError) -> NoReturn:
-    """Hand ``exc`` to :class:`QemukitGroup`, which prints it and exits with its code."""
-    raise exc
 
 
 def spec_options(func: F) -> F:
@@ -266,22 +266,16 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     from .cli_guest import apply_run_options
     from .vm import VM
 
-    try:
-        spec = apply_run_options(build_spec(opts), opts)
-    except errors.QemukitError as exc:
-        _fail(exc)
+    spec = apply_run_options(build_spec(opts), opts)
     if detach:
         if command:
-            _fail(errors.SpecError("command", list(command), "--detach takes no command; "
-                                   "use 'qemukit exec NAME -- CMD'"))
+            raise errors.SpecError("command", list(command), "--detach takes no command; "
+                                   "use 'qemukit exec NAME -- CMD'")
         _run_detached(spec, timeout, wait_for, json_out == "-")
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout)
-        try:
-            vm.start()
-        except errors.QemukitError as exc:
-            _fail(exc)
+        vm.start()
         _announce_accel(vm, verbose)
         _foreground(vm)
         return
@@ -291,12 +285,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         if json_out != "-":
             _announce_accel(vm, verbose)
 
-    try:
-        result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
-                           modules=modules, on_started=announce,
-                           continue_on_oops=continue_on_oops)
-    except errors.QemukitError as exc:
-        _fail(exc)
+    result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
+                       modules=modules, on_started=announce, continue_on_oops=continue_on_oops)
     if json_out is not None:
         if json_out == "-":
             _emit_json(result.to_dict())

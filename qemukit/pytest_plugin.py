@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .vm import VM
 
 _VMS_KEY = pytest.StashKey[list["VM"]]()
+#: Set on a test item whose call failed (its VMs may be kept for a look).
+_FAILED_KEY = pytest.StashKey[bool]()
 CLEAN_TAG = "qemukit-clean"
 
 
@@ -66,7 +68,7 @@ def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
 
     if vm.state is not VMState.RUNNING:
         return
-    failed = getattr(request.node, "_qemukit_failed", False)
+    failed = request.node.stash.get(_FAILED_KEY, False)
     if failed and request.config.getoption("--qemukit-keep-failed"):
         name = vm.name
         vm.detach()
@@ -176,7 +178,7 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if not report.failed:
         return
-    item._qemukit_failed = True  # type: ignore[attr-defined]
+    item.stash[_FAILED_KEY] = True
     for vm in item.stash.get(_VMS_KEY, []):
         tail = vm.console_tail(40)
         if tail:

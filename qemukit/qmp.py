@@ -55,6 +55,11 @@ class _ClientLog(logging.LoggerAdapter[logging.Logger]):
         self.logger.log(logging.DEBUG, text, *args, **options)
 
 
+def _accept_none(event: Mapping[str, Any]) -> bool:
+    """An event filter that lets nothing through (for qemu.qmp's unread default listener)."""
+    return False
+
+
 async def connect_unix(path: str, timeout: float) -> socket.socket:
     """Connect to a QEMU server socket, waiting (bounded) while another client holds it.
 
@@ -91,18 +96,17 @@ class QMP:
         self._client = QMPClient()
         # qemu.qmp only calls the logging methods, which an adapter has too.
         self._client.logger = cast(logging.Logger, _ClientLog(log, {"client": name}))
+        # qemu.qmp registers a default listener for every event (and refuses to remove
+        # it); nothing here reads it, so it would queue every event QEMU ever sent, a
+        # slow leak on a long-lived VM. qemukit waits on events through its own
+        # listeners (listen()), so the default one is told to accept none.
+        self._client.events.event_filter = _accept_none
         self.name = name
 
     @property
     def connected(self) -> bool:
         """True while the session is up."""
         return bool(self._client.runstate == Runstate.RUNNING)
-
-    @property
-    def greeting(self) -> Mapping[str, Any] | None:
-        """QEMU's greeting (version and capabilities) once connected."""
-        greeting = self._client.greeting
-        return dict(greeting._raw) if greeting is not None else None
 
     async def connect(self, address: str | socket.socket, timeout: float) -> None:
         """Connect to a monitor socket path, or over an already-connected socket."""

@@ -98,7 +98,7 @@ def test_help_and_readme_show_the_table() -> None:
             continue
         assert cls.__name__ in help_text, cls
         assert cls.__name__ in readme, cls
-    for code in ("124", "125", "130", "255"):
+    for code in ("124", "125", "130", "254", "255"):
         assert code in help_text
 
 
