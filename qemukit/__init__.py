@@ -42,7 +42,6 @@ from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic
 
 if TYPE_CHECKING:
     # For type checkers: the lazily loaded modules (see SUBMODULES and __getattr__).
-    from . import argv as argv
     from . import guest as guest
     from . import host as host
     from . import hotplug as hotplug
@@ -50,11 +49,9 @@ if TYPE_CHECKING:
     from . import kernel as kernel
     from . import paths as paths
     from . import qga as qga
-    from . import qmp as qmp
-    from . import registry as registry
     from . import seed as seed
     from . import snapshot as snapshot
-    from . import state as state
+    from . import timeouts as timeouts
     from . import vm as vm
     from .guest import ExecResult
     from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
@@ -73,11 +70,11 @@ _LAZY = {
 
 
 #: The public modules, reachable as ``qemukit.<name>`` and imported on first use
-#: (errors and spec are imported at once anyway). The others (cli, process,
-#: console, ...) are internal: import them by name if you must.
+#: (errors and spec are imported at once anyway). The rest (cli, _launch, _wire,
+#: ...) is internal.
 SUBMODULES = (
-    "argv", "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "qmp",
-    "registry", "seed", "snapshot", "spec", "state", "vm",
+    "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "seed", "snapshot",
+    "spec", "timeouts", "vm",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,163 +1,158 @@
-"""Client for the qemukit agent inside the tiny guest (a virtio-serial port).
+"""The guest agent of a running VM, every call guarded: :class:`AsyncGuest` and :class:`SyncGuest`.
 
-The protocol is line based (see images/tiny/README.md): ``PING t`` is
-answered ``PONG t``; ``EXEC t TIMEOUT B64SCRIPT`` is answered
-``DONE t STATUS B64OUT B64ERR``. Replies carry the request's token, so a
-stale reply left over from an earlier client is recognised and skipped.
+``vm.guest`` is one of these. The clients underneath speak the agents'
+protocols (:class:`Agent` for qemukit's own agent in the tiny image,
+:class:`~qemukit.qga.GuestAgent` for qemu-guest-agent); this layer adds what
+a VM knows: a call ends at once, with the right error, when QEMU exits, the
+guest panics or QEMU pauses it on a disk error.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import secrets
-import shlex
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import AgentError, WaitTimeout
-from .qmp import connect_unix
+from ._sync import SyncFacade, blocking
+from ._wire.agent import Agent, ExecResult
+from ._wire.qga import GuestAgent
+from .errors import StateError
 
-__all__ = ["Agent", "ExecResult"]
+if TYPE_CHECKING:
+    from .target import VMTarget
 
-_LINE_LIMIT = 256 * 1024 * 1024
+__all__ = ["Agent", "AsyncGuest", "ExecResult", "SyncGuest"]
+
+T = TypeVar("T")
+
+#: Extra seconds the VM's guard allows beyond a call's own deadline (which fires first).
+_GUARD_SLACK = 10.0
 
 
-@dataclass(frozen=True)
-class ExecResult:
-    """A command's outcome in the guest."""
+class AsyncGuest:
+    """The guest agent of one running VM (``vm.guest`` of an :class:`~qemukit.AsyncVM`).
 
-    argv: tuple[str, ...]
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-    duration: float
+    Every call is guarded like :meth:`AsyncVM.exec <qemukit.AsyncVM.exec>`:
+    it ends at once with the right error if QEMU exits
+    (:class:`~qemukit.errors.LaunchError`), the guest panics
+    (:class:`~qemukit.errors.GuestPanic`) or QEMU pauses it on a disk error
+    (:class:`~qemukit.errors.GuestIOError`), instead of waiting out its
+    timeout. File transfer and fsfreeze need qemu-guest-agent
+    (``agent="qga"``); the tiny image's own agent runs commands and answers
+    pings.
+    """
+
+    def __init__(self, vm: VMTarget, agent: Agent) -> None:
+        self._vm = vm
+        self._agent = agent
 
     @property
-    def ok(self) -> bool:
-        """True if the command exited with status 0."""
-        return self.exit_status == 0
+    def agent(self) -> Agent:
+        """The unguarded agent client (:class:`~qemukit.guest.Agent` or :class:`GuestAgent`)."""
+        return self._agent
 
-    @property
-    def stdout_text(self) -> str:
-        """stdout decoded as UTF-8 (invalid bytes replaced)."""
-        return self.stdout.decode("utf-8", "replace")
+    def _qga(self, what: str) -> GuestAgent:
+        if not isinstance(self._agent, GuestAgent):
+            raise StateError(f"{what} needs qemu-guest-agent (spec agent='qga'); "
+                             "the qemukit agent only runs commands")
+        return self._agent
 
-    @property
-    def stderr_text(self) -> str:
-        """stderr decoded as UTF-8 (invalid bytes replaced)."""
-        return self.stderr.decode("utf-8", "replace")
+    async def _guarded(self, aw: Awaitable[T], timeout: float | None, what: str) -> T:
+        limit = None if timeout is None else timeout + _GUARD_SLACK
+        return await self._vm.guarded(aw, limit, what, guest_io=True)
 
+    async def ping(self, timeout: float = 60.0) -> None:
+        """Wait until the agent answers."""
+        await self._guarded(self._agent.ping(timeout), timeout, "the guest agent to answer")
 
-def _b64decode(field: str) -> bytes:
-    return b"" if field == "-" else base64.b64decode(field, validate=True)
+    async def exec(self, command: str | Sequence[str], timeout: float | None = 60.0, *,
+                   stdin: bytes | None = None) -> ExecResult:
+        """Run ``command`` in the guest (a list as argv, a string as shell code).
 
+        ``stdin`` is fed to the command (qemu-guest-agent only). When
+        ``timeout`` passes, the command is killed in the guest and
+        :class:`~qemukit.errors.WaitTimeout` is raised.
+        """
+        what = f"the guest command {command!r}"
+        if stdin is not None:
+            call = self._qga("stdin for a guest command").exec(command, timeout, stdin=stdin)
+        else:
+            call = self._agent.exec(command, timeout)
+        return await self._guarded(call, timeout, what)
 
-def command_script(command: str | Sequence[str]) -> str:
-    """A shell script running ``command``: a string runs as shell code, a list exactly."""
-    if isinstance(command, str):
-        return command
-    return "exec " + shlex.join(command)
+    async def call(self, command: str, arguments: dict[str, Any] | None = None, *,
+                   timeout: float = 30.0) -> Any:
+        """Run one raw QGA command and return its ``return`` value."""
+        return await self._guarded(self._qga(command).call(command, arguments, timeout=timeout),
+                                   timeout, f"the guest agent to run {command}")
 
+    async def read_file(self, path: str, *, timeout: float = 60.0) -> bytes:
+        """The contents of ``path`` in the guest."""
+        return await self._guarded(self._qga("reading a file").read_file(path, timeout=timeout),
+                                   timeout, f"the guest agent to read {path}")
 
-class Agent:
-    """One connection to the guest agent; requests are serialised."""
+    async def write_file(self, path: str, data: bytes, *, timeout: float = 60.0,
+                         append: bool = False) -> None:
+        """Write ``data`` to ``path`` in the guest (created or truncated, unless ``append``)."""
+        agent = self._qga("writing a file")
+        await self._guarded(agent.write_file(path, data, timeout=timeout, append=append),
+                            timeout, f"the guest agent to write {path}")
 
-    def __init__(self, socket_path: Path, connect_timeout: float = 30.0) -> None:
-        self.socket_path = socket_path
-        self.connect_timeout = connect_timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
-        self.ready = False
+    async def freeze(self, *, timeout: float = 60.0) -> int:
+        """Flush and freeze the guest's file systems; returns how many."""
+        return await self._guarded(self._qga("fsfreeze").freeze(timeout=timeout), timeout,
+                                   "the guest agent to freeze the file systems")
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None:
-            sock = await connect_unix(str(self.socket_path), self.connect_timeout)
-            self._reader, self._writer = await asyncio.open_unix_connection(
-                sock=sock, limit=_LINE_LIMIT
-            )
-        return self._reader, self._writer
+    async def thaw(self, *, timeout: float = 60.0) -> int:
+        """Thaw the guest's file systems; returns how many were thawed."""
+        return await self._guarded(self._qga("fsfreeze").thaw(timeout=timeout), timeout,
+                                   "the guest agent to thaw the file systems")
 
-    async def _request(self, line: str, token: str, expect: str) -> list[str]:
-        reader, writer = await self._connect()
+    async def fsfreeze_status(self, *, timeout: float = 30.0) -> str:
+        """``thawed`` or ``frozen``."""
+        return await self._guarded(self._qga("fsfreeze").fsfreeze_status(timeout=timeout),
+                                   timeout, "the guest agent's fsfreeze status")
+
+    @contextlib.asynccontextmanager
+    async def frozen(self, *, timeout: float = 60.0) -> AsyncIterator[int]:
+        """``async with vm.guest.frozen():`` file systems frozen inside the block only."""
+        count = await self.freeze(timeout=timeout)
         try:
-            writer.write(line.encode() + b"\n")
-            await writer.drain()
-            while True:
-                raw = await reader.readline()
-                if not raw:
-                    self._drop()
-                    raise AgentError("the guest agent closed the connection")
-                fields = self._match(raw, token, expect)
-                if fields is not None:
-                    return fields
-        except (OSError, ValueError) as exc:
-            # The connection broke (guest reset, QEMU gone): the next request reconnects.
-            self._drop()
-            raise AgentError(f"lost the connection to the guest agent: {exc}") from exc
+            yield count
+        finally:
+            await self.thaw(timeout=timeout)
 
-    @staticmethod
-    def _match(raw: bytes, token: str, expect: str) -> list[str] | None:
-        """The reply's fields if it answers ``token``; None for a stale reply."""
-        fields = raw.decode("ascii", "replace").split()
-        if len(fields) < 2 or fields[1] != token:
-            return None
-        if fields[0] == "ERR":
-            raise AgentError(f"the guest agent refused the request: {' '.join(fields[2:])}")
-        if fields[0] != expect:
-            raise AgentError(f"unexpected agent reply {fields[0]!r}")
-        return fields
+    async def info(self, *, timeout: float = 30.0) -> dict[str, Any]:
+        """The agent's version and the commands it supports."""
+        return await self._guarded(self._qga("guest-info").info(timeout=timeout), timeout,
+                                   "the guest agent's info")
 
-    def _drop(self) -> None:
-        """Forget the connection (and readiness): the guest may have been reset."""
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-        self.ready = False
 
-    async def ping(self, timeout: float) -> None:
-        """Wait until the agent answers (it comes up with the guest's init)."""
-        token = secrets.token_hex(6)
-        async with self._lock:
-            try:
-                await asyncio.wait_for(self._request(f"PING {token}", token, "PONG"), timeout)
-            except TimeoutError:
-                raise WaitTimeout("the guest agent to answer", timeout) from None
-        self.ready = True
+class SyncGuest(SyncFacade):
+    """The guest agent for synchronous code (``VM.guest``), derived from :class:`AsyncGuest`."""
 
-    async def exec(self, command: str | Sequence[str], timeout: float | None = 60.0) -> ExecResult:
-        """Run ``command`` in the guest; ``timeout`` kills it in the guest too."""
-        token = secrets.token_hex(6)
-        script = base64.b64encode(command_script(command).encode()).decode()
-        guest_timeout = 0 if timeout is None else max(1, int(timeout + 0.999))
-        argv = (command,) if isinstance(command, str) else tuple(command)
-        start = time.monotonic()
-        async with self._lock:
-            try:
-                fields = await asyncio.wait_for(
-                    self._request(f"EXEC {token} {guest_timeout} {script}", token, "DONE"),
-                    None if timeout is None else timeout + 5,
-                )
-            except TimeoutError:
-                self._drop()
-                raise WaitTimeout(f"the guest command {argv!r} to finish", timeout or 0) from None
-        if len(fields) != 5:
-            raise AgentError(f"malformed DONE reply with {len(fields)} fields")
+    _aio: AsyncGuest
+
+    @property
+    def aio(self) -> AsyncGuest:
+        """The async (guarded) guest agent."""
+        return self._aio
+
+    ping = blocking(AsyncGuest.ping)
+    exec = blocking(AsyncGuest.exec)
+    call = blocking(AsyncGuest.call)
+    read_file = blocking(AsyncGuest.read_file)
+    write_file = blocking(AsyncGuest.write_file)
+    freeze = blocking(AsyncGuest.freeze)
+    thaw = blocking(AsyncGuest.thaw)
+    fsfreeze_status = blocking(AsyncGuest.fsfreeze_status)
+    info = blocking(AsyncGuest.info)
+
+    @contextlib.contextmanager
+    def frozen(self, *, timeout: float = 60.0) -> Iterator[int]:
+        """``with vm.guest.frozen():`` freezes for the block, thaws after it whatever happens."""
+        count = self.freeze(timeout=timeout)
         try:
-            status = int(fields[2])
-            out, err = _b64decode(fields[3]), _b64decode(fields[4])
-        except ValueError as exc:
-            raise AgentError(f"malformed DONE reply: {exc}") from exc
-        return ExecResult(argv, status, out, err, time.monotonic() - start)
-
-    async def close(self) -> None:
-        """Close the connection."""
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
-        self._reader = self._writer = None
+            yield count
+        finally:
+            self.thaw(timeout=timeout)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import images
-from .console import ConsoleEvent
+from ._wire.console import ConsoleEvent
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
 from .vm import VM, VMState

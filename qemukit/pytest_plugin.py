@@ -130,10 +130,11 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
 
 @pytest.fixture(scope="session")
 def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
-    import subprocess
     import tempfile
     from pathlib import Path
 
+    from ._launch.process import run_command
+    from .errors import HostError
     from .host import find_qemu
     from .spec import Drive
     from .vm import VM, VMState
@@ -143,7 +144,10 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
     scratch = workdir / "scratch.qcow2"
     qemu_img = find_qemu().qemu_img or "qemu-img"
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"], check=True)
+    made = run_command([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"])
+    if made.returncode != 0:
+        raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
+                        f"{made.stderr.strip()}")
     spec = _base_spec(request.config)
     vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
     try:

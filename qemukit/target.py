@@ -12,10 +12,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from ._launch.runtime import RuntimeDir
+    from ._wire.qmp import QMP
     from .host import AccelChoice
-    from .qmp import QMP
     from .spec import VMSpec
-    from .state import RuntimeDir
 
 __all__ = ["VMTarget"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._fs import write_atomic
+from .._launch.runtime import RuntimeDir
 from ..errors import (
     HotplugError,
 )
-from ..state import RuntimeDir
 
 DeviceKind = Literal["disk", "nic", "cpu", "memory", "controller"]
 

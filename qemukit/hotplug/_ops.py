@@ -27,27 +27,17 @@ from ..timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
 from ._ledger import UNDO, DeviceLedger, DeviceRecord, PluggedDevice, refuse
 
 T = TypeVar("T")
-
-
 #: Linux onlines hot-added memory in blocks of 128 MiB (x86-64); the rest of
 #: a DIMM that is not a multiple is silently ignored by the guest.
 MEMORY_BLOCK_MIB = 128
-
-
 #: First QEMU release measured to survive a vCPU unplug under TCG.
 TCG_CPU_UNPLUG_MIN_QEMU = (10, 0)
 
 
 # ACPI _OST (ACPI 6.x, 6.3.5): the event that caused it, and the status.
 _OST_EJECT_REQUEST = 3
-
-
 _OST_SUCCESS = 0
-
-
 _OST_EJECT_IN_PROGRESS = 0x84
-
-
 _OST_STATUS = {
     0x01: "non-specific failure",
     0x02: "unrecognized notify code",

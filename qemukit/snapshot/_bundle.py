@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import host
-from ..argv import drive_ids
+from .._launch.argv import drive_ids
+from .._launch.process import run_command
+from .._wire.qmp import EventListener
 from ..errors import LaunchError, QemukitError, QMPCommandError, SnapshotError
-from ..process import run_command
-from ..qmp import EventListener
 from ..spec import Drive, VMSpec
 from ..timeouts import SAVE_TIMEOUT
 from ._jobs import Deadline, next_event
@@ -30,17 +30,9 @@ if TYPE_CHECKING:
 
 
 BUNDLE_FORMAT = 1
-
-
 MANIFEST = "manifest.json"
-
-
 STATE_FILE = "state.bin"
-
-
 SPEC_FILE = "spec.toml"
-
-
 _BANDWIDTH = 1 << 40  # bytes/s: no throttling while the guest is paused anyway
 
 

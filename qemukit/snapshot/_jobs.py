@@ -7,8 +7,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._wire.qmp import EventListener
 from ..errors import SnapshotError, WaitTimeout
-from ..qmp import EventListener
 
 if TYPE_CHECKING:
     from ..target import VMTarget

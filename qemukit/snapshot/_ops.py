@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 
 _P = ParamSpec("_P")
-
-
 _R = TypeVar("_R")
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import host
-from ..argv import drive_ids
+from .._launch.argv import drive_ids
+from .._launch.process import run_command
 from ..errors import SnapshotError
-from ..process import run_command
 from ._records import DEVICES_FILE, EXT_PREFIX, external_records, read_json_list
 
 if TYPE_CHECKING:
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 #: What a preflight checks for: the kind of snapshot about to be taken.
 CheckKind = Literal["internal", "external", "external-memory", "state"]
-
-
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}")
 
 

@@ -17,12 +17,8 @@ if TYPE_CHECKING:
 
 #: Internal snapshots holding an external snapshot's RAM are named with this prefix.
 EXT_PREFIX = "qemukit-ext-"
-
-
 #: Hot-plugged devices, as qemukit.hotplug records them in the runtime directory.
 DEVICES_FILE = "devices.json"
-
-
 #: External snapshots of a running VM, in its runtime directory (oldest first).
 EXTERNAL_FILE = "external-snapshots.json"
 

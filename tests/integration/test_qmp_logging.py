@@ -47,6 +47,6 @@ def test_the_records_are_there_under_qemukit_when_asked_for(tiny_image: Any) -> 
                 "logging.basicConfig(format='%(levelname)s %(name)s %(message)s')\n"
                 "logging.getLogger('qemukit').setLevel(logging.DEBUG)\n", 2, tiny_image)
     lines = proc.stderr.splitlines()
-    assert any(line.startswith("DEBUG qemukit.qmp qemukit-vm-") and "Failed to" in line
+    assert any(line.startswith("DEBUG qemukit._wire.qmp qemukit-vm-") and "Failed to" in line
                for line in lines), proc.stderr
     assert not [line for line in lines if " qemu.qmp" in line and not line.startswith("DEBUG")]

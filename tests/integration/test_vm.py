@@ -238,7 +238,7 @@ def test_killed_parent_leaves_no_qemu(tiny_spec: VMSpec, tmp_path: Path) -> None
     while not qemu_gone(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert qemu_gone(qemu_pid), "QEMU outlived its killed parent for more than 2 s"
-    from qemukit.registry import gc
+    from qemukit._launch.registry import gc
 
     assert [a.name for a in gc()] == ["orphan-test"]
 

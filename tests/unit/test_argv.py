@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec
-from qemukit.argv import AGENT_PORT_NAME, Plumbing, build_argv, drive_ids, nic_ids, quote_opt
+from qemukit._launch.argv import AGENT_PORT_NAME, Plumbing, build_argv, drive_ids, nic_ids, quote_opt
 from qemukit.spec import NAME_RE
 
 from .optsplit import parse_opts, split_opts

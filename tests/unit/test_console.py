@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qemukit.console import (
+from qemukit._wire.console import (
     ConsoleEvent,
     ConsoleWatcher,
     classify,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import grp
 import os
+import resource
 import stat
 from typing import Any
 
 import pytest
 
-from qemukit import host
+from qemukit import HostError, Share, host
+from qemukit.host import _kvm, _virtiofsd
 
 HANG_REASON = (
     "-cpu host: QEMU exited with status -6 (qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: "
@@ -57,7 +59,7 @@ def _fake_kvm(monkeypatch: pytest.MonkeyPatch, *, uid: int, gid: int, mode: int,
     monkeypatch.setattr(grp, "getgrnam", getgrnam)
     monkeypatch.setattr(grp, "getgrgid", getgrgid)
     monkeypatch.setattr(os, "getgroups", lambda: my_groups)
-    monkeypatch.setattr(host, "_user_name", lambda: "alice")
+    monkeypatch.setattr(_kvm, "_user_name", lambda: "alice")
 
 
 def test_no_kvm_group_gives_advice_that_works_there(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +110,7 @@ def test_probe_verdict_has_a_short_summary() -> None:
 
 
 def test_resolve_accel_summary_is_short_and_reason_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(host, "kvm_status",
+    monkeypatch.setattr(_kvm, "kvm_status",
                         lambda *a, **k: host.KvmStatus(False, HANG_REASON, probed=True))
     qemu: Any = object()
     choice = host.resolve_accel("auto", qemu, ("vmlinuz", "initrd"))
@@ -121,18 +123,18 @@ def test_resolve_accel_summary_is_short_and_reason_is_full(monkeypatch: pytest.M
 
 
 def _no_cache() -> None:
-    host._userns_prefix.cache_clear()
+    _virtiofsd._userns_prefix.cache_clear()
 
 
 def test_normal_user_without_uidmap_is_told_before_anything_starts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     _no_cache()
-    real_which = host.shutil.which
-    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: None
+    real_which = _virtiofsd.shutil.which
+    monkeypatch.setattr(_virtiofsd.shutil, "which", lambda cmd, *a, **k: None
                         if cmd in ("newuidmap", "newgidmap") else real_which(cmd, *a, **k))
-    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
-    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
-    with pytest.raises(host.HostError, match=r"normal user \(alice\) needs newuidmap and "
+    monkeypatch.setattr(_virtiofsd, "uid_name", lambda uid: "alice")
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
+    with pytest.raises(HostError, match=r"normal user \(alice\) needs newuidmap and "
                        r"newgidmap \(as root: apt-get install uidmap\); or run as root"):
         host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
     _no_cache()
@@ -141,16 +143,16 @@ def test_normal_user_without_uidmap_is_told_before_anything_starts(
 def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Any) -> None:
     _no_cache()
-    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
-    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
-    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(_virtiofsd.shutil, "which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(_virtiofsd, "uid_name", lambda uid: "alice")
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
     subuid = tmp_path / "subuid"
     subuid.write_text("bob:100000:65536\n1000:165536:65536\n")  # alice by uid, in subuid only
-    assert host._subid_range(str(subuid), "alice", 1000) == (165536, 65536)
-    monkeypatch.setattr(host, "_SUBUID", str(subuid))
-    monkeypatch.setattr(host, "_SUBGID", str(tmp_path / "subgid"))
+    assert _virtiofsd._subid_range(str(subuid), "alice", 1000) == (165536, 65536)
+    monkeypatch.setattr(_virtiofsd, "_SUBUID", str(subuid))
+    monkeypatch.setattr(_virtiofsd, "_SUBGID", str(tmp_path / "subgid"))
     # The advice names a range no entry uses yet.
-    with pytest.raises(host.HostError, match=rf"subordinate ids for alice in {tmp_path}/subgid "
+    with pytest.raises(HostError, match=rf"subordinate ids for alice in {tmp_path}/subgid "
                        r"\(as root: usermod --add-subuids 231072-296607 --add-subgids "
                        r"231072-296607 alice\)"):
         host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
@@ -158,17 +160,17 @@ def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_root_and_rust_virtiofsd_need_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 0)
     assert host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c")) == []
-    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
     assert host.virtiofsd_launcher(("/usr/libexec/virtiofsd", "rust")) == []
 
 
 def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
-    share = host.Share.parse("/srv/a,b:/mnt/s")
+    share = Share.parse("/srv/a,b:/mnt/s")
     argv = host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5, ["unshare", "-U"])
-    hard = host.resource.getrlimit(host.resource.RLIMIT_NOFILE)[1]
-    expected = 1_000_000 if hard == host.resource.RLIM_INFINITY else min(hard, 1_000_000)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = 1_000_000 if hard == resource.RLIM_INFINITY else min(hard, 1_000_000)
     assert argv == ["unshare", "-U", "/usr/lib/qemu/virtiofsd", "--fd=5",
                     f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto"]
     assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[0] == \

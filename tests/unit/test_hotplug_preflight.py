@@ -21,9 +21,9 @@ from qemu.qmp import EventListener
 
 from qemukit import HotplugError, VMSpec, host
 from qemukit._aio import file_lock
+from qemukit._launch.runtime import RuntimeDir
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
-from qemukit.state import RuntimeDir
 
 MUTATING = {"blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "object-add", "object-del",
             "device_add", "device_del"}

@@ -1,5 +1,5 @@
 """qemukit's logging: library practice (a NullHandler), qemu.qmp's records routed under
-qemukit.qmp, and no other library's logger touched."""
+qemukit._wire.qmp, and no other library's logger touched."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qemukit.qmp import QMP
+from qemukit._wire.qmp import QMP
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess[str]:
@@ -19,7 +19,7 @@ def _fresh(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_qemu_qmp_logger_level_is_untouched() -> None:
-    _fresh("import logging, qemukit, qemukit.qmp, qemukit.vm, qemukit.cli\n"
+    _fresh("import logging, qemukit, qemukit._wire.qmp, qemukit.vm, qemukit.cli\n"
            "for name in ('qemu', 'qemu.qmp', 'qemu.qmp.protocol', 'qemu.qmp.qmp_client'):\n"
            "    assert logging.getLogger(name).level == logging.NOTSET, name\n")
 
@@ -35,7 +35,7 @@ def test_client_records_go_to_qemukit_qmp_at_debug(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.DEBUG, logger="qemukit"):
         client.logger.error("Failed to establish session: %s", "EOFError")
         client.logger.debug("%d%% %s", 100, "done")
-    first, second = [r for r in caplog.records if r.name == "qemukit.qmp"]
+    first, second = [r for r in caplog.records if r.name == "qemukit._wire.qmp"]
     assert first.levelno == second.levelno == logging.DEBUG
     assert first.getMessage() == "qemukit-vm1: ERROR: Failed to establish session: EOFError"
     assert second.getMessage() == "qemukit-vm1: DEBUG: 100% done"
@@ -44,7 +44,7 @@ def test_client_records_go_to_qemukit_qmp_at_debug(caplog: pytest.LogCaptureFixt
 # What qemu.qmp logs when QEMU dies while a connect is being cancelled (CRITICAL, so it
 # passed the old setLevel(CRITICAL)) and on every failed connect (ERROR).
 NOISE = (
-    "from qemukit.qmp import QMP\n"
+    "from qemukit._wire.qmp import QMP\n"
     "client = QMP('qemukit-vm1')._client\n"
     "client.logger.critical('Unexpected bottom half exception. This is a bug in the QMP library.')\n"
     "client.logger.error('Failed to establish session: EOFError')\n"
@@ -62,9 +62,9 @@ def test_an_application_asking_for_qemukit_debug_sees_the_records() -> None:
                   "logging.basicConfig(format='%(name)s %(levelname)s %(message)s')\n"
                   "logging.getLogger('qemukit').setLevel(logging.DEBUG)\n" + NOISE)
     assert proc.stderr.splitlines() == [
-        "qemukit.qmp DEBUG qemukit-vm1: CRITICAL: Unexpected bottom half exception. "
+        "qemukit._wire.qmp DEBUG qemukit-vm1: CRITICAL: Unexpected bottom half exception. "
         "This is a bug in the QMP library.",
-        "qemukit.qmp DEBUG qemukit-vm1: ERROR: Failed to establish session: EOFError",
+        "qemukit._wire.qmp DEBUG qemukit-vm1: ERROR: Failed to establish session: EOFError",
     ]
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from qemukit import AsyncVM, VMSpec, WaitTimeout
 from qemukit._aio import cancel_and_wait, file_lock
-from qemukit.process import QemuProcess
+from qemukit._launch.process import QemuProcess
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qemukit"
 
@@ -137,7 +137,8 @@ def test_forked_child_gets_its_own_loop_and_leaves_the_parents_vms(
     tmp_path: Path, watched: AsyncVM
 ) -> None:
     """A child of os.fork() must not hang on its first sync call nor kill the parent's VMs."""
-    from qemukit import _sync, vm
+    from qemukit import _sync
+    from qemukit.vm import _core as vm
 
     _sync.run_sync(asyncio.sleep(0))  # the parent's loop thread exists
     vm._live.add(watched)  # as a started VM is: the atexit hook would kill its process
@@ -173,7 +174,7 @@ def test_prctl_is_resolved_before_any_fork() -> None:
     """The preexec_fn of a spawn must not dlopen (deadlock-prone in a threaded parent)."""
     import inspect
 
-    from qemukit import process
+    from qemukit._launch import process
 
     source = inspect.getsource(process._die_with_parent)
     assert "CDLL" not in source and "dlopen" not in source
@@ -183,7 +184,7 @@ def test_prctl_is_resolved_before_any_fork() -> None:
 
 def test_qemu_qmps_default_listener_keeps_no_event() -> None:
     """qemu.qmp's all-events listener is never read by qemukit: it must not queue events."""
-    from qemukit.qmp import QMP
+    from qemukit._wire.qmp import QMP
 
     async def main() -> None:
         qmp = QMP("test")

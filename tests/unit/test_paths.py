@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from qemukit import HostError, StateError, images
+from qemukit._launch.runtime import RuntimeDir
 from qemukit.cli import EXIT_ERROR, main
-from qemukit.state import RuntimeDir
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from qemukit import qga
+from qemukit._wire import qga
+from qemukit._wire.agent import Agent
 from qemukit.errors import AgentError, StateError, WaitTimeout
-from qemukit.guest import Agent
 from qemukit.qga import AsyncGuest, GuestAgent, SyncGuest, exec_request
 
 Handler = Callable[[str, dict[str, Any]], Any]
@@ -231,7 +231,7 @@ class FakeListener:
 
 
 class FakeMonitor:
-    """Stands in for qemukit.qmp.QMP: only ``connected`` and ``listen``."""
+    """Stands in for qemukit._wire.qmp.QMP: only ``connected`` and ``listen``."""
 
     def __init__(self) -> None:
         self.connected = True

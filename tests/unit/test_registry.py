@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qemukit import registry
-from qemukit.state import RuntimeDir, VMInfo, list_entries
+from qemukit._launch import registry
+from qemukit._launch.runtime import RuntimeDir, VMInfo, list_entries
 
 
 def _fake_entry(root: Path, name: str) -> Path:

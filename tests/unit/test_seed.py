@@ -13,8 +13,7 @@ import pycdlib
 import pytest
 
 from qemukit import Drive, HostError, Nic, PortForward, SpecError, StateError, VMSpec, WaitTimeout
-from qemukit.images import debian
-from qemukit.seed import (
+from qemukit._launch.seed import (
     SSH_OPTIONS_THROWAWAY,
     build_seed,
     default_user_data,
@@ -25,6 +24,7 @@ from qemukit.seed import (
     ssh_argv,
     wait_for_ssh,
 )
+from qemukit.images import debian
 from qemukit.spec import CloudInit
 
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 me@host"
@@ -229,7 +229,7 @@ def test_wait_for_ssh_is_bounded(tmp_path: Path) -> None:
 
 def test_keep_disks_makes_a_persistent_overlay_and_key(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from qemukit.cli_guest import keep_disks
+    from qemukit.cli._guest import keep_disks
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     base = tmp_path / "base.raw"

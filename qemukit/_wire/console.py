@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ShareMountError
+from ..errors import ShareMountError
 
 __all__ = [
     "MAX_EVENTS",

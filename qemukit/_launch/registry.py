@@ -21,11 +21,11 @@ from typing import Any
 
 import psutil
 
-from .errors import StateError
-from .paths import state_dir, state_dir_error
+from ..errors import StateError
+from ..paths import state_dir, state_dir_error
+from ..spec import PortForward, VMSpec
 from .process import is_same_process
-from .spec import PortForward, VMSpec
-from .state import RuntimeDir, VMInfo, list_entries
+from .runtime import RuntimeDir, VMInfo, list_entries
 from .usernet import parse_usernet
 
 __all__ = ["GcAction", "VMEntry", "gc", "kill_verified", "list_vms"]

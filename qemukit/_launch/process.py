@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from .errors import HostError, LaunchError, WaitTimeout
+from ..errors import HostError, LaunchError, WaitTimeout
 
 __all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command"]
 

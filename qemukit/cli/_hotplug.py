@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli import _attach, _emit_json, _name_argument, main
-from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
+from ..timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
+from ._common import attach_vm, emit_json, name_argument
 
 if TYPE_CHECKING:
-    from .hotplug import PluggedDevice
+    from ..hotplug import PluggedDevice
 
 
 def _with_vm(name: str, action: Callable[[Any], Any]) -> Any:
     """Attach to ``name``, run ``action(vm)``, always let go of the VM."""
-    vm = _attach(name)
+    vm = attach_vm(name)
     try:
         return action(vm)
     finally:
@@ -34,7 +34,7 @@ def _with_vm(name: str, action: Callable[[Any], Any]) -> Any:
 def _print_plugged(devices: Sequence[PluggedDevice], as_json: bool) -> None:
     if as_json:
         data = [d.to_dict() for d in devices]
-        _emit_json(data[0] if len(data) == 1 else data)
+        emit_json(data[0] if len(data) == 1 else data)
         return
     for device in devices:
         click.echo(device.id)
@@ -49,8 +49,8 @@ def _timeout_option(default: float) -> Callable[[Any], Any]:
                         help="Seconds to wait for QEMU and the guest.")
 
 
-@main.group(name="hotplug")
-@_name_argument
+@click.group(name="hotplug")
+@name_argument
 @click.pass_context
 def hotplug_group(ctx: click.Context, name: str) -> None:
     """Plug a disk, NIC, CPUs or memory into the running VM NAME; prints the new device's id.
@@ -129,8 +129,8 @@ def hotplug_memory(name: str, size: str, timeout: float, as_json: bool) -> None:
     _print_plugged([device], as_json)
 
 
-@main.command()
-@_name_argument
+@click.command()
+@name_argument
 @click.argument("device_id", metavar="ID")
 @_timeout_option(UNPLUG_TIMEOUT)
 def unplug(name: str, device_id: str, timeout: float) -> None:
@@ -143,14 +143,14 @@ def unplug(name: str, device_id: str, timeout: float) -> None:
     click.echo(f"{device_id}: unplugged")
 
 
-@main.command()
-@_name_argument
+@click.command()
+@name_argument
 @_json_option
 def devices(name: str, as_json: bool) -> None:
     """List the devices hot-plugged into VM NAME that are still plugged."""
     found: list[PluggedDevice] = _with_vm(name, lambda vm: vm.devices())
     if as_json:
-        _emit_json([d.to_dict() for d in found])
+        emit_json([d.to_dict() for d in found])
         return
     click.echo(f"{'ID':12} {'KIND':10} {'DRIVER':20} {'BUS':8} BACKENDS")
     for d in found:
@@ -158,17 +158,21 @@ def devices(name: str, as_json: bool) -> None:
                    f"{', '.join(d.backends) or '-'}" + (f" (overlay {d.overlay})" if d.overlay else ""))
 
 
-@main.command()
-@_name_argument
+@click.command()
+@name_argument
 def pause(name: str) -> None:
     """Pause VM NAME's vCPUs (returns once QEMU reports STOP)."""
     _with_vm(name, lambda vm: vm.pause())
     click.echo(f"{name}: paused")
 
 
-@main.command()
-@_name_argument
+@click.command()
+@name_argument
 def resume(name: str) -> None:
     """Resume the paused VM NAME (returns once QEMU reports RESUME)."""
     _with_vm(name, lambda vm: vm.resume())
     click.echo(f"{name}: running")
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (hotplug_group, unplug, devices, pause, resume,)

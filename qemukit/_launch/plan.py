@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from .argv import Plumbing, build_argv, drive_ids
-from .spec import Share, VMSpec
-from .state import RuntimeDir
+from ..spec import Share, VMSpec
+from .argv import SEED_FILE, Plumbing, build_argv, drive_ids, seed_device_args
+
+if TYPE_CHECKING:
+    from .runtime import RuntimeDir
 
 __all__ = ["HostFacts", "LaunchPlan", "OverlayStep", "plan_launch"]
 
@@ -96,8 +99,6 @@ def plan_launch(
     caller). ``incoming`` is ``-incoming``'s value for a VM that will be fed
     saved state (``defer``).
     """
-    from .seed import SEED_FILE, seed_device_args
-
     files: list[str] = []
     final_formats: list[str] = []
     overlays: list[OverlayStep] = []

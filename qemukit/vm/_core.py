@@ -1,10 +1,8 @@
-"""The VM facade: process + QMP + console + agent, with an explicit lifecycle.
+"""The async core: :class:`AsyncVM`'s lifecycle and the supervision around it.
 
-:class:`AsyncVM` is the async core; :class:`VM` is the same API for
-synchronous code, run on qemukit's own loop thread. Both are context
-managers: leaving the block shuts the VM down through the ladder. A start
-that fails half-way stops what it started and removes its files before the
-error is raised.
+Start (carrying out the launch plan), attach, guarded waits, QMP, the guest,
+shutdown; and the registry of live VMs that an exit hook (and a fork) keeps
+from outliving, or being cleaned up by, the wrong process.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import enum
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 import warnings
@@ -28,11 +25,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
-from . import host
-from ._aio import cancel_and_wait, file_lock
-from ._sync import SyncFacade, blocking, delegated, passthrough, run_sync
-from .console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
-from .errors import (
+from .. import host
+from .._aio import cancel_and_wait, file_lock
+from .._launch.plan import LaunchPlan, plan_launch
+from .._launch.process import QemuProcess, process_start_time
+from .._launch.runtime import RuntimeDir, VMInfo
+from .._wire.agent import Agent, ExecResult
+from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
+from .._wire.qmp import QMP
+from ..errors import (
     GuestIOError,
     GuestOops,
     GuestPanic,
@@ -44,26 +45,18 @@ from .errors import (
     StateError,
     WaitTimeout,
 )
-from .guest import Agent, ExecResult
-from .hotplug import AsyncHotplug, Hotplug, PluggedDevice
-from .paths import cache_dir
-from .plan import HostFacts, LaunchPlan, plan_launch
-from .process import QemuProcess, process_start_time
-from .qga import AsyncGuest, SyncGuest
-from .qmp import QMP
-from .snapshot import Bundle, Snapshots, SyncSnapshots, restore_vm, save_state
-from .spec import Share, VMSpec
-from .state import RuntimeDir, VMInfo
-from .timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
-
-__all__ = ["VM", "AsyncVM", "ShutdownResult", "ShutdownRung", "VMState", "preview_argv"]
+from ..guest import AsyncGuest
+from ..hotplug import AsyncHotplug, PluggedDevice
+from ..snapshot import Bundle, Snapshots, restore_vm, save_state
+from ..spec import Share, VMSpec
+from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from ._facts import default_probe_image, host_facts
+from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
 log = logging.getLogger("qemukit")
 
-T = TypeVar("T")
 
-#: Seconds between power-button presses while the ACPI rung waits.
-ACPI_REPRESS_INTERVAL = 2.0
+T = TypeVar("T")
 
 
 class VMState(enum.Enum):
@@ -78,26 +71,6 @@ class VMState(enum.Enum):
     DETACHED = "detached"
 
 
-class ShutdownRung(enum.Enum):
-    """The rung of the shutdown ladder that ended QEMU."""
-
-    ALREADY_EXITED = "already-exited"
-    ACPI = "acpi"
-    QUIT = "quit"
-    SIGTERM = "sigterm"
-    SIGKILL = "sigkill"
-
-
-@dataclass(frozen=True)
-class ShutdownResult:
-    """How a shutdown went: the rung that worked, QEMU's exit status, time taken."""
-
-    rung: ShutdownRung
-    exit_status: int | None
-    elapsed: float
-    tried: tuple[ShutdownRung, ...]
-
-
 @dataclass(frozen=True)
 class AdoptedQemu:
     """A QEMU that already runs, for an :class:`AsyncVM` made to control it (attach)."""
@@ -109,6 +82,8 @@ class AdoptedQemu:
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
+
+
 #: The process that owns the VMs in ``_live`` (a forked child owns none of them).
 _live_pid = os.getpid()
 
@@ -139,17 +114,10 @@ def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
     qemu-guest-agent's client watches ``monitor`` for the guest opening its port.
     """
     if spec.agent == "qga":
-        from .qga import GuestAgent
+        from .._wire.qga import GuestAgent
 
         return GuestAgent(rd.agent_socket, connect_timeout=connect_timeout, monitor=monitor)
     return Agent(rd.agent_socket, connect_timeout=connect_timeout)
-
-
-def _default_probe_image() -> tuple[str, str] | None:
-    from .images.tiny import find_tiny
-
-    image = find_tiny(cache_dir())
-    return (str(image.kernel), str(image.initrd)) if image else None
 
 
 class AsyncVM:
@@ -309,7 +277,7 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
-        probe = _default_probe_image() if self.spec.accel != "tcg" else None
+        probe = default_probe_image() if self.spec.accel != "tcg" else None
         self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
         self._formats = formats
 
@@ -323,7 +291,7 @@ class AsyncVM:
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         # The plan again, now in the directory really claimed (its name may be generated).
-        plan = plan_launch(self.spec, _host_facts(host.find_qemu(), self.accel), rd,
+        plan = plan_launch(self.spec, host_facts(host.find_qemu(), self.accel), rd,
                            self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
@@ -390,7 +358,7 @@ class AsyncVM:
                 raise LaunchError(f"cannot copy the UEFI variables {template} to {copy}: "
                                   f"{exc.strerror}") from exc
         if plan.seed_iso is not None:
-            from .seed import build_seed
+            from .._launch.seed import build_seed
 
             assert self.spec.cloud_init is not None
             build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
@@ -407,7 +375,7 @@ class AsyncVM:
         so this waits (up to ``timeout``) while another client is connected.
         Raises :class:`StateError` if no such VM runs.
         """
-        from .paths import state_dir
+        from ..paths import state_dir
 
         rd = RuntimeDir((state_root or state_dir()) / name)
         info = rd.read_info()
@@ -433,7 +401,7 @@ class AsyncVM:
 
     async def _connect_shared_monitor(self, timeout: float) -> None:
         """An attached VM's QMP (the shared qmp.sock), I/O-error watch and agent client."""
-        from .qmp import connect_unix
+        from .._wire.qmp import connect_unix
 
         assert self.runtime is not None
         sock = await connect_unix(str(self.runtime.qmp_socket), timeout)
@@ -820,7 +788,7 @@ class AsyncVM:
         Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
         the port the kernel picked. Raises :class:`StateError` if none.
         """
-        from .seed import parse_usernet
+        from .._launch.seed import parse_usernet
 
         text = await self.qmp("human-monitor-command", command_line="info usernet")
         for fw in parse_usernet(str(text)):
@@ -837,7 +805,7 @@ class AsyncVM:
         Host keys are neither checked nor recorded: every boot of a seeded
         guest makes new ones, on a port that changes each time.
         """
-        from .seed import identity_file, ssh_argv
+        from .._launch.seed import identity_file, ssh_argv
 
         assert self.runtime is not None
         host_addr, port = await self.ssh_address()
@@ -848,7 +816,7 @@ class AsyncVM:
 
     async def wait_ssh(self, timeout: float | None = None) -> float:
         """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
-        from .seed import wait_for_ssh
+        from .._launch.seed import wait_for_ssh
 
         self._require(VMState.RUNNING)
         timeout = self.boot_timeout if timeout is None else timeout
@@ -906,7 +874,7 @@ class AsyncVM:
         await self.wait_ready()
         result = await self.guest.exec(command, timeout, stdin=stdin)
         if check and result.exit_status != 0:
-            from .errors import GuestError
+            from ..errors import GuestError
 
             raise GuestError(
                 f"{command!r} exited with {result.exit_status}: {result.stderr_text.strip()[-500:]}"
@@ -958,70 +926,16 @@ class AsyncVM:
         self._require(VMState.RUNNING)
         self.state = VMState.STOPPING
         try:
-            result = await self._ladder(timeout, quit_timeout, term_timeout, kill_timeout)
+            assert self._proc is not None
+            qmp = self._qmp if self._qmp is not None and self._qmp.connected else None
+            result = await run_ladder(self._proc, qmp, self.name, acpi_timeout=timeout,
+                                      quit_timeout=quit_timeout, term_timeout=term_timeout,
+                                      kill_timeout=kill_timeout)
         finally:
             await self._cleanup(force=True)
             self.state = VMState.STOPPED
         self.last_shutdown = result
         return result
-
-    async def _ladder(self, acpi_timeout: float, quit_timeout: float, term_timeout: float,
-                      kill_timeout: float) -> ShutdownResult:
-        assert self._proc is not None
-        proc = self._proc
-        start = time.monotonic()
-        tried: list[ShutdownRung] = []
-
-        def done(rung: ShutdownRung) -> ShutdownResult:
-            return ShutdownResult(rung, proc.returncode, time.monotonic() - start, tuple(tried))
-
-        qmp = self._qmp if self._qmp and self._qmp.connected else None
-        if qmp is None and proc.alive():
-            # A monitor that went away usually means QEMU is exiting: it closes its
-            # sockets before it becomes a zombie. Give it a moment before signalling.
-            with contextlib.suppress(WaitTimeout):
-                await proc.wait(0.5)
-        if not proc.alive():
-            return done(ShutdownRung.ALREADY_EXITED)
-        if qmp is not None and acpi_timeout > 0:
-            log.debug("%s: shutdown: ACPI powerdown, up to %gs", self.name, acpi_timeout)
-            tried.append(ShutdownRung.ACPI)
-            deadline = time.monotonic() + acpi_timeout
-            with contextlib.suppress(QemukitError):
-                # A guest still booting ignores the button until its ACPI driver is up:
-                # press again every few seconds, as a person would, until the deadline.
-                while True:
-                    remaining = deadline - time.monotonic()
-                    await qmp.execute("system_powerdown", timeout=max(0.1, min(remaining, 5)))
-                    try:
-                        await proc.wait(max(0.1, min(ACPI_REPRESS_INTERVAL, remaining)))
-                        return done(ShutdownRung.ACPI)
-                    except WaitTimeout:
-                        if time.monotonic() >= deadline:
-                            break
-        if qmp is not None and qmp.connected and proc.alive() and quit_timeout > 0:
-            log.debug("%s: shutdown: QMP quit, up to %gs", self.name, quit_timeout)
-            tried.append(ShutdownRung.QUIT)
-            with contextlib.suppress(QemukitError):
-                with contextlib.suppress(QMPConnectionError):  # QEMU may hang up before replying
-                    await qmp.execute("quit", timeout=quit_timeout)
-                await proc.wait(quit_timeout)
-                return done(ShutdownRung.QUIT)
-        for rung, sig, wait in (
-            (ShutdownRung.SIGTERM, signal.SIGTERM, term_timeout),
-            (ShutdownRung.SIGKILL, signal.SIGKILL, kill_timeout),
-        ):
-            if not proc.alive():
-                break
-            log.debug("%s: shutdown: %s, up to %gs", self.name, rung.value, wait)
-            tried.append(rung)
-            proc.send_signal(sig)
-            with contextlib.suppress(WaitTimeout):
-                await proc.wait(wait)
-                return done(rung)
-        if proc.alive():
-            raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s")
-        return done(tried[-1] if tried else ShutdownRung.ALREADY_EXITED)
 
     async def kill(self, *, kill_timeout: float = 5.0) -> ShutdownResult:
         """SIGKILL QEMU at once and clean up: no QMP, no graceful rung.
@@ -1095,163 +1009,3 @@ class AsyncVM:
     ) -> None:
         if self.state == VMState.RUNNING:
             await self.shutdown()
-
-
-class VM(SyncFacade):
-    """A QEMU virtual machine with a synchronous API (see :class:`AsyncVM`).
-
-    ``with VM(spec) as vm: vm.exec(["uname", "-r"])`` boots, runs and stops.
-    Works from plain code and from inside a running asyncio loop alike. Each
-    method is derived from :class:`AsyncVM`'s (same signature and meaning),
-    run on qemukit's own loop thread.
-    """
-
-    _aio: AsyncVM
-
-    def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
-                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
-                 continue_on_oops: bool = False, incoming: str | None = None,
-                 adopt: AdoptedQemu | None = None) -> None:
-        super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
-                                 state_root=state_root, boot_timeout=boot_timeout,
-                                 continue_on_oops=continue_on_oops, incoming=incoming,
-                                 adopt=adopt))
-
-    @property
-    def aio(self) -> AsyncVM:
-        """The underlying :class:`AsyncVM`."""
-        return self._aio
-
-    spec: delegated[VMSpec] = delegated(lambda vm: vm.spec, "The VM's spec.")
-    state: delegated[VMState] = delegated(lambda vm: vm.state, "The lifecycle state.")
-    accel: delegated[host.AccelChoice | None] = delegated(
-        lambda vm: vm.accel, "The accelerator chosen at start, with the reason.")
-    argv: delegated[list[str]] = delegated(lambda vm: vm.argv, "The argv QEMU was started with.")
-    runtime: delegated[RuntimeDir | None] = delegated(lambda vm: vm.runtime,
-                                                       "The runtime directory.")
-    last_shutdown: delegated[ShutdownResult | None] = delegated(
-        lambda vm: vm.last_shutdown, "How the VM was stopped (also by a ``with`` block).")
-    attached: delegated[bool] = delegated(lambda vm: vm.attached,
-                                          "True for a VM taken over with :meth:`attach`.")
-    name = delegated(AsyncVM.name)
-    pid = delegated(AsyncVM.pid)
-    console_log = delegated(AsyncVM.console_log)
-    guest_booted = delegated(AsyncVM.guest_booted)
-
-    console_tail = passthrough(AsyncVM.console_tail)
-    qemu_output = passthrough(AsyncVM.qemu_output)
-    stats = passthrough(AsyncVM.stats)
-    follow_console = passthrough(AsyncVM.follow_console)
-
-    detach = blocking(AsyncVM.detach)
-    qmp = blocking(AsyncVM.qmp)
-    status = blocking(AsyncVM.status)
-    pause = blocking(AsyncVM.pause)
-    resume = blocking(AsyncVM.resume)
-    unplug = blocking(AsyncVM.unplug)
-    devices = blocking(AsyncVM.devices)
-    save_state = blocking(AsyncVM.save_state)
-    ssh_address = blocking(AsyncVM.ssh_address)
-    ssh_argv = blocking(AsyncVM.ssh_argv)
-    wait_ssh = blocking(AsyncVM.wait_ssh)
-    wait_ready = blocking(AsyncVM.wait_ready)
-    exec = blocking(AsyncVM.exec)
-    wait_exit = blocking(AsyncVM.wait_exit)
-    console_events = blocking(AsyncVM.console_events)
-    shutdown = blocking(AsyncVM.shutdown)
-    kill = blocking(AsyncVM.kill)
-
-    def start(self, timeout: float = QMP_TIMEOUT) -> VM:
-        """Launch QEMU; returns once QMP answers (see :meth:`AsyncVM.start`)."""
-        run_sync(self._aio.start(timeout))
-        return self
-
-    @classmethod
-    def attach(cls, name: str, *, state_root: Path | None = None,
-               timeout: float = QMP_TIMEOUT) -> VM:
-        """Take control of a running VM by name (see :meth:`AsyncVM.attach`)."""
-        return cls._wrap(run_sync(AsyncVM.attach(name, state_root=state_root, timeout=timeout)))
-
-    @classmethod
-    def restore(cls, bundle: str | Path, *, name: str | None = None,
-                timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
-                keep_runtime: bool = False, state_root: Path | None = None,
-                boot_timeout: float = BOOT_TIMEOUT, continue_on_oops: bool = False) -> VM:
-        """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
-        return cls._wrap(run_sync(AsyncVM.restore(
-            bundle, name=name, timeout=timeout, die_with_parent=die_with_parent,
-            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
-            continue_on_oops=continue_on_oops)))
-
-    @classmethod
-    def _wrap(cls, aio: AsyncVM) -> VM:
-        vm = cls.__new__(cls)
-        SyncFacade.__init__(vm, aio)
-        return vm
-
-    @property
-    def hotplug(self) -> Hotplug:
-        """Hot-plug disks, NICs, CPUs and memory: ``vm.hotplug.disk("scratch.qcow2")``."""
-        return Hotplug(self._aio.hotplug)
-
-    @property
-    def snapshots(self) -> SyncSnapshots:
-        """Internal and external snapshots: ``vm.snapshots.save("tag")`` (see AsyncVM)."""
-        return SyncSnapshots(self._aio.snapshots)
-
-    @property
-    def guest(self) -> SyncGuest:
-        """The guest agent: ``vm.guest.read_file(path)``, ``with vm.guest.frozen(): ...``."""
-        return SyncGuest(self._aio.guest)
-
-    def __enter__(self) -> VM:
-        if self._aio.state == VMState.NEW:
-            self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._aio.state == VMState.RUNNING:
-            self.shutdown()
-
-
-def _host_facts(qemu: host.QemuBinary, accel: host.AccelChoice) -> HostFacts:
-    return HostFacts(
-        qemu=qemu.path, accel=accel.accel, cpu=accel.cpu,
-        sandbox=qemu.has_sandbox, run_with=qemu.has_run_with, tsc_khz=host.tsc_khz(),
-        ovmf=host.find_ovmf(),
-    )
-
-
-def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], list[str]]:
-    """The argv :class:`VM` would run for ``spec``, without starting anything.
-
-    Returns (argv, notes). It is the launch plan a start would carry out
-    (:mod:`qemukit.plan`), in the runtime directory the VM would get; a
-    drive file that does not exist yet is shown with its declared format
-    (or qcow2) and a note. The accelerator is resolved as at a real start.
-    """
-    from .paths import state_dir
-
-    qemu = host.find_qemu()
-    notes: list[str] = []
-    formats = []
-    for drive in spec.drives:
-        if os.path.exists(drive.file):
-            formats.append(host.image_format(str(drive.file), qemu))
-        else:
-            formats.append(drive.format or "qcow2")
-            notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
-    accel = host.resolve_accel(spec.accel, qemu, _default_probe_image())
-    notes.append(f"accelerator: {accel.reason}")
-    rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
-    plan = plan_launch(spec, _host_facts(qemu, accel), rd, formats)
-    if plan.firmware_copy is not None and plan.facts.ovmf is None:
-        notes.append("OVMF is not installed (apt-get install ovmf); a start would fail")
-    for share, sock in plan.virtiofs:
-        notes.append(f"share {share.tag}: virtiofsd serves {share.host_path} on {sock}")
-    if plan.seed_iso is not None:
-        notes.append(f"cloud-init seed: written to {plan.seed_iso} at start")
-    return plan.argv(), notes

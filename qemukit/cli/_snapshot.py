@@ -18,8 +18,9 @@ from typing import Any
 
 import click
 
-from . import errors
-from .cli import _attach, _emit_json, _foreground, main
+from .. import errors
+from ._common import attach_vm, emit_json
+from ._run import foreground
 
 __all__ = ["restore_command", "save_command", "snapshot_command"]
 
@@ -28,7 +29,7 @@ ACTIONS = ("save", "load", "delete", "list", "external", "revert", "commit")
 
 def _print_infos(infos: list[Any], as_json: bool) -> None:
     if as_json:
-        _emit_json([i.to_dict() for i in infos])
+        emit_json([i.to_dict() for i in infos])
         return
     import time
 
@@ -39,7 +40,7 @@ def _print_infos(infos: list[Any], as_json: bool) -> None:
         click.echo(f"{i.tag:24} {i.kind:9} {ram:>9}  {taken:19}  {', '.join(i.devices)}")
 
 
-@main.command(name="snapshot")
+@click.command(name="snapshot")
 @click.argument("name")
 @click.argument("action", type=click.Choice(ACTIONS))
 @click.argument("tag", required=False)
@@ -66,7 +67,7 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
     A VM that cannot be snapshotted (raw or pflash disk, a device that blocks
     migration) is refused with the reason and what to do, before anything changes.
     """
-    from .snapshot import check_tag, image_snapshots
+    from ..snapshot import check_tag, image_snapshots
 
     if action == "list":
         if tag is not None:
@@ -81,7 +82,7 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
             check_tag(tag)
         except errors.SnapshotError as exc:
             raise click.BadParameter(str(exc), param_hint="TAG") from exc
-    vm = _attach(name)
+    vm = attach_vm(name)
     try:
         snaps = vm.snapshots
         result: Any = None
@@ -104,13 +105,13 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
     finally:
         vm.detach()
     if as_json:
-        _emit_json({"name": name, "action": action, "tag": tag,
+        emit_json({"name": name, "action": action, "tag": tag,
                     "snapshot": result.to_dict() if result is not None else None})
     else:
         click.echo(f"{name}: {action} {tag}: done")
 
 
-@main.command(name="save")
+@click.command(name="save")
 @click.argument("name")
 @click.argument("bundle", type=click.Path(dir_okay=True, file_okay=False))
 @click.option("--keep-running", is_flag=True,
@@ -127,7 +128,7 @@ def save_command(name: str, bundle: str, keep_running: bool, timeout: float,
     resumes the guest instead. 'qemukit restore BUNDLE' starts it again where
     it was, without booting, as many times as you like.
     """
-    vm = _attach(name)
+    vm = attach_vm(name)
     try:
         saved = vm.save_state(bundle, stop=not keep_running, timeout=timeout)
     except BaseException:
@@ -137,13 +138,13 @@ def save_command(name: str, bundle: str, keep_running: bool, timeout: float,
     if keep_running:
         vm.detach()
     if as_json:
-        _emit_json({"name": name, "bundle": str(saved.path), "stopped": not keep_running,
+        emit_json({"name": name, "bundle": str(saved.path), "stopped": not keep_running,
                     "state_size": saved.manifest.get("state_size")})
     else:
         click.echo(str(saved.path))
 
 
-@main.command(name="restore")
+@click.command(name="restore")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--name", help="Name of the clone (generated when omitted).")
 @click.option("--detach", "-d", is_flag=True,
@@ -162,12 +163,12 @@ def restore_command(bundle: str, name: str | None, detach: bool, wait_for: str, 
     --detach the clone runs in the foreground with its console on stdout
     until the guest powers off or Ctrl-C.
     """
-    from .vm import VM
+    from ..vm import VM
 
     vm = VM.restore(bundle, name=name, timeout=timeout, die_with_parent=not detach,
                     boot_timeout=timeout)
     if not detach:
-        _foreground(vm)
+        foreground(vm)
         return
     try:
         if wait_for == "agent":
@@ -178,7 +179,11 @@ def restore_command(bundle: str, name: str | None, detach: bool, wait_for: str, 
     clone, pid = vm.name, vm.pid
     vm.detach()
     if as_json:
-        _emit_json({"name": clone, "pid": pid, "bundle": bundle})
+        emit_json({"name": clone, "pid": pid, "bundle": bundle})
     else:
         click.echo(clone)
     sys.stdout.flush()
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (snapshot_command, save_command, restore_command,)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SpecError
-from .spec import Drive, Nic, VMSpec
+from ..errors import SpecError
+from ..spec import Drive, Nic, VMSpec
 
-__all__ = ["AGENT_PORT_NAME", "QGA_PORT_NAME", "Plumbing", "build_argv", "drive_ids", "nic_ids", "quote_opt"]
+__all__ = [
+    "AGENT_PORT_NAME", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing", "build_argv",
+    "drive_ids", "nic_ids", "quote_opt", "seed_device_args",
+]
 
 AGENT_PORT_NAME = "org.qemukit.agent"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"
@@ -265,3 +268,33 @@ def build_argv(
         argv += ["-incoming", plumbing.incoming]
     argv += list(spec.extra_args)
     return argv
+
+
+# -- the cloud-init seed CD ---------------------------------------------------------------
+
+#: The seed CD's device id, and its file in the runtime directory.
+SEED_DEVICE_ID = "cidata0"
+SEED_FILE = "seed.iso"
+
+
+def seed_device_args(spec: VMSpec, iso: str) -> list[str]:
+    """QEMU arguments attaching the seed ISO as a read-only SCSI CD (pure).
+
+    The cloud kernel has no AHCI driver, so on q35 an ``ide-cd`` would never
+    be seen: the CD goes on virtio-scsi, sharing the spec's controller
+    (``scsi0``) when it has SCSI disks, else on a controller of its own.
+    """
+    if spec.machine == "microvm":
+        raise SpecError("cloud_init", "set", "microvm has no PCI bus for the seed CD")
+    node = SEED_DEVICE_ID.rstrip("0")
+    controller: list[str] = []
+    bus = "scsi0.0"
+    if not any(d.interface == "virtio-scsi" for d in spec.drives):
+        controller = ["-device", "virtio-scsi-pci,id=scsi1"]
+        bus = "scsi1.0"
+    return [
+        "-blockdev", f"driver=file,node-name={node}-file,filename={quote_opt(iso)},read-only=on",
+        "-blockdev", f"driver=raw,node-name={node}-fmt,file={node}-file,read-only=on",
+        *controller,
+        "-device", f"scsi-cd,bus={bus},drive={node}-fmt,id={SEED_DEVICE_ID}",
+    ]

@@ -28,7 +28,7 @@ from typing import Any, cast
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _LibQMPError
 
-from .errors import QMPCommandError, QMPConnectionError, WaitTimeout
+from ..errors import QMPCommandError, QMPConnectionError, WaitTimeout
 
 __all__ = ["QMP", "EventListener", "connect_unix"]
 

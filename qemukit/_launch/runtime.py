@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._fs import write_atomic
-from .errors import SpecError, StateError
-from .paths import state_dir, state_dir_error
+from .._fs import write_atomic
+from ..errors import SpecError, StateError
+from ..paths import state_dir, state_dir_error
 from .process import is_same_process
 
 __all__ = ["RuntimeDir", "VMInfo", "list_entries"]

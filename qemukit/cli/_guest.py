@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from . import errors
-from .cli import _attach, _name_argument, main
-from .spec import CloudInit, Drive, VMSpec
+from .. import errors
+from ..spec import CloudInit, Drive, VMSpec
+from ._common import attach_vm, name_argument
 
 __all__ = [
     "apply_run_options", "apply_seed_options", "image_summary", "keep_disks", "kept_dir",
@@ -56,9 +56,9 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
     too, so the guest (which cloud-init set up once) still accepts it.
     Delete the directory to throw the VM away.
     """
-    from . import host
-    from .argv import drive_ids
-    from .seed import generate_keypair
+    from .. import host
+    from .._launch.argv import drive_ids
+    from .._launch.seed import generate_keypair
 
     name = spec.name or f"vm-{secrets.token_hex(3)}"
     directory = kept_dir() / name
@@ -126,8 +126,8 @@ def _base_stamp(path: str) -> str:
     return f"{path}\n{st.st_size}\n{st.st_mtime_ns}\n"
 
 
-@main.command(name="ssh", context_settings={"ignore_unknown_options": True})
-@_name_argument
+@click.command(name="ssh", context_settings={"ignore_unknown_options": True})
+@name_argument
 @click.option("-l", "--user", help="Log in as USER (default: the seed's user, 'debian').")
 @click.option("--print", "print_only", is_flag=True,
               help="Print the ssh command line instead of running it.")
@@ -141,7 +141,7 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     --ssh-key was given to run). Exits with ssh's status (the command's,
     or 255 if ssh itself failed).
     """
-    vm = _attach(name)
+    vm = attach_vm(name)
     try:
         argv = vm.ssh_argv(list(command), user=user)
     finally:
@@ -154,3 +154,7 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     except OSError as exc:
         raise errors.HostError(
             f"cannot run {argv[0]}: {exc.strerror}; install openssh-client") from exc
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (ssh_command,)

@@ -1,0 +1,252 @@
+"""What every command shares: the ``main`` group, the one exit-code table, spec options, attaching to a VM."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .. import errors
+from ..spec import DEFAULT_MEMORY_SLOTS, Share, VMSpec, parse_drive, parse_nic
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+#: The VM refused the operation and is left as it was (or as the message says).
+EXIT_REFUSED = 1
+
+
+#: Bad command-line usage (click's own code).
+EXIT_USAGE = 2
+
+
+EXIT_TIMEOUT = 124
+
+
+EXIT_ERROR = 125
+
+
+#: Ctrl-C (SIGINT): the VM in the foreground was stopped first. 128 + SIGINT, as shells use.
+EXIT_INTERRUPTED = 130
+
+
+#: The guest kernel oopsed (or hit a BUG) and ran on; 255 when it panicked.
+EXIT_OOPS = 254
+
+
+EXIT_PANIC = 255
+
+
+#: The exit code of each error class, for every command. A class missing here takes
+#: the code of its nearest listed base class; a unit test keeps every class listed.
+EXIT_CODES: dict[type[errors.QemukitError], int] = {
+    errors.QemukitError: EXIT_ERROR,
+    errors.SpecError: EXIT_ERROR,
+    errors.HostError: EXIT_ERROR,
+    errors.AcceleratorError: EXIT_ERROR,
+    errors.LaunchError: EXIT_ERROR,
+    errors.StateError: EXIT_ERROR,
+    errors.HotplugError: EXIT_REFUSED,
+    errors.SnapshotError: EXIT_REFUSED,
+    errors.WaitTimeout: EXIT_TIMEOUT,
+    errors.QMPError: EXIT_ERROR,
+    errors.QMPCommandError: EXIT_REFUSED,
+    errors.QMPConnectionError: EXIT_ERROR,
+    errors.GuestError: EXIT_ERROR,
+    errors.GuestPanic: EXIT_PANIC,
+    errors.GuestOops: EXIT_OOPS,
+    errors.ShareMountError: EXIT_ERROR,
+    errors.GuestIOError: EXIT_ERROR,
+    errors.AgentError: EXIT_ERROR,
+}
+
+
+def exit_code_for(exc: errors.QemukitError) -> int:
+    """The exit code :data:`EXIT_CODES` gives ``exc``'s class (or its nearest base's)."""
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_ERROR
+
+
+def exit_codes_help() -> str:
+    """The exit-code table as ``qemukit --help`` shows it, made from :data:`EXIT_CODES`."""
+
+    def classes(code: int) -> str:
+        return ", ".join(cls.__name__ for cls, c in EXIT_CODES.items()
+                         if c == code and cls is not errors.QemukitError)
+
+    rows = [
+        (0, "success; run -- CMD, exec and ssh: the command's own status"),
+        (EXIT_REFUSED, f"the VM refused the operation, the message says why ({classes(EXIT_REFUSED)}); "
+                       "doctor: a problem was found"),
+        (EXIT_USAGE, "bad command-line usage"),
+        (EXIT_TIMEOUT, f"a wait timed out: boot, command, QEMU's reply ({classes(EXIT_TIMEOUT)})"),
+        (EXIT_ERROR, "qemukit or QEMU failed: bad spec, missing host tool, QEMU refused to "
+                     "start, VM not found or unreachable, a file it cannot write "
+                     f"({classes(EXIT_ERROR)})"),
+        (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a VM in the foreground was stopped first"),
+        (EXIT_OOPS, f"the guest kernel oopsed or hit a BUG and ran on, tainted "
+                    f"({classes(EXIT_OOPS)}; run --continue-on-oops records it instead)"),
+        (EXIT_PANIC, f"the guest kernel panicked ({classes(EXIT_PANIC)})"),
+    ]
+    import textwrap
+
+    lines = ["Exit codes (every command):"]
+    for code, text in rows:
+        lines += textwrap.wrap(text, 78, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+    return "\n".join(lines)
+
+
+def report(exc: errors.QemukitError) -> None:
+    click.echo(f"qemukit: {exc}", err=True)
+    for note in getattr(exc, "__notes__", ()):
+        click.echo(f"qemukit: {note}", err=True)
+
+
+class QemukitGroup(click.Group):
+    """The ``qemukit`` group: the one place where errors become exit codes.
+
+    A :class:`~qemukit.errors.QemukitError` from any subcommand is printed as
+    ``qemukit: <message>`` (no traceback) and ends the process with
+    :func:`exit_code_for`; Ctrl-C ends it with 130 instead of click's 1. A
+    file-system error about a path that no library call turned into a qemukit
+    error (say ``--json`` into a missing directory) is one line and 125 too.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, mapping its errors through :data:`EXIT_CODES`."""
+        try:
+            return super().invoke(ctx)
+        except errors.QemukitError as exc:
+            report(exc)
+            ctx.exit(exit_code_for(exc))
+        except KeyboardInterrupt:
+            click.echo("qemukit: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a file the user named: a bug, keep its traceback
+            click.echo(f"qemukit: {os.fsdecode(exc.filename)}: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def spec_options(func: F) -> F:
+    """The options that describe a VM, shared by ``run`` and ``cmdline``."""
+    options = [
+        click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),
+                     help="Read the VM description from a TOML file."),
+        click.option("--image", help="Start from a built-in image (tiny, debian)."),
+        click.option("--name", help="VM name (unique among running VMs)."),
+        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
+                     help="Accelerator; auto uses KVM only where a probe boot proved it works."),
+        click.option("--machine", type=click.Choice(["q35", "pc", "microvm"])),
+        click.option("--cpu", "cpu_model", help="CPU model (e.g. host, max, kvm64)."),
+        click.option("--cpus", type=int, help="vCPUs at boot."),
+        click.option("--max-cpus", type=int, help="vCPU limit for hotplug."),
+        click.option("--memory", "-m", help="Memory, e.g. 512M or 2G."),
+        click.option("--max-memory", help="Memory limit for hotplug, e.g. 2G; gives "
+                     f"{DEFAULT_MEMORY_SLOTS} DIMM slots unless --slots says otherwise."),
+        click.option("--slots", type=int, help="Memory hotplug (DIMM) slots; needs --max-memory "
+                     f"[default with --max-memory: {DEFAULT_MEMORY_SLOTS}]."),
+        click.option("--kernel", type=click.Path(dir_okay=False), help="Kernel to boot."),
+        click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs."),
+        click.option("--append", help="Kernel command line (replaces the image's)."),
+        click.option("--disk", "disks", multiple=True, metavar="PATH[,opts]",
+                     help="Add a disk: PATH[,format=qcow2|raw][,if=virtio-blk|virtio-scsi|nvme]"
+                     "[,readonly][,overlay][,id=ID]; write ',' in PATH as ',,'."),
+        click.option("--nic", "nics", multiple=True, metavar="user|tap[,opts]",
+                     help="Add a NIC: user[,hostfwd=[ADDR:]HOST:GUEST] or tap,ifname=NAME."),
+        click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",
+                     help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
+                     "9p with ,9p)."),
+        click.option("--run-as", help="Run QEMU as this user once it has started (for root)."),
+        click.option("--qmp-tcp", "qmp_tcp_port", type=int, metavar="PORT",
+                     help="Also serve QMP on 127.0.0.1:PORT (off by default; a warning is shown)."),
+        click.option("--no-sandbox", is_flag=True, default=None,
+                     help="Do not start QEMU under its seccomp sandbox."),
+        click.option("--qemu-arg", "extra_args", multiple=True, metavar="ARG",
+                     help="Extra raw argument for QEMU (repeatable)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_spec(opts: dict[str, Any]) -> VMSpec:
+    """Combine -f FILE, --image and the per-field options into one spec."""
+    from .. import images
+
+    if opts["spec_file"] and opts["image"]:
+        raise errors.SpecError("image", opts["image"], "give either --image or -f, not both")
+    if opts["spec_file"]:
+        spec = VMSpec.load(opts["spec_file"])
+    elif opts["image"]:
+        spec = images.spec(opts["image"])
+    elif opts["kernel"]:
+        spec = images.spec("tiny", kernel=opts["kernel"])
+    else:
+        spec = VMSpec()
+    changes: dict[str, Any] = {}
+    for key, field in (("name", "name"), ("accel", "accel"), ("machine", "machine"),
+                       ("cpu_model", "cpu"), ("cpus", "cpus"), ("max_cpus", "max_cpus"),
+                       ("memory", "memory"), ("max_memory", "max_memory"), ("slots", "slots"),
+                       ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append"),
+                       ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port")):
+        if opts.get(key) is not None:
+            changes[field] = opts[key]
+    if opts["disks"]:
+        changes["drives"] = spec.drives + tuple(parse_drive(d) for d in opts["disks"])
+    if opts["nics"]:
+        changes["nics"] = spec.nics + tuple(parse_nic(n) for n in opts["nics"])
+    if opts.get("shares"):
+        changes["shares"] = spec.shares + tuple(Share.parse(sh) for sh in opts["shares"])
+    if opts["no_sandbox"]:
+        changes["sandbox"] = False
+    if opts["extra_args"]:
+        changes["extra_args"] = spec.extra_args + tuple(opts["extra_args"])
+    return spec.replace(**changes) if changes else spec
+
+
+@click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\n" + exit_codes_help())
+@click.version_option(package_name="qemukit")
+def main() -> None:
+    """Launch and control QEMU virtual machines, without libvirt."""
+
+
+def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from .._launch.runtime import list_entries
+
+    try:
+        entries = list_entries()
+    except OSError:  # an unreadable registry just offers nothing to complete
+        return []
+    return [rd.name for rd, _ in entries if rd.name.startswith(incomplete)]
+
+
+def name_argument(func: F) -> F:
+    return click.argument("name", shell_complete=complete_names)(func)
+
+
+def attach_vm(name: str, timeout: float = 30.0) -> Any:
+    from ..vm import VM
+
+    return VM.attach(name, timeout=timeout)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n //= 1024
+    return f"{n}T"

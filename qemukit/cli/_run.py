@@ -1,0 +1,199 @@
+"""``qemukit run`` (foreground, ``-- CMD``, ``--detach``) and ``qemukit cmdline``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .. import errors
+from ..spec import VMSpec
+from ._common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OOPS,
+    EXIT_PANIC,
+    EXIT_TIMEOUT,
+    build_spec,
+    emit_json,
+    spec_options,
+)
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@spec_options
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds for boot plus command; a hung guest ends with exit 124.")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Write the result as JSON to FILE, or to stdout when no FILE is given.")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
+@click.option("--console-log", type=click.Path(dir_okay=False),
+              help="Keep a copy of the guest's whole console log here.")
+@click.option("--modules", type=click.Path(file_okay=False, exists=True),
+              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR).")
+@click.option("--detach", "-d", is_flag=True,
+              help="Start the VM in the background, print its name and return.")
+@click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent", "ssh"]), default="qmp",
+              show_default=True, help="With --detach: return once QMP answers, the guest agent "
+              "answers, or ssh logs in.")
+@click.option("--keep", is_flag=True, help="Keep the disk changes (overlays) under the VM's name; "
+              "a later --keep run of that name boots them again.")
+@click.option("--user-data", type=click.Path(exists=True, dir_okay=False),
+              help="cloud-init user-data file, passed to the guest as it is.")
+@click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False),
+              help="SSH public key to authorize in the guest (default: a keypair made per VM).")
+@click.option("--continue-on-oops", is_flag=True,
+              help="With -- CMD: a kernel oops or BUG is recorded, not fatal; CMD runs on.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Explain the accelerator choice in full (as qemukit doctor does).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
+        modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool, verbose: bool,
+        command: tuple[str, ...], **opts: Any) -> None:
+    """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
+
+    \b
+    Examples:
+      qemukit run --image tiny -- uname -r
+      qemukit run --kernel arch/x86/boot/bzImage -- sh -c 'dmesg | tail'
+    Without CMD the VM runs in the foreground with its console on stdout
+    until the guest powers off or you press Ctrl-C (Ctrl-C stops the VM and exits 130).
+
+    \b
+    Exit codes: the command's status; 124 timeout; 125 qemukit error (also a
+    --share the guest could not mount); 254 guest kernel oops or BUG (the
+    kernel kept running; --continue-on-oops runs on); 255 guest kernel panic.
+    Kernel warnings (soft lockups, RCU stalls, WARNING:) are reported, not fatal.
+    """
+    from ..vm import VM
+    from ._guest import apply_run_options
+
+    spec = apply_run_options(build_spec(opts), opts)
+    if detach:
+        if command:
+            raise errors.SpecError("command", list(command), "--detach takes no command; "
+                                   "use 'qemukit exec NAME -- CMD'")
+        _run_detached(spec, timeout, wait_for, json_out == "-")
+        return
+    if not command:
+        vm = VM(spec, boot_timeout=timeout)
+        vm.start()
+        _announce_accel(vm, verbose)
+        foreground(vm)
+        return
+    from ..kernel import run_in_vm
+
+    def announce(vm: VM) -> None:
+        if json_out != "-":
+            _announce_accel(vm, verbose)
+
+    result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
+                       modules=modules, on_started=announce, continue_on_oops=continue_on_oops)
+    if json_out is not None:
+        if json_out == "-":
+            emit_json(result.to_dict())
+        else:
+            result.write_json(json_out)
+    if junit is not None:
+        result.write_junit(junit)
+    if json_out != "-":
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+    if json_out != "-":
+        from .._wire.console import classify
+
+        for line in result.warnings:
+            event = classify(line)
+            kind = "oops (continued past)" if event and event.kind == "oops" else "warning"
+            click.echo(f"qemukit: guest kernel {kind}: {line}", err=True)
+    if result.outcome == "panic":
+        click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
+                   f"{result.console_tail}", err=True)
+    elif result.outcome == "oops":
+        click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
+                   f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
+    elif result.outcome in ("timeout", "error"):
+        tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
+        click.echo(f"qemukit: {result.error}{tail}", err=True)
+    sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
+              "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
+
+
+def _announce_accel(vm: Any, verbose: bool) -> None:
+    """One line on stderr: the accelerator in short, or with the whole reason under -v."""
+    if vm.accel is not None:
+        text = vm.accel.reason if verbose else vm.accel.summary
+        click.echo(f"qemukit: {vm.name}: {text}", err=True)
+
+
+def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
+    from ..vm import VM
+
+    vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
+    try:
+        vm.start()
+        if wait_for == "agent":
+            vm.wait_ready(timeout)
+        elif wait_for == "ssh":
+            vm.wait_ssh(timeout)
+    except BaseException:
+        # Nobody would own a VM left running here: end it, then report why.
+        if vm.state.value == "running":
+            vm.kill()
+        raise
+    name, pid, accel = vm.name, vm.pid, vm.accel
+    vm.detach()
+    if as_json:
+        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None})
+    else:
+        click.echo(name)
+
+
+def foreground(vm: Any) -> None:
+    """Show the console live until the guest powers off or Ctrl-C, then stop the VM.
+
+    After Ctrl-C the process exits with 130 (128 + SIGINT), as shells expect.
+    """
+    click.echo(f"qemukit: {vm.name} running; console below, Ctrl-C stops it", err=True)
+    click.echo(vm.console_tail(200), nl=False)
+
+    def show(chunk: bytes) -> None:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+    vm.follow_console(show)
+    interrupted = False
+    try:
+        vm.wait_exit()
+    except KeyboardInterrupt:
+        interrupted = True
+        click.echo("", err=True)
+    vm.follow_console(None)
+    result = vm.shutdown(timeout=15)
+    click.echo(f"qemukit: {vm.name} stopped ({result.rung.value})", err=True)
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+@click.command()
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Print the argv as a JSON list.")
+def cmdline(as_json: bool, **opts: Any) -> None:
+    """Print the QEMU command line a VM would run with, without starting it."""
+    from ..vm import preview_argv
+
+    argv, notes = preview_argv(build_spec(opts))
+    if as_json:
+        emit_json({"argv": argv, "notes": notes})
+        return
+    import shlex
+
+    for note in notes:
+        click.echo(f"# {note}", err=True)
+    click.echo(shlex.join(argv))
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (run, cmdline,)

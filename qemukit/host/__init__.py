@@ -1,0 +1,33 @@
+"""Facts about the host: the QEMU binary, its features, firmware, and KVM.
+
+Everything here is probed, not assumed, and cached: the binary's facts per
+process, the KVM probe boot per host boot (on disk). ``/dev/kvm`` existing is
+not proof that KVM works (on some paravirtual hosts QEMU starts but Linux
+guests hang), so ``accel='auto'`` uses KVM only after a short probe boot of
+the tiny guest reached its init under it.
+"""
+
+from __future__ import annotations
+
+from ._firmware import find_ovmf, tsc_khz
+from ._img import create_overlay, image_format
+from ._kvm import AccelChoice, KvmStatus, kvm_device_status, kvm_status, resolve_accel
+from ._qemu import QemuBinary, find_qemu
+from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
+
+__all__ = [
+    "AccelChoice",
+    "KvmStatus",
+    "QemuBinary",
+    "create_overlay",
+    "find_ovmf",
+    "find_qemu",
+    "find_virtiofsd",
+    "image_format",
+    "kvm_device_status",
+    "kvm_status",
+    "resolve_accel",
+    "tsc_khz",
+    "virtiofsd_argv",
+    "virtiofsd_launcher",
+]

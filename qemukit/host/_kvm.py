@@ -1,0 +1,243 @@
+"""KVM: is /dev/kvm usable, does a probe boot reach the guest's init under it, and the accelerator choice."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .._launch.argv import Plumbing, build_argv
+from .._launch.process import run_until_output
+from ..errors import AcceleratorError
+from ..spec import VMSpec
+from ._qemu import QemuBinary, read_cache, write_cache
+
+INIT_MARKER = b"qemukit-init: ready"
+KVM_PROBE_TIMEOUT = float(os.environ.get("QEMUKIT_KVM_PROBE_TIMEOUT", "8"))
+_KVM_GET_API_VERSION = 0xAE00
+
+
+def kvm_device_status() -> tuple[bool, str]:
+    """Whether ``/dev/kvm`` can be opened and speaks the expected KVM API."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, "/dev/kvm does not exist (no KVM in this kernel or VM)"
+    except PermissionError:
+        return False, f"/dev/kvm is not accessible: {_kvm_access_advice()}"
+    except OSError as exc:
+        return False, f"/dev/kvm cannot be opened: {exc.strerror}"
+    try:
+        version = fcntl.ioctl(fd, _KVM_GET_API_VERSION)
+    except OSError as exc:
+        return False, f"/dev/kvm rejected KVM_GET_API_VERSION: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if version != 12:
+        return False, f"/dev/kvm speaks KVM API {version}, expected 12"
+    return True, "/dev/kvm is usable"
+
+
+def _kvm_access_advice() -> str:
+    """What a user who cannot open ``/dev/kvm`` can do about it, on this host.
+
+    The kvm-group advice only helps where the device really is group ``kvm``
+    with group read-write; elsewhere (``root:root 0600``) it says what does.
+    """
+    user = _user_name()
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError as exc:
+        return f"cannot stat it ({exc.strerror})"
+    try:
+        group = grp.getgrgid(st.st_gid)
+        group_name = group.gr_name
+    except KeyError:
+        group_name = str(st.st_gid)
+    owner = f"{uid_name(st.st_uid)}:{group_name} {stat.S_IMODE(st.st_mode):04o}"
+    group_rw = st.st_mode & 0o060 == 0o060
+    try:
+        kvm_group: grp.struct_group | None = grp.getgrnam("kvm")
+    except KeyError:
+        kvm_group = None
+    if kvm_group is not None and group_rw and st.st_gid == kvm_group.gr_gid:
+        if user in kvm_group.gr_mem and kvm_group.gr_gid not in os.getgroups():
+            return (f"{user} is in the kvm group but this session is not yet: "
+                    "log in again (or run 'newgrp kvm')")
+        return f"add {user} to the kvm group (usermod -aG kvm {user}), then log in again"
+    why = "this host has no kvm group" if kvm_group is None else "its group cannot open it"
+    return (f"it is {owner} and {why}; as root, grant {user} access with "
+            f"'setfacl -m u:{user}:rw /dev/kvm' (until reboot) or for good with 'groupadd kvm' "
+            "and a udev rule KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" "
+            f"(then usermod -aG kvm {user}), or run as root")
+
+
+def uid_name(uid: int) -> str:
+    """The user name of ``uid`` (the number as text when it has none)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as (its uid if it has no name)."""
+    return uid_name(os.geteuid())
+
+
+def _kvm_summary(status: KvmStatus) -> str:
+    """A few words for the one-line verdict; ``reason`` keeps the whole story."""
+    if status.usable:
+        return f"KVM works (probe boot passed with -cpu {status.cpu})" if status.cpu \
+            else "KVM works"
+    if not status.probed:
+        return status.reason.split(":")[0].split(" (")[0]
+    if "did not reach its init" in status.reason:
+        return "this host's KVM cannot run Linux guests"
+    return "QEMU aborts under this host's KVM with every CPU model tried"
+
+
+@dataclass(frozen=True)
+class KvmStatus:
+    """The verdict on KVM: usable or not, and why (with the probe's console tail).
+
+    ``reason`` is the whole story (what each probe did, QEMU's own last words);
+    ``summary`` is a few words for a one-line verdict, derived when not given.
+    """
+
+    usable: bool
+    reason: str
+    probed: bool
+    console: str = ""
+    cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", _kvm_summary(self))
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator a VM will run under, why (``reason``) and in short (``summary``).
+
+    ``reason`` is the full explanation (``qemukit doctor``, ``run -v``);
+    ``summary`` is the short line printed by default. It defaults to ``reason``.
+    """
+
+    accel: str
+    reason: str
+    cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", self.reason)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _probe_key(qemu: QemuBinary, kernel: str, initrd: str) -> str:
+    stamp = [str(os.stat(p).st_mtime_ns) for p in (kernel, initrd)]
+    return "|".join([_boot_id(), qemu.path, qemu.version_string, kernel, initrd, *stamp])
+
+
+def kvm_status(
+    qemu: QemuBinary,
+    probe_image: tuple[str, str] | None,
+    *,
+    timeout: float = KVM_PROBE_TIMEOUT,
+    use_cache: bool = True,
+) -> KvmStatus:
+    """Decide whether KVM really works: device check, then a cached probe boot.
+
+    ``probe_image`` is a (kernel, initrd) pair whose init prints
+    ``qemukit-init: ready``; without one KVM cannot be verified and is not used.
+    """
+    ok, reason = kvm_device_status()
+    if not ok:
+        return KvmStatus(False, reason, probed=False)
+    if probe_image is None:
+        return KvmStatus(
+            False, "/dev/kvm is present but unverified: no probe image (qemukit images build tiny)",
+            probed=False, summary="KVM not verified: no probe image",
+        )
+    kernel, initrd = probe_image
+    key = _probe_key(qemu, kernel, initrd)
+    cached = read_cache("kvm-probe.json", key) if use_cache else None
+    if cached is not None:
+        with contextlib.suppress(TypeError):
+            return KvmStatus(**cached)
+    status = _probe_boot(qemu, kernel, initrd, timeout)
+    write_cache("kvm-probe.json", key, asdict(status))
+    return status
+
+
+#: CPU models tried under KVM, in order. Some hosts (nested, paravirtual)
+#: reject an MSR that ``host`` passes through and QEMU aborts at start; the
+#: next model is tried only when QEMU exited, never after a hang.
+KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
+
+
+def _probe_boot(qemu: QemuBinary, kernel: str, initrd: str, timeout: float) -> KvmStatus:
+    failures: list[str] = []
+    for cpu in KVM_CPU_CANDIDATES:
+        spec = VMSpec(
+            name="kvm-probe",
+            cpu=cpu,
+            kernel=kernel,
+            initrd=initrd,
+            append="console=ttyS0 panic=-1 quiet qemukit.probe",
+            no_reboot=True,
+            agent=False,
+            serial=False,
+            hotplug_ports=0,
+            extra_args=("-serial", "stdio"),
+        )
+        argv = build_argv(spec, qemu=qemu.path, accel="kvm", plumbing=Plumbing())
+        seen, tail, exited = run_until_output(argv, INIT_MARKER, timeout=timeout)
+        if seen:
+            return KvmStatus(
+                True, f"a probe boot under KVM (-cpu {cpu}) reached the guest's init", True, tail, cpu
+            )
+        if exited is None:
+            why = (
+                f"QEMU starts under KVM (-cpu {cpu}) but the guest did not reach its init "
+                f"within {timeout:g}s (this host's KVM does not run Linux guests)"
+            )
+            return KvmStatus(False, "; ".join([*failures, why]), True, tail)
+        last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+        failures.append(f"-cpu {cpu}: QEMU exited with status {exited} ({last_line[:160]})")
+    return KvmStatus(False, "; ".join(failures), True, tail)
+
+
+def resolve_accel(
+    requested: str, qemu: QemuBinary, probe_image: tuple[str, str] | None
+) -> AccelChoice:
+    """Turn ``auto``/``kvm``/``tcg`` into the accelerator to run under.
+
+    ``kvm`` on a host where KVM does not work raises :class:`AcceleratorError`;
+    ``auto`` falls back to TCG and says why.
+    """
+    if requested == "tcg":
+        return AccelChoice("tcg", "TCG (software emulation) as requested", summary="TCG (as requested)")
+    status = kvm_status(qemu, probe_image)
+    if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
+        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)",
+                           summary="KVM (as requested, not verified by a probe boot)")
+    if status.usable:
+        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu, summary=status.summary)
+    if requested == "kvm":
+        raise AcceleratorError("kvm", status.reason)
+    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}",
+                       summary=f"TCG: {status.summary} (qemukit doctor)")

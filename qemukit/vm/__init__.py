@@ -1,0 +1,25 @@
+"""The VM facade: process + QMP + console + agent, with an explicit lifecycle.
+
+:class:`AsyncVM` is the async core; :class:`VM` is the same API for
+synchronous code, run on qemukit's own loop thread. Both are context
+managers: leaving the block shuts the VM down through the ladder. A start
+that fails half-way stops what it started and removes its files before the
+error is raised.
+"""
+
+from __future__ import annotations
+
+from ._core import AdoptedQemu, AsyncVM, VMState
+from ._facade import VM
+from ._ladder import ShutdownResult, ShutdownRung
+from ._preview import preview_argv
+
+__all__ = [
+    "AdoptedQemu",
+    "AsyncVM",
+    "ShutdownResult",
+    "ShutdownRung",
+    "VM",
+    "VMState",
+    "preview_argv",
+]

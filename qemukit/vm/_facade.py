@@ -1,0 +1,137 @@
+"""The synchronous :class:`VM`, derived method by method from :class:`AsyncVM`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from .. import host
+from .._launch.runtime import RuntimeDir
+from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
+from ..guest import SyncGuest
+from ..hotplug import Hotplug
+from ..snapshot import SyncSnapshots
+from ..spec import VMSpec
+from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
+from ._core import AdoptedQemu, AsyncVM, VMState
+from ._ladder import ShutdownResult
+
+
+class VM(SyncFacade):
+    """A QEMU virtual machine with a synchronous API (see :class:`AsyncVM`).
+
+    ``with VM(spec) as vm: vm.exec(["uname", "-r"])`` boots, runs and stops.
+    Works from plain code and from inside a running asyncio loop alike. Each
+    method is derived from :class:`AsyncVM`'s (same signature and meaning),
+    run on qemukit's own loop thread.
+    """
+
+    _aio: AsyncVM
+
+    def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
+                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
+                 continue_on_oops: bool = False, incoming: str | None = None,
+                 adopt: AdoptedQemu | None = None) -> None:
+        super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
+                                 state_root=state_root, boot_timeout=boot_timeout,
+                                 continue_on_oops=continue_on_oops, incoming=incoming,
+                                 adopt=adopt))
+
+    @property
+    def aio(self) -> AsyncVM:
+        """The underlying :class:`AsyncVM`."""
+        return self._aio
+
+    spec: delegated[VMSpec] = delegated(lambda vm: vm.spec, "The VM's spec.")
+    state: delegated[VMState] = delegated(lambda vm: vm.state, "The lifecycle state.")
+    accel: delegated[host.AccelChoice | None] = delegated(
+        lambda vm: vm.accel, "The accelerator chosen at start, with the reason.")
+    argv: delegated[list[str]] = delegated(lambda vm: vm.argv, "The argv QEMU was started with.")
+    runtime: delegated[RuntimeDir | None] = delegated(lambda vm: vm.runtime,
+                                                       "The runtime directory.")
+    last_shutdown: delegated[ShutdownResult | None] = delegated(
+        lambda vm: vm.last_shutdown, "How the VM was stopped (also by a ``with`` block).")
+    attached: delegated[bool] = delegated(lambda vm: vm.attached,
+                                          "True for a VM taken over with :meth:`attach`.")
+    name = delegated(AsyncVM.name)
+    pid = delegated(AsyncVM.pid)
+    console_log = delegated(AsyncVM.console_log)
+    guest_booted = delegated(AsyncVM.guest_booted)
+
+    console_tail = passthrough(AsyncVM.console_tail)
+    qemu_output = passthrough(AsyncVM.qemu_output)
+    stats = passthrough(AsyncVM.stats)
+    follow_console = passthrough(AsyncVM.follow_console)
+
+    detach = blocking(AsyncVM.detach)
+    qmp = blocking(AsyncVM.qmp)
+    status = blocking(AsyncVM.status)
+    pause = blocking(AsyncVM.pause)
+    resume = blocking(AsyncVM.resume)
+    unplug = blocking(AsyncVM.unplug)
+    devices = blocking(AsyncVM.devices)
+    save_state = blocking(AsyncVM.save_state)
+    ssh_address = blocking(AsyncVM.ssh_address)
+    ssh_argv = blocking(AsyncVM.ssh_argv)
+    wait_ssh = blocking(AsyncVM.wait_ssh)
+    wait_ready = blocking(AsyncVM.wait_ready)
+    exec = blocking(AsyncVM.exec)
+    wait_exit = blocking(AsyncVM.wait_exit)
+    console_events = blocking(AsyncVM.console_events)
+    shutdown = blocking(AsyncVM.shutdown)
+    kill = blocking(AsyncVM.kill)
+
+    def start(self, timeout: float = QMP_TIMEOUT) -> VM:
+        """Launch QEMU; returns once QMP answers (see :meth:`AsyncVM.start`)."""
+        run_sync(self._aio.start(timeout))
+        return self
+
+    @classmethod
+    def attach(cls, name: str, *, state_root: Path | None = None,
+               timeout: float = QMP_TIMEOUT) -> VM:
+        """Take control of a running VM by name (see :meth:`AsyncVM.attach`)."""
+        return cls._wrap(run_sync(AsyncVM.attach(name, state_root=state_root, timeout=timeout)))
+
+    @classmethod
+    def restore(cls, bundle: str | Path, *, name: str | None = None,
+                timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
+                keep_runtime: bool = False, state_root: Path | None = None,
+                boot_timeout: float = BOOT_TIMEOUT, continue_on_oops: bool = False) -> VM:
+        """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
+        return cls._wrap(run_sync(AsyncVM.restore(
+            bundle, name=name, timeout=timeout, die_with_parent=die_with_parent,
+            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
+            continue_on_oops=continue_on_oops)))
+
+    @classmethod
+    def _wrap(cls, aio: AsyncVM) -> VM:
+        vm = cls.__new__(cls)
+        SyncFacade.__init__(vm, aio)
+        return vm
+
+    @property
+    def hotplug(self) -> Hotplug:
+        """Hot-plug disks, NICs, CPUs and memory: ``vm.hotplug.disk("scratch.qcow2")``."""
+        return Hotplug(self._aio.hotplug)
+
+    @property
+    def snapshots(self) -> SyncSnapshots:
+        """Internal and external snapshots: ``vm.snapshots.save("tag")`` (see AsyncVM)."""
+        return SyncSnapshots(self._aio.snapshots)
+
+    @property
+    def guest(self) -> SyncGuest:
+        """The guest agent: ``vm.guest.read_file(path)``, ``with vm.guest.frozen(): ...``."""
+        return SyncGuest(self._aio.guest)
+
+    def __enter__(self) -> VM:
+        if self._aio.state == VMState.NEW:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._aio.state == VMState.RUNNING:
+            self.shutdown()

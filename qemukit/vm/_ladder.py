@@ -1,0 +1,112 @@
+"""The shutdown ladder: ACPI powerdown, QMP quit, SIGTERM, SIGKILL.
+
+Each rung has its own timeout and is logged (``qemukit`` logger, debug);
+:class:`ShutdownResult` says which rung ended QEMU and which were tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from .._launch.process import QemuProcess
+from .._wire.qmp import QMP
+from ..errors import QemukitError, QMPConnectionError, StateError, WaitTimeout
+
+log = logging.getLogger("qemukit")
+
+#: Seconds between power-button presses while the ACPI rung waits.
+ACPI_REPRESS_INTERVAL = 2.0
+
+
+class ShutdownRung(enum.Enum):
+    """The rung of the shutdown ladder that ended QEMU."""
+
+    ALREADY_EXITED = "already-exited"
+    ACPI = "acpi"
+    QUIT = "quit"
+    SIGTERM = "sigterm"
+    SIGKILL = "sigkill"
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    """How a shutdown went: the rung that worked, QEMU's exit status, time taken."""
+
+    rung: ShutdownRung
+    exit_status: int | None
+    elapsed: float
+    tried: tuple[ShutdownRung, ...]
+
+
+async def run_ladder(proc: QemuProcess, qmp: QMP | None, name: str, *, acpi_timeout: float,
+                     quit_timeout: float, term_timeout: float, kill_timeout: float) -> ShutdownResult:
+    """Stop QEMU ``proc`` rung by rung; returns the rung that ended it.
+
+    ``qmp`` is a connected monitor (None: the QMP rungs are skipped).
+    ``acpi_timeout`` bounds the guest's own shutdown after the power button
+    (pressed again every few seconds while a booting guest ignores it), then
+    QMP ``quit``, SIGTERM and SIGKILL each get their own timeout; a rung with
+    timeout 0 is skipped. Each rung is logged at debug level. Raises
+    :class:`StateError` if QEMU survives SIGKILL.
+    """
+    start = time.monotonic()
+    tried: list[ShutdownRung] = []
+
+    def done(rung: ShutdownRung) -> ShutdownResult:
+        return ShutdownResult(rung, proc.returncode, time.monotonic() - start, tuple(tried))
+
+    if qmp is None and proc.alive():
+        # A monitor that went away usually means QEMU is exiting: it closes its
+        # sockets before it becomes a zombie. Give it a moment before signalling.
+        with contextlib.suppress(WaitTimeout):
+            await proc.wait(0.5)
+    if not proc.alive():
+        return done(ShutdownRung.ALREADY_EXITED)
+    if qmp is not None and acpi_timeout > 0:
+        log.debug("%s: shutdown: ACPI powerdown, up to %gs", name, acpi_timeout)
+        tried.append(ShutdownRung.ACPI)
+        deadline = time.monotonic() + acpi_timeout
+        try:
+            # A guest still booting ignores the button until its ACPI driver is up:
+            # press again every few seconds, as a person would, until the deadline.
+            while True:
+                remaining = deadline - time.monotonic()
+                await qmp.execute("system_powerdown", timeout=max(0.1, min(remaining, 5)))
+                try:
+                    await proc.wait(max(0.1, min(ACPI_REPRESS_INTERVAL, remaining)))
+                    return done(ShutdownRung.ACPI)
+                except WaitTimeout:
+                    if time.monotonic() >= deadline:
+                        break
+        except QemukitError as exc:  # the monitor went away or QEMU refused: next rung
+            log.debug("%s: shutdown: ACPI rung ended by %r", name, exc)
+    if qmp is not None and qmp.connected and proc.alive() and quit_timeout > 0:
+        log.debug("%s: shutdown: QMP quit, up to %gs", name, quit_timeout)
+        tried.append(ShutdownRung.QUIT)
+        try:
+            with contextlib.suppress(QMPConnectionError):  # QEMU may hang up before replying
+                await qmp.execute("quit", timeout=quit_timeout)
+            await proc.wait(quit_timeout)
+            return done(ShutdownRung.QUIT)
+        except QemukitError as exc:
+            log.debug("%s: shutdown: quit rung ended by %r", name, exc)
+    for rung, sig, wait in (
+        (ShutdownRung.SIGTERM, signal.SIGTERM, term_timeout),
+        (ShutdownRung.SIGKILL, signal.SIGKILL, kill_timeout),
+    ):
+        if not proc.alive():
+            break
+        log.debug("%s: shutdown: %s, up to %gs", name, rung.value, wait)
+        tried.append(rung)
+        proc.send_signal(sig)
+        with contextlib.suppress(WaitTimeout):
+            await proc.wait(wait)
+            return done(rung)
+    if proc.alive():
+        raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s")
+    return done(tried[-1] if tried else ShutdownRung.ALREADY_EXITED)

@@ -1,0 +1,46 @@
+"""What a start would run, without starting anything.
+
+``preview_argv`` (``qemukit cmdline``) renders the same launch plan a start carries out.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import host
+from .._launch.plan import plan_launch
+from .._launch.runtime import RuntimeDir
+from ..spec import VMSpec
+from ._facts import default_probe_image, host_facts
+
+
+def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], list[str]]:
+    """The argv :class:`VM` would run for ``spec``, without starting anything.
+
+    Returns (argv, notes). It is the launch plan a start would carry out
+    (:mod:`qemukit.plan`), in the runtime directory the VM would get; a
+    drive file that does not exist yet is shown with its declared format
+    (or qcow2) and a note. The accelerator is resolved as at a real start.
+    """
+    from ..paths import state_dir
+
+    qemu = host.find_qemu()
+    notes: list[str] = []
+    formats = []
+    for drive in spec.drives:
+        if os.path.exists(drive.file):
+            formats.append(host.image_format(str(drive.file), qemu))
+        else:
+            formats.append(drive.format or "qcow2")
+            notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
+    accel = host.resolve_accel(spec.accel, qemu, default_probe_image())
+    notes.append(f"accelerator: {accel.reason}")
+    rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
+    plan = plan_launch(spec, host_facts(qemu, accel), rd, formats)
+    if plan.firmware_copy is not None and plan.facts.ovmf is None:
+        notes.append("OVMF is not installed (apt-get install ovmf); a start would fail")
+    for share, sock in plan.virtiofs:
+        notes.append(f"share {share.tag}: virtiofsd serves {share.host_path} on {sock}")
+    if plan.seed_iso is not None:
+        notes.append(f"cloud-init seed: written to {plan.seed_iso} at start")
+    return plan.argv(), notes
