@@ -27,7 +27,8 @@ from qemukit.hotplug import DeviceLedger
 from qemukit.images import TINY_APPEND
 from tests.helpers import run_qemukit
 
-pytestmark = pytest.mark.integration
+# The module shares one VM: keep its tests on one xdist worker (--dist loadgroup).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hotplug-vm")]
 
 MiB = 1 << 20
 

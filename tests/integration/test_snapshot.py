@@ -18,7 +18,8 @@ import pytest
 
 from qemukit import VM, Drive, SnapshotError, images
 
-pytestmark = pytest.mark.integration
+# The module shares one VM: keep its tests on one xdist worker (--dist loadgroup).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("snapshot-vm")]
 
 READ_DISK = (
     "sync; blockdev --flushbufs /dev/vda; echo 3 > /proc/sys/vm/drop_caches; head -c 8 /dev/vda"

@@ -219,3 +219,13 @@ def test_submodules_are_the_documented_ones() -> None:
     assert not {"cli", "pytest_plugin", "_sync", "_fs"} & set(qemukit.SUBMODULES)
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         qemukit.nonexistent  # noqa: B018
+
+
+def test_lint_and_test_tools_are_the_pinned_versions() -> None:
+    """scripts/setup installs with -c constraints.txt; the tools running here are those."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (PACKAGE_DIR.parent / "constraints.txt").read_text()
+                .splitlines() if "==" in line and not line.startswith("#"))
+    assert {"ruff", "mypy", "pytest"} <= set(pins)
+    assert {name: version(name) for name in pins} == pins
