@@ -47,12 +47,25 @@ def interleave(runs: int, **contenders: Callable[[], float]) -> dict[str, list[f
     one; results keep the contenders' order and, per contender, the rounds' order,
     so ``results[a][i]`` and ``results[b][i]`` were measured in the same round.
     """
-    names = list(contenders)
-    results: dict[str, list[float]] = {name: [] for name in names}
+
+    def single(name: str, fn: Callable[[], float]) -> Callable[[], dict[str, float]]:
+        return lambda: {name: fn()}
+
+    return interleave_groups(runs, *(single(name, fn) for name, fn in contenders.items()))
+
+
+def interleave_groups(runs: int, *groups: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
+    """:func:`interleave` for contenders that each measure one or more named figures at once.
+
+    A group returns ``{name: seconds}``, e.g. two clients timed in alternating blocks
+    within the group; every name gets one sample per round, in the rounds' order.
+    """
+    results: dict[str, list[float]] = {}
     for round_no in range(runs):
-        shift = round_no % len(names)
-        for name in names[shift:] + names[:shift]:
-            results[name].append(contenders[name]())
+        shift = round_no % len(groups)
+        for group in groups[shift:] + groups[:shift]:
+            for name, seconds in group().items():
+                results.setdefault(name, []).append(seconds)  # round 0 is unrotated
     return results
 
 
