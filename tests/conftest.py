@@ -10,50 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+
+from tests.helpers import qemu_processes_under, run_qemukit
 
 _STATE = Path(tempfile.mkdtemp(prefix="qk-state-", dir="/tmp"))
 os.environ["QEMUKIT_STATE"] = str(_STATE)
-
-
-def qemu_processes_under(root: Path) -> list[psutil.Process]:
-    """Live (non-zombie) QEMU processes whose command line mentions ``root``."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "qemu-system" in cmdline and str(root) in cmdline:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-QEMUKIT = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or shutil.which("qemukit")
-
-
-def run_qemukit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``qemukit`` command as a user would, in a separate process."""
-    assert QEMUKIT, "the qemukit console script is not installed (pip install -e .)"
-    return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=timeout,
-                          env=os.environ.copy(), stdin=subprocess.DEVNULL, check=False)
-
-
-def qemu_gone(pid: int) -> bool:
-    """True if ``pid`` has exited; a zombie counts (init reaps orphans only every ~1.5 s)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +35,12 @@ def tiny_image() -> Any:
     from qemukit import images
 
     return images.build("tiny")
+
+
+@pytest.fixture
+def qk(tiny_image: Any) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``qk("run", "--image", "tiny", ...)`` runs the installed command (the tiny image built)."""
+    return run_qemukit
 
 
 @pytest.fixture(scope="session", autouse=True)

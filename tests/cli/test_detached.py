@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import qemu_gone, qemu_processes_under
+from tests.helpers import qemu_gone, qemu_processes_under
 
 pytestmark = pytest.mark.integration
 TCG = ("--image", "tiny", "--accel", "tcg")
@@ -129,7 +129,7 @@ def test_console_interactive_and_detach_key(qk: Any, state_root: Path) -> None:
     import pty
     import select
 
-    from tests.conftest import QEMUKIT
+    from tests.helpers import QEMUKIT
 
     assert qk("run", "--detach", "--name", "con1", *TCG, "--wait", "agent").returncode == 0
     master, slave = pty.openpty()

@@ -32,11 +32,3 @@ def booted(tiny_spec: VMSpec) -> Iterator[Any]:
     for vm in vms:
         if vm.state.value == "running":
             vm.shutdown(timeout=10)
-
-
-@pytest.fixture
-def qk_cli() -> Any:
-    """Run the installed ``qemukit`` command: ``qk_cli("ls", "--json")``."""
-    from tests.conftest import run_qemukit
-
-    return run_qemukit

@@ -25,7 +25,7 @@ import pytest
 
 from qemukit import VM, images
 from qemukit.images.debian import file_sha256 as sha256
-from tests.conftest import run_qemukit
+from tests.helpers import run_qemukit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -29,7 +29,7 @@ from qemukit import (
     VMSpec,
     WaitTimeout,
 )
-from tests.conftest import qemu_processes_under
+from tests.helpers import qemu_processes_under
 
 pytestmark = pytest.mark.integration
 
@@ -141,10 +141,10 @@ def test_sigstop_while_a_qmp_command_waits(booted: Any, state_root: Path) -> Non
     assert vm.shutdown(timeout=10).rung is ShutdownRung.ACPI
 
 
-def test_deleted_qmp_socket(booted: Any, state_root: Path, qk_cli: Any) -> None:
+def test_deleted_qmp_socket(booted: Any, state_root: Path, qk: Any) -> None:
     vm = booted()
     os.unlink(vm.runtime.qmp_socket)
-    listing = json.loads(qk_cli("ls", "--json").stdout)
+    listing = json.loads(qk("ls", "--json").stdout)
     assert next(e for e in listing if e["name"] == vm.name)["state"] == "unreachable"
     with pytest.raises(QMPConnectionError) as info:
         VM.attach(vm.name, timeout=5)

@@ -25,7 +25,7 @@ import pytest
 from qemukit import VM, HotplugError, images
 from qemukit.hotplug import DeviceLedger
 from qemukit.images import TINY_APPEND
-from tests.conftest import run_qemukit
+from tests.helpers import run_qemukit
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from qemukit import VM, AsyncVM, Drive, ShutdownRung, VMSpec, host
-from tests.conftest import qemu_gone
+from tests.helpers import qemu_gone
 
 pytestmark = pytest.mark.integration
 

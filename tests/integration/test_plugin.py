@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu_processes_under
+from tests.helpers import qemu_processes_under
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["pytester"]

@@ -30,7 +30,7 @@ from qemukit import (
     WaitTimeout,
     images,
 )
-from tests.conftest import qemu_gone
+from tests.helpers import qemu_gone
 
 pytestmark = pytest.mark.integration
 

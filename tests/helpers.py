@@ -1,0 +1,46 @@
+"""Helpers shared by the test modules (import them from here, not from a conftest)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+__all__ = ["QEMUKIT", "qemu_gone", "qemu_processes_under", "run_qemukit"]
+
+
+def qemu_processes_under(root: Path) -> list[psutil.Process]:
+    """Live (non-zombie) QEMU processes whose command line mentions ``root``."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "qemu-system" in cmdline and str(root) in cmdline:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+QEMUKIT = shutil.which("qemukit", path=str(Path(sys.executable).parent)) or shutil.which("qemukit")
+
+
+def run_qemukit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``qemukit`` command as a user would, in a separate process."""
+    assert QEMUKIT, "the qemukit console script is not installed (pip install -e .)"
+    return subprocess.run([QEMUKIT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy(), stdin=subprocess.DEVNULL, check=False)
+
+
+def qemu_gone(pid: int) -> bool:
+    """True if ``pid`` has exited; a zombie counts (init reaps orphans only every ~1.5 s)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
