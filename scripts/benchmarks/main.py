@@ -79,9 +79,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; an unknown part or a bad count is an error before anything runs."""
-    parser = argparse.ArgumentParser(prog="scripts/bench",
-                                     description="qemukit benchmarks: medians of interleaved "
-                                                 "runs, each comparison a ratio.")
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="qemukit benchmarks: medians of interleaved runs, each comparison a ratio.",
+        epilog="\n\n".join((__doc__ or "").split("\n\n")[2:]))
     parser.add_argument("--runs", type=int, default=7, help="runs per figure (>= 5)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: 2 runs, small counts (not for reporting)")
