@@ -1,12 +1,21 @@
 """qemukit: launch, supervise and control QEMU virtual machines, without libvirt.
 
->>> from qemukit import VM, images
->>> with VM(images.spec("tiny", accel="tcg")) as vm:
+>>> import qemukit
+>>> with qemukit.VM(qemukit.images.spec("tiny", accel="tcg")) as vm:
 ...     print(vm.exec(["uname", "-r"]).stdout_text)
+
+The public modules (:data:`SUBMODULES`: ``qemukit.images``, ``qemukit.kernel``,
+``qemukit.hotplug``, ...) are attributes of the package, imported on first
+use, so ``import qemukit`` stays cheap (no asyncio, no qemu.qmp).
+
+qemukit logs under the ``qemukit`` logger (``qemukit.qmp`` carries qemu.qmp's
+records), which has a NullHandler: nothing reaches the terminal unless the
+application configures logging.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -14,6 +23,7 @@ from .errors import (
     AgentError,
     GuestError,
     GuestIOError,
+    GuestOops,
     GuestPanic,
     HostError,
     HotplugError,
@@ -22,6 +32,7 @@ from .errors import (
     QMPCommandError,
     QMPConnectionError,
     QMPError,
+    ShareMountError,
     SnapshotError,
     SpecError,
     StateError,
@@ -30,6 +41,21 @@ from .errors import (
 from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
 
 if TYPE_CHECKING:
+    # For type checkers: the lazily loaded modules (see SUBMODULES and __getattr__).
+    from . import argv as argv
+    from . import guest as guest
+    from . import host as host
+    from . import hotplug as hotplug
+    from . import images as images
+    from . import kernel as kernel
+    from . import paths as paths
+    from . import qga as qga
+    from . import qmp as qmp
+    from . import registry as registry
+    from . import seed as seed
+    from . import snapshot as snapshot
+    from . import state as state
+    from . import vm as vm
     from .guest import ExecResult
     from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
 
@@ -46,14 +72,32 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+#: The public modules, reachable as ``qemukit.<name>`` and imported on first use
+#: (errors and spec are imported at once anyway). The others (cli, process,
+#: console, ...) are internal: import them by name if you must.
+SUBMODULES = (
+    "argv", "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "qmp",
+    "registry", "seed", "snapshot", "spec", "state", "vm",
+)
 
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name in SUBMODULES:
+        # import_module also binds the module as an attribute of this package.
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(SUBMODULES))
 
 __version__ = "0.1.0"
 
@@ -66,6 +110,7 @@ __all__ = [
     "ExecResult",
     "GuestError",
     "GuestIOError",
+    "GuestOops",
     "GuestPanic",
     "HostError",
     "HotplugError",
@@ -76,6 +121,7 @@ __all__ = [
     "QMPConnectionError",
     "QMPError",
     "QemukitError",
+    "ShareMountError",
     "ShutdownResult",
     "Share",
     "ShutdownRung",

@@ -1,14 +1,17 @@
 """The ``qemukit`` command: parsing, printing and exit codes over the library.
 
-Exit codes of ``qemukit run -- CMD``: the guest command's own status
-(0-255), except 124 when a wait timed out (boot or command), 125 when
-qemukit itself failed (bad option, QEMU refused to start), and 255 when the
-guest kernel panicked. These are also listed in ``qemukit run --help``.
+Every command reports a qemukit error the same way: :class:`QemukitGroup`
+(the ``main`` group) catches it, prints ``qemukit: <message>`` and exits
+with the code :data:`EXIT_CODES` gives its class; no command picks its own.
+``run -- CMD``, ``exec`` and ``ssh`` otherwise exit with the command's own
+status, so every error code of a class those can raise lies above 123.
+The table is printed in ``qemukit --help`` and the README.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -18,22 +21,117 @@ from typing import Any, TypeVar
 import click
 
 from . import errors
-from .spec import Share, VMSpec, parse_drive, parse_nic
+from .spec import DEFAULT_MEMORY_SLOTS, Share, VMSpec, parse_drive, parse_nic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: The VM refused the operation and is left as it was (or as the message says).
+EXIT_REFUSED = 1
+#: Bad command-line usage (click's own code).
+EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_ERROR = 125
+#: Ctrl-C (SIGINT): the VM in the foreground was stopped first. 128 + SIGINT, as shells use.
+EXIT_INTERRUPTED = 130
+#: The guest kernel oopsed (or hit a BUG) and ran on; 255 when it panicked.
+EXIT_OOPS = 254
 EXIT_PANIC = 255
+
+#: The exit code of each error class, for every command. A class missing here takes
+#: the code of its nearest listed base class; a unit test keeps every class listed.
+EXIT_CODES: dict[type[errors.QemukitError], int] = {
+    errors.QemukitError: EXIT_ERROR,
+    errors.SpecError: EXIT_ERROR,
+    errors.HostError: EXIT_ERROR,
+    errors.AcceleratorError: EXIT_ERROR,
+    errors.LaunchError: EXIT_ERROR,
+    errors.StateError: EXIT_ERROR,
+    errors.HotplugError: EXIT_REFUSED,
+    errors.SnapshotError: EXIT_REFUSED,
+    errors.WaitTimeout: EXIT_TIMEOUT,
+    errors.QMPError: EXIT_ERROR,
+    errors.QMPCommandError: EXIT_REFUSED,
+    errors.QMPConnectionError: EXIT_ERROR,
+    errors.GuestError: EXIT_ERROR,
+    errors.GuestPanic: EXIT_PANIC,
+    errors.GuestOops: EXIT_OOPS,
+    errors.ShareMountError: EXIT_ERROR,
+    errors.GuestIOError: EXIT_ERROR,
+    errors.AgentError: EXIT_ERROR,
+}
+
+def exit_code_for(exc: errors.QemukitError) -> int:
+    """The exit code :data:`EXIT_CODES` gives ``exc``'s class (or its nearest base's)."""
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_ERROR
+
+
+def exit_codes_help() -> str:
+    """The exit-code table as ``qemukit --help`` shows it, made from :data:`EXIT_CODES`."""
+
+    def classes(code: int) -> str:
+        return ", ".join(cls.__name__ for cls, c in EXIT_CODES.items()
+                         if c == code and cls is not errors.QemukitError)
+
+    rows = [
+        (0, "success; run -- CMD, exec and ssh: the command's own status"),
+        (EXIT_REFUSED, f"the VM refused the operation, the message says why ({classes(EXIT_REFUSED)}); "
+                       "doctor: a problem was found"),
+        (EXIT_USAGE, "bad command-line usage"),
+        (EXIT_TIMEOUT, f"a wait timed out: boot, command, QEMU's reply ({classes(EXIT_TIMEOUT)})"),
+        (EXIT_ERROR, "qemukit or QEMU failed: bad spec, missing host tool, QEMU refused to "
+                     "start, VM not found or unreachable, a file it cannot write "
+                     f"({classes(EXIT_ERROR)})"),
+        (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a VM in the foreground was stopped first"),
+        (EXIT_OOPS, f"the guest kernel oopsed or hit a BUG and ran on, tainted "
+                    f"({classes(EXIT_OOPS)}; run --continue-on-oops records it instead)"),
+        (EXIT_PANIC, f"the guest kernel panicked ({classes(EXIT_PANIC)})"),
+    ]
+    import textwrap
+
+    lines = ["Exit codes (every command):"]
+    for code, text in rows:
+        lines += textwrap.wrap(text, 78, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+    return "\n".join(lines)
+
+
+def _report(exc: errors.QemukitError) -> None:
+    click.echo(f"qemukit: {exc}", err=True)
+    for note in getattr(exc, "__notes__", ()):
+        click.echo(f"qemukit: {note}", err=True)
+
+
+class QemukitGroup(click.Group):
+    """The ``qemukit`` group: the one place where errors become exit codes.
+
+    A :class:`~qemukit.errors.QemukitError` from any subcommand is printed as
+    ``qemukit: <message>`` (no traceback) and ends the process with
+    :func:`exit_code_for`; Ctrl-C ends it with 130 instead of click's 1. A
+    file-system error about a path that no library call turned into a qemukit
+    error (say ``--json`` into a missing directory) is one line and 125 too.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, mapping its errors through :data:`EXIT_CODES`."""
+        try:
+            return super().invoke(ctx)
+        except errors.QemukitError as exc:
+            _report(exc)
+            ctx.exit(exit_code_for(exc))
+        except KeyboardInterrupt:
+            click.echo("qemukit: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not about a file the user named: a bug, keep its traceback
+            click.echo(f"qemukit: {os.fsdecode(exc.filename)}: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_ERROR)
 
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _fail(exc: BaseException, code: int = EXIT_ERROR) -> None:
-    click.echo(f"qemukit: {exc}", err=True)
-    sys.exit(code)
 
 
 def spec_options(func: F) -> F:
@@ -50,8 +148,10 @@ def spec_options(func: F) -> F:
         click.option("--cpus", type=int, help="vCPUs at boot."),
         click.option("--max-cpus", type=int, help="vCPU limit for hotplug."),
         click.option("--memory", "-m", help="Memory, e.g. 512M or 2G."),
-        click.option("--max-memory", help="Memory limit for hotplug (needs --slots)."),
-        click.option("--slots", type=int, help="Memory hotplug slots."),
+        click.option("--max-memory", help="Memory limit for hotplug, e.g. 2G; gives "
+                     f"{DEFAULT_MEMORY_SLOTS} DIMM slots unless --slots says otherwise."),
+        click.option("--slots", type=int, help="Memory hotplug (DIMM) slots; needs --max-memory "
+                     f"[default with --max-memory: {DEFAULT_MEMORY_SLOTS}]."),
         click.option("--kernel", type=click.Path(dir_okay=False), help="Kernel to boot."),
         click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs."),
         click.option("--append", help="Kernel command line (replaces the image's)."),
@@ -111,16 +211,11 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
     return spec.replace(**changes) if changes else spec
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\n" + exit_codes_help())
 @click.version_option(package_name="qemukit")
 def main() -> None:
-    """Launch and control QEMU virtual machines, without libvirt.
-
-    \b
-    Exit codes: 0 success (run: the guest command's status), 1 usage or
-    operation error, 124 a wait timed out, 125 qemukit failed (bad spec,
-    QEMU refused to start), 255 the guest kernel panicked.
-    """
+    """Launch and control QEMU virtual machines, without libvirt."""
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -145,10 +240,14 @@ def main() -> None:
               help="cloud-init user-data file, passed to the guest as it is.")
 @click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False),
               help="SSH public key to authorize in the guest (default: a keypair made per VM).")
+@click.option("--continue-on-oops", is_flag=True,
+              help="With -- CMD: a kernel oops or BUG is recorded, not fatal; CMD runs on.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Explain the accelerator choice in full (as qemukit doctor does).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
-        modules: str | None, detach: bool, wait_for: str, command: tuple[str, ...],
-        **opts: Any) -> None:
+        modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool, verbose: bool,
+        command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -156,46 +255,38 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
       qemukit run --image tiny -- uname -r
       qemukit run --kernel arch/x86/boot/bzImage -- sh -c 'dmesg | tail'
     Without CMD the VM runs in the foreground with its console on stdout
-    until the guest powers off or you press Ctrl-C.
+    until the guest powers off or you press Ctrl-C (Ctrl-C stops the VM and exits 130).
 
     \b
-    Exit codes: the command's status; 124 timeout; 125 qemukit error;
-    255 guest kernel panic (or oops/BUG).
+    Exit codes: the command's status; 124 timeout; 125 qemukit error (also a
+    --share the guest could not mount); 254 guest kernel oops or BUG (the
+    kernel kept running; --continue-on-oops runs on); 255 guest kernel panic.
+    Kernel warnings (soft lockups, RCU stalls, WARNING:) are reported, not fatal.
     """
     from .cli_guest import apply_run_options
     from .vm import VM
 
-    try:
-        spec = apply_run_options(build_spec(opts), opts)
-    except errors.QemukitError as exc:
-        _fail(exc)
+    spec = apply_run_options(build_spec(opts), opts)
     if detach:
         if command:
-            _fail(errors.SpecError("command", list(command), "--detach takes no command; "
-                                   "use 'qemukit exec NAME -- CMD'"))
+            raise errors.SpecError("command", list(command), "--detach takes no command; "
+                                   "use 'qemukit exec NAME -- CMD'")
         _run_detached(spec, timeout, wait_for, json_out == "-")
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout)
-        try:
-            vm.start()
-        except errors.QemukitError as exc:
-            _fail(exc)
-        if vm.accel is not None:
-            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+        vm.start()
+        _announce_accel(vm, verbose)
         _foreground(vm)
         return
     from .kernel import run_in_vm
 
     def announce(vm: VM) -> None:
-        if vm.accel is not None and json_out != "-":
-            click.echo(f"qemukit: {vm.name}: {vm.accel.reason}", err=True)
+        if json_out != "-":
+            _announce_accel(vm, verbose)
 
-    try:
-        result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
-                           modules=modules, on_started=announce)
-    except errors.QemukitError as exc:
-        _fail(exc)
+    result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
+                       modules=modules, on_started=announce, continue_on_oops=continue_on_oops)
     if json_out is not None:
         if json_out == "-":
             _emit_json(result.to_dict())
@@ -207,14 +298,31 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         sys.stdout.write(result.stdout)
         sys.stdout.flush()
         sys.stderr.write(result.stderr)
+    if json_out != "-":
+        from .console import classify
+
+        for line in result.warnings:
+            event = classify(line)
+            kind = "oops (continued past)" if event and event.kind == "oops" else "warning"
+            click.echo(f"qemukit: guest kernel {kind}: {line}", err=True)
     if result.outcome == "panic":
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
+    elif result.outcome == "oops":
+        click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
+                   f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
     elif result.outcome in ("timeout", "error"):
         tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
         click.echo(f"qemukit: {result.error}{tail}", err=True)
-    sys.exit({"panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
-        result.outcome, result.exit_status or 0))
+    sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
+              "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
+
+
+def _announce_accel(vm: Any, verbose: bool) -> None:
+    """One line on stderr: the accelerator in short, or with the whole reason under -v."""
+    if vm.accel is not None:
+        text = vm.accel.reason if verbose else vm.accel.summary
+        click.echo(f"qemukit: {vm.name}: {text}", err=True)
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
@@ -227,14 +335,11 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
             vm.wait_ready(timeout)
         elif wait_for == "ssh":
             vm.wait_ssh(timeout)
-    except errors.WaitTimeout as exc:
+    except BaseException:
+        # Nobody would own a VM left running here: end it, then report why.
         if vm.state.value == "running":
             vm.kill()
-        _fail(exc, EXIT_TIMEOUT)
-    except errors.QemukitError as exc:
-        if vm.state.value == "running":
-            vm.kill()
-        _fail(exc)
+        raise
     name, pid, accel = vm.name, vm.pid, vm.accel
     vm.detach()
     if as_json:
@@ -244,7 +349,10 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
 
 
 def _foreground(vm: Any) -> None:
-    """Show the console live until the guest powers off or Ctrl-C, then stop the VM."""
+    """Show the console live until the guest powers off or Ctrl-C, then stop the VM.
+
+    After Ctrl-C the process exits with 130 (128 + SIGINT), as shells expect.
+    """
     click.echo(f"qemukit: {vm.name} running; console below, Ctrl-C stops it", err=True)
     click.echo(vm.console_tail(200), nl=False)
 
@@ -253,13 +361,17 @@ def _foreground(vm: Any) -> None:
         sys.stdout.flush()
 
     vm.follow_console(show)
+    interrupted = False
     try:
         vm.wait_exit()
     except KeyboardInterrupt:
+        interrupted = True
         click.echo("", err=True)
     vm.follow_console(None)
     result = vm.shutdown(timeout=15)
     click.echo(f"qemukit: {vm.name} stopped ({result.rung.value})", err=True)
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
 
 
 @main.command()
@@ -269,11 +381,7 @@ def cmdline(as_json: bool, **opts: Any) -> None:
     """Print the QEMU command line a VM would run with, without starting it."""
     from .vm import preview_argv
 
-    try:
-        spec = build_spec(opts)
-        argv, notes = preview_argv(spec)
-    except errors.QemukitError as exc:
-        _fail(exc)
+    argv, notes = preview_argv(build_spec(opts))
     if as_json:
         _emit_json({"argv": argv, "notes": notes})
         return
@@ -352,12 +460,7 @@ def images_build(name: str, force: bool, as_json: bool) -> None:
     from . import images
 
     start = time.monotonic()
-    try:
-        image = images.build(
-            name, force=force, progress=lambda msg: click.echo(f"  {msg}", err=True)
-        )
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
+    image = images.build(name, force=force, progress=lambda msg: click.echo(f"  {msg}", err=True))
     from .cli_guest import image_summary
 
     summary = image_summary(image)
@@ -392,7 +495,11 @@ def images_list(as_json: bool) -> None:
 def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     from .state import list_entries
 
-    return [rd.name for rd, _ in list_entries() if rd.name.startswith(incomplete)]
+    try:
+        entries = list_entries()
+    except OSError:  # an unreadable registry just offers nothing to complete
+        return []
+    return [rd.name for rd, _ in entries if rd.name.startswith(incomplete)]
 
 
 def _name_argument(func: F) -> F:
@@ -402,10 +509,7 @@ def _name_argument(func: F) -> F:
 def _attach(name: str, timeout: float = 30.0) -> Any:
     from .vm import VM
 
-    try:
-        return VM.attach(name, timeout=timeout)
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
+    return VM.attach(name, timeout=timeout)
 
 
 def _human_bytes(n: int | None) -> str:
@@ -445,7 +549,12 @@ def ls_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def stop(name: str, timeout: float, as_json: bool) -> None:
     """Stop a VM through the ladder (ACPI, quit, SIGTERM, SIGKILL); prints the rung that worked."""
-    vm = _attach(name)
+    try:
+        vm = _attach(name)
+    except (errors.QMPError, errors.WaitTimeout) as exc:
+        # The ladder starts on QMP; a QEMU that cannot be reached there can still be killed.
+        exc.add_note(f"its QMP monitor does not answer; 'qemukit kill {name}' ends it with SIGKILL")
+        raise
     result = vm.shutdown(timeout=timeout)
     if as_json:
         _emit_json({"name": name, "rung": result.rung.value, "elapsed": round(result.elapsed, 3),
@@ -465,8 +574,7 @@ def kill(name: str) -> None:
     rd = RuntimeDir(state_dir() / name)
     info = rd.read_info()
     if info is None:
-        _fail(errors.StateError(f"no VM named {name!r}"), 1)
-    assert info is not None
+        raise errors.StateError(f"no VM named {name!r} in {rd.path.parent}")
     kill_verified(info)
     rd.remove()
     click.echo(f"{name}: killed")
@@ -498,12 +606,6 @@ def exec_command(name: str, timeout: float, as_json: bool, command: tuple[str, .
     vm = _attach(name)
     try:
         result = vm.exec(list(command), timeout=timeout)
-    except errors.WaitTimeout as exc:
-        _fail(exc, EXIT_TIMEOUT)
-    except errors.GuestPanic as exc:
-        _fail(exc, EXIT_PANIC)
-    except errors.QemukitError as exc:
-        _fail(exc, EXIT_ERROR)
     finally:
         vm.detach()
     if as_json:
@@ -516,29 +618,30 @@ def exec_command(name: str, timeout: float, as_json: bool, command: tuple[str, .
     sys.exit(result.exit_status)
 
 
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object")
+    return parsed
+
+
 @main.command(name="qmp")
 @_name_argument
 @click.argument("command")
-@click.argument("arguments", required=False)
-def qmp_command(name: str, command: str, arguments: str | None) -> None:
+@click.argument("arguments", required=False, callback=_json_object)
+def qmp_command(name: str, command: str, arguments: dict[str, Any] | None) -> None:
     """Send a raw QMP command; ARGUMENTS is a JSON object. Prints the reply as JSON.
 
     QMP errors exit 1 with QEMU's error class and message.
     """
-    args: dict[str, Any] | None = None
-    if arguments is not None:
-        try:
-            parsed = json.loads(arguments)
-        except ValueError as exc:
-            _fail(errors.SpecError("arguments", arguments, f"not valid JSON: {exc}"), 2)
-        if not isinstance(parsed, dict):
-            _fail(errors.SpecError("arguments", arguments, "must be a JSON object"), 2)
-        args = parsed
     vm = _attach(name)
     try:
-        reply = vm.qmp(command, args)
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
+        reply = vm.qmp(command, arguments)
     finally:
         vm.detach()
     _emit_json(reply)
@@ -557,7 +660,7 @@ def logs(name: str, follow: bool, qemu_log: bool, lines: int) -> None:
     rd = RuntimeDir(state_dir() / name)
     path = rd.qemu_log if qemu_log else rd.console_log
     if not path.exists():
-        _fail(errors.StateError(f"no log for VM {name!r} at {path}"), 1)
+        raise errors.StateError(f"no log for VM {name!r} at {path}")
     data = path.read_bytes()
     if lines:
         data = b"\n".join(data.splitlines()[-lines:]) + b"\n"
@@ -572,7 +675,6 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
 
     Interactive mode puts the terminal in raw mode; Ctrl-] detaches.
     """
-    import os
     import select
     import socket as socket_mod
 
@@ -580,7 +682,8 @@ def _stream_console(path: Path, interactive: bool, banner: str = "") -> None:
     try:
         sock.connect(str(path))
     except OSError as exc:
-        _fail(errors.StateError(f"cannot connect to the console at {path}: {exc.strerror}"), 1)
+        sock.close()
+        raise errors.StateError(f"cannot connect to the console at {path}: {exc.strerror}") from exc
     fds: list[Any] = [sock]
     old_tty = None
     if interactive and sys.stdin.isatty():
@@ -628,7 +731,7 @@ def console(name: str) -> None:
 
     rd = RuntimeDir(state_dir() / name)
     if rd.read_info() is None:
-        _fail(errors.StateError(f"no VM named {name!r}"), 1)
+        raise errors.StateError(f"no VM named {name!r} in {rd.path.parent}")
     _stream_console(rd.console_socket, interactive=True,
                     banner=f"qemukit: connected to {name}'s console; Ctrl-] detaches")
     click.echo("\r\nqemukit: detached", err=True)

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from . import errors
-from .cli import EXIT_ERROR, _attach, _fail, _name_argument, main
+from .cli import _attach, _name_argument, main
 from .spec import CloudInit, Drive, VMSpec
 
 __all__ = [
@@ -62,7 +62,12 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
 
     name = spec.name or f"vm-{secrets.token_hex(3)}"
     directory = kept_dir() / name
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise errors.StateError(
+            f"cannot keep disks in {directory} (--keep): {exc.strerror or exc}; "
+            "set XDG_DATA_HOME to a directory you can write") from exc
     qemu = host.find_qemu()
     if qemu.qemu_img is None:
         raise errors.HostError("qemu-img not found (apt-get install qemu-utils)")
@@ -139,8 +144,6 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     vm = _attach(name)
     try:
         argv = vm.ssh_argv(list(command), user=user)
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
     finally:
         vm.detach()
     if print_only:
@@ -149,5 +152,5 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
-        _fail(errors.HostError(f"cannot run {argv[0]}: {exc.strerror}; install openssh-client"),
-              EXIT_ERROR)
+        raise errors.HostError(
+            f"cannot run {argv[0]}: {exc.strerror}; install openssh-client") from exc

@@ -2,9 +2,10 @@
 
 They work on VMs started with ``qemukit run --detach --name NAME`` (or any
 VM with a runtime entry), attach over the shared QMP socket, and let go of
-the VM afterwards. Exit codes: 0 done, 1 refused or failed (the message
-says why and what is left, e.g. the guest did not release a device in
-time), 124 QEMU itself did not answer in time.
+the VM afterwards. Exit codes are the CLI's one table (``qemukit --help``):
+0 done, 1 refused or failed (a :class:`~qemukit.errors.HotplugError`: the
+message says why and what is left, e.g. the guest did not release a device
+in time), 124 QEMU itself did not answer in time.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import errors
-from .cli import EXIT_TIMEOUT, _attach, _emit_json, _fail, _name_argument, main
+from .cli import _attach, _emit_json, _name_argument, main
 from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ def _with_vm(name: str, action: Callable[[Any], Any]) -> Any:
     vm = _attach(name)
     try:
         return action(vm)
-    except errors.WaitTimeout as exc:
-        _fail(exc, EXIT_TIMEOUT)
-    except errors.QemukitError as exc:
-        _fail(exc, 1)
     finally:
         vm.detach()
 
@@ -128,7 +124,7 @@ def hotplug_cpu(name: str, count: int, timeout: float, as_json: bool) -> None:
 @_json_option
 @click.pass_obj
 def hotplug_memory(name: str, size: str, timeout: float, as_json: bool) -> None:
-    """Plug a DIMM of SIZE, such as 256M or 1G (a multiple of 128M); needs --max-memory, --slots."""
+    """Plug a DIMM of SIZE, such as 256M or 1G (a multiple of 128M); the VM needs --max-memory."""
     device = _with_vm(name, lambda vm: vm.hotplug.memory(size, timeout=timeout))
     _print_plugged([device], as_json)
 

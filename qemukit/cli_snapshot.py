@@ -4,32 +4,26 @@ Registered on :func:`qemukit.cli.main` when the CLI module loads (cli.py
 imports this module on its last line; that import is kept out of ruff's
 import sorting so that mypy checks cli.py, and the type of ``main``,
 before this module). Exit
-codes follow the rest of the CLI: 0 success, 1 the operation was refused or
-failed (the message says why and what to do), 124 a wait timed out, 125
-QEMU itself failed to start.
+codes are the CLI's one table (``qemukit --help``): 0 success, 1 the
+operation was refused or failed (a :class:`~qemukit.errors.SnapshotError`:
+the message says why and what to do), 2 a bad TAG, 124 a wait timed out,
+125 QEMU itself failed to start.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from . import errors
-from .cli import EXIT_ERROR, EXIT_TIMEOUT, _attach, _emit_json, _fail, _foreground, main
+from .cli import _attach, _emit_json, _foreground, main
 
 __all__ = ["restore_command", "save_command", "snapshot_command"]
 
 ACTIONS = ("save", "load", "delete", "list", "external", "revert", "commit")
-
-
-def _fail_for(exc: errors.QemukitError) -> NoReturn:
-    if isinstance(exc, errors.WaitTimeout):
-        _fail(exc, EXIT_TIMEOUT)
-    _fail(exc, EXIT_ERROR if isinstance(exc, errors.LaunchError) else 1)
-    raise AssertionError("unreachable")  # _fail exits
 
 
 def _print_infos(infos: list[Any], as_json: bool) -> None:
@@ -76,20 +70,17 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
 
     if action == "list":
         if tag is not None:
-            _fail(errors.SpecError("tag", tag, "list takes no TAG"), 2)
+            raise click.BadParameter("list takes no TAG", param_hint="TAG")
         if os.path.isfile(name):
-            try:
-                _print_infos(image_snapshots(name), as_json)
-            except errors.QemukitError as exc:
-                _fail_for(exc)
+            _print_infos(image_snapshots(name), as_json)
             return
     elif tag is None:
-        _fail(errors.SpecError("tag", None, f"{action} needs a TAG"), 2)
+        raise click.UsageError(f"{action} needs a TAG")
     else:
         try:
             check_tag(tag)
         except errors.SnapshotError as exc:
-            _fail(exc, 2)
+            raise click.BadParameter(str(exc), param_hint="TAG") from exc
     vm = _attach(name)
     try:
         snaps = vm.snapshots
@@ -110,8 +101,6 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
             snaps.revert(tag, timeout=timeout)
         else:
             snaps.commit(tag, timeout=timeout)
-    except errors.QemukitError as exc:
-        _fail_for(exc)
     finally:
         vm.detach()
     if as_json:
@@ -141,10 +130,10 @@ def save_command(name: str, bundle: str, keep_running: bool, timeout: float,
     vm = _attach(name)
     try:
         saved = vm.save_state(bundle, stop=not keep_running, timeout=timeout)
-    except errors.QemukitError as exc:
+    except BaseException:
         if vm.state.value == "running":
             vm.detach()
-        _fail_for(exc)
+        raise
     if keep_running:
         vm.detach()
     if as_json:
@@ -175,20 +164,17 @@ def restore_command(bundle: str, name: str | None, detach: bool, wait_for: str, 
     """
     from .vm import VM
 
-    try:
-        vm = VM.restore(bundle, name=name, timeout=timeout, die_with_parent=not detach,
-                        boot_timeout=timeout)
-    except errors.QemukitError as exc:
-        _fail_for(exc)
+    vm = VM.restore(bundle, name=name, timeout=timeout, die_with_parent=not detach,
+                    boot_timeout=timeout)
     if not detach:
         _foreground(vm)
         return
     try:
         if wait_for == "agent":
             vm.wait_ready(timeout)
-    except errors.QemukitError as exc:
-        vm.kill()
-        _fail_for(exc)
+    except BaseException:
+        vm.kill()  # a detached clone nobody knows the name of yet
+        raise
     clone, pid = vm.name, vm.pid
     vm.detach()
     if as_json:

@@ -1,24 +1,174 @@
-"""The guest's serial console: drained continuously, scanned for panics.
+"""The guest's serial console: drained continuously, scanned for kernel events.
 
 A connected console socket that nobody reads fills up and stalls the guest's
 UART, so once connected the watcher keeps reading. QEMU also writes every
-byte to the console log, which is what error messages quote.
+byte to the console log, which is what error messages quote (when the socket
+is slow QEMU may log a character twice, so events are taken from the socket's
+stream, which is exact, and the log is only a fallback).
+
+Each console line is classified by :func:`classify` (formats from the Linux
+sources, checked against real output of Debian's 6.1 kernel):
+
+``panic``
+    ``Kernel panic - not syncing``: the kernel stopped. Always ends the run.
+``oops``
+    an oops or ``BUG:`` after which the kernel keeps running (the task is
+    killed): ``BUG: kernel NULL pointer dereference``, ``BUG: unable to
+    handle page fault``, ``kernel BUG at FILE:LINE!``, ``general protection
+    fault``, any die header ``...: 0000 [#1]``, ``Unable to handle kernel
+    ...`` (arm, arm64, riscv). Ends the run unless ``continue_on_oops``.
+``warning``
+    soft and hard lockups, workqueue lockups, RCU stalls, hung tasks,
+    ``WARNING:`` and ``UBSAN:`` reports: recorded, never end anything
+    (emulated CPUs stall for seconds on a loaded host).
+``share``
+    the tiny guest's ``qemukit-init: share-error`` line: a host share could
+    not be mounted (see :func:`share_error`). Ends the run.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
+import logging
 import re
-from collections.abc import Callable
+import termios
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["PANIC_RE", "ConsoleWatcher", "log_tail"]
+from .errors import ShareMountError
 
-# Lines that mean the guest kernel is done for: a panic, an oops, a BUG.
-PANIC_RE = re.compile(
-    r"(Kernel panic - not syncing.*|BUG: .*|Oops: .*|general protection fault.*)"
+__all__ = [
+    "MAX_EVENTS",
+    "ConsoleEvent",
+    "ConsoleWatcher",
+    "EventKind",
+    "classify",
+    "classify_text",
+    "first_fatal",
+    "log_tail",
+    "share_error",
+]
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["panic", "oops", "warning", "share"]
+
+#: At most this many events are kept per VM (a storm of stall reports is not a memory leak).
+MAX_EVENTS = 200
+#: A "line" longer than this (a program writing without newlines) is scanned in pieces.
+_MAX_LINE = 64 * 1024
+
+_PANIC = re.compile(r"Kernel panic - not syncing")
+# Checked before the oops patterns: "BUG: soft lockup" is a BUG: line that is only a warning.
+_WARNINGS = re.compile(
+    r"BUG: soft lockup - CPU#\d+ stuck for"              # kernel/watchdog.c
+    r"|Watchdog detected hard LOCKUP on cpu"             # kernel/watchdog_hld.c
+    r"|BUG: workqueue lockup - pool"                     # kernel/workqueue.c
+    r"|INFO: \S+ (?:self-)?detected (?:expedited )?stalls? on"  # kernel/rcu/tree_stall.h, tasks.h
+    r"|INFO: task .+ blocked for more than \d+ seconds"   # kernel/hung_task.c
+    r"|\bWARNING: "                                      # kernel/panic.c __warn, lockdep
+    r"|\bUBSAN: "                                        # lib/ubsan.c
 )
+_OOPS = re.compile(
+    r"\bBUG: "                                           # mm/fault, sched, KASAN, ...
+    r"|\bkernel BUG at \S+!"                             # lib/bug.c (BUG_ON)
+    r"|general protection fault"                         # arch/x86/kernel/traps.c
+    r"|: [0-9a-f]+(?: ilc:\d+)? \[#\d+\]"                # die header: x86, arm, arm64, ppc, s390
+    r"|\bOops(?: - \w+)?(?::| \[#\d+\])"                 # "Oops: 0002 [#1]", riscv "Oops [#1]"
+    r"|\bUnable to handle kernel (?:NULL pointer|paging request|access|data access)"
+)
+# The end of an oops or WARN report (kernel/panic.c print_oops_end_marker).
+_END_TRACE = re.compile(r"---\[ end trace [0-9a-f]+ \]---")
+# printk's timestamp (and caller id): what precedes it is shell prompt or other noise.
+_STAMP = re.compile(r"\[\s*\d+\.\d+\](?:\[\s*[CT]\d+\])?\s?")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\x1b\[[0-9;?]*[A-Za-z]")
+
+# Printed by the tiny image's init when a share does not mount (images/tiny/init).
+_SHARE = re.compile(
+    r"qemukit-init: share-error tag=(?P<tag>\S+) path=(?P<path>\S+)"
+    r" virtiofs=\[(?P<virtiofs>[^\]]*)\] 9p=\[(?P<p9>[^\]]*)\] filesystems=\[(?P<have>[^\]]*)\]"
+)
+
+
+@dataclass(frozen=True)
+class ConsoleEvent:
+    """One classified console line: ``kind`` and the line (timestamp and noise removed).
+
+    ``fields`` holds the parsed parts of a ``share`` event (``tag``, ``path``,
+    ``virtiofs`` and ``9p`` (each the guest's mount error), ``filesystems``).
+    """
+
+    kind: EventKind
+    line: str
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+def _clean(line: str, start: int) -> str:
+    """The message part of a console line: after printk's timestamp, else from ``start``."""
+    stamps = list(_STAMP.finditer(line, 0, start + 1))
+    text = line[stamps[-1].end():] if stamps else line[start:]
+    return _CONTROL.sub("", text).strip()
+
+
+def classify(line: str) -> ConsoleEvent | None:
+    """The kernel event a console line reports, or None for an ordinary line."""
+    m = _SHARE.search(line)
+    if m:
+        fields = {"tag": m["tag"], "path": m["path"], "virtiofs": m["virtiofs"], "9p": m["p9"],
+                  "filesystems": m["have"]}
+        return ConsoleEvent("share", _clean(line, m.start()), fields)
+    for kind, pattern in (("panic", _PANIC), ("warning", _WARNINGS), ("oops", _OOPS)):
+        m = pattern.search(line)
+        if m:
+            return ConsoleEvent(kind, _clean(line, m.start()))  # type: ignore[arg-type]
+    return None
+
+
+def classify_text(text: str) -> list[ConsoleEvent]:
+    """Every event in a block of console output, in order."""
+    return [e for line in text.replace("\r", "").splitlines() if (e := classify(line))]
+
+
+def share_error(event: ConsoleEvent, shares: Sequence[object] = (),
+                console: str = "") -> ShareMountError:
+    """The error for a ``share`` event, told with what the spec says about that share.
+
+    ``shares`` are the spec's :class:`~qemukit.spec.Share` objects: the one with
+    the event's tag gives the transport that was meant and the host path.
+    """
+    tag = event.fields.get("tag", "?")
+    share = next((s for s in shares if getattr(s, "tag", None) == tag), None)
+    transport = str(getattr(share, "transport", "virtiofs"))
+    host_path = getattr(share, "host_path", None)
+    said = event.fields.get("9p" if transport == "9p" else "virtiofs", "")
+    # busybox: "mount: mounting TAG on PATH failed: No such device" -> the kernel's errno text.
+    reason = said.rpartition("failed: ")[2].strip() or said.strip() or "mount failed"
+    have = set(event.fields.get("filesystems", "").split())
+    if transport == "9p":
+        options = "CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO"
+        fs_name = "9p"
+    else:
+        options = "CONFIG_VIRTIO_FS (with CONFIG_FUSE_FS)"
+        fs_name = "virtiofs"
+    if fs_name not in have:
+        hint = (f"the guest kernel has no {fs_name} file system: it needs {options} "
+                f"(built in, or as modules given with --modules)")
+        if transport == "9p" and "virtiofs" in have:
+            hint += "; this kernel has virtiofs: drop ',9p' from the share"
+        elif transport != "9p" and "9p" in have:
+            hint += "; this kernel has 9p: add ',9p' to the share"
+    elif transport == "9p" and reason == "Protocol not supported":
+        hint = "the guest kernel has 9p but not its virtio transport: it needs CONFIG_NET_9P_VIRTIO"
+    else:
+        hint = f"the guest kernel has {fs_name} ({options}); the mount itself failed"
+    return ShareMountError(tag, event.fields.get("path", "?"), transport, reason,
+                           host_path=None if host_path is None else str(host_path), hint=hint,
+                           console=console)
 
 
 def log_tail(path: Path, max_lines: int = 30) -> str:
@@ -35,42 +185,178 @@ def log_tail(path: Path, max_lines: int = 30) -> str:
     return "\n".join(lines[-max_lines:])
 
 
-class ConsoleWatcher:
-    """Reads a console socket until it closes; resolves :attr:`panic` on a panic line."""
+def _unread_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
 
-    def __init__(self, log_path: Path) -> None:
+
+class _Reader(asyncio.Protocol):
+    """Hands every chunk to the watcher as soon as the loop reads it."""
+
+    def __init__(self, watcher: ConsoleWatcher) -> None:
+        self.watcher = watcher
+
+    def data_received(self, data: bytes) -> None:
+        self.watcher._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.watcher._feed_eof()
+
+
+class ConsoleWatcher:
+    """Reads a console socket until it closes and classifies what the guest prints.
+
+    :attr:`fatal` (also reachable as :attr:`panic`) is resolved with the first
+    event that ends the VM's usefulness: a ``panic``, an ``oops`` (unless
+    :attr:`continue_on_oops` is true when it is printed) or a ``share`` error.
+    :attr:`events` lists every event seen, in order (at most :data:`MAX_EVENTS`).
+    """
+
+    def __init__(self, log_path: Path, *, continue_on_oops: bool = False) -> None:
+        loop = asyncio.get_running_loop()
         self.log_path = log_path
-        self.panic: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._task: asyncio.Task[None] | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._partial = b""
+        #: When true an oops is recorded and the guest goes on; read at each oops line.
+        self.continue_on_oops = continue_on_oops
+        self.fatal: asyncio.Future[ConsoleEvent] = loop.create_future()
+        self.events: list[ConsoleEvent] = []
         #: Called with every chunk the guest prints (e.g. to show the console live).
         self.sink: Callable[[bytes], None] | None = None
+        self._kernel_panic: asyncio.Future[ConsoleEvent] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._oops_ended = asyncio.Event()
+        self._received = 0
+        self._settling: list[tuple[int, asyncio.Future[None]]] = []
+        self._transport: asyncio.Transport | None = None
+        self._partial = b""
+
+    @property
+    def panic(self) -> asyncio.Future[ConsoleEvent]:
+        """The same future as :attr:`fatal` (the name the VM's guard has always used)."""
+        return self.fatal
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines of the non-fatal events: warnings, and oopses continued past."""
+        fatal = self.fatal.result() if self.fatal.done() and not self.fatal.cancelled() else None
+        return [e.line for e in self.events
+                if e.kind == "warning" or (e.kind == "oops" and e is not fatal)]
 
     async def start(self, socket_path: Path) -> None:
         """Connect to the console socket and start draining it in the background."""
-        reader, self._writer = await asyncio.open_unix_connection(str(socket_path))
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_unix_connection(lambda: _Reader(self), str(socket_path))
+        self._transport = transport
         # Output that arrived before we connected is only in the log: scan it once.
         for line in log_tail(self.log_path, 200).splitlines():
             self._scan(line)
-        self._task = asyncio.create_task(self._drain(reader), name=f"console {socket_path}")
 
-    async def _drain(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := await reader.read(65536):
-                if self.sink is not None:
-                    self.sink(chunk)
-                data = self._partial + chunk
-                *lines, self._partial = data.split(b"\n")
-                for raw in lines:
-                    self._scan(raw.decode("utf-8", "replace").rstrip("\r"))
+    def _feed(self, chunk: bytes) -> None:
+        if self.sink is not None:
+            try:
+                self.sink(chunk)
+            except Exception:
+                # A broken sink must not stop the draining (the guest would stall).
+                log.exception("console sink failed; no longer showing the console")
+                self.sink = None
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        if len(self._partial) > _MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._scan(raw.decode("utf-8", "replace").rstrip("\r"))
+        self._received += len(chunk)
+        self._wake_settlers()
+
+    def _wake_settlers(self) -> None:
+        for target, fut in self._settling:
+            if not fut.done() and (self._received >= target or self._closed.done()):
+                fut.set_result(None)
+        self._settling = [(t, f) for t, f in self._settling if not f.done()]
+
+    def _feed_eof(self) -> None:
+        if self._partial:
+            self._scan(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._wake_settlers()
 
     def _scan(self, line: str) -> None:
-        if self.panic.done():
+        if _END_TRACE.search(line):
+            self._oops_ended.set()
             return
-        m = PANIC_RE.search(line)
-        if m:
-            self.panic.set_result(m.group(1).strip())
+        event = classify(line)
+        if event is None:
+            return
+        if len(self.events) < MAX_EVENTS:
+            self.events.append(event)
+        if event.kind == "panic" and not self._kernel_panic.done():
+            self._kernel_panic.set_result(event)
+        if event.kind == "oops":
+            self._oops_ended.clear()
+            if self.continue_on_oops:
+                return
+        if event.kind != "warning" and not self.fatal.done():
+            self.fatal.set_result(event)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Return once everything already sent to the console socket has been scanned.
+
+        The guest's console output and its agent's replies travel on different
+        sockets; after a command returns, this makes sure what the kernel
+        printed meanwhile is in :attr:`events`.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._closed.done():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            target = self._received + _unread_bytes(sock.fileno())
+        except OSError:
+            return
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settling.append((target, reached))
+        self._wake_settlers()
+        with contextlib.suppress(TimeoutError):
+            # Bounded, in case the connection stalls (QEMU stopped, say).
+            await asyncio.wait_for(reached, timeout)
+
+    async def oops_outcome(self, event: ConsoleEvent, timeout: float = 3.0) -> ConsoleEvent:
+        """After an oops: the panic it turned into (panic_on_oops, an oops in an
+        interrupt), or the oops itself once its report ended without one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        stopped: set[asyncio.Future[Any]] = {self._kernel_panic, self._closed}
+        ended = asyncio.ensure_future(self._oops_ended.wait())
+        try:
+            await asyncio.wait({ended, *stopped}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if not any(f.done() for f in stopped):
+            # The report is out; a panic would follow within moments (oops_end()).
+            await asyncio.wait(stopped, timeout=max(0.0, min(0.5, deadline - loop.time())),
+                               return_when=asyncio.FIRST_COMPLETED)
+        if self._kernel_panic.done() and not self._kernel_panic.cancelled():
+            return self._kernel_panic.result()
+        return event
+
+    def reset(self) -> None:
+        """Forget a fatal event (panic, oops, share error): the guest's state was replaced.
+
+        Called when a snapshot taken before the event is loaded: the running
+        guest is then the one from before it. The events stay in :attr:`events`.
+        """
+        loop = asyncio.get_running_loop()
+        if self.fatal.done():
+            self.fatal = loop.create_future()
+        if self._kernel_panic.done():
+            self._kernel_panic = loop.create_future()
 
     def tail(self, max_lines: int = 30) -> str:
         """The console's last lines, from QEMU's log of it."""
@@ -78,13 +364,21 @@ class ConsoleWatcher:
 
     async def close(self) -> None:
         """Stop draining and disconnect."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
-        if not self.panic.done():
-            self.panic.cancel()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for fut in (self.fatal, self._kernel_panic):
+            if not fut.done():
+                fut.cancel()
+
+
+def first_fatal(events: Iterable[ConsoleEvent], continue_on_oops: bool) -> ConsoleEvent | None:
+    """The event that ends a run among ``events``: a panic first, else an oops, else a share error."""
+    events = list(events)
+    for kind in ("panic", "oops", "share"):
+        if kind == "oops" and continue_on_oops:
+            continue
+        for event in events:
+            if event.kind == kind:
+                return event
+    return None

@@ -19,6 +19,9 @@ user needs to act on it without rerunning anything::
     │   └── QMPConnectionError the monitor connection was lost or never made
     └── GuestError           the guest misbehaved
         ├── GuestPanic       the guest kernel panicked (panic line, console tail)
+        ├── GuestOops        the guest kernel oopsed or hit a BUG and runs on (line, console tail)
+        ├── ShareMountError  the guest could not mount a host share (tag, path, transport,
+        │                    the kernel's error, the likely missing CONFIG_ option)
         ├── GuestIOError     QEMU paused the guest on a disk I/O error (node, reason)
         └── AgentError       the in-guest agent answered garbage or went away
 """
@@ -33,6 +36,7 @@ __all__ = [
     "AgentError",
     "GuestError",
     "GuestIOError",
+    "GuestOops",
     "GuestPanic",
     "HostError",
     "HotplugError",
@@ -41,6 +45,7 @@ __all__ = [
     "QMPConnectionError",
     "QMPError",
     "QemukitError",
+    "ShareMountError",
     "SnapshotError",
     "SpecError",
     "StateError",
@@ -188,12 +193,51 @@ class GuestError(QemukitError):
 
 
 class GuestPanic(GuestError):
-    """The guest kernel panicked (or oopsed); carries the first panic line."""
+    """The guest kernel panicked (it stopped); carries the panic line."""
 
     def __init__(self, line: str, console: str = "") -> None:
         self.line = line
         self.console = console
         super().__init__(f"guest kernel panic: {line}" + _tail_block("console", console))
+
+
+class GuestOops(GuestError):
+    """The guest kernel oopsed or hit a ``BUG:``; it kept running, but the result is untrustworthy.
+
+    ``line`` is the first line of the report (e.g. ``BUG: kernel NULL pointer
+    dereference, address: 0000000000000000``). Raised unless the VM was made
+    with ``continue_on_oops=True``.
+    """
+
+    def __init__(self, line: str, console: str = "") -> None:
+        self.line = line
+        self.console = console
+        super().__init__(f"guest kernel oops (the kernel kept running): {line}"
+                         + _tail_block("console", console))
+
+
+class ShareMountError(GuestError):
+    """The guest could not mount a host share, so a command would run without it.
+
+    ``tag`` and ``guest_path`` name the share, ``transport`` the file system
+    meant (``virtiofs`` or ``9p``), ``reason`` the guest kernel's error and
+    ``hint`` what is likely missing (e.g. ``CONFIG_9P_FS``).
+    """
+
+    def __init__(self, tag: str, guest_path: str, transport: str, reason: str, *,
+                 host_path: str | None = None, hint: str = "", console: str = "") -> None:
+        self.tag = tag
+        self.guest_path = guest_path
+        self.transport = transport
+        self.reason = reason
+        self.host_path = host_path
+        self.hint = hint
+        self.console = console
+        host = f" (host {host_path})" if host_path else ""
+        super().__init__(
+            f"the guest could not mount share {tag!r}{host} on {guest_path} with {transport}: "
+            f"{reason}" + (f"; {hint}" if hint else "") + _tail_block("console", console)
+        )
 
 
 class AgentError(GuestError):

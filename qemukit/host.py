@@ -12,10 +12,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import grp
 import json
 import os
+import pwd
 import re
+import resource
 import shutil
+import stat
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ __all__ = [
     "resolve_accel",
     "tsc_khz",
     "virtiofsd_argv",
+    "virtiofsd_launcher",
 ]
 
 INIT_MARKER = b"qemukit-init: ready"
@@ -163,19 +169,119 @@ def find_virtiofsd() -> tuple[str, str] | None:
     return path, flavour
 
 
-def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int) -> list[str]:
-    """The argv to serve ``share`` on the listening socket ``fd`` (both flavours)."""
+#: How many subordinate ids the user namespace maps (guest ids 1..65536 beyond root).
+_SUBID_SPAN = 65536
+_NORMAL_USER_HINT = "or run as root, or share over 9p (HOST:GUEST,9p) with a guest kernel that has it"
+
+
+_SUBUID, _SUBGID = "/etc/subuid", "/etc/subgid"
+
+
+def _subid_lines(file: str) -> list[list[str]]:
+    try:
+        lines = Path(file).read_text().splitlines()
+    except OSError:
+        return []
+    return [f for f in (line.strip().split(":") for line in lines) if len(f) == 3]
+
+
+def _free_subid_span() -> str:
+    """A range of subordinate ids no entry uses yet, for the ``usermod`` advice."""
+    start = 100000
+    for fields in _subid_lines(_SUBUID) + _subid_lines(_SUBGID):
+        if fields[1].isdigit() and fields[2].isdigit():
+            start = max(start, int(fields[1]) + int(fields[2]))
+    return f"{start}-{start + _SUBID_SPAN - 1}"
+
+
+def _subid_range(file: str, user: str, uid: int) -> tuple[int, int] | None:
+    """The first (start, count) range ``/etc/subuid``-style ``file`` gives ``user``."""
+    for fields in _subid_lines(file):
+        if fields[0] in (user, str(uid)):
+            with contextlib.suppress(ValueError):
+                start, count = int(fields[1]), int(fields[2])
+                if count > 0:
+                    return start, min(count, _SUBID_SPAN)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _userns_prefix(uid: int) -> tuple[str, ...]:
+    """``unshare`` options that make ``uid`` root in a new user namespace where setgroups works.
+
+    ``unshare -r`` alone is not enough: an unprivileged process may map its own
+    ids only with setgroups denied, and the C virtiofsd exits when it cannot
+    drop supplementary groups. The setuid newuidmap/newgidmap may also map the
+    user's subordinate ids, and then setgroups stays allowed.
+    """
+    user = _uid_name(uid)
+    unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
+    if unshare is None:
+        raise HostError(f"a virtiofs share as a normal user ({user}) needs util-linux's unshare; "
+                        f"{_NORMAL_USER_HINT}")
+    if not (shutil.which("newuidmap", path="/usr/bin:/bin:" + os.environ.get("PATH", ""))
+            and shutil.which("newgidmap", path="/usr/bin:/bin:" + os.environ.get("PATH", ""))):
+        raise HostError(f"a virtiofs share as a normal user ({user}) needs newuidmap and "
+                        f"newgidmap (as root: apt-get install uidmap); {_NORMAL_USER_HINT}")
+    subuid = _subid_range(_SUBUID, user, uid)
+    subgid = _subid_range(_SUBGID, user, uid)
+    if subuid is None or subgid is None:
+        missing = " and ".join(f for f, r in ((_SUBUID, subuid), (_SUBGID, subgid)) if r is None)
+        span = _free_subid_span()
+        raise HostError(
+            f"a virtiofs share as a normal user ({user}) needs subordinate ids for {user} in "
+            f"{missing} (as root: usermod --add-subuids {span} --add-subgids {span} {user}); "
+            f"{_NORMAL_USER_HINT}")
+    prefix = (unshare, "--map-user=0", "--map-group=0",
+              f"--map-users={subuid[0]},1,{subuid[1]}", f"--map-groups={subgid[0]},1,{subgid[1]}")
+    cat = shutil.which("cat") or "/bin/cat"
+    out = run_command([*prefix, cat, "/proc/self/setgroups"], timeout=20)
+    if out.returncode != 0 or out.stdout.strip() != "allow":
+        said = (out.stderr.strip().splitlines() or [out.stdout.strip()])[-1][:200]
+        raise HostError(
+            f"a virtiofs share as a normal user ({user}) needs a user namespace, which this host "
+            f"refused ({said}; see sysctl user.max_user_namespaces and any AppArmor userns "
+            f"restriction); {_NORMAL_USER_HINT}")
+    return prefix
+
+
+def virtiofsd_launcher(daemon: tuple[str, str]) -> list[str]:
+    """What to put before virtiofsd's argv so it can run as this user ([] when none needed).
+
+    Root runs it directly. A normal user runs the C virtiofsd (which needs root's
+    powers over its sandbox and groups) as root of a private user namespace;
+    the Rust virtiofsd runs unprivileged by itself. Raises :class:`HostError`
+    with what the host lacks, before anything is started.
+    """
+    if os.geteuid() == 0 or daemon[1] == "rust":
+        return []
+    return list(_userns_prefix(os.geteuid()))
+
+
+def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int,
+                   launcher: Sequence[str] = ()) -> list[str]:
+    """The argv to serve ``share`` on the listening socket ``fd`` (both flavours).
+
+    ``launcher`` is :func:`virtiofsd_launcher`'s prefix, if any.
+    """
     path, flavour = daemon
     if flavour == "rust":
         argv = [path, f"--fd={fd}", f"--shared-dir={share.host_path}", "--cache=auto"]
-        return argv + (["--readonly"] if share.read_only else [])
+        return [*launcher, *argv, *(["--readonly"] if share.read_only else [])]
     if share.read_only:
         raise SpecError("share.read_only", True, f"{path} (C virtiofsd) cannot share read-only; "
                         "use transport='9p' or the Rust virtiofsd")
     # C virtiofsd parses -o with libfuse's option parser: ',' separates options and a
     # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
     source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
-    return [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+    argv = [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+    if launcher:
+        # Its default raises RLIMIT_NOFILE to ~1e6, which needs CAP_SYS_RESOURCE outside
+        # the namespace: ask only for what this user's hard limit allows.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limit = 1_000_000 if hard == resource.RLIM_INFINITY else min(hard, 1_000_000)
+        argv.insert(2, f"--rlimit-nofile={limit}")
+    return [*launcher, *argv]
 
 
 @functools.lru_cache(maxsize=1)
@@ -244,7 +350,7 @@ def kvm_device_status() -> tuple[bool, str]:
     except FileNotFoundError:
         return False, "/dev/kvm does not exist (no KVM in this kernel or VM)"
     except PermissionError:
-        return False, "/dev/kvm is not accessible (add the user to the kvm group)"
+        return False, f"/dev/kvm is not accessible: {_kvm_access_advice()}"
     except OSError as exc:
         return False, f"/dev/kvm cannot be opened: {exc.strerror}"
     try:
@@ -258,24 +364,100 @@ def kvm_device_status() -> tuple[bool, str]:
     return True, "/dev/kvm is usable"
 
 
+def _kvm_access_advice() -> str:
+    """What a user who cannot open ``/dev/kvm`` can do about it, on this host.
+
+    The kvm-group advice only helps where the device really is group ``kvm``
+    with group read-write; elsewhere (``root:root 0600``) it says what does.
+    """
+    user = _user_name()
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError as exc:
+        return f"cannot stat it ({exc.strerror})"
+    try:
+        group = grp.getgrgid(st.st_gid)
+        group_name = group.gr_name
+    except KeyError:
+        group_name = str(st.st_gid)
+    owner = f"{_uid_name(st.st_uid)}:{group_name} {stat.S_IMODE(st.st_mode):04o}"
+    group_rw = st.st_mode & 0o060 == 0o060
+    try:
+        kvm_group: grp.struct_group | None = grp.getgrnam("kvm")
+    except KeyError:
+        kvm_group = None
+    if kvm_group is not None and group_rw and st.st_gid == kvm_group.gr_gid:
+        if user in kvm_group.gr_mem and kvm_group.gr_gid not in os.getgroups():
+            return (f"{user} is in the kvm group but this session is not yet: "
+                    "log in again (or run 'newgrp kvm')")
+        return f"add {user} to the kvm group (usermod -aG kvm {user}), then log in again"
+    why = "this host has no kvm group" if kvm_group is None else "its group cannot open it"
+    return (f"it is {owner} and {why}; as root, grant {user} access with "
+            f"'setfacl -m u:{user}:rw /dev/kvm' (until reboot) or for good with 'groupadd kvm' "
+            "and a udev rule KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" "
+            f"(then usermod -aG kvm {user}), or run as root")
+
+
+def _uid_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as (its uid if it has no name)."""
+    return _uid_name(os.geteuid())
+
+
+def _kvm_summary(status: KvmStatus) -> str:
+    """A few words for the one-line verdict; ``reason`` keeps the whole story."""
+    if status.usable:
+        return f"KVM works (probe boot passed with -cpu {status.cpu})" if status.cpu \
+            else "KVM works"
+    if not status.probed:
+        return status.reason.split(":")[0].split(" (")[0]
+    if "did not reach its init" in status.reason:
+        return "this host's KVM cannot run Linux guests"
+    return "QEMU aborts under this host's KVM with every CPU model tried"
+
+
 @dataclass(frozen=True)
 class KvmStatus:
-    """The verdict on KVM: usable or not, and why (with the probe's console tail)."""
+    """The verdict on KVM: usable or not, and why (with the probe's console tail).
+
+    ``reason`` is the whole story (what each probe did, QEMU's own last words);
+    ``summary`` is a few words for a one-line verdict, derived when not given.
+    """
 
     usable: bool
     reason: str
     probed: bool
     console: str = ""
     cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", _kvm_summary(self))
 
 
 @dataclass(frozen=True)
 class AccelChoice:
-    """The accelerator a VM will run under and one line saying why."""
+    """The accelerator a VM will run under, why (``reason``) and in short (``summary``).
+
+    ``reason`` is the full explanation (``qemukit doctor``, ``run -v``);
+    ``summary`` is the short line printed by default. It defaults to ``reason``.
+    """
 
     accel: str
     reason: str
     cpu: str | None = None
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            object.__setattr__(self, "summary", self.reason)
 
 
 def _boot_id() -> str:
@@ -308,7 +490,7 @@ def kvm_status(
     if probe_image is None:
         return KvmStatus(
             False, "/dev/kvm is present but unverified: no probe image (qemukit images build tiny)",
-            probed=False,
+            probed=False, summary="KVM not verified: no probe image",
         )
     kernel, initrd = probe_image
     key = _probe_key(qemu, kernel, initrd)
@@ -368,12 +550,14 @@ def resolve_accel(
     ``auto`` falls back to TCG and says why.
     """
     if requested == "tcg":
-        return AccelChoice("tcg", "TCG (software emulation) as requested")
+        return AccelChoice("tcg", "TCG (software emulation) as requested", summary="TCG (as requested)")
     status = kvm_status(qemu, probe_image)
     if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
-        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)")
+        return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)",
+                           summary="KVM (as requested, not verified by a probe boot)")
     if status.usable:
-        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu)
+        return AccelChoice("kvm", f"KVM: {status.reason}", status.cpu, summary=status.summary)
     if requested == "kvm":
         raise AcceleratorError("kvm", status.reason)
-    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}")
+    return AccelChoice("tcg", f"TCG (software emulation): {status.reason}",
+                       summary=f"TCG: {status.summary} (qemukit doctor)")

@@ -1,17 +1,30 @@
-"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
+r"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
 
 :func:`run_in_vm` boots any spec, waits for the guest agent, runs the
 command and always stops the VM; :func:`run_kernel` does the same for a
 freshly built kernel with the tiny initramfs (plus optional modules and host
 shares). Both return a :class:`KernelTestResult`, which writes itself as
-JSON or JUnit XML for CI. A panic, oops or BUG ends the run within seconds
-with the panic line; a boot that never reaches the agent ends at the timeout
-with the console tail. Neither raises for guest trouble: it is in the result.
+JSON or JUnit XML for CI. A panic ends the run within seconds with the panic
+line; an oops or BUG ends it too (outcome ``oops``) unless
+``continue_on_oops``; soft lockups, RCU stalls and ``WARNING:`` lines are
+recorded as warnings and end nothing; a boot that never reaches the agent
+ends at the timeout with the console tail. Neither raises for guest trouble:
+it is in the result.
+
+The files are valid whatever the guest printed. XML 1.0 forbids most control
+characters (the busybox shell's ``ESC [6n`` is on every console), so in the
+JUnit file each forbidden character is written as a visible escape (``\x1b``,
+``\x00``, ``\ufffe``); invalid UTF-8 from the guest is already U+FFFD in the
+result's text (the bytes themselves are in :class:`~qemukit.guest.ExecResult`).
+JUnit text elements keep at most :data:`JUNIT_TEXT_LIMIT` characters, the end,
+and say how much was cut; the JSON file keeps everything (pure ASCII, control
+characters escaped by JSON, lone surrogates written as ``\udcXX`` text).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -22,19 +35,74 @@ from pathlib import Path
 from typing import Any
 
 from . import images
-from .errors import GuestPanic, QemukitError, SpecError, WaitTimeout
+from .console import ConsoleEvent
+from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
-__all__ = ["KernelTestResult", "run_in_vm", "run_kernel"]
+__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "json_safe", "run_in_vm", "run_kernel",
+           "xml_safe"]
+
+#: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
+JUNIT_TEXT_LIMIT = 1_000_000
+#: Characters kept in a test name or an attribute (message=, property values).
+_ATTR_LIMIT = 1000
+
+_XML_FORBIDDEN = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with every character XML 1.0 forbids written as ``\\xNN`` or ``\\uNNNN``.
+
+    Tab, newline and carriage return stay; so does everything printable.
+    """
+    return _XML_FORBIDDEN.sub(_escape_char, text)
+
+
+def json_safe(text: str) -> str:
+    """``text`` with lone surrogates (which strict JSON parsers reject) written as ``\\udcXX``."""
+    return _SURROGATE.sub(_escape_char, text)
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"[qemukit: the first {len(text) - limit} of {len(text)} characters were cut]\n" + (
+        text[-limit:]
+    )
+
+
+def _short(text: str, limit: int = _ATTR_LIMIT) -> str:
+    return xml_safe(text if len(text) <= limit else text[: limit - 1] + "\u2026")
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return json_safe(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {json_safe(str(k)): _json_clean(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
 class KernelTestResult:
     """The outcome of one boot-and-run.
 
-    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``,
-    ``timeout`` or ``error`` (qemukit or QEMU failed before the command ran).
+    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``
+    (the kernel stopped), ``oops`` (an oops or BUG; the kernel ran on but the
+    run was ended), ``timeout`` or ``error`` (qemukit or QEMU failed, or a
+    share did not mount, before the command ran). ``oops`` holds the first
+    oops line, also when the run continued past it; ``warnings`` the kernel's
+    warning lines (soft lockups, RCU stalls, ``WARNING:``, and oopses
+    continued past), in order.
     """
 
     command: tuple[str, ...]
@@ -49,40 +117,64 @@ class KernelTestResult:
     accel: str | None
     console_log: str | None
     console_tail: str
+    oops: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         data = asdict(self)
         data["command"] = list(self.command)
+        data["warnings"] = list(self.warnings)
         return data
 
     def write_json(self, path: str | Path) -> None:
-        """Write the result as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write the result as JSON (strict: ASCII only, no lone surrogates)."""
+        text = json.dumps(_json_clean(self.to_dict()), indent=2, allow_nan=False)
+        Path(path).write_text(text + "\n", encoding="ascii")
 
     def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
-        """Write the result as a JUnit XML report with one test case."""
-        failures = int(self.outcome == "failed" or self.outcome == "panic")
+        """Write the result as a JUnit XML report with one test case (always well-formed)."""
+        failures = int(self.outcome in ("failed", "panic", "oops"))
         errors = int(self.outcome in ("timeout", "error"))
         root = ET.Element("testsuites")
-        ts = ET.SubElement(root, "testsuite", name=suite, tests="1", failures=str(failures),
-                           errors=str(errors), time=f"{self.duration:.3f}")
-        case = ET.SubElement(ts, "testcase", classname=suite, name=" ".join(self.command) or "boot",
+        ts = ET.SubElement(root, "testsuite", name=_short(suite), tests="1",
+                           failures=str(failures), errors=str(errors),
+                           time=f"{self.duration:.3f}")
+        props = ET.SubElement(ts, "properties")
+        for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
+                            ("accel", self.accel), ("boot_time", self.boot_time),
+                            ("panic", self.panic), ("oops", self.oops),
+                            *(("warning", w) for w in self.warnings)):
+            if value is not None:
+                ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
+        case = ET.SubElement(ts, "testcase", classname=_short(suite),
+                             name=_short(" ".join(self.command) or "boot"),
                              time=f"{self.duration:.3f}")
+
+        def body(text: str) -> str:
+            return xml_safe(_cap(text, JUNIT_TEXT_LIMIT))
+
         if self.outcome == "failed":
             ET.SubElement(case, "failure", message=f"exit status {self.exit_status}").text = (
-                self.stderr
+                body(self.stderr)
             )
         elif self.outcome == "panic":
-            ET.SubElement(case, "failure", message=f"kernel panic: {self.panic}").text = (
-                self.console_tail
+            ET.SubElement(case, "failure", message=_short(f"kernel panic: {self.panic}")).text = (
+                body(self.console_tail)
+            )
+        elif self.outcome == "oops":
+            ET.SubElement(case, "failure", message=_short(f"kernel oops: {self.oops}")).text = (
+                body(self.console_tail)
             )
         elif errors:
-            ET.SubElement(case, "error", message=self.error or self.outcome).text = (
-                self.console_tail
+            ET.SubElement(case, "error", message=_short(self.error or self.outcome)).text = (
+                body(self.console_tail)
             )
-        ET.SubElement(case, "system-out").text = self.stdout
-        ET.SubElement(case, "system-err").text = self.stderr
+        out = self.stdout
+        if self.warnings:
+            out += "\n--- qemukit: kernel warnings on the console ---\n" + "\n".join(self.warnings)
+        ET.SubElement(case, "system-out").text = body(out)
+        ET.SubElement(case, "system-err").text = body(self.stderr)
         ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
@@ -94,6 +186,7 @@ def run_in_vm(
     console_log: str | Path | None = None,
     modules: str | Path | None = None,
     on_started: Callable[[VM], None] | None = None,
+    continue_on_oops: bool = False,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
@@ -101,6 +194,10 @@ def run_in_vm(
     whole serial console (the VM's runtime directory is removed afterwards).
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
+    An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
+    records it (``oops``, ``warnings``) and lets the command finish.
+    Raises :class:`SpecError` or :class:`HostError` for bad input (e.g. a
+    modules directory that cannot be read) before anything starts.
     """
     if modules is not None:
         if spec.initrd is None:
@@ -108,14 +205,17 @@ def run_in_vm(
         with tempfile.TemporaryDirectory(prefix="qemukit-kernel-") as tmp:
             initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
             return run_in_vm(spec.replace(initrd=str(initrd)), command, timeout=timeout,
-                             console_log=console_log, on_started=on_started)
+                             console_log=console_log, on_started=on_started,
+                             continue_on_oops=continue_on_oops)
     argv = (command,) if isinstance(command, str) else tuple(command)
     start = time.monotonic()
-    vm = VM(spec, boot_timeout=timeout)
+    vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops)
     fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
-                                  panic=None, error=None, accel=None)
+                                  panic=None, error=None, accel=None, oops=None)
     outcome = "error"
     tail = ""
+    events: list[ConsoleEvent] = []
+    log_copy_error: OSError | None = None
     try:
         vm.start()
         fields["accel"] = vm.accel.accel if vm.accel else None
@@ -129,21 +229,35 @@ def run_in_vm(
         outcome = "passed" if result.exit_status == 0 else "failed"
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
+    except GuestOops as exc:
+        outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
     except WaitTimeout as exc:
         outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
     except QemukitError as exc:
         fields["error"] = str(exc)
     finally:
+        events = vm.console_events()
         tail = vm.console_tail(40)
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
-            shutil.copyfile(vm.console_log, console_log)
+            try:
+                shutil.copyfile(vm.console_log, console_log)
+            except OSError as exc:
+                log_copy_error = exc
         if vm.state is VMState.RUNNING:
             # A guest that never became ready will hardly honour the power button.
             vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
+    if log_copy_error is not None:
+        raise HostError(f"cannot write the console log to {console_log}: "
+                        f"{log_copy_error.strerror or log_copy_error}") from log_copy_error
+    oopses = [e.line for e in events if e.kind == "oops"]
+    if fields["oops"] is None and oopses:
+        fields["oops"] = oopses[0]
+    warnings = [e.line for e in events
+                if e.kind == "warning" or (e.kind == "oops" and outcome != "oops")]
     return KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
-        **fields,
+        warnings=tuple(warnings), **fields,
     )
 
 
@@ -157,6 +271,7 @@ def run_kernel(
     append: str | None = None,
     timeout: float = 300.0,
     console_log: str | Path | None = None,
+    continue_on_oops: bool = False,
     **spec_fields: Any,
 ) -> KernelTestResult:
     """Boot ``kernel`` with the tiny initramfs (or ``initrd``), run ``command``, report.
@@ -165,7 +280,8 @@ def run_kernel(
     leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
     itself; it is appended to the initramfs so the guest loads its virtio
     drivers from it. ``append`` adds to the default kernel command line;
-    other keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
+    ``continue_on_oops`` as for :func:`run_in_vm`; other keyword arguments
+    are VMSpec fields (``accel``, ``memory``, ...).
     """
     if not Path(kernel).is_file():
         raise SpecError("kernel", str(kernel), "no such file")
@@ -173,22 +289,48 @@ def run_kernel(
     cmdline = images.TINY_APPEND + (f" {append}" if append else "")
     spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
                        shares=tuple(shares), **spec_fields)
-    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules)
+    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
+                     continue_on_oops=continue_on_oops)
+
+
+def _copy_errors(exc: OSError) -> str:
+    """What went wrong in a copy: shutil.Error carries a list of (source, target, why)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        problems = [f"{src}: {why}" for src, _dst, why in exc.args[0][:3]]
+        more = len(exc.args[0]) - len(problems)
+        return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
 
 
 def _with_modules(initrd: Path, modules: Path, tmp: Path) -> Path:
+    """``initrd`` with the modules tree appended; every failure names the path concerned."""
     from .images.tiny import append_to_initrd
 
-    release_dirs = [modules] if (modules / "modules.dep").exists() else []
-    release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    try:
+        if not modules.is_dir():
+            raise SpecError("modules", str(modules), "no such directory")
+        release_dirs = [modules] if (modules / "modules.dep").exists() else []
+        release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    except OSError as exc:
+        raise SpecError("modules", str(modules), f"cannot read it: {_copy_errors(exc)}") from exc
     if not release_dirs:
         raise SpecError("modules", str(modules),
                         "expected DIR/lib/modules/<release>/ or a <release>/ directory "
                         "with modules.dep (make modules_install INSTALL_MOD_PATH=DIR)")
     tree = tmp / "tree"
     for release_dir in release_dirs:
-        shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name, symlinks=True,
-                        ignore=shutil.ignore_patterns("build", "source"))
+        try:
+            shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name,
+                            symlinks=True, ignore=shutil.ignore_patterns("build", "source"))
+        except OSError as exc:
+            raise SpecError("modules", str(modules),
+                            f"cannot copy {release_dir}: {_copy_errors(exc)}") from exc
     target = tmp / "initrd-with-modules.img"
-    append_to_initrd(initrd, tree, target)
+    try:
+        append_to_initrd(initrd, tree, target)
+    except ValueError as exc:  # a file type a cpio archive for the kernel cannot hold
+        raise SpecError("modules", str(modules), f"cannot go into an initramfs: {exc}") from exc
+    except OSError as exc:
+        raise HostError(f"cannot append the modules from {modules} to the initramfs {initrd} "
+                        f"(writing {target}): {_copy_errors(exc)}") from exc
     return target

@@ -16,25 +16,27 @@ Options: ``--qemukit-accel`` (default tcg), ``--qemukit-image`` (default tiny),
 it). A failing test's report gets the tail of each of its VMs' serial consoles.
 The fixtures are thin wrappers over :class:`qemukit.VM`; names are generated per VM
 and port forwards ask the kernel for free ports, so ``pytest -n`` is safe.
+
+pytest loads this plugin in every run of an environment where qemukit is
+installed, so the module itself imports nothing heavy: the VM machinery
+(asyncio, qemu.qmp, :mod:`qemukit.vm`, the images) is imported when a
+fixture is first used.
 """
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import images
-from .errors import QemukitError
-from .host import find_qemu
-from .spec import Drive, VMSpec
-from .vm import VM, VMState
+if TYPE_CHECKING:
+    from .spec import VMSpec
+    from .vm import VM
 
-_VMS_KEY = pytest.StashKey[list[VM]]()
+_VMS_KEY = pytest.StashKey[list["VM"]]()
+#: Set on a test item whose call failed (its VMs may be kept for a look).
+_FAILED_KEY = pytest.StashKey[bool]()
 CLEAN_TAG = "qemukit-clean"
 
 
@@ -49,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
+    from . import images
+
     image = config.getoption("--qemukit-image")
     images.build(image)
     return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
@@ -60,9 +64,11 @@ def _track(request: pytest.FixtureRequest, vm: VM) -> None:
 
 def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
     """Stop ``vm``, or leave it running if its test failed and --qemukit-keep-failed."""
+    from .vm import VMState
+
     if vm.state is not VMState.RUNNING:
         return
-    failed = getattr(request.node, "_qemukit_failed", False)
+    failed = request.node.stash.get(_FAILED_KEY, False)
     if failed and request.config.getoption("--qemukit-keep-failed"):
         name = vm.name
         vm.detach()
@@ -73,6 +79,8 @@ def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
 
 
 def _boot(request: pytest.FixtureRequest, spec: VMSpec) -> VM:
+    from .vm import VM
+
     keep = bool(request.config.getoption("--qemukit-keep-failed"))
     vm = VM(spec, die_with_parent=not keep)
     _track(request, vm)
@@ -94,6 +102,8 @@ def qemu_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 @pytest.fixture
 def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     """Boot VMs from your own specs: ``qemu_vm_factory(spec=None, **overrides)``."""
+    from .errors import QemukitError
+
     made: list[VM] = []
 
     def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
@@ -120,6 +130,14 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
 
 @pytest.fixture(scope="session")
 def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from .host import find_qemu
+    from .spec import Drive
+    from .vm import VM, VMState
+
     # Internal snapshots need a writable qcow2 to hold the RAM state: give the VM a
     # small scratch disk that lives as long as the session.
     workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
@@ -160,7 +178,7 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if not report.failed:
         return
-    item._qemukit_failed = True  # type: ignore[attr-defined]
+    item.stash[_FAILED_KEY] = True
     for vm in item.stash.get(_VMS_KEY, []):
         tail = vm.console_tail(40)
         if tail:

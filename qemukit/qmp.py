@@ -4,6 +4,16 @@ qemu.qmp's exceptions are translated here into qemukit's own, carrying
 QEMU's error class and description. Every call takes a timeout; events are
 awaited through listeners registered *before* the command that causes them,
 so an event can never slip by between the command and the wait.
+
+qemu.qmp logs each connection's troubles (at ERROR, and a CRITICAL "This is a
+bug in the QMP library" when QEMU dies while a connect is being cancelled),
+which qemukit reports through its own exceptions, with QEMU's own output. So
+each client's logger is replaced by one that logs under ``qemukit.qmp`` at
+DEBUG, naming qemu.qmp's level in the text: an application whose logging
+shows warnings (pytest's log capture, a service's basicConfig) is not told
+about a QMP library bug that is not one, an application that asks for
+qemukit's debug output gets all of it, and qemu.qmp's own loggers are left
+alone.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _LibQMPError
@@ -22,8 +32,32 @@ from .errors import QMPCommandError, QMPConnectionError, WaitTimeout
 
 __all__ = ["QMP", "EventListener", "connect_unix"]
 
-# qemu.qmp logs every disconnect at ERROR; qemukit reports those through exceptions.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+log = logging.getLogger(__name__)
+
+
+class _ClientLog(logging.LoggerAdapter[logging.Logger]):
+    """One qemu.qmp connection's log records, sent to ``qemukit.qmp`` at DEBUG.
+
+    Each message starts with the connection's name and qemu.qmp's own level;
+    the record's ``client`` attribute holds the name too. An adapter rather
+    than a child logger per connection: loggers live as long as the process,
+    and every VM would add one.
+    """
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """Log ``msg`` at DEBUG, prefixed with the connection and qemu.qmp's level."""
+        if not self.isEnabledFor(logging.DEBUG):
+            return
+        prefix = f"{(self.extra or {}).get('client')}: {logging.getLevelName(level)}: "
+        if args:  # the prefix becomes part of a %-format string
+            prefix = prefix.replace("%", "%%")
+        text, options = self.process(prefix + str(msg), kwargs)
+        self.logger.log(logging.DEBUG, text, *args, **options)
+
+
+def _accept_none(event: Mapping[str, Any]) -> bool:
+    """An event filter that lets nothing through (for qemu.qmp's unread default listener)."""
+    return False
 
 
 async def connect_unix(path: str, timeout: float) -> socket.socket:
@@ -58,19 +92,21 @@ class QMP:
     """One QMP connection (async). Commands and event waits are bounded in time."""
 
     def __init__(self, name: str = "qemukit") -> None:
-        self._client = QMPClient(name)
+        # No name for qemu.qmp: it would register a 'qemu.qmp.protocol.<name>' logger per VM.
+        self._client = QMPClient()
+        # qemu.qmp only calls the logging methods, which an adapter has too.
+        self._client.logger = cast(logging.Logger, _ClientLog(log, {"client": name}))
+        # qemu.qmp registers a default listener for every event (and refuses to remove
+        # it); nothing here reads it, so it would queue every event QEMU ever sent, a
+        # slow leak on a long-lived VM. qemukit waits on events through its own
+        # listeners (listen()), so the default one is told to accept none.
+        self._client.events.event_filter = _accept_none
         self.name = name
 
     @property
     def connected(self) -> bool:
         """True while the session is up."""
         return bool(self._client.runstate == Runstate.RUNNING)
-
-    @property
-    def greeting(self) -> Mapping[str, Any] | None:
-        """QEMU's greeting (version and capabilities) once connected."""
-        greeting = self._client.greeting
-        return dict(greeting._raw) if greeting is not None else None
 
     async def connect(self, address: str | socket.socket, timeout: float) -> None:
         """Connect to a monitor socket path, or over an already-connected socket."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from .errors import StateError
+from .paths import state_dir, state_dir_error
 from .process import is_same_process
 from .spec import PortForward, VMSpec
 from .state import RuntimeDir, VMInfo, list_entries
@@ -120,8 +122,17 @@ def _format_forwards(spec_fwds: list[PortForward], usernet: str) -> tuple[str, .
     return tuple(out)
 
 
-def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
+def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry | None:
+    """The row for one runtime directory; None once the directory is gone.
+
+    Another process may stop (or gc) a VM while it is being listed: its entry
+    then vanishes between the directory listing and the reads here. Such a VM
+    is no longer in the registry, so it gets no row, rather than a bogus
+    ``incomplete`` or ``gone`` one.
+    """
     if info is None:
+        if not rd.path.is_dir():
+            return None
         return VMEntry(rd.name, str(rd.path), None, False, "incomplete", None, None, None, None,
                        (), False)
     alive = info.alive()
@@ -143,6 +154,8 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
             _peek(rd.qmp_socket, any(fw.host_port == 0 for fw in spec_fwds))
             if query else ("alive", "")
         )
+    if not rd.path.is_dir():
+        return None
     return VMEntry(
         name=rd.name, path=str(rd.path), pid=info.pid, alive=alive, state=state,
         accel=info.accel, uptime=None if uptime is None else round(uptime, 1), cpu_percent=cpu,
@@ -150,13 +163,28 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry:
     )
 
 
+def _entries(state_root: Path | None) -> list[tuple[RuntimeDir, VMInfo | None]]:
+    """The registry's entries; a state directory that cannot be read is one clear error."""
+    try:
+        return list_entries(state_root)
+    except OSError as exc:
+        root = state_root or state_dir()
+        if state_root is None:
+            raise state_dir_error(root, exc) from exc
+        raise StateError(f"cannot read the registry {root}: {exc.strerror or exc}") from exc
+
+
 def list_vms(state_root: Path | None = None, *, query: bool = True) -> list[VMEntry]:
-    """Every VM in the registry, live or stale, with its state from QMP if ``query``."""
-    entries = list_entries(state_root)
+    """Every VM in the registry, live or stale, with its state from QMP if ``query``.
+
+    An entry removed while the listing runs (its VM stopped meanwhile) is left out.
+    """
+    entries = _entries(state_root)
     if not entries:
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool:
-        return list(pool.map(lambda e: _entry(e[0], e[1], query), entries))
+        rows = list(pool.map(lambda e: _entry(e[0], e[1], query), entries))
+    return [row for row in rows if row is not None]
 
 
 def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[GcAction]:
@@ -168,7 +196,7 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
     by a launch that died more than ``incomplete_age`` seconds ago.
     """
     actions = []
-    for rd, info in list_entries(state_root):
+    for rd, info in _entries(state_root):
         if info is None:
             try:
                 age = time.time() - rd.path.stat().st_mtime

@@ -20,6 +20,7 @@ from typing import Any, Literal, cast, get_args
 from .errors import SpecError
 
 __all__ = [
+    "DEFAULT_MEMORY_SLOTS",
     "CloudInit",
     "Drive",
     "Nic",
@@ -50,6 +51,9 @@ _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MAX_CPUS = 288
 MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+#: DIMM slots a VM gets when it has ``max_memory`` but no ``slots``: room for a few
+#: hot-added DIMMs, as users of ``-m`` expect, at no cost while they are empty.
+DEFAULT_MEMORY_SLOTS = 8
 
 
 def parse_size(value: int | str, field_name: str = "size") -> int:
@@ -396,6 +400,10 @@ class VMSpec:
     root); ``qmp_tcp_port`` adds a QMP monitor on 127.0.0.1 (off by default:
     anyone on the host who can connect controls the VM).
     ``cloud_init`` attaches a per-VM cloud-init seed CD (:class:`CloudInit`).
+    ``max_memory`` allows memory hotplug up to that size, into ``slots`` DIMM
+    slots; ``slots=0`` (the default) with ``max_memory`` set means
+    :data:`DEFAULT_MEMORY_SLOTS` (8) slots, and slots without ``max_memory``
+    are refused.
     """
 
     name: str | None = None
@@ -454,8 +462,8 @@ class VMSpec:
                 raise SpecError(
                     "max_memory", self.max_memory, f"must be >= memory ({self.memory} MiB)"
                 )
-            if self.slots < 1:
-                raise SpecError("slots", self.slots, "max_memory needs at least one slot")
+            if self.slots == 0:
+                object.__setattr__(self, "slots", DEFAULT_MEMORY_SLOTS)
         elif self.slots:
             raise SpecError("slots", self.slots, "slots need max_memory")
         for name in ("kernel", "initrd"):
@@ -526,7 +534,12 @@ class VMSpec:
     # -- helpers ---------------------------------------------------------
 
     def replace(self, **changes: Any) -> VMSpec:
-        """Return a copy with some fields changed (validated again)."""
+        """Return a copy with some fields changed (validated again).
+
+        ``max_memory=None`` also drops the memory slots, unless ``slots`` is given too.
+        """
+        if "max_memory" in changes and changes["max_memory"] is None:
+            changes.setdefault("slots", 0)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._fs import write_atomic
 from .errors import SpecError, StateError
-from .paths import state_dir
+from .paths import state_dir, state_dir_error
 from .process import is_same_process
 
 __all__ = ["RuntimeDir", "VMInfo", "list_entries"]
@@ -119,11 +119,25 @@ class RuntimeDir:
     def create(cls, name: str | None, root: Path | None = None) -> RuntimeDir:
         """Claim a fresh runtime directory for ``name`` (generated when None).
 
-        Raises :class:`StateError` if a live VM already has the name; a stale
-        entry of a dead VM is removed and the name reused.
+        Raises :class:`StateError` if a live VM already has the name, or if the
+        directory cannot be created (naming it, and ``QEMUKIT_STATE`` when that
+        is where it comes from); a stale entry of a dead VM is removed and the
+        name reused.
         """
+        default_root = root is None
         root = root or state_dir()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        def unusable(exc: OSError) -> StateError:
+            if default_root:
+                return state_dir_error(root, exc)
+            where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+            return StateError(f"cannot create a runtime directory in {root}: "
+                              f"{where}{exc.strerror or exc}")
+
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise unusable(exc) from exc
         for _ in range(20):
             vm_name = name or f"vm-{secrets.token_hex(3)}"
             rd = cls(root / vm_name)
@@ -150,6 +164,8 @@ class RuntimeDir:
                     continue
                 rd.remove()
                 continue
+            except OSError as exc:  # not writable, read-only, not a directory, full
+                raise unusable(exc) from exc
             os.chmod(rd.path, 0o700)
             return rd
         raise StateError("could not claim a runtime directory (too many name collisions)")

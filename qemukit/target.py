@@ -79,6 +79,9 @@ class VMTarget(Protocol):
     async def reset_agent(self) -> None:
         """Forget the agent connection and readiness (the guest is rebooting)."""
 
+    def forget_guest_faults(self) -> None:
+        """Forget console faults: the guest's state is being replaced (snapshot load)."""
+
     def operation_lock(self, timeout: float = ...) -> AbstractAsyncContextManager[None]:
         """The VM's operation lock, held while its state files change."""
 

@@ -26,14 +26,15 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import host
 from ._aio import cancel_and_wait, file_lock
 from ._sync import SyncFacade, blocking, delegated, passthrough, run_sync
-from .console import PANIC_RE, ConsoleWatcher, log_tail
+from .console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .errors import (
     GuestIOError,
+    GuestOops,
     GuestPanic,
     HostError,
     LaunchError,
@@ -97,6 +98,16 @@ class ShutdownResult:
     tried: tuple[ShutdownRung, ...]
 
 
+@dataclass(frozen=True)
+class AdoptedQemu:
+    """A QEMU that already runs, for an :class:`AsyncVM` made to control it (attach)."""
+
+    runtime: RuntimeDir
+    process: QemuProcess
+    helpers: tuple[QemuProcess, ...]
+    accel: host.AccelChoice
+
+
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
 #: The process that owns the VMs in ``_live`` (a forked child owns none of them).
 _live_pid = os.getpid()
@@ -147,6 +158,11 @@ class AsyncVM:
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
     ``keep_runtime`` leaves the runtime directory (logs, overlays) after
     shutdown; ``state_root`` overrides where runtime directories live.
+    A kernel oops or BUG ends every guarded wait with :class:`GuestOops`
+    unless ``continue_on_oops`` (then it is only recorded, see :meth:`console_events`).
+    ``incoming`` is QEMU's ``-incoming`` for a VM that will be fed saved state
+    (``defer``: :meth:`restore` sends it over QMP). ``adopt`` makes the
+    object for a QEMU that already runs (:meth:`attach` uses it).
     """
 
     def __init__(
@@ -157,6 +173,9 @@ class AsyncVM:
         keep_runtime: bool = False,
         state_root: Path | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
+        continue_on_oops: bool = False,
+        incoming: str | None = None,
+        adopt: AdoptedQemu | None = None,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
@@ -164,6 +183,8 @@ class AsyncVM:
         self.die_with_parent = die_with_parent
         self.keep_runtime = keep_runtime
         self.boot_timeout = boot_timeout
+        #: Handed to the console watcher at start (ConsoleWatcher.continue_on_oops).
+        self.continue_on_oops = continue_on_oops
         self._state_root = state_root
         self.state = VMState.NEW
         self.accel: host.AccelChoice | None = None
@@ -176,12 +197,20 @@ class AsyncVM:
         self._io_error: asyncio.Future[GuestIOError] | None = None
         self._io_watch: asyncio.Task[None] | None = None
         self._formats: list[str] = []
+        self._vfs_launcher: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
+        self.incoming = incoming
+        if adopt is not None:
+            self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
+            self._helpers = list(adopt.helpers)
+            self.accel = adopt.accel
+            self.state = VMState.RUNNING
+            self.attached = True
 
     # -- properties --------------------------------------------------------
 
@@ -273,9 +302,13 @@ class AsyncVM:
                 raise SpecError("share.host_path", share.host_path, "no such directory")
         if self.spec.firmware == "ovmf" and host.find_ovmf() is None:
             raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-        if any(sh.transport == "virtiofs" for sh in self.spec.shares) and host.find_virtiofsd() is None:
-            raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
-                            "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+        if any(sh.transport == "virtiofs" for sh in self.spec.shares):
+            daemon = host.find_virtiofsd()
+            if daemon is None:
+                raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
+                                "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
+            # A normal user runs it in a user namespace, or learns here what is missing.
+            self._vfs_launcher = host.virtiofsd_launcher(daemon)
         probe = _default_probe_image() if self.spec.accel != "tcg" else None
         self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
         self._formats = formats
@@ -291,7 +324,7 @@ class AsyncVM:
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, _host_facts(host.find_qemu(), self.accel), rd,
-                           self._formats, incoming=self._incoming)
+                           self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -337,7 +370,7 @@ class AsyncVM:
             raise
         self._watch_io_errors()
         if self.spec.serial:
-            self._console = ConsoleWatcher(rd.console_log)
+            self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
@@ -375,7 +408,6 @@ class AsyncVM:
         Raises :class:`StateError` if no such VM runs.
         """
         from .paths import state_dir
-        from .qmp import connect_unix
 
         rd = RuntimeDir((state_root or state_dir()) / name)
         info = rd.read_info()
@@ -385,27 +417,32 @@ class AsyncVM:
         if proc is None:
             raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
                              "'qemukit gc' removes its entry")
-        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
-                 state_root=rd.path.parent)
-        vm.runtime, vm._proc, vm.argv = rd, proc, list(info.argv)
-        vm._helpers = [
+        helpers = tuple(
             h for pid, start in info.helpers
             if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
-        ]
-        vm.accel = host.AccelChoice(info.accel, info.accel_reason)
-        vm.state = VMState.RUNNING
-        vm.attached = True
+        )
+        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
+                 state_root=rd.path.parent,
+                 adopt=AdoptedQemu(rd, proc, helpers, host.AccelChoice(info.accel, info.accel_reason)))
         try:
-            sock = await connect_unix(str(rd.qmp_socket), timeout)
-            vm._qmp = QMP(f"qemukit-{name}")
-            await vm.guarded(vm._qmp.connect(sock, timeout), timeout, "QMP")
-            vm._watch_io_errors()
+            await vm._connect_shared_monitor(timeout)
         except BaseException:
             await vm.detach()
             raise
-        if vm.spec.agent != "none":
-            vm._agent = _make_agent(vm.spec, rd, connect_timeout=timeout, monitor=vm._qmp)
         return vm
+
+    async def _connect_shared_monitor(self, timeout: float) -> None:
+        """An attached VM's QMP (the shared qmp.sock), I/O-error watch and agent client."""
+        from .qmp import connect_unix
+
+        assert self.runtime is not None
+        sock = await connect_unix(str(self.runtime.qmp_socket), timeout)
+        self._qmp = QMP(f"qemukit-{self.runtime.name}")
+        await self.guarded(self._qmp.connect(sock, timeout), timeout, "QMP")
+        self._watch_io_errors()
+        if self.has_agent:
+            self._agent = _make_agent(self.spec, self.runtime, connect_timeout=timeout,
+                                      monitor=self._qmp)
 
     async def detach(self) -> None:
         """Let go of the VM without stopping it: close connections, leave QEMU running.
@@ -431,14 +468,14 @@ class AsyncVM:
         connect at once (the kernel queues it) with no wait for the daemon.
         """
         daemon = host.find_virtiofsd()
-        assert daemon is not None  # checked by _prepare
+        assert daemon is not None  # checked by _prepare, as is the launcher
         assert self.runtime is not None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(path)
             os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
             listener.listen(1)
-            argv = host.virtiofsd_argv(daemon, share, listener.fileno())
+            argv = host.virtiofsd_argv(daemon, share, listener.fileno(), self._vfs_launcher)
             self._helpers.append(QemuProcess.spawn(
                 argv, log_path=self.runtime.path / f"virtiofsd-{share.tag}.log",
                 pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
@@ -530,12 +567,9 @@ class AsyncVM:
             # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
             self._io_error = asyncio.get_running_loop().create_future()
             raise io_error.result()
-        panic_line = self._panic_line(panic)
-        if panic_line is not None:
-            # Give the kernel a moment to finish printing its backtrace into the log.
-            with contextlib.suppress(WaitTimeout):
-                await self._proc.wait(2)
-            raise GuestPanic(panic_line, self.console_tail(40))
+        console_event = self._panic_line(panic)
+        if console_event is not None:
+            await self._raise_console_event(console_event)
         if not self._proc.alive():
             raise LaunchError(
                 f"QEMU exited while waiting for {what}",
@@ -566,6 +600,15 @@ class AsyncVM:
         if self.runtime is not None:
             self.runtime.ready_stamp.unlink(missing_ok=True)
 
+    def forget_guest_faults(self) -> None:
+        """Forget a panic, oops or share error seen so far: the guest's state is being replaced.
+
+        Loading a snapshot (or reverting to one) puts back a guest from
+        before the fault, so calls after it must not fail because of it.
+        """
+        if self._console is not None:
+            self._console.reset()
+
     def _watch_io_errors(self) -> None:
         """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
         assert self._qmp is not None
@@ -586,15 +629,30 @@ class AsyncVM:
 
         self._io_watch = asyncio.create_task(watch(), name=f"io-errors {self.name}")
 
-    def _panic_line(self, panic: asyncio.Future[str] | None) -> str | None:
-        """The panic line seen live, or found in the console log after QEMU exited."""
+    def _panic_line(self, panic: asyncio.Future[ConsoleEvent] | None) -> ConsoleEvent | None:
+        """The console event that ends the wait (a panic, an oops unless continued past,
+        a share that did not mount): seen live, else found in the console log (QEMU exited
+        before the watcher read it)."""
         if panic is not None and panic.done() and not panic.cancelled():
             return panic.result()
-        for line in self.console_tail(200).splitlines():
-            m = PANIC_RE.search(line)
-            if m:
-                return m.group(1).strip()
-        return None
+        continue_on_oops = self._console.continue_on_oops if self._console else self.continue_on_oops
+        return first_fatal(classify_text(self.console_tail(200)), continue_on_oops)
+
+    async def _raise_console_event(self, event: ConsoleEvent) -> NoReturn:
+        """Raise the error for a fatal console event, once the kernel has said all it will."""
+        assert self._proc is not None
+        if event.kind == "oops" and self._console is not None:
+            # An oops turns into a panic with panic_on_oops or in an interrupt: wait for
+            # the end of its report to tell which.
+            event = await self._console.oops_outcome(event)
+        if event.kind == "panic":
+            # Give the kernel a moment to finish printing its backtrace into the log.
+            with contextlib.suppress(WaitTimeout):
+                await self._proc.wait(2)
+            raise GuestPanic(event.line, self.console_tail(40))
+        if event.kind == "oops":
+            raise GuestOops(event.line, self.console_tail(60))
+        raise share_error(event, self.spec.shares, self.console_tail(20))
 
     # -- QMP ---------------------------------------------------------------------
 
@@ -691,9 +749,6 @@ class AsyncVM:
 
     # -- snapshots (qemukit.snapshot) --------------------------------------------------
 
-    #: ``-incoming`` for the next start: ``defer`` when :meth:`restore` feeds saved state.
-    _incoming: str | None = None
-
     @property
     def snapshots(self) -> Snapshots:
         """Internal and external snapshots: ``await vm.snapshots.save("tag")``.
@@ -721,7 +776,8 @@ class AsyncVM:
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
                       timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
                       keep_runtime: bool = False, state_root: Path | None = None,
-                      boot_timeout: float = BOOT_TIMEOUT) -> AsyncVM:
+                      boot_timeout: float = BOOT_TIMEOUT,
+                      continue_on_oops: bool = False) -> AsyncVM:
         """Start a clone from a bundle written by :meth:`save_state`; returns it running.
 
         The clone resumes where the saved guest was, without booting, on its
@@ -732,8 +788,8 @@ class AsyncVM:
         saved = Bundle.open(bundle)
         saved.check_qemu(await asyncio.to_thread(host.find_qemu))
         vm = cls(saved.clone_spec(name), die_with_parent=die_with_parent,
-                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)
-        vm._incoming = "defer"
+                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
+                 continue_on_oops=continue_on_oops, incoming="defer")
         await vm.start()
         try:
             await restore_vm(vm, saved, timeout)
@@ -862,6 +918,18 @@ class AsyncVM:
         if self._console is None:
             raise StateError(f"VM {self.name!r} has no serial console")
         self._console.sink = sink
+
+    async def console_events(self) -> list[ConsoleEvent]:
+        """The kernel events seen on the console so far, in order (see :mod:`qemukit.console`).
+
+        Includes everything the guest printed before the call: panics, oopses,
+        warnings (soft lockups, RCU stalls, ``WARNING:``) and share errors.
+        Empty for a VM without a console watcher (attached, or no serial).
+        """
+        if self._console is None:
+            return []
+        await self._console.settle()
+        return list(self._console.events)
 
     async def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait until QEMU exits by itself (the guest powered off); returns its status."""
@@ -1041,9 +1109,13 @@ class VM(SyncFacade):
     _aio: AsyncVM
 
     def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
-                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT) -> None:
+                 state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
+                 continue_on_oops: bool = False, incoming: str | None = None,
+                 adopt: AdoptedQemu | None = None) -> None:
         super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
-                                 state_root=state_root, boot_timeout=boot_timeout))
+                                 state_root=state_root, boot_timeout=boot_timeout,
+                                 continue_on_oops=continue_on_oops, incoming=incoming,
+                                 adopt=adopt))
 
     @property
     def aio(self) -> AsyncVM:
@@ -1085,6 +1157,7 @@ class VM(SyncFacade):
     wait_ready = blocking(AsyncVM.wait_ready)
     exec = blocking(AsyncVM.exec)
     wait_exit = blocking(AsyncVM.wait_exit)
+    console_events = blocking(AsyncVM.console_events)
     shutdown = blocking(AsyncVM.shutdown)
     kill = blocking(AsyncVM.kill)
 
@@ -1103,11 +1176,12 @@ class VM(SyncFacade):
     def restore(cls, bundle: str | Path, *, name: str | None = None,
                 timeout: float = SAVE_TIMEOUT, die_with_parent: bool = True,
                 keep_runtime: bool = False, state_root: Path | None = None,
-                boot_timeout: float = BOOT_TIMEOUT) -> VM:
+                boot_timeout: float = BOOT_TIMEOUT, continue_on_oops: bool = False) -> VM:
         """Start a clone from a saved-state bundle, running (see :meth:`AsyncVM.restore`)."""
         return cls._wrap(run_sync(AsyncVM.restore(
             bundle, name=name, timeout=timeout, die_with_parent=die_with_parent,
-            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout)))
+            keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
+            continue_on_oops=continue_on_oops)))
 
     @classmethod
     def _wrap(cls, aio: AsyncVM) -> VM:

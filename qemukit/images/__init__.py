@@ -10,12 +10,13 @@ with ``qemukit images build debian`` (needs root and mmdebstrap).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
 
 from ..errors import HostError, SpecError
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_dir_error
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
 from .debian import DEBIAN_APPEND, DebianImage, build_debian, find_debian
 from .tiny import TinyImage, build_tiny, find_tiny
@@ -54,9 +55,21 @@ def find_image(name: str) -> TinyImage | DebianImage | None: ...
 def find_image(name: str) -> TinyImage | DebianImage | None:
     """The built image called ``name`` in the cache, or None."""
     _check_name(name)
-    if name == "debian":
-        return find_debian(cache_dir())
-    return find_tiny(cache_dir(), recipe_dir(name))
+    try:
+        if name == "debian":
+            return find_debian(cache_dir())
+        return find_tiny(cache_dir(), recipe_dir(name))
+    except OSError as exc:
+        raise _os_error(exc, f"looking for image {name!r} failed") from exc
+
+
+def _os_error(exc: OSError, doing: str) -> HostError:
+    """``exc`` as a HostError; one about the cache directory says so and names QEMUKIT_CACHE."""
+    root = cache_dir()
+    filename = Path(os.fsdecode(exc.filename)) if exc.filename is not None else None
+    if filename is not None and (filename.is_relative_to(root) or root.is_relative_to(filename)):
+        return HostError(f"{doing}: {cache_dir_error(root, exc)}")
+    return HostError(f"{doing}: {exc}")
 
 
 @overload
@@ -82,8 +95,10 @@ def build(
         if name == "debian":
             return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force)
         return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force)
-    except (RuntimeError, OSError) as exc:
+    except RuntimeError as exc:
         raise HostError(f"building image {name!r} failed: {exc}") from exc
+    except OSError as exc:
+        raise _os_error(exc, f"building image {name!r} failed") from exc
 
 
 def spec(name: str = "tiny", **overrides: Any) -> VMSpec:

@@ -101,3 +101,23 @@ def test_asyncio_timeout_around_a_guest_command_propagates(tiny_spec: VMSpec) ->
             return (await vm.exec(["echo", "still", "fine"])).stdout_text.strip()
 
     assert asyncio.run(main()) == "still fine"
+
+
+def test_a_snapshot_load_puts_back_a_guest_from_before_an_oops(tiny_spec: VMSpec,
+                                                              tmp_path: Path) -> None:
+    """A session VM rolled back after a test oopsed its kernel is usable again."""
+    from qemukit import GuestOops
+
+    qemu = host.find_qemu()
+    base = tmp_path / "base.qcow2"
+    host.run_command([qemu.qemu_img or "qemu-img", "create", "-f", "qcow2", str(base), "16M"])
+    with VM(tiny_spec.replace(drives=(Drive(str(base), overlay=True),))) as vm:
+        vm.wait_ready()
+        vm.snapshots.save("clean")
+        oops = "BUG: kernel NULL pointer dereference, address: 0000000000000000"
+        with pytest.raises(GuestOops):  # at an emergency level, so it reaches the console
+            vm.exec(["sh", "-c", f"echo '<0>{oops}' > /dev/kmsg; sleep 5"], timeout=60)
+        with pytest.raises(GuestOops):  # the fault sticks to the VM...
+            vm.exec(["true"])
+        vm.snapshots.load("clean")  # ...until the guest from before it is put back
+        assert vm.exec(["echo", "back"]).stdout_text.strip() == "back"

@@ -4,6 +4,7 @@ runtime files, QMP on TCP only when asked, privileges dropped when asked."""
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import socket
 import stat
@@ -52,6 +53,7 @@ def test_qmp_on_tcp_only_when_asked_and_on_loopback(tiny_spec: VMSpec) -> None:
         vm.shutdown(timeout=10)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make QEMU switch to another user")
 def test_run_as_drops_qemu_to_that_user(tiny_spec: VMSpec) -> None:
     nobody = pwd.getpwnam("nobody")
     with VM(tiny_spec.replace(run_as="nobody")) as vm:

@@ -94,7 +94,8 @@ def test_cmdline_json_notes_are_a_list(cli: Any) -> None:
         (["--name", "../x"], "name"),
         (["--disk", "d.img,if=ide"], "drive.interface"),
         (["--nic", "tap"], "nic.ifname"),
-        (["--max-memory", "4G"], "slots"),
+        (["--slots", "2"], "slots"),
+        (["--max-memory", "4G", "--slots", "-1"], "slots"),
         (["--initrd", "i.img"], "kernel"),
     ],
 )
@@ -103,6 +104,21 @@ def test_cmdline_bad_value_exits_125(cli: Any, args: list[str], field: str) -> N
     assert result.exit_code == EXIT_ERROR == 125
     assert field in result.stderr
     assert result.stdout == ""
+
+
+@needs_qemu
+@pytest.mark.parametrize(("args", "memory"), [
+    (["--max-memory", "2G"], "512M,slots=8,maxmem=2048M"),
+    (["--max-memory", "2G", "--slots", "2"], "512M,slots=2,maxmem=2048M"),
+])
+def test_cmdline_max_memory_slots(cli: Any, args: list[str], memory: str) -> None:
+    argv = json_argv(cli("cmdline", "--accel", "tcg", "--json", *args))
+    assert option_values(argv, "-m") == [memory]
+
+
+def test_help_says_the_default_slots(cli: Any) -> None:
+    text = " ".join(cli("run", "--help").stdout.split())
+    assert "gives 8 DIMM slots unless --slots" in text
 
 
 @needs_qemu

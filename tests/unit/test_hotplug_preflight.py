@@ -98,6 +98,9 @@ class FakeVM:
     async def reset_agent(self) -> None:
         pass
 
+    def forget_guest_faults(self) -> None:
+        pass
+
     async def wait_ready(self, timeout: float | None = None) -> float:
         return 0.0
 
@@ -454,12 +457,12 @@ def test_a_backend_that_stays_keeps_the_record(fake: FakeVM, image: Path) -> Non
 
 
 def test_ledger_writes_atomically_and_keeps_order(tmp_path: Path) -> None:
-    from qemukit.hotplug import _Record
+    from qemukit.hotplug._ledger import DeviceRecord
 
     ledger = DeviceLedger(RuntimeDir(tmp_path))
     assert ledger.records() == []
     for name in ("x", "y", "z"):
-        ledger.add(_Record(name, "nic", (), {"driver": "virtio-net-pci", "id": name}))
+        ledger.add(DeviceRecord(name, "nic", (), {"driver": "virtio-net-pci", "id": name}))
     ledger.remove("y")
     assert [r.id for r in ledger.records()] == ["x", "z"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.json", "devices.lock"]

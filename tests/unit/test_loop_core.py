@@ -179,3 +179,17 @@ def test_prctl_is_resolved_before_any_fork() -> None:
     assert "CDLL" not in source and "dlopen" not in source
     assert callable(process._prctl)
     assert sys.platform == "linux"
+
+
+def test_qemu_qmps_default_listener_keeps_no_event() -> None:
+    """qemu.qmp's all-events listener is never read by qemukit: it must not queue events."""
+    from qemukit.qmp import QMP
+
+    async def main() -> None:
+        qmp = QMP("test")
+        default = qmp._client.events
+        for i in range(100):
+            await qmp._client._event_dispatch({"event": "RESUME", "data": {"i": i}})
+        assert default.empty() and not default.history
+
+    asyncio.run(main())

@@ -46,8 +46,13 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_errors_share_one_root() -> None:
-    errors = [getattr(qemukit, n) for n in qemukit.__all__ if n.endswith(("Error", "Panic", "Timeout"))]
+    errors = [getattr(qemukit, n) for n in qemukit.__all__
+              if n.endswith(("Error", "Panic", "Oops", "Timeout"))]
     assert len(errors) >= 10
+    assert {qemukit.GuestOops, qemukit.ShareMountError} <= set(errors)
+    assert issubclass(qemukit.GuestOops, qemukit.GuestError)
+    assert not issubclass(qemukit.GuestOops, qemukit.GuestPanic)  # an oops is not a panic
+    assert issubclass(qemukit.ShareMountError, qemukit.GuestError)
     for cls in errors:
         assert issubclass(cls, qemukit.QemukitError), cls
 
@@ -233,3 +238,56 @@ def test_library_does_not_import_click_or_pytest() -> None:
         if external & {"click", "pytest"}:
             bad.append(f"{_rel(path)}: {sorted(external & {'click', 'pytest'})}")
     assert not bad
+
+
+# -- public modules are attributes, loaded lazily ------------------------------------------
+
+
+def _imported_by(code: str) -> set[str]:
+    """The modules a fresh interpreter imports to run ``code`` (from -X importtime)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True,
+                          text=True, check=True)
+    return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_import_qemukit_stays_light() -> None:
+    imported = _imported_by("import qemukit")
+    assert "qemukit" in imported and "qemukit.spec" in imported
+    heavy = {"asyncio", "qemu.qmp", "qemukit.vm", "qemukit.images", "psutil", "click"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
+def _run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (this one has imported every module already)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", qemukit.SUBMODULES)
+def test_public_module_is_an_attribute(name: str) -> None:
+    _run_fresh(
+        f"import qemukit, sys\n"
+        f"assert '{name}' in dir(qemukit)\n"
+        f"module = qemukit.{name}\n"
+        f"assert module is sys.modules['qemukit.{name}'], module\n"
+    )
+
+
+def test_images_spec_through_the_package() -> None:
+    _run_fresh("import qemukit\nassert callable(qemukit.images.spec)\n"
+               "assert callable(qemukit.kernel.run_kernel)\n")
+
+
+def test_submodules_are_the_documented_ones() -> None:
+    on_disk = {m.name.rsplit(".", 1)[-1] for m in pkgutil.iter_modules(qemukit.__path__)}
+    assert set(qemukit.SUBMODULES) <= on_disk
+    assert not {"cli", "pytest_plugin", "_sync", "_fs"} & set(qemukit.SUBMODULES)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        qemukit.nonexistent  # noqa: B018

@@ -9,15 +9,9 @@ from typing import Any
 import pytest
 
 from qemukit import Drive, SnapshotError, VMSpec
-from qemukit.snapshot import (
-    EXT_PREFIX,
-    MANIFEST,
-    BlockDevice,
-    Bundle,
-    block_devices,
-    check_tag,
-    find_problems,
-)
+from qemukit.snapshot import BlockDevice, Bundle, block_devices, check_tag, find_problems
+from qemukit.snapshot._bundle import MANIFEST
+from qemukit.snapshot._records import EXT_PREFIX
 
 
 def entry(qdev: str, node: str, drv: str, *, ro: bool = False, snapshots: Any = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec, parse_drive, parse_nic, parse_size
-from qemukit.spec import CloudInit
+from qemukit.spec import DEFAULT_MEMORY_SLOTS, CloudInit
 
 
 def spec_error(make: Callable[[], object]) -> SpecError:
@@ -72,9 +72,38 @@ def test_max_memory_below_memory() -> None:
     assert err.value == 1024  # the parsed size, in MiB
 
 
-def test_max_memory_needs_slots() -> None:
-    err = spec_error(lambda: VMSpec(memory="1G", max_memory="4G"))
-    assert (err.field, err.value) == ("slots", 0)
+def test_max_memory_gets_default_slots(tmp_path: Path) -> None:
+    spec = VMSpec(memory="1G", max_memory="4G")
+    assert (spec.max_memory, spec.slots) == (4096, DEFAULT_MEMORY_SLOTS)
+    assert DEFAULT_MEMORY_SLOTS == 8
+    spec.dump(tmp_path / "vm.toml")
+    assert VMSpec.load(tmp_path / "vm.toml") == spec
+
+
+def test_explicit_slots_win_over_the_default() -> None:
+    assert VMSpec(max_memory="4G", slots=2).slots == 2
+    assert VMSpec(max_memory="4G", slots=256).slots == 256
+
+
+@pytest.mark.parametrize("slots", [-1, 257, "4", 1.5, True])
+def test_bad_slots_with_max_memory(slots: object) -> None:
+    err = spec_error(lambda: VMSpec(max_memory="4G", slots=slots))
+    assert err.field == "slots" and same_value(err.value, slots)
+
+
+def test_no_slots_without_max_memory() -> None:
+    assert VMSpec().slots == 0
+    assert VMSpec(memory="4G").slots == 0
+
+
+def test_default_slots_follow_max_memory_through_replace() -> None:
+    plain = VMSpec(memory="1G")
+    grown = plain.replace(max_memory="4G")
+    assert grown.slots == DEFAULT_MEMORY_SLOTS
+    assert grown.replace(max_memory=None).slots == 0
+    assert VMSpec(max_memory="4G", slots=2).replace(max_memory="8G").slots == 2
+    err = spec_error(lambda: grown.replace(max_memory=None, slots=2))
+    assert (err.field, err.value) == ("slots", 2)
 
 
 def test_slots_need_max_memory() -> None:

@@ -51,3 +51,7 @@ def test_sync_methods_are_not_written_by_hand() -> None:
                                                 classmethod) or name == "start":
                 continue
             assert getattr(raw, "__wrapped__", None) is coroutine, f"{sync_cls.__name__}.{name}"
+
+
+def test_vm_takes_the_same_options_as_asyncvm() -> None:
+    assert inspect.signature(VM.__init__) == inspect.signature(AsyncVM.__init__)

@@ -1,87 +1,53 @@
-"""Hot-plug and unplug disks, NICs, CPUs and memory on a running VM.
-
-Every change goes the same way:
-
-1. **Preflight**, before anything in QEMU changes: the arguments, a free
-   pcie-root-port or slot, ``max_cpus``/``max_memory``/``slots`` headroom,
-   the file and its real format, an unused id. A change that cannot work
-   raises :class:`~qemukit.errors.HotplugError` naming the field and value.
-2. **Backend, then device**: ``blockdev-add``/``netdev_add``/``object-add``,
-   then ``device_add``. If ``device_add`` fails, the backends added so far
-   are removed again, so nothing half-plugged remains.
-3. **Record**: what was plugged goes to ``devices.json`` in the VM's runtime
-   directory (the backend commands and the ``device_add`` arguments), so
-   another process (``qemukit`` commands, :meth:`AsyncVM.attach`) sees it and
-   a restore can declare the same devices on a new QEMU's command line.
-4. **Completion** comes from QMP events, never from sleeping: CPUs and DIMMs
-   return once the guest acknowledged them (``ACPI_DEVICE_OST``); an unplug
-   returns once QEMU reports the device gone (``DEVICE_DELETED``) and its
-   backends are deleted. A guest that refuses (a failing ``_OST`` status or
-   ``DEVICE_UNPLUG_GUEST_ERROR``) or does not answer in time raises
-   :class:`HotplugError`; the device then stays listed as plugged.
-
-PCI devices (virtio-blk, virtio-net, nvme, the virtio-scsi controller) go
-on the q35 machine's free ``pcie-root-port`` (``hp0``..``hpN-1``, see
-``VMSpec.hotplug_ports``). QEMU's ACPI PCI hotplug gives no QMP signal when
-the guest has probed a new PCI device, so :meth:`AsyncHotplug.disk` and
-:meth:`AsyncHotplug.nic` return once QEMU has the device; a Linux guest sees
-it about 0.1 s later under TCG.
-
-Two QEMU limits under TCG (measured, QEMU 7.2 and 10.0) shape the CPU
-preflight: QEMU 7.2 corrupts its own heap when a vCPU is unplugged (the next
-QMP command or CPU hotplug crashes it), so qemukit refuses CPU unplug there;
-and every vCPU thread ever started keeps its TCG context until QEMU exits,
-so the number of vCPUs hot-added over the VM's life cannot exceed
-``max_cpus - cpus`` (QEMU 10.0 aborts on the next one).
-"""
+"""The hotplug operations (:class:`AsyncHotplug`) and their sync face (:class:`Hotplug`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
-from . import host
-from ._fs import write_atomic
-from ._sync import SyncFacade, blocking
-from .errors import HostError, HotplugError, QemukitError, QMPCommandError, SpecError, StateError, WaitTimeout
-from .spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, parse_size
-from .state import RuntimeDir
-from .target import VMTarget
-from .timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
-
-__all__ = [
-    "PLUG_TIMEOUT",
-    "UNPLUG_TIMEOUT",
-    "AsyncHotplug",
-    "DeviceKind",
-    "DeviceLedger",
-    "Hotplug",
-    "PluggedDevice",
-]
+from .. import host
+from .._sync import SyncFacade, blocking
+from ..errors import (
+    HostError,
+    HotplugError,
+    QemukitError,
+    QMPCommandError,
+    SpecError,
+    StateError,
+    WaitTimeout,
+)
+from ..spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, parse_size
+from ..target import VMTarget
+from ..timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
+from ._ledger import UNDO, DeviceLedger, DeviceRecord, PluggedDevice, refuse
 
 T = TypeVar("T")
 
-DeviceKind = Literal["disk", "nic", "cpu", "memory", "controller"]
 
 #: Linux onlines hot-added memory in blocks of 128 MiB (x86-64); the rest of
 #: a DIMM that is not a multiple is silently ignored by the guest.
 MEMORY_BLOCK_MIB = 128
+
+
 #: First QEMU release measured to survive a vCPU unplug under TCG.
 TCG_CPU_UNPLUG_MIN_QEMU = (10, 0)
 
+
 # ACPI _OST (ACPI 6.x, 6.3.5): the event that caused it, and the status.
 _OST_EJECT_REQUEST = 3
+
+
 _OST_SUCCESS = 0
+
+
 _OST_EJECT_IN_PROGRESS = 0x84
+
+
 _OST_STATUS = {
     0x01: "non-specific failure",
     0x02: "unrecognized notify code",
@@ -92,185 +58,12 @@ _OST_STATUS = {
     0x84: "ejection in progress",
 }
 
+
 _ID_PREFIX: dict[str, str] = {
     "disk": "disk", "nic": "net", "cpu": "cpu", "memory": "dimm", "controller": "scsi",
 }
-# The command that removes what each backend command created, and the argument naming it.
-_UNDO = {"blockdev-add": ("blockdev-del", "node-name", "node-name"),
-         "netdev_add": ("netdev_del", "id", "id"),
-         "object-add": ("object-del", "id", "id")}
 
 
-def _refuse(field_name: str, value: Any, reason: str, device: str | None = None) -> HotplugError:
-    return HotplugError(f"{field_name}={value!r}: {reason}", field=field_name, value=value,
-                        device=device)
-
-
-# -- records -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PluggedDevice:
-    """A device qemukit hot-plugged: what :meth:`AsyncHotplug.disk` & co. return.
-
-    ``backends`` are the block node names (file node first), the netdev id or
-    the memory backend object id; ``bus`` is the pcie-root-port (``hp2``) or
-    the SCSI bus the device sits on; ``overlay`` the throwaway qcow2 of an
-    ``overlay=True`` disk.
-    """
-
-    id: str
-    kind: DeviceKind
-    driver: str
-    bus: str | None = None
-    backends: tuple[str, ...] = ()
-    overlay: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON output."""
-        return {"id": self.id, "kind": self.kind, "driver": self.driver, "bus": self.bus,
-                "backends": list(self.backends), "overlay": self.overlay}
-
-
-@dataclass(frozen=True)
-class _Record:
-    """One entry of ``devices.json``: the QMP commands that recreate a device."""
-
-    id: str
-    kind: DeviceKind
-    backend: tuple[tuple[str, dict[str, Any]], ...]
-    device: dict[str, Any]
-    overlay: str | None = None
-
-    def handle(self) -> PluggedDevice:
-        names = tuple(str(args[_UNDO[cmd][2]]) for cmd, args in self.backend if cmd in _UNDO)
-        bus = self.device.get("bus")
-        return PluggedDevice(self.id, self.kind, str(self.device["driver"]),
-                             str(bus) if bus is not None else None, names, self.overlay)
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "backend": [{"command": cmd, "arguments": args} for cmd, args in self.backend],
-            "device": self.device,
-        }
-        if self.overlay is not None:
-            data["overlay"] = self.overlay
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> _Record:
-        return cls(
-            id=str(data["id"]),
-            kind=data["kind"],
-            backend=tuple((str(b["command"]), dict(b["arguments"])) for b in data["backend"]),
-            device=dict(data["device"]),
-            overlay=data.get("overlay"),
-        )
-
-
-class DeviceLedger:
-    """``devices.json`` (and the TCG vCPU count) in a VM's runtime directory.
-
-    The file is the one view of what is plugged, shared by every process
-    that controls the VM: each change is a read-modify-write under an
-    ``flock`` and lands with an atomic rename, so a reader never sees half a
-    file and two writers never lose each other's entry.
-    """
-
-    def __init__(self, runtime: RuntimeDir) -> None:
-        self.runtime = runtime
-
-    @property
-    def path(self) -> Path:
-        """``devices.json``: a list of {"id", "kind", "backend", "device"} entries."""
-        return self.runtime.path / "devices.json"
-
-    @property
-    def _counter_path(self) -> Path:
-        return self.runtime.path / "vcpus-added"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.runtime.path / "devices.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _read(self) -> list[_Record]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise _refuse("devices.json", str(self.path), exc.strerror or str(exc)) from exc
-        try:
-            return [_Record.from_json(item) for item in json.loads(text)]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _refuse("devices.json", str(self.path), f"unreadable: {exc}") from exc
-
-    def _write(self, records: Sequence[_Record]) -> None:
-        write_atomic(self.path, json.dumps([r.to_json() for r in records], indent=1))
-
-    def records(self) -> list[_Record]:
-        """Every recorded device, in the order they were plugged."""
-        with self._locked():
-            return self._read()
-
-    def add(self, record: _Record) -> None:
-        """Append ``record`` (replacing an entry with the same id)."""
-        with self._locked():
-            records = [r for r in self._read() if r.id != record.id]
-            self._write([*records, record])
-            if record.kind == "cpu":
-                write_atomic(self._counter_path, str(self._vcpus_added() + 1))
-
-    def remove(self, device_id: str) -> None:
-        """Drop the entry of ``device_id`` (no error if there is none)."""
-        with self._locked():
-            records = self._read()
-            if any(r.id == device_id for r in records):
-                self._write([r for r in records if r.id != device_id])
-
-    def argv(self) -> list[str]:
-        """QEMU options that declare the recorded devices on a new QEMU's command line.
-
-        For a restore (``-incoming``) the new QEMU must have the same devices
-        with the same ids and properties: ``-blockdev``/``-netdev``/``-object``
-        then ``-device``, in JSON, in plug order. Paths are used as recorded
-        (an overlay lives in this VM's runtime directory).
-        """
-        return _records_argv(self.records())
-
-    def vcpus_added(self) -> int:
-        """How many vCPUs were hot-added over the VM's life (unplugged ones included)."""
-        with self._locked():
-            return self._vcpus_added()
-
-    def _vcpus_added(self) -> int:
-        try:
-            return int(self._counter_path.read_text())
-        except (OSError, ValueError):
-            return 0
-
-
-_BACKEND_OPTION = {"blockdev-add": "-blockdev", "netdev_add": "-netdev", "object-add": "-object"}
-
-
-def _records_argv(records: Sequence[_Record]) -> list[str]:
-    """The command-line form of recorded devices (see :meth:`DeviceLedger.argv`)."""
-    argv: list[str] = []
-    for record in records:
-        for command, arguments in record.backend:
-            argv += [_BACKEND_OPTION[command], json.dumps(arguments, separators=(",", ":"))]
-        argv += ["-device", json.dumps(record.device, separators=(",", ":"))]
-    return argv
-
-
-# -- the operations ------------------------------------------------------------------
 
 
 class AsyncHotplug:
@@ -319,18 +112,18 @@ class AsyncHotplug:
                           read_only=read_only, overlay=overlay, id=id)
         except SpecError as exc:
             name = exc.field.removeprefix("drive.")
-            raise _refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
+            raise refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
         async with self._vm.operation_lock():
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
-                raise _refuse("path", str(drive.file), "no such file")
+                raise refuse("path", str(drive.file), "no such file")
             qemu = await asyncio.to_thread(host.find_qemu)
             try:
                 actual = await asyncio.to_thread(host.image_format, file, qemu)
             except SpecError as exc:
-                raise _refuse("path", str(drive.file), exc.reason) from exc
+                raise refuse("path", str(drive.file), exc.reason) from exc
             if drive.format is not None and drive.format != actual:
-                raise _refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
+                raise refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
             self._require_pci()
             used = await self._used_names()
             dev_id = self._pick_id(drive.id, "disk", used, lambda i: (f"{i}-file", f"{i}-fmt"))
@@ -363,7 +156,7 @@ class AsyncHotplug:
                     device.update(driver="scsi-hd", bus=f"{controller}.0")
                 else:
                     device.update(driver="nvme", bus=port, serial=dev_id[:20])
-                record = _Record(dev_id, "disk", backend, device, overlay_path)
+                record = DeviceRecord(dev_id, "disk", backend, device, overlay_path)
                 try:
                     await self._plug(record, timeout)
                 except HotplugError as exc:
@@ -391,7 +184,7 @@ class AsyncHotplug:
         try:
             host.create_overlay(base, fmt, overlay)
         except HostError as exc:
-            raise _refuse("overlay", True, str(exc), dev_id) from exc
+            raise refuse("overlay", True, str(exc), dev_id) from exc
         return str(overlay)
 
     async def _scsi_controller(self) -> str | None:
@@ -403,7 +196,7 @@ class AsyncHotplug:
 
     async def _plug_controller(self, port: str, used: set[str], timeout: float) -> str:
         ctrl_id = self._pick_id(None, "controller", used, lambda i: ())
-        record = _Record(ctrl_id, "controller", (),
+        record = DeviceRecord(ctrl_id, "controller", (),
                          {"driver": "virtio-scsi-pci", "id": ctrl_id, "bus": port})
         await self._plug(record, timeout)
         used.add(ctrl_id)
@@ -432,7 +225,7 @@ class AsyncHotplug:
             # Nic parses "2222:22" strings into PortForward itself.
             nic = Nic(kind=kind, forwards=cast(Any, tuple(forwards)), ifname=ifname, mac=mac, id=id)
         except SpecError as exc:
-            raise _refuse(exc.field.removeprefix("nic."), exc.value, exc.reason) from exc
+            raise refuse(exc.field.removeprefix("nic."), exc.value, exc.reason) from exc
         async with self._vm.operation_lock():
             self._require_pci()
             for fw in nic.forwards:
@@ -454,7 +247,7 @@ class AsyncHotplug:
                     ]
             device = {"driver": "virtio-net-pci", "id": dev_id, "netdev": backend_id,
                       "mac": nic.mac or _random_mac(), "bus": port}
-            record = _Record(dev_id, "nic", (("netdev_add", netdev),), device)
+            record = DeviceRecord(dev_id, "nic", (("netdev_add", netdev),), device)
             await self._plug(record, timeout)
             return record.handle()
 
@@ -470,7 +263,7 @@ class AsyncHotplug:
         so plug after :meth:`~qemukit.vm.AsyncVM.wait_ready`.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise _refuse("count", count, "must be a positive integer")
+            raise refuse("count", count, "must be a positive integer")
         async with self._vm.operation_lock():
             self._require_acpi()
             spec = self._vm.spec
@@ -479,13 +272,13 @@ class AsyncHotplug:
                           key=lambda s: sorted(s["props"].items()))
             if len(free) < count:
                 hint = "" if free else f"; start the VM with max_cpus above cpus ({spec.cpus})"
-                raise _refuse("max_cpus", spec.max_cpus,
+                raise refuse("max_cpus", spec.max_cpus,
                               f"{len(free)} free vCPU slot(s), {count} asked{hint}")
             if self._tcg:
                 added = await asyncio.to_thread(self.ledger.vcpus_added)
                 limit = (spec.max_cpus or spec.cpus) - spec.cpus
                 if added + count > limit:
-                    raise _refuse(
+                    raise refuse(
                         "max_cpus", spec.max_cpus,
                         f"under TCG every vCPU ever hot-added keeps its translation context "
                         f"until QEMU exits: {added} of {limit} already used, {count} more asked",
@@ -496,7 +289,7 @@ class AsyncHotplug:
                 # Named from the boot CPUs' count up, as the guest tends to number them.
                 cpu_id = self._pick_id(None, "cpu", used, lambda i: (), start=spec.cpus)
                 used.add(cpu_id)
-                record = _Record(cpu_id, "cpu", (),
+                record = DeviceRecord(cpu_id, "cpu", (),
                                  {"driver": slot["type"], "id": cpu_id, **slot["props"]})
                 try:
                     await self._plug(record, timeout, acknowledge=True)
@@ -527,30 +320,30 @@ class AsyncHotplug:
         try:
             mib = parse_size(size, "size")
         except SpecError as exc:
-            raise _refuse("size", size, exc.reason) from exc
+            raise refuse("size", size, exc.reason) from exc
         if mib <= 0 or mib % MEMORY_BLOCK_MIB:
-            raise _refuse("size", size, f"must be a positive multiple of {MEMORY_BLOCK_MIB} MiB "
+            raise refuse("size", size, f"must be a positive multiple of {MEMORY_BLOCK_MIB} MiB "
                           "(Linux guests online memory in 128 MiB blocks)")
         async with self._vm.operation_lock():
             self._require_acpi()
             spec = self._vm.spec
             if spec.max_memory is None:
-                raise _refuse("max_memory", None, "memory hotplug needs max_memory and slots "
+                raise refuse("max_memory", None, "memory hotplug needs max_memory and slots "
                               "in the spec (e.g. max_memory='2G', slots=4)")
             summary = await self._vm.qmp("query-memory-size-summary")
             in_use = (summary["base-memory"] + summary.get("plugged-memory", 0)) >> 20
             if in_use + mib > spec.max_memory:
-                raise _refuse("max_memory", spec.max_memory,
+                raise refuse("max_memory", spec.max_memory,
                               f"{in_use} MiB in use, {mib} MiB more would exceed "
                               f"{spec.max_memory} MiB")
             dimms = await self._vm.qmp("query-memory-devices")
             if len(dimms) >= spec.slots:
-                raise _refuse("slots", spec.slots, f"all {spec.slots} memory slot(s) are in use")
+                raise refuse("slots", spec.slots, f"all {spec.slots} memory slot(s) are in use")
             used = await self._used_names()
             dimm_id = self._pick_id(None, "memory", used, lambda i: (f"mem-{i}",))
             backend = (("object-add", {"qom-type": "memory-backend-ram", "id": f"mem-{dimm_id}",
                                        "size": mib << 20}),)
-            record = _Record(dimm_id, "memory", backend,
+            record = DeviceRecord(dimm_id, "memory", backend,
                              {"driver": "pc-dimm", "id": dimm_id, "memdev": f"mem-{dimm_id}"})
             await self._plug(record, timeout, acknowledge=True)
             return record.handle()
@@ -572,17 +365,17 @@ class AsyncHotplug:
             record = next((r for r in records if r.id == dev_id), None)
             if record is None:
                 known = ", ".join(r.id for r in records) or "none"
-                raise _refuse("id", dev_id, f"not a device qemukit hot-plugged (plugged: {known})")
+                raise refuse("id", dev_id, f"not a device qemukit hot-plugged (plugged: {known})")
             if record.kind == "controller":
                 bus = f"{dev_id}.0"
                 users = [r.id for r in records if r.device.get("bus") == bus]
                 if users:
-                    raise _refuse("id", dev_id, f"the controller still has disks: {', '.join(users)}; "
+                    raise refuse("id", dev_id, f"the controller still has disks: {', '.join(users)}; "
                                   "unplug them first", dev_id)
             if record.kind == "cpu" and self._tcg:
                 version = await self._qemu_version()
                 if version < TCG_CPU_UNPLUG_MIN_QEMU:
-                    raise _refuse(
+                    raise refuse(
                         "id", dev_id,
                         f"QEMU {'.'.join(map(str, version))} corrupts its memory when a vCPU is "
                         f"unplugged under TCG (it crashes soon after); that needs QEMU "
@@ -639,7 +432,7 @@ class AsyncHotplug:
                 device=dev_id,
             ) from exc
 
-    async def _plug(self, record: _Record, timeout: float, *, acknowledge: bool = False) -> None:
+    async def _plug(self, record: DeviceRecord, timeout: float, *, acknowledge: bool = False) -> None:
         """Add the backends, then the device; undo the backends if the device fails.
 
         With ``acknowledge`` (CPUs, DIMMs) wait for the guest's ``_OST``
@@ -701,7 +494,7 @@ class AsyncHotplug:
         """Remove backends in reverse order; returns a description of each one that stayed."""
         leftovers = []
         for command, arguments in reversed(added):
-            undo, key, name_key = _UNDO[command]
+            undo, key, name_key = UNDO[command]
             try:
                 await self._vm.qmp(undo, {key: arguments[name_key]})
             except QMPCommandError as exc:
@@ -709,7 +502,7 @@ class AsyncHotplug:
                     leftovers.append(f"{arguments[name_key]} ({exc.description})")
         return leftovers
 
-    async def _device_del(self, record: _Record, timeout: float) -> None:
+    async def _device_del(self, record: DeviceRecord, timeout: float) -> None:
         """``device_del`` and wait until QEMU reports the device gone, or the guest refuses."""
         vm, dev_id = self._vm, record.id
         path = f"/machine/peripheral/{dev_id}"
@@ -779,7 +572,7 @@ class AsyncHotplug:
                 # device's own; the device may have left QOM already, but its
                 # backends are released only once its own event is sent.
 
-    async def _teardown(self, record: _Record) -> None:
+    async def _teardown(self, record: DeviceRecord) -> None:
         """After the device is gone: delete its backends and overlay, drop its record."""
         leftovers = await self._undo(record.backend)
         if leftovers:
@@ -803,13 +596,13 @@ class AsyncHotplug:
     def _require_pci(self) -> None:
         spec = self._vm.spec
         if spec.machine != "q35":
-            raise _refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
+            raise refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
         if spec.hotplug_ports < 1:
-            raise _refuse("hotplug_ports", spec.hotplug_ports, "the VM has no hotplug ports")
+            raise refuse("hotplug_ports", spec.hotplug_ports, "the VM has no hotplug ports")
 
     def _require_acpi(self) -> None:
         if self._vm.spec.machine == "microvm":
-            raise _refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
+            raise refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
 
     async def _peripheral(self) -> dict[str, str]:
         """Device id -> QOM type of every device that has an id."""
@@ -828,10 +621,10 @@ class AsyncHotplug:
                  derived: Callable[[str], tuple[str, ...]], start: int = 0) -> str:
         if wanted is not None:
             if not ID_RE.fullmatch(wanted):
-                raise _refuse("id", wanted, f"must match {ID_RE.pattern}")
+                raise refuse("id", wanted, f"must match {ID_RE.pattern}")
             clash = [n for n in (wanted, *derived(wanted)) if n in used]
             if clash:
-                raise _refuse("id", wanted, f"already in use in QEMU ({clash[0]})")
+                raise refuse("id", wanted, f"already in use in QEMU ({clash[0]})")
             return wanted
         n = start
         while True:
@@ -855,7 +648,7 @@ class AsyncHotplug:
             if f"hp{i}" in busy and not busy[f"hp{i}"]:
                 return f"hp{i}"
         taken = ", ".join(f"{p}: {'/'.join(map(str, d))}" for p, d in sorted(busy.items()))
-        raise _refuse("hotplug_ports", self._vm.spec.hotplug_ports,
+        raise refuse("hotplug_ports", self._vm.spec.hotplug_ports,
                       f"no free pcie-root-port ({taken or 'none found in QEMU'}); "
                       "unplug a device or start the VM with more hotplug_ports")
 
@@ -882,11 +675,8 @@ def _check_host_port(fw: PortForward) -> None:
         try:
             sock.bind((fw.host_addr, fw.host_port))
         except OSError as exc:
-            raise _refuse("forwards", str(fw), f"cannot use {fw.host_addr}:{fw.host_port} on the "
+            raise refuse("forwards", str(fw), f"cannot use {fw.host_addr}:{fw.host_port} on the "
                           f"host: {exc.strerror or exc}") from exc
-
-
-# -- sync facade ---------------------------------------------------------------------------
 
 
 class Hotplug(SyncFacade):

@@ -1,0 +1,324 @@
+"""Saved state: a bundle directory written from a running VM, and clones restored from it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import host
+from ..argv import drive_ids
+from ..errors import LaunchError, QemukitError, QMPCommandError, SnapshotError
+from ..process import run_command
+from ..qmp import EventListener
+from ..spec import Drive, VMSpec
+from ..timeouts import SAVE_TIMEOUT
+from ._jobs import Deadline, next_event
+from ._preflight import BlockDevice, checks
+from ._records import DEVICES_FILE, qemu_img, read_json_list, safe_name, write_json
+
+if TYPE_CHECKING:
+    from ..target import VMTarget
+
+
+BUNDLE_FORMAT = 1
+
+
+MANIFEST = "manifest.json"
+
+
+STATE_FILE = "state.bin"
+
+
+SPEC_FILE = "spec.toml"
+
+
+_BANDWIDTH = 1 << 40  # bytes/s: no throttling while the guest is paused anyway
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A saved VM state on disk (a directory): restore starts clones from it.
+
+    It holds ``manifest.json``, ``spec.toml`` (the VM as saved, accelerator
+    pinned), ``state.bin`` (QEMU's migration stream), ``disk-<id>.*`` (each
+    writable drive's top layer at save time, read-only) and, if devices were
+    hot-plugged, ``devices.json``.
+    """
+
+    path: Path
+    manifest: Mapping[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        """Read and check the bundle at ``path``."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise SnapshotError(f"{path} is not a qemukit state bundle (no {MANIFEST})") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"cannot read {path / MANIFEST}: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+            raise SnapshotError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+        for name in [STATE_FILE, SPEC_FILE] + [d["file"] for d in manifest.get("disks", [])]:
+            if not (path / name).is_file():
+                raise SnapshotError(f"{path} is incomplete: {name} is missing")
+        return cls(path, manifest)
+
+    @property
+    def state_file(self) -> Path:
+        """QEMU's migration stream."""
+        return self.path / STATE_FILE
+
+    @property
+    def spec(self) -> VMSpec:
+        """The VM's spec as saved (drives pointing at the original files)."""
+        return VMSpec.load(self.path / SPEC_FILE)
+
+    def clone_spec(self, name: str | None = None) -> VMSpec:
+        """The spec a clone runs: each saved disk becomes an overlay over its bundle copy."""
+        spec = self.spec
+        copies = {d["id"]: d for d in self.manifest.get("disks", [])}
+        drives = []
+        for drive, drive_id in zip(spec.drives, drive_ids(spec), strict=True):
+            copy = copies.get(drive_id)
+            if copy is None:
+                drives.append(Drive(drive.file, drive.format, drive.interface, drive.read_only,
+                                    drive.overlay, drive_id))
+            else:
+                drives.append(Drive(str(self.path / copy["file"]), copy["format"],
+                                    drive.interface, False, True, drive_id))
+        return spec.replace(name=name, drives=tuple(drives))
+
+    def hotplugged(self) -> list[dict[str, Any]]:
+        """The hot-plugged devices to recreate before the state is loaded."""
+        return read_json_list(self.path / DEVICES_FILE)
+
+    def check_qemu(self, qemu: host.QemuBinary) -> None:
+        """Refuse a QEMU whose machine types differ from the one that saved the state."""
+        saved = str(self.manifest.get("qemu", ""))
+        if saved.split(".")[:2] != qemu.version_string.split(".")[:2]:
+            raise SnapshotError(
+                f"{self.path} was saved by QEMU {saved} and this is {qemu.version_string} "
+                f"({qemu.path}): the machine types differ, so the state cannot be loaded; "
+                "set QEMUKIT_QEMU to a QEMU of the same major.minor version"
+            )
+
+
+def _copy_top_layer(src: str, dst: Path) -> str:
+    """Copy one image file (sparse); keep its backing reference absolute. Returns its format."""
+    img = qemu_img()
+    out = run_command([img, "info", "-U", "--output=json", "--", src], timeout=30)
+    if out.returncode != 0:
+        raise SnapshotError(f"qemu-img cannot read {src}: {out.stderr.strip()}")
+    info = json.loads(out.stdout)
+    copied = run_command(["cp", "--sparse=always", "--", src, str(dst)], timeout=600)
+    if copied.returncode != 0:
+        raise SnapshotError(f"cannot copy {src} to {dst}: {copied.stderr.strip()}")
+    backing, full = info.get("backing-filename"), info.get("full-backing-filename")
+    if backing and full and backing != full:
+        rebased = run_command(
+            [img, "rebase", "-u", "-b", full, "-F", info.get("backing-filename-format", "raw"),
+             str(dst)],
+            timeout=60,
+        )
+        if rebased.returncode != 0:
+            raise SnapshotError(f"cannot point {dst} at {full}: {rebased.stderr.strip()}")
+    os.chmod(dst, 0o444)
+    return str(info["format"])
+
+
+async def _migrate_out(vm: VMTarget, path: Path, deadline: Deadline) -> None:
+    """Migrate the (paused) guest's state into ``path`` through a passed fd."""
+    caps = await vm.qmp("query-migrate-capabilities")
+    events_were = bool(next((c["state"] for c in caps if c["capability"] == "events"), False))
+    bandwidth_was = int((await vm.qmp("query-migrate-parameters")).get("max-bandwidth", 0))
+    await vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    await vm.qmp("migrate-set-parameters", max_bandwidth=_BANDWIDTH)
+    fdname = f"qemukit-save-{secrets.token_hex(3)}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            vm.monitor.send_fd(fd)
+            await vm.qmp("getfd", fdname=fdname)
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+        with vm.monitor.listen("MIGRATION") as listener:
+            try:
+                await vm.qmp("migrate", uri=f"fd:{fdname}")
+            except QMPCommandError:
+                with contextlib.suppress(QMPCommandError):  # QEMU may have dropped it already
+                    await vm.qmp("closefd", fdname=fdname)
+                raise
+            await _wait_migration(vm, listener, deadline, f"saving the guest's state to {path}")
+    except BaseException:
+        if vm.qemu_alive():
+            with contextlib.suppress(QemukitError):  # the migration's own error is raised
+                await _set_migration(vm, events_were, bandwidth_was)
+        raise
+    await _set_migration(vm, events_were, bandwidth_was)
+
+
+async def _set_migration(vm: VMTarget, events: bool, bandwidth: int) -> None:
+    await vm.qmp("migrate-set-parameters", max_bandwidth=bandwidth)
+    await vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": events}])
+
+
+async def _wait_migration(
+    vm: VMTarget, listener: EventListener, deadline: Deadline, what: str
+) -> None:
+    status = "setup"
+    while status != "completed":
+        event = await next_event(
+            vm, listener, deadline,
+            f"the MIGRATION event 'completed' ({what}; last status: {status})",
+        )
+        status = str(event["data"]["status"])
+        if status in ("failed", "cancelled"):
+            info = await vm.qmp("query-migrate")
+            raise SnapshotError(
+                f"{what}: the migration {status}: {info.get('error-desc', 'QEMU gave no reason')}"
+            )
+
+
+async def save_state(vm: VMTarget, path: Path, *, stop: bool = False,
+                     timeout: float = SAVE_TIMEOUT) -> Bundle:
+    """Save ``vm``'s state to a new bundle (see :func:`_save_state`), under its operation lock."""
+    async with vm.operation_lock():
+        return await _save_state(vm, path, stop=stop, timeout=timeout)
+
+
+async def _save_state(vm: VMTarget, path: Path, *, stop: bool = False,
+                      timeout: float = SAVE_TIMEOUT) -> Bundle:
+    """Save ``vm``'s state to a new bundle directory at ``path`` (see :class:`Bundle`).
+
+    The guest is paused while its state is written and its disks copied,
+    then resumed (left paused if it was paused); with ``stop=True`` QEMU
+    quits instead, as ``virsh save`` does. Nothing is left at ``path`` if
+    the save fails.
+    """
+    deadline = Deadline(timeout)
+    devices = await checks(vm, "state")
+    assert vm.runtime is not None and vm.accel is not None
+    path = Path(path).absolute()
+    if path.exists():
+        raise SnapshotError(f"{path} already exists; choose a new path or remove it")
+    if not path.parent.is_dir():
+        raise SnapshotError(f"{path.parent} is not a directory")
+    partial = path.parent / f".{path.name}.partial-{secrets.token_hex(3)}"
+    try:
+        partial.mkdir(mode=0o700)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write a bundle in {path.parent}: {exc}") from exc
+    was_running = await vm.status() == "running"
+    migrated = False
+    try:
+        await vm.pause()
+        await _migrate_out(vm, partial / STATE_FILE, deadline)
+        migrated = True
+        try:
+            manifest = await _fill_bundle(vm, devices, partial, was_running)
+            os.rename(partial, path)
+        except OSError as exc:
+            raise SnapshotError(f"cannot write the bundle {path}: {exc}") from exc
+    except BaseException:
+        # Nothing was saved: remove the partial bundle and let the guest go on as before.
+        shutil.rmtree(partial, ignore_errors=True)
+        if vm.qemu_alive():
+            with contextlib.suppress(QemukitError):  # the save's own error is raised
+                await _resume_after(vm, was_running, migrated)
+        raise
+    if stop:
+        await vm.shutdown(0)
+    else:
+        await _resume_after(vm, was_running, migrated)
+    return Bundle(path, manifest)
+
+
+async def _fill_bundle(vm: VMTarget, devices: Sequence[BlockDevice], partial: Path,
+                       was_running: bool) -> dict[str, Any]:
+    """Copy the disks' top layers, write the spec, devices and manifest; returns the manifest."""
+    assert vm.runtime is not None and vm.accel is not None
+    ids = drive_ids(vm.spec)
+    disks = []
+    for dev in devices:
+        if dev.read_only or dev.pflash or dev.device not in ids:
+            continue
+        name = f"disk-{safe_name(dev.device)}.{'qcow2' if dev.driver == 'qcow2' else 'img'}"
+        fmt = await asyncio.to_thread(_copy_top_layer, dev.file, partial / name)
+        disks.append({"id": dev.device, "file": name, "format": fmt})
+    # The accelerator and CPU model are pinned: the state only loads into the same ones.
+    spec = vm.spec.replace(accel=vm.accel.accel, cpu=vm.spec.cpu or vm.accel.cpu)
+    spec.dump(partial / SPEC_FILE)
+    hotplugged = read_json_list(vm.runtime.path / DEVICES_FILE)
+    if hotplugged:
+        write_json(partial / DEVICES_FILE, hotplugged)
+    qemu = await asyncio.to_thread(host.find_qemu)
+    manifest = {
+        "format": BUNDLE_FORMAT, "created": time.time(), "source": vm.name,
+        "qemu": qemu.version_string, "accel": vm.accel.accel,
+        "guest": "running" if was_running else "paused",
+        "state_size": (partial / STATE_FILE).stat().st_size, "disks": disks,
+    }
+    write_json(partial / MANIFEST, manifest)
+    return manifest
+
+
+async def _resume_after(vm: VMTarget, was_running: bool, migrated: bool) -> None:
+    """After an outgoing migration QEMU has let go of the disks; 'cont' takes them back."""
+    if was_running:
+        await vm.resume()
+    elif migrated:
+        await vm.resume()
+        await vm.pause()
+
+
+async def restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+    """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock."""
+    async with vm.operation_lock():
+        await _restore_vm(vm, bundle, timeout)
+
+
+async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+    """Feed ``bundle``'s state to ``vm``, just started with ``-incoming defer``; resume it.
+
+    The hot-plugged devices are recreated first (same ids and arguments), so
+    the state finds the devices it describes.
+    """
+    deadline = Deadline(timeout)
+    try:
+        records = bundle.hotplugged()
+        for rec in records:
+            for cmd in rec.get("backend") or ():
+                await vm.qmp(cmd["command"], cmd.get("arguments") or {})
+            await vm.qmp("device_add", rec["device"])
+        if records and vm.runtime is not None:
+            write_json(vm.runtime.path / DEVICES_FILE, records)
+        await vm.qmp("migrate-set-capabilities",
+                     capabilities=[{"capability": "events", "state": True}])
+        fdname = f"qemukit-restore-{secrets.token_hex(3)}"
+        fd = os.open(bundle.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            vm.monitor.send_fd(fd)
+            await vm.qmp("getfd", fdname=fdname)
+        finally:
+            os.close(fd)
+        with vm.monitor.listen("MIGRATION") as listener:
+            await vm.qmp("migrate-incoming", uri=f"fd:{fdname}")
+            await _wait_migration(vm, listener, deadline, f"loading the state in {bundle.path}")
+    except LaunchError as exc:
+        raise SnapshotError(
+            f"QEMU could not load the state in {bundle.path} (were devices added or changed "
+            f"since it was saved?): {exc}"
+        ) from exc
+    if bundle.manifest.get("guest") == "running":
+        await vm.resume()

@@ -1,0 +1,95 @@
+"""Ctrl-C on a foreground ``qemukit run``: the VM is stopped and the exit status is 130."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qemukit import images
+from tests.conftest import QEMUKIT, qemu_gone, qemu_processes_under
+
+pytestmark = pytest.mark.integration
+TCG = ("--image", "tiny", "--accel", "tcg")
+MARKER = "qk-command-started"
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    """Poll ``check`` (a file appearing, a log line) until it holds, at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no console log)"
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; console:\n{tail}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def start_run(
+    tiny_image: images.TinyImage, tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``start_run(*args)`` starts ``qemukit run --image tiny --accel tcg *args``."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        assert QEMUKIT
+        out = (tmp_path / f"out{len(procs)}").open("wb")  # a file: the console may be long
+        proc = subprocess.Popen([QEMUKIT, "run", *TCG, *args], stdout=out,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _interrupt_once_running(proc: subprocess.Popen[bytes], entry: Path, marker: str) -> int:
+    """Wait for the VM's entry and ``marker`` on its console, send SIGINT; return QEMU's pid."""
+    console = entry / "console.log"
+    _wait_for(lambda: (entry / "vm.json").exists(), 60, f"{entry}/vm.json", console)
+    pid = int(json.loads((entry / "vm.json").read_text())["pid"])
+    _wait_for(lambda: console.exists() and marker in console.read_text(errors="replace"), 180,
+              f"{marker!r} on the console", console)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGINT)
+    return pid
+
+
+def test_ctrl_c_during_the_command_stops_the_vm_and_exits_130(
+    start_run: Callable[..., subprocess.Popen[bytes]], state_root: Path
+) -> None:
+    proc = start_run("--name", "sigint-cmd", "--",
+                     "sh", "-c", f"echo {MARKER} > /dev/console; sleep 100")
+    pid = _interrupt_once_running(proc, state_root / "sigint-cmd", MARKER)
+    start = time.monotonic()
+    status = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert status == 130, stderr
+    assert time.monotonic() - start < 30, "stopping the VM took the whole ladder"
+    assert "qemukit: interrupted" in stderr and "Traceback" not in stderr
+    assert qemu_gone(pid)
+    assert not (state_root / "sigint-cmd").exists()
+    assert qemu_processes_under(state_root / "sigint-cmd") == []
+
+
+def test_ctrl_c_in_console_mode_stops_the_vm_and_exits_130(
+    start_run: Callable[..., subprocess.Popen[bytes]], state_root: Path
+) -> None:
+    proc = start_run("--name", "sigint-fg")
+    pid = _interrupt_once_running(proc, state_root / "sigint-fg", "qemukit-init: ready")
+    status = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert status == 130, stderr
+    assert "sigint-fg stopped (" in stderr and "Traceback" not in stderr
+    assert qemu_gone(pid)
+    assert not (state_root / "sigint-fg").exists()
+    assert os.path.exists(state_root)  # only the VM's own entry went away

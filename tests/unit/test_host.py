@@ -1,0 +1,175 @@
+"""Host probing without QEMU: the /dev/kvm access advice and the short accelerator verdict.
+
+``/dev/kvm``, its owner and the host's groups are faked (only for that path),
+so each branch is checked whatever the machine running the tests looks like.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from typing import Any
+
+import pytest
+
+from qemukit import host
+
+HANG_REASON = (
+    "-cpu host: QEMU exited with status -6 (qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: "
+    "kvm_buf_set_msrs: Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed.); QEMU starts under "
+    "KVM (-cpu host,-arch-capabilities) but the guest did not reach its init within 8s "
+    "(this host's KVM does not run Linux guests)"
+)
+
+
+def _fake_kvm(monkeypatch: pytest.MonkeyPatch, *, uid: int, gid: int, mode: int,
+              groups: dict[str, tuple[int, list[str]]], my_groups: list[int]) -> None:
+    """/dev/kvm that this process may not open, owned uid:gid with ``mode``; the host's groups."""
+    real_open, real_stat = os.open, os.stat
+
+    def fake_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        if path == "/dev/kvm":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    def fake_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if path == "/dev/kvm":
+            return os.stat_result((stat.S_IFCHR | mode, 1, 1, 1, uid, gid, 0, 0, 0, 0))
+        return real_stat(path, *args, **kwargs)
+
+    def struct(name: str, entry: tuple[int, list[str]]) -> grp.struct_group:
+        return grp.struct_group((name, "x", entry[0], entry[1]))
+
+    def getgrnam(name: str) -> grp.struct_group:
+        if name not in groups:
+            raise KeyError(name)
+        return struct(name, groups[name])
+
+    def getgrgid(gid_: int) -> grp.struct_group:
+        for name, entry in groups.items():
+            if entry[0] == gid_:
+                return struct(name, entry)
+        raise KeyError(gid_)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(grp, "getgrnam", getgrnam)
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(os, "getgroups", lambda: my_groups)
+    monkeypatch.setattr(host, "_user_name", lambda: "alice")
+
+
+def test_no_kvm_group_gives_advice_that_works_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_kvm(monkeypatch, uid=0, gid=0, mode=0o600, groups={"root": (0, [])}, my_groups=[1000])
+    ok, reason = host.kvm_device_status()
+    assert not ok
+    assert "add alice to the kvm group" not in reason
+    assert "root:root 0600 and this host has no kvm group" in reason
+    assert "setfacl -m u:alice:rw /dev/kvm" in reason and "run as root" in reason
+    assert host.KvmStatus(False, reason, probed=False).summary == "/dev/kvm is not accessible"
+
+
+def test_kvm_group_that_the_device_does_not_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kvm group exists, but /dev/kvm is still root:root 0600: joining it would not help.
+    _fake_kvm(monkeypatch, uid=0, gid=0, mode=0o600,
+              groups={"root": (0, []), "kvm": (993, [])}, my_groups=[1000])
+    reason = host.kvm_device_status()[1]
+    assert "add alice to the kvm group" not in reason
+    assert "root:root 0600 and its group cannot open it" in reason and "setfacl" in reason
+
+
+def test_kvm_group_keeps_the_group_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_kvm(monkeypatch, uid=0, gid=993, mode=0o660,
+              groups={"root": (0, []), "kvm": (993, ["bob"])}, my_groups=[1000])
+    ok, reason = host.kvm_device_status()
+    assert not ok
+    assert "add alice to the kvm group (usermod -aG kvm alice)" in reason
+    assert "setfacl" not in reason
+
+
+def test_kvm_group_member_whose_session_predates_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_kvm(monkeypatch, uid=0, gid=993, mode=0o660,
+              groups={"root": (0, []), "kvm": (993, ["alice"])}, my_groups=[1000])
+    reason = host.kvm_device_status()[1]
+    assert "alice is in the kvm group but this session is not yet" in reason
+
+
+def test_probe_verdict_has_a_short_summary() -> None:
+    status = host.KvmStatus(False, HANG_REASON, probed=True)
+    assert status.summary == "this host's KVM cannot run Linux guests"
+    # A probe cached before summaries existed (no "summary" key) still gets one.
+    assert host.KvmStatus(**{"usable": False, "reason": HANG_REASON, "probed": True,
+                             "console": "", "cpu": None}).summary == status.summary
+    aborted = host.KvmStatus(False, "-cpu host: QEMU exited with status -6 (x); "
+                             "-cpu kvm64: QEMU exited with status 1 (y)", probed=True)
+    assert "Assertion" not in aborted.summary and "every CPU model" in aborted.summary
+    assert host.KvmStatus(True, "a probe boot ...", True, cpu="kvm64").summary.startswith("KVM")
+
+
+def test_resolve_accel_summary_is_short_and_reason_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "kvm_status",
+                        lambda *a, **k: host.KvmStatus(False, HANG_REASON, probed=True))
+    qemu: Any = object()
+    choice = host.resolve_accel("auto", qemu, ("vmlinuz", "initrd"))
+    assert choice.accel == "tcg"
+    assert choice.summary == "TCG: this host's KVM cannot run Linux guests (qemukit doctor)"
+    assert "Assertion" in choice.reason and HANG_REASON in choice.reason
+    assert host.resolve_accel("tcg", qemu, None).summary == "TCG (as requested)"
+    # Built without a summary (e.g. from a detached VM's state file): the reason stands in.
+    assert host.AccelChoice("kvm", "KVM: because").summary == "KVM: because"
+
+
+def _no_cache() -> None:
+    host._userns_prefix.cache_clear()
+
+
+def test_normal_user_without_uidmap_is_told_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_cache()
+    real_which = host.shutil.which
+    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: None
+                        if cmd in ("newuidmap", "newgidmap") else real_which(cmd, *a, **k))
+    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    with pytest.raises(host.HostError, match=r"normal user \(alice\) needs newuidmap and "
+                       r"newgidmap \(as root: apt-get install uidmap\); or run as root"):
+        host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
+    _no_cache()
+
+
+def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Any) -> None:
+    _no_cache()
+    monkeypatch.setattr(host.shutil, "which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(host, "_uid_name", lambda uid: "alice")
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    subuid = tmp_path / "subuid"
+    subuid.write_text("bob:100000:65536\n1000:165536:65536\n")  # alice by uid, in subuid only
+    assert host._subid_range(str(subuid), "alice", 1000) == (165536, 65536)
+    monkeypatch.setattr(host, "_SUBUID", str(subuid))
+    monkeypatch.setattr(host, "_SUBGID", str(tmp_path / "subgid"))
+    # The advice names a range no entry uses yet.
+    with pytest.raises(host.HostError, match=rf"subordinate ids for alice in {tmp_path}/subgid "
+                       r"\(as root: usermod --add-subuids 231072-296607 --add-subgids "
+                       r"231072-296607 alice\)"):
+        host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
+    _no_cache()
+
+
+def test_root_and_rust_virtiofsd_need_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    assert host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c")) == []
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    assert host.virtiofsd_launcher(("/usr/libexec/virtiofsd", "rust")) == []
+
+
+def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
+    share = host.Share.parse("/srv/a,b:/mnt/s")
+    argv = host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5, ["unshare", "-U"])
+    hard = host.resource.getrlimit(host.resource.RLIMIT_NOFILE)[1]
+    expected = 1_000_000 if hard == host.resource.RLIM_INFINITY else min(hard, 1_000_000)
+    assert argv == ["unshare", "-U", "/usr/lib/qemu/virtiofsd", "--fd=5",
+                    f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto"]
+    assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[0] == \
+        "/usr/lib/qemu/virtiofsd"

@@ -1,0 +1,75 @@
+"""qemukit's logging: library practice (a NullHandler), qemu.qmp's records routed under
+qemukit.qmp, and no other library's logger touched."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from qemukit.qmp import QMP
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_qemu_qmp_logger_level_is_untouched() -> None:
+    _fresh("import logging, qemukit, qemukit.qmp, qemukit.vm, qemukit.cli\n"
+           "for name in ('qemu', 'qemu.qmp', 'qemu.qmp.protocol', 'qemu.qmp.qmp_client'):\n"
+           "    assert logging.getLogger(name).level == logging.NOTSET, name\n")
+
+
+def test_qemukit_logger_has_a_null_handler() -> None:
+    _fresh("import logging, qemukit\n"
+           "handlers = logging.getLogger('qemukit').handlers\n"
+           "assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers\n")
+
+
+def test_client_records_go_to_qemukit_qmp_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    client = QMP("qemukit-vm1")._client
+    with caplog.at_level(logging.DEBUG, logger="qemukit"):
+        client.logger.error("Failed to establish session: %s", "EOFError")
+        client.logger.debug("%d%% %s", 100, "done")
+    first, second = [r for r in caplog.records if r.name == "qemukit.qmp"]
+    assert first.levelno == second.levelno == logging.DEBUG
+    assert first.getMessage() == "qemukit-vm1: ERROR: Failed to establish session: EOFError"
+    assert second.getMessage() == "qemukit-vm1: DEBUG: 100% done"
+
+
+# What qemu.qmp logs when QEMU dies while a connect is being cancelled (CRITICAL, so it
+# passed the old setLevel(CRITICAL)) and on every failed connect (ERROR).
+NOISE = (
+    "from qemukit.qmp import QMP\n"
+    "client = QMP('qemukit-vm1')._client\n"
+    "client.logger.critical('Unexpected bottom half exception. This is a bug in the QMP library.')\n"
+    "client.logger.error('Failed to establish session: EOFError')\n"
+)
+
+
+@pytest.mark.parametrize("setup", ["", "import logging\nlogging.basicConfig()\n"],
+                         ids=["unconfigured", "warnings-shown"])
+def test_qmp_noise_never_reaches_the_terminal(setup: str) -> None:
+    assert _fresh(setup + NOISE).stderr == ""
+
+
+def test_an_application_asking_for_qemukit_debug_sees_the_records() -> None:
+    proc = _fresh("import logging\n"
+                  "logging.basicConfig(format='%(name)s %(levelname)s %(message)s')\n"
+                  "logging.getLogger('qemukit').setLevel(logging.DEBUG)\n" + NOISE)
+    assert proc.stderr.splitlines() == [
+        "qemukit.qmp DEBUG qemukit-vm1: CRITICAL: Unexpected bottom half exception. "
+        "This is a bug in the QMP library.",
+        "qemukit.qmp DEBUG qemukit-vm1: ERROR: Failed to establish session: EOFError",
+    ]
+
+
+def test_no_logger_is_registered_per_connection() -> None:
+    before = set(logging.root.manager.loggerDict)
+    for i in range(20):
+        QMP(f"qemukit-leak-{i}")
+    assert not {n for n in set(logging.root.manager.loggerDict) - before if "leak" in n}

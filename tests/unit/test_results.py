@@ -1,0 +1,151 @@
+"""KernelTestResult's JUnit and JSON files are valid whatever the guest printed."""
+
+from __future__ import annotations
+
+import json
+import xml.dom.minidom
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qemukit.kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, xml_safe
+
+EVERY_CHAR = "".join(chr(i) for i in range(256))
+NASTY = ("tiny:/# \x1b[6n" + EVERY_CHAR + "\ud800 lone \udcff surrogates \ufffe\uffff"
+         + " bad utf-8: " + b"\xff\xfe\xc3(".decode("utf-8", "replace") + " emoji \U0001f600")
+
+
+def result(outcome: str = "failed", **kw: Any) -> KernelTestResult:
+    fields: dict[str, Any] = dict(
+        command=("sh", "-c", "printf '\x1b[31m\x00'"), outcome=outcome, exit_status=3,
+        stdout=NASTY, stderr=NASTY, boot_time=3.2, duration=4.5, panic=None, error=None,
+        accel="tcg", console_log=None, console_tail=NASTY,
+        warnings=("watchdog: BUG: soft lockup - CPU#0 stuck for 21s! [sh:1]\x1b[0m",),
+    )
+    if outcome == "panic":
+        fields.update(panic="Kernel panic - not syncing: \x1b\x00", exit_status=None)
+    if outcome == "oops":
+        fields.update(oops="BUG: kernel NULL pointer dereference\x07", exit_status=None)
+    if outcome in ("timeout", "error"):
+        fields.update(error="timed out \x1b[6n\x00 waiting", exit_status=None)
+    fields.update(kw)
+    return KernelTestResult(**fields)
+
+
+def strict_json(path: Path) -> Any:
+    """Parse as a strict consumer would: UTF-8 only, no NaN, no lone surrogates."""
+    text = path.read_bytes().decode("utf-8", "strict")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    data = json.loads(text, parse_constant=no_constants)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            value.encode("utf-8", "strict")  # a lone surrogate raises here
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+
+    walk(data)
+    return data
+
+
+def strict_xml(path: Path) -> ET.Element:
+    """Parse with two strict XML 1.0 parsers (both expat: any forbidden character fails)."""
+    xml.dom.minidom.parse(str(path))
+    return ET.parse(path).getroot()
+
+
+OUTCOMES = ["passed", "failed", "panic", "oops", "timeout", "error"]
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_junit_is_well_formed_for_any_output(outcome: str, tmp_path: Path) -> None:
+    res = result(outcome)
+    res.write_junit(tmp_path / "r.xml", suite="suite\x1b")
+    root = strict_xml(tmp_path / "r.xml")
+    suite = root.find("testsuite")
+    assert suite is not None
+    assert suite.get("failures") == str(int(outcome in ("failed", "panic", "oops")))
+    assert suite.get("errors") == str(int(outcome in ("timeout", "error")))
+    case = suite.find("testcase")
+    assert case is not None and case.get("name") == "sh -c printf '\\x1b[31m\\x00'"
+    out = case.findtext("system-out") or ""
+    # Forbidden characters are written as visible escapes; everything else is kept.
+    assert "tiny:/# \\x1b[6n" in out and "\\x00\\x01" in out and "\\udcff" in out
+    assert "\\ufffe\\uffff" in out and "\U0001f600" in out and "\ufffd" in out
+    assert "\t\n" in out and "".join(chr(i) for i in range(0x20, 0x7f)) in out
+    assert "soft lockup - CPU#0 stuck for 21s! [sh:1]\\x1b[0m" in out  # the warnings block
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props["qemukit.outcome"] == outcome
+    assert props["qemukit.warning"].startswith("watchdog: BUG: soft lockup")
+    if outcome == "panic":
+        failure = case.find("failure")
+        assert failure is not None
+        assert failure.get("message") == "kernel panic: Kernel panic - not syncing: \\x1b\\x00"
+        assert "\\x1b[6n" in (failure.text or "")
+    if outcome == "oops":
+        failure = case.find("failure")
+        assert failure is not None and failure.get("message") == (
+            "kernel oops: BUG: kernel NULL pointer dereference\\x07")
+        assert props["qemukit.oops"] == "BUG: kernel NULL pointer dereference\\x07"
+    if outcome in ("timeout", "error"):
+        error = case.find("error")
+        assert error is not None and error.get("message") == "timed out \\x1b[6n\\x00 waiting"
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_json_is_strict_for_any_output(outcome: str, tmp_path: Path) -> None:
+    result(outcome).write_json(tmp_path / "r.json")
+    data = strict_json(tmp_path / "r.json")
+    assert data["outcome"] == outcome
+    # Control characters survive exactly (JSON escapes them); lone surrogates become text.
+    assert data["stdout"].startswith("tiny:/# \x1b[6n" + EVERY_CHAR)
+    assert "\\ud800 lone \\udcff surrogates \ufffe\uffff" in data["stdout"]
+    assert data["warnings"] == ["watchdog: BUG: soft lockup - CPU#0 stuck for 21s! [sh:1]\x1b[0m"]
+    assert data["command"] == ["sh", "-c", "printf '\x1b[31m\x00'"]
+    assert (tmp_path / "r.json").read_bytes().isascii()
+
+
+def test_megabytes_of_output_are_capped_in_junit_and_whole_in_json(tmp_path: Path) -> None:
+    big = "".join(f"line {i:07d}\x1b\n" for i in range(400_000))  # 5.2 MB
+    res = result("failed", stdout=big, stderr=big, console_tail="")
+    res.write_junit(tmp_path / "r.xml")
+    case = strict_xml(tmp_path / "r.xml").find("testsuite/testcase")
+    assert case is not None
+    for tag in ("system-out", "system-err", "failure"):
+        text = case.findtext(tag) or ""
+        assert text.startswith("[qemukit: the first ")
+        assert "characters were cut]" in text.split("\n", 1)[0]
+        assert len(text) < JUNIT_TEXT_LIMIT * 1.5  # the limit is taken before escaping
+    assert (case.findtext("system-err") or "").endswith("line 0399999\\x1b\n")
+    res.write_json(tmp_path / "r.json")
+    assert strict_json(tmp_path / "r.json")["stdout"] == big
+
+
+def test_a_huge_test_name_is_shortened(tmp_path: Path) -> None:
+    res = result("passed", command=("sh", "-c", "echo x; " * 10_000))
+    res.write_junit(tmp_path / "r.xml")
+    case = strict_xml(tmp_path / "r.xml").find("testsuite/testcase")
+    assert case is not None and len(case.get("name") or "") <= 1000
+    assert (case.get("name") or "").endswith("\u2026")
+
+
+def test_escaping_helpers() -> None:
+    assert xml_safe("a\x00b\x1bc\td\ne\rf\x7f\x80") == "a\\x00b\\x1bc\td\ne\rf\x7f\x80"
+    assert xml_safe("\ud800\ufffe\U0010ffff") == "\\ud800\\ufffe\U0010ffff"
+    assert json_safe("\x00\x1b\ud800\udfff ok") == "\x00\x1b\\ud800\\udfff ok"
+
+
+def test_result_fields_are_in_the_json(tmp_path: Path) -> None:
+    res = result("passed", oops="BUG: x", warnings=("WARNING: y", "rcu: INFO: z"))
+    data = res.to_dict()
+    assert data["oops"] == "BUG: x" and data["warnings"] == ["WARNING: y", "rcu: INFO: z"]
