@@ -129,7 +129,10 @@ class QMP:
     ) -> Any:
         """Run one QMP command and return its ``return`` value."""
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            # asyncio.timeout, not wait_for: no extra task per command (about 10 us of the
+            # ~0.3 ms round trip on Python 3.11, and every sync call pays it).
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, arguments)
         except ExecuteError as exc:
             error = exc.error.error
             raise QMPCommandError(command, error.class_, error.desc) from exc

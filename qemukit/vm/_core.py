@@ -640,7 +640,7 @@ class AsyncVM:
         """
         args = dict(arguments or {})
         args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
-        # No _guard here: a QEMU that dies closes the monitor, which fails the command
+        # Not guarded(): a QEMU that dies closes the monitor, which fails the command
         # at once; skipping the guard's extra futures keeps a round trip cheap.
         try:
             return await self.monitor.execute(command, args or None, timeout=timeout)

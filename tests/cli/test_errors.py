@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import QEMUKIT, qemu_gone
+from tests.helpers import QEMUKIT, qemu_gone
 
 pytestmark = pytest.mark.integration
 TCG = ("--image", "tiny", "--accel", "tcg")

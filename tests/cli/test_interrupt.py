@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qemukit import images
-from tests.conftest import QEMUKIT, qemu_gone, qemu_processes_under
+from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under
 
 pytestmark = pytest.mark.integration
 TCG = ("--image", "tiny", "--accel", "tcg")

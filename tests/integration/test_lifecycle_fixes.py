@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import signal
+import subprocess
 import weakref
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ def test_a_vm_that_used_hotplug_is_freed(tiny_spec: VMSpec) -> None:
 def test_concurrent_external_snapshots_keep_every_record(tiny_spec: VMSpec, tmp_path: Path) -> None:
     qemu = host.find_qemu()
     base = tmp_path / "base.qcow2"
-    host.run_command([qemu.qemu_img or "qemu-img", "create", "-f", "qcow2", str(base), "16M"])
+    subprocess.run([qemu.qemu_img or "qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"],
+                   check=True)
     spec = tiny_spec.replace(drives=(Drive(str(base), overlay=True),))
 
     async def main() -> list[str]:
@@ -67,7 +69,6 @@ def test_concurrent_external_snapshots_keep_every_record(tiny_spec: VMSpec, tmp_
 
 def test_an_operation_waits_for_another_process_holding_the_lock(booted: Any) -> None:
     """The operation lock is an flock: a holder in another process delays a hotplug here."""
-    import subprocess
     import sys
     import time
 
@@ -110,7 +111,8 @@ def test_a_snapshot_load_puts_back_a_guest_from_before_an_oops(tiny_spec: VMSpec
 
     qemu = host.find_qemu()
     base = tmp_path / "base.qcow2"
-    host.run_command([qemu.qemu_img or "qemu-img", "create", "-f", "qcow2", str(base), "16M"])
+    subprocess.run([qemu.qemu_img or "qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"],
+                   check=True)
     with VM(tiny_spec.replace(drives=(Drive(str(base), overlay=True),))) as vm:
         vm.wait_ready()
         vm.snapshots.save("clean")
