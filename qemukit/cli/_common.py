@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -237,9 +238,20 @@ def name_argument(func: F) -> F:
 
 
 def attach_vm(name: str, timeout: float = 30.0) -> Any:
+    """Take control of the running VM ``name`` (``VM.attach``)."""
     from ..vm import VM
 
     return VM.attach(name, timeout=timeout)
+
+
+@contextlib.contextmanager
+def attached(name: str, timeout: float = 30.0) -> Iterator[Any]:
+    """``with attached(NAME) as vm:`` the VM for the block; let go of it (never stop it) after."""
+    vm = attach_vm(name, timeout)
+    try:
+        yield vm
+    finally:
+        vm.detach()
 
 
 def human_bytes(n: int | None) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .. import errors
-from ._common import attach_vm, emit_json, human_bytes, name_argument
+from ._common import attach_vm, attached, emit_json, human_bytes, name_argument
 
 
 @click.command(name="ls")
@@ -95,11 +95,8 @@ def gc(as_json: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(name: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
     """Run CMD in a running VM's guest; exit with its status."""
-    vm = attach_vm(name)
-    try:
+    with attached(name) as vm:
         result = vm.exec(list(command), timeout=timeout)
-    finally:
-        vm.detach()
     if as_json:
         emit_json({"exit_status": result.exit_status, "stdout": result.stdout_text,
                     "stderr": result.stderr_text, "duration": round(result.duration, 3)})
@@ -131,11 +128,8 @@ def qmp_command(name: str, command: str, arguments: dict[str, Any] | None) -> No
 
     QMP errors exit 1 with QEMU's error class and message.
     """
-    vm = attach_vm(name)
-    try:
+    with attached(name) as vm:
         reply = vm.qmp(command, arguments)
-    finally:
-        vm.detach()
     emit_json(reply)
 
 

@@ -20,7 +20,7 @@ import click
 
 from .. import errors
 from ..spec import CloudInit, Drive, VMSpec
-from ._common import attach_vm, name_argument
+from ._common import attached, name_argument
 
 __all__ = [
     "apply_run_options", "apply_seed_options", "image_summary", "keep_disks", "kept_dir",
@@ -141,11 +141,8 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     --ssh-key was given to run). Exits with ssh's status (the command's,
     or 255 if ssh itself failed).
     """
-    vm = attach_vm(name)
-    try:
+    with attached(name) as vm:
         argv = vm.ssh_argv(list(command), user=user)
-    finally:
-        vm.detach()
     if print_only:
         click.echo(shlex.join(argv))
         return

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
-from ._common import attach_vm, emit_json, name_argument
+from ._common import attached, emit_json, name_argument
 
 if TYPE_CHECKING:
     from ..hotplug import PluggedDevice
@@ -24,11 +24,8 @@ if TYPE_CHECKING:
 
 def _with_vm(name: str, action: Callable[[Any], Any]) -> Any:
     """Attach to ``name``, run ``action(vm)``, always let go of the VM."""
-    vm = attach_vm(name)
-    try:
+    with attached(name) as vm:
         return action(vm)
-    finally:
-        vm.detach()
 
 
 def _print_plugged(devices: Sequence[PluggedDevice], as_json: bool) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from .. import errors
-from ._common import attach_vm, emit_json
+from ._common import attach_vm, attached, emit_json
 from ._run import foreground
 
 __all__ = ["restore_command", "save_command", "snapshot_command"]
@@ -82,8 +82,7 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
             check_tag(tag)
         except errors.SnapshotError as exc:
             raise click.BadParameter(str(exc), param_hint="TAG") from exc
-    vm = attach_vm(name)
-    try:
+    with attached(name) as vm:
         snaps = vm.snapshots
         result: Any = None
         if action == "list":
@@ -102,8 +101,6 @@ def snapshot_command(name: str, action: str, tag: str | None, memory: bool, repl
             snaps.revert(tag, timeout=timeout)
         else:
             snaps.commit(tag, timeout=timeout)
-    finally:
-        vm.detach()
     if as_json:
         emit_json({"name": name, "action": action, "tag": tag,
                     "snapshot": result.to_dict() if result is not None else None})

@@ -79,7 +79,7 @@ class _Imports(ast.NodeVisitor):
         self.generic_visit(node)
         self.depth -= 1
 
-    visit_FunctionDef = visit_AsyncFunctionDef = _in_function  # noqa: N815
+    visit_FunctionDef = visit_AsyncFunctionDef = _in_function
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
