@@ -42,6 +42,7 @@ from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic
 
 if TYPE_CHECKING:
     # For type checkers: the lazily loaded modules (see SUBMODULES and __getattr__).
+    from . import dump as dump
     from . import guest as guest
     from . import host as host
     from . import hotplug as hotplug
@@ -73,8 +74,8 @@ _LAZY = {
 #: (errors and spec are imported at once anyway). The rest (cli, _launch, _wire,
 #: ...) is internal.
 SUBMODULES = (
-    "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "seed", "snapshot",
-    "spec", "timeouts", "vm",
+    "dump", "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "seed",
+    "snapshot", "spec", "timeouts", "vm",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -33,6 +33,7 @@ from .._launch.runtime import RuntimeDir, VMInfo
 from .._wire.agent import Agent, ExecResult
 from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .._wire.qmp import QMP
+from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
     GuestIOError,
     GuestOops,
@@ -739,6 +740,16 @@ class AsyncVM:
         """
         self._require(VMState.RUNNING)
         return await save_state(self, Path(path), stop=stop, timeout=timeout)
+
+    async def dump_memory(self, path: str | Path, *, format: DumpFormat = "elf",
+                          timeout: float = SAVE_TIMEOUT) -> DumpResult:
+        """Write the guest's memory to the new file ``path`` as an ELF core (or kdump).
+
+        Readable by ``crash`` and drgn: one ``NT_PRSTATUS`` note per vCPU and
+        the RAM. See :func:`qemukit.dump.dump_memory`.
+        """
+        self._require(VMState.RUNNING)
+        return await dump_memory(self, path, format=format, timeout=timeout)
 
     @classmethod
     async def restore(cls, bundle: str | Path, *, name: str | None = None,

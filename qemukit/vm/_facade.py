@@ -71,6 +71,7 @@ class VM(SyncFacade):
     unplug = blocking(AsyncVM.unplug)
     devices = blocking(AsyncVM.devices)
     save_state = blocking(AsyncVM.save_state)
+    dump_memory = blocking(AsyncVM.dump_memory)
     ssh_address = blocking(AsyncVM.ssh_address)
     ssh_argv = blocking(AsyncVM.ssh_argv)
     wait_ssh = blocking(AsyncVM.wait_ssh)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("images",),
     ("_wire",),
     ("target",),
-    ("hotplug", "snapshot", "guest"),
+    ("hotplug", "snapshot", "guest", "dump"),
     ("vm",),
     ("kernel",),
     ("cli", "pytest_plugin", "qga", "seed"),
