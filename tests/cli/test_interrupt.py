@@ -30,6 +30,10 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -
         time.sleep(0.1)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def start_run(
     tiny_image: images.TinyImage, tmp_path: Path
@@ -40,8 +44,11 @@ def start_run(
     def start(*args: str) -> subprocess.Popen[bytes]:
         assert QEMUKIT
         out = (tmp_path / f"out{len(procs)}").open("wb")  # a file: the console may be long
+        # SIGINT as a terminal would deliver it: a suite started in the background of a
+        # non-interactive shell inherits SIGINT ignored, and so would the command.
         proc = subprocess.Popen([QEMUKIT, "run", *TCG, *args], stdout=out,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                preexec_fn=_default_sigint)
         procs.append(proc)
         return proc
 
