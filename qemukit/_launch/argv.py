@@ -15,10 +15,12 @@ from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
 
 __all__ = [
-    "AGENT_PORT_NAME", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing", "build_argv",
-    "drive_ids", "nic_ids", "quote_opt", "seed_device_args",
+    "AGENT_PORT_NAME", "GDB_CHARDEV", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing",
+    "build_argv", "drive_ids", "nic_ids", "quote_opt", "seed_device_args",
 ]
 
+#: The chardev of QEMU's gdb stub (``spec.gdb_port``).
+GDB_CHARDEV = "gdb0"
 AGENT_PORT_NAME = "org.qemukit.agent"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -213,6 +215,13 @@ def build_argv(
         argv += ["-chardev", f"socket,id=qmp-tcp,host=127.0.0.1,port={spec.qmp_tcp_port},"
                              "server=on,wait=off",
                  "-mon", "chardev=qmp-tcp,mode=control"]
+    if spec.gdb_port is not None:
+        # Loopback only: the stub reads and writes guest memory and registers.
+        argv += ["-chardev", f"socket,id={GDB_CHARDEV},host=127.0.0.1,port={spec.gdb_port},"
+                             "server=on,wait=off",
+                 "-gdb", f"chardev:{GDB_CHARDEV}"]
+        if spec.gdb_wait:
+            argv.append("-S")
     if plumbing.qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp-owner,fd={plumbing.qmp_fd}"]
         argv += ["-mon", "chardev=qmp-owner,mode=control"]

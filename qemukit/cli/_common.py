@@ -169,6 +169,11 @@ def spec_options(func: F) -> F:
                      help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
                      "9p with ,9p)."),
         click.option("--run-as", help="Run QEMU as this user once it has started (for root)."),
+        click.option("--gdb", "gdb_port", type=int, is_flag=False, flag_value=0, default=None,
+                     metavar="[PORT]", help="Expose QEMU's gdb stub on 127.0.0.1:PORT (a free "
+                     "port without PORT); the gdb command line is printed."),
+        click.option("--gdb-wait", "gdb_wait", is_flag=True, default=None,
+                     help="With --gdb: keep the vCPUs halted until gdb continues them."),
         click.option("--qmp-tcp", "qmp_tcp_port", type=int, metavar="PORT",
                      help="Also serve QMP on 127.0.0.1:PORT (off by default; a warning is shown)."),
         click.option("--no-sandbox", is_flag=True, default=None,
@@ -200,7 +205,8 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
                        ("cpu_model", "cpu"), ("cpus", "cpus"), ("max_cpus", "max_cpus"),
                        ("memory", "memory"), ("max_memory", "max_memory"), ("slots", "slots"),
                        ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append"),
-                       ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port")):
+                       ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port"),
+                       ("gdb_port", "gdb_port"), ("gdb_wait", "gdb_wait")):
         if opts.get(key) is not None:
             changes[field] = opts[key]
     if opts["disks"]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -122,10 +125,30 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:
-    """One line on stderr: the accelerator in short, or with the whole reason under -v."""
+    """One line on stderr: the accelerator in short, or with the whole reason under -v.
+
+    With a gdb stub, a second line: the gdb command that connects to it.
+    """
     if vm.accel is not None:
         text = vm.accel.reason if verbose else vm.accel.summary
         click.echo(f"qemukit: {vm.name}: {text}", err=True)
+    if vm.spec.gdb_port is not None:
+        host_addr, port = vm.gdb_address()
+        click.echo(f"qemukit: {vm.name}: gdb stub on {host_addr}:{port}"
+                   f"{' (vCPUs halted until gdb continues)' if vm.spec.gdb_wait else ''}: "
+                   f"{gdb_command(vm.spec.kernel, host_addr, port)}", err=True)
+
+
+def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int) -> str:
+    """The gdb command line for a stub: with the kernel's vmlinux when it sits beside it."""
+    vmlinux = "vmlinux"
+    if kernel is not None:
+        for candidate in (Path(kernel).parent / "vmlinux",
+                          Path(kernel).parents[2] / "vmlinux" if len(Path(kernel).parents) > 2 else None):
+            if candidate is not None and candidate.is_file():
+                vmlinux = str(candidate)
+                break
+    return shlex.join(["gdb", vmlinux, "-ex", f"target remote {host_addr}:{port}"])
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
@@ -144,9 +167,13 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
             vm.kill()
         raise
     name, pid, accel = vm.name, vm.pid, vm.accel
+    gdb = vm.gdb_address() if spec.gdb_port is not None else None
     vm.detach()
+    if gdb is not None:
+        click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, *gdb)}", err=True)
     if as_json:
-        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None})
+        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None,
+                   "gdb": f"{gdb[0]}:{gdb[1]}" if gdb else None})
     else:
         click.echo(name)
 

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,6 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 from .. import host
 from .._aio import cancel_and_wait, file_lock
+from .._launch.argv import GDB_CHARDEV
 from .._launch.plan import LaunchPlan, plan_launch
 from .._launch.process import QemuProcess, process_start_time
 from .._launch.runtime import RuntimeDir, VMInfo
@@ -656,6 +658,23 @@ class AsyncVM:
                     console=self.console_tail(20),
                 ) from None
             raise
+
+    async def gdb_address(self) -> tuple[str, int]:
+        """Where QEMU's gdb stub listens (``spec.gdb_port``; with 0, the port the kernel picked).
+
+        Connect with ``gdb vmlinux -ex 'target remote HOST:PORT'``. Raises
+        :class:`StateError` if the spec has no gdb stub.
+        """
+        if self.spec.gdb_port is None:
+            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb_port, "
+                             "qemukit run --gdb)")
+        for chardev in await self.qmp("query-chardev"):
+            if chardev.get("label") == GDB_CHARDEV:
+                # e.g. "disconnected:tcp:127.0.0.1:40937,server=on": the bound address.
+                match = re.search(r"tcp:([\d.]+):(\d+)", str(chardev.get("filename", "")))
+                if match:
+                    return match.group(1), int(match.group(2))
+        raise StateError(f"QEMU reports no listening gdb stub for VM {self.name!r}")
 
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""

@@ -66,6 +66,7 @@ class VM(SyncFacade):
     detach = blocking(AsyncVM.detach)
     qmp = blocking(AsyncVM.qmp)
     status = blocking(AsyncVM.status)
+    gdb_address = blocking(AsyncVM.gdb_address)
     pause = blocking(AsyncVM.pause)
     resume = blocking(AsyncVM.resume)
     unplug = blocking(AsyncVM.unplug)
