@@ -467,6 +467,8 @@ def full_spec() -> VMSpec:
         sandbox=False,
         run_as="nobody",
         qmp_tcp_port=4444,
+        gdb_port=1234,
+        gdb_wait=True,
         extra_args=("-S", "-device", "virtio-rng-pci,id=rng0", "", 'a "q" \\ b'),
         cloud_init=CloudInit(hostname="full-spec.example", ssh_key='/keys/my "key",x.pub',
                              user_data="/ud/ünï 😀\\data", ssh_user="admin"),
