@@ -78,8 +78,9 @@ async def dump_memory(vm: VMTarget, path: str | os.PathLike[str], *, format: Dum
                     raise SnapshotError(f"QEMU cannot dump VM {vm.name!r}'s memory: "
                                         f"{exc.description}") from exc
                 what = f"QEMU to finish dumping VM {vm.name!r}'s memory to {target}"
+                # A panicked guest is what one dumps: only QEMU's exit ends this wait.
                 event = await vm.guarded(vm.monitor.wait_event(completed, timeout, what),
-                                         timeout + 5, what)
+                                         timeout + 5, what, guest_faults=False)
         error = event.get("data", {}).get("error")
         if error:
             raise SnapshotError(f"QEMU's dump of VM {vm.name!r} failed: {error}")

@@ -119,6 +119,8 @@ class KernelTestResult:
     console_tail: str
     oops: str | None = None
     warnings: tuple[str, ...] = ()
+    #: The crash dump written on a panic (``dump_on_panic``), if any.
+    dump: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -143,7 +145,7 @@ class KernelTestResult:
         props = ET.SubElement(ts, "properties")
         for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
                             ("accel", self.accel), ("boot_time", self.boot_time),
-                            ("panic", self.panic), ("oops", self.oops),
+                            ("panic", self.panic), ("oops", self.oops), ("dump", self.dump),
                             *(("warning", w) for w in self.warnings)):
             if value is not None:
                 ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
@@ -187,6 +189,7 @@ def run_in_vm(
     modules: str | Path | None = None,
     on_started: Callable[[VM], None] | None = None,
     continue_on_oops: bool = False,
+    dump_on_panic: str | Path | None = None,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
@@ -196,9 +199,14 @@ def run_in_vm(
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
     An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
     records it (``oops``, ``warnings``) and lets the command finish.
+    With ``dump_on_panic`` (a new file's path) a panicking kernel waits
+    (``panic=0``) instead of rebooting, and the guest's memory is written there
+    as an ELF core before the VM stops; the result names it (``dump``).
     Raises :class:`SpecError` or :class:`HostError` for bad input (e.g. a
     modules directory that cannot be read) before anything starts.
     """
+    if dump_on_panic is not None and Path(dump_on_panic).exists():
+        raise SpecError("dump_on_panic", str(dump_on_panic), "already exists; dumps never overwrite")
     if modules is not None:
         if spec.initrd is None:
             raise SpecError("modules", str(modules), "needs a kernel booted with an initrd")
@@ -206,12 +214,16 @@ def run_in_vm(
             initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
             return run_in_vm(spec.replace(initrd=str(initrd)), command, timeout=timeout,
                              console_log=console_log, on_started=on_started,
-                             continue_on_oops=continue_on_oops)
+                             continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+    if dump_on_panic is not None:
+        # The kernel must stay put after its panic (not reboot, which ends QEMU under
+        # -no-reboot) until it is dumped: the last panic= on the command line wins.
+        spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
     argv = (command,) if isinstance(command, str) else tuple(command)
     start = time.monotonic()
     vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops)
     fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
-                                  panic=None, error=None, accel=None, oops=None)
+                                  panic=None, error=None, accel=None, oops=None, dump=None)
     outcome = "error"
     tail = ""
     events: list[ConsoleEvent] = []
@@ -229,6 +241,10 @@ def run_in_vm(
         outcome = "passed" if result.exit_status == 0 else "failed"
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
+        if dump_on_panic is not None:
+            fields["dump"], dump_error = _dump_after_panic(vm, Path(dump_on_panic))
+            if dump_error:
+                fields["error"] += f"; {dump_error}"
     except GuestOops as exc:
         outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
     except WaitTimeout as exc:
@@ -261,6 +277,17 @@ def run_in_vm(
     )
 
 
+def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
+    """Pause the panicked guest and dump its memory to ``path``: (the dump, or the reason not)."""
+    if vm.state is not VMState.RUNNING or not vm.aio.qemu_alive():
+        return None, "no crash dump: QEMU had already exited"
+    try:
+        vm.pause()
+        return str(vm.dump_memory(path).path), None
+    except QemukitError as exc:
+        return None, f"no crash dump: {exc}"
+
+
 def run_kernel(
     kernel: str | Path,
     command: str | Sequence[str] = ("true",),
@@ -272,6 +299,7 @@ def run_kernel(
     timeout: float = 300.0,
     console_log: str | Path | None = None,
     continue_on_oops: bool = False,
+    dump_on_panic: str | Path | None = None,
     **spec_fields: Any,
 ) -> KernelTestResult:
     """Boot ``kernel`` with the tiny initramfs (or ``initrd``), run ``command``, report.
@@ -280,8 +308,8 @@ def run_kernel(
     leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
     itself; it is appended to the initramfs so the guest loads its virtio
     drivers from it. ``append`` adds to the default kernel command line;
-    ``continue_on_oops`` as for :func:`run_in_vm`; other keyword arguments
-    are VMSpec fields (``accel``, ``memory``, ...).
+    ``continue_on_oops`` and ``dump_on_panic`` as for :func:`run_in_vm`; other
+    keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
     """
     if not Path(kernel).is_file():
         raise SpecError("kernel", str(kernel), "no such file")
@@ -290,7 +318,7 @@ def run_kernel(
     spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
                        shares=tuple(shares), **spec_fields)
     return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
-                     continue_on_oops=continue_on_oops)
+                     continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
 
 
 def _copy_errors(exc: OSError) -> str:

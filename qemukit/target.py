@@ -70,7 +70,7 @@ class VMTarget(Protocol):
         """Wait until the guest agent answers."""
 
     async def guarded(self, aw: Awaitable[T], timeout: float | None, what: str, *,
-                      guest_io: bool = False) -> T:
+                      guest_io: bool = False, guest_faults: bool = True) -> T:
         """Await ``aw``, ending early with the right error if QEMU exits or the guest panics."""
 
     def qemu_alive(self) -> bool:

@@ -48,11 +48,15 @@ from ._common import (
               help="SSH public key to authorize in the guest (default: a keypair made per VM).")
 @click.option("--continue-on-oops", is_flag=True,
               help="With -- CMD: a kernel oops or BUG is recorded, not fatal; CMD runs on.")
+@click.option("--dump-on-panic", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With -- CMD: on a kernel panic, write the guest's memory to FILE (an ELF "
+              "core for crash or drgn) before the run ends with 255.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Explain the accelerator choice in full (as qemukit doctor does).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
-        modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool, verbose: bool,
+        modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
+        dump_on_panic: str | None, verbose: bool,
         command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
@@ -92,7 +96,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             _announce_accel(vm, verbose)
 
     result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
-                       modules=modules, on_started=announce, continue_on_oops=continue_on_oops)
+                       modules=modules, on_started=announce, continue_on_oops=continue_on_oops,
+                       dump_on_panic=dump_on_panic)
     if json_out is not None:
         if json_out == "-":
             emit_json(result.to_dict())
@@ -114,6 +119,11 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     if result.outcome == "panic":
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
+        if result.dump is not None:
+            click.echo(f"qemukit: crash dump in {result.dump} (crash vmlinux {result.dump}; "
+                       f"drgn -c {result.dump})", err=True)
+        elif dump_on_panic is not None:
+            click.echo(f"qemukit: {result.error}", err=True)
     elif result.outcome == "oops":
         click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
                    f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)

@@ -496,14 +496,18 @@ class AsyncVM:
 
     async def guarded(
         self, aw: Awaitable[T], timeout: float | None, what: str, *, launching: bool = False,
-        guest_io: bool = False,
+        guest_io: bool = False, guest_faults: bool = True,
     ) -> T:
         """Await ``aw`` but stop early, with the right error, if QEMU exits or the guest panics.
 
         With ``guest_io`` (waits that need the guest to run), a disk I/O error
         that makes QEMU pause the guest ends the wait too, as :class:`GuestIOError`.
+        ``guest_faults=False`` is for work on a guest that has already failed
+        (dumping a panicked kernel): a panic or oops does not end that wait.
         """
         assert self._proc is not None
+        if not guest_faults:
+            return await self._guard_exit_only(aw, timeout, what)
         task = asyncio.ensure_future(aw)
         # The long-lived futures (QEMU's exit, a panic, an I/O error) go to asyncio.wait
         # as they are: it removes its callbacks from them when it returns, so a VM that
@@ -549,6 +553,26 @@ class AsyncVM:
                 stderr=self._output_for_error(),
                 console=self.console_tail(20),
             )
+        raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
+
+    async def _guard_exit_only(self, aw: Awaitable[T], timeout: float | None, what: str) -> T:
+        """Await ``aw``, ended early only by QEMU's exit (see :meth:`guarded`)."""
+        assert self._proc is not None
+        task = asyncio.ensure_future(aw)
+        waiters: set[asyncio.Future[Any]] = {task, self._proc.exit_future()}
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        await cancel_and_wait(task)
+        if not self._proc.alive():
+            raise LaunchError(f"QEMU exited while waiting for {what}",
+                              returncode=self._proc.returncode, stderr=self._output_for_error(),
+                              console=self.console_tail(20))
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
 
     def qemu_alive(self) -> bool:

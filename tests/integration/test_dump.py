@@ -69,3 +69,18 @@ def test_dump_command(qk: Any, tmp_path: Path, tiny_spec: VMSpec) -> None:
         assert bad.returncode == 125 and "cannot create it" in bad.stderr
     finally:
         assert qk("stop", "dumpme").returncode == 0
+
+
+def test_dump_on_panic_writes_the_core_before_the_run_ends(qk: Any, tmp_path: Path) -> None:
+    core = tmp_path / "panic.core"
+    out = qk("run", "--image", "tiny", "--accel", "tcg", "--dump-on-panic", str(core),
+             "--json", str(tmp_path / "r.json"), "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert out.returncode == 255, out.stderr
+    assert f"crash dump in {core}" in out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["outcome"] == "panic" and result["dump"] == str(core)
+    (prstatus,) = [n for n in elf_notes(core) if n[0] == "CORE" and n[1] == NT_PRSTATUS]
+    # The crashed CPU's registers: pr_pid in elf_prstatus is the vCPU (QEMU numbers it 1).
+    pr_pid, = struct.unpack_from("<i", prstatus[2], 32)
+    assert pr_pid == 1
+    assert b"sysrq triggered crash" in core.read_bytes()  # the panic is in the guest's memory

@@ -107,7 +107,8 @@ class FakeVM:
     def operation_lock(self, timeout: float = 5.0) -> Any:
         return file_lock(self.runtime.lock_file, timeout, "the fake VM's operation lock")
 
-    async def guarded(self, aw: Any, timeout: float | None, what: str, *, guest_io: bool = False) -> Any:
+    async def guarded(self, aw: Any, timeout: float | None, what: str, *, guest_io: bool = False,
+                      guest_faults: bool = True) -> Any:
         return await aw
 
     async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
