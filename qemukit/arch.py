@@ -48,6 +48,8 @@ class ArchInfo:
     kernel_format: str
     firmware: str
     machine_opts: str = ""
+    #: A firmware file QEMU loads by itself from its data directory, if any.
+    firmware_file: str | None = None
     #: Added to ``-machine`` under KVM only.
     kvm_machine_opts: str = ""
     hotplug_bus: str | None = None
@@ -101,6 +103,7 @@ ARCHES: dict[str, ArchInfo] = {
         machines=("virt",), tcg_cpu="rv64", console="ttyS0", transport="pci",
         debian_arch="riscv64", kernel_package="linux-image-riscv64",
         kernel_format="Image (arch/riscv/boot/Image)", firmware="OpenSBI (QEMU's built-in)",
+        firmware_file="opensbi-riscv64-generic-fw_dynamic.bin",
         # Debian's riscv64 kernel has no PCI hotplug driver: no root ports.
         hotplug_bus=None, powerdown=False, debian_suite="trixie",
         host_names=("riscv64",),
@@ -118,7 +121,7 @@ ARCHES: dict[str, ArchInfo] = {
         name="ppc64le", qemu_binary="qemu-system-ppc64", qemu_package="qemu-system-ppc",
         machines=("pseries",), tcg_cpu="power9", console="hvc0", transport="pci",
         debian_arch="ppc64el", kernel_package="linux-image-powerpc64le",
-        kernel_format="vmlinux (ELF)", firmware="VOF (x-vof=on)",
+        kernel_format="vmlinux (ELF)", firmware="VOF (x-vof=on)", firmware_file="vof.bin",
         machine_opts="x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,"
                      "cap-ccf-assist=off",
         cpu_hotplug=True, memory_hotplug=True, host_names=("ppc64le",),
