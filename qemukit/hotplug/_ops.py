@@ -108,7 +108,9 @@ class AsyncHotplug:
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
                 raise refuse("path", str(drive.file), "no such file")
-            qemu = await asyncio.to_thread(host.find_qemu, self._vm.spec.arch)
+            arch = self._vm.spec.arch
+            qemu = await asyncio.to_thread(
+                host.find_qemu, *(() if arch == "x86_64" else (arch,)))
             try:
                 actual = await asyncio.to_thread(host.image_format, file, qemu)
             except SpecError as exc:
