@@ -306,3 +306,64 @@ def test_tiny_append_per_arch() -> None:
 def test_arch_table_is_pure() -> None:
     source = (Path(tiny.__file__).parent.parent / "arch.py").read_text()
     assert not any(f"import {m}" in source for m in ("os", "subprocess", "socket", "platform"))
+
+
+# -- hotplug per arch (refusals before QEMU is touched; CCW disks) ------------------------
+
+
+def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: Any) -> Any:
+    from .test_hotplug_preflight import FakeVM
+
+    qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
+                           frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
+    monkeypatch.setattr(host, "find_qemu", lambda *a: qemu)
+    monkeypatch.setattr(host, "image_format", lambda path, q: "raw")
+    (tmp_path / "run").mkdir()
+    return FakeVM(tmp_path / "run", _spec(arch, **kw))
+
+
+@pytest.mark.parametrize(("arch", "why"), [
+    ("riscv64", "no PCI hotplug driver"), ("ppc64le", "drmgr")])
+def test_disk_hotplug_is_refused_where_the_guest_cannot_see_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, why: str) -> None:
+    import asyncio
+
+    from qemukit import HotplugError
+    from qemukit.hotplug import AsyncHotplug
+
+    vm = _fake_vm(tmp_path, monkeypatch, arch)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"\0" * 4096)
+    with pytest.raises(HotplugError, match=why) as info:
+        asyncio.run(AsyncHotplug(vm).disk(raw))
+    assert info.value.field == "machine" and info.value.value == vm.spec.machine
+    assert not [c for c, _ in vm.log if c in ("blockdev-add", "device_add")]
+
+
+@pytest.mark.parametrize("arch", ["s390x", "ppc64le"])
+def test_cpu_hotplug_is_refused_on_machines_without_acpi(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    import asyncio
+
+    from qemukit import HotplugError
+    from qemukit.hotplug import AsyncHotplug
+
+    vm = _fake_vm(tmp_path, monkeypatch, arch, max_cpus=2)
+    with pytest.raises(HotplugError, match=vm.spec.machine):
+        asyncio.run(AsyncHotplug(vm).cpu(1))
+    assert vm.log == []
+
+
+def test_s390x_disk_hotplug_uses_ccw_without_a_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from qemukit.hotplug import AsyncHotplug
+
+    vm = _fake_vm(tmp_path, monkeypatch, "s390x", hotplug_ports=0)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"\0" * 4096)
+    handle = asyncio.run(AsyncHotplug(vm).disk(raw, id="hpd"))
+    assert handle.driver == "virtio-blk-ccw"
+    device = [a for c, a in vm.log if c == "device_add"][0]
+    assert device["driver"] == "virtio-blk-ccw" and "bus" not in device
