@@ -250,7 +250,7 @@ def resolve_accel(
         return AccelChoice("tcg", "TCG (software emulation) as requested", summary="TCG (as requested)")
     native = host_arch()
     if arch != native:
-        why = f"{arch} guests cannot use KVM on a {native} host (KVM runs only the host's architecture)"
+        why = f"{arch} guests cannot use KVM on this {native} host (KVM runs only the host's architecture)"
         if requested == "kvm":
             raise AcceleratorError("kvm", why)
         return AccelChoice("tcg", f"TCG (software emulation): {why}",

@@ -367,3 +367,24 @@ def test_s390x_disk_hotplug_uses_ccw_without_a_port(
     assert handle.driver == "virtio-blk-ccw"
     device = [a for c, a in vm.log if c == "device_add"][0]
     assert device["driver"] == "virtio-blk-ccw" and "bus" not in device
+
+
+def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import pytest_plugin
+
+    built: list[tuple[str, str]] = []
+    monkeypatch.setattr(images, "build", lambda name, arch="x86_64": built.append((name, arch)))
+    monkeypatch.setattr(images, "spec", lambda name, **kw: kw)
+
+    class Config:
+        def __init__(self, arch: str) -> None:
+            self.opts = {"--qemukit-image": "tiny", "--qemukit-arch": arch,
+                         "--qemukit-accel": "tcg"}
+
+        def getoption(self, name: str) -> str:
+            return self.opts[name]
+
+    spec: Any = pytest_plugin._base_spec(Config("riscv64"), cpus=1)  # type: ignore[arg-type]
+    assert spec == {"accel": "tcg", "arch": "riscv64", "cpus": 1}
+    assert built == [("tiny", "riscv64")]
+    assert "arch" not in pytest_plugin._base_spec(Config("x86_64"))  # type: ignore[arg-type]
