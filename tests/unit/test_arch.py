@@ -388,3 +388,26 @@ def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatc
     assert spec == {"accel": "tcg", "arch": "riscv64", "cpus": 1}
     assert built == [("tiny", "riscv64")]
     assert "arch" not in pytest_plugin._base_spec(Config("x86_64"))  # type: ignore[arg-type]
+
+
+def test_doctor_json_reports_every_architecture(tmp_path: Path) -> None:
+    # A private PATH where only the aarch64 binary exists: the others name their package.
+    binaries = tmp_path / "bin"
+    binaries.mkdir()
+    fake = binaries / "qemu-system-aarch64"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = {"QEMUKIT_CACHE": str(tmp_path / "cache"), "QEMUKIT_STATE": str(tmp_path / "state"),
+           "QEMUKIT_QEMU": str(tmp_path / "no-qemu"), "PATH": str(binaries)}
+    result = CliRunner().invoke(main, ["doctor", "--json"], env=env)
+    import json
+
+    report = json.loads(result.stdout)["architectures"]
+    assert sorted(report) == sorted(ARCHES)
+    assert report["aarch64"]["qemu"] == str(fake)
+    assert report["riscv64"]["qemu"] is None and report["riscv64"]["package"] == "qemu-system-misc"
+    assert report["ppc64le"]["package"] == "qemu-system-ppc"
+    assert report["s390x"]["machine"] == "s390-ccw-virtio" and report["s390x"]["transport"] == "ccw"
+    assert report["aarch64"]["image"] is None
+    assert report["riscv64"]["accel"].startswith("tcg")
+    assert report["aarch64"]["cpu_hotplug"] is False and report["ppc64le"]["cpu_hotplug"] is True
