@@ -540,6 +540,10 @@ class VMSpec:
             if self.cloud_init is not None:
                 raise SpecError("cloud_init", "set", f"the cloud-init seed CD is x86_64-only "
                                 f"(not on {self.arch})")
+            if info.virtiofs and any(sh.transport == "virtiofs" for sh in self.shares):
+                raise SpecError("share.transport", "virtiofs",
+                                f"virtiofs does not work on {self.arch}: {info.virtiofs}; "
+                                "use a 9p share (HOST:GUEST,9p)")
             if info.transport == "ccw" and any(d.interface == "nvme" for d in self.drives):
                 raise SpecError("drive.interface", "nvme",
                                 f"{self.machine} has no PCI bus for NVMe; use virtio-blk")

@@ -61,9 +61,11 @@ REQUIRED_MODULES: tuple[str, ...] = (
 )
 #: Modules loaded when the kernel package has them (silently skipped otherwise).
 OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs")
-#: Required modules a foreign kernel may lack entirely: no ACPI button on
-#: s390x or pseries, no SCSI stack wanted where it is not built.
-FOREIGN_OPTIONAL: tuple[str, ...] = ("button", "scsi_common", "scsi_mod", "sd_mod", "virtio_scsi")
+#: Modules a foreign kernel may lack: required ones it may not have at all (no ACPI
+#: button on s390x or pseries), and 9p, loaded where the kernel has it (all but the
+#: arm64 cloud kernel): virtiofs does not work on big-endian s390x.
+FOREIGN_OPTIONAL: tuple[str, ...] = ("button", "scsi_common", "scsi_mod", "sd_mod", "virtio_scsi",
+                                     "9pnet", "9pnet_virtio", "9p")
 
 #: PID 1 of a foreign-architecture image. Its busybox cannot run on the host,
 #: so the applet links are made at boot (``--install`` needs /proc/self/exe);
@@ -443,6 +445,7 @@ def _resolve_modules(module_dir: Path, optional: Iterable[str] = ()) -> list[_Mo
 
     wanted = [name for name in REQUIRED_MODULES if name not in maybe or name in index]
     wanted += [name for name in OPTIONAL_MODULES if name in index]
+    wanted += [name for name in optional if name not in wanted and name in index]
     for name in wanted:
         load(name)
     wanted = [name for name in wanted if name in loaded]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from qemukit import VM, Drive, HotplugError, images
+from qemukit import VM, Drive, HotplugError, Share, images
 from qemukit.arch import ARCHES
 from qemukit.vm import ShutdownRung
 
@@ -43,11 +43,16 @@ def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     work = tmp_path_factory.mktemp(f"arch-{arch}")
     disk = work / "root.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    (work / "share").mkdir()
+    (work / "share" / "hello.txt").write_text(f"hello from the host to {arch}\n")
+    # virtiofs where it works; 9p on s390x and pseries (the arm64 cloud kernel has no 9p).
+    transport = "9p" if ARCHES[arch].virtiofs else "virtiofs"
+    share = Share(work / "share", "/mnt/host", transport=transport)
     # The runtime directory is kept so a failed stop can show the console; removed below.
-    vm = VM(images.spec("tiny", arch=arch, drives=(Drive(disk, overlay=True),)),
+    vm = VM(images.spec("tiny", arch=arch, drives=(Drive(disk, overlay=True),), shares=(share,)),
             keep_runtime=True)
-    vm.start()
     try:
+        vm.start()
         vm.wait_ready(180)
         yield arch, vm, work
     finally:
@@ -66,6 +71,14 @@ def test_uname_and_exit_code(guest: tuple[str, VM, Path]) -> None:
     lines = out.stdout_text.split("\n")
     assert lines[0] == arch
     assert lines[1].split()[0] == ARCHES[arch].console
+
+
+def test_host_share_is_readable(guest: tuple[str, VM, Path]) -> None:
+    arch, vm, _ = guest
+    out = vm.exec("cat /mnt/host/hello.txt; grep /mnt/host /proc/mounts", check=True).stdout_text
+    lines = out.split("\n")
+    assert lines[0] == f"hello from the host to {arch}"
+    assert lines[1].split()[2] == ("9p" if ARCHES[arch].virtiofs else "virtiofs")
 
 
 def test_disk_hotplug(guest: tuple[str, VM, Path]) -> None:

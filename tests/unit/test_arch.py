@@ -68,6 +68,8 @@ def test_foreign_arch_gets_its_machine_and_round_trips_through_toml(arch: str, m
     ({"arch": "aarch64", "cpus": 1, "max_cpus": 2}, "max_cpus", 2),
     ({"arch": "riscv64", "cpus": 1, "max_cpus": 4}, "max_cpus", 4),
     ({"arch": "s390x", "max_memory": "1G"}, "max_memory", 1024),
+    ({"arch": "s390x", "shares": (Share("/src"),)}, "share.transport", "virtiofs"),
+    ({"arch": "ppc64le", "shares": (Share("/src"),)}, "share.transport", "virtiofs"),
 ])
 def test_bad_arch_input_names_the_field_and_value(kwargs: dict[str, Any], field: str,
                                                   value: Any) -> None:
