@@ -261,8 +261,13 @@ def test_builtin_and_absent_modules_are_skipped(tmp_path: Path) -> None:
                 "net_failover": "failover"}.get(name, "virtio,virtio_ring")
         elf = _elf_with_modinfo(">", f"depends={deps}\0".encode())
         (moddir / "kernel" / f"{name}.ko.xz").write_bytes(lzma.compress(elf))
+    # 9p is loaded where the kernel has it (not required).
+    for name, deps in (("9pnet", ""), ("9p", "9pnet")):
+        (moddir / "kernel" / f"{name}.ko.xz").write_bytes(
+            lzma.compress(_elf_with_modinfo(">", f"depends={deps}\0".encode())))
     order = [m.name for m in tiny._resolve_modules(moddir, tiny.FOREIGN_OPTIONAL)]
     assert not set(order) & builtin and "button" not in order
+    assert order.index("9pnet") < order.index("9p") and "9pnet_virtio" not in order
     assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
     # Without the foreign allowance a missing required module is still an error.
     with pytest.raises(RuntimeError, match="not found in the kernel package"):
