@@ -121,6 +121,8 @@ class KernelTestResult:
     warnings: tuple[str, ...] = ()
     #: The crash dump written on a panic (``dump_on_panic``), if any.
     dump: str | None = None
+    #: The guest's architecture (``x86_64``, ``aarch64``, ...).
+    arch: str = "x86_64"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -146,6 +148,7 @@ class KernelTestResult:
         for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
                             ("accel", self.accel), ("boot_time", self.boot_time),
                             ("panic", self.panic), ("oops", self.oops), ("dump", self.dump),
+                            ("arch", self.arch),
                             *(("warning", w) for w in self.warnings)):
             if value is not None:
                 ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
@@ -273,7 +276,7 @@ def run_in_vm(
     return KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
-        warnings=tuple(warnings), **fields,
+        warnings=tuple(warnings), arch=spec.arch, **fields,
     )
 
 
@@ -313,8 +316,9 @@ def run_kernel(
     """
     if not Path(kernel).is_file():
         raise SpecError("kernel", str(kernel), "no such file")
-    base = initrd if initrd is not None else images.build("tiny").initrd
-    cmdline = images.TINY_APPEND + (f" {append}" if append else "")
+    arch = spec_fields.get("arch", "x86_64")
+    base = initrd if initrd is not None else images.build("tiny", arch=arch).initrd
+    cmdline = images.tiny_append(arch) + (f" {append}" if append else "")
     spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
                        shares=tuple(shares), **spec_fields)
     return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,

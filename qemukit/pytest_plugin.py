@@ -42,10 +42,16 @@ CLEAN_TAG = "qemukit-clean"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Register qemukit's command-line options."""
+    from .arch import ARCHES  # a pure table: keeps the plugin light
+
     group = parser.getgroup("qemukit", "VMs for tests (qemukit)")
     group.addoption("--qemukit-accel", default="tcg", choices=("auto", "kvm", "tcg"),
                     help="accelerator for fixture VMs (default: tcg)")
     group.addoption("--qemukit-image", default="tiny", help="image for fixture VMs (default: tiny)")
+    group.addoption("--qemukit-arch", default="x86_64",
+                    choices=tuple(ARCHES),
+                    help="guest architecture of fixture VMs (default: x86_64; the tiny image "
+                         "for it is built on first use)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
 
@@ -54,7 +60,12 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
     from . import images
 
     image = config.getoption("--qemukit-image")
-    images.build(image)
+    arch = config.getoption("--qemukit-arch")
+    if arch != "x86_64":
+        overrides.setdefault("arch", arch)
+        images.build(image, arch=arch)
+    else:
+        images.build(image)
     return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from .arch import ARCHES, ArchName
 from .errors import SpecError
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     "parse_size",
 ]
 
-MachineType = Literal["q35", "pc", "microvm"]
+MachineType = Literal["q35", "pc", "microvm", "virt", "s390-ccw-virtio", "pseries"]
 AccelName = Literal["auto", "kvm", "tcg"]
 Firmware = Literal["seabios", "ovmf"]
 DriveInterface = Literal["virtio-blk", "virtio-scsi", "nvme"]
@@ -407,6 +408,10 @@ class VMSpec:
     slots; ``slots=0`` (the default) with ``max_memory`` set means
     :data:`DEFAULT_MEMORY_SLOTS` (8) slots, and slots without ``max_memory``
     are refused.
+    ``arch`` is the guest's architecture (``x86_64``, ``aarch64``, ``riscv64``,
+    ``s390x``, ``ppc64le``); a non-x86 spec left at the default machine
+    (``q35``) gets its architecture's machine (``virt``, ``s390-ccw-virtio``,
+    ``pseries``; see :mod:`qemukit.arch`).
     """
 
     name: str | None = None
@@ -436,6 +441,7 @@ class VMSpec:
     gdb_wait: bool = False
     extra_args: tuple[str, ...] = field(default=())
     cloud_init: CloudInit | None = None
+    arch: ArchName = "x86_64"
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -444,7 +450,14 @@ class VMSpec:
             raise SpecError(
                 "name", self.name, "use 1-40 letters, digits, '_', '.' or '-', not starting with one"
             )
+        _check_choice("arch", self.arch, ArchName)
         _check_choice("machine", self.machine, MachineType)
+        info = ARCHES[self.arch]
+        if self.arch != "x86_64" and self.machine == "q35":
+            object.__setattr__(self, "machine", info.default_machine)
+        if self.machine not in info.machines:
+            raise SpecError("machine", self.machine, f"not a machine for arch {self.arch}; "
+                            f"use {', '.join(info.machines)}")
         _check_choice("accel", self.accel, AccelName)
         _check_choice("firmware", self.firmware, Firmware)
         if self.cpu is not None:
@@ -519,6 +532,30 @@ class VMSpec:
                      if i and i.startswith("cidata")]
             if taken:
                 raise SpecError("id", taken[0], "ids starting with 'cidata' name the seed CD")
+        if self.arch != "x86_64":
+            if self.firmware != "seabios":
+                raise SpecError("firmware", self.firmware,
+                                f"OVMF is x86_64 firmware; {self.arch} boots with "
+                                f"{info.firmware}")
+            if self.kernel is None:
+                raise SpecError("kernel", None, f"a {self.arch} guest needs a kernel to boot "
+                                "(qemukit boots foreign guests with -kernel only)")
+            if self.max_cpus is not None and self.max_cpus > self.cpus and not info.cpu_hotplug:
+                raise SpecError("max_cpus", self.max_cpus, f"CPU hotplug is not supported on "
+                                f"{self.machine} ({self.arch}) with QEMU 7.2")
+            if self.max_memory is not None and not info.memory_hotplug:
+                raise SpecError("max_memory", self.max_memory, f"memory hotplug is not "
+                                f"supported on {self.machine} ({self.arch}) with QEMU 7.2")
+            if self.cloud_init is not None:
+                raise SpecError("cloud_init", "set", f"the cloud-init seed CD is x86_64-only "
+                                f"(not on {self.arch})")
+            if info.virtiofs and any(sh.transport == "virtiofs" for sh in self.shares):
+                raise SpecError("share.transport", "virtiofs",
+                                f"virtiofs does not work on {self.arch}: {info.virtiofs}; "
+                                "use a 9p share (HOST:GUEST,9p)")
+            if info.transport == "ccw" and any(d.interface == "nvme" for d in self.drives):
+                raise SpecError("drive.interface", "nvme",
+                                f"{self.machine} has no PCI bus for NVMe; use virtio-blk")
         if self.machine == "microvm":
             if self.firmware != "seabios":
                 raise SpecError("firmware", self.firmware, "microvm boots without OVMF")

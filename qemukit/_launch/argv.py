@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
 
@@ -78,7 +79,7 @@ def _virtio(spec: VMSpec, kind: str) -> str:
 
 
 def _transport(spec: VMSpec, model: str) -> str:
-    return f"{model}-device" if spec.machine == "microvm" else f"{model}-pci"
+    return ARCHES[spec.arch].device(model, spec.machine)
 
 
 def _drive_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
@@ -107,7 +108,7 @@ def _drive_device(spec: VMSpec, drive: Drive, dev_id: str, scsi_added: bool) -> 
     if drive.interface == "virtio-blk":
         return ["-device", f"{_virtio(spec, 'blk')},drive={dev_id}-fmt,id={dev_id}"]
     if drive.interface == "virtio-scsi":
-        ctrl = [] if scsi_added else ["-device", "virtio-scsi-pci,id=scsi0"]
+        ctrl = [] if scsi_added else ["-device", f"{_virtio(spec, 'scsi')},id=scsi0"]
         return ctrl + ["-device", f"scsi-hd,bus=scsi0.0,drive={dev_id}-fmt,id={dev_id}"]
     return ["-device", f"nvme,drive={dev_id}-fmt,id={dev_id},serial={dev_id}"]
 
@@ -184,7 +185,12 @@ def build_argv(
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
     vm_name = name or spec.name or "vm"
+    info = ARCHES[spec.arch]
     machine = f"{spec.machine},accel={accel}"
+    if info.machine_opts:
+        machine += f",{info.machine_opts}"
+    if accel == "kvm" and info.kvm_machine_opts:
+        machine += f",{info.kvm_machine_opts}"
     if any(sh.transport == "virtiofs" for sh in spec.shares):
         machine += ",memory-backend=ram0"
     if spec.firmware == "ovmf":
@@ -192,7 +198,7 @@ def build_argv(
             raise SpecError("firmware", "ovmf", "OVMF firmware files were not resolved")
         machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
     argv = [qemu, "-name", quote_opt(vm_name), "-machine", machine]
-    cpu_model = spec.cpu or cpu or ("host" if accel == "kvm" else None)
+    cpu_model = spec.cpu or cpu or ("host" if accel == "kvm" else info.tcg_cpu)
     if cpu_model:
         argv += ["-cpu", cpu_model]
     smp = str(spec.cpus) + (f",maxcpus={spec.max_cpus}" if spec.max_cpus else "")
@@ -260,9 +266,9 @@ def build_argv(
         if spec.append is not None or mounts or tsc:
             argv += ["-append", append]
     argv += _share_args(spec, plumbing)
-    if spec.machine == "q35":
+    if spec.machine in ("q35", "virt") and info.hotplug_bus:
         for i in range(spec.hotplug_ports):
-            argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={i + 1}"]
+            argv += ["-device", f"pcie-root-port,id=hp{i},bus={info.hotplug_bus},chassis={i + 1}"]
     argv += _drive_args(spec, plumbing)
     argv += _nic_args(spec)
     if spec.agent != "none" and plumbing.agent_path:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import errors
+from ..arch import ARCHES
 from ..spec import DEFAULT_MEMORY_SLOTS, Share, VMSpec, parse_drive, parse_nic
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -148,7 +149,10 @@ def spec_options(func: F) -> F:
         click.option("--name", help="VM name (unique among running VMs)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
                      help="Accelerator; auto uses KVM only where a probe boot proved it works."),
-        click.option("--machine", type=click.Choice(["q35", "pc", "microvm"])),
+        click.option("--arch", type=click.Choice(list(ARCHES)),
+                     help="Guest architecture [default: x86_64]; a foreign one runs under TCG."),
+        click.option("--machine", type=click.Choice(
+            ["q35", "pc", "microvm", "virt", "s390-ccw-virtio", "pseries"])),
         click.option("--cpu", "cpu_model", help="CPU model (e.g. host, max, kvm64)."),
         click.option("--cpus", type=int, help="vCPUs at boot."),
         click.option("--max-cpus", type=int, help="vCPU limit for hotplug."),
@@ -192,12 +196,18 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
 
     if opts["spec_file"] and opts["image"]:
         raise errors.SpecError("image", opts["image"], "give either --image or -f, not both")
+    arch = opts.get("arch")
+    by_arch: dict[str, Any] = {"arch": arch} if arch else {}
     if opts["spec_file"]:
         spec = VMSpec.load(opts["spec_file"])
+        if arch and arch != spec.arch:
+            spec = spec.replace(arch=arch, machine="q35")
     elif opts["image"]:
-        spec = images.spec(opts["image"])
+        spec = images.spec(opts["image"], **by_arch)
     elif opts["kernel"]:
-        spec = images.spec("tiny", kernel=opts["kernel"])
+        spec = images.spec("tiny", kernel=opts["kernel"], **by_arch)
+    elif arch and arch != "x86_64":
+        spec = images.spec("tiny", **by_arch)
     else:
         spec = VMSpec()
     changes: dict[str, Any] = {}

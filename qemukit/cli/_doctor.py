@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .. import errors
+from ..arch import ARCHES
 from ._common import emit_json
 
 
@@ -47,6 +48,7 @@ def doctor(as_json: bool, reprobe: bool) -> None:
     ovmf = host.find_ovmf()
     report["firmware"] = {"seabios": "built into QEMU",
                           "ovmf": list(ovmf) if ovmf else None}
+    report["architectures"] = _architectures(report["accel_auto"])
     if as_json:
         emit_json(report)
     else:
@@ -61,9 +63,49 @@ def doctor(as_json: bool, reprobe: bool) -> None:
         click.echo(f"auto:      {report['accel_auto']}")
         click.echo(f"firmware:  SeaBIOS (built in); OVMF: {ovmf[0] if ovmf else 'not installed'}")
         click.echo(f"tiny:      {tiny.directory if tiny else 'not built (qemukit images build tiny)'}")
+        click.echo("guests:")
+        for name, row in report["architectures"].items():
+            binary = row["qemu"] or f"MISSING (apt-get install {row['package']})"
+            image = row["image"] or f"not built (qemukit images build tiny --arch {name})"
+            fw = row["firmware"] + ("" if row["firmware_present"] else " (MISSING)")
+            click.echo(f"  {name:8} {row['machine']:16} qemu: {binary}")
+            click.echo(f"  {'':8} {'':16} firmware: {fw}; accel: {row['accel']}")
+            click.echo(f"  {'':8} {'':16} tiny: {image}")
         click.echo(f"cache:     {report['cache_dir']}")
         click.echo(f"state:     {report['state_dir']}")
     sys.exit(1 if problems else 0)
+
+
+def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
+    """Each guest architecture's state: QEMU binary (or the package to install),
+    firmware, tiny image, and the accelerator it would get."""
+    import os
+
+    from .. import host, images
+    from ..arch import ARCHES
+
+    native = host.host_arch()
+    out: dict[str, dict[str, Any]] = {}
+    for name, info in ARCHES.items():
+        path = host.qemu_path(name)
+        image = images.find_image("tiny", name)
+        fw_path = f"/usr/share/qemu/{info.firmware_file}" if info.firmware_file else None
+        if name == native:
+            accel = native_accel
+        else:
+            accel = f"tcg ({name} guest emulated on this {native} host)"
+        out[name] = {
+            "qemu": path, "binary": info.qemu_binary, "package": info.qemu_package,
+            "machine": info.default_machine, "cpu_tcg": info.tcg_cpu, "console": info.console,
+            "transport": info.transport, "firmware": info.firmware,
+            "firmware_file": fw_path,
+            "firmware_present": fw_path is None or os.path.isfile(fw_path),
+            "image": str(image.directory) if image else None, "accel": accel,
+            "cpu_hotplug": info.cpu_hotplug, "memory_hotplug": info.memory_hotplug,
+            "disk_hotplug": info.hotplug_bus is not None or info.transport == "ccw",
+            "powerdown": info.powerdown,
+        }
+    return out
 
 
 @click.group(name="images")
@@ -75,17 +117,20 @@ def images_group() -> None:
 @click.argument("name", type=click.Choice(["tiny", "debian"]))
 @click.option("--force", is_flag=True, help="Rebuild even if already built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def images_build(name: str, force: bool, as_json: bool) -> None:
+@click.option("--arch", type=click.Choice(list(ARCHES)), default="x86_64", show_default=True,
+              help="Guest architecture (tiny only); its packages come from apt lists of their own.")
+def images_build(name: str, force: bool, as_json: bool, arch: str) -> None:
     """Build an image from Debian's packages into the cache (once)."""
     from .. import images
 
     start = time.monotonic()
-    image = images.build(name, force=force, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    image = images.build(name, force=force, arch=arch,
+                         progress=lambda msg: click.echo(f"  {msg}", err=True))
     from ._guest import image_summary
 
     summary = image_summary(image)
     if as_json:
-        emit_json({"name": name, "directory": str(image.directory), "kernel": str(image.kernel),
+        emit_json({"name": name, "arch": arch, "directory": str(image.directory), "kernel": str(image.kernel),
                     "initrd": str(image.initrd), "seconds": round(time.monotonic() - start, 1),
                     **summary})
     else:

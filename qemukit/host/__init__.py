@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ._firmware import find_ovmf, tsc_khz
 from ._img import create_overlay, image_format
-from ._kvm import AccelChoice, KvmStatus, kvm_device_status, kvm_status, resolve_accel
-from ._qemu import QemuBinary, find_qemu
+from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
+from ._qemu import QemuBinary, find_qemu, qemu_env_var, qemu_path
 from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
 
 __all__ = [
@@ -23,9 +23,12 @@ __all__ = [
     "find_ovmf",
     "find_qemu",
     "find_virtiofsd",
+    "host_arch",
     "image_format",
     "kvm_device_status",
     "kvm_status",
+    "qemu_env_var",
+    "qemu_path",
     "resolve_accel",
     "tsc_khz",
     "virtiofsd_argv",

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import grp
 import os
+import platform
 import pwd
 import stat
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .._launch.argv import Plumbing, build_argv
 from .._launch.process import run_until_output
+from ..arch import ARCHES, host_arch_name
 from ..errors import AcceleratorError
 from ..spec import VMSpec
 from ._qemu import QemuBinary, read_cache, write_cache
@@ -158,6 +160,7 @@ def kvm_status(
     *,
     timeout: float = KVM_PROBE_TIMEOUT,
     use_cache: bool = True,
+    arch: str = "x86_64",
 ) -> KvmStatus:
     """Decide whether KVM really works: device check, then a cached probe boot.
 
@@ -174,12 +177,13 @@ def kvm_status(
         )
     kernel, initrd = probe_image
     key = _probe_key(qemu, kernel, initrd)
-    cached = read_cache("kvm-probe.json", key) if use_cache else None
+    cache_name = "kvm-probe.json" if arch == "x86_64" else f"kvm-probe-{arch}.json"
+    cached = read_cache(cache_name, key) if use_cache else None
     if cached is not None:
         with contextlib.suppress(TypeError):
             return KvmStatus(**cached)
-    status = _probe_boot(qemu, kernel, initrd, timeout)
-    write_cache("kvm-probe.json", key, asdict(status))
+    status = _probe_boot(qemu, kernel, initrd, timeout, arch)
+    write_cache(cache_name, key, asdict(status))
     return status
 
 
@@ -189,15 +193,19 @@ def kvm_status(
 KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
 
 
-def _probe_boot(qemu: QemuBinary, kernel: str, initrd: str, timeout: float) -> KvmStatus:
+def _probe_boot(
+    qemu: QemuBinary, kernel: str, initrd: str, timeout: float, arch: str = "x86_64"
+) -> KvmStatus:
     failures: list[str] = []
-    for cpu in KVM_CPU_CANDIDATES:
+    candidates = KVM_CPU_CANDIDATES if arch == "x86_64" else ("host",)
+    for cpu in candidates:
         spec = VMSpec(
             name="kvm-probe",
+            arch=arch,  # type: ignore[arg-type]
             cpu=cpu,
             kernel=kernel,
             initrd=initrd,
-            append="console=ttyS0 panic=-1 quiet qemukit.probe",
+            append=f"console={ARCHES[arch].console} panic=-1 quiet qemukit.probe",
             no_reboot=True,
             agent=False,
             serial=False,
@@ -221,17 +229,33 @@ def _probe_boot(qemu: QemuBinary, kernel: str, initrd: str, timeout: float) -> K
     return KvmStatus(False, "; ".join(failures), True, tail)
 
 
-def resolve_accel(
-    requested: str, qemu: QemuBinary, probe_image: tuple[str, str] | None
-) -> AccelChoice:
-    """Turn ``auto``/``kvm``/``tcg`` into the accelerator to run under.
+def host_arch() -> str:
+    """The host's architecture as a guest architecture name (``platform.machine()`` else)."""
+    machine = platform.machine()
+    return host_arch_name(machine) or machine
 
-    ``kvm`` on a host where KVM does not work raises :class:`AcceleratorError`;
-    ``auto`` falls back to TCG and says why.
+
+def resolve_accel(
+    requested: str, qemu: QemuBinary, probe_image: tuple[str, str] | None,
+    *, arch: str = "x86_64",
+) -> AccelChoice:
+    """Turn ``auto``/``kvm``/``tcg`` into the accelerator for a guest of ``arch``.
+
+    KVM runs only guests of the host's own architecture, and only after the
+    probe boot proved it: a foreign guest gets TCG (``kvm`` asked for one
+    raises :class:`AcceleratorError`). ``kvm`` on a host where KVM does not
+    work raises too; ``auto`` falls back to TCG and says why.
     """
     if requested == "tcg":
         return AccelChoice("tcg", "TCG (software emulation) as requested", summary="TCG (as requested)")
-    status = kvm_status(qemu, probe_image)
+    native = host_arch()
+    if arch != native:
+        why = f"{arch} guests cannot use KVM on this {native} host (KVM runs only the host's architecture)"
+        if requested == "kvm":
+            raise AcceleratorError("kvm", why)
+        return AccelChoice("tcg", f"TCG (software emulation): {why}",
+                           summary=f"TCG: {arch} guest emulated on this {native} host")
+    status = kvm_status(qemu, probe_image, arch=arch)
     if requested == "kvm" and probe_image is None and kvm_device_status()[0]:
         return AccelChoice("kvm", "KVM as requested (/dev/kvm usable; no probe image to verify)",
                            summary="KVM (as requested, not verified by a probe boot)")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .._fs import write_atomic
 from .._launch.process import run_command
+from ..arch import ARCHES
 from ..errors import HostError
 from ..paths import cache_dir
 
@@ -60,16 +61,39 @@ def _probe_binary(path: str) -> QemuBinary:
     )
 
 
-def find_qemu() -> QemuBinary:
-    """The QEMU to use: ``$QEMUKIT_QEMU``, else ``qemu-system-x86_64`` on PATH."""
-    env = os.environ.get("QEMUKIT_QEMU")
-    path = env or shutil.which("qemu-system-x86_64")
+def qemu_env_var(arch: str = "x86_64") -> str:
+    """The variable naming the QEMU binary for ``arch``: ``QEMUKIT_QEMU`` for
+    x86_64, ``QEMUKIT_QEMU_<ARCH>`` (e.g. ``QEMUKIT_QEMU_AARCH64``) for the others."""
+    return "QEMUKIT_QEMU" if arch == "x86_64" else f"QEMUKIT_QEMU_{arch.upper()}"
+
+
+def qemu_path(arch: str = "x86_64") -> str | None:
+    """Where the QEMU for ``arch`` is (its variable, else its binary on PATH), or None."""
+    info = ARCHES[arch]
+    env = os.environ.get(qemu_env_var(arch))
+    path = env or shutil.which(info.qemu_binary)
     if not path or not os.access(path, os.X_OK):
-        where = f"$QEMUKIT_QEMU={env!r}" if env else "qemu-system-x86_64 on PATH"
+        return None
+    return path if env else str(Path(path).resolve())
+
+
+def find_qemu(arch: str = "x86_64") -> QemuBinary:
+    """The QEMU for guests of ``arch``: ``$QEMUKIT_QEMU`` (x86_64) or
+    ``$QEMUKIT_QEMU_<ARCH>``, else the architecture's ``qemu-system-*`` on PATH.
+
+    A missing binary raises :class:`HostError` naming the Debian package.
+    """
+    info = ARCHES[arch]
+    var = qemu_env_var(arch)
+    env = os.environ.get(var)
+    path = qemu_path(arch)
+    if path is None:
+        where = f"${var}={env!r}" if env else f"{info.qemu_binary} on PATH"
         raise HostError(
-            f"no QEMU found ({where}); install it with: apt-get install qemu-system-x86 qemu-utils"
+            f"no QEMU for {arch} guests found ({where}); install it with: "
+            f"apt-get install {info.qemu_package} qemu-utils"
         )
-    return _facts(str(Path(path).resolve()) if not env else path)
+    return _facts(path)
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 
 from .. import host
 from .._sync import SyncFacade, blocking
+from ..arch import ARCHES
 from ..errors import (
     HostError,
     HotplugError,
@@ -107,7 +108,9 @@ class AsyncHotplug:
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
                 raise refuse("path", str(drive.file), "no such file")
-            qemu = await asyncio.to_thread(host.find_qemu)
+            arch = self._vm.spec.arch
+            qemu = await asyncio.to_thread(
+                host.find_qemu, *(() if arch == "x86_64" else (arch,)))
             try:
                 actual = await asyncio.to_thread(host.image_format, file, qemu)
             except SpecError as exc:
@@ -115,13 +118,16 @@ class AsyncHotplug:
             if drive.format is not None and drive.format != actual:
                 raise refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
             self._require_pci()
+            if self._ccw and drive.interface != "virtio-blk":
+                raise refuse("interface", drive.interface,
+                             f"{self._vm.spec.machine} hotplugs virtio-blk disks only (on CCW)")
             used = await self._used_names()
             dev_id = self._pick_id(drive.id, "disk", used, lambda i: (f"{i}-file", f"{i}-fmt"))
             controller = None
             if drive.interface == "virtio-scsi":
                 controller = await self._scsi_controller()
             port = None
-            if drive.interface != "virtio-scsi" or controller is None:
+            if not self._ccw and (drive.interface != "virtio-scsi" or controller is None):
                 port = await self._free_port()
             overlay_path = None
             if drive.overlay:
@@ -140,7 +146,9 @@ class AsyncHotplug:
                                       "file": f"{dev_id}-file", **ro}),
                 )
                 device: dict[str, Any] = {"id": dev_id, "drive": f"{dev_id}-fmt"}
-                if drive.interface == "virtio-blk":
+                if drive.interface == "virtio-blk" and self._ccw:
+                    device.update(driver="virtio-blk-ccw")  # the channel subsystem picks its id
+                elif drive.interface == "virtio-blk":
                     device.update(driver="virtio-blk-pci", bus=port)
                 elif drive.interface == "virtio-scsi":
                     device.update(driver="scsi-hd", bus=f"{controller}.0")
@@ -222,7 +230,7 @@ class AsyncHotplug:
                 await asyncio.to_thread(_check_host_port, fw)
             used = await self._used_names()
             dev_id = self._pick_id(nic.id, "nic", used, lambda i: (f"{i}-backend",))
-            port = await self._free_port()
+            port = None if self._ccw else await self._free_port()
             backend_id = f"{dev_id}-backend"
             netdev: dict[str, Any]
             if nic.kind == "tap":
@@ -235,8 +243,12 @@ class AsyncHotplug:
                         {"str": f"{fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"}
                         for fw in nic.forwards
                     ]
-            device = {"driver": "virtio-net-pci", "id": dev_id, "netdev": backend_id,
-                      "mac": nic.mac or _random_mac(), "bus": port}
+            device: dict[str, Any] = {"driver": "virtio-net-pci", "id": dev_id,
+                                      "netdev": backend_id, "mac": nic.mac or _random_mac(),
+                                      "bus": port}
+            if self._ccw:
+                device["driver"] = "virtio-net-ccw"
+                del device["bus"]
             record = DeviceRecord(dev_id, "nic", (("netdev_add", netdev),), device)
             await self._plug(record, timeout)
             return record.handle()
@@ -583,14 +595,31 @@ class AsyncHotplug:
         accel = self._vm.accel
         return accel is not None and accel.accel == "tcg"
 
+    @property
+    def _ccw(self) -> bool:
+        """Whether devices attach to the channel subsystem (s390x), not to PCI."""
+        return ARCHES[self._vm.spec.arch].transport == "ccw"
+
     def _require_pci(self) -> None:
         spec = self._vm.spec
-        if spec.machine != "q35":
+        if self._ccw:
+            return  # virtio-ccw devices hotplug without ports
+        if spec.arch == "riscv64":
+            raise refuse("machine", spec.machine, "riscv64 virt cannot hotplug: Debian's riscv64 "
+                         "kernel has no PCI hotplug driver")
+        if spec.arch == "ppc64le":
+            raise refuse("machine", spec.machine, "pseries PCI hotplug needs powerpc-utils' "
+                         "drmgr in the guest (the tiny guest has none)")
+        if spec.machine not in ("q35", "virt"):
             raise refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
         if spec.hotplug_ports < 1:
             raise refuse("hotplug_ports", spec.hotplug_ports, "the VM has no hotplug ports")
 
     def _require_acpi(self) -> None:
+        spec = self._vm.spec
+        if spec.arch != "x86_64":
+            raise refuse("machine", spec.machine, f"CPU and memory hotplug are wired for ACPI "
+                         f"machines (x86_64 q35/pc) only, not {spec.machine} ({spec.arch})")
         if self._vm.spec.machine == "microvm":
             raise refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
 

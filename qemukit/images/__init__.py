@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from ..arch import ARCHES
 from ..errors import HostError, SpecError
 from ..paths import cache_dir, cache_dir_error
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
@@ -23,13 +24,20 @@ from .tiny import TinyImage, build_tiny, find_tiny
 
 __all__ = [
     "DEBIAN_APPEND", "NAMES", "TINY_APPEND", "DebianImage", "TinyImage", "build", "find_image",
-    "recipe_dir", "spec",
+    "recipe_dir", "spec", "tiny_append",
 ]
 
 NAMES = ("tiny", "debian")
 #: The tiny guest's default kernel command line: serial console, a panic ends
 #: QEMU at once (with -no-reboot), hot-added memory comes online by itself.
 TINY_APPEND = "console=ttyS0 panic=-1 quiet memhp_default_state=online"
+
+
+def tiny_append(arch: str = "x86_64") -> str:
+    """The tiny guest's kernel command line for ``arch`` (its console device)."""
+    if arch not in ARCHES:
+        raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
+    return TINY_APPEND.replace("console=ttyS0", f"console={ARCHES[arch].console}")
 
 
 def recipe_dir(name: str) -> Path:
@@ -46,18 +54,28 @@ def _check_name(name: str) -> None:
         raise SpecError("image", name, f"unknown image; choose from {', '.join(NAMES)}")
 
 
+def _check_arch(name: str, arch: str) -> None:
+    if arch not in ARCHES:
+        raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
+    if name == "debian" and arch != "x86_64":
+        raise SpecError("arch", arch, "the debian image is built for x86_64 only")
+
+
 @overload
-def find_image(name: Literal["tiny"]) -> TinyImage | None: ...
+def find_image(name: Literal["tiny"], arch: str = ...) -> TinyImage | None: ...
 @overload
-def find_image(name: Literal["debian"]) -> DebianImage | None: ...
+def find_image(name: Literal["debian"], arch: str = ...) -> DebianImage | None: ...
 @overload
-def find_image(name: str) -> TinyImage | DebianImage | None: ...
-def find_image(name: str) -> TinyImage | DebianImage | None:
-    """The built image called ``name`` in the cache, or None."""
+def find_image(name: str, arch: str = ...) -> TinyImage | DebianImage | None: ...
+def find_image(name: str, arch: str = "x86_64") -> TinyImage | DebianImage | None:
+    """The built image called ``name`` (for guest architecture ``arch``) in the cache, or None."""
     _check_name(name)
+    _check_arch(name, arch)
     try:
         if name == "debian":
             return find_debian(cache_dir())
+        if arch != "x86_64":
+            return find_tiny(cache_dir(), recipe_dir(name), arch=arch)
         return find_tiny(cache_dir(), recipe_dir(name))
     except OSError as exc:
         raise _os_error(exc, f"looking for image {name!r} failed") from exc
@@ -73,27 +91,37 @@ def _os_error(exc: OSError, doing: str) -> HostError:
 
 
 @overload
-def build(name: Literal["tiny"], *, force: bool = ...,
-          progress: Callable[[str], None] = ...) -> TinyImage: ...
+def build(name: Literal["tiny"], *, force: bool = ..., progress: Callable[[str], None] = ...,
+          arch: str = ...) -> TinyImage: ...
 @overload
-def build(name: Literal["debian"], *, force: bool = ...,
-          progress: Callable[[str], None] = ...) -> DebianImage: ...
+def build(name: Literal["debian"], *, force: bool = ..., progress: Callable[[str], None] = ...,
+          arch: str = ...) -> DebianImage: ...
 @overload
-def build(name: str, *, force: bool = ...,
-          progress: Callable[[str], None] = ...) -> TinyImage | DebianImage: ...
+def build(name: str, *, force: bool = ..., progress: Callable[[str], None] = ...,
+          arch: str = ...) -> TinyImage | DebianImage: ...
 def build(
-    name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None
+    name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None,
+    arch: str = "x86_64",
 ) -> TinyImage | DebianImage:
-    """Build image ``name`` into the cache (skipped if already built, unless ``force``)."""
+    """Build image ``name`` (for guest architecture ``arch``) into the cache.
+
+    Skipped if already built, unless ``force``. A foreign architecture's
+    packages are fetched with apt pointed at lists of their own (the host's
+    dpkg configuration is not changed).
+    """
     _check_name(name)
+    _check_arch(name, arch)
     if not force:
-        found = find_image(name)
+        found = find_image(name, arch)
         if found is not None:
             progress(f"already built: {found.directory}")
             return found
     try:
         if name == "debian":
             return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force)
+        if arch != "x86_64":
+            return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force,
+                              arch=arch)
         return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force)
     except RuntimeError as exc:
         raise HostError(f"building image {name!r} failed: {exc}") from exc
@@ -108,19 +136,23 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     and ``initrd`` are both overridden, for tiny).
     """
     _check_name(name)
+    arch = overrides.pop("arch", "x86_64")
+    _check_arch(name, arch)
     if name == "debian":
         return _debian_spec(overrides)
-    image = find_image(name)
+    image = find_image(name, arch)
     kernel = overrides.pop("kernel", None)
     initrd = overrides.pop("initrd", None)
     if image is None and (kernel is None or initrd is None):
-        raise HostError(f"image {name!r} is not built; run: qemukit images build {name}")
+        flag = "" if arch == "x86_64" else f" --arch {arch}"
+        raise HostError(f"image {name!r}{' for ' + arch if flag else ''} is not built; "
+                        f"run: qemukit images build {name}{flag}")
     base = VMSpec(
-        machine="q35",
+        arch=arch,
         memory=512,
         kernel=str(kernel or image.kernel),  # type: ignore[union-attr]
         initrd=str(initrd or image.initrd),  # type: ignore[union-attr]
-        append=TINY_APPEND,
+        append=tiny_append(arch),
         no_reboot=True,
     )
     return base.replace(**overrides) if overrides else base

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..arch import ARCHES, ArchInfo
+
 __all__ = ["TinyImage", "append_to_initrd", "build_tiny", "find_tiny", "recipe_digest"]
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -59,6 +61,29 @@ REQUIRED_MODULES: tuple[str, ...] = (
 )
 #: Modules loaded when the kernel package has them (silently skipped otherwise).
 OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs")
+#: Modules a foreign kernel may lack: required ones it may not have at all (no ACPI
+#: button on s390x or pseries), and 9p, loaded where the kernel has it (all but the
+#: arm64 cloud kernel): virtiofs does not work on big-endian s390x.
+FOREIGN_OPTIONAL: tuple[str, ...] = ("button", "scsi_common", "scsi_mod", "sd_mod", "virtio_scsi",
+                                     "9pnet", "9pnet_virtio", "9p")
+
+#: PID 1 of a foreign-architecture image. Its busybox cannot run on the host,
+#: so the applet links are made at boot (``--install`` needs /proc/self/exe);
+#: on pseries the kernel answers the power button (EPOW) by running
+#: ``poweroff_cmd``, whose default asks PID 1 (a shell) to stop, in vain.
+FOREIGN_PREAMBLE = """#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sbin /usr/bin /usr/sbin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+echo /sbin/qemukit-poweroff >/proc/sys/kernel/poweroff_cmd
+umount /proc
+exec /sbin/qemukit-init
+"""
+FOREIGN_POWEROFF = """#!/bin/sh
+echo "qemukit-init: power-off requested, powering off" >/dev/console
+sync
+poweroff -f
+"""
 
 MANIFEST = "manifest.json"
 KERNEL_NAME = "vmlinuz"
@@ -85,11 +110,11 @@ class TinyImage:
     directory: Path
 
 
-def _image_root(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "tiny"
+def _image_root(cache_dir: Path, arch: str = "x86_64") -> Path:
+    return Path(cache_dir) / ("tiny" if arch == "x86_64" else f"tiny-{arch}")
 
 
-def recipe_digest(recipe_dir: Path) -> str:
+def recipe_digest(recipe_dir: Path, arch: str = "x86_64") -> str:
     """A digest of everything that shapes the image: the recipe files and module lists.
 
     An image built from another recipe is stale and is not returned by :func:`find_tiny`.
@@ -98,6 +123,8 @@ def recipe_digest(recipe_dir: Path) -> str:
     for name in sorted(p.name for p in Path(recipe_dir).iterdir() if p.is_file()):
         h.update(name.encode() + b"\0" + (Path(recipe_dir) / name).read_bytes() + b"\0")
     h.update(repr((REQUIRED_MODULES, OPTIONAL_MODULES)).encode())
+    if arch != "x86_64":
+        h.update(repr((arch, FOREIGN_OPTIONAL, FOREIGN_PREAMBLE, FOREIGN_POWEROFF)).encode())
     return h.hexdigest()[:16]
 
 
@@ -123,16 +150,19 @@ def _load_image(directory: Path, digest: str | None = None) -> TinyImage | None:
     return TinyImage(kernel=kernel, initrd=initrd, kernel_release=release, directory=directory)
 
 
-def find_tiny(cache_dir: Path, recipe_dir: Path | None = None) -> TinyImage | None:
+def find_tiny(
+    cache_dir: Path, recipe_dir: Path | None = None, arch: str = "x86_64"
+) -> TinyImage | None:
     """Return the already-built tiny image under ``cache_dir``, or ``None``.
 
     An image counts only when its ``manifest.json`` (written last) and both
     boot files exist.  When several kernel releases are cached, the most
     recently built one wins. With ``recipe_dir``, only an image built from
-    that exact recipe counts (see :func:`recipe_digest`).
+    that exact recipe counts (see :func:`recipe_digest`). ``arch`` picks the
+    guest architecture's images (``tiny-<arch>/`` beside x86_64's ``tiny/``).
     """
-    digest = recipe_digest(recipe_dir) if recipe_dir is not None else None
-    root = _image_root(cache_dir)
+    digest = recipe_digest(recipe_dir, arch) if recipe_dir is not None else None
+    root = _image_root(cache_dir, arch)
     if not root.is_dir():
         return None
     found: list[tuple[float, TinyImage]] = []
@@ -189,10 +219,37 @@ def _apt_lists_present() -> bool:
         return False
 
 
-def _apt_download(packages: list[str], cwd: Path) -> list[Path]:
+def _foreign_apt_options(info: ArchInfo, apt_dir: Path) -> list[str]:
+    """apt options for another architecture's packages, in lists of their own.
+
+    Nothing of the host's apt or dpkg configuration changes: the lists and
+    cache live in ``apt_dir``; a suite other than bookworm (riscv64 is in
+    Debian only from trixie on) gets a private sources file.
+    """
+    lists = apt_dir / "lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    opts = [f"-oAPT::Architecture={info.debian_arch}",
+            f"-oAPT::Architectures={info.debian_arch}",
+            f"-oDir::State::Lists={lists}", f"-oDir::Cache={apt_dir / 'cache'}"]
+    if info.debian_suite != "bookworm":
+        etc = apt_dir / "etc"
+        (etc / "sources.list.d").mkdir(parents=True, exist_ok=True)
+        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+        suite = info.debian_suite
+        (etc / f"{suite}.sources").write_text(
+            f"Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite} {suite}-updates\n"
+            f"Components: main\nSigned-By: {keyring}\n\n"
+            f"Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: {suite}-security\n"
+            f"Components: main\nSigned-By: {keyring}\n", encoding="utf-8")
+        opts += [f"-oDir::Etc::SourceList={etc / f'{suite}.sources'}",
+                 f"-oDir::Etc::SourceParts={etc / 'sources.list.d'}"]
+    return opts
+
+
+def _apt_download(packages: list[str], cwd: Path, apt_opts: list[str] | None = None) -> list[Path]:
     """Download ``packages`` (no dependencies) into ``cwd``; return the .deb files."""
     before = set(cwd.glob("*.deb"))
-    argv = ["apt-get", "download", *packages]
+    argv = ["apt-get", *(apt_opts or []), "download", *packages]
     try:
         proc = subprocess.run(
             argv, cwd=cwd, capture_output=True, text=True, errors="replace", check=False
@@ -235,20 +292,26 @@ def _find_deb(debs: Iterable[Path], package: str) -> Path:
     raise RuntimeError(f"downloaded files do not contain package {package}")
 
 
-def _kernel_dependency(meta_deb: Path) -> str:
+def _kernel_dependency(meta_deb: Path, meta: str = KERNEL_META_PACKAGE) -> str:
     """Return the versioned kernel package the meta package depends on."""
     depends = _deb_field(meta_deb, "Depends")
     for alternative in re.split(r"[,|]", depends):
         name = alternative.strip().split(" ", 1)[0].split(":", 1)[0]
-        if name.startswith("linux-image-") and name != KERNEL_META_PACKAGE:
+        if name.startswith("linux-image-") and name != meta:
             return name
-    raise RuntimeError(
-        f"cannot find the kernel package in {KERNEL_META_PACKAGE}'s Depends: {depends!r}"
-    )
+    raise RuntimeError(f"cannot find the kernel package in {meta}'s Depends: {depends!r}")
+
+
+def _modules_root(kernel_root: Path) -> Path:
+    """``lib/modules`` of the package, or ``usr/lib/modules`` (merged /usr, trixie on)."""
+    for candidate in (kernel_root / "lib" / "modules", kernel_root / "usr" / "lib" / "modules"):
+        if candidate.is_dir():
+            return candidate
+    return kernel_root / "lib" / "modules"
 
 
 def _kernel_release(kernel_root: Path) -> str:
-    modules = kernel_root / "lib" / "modules"
+    modules = _modules_root(kernel_root)
     releases = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
     if len(releases) != 1:
         raise RuntimeError(f"expected one kernel release in the kernel package, found {releases}")
@@ -290,12 +353,13 @@ def _read_module(path: Path) -> bytes:
 
 
 def _modinfo(elf: bytes) -> dict[str, str]:
-    """Parse the ``.modinfo`` section of a 64-bit little-endian ELF module."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-        raise ValueError("not a 64-bit little-endian ELF file")
-    (e_shoff,) = struct.unpack_from("<Q", elf, 0x28)
-    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-    shdr = "<IIQQQQIIQQ"
+    """Parse the ``.modinfo`` section of a 64-bit ELF module (either byte order)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] not in (1, 2):
+        raise ValueError("not a 64-bit ELF file")
+    order = "<" if elf[5] == 1 else ">"  # EI_DATA: 1 little-endian, 2 big-endian (s390x)
+    (e_shoff,) = struct.unpack_from(f"{order}Q", elf, 0x28)
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(f"{order}HHH", elf, 0x3A)
+    shdr = f"{order}IIQQQQIIQQ"
 
     def section(index: int) -> tuple[int, int, int]:
         fields = struct.unpack_from(shdr, elf, e_shoff + index * e_shentsize)
@@ -335,15 +399,37 @@ def _index_modules(module_dir: Path) -> dict[str, Path]:
     return index
 
 
-def _resolve_modules(module_dir: Path) -> list[_Module]:
-    """Return the wanted modules plus their dependencies in load order."""
+def _builtin_modules(module_dir: Path) -> set[str]:
+    """Names of the drivers built into the kernel (``modules.builtin``)."""
+    try:
+        text = (module_dir / "modules.builtin").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        base = _module_base(Path(line.strip()))
+        if base is not None:
+            out.add(_normalize(base[:-3]))
+    return out
+
+
+def _resolve_modules(module_dir: Path, optional: Iterable[str] = ()) -> list[_Module]:
+    """Return the wanted modules plus their dependencies in load order.
+
+    A wanted module built into the kernel (``modules.builtin``) is skipped,
+    and so is one named in ``optional`` that the kernel lacks altogether.
+    """
     index = _index_modules(module_dir)
+    builtin = _builtin_modules(module_dir)
+    maybe = set(OPTIONAL_MODULES) | set(optional)
     loaded: dict[str, _Module] = {}
 
-    def load(name: str) -> _Module:
+    def load(name: str) -> _Module | None:
         if name in loaded:
             return loaded[name]
         path = index.get(name)
+        if path is None and name in builtin:
+            return None
         if path is None:
             raise RuntimeError(f"kernel module {name} not found in the kernel package")
         data = _read_module(path)
@@ -357,10 +443,12 @@ def _resolve_modules(module_dir: Path) -> list[_Module]:
             load(dep)
         return module
 
-    wanted = list(REQUIRED_MODULES)
+    wanted = [name for name in REQUIRED_MODULES if name not in maybe or name in index]
     wanted += [name for name in OPTIONAL_MODULES if name in index]
+    wanted += [name for name in optional if name not in wanted and name in index]
     for name in wanted:
         load(name)
+    wanted = [name for name in wanted if name in loaded]
 
     order: list[_Module] = []
     state: dict[str, int] = {}  # 1 = visiting, 2 = done
@@ -372,7 +460,8 @@ def _resolve_modules(module_dir: Path) -> list[_Module]:
             raise RuntimeError(f"module dependency cycle through {name}")
         state[name] = 1
         for dep in loaded[name].depends:
-            visit(dep)
+            if dep in loaded:  # else built in
+                visit(dep)
         state[name] = 2
         order.append(loaded[name])
 
@@ -481,7 +570,9 @@ def _busybox_applets(busybox: Path) -> list[str]:
     return sorted({p for p in paths if p and not p.endswith("/busybox") and ".." not in p})
 
 
-def _busybox_version(busybox: Path, deb: Path) -> str:
+def _busybox_version(busybox: Path, deb: Path, foreign: bool = False) -> str:
+    if foreign:  # cannot run here
+        return _deb_field(deb, "Version")
     proc = subprocess.run([str(busybox)], capture_output=True, text=True, check=False)
     match = re.search(r"BusyBox v(\S+)", proc.stdout + proc.stderr)
     return match.group(1) if match else _deb_field(deb, "Version")
@@ -493,6 +584,7 @@ def _stage_initramfs(
     recipe_dir: Path,
     release: str,
     modules: list[_Module],
+    foreign: bool = False,
 ) -> None:
     for sub in (
         "bin",
@@ -519,14 +611,22 @@ def _stage_initramfs(
 
     shutil.copyfile(busybox, staging / "bin/busybox")
     (staging / "bin/busybox").chmod(0o755)
-    for applet in _busybox_applets(busybox):
-        link = staging / applet
-        if link.exists() or link.is_symlink():
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to("/bin/busybox")
+    if foreign:
+        # Another architecture's busybox cannot run here: PID 1 makes the links at boot.
+        (staging / INIT_PATH_IN_IMAGE).write_text(FOREIGN_PREAMBLE, encoding="ascii")
+        (staging / INIT_PATH_IN_IMAGE).chmod(0o755)
+        (staging / "sbin/qemukit-poweroff").write_text(FOREIGN_POWEROFF, encoding="ascii")
+        (staging / "sbin/qemukit-poweroff").chmod(0o755)
+    else:
+        for applet in _busybox_applets(busybox):
+            link = staging / applet
+            if link.exists() or link.is_symlink():
+                continue
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
 
-    for source, target in (("init", INIT_PATH_IN_IMAGE), ("agent", AGENT_PATH_IN_IMAGE)):
+    init_target = "sbin/qemukit-init" if foreign else INIT_PATH_IN_IMAGE
+    for source, target in (("init", init_target), ("agent", AGENT_PATH_IN_IMAGE)):
         src = recipe_dir / source
         if not src.is_file():
             raise RuntimeError(f"recipe file missing: {src}")
@@ -586,8 +686,13 @@ def build_tiny(
     recipe_dir: Path,
     progress: Callable[[str], None] = lambda s: None,
     force: bool = False,
+    arch: str = "x86_64",
 ) -> TinyImage:
     """Build (or reuse) the tiny guest under ``cache_dir/tiny/<kernel_release>/``.
+
+    ``arch`` other than x86_64 builds that architecture's guest (its Debian
+    kernel and busybox-static, fetched with apt lists of their own) under
+    ``cache_dir/tiny-<arch>/<kernel_release>/``.
 
     ``recipe_dir`` holds the guest's ``init`` and ``agent`` scripts
     (``images/tiny`` in the source tree).  Unless ``force`` is true an already
@@ -597,8 +702,11 @@ def build_tiny(
     """
     cache_dir = Path(cache_dir)
     recipe_dir = Path(recipe_dir)
+    info = ARCHES[arch]
+    foreign = arch != "x86_64"
+    meta = info.kernel_package
     if not force:
-        existing = find_tiny(cache_dir, recipe_dir)
+        existing = find_tiny(cache_dir, recipe_dir, arch)
         if existing is not None:
             progress(f"using cached tiny image {existing.directory}")
             return existing
@@ -612,13 +720,19 @@ def build_tiny(
     try:
         downloads = work / "debs"
         downloads.mkdir()
-        progress(f"downloading {KERNEL_META_PACKAGE} and {BUSYBOX_PACKAGE}")
-        debs = _apt_download([KERNEL_META_PACKAGE, BUSYBOX_PACKAGE], downloads)
-        meta_deb = _find_deb(debs, KERNEL_META_PACKAGE)
+        apt_opts: list[str] = []
+        if foreign:
+            apt_dir = cache_dir / "apt" / info.debian_arch
+            apt_opts = _foreign_apt_options(info, apt_dir)
+            progress(f"updating apt lists for {info.debian_arch} ({info.debian_suite}) in {apt_dir}")
+            _run(["apt-get", *apt_opts, "update"])
+        progress(f"downloading {meta} and {BUSYBOX_PACKAGE}")
+        debs = _apt_download([meta, BUSYBOX_PACKAGE], downloads, apt_opts)
+        meta_deb = _find_deb(debs, meta)
         busybox_deb = _find_deb(debs, BUSYBOX_PACKAGE)
-        kernel_package = _kernel_dependency(meta_deb)
+        kernel_package = _kernel_dependency(meta_deb, meta)
         progress(f"downloading {kernel_package}")
-        (kernel_deb,) = _apt_download([kernel_package], downloads)
+        (kernel_deb,) = _apt_download([kernel_package], downloads, apt_opts)
 
         progress("extracting packages")
         kernel_root = work / "kernel"
@@ -626,27 +740,33 @@ def build_tiny(
         _run(["dpkg-deb", "-x", str(kernel_deb), str(kernel_root)])
         _run(["dpkg-deb", "-x", str(busybox_deb), str(busybox_root)])
         release = _kernel_release(kernel_root)
-        vmlinuz = kernel_root / "boot" / f"vmlinuz-{release}"
+        # arm64 and s390x ship boot/vmlinuz-*, riscv64 and ppc64el boot/vmlinux-*: each
+        # file is what -kernel takes as it is (whatever its name says about compression).
+        images = [kernel_root / "boot" / f"{stem}-{release}" for stem in ("vmlinuz", "vmlinux")]
+        vmlinuz = next((p for p in images if p.is_file()), images[0])
         if not vmlinuz.is_file():
-            raise RuntimeError(f"{kernel_package} has no boot/vmlinuz-{release}")
-        busybox = busybox_root / "bin" / "busybox"
+            raise RuntimeError(f"{kernel_package} has no boot/vmlinuz-{release} or vmlinux")
+        busybox = next((p for p in (busybox_root / "bin" / "busybox",
+                                    busybox_root / "usr" / "bin" / "busybox") if p.is_file()),
+                       busybox_root / "bin" / "busybox")
         if not busybox.is_file():
             raise RuntimeError(f"{BUSYBOX_PACKAGE} has no bin/busybox")
         busybox.chmod(0o755)
-        busybox_version = _busybox_version(busybox, busybox_deb)
+        busybox_version = _busybox_version(busybox, busybox_deb, foreign)
 
         progress(f"resolving kernel modules for {release}")
-        modules = _resolve_modules(kernel_root / "lib" / "modules" / release)
+        modules = _resolve_modules(_modules_root(kernel_root) / release,
+                                   FOREIGN_OPTIONAL if foreign else ())
 
         progress(f"assembling initramfs ({len(modules)} modules, busybox {busybox_version})")
         staging = work / "root"
-        _stage_initramfs(staging, busybox, recipe_dir, release, modules)
+        _stage_initramfs(staging, busybox, recipe_dir, release, modules, foreign)
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         initrd = work / INITRD_NAME
         _write_initrd(staging, initrd, int(now.timestamp()))
 
         progress("installing image")
-        out_dir = _image_root(cache_dir) / release
+        out_dir = _image_root(cache_dir, arch) / release
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = out_dir / MANIFEST
         manifest_path.unlink(missing_ok=True)  # the image is incomplete from here on
@@ -657,7 +777,8 @@ def build_tiny(
             "busybox_version": busybox_version,
             "built_at": now.isoformat().replace("+00:00", "Z"),
             "modules": [module.base for module in modules],
-            "recipe": recipe_digest(recipe_dir),
+            "recipe": recipe_digest(recipe_dir, arch),
+            "arch": arch,
         }
         tmp_manifest = work / MANIFEST
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

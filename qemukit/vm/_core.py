@@ -35,6 +35,7 @@ from .._launch.runtime import RuntimeDir, VMInfo
 from .._wire.agent import Agent, ExecResult
 from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .._wire.qmp import QMP
+from ..arch import ARCHES
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
     GuestIOError,
@@ -255,7 +256,7 @@ class AsyncVM:
         Checks the spec against the host, reads each drive's real format and
         resolves the accelerator (the plan is made once the name is claimed).
         """
-        qemu = host.find_qemu()
+        qemu = host.find_qemu(self.spec.arch)
         if self.spec.machine not in qemu.machines:
             raise SpecError("machine", self.spec.machine, f"{qemu.path} does not support it")
         for name in ("kernel", "initrd"):
@@ -280,8 +281,8 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
-        probe = default_probe_image() if self.spec.accel != "tcg" else None
-        self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
+        probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
+        self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
         self._formats = formats
 
     async def _start(self, timeout: float) -> None:
@@ -294,7 +295,7 @@ class AsyncVM:
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         # The plan again, now in the directory really claimed (its name may be generated).
-        plan = plan_launch(self.spec, host_facts(host.find_qemu(), self.accel), rd,
+        plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
                            self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
@@ -808,8 +809,9 @@ class AsyncVM:
         (generated when None); the other options are those of :class:`AsyncVM`.
         """
         saved = Bundle.open(bundle)
-        saved.check_qemu(await asyncio.to_thread(host.find_qemu))
-        vm = cls(saved.clone_spec(name), die_with_parent=die_with_parent,
+        clone = saved.clone_spec(name)
+        saved.check_qemu(await asyncio.to_thread(host.find_qemu, clone.arch))
+        vm = cls(clone, die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
                  continue_on_oops=continue_on_oops, incoming="defer")
         await vm.start()
@@ -982,6 +984,11 @@ class AsyncVM:
         try:
             assert self._proc is not None
             qmp = self._qmp if self._qmp is not None and self._qmp.connected else None
+            info = ARCHES[self.spec.arch]
+            if not info.powerdown and timeout > 0:
+                log.info("%s: %s (%s) has no power button the guest hears: skipping the "
+                         "powerdown rung, going to quit", self.name, self.spec.machine, info.name)
+                timeout = 0
             result = await run_ladder(self._proc, qmp, self.name, acpi_timeout=timeout,
                                       quit_timeout=quit_timeout, term_timeout=term_timeout,
                                       kill_timeout=kill_timeout)

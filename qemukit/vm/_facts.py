@@ -16,9 +16,9 @@ def host_facts(qemu: host.QemuBinary, accel: host.AccelChoice) -> HostFacts:
     )
 
 
-def default_probe_image() -> tuple[str, str] | None:
-    """(kernel, initrd) of the tiny image a KVM probe boots, if it is built."""
+def default_probe_image(arch: str = "x86_64") -> tuple[str, str] | None:
+    """(kernel, initrd) of the ``arch`` tiny image a KVM probe boots, if it is built."""
     from ..images.tiny import find_tiny
 
-    image = find_tiny(cache_dir())
+    image = find_tiny(cache_dir(), arch=arch)
     return (str(image.kernel), str(image.initrd)) if image else None

@@ -24,7 +24,7 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     """
     from ..paths import state_dir
 
-    qemu = host.find_qemu()
+    qemu = host.find_qemu(spec.arch)
     notes: list[str] = []
     formats = []
     for drive in spec.drives:
@@ -33,7 +33,7 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
         else:
             formats.append(drive.format or "qcow2")
             notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
-    accel = host.resolve_accel(spec.accel, qemu, default_probe_image())
+    accel = host.resolve_accel(spec.accel, qemu, default_probe_image(spec.arch), arch=spec.arch)
     notes.append(f"accelerator: {accel.reason}")
     rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
     plan = plan_launch(spec, host_facts(qemu, accel), rd, formats)

@@ -31,7 +31,7 @@ from qemukit import host
 from .common import Result
 
 DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale")
-OPTIONAL_PARTS = ("libvirt", "virtme")
+OPTIONAL_PARTS = ("arch", "libvirt", "virtme")
 
 
 def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result]]:
@@ -65,6 +65,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .scale import bench_scale
         return bench_scale(3 if args.quick else 16)
 
+    def arch() -> Result:
+        from .arch import bench_arch
+        return bench_arch(runs)
+
     def libvirt() -> Result:
         from .libvirt import bench_libvirt
         return bench_libvirt(runs)
@@ -74,7 +78,8 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "libvirt": libvirt, "virtme": virtme}
+            "restore": restore, "scale": scale, "arch": arch, "libvirt": libvirt,
+            "virtme": virtme}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smoke mode: 2 runs, small counts (not for reporting)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--only", default=",".join(DEFAULT_PARTS),
-                        help="comma-separated parts (also: libvirt, virtme)")
+                        help="comma-separated parts (also: arch, libvirt, virtme)")
     parser.add_argument("--with-libvirt", action="store_true",
                         help="add the libvirt part (needs virsh and libvirtd installed)")
     parser.add_argument("--with-virtme", action="store_true",

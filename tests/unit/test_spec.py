@@ -480,6 +480,8 @@ def test_full_spec_sets_every_field() -> None:
     spec = full_spec()
     defaults = VMSpec()
     for f in dataclasses.fields(VMSpec):
+        if f.name == "arch":  # OVMF and cloud-init are x86_64-only: see test_arch.py's round trip
+            continue
         assert getattr(spec, f.name) != getattr(defaults, f.name), f.name
     for cls, parts in ((Drive, spec.drives), (Nic, spec.nics), (Share, spec.shares),
                        (CloudInit, (spec.cloud_init,))):
