@@ -190,6 +190,17 @@ def spec_options(func: F) -> F:
     return func
 
 
+def _check_machine(machine: str | None, arch: str) -> None:
+    """A machine typed on the command line must be one of the arch's (no silent mapping).
+
+    A spec maps its default q35 to the architecture's own machine; ``--machine`` is
+    taken at its word instead.
+    """
+    if machine is not None and arch != "x86_64" and machine not in ARCHES[arch].machines:
+        raise errors.SpecError("machine", machine, f"not a machine for arch {arch}; "
+                               f"one of {', '.join(ARCHES[arch].machines)}")
+
+
 def build_spec(opts: dict[str, Any]) -> VMSpec:
     """Combine -f FILE, --image and the per-field options into one spec."""
     from .. import images
@@ -197,6 +208,8 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
     if opts["spec_file"] and opts["image"]:
         raise errors.SpecError("image", opts["image"], "give either --image or -f, not both")
     arch = opts.get("arch")
+    if arch:
+        _check_machine(opts.get("machine"), arch)  # before any image is looked up
     by_arch: dict[str, Any] = {"arch": arch} if arch else {}
     if opts["spec_file"]:
         spec = VMSpec.load(opts["spec_file"])
@@ -210,6 +223,7 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
         spec = images.spec("tiny", **by_arch)
     else:
         spec = VMSpec()
+    _check_machine(opts.get("machine"), spec.arch)
     changes: dict[str, Any] = {}
     for key, field in (("name", "name"), ("accel", "accel"), ("machine", "machine"),
                        ("cpu_model", "cpu"), ("cpus", "cpus"), ("max_cpus", "max_cpus"),

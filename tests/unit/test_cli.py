@@ -97,6 +97,8 @@ def test_cmdline_json_notes_are_a_list(cli: Any) -> None:
         (["--slots", "2"], "slots"),
         (["--max-memory", "4G", "--slots", "-1"], "slots"),
         (["--initrd", "i.img"], "kernel"),
+        (["--arch", "aarch64", "--machine", "q35"], "machine='q35': not a machine for arch aarch64"),
+        (["--gdb-wait"], "gdb_wait"),
     ],
 )
 def test_cmdline_bad_value_exits_125(cli: Any, args: list[str], field: str) -> None:
