@@ -863,13 +863,17 @@ def write_junit(results: Iterable[JobResult], path: str | Path, *,
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def summary(results: Sequence[JobResult], slowest: int = 5) -> str:
-    """A plain-text table: per axis value the count of each outcome, then the slowest jobs."""
+def summary(results: Sequence[JobResult], slowest: int = 5,
+            jobs: Sequence[Job] | None = None) -> str:
+    """A plain-text table: per axis value the count of each outcome, then the slowest jobs.
+
+    Axis values are listed in the order of ``jobs`` (the matrix file's) when given.
+    """
     lines: list[str] = []
     header = f"{'':24} " + " ".join(f"{o:>7}" for o in _OUTCOMES)
     axes: dict[str, list[str]] = {}
-    for r in results:
-        for axis, value in r.job.axes.items():
+    for job in [*(jobs or ()), *(r.job for r in results)]:
+        for axis, value in job.axes.items():
             values = axes.setdefault(axis, [])
             if value not in values:
                 values.append(value)

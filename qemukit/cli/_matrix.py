@@ -76,7 +76,7 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
             write_junit(results, junit)
         if json_out is not None:
             write_jsonl(results, json_out)
-    click.echo(summary(results))
+    click.echo(summary(results, jobs=jobs))
     missing = len(jobs) - len(results)
     if missing:
         click.echo(f"qemukit: {missing} of {len(jobs)} jobs did not run (--fail-fast)", err=True)
