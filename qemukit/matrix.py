@@ -67,6 +67,7 @@ import importlib
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -108,6 +109,8 @@ _VM_OVERHEAD_MIB = 128
 #: How long stopping the running VMs (after Ctrl-C or --fail-fast) may take, per VM.
 _STOP_TIMEOUT = 10.0
 _EVENT_TOPIC = "qemukit-matrix"
+
+log = logging.getLogger(__name__)
 
 
 # -- jobs and the matrix file --------------------------------------------------------------
@@ -664,11 +667,11 @@ def _materialize(key: str, digest: str, name: str, data: bytes) -> str:
 
 
 def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], matrix: str,
-                      ) -> _Attempt:
+                      key: str) -> _Attempt:
     """The Dask task: put the shipped files in place, run the job, say where it ran."""
     worker: Any = importlib.import_module("distributed").get_worker()
     name = str(worker.name)
-    worker.log_event(_EVENT_TOPIC, {"matrix": matrix, "job": job.name, "worker": name,
+    worker.log_event(_EVENT_TOPIC, {"matrix": matrix, "job": job.name, "key": key, "worker_name": name,
                                     "host": socket.gethostname()})
     try:
         paths = {key: _materialize(key, digest, base, data)
@@ -705,9 +708,18 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
     matrix = uuid.uuid4().hex
     tracker = _Tracker(len(jobs), retries, progress, None)
     pending: dict[Any, Job] = {}
-    seen_starts: dict[str, int] = {}
+    starts: dict[str, list[dict[str, Any]]] = {}  # task key -> the workers that began it
+    starts_lock = threading.Lock()
+
+    def started(event: tuple[float, Any]) -> None:  # on the client's event loop thread
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("matrix") == matrix:
+            with starts_lock:
+                starts.setdefault(str(msg.get("key")), []).append(msg)
+
     finished_ok = False
     try:
+        client.subscribe_topic(_EVENT_TOPIC, started)
         # Each file once into the cluster, named by its hash; tasks get it as an argument.
         scattered = {digest: client.scatter(data, hash=False) for digest, data in contents.items()}
         queue = distributed.as_completed()
@@ -716,8 +728,9 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
             tracker.submitted(job)
             files = {key: (digest, base, scattered[digest])
                      for key, (digest, base) in shipped[job.name].items()}
-            future = client.submit(run_job_on_worker, job, files, matrix, resources={"vm": 1},
-                                   pure=False, key=f"qemukit-{job.name}-{uuid.uuid4().hex[:8]}")
+            key = f"qemukit-{job.name}-{uuid.uuid4().hex[:8]}"
+            future = client.submit(run_job_on_worker, job, files, matrix, key, key=key,
+                                   resources={"vm": 1}, pure=False)
             pending[future] = job
             queue.add(future)
 
@@ -728,17 +741,17 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
             job = pending.pop(future)
             try:
                 attempt = future.result()
+                ran = 1
             except Exception as exc:  # KilledWorker, a lost connection: the cluster's fault
                 attempt = _Attempt(None, f"the task failed on the cluster: {exc!r}", "?", "?")
-            # Starts beyond the attempts we made: Dask ran it again after losing a worker.
-            starts = [e for _, e in client.get_events(_EVENT_TOPIC)
-                      if isinstance(e, dict) and e.get("matrix") == matrix
-                      and e.get("job") == job.name]
-            lost = starts[seen_starts.get(job.name, 0):-1]  # the last start is this attempt
-            seen_starts[job.name] = len(starts)
+                ran = 0
+            with starts_lock:
+                began = starts.pop(str(future.key), [])
+            # Each start but the one that gave the result: Dask lost that worker and ran it again.
+            lost = began[:len(began) - ran] if len(began) > ran else []
             outcome = tracker.finish(job, attempt,
-                                     [f"worker {e['worker']} on {e['host']} was lost"
-                                      for e in lost], extra_attempts=len(lost))
+                                     [f"worker {e.get('worker_name')} on {e.get('host')} was lost"
+                                      for e in lost], extra_attempts=max(0, len(lost) - 1 + ran))
             if outcome is None:
                 submit(job)
                 continue
@@ -750,8 +763,12 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
     finally:
         if pending or not finished_ok:
             client.cancel(list(pending), force=True)
-            with contextlib.suppress(Exception):
+            try:
                 client.run(stop_matrix_here, matrix)
+            except Exception as exc:  # a worker that is gone took its VMs with it anyway
+                log.warning("matrix %s: stopping the VMs on the workers failed: %r", matrix, exc)
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(_EVENT_TOPIC)
         client.close()
 
 
