@@ -66,8 +66,8 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
                                  retries=retries, fail_fast=fail_fast, progress=show):
             results.append(result)
             if live and result.outcome != "passed":
-                click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: "
-                           f"{result.result.error or result.result.exit_status}", err=True)
+                why = result.result.error or f"exit status {result.result.exit_status}"
+                click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
     finally:
         if live:
             click.echo("", err=True)
