@@ -78,7 +78,7 @@ import time
 import traceback
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,7 +581,8 @@ class _Tracker:
 
 
 def _run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: bool,
-               progress: Callable[[MatrixProgress], None] | None) -> Iterator[JobResult]:
+               progress: Callable[[MatrixProgress], None] | None
+               ) -> Generator[JobResult, None, None]:
     matrix = uuid.uuid4().hex
     tracker = _Tracker(len(jobs), retries, progress, jobs_at_once)
     pool = cf.ThreadPoolExecutor(max_workers=jobs_at_once, thread_name_prefix="qemukit-matrix")
@@ -683,7 +684,8 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
 
 
 def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool,
-              progress: Callable[[MatrixProgress], None] | None) -> Iterator[JobResult]:
+              progress: Callable[[MatrixProgress], None] | None
+              ) -> Generator[JobResult, None, None]:
     try:
         # Typed as Any: distributed ships no complete annotations.
         distributed: Any = importlib.import_module("distributed")
@@ -775,6 +777,10 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
 # -- the entry point -----------------------------------------------------------------------
 
 
+def _nothing() -> Generator[JobResult, None, None]:
+    yield from ()
+
+
 def run_matrix(
     jobs: Iterable[Job],
     *,
@@ -783,7 +789,7 @@ def run_matrix(
     retries: int = 2,
     fail_fast: bool = False,
     progress: Callable[[MatrixProgress], None] | None = None,
-) -> Iterator[JobResult]:
+) -> Generator[JobResult, None, None]:
     """Run ``jobs``, yielding each :class:`JobResult` as it finishes (not in job order).
 
     Local pool unless ``scheduler`` (a Dask address, ``tcp://HOST:PORT``).
@@ -801,7 +807,7 @@ def run_matrix(
                                      or not isinstance(jobs_at_once, int) or jobs_at_once < 1):
         raise SpecError("jobs", jobs_at_once, "must be an integer >= 1")
     if not job_list:
-        return iter(())
+        return _nothing()
     if scheduler is not None:
         if not isinstance(scheduler, str) or "://" not in scheduler:
             raise SpecError("scheduler", scheduler, "expected a Dask address, tcp://HOST:PORT")

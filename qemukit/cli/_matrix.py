@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -61,13 +62,16 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
                        f"{_format_eta(p.eta)}", err=True, nl=False)
 
     results: list[Any] = []
+    running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, retries=retries,
+                         fail_fast=fail_fast, progress=show)
     try:
-        for result in run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler,
-                                 retries=retries, fail_fast=fail_fast, progress=show):
-            results.append(result)
-            if live and result.outcome != "passed":
-                why = result.result.error or f"exit status {result.result.exit_status}"
-                click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
+        # closing(): a Ctrl-C between two results still stops every VM before we return.
+        with contextlib.closing(running):
+            for result in running:
+                results.append(result)
+                if live and result.outcome != "passed":
+                    why = result.result.error or f"exit status {result.result.exit_status}"
+                    click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
     finally:
         if live:
             click.echo("", err=True)

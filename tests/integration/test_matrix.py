@@ -9,6 +9,7 @@ A sampler thread counts the QEMUs under the state directories while they run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,9 +32,11 @@ from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("matrix")]
 
-MATRIX = """
+# {kernel}: a copy of the tiny image's kernel outside every cache, so a cluster must ship it.
+MATRIX_TEMPLATE = """
 [defaults]
 image = "tiny"
+kernel = "{kernel}"
 accel = "tcg"
 timeout = 240
 
@@ -138,10 +141,22 @@ def _run_matrix(directory: Path, text: str, env: dict[str, str], *args: str,
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory, tiny_image: Any) -> Iterator[Run]:
+def kernel_copy(tmp_path_factory: pytest.TempPathFactory, tiny_image: Any) -> Path:
+    path = tmp_path_factory.mktemp("kernel") / "vmlinuz"
+    shutil.copyfile(tiny_image.kernel, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def matrix_text(kernel_copy: Path) -> str:
+    return MATRIX_TEMPLATE.replace("{kernel}", str(kernel_copy))
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory, matrix_text: str) -> Iterator[Run]:
     directory = tmp_path_factory.mktemp("matrix-local")
     state = directory / "state"
-    run = _run_matrix(directory, MATRIX, _env(state), "--jobs", "2", roots=(state,))
+    run = _run_matrix(directory, matrix_text, _env(state), "--jobs", "2", roots=(state,))
     yield run
     assert qemu_processes_under(state) == []
 
@@ -267,9 +282,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_image: Any) -> Iterat
 
 
 def test_dask_cluster_gives_the_same_results_on_both_workers(
-        tmp_path: Path, cluster: Cluster, local_run: Run) -> None:
+        tmp_path: Path, cluster: Cluster, local_run: Run, matrix_text: str,
+        kernel_copy: Path) -> None:
     roots = (cluster.state("w1"), cluster.state("w2"))
-    run = _run_matrix(tmp_path, MATRIX, _env(tmp_path / "client-state"), "--scheduler",
+    run = _run_matrix(tmp_path, matrix_text, _env(tmp_path / "client-state"), "--scheduler",
                       cluster.address, roots=roots)
     _check_results(run)
     assert {n: (d["outcome"], d["result"]["exit_status"]) for n, d in run.results.items()} == {
@@ -278,9 +294,14 @@ def test_dask_cluster_gives_the_same_results_on_both_workers(
     assert all(d["attempts"] == 1 for d in run.results.values())
     assert run.peak <= 2, f"{run.peak} QEMUs at once on two workers with vm=1 each"
     ET.parse(run.junit)
+    digest = hashlib.sha256(kernel_copy.read_bytes()).hexdigest()
     for worker in ("w1", "w2"):
         assert qemu_processes_under(cluster.state(worker)) == []
         assert _state_entries(cluster.state(worker)) == []
+        # The kernel reached each worker once, under its hash, whatever its jobs' count.
+        shipped = cluster.root / worker / "cache" / "matrix-files"
+        assert sorted(p.name for p in shipped.iterdir()) == [digest]
+        assert (shipped / digest / "vmlinuz").read_bytes() == kernel_copy.read_bytes()
 
 
 SLOW = """

@@ -245,3 +245,67 @@ def test_summary_counts_per_axis_and_lists_the_slowest() -> None:
     assert rows["commands=panics"] == ["0", "0", "1", "0", "0", "0"]
     assert "retried (infrastructure failures):" in text and "k2/hangs: 2 attempts" in text
     assert "slowest:" in text
+
+
+def test_an_image_is_built_once_when_many_jobs_ask_at_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path))
+    built: list[str] = []
+    inside = threading.Event()
+
+    def find_image(name: str) -> Any:
+        return "image" if (tmp_path / "built").exists() else None
+
+    def build(name: str) -> Any:
+        # images.build looks in the cache first, as the real one does.
+        if find_image(name):
+            return "image"
+        inside.set()
+        threading.Event().wait(0.3)  # a build that takes a while: others arrive meanwhile
+        built.append(name)
+        (tmp_path / "built").touch()
+        return "image"
+
+    monkeypatch.setattr(matrix.images, "find_image", find_image)
+    monkeypatch.setattr(matrix.images, "build", build)
+    threads = [threading.Thread(target=matrix._ensure_image, args=("tiny",)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert inside.is_set() and built == ["tiny"]
+
+
+def test_shipped_files_are_kept_once_under_their_hash(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
+    modules.mkdir(parents=True)
+    (modules / "modules.dep").write_text("kernel/a.ko:\n")
+    data = matrix._read_for_shipping("modules", tmp_path / "mods")
+    paths: list[str] = []
+
+    def put() -> None:
+        paths.append(matrix._materialize("modules", "abc123", "mods", data))
+
+    threads = [threading.Thread(target=put) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(set(paths)) == 1 and len(paths) == 4
+    placed = Path(paths[0])
+    assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
+    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == ["abc123"]
+    kernel = matrix._materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
+    assert Path(kernel).read_bytes() == b"kernel bytes"
+    with pytest.raises(SpecError, match="modules"):
+        matrix._read_for_shipping("modules", tmp_path / "nothing-here")
+
+
+def test_a_job_names_its_files_and_moves_them() -> None:
+    job = Job("a", ("true",), image="tiny", vm={"kernel": "/k/bzImage"}, modules="/m")
+    assert job.files() == {"kernel": Path("/k/bzImage"), "modules": Path("/m")}
+    moved = job.with_files({"kernel": "/cache/x/bzImage", "modules": "/cache/y/m"})
+    assert moved.vm["kernel"] == "/cache/x/bzImage" and moved.modules == "/cache/y/m"
+    assert moved.name == job.name and moved.command == job.command
