@@ -110,6 +110,11 @@ def _results(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _booted(state: Path) -> int:
+    """VMs under ``state`` whose guest agent has answered (qemukit marks it in the VM's dir)."""
+    return len(list(state.glob("*/guest-ready"))) if state.exists() else 0
+
+
 def _state_entries(state: Path) -> list[str]:
     return sorted(p.name for p in state.iterdir()) if state.exists() else []
 
@@ -362,7 +367,8 @@ def test_ctrl_c_stops_every_vm_of_the_local_pool(tmp_path: Path, tiny_image: Any
                                 "--junit", str(tmp_path / "report.xml")], stdout=log,
                                stderr=subprocess.STDOUT, env=_env(state))
     try:
-        running = _wait_for("two QEMUs", lambda: len(qemu_processes_under(state)) == 2 and
+        # Both guests booted (their agent answered): the command is running when we stop.
+        running = _wait_for("two booted guests", lambda: _booted(state) == 2 and
                             qemu_processes_under(state), 120,
                             lambda: (tmp_path / "cli.log").read_text())
         guest_pids = [p.pid for p in running]
@@ -388,8 +394,8 @@ def test_ctrl_c_stops_every_vm_on_every_worker(tmp_path: Path, cluster: Cluster)
                                 "--scheduler", cluster.address], stdout=log,
                                stderr=subprocess.STDOUT, env=_env(tmp_path / "client-state"))
     try:
-        running = _wait_for("a QEMU on each worker",
-                            lambda: all(qemu_processes_under(r) for r in roots) and
+        running = _wait_for("a booted guest on each worker",
+                            lambda: all(_booted(r) for r in roots) and
                             [p for r in roots for p in qemu_processes_under(r)], 120,
                             lambda: (tmp_path / "cli.log").read_text())
         cli.send_signal(signal.SIGINT)
