@@ -410,3 +410,18 @@ def test_ctrl_c_stops_every_vm_on_every_worker(tmp_path: Path, cluster: Cluster)
     _wait_for("the state directories to empty", lambda: all(not _state_entries(r) for r in roots),
               30, lambda: str([_state_entries(r) for r in roots]))
     assert not any(qemu_processes_under(r) for r in roots)
+
+
+def test_qemu_that_cannot_start_is_retried_and_the_report_says_so(
+        tmp_path: Path, tiny_image: Any) -> None:
+    text = ('[[job]]\nname = "nostart"\nimage = "tiny"\naccel = "tcg"\ncommand = ["true"]\n'
+            'extra_args = ["-no-such-qemu-option"]\n')
+    state = tmp_path / "state"
+    run = _run_matrix(tmp_path, text, _env(state), "--retries", "1", roots=(state,))
+    assert run.proc.returncode == 1, run.proc.stderr
+    data = run.results["nostart"]
+    assert data["outcome"] == "error" and data["attempts"] == 2, data
+    assert len(data["retried"]) == 1 and "QEMU did not start" in data["retried"][0]
+    assert "-no-such-qemu-option" in data["result"]["error"]
+    assert "retried (infrastructure failures):" in run.proc.stdout
+    assert qemu_processes_under(state) == [] and _state_entries(state) == []
