@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from typing import Any
 
@@ -49,7 +50,8 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
       fails = ["false"]
 
     Progress is shown on a terminal; the summary table goes to stdout.
-    Ctrl-C stops every VM the matrix started (on every worker) and exits 130.
+    Ctrl-C (or SIGTERM) stops every VM the matrix started, on every worker, and
+    exits 130.
     """
     from ..matrix import MatrixProgress, load_matrix, run_matrix, summary, write_jsonl, write_junit
 
@@ -64,6 +66,11 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
     results: list[Any] = []
     running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, retries=retries,
                          fail_fast=fail_fast, progress=show)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a CI runner's cancel: stop every VM, as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         # closing(): a Ctrl-C between two results still stops every VM before we return.
         with contextlib.closing(running):
@@ -73,6 +80,7 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
                     why = result.result.error or f"exit status {result.result.exit_status}"
                     click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if live:
             click.echo("", err=True)
         # Whatever finished is reported, also after Ctrl-C or --fail-fast.

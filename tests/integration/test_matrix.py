@@ -358,7 +358,9 @@ def test_a_killed_worker_takes_its_vms_and_its_jobs_go_elsewhere(
         assert qemu_processes_under(cluster.state("w1")) == []
 
 
-def test_ctrl_c_stops_every_vm_of_the_local_pool(tmp_path: Path, tiny_image: Any) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_every_vm_of_the_local_pool(tmp_path: Path, tiny_image: Any,
+                                                 signum: int) -> None:
     assert QEMUKIT
     state = tmp_path / "state"
     (tmp_path / "matrix.toml").write_text(SLOW.replace("sleep 3", "sleep 120"))
@@ -372,7 +374,7 @@ def test_ctrl_c_stops_every_vm_of_the_local_pool(tmp_path: Path, tiny_image: Any
                             qemu_processes_under(state), 120,
                             lambda: (tmp_path / "cli.log").read_text())
         guest_pids = [p.pid for p in running]
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(signum)
         start = time.monotonic()
         assert cli.wait(60) == 130, (tmp_path / "cli.log").read_text()
         assert time.monotonic() - start < 30
