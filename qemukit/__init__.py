@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from . import hotplug as hotplug
     from . import images as images
     from . import kernel as kernel
+    from . import matrix as matrix
     from . import paths as paths
     from . import qga as qga
     from . import seed as seed
@@ -74,8 +75,8 @@ _LAZY = {
 #: (errors and spec are imported at once anyway). The rest (cli, _launch, _wire,
 #: ...) is internal.
 SUBMODULES = (
-    "dump", "errors", "guest", "host", "hotplug", "images", "kernel", "paths", "qga", "seed",
-    "snapshot", "spec", "timeouts", "vm",
+    "dump", "errors", "guest", "host", "hotplug", "images", "kernel", "matrix", "paths", "qga",
+    "seed", "snapshot", "spec", "timeouts", "vm",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -27,6 +27,7 @@ PUBLIC_MODULES = (
     "qemukit.spec",
     "qemukit.images",
     "qemukit.kernel",
+    "qemukit.matrix",
     "qemukit.hotplug",
     "qemukit.snapshot",
     "qemukit.qga",

@@ -84,7 +84,7 @@ def exit_codes_help() -> str:
     rows = [
         (0, "success; run -- CMD, exec and ssh: the command's own status"),
         (EXIT_REFUSED, f"the VM refused the operation, the message says why ({classes(EXIT_REFUSED)}); "
-                       "doctor: a problem was found"),
+                       "doctor: a problem was found; matrix: a job did not pass"),
         (EXIT_USAGE, "bad command-line usage"),
         (EXIT_TIMEOUT, f"a wait timed out: boot, command, QEMU's reply ({classes(EXIT_TIMEOUT)})"),
         (EXIT_ERROR, "qemukit or QEMU failed: bad spec, missing host tool, QEMU refused to "

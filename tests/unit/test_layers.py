@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump"),
     ("vm",),
     ("kernel",),
+    ("matrix",),
     ("cli", "pytest_plugin", "qga", "seed"),
 ]
 #: The only places that may import the CLI and test frameworks.

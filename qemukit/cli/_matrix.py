@@ -1,0 +1,100 @@
+"""``qemukit matrix FILE``: run a test matrix here or on a Dask cluster, write one report."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Any
+
+import click
+
+from ._common import EXIT_REFUSED
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA -"
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    return f"ETA {minutes}:{secs:02d}"
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--junit", type=click.Path(dir_okay=False),
+              help="Write one JUnit XML file, a test case per job.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Write the results as JSON lines, one per job.")
+@click.option("--jobs", "-j", "jobs_at_once", type=click.IntRange(min=1),
+              help="VMs at once on the local pool [default: CPUs, bounded by free memory].")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help="Run on this Dask scheduler's workers (pip install 'qemukit[dask]').")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="More attempts for a job whose VM could not start or whose worker was lost.")
+@click.option("--fail-fast", is_flag=True, help="Stop (and stop every VM) at the first job "
+              "that does not pass.")
+def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int | None,
+           scheduler: str | None, retries: int, fail_fast: bool) -> None:
+    """Run every job of the matrix FILE (TOML) and report; exit 1 if any job did not pass.
+
+    \b
+    Example FILE:
+      [defaults]
+      image = "tiny"
+      timeout = 120
+      [matrix.kernels]
+      stock = {}
+      quiet = { append = "console=ttyS0 panic=-1 quiet" }
+      [matrix.commands]
+      ok = ["true"]
+      fails = ["false"]
+
+    Progress is shown on a terminal; the summary table goes to stdout.
+    Ctrl-C (or SIGTERM) stops every VM the matrix started, on every worker, and
+    exits 130.
+    """
+    from ..matrix import MatrixProgress, load_matrix, run_matrix, summary, write_jsonl, write_junit
+
+    jobs = load_matrix(file)
+    live = sys.stderr.isatty()
+
+    def show(p: MatrixProgress) -> None:
+        if live:
+            click.echo(f"\r\x1b[K{p.done}/{p.total} done, {p.running} running, {p.failed} failed, "
+                       f"{_format_eta(p.eta)}", err=True, nl=False)
+
+    results: list[Any] = []
+    running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, retries=retries,
+                         fail_fast=fail_fast, progress=show)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a CI runner's cancel: stop every VM, as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        # closing(): a Ctrl-C between two results still stops every VM before we return.
+        with contextlib.closing(running):
+            for result in running:
+                results.append(result)
+                if live and result.outcome != "passed":
+                    why = result.result.error or f"exit status {result.result.exit_status}"
+                    click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if live:
+            click.echo("", err=True)
+        # Whatever finished is reported, also after Ctrl-C or --fail-fast.
+        if junit is not None:
+            write_junit(results, junit)
+        if json_out is not None:
+            write_jsonl(results, json_out)
+    click.echo(summary(results, jobs=jobs))
+    missing = len(jobs) - len(results)
+    if missing:
+        click.echo(f"qemukit: {missing} of {len(jobs)} jobs did not run (--fail-fast)", err=True)
+    if missing or any(r.outcome != "passed" for r in results):
+        sys.exit(EXIT_REFUSED)
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (matrix,)

@@ -1,0 +1,311 @@
+"""The matrix file, the retry rules of the local pool and the report, without QEMU.
+
+The pool's error paths run against a fake attempt (``_run_attempt`` replaced): what
+real VMs do is in tests/integration/test_matrix.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qemukit import matrix
+from qemukit.errors import SpecError
+from qemukit.kernel import KernelTestResult
+from qemukit.matrix import Job, JobResult, load_matrix, parse_matrix, run_matrix
+
+FILE = """
+[defaults]
+image = "tiny"
+accel = "tcg"
+timeout = 60
+
+[matrix.kernels]
+stock = {}
+quiet = { append = "console=ttyS0 quiet" }
+
+[matrix.commands]
+ok = ["true"]
+fails = ["false"]
+panics = { command = ["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout = 30 }
+
+[[job]]
+name = "uname"
+command = ["uname", "-r"]
+memory = "256M"
+"""
+
+
+def _parse(text: str) -> list[Job]:
+    return parse_matrix(tomllib.loads(text))
+
+
+def test_product_defaults_and_single_jobs() -> None:
+    jobs = {j.name: j for j in _parse(FILE)}
+    assert list(jobs) == ["stock/ok", "stock/fails", "stock/panics", "quiet/ok", "quiet/fails",
+                          "quiet/panics", "uname"]
+    assert jobs["quiet/panics"].axes == {"kernels": "quiet", "commands": "panics"}
+    assert jobs["quiet/panics"].command == ("sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert jobs["quiet/panics"].timeout == 30.0
+    assert jobs["quiet/ok"].timeout == 60.0
+    assert jobs["quiet/ok"].vm == {"accel": "tcg", "append": "console=ttyS0 quiet"}
+    assert jobs["uname"].axes == {} and jobs["uname"].memory_mib == 256
+    assert jobs["stock/ok"].image == "tiny" and jobs["stock/ok"].memory_mib == 512
+
+
+def test_list_axes_and_load_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[[matrix.kernels]]\nname = "a"\nappend = "x"\n[[matrix.kernels]]\n'
+                    'name = "b"\nappend = "y"\n[defaults]\nimage = "tiny"\ncommand = ["true"]\n')
+    jobs = load_matrix(path)
+    assert [(j.name, j.vm["append"]) for j in jobs] == [("a", "x"), ("b", "y")]
+
+
+@pytest.mark.parametrize(("text", "field", "value"), [
+    ('[[job]]\nname = "a"\ncommand = ["true"]\nmemroy = "1G"\n', "job[0].memroy", "1G"),
+    ('[[job]]\nname = "a"\ncommand = "true"\n', "job 'a': command", "true"),
+    ('[[job]]\nname = "a"\ncommand = []\n', "job 'a': command", ()),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\ntimeout = -1\n', "job 'a': timeout", -1),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\ntimeout = "1"\n', "job 'a': timeout", "1"),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\nimage = "arch"\n', "job 'a': image", "arch"),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\nmemory = "lots"\n', "job 'a': memory", "lots"),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\ncpus = 0\n', "job 'a': cpus", 0),
+    ('[[job]]\nname = "a"\n', "job[0].command", None),
+    ('[[job]]\ncommand = ["true"]\n', "job[0].name", None),
+    ('[[job]]\nname = "a"\ncommand = ["true"]\n[[job]]\nname = "a"\ncommand = ["false"]\n',
+     "job.name", "a"),
+    ('[matrix.commands]\nok = ["true"]\n[[job]]\nname = "ok"\ncommand = ["true"]\n',
+     "job.name", "ok"),
+    ('[matrix.flavours]\nx = "y"\n', "matrix.flavours.x", "y"),
+    ('[matrix]\ncommands = 3\n', "matrix.commands", 3),
+    ('[matrix.commands]\n', "matrix.commands", {}),
+    ('[matrix.commands]\nok = { command = ["true"], name = "x" }\n', "matrix.commands.ok.name",
+     "x"),
+    ('[defaults]\nname = "x"\n', "defaults.name", "x"),
+    ('[jobs]\nx = 1\n', "jobs", {"x": 1}),
+    ('', "job", []),
+])
+def test_mistakes_name_the_key_and_value(text: str, field: str, value: Any) -> None:
+    with pytest.raises(SpecError) as info:
+        _parse(text)
+    assert info.value.field == field
+    assert info.value.value == value
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no-such.toml"):
+        load_matrix(tmp_path / "no-such.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[job]\n")
+    with pytest.raises(SpecError, match="invalid TOML"):
+        load_matrix(bad)
+
+
+def test_api_arguments_are_checked_before_anything_runs() -> None:
+    job = Job("a", ("true",), image="tiny")
+    with pytest.raises(SpecError, match="retries"):
+        run_matrix([job], retries=-1)
+    with pytest.raises(SpecError, match="jobs"):
+        run_matrix([job], jobs_at_once=0)
+    with pytest.raises(SpecError, match="scheduler"):
+        run_matrix([job], scheduler="localhost")
+    with pytest.raises(SpecError, match="two jobs"):
+        run_matrix([job, job])
+
+
+def test_parallelism_is_bounded_by_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    class Memory:
+        available = 3 * 640 * 1024 * 1024  # room for three VMs of 512 MiB + overhead
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(matrix.os, "sched_getaffinity", lambda pid: set(range(16)))
+    jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(10)]
+    assert matrix.default_parallelism(jobs) == 3
+    assert matrix.default_parallelism(jobs[:2]) == 2
+    big = [*jobs, Job("big", ("true",), image="tiny", vm={"memory": "2G"})]
+    assert matrix.default_parallelism(big) == 1
+
+
+def _result(job: Job, outcome: str, **fields: Any) -> KernelTestResult:
+    base: dict[str, Any] = dict(command=job.command, outcome=outcome,
+                                exit_status=0 if outcome == "passed" else 1, stdout="", stderr="",
+                                boot_time=1.0, duration=2.0, panic=None, error=None, accel="tcg",
+                                console_log=None, console_tail="")
+    base.update(fields)
+    return KernelTestResult(**base)
+
+
+def test_infrastructure_failures_are_retried_and_test_failures_are_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        with lock:
+            calls[job.name] = calls.get(job.name, 0) + 1
+            n = calls[job.name]
+        if job.name == "flaky" and n == 1:
+            return matrix._Attempt(_result(job, "error", error="no QEMU"), "QEMU did not start",
+                                   "h", worker)
+        if job.name == "broken":
+            return matrix._Attempt(None, "the run raised OSError", "h", worker)
+        outcome = {"fails": "failed", "panics": "panic"}.get(job.name, "passed")
+        return matrix._Attempt(_result(job, outcome), None, "h", worker)
+
+    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    jobs = [Job(n, ("true",), image="tiny") for n in ("ok", "flaky", "fails", "panics", "broken")]
+    seen: list[matrix.MatrixProgress] = []
+    results = {r.job.name: r for r in run_matrix(jobs, jobs_at_once=2, retries=2,
+                                                 progress=seen.append)}
+    assert calls == {"ok": 1, "flaky": 2, "fails": 1, "panics": 1, "broken": 3}
+    assert results["flaky"].outcome == "passed" and results["flaky"].attempts == 2
+    assert results["flaky"].retried == ("QEMU did not start",)
+    assert results["fails"].outcome == "failed" and results["fails"].attempts == 1
+    assert results["panics"].outcome == "panic" and results["panics"].attempts == 1
+    assert results["broken"].outcome == "error" and results["broken"].attempts == 3
+    assert results["broken"].result.error == "the run raised OSError"
+    assert seen[-1].done == 5 and seen[-1].failed == 3 and seen[-1].running == 0
+    assert max(p.running for p in seen) <= 2
+
+
+def test_fail_fast_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        return matrix._Attempt(_result(job, "failed" if job.name == "j0" else "passed"), None,
+                               "h", worker)
+
+    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(20)]
+    results = list(run_matrix(jobs, jobs_at_once=1, fail_fast=True))
+    assert [r.job.name for r in results] == ["j0"]
+
+
+def _job_results() -> list[JobResult]:
+    nasty = "ok \x1b[6n \x00 \ufffe \udc80 end"
+    out = []
+    for name, outcome, extra in (
+            ("k1/ok", "passed", {}),
+            ("k1/fails", "failed", {"stderr": nasty}),
+            ("k2/panics", "panic", {"panic": "Kernel panic - not syncing: " + nasty,
+                                    "console_tail": nasty}),
+            ("k2/hangs", "timeout", {"error": "timed out " + nasty})):
+        job = Job(name, ("sh", "-c", nasty), image="tiny",
+                  axes=dict(zip(("kernels", "commands"), name.split("/"), strict=True)))
+        out.append(JobResult(job, _result(job, outcome, stdout=nasty, **extra), "host\x07",
+                             "w1", attempts=2 if outcome == "timeout" else 1,
+                             retried=("worker w2 on h was lost",) if outcome == "timeout" else ()))
+    return out
+
+
+def test_junit_is_valid_and_has_a_case_per_job(tmp_path: Path) -> None:
+    path = tmp_path / "j.xml"
+    matrix.write_junit(_job_results(), path)
+    root = ET.parse(path).getroot()  # expat: rejects any character XML 1.0 forbids
+    suite = root.find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("4", "2", "1")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"k1/ok", "k1/fails", "k2/panics", "k2/hangs"}
+    assert cases["k1/ok"].find("failure") is None and cases["k1/ok"].find("error") is None
+    failure = cases["k1/fails"].find("failure")
+    assert failure is not None and "\\x1b[6n" in (failure.text or "")
+    panic = cases["k2/panics"].find("failure")
+    assert panic is not None and "Kernel panic" in panic.get("message", "")
+    assert cases["k2/hangs"].find("error") is not None
+    props = {p.get("name"): p.get("value") for p in cases["k2/hangs"].iter("property")}
+    assert props["qemukit.axis.kernels"] == "k2" and props["qemukit.attempts"] == "2"
+    assert props["qemukit.worker"] == "w1" and props["qemukit.host"] == "host\\x07"
+    assert props["qemukit.retried"] == "worker w2 on h was lost"
+
+
+def test_json_lines_are_strict(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    matrix.write_jsonl(_job_results(), path)
+    lines = path.read_text(encoding="ascii").splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        data = json.loads(line)
+        json.dumps(data).encode("utf-8")  # no lone surrogate survived
+        assert {"name", "axes", "outcome", "host", "worker", "attempts", "retried"} <= set(data)
+    assert json.loads(lines[3])["attempts"] == 2
+
+
+def test_summary_counts_per_axis_and_lists_the_slowest() -> None:
+    text = matrix.summary(_job_results())
+    rows = {line[:24].strip(): line[24:].split() for line in text.splitlines()[1:8]}
+    assert rows["all jobs"] == ["1", "1", "1", "0", "1", "0"]
+    assert rows["kernels=k1"] == ["1", "1", "0", "0", "0", "0"]
+    assert rows["commands=panics"] == ["0", "0", "1", "0", "0", "0"]
+    assert "retried (infrastructure failures):" in text and "k2/hangs: 2 attempts" in text
+    assert "slowest:" in text
+
+
+def test_an_image_is_built_once_when_many_jobs_ask_at_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path))
+    built: list[str] = []
+    inside = threading.Event()
+
+    def find_image(name: str) -> Any:
+        return "image" if (tmp_path / "built").exists() else None
+
+    def build(name: str) -> Any:
+        # images.build looks in the cache first, as the real one does.
+        if find_image(name):
+            return "image"
+        inside.set()
+        threading.Event().wait(0.3)  # a build that takes a while: others arrive meanwhile
+        built.append(name)
+        (tmp_path / "built").touch()
+        return "image"
+
+    monkeypatch.setattr(matrix.images, "find_image", find_image)
+    monkeypatch.setattr(matrix.images, "build", build)
+    threads = [threading.Thread(target=matrix._ensure_image, args=("tiny",)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert inside.is_set() and built == ["tiny"]
+
+
+def test_shipped_files_are_kept_once_under_their_hash(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
+    modules.mkdir(parents=True)
+    (modules / "modules.dep").write_text("kernel/a.ko:\n")
+    data = matrix._read_for_shipping("modules", tmp_path / "mods")
+    paths: list[str] = []
+
+    def put() -> None:
+        paths.append(matrix._materialize("modules", "abc123", "mods", data))
+
+    threads = [threading.Thread(target=put) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(set(paths)) == 1 and len(paths) == 4
+    placed = Path(paths[0])
+    assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
+    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == ["abc123"]
+    kernel = matrix._materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
+    assert Path(kernel).read_bytes() == b"kernel bytes"
+    with pytest.raises(SpecError, match="modules"):
+        matrix._read_for_shipping("modules", tmp_path / "nothing-here")
+
+
+def test_a_job_names_its_files_and_moves_them() -> None:
+    job = Job("a", ("true",), image="tiny", vm={"kernel": "/k/bzImage"}, modules="/m")
+    assert job.files() == {"kernel": Path("/k/bzImage"), "modules": Path("/m")}
+    moved = job.with_files({"kernel": "/cache/x/bzImage", "modules": "/cache/y/m"})
+    assert moved.vm["kernel"] == "/cache/x/bzImage" and moved.modules == "/cache/y/m"
+    assert moved.name == job.name and moved.command == job.command
