@@ -467,16 +467,16 @@ def stop_matrix_here(matrix: str) -> int:
     return _REGISTRY.stop(matrix)
 
 
-def _ensure_image(name: str) -> None:
-    """Build image ``name`` in the cache unless it is there; one builder at a time per cache."""
-    if images.find_image(name) is not None:
+def _ensure_image(name: str, arch: str = "x86_64") -> None:
+    """Build image ``name`` for ``arch`` unless it is cached; one builder at a time per cache."""
+    if images.find_image(name, arch) is not None:
         return
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".matrix-build-{name}.lock", "a") as fh:
+    with open(root / f".matrix-build-{name}-{arch}.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # threads and processes: one open file each
         try:
-            images.build(name)  # the second comer finds it built and returns at once
+            images.build(name, arch=arch)  # the second comer finds it built and returns
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -496,7 +496,7 @@ def _run_attempt(job: Job, matrix: str, worker: str) -> _Attempt:
     try:
         image = job.needs_image()
         if image is not None:
-            _ensure_image(image)
+            _ensure_image(image, str(job.vm.get("arch", "x86_64")))
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return _Attempt(_error_result(job, str(exc), time.monotonic() - start), None, host, worker)

@@ -427,3 +427,15 @@ def test_qemu_that_cannot_start_is_retried_and_the_report_says_so(
     assert "-no-such-qemu-option" in data["result"]["error"]
     assert "retried (infrastructure failures):" in run.proc.stdout
     assert qemu_processes_under(state) == [] and _state_entries(state) == []
+
+
+def test_an_arch_axis_runs_each_job_on_its_architecture(tmp_path: Path, tiny_image: Any) -> None:
+    """The matrix composes with the architectures: the image is built and booted per arch."""
+    text = ('[defaults]\nimage = "tiny"\naccel = "tcg"\ncommand = ["uname", "-m"]\n'
+            '[matrix.archs]\nx86 = { arch = "x86_64" }\narm = { arch = "aarch64" }\n')
+    state = tmp_path / "state"
+    run = _run_matrix(tmp_path, text, _env(state), "--jobs", "1", roots=(state,))
+    assert run.proc.returncode == 0, run.proc.stderr
+    machines = {name: data["result"]["stdout"].strip() for name, data in run.results.items()}
+    assert machines == {"x86": "x86_64", "arm": "aarch64"}
+    assert {data["result"]["arch"] for data in run.results.values()} == {"x86_64", "aarch64"}

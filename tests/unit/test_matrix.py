@@ -253,10 +253,10 @@ def test_an_image_is_built_once_when_many_jobs_ask_at_once(
     built: list[str] = []
     inside = threading.Event()
 
-    def find_image(name: str) -> Any:
+    def find_image(name: str, arch: str = "x86_64") -> Any:
         return "image" if (tmp_path / "built").exists() else None
 
-    def build(name: str) -> Any:
+    def build(name: str, arch: str = "x86_64") -> Any:
         # images.build looks in the cache first, as the real one does.
         if find_image(name):
             return "image"
