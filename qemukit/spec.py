@@ -404,6 +404,9 @@ class VMSpec:
     slots; ``slots=0`` (the default) with ``max_memory`` set means
     :data:`DEFAULT_MEMORY_SLOTS` (8) slots, and slots without ``max_memory``
     are refused.
+    ``warm`` starts the VM from a saved ready state of the same description
+    when there is one (booting it once and saving that state when there is
+    not), see :mod:`qemukit.warm`; a spec that cannot start warm boots cold.
     """
 
     name: str | None = None
@@ -431,6 +434,7 @@ class VMSpec:
     qmp_tcp_port: int | None = None
     extra_args: tuple[str, ...] = field(default=())
     cloud_init: CloudInit | None = None
+    warm: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -477,7 +481,7 @@ class VMSpec:
         if isinstance(self.agent, bool):  # True/False kept for convenience
             object.__setattr__(self, "agent", "qemukit" if self.agent else "none")
         _check_choice("agent", self.agent, AgentKind)
-        for name in ("serial", "no_reboot", "sandbox"):
+        for name in ("serial", "no_reboot", "sandbox", "warm"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, getattr(self, name), "must be true or false")
         _check_int("hotplug_ports", self.hotplug_ports, 0, 32)

@@ -45,12 +45,17 @@ from ._common import (
               help="SSH public key to authorize in the guest (default: a keypair made per VM).")
 @click.option("--continue-on-oops", is_flag=True,
               help="With -- CMD: a kernel oops or BUG is recorded, not fatal; CMD runs on.")
+@click.option("--warm/--cold", "warm", default=None,
+              help="Restore a saved ready state of this VM description (booting it once and "
+              "saving that state if there is none), or boot it. Default: warm for --image and "
+              "--kernel, as the spec file says for -f.")
 @click.option("--verbose", "-v", is_flag=True,
-              help="Explain the accelerator choice in full (as qemukit doctor does).")
+              help="Explain the accelerator choice in full (as qemukit doctor does), and say "
+              "whether the start was warm or cold, and why.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool, verbose: bool,
-        command: tuple[str, ...], **opts: Any) -> None:
+        warm: bool | None, command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -70,11 +75,15 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     from ._guest import apply_run_options
 
     spec = apply_run_options(build_spec(opts), opts)
+    if warm is None:
+        warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
+    if warm != spec.warm:
+        spec = spec.replace(warm=warm)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
                                    "use 'qemukit exec NAME -- CMD'")
-        _run_detached(spec, timeout, wait_for, json_out == "-")
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose)
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout)
@@ -122,13 +131,19 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:
-    """One line on stderr: the accelerator in short, or with the whole reason under -v."""
+    """One line on stderr: the accelerator in short, or with the whole reason under -v.
+
+    Under -v a second line says whether the start was warm or cold, and why.
+    """
     if vm.accel is not None:
         text = vm.accel.reason if verbose else vm.accel.summary
         click.echo(f"qemukit: {vm.name}: {text}", err=True)
+    if verbose and vm.warm_start is not None:
+        click.echo(f"qemukit: {vm.name}: {vm.warm_start.describe()}", err=True)
 
 
-def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
+def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
+                  verbose: bool = False) -> None:
     from ..vm import VM
 
     vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
@@ -143,10 +158,13 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
         if vm.state.value == "running":
             vm.kill()
         raise
-    name, pid, accel = vm.name, vm.pid, vm.accel
+    name, pid, accel, warm = vm.name, vm.pid, vm.accel, vm.warm_start
+    if verbose and not as_json:
+        _announce_accel(vm, verbose)
     vm.detach()
     if as_json:
-        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None})
+        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None,
+                   "warm": warm.warm if warm is not None else None})
     else:
         click.echo(name)
 

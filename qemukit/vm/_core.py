@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
 import shutil
 import socket
 import time
@@ -41,6 +42,7 @@ from ..errors import (
     LaunchError,
     QemukitError,
     QMPConnectionError,
+    SnapshotError,
     SpecError,
     StateError,
     WaitTimeout,
@@ -50,6 +52,17 @@ from ..hotplug import AsyncHotplug, PluggedDevice
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from ..warm import (
+    BUNDLE,
+    DEFAULT_CACHE_LIMIT,
+    WarmCache,
+    WarmEntry,
+    WarmKey,
+    WarmStart,
+    warm_key,
+    warm_refusal,
+    warm_spec,
+)
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
@@ -173,6 +186,8 @@ class AsyncVM:
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
         self.incoming = incoming
+        #: For ``spec.warm``: whether the start restored a saved state, and why (set by start).
+        self.warm_start: WarmStart | None = None
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -238,13 +253,125 @@ class AsyncVM:
         self._require(VMState.NEW)
         self.state = VMState.STARTING
         try:
+            warm = await self._choose_warm() if self.spec.warm and self.incoming is None else None
             await self._start(timeout)
+            self.state = VMState.RUNNING
+            if warm is not None:
+                await self._finish_warm(*warm)
         except BaseException:
             self.state = VMState.FAILED
             await self._cleanup(force=True)
             raise
-        self.state = VMState.RUNNING
         return self
+
+    async def _choose_warm(self) -> tuple[WarmEntry, Bundle, float] | None:
+        """For ``spec.warm``: find (or build) the warm state; None means boot cold.
+
+        Sets :attr:`warm_start` to say which and why. When a state is used,
+        the spec becomes the clone's (its disks overlays over the state's
+        copies) and the start is an incoming one, fed by :meth:`_finish_warm`.
+        """
+        began = time.monotonic()
+        refusal = warm_refusal(self.spec)
+        if refusal is not None:
+            self.warm_start = WarmStart(False, refusal)
+            return None
+        await asyncio.to_thread(self._prepare)
+        assert self.accel is not None
+        qemu = host.find_qemu()
+        cache = WarmCache()
+        key = await asyncio.to_thread(warm_key, self.spec, qemu, host_facts(qemu, self.accel),
+                                      cache.root)
+        entry = cache.get(key.digest)
+        reason = None
+        if entry is None:
+            entry, reason = await self._build_warm(cache, key)
+        if entry is None:
+            self.warm_start = WarmStart(False, reason or "no warm state", key.digest)
+            return None
+        try:
+            bundle = entry.bundle()
+            bundle.check_qemu(qemu)
+        except SnapshotError as exc:
+            cache.remove(entry)
+            self.warm_start = WarmStart(False, f"the warm state {key.digest} was unusable and "
+                                        f"is removed ({exc})", key.digest)
+            return None
+        entry.touch()
+        self.spec = bundle.clone_spec(self.spec.name)
+        self.incoming = "defer"
+        self.warm_start = WarmStart(reason is None, reason or "", key.digest)
+        return entry, bundle, began
+
+    async def _build_warm(self, cache: WarmCache, key: WarmKey
+                          ) -> tuple[WarmEntry | None, str | None]:
+        """Boot a builder VM of this spec, wait until it is ready, save its state as ``key``.
+
+        Under the key's lock: a second process asking for the same key waits
+        here and then finds the entry. Returns (entry, why it was cold), or
+        (None, why) when QEMU cannot save this VM (it then boots cold).
+        """
+        cache.ensure()
+        lock = cache.lock_path(key.digest)
+        wait = self.boot_timeout + SAVE_TIMEOUT
+        async with file_lock(lock, wait, f"the warm state {key.digest}, being built by "
+                             f"another process (lock {lock})"):
+            entry = cache.get(key.digest)
+            if entry is not None:
+                return entry, None
+            build_dir = await asyncio.to_thread(cache.new_build_dir, key.digest)
+            builder = AsyncVM(warm_spec(self.spec), state_root=self._state_root,
+                              boot_timeout=self.boot_timeout,
+                              continue_on_oops=self.continue_on_oops)
+            booted = time.monotonic()
+            try:
+                await builder.start()
+                await builder.wait_ready()
+                booted = time.monotonic() - booted
+                bundle = await builder.save_state(build_dir / BUNDLE, stop=True)
+                entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
+            except SnapshotError as exc:
+                shutil.rmtree(build_dir, ignore_errors=True)
+                return None, f"QEMU cannot save this VM's state, so it boots every time ({exc})"
+            except BaseException:
+                shutil.rmtree(build_dir, ignore_errors=True)
+                raise
+            finally:
+                if builder.state is VMState.RUNNING:
+                    await builder.kill()
+        try:
+            await asyncio.to_thread(cache.prune, DEFAULT_CACHE_LIMIT)
+        except OSError as exc:  # a full cache costs disk space, not this start
+            log.debug("warm cache: prune failed: %r", exc)
+        return entry, (f"first start of this spec, state saved for next time (booted in "
+                       f"{booted:.2f} s)")
+
+    async def _finish_warm(self, entry: WarmEntry, bundle: Bundle, began: float) -> None:
+        """Feed the warm state to the QEMU just started; set the guest's clock to the host's."""
+        await restore_vm(self, bundle, SAVE_TIMEOUT)
+        await self._set_guest_clock()
+        assert self.warm_start is not None
+        self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
+                                    time.monotonic() - began)
+
+    async def _set_guest_clock(self) -> None:
+        """After a restore: set the guest's clock to the host's, and mix host entropy in.
+
+        The saved clock stopped at the save. The vmgenid device makes a kernel
+        with its driver reseed its RNG at the restore; for one without it (the
+        tiny image's cloud kernel) host bytes written to ``/dev/urandom`` make
+        each clone's pool differ, used at the kernel's next reseed.
+        """
+        if self.spec.agent == "qga":
+            await self.wait_ready()
+            await self.guest.call("guest-set-time", {"time": time.time_ns()})
+            return
+        script = (f"date -s @{time.time():.0f} >/dev/null && "
+                  f"echo {secrets.token_hex(32)} >/dev/urandom")
+        result = await self.exec(["sh", "-c", script], timeout=30)
+        if result.exit_status != 0:
+            raise StateError(f"VM {self.name!r}: setting the guest clock after the restore "
+                             f"failed: {result.stderr_text.strip()[-300:]}")
 
     def _prepare(self) -> None:
         """Everything before the spawn that can fail on bad input: no process, no file yet.

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_wire",),
     ("target",),
     ("hotplug", "snapshot", "guest"),
+    ("warm",),
     ("vm",),
     ("kernel",),
     ("cli", "pytest_plugin", "qga", "seed"),
