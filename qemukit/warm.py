@@ -54,11 +54,13 @@ __all__ = [
 ]
 
 #: Bumped when the layout of an entry or the meaning of a key changes.
-WARM_FORMAT = 1
+WARM_FORMAT = 2
 #: After a build, the cache is pruned to this many bytes (least recently used first).
 DEFAULT_CACHE_LIMIT = 4 << 30
 META = "meta.json"
 BUNDLE = "bundle"
+#: The console log of the boot the state was saved after.
+BOOT_LOG = "boot.log"
 USED = "last-used"
 TMP_PREFIX = ".tmp-"
 #: The arguments every warm VM gets: the guest kernel reseeds its RNG when a clone resumes.
@@ -329,6 +331,9 @@ class WarmCache:
             os.rename(build_dir, target)
         except OSError as exc:
             shutil.rmtree(build_dir, ignore_errors=True)
+            existing = self.get(key.digest)
+            if existing is not None:  # an equal state was stored meanwhile: use that one
+                return existing
             raise SnapshotError(f"cannot store the warm state {target}: {exc}") from exc
         return WarmEntry(key.digest, target, meta)
 
@@ -356,8 +361,7 @@ class WarmCache:
             if not held:
                 return False
             shutil.rmtree(entry.path, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.lock_path(entry.key).unlink()
+        # The lock file stays: unlinking it could let two builders lock different files.
         return True
 
     def prune(self, limit: int) -> list[WarmEntry]:

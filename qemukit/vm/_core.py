@@ -53,6 +53,7 @@ from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 from ..warm import (
+    BOOT_LOG,
     BUNDLE,
     DEFAULT_CACHE_LIMIT,
     WarmCache,
@@ -188,6 +189,8 @@ class AsyncVM:
         self.incoming = incoming
         #: For ``spec.warm``: whether the start restored a saved state, and why (set by start).
         self.warm_start: WarmStart | None = None
+        #: The saved boot's console log, copied to the top of a warm clone's.
+        self._boot_log: Path | None = None
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -298,6 +301,7 @@ class AsyncVM:
                                         f"is removed ({exc})", key.digest)
             return None
         entry.touch()
+        self._boot_log = entry.path / BOOT_LOG
         self.spec = bundle.clone_spec(self.spec.name)
         self.incoming = "defer"
         self.warm_start = WarmStart(reason is None, reason or "", key.digest)
@@ -328,6 +332,9 @@ class AsyncVM:
                 await builder.start()
                 await builder.wait_ready()
                 booted = time.monotonic() - booted
+                if builder.console_log is not None and builder.console_log.exists():
+                    await asyncio.to_thread(shutil.copyfile, builder.console_log,
+                                            build_dir / BOOT_LOG)
                 bundle = await builder.save_state(build_dir / BUNDLE, stop=True)
                 entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
             except SnapshotError as exc:
@@ -404,8 +411,9 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
-        probe = default_probe_image() if self.spec.accel != "tcg" else None
-        self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
+        if self.accel is None:  # a warm start keeps the choice made for the user's spec
+            probe = default_probe_image() if self.spec.accel != "tcg" else None
+            self.accel = host.resolve_accel(self.spec.accel, qemu, probe)
         self._formats = formats
 
     async def _start(self, timeout: float) -> None:
@@ -471,7 +479,16 @@ class AsyncVM:
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
 
     def _carry_out(self, plan: LaunchPlan) -> None:
-        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons."""
+        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons.
+
+        A warm clone's console log starts with the saved boot's (QEMU appends to it).
+        """
+        if self._boot_log is not None and self._boot_log.is_file():
+            boot = self._boot_log.read_bytes()
+            plan.runtime.write_private(
+                plan.runtime.console_log,
+                boot.decode("utf-8", "replace") + "\nqemukit: --- restored from a warm state; "
+                "the boot above is the one that state was saved after ---\n")
         for step in plan.overlays:
             try:
                 host.create_overlay(step.base, step.base_format, step.overlay)
