@@ -48,6 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--qemukit-image", default="tiny", help="image for fixture VMs (default: tiny)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
+    group.addoption("--qemukit-cold", action="store_true",
+                    help="boot every image VM instead of restoring its saved ready state")
 
 
 def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
@@ -55,6 +57,7 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
 
     image = config.getoption("--qemukit-image")
     images.build(image)
+    overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
     return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
 
 
@@ -148,7 +151,7 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     if made.returncode != 0:
         raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
                         f"{made.stderr.strip()}")
-    spec = _base_spec(request.config)
+    spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
     vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
     try:
         vm.start()

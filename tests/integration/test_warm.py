@@ -25,6 +25,7 @@ from qemukit.warm import WarmCache
 from tests.helpers import QEMUKIT, run_qemukit
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
+pytest_plugins = ["pytester"]
 
 READ_DISK = (
     "sync; blockdev --flushbufs /dev/vda; echo 3 > /proc/sys/vm/drop_caches; head -c 8 /dev/vda"
@@ -189,3 +190,42 @@ def test_a_kill_while_saving_leaves_no_entry(private_cache: Path, state_root: Pa
     assert "cold: first start of this spec" in out.stderr
     assert not list(cache.root.glob(".tmp-*")), "the half entry was not cleaned up"
     run_qemukit("gc")  # the killed process's runtime directory
+
+
+def test_the_kernel_loop_restores_until_the_kernel_changes(private_cache: Path,
+                                                           tiny_image: images.TinyImage,
+                                                           tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    shutil.copyfile(tiny_image.kernel, kernel)
+    run = ("run", "-v", "--kernel", str(kernel), "--accel", "tcg", "--memory", "224M", "--",
+           "uname", "-r")
+    outs = [run_qemukit(*run) for _ in range(2)]
+    assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
+    assert "cold: first start" in outs[0].stderr and "warm: restored" in outs[1].stderr
+    assert outs[1].stdout.strip() == tiny_image.kernel_release
+    with open(kernel, "ab") as fh:  # a rebuilt kernel: same path, other contents
+        fh.write(b"\0" * 512)
+    rebuilt = run_qemukit(*run)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "cold: first start" in rebuilt.stderr
+    cold = run_qemukit(*run[:1], "--cold", *run[1:])
+    assert cold.returncode == 0 and ": warm: " not in cold.stderr and ": cold: " not in cold.stderr
+
+
+PLUGIN_SAMPLE = """
+def test_first(qemu_vm):
+    assert qemu_vm.exec(["true"]).ok
+    print("START", qemu_vm.warm_start.describe())
+
+def test_second(qemu_vm):
+    assert qemu_vm.exec(["true"]).ok
+    print("START", qemu_vm.warm_start.describe())
+"""
+
+
+def test_the_qemu_vm_fixture_starts_warm(private_cache: Path, pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sample=PLUGIN_SAMPLE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", timeout=600)
+    result.assert_outcomes(passed=2)
+    starts = [line for line in result.stdout.lines if "START " in line]
+    assert len(starts) == 2 and "cold: first start" in starts[0] and "warm:" in starts[1], starts
