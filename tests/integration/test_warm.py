@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from qemukit import VM, Drive, images
+from qemukit import VM, Drive, Nic, PortForward, images
 from qemukit.paths import cache_dir
 from qemukit.warm import WarmCache
 from tests.helpers import QEMUKIT, run_qemukit
@@ -58,7 +58,8 @@ def base_disk(private_cache: Path) -> Path:
 
 def warm_spec(disk: Path, **changes: Any) -> Any:
     return images.spec("tiny", accel="tcg", memory=256, warm=True,
-                       drives=(Drive(disk, format="raw", overlay=True),), **changes)
+                       drives=(Drive(disk, format="raw", overlay=True),),
+                       nics=(Nic(forwards=(PortForward(0, 22),)),), **changes)
 
 
 def urandom(vm: VM) -> str:
@@ -82,6 +83,7 @@ def test_clones_are_separate_machines(private_cache: Path, base_disk: Path) -> N
         assert a.warm_start.key == b.warm_start.key == key
         assert a.name != b.name and a.pid != b.pid
         assert a.status() == b.status() == "running"
+        assert a.ssh_address() != b.ssh_address()  # each QEMU got its own forwarded port
         # Fresh entropy: the saved RNG state must not give both clones the same bytes.
         bytes_a, bytes_b = urandom(a), urandom(b)
         assert len(bytes_a) == 64 and bytes_a != bytes_b
