@@ -51,6 +51,7 @@ __all__ = [
     "file_digest",
     "warm_key",
     "warm_refusal",
+    "warm_spec",
 ]
 
 #: Bumped when the layout of an entry or the meaning of a key changes.
@@ -175,6 +176,8 @@ def file_digest(path: str | os.PathLike[str], root: Path | None = None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     if cache_file is not None:
+        # Forget files that are gone (throwaway disks), so the table stays small.
+        known = {p: v for p, v in known.items() if os.path.exists(p)}
         known[real] = {"stamp": stamp, "sha256": digest}
         with contextlib.suppress(OSError):  # only a cost next time
             cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

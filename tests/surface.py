@@ -34,6 +34,7 @@ PUBLIC_MODULES = (
     "qemukit.seed",
     "qemukit.host",
     "qemukit.vm",
+    "qemukit.warm",
 )
 
 
