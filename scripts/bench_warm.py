@@ -11,12 +11,16 @@ hit all three alike. The warm state is built once before the rounds (not
 counted). Prints JSON with medians, min and max, the ratios, and the split
 of a warm run (restore seconds from ``-v``, the CLI's import time).
 
-    python scripts/bench_warm.py [--runs N]
+Then 16 (``--many``) warm VMs are started at once from one process: all
+must be ready; the total time and the failures are reported.
+
+    python scripts/bench_warm.py [--runs N] [--many N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -99,11 +103,33 @@ def measure(runs: int) -> dict[str, Any]:
     }
 
 
+async def _many(count: int) -> dict[str, Any]:
+    from qemukit.vm import AsyncVM
+
+    spec = images.spec("tiny", accel="tcg", warm=True)
+    vms = [AsyncVM(spec) for _ in range(count)]
+    start = time.monotonic()
+    results = await asyncio.gather(*(vm.start() for vm in vms), return_exceptions=True)
+    ready = await asyncio.gather(
+        *(vm.exec(["true"]) for vm, r in zip(vms, results, strict=True)
+          if not isinstance(r, BaseException)), return_exceptions=True)
+    elapsed = time.monotonic() - start
+    failures = [repr(r) for r in (*results, *ready) if isinstance(r, BaseException)]
+    warm = sum(1 for vm in vms if vm.warm_start is not None and vm.warm_start.warm)
+    await asyncio.gather(*(vm.kill() for vm in vms if vm.state.value == "running"),
+                         return_exceptions=True)
+    return {"count": count, "all_ready_seconds": round(elapsed, 3), "warm": warm,
+            "failures": failures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--many", type=int, default=16)
     args = parser.parse_args()
-    print(json.dumps(measure(args.runs), indent=2))
+    out = measure(args.runs)
+    out["many"] = asyncio.run(_many(args.many))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
