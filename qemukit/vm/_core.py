@@ -121,6 +121,16 @@ def _forget_parents_vms() -> None:
 os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
+#: Per event loop, one asyncio lock per warm key: the VMs of this process building or awaiting it.
+_build_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _build_lock(key: str) -> asyncio.Lock:
+    locks = _build_locks.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(key, asyncio.Lock())
+
+
 def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
                 monitor: QMP | None = None) -> Agent:
     """The client for the spec's in-guest agent (qemukit's own, or qemu-guest-agent).
@@ -314,10 +324,26 @@ class AsyncVM:
         Under the key's lock: a second process asking for the same key waits
         here and then finds the entry. Returns (entry, why it was cold), or
         (None, why) when QEMU cannot save this VM (it then boots cold).
+        VMs of one process wait on an asyncio lock first, so at most one of
+        them waits for the file lock (in a worker thread): many waiters there
+        would take every worker the builder itself needs.
         """
+        wait = self.boot_timeout + SAVE_TIMEOUT
+        local = _build_lock(key.digest)
+        try:
+            await asyncio.wait_for(local.acquire(), wait)
+        except TimeoutError:
+            raise WaitTimeout(f"the warm state {key.digest}, being built by another VM of "
+                              "this process", wait) from None
+        try:
+            return await self._build_warm_locked(cache, key, wait)
+        finally:
+            local.release()
+
+    async def _build_warm_locked(self, cache: WarmCache, key: WarmKey, wait: float
+                                 ) -> tuple[WarmEntry | None, str | None]:
         cache.ensure()
         lock = cache.lock_path(key.digest)
-        wait = self.boot_timeout + SAVE_TIMEOUT
         async with file_lock(lock, wait, f"the warm state {key.digest}, being built by "
                              f"another process (lock {lock})"):
             entry = cache.get(key.digest)

@@ -7,6 +7,7 @@ Each cold start costs a boot and a save, so the module keeps them few.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -231,3 +232,24 @@ def test_the_qemu_vm_fixture_starts_warm(private_cache: Path, pytester: pytest.P
     result.assert_outcomes(passed=2)
     starts = [line for line in result.stdout.lines if "START " in line]
     assert len(starts) == 2 and "cold: first start" in starts[0] and "warm:" in starts[1], starts
+
+
+def test_many_vms_of_one_process_share_one_build(private_cache: Path) -> None:
+    # More VMs than the default executor has workers (cores + 4): each waiting for the
+    # build in a worker thread would leave the builder none, and the start hang.
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    spec = images.spec("tiny", accel="tcg", memory=248, warm=True)
+
+    async def start_all() -> list[Any]:
+        from qemukit.vm import AsyncVM
+
+        vms = [AsyncVM(spec) for _ in range(count)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(vm.start() for vm in vms)), 120)
+            return [vm.warm_start for vm in vms]
+        finally:
+            await asyncio.gather(*(vm.kill() for vm in vms if vm.state.value == "running"))
+
+    starts = asyncio.run(start_all())
+    assert sum(not s.warm for s in starts) == 1, starts
+    assert "first start of this spec" in next(s.reason for s in starts if not s.warm)
