@@ -381,7 +381,14 @@ class AsyncVM:
 
     async def _finish_warm(self, entry: WarmEntry, bundle: Bundle, began: float) -> None:
         """Feed the warm state to the QEMU just started; set the guest's clock to the host's."""
-        await restore_vm(self, bundle, SAVE_TIMEOUT)
+        try:
+            await restore_vm(self, bundle, SAVE_TIMEOUT)
+        except SnapshotError as exc:
+            removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
+            raise SnapshotError(
+                f"{exc}; the warm state {entry.key} is "
+                + ("removed, so the next start boots and saves a new one" if removed else
+                   "in use by another process; 'qemukit cache clear' removes it")) from exc
         await self._set_guest_clock()
         assert self.warm_start is not None
         self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,

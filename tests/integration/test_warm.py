@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from qemukit import VM, Drive, Nic, PortForward, images
+from qemukit import VM, Drive, Nic, PortForward, SnapshotError, images
 from qemukit.paths import cache_dir
 from qemukit.warm import WarmCache
 from tests.helpers import QEMUKIT, run_qemukit
@@ -253,3 +253,24 @@ def test_many_vms_of_one_process_share_one_build(private_cache: Path) -> None:
     starts = asyncio.run(start_all())
     assert sum(not s.warm for s in starts) == 1, starts
     assert "first start of this spec" in next(s.reason for s in starts if not s.warm)
+
+
+def test_a_damaged_state_is_removed_and_the_next_start_boots(private_cache: Path) -> None:
+    spec = images.spec("tiny", accel="tcg", memory=264, warm=True)
+    with VM(spec) as vm:
+        assert vm.warm_start is not None and not vm.warm_start.warm
+        key = vm.warm_start.key
+    entry = WarmCache().get(key or "")
+    assert entry is not None
+    state = entry.bundle_path / "state.bin"
+    os.chmod(state, 0o600)
+    with open(state, "r+b") as fh:  # the stream ends half-way
+        fh.truncate(state.stat().st_size // 2)
+    broken = VM(spec)
+    with pytest.raises(SnapshotError, match="is removed, so the next start boots"):
+        broken.start()
+    assert broken.state.value == "failed"
+    assert WarmCache().get(key or "") is None
+    with VM(spec) as vm:
+        assert vm.warm_start is not None and not vm.warm_start.warm
+        assert vm.exec(["true"]).ok
