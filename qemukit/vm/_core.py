@@ -390,9 +390,32 @@ class AsyncVM:
                 + ("removed, so the next start boots and saves a new one" if removed else
                    "in use by another process; 'qemukit cache clear' removes it")) from exc
         await self._set_guest_clock()
+        await asyncio.to_thread(self._append_boot_log)
         assert self.warm_start is not None
         self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
                                     time.monotonic() - began)
+
+    def _append_boot_log(self) -> None:
+        """Add the saved boot's console output to a warm clone's log, once it is ready.
+
+        Not before: a tool waiting for a line of the boot in the log (the tiny
+        init's ``ready``) must not see it before the clone can run commands.
+        QEMU appends to the log (``O_APPEND``), as this does.
+        """
+        if self._boot_log is None or self.runtime is None:
+            return
+        try:
+            boot = self._boot_log.read_bytes()
+        except OSError:  # an entry of an older qemukit, or pruned meanwhile: no boot log
+            return
+        text = (b"qemukit: --- the boot this warm state was saved after ---\n" + boot
+                + b"\nqemukit: --- restored from the warm state here ---\n")
+        fd = os.open(self.runtime.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
 
     async def _set_guest_clock(self) -> None:
         """After a restore: set the guest's clock to the host's, and mix host entropy in.
@@ -514,14 +537,7 @@ class AsyncVM:
     def _carry_out(self, plan: LaunchPlan) -> None:
         """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons.
 
-        A warm clone's console log starts with the saved boot's (QEMU appends to it).
         """
-        if self._boot_log is not None and self._boot_log.is_file():
-            boot = self._boot_log.read_bytes()
-            plan.runtime.write_private(
-                plan.runtime.console_log,
-                boot.decode("utf-8", "replace") + "\nqemukit: --- restored from a warm state; "
-                "the boot above is the one that state was saved after ---\n")
         for step in plan.overlays:
             try:
                 host.create_overlay(step.base, step.base_format, step.overlay)
