@@ -54,6 +54,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "for it is built on first use)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
+    group.addoption("--qemukit-cold", action="store_true",
+                    help="boot every image VM instead of restoring its saved ready state")
 
 
 def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
@@ -66,6 +68,7 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
         images.build(image, arch=arch)
     else:
         images.build(image)
+    overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
     return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
 
 
@@ -159,7 +162,7 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     if made.returncode != 0:
         raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
                         f"{made.stderr.strip()}")
-    spec = _base_spec(request.config)
+    spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
     vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
     try:
         vm.start()

@@ -412,6 +412,9 @@ class VMSpec:
     ``s390x``, ``ppc64le``); a non-x86 spec left at the default machine
     (``q35``) gets its architecture's machine (``virt``, ``s390-ccw-virtio``,
     ``pseries``; see :mod:`qemukit.arch`).
+    ``warm`` starts the VM from a saved ready state of the same description
+    when there is one (booting it once and saving that state when there is
+    not), see :mod:`qemukit.warm`; a spec that cannot start warm boots cold.
     """
 
     name: str | None = None
@@ -442,6 +445,7 @@ class VMSpec:
     extra_args: tuple[str, ...] = field(default=())
     cloud_init: CloudInit | None = None
     arch: ArchName = "x86_64"
+    warm: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -495,7 +499,7 @@ class VMSpec:
         if isinstance(self.agent, bool):  # True/False kept for convenience
             object.__setattr__(self, "agent", "qemukit" if self.agent else "none")
         _check_choice("agent", self.agent, AgentKind)
-        for name in ("serial", "no_reboot", "sandbox"):
+        for name in ("serial", "no_reboot", "sandbox", "warm"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(name, getattr(self, name), "must be true or false")
         _check_int("hotplug_ports", self.hotplug_ports, 0, 32)

@@ -36,6 +36,7 @@ PUBLIC_MODULES = (
     "qemukit.host",
     "qemukit.vm",
     "qemukit.dump",
+    "qemukit.warm",
 )
 
 

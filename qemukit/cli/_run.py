@@ -51,12 +51,17 @@ from ._common import (
 @click.option("--dump-on-panic", type=click.Path(dir_okay=False), metavar="FILE",
               help="With -- CMD: on a kernel panic, write the guest's memory to FILE (an ELF "
               "core for crash or drgn) before the run ends with 255.")
+@click.option("--warm/--cold", "warm", default=None,
+              help="Restore a saved ready state of this VM description (booting it once and "
+              "saving that state if there is none), or boot it. Default: warm for --image and "
+              "--kernel, as the spec file says for -f.")
 @click.option("--verbose", "-v", is_flag=True,
-              help="Explain the accelerator choice in full (as qemukit doctor does).")
+              help="Explain the accelerator choice in full (as qemukit doctor does), and say "
+              "whether the start was warm or cold, and why.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
-        dump_on_panic: str | None, verbose: bool,
+        dump_on_panic: str | None, verbose: bool, warm: bool | None,
         command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
@@ -77,11 +82,15 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     from ._guest import apply_run_options
 
     spec = apply_run_options(build_spec(opts), opts)
+    if warm is None:
+        warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
+    if warm != spec.warm:
+        spec = spec.replace(warm=warm)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
                                    "use 'qemukit exec NAME -- CMD'")
-        _run_detached(spec, timeout, wait_for, json_out == "-")
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose)
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout)
@@ -137,11 +146,14 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 def _announce_accel(vm: Any, verbose: bool) -> None:
     """One line on stderr: the accelerator in short, or with the whole reason under -v.
 
-    With a gdb stub, a second line: the gdb command that connects to it.
+    With a gdb stub, a line with the gdb command that connects to it; under -v a
+    line saying whether the start was warm or cold, and why.
     """
     if vm.accel is not None:
         text = vm.accel.reason if verbose else vm.accel.summary
         click.echo(f"qemukit: {vm.name}: {text}", err=True)
+    if verbose and vm.warm_start is not None:
+        click.echo(f"qemukit: {vm.name}: {vm.warm_start.describe()}", err=True)
     if vm.spec.gdb_port is not None:
         host_addr, port = vm.gdb_address()
         click.echo(f"qemukit: {vm.name}: gdb stub on {host_addr}:{port}"
@@ -161,7 +173,8 @@ def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int
     return shlex.join(["gdb", vmlinux, "-ex", f"target remote {host_addr}:{port}"])
 
 
-def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) -> None:
+def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
+                  verbose: bool = False) -> None:
     from ..vm import VM
 
     vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
@@ -176,14 +189,17 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool) ->
         if vm.state.value == "running":
             vm.kill()
         raise
-    name, pid, accel = vm.name, vm.pid, vm.accel
+    name, pid, accel, warm = vm.name, vm.pid, vm.accel, vm.warm_start
     gdb = vm.gdb_address() if spec.gdb_port is not None else None
+    if verbose and not as_json:
+        _announce_accel(vm, verbose)
     vm.detach()
     if gdb is not None:
         click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, *gdb)}", err=True)
     if as_json:
         emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None,
-                   "gdb": f"{gdb[0]}:{gdb[1]}" if gdb else None})
+                   "gdb": f"{gdb[0]}:{gdb[1]}" if gdb else None,
+                   "warm": warm.warm if warm is not None else None})
     else:
         click.echo(name)
 

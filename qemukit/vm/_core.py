@@ -14,6 +14,7 @@ import enum
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -45,6 +46,7 @@ from ..errors import (
     LaunchError,
     QemukitError,
     QMPConnectionError,
+    SnapshotError,
     SpecError,
     StateError,
     WaitTimeout,
@@ -54,6 +56,18 @@ from ..hotplug import AsyncHotplug, PluggedDevice
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from ..warm import (
+    BOOT_LOG,
+    BUNDLE,
+    DEFAULT_CACHE_LIMIT,
+    WarmCache,
+    WarmEntry,
+    WarmKey,
+    WarmStart,
+    warm_key,
+    warm_refusal,
+    warm_spec,
+)
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
@@ -109,6 +123,16 @@ def _forget_parents_vms() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parents_vms)
+
+
+#: Per event loop, one asyncio lock per warm key: the VMs of this process building or awaiting it.
+_build_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _build_lock(key: str) -> asyncio.Lock:
+    locks = _build_locks.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(key, asyncio.Lock())
 
 
 def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
@@ -177,6 +201,10 @@ class AsyncVM:
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
         self.incoming = incoming
+        #: For ``spec.warm``: whether the start restored a saved state, and why (set by start).
+        self.warm_start: WarmStart | None = None
+        #: The saved boot's console log, copied to the top of a warm clone's.
+        self._boot_log: Path | None = None
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -242,13 +270,175 @@ class AsyncVM:
         self._require(VMState.NEW)
         self.state = VMState.STARTING
         try:
+            warm = await self._choose_warm() if self.spec.warm and self.incoming is None else None
             await self._start(timeout)
+            self.state = VMState.RUNNING
+            if warm is not None:
+                await self._finish_warm(*warm)
         except BaseException:
             self.state = VMState.FAILED
             await self._cleanup(force=True)
             raise
-        self.state = VMState.RUNNING
         return self
+
+    async def _choose_warm(self) -> tuple[WarmEntry, Bundle, float] | None:
+        """For ``spec.warm``: find (or build) the warm state; None means boot cold.
+
+        Sets :attr:`warm_start` to say which and why. When a state is used,
+        the spec becomes the clone's (its disks overlays over the state's
+        copies) and the start is an incoming one, fed by :meth:`_finish_warm`.
+        """
+        began = time.monotonic()
+        refusal = warm_refusal(self.spec)
+        if refusal is not None:
+            self.warm_start = WarmStart(False, refusal)
+            return None
+        await asyncio.to_thread(self._prepare)
+        assert self.accel is not None
+        qemu = host.find_qemu()
+        cache = WarmCache()
+        key = await asyncio.to_thread(warm_key, self.spec, qemu, host_facts(qemu, self.accel),
+                                      cache.root)
+        entry = cache.get(key.digest)
+        reason = None
+        if entry is None:
+            entry, reason = await self._build_warm(cache, key)
+        if entry is None:
+            self.warm_start = WarmStart(False, reason or "no warm state", key.digest)
+            return None
+        try:
+            bundle = entry.bundle()
+            bundle.check_qemu(qemu)
+        except SnapshotError as exc:
+            cache.remove(entry)
+            self.warm_start = WarmStart(False, f"the warm state {key.digest} was unusable and "
+                                        f"is removed ({exc})", key.digest)
+            return None
+        entry.touch()
+        self._boot_log = entry.path / BOOT_LOG
+        self.spec = bundle.clone_spec(self.spec.name)
+        self.incoming = "defer"
+        self.warm_start = WarmStart(reason is None, reason or "", key.digest)
+        return entry, bundle, began
+
+    async def _build_warm(self, cache: WarmCache, key: WarmKey
+                          ) -> tuple[WarmEntry | None, str | None]:
+        """Boot a builder VM of this spec, wait until it is ready, save its state as ``key``.
+
+        Under the key's lock: a second process asking for the same key waits
+        here and then finds the entry. Returns (entry, why it was cold), or
+        (None, why) when QEMU cannot save this VM (it then boots cold).
+        VMs of one process wait on an asyncio lock first, so at most one of
+        them waits for the file lock (in a worker thread): many waiters there
+        would take every worker the builder itself needs.
+        """
+        wait = self.boot_timeout + SAVE_TIMEOUT
+        local = _build_lock(key.digest)
+        try:
+            await asyncio.wait_for(local.acquire(), wait)
+        except TimeoutError:
+            raise WaitTimeout(f"the warm state {key.digest}, being built by another VM of "
+                              "this process", wait) from None
+        try:
+            return await self._build_warm_locked(cache, key, wait)
+        finally:
+            local.release()
+
+    async def _build_warm_locked(self, cache: WarmCache, key: WarmKey, wait: float
+                                 ) -> tuple[WarmEntry | None, str | None]:
+        cache.ensure()
+        lock = cache.lock_path(key.digest)
+        async with file_lock(lock, wait, f"the warm state {key.digest}, being built by "
+                             f"another process (lock {lock})"):
+            entry = cache.get(key.digest)
+            if entry is not None:
+                return entry, None
+            build_dir = await asyncio.to_thread(cache.new_build_dir, key.digest)
+            builder = AsyncVM(warm_spec(self.spec), state_root=self._state_root,
+                              boot_timeout=self.boot_timeout,
+                              continue_on_oops=self.continue_on_oops)
+            booted = time.monotonic()
+            try:
+                await builder.start()
+                await builder.wait_ready()
+                booted = time.monotonic() - booted
+                if builder.console_log is not None and builder.console_log.exists():
+                    await asyncio.to_thread(shutil.copyfile, builder.console_log,
+                                            build_dir / BOOT_LOG)
+                bundle = await builder.save_state(build_dir / BUNDLE, stop=True)
+                entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
+            except SnapshotError as exc:
+                shutil.rmtree(build_dir, ignore_errors=True)
+                return None, f"QEMU cannot save this VM's state, so it boots every time ({exc})"
+            except BaseException:
+                shutil.rmtree(build_dir, ignore_errors=True)
+                raise
+            finally:
+                if builder.state is VMState.RUNNING:
+                    await builder.kill()
+        try:
+            await asyncio.to_thread(cache.prune, DEFAULT_CACHE_LIMIT)
+        except OSError as exc:  # a full cache costs disk space, not this start
+            log.debug("warm cache: prune failed: %r", exc)
+        return entry, (f"first start of this spec, state saved for next time (booted in "
+                       f"{booted:.2f} s)")
+
+    async def _finish_warm(self, entry: WarmEntry, bundle: Bundle, began: float) -> None:
+        """Feed the warm state to the QEMU just started; set the guest's clock to the host's."""
+        try:
+            await restore_vm(self, bundle, SAVE_TIMEOUT)
+        except SnapshotError as exc:
+            removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
+            raise SnapshotError(
+                f"{exc}; the warm state {entry.key} is "
+                + ("removed, so the next start boots and saves a new one" if removed else
+                   "in use by another process; 'qemukit cache clear' removes it")) from exc
+        await self._set_guest_clock()
+        await asyncio.to_thread(self._append_boot_log)
+        assert self.warm_start is not None
+        self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
+                                    time.monotonic() - began)
+
+    def _append_boot_log(self) -> None:
+        """Add the saved boot's console output to a warm clone's log, once it is ready.
+
+        Not before: a tool waiting for a line of the boot in the log (the tiny
+        init's ``ready``) must not see it before the clone can run commands.
+        QEMU appends to the log (``O_APPEND``), as this does.
+        """
+        if self._boot_log is None or self.runtime is None:
+            return
+        try:
+            boot = self._boot_log.read_bytes()
+        except OSError:  # an entry of an older qemukit, or pruned meanwhile: no boot log
+            return
+        text = (b"qemukit: --- the boot this warm state was saved after ---\n" + boot
+                + b"\nqemukit: --- restored from the warm state here ---\n")
+        fd = os.open(self.runtime.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+
+    async def _set_guest_clock(self) -> None:
+        """After a restore: set the guest's clock to the host's, and mix host entropy in.
+
+        The saved clock stopped at the save. The vmgenid device makes a kernel
+        with its driver reseed its RNG at the restore; for one without it (the
+        tiny image's cloud kernel) host bytes written to ``/dev/urandom`` make
+        each clone's pool differ, used at the kernel's next reseed.
+        """
+        if self.spec.agent == "qga":
+            await self.wait_ready()
+            await self.guest.call("guest-set-time", {"time": time.time_ns()})
+            return
+        script = (f"date -s @{time.time():.0f} >/dev/null && "
+                  f"echo {secrets.token_hex(32)} >/dev/urandom")
+        result = await self.exec(["sh", "-c", script], timeout=30)
+        if result.exit_status != 0:
+            raise StateError(f"VM {self.name!r}: setting the guest clock after the restore "
+                             f"failed: {result.stderr_text.strip()[-300:]}")
 
     def _prepare(self) -> None:
         """Everything before the spawn that can fail on bad input: no process, no file yet.
@@ -281,8 +471,9 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
-        probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
-        self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
+        if self.accel is None:  # a warm start keeps the choice made for the user's spec
+            probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
+            self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
         self._formats = formats
 
     async def _start(self, timeout: float) -> None:
@@ -348,7 +539,9 @@ class AsyncVM:
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
 
     def _carry_out(self, plan: LaunchPlan) -> None:
-        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons."""
+        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons.
+
+        """
         for step in plan.overlays:
             try:
                 host.create_overlay(step.base, step.base_format, step.overlay)

@@ -13,6 +13,7 @@ from ..hotplug import Hotplug
 from ..snapshot import SyncSnapshots
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
+from ..warm import WarmStart
 from ._core import AdoptedQemu, AsyncVM, VMState
 from ._ladder import ShutdownResult
 
@@ -53,6 +54,8 @@ class VM(SyncFacade):
         lambda vm: vm.last_shutdown, "How the VM was stopped (also by a ``with`` block).")
     attached: delegated[bool] = delegated(lambda vm: vm.attached,
                                           "True for a VM taken over with :meth:`attach`.")
+    warm_start: delegated[WarmStart | None] = delegated(
+        lambda vm: vm.warm_start, "For ``spec.warm``: whether the start was warm, and why.")
     name = delegated(AsyncVM.name)
     pid = delegated(AsyncVM.pid)
     console_log = delegated(AsyncVM.console_log)

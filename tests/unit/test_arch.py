@@ -386,13 +386,13 @@ def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatc
     class Config:
         def __init__(self, arch: str) -> None:
             self.opts = {"--qemukit-image": "tiny", "--qemukit-arch": arch,
-                         "--qemukit-accel": "tcg"}
+                         "--qemukit-accel": "tcg", "--qemukit-cold": False}
 
-        def getoption(self, name: str) -> str:
+        def getoption(self, name: str) -> Any:
             return self.opts[name]
 
     spec: Any = pytest_plugin._base_spec(Config("riscv64"), cpus=1)  # type: ignore[arg-type]
-    assert spec == {"accel": "tcg", "arch": "riscv64", "cpus": 1}
+    assert spec == {"accel": "tcg", "arch": "riscv64", "cpus": 1, "warm": True}
     assert built == [("tiny", "riscv64")]
     assert "arch" not in pytest_plugin._base_spec(Config("x86_64"))  # type: ignore[arg-type]
 

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_wire",),
     ("target",),
     ("hotplug", "snapshot", "guest", "dump"),
+    ("warm",),
     ("vm",),
     ("kernel",),
     ("matrix",),

@@ -472,6 +472,7 @@ def full_spec() -> VMSpec:
         extra_args=("-S", "-device", "virtio-rng-pci,id=rng0", "", 'a "q" \\ b'),
         cloud_init=CloudInit(hostname="full-spec.example", ssh_key='/keys/my "key",x.pub',
                              user_data="/ud/ünï 😀\\data", ssh_user="admin"),
+        warm=True,
     )
 
 

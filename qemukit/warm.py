@@ -1,0 +1,395 @@
+"""Warm starts: a VM description booted once, its ready state saved, later VMs restored from it.
+
+The cache lives in ``cache_dir()/warm``. An entry is a directory named by its
+key, holding a state bundle (see :class:`qemukit.snapshot.Bundle`) and
+``meta.json`` (the key's parts, size, creation time). The key is a digest of
+everything that decides what the booted guest is (see :func:`warm_key`):
+the contents of the kernel, the initrd and every disk (and its backing
+chain), the spec in canonical form without its name, the QEMU binary (path,
+version, size and modification time), the host facts that shape the command
+line (accelerator, CPU model, sandbox), qemukit's version. Any change gives a
+new key, so an entry is never used for a guest it does not describe.
+
+An entry is written into a hidden temporary directory and renamed into
+place, so a process killed while writing leaves only a ``.tmp-*`` directory,
+which lookups ignore and the next build (or ``qemukit cache prune``)
+removes. Builds of one key are serialized by an ``flock`` on
+``<key>.lock``: a second process asking for the same new key waits for the
+first one's entry instead of booting too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import host
+from ._fs import write_atomic
+from ._launch.plan import HostFacts
+from .errors import SnapshotError
+from .paths import cache_dir
+from .snapshot import Bundle
+from .spec import VMSpec
+
+__all__ = [
+    "DEFAULT_CACHE_LIMIT",
+    "WarmCache",
+    "WarmEntry",
+    "WarmKey",
+    "WarmStart",
+    "file_digest",
+    "warm_key",
+    "warm_refusal",
+    "warm_spec",
+]
+
+#: Bumped when the layout of an entry or the meaning of a key changes.
+WARM_FORMAT = 2
+#: After a build, the cache is pruned to this many bytes (least recently used first).
+DEFAULT_CACHE_LIMIT = 4 << 30
+META = "meta.json"
+BUNDLE = "bundle"
+#: The console log of the boot the state was saved after.
+BOOT_LOG = "boot.log"
+USED = "last-used"
+TMP_PREFIX = ".tmp-"
+#: The arguments every warm VM gets: the guest kernel reseeds its RNG when a clone resumes.
+VMGENID_ARGS = ("-device", "vmgenid,guid=auto")
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """How a VM with ``spec.warm`` was started: warm (restored) or cold (booted), and why."""
+
+    warm: bool
+    reason: str
+    key: str | None = None
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """One line: ``warm: restored KEY in 0.12 s`` or ``cold: REASON``."""
+        if self.warm:
+            return f"warm: restored {self.key} in {self.seconds:.2f} s"
+        return f"cold: {self.reason}"
+
+
+@dataclass(frozen=True)
+class WarmKey:
+    """A cache key: the digest and the parts it was made from."""
+
+    digest: str
+    parts: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class WarmEntry:
+    """One complete entry in the cache."""
+
+    key: str
+    path: Path
+    meta: Mapping[str, Any]
+
+    @property
+    def bundle_path(self) -> Path:
+        """The state bundle's directory."""
+        return self.path / BUNDLE
+
+    @property
+    def size(self) -> int:
+        """Bytes the entry really uses on disk (its files are sparse)."""
+        return _disk_usage(self.path)
+
+    @property
+    def last_used(self) -> float:
+        """When a clone was last restored from it (creation time if never)."""
+        try:
+            return (self.path / USED).stat().st_mtime
+        except OSError:
+            return float(self.meta.get("created", 0.0))
+
+    def bundle(self) -> Bundle:
+        """Open (and check) the bundle."""
+        return Bundle.open(self.bundle_path)
+
+    def touch(self) -> None:
+        """Record a use, for least-recently-used pruning."""
+        stamp = self.path / USED
+        with contextlib.suppress(OSError):  # a read-only cache still restores
+            stamp.touch(mode=0o600)
+            os.utime(stamp)
+
+
+def warm_refusal(spec: VMSpec) -> str | None:
+    """Why ``spec`` cannot start warm (it then boots cold), or None if it can."""
+    if spec.shares:
+        return ("shares cannot be saved in a VM's state (a mounted virtiofs or 9p export "
+                "blocks migration)")
+    if spec.cloud_init is not None:
+        return "a cloud-init seed is made per VM (its keys and hostname), so it is not cached"
+    if spec.firmware == "ovmf":
+        return "the UEFI variable store is per VM and not part of the saved state"
+    if spec.machine == "microvm":
+        return "microvm has no vmgenid device, so clones could not reseed their RNG"
+    if spec.agent == "none":
+        return "without a guest agent nothing tells when the guest is ready to save"
+    if spec.gdb_port is not None:
+        return "a gdb stub is for watching the kernel boot (and -S halts it before it can)"
+    if spec.arch != "x86_64":
+        return (f"warm starts are made for x86_64 guests so far ({spec.arch} boots cold: its "
+                "restore is not yet tested here)")
+    for drive in spec.drives:
+        if not drive.read_only and not drive.overlay:
+            return (f"disk {drive.file} is written in place; a clone would write a copy "
+                    "(add ,overlay or ,readonly to start it warm)")
+    return None
+
+
+# -- the key ---------------------------------------------------------------------
+
+
+def _digest_cache_path(root: Path) -> Path:
+    return root / "digests.json"
+
+
+def file_digest(path: str | os.PathLike[str], root: Path | None = None) -> str:
+    """SHA-256 of a file's contents, remembered by (path, size, mtime, inode) under ``root``."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    cache_file = _digest_cache_path(root) if root is not None else None
+    known: dict[str, Any] = {}
+    if cache_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(cache_file.read_text())
+        entry = known.get(real)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp:
+            return str(entry["sha256"])
+    h = hashlib.sha256()
+    with open(real, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if cache_file is not None:
+        # Forget files that are gone (throwaway disks), so the table stays small.
+        known = {p: v for p, v in known.items() if os.path.exists(p)}
+        known[real] = {"stamp": stamp, "sha256": digest}
+        with contextlib.suppress(OSError):  # only a cost next time
+            cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(cache_file, json.dumps(known, sort_keys=True))
+    return digest
+
+
+def _qcow2_backing(path: str) -> str | None:
+    """The backing file a qcow2 image names in its header (absolute), or None."""
+    with open(path, "rb") as fh:
+        header = fh.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            return None
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset or not size:
+            return None
+        fh.seek(offset)
+        name = fh.read(size).decode("utf-8", "surrogateescape")
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+
+
+def _chain_digests(path: str, root: Path | None) -> list[str]:
+    """Digests of an image and of every file in its backing chain, top first."""
+    out: list[str] = []
+    seen: set[str] = set()
+    current: str | None = os.path.realpath(path)
+    while current is not None and current not in seen:
+        seen.add(current)
+        out.append(file_digest(current, root))
+        current = _qcow2_backing(current)
+    return out
+
+
+def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
+             root: Path | None = None) -> WarmKey:
+    """The cache key of ``spec`` started with ``qemu`` under ``facts`` (digests cached in ``root``)."""
+    from . import __version__
+
+    data = spec.to_dict()
+    for ignored in ("name", "warm"):
+        data.pop(ignored, None)
+    files: dict[str, Any] = {}
+    for field in ("kernel", "initrd"):
+        value = getattr(spec, field)
+        if value is not None:
+            data[field] = os.path.abspath(value)
+            files[field] = file_digest(value, root)
+    for index, drive in enumerate(spec.drives):
+        data["drives"][index]["file"] = os.path.abspath(drive.file)
+        files[f"drive{index}"] = _chain_digests(str(drive.file), root)
+    binary = os.stat(qemu.path)
+    parts = {
+        "format": WARM_FORMAT,
+        "qemukit": __version__,
+        "qemu": {"path": qemu.path, "version": qemu.version_string,
+                 "size": binary.st_size, "mtime_ns": binary.st_mtime_ns},
+        "host": dataclasses.asdict(facts),
+        "spec": data,
+        "files": files,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return WarmKey(hashlib.sha256(text.encode()).hexdigest()[:20], json.loads(text))
+
+
+def warm_spec(spec: VMSpec) -> VMSpec:
+    """The spec a warm state is booted with: ``spec`` plus the vmgenid device, no name."""
+    return spec.replace(name=None, warm=False, extra_args=spec.extra_args + VMGENID_ARGS)
+
+
+# -- the cache -------------------------------------------------------------------
+
+
+def _disk_usage(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+class WarmCache:
+    """The warm states in ``root`` (default ``cache_dir()/warm``)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir() / "warm"
+
+    def ensure(self) -> None:
+        """Create the cache directory (0700)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def lock_path(self, key: str) -> Path:
+        """The file whose ``flock`` serializes builds (and removal) of ``key``."""
+        return self.root / f"{key}.lock"
+
+    def get(self, key: str) -> WarmEntry | None:
+        """The complete entry for ``key``, or None (a missing or unreadable one is no entry)."""
+        path = self.root / key
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            return None
+        return WarmEntry(key, path, meta)
+
+    def entries(self) -> list[WarmEntry]:
+        """Every complete entry, least recently used first."""
+        if not self.root.is_dir():
+            return []
+        found = [self.get(p.name) for p in self.root.iterdir()
+                 if p.is_dir() and not p.name.startswith(".")]
+        return sorted((e for e in found if e is not None), key=lambda e: e.last_used)
+
+    def new_build_dir(self, key: str) -> Path:
+        """A fresh hidden directory to write ``key``'s entry in (call under its lock)."""
+        self.ensure()
+        self.remove_partial(key)
+        path = self.root / f"{TMP_PREFIX}{key}-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+        return path
+
+    def remove_partial(self, key: str | None = None) -> int:
+        """Remove half-written entries (of ``key``, or of every key not being built now)."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for path in self.root.iterdir():
+            if not path.name.startswith(TMP_PREFIX):
+                continue
+            owner = path.name[len(TMP_PREFIX):].rsplit("-", 1)[0]
+            if key is not None and owner != key:
+                continue
+            if key is None:
+                with self._try_lock(owner) as held:
+                    if not held:
+                        continue  # being built right now
+                    shutil.rmtree(path, ignore_errors=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def commit(self, key: WarmKey, build_dir: Path, bundle: Bundle) -> WarmEntry:
+        """Write ``meta.json`` and rename ``build_dir`` into place: the entry now exists."""
+        meta = {"key": key.digest, "format": WARM_FORMAT, "created": time.time(),
+                "size": _disk_usage(build_dir), "state_size": bundle.manifest.get("state_size"),
+                "parts": key.parts}
+        write_atomic(build_dir / META, json.dumps(meta, indent=2, sort_keys=True))
+        os.chmod(build_dir / META, 0o600)
+        target = self.root / key.digest
+        try:
+            os.rename(build_dir, target)
+        except OSError as exc:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            existing = self.get(key.digest)
+            if existing is not None:  # an equal state was stored meanwhile: use that one
+                return existing
+            raise SnapshotError(f"cannot store the warm state {target}: {exc}") from exc
+        return WarmEntry(key.digest, target, meta)
+
+    @contextlib.contextmanager
+    def _try_lock(self, key: str) -> Iterator[bool]:
+        """Hold ``key``'s lock if it is free now (True), else yield False at once."""
+        try:
+            fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def remove(self, entry: WarmEntry) -> bool:
+        """Delete one entry unless it is being built or restored from right now."""
+        with self._try_lock(entry.key) as held:
+            if not held:
+                return False
+            shutil.rmtree(entry.path, ignore_errors=True)
+        # The lock file stays: unlinking it could let two builders lock different files.
+        return True
+
+    def prune(self, limit: int) -> list[WarmEntry]:
+        """Remove least recently used entries until the cache uses at most ``limit`` bytes.
+
+        Half-written entries are removed first. Returns the entries removed.
+        """
+        self.remove_partial()
+        entries = self.entries()
+        sizes = {e.key: e.size for e in entries}
+        total = sum(sizes.values())
+        removed = []
+        for entry in entries:
+            if total <= limit:
+                break
+            if self.remove(entry):
+                total -= sizes[entry.key]
+                removed.append(entry)
+        return removed
+
+    def clear(self) -> list[WarmEntry]:
+        """Remove every entry (and half-written ones)."""
+        return self.prune(-1)

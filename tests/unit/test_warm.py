@@ -1,0 +1,147 @@
+"""The warm-state cache without QEMU: what starts cold, the key, half entries, pruning."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from qemukit import Drive, Share, VMSpec, host
+from qemukit._launch.plan import HostFacts
+from qemukit.spec import CloudInit
+from qemukit.warm import WarmCache, file_digest, warm_key, warm_refusal
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("vmlinuz", "initrd", "qemu", "disk.raw"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        out[name] = tmp_path / name
+    return out
+
+
+def qemu(path: Path, version: tuple[int, int, int] = (7, 2, 0)) -> host.QemuBinary:
+    return host.QemuBinary(str(path), version, "", frozenset({"q35"}), True, None)
+
+
+FACTS = HostFacts(qemu="/usr/bin/qemu-system-x86_64", accel="tcg")
+
+
+def spec(files: dict[str, Path], **changes: object) -> VMSpec:
+    return VMSpec(kernel=files["vmlinuz"], initrd=files["initrd"], append="quiet",
+                  drives=(Drive(files["disk.raw"], overlay=True),)).replace(**changes)
+
+
+def key(files: dict[str, Path], root: Path, **changes: object) -> str:
+    return warm_key(spec(files, **changes), qemu(files["qemu"]), FACTS, root).digest
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"shares": (Share("/tmp"),)}, "shares"),
+    ({"cloud_init": CloudInit()}, "cloud-init"),
+    ({"firmware": "ovmf"}, "UEFI"),
+    ({"agent": "none"}, "agent"),
+    ({"drives": (Drive("/img/data.qcow2"),)}, "written in place"),
+    ({"gdb_port": 0}, "gdb stub"),
+    ({"arch": "aarch64", "machine": "virt"}, "aarch64 boots cold"),
+])
+def test_what_cannot_start_warm_says_why(files: dict[str, Path], changes: dict[str, object],
+                                         words: str) -> None:
+    reason = warm_refusal(spec(files, **changes))
+    assert reason is not None and words in reason
+
+
+def test_overlay_and_read_only_disks_can_start_warm(files: dict[str, Path]) -> None:
+    assert warm_refusal(spec(files)) is None
+    assert warm_refusal(spec(files, drives=(Drive(files["disk.raw"], read_only=True),))) is None
+
+
+def test_the_key_follows_what_is_booted(files: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "warm"
+    first = key(files, root)
+    assert key(files, root) == first
+    assert key(files, root, name="other", warm=True) == first  # neither changes the guest
+    assert key(files, root, memory=1024) != first
+    assert key(files, root, append="loglevel=8") != first
+    assert warm_key(spec(files), qemu(files["qemu"], (8, 0, 0)), FACTS, root).digest != first
+    assert warm_key(spec(files), qemu(files["qemu"]),
+                    HostFacts(qemu=FACTS.qemu, accel="kvm"), root).digest != first
+    for name in ("vmlinuz", "initrd", "disk.raw", "qemu"):
+        before = key(files, root)
+        with open(files[name], "ab") as fh:
+            fh.write(b"changed")
+        assert key(files, root) != before, name
+
+
+def test_a_disks_backing_file_is_part_of_the_key(files: dict[str, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"base" * 100)
+    top = tmp_path / "top.qcow2"
+    name = b"base.raw"  # relative: resolved next to the top image, as QEMU does
+    header = b"QFI\xfb" + struct.pack(">IQI", 3, 512, len(name))
+    top.write_bytes(header.ljust(512, b"\0") + name)
+    drives = (Drive(top, format="qcow2", overlay=True),)
+    before = key(files, tmp_path, drives=drives)
+    with open(base, "ab") as fh:
+        fh.write(b"changed")
+    assert key(files, tmp_path, drives=drives) != before
+
+
+def test_digests_are_remembered_and_renewed_on_change(tmp_path: Path) -> None:
+    data = tmp_path / "image"
+    data.write_bytes(b"x" * 1000)
+    first = file_digest(data, tmp_path)
+    known = json.loads((tmp_path / "digests.json").read_text())
+    assert known[str(data)]["sha256"] == first
+    known[str(data)]["sha256"] = "remembered"
+    (tmp_path / "digests.json").write_text(json.dumps(known))
+    assert file_digest(data, tmp_path) == "remembered"  # the file was not read again
+    data.write_bytes(b"y" * 1000)  # same size; new mtime/ctime
+    assert file_digest(data, tmp_path) not in ("remembered", first)
+
+
+def make_entry(cache: WarmCache, key: str, size: int, used: float) -> None:
+    path = cache.root / key
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"key": key, "created": used}))
+    with open(path / "state.bin", "wb") as fh:
+        fh.write(os.urandom(size))
+    (path / "last-used").touch()
+    os.utime(path / "last-used", (used, used))
+
+
+def test_half_entries_are_never_listed_and_are_removed(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    make_entry(cache, "aaaa", 4096, 100.0)
+    (tmp_path / ".tmp-bbbb-123").mkdir()
+    (tmp_path / "cccc").mkdir()  # no meta.json: a copy that never finished
+    assert [e.key for e in cache.entries()] == ["aaaa"]
+    assert cache.get("bbbb") is None and cache.get("cccc") is None
+    # A half entry whose key is being built (its lock held) is left alone.
+    (tmp_path / ".tmp-dddd-456").mkdir()
+    fd = os.open(cache.lock_path("dddd"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert cache.remove_partial() == 1
+    finally:
+        os.close(fd)
+    assert not (tmp_path / ".tmp-bbbb-123").exists()
+    assert (tmp_path / ".tmp-dddd-456").exists()
+
+
+def test_prune_removes_least_recently_used_first(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    for key, used in (("old", 100.0), ("mid", 200.0), ("new", 300.0)):
+        make_entry(cache, key, 64 << 10, used)
+    sizes = {e.key: e.size for e in cache.entries()}
+    removed = cache.prune(sizes["new"] + sizes["mid"])
+    assert [e.key for e in removed] == ["old"]
+    assert [e.key for e in cache.entries()] == ["mid", "new"]
+    cache.get("mid").touch()  # type: ignore[union-attr]  # used now: "new" is the oldest
+    assert [e.key for e in cache.prune(sizes["mid"])] == ["new"]
+    assert [e.key for e in cache.clear()] == ["mid"] and cache.entries() == []
