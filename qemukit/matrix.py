@@ -198,10 +198,17 @@ class Job:
         return None
 
     def spec(self) -> VMSpec:
-        """The VM description to boot (needs the image built, see :meth:`needs_image`)."""
+        """The VM description to boot (needs the image built, see :meth:`needs_image`).
+
+        A job on a built-in image starts warm unless it says ``warm = false`` (as
+        ``qemukit run --image`` does): the first job of a VM description boots and
+        saves its ready state, the others on that host restore it. A spec that
+        cannot start warm (see :func:`qemukit.warm.warm_refusal`) boots cold.
+        """
         fields = dict(self.vm)
         image = self.needs_image()
         if image is not None:
+            fields.setdefault("warm", True)
             return images.spec(image, **fields)
         return VMSpec.from_dict(fields)
 

@@ -439,3 +439,20 @@ def test_an_arch_axis_runs_each_job_on_its_architecture(tmp_path: Path, tiny_ima
     machines = {name: data["result"]["stdout"].strip() for name, data in run.results.items()}
     assert machines == {"x86": "x86_64", "arm": "aarch64"}
     assert {data["result"]["arch"] for data in run.results.values()} == {"x86_64", "aarch64"}
+
+
+def test_jobs_of_one_vm_description_share_one_warm_state(tmp_path: Path, tiny_image: Any) -> None:
+    """Six commands over two descriptions: two warm states are built, the rest restore."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny").symlink_to(Path(tiny_image.directory).parent)
+    text = ('[defaults]\nimage = "tiny"\naccel = "tcg"\n'
+            '[matrix.memories]\nm384 = { memory = 384 }\nm512 = { memory = 512 }\n'
+            '[matrix.commands]\na = ["true"]\nb = ["echo", "b"]\nc = ["false"]\n')
+    state = tmp_path / "state"
+    run = _run_matrix(tmp_path, text, _env(state, cache), "--jobs", "2", roots=(state,))
+    assert run.proc.returncode == 1, run.proc.stderr  # the c jobs fail, on purpose
+    assert {n: d["result"]["exit_status"] for n, d in run.results.items()} == {
+        "m384/a": 0, "m384/b": 0, "m384/c": 1, "m512/a": 0, "m512/b": 0, "m512/c": 1}
+    entries = [p for p in (cache / "warm").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 2, entries
