@@ -11,7 +11,6 @@ QEMU dropped to another user), and returns once QEMU reports
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -64,10 +63,8 @@ async def dump_memory(vm: VMTarget, path: str | os.PathLike[str], *, format: Dum
     done = False
     try:
         async with vm.operation_lock():
-            fdname = f"qemukit-dump-{secrets.token_hex(3)}"
             try:
-                vm.monitor.send_fd(fd)
-                await vm.qmp("getfd", fdname=fdname)
+                fdname = await vm.monitor.hand_over_fd(fd, "qemukit-dump")
             finally:
                 os.close(fd)
             with vm.monitor.listen("DUMP_COMPLETED") as completed:

@@ -87,7 +87,7 @@ from . import images
 from .errors import QemukitError, SpecError, StateError
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
 from .paths import cache_dir
-from .spec import VMSpec, parse_size
+from .spec import VMSpec, load_toml, parse_size
 from .vm import VM
 
 __all__ = [
@@ -344,16 +344,7 @@ def _check_unique(jobs: Sequence[Job]) -> None:
 
 def load_matrix(path: str | Path) -> list[Job]:
     """Read a matrix file (TOML); errors name the key and value, and the file."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError("file", str(path), f"invalid TOML: {exc}") from exc
-    except OSError as exc:
-        raise SpecError("file", str(path), exc.strerror or str(exc)) from exc
-    return parse_matrix(data, source=str(path))
+    return parse_matrix(load_toml(path), source=str(path))
 
 
 # -- results -------------------------------------------------------------------------------

@@ -388,6 +388,17 @@ class CloudInit:
             raise SpecError("cloud_init.ssh_user", self.ssh_user, f"must match {USER_RE.pattern}")
 
 
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's table; :class:`SpecError` naming the file if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError("file", str(path), f"invalid TOML: {exc}") from exc
+    except OSError as exc:
+        raise SpecError("file", str(path), exc.strerror or str(exc)) from exc
+
 @dataclass(frozen=True)
 class VMSpec:
     """Everything needed to start one VM. Sizes are in MiB.
@@ -643,14 +654,7 @@ class VMSpec:
     @classmethod
     def load(cls, path: str | Path) -> VMSpec:
         """Read a spec from a TOML file."""
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError("file", str(path), f"invalid TOML: {exc}") from exc
-        except OSError as exc:
-            raise SpecError("file", str(path), exc.strerror or str(exc)) from exc
-        return cls.from_dict(data)
+        return cls.from_dict(load_toml(path))
 
     def dumps(self) -> str:
         """The spec as TOML text that :meth:`load` reads back to an equal spec."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
@@ -140,6 +141,17 @@ class QMP:
             raise WaitTimeout(f"QEMU's reply to QMP {command}", timeout) from None
         except (_LibQMPError, OSError, EOFError) as exc:
             raise QMPConnectionError(f"QMP {command}: connection lost ({exc})") from exc
+
+    async def hand_over_fd(self, fd: int, prefix: str, *, timeout: float = 30.0) -> str:
+        """Pass the open file ``fd`` to QEMU and name it there (``getfd``).
+
+        Returns the name, for a ``fd:NAME`` URI or protocol (migrate, dump).
+        QEMU keeps its own copy: the caller closes ``fd`` whenever it likes.
+        """
+        name = f"{prefix}-{secrets.token_hex(3)}"
+        self.send_fd(fd)
+        await self.execute("getfd", {"fdname": name}, timeout=timeout)
+        return name
 
     def send_fd(self, fd: int) -> None:
         """Pass an open file descriptor to QEMU (for a following ``getfd``)."""

@@ -136,12 +136,10 @@ async def _migrate_out(vm: VMTarget, path: Path, deadline: Deadline) -> None:
     bandwidth_was = int((await vm.qmp("query-migrate-parameters")).get("max-bandwidth", 0))
     await vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     await vm.qmp("migrate-set-parameters", max_bandwidth=_BANDWIDTH)
-    fdname = f"qemukit-save-{secrets.token_hex(3)}"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            vm.monitor.send_fd(fd)
-            await vm.qmp("getfd", fdname=fdname)
+            fdname = await vm.monitor.hand_over_fd(fd, "qemukit-save")
         finally:
             os.close(fd)  # QEMU holds its own copy now
         with vm.monitor.listen("MIGRATION") as listener:
@@ -297,11 +295,9 @@ async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOU
             write_json(vm.runtime.path / DEVICES_FILE, records)
         await vm.qmp("migrate-set-capabilities",
                      capabilities=[{"capability": "events", "state": True}])
-        fdname = f"qemukit-restore-{secrets.token_hex(3)}"
         fd = os.open(bundle.state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            vm.monitor.send_fd(fd)
-            await vm.qmp("getfd", fdname=fdname)
+            fdname = await vm.monitor.hand_over_fd(fd, "qemukit-restore")
         finally:
             os.close(fd)
         with vm.monitor.listen("MIGRATION") as listener:
