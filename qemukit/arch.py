@@ -91,14 +91,14 @@ ARCHES: dict[str, ArchInfo] = {
         # cortex-a57, not max: max's pointer authentication makes TCG ~4x slower.
         name="aarch64", qemu_binary="qemu-system-aarch64", qemu_package="qemu-system-arm",
         machines=("virt",), tcg_cpu="cortex-a57", console="ttyAMA0", transport="pci",
-        debian_arch="arm64", kernel_package="linux-image-cloud-arm64",
+        # The generic kernel, not cloud-arm64: its gpio_keys driver is what hears the
+        # virt machine's power button on a device-tree boot (the graceful stop rung).
+        debian_arch="arm64", kernel_package="linux-image-arm64",
         kernel_format="Image (arch/arm64/boot/Image)", firmware="none (device tree)",
         hotplug_bus="pcie.0",
         # Under KVM the guest gets the host's interrupt controller (GICv2 is rare).
         kvm_machine_opts="gic-version=host",
-        # The cloud kernel has no gpio-keys driver: on a device-tree boot the
-        # power button reaches nobody.
-        powerdown=False, host_names=("aarch64", "arm64"),
+        powerdown=True, host_names=("aarch64", "arm64"),
     ),
     "riscv64": ArchInfo(
         name="riscv64", qemu_binary="qemu-system-riscv64", qemu_package="qemu-system-misc",

@@ -65,7 +65,9 @@ OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs")
 #: button on s390x or pseries), and 9p, loaded where the kernel has it (all but the
 #: arm64 cloud kernel): virtiofs does not work on big-endian s390x.
 FOREIGN_OPTIONAL: tuple[str, ...] = ("button", "scsi_common", "scsi_mod", "sd_mod", "virtio_scsi",
-                                     "9pnet", "9pnet_virtio", "9p")
+                                     "9pnet", "9pnet_virtio", "9p",
+                                     # arm virt's power button: a PL061 GPIO line as a key
+                                     "gpio_pl061", "gpio_keys")
 
 #: PID 1 of a foreign-architecture image. Its busybox cannot run on the host,
 #: so the applet links are made at boot (``--install`` needs /proc/self/exe);

@@ -30,7 +30,7 @@ FOREIGN = ("aarch64", "riscv64", "s390x", "ppc64le")
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("arch-guests")]
 
 #: Where the graceful rung ends a tiny guest; the others go to ``quit`` (and say so).
-GRACEFUL = {"aarch64": False, "riscv64": False, "s390x": True, "ppc64le": True}
+GRACEFUL = {"aarch64": True, "riscv64": False, "s390x": True, "ppc64le": True}
 #: Disk hotplug: s390x on CCW, aarch64 on pcie-root-ports; refused elsewhere.
 DISK_HOTPLUG = {"aarch64": True, "riscv64": False, "s390x": True, "ppc64le": False}
 
