@@ -58,19 +58,20 @@ def strict_files(junit: Path, js: Path) -> tuple[ET.Element, dict[str, Any]]:
 
 def test_panic_run_writes_strict_junit_and_json(tiny_image: images.TinyImage, qk: Any,
                                                 tmp_path: Path) -> None:
-    junit, js = tmp_path / "r.xml", tmp_path / "r.json"
-    # The escape goes to the console right before the panic, so the console tail (the
-    # last 40 lines) holds it whatever came before: the busybox shell's own ESC[6n is
-    # further back in a warm clone, whose saved boot log comes first.
-    out = qk("run", *TCG, "--junit", str(junit), "--json", str(js), "--",
-             "sh", "-c", "printf '\\033[6n\\n' > /dev/console; echo c > /proc/sysrq-trigger")
+    junit, js, log = tmp_path / "r.xml", tmp_path / "r.json", tmp_path / "console.log"
+    out = qk("run", *TCG, "--junit", str(junit), "--json", str(js), "--console-log", str(log),
+             "--", "sh", "-c", "printf '\\033[6n\\n' > /dev/console; echo c > /proc/sysrq-trigger")
     assert out.returncode == 255, out.stderr
-    root, data = strict_files(junit, js)
+    assert b"\x1b[6n" in log.read_bytes()  # the console the results quote holds escapes
+    root, data = strict_files(junit, js)  # ...and both files still parse strictly
     assert data["outcome"] == "panic" and "sysrq triggered crash" in data["panic"]
-    assert "\x1b[6n" in data["console_tail"]  # a terminal query, kept exactly in JSON
     failure = root.find("testsuite/testcase/failure")
     assert failure is not None and "Kernel panic - not syncing" in (failure.get("message") or "")
-    assert "\\x1b[6n" in (failure.text or "")  # ...and as a visible escape in XML
+    # The tail (the last 40 lines) is the panic's report: whether the escape before it
+    # still fits depends on the QEMU version's CPU model (QEMU 10's report fills it).
+    # Escapes in it are kept exactly in JSON and shown as visible escapes in XML (unit
+    # tests of xml_safe); here the report itself must be in both.
+    assert "Call Trace" in data["console_tail"] and "Call Trace" in (failure.text or "")
 
 
 def test_every_byte_and_megabytes_give_strict_files(tiny_image: images.TinyImage, qk: Any,
