@@ -700,15 +700,13 @@ class AsyncVM:
         (dumping a panicked kernel): a panic or oops does not end that wait.
         """
         assert self._proc is not None
-        if not guest_faults:
-            return await self._guard_exit_only(aw, timeout, what)
         task = asyncio.ensure_future(aw)
         # The long-lived futures (QEMU's exit, a panic, an I/O error) go to asyncio.wait
         # as they are: it removes its callbacks from them when it returns, so a VM that
         # serves many calls keeps none per call (an asyncio.shield here would leave one
         # on each until QEMU exits). asyncio.wait never cancels them.
         waiters: set[asyncio.Future[Any]] = {task, self._proc.exit_future()}
-        panic = self._console.panic if self._console else None
+        panic = self._console.panic if self._console and guest_faults else None
         if panic is not None:
             waiters.add(panic)
         io_error = self._io_error if guest_io else None
@@ -727,16 +725,17 @@ class AsyncVM:
             # closes its sockets before it exits. Let the exit, if any, show first.
             with contextlib.suppress(WaitTimeout):
                 await self._proc.wait(0.5)
-        if task in done and (
-            task.exception() is None or (self._proc.alive() and self._panic_line(panic) is None)
-        ):
+        def fault() -> ConsoleEvent | None:
+            return self._panic_line(panic) if guest_faults else None
+
+        if task in done and (task.exception() is None or (self._proc.alive() and fault() is None)):
             return task.result()
         await cancel_and_wait(task)
         if io_error is not None and io_error.done():
             # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
             self._io_error = asyncio.get_running_loop().create_future()
             raise io_error.result()
-        console_event = self._panic_line(panic)
+        console_event = fault()
         if console_event is not None:
             await self._raise_console_event(console_event)
         if not self._proc.alive():
@@ -747,26 +746,6 @@ class AsyncVM:
                 stderr=self._output_for_error(),
                 console=self.console_tail(20),
             )
-        raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
-
-    async def _guard_exit_only(self, aw: Awaitable[T], timeout: float | None, what: str) -> T:
-        """Await ``aw``, ended early only by QEMU's exit (see :meth:`guarded`)."""
-        assert self._proc is not None
-        task = asyncio.ensure_future(aw)
-        waiters: set[asyncio.Future[Any]] = {task, self._proc.exit_future()}
-        try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        await cancel_and_wait(task)
-        if not self._proc.alive():
-            raise LaunchError(f"QEMU exited while waiting for {what}",
-                              returncode=self._proc.returncode, stderr=self._output_for_error(),
-                              console=self.console_tail(20))
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
 
     def qemu_alive(self) -> bool:
