@@ -61,7 +61,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib
 import io
@@ -84,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from . import images
+from ._fs import locked
 from .errors import QemukitError, SpecError, StateError
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
 from .paths import cache_dir
@@ -471,12 +471,8 @@ def _ensure_image(name: str, arch: str = "x86_64") -> None:
         return
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".matrix-build-{name}-{arch}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # threads and processes: one open file each
-        try:
-            images.build(name, arch=arch)  # the second comer finds it built and returns
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with locked(root / f".matrix-build-{name}-{arch}.lock"):  # threads and processes alike
+        images.build(name, arch=arch)  # the second comer finds it built and returns
 
 
 def _run_attempt(job: Job, matrix: str, worker: str) -> _Attempt:

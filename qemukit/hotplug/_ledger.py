@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .._fs import write_atomic
+from .._fs import locked, write_atomic
 from .._launch.runtime import RuntimeDir
 from ..errors import (
     HotplugError,
@@ -113,14 +111,8 @@ class DeviceLedger:
     def _counter_path(self) -> Path:
         return self.runtime.path / "vcpus-added"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.runtime.path / "devices.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.runtime.path / "devices.lock")
 
     def _read(self) -> list[DeviceRecord]:
         try:
