@@ -31,12 +31,15 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.debug("abandoned task failed: %r", task.exception())
         return
+    current = asyncio.current_task()
+    # Cancellations of the caller already under way (cleanup after its own
+    # cancellation) are not new: only one that arrives during this wait is raised.
+    before = current.cancelling() if current is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
+        if current is not None and current.cancelling() > before:
             raise
     except Exception as exc:  # the abandoned task's failure is not the caller's
         log.debug("abandoned task failed while cancelled: %r", exc)

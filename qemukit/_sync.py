@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import os
 import queue
 import threading
@@ -25,7 +26,8 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from .errors import StateError
 
-__all__ = ["WORKERS", "SyncFacade", "blocking", "delegated", "passthrough", "run_sync"]
+__all__ = ["WORKERS", "SyncFacade", "blocking", "delegated", "finish_at_exit", "is_own_loop",
+           "passthrough", "run_sync"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -35,6 +37,8 @@ P = ParamSpec("P")
 WORKERS = 16
 #: How long an interrupted call waits for its coroutine to finish cancelling.
 _CANCEL_GRACE = 5.0
+
+log = logging.getLogger("qemukit")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -115,6 +119,41 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
             pass
         raise
     return finished.result()
+
+
+def is_own_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if ``loop`` is the sync API's own loop (so its thread can still run work)."""
+    return loop is _loop and _thread is not None and _thread.is_alive()
+
+
+def finish_at_exit(coros: list[Coroutine[Any, Any, Any]], timeout: float) -> None:
+    """At interpreter exit: run ``coros`` on the loop thread together, at most ``timeout`` s.
+
+    The loop thread is a daemon: whatever still runs on it when the interpreter
+    exits is destroyed half-way (asyncio then prints "Task was destroyed but it
+    is pending!" for each task). The exit handler that stops leftover VMs ends
+    them here instead, in order. A failure is logged, not raised: the caller
+    kills what remains anyway.
+    """
+    loop = _loop
+    if not coros:
+        return
+    if loop is None or not is_own_loop(loop):
+        for coro in coros:
+            coro.close()
+        return
+
+    async def together() -> None:
+        for outcome in await asyncio.gather(*coros, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.debug("exit cleanup failed: %r", outcome)
+
+    future = asyncio.run_coroutine_threadsafe(together(), loop)
+    try:
+        future.result(timeout)
+    except BaseException as exc:  # a timeout or a second Ctrl-C: the caller kills the rest
+        log.debug("exit cleanup did not finish: %r", exc)
+        future.cancel()
 
 
 class SyncFacade:

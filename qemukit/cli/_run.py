@@ -94,9 +94,13 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout)
-        vm.start()
-        _announce_accel(vm, verbose)
-        foreground(vm)
+        try:
+            vm.start()
+        except KeyboardInterrupt:
+            # start() cancelled cleans up what it began (QEMU, a warm state half built).
+            click.echo(f"\nqemukit: {vm.name} stopped (interrupted while starting)", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        foreground(vm, verbose)
         return
     from ..kernel import run_in_vm
 
@@ -204,21 +208,24 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
         click.echo(name)
 
 
-def foreground(vm: Any) -> None:
+def foreground(vm: Any, verbose: bool = False) -> None:
     """Show the console live until the guest powers off or Ctrl-C, then stop the VM.
 
-    After Ctrl-C the process exits with 130 (128 + SIGINT), as shells expect.
+    After Ctrl-C the process exits with 130 (128 + SIGINT), as shells expect;
+    a Ctrl-C at any moment after the start (even before the console shows) stops
+    the VM the same way.
     """
-    click.echo(f"qemukit: {vm.name} running; console below, Ctrl-C stops it", err=True)
-    click.echo(vm.console_tail(200), nl=False)
 
     def show(chunk: bytes) -> None:
         sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
 
-    vm.follow_console(show)
     interrupted = False
     try:
+        _announce_accel(vm, verbose)
+        click.echo(f"qemukit: {vm.name} running; console below, Ctrl-C stops it", err=True)
+        click.echo(vm.console_tail(200), nl=False)
+        vm.follow_console(show)
         vm.wait_exit()
     except KeyboardInterrupt:
         interrupted = True

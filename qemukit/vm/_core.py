@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
-from .. import host
+from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
 from .._launch.plan import LaunchPlan, plan_launch
@@ -100,6 +100,8 @@ class AdoptedQemu:
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
+#: At interpreter exit, how long the VMs left running get to close and stop in order.
+EXIT_CLEANUP_TIMEOUT = 5.0
 
 
 #: The process that owns the VMs in ``_live`` (a forked child owns none of them).
@@ -111,7 +113,13 @@ def _kill_leftovers() -> None:
     """Last resort at interpreter exit: no VM owned by this process outlives it."""
     if os.getpid() != _live_pid:
         return
-    for vm in list(_live):
+    vms = list(_live)
+    # VMs of the sync API: their connections closed and QEMU stopped on the loop
+    # thread, so no task of theirs is destroyed half-way when the interpreter goes.
+    _sync.finish_at_exit([vm._cleanup(force=True) for vm in vms
+                          if vm._loop is not None and _sync.is_own_loop(vm._loop)],
+                         EXIT_CLEANUP_TIMEOUT)
+    for vm in vms:  # whatever that did not end (or an AsyncVM of a loop now gone)
         vm._emergency_stop()
 
 
@@ -203,6 +211,8 @@ class AsyncVM:
         self.incoming = incoming
         #: For ``spec.warm``: whether the start restored a saved state, and why (set by start).
         self.warm_start: WarmStart | None = None
+        #: The event loop the VM was started on (its tasks and connections live there).
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: The saved boot's console log, copied to the top of a warm clone's.
         self._boot_log: Path | None = None
         if adopt is not None:
@@ -269,6 +279,7 @@ class AsyncVM:
         """Launch QEMU and connect to its monitor; returns once QMP answers."""
         self._require(VMState.NEW)
         self.state = VMState.STARTING
+        self._loop = asyncio.get_running_loop()
         try:
             warm = await self._choose_warm() if self.spec.warm and self.incoming is None else None
             await self._start(timeout)
@@ -523,7 +534,7 @@ class AsyncVM:
                 )
             )
         except BaseException:
-            connect.cancel()
+            await cancel_and_wait(connect)
             raise
         try:
             await self.guarded(connect, timeout, "QMP", launching=True)
@@ -717,8 +728,10 @@ class AsyncVM:
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
-            # Our caller was cancelled (or interrupted): the call goes with it.
-            task.cancel()
+            # Our caller was cancelled (or interrupted): the call goes with it, and is
+            # let finish unwinding first, so the cleanup after us (closing the monitor
+            # a cancelled connect is still tearing down) does not race it.
+            await cancel_and_wait(task)
             raise
         if task in done and task.exception() is not None and self._proc.alive():
             # A connection that broke (agent, monitor) often means QEMU is dying: it

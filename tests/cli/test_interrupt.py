@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qemukit import images
+from qemukit.warm import TMP_PREFIX, WarmCache
 from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under
 
 pytestmark = pytest.mark.integration
@@ -71,6 +73,13 @@ def _interrupt_once_running(proc: subprocess.Popen[bytes], entry: Path, marker: 
     return pid
 
 
+def _only_qemukit_lines(stderr: str) -> None:
+    """stderr holds qemukit's own messages only: no traceback, no asyncio noise
+    ("Task was destroyed but it is pending!", "exception was never retrieved")."""
+    stray = [line for line in stderr.splitlines() if line and not line.startswith("qemukit: ")]
+    assert stray == [], stderr
+
+
 def test_ctrl_c_during_the_command_stops_the_vm_and_exits_130(
     start_run: Callable[..., subprocess.Popen[bytes]], state_root: Path
 ) -> None:
@@ -96,7 +105,47 @@ def test_ctrl_c_in_console_mode_stops_the_vm_and_exits_130(
     status = proc.wait(timeout=60)
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert status == 130, stderr
-    assert "sigint-fg stopped (" in stderr and "Traceback" not in stderr
+    assert "sigint-fg stopped (" in stderr
+    _only_qemukit_lines(stderr)
     assert qemu_gone(pid)
     assert not (state_root / "sigint-fg").exists()
     assert os.path.exists(state_root)  # only the VM's own entry went away
+
+
+@pytest.mark.parametrize("moment", ["qemu-spawned", "booting"])
+def test_ctrl_c_while_starting_stops_everything_it_began(
+    start_run: Callable[..., subprocess.Popen[bytes]], state_root: Path,
+    tiny_image: images.TinyImage, moment: str,
+) -> None:
+    """Ctrl-C before the VM is up: QEMU just spawned, or the first warm start's boot.
+
+    A first warm start boots a builder VM inside ``start`` and saves its state:
+    a kernel argument no other start uses makes the warm state new, so the
+    interrupt lands in that boot. The builder, its half-written state and every
+    asyncio task go: nothing is left in the cache or complains at exit.
+    """
+    token = secrets.token_hex(4)
+    append = f"{images.spec('tiny').append} qk.interrupt={token}"
+    warm = WarmCache()
+    before = {e.key for e in warm.entries()}
+    proc = start_run("--name", f"sigint-start-{moment}", "--append", append)
+    entries = lambda: list(state_root.iterdir()) if state_root.exists() else []  # noqa: E731
+    _wait_for(lambda: any((e / "vm.json").exists() for e in entries()), 60, "a VM's vm.json",
+              state_root / "none")
+    entry = next(e for e in entries() if (e / "vm.json").exists())
+    pid = int(json.loads((entry / "vm.json").read_text())["pid"])
+    if moment == "booting":
+        _wait_for(lambda: "qemukit-init:" in (entry / "console.log").read_text(errors="replace"),
+                  120, "the tiny init on the builder's console", entry / "console.log")
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGINT)
+    status = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert status == 130, stderr
+    assert f"sigint-start-{moment} stopped (interrupted while starting)" in stderr
+    _only_qemukit_lines(stderr)
+    assert qemu_gone(pid)
+    assert entries() == []
+    assert {e.key for e in warm.entries()} == before, "a half-built warm state was kept"
+    partial = [p.name for p in warm.root.glob(f"{TMP_PREFIX}*-{proc.pid}")]
+    assert partial == [], "the interrupted build's directory was left behind"

@@ -8,6 +8,7 @@ import gc
 import json
 import signal
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,29 @@ def test_a_snapshot_load_puts_back_a_guest_from_before_an_oops(tiny_spec: VMSpec
             vm.exec(["true"])
         vm.snapshots.load("clean")  # ...until the guest from before it is put back
         assert vm.exec(["echo", "back"]).stdout_text.strip() == "back"
+
+
+def test_a_script_that_exits_with_its_vm_running_stops_it_quietly(
+    tiny_spec: VMSpec, state_root: Path, tmp_path: Path
+) -> None:
+    """The exit handler stops a forgotten VM in order: QEMU gone, entry gone, nothing printed.
+
+    Before, QEMU was killed but the loop thread's tasks (the monitor's reader and
+    writer, the I/O-error watch) were destroyed half-way at exit, and asyncio
+    printed "Task was destroyed but it is pending!" and tracebacks on stderr.
+    """
+    script = (
+        "import sys\n"
+        "from qemukit import VM, VMSpec\n"
+        "vm = VM(VMSpec.load(sys.argv[1]))\n"
+        "vm.start(); vm.wait_ready()\n"
+        "print(vm.pid, flush=True)\n"
+    )
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(tiny_spec.replace(name="forgotten").dumps())
+    done = subprocess.run([sys.executable, "-c", script, str(spec_file)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert qemu_gone(int(done.stdout.strip()))
+    assert not (state_root / "forgotten").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -90,6 +91,60 @@ def test_cancel_and_wait_consumes_the_tasks_cancellation_only() -> None:
         failed = asyncio.ensure_future(failing())
         await asyncio.sleep(0)
         await cancel_and_wait(failed)  # a finished task's failure is consumed, not raised
+
+    asyncio.run(main())
+
+
+def test_cancel_and_wait_in_the_cleanup_of_a_cancelled_task_waits_for_the_other() -> None:
+    """Cleanup after the caller's own cancellation: the wait is not cut short by it.
+
+    A cancelled ``start`` cleans up (stop the I/O watch, close the monitor); the
+    old check ("is the caller cancelling?") was true all through that cleanup, so
+    the first cancel_and_wait raised and the rest of the cleanup never ran.
+    """
+    steps: list[str] = []
+
+    async def main() -> None:
+        helper = asyncio.ensure_future(asyncio.sleep(60))
+
+        async def start() -> None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await cancel_and_wait(helper)
+                steps.append("helper stopped")
+                await asyncio.sleep(0)
+                steps.append("rest of cleanup")
+                raise
+
+        task = asyncio.ensure_future(start())
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert helper.cancelled() and task.cancelled()
+
+    asyncio.run(main())
+    assert steps == ["helper stopped", "rest of cleanup"]
+
+
+def test_cancel_and_wait_raises_a_cancellation_that_arrives_while_it_waits() -> None:
+    async def main() -> None:
+        async def stubborn() -> None:  # takes a while to finish cancelling
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.2)
+                raise
+
+        other = asyncio.ensure_future(stubborn())
+        await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(cancel_and_wait(other))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        assert waiter.cancelled()
 
     asyncio.run(main())
 
