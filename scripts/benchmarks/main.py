@@ -7,7 +7,8 @@ qmp (query-status round trips: qemukit's sync API, qemu.qmp's async client, a
 plain socket), loop (qemukit run -- true vs the fastest raw QEMU command line for
 the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 (snapshot load vs a boot per test), restore (state bundle restore vs cold boot),
-scale (16 VMs launched at once). Optional: libvirt (--with-libvirt: `virsh
+scale (16 VMs launched at once), warm (warm against cold against raw for run --
+true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: libvirt (--with-libvirt: `virsh
 create` to guest init vs qemukit, libvirtd's RSS, virsh's per-call cost) and
 virtme (--with-virtme: `vng --run KERNEL --exec true` vs `qemukit run -- true`,
 or why vng does not run here).
@@ -30,7 +31,7 @@ from qemukit import host
 
 from .common import Result
 
-DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale")
+DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm")
 OPTIONAL_PARTS = ("arch", "libvirt", "virtme")
 
 
@@ -65,6 +66,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .scale import bench_scale
         return bench_scale(3 if args.quick else 16)
 
+    def warm() -> Result:
+        from .warm import bench_warm
+        return bench_warm(runs, 3 if args.quick else 16)
+
     def arch() -> Result:
         from .arch import bench_arch
         return bench_arch(runs)
@@ -78,7 +83,7 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "arch": arch, "libvirt": libvirt,
+            "restore": restore, "scale": scale, "warm": warm, "arch": arch, "libvirt": libvirt,
             "virtme": virtme}
 
 

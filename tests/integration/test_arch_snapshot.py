@@ -53,3 +53,32 @@ def test_snapshot_marker_comes_back(guest: tuple[str, VM, Path]) -> None:
     out = vm.exec("cat /tmp/marker; head -c 6 /dev/vda", check=True).stdout_text
     assert out == "RAM-A\nDISK-A", arch
     vm.snapshots.delete("clean")
+
+
+def test_a_saved_state_restores_as_two_separate_clones(guest: tuple[str, VM, Path]) -> None:
+    """``save_state`` and ``VM.restore`` per architecture: each clone resumes where the VM
+    was saved (the RAM marker is there, the guest runs commands) and is its own machine
+    (a marker one clone writes is absent in the other); the bundle's disk is not written."""
+    arch, vm, work = guest
+    vm.exec(f"echo SAVED-{arch} > /tmp/saved", check=True)
+    bundle = work / "state"
+    vm.save_state(bundle)
+    disk_copies = sorted(p for p in bundle.rglob("*") if p.is_file() and p.suffix == ".qcow2")
+    before = {p: p.stat().st_mtime_ns for p in disk_copies}
+    clones = []
+    try:
+        for n in (1, 2):
+            clone = VM.restore(bundle, name=f"restored-{arch}-{n}")
+            clones.append(clone)
+            clone.wait_ready(180)
+        one, two = clones
+        assert one.exec("uname -m; cat /tmp/saved", check=True).stdout_text.split() == [
+            arch, f"SAVED-{arch}"]
+        one.exec("echo ONLY-ONE > /tmp/clone", check=True)
+        assert two.exec("cat /tmp/saved; test ! -e /tmp/clone && echo absent",
+                        check=True).stdout_text.split() == [f"SAVED-{arch}", "absent"]
+    finally:
+        for clone in clones:
+            if clone.state.value == "running":
+                clone.kill()
+    assert {p: p.stat().st_mtime_ns for p in disk_copies} == before

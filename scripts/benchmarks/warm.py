@@ -1,0 +1,170 @@
+"""Warm starts: a restore of the saved ready state against a boot, side by side.
+
+- run: ``qemukit run --image tiny -- true`` warm (the default) against
+  ``--cold`` against raw QEMU booting the same kernel and initramfs (q35, the
+  tiny image's command line) to the tiny init's ready line. A warm run's own
+  split (restore to ready, from ``-v``) is recorded beside it.
+- many: 16 warm VMs started at once from one process: all ready, failures, total.
+- plugin: the pytest plugin's per-test cost: ``qemu_vm`` warm against
+  ``qemu_vm`` cold (``--qemukit-cold``) against ``qemu_clean_vm`` (one session
+  VM rolled back to a snapshot per test), from the time pytest reports for a
+  file of identical tests, divided by their number.
+
+The warm state is built before the rounds (not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from qemukit import images
+from qemukit.images import TINY_APPEND
+
+from .common import (
+    INIT_LINE,
+    QEMUKIT_CMD,
+    Result,
+    interleave,
+    qemu_binary,
+    ratio,
+    summary,
+)
+
+RUN = [QEMUKIT_CMD, "run", "-v", "--image", "tiny", "--accel", "tcg"]
+#: Tests per plugin sample: enough that the session's own start is a small share.
+PLUGIN_TESTS = 8
+
+
+def _run_true(*extra: str) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    out = subprocess.run([*RUN, *extra, "--", "true"], capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL, check=False)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"qemukit run {' '.join(extra)} -- true failed ({out.returncode}): "
+                           f"{out.stderr[-2000:]}")
+    return elapsed, out.stderr
+
+
+def _raw_q35() -> float:
+    tiny = images.build("tiny")
+    argv = [qemu_binary(), "-M", "q35", "-accel", "tcg", "-m", "512", "-display", "none",
+            "-nodefaults", "-no-user-config", "-serial", "stdio", "-kernel", str(tiny.kernel),
+            "-initrd", str(tiny.initrd), "-append", TINY_APPEND]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends at QEMU's exit at the latest
+            if INIT_LINE in line:
+                return time.perf_counter() - t0
+        raise RuntimeError(f"raw QEMU exited ({proc.wait()}) before the tiny init was ready")
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def bench_run(runs: int) -> Result:
+    """Warm, cold and raw medians, interleaved, with the ratios the issue sets goals for."""
+    _run_true()  # builds the warm state when there is none
+    restores: list[float] = []
+
+    def warm() -> float:
+        elapsed, err = _run_true()
+        found = re.search(r"warm: restored \S+ in ([0-9.]+) s", err)
+        if not found:
+            raise RuntimeError(f"a warm run did not restore: {err[-2000:]}")
+        restores.append(float(found.group(1)))
+        return elapsed
+
+    res = interleave(runs, warm=warm, cold=lambda: _run_true("--cold")[0], raw_to_init=_raw_q35)
+    w, c, r = summary(res["warm"]), summary(res["cold"]), summary(res["raw_to_init"])
+    return {"warm": w, "cold": c, "raw_to_init": r, "warm_restore_to_ready": summary(restores),
+            "cold_over_warm": ratio(c, w), "raw_over_warm": ratio(r, w),
+            "goal": "warm median <= 0.35 s, cold/warm >= 6"}
+
+
+async def _many(count: int) -> Result:
+    from qemukit import AsyncVM
+
+    spec = images.spec("tiny", accel="tcg", warm=True)
+    vms = [AsyncVM(spec) for _ in range(count)]
+    t0 = time.perf_counter()
+    try:
+        started = await asyncio.gather(*(vm.start() for vm in vms), return_exceptions=True)
+        ready = await asyncio.gather(
+            *(vm.exec(["true"]) for vm, s in zip(vms, started, strict=True)
+              if not isinstance(s, BaseException)), return_exceptions=True)
+        elapsed = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(vm.kill() for vm in vms if vm.state.value == "running"),
+                             return_exceptions=True)
+    failures = [repr(r) for r in (*started, *ready) if isinstance(r, BaseException)]
+    warm = sum(1 for vm in vms if vm.warm_start is not None and vm.warm_start.warm)
+    return {"count": count, "all_ready_seconds": round(elapsed, 3), "warm": warm,
+            "failures": failures}
+
+
+def bench_many(count: int) -> Result:
+    """``count`` warm VMs at once from one process (the warm state exists: built by run)."""
+    _run_true()
+    return asyncio.run(_many(count))
+
+
+_PLUGIN_TESTS = textwrap.dedent('''
+    import pytest
+
+    @pytest.mark.parametrize("i", range({n}))
+    def test_fresh(qemu_vm, i):
+        assert qemu_vm.exec(["true"]).exit_status == 0
+
+    @pytest.mark.parametrize("i", range({n}))
+    def test_rolled_back(qemu_clean_vm, i):
+        assert qemu_clean_vm.exec(["true"]).exit_status == 0
+''')
+
+
+def bench_plugin(runs: int) -> Result:
+    """Per-test seconds of ``qemu_vm`` warm and cold and of ``qemu_clean_vm``, interleaved."""
+    with tempfile.TemporaryDirectory(prefix="qk-bench-plugin-") as tmp:
+        test_file = Path(tmp) / "test_bench_plugin.py"
+        test_file.write_text(_PLUGIN_TESTS.format(n=PLUGIN_TESTS))
+
+        def per_test(selector: str, *extra: str) -> float:
+            argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "-p", "no:randomly", "-o", "addopts=", str(test_file), "-k", selector,
+                    "--qemukit-accel", "tcg", *extra]
+            t0 = time.perf_counter()
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp,
+                                 check=False)
+            elapsed = time.perf_counter() - t0
+            if out.returncode != 0:
+                raise RuntimeError(f"pytest {selector} {extra} failed: {out.stdout[-2000:]}")
+            return elapsed / PLUGIN_TESTS
+
+        per_test("test_fresh")  # the fixture's warm state, built once before the rounds
+
+        res = interleave(runs, qemu_vm_warm=lambda: per_test("test_fresh"),
+                         qemu_vm_cold=lambda: per_test("test_fresh", "--qemukit-cold"),
+                         qemu_clean_vm=lambda: per_test("test_rolled_back"))
+    warm, cold, clean = (summary(res[k]) for k in ("qemu_vm_warm", "qemu_vm_cold", "qemu_clean_vm"))
+    return {"tests_per_sample": PLUGIN_TESTS,
+            "per_test_seconds": {"qemu_vm_warm": warm, "qemu_vm_cold": cold,
+                                 "qemu_clean_vm": clean},
+            "cold_over_warm": ratio(cold, warm), "warm_over_clean": ratio(warm, clean),
+            "goal": "qemu_vm warm within 1.5x of qemu_clean_vm",
+            "note": "each sample is a whole pytest run divided by its tests: the session's "
+                    "start (and for qemu_clean_vm its boot and snapshot) is spread over them"}
+
+
+def bench_warm(runs: int, many: int) -> Result:
+    """The three comparisons of warm starts, in one part."""
+    return {"run": bench_run(runs), "many": bench_many(many), "plugin": bench_plugin(max(3, runs // 2))}
