@@ -48,7 +48,7 @@ def key(files: dict[str, Path], root: Path, **changes: object) -> str:
     ({"agent": "none"}, "agent"),
     ({"drives": (Drive("/img/data.qcow2"),)}, "written in place"),
     ({"gdb_port": 0}, "gdb stub"),
-    ({"arch": "aarch64", "machine": "virt"}, "aarch64 boots cold"),
+    ({"arch": "aarch64", "machine": "virt"}, "aarch64 clones would resume with the saved RNG state"),
 ])
 def test_what_cannot_start_warm_says_why(files: dict[str, Path], changes: dict[str, object],
                                          words: str) -> None:
