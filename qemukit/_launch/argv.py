@@ -130,8 +130,11 @@ def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
     for sh in spec.shares:
         if sh.transport == "9p":
             ro = ",readonly=on" if sh.read_only else ""
+            # multidevs=remap: a shared tree that spans file systems (the host's root of
+            # --rootfs host) would otherwise show the guest equal inode numbers for
+            # different files, which breaks tools that compare them (tar, find, git).
             args += ["-fsdev", f"local,id={sh.tag}-fs,path={quote_opt(str(sh.host_path))},"
-                               f"security_model=none{ro}",
+                               f"security_model=none,multidevs=remap{ro}",
                      "-device", f"{_virtio(spec, '9p')},fsdev={sh.tag}-fs,mount_tag={sh.tag}"]
         else:
             args += ["-chardev", f"socket,id={sh.tag}-vfs,path={quote_opt(next(sockets))}",

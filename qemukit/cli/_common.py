@@ -172,6 +172,12 @@ def spec_options(func: F) -> F:
         click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",
                      help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
                      "9p with ,9p)."),
+        click.option("--rootfs", type=click.Choice(["image", "host"]), default="image",
+                     show_default=True, help="host: the guest's root is the host's / (read-only; "
+                     "changes stay in guest memory) and the command starts in this directory."),
+        click.option("--rw", "rw_dirs", multiple=True, metavar="DIR",
+                     type=click.Path(file_okay=False),
+                     help="With --rootfs host: DIR is writable, on the host, at its own path."),
         click.option("--run-as", help="Run QEMU as this user once it has started (for root)."),
         click.option("--gdb", "gdb_port", type=int, is_flag=False, flag_value=0, default=None,
                      metavar="[PORT]", help="Expose QEMU's gdb stub on 127.0.0.1:PORT (a free "
@@ -243,7 +249,14 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
         changes["sandbox"] = False
     if opts["extra_args"]:
         changes["extra_args"] = spec.extra_args + tuple(opts["extra_args"])
-    return spec.replace(**changes) if changes else spec
+    spec = spec.replace(**changes) if changes else spec
+    if opts.get("rootfs") == "host":
+        from ..rootfs import host_root
+
+        spec = host_root(spec, opts.get("rw_dirs") or ())
+    elif opts.get("rw_dirs"):
+        raise errors.SpecError("rw", opts["rw_dirs"][0], "--rw needs --rootfs host")
+    return spec
 
 
 @click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},

@@ -104,6 +104,16 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         return
     from ..kernel import run_in_vm
 
+    if opts.get("rootfs") == "host":
+        from ..rootfs import in_directory
+
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:
+            raise errors.SpecError("rootfs", "host", "the current directory no longer exists; "
+                                   "the command would start in it") from None
+        command = tuple(in_directory(command, cwd))
+
     def announce(vm: VM) -> None:
         if json_out != "-":
             _announce_accel(vm, verbose)

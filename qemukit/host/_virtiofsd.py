@@ -135,6 +135,9 @@ def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int,
     # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
     source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
     argv = [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+    if os.path.realpath(share.host_path) == "/":
+        # Its default sandbox pivot_root()s into the source, which fails for "/" (EBUSY).
+        argv += ["-o", "sandbox=chroot"]
     if launcher:
         # Its default raises RLIMIT_NOFILE to ~1e6, which needs CAP_SYS_RESOURCE outside
         # the namespace: ask only for what this user's hard limit allows.

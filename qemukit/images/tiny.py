@@ -60,7 +60,10 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "evdev",
 )
 #: Modules loaded when the kernel package has them (silently skipped otherwise).
-OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs")
+OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs",
+                                     # 9p (the read-only host root of --rootfs host; shares
+                                     # without virtiofsd) and overlayfs (that root's changes)
+                                     "9pnet", "9pnet_virtio", "9p", "overlay")
 #: Modules a foreign kernel may lack: required ones it may not have at all (no ACPI
 #: button on s390x or pseries), and 9p, loaded where the kernel has it (all but the
 #: arm64 cloud kernel): virtiofs does not work on big-endian s390x.

@@ -1,0 +1,100 @@
+"""The host's root as the guest's: ``qemukit run --rootfs host``.
+
+A kernel developer runs the tests they have on the host, with the host's
+programs and libraries, against the kernel they just built, without making an
+image. The tiny image does it: the host's ``/`` is shared read-only, the
+guest's init lays an overlay over it whose changes stay in guest memory, and
+the agent runs commands (and the console its shell) inside that root. A
+directory given with ``rw`` is shared writable at its own path on top, so a
+build or a test's output lands on the host. The command starts in the caller's
+working directory.
+
+How read-only: over 9p (``readonly=on``) QEMU itself refuses every write,
+whatever the guest kernel does; that needs a kernel with 9p, which Debian's
+cloud kernels (the x86_64 tiny image's) lack. There the root goes over
+virtiofs (QEMU 7.2's C virtiofsd cannot export read-only) and the guest's
+init mounts it read-only: the trust virtme-ng asks for, a guest kernel that
+honours a read-only mount.
+
+This is a change to a spec (:func:`host_root`) and to a command
+(:func:`in_directory`); everything else is the tiny image's (``images/tiny/init``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from .errors import SpecError
+from .spec import Share, VMSpec
+
+__all__ = ["GUEST_MOUNT", "HOST_ROOT_TAG", "host_root", "in_directory", "root_transport"]
+
+#: Where the guest mounts the host's root before laying the overlay over it.
+GUEST_MOUNT = "/run/qemukit-hostroot"
+#: The share tag of the host's root.
+HOST_ROOT_TAG = "hostroot"
+
+
+def root_transport(spec: VMSpec) -> Literal["9p", "virtiofs"]:
+    """9p when the guest has it (read-only enforced by QEMU), else virtiofs.
+
+    Known from the tiny image's manifest (the modules in its initramfs); a
+    kernel and initramfs of one's own are taken to have 9p (``qemukit kconfig``
+    enables both).
+    """
+    if spec.initrd is not None:
+        manifest = Path(spec.initrd).parent / "manifest.json"
+        try:
+            modules = json.loads(manifest.read_text()).get("modules")
+        except (OSError, ValueError):
+            modules = None
+        if isinstance(modules, list) and "9p.ko" not in modules and "virtiofs.ko" in modules:
+            return "virtiofs"
+    return "9p"
+
+
+def host_root(spec: VMSpec, rw: Iterable[str | os.PathLike[str]] = (),
+              transport: Literal["auto", "9p", "virtiofs"] = "auto") -> VMSpec:
+    """``spec`` with the host's ``/`` as the guest's root (read-only, changes in memory).
+
+    Each directory in ``rw`` is shared writable at the same path (virtiofs,
+    as ``--share`` does). ``transport`` of the root: see the module's text
+    (``auto``: :func:`root_transport`). Needs the tiny image's init
+    (``qemukit.rootfs=``) and overlayfs in the guest. Raises :class:`SpecError`
+    for a spec that boots from a disk, a missing ``rw`` directory or a tag or
+    path in use.
+    """
+    if spec.kernel is None or spec.initrd is None:
+        raise SpecError("rootfs", "host", "needs a kernel and the tiny image's initramfs "
+                        "(--image tiny, or --kernel with it); an image booting from its disk "
+                        "has its own root")
+    if any(sh.tag == HOST_ROOT_TAG or sh.guest_path == GUEST_MOUNT for sh in spec.shares):
+        raise SpecError("rootfs", "host", f"share tag {HOST_ROOT_TAG!r} or guest path "
+                        f"{GUEST_MOUNT} is already in use")
+    how = root_transport(spec) if transport == "auto" else transport
+    # virtiofs: read-write at the host (C virtiofsd cannot export read-only), mounted
+    # read-only by the guest's init.
+    shares = [Share("/", GUEST_MOUNT, tag=HOST_ROOT_TAG, read_only=how == "9p", transport=how)]
+    for index, directory in enumerate(rw):
+        path = Path(directory).resolve()
+        if not path.is_dir():
+            raise SpecError("rw", str(directory), "no such directory")
+        if path == Path("/"):
+            raise SpecError("rw", str(directory), "the whole host root cannot be writable")
+        shares.append(Share(str(path), str(path), tag=f"rw{index}"))
+    taken = {sh.tag for sh in spec.shares}
+    clash = [sh.tag for sh in shares[1:] if sh.tag in taken]
+    if clash:
+        raise SpecError("rw", clash[0], "share tag already used by another --share")
+    append = " ".join(a for a in (spec.append, f"qemukit.rootfs={GUEST_MOUNT}") if a)
+    return spec.replace(shares=spec.shares + tuple(shares), append=append)
+
+
+def in_directory(command: Sequence[str], cwd: str | os.PathLike[str]) -> list[str]:
+    """``command`` as an argv that starts in ``cwd`` (the guest exits 125 if it is missing)."""
+    return ["sh", "-c", 'cd "$1" 2>/dev/null || { echo "qemukit: no directory $1 in the guest" '
+            '>&2; exit 125; }; shift; exec "$@"', "sh", os.fspath(cwd), *command]

@@ -1,0 +1,87 @@
+"""``--rootfs host``: the spec change (shares, kernel arguments) and its errors, no QEMU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qemukit import VMSpec
+from qemukit.cli import main
+from qemukit.errors import SpecError
+from qemukit.host import virtiofsd_argv
+from qemukit.rootfs import GUEST_MOUNT, host_root, in_directory, root_transport
+
+
+@pytest.fixture
+def tiny_files(tmp_path: Path) -> VMSpec:
+    """A spec like the tiny image's: a kernel and an initramfs with a manifest beside them."""
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd.img").write_bytes(b"i")
+    (tmp_path / "manifest.json").write_text(json.dumps({"modules": ["virtiofs.ko", "overlay.ko"]}))
+    return VMSpec(kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img",
+                  append="console=ttyS0")
+
+
+def test_the_host_root_is_a_read_only_share_and_a_kernel_argument(tiny_files: VMSpec,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = host_root(tiny_files, rw=[out], transport="9p")
+    root, rw = spec.shares
+    assert (root.host_path, root.guest_path, root.read_only, root.transport) == (
+        "/", GUEST_MOUNT, True, "9p")
+    assert (rw.host_path, rw.guest_path, rw.read_only) == (str(out), str(out), False)
+    assert spec.append == f"console=ttyS0 qemukit.rootfs={GUEST_MOUNT}"
+
+
+def test_the_root_goes_over_virtiofs_where_the_image_has_no_9p(tiny_files: VMSpec) -> None:
+    assert root_transport(tiny_files) == "virtiofs"
+    (root,) = host_root(tiny_files).shares
+    # C virtiofsd exports read-write only: the guest's init mounts it read-only.
+    assert (root.transport, root.read_only) == ("virtiofs", False)
+    manifest = Path(str(tiny_files.initrd)).parent / "manifest.json"
+    manifest.write_text(json.dumps({"modules": ["9p.ko", "virtiofs.ko"]}))
+    assert root_transport(tiny_files) == "9p"
+    manifest.unlink()  # a kernel and initramfs of one's own: 9p (qemukit kconfig enables it)
+    assert root_transport(tiny_files) == "9p"
+
+
+def test_virtiofsd_serves_the_host_root_from_a_chroot_sandbox(tiny_files: VMSpec) -> None:
+    (root,) = host_root(tiny_files).shares
+    argv = virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), root, 3)
+    assert argv[-2:] == ["-o", "sandbox=chroot"]  # pivot_root into "/" fails with EBUSY
+
+
+@pytest.mark.parametrize(("spec_changes", "rw", "field", "why"), [
+    ({}, ("/no/such/dir",), "rw", "no such directory"),
+    ({}, ("/",), "rw", "cannot be writable"),
+])
+def test_bad_host_root_requests_are_refused(tiny_files: VMSpec, spec_changes: dict[str, object],
+                                            rw: tuple[str, ...], field: str, why: str) -> None:
+    with pytest.raises(SpecError) as err:
+        host_root(tiny_files.replace(**spec_changes), rw=rw)
+    assert err.value.field == field and why in str(err.value)
+
+
+def test_a_spec_booting_from_its_disk_has_its_own_root() -> None:
+    with pytest.raises(SpecError) as err:
+        host_root(VMSpec())
+    assert err.value.field == "rootfs" and "needs a kernel" in str(err.value)
+
+
+def test_rw_without_rootfs_host_is_a_usage_error_before_anything_starts(tiny_files: VMSpec,
+                                                                        tmp_path: Path) -> None:
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(tiny_files.dumps())
+    result = CliRunner().invoke(main, ["cmdline", "-f", str(spec_file), "--rw", str(tmp_path)])
+    assert result.exit_code == 125
+    assert "--rw needs --rootfs host" in result.output
+
+
+def test_in_directory_starts_the_command_in_cwd_without_a_shell_string() -> None:
+    argv = in_directory(["printf", "%s\n", "a b", "$HOME"], "/some dir")
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["sh", "/some dir", "printf", "%s\n", "a b",
+                                                      "$HOME"]
