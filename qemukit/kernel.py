@@ -183,6 +183,13 @@ class KernelTestResult:
         ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def _throwaway(spec: VMSpec) -> bool:
+    """True if nothing the guest wrote can outlive the VM: every disk is read-only or a
+    throwaway overlay, and no host directory is shared (the guest's page cache could
+    still hold its writes). Then the run ends with a kill, not a power-off."""
+    return not spec.shares and all(d.read_only or d.overlay for d in spec.drives)
+
+
 def run_in_vm(
     spec: VMSpec,
     command: str | Sequence[str],
@@ -205,8 +212,10 @@ def run_in_vm(
     With ``dump_on_panic`` (a new file's path) a panicking kernel waits
     (``panic=0``) instead of rebooting, and the guest's memory is written there
     as an ELF core before the VM stops; the result names it (``dump``).
-    Raises :class:`SpecError` or :class:`HostError` for bad input (e.g. a
-    modules directory that cannot be read) before anything starts.
+    Afterwards the VM is powered off (the ladder), or killed at once when
+    nothing the guest wrote could outlive it (only read-only or overlay disks, no
+    shares). Raises :class:`SpecError` or :class:`HostError` for bad input (e.g.
+    a modules directory that cannot be read) before anything starts.
     """
     if dump_on_panic is not None and Path(dump_on_panic).exists():
         raise SpecError("dump_on_panic", str(dump_on_panic), "already exists; dumps never overwrite")
@@ -263,8 +272,11 @@ def run_in_vm(
             except OSError as exc:
                 log_copy_error = exc
         if vm.state is VMState.RUNNING:
-            # A guest that never became ready will hardly honour the power button.
-            vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
+            if _throwaway(vm.spec):
+                vm.kill()  # nothing of the guest outlives it: no power-off to wait for
+            else:
+                # A guest that never became ready will hardly honour the power button.
+                vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
     if log_copy_error is not None:
         raise HostError(f"cannot write the console log to {console_log}: "
                         f"{log_copy_error.strerror or log_copy_error}") from log_copy_error

@@ -84,6 +84,9 @@ _OOPS = re.compile(
 )
 # The end of an oops or WARN report (kernel/panic.c print_oops_end_marker).
 _END_TRACE = re.compile(r"---\[ end trace [0-9a-f]+ \]---")
+# The last line of a panic's report when the kernel stays put (panic=0); with a reboot
+# (panic=-1) the kernel resets the machine before it, and QEMU exits instead.
+_END_PANIC = re.compile(r"---\[ end Kernel panic")
 # printk's timestamp (and caller id): what precedes it is shell prompt or other noise.
 _STAMP = re.compile(r"\[\s*\d+\.\d+\](?:\[\s*[CT]\d+\])?\s?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\x1b\[[0-9;?]*[A-Za-z]")
@@ -226,6 +229,8 @@ class ConsoleWatcher:
         self._kernel_panic: asyncio.Future[ConsoleEvent] = loop.create_future()
         self._closed: asyncio.Future[None] = loop.create_future()
         self._oops_ended = asyncio.Event()
+        #: Set at the last line of a panic's report (printed when the kernel does not reboot).
+        self.panic_ended = asyncio.Event()
         self._received = 0
         self._settling: list[tuple[int, asyncio.Future[None]]] = []
         self._transport: asyncio.Transport | None = None
@@ -285,6 +290,9 @@ class ConsoleWatcher:
         self._wake_settlers()
 
     def _scan(self, line: str) -> None:
+        if _END_PANIC.search(line):
+            self.panic_ended.set()
+            return
         if _END_TRACE.search(line):
             self._oops_ended.set()
             return

@@ -100,6 +100,8 @@ class AdoptedQemu:
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
+#: How long a panicking kernel gets to finish its report before the panic is raised.
+PANIC_REPORT_TIMEOUT = 10.0
 #: At interpreter exit, how long the VMs left running get to close and stop in order.
 EXIT_CLEANUP_TIMEOUT = 5.0
 
@@ -827,9 +829,20 @@ class AsyncVM:
             # the end of its report to tell which.
             event = await self._console.oops_outcome(event)
         if event.kind == "panic":
-            # Give the kernel a moment to finish printing its backtrace into the log.
-            with contextlib.suppress(WaitTimeout):
-                await self._proc.wait(2)
+            # Let the kernel finish its report (the backtrace follows the panic line):
+            # it ends with QEMU's exit (a reboot under -no-reboot) or, when the kernel
+            # stays put, with its end line. Bounded: a loaded host prints slowly.
+            ended: set[asyncio.Future[Any]] = {self._proc.exit_future()}
+            if self._console is not None:
+                ended.add(asyncio.ensure_future(self._console.panic_ended.wait()))
+            try:
+                await asyncio.wait(ended, timeout=PANIC_REPORT_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in ended - {self._proc.exit_future()}:
+                    await cancel_and_wait(waiter)
+            if self._console is not None:
+                await self._console.settle()
             raise GuestPanic(event.line, self.console_tail(40))
         if event.kind == "oops":
             raise GuestOops(event.line, self.console_tail(60))

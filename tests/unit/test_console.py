@@ -257,6 +257,26 @@ def test_watcher_verdicts() -> None:
     asyncio.run(main())
 
 
+def test_the_end_of_a_panic_report_is_seen() -> None:
+    """panic=0 (a dump on panic): the kernel stays put and ends its report with its end
+    line, which is what the panic's verdict waits for (QEMU does not exit then)."""
+    async def main() -> None:
+        console = FakeConsole()
+        try:
+            watcher = await watch(console)
+            console.send(sample("panic-sysrq.txt").encode())
+            await watcher.settle()
+            assert watcher.fatal.done() and not watcher.panic_ended.is_set()
+            console.send(b"[    3.771500] ---[ end Kernel panic - not syncing: sysrq triggered "
+                         b"crash ]---\n")
+            await asyncio.wait_for(watcher.panic_ended.wait(), 10)
+            await watcher.close()
+        finally:
+            console.close()
+
+    asyncio.run(main())
+
+
 def test_oops_that_turns_into_a_panic_is_a_panic() -> None:
     async def main() -> None:
         console = FakeConsole()
