@@ -5,7 +5,12 @@ for the tiny image (a Debian cloud kernel and a busybox initramfs with the
 qemukit agent); build it once with ``qemukit images build tiny``.
 ``spec("debian")`` boots Debian bookworm (systemd, sshd, qemu-guest-agent,
 cloud-init) on a throwaway overlay with a per-VM cloud-init seed; build it
-with ``qemukit images build debian`` (needs root and mmdebstrap).
+with ``qemukit images build debian`` (needs root and mmdebstrap; ``suite``,
+``packages`` and ``bootable`` pick other builds, each cached by its inputs).
+
+A user's own disk image (a distribution's cloud image) is registered with
+:func:`import_image` and never written; ``spec(NAME)`` then boots it through
+its own bootloader (OVMF or SeaBIOS) on an overlay, with a cloud-init seed.
 """
 
 from __future__ import annotations

@@ -227,3 +227,19 @@ def test_find_debian_looks_up_by_inputs(cache: Path) -> None:
     out = debian._image_dir(cache, "trixie", ["vim"], False, images.recipe_dir("debian"))
     assert out.name.startswith("trixie-")
     assert debian.find_debian(cache, "trixie", ["vim"]) is None
+
+
+def test_build_output_is_checked_before_anything_is_built(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from qemukit.cli import main
+
+    existing = tmp_path / "disk.qcow2"
+    existing.write_bytes(b"mine")
+    runner = CliRunner()
+    taken = runner.invoke(main, ["images", "build", "debian", "--bootable", "-o", str(existing)])
+    assert taken.exit_code != 0 and "output" in taken.output and "already exists" in taken.output
+    assert existing.read_bytes() == b"mine"
+    plain = runner.invoke(main, ["images", "build", "debian", "-o", str(tmp_path / "new.qcow2")])
+    assert plain.exit_code != 0 and "--bootable" in plain.output
+    assert not (tmp_path / "new.qcow2").exists()
