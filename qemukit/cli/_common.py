@@ -145,7 +145,7 @@ def spec_options(func: F) -> F:
     options = [
         click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),
                      help="Read the VM description from a TOML file."),
-        click.option("--image", help="Start from a built-in image (tiny, debian)."),
+        click.option("--image", help="Start from a built-in image (tiny, debian) or an imported one."),
         click.option("--name", help="VM name (unique among running VMs)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
                      help="Accelerator; auto uses KVM only where a probe boot proved it works."),

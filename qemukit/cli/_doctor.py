@@ -1,9 +1,8 @@
-"""``qemukit doctor`` and ``qemukit images``: the host's state and the built-in images."""
+"""``qemukit doctor``: the host's state (QEMU, KVM, firmware, images)."""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import click
@@ -82,7 +81,6 @@ def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
     import os
 
     from .. import host, images
-    from ..arch import ARCHES
 
     native = host.host_arch()
     out: dict[str, dict[str, Any]] = {}
@@ -108,51 +106,5 @@ def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-@click.group(name="images")
-def images_group() -> None:
-    """Build and list the built-in guest images."""
-
-
-@images_group.command(name="build")
-@click.argument("name", type=click.Choice(["tiny", "debian"]))
-@click.option("--force", is_flag=True, help="Rebuild even if already built.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--arch", type=click.Choice(list(ARCHES)), default="x86_64", show_default=True,
-              help="Guest architecture (tiny only); its packages come from apt lists of their own.")
-def images_build(name: str, force: bool, as_json: bool, arch: str) -> None:
-    """Build an image from Debian's packages into the cache (once)."""
-    from .. import images
-
-    start = time.monotonic()
-    image = images.build(name, force=force, arch=arch,
-                         progress=lambda msg: click.echo(f"  {msg}", err=True))
-    from ._guest import image_summary
-
-    summary = image_summary(image)
-    if as_json:
-        emit_json({"name": name, "arch": arch, "directory": str(image.directory), "kernel": str(image.kernel),
-                    "initrd": str(image.initrd), "seconds": round(time.monotonic() - start, 1),
-                    **summary})
-    else:
-        if "disk" in summary:
-            click.echo(f"  {name}: {summary['disk_bytes'] / 2**20:.0f} MiB qcow2, built in "
-                       f"{summary['build_seconds']:.0f}s", err=True)
-        click.echo(str(image.directory))
-
-
-@images_group.command(name="list")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def images_list(as_json: bool) -> None:
-    """List the built-in images and whether they are built."""
-    from .. import images
-
-    rows = {n: images.find_image(n) for n in images.NAMES}
-    if as_json:
-        emit_json({n: (str(i.directory) if i else None) for n, i in rows.items()})
-        return
-    for n, i in rows.items():
-        click.echo(f"{n:8} {i.directory if i else 'not built'}")
-
-
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
-COMMANDS = (doctor, images_group,)
+COMMANDS = (doctor,)

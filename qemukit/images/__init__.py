@@ -5,13 +5,18 @@ for the tiny image (a Debian cloud kernel and a busybox initramfs with the
 qemukit agent); build it once with ``qemukit images build tiny``.
 ``spec("debian")`` boots Debian bookworm (systemd, sshd, qemu-guest-agent,
 cloud-init) on a throwaway overlay with a per-VM cloud-init seed; build it
-with ``qemukit images build debian`` (needs root and mmdebstrap).
+with ``qemukit images build debian`` (needs root and mmdebstrap; ``suite``,
+``packages`` and ``bootable`` pick other builds, each cached by its inputs).
+
+A user's own disk image (a distribution's cloud image) is registered with
+:func:`import_image` and never written; ``spec(NAME)`` then boots it through
+its own bootloader (OVMF or SeaBIOS) on an overlay, with a cloud-init seed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -19,12 +24,23 @@ from ..arch import ARCHES
 from ..errors import HostError, SpecError
 from ..paths import cache_dir, cache_dir_error
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
-from .debian import DEBIAN_APPEND, DebianImage, build_debian, find_debian
+from . import imported as _imported
+from .debian import (
+    DEBIAN_APPEND,
+    DEFAULT_SUITE,
+    SUITES,
+    DebianImage,
+    build_debian,
+    check_packages,
+    find_debian,
+)
+from .imported import ImportedImage, find_imported
 from .tiny import TinyImage, build_tiny, find_tiny
 
 __all__ = [
-    "DEBIAN_APPEND", "NAMES", "TINY_APPEND", "DebianImage", "TinyImage", "build", "find_image",
-    "recipe_dir", "spec", "tiny_append",
+    "DEBIAN_APPEND", "NAMES", "TINY_APPEND", "DebianImage", "ImportedImage", "TinyImage", "build",
+    "find_image", "import_image", "list_imported", "recipe_dir", "remove_imported", "spec",
+    "tiny_append",
 ]
 
 NAMES = ("tiny", "debian")
@@ -51,7 +67,8 @@ def recipe_dir(name: str) -> Path:
 
 def _check_name(name: str) -> None:
     if name not in NAMES:
-        raise SpecError("image", name, f"unknown image; choose from {', '.join(NAMES)}")
+        raise SpecError("image", name, f"unknown image; choose from {', '.join(NAMES)} or an "
+                        "imported one (qemukit images list)")
 
 
 def _check_arch(name: str, arch: str) -> None:
@@ -92,33 +109,52 @@ def _os_error(exc: OSError, doing: str) -> HostError:
 
 @overload
 def build(name: Literal["tiny"], *, force: bool = ..., progress: Callable[[str], None] = ...,
-          arch: str = ...) -> TinyImage: ...
+          arch: str = ..., suite: str | None = ..., packages: Sequence[str] = ...,
+          bootable: bool = ...) -> TinyImage: ...
 @overload
 def build(name: Literal["debian"], *, force: bool = ..., progress: Callable[[str], None] = ...,
-          arch: str = ...) -> DebianImage: ...
+          arch: str = ..., suite: str | None = ..., packages: Sequence[str] = ...,
+          bootable: bool = ...) -> DebianImage: ...
 @overload
 def build(name: str, *, force: bool = ..., progress: Callable[[str], None] = ...,
-          arch: str = ...) -> TinyImage | DebianImage: ...
+          arch: str = ..., suite: str | None = ..., packages: Sequence[str] = ...,
+          bootable: bool = ...) -> TinyImage | DebianImage: ...
 def build(
     name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None,
-    arch: str = "x86_64",
+    arch: str = "x86_64", suite: str | None = None, packages: Sequence[str] = (),
+    bootable: bool = False,
 ) -> TinyImage | DebianImage:
     """Build image ``name`` (for guest architecture ``arch``) into the cache.
 
-    Skipped if already built, unless ``force``. A foreign architecture's
-    packages are fetched with apt pointed at lists of their own (the host's
-    dpkg configuration is not changed).
+    Skipped if already built from the same inputs, unless ``force``. For
+    debian, ``suite`` (bookworm, trixie, sid), extra ``packages`` and
+    ``bootable`` (a whole disk UEFI firmware boots) choose the build; each
+    combination is cached by its own key. A foreign architecture's packages
+    are fetched with apt pointed at lists of their own (the host's dpkg
+    configuration is not changed).
     """
     _check_name(name)
     _check_arch(name, arch)
+    if name != "debian" and (suite is not None or packages or bootable):
+        raise SpecError("image", name, "--suite, --packages and --bootable are for debian")
+    if name == "debian":
+        suite = suite or DEFAULT_SUITE
+        if suite not in SUITES:
+            raise SpecError("suite", suite, f"must be one of {', '.join(SUITES)}")
+        extra = check_packages(packages)
+        try:
+            return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force,
+                                suite=suite, packages=extra, bootable=bootable)
+        except RuntimeError as exc:
+            raise HostError(f"building image {name!r} failed: {exc}") from exc
+        except OSError as exc:
+            raise _os_error(exc, f"building image {name!r} failed") from exc
     if not force:
         found = find_image(name, arch)
         if found is not None:
             progress(f"already built: {found.directory}")
             return found
     try:
-        if name == "debian":
-            return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force)
         if arch != "x86_64":
             return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force,
                               arch=arch)
@@ -132,9 +168,14 @@ def build(
 def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     """A ready :class:`VMSpec` booting image ``name``; keyword arguments override fields.
 
+    ``name`` is a built-in image or one registered with :func:`import_image`.
     Raises :class:`HostError` if the image is not built yet (unless ``kernel``
     and ``initrd`` are both overridden, for tiny).
     """
+    if name not in NAMES:
+        imported = find_imported(cache_dir(), name)
+        if imported is not None:
+            return _imported_spec(imported, overrides)
     _check_name(name)
     arch = overrides.pop("arch", "x86_64")
     _check_arch(name, arch)
@@ -175,5 +216,37 @@ def _debian_spec(overrides: dict[str, Any]) -> VMSpec:
         nics=(Nic(forwards=(PortForward(0, 22),)),),
         agent="qga",
         cloud_init=CloudInit(),
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+def import_image(name: str, path: str | os.PathLike[str], **options: Any) -> ImportedImage:
+    """Register the disk image at ``path`` as ``name`` (never writing it); see :mod:`.imported`."""
+    return _imported.import_image(cache_dir(), name, path, **options)
+
+
+def list_imported() -> list[ImportedImage]:
+    """The images registered with :func:`import_image`."""
+    return _imported.list_imported(cache_dir())
+
+
+def remove_imported(name: str) -> ImportedImage:
+    """Unregister the imported image ``name`` (its file is left alone)."""
+    return _imported.remove_imported(cache_dir(), name)
+
+
+def _imported_spec(image: ImportedImage, overrides: dict[str, Any]) -> VMSpec:
+    """An imported image: booted by its own bootloader on a throwaway overlay, seeded by cloud-init."""
+    _imported.verify_unchanged(image)
+    overrides.pop("arch", None)
+    base = VMSpec(
+        machine="q35",
+        cpus=2,
+        memory=1024,
+        firmware="ovmf" if image.firmware == "uefi" else "seabios",
+        drives=(Drive(image.path, format="qcow2" if image.format == "qcow2" else "raw", overlay=True),),
+        nics=(Nic(forwards=(PortForward(0, 22),)),),
+        agent="qga" if image.agent == "qga" else "none",
+        cloud_init=CloudInit(ssh_user=image.user),
     )
     return base.replace(**overrides) if overrides else base

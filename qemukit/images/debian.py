@@ -1,4 +1,4 @@
-"""Build the "debian" guest: Debian bookworm with systemd, sshd, qemu-guest-agent and cloud-init.
+"""Build the "debian" guest: Debian (bookworm, trixie, sid) with sshd, qemu-guest-agent, cloud-init.
 
 The recipe lives in ``images/debian`` (the package list, the cloud-init
 defaults and a README). The steps, all from Debian's packages:
@@ -13,8 +13,15 @@ defaults and a README). The steps, all from Debian's packages:
 4. ``qemu-img convert`` makes it a qcow2, which is made read-only: VMs boot on
    overlays over it and never write it.
 
-The result is cached in ``<cache>/debian/bookworm/`` with ``manifest.json``
-written last, so a half-built image is never found.
+With ``bootable=True`` step 3 writes a whole disk instead (see
+:mod:`qemukit.images.bootable`): a GPT, an EFI system partition with GRUB and
+the root file system, booted by UEFI firmware rather than ``-kernel``.
+
+The result is cached in ``<cache>/debian/<suite>[-bootable]-<key>/``, the key
+being a digest of everything the build depends on (suite, extra packages,
+architecture, mirrors, recipe files and :data:`RECIPE_VERSION`), with
+``manifest.json`` written last, so a half-built image is never found and a
+changed input never finds an old image.
 """
 
 from __future__ import annotations
@@ -28,20 +35,33 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpecError
+
 __all__ = [
     "DEBIAN_APPEND",
+    "DEFAULT_SUITE",
+    "RECIPE_VERSION",
+    "SUITES",
     "DebianImage",
     "build_debian",
+    "cache_key",
+    "check_packages",
     "find_debian",
     "read_package_list",
 ]
 
-SUITE = "bookworm"
+#: The Debian suites the recipe builds; the first one is the default.
+SUITES = ("bookworm", "trixie", "sid")
+DEFAULT_SUITE = SUITES[0]
+#: Bumped whenever the build steps change what an image holds (part of the cache key).
+RECIPE_VERSION = 2
+ARCH = "amd64"
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 #: Where packages come from; ``QEMUKIT_DEBIAN_MIRROR`` points at another mirror of the same layout.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -77,6 +97,11 @@ class DebianImage:
     manifest: dict[str, Any]
 
     @property
+    def bootable(self) -> bool:
+        """True if ``disk`` is a whole bootable disk (GPT, ESP, GRUB), not a bare file system."""
+        return bool(self.manifest.get("bootable"))
+
+    @property
     def disk_bytes(self) -> int:
         """Bytes the qcow2 file takes."""
         return self.disk.stat().st_size
@@ -88,8 +113,54 @@ class DebianImage:
         return float(value) if isinstance(value, (int, float)) else None
 
 
-def _image_dir(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "debian" / SUITE
+def check_packages(packages: Sequence[str]) -> tuple[str, ...]:
+    """``packages`` checked as Debian package names, sorted and without duplicates.
+
+    Raises :class:`~qemukit.errors.SpecError` naming ``packages`` and the bad name.
+    """
+    for name in packages:
+        if not (isinstance(name, str) and _PACKAGE_RE.fullmatch(name)):
+            raise SpecError("packages", name, "not a Debian package name "
+                            "(lower-case letters, digits, '+', '-', '.')")
+    return tuple(sorted(set(packages)))
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise SpecError("suite", suite, f"must be one of {', '.join(SUITES)}")
+
+
+def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = False,
+              recipe_files: dict[str, bytes] | None = None) -> str:
+    """The digest naming a build: its suite, extra packages, arch, mirrors, recipe and version.
+
+    The order and repetition of ``packages`` do not matter.
+    """
+    _check_suite(suite)
+    inputs = {
+        "recipe_version": RECIPE_VERSION,
+        "suite": suite,
+        "arch": ARCH,
+        "packages": list(check_packages(packages)),
+        "bootable": bootable,
+        "sources": _sources(suite),
+        "recipe": {name: hashlib.sha256(data).hexdigest()
+                   for name, data in sorted((recipe_files or {}).items())},
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _recipe_files(recipe_dir: Path | None) -> dict[str, bytes]:
+    if recipe_dir is None:
+        return {}
+    return {name: (Path(recipe_dir) / name).read_bytes() for name in ("packages", "cloud.cfg")
+            if (Path(recipe_dir) / name).is_file()}
+
+
+def _image_dir(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
+               bootable: bool = False, recipe_dir: Path | None = None) -> Path:
+    key = cache_key(suite, packages, bootable=bootable, recipe_files=_recipe_files(recipe_dir))
+    return Path(cache_dir) / "debian" / f"{suite}{'-bootable' if bootable else ''}-{key[:16]}"
 
 
 def _load_image(directory: Path) -> DebianImage | None:
@@ -105,9 +176,24 @@ def _load_image(directory: Path) -> DebianImage | None:
     return DebianImage(files[0], files[1], files[2], data["kernel_release"], directory, data)
 
 
-def find_debian(cache_dir: Path) -> DebianImage | None:
-    """The built debian image under ``cache_dir``, or None (the manifest is written last)."""
-    return _load_image(_image_dir(cache_dir))
+def find_debian(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
+                bootable: bool = False, recipe_dir: Path | None = None) -> DebianImage | None:
+    """The debian image built from these inputs under ``cache_dir``, or None.
+
+    ``recipe_dir`` (the recipe's files are part of the key) defaults to the
+    installed recipe. The manifest is written last, so a half-built image is
+    not found.
+    """
+    return _load_image(_image_dir(cache_dir, suite, packages, bootable,
+                                  recipe_dir or _default_recipe_dir()))
+
+
+def _default_recipe_dir() -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_recipes" / "debian", here.parent / "images" / "debian"):
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def read_package_list(recipe_dir: Path) -> list[str]:
@@ -116,7 +202,7 @@ def read_package_list(recipe_dir: Path) -> list[str]:
     for line in (Path(recipe_dir) / "packages").read_text(encoding="utf-8").splitlines():
         name = line.split("#", 1)[0].strip()
         if name:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+            if not _PACKAGE_RE.fullmatch(name):
                 raise RuntimeError(f"bad package name {name!r} in {recipe_dir / 'packages'}")
             names.append(name)
     return names
@@ -125,10 +211,11 @@ def read_package_list(recipe_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- steps
 
 
-def _run(argv: list[str], what: str, timeout: float = 600) -> str:
+def _run(argv: list[str], what: str, timeout: float = 600, input_text: str | None = None) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+                              input=input_text if input_text is not None else "",
+                              timeout=timeout, check=False)
     except FileNotFoundError as exc:
         raise RuntimeError(f"{argv[0]} not found; {what} needs it (scripts/setup installs it)") from exc
     except subprocess.TimeoutExpired as exc:
@@ -139,18 +226,24 @@ def _run(argv: list[str], what: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
-def _sources() -> list[str]:
-    """The apt lines for the chroot: the suite, its updates, and security (current kernel)."""
+def _sources(suite: str = DEFAULT_SUITE) -> list[str]:
+    """The apt lines for the chroot: the suite, its updates, and security (current kernel).
+
+    sid has neither updates nor security suites.
+    """
     mirror = os.environ.get("QEMUKIT_DEBIAN_MIRROR", DEFAULT_MIRROR).rstrip("/")
     security = os.environ.get("QEMUKIT_DEBIAN_SECURITY_MIRROR", DEFAULT_SECURITY_MIRROR).rstrip("/")
+    if suite == "sid":
+        return [f"deb {mirror} sid main"]
     return [
-        f"deb {mirror} {SUITE} main",
-        f"deb {mirror} {SUITE}-updates main",
-        f"deb {security} {SUITE}-security main",
+        f"deb {mirror} {suite} main",
+        f"deb {mirror} {suite}-updates main",
+        f"deb {security} {suite}-security main",
     ]
 
 
-def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None]) -> None:
+def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None],
+                suite: str = DEFAULT_SUITE) -> None:
     """Install the packages into ``root``, passing mmdebstrap's own progress lines on."""
     argv = [
         "mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
@@ -160,7 +253,7 @@ def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None]
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
-        SUITE, str(root), *_sources(),
+        suite, str(root), *_sources(suite),
     ]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -217,12 +310,20 @@ def _kernel_files(root: Path) -> tuple[str, Path, Path]:
     return release, kernels[0], initrd
 
 
-def _check_initramfs(root: Path, release: str) -> list[str]:
-    """The wanted virtio modules missing from the initramfs (lsinitramfs run in the tree)."""
+def _check_initramfs(root: Path, release: str, wanted: Sequence[str] = _MODULES_WANTED) -> list[str]:
+    """The wanted modules missing from the initramfs (lsinitramfs run in the tree).
+
+    A module the kernel has built in (``=y`` in its config) is not missing.
+    """
     listing = _run(["chroot", str(root), "lsinitramfs", f"/boot/initrd.img-{release}"],
                    "listing the initramfs")
     present = {Path(line).name.split(".ko")[0] for line in listing.splitlines() if ".ko" in line}
-    return [m for m in _MODULES_WANTED if m not in present]
+    config = root / "boot" / f"config-{release}"
+    builtin = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
+    symbols = {"ext4": "CONFIG_EXT4_FS", "virtio_blk": "CONFIG_VIRTIO_BLK",
+               "virtio_pci": "CONFIG_VIRTIO_PCI", "virtio_scsi": "CONFIG_SCSI_VIRTIO"}
+    return [m for m in wanted if m not in present
+            and f"{symbols.get(m, '-')}=y\n" not in builtin]
 
 
 def _du_bytes(root: Path) -> int:
@@ -245,48 +346,79 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _nonroot_problem() -> str:
+    """One line saying why a normal user cannot build the image here."""
+    user = os.environ.get("USER") or str(os.getuid())
+    have_ids = all(
+        any(line.split(":", 1)[0] in (user, str(os.getuid())) for line in
+            Path(f).read_text(encoding="utf-8", errors="replace").splitlines())
+        for f in ("/etc/subuid", "/etc/subgid") if Path(f).is_file()
+    ) and Path("/etc/subuid").is_file() and Path("/etc/subgid").is_file()
+    if not have_ids or shutil.which("newuidmap") is None:
+        return (f"building the debian image needs root, or mmdebstrap --mode=unshare with "
+                f"subordinate ids for {user} (lines in /etc/subuid and /etc/subgid, newuidmap "
+                "from the uidmap package): run it as root")
+    return ("building the debian image needs root: mmdebstrap --mode=unshare would work for "
+            f"{user}, but this mkfs.ext4 -d cannot keep the tree's root ownership without it; "
+            "run it as root")
+
+
 def build_debian(
     cache_dir: Path,
     recipe_dir: Path,
     progress: Callable[[str], None] = lambda s: None,
     force: bool = False,
     disk_size: str = DEFAULT_DISK_SIZE,
+    suite: str = DEFAULT_SUITE,
+    packages: Sequence[str] = (),
+    bootable: bool = False,
 ) -> DebianImage:
-    """Build (or reuse) the debian guest under ``cache_dir/debian/bookworm/``.
+    """Build (or reuse) the debian guest of ``suite`` plus ``packages`` under ``cache_dir/debian/``.
 
-    Needs root (mmdebstrap into a directory keeps file ownership only as
-    root; no mount or loop device is used), ``mmdebstrap``, ``mkfs.ext4``
-    and ``qemu-img``. ``progress`` receives one line per step. Raises
-    ``RuntimeError`` naming the failed step.
+    ``bootable`` writes a whole disk (GPT, EFI system partition with GRUB,
+    root file system) that UEFI firmware boots, instead of a bare file system
+    booted with ``-kernel``. Needs root (mmdebstrap into a directory keeps file
+    ownership only as root; no mount or loop device is used), ``mmdebstrap``,
+    ``mkfs.ext4`` and ``qemu-img`` (and for ``bootable``: ``sfdisk``,
+    ``mkfs.vfat``, mtools, ``grub-mkstandalone``). ``progress`` receives one
+    line per step. Raises ``RuntimeError`` naming the failed step.
     """
     cache_dir, recipe_dir = Path(cache_dir), Path(recipe_dir)
+    _check_suite(suite)
+    extra = check_packages(packages)
+    out = _image_dir(cache_dir, suite, extra, bootable, recipe_dir)
     if not force:
-        existing = find_debian(cache_dir)
+        existing = _load_image(out)
         if existing is not None:
             progress(f"using cached debian image {existing.directory}")
             return existing
     if os.geteuid() != 0:
-        raise RuntimeError("building the debian image needs root: mmdebstrap writes a tree "
-                           "owned by root that mkfs.ext4 -d copies as it is")
-    packages = read_package_list(recipe_dir)
+        raise RuntimeError(_nonroot_problem())
+    wanted = read_package_list(recipe_dir)
+    all_packages = wanted + [p for p in extra if p not in wanted]
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise RuntimeError("qemu-img not found (apt-get install qemu-utils)")
+    from . import bootable as _bootable
+
+    if bootable:
+        _bootable.check_tools()
     started = time.monotonic()
     parent = cache_dir / "debian"
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=parent))
+    layout: dict[str, Any] = {}
     try:
         root = work / "root"
-        progress(f"mmdebstrap {SUITE} with {len(packages)} packages (and their dependencies)")
+        progress(f"mmdebstrap {suite} with {len(all_packages)} packages (and their dependencies)")
         t0 = time.monotonic()
-        _mmdebstrap(root, packages, progress)
+        _mmdebstrap(root, all_packages, progress, suite)
         installed = len(list((root / "var/lib/dpkg/info").glob("*.list")))
         progress(f"installed {installed} packages in {time.monotonic() - t0:.0f}s")
 
         _customize(root, recipe_dir)
         release, vmlinuz, initrd = _kernel_files(root)
-        missing = _check_initramfs(root, release)
+        missing = _check_initramfs(root, release, _MODULES_WANTED + (("ext4",) if bootable else ()))
         if missing:
             raise RuntimeError(f"the initramfs for {release} lacks {', '.join(missing)}; "
                                "the guest could not find its root disk")
@@ -294,10 +426,17 @@ def build_debian(
         shutil.copyfile(initrd, work / INITRD_NAME)
         tree_bytes = _du_bytes(root)
 
-        progress(f"mkfs.ext4 -d ({tree_bytes / 2**20:.0f} MiB of files, {disk_size} file system)")
         raw = work / "disk.raw"
-        _run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(root), str(raw), disk_size],
-             "mkfs.ext4 -d")
+        if bootable:
+            key = out.name.rsplit("-", 1)[-1]
+            progress(f"bootable disk: GPT, ESP with GRUB, ext4 root ({tree_bytes / 2**20:.0f} MiB "
+                     f"of files, {disk_size} disk)")
+            layout = _bootable.write_disk(root, raw, work, release=release, key=key,
+                                          disk_size=disk_size, run=_run)
+        else:
+            progress(f"mkfs.ext4 -d ({tree_bytes / 2**20:.0f} MiB of files, {disk_size} file system)")
+            _run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(root), str(raw), disk_size],
+                 "mkfs.ext4 -d")
         shutil.rmtree(root)
         progress("qemu-img convert to qcow2")
         _run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / DISK_NAME)],
@@ -308,7 +447,6 @@ def build_debian(
             (work / name).chmod(0o644)
 
         progress("installing image")
-        out = _image_dir(cache_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # incomplete from here on
         for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME):
@@ -317,10 +455,16 @@ def build_debian(
                 target.chmod(0o644)
             os.replace(work / name, target)
         manifest = {
-            "suite": SUITE,
+            "suite": suite,
+            "arch": ARCH,
+            "recipe_version": RECIPE_VERSION,
+            "cache_key": cache_key(suite, extra, bootable=bootable,
+                                   recipe_files=_recipe_files(recipe_dir)),
+            "bootable": bootable,
             "kernel_release": release,
             "packages": installed,
-            "requested_packages": packages,
+            "requested_packages": all_packages,
+            "extra_packages": list(extra),
             "tree_bytes": tree_bytes,
             "disk_size": disk_size,
             "disk_bytes": (out / DISK_NAME).stat().st_size,
@@ -328,7 +472,8 @@ def build_debian(
             "build_seconds": round(time.monotonic() - started, 1),
             "built_at": datetime.datetime.now(datetime.UTC).replace(microsecond=0)
             .isoformat().replace("+00:00", "Z"),
-            "sources": _sources(),
+            "sources": _sources(suite),
+            **({"layout": layout} if layout else {}),
         }
         tmp = work / MANIFEST
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
