@@ -267,3 +267,41 @@ def test_bzimage_release_reads_the_setup_header(tmp_path: Path) -> None:
     assert bzimage_release(path) == "6.1.158-qk"
     path.write_bytes(b"\x7fELF" + bytes(0x300))
     assert bzimage_release(path) is None
+
+
+class _AgentlessVM:
+    """A VM whose init reports ready but whose agent never answers (no virtio-console)."""
+
+    def __init__(self, spec: VMSpec, **_: object) -> None:
+        from qemukit import VMState
+
+        self.spec, self.accel, self.console_log = spec, None, None
+        self.state = VMState.STOPPED
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> float:
+        from qemukit import WaitTimeout
+
+        raise WaitTimeout("the guest agent", timeout, self.console_tail(5))
+
+    def console_tail(self, lines: int) -> str:
+        return "Run /init as init process\nqemukit-init: ready\n"
+
+    def console_events(self) -> list[object]:
+        return []
+
+
+def test_an_agent_that_never_answers_after_init_names_virtio_console(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = tmp_path / "bzImage"  # no config anywhere near it: nothing to check before boot
+    kernel.write_bytes(b"k")
+    monkeypatch.setattr("qemukit.kernel.VM", _AgentlessVM)
+    result = run_in_vm(VMSpec(kernel=str(kernel)), ["true"], timeout=5)
+    assert result.outcome == "timeout"
+    assert "timed out after 5s waiting for the guest agent" in (result.error or "")
+    assert "CONFIG_VIRTIO_CONSOLE" in (result.error or "")
+    # Without the agent in the spec the hint would be wrong: it is not given.
+    result = run_in_vm(VMSpec(kernel=str(kernel), agent="none"), ["true"], timeout=5)
+    assert "CONFIG_VIRTIO_CONSOLE" not in (result.error or "")
