@@ -225,7 +225,10 @@ def run_in_vm(
         tree = kconfig.find_tree(spec.kernel, spec.arch)
         about = _KernelFacts.of_tree(tree)
         tree_spec = spec.replace(kernel=str(tree.image))
-        kconfig.check_kernel_config(tree_spec, tree.config)
+        if tree.config is not None:  # the error names the tree the user gave
+            missing = kconfig.missing_options(tree_spec, kconfig.read_config(tree.config))
+            if missing:
+                raise kconfig.missing_error(spec.kernel, tree.config, missing)
         if tree.modules and modules is None:
             if tree_spec.initrd is None:
                 raise SpecError("kernel", str(spec.kernel), "the tree's modules need an initrd "

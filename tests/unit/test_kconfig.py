@@ -200,7 +200,8 @@ def test_a_tree_without_virtio_console_fails_before_anything_starts(
     monkeypatch.setattr("qemukit.kernel.VM", no_vm)
     with pytest.raises(SpecError) as info:
         run_in_vm(VMSpec(kernel=str(tree), initrd=str(initrd)), ["true"])
-    assert info.value.field == "kernel" and "lacks CONFIG_VIRTIO_CONSOLE (" in info.value.reason
+    assert info.value.field == "kernel" and info.value.value == str(tree)
+    assert "lacks CONFIG_VIRTIO_CONSOLE (" in info.value.reason
     assert "CONFIG_VIRTIO_CONSOLE" in str(info.value) and str(tree / ".config") in str(info.value)
     # The image inside the tree is checked the same way (the tree's .config is its config).
     with pytest.raises(SpecError, match="lacks CONFIG_VIRTIO_CONSOLE"):
