@@ -72,3 +72,13 @@ def test_exit_status_shares_modules_and_json(tree: Path, release: str, qk: Any, 
     assert data["kernel_config_sha256"] == hashlib.sha256(
         (tree / ".config").read_bytes()).hexdigest()
     assert list(private_tmp.iterdir()) == []  # the installed modules were removed
+
+
+def test_a_matrix_job_boots_the_tree(tree: Path, qk: Any, tmp_path: Path) -> None:
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'[defaults]\nkernel = "{tree}"\naccel = "tcg"\ntimeout = 240\n\n'
+                      '[[job]]\nname = "modules"\ncommand = ["test", "-d", '
+                      '"/sys/module/virtio_balloon"]\n')
+    out = qk("matrix", str(matrix))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "passed   modules" in out.stdout
