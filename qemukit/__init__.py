@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from . import host as host
     from . import hotplug as hotplug
     from . import images as images
+    from . import kconfig as kconfig
     from . import kernel as kernel
     from . import matrix as matrix
     from . import paths as paths
@@ -75,8 +76,8 @@ _LAZY = {
 #: (errors and spec are imported at once anyway). The rest (cli, _launch, _wire,
 #: ...) is internal.
 SUBMODULES = (
-    "dump", "errors", "guest", "host", "hotplug", "images", "kernel", "matrix", "paths", "qga",
-    "seed", "snapshot", "spec", "timeouts", "vm",
+    "dump", "errors", "guest", "host", "hotplug", "images", "kconfig", "kernel", "matrix",
+    "paths", "qga", "seed", "snapshot", "spec", "timeouts", "vm",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import images
+from . import images, kconfig
 from ._wire.console import ConsoleEvent
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
-__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "json_safe", "run_in_vm", "run_kernel",
-           "xml_safe"]
+__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "bzimage_release", "json_safe", "run_in_vm",
+           "run_kernel", "xml_safe"]
 
 #: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
 JUNIT_TEXT_LIMIT = 1_000_000
@@ -123,6 +123,10 @@ class KernelTestResult:
     dump: str | None = None
     #: The guest's architecture (``x86_64``, ``aarch64``, ...).
     arch: str = "x86_64"
+    #: The kernel's release (``uname -r``): from a build tree, or the image's header.
+    kernel_release: str | None = None
+    #: The SHA-256 of the kernel's config file, when one was found (a tree's .config).
+    kernel_config_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -148,7 +152,8 @@ class KernelTestResult:
         for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
                             ("accel", self.accel), ("boot_time", self.boot_time),
                             ("panic", self.panic), ("oops", self.oops), ("dump", self.dump),
-                            ("arch", self.arch),
+                            ("arch", self.arch), ("kernel_release", self.kernel_release),
+                            ("kernel_config_sha256", self.kernel_config_sha256),
                             *(("warning", w) for w in self.warnings)):
             if value is not None:
                 ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
@@ -212,6 +217,12 @@ def run_in_vm(
     With ``dump_on_panic`` (a new file's path) a panicking kernel waits
     (``panic=0``) instead of rebooting, and the guest's memory is written there
     as an ELF core before the VM stops; the result names it (``dump``).
+    ``spec.kernel`` may be a kernel build tree (see :func:`qemukit.kconfig.find_tree`):
+    its built image boots, and if it has modules they are installed from it
+    (``make modules_install`` into a temporary directory) and appended as
+    ``modules`` are. When the kernel's config can be found (a tree's
+    ``.config``, ``config-<release>`` beside the image), options the spec
+    needs and the config lacks raise :class:`SpecError` naming them before boot.
     Afterwards the VM is powered off (the ladder), or killed at once when
     nothing the guest wrote could outlive it (only read-only or overlay disks, no
     shares). Raises :class:`SpecError` or :class:`HostError` for bad input (e.g.
@@ -219,14 +230,99 @@ def run_in_vm(
     """
     if dump_on_panic is not None and Path(dump_on_panic).exists():
         raise SpecError("dump_on_panic", str(dump_on_panic), "already exists; dumps never overwrite")
+    if spec.kernel is not None and Path(spec.kernel).is_dir():
+        tree = kconfig.find_tree(spec.kernel, spec.arch)
+        about = _KernelFacts.of_tree(tree)
+        tree_spec = spec.replace(kernel=str(tree.image))
+        if tree.config is not None:  # the error names the tree the user gave
+            missing = kconfig.missing_options(tree_spec, kconfig.read_config(tree.config))
+            if missing:
+                raise kconfig.missing_error(spec.kernel, tree.config, missing)
+        if tree.modules and modules is None:
+            if tree_spec.initrd is None:
+                raise SpecError("kernel", str(spec.kernel), "the tree's modules need an initrd "
+                                "to go into")
+            with tempfile.TemporaryDirectory(prefix="qemukit-modules-") as tmp:
+                installed = kconfig.install_modules(tree, tmp)
+                return _run_resolved(tree_spec, command, about, timeout=timeout,
+                                     console_log=console_log, modules=installed,
+                                     on_started=on_started, continue_on_oops=continue_on_oops,
+                                     dump_on_panic=dump_on_panic)
+        return _run_resolved(tree_spec, command, about, timeout=timeout,
+                             console_log=console_log, modules=modules, on_started=on_started,
+                             continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+    about = _KernelFacts.of_image(spec.kernel)
+    if spec.kernel is not None:
+        checked = kconfig.check_kernel_config(spec)
+        if checked is not None:
+            about = _KernelFacts(about.release, kconfig.config_sha256(checked))
+    return _run_resolved(spec, command, about, timeout=timeout, console_log=console_log,
+                         modules=modules, on_started=on_started,
+                         continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+
+
+@dataclass(frozen=True)
+class _KernelFacts:
+    """What the result says about the kernel: its release and its config's hash."""
+
+    release: str | None
+    config_sha256: str | None
+
+    @classmethod
+    def of_tree(cls, tree: kconfig.KernelTree) -> _KernelFacts:
+        release_file = tree.root / "include" / "config" / "kernel.release"
+        try:
+            release = release_file.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            release = None
+        digest = kconfig.config_sha256(tree.config) if tree.config is not None else None
+        return cls(release, digest)
+
+    @classmethod
+    def of_image(cls, kernel: str | Path | None) -> _KernelFacts:
+        return cls(bzimage_release(kernel) if kernel is not None else None, None)
+
+
+def bzimage_release(kernel: str | Path) -> str | None:
+    """The release an x86 bzImage names in its setup header (None for other images)."""
+    try:
+        with open(kernel, "rb") as fh:
+            head = fh.read(0x4000)
+    except OSError:
+        return None
+    # The boot protocol: "HdrS" at 0x202, the version string's offset (minus 0x200) at 0x20E.
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        return None
+    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    end = head.find(b"\0", offset)
+    if offset >= len(head) or end < 0:
+        return None
+    text = head[offset:end].decode("ascii", errors="replace").split(" ", 1)[0]
+    return text or None
+
+
+def _run_resolved(
+    spec: VMSpec,
+    command: str | Sequence[str],
+    about: _KernelFacts,
+    *,
+    timeout: float,
+    console_log: str | Path | None,
+    modules: str | Path | None,
+    on_started: Callable[[VM], None] | None,
+    continue_on_oops: bool,
+    dump_on_panic: str | Path | None,
+) -> KernelTestResult:
+    """run_in_vm once the kernel is an image file and its config was checked."""
     if modules is not None:
         if spec.initrd is None:
             raise SpecError("modules", str(modules), "needs a kernel booted with an initrd")
         with tempfile.TemporaryDirectory(prefix="qemukit-kernel-") as tmp:
             initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
-            return run_in_vm(spec.replace(initrd=str(initrd)), command, timeout=timeout,
-                             console_log=console_log, on_started=on_started,
-                             continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+            return _run_resolved(spec.replace(initrd=str(initrd)), command, about,
+                                 timeout=timeout, console_log=console_log, modules=None,
+                                 on_started=on_started, continue_on_oops=continue_on_oops,
+                                 dump_on_panic=dump_on_panic)
     if dump_on_panic is not None:
         # The kernel must stay put after its panic (not reboot, which ends QEMU under
         # -no-reboot) until it is dumped: the last panic= on the command line wins.
@@ -261,6 +357,12 @@ def run_in_vm(
         outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
     except WaitTimeout as exc:
         outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
+        if fields["boot_time"] is None and spec.agent == "qemukit" and about.config_sha256 is None and (
+                _INIT_READY in vm.console_tail(400)):
+            # The init got as far as starting the agent, which never answered: the
+            # commonest cause with one's own kernel is no virtio-console to talk over.
+            fields["error"] += (f"; the guest's init reported ready but the agent never "
+                                f"answered: {_NO_AGENT_HINT}")
     except QemukitError as exc:
         fields["error"] = str(exc)
     finally:
@@ -288,8 +390,14 @@ def run_in_vm(
     return KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
-        warnings=tuple(warnings), arch=spec.arch, **fields,
+        warnings=tuple(warnings), arch=spec.arch, kernel_release=about.release,
+        kernel_config_sha256=about.config_sha256, **fields,
     )
+
+
+_INIT_READY = "qemukit-init: ready"
+_NO_AGENT_HINT = ("does the kernel have CONFIG_VIRTIO_CONSOLE (the agent's channel)? "
+                  "qemukit kconfig --print lists what qemukit needs")
 
 
 def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
@@ -326,8 +434,10 @@ def run_kernel(
     ``continue_on_oops`` and ``dump_on_panic`` as for :func:`run_in_vm`; other
     keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
     """
-    if not Path(kernel).is_file():
-        raise SpecError("kernel", str(kernel), "no such file")
+    if Path(kernel).is_dir():
+        spec_fields.setdefault("arch", kconfig.find_tree(kernel, spec_fields.get("arch")).arch)
+    elif not Path(kernel).is_file():
+        raise SpecError("kernel", str(kernel), "no such file or kernel tree")
     arch = spec_fields.get("arch", "x86_64")
     base = initrd if initrd is not None else images.build("tiny", arch=arch).initrd
     cmdline = images.tiny_append(arch) + (f" {append}" if append else "")

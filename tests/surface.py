@@ -26,6 +26,7 @@ PUBLIC_MODULES = (
     "qemukit.errors",
     "qemukit.spec",
     "qemukit.images",
+    "qemukit.kconfig",
     "qemukit.kernel",
     "qemukit.matrix",
     "qemukit.hotplug",

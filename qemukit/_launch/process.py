@@ -80,8 +80,9 @@ def is_same_process(pid: int, start_time: float) -> bool:
         return False
 
 
-def run_command(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a short helper command (qemu-img, qemu -help) and capture its output.
+def run_command(argv: Sequence[str], *, timeout: float = 60.0,
+                cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a short helper command (qemu-img, qemu -help; make in a kernel tree) and capture it.
 
     Raises :class:`HostError` if it cannot be started or times out; a non-zero
     exit is returned for the caller to judge.
@@ -94,6 +95,8 @@ def run_command(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.Com
             text=True,
             timeout=timeout,
             check=False,
+            cwd=cwd,
+            errors="replace",
         )
     except FileNotFoundError as exc:
         raise HostError(f"cannot run {argv[0]}: not found") from exc

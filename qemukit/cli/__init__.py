@@ -23,6 +23,7 @@ from . import (
     _guest,
     _hotplug,
     _images,
+    _kernel,
     _matrix,
     _run,
     _snapshot,
@@ -62,6 +63,6 @@ __all__ = [
 ]
 
 for _module in (_run, _detached, _guest, _hotplug, _snapshot, _debug, _doctor, _images, _matrix,
-                _cache):
+                _cache, _kernel):
     for _command in _module.COMMANDS:
         main.add_command(_command)

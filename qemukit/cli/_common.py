@@ -161,7 +161,9 @@ def spec_options(func: F) -> F:
                      f"{DEFAULT_MEMORY_SLOTS} DIMM slots unless --slots says otherwise."),
         click.option("--slots", type=int, help="Memory hotplug (DIMM) slots; needs --max-memory "
                      f"[default with --max-memory: {DEFAULT_MEMORY_SLOTS}]."),
-        click.option("--kernel", type=click.Path(dir_okay=False), help="Kernel to boot."),
+        click.option("--kernel", type=click.Path(), help="Kernel to boot: an image file, or a "
+                     "built kernel tree (its arch/*/boot image; the tree's modules are installed "
+                     "into the initramfs)."),
         click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs."),
         click.option("--append", help="Kernel command line (replaces the image's)."),
         click.option("--disk", "disks", multiple=True, metavar="PATH[,opts]",
@@ -224,6 +226,12 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
     elif opts["image"]:
         spec = images.spec(opts["image"], **by_arch)
     elif opts["kernel"]:
+        if os.path.isdir(opts["kernel"]):  # a build tree: its built image says the arch
+            from ..kconfig import find_tree
+
+            by_arch = {"arch": find_tree(opts["kernel"], arch).arch}
+        if opts.get("initrd"):  # a kernel and an initrd of one's own need no built tiny image
+            by_arch["initrd"] = opts["initrd"]
         spec = images.spec("tiny", kernel=opts["kernel"], **by_arch)
     elif arch and arch != "x86_64":
         spec = images.spec("tiny", **by_arch)

@@ -86,6 +86,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
     if warm != spec.warm:
         spec = spec.replace(warm=warm)
+    if not command and spec.kernel is not None and os.path.isdir(spec.kernel):
+        spec = _boot_tree_image(spec)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
@@ -155,6 +157,20 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
               "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
+
+
+def _boot_tree_image(spec: VMSpec) -> VMSpec:
+    """A spec booting a kernel tree's image, its config checked (its modules are not installed:
+    without -- CMD the VM outlives this process, and with it a temporary modules directory)."""
+    from ..kconfig import check_kernel_config, find_tree
+
+    tree = find_tree(spec.kernel or "", spec.arch)
+    spec = spec.replace(kernel=str(tree.image))
+    check_kernel_config(spec, tree.config)
+    if tree.modules:
+        click.echo(f"qemukit: {tree.root}'s modules are installed only for run -- CMD; "
+                   "the drivers the guest needs must be built in", err=True)
+    return spec
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:

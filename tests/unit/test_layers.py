@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "paths", "timeouts", "arch", "spec", "_fs", "_aio", "_sync"),
     ("_launch",),
     ("host",),
-    ("images", "rootfs"),
+    ("images", "rootfs", "kconfig"),
     ("_wire",),
     ("target",),
     ("hotplug", "snapshot", "guest", "dump"),

@@ -1,0 +1,131 @@
+"""The suite's own kernel: Debian's linux-source-6.1, ``make tinyconfig`` plus ``qemukit kconfig``.
+
+:func:`build_test_kernel` returns a built ``make O=DIR`` tree (``DIR/arch/x86/boot/bzImage``,
+``DIR/.config``, one module) under ``<cache>/kernels/<key>/``. The key covers every input: the
+source tarball (size and mtime), the fragment qemukit merges plus this file's extra lines, the
+compiler's version and qemukit's :data:`~qemukit.kconfig.KCONFIG_VERSION`; so a later run with
+the same inputs reuses the build and anything that changes them builds anew. The source is
+extracted once per tarball (``kernels/src-<key>/``), and builds run under a file lock so
+parallel sessions build once. Nothing is downloaded.
+
+Run it by hand: ``python -m tests.kernel_build`` prints the tree (building it if needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qemukit import kconfig
+from qemukit._fs import locked
+from qemukit.paths import cache_dir
+
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+#: Lines merged after qemukit's fragment: one module, so the tree exercises modules_install
+#: (the tiny init modprobes virtio_balloon; /sys/module/virtio_balloon proves it loaded).
+EXTRA = "# the suite's extras\nCONFIG_MODULES=y\nCONFIG_MODULE_UNLOAD=y\nCONFIG_VIRTIO_BALLOON=m\n"
+#: Bumped when the steps below change what they produce.
+RECIPE_VERSION = 1
+BUILD_TIMEOUT = 3600.0
+
+
+def _gcc_version() -> str:
+    proc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False)
+    return proc.stdout.splitlines()[0] if proc.returncode == 0 and proc.stdout else "no gcc"
+
+
+def build_key(tarball: Path = SOURCE_TARBALL) -> str:
+    """The hash of every input of the build (see the module docstring)."""
+    st = tarball.stat()
+    parts = {
+        "tarball": [str(tarball), st.st_size, int(st.st_mtime)],
+        "fragment": kconfig.fragment("x86_64") + EXTRA,
+        "gcc": _gcc_version(),
+        "kconfig_version": kconfig.KCONFIG_VERSION,
+        "recipe": RECIPE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run(argv: list[str], cwd: Path, log: Path) -> None:
+    """Run one build step, its output appended to ``log``; fail with the log's tail."""
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"\n$ {' '.join(argv)}  (in {cwd})\n")
+        out.flush()
+        proc = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}) in {cwd}:\n{tail}")
+
+
+def _source_tree(root: Path, tarball: Path, progress: Callable[[str], None]) -> Path:
+    """The tarball extracted once (shared by every build of it), under its own lock."""
+    st = tarball.stat()
+    digest = hashlib.sha256(f"{tarball}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()
+    src = root / f"src-{digest[:12]}"
+    with locked(root / f"{src.name}.lock"):
+        done = src / ".qemukit-extracted"
+        if done.exists():
+            return src / "linux-source-6.1"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(mode=0o700)
+        progress(f"extracting {tarball}")
+        _run(["tar", "-xJf", str(tarball), "-C", str(src)], src, root / f"{src.name}.log")
+        done.write_text("")
+        return src / "linux-source-6.1"
+
+
+def build_test_kernel(progress: Callable[[str], None] = lambda _: None,
+                      tarball: Path = SOURCE_TARBALL) -> Path:
+    """The built tree (``make O=`` directory) of the suite's kernel, built if not cached."""
+    root = cache_dir() / "kernels"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = build_key(tarball)
+    out = root / key
+    with locked(root / f"{key}.lock"):
+        if (out / ".qemukit-built").exists():
+            return out / "build"
+        src = _source_tree(root, tarball, progress)
+        shutil.rmtree(out, ignore_errors=True)
+        build = out / "build"
+        build.mkdir(parents=True, mode=0o700)
+        log = out / "build.log"
+        start = time.monotonic()
+        progress("make tinyconfig")
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "tinyconfig"], src, log)
+        progress("qemukit kconfig (merge_config.sh -m, make olddefconfig)")
+        merged = kconfig.merge_into_tree(build, "x86_64", extra=EXTRA)
+        if merged.dropped:
+            raise RuntimeError(f"olddefconfig dropped {sorted(merged.dropped)} from the fragment")
+        progress(f"make -j{os.cpu_count() or 1} bzImage modules (a few minutes)")
+        _run(["make", "-s", f"-j{os.cpu_count() or 1}", "ARCH=x86_64", "bzImage", "modules"],
+             build, log)
+        _prune(build)
+        seconds = time.monotonic() - start
+        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+        progress(f"built in {seconds:.0f}s: {build}")
+        return build
+
+
+def _prune(build: Path) -> None:
+    """Drop the object files: a booted tree needs its image, vmlinux, .config and modules."""
+    for path in build.rglob("*.o"):
+        path.unlink()
+
+
+def main() -> int:
+    tree = build_test_kernel(progress=lambda line: print(f"kernel_build: {line}", file=sys.stderr))
+    print(tree)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
