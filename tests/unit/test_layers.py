@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_launch",),
     ("host",),
     ("images",),
+    ("templates",),
     ("_wire",),
     ("target",),
     ("hotplug", "snapshot", "guest", "dump"),
