@@ -23,6 +23,7 @@ from . import (
     _guest,
     _hotplug,
     _matrix,
+    _mcp,
     _run,
     _snapshot,
     _templates,
@@ -62,6 +63,6 @@ __all__ = [
 ]
 
 for _module in (_run, _detached, _guest, _hotplug, _snapshot, _debug, _doctor, _matrix, _cache,
-                _templates):
+                _templates, _mcp):
     for _command in _module.COMMANDS:
         main.add_command(_command)
