@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,9 @@ __all__ = [
     "parse_drive",
     "parse_nic",
     "parse_size",
+    "resolve_spec_file",
+    "spec_from_resolved",
+    "template_names",
 ]
 
 MachineType = Literal["q35", "pc", "microvm", "virt", "s390-ccw-virtio", "pseries"]
@@ -389,6 +393,124 @@ class CloudInit:
 
 
 
+#: Keys a spec file may hold beyond the VM's fields: what it is based on, a line saying
+#: what it is for, and the built-in image it boots (resolved by :mod:`qemukit.templates`).
+TEMPLATE_KEYS = ("base", "description", "image")
+#: Where the built-in templates live (``<name>.toml``; data files of the package).
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+#: The placeholders a spec file's strings may hold, expanded when the file is loaded.
+PLACEHOLDERS = ("${PWD}", "${HOME}")
+_PLACEHOLDER_RE = re.compile(r"\$\{[^}]*\}")
+#: Which top-level key a field named in a SpecError belongs to.
+_FIELD_KEYS = {"drive": "drives", "nic": "nics", "forward": "nics", "share": "shares"}
+
+
+def template_names() -> list[str]:
+    """The built-in templates' names (the ``*.toml`` files in :data:`TEMPLATE_DIR`)."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.toml"))
+
+
+def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    """``high`` over ``low``: tables merge key by key, anything else (lists too) is replaced."""
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _expand(value: Any, where: str, key: str, cwd: str, home: str) -> Any:
+    if isinstance(value, str):
+        for found in _PLACEHOLDER_RE.findall(value):
+            if found not in PLACEHOLDERS:
+                raise SpecError(f"{where}: {key}", value, f"unknown placeholder {found}; "
+                                f"known: {', '.join(PLACEHOLDERS)}")
+        return value.replace("${PWD}", cwd).replace("${HOME}", home)
+    if isinstance(value, list):
+        return [_expand(v, where, key, cwd, home) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _expand(v, where, f"{key}.{k}", cwd, home) for k, v in value.items()}
+    return value
+
+
+def resolve_spec_file(path: str | Path, *, cwd: str | Path | None = None
+                      ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A spec file's table with its ``base`` chain merged in, and where each key came from.
+
+    ``base`` names a file (a path with a ``/`` or ending in ``.toml``, relative to
+    the file that names it) or a built-in template (:func:`template_names`). The
+    base is loaded first and the file's own keys override it: a scalar is replaced,
+    a table (``cloud_init``) is merged key by key, a list (``drives``, ``nics``,
+    ``shares``, ``extra_args``) is replaced whole. ``${PWD}`` (the directory the
+    spec is loaded from, ``cwd``) and ``${HOME}`` in any string are expanded.
+    Every mistake is a :class:`SpecError` naming the file and the key: an unknown
+    key, a missing base file, an unknown template, a cycle (with its chain). The
+    result keeps ``image`` and ``description``; ``base`` is consumed.
+    """
+    here = str(cwd) if cwd is not None else os.getcwd()
+    home = str(Path.home())
+    known = {f.name for f in dataclasses.fields(VMSpec)} | set(TEMPLATE_KEYS)
+
+    def one(file: Path, label: str, chain: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+        raw = load_toml(file)
+        # A lone file keeps the plain field names; in a chain each error says its file.
+        where = f"{label}: " if len(chain) > 1 or "base" in raw else ""
+        for key in raw:
+            if key not in known:
+                raise SpecError(f"{where}{key}", raw[key], "unknown key; a spec file takes "
+                                f"{', '.join(sorted(known))}")
+        data = {k: _expand(v, label, k, here, home) for k, v in raw.items() if k != "base"}
+        origins = dict.fromkeys(data, label)
+        base = raw.get("base")
+        if base is None:
+            return data, origins
+        if not isinstance(base, str) or not base:
+            raise SpecError(f"{label}: base", base, "must be a file name or a template name")
+        if "/" in base or base.endswith(".toml"):
+            target = (file.parent / base).resolve()
+            target_label = str(target)
+            if not target.is_file():
+                raise SpecError(f"{label}: base", base, f"no such file: {target}")
+        else:
+            if base not in template_names():
+                raise SpecError(f"{label}: base", base, "unknown template; built-in: "
+                                f"{', '.join(template_names())} (a file needs a / or .toml)")
+            target = TEMPLATE_DIR / f"{base}.toml"
+            target_label = f"template {base}"
+        key = str(target.resolve())
+        if key in chain:
+            names = chain_labels[chain.index(key):] + [target_label]
+            raise SpecError(f"{label}: base", base, "a cycle of bases: " + " -> ".join(names))
+        chain_labels.append(target_label)
+        low, low_origins = one(target, target_label, [*chain, key])
+        return _merge(low, data), {**low_origins, **origins}
+
+    start = Path(path)
+    chain_labels = [str(path)]
+    try:
+        first = str(start.resolve())
+    except OSError as exc:
+        raise SpecError("file", str(path), exc.strerror or str(exc)) from exc
+    return one(start, str(path), [first])
+
+
+def spec_from_resolved(data: Mapping[str, Any], origins: Mapping[str, str]) -> VMSpec:
+    """:meth:`VMSpec.from_dict` of a resolved file's table, its errors naming the file."""
+    fields = {k: v for k, v in data.items() if k not in TEMPLATE_KEYS}
+    try:
+        return VMSpec.from_dict(fields)
+    except SpecError as exc:
+        head = exc.field.split(".", 1)[0]
+        origin = origins.get(_FIELD_KEYS.get(head, head))
+        if origin is None or len(set(origins.values())) < 2:
+            raise
+        raise SpecError(f"{origin}: {exc.field}", exc.value, exc.reason) from exc
+    except TypeError as exc:
+        raise SpecError(", ".join(sorted(set(origins.values()))), dict(fields), str(exc)) from exc
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file's table; :class:`SpecError` naming the file if it cannot be read or parsed."""
     try:
@@ -653,8 +775,17 @@ class VMSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> VMSpec:
-        """Read a spec from a TOML file."""
-        return cls.from_dict(load_toml(path))
+        """Read a spec from a TOML file, its ``base`` chain resolved (see :func:`resolve_spec_file`).
+
+        A file whose chain names a built-in image (``image = "tiny"``, as the built-in
+        templates do) needs the image cache: load it with :func:`qemukit.templates.load_spec`.
+        """
+        data, origins = resolve_spec_file(path)
+        if "image" in data:
+            raise SpecError(f"{origins['image']}: image", data["image"],
+                            "a spec on a built-in image is loaded by qemukit.templates.load_spec "
+                            "(as qemukit run -f does)")
+        return spec_from_resolved(data, origins)
 
     def dumps(self) -> str:
         """The spec as TOML text that :meth:`load` reads back to an equal spec."""

@@ -25,8 +25,10 @@ from . import (
     _images,
     _kernel,
     _matrix,
+    _mcp,
     _run,
     _snapshot,
+    _templates,
 )
 from ._common import (
     EXIT_CODES,
@@ -63,6 +65,6 @@ __all__ = [
 ]
 
 for _module in (_run, _detached, _guest, _hotplug, _snapshot, _debug, _doctor, _images, _matrix,
-                _cache, _kernel):
+                _cache, _kernel, _templates, _mcp):
     for _command in _module.COMMANDS:
         main.add_command(_command)

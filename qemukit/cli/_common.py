@@ -144,7 +144,8 @@ def spec_options(func: F) -> F:
     """The options that describe a VM, shared by ``run`` and ``cmdline``."""
     options = [
         click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),
-                     help="Read the VM description from a TOML file."),
+                     help="Read the VM description from a TOML file or a built-in template "
+                     "(qemukit templates ls)."),
         click.option("--image", help="Start from a built-in image (tiny, debian) or an imported one."),
         click.option("--name", help="VM name (unique among running VMs)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]),
@@ -220,7 +221,9 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
         _check_machine(opts.get("machine"), arch)  # before any image is looked up
     by_arch: dict[str, Any] = {"arch": arch} if arch else {}
     if opts["spec_file"]:
-        spec = VMSpec.load(opts["spec_file"])
+        from ..templates import load_spec
+
+        spec = load_spec(opts["spec_file"])  # its base chain, a built-in image if it names one
         if arch and arch != spec.arch:
             spec = spec.replace(arch=arch, machine="q35")
     elif opts["image"]:

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_launch",),
     ("host",),
     ("images", "rootfs", "kconfig"),
+    ("templates",),
     ("_wire",),
     ("target",),
     ("hotplug", "snapshot", "guest", "dump"),
@@ -27,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vm",),
     ("kernel",),
     ("matrix",),
-    ("cli", "pytest_plugin", "qga", "seed"),
+    ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
 #: The only places that may import the CLI and test frameworks.
 FRONT_ENDS = ("cli", "pytest_plugin")
