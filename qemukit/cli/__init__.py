@@ -15,7 +15,18 @@ Nothing imports this module but the ``qemukit`` entry point and tests.
 
 from __future__ import annotations
 
-from . import _cache, _debug, _detached, _doctor, _guest, _hotplug, _matrix, _run, _snapshot
+from . import (
+    _cache,
+    _debug,
+    _detached,
+    _doctor,
+    _files,
+    _guest,
+    _hotplug,
+    _matrix,
+    _run,
+    _snapshot,
+)
 from ._common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -50,6 +61,7 @@ __all__ = [
     "spec_options",
 ]
 
-for _module in (_run, _detached, _guest, _hotplug, _snapshot, _debug, _doctor, _matrix, _cache):
+for _module in (_run, _detached, _guest, _files, _hotplug, _snapshot, _debug, _doctor, _matrix,
+                _cache):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("images",),
     ("_wire",),
     ("target",),
-    ("hotplug", "snapshot", "guest", "dump"),
+    ("hotplug", "snapshot", "guest", "dump", "ports"),
     ("warm",),
     ("vm",),
     ("kernel",),
