@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -158,7 +159,8 @@ def shell_command(name: str, user: str | None, command: tuple[str, ...]) -> None
     """
     with attached(name) as vm:
         ssh = _has_ssh(vm)
-        argv = vm.ssh_argv(list(command), user=user,
+        # ssh hands the remote shell one string: quote the argv so it arrives as given.
+        argv = vm.ssh_argv([shlex.join(command)] if command else [], user=user,
                            options=() if command else ("-t",)) if ssh else None
         result = None
         if argv is None and command:
