@@ -9,24 +9,220 @@ guest panics or QEMU pauses it on a disk error.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+import errno
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ._sync import SyncFacade, blocking
 from ._wire.agent import Agent, ExecResult
 from ._wire.qga import GuestAgent
-from .errors import StateError
+from ._wire.qmp import connect_unix
+from .errors import AgentError, GuestError, QemukitError, QMPCommandError, StateError
 
 if TYPE_CHECKING:
     from .target import VMTarget
 
-__all__ = ["Agent", "AsyncGuest", "ExecResult", "SyncGuest"]
+__all__ = ["Agent", "AsyncGuest", "ExecResult", "Progress", "SyncGuest"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: Extra seconds the VM's guard allows beyond a call's own deadline (which fires first).
 _GUARD_SLACK = 10.0
+
+
+# -- copying files in and out ---------------------------------------------------------------
+
+#: Bytes per write or read on the transfer port (bounded memory whatever the file's size).
+_COPY_CHUNK = 1024 * 1024
+
+#: The guest-side name prefix of a transfer port (a hot-plugged virtserialport).
+_XFER_PORT_PREFIX = "org.qemukit.xfer."
+
+#: A transfer's progress callback: ``(bytes done, bytes in all)``.
+Progress = Callable[[int, int], None]
+
+
+def _find_port_script(name: str) -> str:
+    """Shell code setting ``$dev`` to the /dev node of virtio-serial port ``name`` (30 s at most)."""
+    return (
+        "dev=; i=0\n"
+        "while [ -z \"$dev\" ] && [ $i -lt 300 ]; do\n"
+        "  for f in /sys/class/virtio-ports/*/name; do\n"
+        f"    if [ \"$(cat \"$f\" 2>/dev/null)\" = {shlex.quote(name)} ]; then\n"
+        "      d=${f%/name}; [ -c \"/dev/${d##*/}\" ] && dev=/dev/${d##*/}\n"
+        "    fi\n"
+        "  done\n"
+        "  [ -n \"$dev\" ] || { i=$((i + 1)); sleep 0.1; }\n"
+        "done\n"
+        f"[ -n \"$dev\" ] || {{ echo 'qemukit: transfer port {name} never appeared' >&2; exit 90; }}\n"
+    )
+
+
+def _guest_stat_script(path: str) -> str:
+    """Shell code printing ``d MODE``, ``f MODE SIZE``, ``other`` or ``missing`` for ``path``."""
+    p = shlex.quote(path)
+    return (f"if [ -d {p} ]; then echo d $(stat -c %a {p}); "
+            f"elif [ -f {p} ]; then echo f $(stat -c '%a %s' {p}); "
+            f"elif [ -e {p} ]; then echo other; else echo missing; fi")
+
+
+class _TransferPort:
+    """A virtio-serial port hot-plugged for one transfer: raw bytes, no encoding, any size.
+
+    The agents' own channels carry base64 in JSON or in one text line, which
+    is slow (the tiny agent's shell reads its line byte by byte) and holds
+    the whole message in memory; this port is a plain byte stream between
+    a host socket and ``/dev/vportNpM`` in the guest.
+    """
+
+    def __init__(self, vm: VMTarget) -> None:
+        if vm.runtime is None:
+            raise StateError(f"VM {vm.name!r} has no runtime directory")
+        token = secrets.token_hex(4)
+        self._vm = vm
+        self.chardev = f"xfer-{token}"
+        self.device = f"xfer-{token}-port"
+        self.name = _XFER_PORT_PREFIX + token
+        self.socket_path = vm.runtime.path / f"xfer-{token}.sock"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> _TransferPort:
+        await self._vm.qmp("chardev-add", id=self.chardev, backend={
+            "type": "socket", "data": {"addr": {"type": "unix",
+                                                "data": {"path": str(self.socket_path)}},
+                                       "server": True, "wait": False}})
+        try:
+            await self._vm.qmp("device_add", driver="virtserialport", bus="vser0.0",
+                               chardev=self.chardev, name=self.name, id=self.device)
+            sock = await connect_unix(str(self.socket_path), 30.0)
+            self.reader, self.writer = await asyncio.open_unix_connection(sock=sock)
+        except BaseException:
+            await self._remove(plugged=True)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._remove(plugged=True)
+
+    async def _remove(self, plugged: bool) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = self.reader = None
+        if not self._vm.qemu_alive():
+            return
+        if plugged:
+            with self._vm.monitor.listen("DEVICE_DELETED",
+                                         match=lambda e: e.get("data", {}).get("device")
+                                         == self.device) as events:
+                try:
+                    await self._vm.qmp("device_del", id=self.device)
+                    await self._vm.monitor.wait_event(events, 30.0,
+                                                      f"DEVICE_DELETED for {self.device}")
+                except QMPCommandError as exc:
+                    if exc.error_class != "DeviceNotFound":
+                        raise
+        try:
+            await self._vm.qmp("chardev-remove", id=self.chardev)
+        except QMPCommandError as exc:
+            log.debug("chardev-remove %s: %s", self.chardev, exc)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+
+async def _race(transfer: Awaitable[None], command: asyncio.Task[ExecResult],
+                what: str) -> ExecResult:
+    """Run the host side of a transfer beside the guest command; the command's result.
+
+    If the guest command ends first (an error there), the host side is
+    cancelled instead of waiting forever on a port nobody reads.
+    """
+    host_side = asyncio.ensure_future(transfer)
+    try:
+        done, _ = await asyncio.wait({host_side, command}, return_when=asyncio.FIRST_COMPLETED)
+        if command in done and not host_side.done():
+            host_side.cancel()
+            result = command.result()
+            raise GuestError(f"{what} failed in the guest (exit {result.exit_status}): "
+                             f"{result.stderr_text.strip()[-500:] or 'no output'}")
+        host_side.result()
+        return await command
+    finally:
+        for task in (host_side, command):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, QemukitError):
+                    await task
+
+
+async def _send_file(port: _TransferPort, source: BinaryIO, size: int,
+                     progress: Progress | None) -> None:
+    assert port.writer is not None
+    sent = 0
+    while sent < size:
+        chunk = await asyncio.to_thread(source.read, min(_COPY_CHUNK, size - sent))
+        if not chunk:
+            raise StateError(f"the host file shrank while it was copied ({sent} of {size} bytes)")
+        port.writer.write(chunk)
+        await port.writer.drain()
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent, size)
+
+
+async def _receive_file(port: _TransferPort, sink: BinaryIO, size: int,
+                        progress: Progress | None) -> None:
+    assert port.reader is not None
+    got = 0
+    while got < size:
+        chunk = await port.reader.read(min(_COPY_CHUNK, size - got))
+        if not chunk:
+            raise AgentError(f"the transfer port closed after {got} of {size} bytes")
+        await asyncio.to_thread(sink.write, chunk)
+        got += len(chunk)
+        if progress is not None:
+            progress(got, size)
+
+
+def _pack(src: Path, arcname: str, spool: BinaryIO) -> None:
+    """A tar of directory ``src`` named ``arcname`` inside, written to ``spool`` (modes kept)."""
+    with tarfile.open(fileobj=spool, mode="w") as tar:
+        tar.add(src, arcname=arcname)
+
+
+def _unpack(archive: BinaryIO, name: str, target: Path) -> None:
+    """Unpack the tar holding directory ``name`` as ``target`` (merged into it if it exists).
+
+    Unpacked beside ``target`` first and then renamed, so a bad archive
+    leaves nothing; tarfile's ``tar`` filter keeps modes but refuses paths
+    outside the directory and drops set-id bits.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with tarfile.open(fileobj=archive, mode="r") as tar:
+            tar.extractall(staging, filter="tar")
+        tree = staging / name
+        if not tree.is_dir():
+            raise AgentError(f"the guest's archive holds no directory {name!r}")
+        if target.exists():
+            shutil.copytree(tree, target, dirs_exist_ok=True)
+        else:
+            os.rename(tree, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class AsyncGuest:
@@ -127,6 +323,141 @@ class AsyncGuest:
         return await self._guarded(self._qga("guest-info").info(timeout=timeout), timeout,
                                    "the guest agent's info")
 
+    async def _run_checked(self, script: str, timeout: float, what: str) -> ExecResult:
+        result = await self.exec(script, timeout)
+        if result.exit_status != 0:
+            raise GuestError(f"{what}: {result.stderr_text.strip()[-500:] or 'failed'}")
+        return result
+
+    async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str, *,
+                      recursive: bool = False, progress: Progress | None = None,
+                      timeout: float = 600.0) -> str:
+        """Copy a host file (a directory with ``recursive``) into the guest; returns its guest path.
+
+        Like ``cp``: into ``guest_path`` if that is a directory there, else
+        as ``guest_path``. The file's mode is kept. The bytes go through a
+        virtio-serial port plugged for this copy, read and written 1 MiB at
+        a time; the guest file is written under a temporary name and renamed,
+        so a failed copy leaves nothing behind. A missing source or guest
+        directory raises :class:`~qemukit.errors.GuestError` (or
+        :class:`FileNotFoundError` for the host side) before anything is written.
+        ``progress(done, total)`` is called as bytes go.
+        """
+        src = Path(host_path)
+        st = src.stat()  # FileNotFoundError names the path
+        if stat.S_ISDIR(st.st_mode) and not recursive:
+            raise StateError(f"{src} is a directory (copy it with recursive=True, cp -r)")
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise StateError(f"{src} is neither a regular file nor a directory")
+        g = shlex.quote(guest_path)
+        base = shlex.quote(src.name)
+        where = await self._run_checked(
+            f"d={g}; if [ -d \"$d\" ]; then d=\"${{d%/}}/\"{base}; fi\n"
+            "p=$(dirname \"$d\")\n"
+            "[ -d \"$p\" ] || { echo \"no such directory in the guest: $p\" >&2; exit 2; }\n"
+            "[ -d \"$d\" ] && [ ! -d " + shlex.quote(str(src)) + " ] && "
+            "{ echo \"$d is a directory\" >&2; exit 2; }\n"
+            "printf '%s' \"$d\"", 60.0, f"cannot copy {src} to {guest_path}")
+        dest = where.stdout_text
+        q = shlex.quote(dest)
+        with contextlib.ExitStack() as stack:
+            if stat.S_ISDIR(st.st_mode):
+                spool = stack.enter_context(tempfile.TemporaryFile())
+                await asyncio.to_thread(_pack, src, Path(dest).name, spool)
+                size = spool.tell()
+                spool.seek(0)
+                source: BinaryIO = spool
+            else:
+                source = stack.enter_context(src.open("rb"))
+                size = st.st_size
+            async with _TransferPort(self._vm) as port:
+                if stat.S_ISDIR(st.st_mode):
+                    body = (
+                        f"s=$(mktemp -d \"$(dirname {q})/.qemukit-cp.XXXXXX\") || exit 91\n"
+                        f"head -c {size} \"$dev\" | tar -x -f - -C \"$s\" || "
+                        "{ rm -rf \"$s\"; exit 92; }\n"
+                        f"if [ -d {q} ]; then cp -a \"$s\"/*/. {q}/ && rm -rf \"$s\"; "
+                        f"else mv \"$s\"/* {q} && rmdir \"$s\"; fi\n")
+                else:
+                    body = (
+                        f"t={q}.qemukit-tmp.$$\n"
+                        f"head -c {size} \"$dev\" > \"$t\" || {{ rm -f \"$t\"; exit 92; }}\n"
+                        f"[ \"$(wc -c < \"$t\")\" -eq {size} ] || "
+                        "{ rm -f \"$t\"; echo 'short transfer' >&2; exit 93; }\n"
+                        f"chmod {stat.S_IMODE(st.st_mode):o} \"$t\" && mv -f \"$t\" {q}\n")
+                command = asyncio.ensure_future(
+                    self.exec(_find_port_script(port.name) + body, timeout))
+                result = await _race(_send_file(port, source, size, progress), command,
+                                     f"copying {src} to {dest}")
+        if result.exit_status != 0:
+            raise GuestError(f"copying {src} to {dest} failed in the guest "
+                             f"(exit {result.exit_status}): {result.stderr_text.strip()[-500:]}")
+        return dest
+
+    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
+                       recursive: bool = False, progress: Progress | None = None,
+                       timeout: float = 600.0) -> Path:
+        """Copy a guest file (a directory with ``recursive``) to the host; returns the host path.
+
+        Like ``cp``: into ``host_path`` if it is a directory, else as
+        ``host_path``; the mode is kept; written under a temporary name and
+        renamed, so a failed copy leaves no partial file. A missing guest
+        path raises :class:`~qemukit.errors.GuestError` and changes nothing.
+        """
+        kind = (await self._run_checked(_guest_stat_script(guest_path), 60.0,
+                                        f"cannot look at {guest_path}")).stdout_text.split()
+        if not kind or kind[0] == "missing":
+            raise GuestError(f"no such file or directory in the guest: {guest_path}")
+        if kind[0] == "other":
+            raise GuestError(f"{guest_path} in the guest is neither a regular file nor a directory")
+        if kind[0] == "d" and not recursive:
+            raise StateError(f"{guest_path} in the guest is a directory "
+                             "(copy it with recursive=True, cp -r)")
+        target = Path(host_path)
+        name = PurePosixPath(guest_path.rstrip("/") or "/").name
+        if target.is_dir():
+            target = target / name
+        if not target.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(target.parent))
+        q = shlex.quote(guest_path)
+        async with contextlib.AsyncExitStack() as stack:
+            if kind[0] == "d":
+                made = await self._run_checked(
+                    f"t=$(mktemp /tmp/qemukit-cp.XXXXXX) && "
+                    f"tar -c -f \"$t\" -C \"$(dirname {q})\" \"$(basename {q})\" && "
+                    "echo \"$t\" $(stat -c %s \"$t\")", timeout, f"cannot pack {guest_path}")
+                tar_path, size_text = made.stdout_text.split()
+                stack.push_async_callback(self.exec, f"rm -f {shlex.quote(tar_path)}", 60.0)
+                source, size, mode = tar_path, int(size_text), 0o600
+            else:
+                source, size, mode = guest_path, int(kind[2]), int(kind[1], 8)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".qemukit-tmp",
+                                            dir=target.parent)
+            tmp = Path(tmp_name)
+            sink = stack.enter_context(os.fdopen(fd, "w+b"))
+            try:
+                async with _TransferPort(self._vm) as port:
+                    command = asyncio.ensure_future(self.exec(
+                        _find_port_script(port.name)
+                        + f"head -c {size} {shlex.quote(source)} > \"$dev\"\n", timeout))
+                    result = await _race(_receive_file(port, sink, size, progress), command,
+                                         f"copying {guest_path} out")
+                if result.exit_status != 0:
+                    raise GuestError(f"copying {guest_path} out failed in the guest: "
+                                     f"{result.stderr_text.strip()[-500:]}")
+                sink.flush()
+                if kind[0] == "d":
+                    sink.seek(0)
+                    await asyncio.to_thread(_unpack, sink, name, target)
+                    tmp.unlink()
+                else:
+                    os.chmod(tmp, mode)
+                    os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return target
+
 
 class SyncGuest(SyncFacade):
     """The guest agent for synchronous code (``VM.guest``), derived from :class:`AsyncGuest`."""
@@ -147,6 +478,8 @@ class SyncGuest(SyncFacade):
     thaw = blocking(AsyncGuest.thaw)
     fsfreeze_status = blocking(AsyncGuest.fsfreeze_status)
     info = blocking(AsyncGuest.info)
+    copy_in = blocking(AsyncGuest.copy_in)
+    copy_out = blocking(AsyncGuest.copy_out)
 
     @contextlib.contextmanager
     def frozen(self, *, timeout: float = 60.0) -> Iterator[int]:

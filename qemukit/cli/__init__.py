@@ -20,6 +20,7 @@ from . import (
     _debug,
     _detached,
     _doctor,
+    _files,
     _guest,
     _hotplug,
     _images,
@@ -64,7 +65,7 @@ __all__ = [
     "spec_options",
 ]
 
-for _module in (_run, _detached, _guest, _hotplug, _snapshot, _debug, _doctor, _images, _matrix,
-                _cache, _kernel, _templates, _mcp):
+for _module in (_run, _detached, _guest, _files, _hotplug, _snapshot, _debug, _doctor, _images,
+                _matrix, _cache, _kernel, _templates, _mcp):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -58,11 +58,14 @@ from ._common import (
 @click.option("--verbose", "-v", is_flag=True,
               help="Explain the accelerator choice in full (as qemukit doctor does), and say "
               "whether the start was warm or cold, and why.")
+@click.option("--forward-auto/--no-forward-auto", "forward_auto", default=None,
+              help="With --detach: forward each port the guest listens on (TCP and UDP) from "
+                   "127.0.0.1, as it comes and goes [default: on for --image debian].")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
         dump_on_panic: str | None, verbose: bool, warm: bool | None,
-        command: tuple[str, ...], **opts: Any) -> None:
+        forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -92,8 +95,18 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
                                    "use 'qemukit exec NAME -- CMD'")
-        _run_detached(spec, timeout, wait_for, json_out == "-", verbose)
+        if forward_auto is None:
+            # A developer image is for reaching what it serves; the tiny test guest is not.
+            forward_auto = opts.get("image") == "debian"
+        if forward_auto and not any(n.kind == "user" for n in spec.nics):
+            raise errors.SpecError("forward_auto", True, "needs a user network (--nic user)")
+        if forward_auto and spec.agent == "none":
+            raise errors.SpecError("forward_auto", True, "needs a guest agent to see listeners")
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, forward_auto)
         return
+    if forward_auto:
+        raise errors.SpecError("forward_auto", True, "--forward-auto needs --detach (the "
+                               "watcher outlives this command)")
     if not command:
         vm = VM(spec, boot_timeout=timeout)
         try:
@@ -204,7 +217,7 @@ def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
-                  verbose: bool = False) -> None:
+                  verbose: bool = False, forward_auto: bool = False) -> None:
     from ..vm import VM
 
     vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
@@ -224,6 +237,10 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
     if verbose and not as_json:
         _announce_accel(vm, verbose)
     vm.detach()
+    if forward_auto:
+        from ._files import start_port_watcher
+
+        start_port_watcher(name)
     if gdb is not None:
         click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, *gdb)}", err=True)
     if as_json:

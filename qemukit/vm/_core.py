@@ -51,7 +51,7 @@ from ..errors import (
     StateError,
     WaitTimeout,
 )
-from ..guest import AsyncGuest
+from ..guest import AsyncGuest, Progress
 from ..hotplug import AsyncHotplug, PluggedDevice
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
@@ -1134,6 +1134,22 @@ class AsyncVM:
                 f"{command!r} exited with {result.exit_status}: {result.stderr_text.strip()[-500:]}"
             )
         return result
+
+    async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str, *,
+                      recursive: bool = False, progress: Progress | None = None,
+                      timeout: float = 600.0) -> str:
+        """Copy a host file or directory into the guest (see :meth:`AsyncGuest.copy_in`)."""
+        await self.wait_ready()
+        return await self.guest.copy_in(host_path, guest_path, recursive=recursive,
+                                        progress=progress, timeout=timeout)
+
+    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
+                       recursive: bool = False, progress: Progress | None = None,
+                       timeout: float = 600.0) -> Path:
+        """Copy a guest file or directory to the host (see :meth:`AsyncGuest.copy_out`)."""
+        await self.wait_ready()
+        return await self.guest.copy_out(guest_path, host_path, recursive=recursive,
+                                         progress=progress, timeout=timeout)
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""

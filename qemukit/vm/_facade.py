@@ -81,6 +81,8 @@ class VM(SyncFacade):
     wait_ssh = blocking(AsyncVM.wait_ssh)
     wait_ready = blocking(AsyncVM.wait_ready)
     exec = blocking(AsyncVM.exec)
+    copy_in = blocking(AsyncVM.copy_in)
+    copy_out = blocking(AsyncVM.copy_out)
     wait_exit = blocking(AsyncVM.wait_exit)
     console_events = blocking(AsyncVM.console_events)
     shutdown = blocking(AsyncVM.shutdown)

@@ -1,0 +1,275 @@
+"""``qemukit cp``, ``qemukit shell`` and ``qemukit ports``: files, a shell and forwards of a running VM.
+
+``cp [-r] SRC DST`` copies between the host and a guest, one side written
+``NAME:PATH``, through the guest agent (either kind) and a virtio-serial
+port plugged for the copy. ``shell NAME`` logs in over ssh when the VM has
+an ssh forward, else attaches the console; ``shell NAME -- CMD`` runs one
+command and exits with its status. ``ports NAME`` lists the user-network
+forwards, those the port watcher added marked ``auto``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import errors
+from ._common import attached, emit_json, name_argument
+
+__all__ = ["GuestPath", "parse_cp_args", "start_port_watcher"]
+
+_REMOTE_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*):(?P<path>.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestPath:
+    """``NAME:PATH``: a path inside the guest of VM ``name``."""
+
+    name: str
+    path: str
+
+
+def parse_location(text: str) -> GuestPath | str:
+    """``NAME:PATH`` as a :class:`GuestPath`; anything else (``/a:b``, ``./a:b``) a host path."""
+    if text.startswith(("/", ".", "~")):
+        return text
+    m = _REMOTE_RE.match(text)
+    if m is None:
+        return text
+    if not m.group("path"):
+        raise errors.SpecError("cp", text, "give a guest path after the colon, e.g. NAME:/tmp")
+    return GuestPath(m.group("name"), m.group("path"))
+
+
+def parse_cp_args(src: str, dst: str) -> tuple[GuestPath | str, GuestPath | str]:
+    """Both sides of ``cp``; exactly one must be ``NAME:PATH`` (else :class:`SpecError`)."""
+    a, b = parse_location(src), parse_location(dst)
+    if isinstance(a, GuestPath) and isinstance(b, GuestPath):
+        raise errors.SpecError("cp", f"{src} {dst}",
+                               "both sides are NAME:PATH; one side must be a host path")
+    if not isinstance(a, GuestPath) and not isinstance(b, GuestPath):
+        raise errors.SpecError("cp", f"{src} {dst}", "neither side is NAME:PATH (a guest path); "
+                               "write a host path with a ':' as ./a:b")
+    return a, b
+
+
+class _ProgressLine:
+    """A one-line progress display on a terminal's stderr for copies over 1 MiB; silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.shown = False
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < 1024 * 1024:
+            return
+        now = time.monotonic()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        self.shown = True
+        pct = 100 * done // max(total, 1)
+        sys.stderr.write(f"\r{self.label}: {pct:3d}% {done / 1048576:.1f}/{total / 1048576:.1f} MiB")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+@click.command(name="cp")
+@click.option("-r", "--recursive", is_flag=True, help="Copy a directory and what it holds.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds for the whole copy.")
+@click.argument("src")
+@click.argument("dst")
+def cp_command(recursive: bool, timeout: float, src: str, dst: str) -> None:
+    """Copy files between the host and a running VM: qemukit cp [-r] SRC DST.
+
+    \b
+    One side is NAME:PATH (a path in VM NAME's guest), the other a host path:
+      qemukit cp ./build.tar vm1:/tmp/       qemukit cp -r vm1:/var/log ./logs
+    Like cp: into DST if it is a directory, else as DST. Modes are kept;
+    the file is written under a temporary name and renamed, so a failed copy
+    leaves nothing behind. Goes through the guest agent (the tiny image's or
+    qemu-guest-agent); progress is shown on a terminal for large files.
+    """
+    a, b = parse_cp_args(src, dst)
+    remote = a if isinstance(a, GuestPath) else b
+    assert isinstance(remote, GuestPath)
+    progress = _ProgressLine(f"{src} -> {dst}")
+    if isinstance(a, str):
+        # Check the host side first: a missing source must change nothing anywhere.
+        local = Path(a).expanduser()
+        if not local.exists():
+            raise errors.StateError(f"no such file or directory on the host: {a}")
+        if local.is_dir() and not recursive:
+            raise errors.StateError(f"{a} is a directory (use cp -r)")
+    else:
+        target = Path(str(b)).expanduser()
+        if not target.is_dir() and not target.parent.is_dir():
+            raise errors.StateError(f"no such directory on the host: {target.parent}")
+    with attached(remote.name) as vm:
+        if not vm.spec.agent or vm.spec.agent == "none":
+            raise errors.StateError(f"VM {remote.name!r} has no guest agent; copy with "
+                                    f"'qemukit ssh' and scp instead")
+        try:
+            if isinstance(a, str):
+                vm.copy_in(Path(a).expanduser(), remote.path, recursive=recursive,
+                           progress=progress, timeout=timeout)
+            else:
+                vm.copy_out(remote.path, Path(str(b)).expanduser(), recursive=recursive,
+                            progress=progress, timeout=timeout)
+        finally:
+            progress.finish()
+
+
+def _has_ssh(vm: Any) -> bool:
+    if vm.spec.cloud_init is None:
+        return False
+    try:
+        vm.ssh_address()
+    except errors.StateError:
+        return False
+    return True
+
+
+@click.command(name="shell", context_settings={"ignore_unknown_options": True})
+@name_argument
+@click.option("-l", "--user", help="Log in as USER over ssh (default: the seed's user).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def shell_command(name: str, user: str | None, command: tuple[str, ...]) -> None:
+    """Open a shell in a running VM, or run one command: qemukit shell NAME [-- CMD...].
+
+    \b
+    Over ssh when the VM has an ssh forward and a cloud-init seed (the
+    Debian image; several shells at once work), else the serial console
+    (the tiny image: one at a time, Ctrl-] detaches). With CMD: over ssh,
+    or through the guest agent, and the exit status is CMD's.
+    """
+    with attached(name) as vm:
+        ssh = _has_ssh(vm)
+        # ssh hands the remote shell one string: quote the argv so it arrives as given.
+        argv = vm.ssh_argv([shlex.join(command)] if command else [], user=user,
+                           options=() if command else ("-t",)) if ssh else None
+        result = None
+        if argv is None and command:
+            result = vm.exec(list(command), timeout=None)
+    if argv is not None:
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            raise errors.HostError(
+                f"cannot run {argv[0]}: {exc.strerror}; install openssh-client") from exc
+    if result is not None:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.flush()
+        sys.exit(result.exit_status)
+    from ._detached import console
+
+    click.get_current_context().invoke(console, name=name)
+
+
+@click.command(name="ports")
+@name_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the forwards as a JSON list.")
+@click.option("--watch", is_flag=True, hidden=True,
+              help="Run the port watcher of a detached VM (started by run --detach).")
+@click.option("--interval", type=float, default=2.0, hidden=True)
+def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> None:
+    """List a running VM's port forwards: guest port, protocol, host address, auto or static.
+
+    \b
+    'auto' forwards follow the guest's listening sockets (run --forward-auto,
+    the default for --detach of the Debian image); 'static' ones come from
+    --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked.
+    """
+    from .._sync import run_sync
+    from ..ports import list_forwards
+
+    if watch:
+        _watch(name, interval)
+        return
+    with attached(name) as vm:
+        forwards = run_sync(list_forwards(vm.aio))
+    if as_json:
+        emit_json([fw.to_json() for fw in forwards])
+        return
+    click.echo(f"{'GUEST':<8}{'PROTO':<7}{'HOST':<24}KIND")
+    for fw in forwards:
+        click.echo(f"{fw.guest_port:<8}{fw.proto:<7}{fw.host_addr + ':' + str(fw.host_port):<24}"
+                   f"{fw.kind}")
+
+
+def _watch(name: str, interval: float) -> None:
+    """The port watcher of a detached VM: attach for each look, let go between looks.
+
+    QEMU's monitor and the agent's channel serve one client at a time, so
+    the watcher holds neither between looks: ``exec``, ``cp`` and the rest
+    wait at most one look for it. It ends once QEMU has exited.
+    """
+    import logging
+
+    from .._launch.runtime import RuntimeDir
+    from .._sync import run_sync
+    from ..paths import state_dir
+    from ..ports import guest_listeners, sync_forwards, wait_pid_exit
+    from ..vm import VM
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("qemukit.ports")
+    info = RuntimeDir(state_dir() / name).read_info()
+    if info is None:
+        raise errors.StateError(f"no VM named {name!r}")
+    while info.alive():
+        try:
+            vm = VM.attach(name, timeout=30.0)
+        except errors.QemukitError as exc:
+            log.warning("%s: port watch cannot attach: %s", name, exc)
+        else:
+            try:
+                vm.guest.ping(timeout=5.0)
+                run_sync(sync_forwards(vm.aio, run_sync(guest_listeners(vm.aio.guest))))
+            except errors.QemukitError as exc:
+                log.info("%s: port watch: %s", name, exc)
+            finally:
+                vm.detach()
+        if wait_pid_exit(info.pid, interval):
+            break
+
+
+def start_port_watcher(name: str) -> int:
+    """Start the port watcher of detached VM ``name``, recorded among its helpers; its pid.
+
+    ``stop``, ``kill`` and ``gc`` end the VM's helpers with it; the
+    watcher also ends by itself once QEMU exits.
+    """
+    from .._launch.process import QemuProcess
+    from .._launch.runtime import RuntimeDir
+    from ..paths import state_dir
+
+    rd = RuntimeDir(state_dir() / name)
+    info = rd.read_info()
+    if info is None:
+        raise errors.StateError(f"no VM named {name!r}")
+    argv = [sys.executable, "-c", "from qemukit.cli import main; main()", "ports", name, "--watch"]
+    proc = QemuProcess.spawn(argv, log_path=rd.path / "ports.log", die_with_parent=False)
+    rd.write_info(dataclasses.replace(info, helpers=(*info.helpers,
+                                                     (proc.pid, proc.start_time))))
+    return proc.pid
+
+
+#: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).
+COMMANDS = (cp_command, shell_command, ports_command)

@@ -1,0 +1,287 @@
+"""Ports that forward themselves: the guest's listeners, forwarded to 127.0.0.1 as they come and go.
+
+:func:`guest_listeners` reads the guest's ``/proc/net/{tcp,tcp6,udp,udp6}``
+through its agent; :func:`sync_forwards` makes the user network's host
+forwards match them, one pass (HMP ``hostfwd_add`` on 127.0.0.1, the same
+host port when it is free, else one the kernel picks; ``hostfwd_remove``
+when the guest stopped listening); :func:`watch_ports` repeats that until
+QEMU exits. :func:`list_forwards` says which forwards exist and which were
+added here (``auto``) or by the spec (``static``). Only loopback is ever
+bound. Sockets bound to the guest's loopback are skipped: user networking
+reaches the guest on its own address, never on 127.0.0.1.
+
+For a detached VM the CLI leaves a watcher process behind (``qemukit ports
+NAME --watch``) that calls :func:`sync_forwards` every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._launch.usernet import UsernetForward, parse_usernet
+from .errors import QemukitError, StateError
+
+if TYPE_CHECKING:
+    from .guest import AsyncGuest
+    from .target import VMTarget
+
+__all__ = ["Forward", "Listener", "guest_listeners", "list_forwards", "parse_proc_net",
+           "sync_forwards", "wait_pid_exit", "watch_ports"]
+
+log = logging.getLogger(__name__)
+
+Proto = Literal["tcp", "udp"]
+
+#: The file in the runtime directory recording the forwards added automatically.
+AUTO_FILE = "forwards-auto.json"
+
+#: Seconds between two looks at the guest's listeners.
+POLL_INTERVAL = 2.0
+
+#: Guest ports never forwarded automatically: DHCP clients (their sockets are no services).
+_IGNORED = {("udp", 68), ("udp", 546)}
+
+_TCP_LISTEN = "0A"
+_UDP_UNCONNECTED = "07"
+
+#: Reads all four tables in one agent call, each after a marker line.
+_READ_SCRIPT = ("for f in tcp tcp6 udp udp6; do echo \"== $f\"; "
+                "cat /proc/net/$f 2>/dev/null; done")
+
+
+@dataclass(frozen=True, order=True)
+class Listener:
+    """A socket the guest listens on: protocol and port."""
+
+    proto: Proto
+    port: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One host forward of the VM's user network."""
+
+    proto: str
+    guest_port: int
+    host_addr: str
+    host_port: int
+    kind: Literal["auto", "static"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The forward as a JSON object."""
+        return asdict(self)
+
+
+def _loopback(hex_addr: str) -> bool:
+    """True for a /proc/net address on the loopback (127/8, ::1, ::ffff:127/8)."""
+    if len(hex_addr) == 8:
+        return hex_addr[6:8] == "7F"  # little-endian: the first octet is printed last
+    if len(hex_addr) == 32:
+        if hex_addr == "00000000000000000000000001000000":
+            return True
+        return hex_addr[:24] == "0000000000000000FFFF0000" and hex_addr[30:32] == "7F"
+    return False
+
+
+def parse_proc_net(text: str, proto: Proto) -> set[Listener]:
+    """The listening sockets in one ``/proc/net/{tcp,tcp6,udp,udp6}`` table.
+
+    TCP sockets in state LISTEN; UDP sockets bound with no remote end.
+    Those bound to a loopback address are left out: a user-network forward
+    cannot reach them. Malformed lines are skipped.
+    """
+    found: set[Listener] = set()
+    want = _TCP_LISTEN if proto == "tcp" else _UDP_UNCONNECTED
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[0].rstrip(":").isdigit():
+            continue
+        local, remote, state = fields[1], fields[2], fields[3].upper()
+        addr, _, port_hex = local.rpartition(":")
+        try:
+            port = int(port_hex, 16)
+        except ValueError:
+            continue
+        if state != want or port == 0 or _loopback(addr.upper()):
+            continue
+        if proto == "udp" and not remote.endswith(":0000"):
+            continue
+        found.add(Listener(proto, port))
+    return found
+
+
+def parse_proc_net_tables(text: str) -> set[Listener]:
+    """Listeners from the output of the agent script (``== tcp`` etc. before each table)."""
+    found: set[Listener] = set()
+    proto: Proto | None = None
+    block: list[str] = []
+
+    def flush() -> None:
+        if proto is not None:
+            found.update(parse_proc_net("\n".join(block), proto))
+
+    for line in text.splitlines():
+        if line.startswith("== "):
+            flush()
+            proto = "udp" if line[3:].startswith("udp") else "tcp"
+            block = []
+        else:
+            block.append(line)
+    flush()
+    return found
+
+
+async def guest_listeners(guest: AsyncGuest, timeout: float = 30.0) -> set[Listener]:
+    """The guest's listening TCP and UDP sockets, read through its agent (``vm.guest``)."""
+    result = await guest.exec(_READ_SCRIPT, timeout)
+    return {lst for lst in parse_proc_net_tables(result.stdout_text)
+            if (lst.proto, lst.port) not in _IGNORED}
+
+
+async def _usernet(vm: VMTarget) -> tuple[str | None, list[UsernetForward]]:
+    text = str(await vm.qmp("human-monitor-command", command_line="info usernet"))
+    netdev = None
+    for line in text.splitlines():
+        if line.startswith("Hub") and "(" in line:
+            netdev = line[line.index("(") + 1 : line.rindex(")")]
+            break
+    return netdev, parse_usernet(text)
+
+
+def _auto_path(vm: VMTarget) -> Any:
+    if vm.runtime is None:
+        raise StateError(f"VM {vm.name!r} has no runtime directory")
+    return vm.runtime.path / AUTO_FILE
+
+
+def _read_auto(vm: VMTarget) -> dict[str, int]:
+    """``{"tcp/8123": host_port}`` for each automatic forward."""
+    try:
+        data = json.loads(_auto_path(vm).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def _write_auto(vm: VMTarget, auto: dict[str, int]) -> None:
+    path = _auto_path(vm)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(auto, f)
+    os.replace(tmp, path)
+
+
+async def list_forwards(vm: VMTarget) -> list[Forward]:
+    """Every host forward of the VM's user network, automatic ones marked ``auto``."""
+    _, forwards = await _usernet(vm)
+    auto = _read_auto(vm)
+    out = []
+    for fw in forwards:
+        key = f"{fw.protocol}/{fw.guest_port}"
+        kind: Literal["auto", "static"] = "auto" if auto.get(key) == fw.host_port else "static"
+        out.append(Forward(fw.protocol, fw.guest_port, fw.host_addr, fw.host_port, kind))
+    return sorted(out, key=lambda f: (f.proto, f.guest_port))
+
+
+async def _hmp(vm: VMTarget, line: str) -> str:
+    return str(await vm.qmp("human-monitor-command", command_line=line)).strip()
+
+
+async def sync_forwards(vm: VMTarget, listeners: set[Listener]) -> list[Forward]:
+    """One pass: forward each listener not yet forwarded, drop automatic forwards of gone ones.
+
+    The host side is always 127.0.0.1: the guest's port number when it is
+    free there, else one the kernel picks. Static forwards (from the spec)
+    are never touched, and a port they already forward is not added twice.
+    Returns the automatic forwards after the pass.
+    """
+    netdev, existing = await _usernet(vm)
+    if netdev is None:
+        raise StateError(f"VM {vm.name!r} has no user network (add --nic user)")
+    auto = _read_auto(vm)
+    static = {(fw.protocol, fw.guest_port) for fw in existing
+              if auto.get(f"{fw.protocol}/{fw.guest_port}") != fw.host_port}
+    live = {(fw.protocol, fw.host_port) for fw in existing}
+    wanted = {(lst.proto, lst.port) for lst in listeners}
+    for key, host_port in list(auto.items()):
+        fproto, _, gport = key.partition("/")
+        if (fproto, int(gport)) in wanted and (fproto, host_port) in live:
+            continue
+        out = await _hmp(vm, f"hostfwd_remove {netdev} {fproto}:127.0.0.1:{host_port}")
+        log.info("%s: guest %s port %s gone: removed forward 127.0.0.1:%d (%s)",
+                 vm.name, fproto, gport, host_port, out or "ok")
+        del auto[key]
+    for proto, port in sorted(wanted):
+        key = f"{proto}/{port}"
+        if key in auto or (proto, port) in static:
+            continue
+        added = None
+        for host_port in (port, 0):
+            out = await _hmp(vm, f"hostfwd_add {netdev} {proto}:127.0.0.1:{host_port}-:{port}")
+            if not out:
+                added = host_port
+                break
+        if added is None:
+            log.warning("%s: cannot forward guest %s port %d: %s", vm.name, proto, port, out)
+            continue
+        if added == 0:
+            _, now = await _usernet(vm)
+            taken = {(fw.protocol, fw.host_port) for fw in existing}
+            for fw in now:
+                if (fw.protocol == proto and fw.guest_port == port
+                        and (fw.protocol, fw.host_port) not in taken):
+                    added = fw.host_port
+        auto[key] = added
+        log.info("%s: guest %s port %d forwarded from 127.0.0.1:%d", vm.name, proto, port, added)
+    _write_auto(vm, auto)
+    return [fw for fw in await list_forwards(vm) if fw.kind == "auto"]
+
+
+def wait_pid_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for process ``pid`` to exit; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(fd)
+
+
+async def watch_ports(vm: VMTarget, guest: AsyncGuest, interval: float = POLL_INTERVAL,
+                      stop: asyncio.Event | None = None) -> None:
+    """Keep the automatic forwards in step with the guest until QEMU exits (or ``stop`` is set).
+
+    Each look waits ``interval`` seconds on QEMU's disconnect (an event,
+    with the interval as its deadline), so the watcher ends as soon as
+    QEMU does. A failing look is logged and retried at the next one.
+    """
+    stop = stop or asyncio.Event()
+    while not stop.is_set() and vm.qemu_alive():
+        try:
+            await sync_forwards(vm, await guest_listeners(guest))
+        except QemukitError as exc:
+            log.warning("%s: port watch: %s", vm.name, exc)
+        stopped = asyncio.ensure_future(stop.wait())
+        gone = asyncio.ensure_future(vm.monitor.wait_disconnected())
+        try:
+            await asyncio.wait({stopped, gone}, timeout=interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stopped, gone):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if gone.done() and not gone.cancelled():
+            return
