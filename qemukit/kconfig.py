@@ -42,7 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the fragment changes (part of the suite's test-kernel cache key).
-KCONFIG_VERSION = 1
+KCONFIG_VERSION = 2
 
 #: The kernel's ARCH= (and arch/ directory) for each guest architecture.
 KERNEL_ARCH: dict[str, str] = {
@@ -87,6 +87,9 @@ def _common_groups() -> list[_Group]:
         ("host shares: virtiofs and 9p over virtio", (
             ("FUSE_FS", "y"), ("VIRTIO_FS", "y"), ("NETWORK_FILESYSTEMS", "y"),
             ("NET_9P", "y"), ("NET_9P_VIRTIO", "y"), ("9P_FS", "y"),
+        )),
+        ("the host's root as the guest's (run --rootfs host): an overlay over it", (
+            ("OVERLAY_FS", "y"),
         )),
         ("crash testing (echo c > /proc/sysrq-trigger); PANIC_ON_OOPS is left as it is", (
             ("MAGIC_SYSRQ", "y"),
@@ -389,6 +392,8 @@ def _required(spec: VMSpec) -> list[tuple[str, str]]:
             need += [("CONFIG_FUSE_FS", why), ("CONFIG_VIRTIO_FS", why)]
         else:
             need += [("CONFIG_NET_9P", why), ("CONFIG_NET_9P_VIRTIO", why), ("CONFIG_9P_FS", why)]
+    if any(arg.startswith("qemukit.rootfs=") for arg in (spec.append or "").split()):
+        need.append(("CONFIG_OVERLAY_FS", "--rootfs host lays an overlay over the host's root"))
     if spec.nics:
         need.append(("CONFIG_VIRTIO_NET", "the VM has a virtio NIC"))
     return need

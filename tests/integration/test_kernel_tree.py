@@ -2,13 +2,16 @@
 
 The tree is built once and cached (tests/kernel_build.py); these tests boot it with
 ``qemukit run --kernel TREE`` and check from inside the guest: its release, a command's exit
-status, virtiofs and 9p shares, the module installed from the tree, and the JSON result.
+status, virtiofs and 9p shares, the module installed from the tree, the JSON result, the host's
+root (--rootfs host), a gdb stub's handshake and a crash dump on panic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -82,3 +85,54 @@ def test_a_matrix_job_boots_the_tree(tree: Path, qk: Any, tmp_path: Path) -> Non
     out = qk("matrix", str(matrix))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "passed   modules" in out.stdout
+
+
+def test_rootfs_host_with_the_tree_kernel(tree: Path, release: str, qk: Any, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's /usr/bin in the guest; a write outside --rw stays in the guest, one inside
+    reaches the host; the kernel is the tree's."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    monkeypatch.chdir(work)
+    script = (f"uname -r; ls /usr/bin | grep -cx python3; echo guest > outside.txt; "
+              f"echo guest > {out}/inside.txt; cat outside.txt")
+    out_run = qk("run", *TCG, "--kernel", str(tree), "--rootfs", "host", "--rw", str(out),
+                 "--", "sh", "-c", script)
+    assert out_run.returncode == 0, out_run.stderr
+    assert out_run.stdout.split() == [release, "1", "guest"]
+    assert not (work / "outside.txt").exists()
+    assert (out / "inside.txt").read_text() == "guest\n"
+
+
+def test_gdb_handshake_with_the_tree_kernel(tree: Path, qk: Any) -> None:
+    from tests.integration.test_gdb import rsp
+
+    # --gdb-wait: the vCPUs wait for gdb, as a developer debugging the boot has them.
+    out = qk("run", *TCG, "--kernel", str(tree), "--detach", "--json", "--gdb", "--gdb-wait",
+             "--name", "tree-gdb")
+    assert out.returncode == 0, out.stderr
+    host, port = json.loads(out.stdout)["gdb"].rsplit(":", 1)
+    try:
+        assert host == "127.0.0.1"
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.settimeout(30)
+            assert "PacketSize=" in rsp(sock, "qSupported:multiprocess+")
+            assert rsp(sock, "?").startswith("T")  # halted, with a stop reason
+            # The halted vCPU's registers ('g' answers them as hex text).
+            assert len(rsp(sock, "g")) > 100
+    finally:
+        assert qk("kill", "tree-gdb").returncode == 0
+
+
+def test_dump_on_panic_with_the_tree_kernel(tree: Path, qk: Any, tmp_path: Path) -> None:
+    from tests.integration.test_dump import NT_PRSTATUS, elf_notes
+
+    core = tmp_path / "panic.core"
+    out = qk("run", *TCG, "--kernel", str(tree), "--dump-on-panic", str(core), "--",
+             "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert out.returncode == 255, out.stderr
+    (prstatus,) = [n for n in elf_notes(core) if n[0] == "CORE" and n[1] == NT_PRSTATUS]
+    pr_pid, = struct.unpack_from("<i", prstatus[2], 32)
+    assert pr_pid == 1  # the crashed vCPU's registers
+    assert b"sysrq triggered crash" in core.read_bytes()
