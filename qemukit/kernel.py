@@ -188,6 +188,10 @@ class KernelTestResult:
         ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
+#: Console lines a panic or oops result keeps (other results keep the last 40).
+REPORT_TAIL_LINES = 120
+
+
 def _throwaway(spec: VMSpec) -> bool:
     """True if nothing the guest wrote can outlive the VM: every disk is read-only or a
     throwaway overlay, and no host directory is shared (the guest's page cache could
@@ -367,7 +371,9 @@ def _run_resolved(
         fields["error"] = str(exc)
     finally:
         events = vm.console_events()
-        tail = vm.console_tail(40)
+        # A panic's or an oops's whole report (registers, the call trace: about 40 lines
+        # here, more with a longer trace or another QEMU's CPU model), not just its end.
+        tail = vm.console_tail(REPORT_TAIL_LINES if outcome in ("panic", "oops") else 40)
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
             try:
                 shutil.copyfile(vm.console_log, console_log)

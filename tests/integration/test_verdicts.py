@@ -67,8 +67,9 @@ def test_panic_run_writes_strict_junit_and_json(tiny_image: images.TinyImage, qk
     assert data["outcome"] == "panic" and "sysrq triggered crash" in data["panic"]
     failure = root.find("testsuite/testcase/failure")
     assert failure is not None and "Kernel panic - not syncing" in (failure.get("message") or "")
-    # The tail (the last 40 lines) is the panic's report: whether the escape before it
-    # still fits depends on the QEMU version's CPU model (QEMU 10's report fills it).
+    # The tail holds the panic's whole report (it was the last 40 lines, which a longer
+    # trace overflowed: "Call Trace:" fell out); whether the escape before the report fits
+    # depends on the QEMU version's CPU model.
     # Escapes in it are kept exactly in JSON and shown as visible escapes in XML (unit
     # tests of xml_safe); here the report itself must be in both.
     assert "Call Trace" in data["console_tail"] and "Call Trace" in (failure.text or "")
