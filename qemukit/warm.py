@@ -40,7 +40,7 @@ from ._launch.plan import HostFacts
 from .errors import SnapshotError
 from .paths import cache_dir
 from .snapshot import Bundle
-from .spec import VMSpec
+from .spec import CloudInit, VMSpec
 
 __all__ = [
     "DEFAULT_CACHE_LIMIT",
@@ -135,8 +135,9 @@ def warm_refusal(spec: VMSpec) -> str | None:
     if spec.shares:
         return ("shares cannot be saved in a VM's state (a mounted virtiofs or 9p export "
                 "blocks migration)")
-    if spec.cloud_init is not None:
-        return "a cloud-init seed is made per VM (its keys and hostname), so it is not cached"
+    if spec.cloud_init is not None and spec.agent != "qga":
+        return ("a cloud-init guest is given its own host name, keys and MACs after a restore "
+                "through qemu-guest-agent, and this VM has none")
     if spec.firmware == "ovmf":
         return "the UEFI variable store is per VM and not part of the saved state"
     if spec.machine == "microvm":
@@ -233,6 +234,14 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
         if value is not None:
             data[field] = os.path.abspath(value)
             files[field] = file_digest(value, root)
+    if spec.cloud_init is not None:
+        # The host name and the keys are each clone's own (see qemukit.identity);
+        # the user-data shapes the first boot, so its contents are part of the key.
+        seed = data["cloud_init"]
+        for per_clone in ("hostname", "ssh_key", "user_data"):
+            seed.pop(per_clone, None)
+        if spec.cloud_init.user_data is not None:
+            files["user_data"] = file_digest(spec.cloud_init.user_data, root)
     for index, drive in enumerate(spec.drives):
         data["drives"][index]["file"] = os.path.abspath(drive.file)
         files[f"drive{index}"] = _chain_digests(str(drive.file), root)
@@ -251,8 +260,16 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
 
 
 def warm_spec(spec: VMSpec) -> VMSpec:
-    """The spec a warm state is booted with: ``spec`` plus the vmgenid device, no name."""
-    return spec.replace(name=None, warm=False, extra_args=spec.extra_args + VMGENID_ARGS)
+    """The spec a warm state is booted with: ``spec`` plus the vmgenid device, no name.
+
+    A cloud-init seed keeps only what is the same for every clone (the
+    user-data, the login user): host name and keys come after the restore.
+    """
+    seed = spec.cloud_init
+    if seed is not None:
+        seed = CloudInit(user_data=seed.user_data, ssh_user=seed.ssh_user)
+    return spec.replace(name=None, warm=False, cloud_init=seed,
+                        extra_args=spec.extra_args + VMGENID_ARGS)
 
 
 # -- the cache -------------------------------------------------------------------

@@ -25,7 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
@@ -53,6 +53,7 @@ from ..errors import (
 )
 from ..guest import AsyncGuest, Progress
 from ..hotplug import AsyncHotplug, PluggedDevice
+from ..identity import CloneIdentity, host_keys, reidentify
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
@@ -68,6 +69,9 @@ from ..warm import (
     warm_refusal,
     warm_spec,
 )
+
+if TYPE_CHECKING:
+    from .._launch.seed import Seed
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
@@ -217,6 +221,10 @@ class AsyncVM:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The saved boot's console log, copied to the top of a warm clone's.
         self._boot_log: Path | None = None
+        #: The cloud-init seed written for this VM (None without one, or when attached).
+        self._seed: Seed | None = None
+        #: What a warm clone of a cloud-init guest was given after its restore.
+        self.identity: CloneIdentity | None = None
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -329,7 +337,8 @@ class AsyncVM:
             return None
         entry.touch()
         self._boot_log = entry.path / BOOT_LOG
-        self.spec = bundle.clone_spec(self.spec.name)
+        # The clone's own seed (its instance id, host name and keys), given to it after the restore.
+        self.spec = bundle.clone_spec(self.spec.name).replace(cloud_init=self.spec.cloud_init)
         self.incoming = "defer"
         self.warm_start = WarmStart(reason is None, reason or "", key.digest)
         return entry, bundle, began
@@ -374,6 +383,10 @@ class AsyncVM:
             try:
                 await builder.start()
                 await builder.wait_ready()
+                if builder.spec.cloud_init is not None:
+                    # Saved once cloud-init is done (wait_ssh waits for it, then logs in):
+                    # a clone must not resume in the middle of its first-boot set-up.
+                    await builder.wait_ssh()
                 booted = time.monotonic() - booted
                 if builder.console_log is not None and builder.console_log.exists():
                     await asyncio.to_thread(shutil.copyfile, builder.console_log,
@@ -397,16 +410,30 @@ class AsyncVM:
                        f"{booted:.2f} s)")
 
     async def _finish_warm(self, entry: WarmEntry, bundle: Bundle, began: float) -> None:
-        """Feed the warm state to the QEMU just started; set the guest's clock to the host's."""
+        """Feed the warm state to the QEMU just started; set the guest's clock to the host's.
+
+        A cloud-init clone is then given its own identity (:mod:`qemukit.identity`);
+        its ssh host keys are made while QEMU loads the state.
+        """
+        seed = self._seed
+        keys_task = (asyncio.ensure_future(asyncio.to_thread(host_keys, f"root@{seed.hostname}"))
+                     if seed is not None else None)
         try:
-            await restore_vm(self, bundle, SAVE_TIMEOUT)
-        except SnapshotError as exc:
-            removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
-            raise SnapshotError(
-                f"{exc}; the warm state {entry.key} is "
-                + ("removed, so the next start boots and saves a new one" if removed else
-                   "in use by another process; 'qemukit cache clear' removes it")) from exc
-        await self._set_guest_clock()
+            try:
+                await restore_vm(self, bundle, SAVE_TIMEOUT)
+            except SnapshotError as exc:
+                removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
+                raise SnapshotError(
+                    f"{exc}; the warm state {entry.key} is "
+                    + ("removed, so the next start boots and saves a new one" if removed else
+                       "in use by another process; 'qemukit cache clear' removes it")) from exc
+            await self._set_guest_clock()
+            if seed is not None and keys_task is not None:
+                self.identity = await reidentify(self, seed.hostname, seed.public_keys,
+                                                 keys=await keys_task)
+        finally:
+            if keys_task is not None:
+                await cancel_and_wait(keys_task)
         await asyncio.to_thread(self._append_boot_log)
         assert self.warm_start is not None
         self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
@@ -571,7 +598,7 @@ class AsyncVM:
             from .._launch.seed import build_seed
 
             assert self.spec.cloud_init is not None
-            build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
+            self._seed = build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
         for share, sock in plan.virtiofs:
             self._start_virtiofsd(share, sock)
 
@@ -1075,7 +1102,8 @@ class AsyncVM:
         self._require(VMState.RUNNING)
         timeout = self.boot_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        if self.spec.cloud_init is not None and self.spec.agent == "qga":
+        if self.spec.cloud_init is not None and self.spec.agent == "qga" and self.identity is None:
+            # (A warm clone's state was saved after cloud-init was done: see _build_warm.)
             # cloud-init restarts sshd after it first comes up (new host keys, our key,
             # password settings): a login that works early can be cut off moments later.
             # Its own "status --wait" is the event that says it is done; ask the agent.

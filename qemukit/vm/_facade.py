@@ -10,6 +10,7 @@ from .._launch.runtime import RuntimeDir
 from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
 from ..guest import SyncGuest
 from ..hotplug import Hotplug
+from ..identity import CloneIdentity
 from ..snapshot import SyncSnapshots
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
@@ -56,6 +57,9 @@ class VM(SyncFacade):
                                           "True for a VM taken over with :meth:`attach`.")
     warm_start: delegated[WarmStart | None] = delegated(
         lambda vm: vm.warm_start, "For ``spec.warm``: whether the start was warm, and why.")
+    identity: delegated[CloneIdentity | None] = delegated(
+        lambda vm: vm.identity,
+        "For a warm clone of a cloud-init guest: the host name, MACs and keys it was given.")
     name = delegated(AsyncVM.name)
     pid = delegated(AsyncVM.pid)
     console_log = delegated(AsyncVM.console_log)

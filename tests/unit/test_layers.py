@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("templates",),
     ("_wire",),
     ("target",),
-    ("hotplug", "snapshot", "guest", "dump", "ports"),
+    ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
     ("kernel",),

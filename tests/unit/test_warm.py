@@ -13,7 +13,7 @@ import pytest
 from qemukit import Drive, Share, VMSpec, host
 from qemukit._launch.plan import HostFacts
 from qemukit.spec import CloudInit
-from qemukit.warm import WarmCache, file_digest, warm_key, warm_refusal
+from qemukit.warm import WarmCache, file_digest, warm_key, warm_refusal, warm_spec
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def key(files: dict[str, Path], root: Path, **changes: object) -> str:
 
 @pytest.mark.parametrize(("changes", "words"), [
     ({"shares": (Share("/tmp"),)}, "shares"),
-    ({"cloud_init": CloudInit()}, "cloud-init"),
+    ({"cloud_init": CloudInit(), "agent": "qemukit"}, "qemu-guest-agent"),
     ({"firmware": "ovmf"}, "UEFI"),
     ({"agent": "none"}, "agent"),
     ({"drives": (Drive("/img/data.qcow2"),)}, "written in place"),
@@ -76,6 +76,34 @@ def test_the_key_follows_what_is_booted(files: dict[str, Path], tmp_path: Path) 
         with open(files[name], "ab") as fh:
             fh.write(b"changed")
         assert key(files, root) != before, name
+
+
+def test_a_cloud_init_guest_with_the_agent_starts_warm(files: dict[str, Path]) -> None:
+    assert warm_refusal(spec(files, cloud_init=CloudInit(), agent="qga")) is None
+
+
+def test_a_seeds_identity_is_per_clone_but_its_user_data_is_in_the_key(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "warm"
+    user_data = tmp_path / "user-data"
+    user_data.write_text("#cloud-config\n{}\n")
+    pub = tmp_path / "key.pub"
+    pub.write_text("ssh-ed25519 AAAA x\n")
+    seeded = CloudInit(user_data=user_data)
+    first = key(files, root, agent="qga", cloud_init=seeded)
+    # Host name and key are given to each clone after its restore: not in the key.
+    assert key(files, root, agent="qga", cloud_init=CloudInit(
+        user_data=user_data, hostname="other", ssh_key=pub)) == first
+    assert key(files, root, agent="qga", cloud_init=CloudInit(user_data=user_data,
+                                                              ssh_user="alice")) != first
+    user_data.write_text("#cloud-config\npackages: [vim]\n")
+    assert key(files, root, agent="qga", cloud_init=seeded) != first
+    assert key(files, root, agent="qga", cloud_init=CloudInit()) != first
+    # The builder boots with what every clone shares, and no name of its own.
+    built = warm_spec(spec(files, agent="qga", cloud_init=CloudInit(
+        user_data=user_data, hostname="other", ssh_key=pub, ssh_user="alice")))
+    assert built.cloud_init == CloudInit(user_data=user_data, ssh_user="alice")
+    assert built.name is None and "vmgenid,guid=auto" in built.extra_args
 
 
 def test_a_disks_backing_file_is_part_of_the_key(files: dict[str, Path], tmp_path: Path) -> None:

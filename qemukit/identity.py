@@ -1,0 +1,188 @@
+"""A restored clone becomes its own machine: host name, machine id, MACs, ssh host keys, login key.
+
+A warm state of a cloud-init guest is saved once its first boot is done, so
+everything cloud-init made per instance is the builder's: its host name,
+``/etc/machine-id``, ssh host keys, the key it authorized, and (unless the
+spec names one) the MAC every NIC got from QEMU. :func:`reidentify` gives the
+running clone the identity its own seed describes, in one agent command:
+
+- the host name (``hostname``, ``/etc/hostname``, the ``127.0.1.1`` line
+  cloud-init's ``manage_etc_hosts`` keeps);
+- a new ``/etc/machine-id``;
+- a new locally administered MAC for each NIC the spec leaves to QEMU, set
+  by the guest (``ip link set address``), which virtio-net passes to QEMU:
+  ``query-rx-filter`` then shows it, with a gratuitous ARP (``arp_notify``)
+  so the network learns it at once;
+- new ssh host keys (ed25519 and ECDSA, made on the host, where it takes
+  milliseconds: RSA would cost seconds and is not offered), then sshd reloaded;
+- the seed's public keys as the login user's ``authorized_keys`` (the builder's
+  own key is gone with it);
+- host bytes mixed into ``/dev/urandom``.
+
+The seed CD the clone carries is its own (new instance id), so a reboot of
+the clone lets cloud-init see a new instance and agree with all this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._launch.argv import nic_ids
+from ._launch.process import run_command
+from ._wire.agent import ExecResult
+from .errors import HostError, StateError
+from .spec import VMSpec
+
+__all__ = ["HOST_KEY_TYPES", "CloneIdentity", "host_keys", "random_mac", "reidentify"]
+
+#: The ssh host key types a clone gets (fast to make; sshd's defaults minus RSA).
+HOST_KEY_TYPES = ("ed25519", "ecdsa")
+
+# $1 host name, $2 machine id, $3 login user, $4 authorized_keys (base64), $5 MAC pairs
+# ("old=new ..."), $6 host entropy (hex), then (file name, base64) pairs of host key files.
+_SCRIPT = r"""
+set -eu
+host=$1 mid=$2 user=$3 keys=$4 macs=$5 entropy=$6
+shift 6
+printf '%s\n' "$entropy" > /dev/urandom
+hostname "$host"
+printf '%s\n' "$host" > /etc/hostname
+if [ -f /etc/hosts ] && grep -q '^127\.0\.1\.1[[:space:]]' /etc/hosts; then
+    sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1 $host $host/" /etc/hosts
+fi
+printf '%s\n' "$mid" > /etc/machine-id
+for pair in $macs; do
+    old=${pair%%=*} new=${pair#*=}
+    for dev in /sys/class/net/*; do
+        if [ "$(cat "$dev/address")" = "$old" ]; then
+            # A gratuitous ARP at the change: user-mode networking (and any switch) keeps
+            # sending to the old MAC, which the NIC now drops, until it hears the new one.
+            echo 1 > "/proc/sys/net/ipv4/conf/${dev##*/}/arp_notify"
+            ip link set dev "${dev##*/}" address "$new"
+        fi
+    done
+done
+if [ $# -gt 0 ] && [ -d /etc/ssh ]; then
+    rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+    while [ $# -gt 1 ]; do
+        printf '%s' "$2" | base64 -d > "/etc/ssh/$1"
+        case $1 in *.pub) chmod 644 "/etc/ssh/$1" ;; *) chmod 600 "/etc/ssh/$1" ;; esac
+        shift 2
+    done
+    if [ -d /etc/ssh/sshd_config.d ]; then
+        for t in ed25519 ecdsa; do echo "HostKey /etc/ssh/ssh_host_${t}_key"; done \
+            > /etc/ssh/sshd_config.d/50-qemukit-host-keys.conf
+    fi
+fi
+home=$(getent passwd "$user" | cut -d: -f6)
+if [ -n "$home" ]; then
+    mkdir -p "$home/.ssh"
+    printf '%s' "$keys" | base64 -d > "$home/.ssh/authorized_keys"
+    chmod 700 "$home/.ssh"
+    chmod 600 "$home/.ssh/authorized_keys"
+    chown -R "$user:" "$home/.ssh"
+fi
+for unit in ssh sshd; do
+    if systemctl is-active --quiet "$unit" 2>/dev/null; then
+        systemctl reload-or-restart "$unit"
+        break
+    fi
+done
+"""
+
+
+@dataclass(frozen=True)
+class CloneIdentity:
+    """What a clone was given after its restore."""
+
+    hostname: str
+    machine_id: str
+    #: NIC device id -> the MAC it has now (only NICs whose MAC the spec left to QEMU).
+    macs: Mapping[str, str]
+    #: Host key type -> the public key line the clone's sshd now presents.
+    host_keys: Mapping[str, str]
+
+
+class _Target(Protocol):
+    """What :func:`reidentify` needs of a VM."""
+
+    @property
+    def spec(self) -> VMSpec: ...
+
+    async def qmp(self, /, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = ...) -> Any: ...
+
+    async def exec(self, command: str | Sequence[str], *, timeout: float | None = ...,
+                   check: bool = ..., stdin: bytes | None = ...) -> ExecResult: ...
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered range 52:54:00, random in its last three bytes."""
+    tail = secrets.token_bytes(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def host_keys(comment: str, types: Sequence[str] = HOST_KEY_TYPES) -> dict[str, bytes]:
+    """New ssh host key files (``ssh_host_<type>_key`` and ``.pub``) made with ssh-keygen."""
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="qemukit-hostkeys-") as tmp:
+        for key_type in types:
+            path = Path(tmp) / f"ssh_host_{key_type}_key"
+            try:
+                made = run_command(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", comment,
+                                    "-f", str(path)], timeout=30)
+            except HostError as exc:
+                raise HostError(f"{exc}; install openssh-client to get ssh-keygen") from exc
+            if made.returncode != 0:
+                raise HostError(f"ssh-keygen -t {key_type} failed (exit {made.returncode}): "
+                                f"{made.stderr.strip()}")
+            out[path.name] = path.read_bytes()
+            out[path.name + ".pub"] = path.with_name(path.name + ".pub").read_bytes()
+    return out
+
+
+async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
+                     keys: Mapping[str, bytes] | None = None,
+                     timeout: float = 60.0) -> CloneIdentity:
+    """Give the running clone ``vm`` its own identity (see the module's docstring).
+
+    ``keys`` are host key files from :func:`host_keys` (made here if None).
+    Raises :class:`StateError` with the guest's stderr if the command fails.
+    """
+    spec = vm.spec
+    if keys is None:
+        keys = await asyncio.to_thread(host_keys, f"root@{hostname}")
+    chosen = {dev_id: nic for dev_id, nic in zip(nic_ids(spec), spec.nics, strict=True)
+              if nic.mac is None}
+    macs: dict[str, str] = {}
+    pairs = []
+    if chosen:
+        filters = await vm.qmp("query-rx-filter")
+        for entry in filters:
+            if entry.get("name") in chosen:
+                new = random_mac()
+                macs[entry["name"]] = new
+                pairs.append(f"{entry['main-mac']}={new}")
+    machine_id = uuid.uuid4().hex
+    assert spec.cloud_init is not None
+    argv = ["sh", "-c", _SCRIPT, "qemukit-identity", hostname, machine_id,
+            spec.cloud_init.ssh_user,
+            base64.b64encode("".join(k + "\n" for k in public_keys).encode()).decode(),
+            " ".join(pairs), secrets.token_hex(64)]
+    for name, data in sorted(keys.items()):
+        argv += [name, base64.b64encode(data).decode()]
+    result = await vm.exec(argv, timeout=timeout)
+    if result.exit_status != 0:
+        raise StateError(f"giving the restored clone its own identity failed (exit "
+                         f"{result.exit_status}): {result.stderr_text.strip()[-500:]}")
+    presented = {name.removeprefix("ssh_host_").removesuffix("_key.pub"): data.decode().strip()
+                 for name, data in keys.items() if name.endswith(".pub")}
+    return CloneIdentity(hostname, machine_id, macs, presented)
