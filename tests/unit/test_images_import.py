@@ -149,6 +149,10 @@ def test_import_reads_os_agent_user_firmware_and_registry_round_trips(cache: Pat
     assert spec.kernel is None and spec.firmware == "ovmf" and spec.agent == "qga"
     assert spec.drives[0].file == str(disk) and spec.drives[0].overlay
     assert spec.cloud_init is not None and spec.cloud_init.ssh_user == "debian"
+    # A developer image: its ports forward themselves (when run detached) unless asked not to.
+    assert spec.forward_auto is True
+    assert images.spec("mine", forward_auto=False).forward_auto is False
+    assert images.spec("mine", nics=()).forward_auto is None  # no user network: off, no error
 
     with pytest.raises(SpecError) as caught:
         images.import_image("mine", disk)
@@ -172,6 +176,10 @@ def test_without_an_esp_or_agent_the_image_boots_bios_ssh_only(cache: Path, tmp_
     assert (image.firmware, image.agent, image.user) == ("bios", "none", "ubuntu")
     spec = images.spec("plain")
     assert spec.firmware == "seabios" and spec.agent == "none"
+    assert spec.forward_auto is None  # no agent to see the listeners
+    with pytest.raises(SpecError) as forced:
+        images.spec("plain", forward_auto=True)
+    assert forced.value.field == "forward_auto"
 
 
 @needs_tools
