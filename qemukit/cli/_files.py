@@ -195,8 +195,9 @@ def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> Non
     """List a running VM's port forwards: guest port, protocol, host address, auto or static.
 
     \b
-    'auto' forwards follow the guest's listening sockets (run --forward-auto,
-    the default for --detach of the Debian image); 'static' ones come from
+    'auto' forwards follow the guest's listening TCP and UDP sockets (run
+    --detach of a spec with forward_auto, the default for the Debian image and
+    imported images with an agent; --forward-auto); 'static' ones come from
     --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked.
     """
     from .._sync import run_sync
