@@ -33,7 +33,8 @@ from .errors import AgentError, GuestError, QemukitError, QMPCommandError, State
 if TYPE_CHECKING:
     from .target import VMTarget
 
-__all__ = ["Agent", "AsyncGuest", "ExecResult", "Progress", "SyncGuest"]
+__all__ = ["Agent", "AsyncGuest", "ExecResult", "Progress", "SshArgv", "SyncGuest", "ssh_copy_in",
+           "ssh_copy_out"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,144 @@ def _unpack(archive: BinaryIO, name: str, target: Path) -> None:
             os.rename(tree, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- the same copies over ssh, for guests without an agent --------------------------------
+
+#: Gives the ssh argv running one remote shell command (``AsyncVM.ssh_argv`` with batch options).
+SshArgv = Callable[[str], Awaitable[list[str]]]
+
+
+def _remote(script: str) -> str:
+    """``script`` as the one string ssh hands the login shell: run by ``sh`` whatever that shell is."""
+    return "sh -c " + shlex.quote(script)
+
+
+async def _ssh_run(ssh: SshArgv, script: str, timeout: float, what: str, *,
+                   source: BinaryIO | None = None, sink: BinaryIO | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
+    from ._launch.process import run_streaming
+
+    argv = await ssh(_remote(script))
+    status, err = await asyncio.to_thread(run_streaming, argv, source=source, sink=sink,
+                                          timeout=timeout, progress=progress)
+    if status != 0:
+        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("Warning: Permanently")]
+        detail = "\n".join(lines[-5:]) or f"exit status {status}"
+        if status == 255:
+            raise StateError(f"{what}: ssh failed: {detail}")
+        raise GuestError(f"{what}: {detail}")
+
+
+async def _ssh_output(ssh: SshArgv, script: str, what: str) -> str:
+    out = tempfile.TemporaryFile()
+    with out:
+        await _ssh_run(ssh, script, 60.0, what, sink=out)
+        out.seek(0)
+        return out.read().decode("utf-8", "replace")
+
+
+async def ssh_copy_in(ssh: SshArgv, host_path: str | os.PathLike[str], guest_path: str, *,
+                      recursive: bool = False, progress: Progress | None = None,
+                      timeout: float = 600.0) -> str:
+    """:meth:`AsyncGuest.copy_in` over ssh: a tar streamed to ``tar -x`` in the guest.
+
+    The same rules: into ``guest_path`` if it is a directory, else as it;
+    modes kept (``tar -p``; files belong to the ssh user); unpacked in a
+    temporary directory beside the target and renamed, so a failed copy
+    leaves nothing; a missing host path or guest directory is an error
+    before any data moves. ``ssh(command)`` gives the argv running a remote
+    command (``AsyncVM.ssh_argv``).
+    """
+    src = Path(host_path)
+    st = src.stat()  # FileNotFoundError names the path
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if is_dir and not recursive:
+        raise StateError(f"{src} is a directory (copy it with recursive=True, cp -r)")
+    if not (is_dir or stat.S_ISREG(st.st_mode)):
+        raise StateError(f"{src} is neither a regular file nor a directory")
+    g, n = shlex.quote(guest_path), shlex.quote(src.name)
+    dest = await _ssh_output(ssh, (
+        f"d={g}; if [ -d \"$d\" ]; then d=\"${{d%/}}\"/{n}; fi\n"
+        "p=$(dirname \"$d\")\n"
+        "[ -d \"$p\" ] || { echo \"no such directory in the guest: $p\" >&2; exit 2; }\n"
+        "[ -w \"$p\" ] || { echo \"cannot write to $p in the guest (as $(id -un))\" >&2; exit 2; }\n"
+        + ("" if is_dir else "[ -d \"$d\" ] && { echo \"$d is a directory\" >&2; exit 2; }\n")
+        + "printf '%s' \"$d\""), f"cannot copy {src} to {guest_path}")
+    q = shlex.quote(dest)
+    with tempfile.TemporaryFile() as spool:
+        await asyncio.to_thread(_pack, src, src.name, spool)
+        size = spool.tell()
+        spool.seek(0)
+        unpack = (
+            f"s=$(mktemp -d \"$(dirname {q})/.qemukit-cp.XXXXXX\") || exit 91\n"
+            "tar -x -p --no-same-owner -f - -C \"$s\" || { rm -rf \"$s\"; exit 92; }\n"
+            + (f"if [ -d {q} ]; then cp -a \"$s\"/{n}/. {q}/ && rm -rf \"$s\"; "
+               f"else mv \"$s\"/{n} {q} && rmdir \"$s\"; fi\n" if is_dir else
+               f"mv -f \"$s\"/{n} {q} && rmdir \"$s\"\n"))
+        await _ssh_run(ssh, unpack, timeout, f"copying {src} to {dest} over ssh", source=spool,
+                       progress=None if progress is None else (lambda done: progress(done, size)))
+    return dest
+
+
+async def ssh_copy_out(ssh: SshArgv, guest_path: str, host_path: str | os.PathLike[str], *,
+                       recursive: bool = False, progress: Progress | None = None,
+                       timeout: float = 600.0) -> Path:
+    """:meth:`AsyncGuest.copy_out` over ssh: the guest's ``tar -c`` streamed to the host.
+
+    The same rules as the agent's copy: into ``host_path`` if it is a
+    directory, else as it; the mode kept; written under a temporary name
+    (or unpacked beside the target) and renamed; a missing guest path is a
+    :class:`~qemukit.errors.GuestError` that changes nothing.
+    """
+    kind = (await _ssh_output(ssh, _guest_stat_script(guest_path),
+                              f"cannot look at {guest_path}")).split()
+    if not kind or kind[0] == "missing":
+        raise GuestError(f"no such file or directory in the guest: {guest_path}")
+    if kind[0] == "other":
+        raise GuestError(f"{guest_path} in the guest is neither a regular file nor a directory")
+    if kind[0] == "d" and not recursive:
+        raise StateError(f"{guest_path} in the guest is a directory "
+                         "(copy it with recursive=True, cp -r)")
+    target = Path(host_path)
+    name = PurePosixPath(guest_path.rstrip("/") or "/").name
+    if target.is_dir():
+        target = target / name
+    if not target.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such directory", str(target.parent))
+    size = int(kind[2]) if kind[0] == "f" else 0
+    q = shlex.quote(guest_path)
+    with tempfile.TemporaryFile(dir=target.parent) as spool:
+        await _ssh_run(ssh, f"cd \"$(dirname {q})\" && exec tar -c -f - \"$(basename {q})\"",
+                       timeout, f"copying {guest_path} out over ssh", sink=spool,
+                       progress=None if progress is None
+                       else (lambda done: progress(done, max(size, done))))
+        spool.seek(0)
+        if kind[0] == "d":
+            await asyncio.to_thread(_unpack, spool, name, target)
+        else:
+            await asyncio.to_thread(_unpack_file, spool, name, target)
+    return target
+
+
+def _unpack_file(archive: BinaryIO, name: str, target: Path) -> None:
+    """The regular file ``name`` of a tar, written to ``target`` under a temporary name, mode kept."""
+    with tarfile.open(fileobj=archive, mode="r") as tar:
+        member = tar.getmember(name)
+        if not member.isreg():
+            raise GuestError(f"the guest's archive holds no regular file {name!r}")
+        data = tar.extractfile(member)
+        assert data is not None
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".qemukit-tmp",
+                                        dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(data, out, _COPY_CHUNK)
+            os.chmod(tmp_name, member.mode & 0o777)
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
 
 class AsyncGuest:

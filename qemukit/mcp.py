@@ -20,8 +20,8 @@ import asyncio
 import base64
 import logging
 import os
-import shlex
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 #: The one line printed when the ``mcp`` SDK is missing.
 INSTALL_HINT = "qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'"
-#: Files moved through the tiny image's agent travel as base64 inside a script: keep them small.
-_AGENT_FILE_LIMIT = 1 << 20
+#: The largest file read_file and write_file move: the bytes travel on the copy channel (a
+#: virtio-serial port, see VM.copy_in), but the MCP message carries them whole, as text.
+_FILE_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class Sandbox:
             if chosen not in images.NAMES:
                 raise SpecError("image", chosen, f"unknown image; choose from {', '.join(images.NAMES)}")
             spec = images.spec(chosen)
-        changes: dict[str, Any] = {"warm": True}
+        # No port forwards unless asked: nothing here watches the guest's listeners.
+        changes: dict[str, Any] = {"warm": True, "forward_auto": False}
         if name is not None:
             changes["name"] = name
         if memory is not None:
@@ -148,31 +150,31 @@ class Sandbox:
                 "stderr": result.stderr_text, "seconds": round(result.duration, 3)}
 
     async def read_file(self, name: str, path: str) -> bytes:
-        """The contents of ``path`` in VM ``name``."""
+        """The contents of ``path`` in VM ``name`` (at most 64 MiB bytes)."""
         vm = self._vm(name)
-        if vm.spec.agent == "qga":
-            return await vm.guest.read_file(path)
-        # The tiny image's agent runs commands only: the file comes back base64 on stdout.
-        result = await vm.exec(["sh", "-c", 'test -f "$1" && exec base64 "$1"', "sh", path])
-        if result.exit_status != 0:
-            raise SpecError("path", path, f"cannot read it in the guest: "
-                            f"{result.stderr_text.strip() or 'not a regular file'}")
-        return base64.b64decode(result.stdout)
+        with tempfile.TemporaryDirectory(prefix="qemukit-mcp-") as scratch:
+            local = await vm.copy_out(path, Path(scratch) / "file", timeout=300.0)
+            size = local.stat().st_size
+            if size > _FILE_LIMIT:
+                raise SpecError("path", path, f"is {size} bytes; read_file moves at most "
+                                f"{_FILE_LIMIT} (copy it with qemukit cp)")
+            return local.read_bytes()
 
     async def write_file(self, name: str, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` in VM ``name`` (created or truncated)."""
+        """Write ``data`` to ``path`` in VM ``name`` (created or replaced, mode 0644)."""
         vm = self._vm(name)
-        if vm.spec.agent == "qga":
-            await vm.guest.write_file(path, data)
-            return
-        if len(data) > _AGENT_FILE_LIMIT:
-            raise SpecError("content", f"{len(data)} bytes", f"the tiny image's agent moves at most "
-                            f"{_AGENT_FILE_LIMIT} bytes per file")
-        encoded = base64.encodebytes(data).decode("ascii")
-        script = f"base64 -d > {shlex.quote(path)} <<'QEMUKIT_EOF'\n{encoded}QEMUKIT_EOF\n"
-        result = await vm.exec(script)
-        if result.exit_status != 0:
-            raise SpecError("path", path, f"cannot write it in the guest: {result.stderr_text.strip()}")
+        if len(data) > _FILE_LIMIT:
+            raise SpecError("content", f"{len(data)} bytes", f"write_file moves at most "
+                            f"{_FILE_LIMIT} bytes per file")
+        # Like cp, copy_in writes into a directory it is given: here a directory is an error.
+        check = await vm.exec(["sh", "-c", '[ ! -d "$1" ]', "sh", path])
+        if check.exit_status != 0:
+            raise SpecError("path", path, "is a directory in the guest")
+        with tempfile.TemporaryDirectory(prefix="qemukit-mcp-") as scratch:
+            local = Path(scratch) / "file"
+            local.write_bytes(data)
+            local.chmod(0o644)
+            await vm.copy_in(local, path, timeout=300.0)
 
     def list(self) -> list[dict[str, Any]]:
         """The VMs this server started and runs."""
@@ -240,7 +242,7 @@ def build_server(sandbox: Sandbox) -> Any:
 
     @server.tool()
     async def read_file(name: str, path: str, encoding: str = "utf-8") -> str:
-        """The contents of file path in VM name, as text (encoding utf-8) or base64."""
+        """The contents of file path in VM name (up to 64 MiB), as text (encoding utf-8) or base64."""
         try:
             data = await sandbox.read_file(name, path)
         except QemukitError as exc:
@@ -249,7 +251,10 @@ def build_server(sandbox: Sandbox) -> Any:
 
     @server.tool()
     async def write_file(name: str, path: str, content: str, encoding: str = "utf-8") -> str:
-        """Write content to file path in VM name (utf-8 text, or base64 with encoding base64)."""
+        """Write content to file path in VM name (utf-8 text, or base64 with encoding base64).
+
+        Up to 64 MiB; the file is created or replaced with mode 0644.
+        """
         if encoding not in ("utf-8", "base64"):
             raise _tool_error(SpecError("encoding", encoding, "must be utf-8 or base64"))
         try:

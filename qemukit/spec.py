@@ -548,6 +548,11 @@ class VMSpec:
     ``warm`` starts the VM from a saved ready state of the same description
     when there is one (booting it once and saving that state when there is
     not), see :mod:`qemukit.warm`; a spec that cannot start warm boots cold.
+    ``forward_auto`` forwards each port the guest listens on (TCP and UDP)
+    from 127.0.0.1 while the VM runs detached (``qemukit run --detach``
+    leaves a watcher behind, see :mod:`qemukit.ports`); it needs a user
+    network and a guest agent. The debian image and imported images with an
+    agent turn it on; ``None`` (the default) means off.
     """
 
     name: str | None = None
@@ -579,6 +584,7 @@ class VMSpec:
     cloud_init: CloudInit | None = None
     arch: ArchName = "x86_64"
     warm: bool = False
+    forward_auto: bool | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -713,6 +719,15 @@ class VMSpec:
         if dupes:
             raise SpecError("id", sorted(dupes)[0], "device ids must be unique (defaults are "
                             "disk0, disk1... and net0, net1...)")
+        if self.forward_auto is not None and not isinstance(self.forward_auto, bool):
+            raise SpecError("forward_auto", self.forward_auto, "must be true or false")
+        if self.forward_auto:
+            if not any(n.kind == "user" for n in self.nics):
+                raise SpecError("forward_auto", True, "needs a user network (a nic of kind "
+                                "user, --nic user) to add forwards to")
+            if self.agent == "none":
+                raise SpecError("forward_auto", True, "needs a guest agent to see the guest's "
+                                "listeners (agent is 'none')")
 
     # -- helpers ---------------------------------------------------------
 

@@ -226,7 +226,8 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
     from . import __version__
 
     data = spec.to_dict()
-    for ignored in ("name", "warm"):
+    # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
+    for ignored in ("name", "warm", "forward_auto"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):

@@ -16,15 +16,17 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 
 from ..errors import HostError, LaunchError, WaitTimeout
 
-__all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command"]
+__all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command", "run_streaming"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -102,6 +104,105 @@ def run_command(argv: Sequence[str], *, timeout: float = 60.0,
         raise HostError(f"cannot run {argv[0]}: not found") from exc
     except subprocess.TimeoutExpired as exc:
         raise HostError(f"{' '.join(argv)} did not finish within {timeout:g}s") from exc
+
+
+#: Bytes per read or write of :func:`run_streaming`'s pipes.
+_STREAM_CHUNK = 1024 * 1024
+#: How much of a streaming command's stderr is kept for its error message.
+_STDERR_KEEP = 16 * 1024
+
+
+def run_streaming(argv: Sequence[str], *, source: BinaryIO | None = None,
+                  sink: BinaryIO | None = None, timeout: float,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Run ``argv`` with ``source`` streamed to its stdin and its stdout streamed to ``sink``.
+
+    For commands that move data (``ssh ... tar``): both pipes are pumped 1 MiB
+    at a time by threads, so memory stays bounded and neither side can block
+    the other; ``progress(bytes)`` is called with the running total of bytes
+    moved. Returns the exit status and the tail of stderr. The command dies
+    with this process and is killed and reaped if it outlives ``timeout``
+    (:class:`WaitTimeout`); a command that exits without reading all of
+    ``source`` ends the feeding quietly (its status and stderr say why).
+    """
+    parent = os.getpid()
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if source is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if sink is not None else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+    except OSError as exc:
+        raise HostError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    moved = [0]
+    lock = threading.Lock()
+    failures: list[Exception] = []
+    stderr = bytearray()
+
+    def count(n: int) -> None:
+        with lock:
+            moved[0] += n
+            total = moved[0]
+        if progress is not None:
+            progress(total)
+
+    def feed() -> None:
+        assert popen.stdin is not None and source is not None
+        try:
+            while chunk := source.read(_STREAM_CHUNK):
+                popen.stdin.write(chunk)
+                count(len(chunk))
+        except BrokenPipeError:
+            pass  # the command stopped reading: its exit status tells why
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+            failures.append(exc)
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                popen.stdin.close()
+
+    def drain() -> None:
+        assert popen.stdout is not None and sink is not None
+        try:
+            while chunk := popen.stdout.read1(_STREAM_CHUNK):  # type: ignore[attr-defined]
+                sink.write(chunk)
+                count(len(chunk))
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+            failures.append(exc)
+
+    def errors_tail() -> None:
+        assert popen.stderr is not None
+        while chunk := popen.stderr.read1(65536):  # type: ignore[attr-defined]
+            stderr.extend(chunk)
+            del stderr[:-_STDERR_KEEP]
+
+    threads = [threading.Thread(target=fn, daemon=True, name=f"stream-{fn.__name__}")
+               for fn, wanted in ((feed, source), (drain, sink), (errors_tail, True))
+               if wanted is not None]
+    for thread in threads:
+        thread.start()
+    try:
+        status = popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait()
+        raise WaitTimeout(f"{argv[0]} to finish moving data ({moved[0]} bytes so far)",
+                          timeout) from None
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
+    finally:
+        for thread in threads:
+            thread.join(30)
+        for pipe in (popen.stdout, popen.stderr):
+            if pipe is not None:
+                pipe.close()
+    if failures:
+        raise failures[0]
+    return status, stderr.decode("utf-8", "replace")
 
 
 class QemuProcess:

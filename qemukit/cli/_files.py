@@ -2,7 +2,8 @@
 
 ``cp [-r] SRC DST`` copies between the host and a guest, one side written
 ``NAME:PATH``, through the guest agent (either kind) and a virtio-serial
-port plugged for the copy. ``shell NAME`` logs in over ssh when the VM has
+port plugged for the copy, or as a tar over ssh for a guest without an agent
+(``--via ssh`` forces that). ``shell NAME`` logs in over ssh when the VM has
 an ssh forward, else attaches the console; ``shell NAME -- CMD`` runs one
 command and exits with its status. ``ports NAME`` lists the user-network
 forwards, those the port watcher added marked ``auto``.
@@ -91,9 +92,12 @@ class _ProgressLine:
 @click.option("-r", "--recursive", is_flag=True, help="Copy a directory and what it holds.")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds for the whole copy.")
+@click.option("--via", type=click.Choice(["auto", "agent", "ssh"]), default="auto",
+              show_default=True, help="How the bytes travel: the guest agent, ssh (the VM's "
+              "forward and key), or auto: the agent if the VM has one, else ssh.")
 @click.argument("src")
 @click.argument("dst")
-def cp_command(recursive: bool, timeout: float, src: str, dst: str) -> None:
+def cp_command(recursive: bool, timeout: float, via: str, src: str, dst: str) -> None:
     """Copy files between the host and a running VM: qemukit cp [-r] SRC DST.
 
     \b
@@ -102,7 +106,9 @@ def cp_command(recursive: bool, timeout: float, src: str, dst: str) -> None:
     Like cp: into DST if it is a directory, else as DST. Modes are kept;
     the file is written under a temporary name and renamed, so a failed copy
     leaves nothing behind. Goes through the guest agent (the tiny image's or
-    qemu-guest-agent); progress is shown on a terminal for large files.
+    qemu-guest-agent), or where there is none (an imported image without
+    qemu-guest-agent) as a tar over ssh, logged in as the seed's user;
+    progress is shown on a terminal for large files.
     """
     a, b = parse_cp_args(src, dst)
     remote = a if isinstance(a, GuestPath) else b
@@ -120,16 +126,13 @@ def cp_command(recursive: bool, timeout: float, src: str, dst: str) -> None:
         if not target.is_dir() and not target.parent.is_dir():
             raise errors.StateError(f"no such directory on the host: {target.parent}")
     with attached(remote.name) as vm:
-        if not vm.spec.agent or vm.spec.agent == "none":
-            raise errors.StateError(f"VM {remote.name!r} has no guest agent; copy with "
-                                    f"'qemukit ssh' and scp instead")
         try:
             if isinstance(a, str):
                 vm.copy_in(Path(a).expanduser(), remote.path, recursive=recursive,
-                           progress=progress, timeout=timeout)
+                           progress=progress, timeout=timeout, via=via)
             else:
                 vm.copy_out(remote.path, Path(str(b)).expanduser(), recursive=recursive,
-                            progress=progress, timeout=timeout)
+                            progress=progress, timeout=timeout, via=via)
         finally:
             progress.finish()
 
@@ -192,8 +195,9 @@ def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> Non
     """List a running VM's port forwards: guest port, protocol, host address, auto or static.
 
     \b
-    'auto' forwards follow the guest's listening sockets (run --forward-auto,
-    the default for --detach of the Debian image); 'static' ones come from
+    'auto' forwards follow the guest's listening TCP and UDP sockets (run
+    --detach of a spec with forward_auto, the default for the Debian image and
+    imported images with an agent; --forward-auto); 'static' ones come from
     --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked.
     """
     from .._sync import run_sync

@@ -33,7 +33,7 @@ def _split_packages(text: str | None) -> tuple[str, ...]:
               help="debian: the Debian suite [default: bookworm].")
 @click.option("--packages", metavar="A,B", help="debian: more packages to install.")
 @click.option("--bootable", is_flag=True, help="debian: a whole disk (GPT, EFI system partition "
-              "with GRUB, root file system) booted by UEFI firmware, like Debian's cloud images.")
+              "with GRUB, root file system) that UEFI and BIOS firmware boot, like Debian's cloud images.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
               help="debian --bootable: also copy the qcow2 to FILE (which must not exist).")
 def images_build(name: str, force: bool, as_json: bool, arch: str, suite: str | None,

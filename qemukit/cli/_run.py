@@ -60,7 +60,8 @@ from ._common import (
               "whether the start was warm or cold, and why.")
 @click.option("--forward-auto/--no-forward-auto", "forward_auto", default=None,
               help="With --detach: forward each port the guest listens on (TCP and UDP) from "
-                   "127.0.0.1, as it comes and goes [default: on for --image debian].")
+                   "127.0.0.1, as it comes and goes [default: the spec's forward_auto, on for "
+                   "the debian image and imported images with an agent].")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
@@ -95,14 +96,11 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
                                    "use 'qemukit exec NAME -- CMD'")
-        if forward_auto is None:
-            # A developer image is for reaching what it serves; the tiny test guest is not.
-            forward_auto = opts.get("image") == "debian"
-        if forward_auto and not any(n.kind == "user" for n in spec.nics):
-            raise errors.SpecError("forward_auto", True, "needs a user network (--nic user)")
-        if forward_auto and spec.agent == "none":
-            raise errors.SpecError("forward_auto", True, "needs a guest agent to see listeners")
-        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, forward_auto)
+        if forward_auto is not None:
+            # Validated by the spec: a user network and an agent, else an error naming the field.
+            spec = spec.replace(forward_auto=forward_auto)
+        # Unset, the spec decides: developer images (debian, imported ones with an agent) say on.
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, bool(spec.forward_auto))
         return
     if forward_auto:
         raise errors.SpecError("forward_auto", True, "--forward-auto needs --detach (the "

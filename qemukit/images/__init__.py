@@ -217,7 +217,21 @@ def _debian_spec(overrides: dict[str, Any]) -> VMSpec:
         agent="qga",
         cloud_init=CloudInit(),
     )
-    return base.replace(**overrides) if overrides else base
+    return _developer(base, overrides)
+
+
+def _developer(base: VMSpec, overrides: dict[str, Any]) -> VMSpec:
+    """``base`` with ``overrides``, and ports forwarding themselves when it can (a developer image).
+
+    Unless ``forward_auto`` is overridden, it is on exactly when the result has
+    a user network and a guest agent, so an override that removes either
+    turns it off rather than failing.
+    """
+    spec = base.replace(**overrides) if overrides else base
+    if "forward_auto" not in overrides and spec.agent != "none" and any(
+            n.kind == "user" for n in spec.nics):
+        spec = spec.replace(forward_auto=True)
+    return spec
 
 
 def import_image(name: str, path: str | os.PathLike[str], **options: Any) -> ImportedImage:
@@ -249,4 +263,4 @@ def _imported_spec(image: ImportedImage, overrides: dict[str, Any]) -> VMSpec:
         agent="qga" if image.agent == "qga" else "none",
         cloud_init=CloudInit(ssh_user=image.user),
     )
-    return base.replace(**overrides) if overrides else base
+    return _developer(base, overrides)

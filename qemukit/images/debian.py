@@ -14,12 +14,14 @@ defaults and a README). The steps, all from Debian's packages:
    overlays over it and never write it.
 
 With ``bootable=True`` step 3 writes a whole disk instead (see
-:mod:`qemukit.images.bootable`): a GPT, an EFI system partition with GRUB and
-the root file system, booted by UEFI firmware rather than ``-kernel``.
+:mod:`qemukit.images.bootable`): a GPT, a BIOS boot partition and an EFI
+system partition with GRUB, and the root file system, booted by UEFI or BIOS
+firmware rather than ``-kernel``.
 
 The result is cached in ``<cache>/debian/<suite>[-bootable]-<key>/``, the key
 being a digest of everything the build depends on (suite, extra packages,
-architecture, mirrors, recipe files and :data:`RECIPE_VERSION`), with
+architecture, mirrors, recipe files and :data:`RECIPE_VERSION`, and for a
+bootable disk its :data:`~qemukit.images.bootable.LAYOUT_VERSION`), with
 ``manifest.json`` written last, so a half-built image is never found and a
 changed input never finds an old image.
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from .bootable import LAYOUT_VERSION
 
 __all__ = [
     "DEBIAN_APPEND",
@@ -144,6 +147,8 @@ def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = Fals
         "packages": list(check_packages(packages)),
         "bootable": bootable,
         "sources": _sources(suite),
+        # Only for bootable disks, so a new disk layout leaves the plain image's key alone.
+        **({"bootable_layout": LAYOUT_VERSION} if bootable else {}),
         "recipe": {name: hashlib.sha256(data).hexdigest()
                    for name, data in sorted((recipe_files or {}).items())},
     }
@@ -376,11 +381,12 @@ def build_debian(
     """Build (or reuse) the debian guest of ``suite`` plus ``packages`` under ``cache_dir/debian/``.
 
     ``bootable`` writes a whole disk (GPT, EFI system partition with GRUB,
-    root file system) that UEFI firmware boots, instead of a bare file system
+    root file system) that UEFI or BIOS firmware boots, instead of a bare file system
     booted with ``-kernel``. Needs root (mmdebstrap into a directory keeps file
     ownership only as root; no mount or loop device is used), ``mmdebstrap``,
     ``mkfs.ext4`` and ``qemu-img`` (and for ``bootable``: ``sfdisk``,
-    ``mkfs.vfat``, mtools, ``grub-mkstandalone``). ``progress`` receives one
+    ``mkfs.vfat``, mtools, ``grub-mkstandalone``, ``grub-mkimage`` and
+    grub-pc-bin's i386-pc files). ``progress`` receives one
     line per step. Raises ``RuntimeError`` naming the failed step.
     """
     cache_dir, recipe_dir = Path(cache_dir), Path(recipe_dir)
@@ -429,8 +435,8 @@ def build_debian(
         raw = work / "disk.raw"
         if bootable:
             key = out.name.rsplit("-", 1)[-1]
-            progress(f"bootable disk: GPT, ESP with GRUB, ext4 root ({tree_bytes / 2**20:.0f} MiB "
-                     f"of files, {disk_size} disk)")
+            progress(f"bootable disk: GPT, BIOS boot and EFI partitions with GRUB, ext4 root "
+                     f"({tree_bytes / 2**20:.0f} MiB of files, {disk_size} disk)")
             layout = _bootable.write_disk(root, raw, work, release=release, key=key,
                                           disk_size=disk_size, run=_run)
         else:

@@ -25,7 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
@@ -74,6 +74,9 @@ if TYPE_CHECKING:
     from .._launch.seed import Seed
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
+
+#: How :meth:`AsyncVM.copy_in` and :meth:`AsyncVM.copy_out` move the bytes.
+CopyVia = Literal["auto", "agent", "ssh"]
 
 log = logging.getLogger("qemukit")
 
@@ -1165,19 +1168,61 @@ class AsyncVM:
 
     async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str, *,
                       recursive: bool = False, progress: Progress | None = None,
-                      timeout: float = 600.0) -> str:
-        """Copy a host file or directory into the guest (see :meth:`AsyncGuest.copy_in`)."""
+                      timeout: float = 600.0, via: CopyVia = "auto") -> str:
+        """Copy a host file or directory into the guest (see :meth:`AsyncGuest.copy_in`).
+
+        ``via``: ``agent`` (a virtio-serial port plugged for the copy), ``ssh``
+        (a tar streamed over the VM's ssh forward with the seed's key, see
+        :func:`qemukit.guest.ssh_copy_in`), or ``auto``: the agent when the VM
+        has one, else ssh.
+        """
+        if self._copy_via(via) == "ssh":
+            from ..guest import ssh_copy_in
+
+            return await self.guarded(
+                ssh_copy_in(self._ssh_command, host_path, guest_path, recursive=recursive,
+                            progress=progress, timeout=timeout),
+                timeout + 60.0, f"copying {host_path} in over ssh")
         await self.wait_ready()
         return await self.guest.copy_in(host_path, guest_path, recursive=recursive,
                                         progress=progress, timeout=timeout)
 
     async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
                        recursive: bool = False, progress: Progress | None = None,
-                       timeout: float = 600.0) -> Path:
-        """Copy a guest file or directory to the host (see :meth:`AsyncGuest.copy_out`)."""
+                       timeout: float = 600.0, via: CopyVia = "auto") -> Path:
+        """Copy a guest file or directory to the host (see :meth:`AsyncGuest.copy_out`).
+
+        ``via`` as for :meth:`copy_in`.
+        """
+        if self._copy_via(via) == "ssh":
+            from ..guest import ssh_copy_out
+
+            return await self.guarded(
+                ssh_copy_out(self._ssh_command, guest_path, host_path, recursive=recursive,
+                             progress=progress, timeout=timeout),
+                timeout + 60.0, f"copying {guest_path} out over ssh")
         await self.wait_ready()
         return await self.guest.copy_out(guest_path, host_path, recursive=recursive,
                                          progress=progress, timeout=timeout)
+
+    def _copy_via(self, via: str) -> str:
+        self._require(VMState.RUNNING)
+        if via not in ("auto", "agent", "ssh"):
+            raise SpecError("via", via, "must be auto, agent or ssh")
+        has_agent = self.spec.agent != "none"
+        if via == "agent" and not has_agent:
+            raise StateError(f"VM {self.name!r} has no guest agent (spec.agent is 'none'); "
+                             "copy over ssh (via='ssh', qemukit cp --via ssh)")
+        if via == "ssh" or not has_agent:
+            if self.spec.cloud_init is None:
+                raise StateError(f"VM {self.name!r} has no guest agent and no cloud-init seed "
+                                 "to log in over ssh with: qemukit cannot copy files to it")
+            return "ssh"
+        return "agent"
+
+    async def _ssh_command(self, command: str) -> list[str]:
+        return await self.ssh_argv([command], options=("-o", "BatchMode=yes",
+                                                       "-o", "ConnectTimeout=30"))
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""

@@ -7,6 +7,8 @@ its VMs live in a private state directory, so the QEMUs counted are its own.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -79,6 +81,17 @@ def test_session_start_exec_files_stop_and_nothing_left(tiny_image: images.TinyI
             assert await _call(client, "read_file", name=name, path="/tmp/mcp.txt") == body
             cat = await _call(client, "exec", name=name, command="cat /tmp/mcp.txt")
             assert cat["stdout"] == body, cat
+            # Beyond the old 1 MiB cap, binary: both ways on the copy channel, byte-identical.
+            blob = os.urandom(3 * 1024 * 1024 + 5)
+            encoded = base64.b64encode(blob).decode()
+            await _call(client, "write_file", name=name, path="/tmp/blob.bin", content=encoded,
+                        encoding="base64")
+            summed = await _call(client, "exec", name=name, command=["md5sum", "/tmp/blob.bin"])
+            assert summed["stdout"].split()[0] == hashlib.md5(blob).hexdigest(), summed
+            assert await _call(client, "read_file", name=name, path="/tmp/blob.bin",
+                               encoding="base64") == encoded
+            missing = await client.call_tool("read_file", {"name": name, "path": "/tmp/nope"})
+            assert missing.is_error and "no such file" in json.dumps(missing.model_dump(mode="json"))
             listed = await _call(client, "list_vms")
             assert [vm["name"] for vm in listed] == [name], listed
             first_pid = listed[0]["pid"]

@@ -261,3 +261,20 @@ def test_build_spec_validates() -> None:
     with pytest.raises(SpecError) as info:
         build_spec(_opts(memory="12Q"))
     assert (info.value.field, info.value.value) == ("memory", "12Q")
+
+
+@pytest.mark.parametrize(("spec_text", "reason"), [
+    ('kernel = "/no/vmlinuz"\n', "user network"),
+    ('kernel = "/no/vmlinuz"\nagent = "none"\n[[nics]]\nkind = "user"\n', "agent"),
+])
+def test_run_detach_forward_auto_is_refused_naming_the_field_before_any_start(
+        cli: Any, tmp_path: Path, spec_text: str, reason: str) -> None:
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(spec_text)
+    for args in (["--detach", "--forward-auto"], ["--detach"]):
+        if args == ["--detach"]:
+            spec_file.write_text(spec_text.replace('kernel =', 'forward_auto = true\nkernel ='))
+        result = cli("run", "-f", str(spec_file), *args)
+        assert result.exit_code == EXIT_ERROR, result.output
+        assert "forward_auto" in result.output and reason in result.output, result.output
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())

@@ -149,6 +149,10 @@ def test_import_reads_os_agent_user_firmware_and_registry_round_trips(cache: Pat
     assert spec.kernel is None and spec.firmware == "ovmf" and spec.agent == "qga"
     assert spec.drives[0].file == str(disk) and spec.drives[0].overlay
     assert spec.cloud_init is not None and spec.cloud_init.ssh_user == "debian"
+    # A developer image: its ports forward themselves (when run detached) unless asked not to.
+    assert spec.forward_auto is True
+    assert images.spec("mine", forward_auto=False).forward_auto is False
+    assert images.spec("mine", nics=()).forward_auto is None  # no user network: off, no error
 
     with pytest.raises(SpecError) as caught:
         images.import_image("mine", disk)
@@ -172,6 +176,10 @@ def test_without_an_esp_or_agent_the_image_boots_bios_ssh_only(cache: Path, tmp_
     assert (image.firmware, image.agent, image.user) == ("bios", "none", "ubuntu")
     spec = images.spec("plain")
     assert spec.firmware == "seabios" and spec.agent == "none"
+    assert spec.forward_auto is None  # no agent to see the listeners
+    with pytest.raises(SpecError) as forced:
+        images.spec("plain", forward_auto=True)
+    assert forced.value.field == "forward_auto"
 
 
 @needs_tools
@@ -243,3 +251,101 @@ def test_build_output_is_checked_before_anything_is_built(tmp_path: Path) -> Non
     plain = runner.invoke(main, ["images", "build", "debian", "-o", str(tmp_path / "new.qcow2")])
     assert plain.exit_code != 0 and "--bootable" in plain.output
     assert not (tmp_path / "new.qcow2").exists()
+
+
+# --------------------------------------------------------------------------- BIOS boot layout
+
+_GRUB_PC = Path("/usr/lib/grub/i386-pc")
+needs_grub_pc = pytest.mark.skipif(
+    not (shutil.which("sfdisk") and shutil.which("grub-mkimage") and (_GRUB_PC / "boot.img").is_file()),
+    reason="needs sfdisk, grub-mkimage and grub-pc-bin (scripts/setup installs them)")
+
+
+def test_disk_layout_puts_bios_boot_esp_and_root_in_order_without_overlap() -> None:
+    layout = bootable.disk_layout(4 << 30)
+    assert layout["bios_start"] == 2048 and layout["bios_sectors"] == 2048
+    assert layout["esp_start"] == layout["bios_start"] + layout["bios_sectors"]
+    assert layout["root_start"] == layout["esp_start"] + layout["esp_sectors"]
+    assert layout["root_start"] + layout["root_sectors"] <= layout["sectors"] - 33
+    assert layout["root_sectors"] % 8 == 0
+
+
+def _fake_core(sectors: int) -> bytes:
+    """A core.img shaped like grub-mkimage's: diskboot's block list at the first sector's end."""
+    core = bytearray(os.urandom(512 * sectors))
+    core[500:512] = (2).to_bytes(8, "little") + (sectors - 1).to_bytes(2, "little") + b"\x20\x08"
+    return bytes(core)
+
+
+def _boot_img() -> bytes:
+    return bytes(510) + b"\x55\xaa"
+
+
+def test_install_bios_boot_refuses_what_does_not_fit_or_is_not_grub(tmp_path: Path) -> None:
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(510) + b"\x55\xaa" + bytes(4096 * 512))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        bootable.install_bios_boot(disk, _fake_core(40), _boot_img(), 2048, 32)
+    with pytest.raises(RuntimeError, match="not a 512-byte boot sector"):
+        bootable.install_bios_boot(disk, _fake_core(4), bytes(512), 2048, 32)
+    odd = bytearray(_fake_core(4))
+    odd[508:510] = b"\x00\x10"
+    with pytest.raises(RuntimeError, match="not GRUB 2's layout"):
+        bootable.install_bios_boot(disk, bytes(odd), _boot_img(), 2048, 32)
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(bytes(4096 * 512))
+    with pytest.raises(RuntimeError, match="has no MBR"):
+        bootable.install_bios_boot(blank, _fake_core(4), _boot_img(), 2048, 32)
+
+
+@needs_grub_pc
+def test_bios_boot_writes_grubs_mbr_and_core_as_grub_bios_setup_would(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    layout = bootable.disk_layout(600 << 20, esp_mib=8)
+    with open(disk, "wb") as fh:
+        fh.truncate(layout["sectors"] * 512)
+    table = ("label: gpt\nunit: sectors\n"
+             f"start={layout['bios_start']}, size={layout['bios_sectors']}, type={bootable.BIOS_BOOT_TYPE}\n"
+             f"start={layout['root_start']}, size={layout['root_sectors']}, type={bootable.LINUX_TYPE}\n")
+    subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(disk)], input=table,
+                   text=True, check=True, capture_output=True)
+    cfg = tmp_path / "early.cfg"
+    cfg.write_text(bootable.grub_config("11111111-2222-3333-4444-555555555555"))
+    core_file = tmp_path / "core.img"
+    subprocess.run(["grub-mkimage", "-O", "i386-pc", "-o", str(core_file), "-c", str(cfg), "-p",
+                    "/boot/grub", "biosdisk", "part_gpt", "ext2", "search", "linux"],
+                   check=True, capture_output=True)
+    core = core_file.read_bytes()
+    boot = (_GRUB_PC / "boot.img").read_bytes()
+    before = disk.read_bytes()[:34 * 512]
+
+    bootable.install_bios_boot(disk, core, boot, layout["bios_start"], layout["bios_sectors"])
+    data = disk.read_bytes()
+    mbr = data[:512]
+    # boot.img's code, with the kernel sector and the hard-disk NOPs patched in ...
+    assert int.from_bytes(mbr[0x5C:0x64], "little") == layout["bios_start"]
+    assert mbr[0x66:0x68] == b"\x90\x90"
+    assert mbr[0x5A:0x5C] == boot[0x5A:0x5C] and mbr[0x68:0x1B8] == boot[0x68:0x1B8]
+    assert mbr[:3] == boot[:3]
+    # ... and the protective MBR's partition table, signature and the GPT itself kept.
+    assert mbr[0x1B8:0x200] == before[0x1B8:0x200] and mbr[0x1C2] == 0xEE
+    assert data[512:34 * 512] == before[512:34 * 512]
+    parts = imported.read_partitions(data[:34 * 512], len(data))
+    assert [p.type for p in parts] == [bootable.BIOS_BOOT_TYPE, bootable.LINUX_TYPE]
+    # core.img in the BIOS boot partition, its block list naming the sectors after the first.
+    at = layout["bios_start"] * 512
+    written = data[at:at + len(core)]
+    rest = -(-(len(core) - 512) // 512)
+    assert written[500:512] == ((layout["bios_start"] + 1).to_bytes(8, "little")
+                                + rest.to_bytes(2, "little") + (0x820).to_bytes(2, "little"))
+    assert written[:500] == core[:500] and written[512:] == core[512:]
+    assert data[at + len(core):at + layout["bios_sectors"] * 512] == bytes(
+        layout["bios_sectors"] * 512 - len(core))
+
+
+def test_bootable_cache_key_has_the_disk_layout_version_and_the_plain_one_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, boot = debian.cache_key("bookworm"), debian.cache_key("bookworm", bootable=True)
+    monkeypatch.setattr(debian, "LAYOUT_VERSION", bootable.LAYOUT_VERSION + 1)
+    assert debian.cache_key("bookworm", bootable=True) != boot
+    assert debian.cache_key("bookworm") == plain

@@ -473,6 +473,7 @@ def full_spec() -> VMSpec:
         cloud_init=CloudInit(hostname="full-spec.example", ssh_key='/keys/my "key",x.pub',
                              user_data="/ud/ünï 😀\\data", ssh_user="admin"),
         warm=True,
+        forward_auto=False,  # True needs an agent and a user network: see the tests below
     )
 
 
@@ -597,3 +598,32 @@ def test_replace_validates_again() -> None:
 def test_spec_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         VMSpec().cpus = 2
+
+
+# --------------------------------------------------------------------------- forward_auto
+
+
+def test_forward_auto_needs_a_user_network_and_an_agent_naming_the_field() -> None:
+    with pytest.raises(SpecError) as no_nic:
+        VMSpec(forward_auto=True)
+    assert no_nic.value.field == "forward_auto" and "user network" in str(no_nic.value)
+    with pytest.raises(SpecError) as tap_only:
+        VMSpec(forward_auto=True, nics=(Nic(kind="tap", ifname="tap0"),))
+    assert tap_only.value.field == "forward_auto"
+    with pytest.raises(SpecError) as no_agent:
+        VMSpec(forward_auto=True, nics=(Nic(),), agent="none")
+    assert no_agent.value.field == "forward_auto" and "agent" in str(no_agent.value)
+    with pytest.raises(SpecError) as not_bool:
+        VMSpec(forward_auto="yes", nics=(Nic(),))  # type: ignore[arg-type]
+    assert not_bool.value.field == "forward_auto"
+    assert VMSpec(forward_auto=True, nics=(Nic(),), agent="qga").forward_auto is True
+    assert VMSpec(agent="none").forward_auto is None  # off by default, nothing needed
+
+
+def test_forward_auto_round_trips_through_toml(tmp_path: Path) -> None:
+    spec = VMSpec(forward_auto=True, nics=(Nic(),))
+    assert "forward_auto = true" in spec.dumps()
+    path = tmp_path / "vm.toml"
+    spec.dump(path)
+    assert VMSpec.load(path) == spec
+    assert "forward_auto" not in VMSpec().dumps()  # unset stays unset (and warm keys with it)

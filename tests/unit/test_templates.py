@@ -137,3 +137,16 @@ def test_templates_ls_and_show() -> None:
     assert "[[shares]]" in shown.output
     bad = runner.invoke(main, ["templates", "show", "nope"])
     assert bad.exit_code != 0 and "unknown template" in bad.output
+
+
+def test_forward_auto_in_a_base_is_inherited_and_checked_naming_its_file(tmp_path: Path) -> None:
+    _write(tmp_path / "a.toml", 'forward_auto = true\nkernel = "/k"\n')
+    ok = _write(tmp_path / "ok.toml", 'base = "a.toml"\n[[nics]]\nkind = "user"\n')
+    assert VMSpec.load(ok).forward_auto is True
+    off = _write(tmp_path / "off.toml", 'base = "a.toml"\nforward_auto = false\n')
+    assert VMSpec.load(off).forward_auto is False
+    bad = _write(tmp_path / "bad.toml", 'base = "a.toml"\nmemory = 256\n')
+    with pytest.raises(SpecError) as err:
+        VMSpec.load(bad)
+    assert err.value.field == f"{(tmp_path / 'a.toml').resolve()}: forward_auto"
+    assert "user network" in str(err.value)

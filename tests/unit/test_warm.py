@@ -12,7 +12,7 @@ import pytest
 
 from qemukit import Drive, Share, VMSpec, host
 from qemukit._launch.plan import HostFacts
-from qemukit.spec import CloudInit
+from qemukit.spec import CloudInit, Nic
 from qemukit.warm import WarmCache, file_digest, warm_key, warm_refusal, warm_spec
 
 
@@ -66,6 +66,8 @@ def test_the_key_follows_what_is_booted(files: dict[str, Path], tmp_path: Path) 
     first = key(files, root)
     assert key(files, root) == first
     assert key(files, root, name="other", warm=True) == first  # neither changes the guest
+    with_nic = key(files, root, nics=(Nic(),))
+    assert key(files, root, nics=(Nic(),), forward_auto=True) == with_nic  # acts from outside
     assert key(files, root, memory=1024) != first
     assert key(files, root, append="loglevel=8") != first
     assert warm_key(spec(files), qemu(files["qemu"], (8, 0, 0)), FACTS, root).digest != first
