@@ -8,7 +8,9 @@ plain socket), loop (qemukit run -- true vs the fastest raw QEMU command line fo
 the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 (snapshot load vs a boot per test), restore (state bundle restore vs cold boot),
 scale (16 VMs launched at once), warm (warm against cold against raw for run --
-true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: libvirt (--with-libvirt: `virsh
+true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: debian
+(--only debian: seconds to an ssh login on the Debian image, warm against cold),
+libvirt (--with-libvirt: `virsh
 create` to guest init vs qemukit, libvirtd's RSS, virsh's per-call cost) and
 virtme (--with-virtme: `vng --run KERNEL --exec true` vs `qemukit run -- true`,
 or why vng does not run here).
@@ -32,7 +34,7 @@ from qemukit import host
 from .common import Result
 
 DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm")
-OPTIONAL_PARTS = ("arch", "libvirt", "virtme")
+OPTIONAL_PARTS = ("arch", "debian", "libvirt", "virtme")
 
 
 def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result]]:
@@ -70,6 +72,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .warm import bench_warm
         return bench_warm(runs, 3 if args.quick else 16)
 
+    def debian() -> Result:
+        from .warm import bench_debian
+        return bench_debian(2 if args.quick else min(runs, 3))
+
     def arch() -> Result:
         from .arch import bench_arch
         return bench_arch(runs)
@@ -83,8 +89,8 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "warm": warm, "arch": arch, "libvirt": libvirt,
-            "virtme": virtme}
+            "restore": restore, "scale": scale, "warm": warm, "debian": debian, "arch": arch,
+            "libvirt": libvirt, "virtme": virtme}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,6 +9,10 @@
   ``qemu_vm`` cold (``--qemukit-cold``) against ``qemu_clean_vm`` (one session
   VM rolled back to a snapshot per test), from the time pytest reports for a
   file of identical tests, divided by their number.
+- debian (an optional part, ``--only debian``: each cold sample is a whole
+  Debian boot): ``qemukit run --image debian --detach --wait ssh`` warm against
+  ``--cold``, each sample from the command's start to its return with ssh
+  logging in, the VM killed after.
 
 The warm state is built before the rounds (not counted).
 """
@@ -163,6 +167,30 @@ def bench_plugin(runs: int) -> Result:
             "goal": "qemu_vm warm within 1.5x of qemu_clean_vm",
             "note": "each sample is a whole pytest run divided by its tests: the session's "
                     "start (and for qemu_clean_vm its boot and snapshot) is spread over them"}
+
+
+def _debian_to_ssh(*extra: str) -> float:
+    name = f"qk-bench-debian-{time.monotonic_ns()}"
+    t0 = time.perf_counter()
+    out = subprocess.run([QEMUKIT_CMD, "run", "--image", "debian", "--accel", "tcg", "--detach",
+                          "--wait", "ssh", "--name", name, "--timeout", "900", *extra],
+                         capture_output=True, text=True, timeout=960, stdin=subprocess.DEVNULL,
+                         check=False)
+    elapsed = time.perf_counter() - t0
+    subprocess.run([QEMUKIT_CMD, "kill", name], capture_output=True, timeout=60, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"qemukit run --image debian {' '.join(extra)} failed "
+                           f"({out.returncode}): {out.stderr[-2000:]}")
+    return elapsed
+
+
+def bench_debian(runs: int) -> Result:
+    """Seconds to a working ssh login on the Debian image: warm against cold, interleaved."""
+    _debian_to_ssh()  # builds the warm state when there is none
+    res = interleave(runs, warm=_debian_to_ssh, cold=lambda: _debian_to_ssh("--cold"))
+    w, c = summary(res["warm"]), summary(res["cold"])
+    return {"warm_to_ssh": w, "cold_to_ssh": c, "cold_over_warm": ratio(c, w),
+            "goal": "cold/warm >= 30"}
 
 
 def bench_warm(runs: int, many: int) -> Result:

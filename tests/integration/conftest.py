@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,3 +34,13 @@ def booted(tiny_spec: VMSpec) -> Iterator[Any]:
     for vm in vms:
         if vm.state.value == "running":
             vm.shutdown(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> images.DebianImage:
+    """The debian image, built once (about 80 s) if the cache lacks it."""
+    built = images.find_image("debian")
+    if built is None and os.geteuid() != 0:
+        pytest.skip("building the debian image runs mmdebstrap as root (a normal user can use "
+                    "an image root built: run 'qemukit images build debian' as root first)")
+    return built or images.build("debian", progress=lambda msg: print(f"  {msg}", file=sys.stderr))

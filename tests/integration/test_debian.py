@@ -51,16 +51,6 @@ class Booted:
 
 
 @pytest.fixture(scope="module")
-def debian_image() -> images.DebianImage:
-    """The debian image, built once (about 80 s) if the cache lacks it."""
-    built = images.find_image("debian")
-    if built is None and os.geteuid() != 0:
-        pytest.skip("building the debian image runs mmdebstrap as root (a normal user can use "
-                    "an image root built: run 'qemukit images build debian' as root first)")
-    return built or images.build("debian", progress=lambda msg: print(f"  {msg}", file=sys.stderr))
-
-
-@pytest.fixture(scope="module")
 def base_sha256(debian_image: images.DebianImage) -> str:
     return sha256(debian_image.disk)
 
