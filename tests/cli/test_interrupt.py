@@ -135,8 +135,9 @@ def test_ctrl_c_while_starting_stops_everything_it_began(
     entry = next(e for e in entries() if (e / "vm.json").exists())
     pid = int(json.loads((entry / "vm.json").read_text())["pid"])
     if moment == "booting":
-        _wait_for(lambda: "qemukit-init:" in (entry / "console.log").read_text(errors="replace"),
-                  120, "the tiny init on the builder's console", entry / "console.log")
+        log = entry / "console.log"  # QEMU creates it once it runs: absent a moment before
+        _wait_for(lambda: log.exists() and "qemukit-init:" in log.read_text(errors="replace"),
+                  120, "the tiny init on the builder's console", log)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     proc.send_signal(signal.SIGINT)
     status = proc.wait(timeout=60)
