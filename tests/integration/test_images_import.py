@@ -271,8 +271,9 @@ def test_the_same_disk_boots_with_bios_firmware(downloaded: Path, state_root: Pa
     assert result.returncode == 0, result.stderr
     assert "firmware bios" in result.stdout
     start = time.monotonic()
+    # --cold: this is about SeaBIOS and GRUB booting the disk, not about a restored clone.
     result = qk("run", "--image", BIOS_IMAGE, "--accel", "tcg", "--name", BIOS_NAME, "--detach",
-                "--wait", "agent", "--no-forward-auto", "--timeout", "480", timeout=540)
+                "--cold", "--wait", "agent", "--no-forward-auto", "--timeout", "480", timeout=540)
     try:
         assert result.returncode == 0, result.stderr
         print(f"\nrun --image {BIOS_IMAGE} (SeaBIOS) --wait agent: {time.monotonic() - start:.1f}s",
