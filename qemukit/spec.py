@@ -689,9 +689,10 @@ class VMSpec:
             if self.max_memory is not None and not info.memory_hotplug:
                 raise SpecError("max_memory", self.max_memory, f"memory hotplug is not "
                                 f"supported on {self.machine} ({self.arch}) with QEMU 7.2")
-            if self.cloud_init is not None:
-                raise SpecError("cloud_init", "set", f"the cloud-init seed CD is x86_64-only "
-                                f"(not on {self.arch})")
+            if self.cloud_init is not None and not info.seed_cd:
+                supported = " and ".join(a.name for a in ARCHES.values() if a.seed_cd)
+                raise SpecError("cloud_init", "set", f"the cloud-init seed CD works on "
+                                f"{supported} only (not on {self.arch})")
             if info.virtiofs and any(sh.transport == "virtiofs" for sh in self.shares):
                 raise SpecError("share.transport", "virtiofs",
                                 f"virtiofs does not work on {self.arch}: {info.virtiofs}; "

@@ -299,8 +299,9 @@ def seed_device_args(spec: VMSpec, iso: str) -> list[str]:
     """QEMU arguments attaching the seed ISO as a read-only SCSI CD (pure).
 
     The cloud kernel has no AHCI driver, so on q35 an ``ide-cd`` would never
-    be seen: the CD goes on virtio-scsi, sharing the spec's controller
-    (``scsi0``) when it has SCSI disks, else on a controller of its own.
+    be seen (and arm's virt has no IDE at all): the CD goes on virtio-scsi,
+    sharing the spec's controller (``scsi0``) when it has SCSI disks, else on
+    a controller of its own.
     """
     if spec.machine == "microvm":
         raise SpecError("cloud_init", "set", "microvm has no PCI bus for the seed CD")
@@ -308,7 +309,7 @@ def seed_device_args(spec: VMSpec, iso: str) -> list[str]:
     controller: list[str] = []
     bus = "scsi0.0"
     if not any(d.interface == "virtio-scsi" for d in spec.drives):
-        controller = ["-device", "virtio-scsi-pci,id=scsi1"]
+        controller = ["-device", f"{_virtio(spec, 'scsi')},id=scsi1"]
         bus = "scsi1.0"
     return [
         "-blockdev", f"driver=file,node-name={node}-file,filename={quote_opt(iso)},read-only=on",

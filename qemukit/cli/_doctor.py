@@ -70,6 +70,8 @@ def doctor(as_json: bool, reprobe: bool) -> None:
             click.echo(f"  {name:8} {row['machine']:16} qemu: {binary}")
             click.echo(f"  {'':8} {'':16} firmware: {fw}; accel: {row['accel']}")
             click.echo(f"  {'':8} {'':16} tiny: {image}")
+            if row["debian"] is not None:
+                click.echo(f"  {'':8} {'':16} debian: {row['debian']}")
         click.echo(f"cache:     {report['cache_dir']}")
         click.echo(f"state:     {report['state_dir']}")
     sys.exit(1 if problems else 0)
@@ -77,10 +79,12 @@ def doctor(as_json: bool, reprobe: bool) -> None:
 
 def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
     """Each guest architecture's state: QEMU binary (or the package to install),
-    firmware, tiny image, and the accelerator it would get."""
+    firmware, tiny image, debian image (where there is one for it; built or
+    what building it needs), and the accelerator it would get."""
     import os
 
     from .. import host, images
+    from ..images.debian import ARCHES_BUILT
 
     native = host.host_arch()
     out: dict[str, dict[str, Any]] = {}
@@ -102,8 +106,22 @@ def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
             "cpu_hotplug": info.cpu_hotplug, "memory_hotplug": info.memory_hotplug,
             "disk_hotplug": info.hotplug_bus is not None or info.transport == "ccw",
             "powerdown": info.powerdown,
+            "debian": _debian_state(name) if name in ARCHES_BUILT else None,
         }
     return out
+
+
+def _debian_state(arch: str) -> str:
+    """The debian image of ``arch``: its directory, or how to build it (and what is missing)."""
+    from .. import host, images
+
+    found = images.find_image("debian", arch)
+    if found is not None:
+        return str(found.directory)
+    flag = "" if arch == "x86_64" else f" --arch {arch}"
+    problem = host.foreign_exec_problem(arch)
+    return f"not built (qemukit images build debian{flag}" + (
+        f"; cannot here: {problem})" if problem else ")")
 
 
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).

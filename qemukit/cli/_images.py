@@ -28,7 +28,8 @@ def _split_packages(text: str | None) -> tuple[str, ...]:
 @click.option("--force", is_flag=True, help="Rebuild even if already built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--arch", type=click.Choice(list(ARCHES)), default="x86_64", show_default=True,
-              help="Guest architecture (tiny only); its packages come from apt lists of their own.")
+              help="Guest architecture (tiny; debian: x86_64 or aarch64). Foreign packages come from "
+              "apt lists of their own; a foreign debian tree is built under qemu-user.")
 @click.option("--suite", type=click.Choice(["bookworm", "trixie", "sid"]), default=None,
               help="debian: the Debian suite [default: bookworm].")
 @click.option("--packages", metavar="A,B", help="debian: more packages to install.")
@@ -109,17 +110,26 @@ def images_remove(name: str) -> None:
 @images_group.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def images_list(as_json: bool) -> None:
-    """List the built-in images (built or not) and the imported ones."""
+    """List the built-in images (built or not; other architectures' when built) and the imported ones."""
     from .. import images
+    from ..images.debian import ARCHES_BUILT
 
     rows = {n: images.find_image(n) for n in images.NAMES}
+    foreign = {arch: {n: images.find_image(n, arch) for n in images.NAMES
+                      if n == "tiny" or arch in ARCHES_BUILT} for arch in ARCHES if arch != "x86_64"}
     imported = images.list_imported()
     if as_json:
         data = {n: (str(i.directory) if i else None) for n, i in rows.items()}
-        emit_json({**data, "imported": {i.name: i.to_dict() for i in imported}})
+        by_arch = {arch: {n: (str(i.directory) if i else None) for n, i in found.items()}
+                   for arch, found in foreign.items()}
+        emit_json({**data, "arch": by_arch, "imported": {i.name: i.to_dict() for i in imported}})
         return
     for n, i in rows.items():
         click.echo(f"{n:8} {i.directory if i else 'not built'}")
+    for arch, found in foreign.items():
+        for n, i in found.items():
+            if i is not None:
+                click.echo(f"{n:8} {i.directory} (--arch {arch})")
     for image in imported:
         click.echo(f"{image.name:8} imported: {image.path} ({image.format}, "
                    f"{image.os.get('PRETTY_NAME', 'unknown OS')}, {image.firmware}, "

@@ -9,6 +9,7 @@ the tiny guest reached its init under it.
 
 from __future__ import annotations
 
+from ._binfmt import foreign_exec_problem
 from ._firmware import find_ovmf, tsc_khz
 from ._img import create_overlay, image_format
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
@@ -23,6 +24,7 @@ __all__ = [
     "find_ovmf",
     "find_qemu",
     "find_virtiofsd",
+    "foreign_exec_problem",
     "host_arch",
     "image_format",
     "kvm_device_status",

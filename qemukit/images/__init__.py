@@ -7,6 +7,8 @@ qemukit agent); build it once with ``qemukit images build tiny``.
 cloud-init) on a throwaway overlay with a per-VM cloud-init seed; build it
 with ``qemukit images build debian`` (needs root and mmdebstrap; ``suite``,
 ``packages`` and ``bootable`` pick other builds, each cached by its inputs).
+``spec("debian", arch="aarch64")`` boots the arm64 build on the virt machine
+(built with ``images build debian --arch aarch64``, under qemu-user).
 
 A user's own disk image (a distribution's cloud image) is registered with
 :func:`import_image` and never written; ``spec(NAME)`` then boots it through
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from ..arch import ARCHES
+from ..arch import ARCHES, ArchName
 from ..errors import HostError, SpecError
 from ..paths import cache_dir, cache_dir_error
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
@@ -31,7 +33,9 @@ from .debian import (
     SUITES,
     DebianImage,
     build_debian,
+    check_arch,
     check_packages,
+    debian_append,
     find_debian,
 )
 from .imported import ImportedImage, find_imported
@@ -39,8 +43,8 @@ from .tiny import TinyImage, build_tiny, find_tiny
 
 __all__ = [
     "DEBIAN_APPEND", "NAMES", "TINY_APPEND", "DebianImage", "ImportedImage", "TinyImage", "build",
-    "find_image", "import_image", "list_imported", "recipe_dir", "remove_imported", "spec",
-    "tiny_append",
+    "debian_append", "find_image", "import_image", "list_imported", "recipe_dir", "remove_imported",
+    "spec", "tiny_append",
 ]
 
 NAMES = ("tiny", "debian")
@@ -74,8 +78,8 @@ def _check_name(name: str) -> None:
 def _check_arch(name: str, arch: str) -> None:
     if arch not in ARCHES:
         raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
-    if name == "debian" and arch != "x86_64":
-        raise SpecError("arch", arch, "the debian image is built for x86_64 only")
+    if name == "debian":
+        check_arch(arch)
 
 
 @overload
@@ -90,7 +94,8 @@ def find_image(name: str, arch: str = "x86_64") -> TinyImage | DebianImage | Non
     _check_arch(name, arch)
     try:
         if name == "debian":
-            return find_debian(cache_dir())
+            return find_debian(cache_dir()) if arch == "x86_64" else find_debian(cache_dir(),
+                                                                                 arch=arch)
         if arch != "x86_64":
             return find_tiny(cache_dir(), recipe_dir(name), arch=arch)
         return find_tiny(cache_dir(), recipe_dir(name))
@@ -131,7 +136,8 @@ def build(
     ``bootable`` (a whole disk UEFI firmware boots) choose the build; each
     combination is cached by its own key. A foreign architecture's packages
     are fetched with apt pointed at lists of their own (the host's dpkg
-    configuration is not changed).
+    configuration is not changed); a foreign debian tree is built under
+    qemu-user (binfmt_misc), and ``bootable`` is x86_64 only.
     """
     _check_name(name)
     _check_arch(name, arch)
@@ -142,9 +148,11 @@ def build(
         if suite not in SUITES:
             raise SpecError("suite", suite, f"must be one of {', '.join(SUITES)}")
         extra = check_packages(packages)
+        check_arch(arch, bootable)
+        by_arch = {} if arch == "x86_64" else {"arch": arch}
         try:
             return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force,
-                                suite=suite, packages=extra, bootable=bootable)
+                                suite=suite, packages=extra, bootable=bootable, **by_arch)
         except RuntimeError as exc:
             raise HostError(f"building image {name!r} failed: {exc}") from exc
         except OSError as exc:
@@ -180,7 +188,7 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     arch = overrides.pop("arch", "x86_64")
     _check_arch(name, arch)
     if name == "debian":
-        return _debian_spec(overrides)
+        return _debian_spec(overrides, arch)
     image = find_image(name, arch)
     kernel = overrides.pop("kernel", None)
     initrd = overrides.pop("initrd", None)
@@ -199,18 +207,25 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     return base.replace(**overrides) if overrides else base
 
 
-def _debian_spec(overrides: dict[str, Any]) -> VMSpec:
-    """The debian guest: 2 vCPUs, 1 GiB, a throwaway overlay, ssh on a free 127.0.0.1 port."""
-    image = find_debian(cache_dir())
+def _debian_spec(overrides: dict[str, Any], arch: ArchName = "x86_64") -> VMSpec:
+    """The debian guest: 2 vCPUs, 1 GiB, a throwaway overlay, ssh on a free 127.0.0.1 port.
+
+    On x86_64 the machine is q35; aarch64 gets virt (the spec maps it), the
+    same devices on PCI and its console on ttyAMA0.
+    """
+    image = find_image("debian", arch)
     if image is None:
-        raise HostError("image 'debian' is not built; run: qemukit images build debian")
+        flag = "" if arch == "x86_64" else f" --arch {arch}"
+        raise HostError(f"image 'debian'{' for ' + arch if flag else ''} is not built; "
+                        f"run: qemukit images build debian{flag}")
     base = VMSpec(
+        arch=arch,
         machine="q35",
         cpus=2,
         memory=1024,
         kernel=str(image.kernel),
         initrd=str(image.initrd),
-        append=DEBIAN_APPEND,
+        append=debian_append(arch),
         drives=(Drive(image.disk, format="qcow2", overlay=True),),
         # Host port 0: the kernel picks a free port, no race; vm.ssh_address() reads it back.
         nics=(Nic(forwards=(PortForward(0, 22),)),),

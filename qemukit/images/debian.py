@@ -18,12 +18,21 @@ With ``bootable=True`` step 3 writes a whole disk instead (see
 system partition with GRUB, and the root file system, booted by UEFI or BIOS
 firmware rather than ``-kernel``.
 
-The result is cached in ``<cache>/debian/<suite>[-bootable]-<key>/``, the key
-being a digest of everything the build depends on (suite, extra packages,
-architecture, mirrors, recipe files and :data:`RECIPE_VERSION`, and for a
-bootable disk its :data:`~qemukit.images.bootable.LAYOUT_VERSION`), with
-``manifest.json`` written last, so a half-built image is never found and a
-changed input never finds an old image.
+For another architecture (``arch="aarch64"``, the only foreign one so far)
+mmdebstrap builds a foreign tree (``--architectures=arm64``): its maintainer
+scripts run under qemu-user through the host's binfmt_misc entry, which is
+checked before anything is done (:func:`qemukit.host.foreign_exec_problem`).
+The recipe's ``arm64/`` directory replaces the kernel package (the generic
+arm64 kernel, whose ``gpio_keys`` hears the virt machine's power button) and
+lists the modules the initramfs carries (``MODULES=list``: the generic
+kernel's ``MODULES=most`` initramfs would be several times larger).
+
+The result is cached in ``<cache>/debian/<suite>[-<arch>][-bootable]-<key>/``
+(no ``-<arch>`` for x86_64), the key being a digest of everything the build
+depends on (suite, extra packages, architecture, mirrors, recipe files and
+:data:`RECIPE_VERSION`, and for a bootable disk its
+:data:`~qemukit.images.bootable.LAYOUT_VERSION`), with ``manifest.json`` written last, so a half-built
+image is never found and a changed input never finds an old image.
 """
 
 from __future__ import annotations
@@ -42,10 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..arch import ARCHES
 from ..errors import SpecError
+from ..host import foreign_exec_problem, host_arch
 from .bootable import LAYOUT_VERSION
 
 __all__ = [
+    "ARCHES_BUILT",
     "DEBIAN_APPEND",
     "DEFAULT_SUITE",
     "RECIPE_VERSION",
@@ -53,7 +65,9 @@ __all__ = [
     "DebianImage",
     "build_debian",
     "cache_key",
+    "check_arch",
     "check_packages",
+    "debian_append",
     "find_debian",
     "read_package_list",
 ]
@@ -63,7 +77,8 @@ SUITES = ("bookworm", "trixie", "sid")
 DEFAULT_SUITE = SUITES[0]
 #: Bumped whenever the build steps change what an image holds (part of the cache key).
 RECIPE_VERSION = 2
-ARCH = "amd64"
+#: The guest architectures the image is built for (qemukit's names); the first is the default.
+ARCHES_BUILT = ("x86_64", "aarch64")
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 #: Where packages come from; ``QEMUKIT_DEBIAN_MIRROR`` points at another mirror of the same layout.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -73,6 +88,9 @@ DEFAULT_DISK_SIZE = "4G"
 ROOT_LABEL = "debian-root"
 #: The guest's kernel command line: root on the first virtio disk, console on the serial port.
 DEBIAN_APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
+#: The recipe's own files (part of the key); a foreign arch adds its directory's files.
+_RECIPE_FILES = ("packages", "cloud.cfg")
+_FOREIGN_RECIPE_FILES = ("packages", "initramfs-modules")
 
 MANIFEST = "manifest.json"
 DISK_NAME = "disk.qcow2"
@@ -86,6 +104,28 @@ _FSTAB = (
 )
 # The root disk must be found by the initramfs; everything else udev loads from the disk.
 _MODULES_WANTED = ("virtio_blk", "virtio_pci")
+# initramfs-tools settings a foreign tree gets before its kernel is installed (mmdebstrap's
+# setup hook), so its first initramfs is already the small one.
+_INITRAMFS_CONF = ("# qemukit debian image: only the modules listed in modules.d/qemukit.conf\n"
+                   "MODULES=list\n")
+
+
+def check_arch(arch: str, bootable: bool = False) -> None:
+    """Raise :class:`SpecError` unless the image is built for guest architecture ``arch``."""
+    if arch not in ARCHES:
+        raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
+    if arch not in ARCHES_BUILT:
+        raise SpecError("arch", arch, f"the debian image is built for {' and '.join(ARCHES_BUILT)} "
+                        "only")
+    if bootable and arch != "x86_64":
+        raise SpecError("bootable", True, f"bootable disks are built for x86_64 only (GRUB for "
+                        f"x86_64-efi); the {arch} image boots with -kernel (drop --bootable)")
+
+
+def debian_append(arch: str = "x86_64") -> str:
+    """The debian guest's kernel command line for ``arch`` (its console device)."""
+    check_arch(arch)
+    return DEBIAN_APPEND.replace("console=ttyS0", f"console={ARCHES[arch].console}")
 
 
 @dataclass(frozen=True)
@@ -134,16 +174,18 @@ def _check_suite(suite: str) -> None:
 
 
 def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = False,
-              recipe_files: dict[str, bytes] | None = None) -> str:
+              recipe_files: dict[str, bytes] | None = None, arch: str = "x86_64") -> str:
     """The digest naming a build: its suite, extra packages, arch, mirrors, recipe and version.
 
-    The order and repetition of ``packages`` do not matter.
+    The order and repetition of ``packages`` do not matter. ``arch`` is the
+    guest architecture; the key holds its Debian name (``amd64``, ``arm64``).
     """
     _check_suite(suite)
+    check_arch(arch, bootable)
     inputs = {
         "recipe_version": RECIPE_VERSION,
         "suite": suite,
-        "arch": ARCH,
+        "arch": ARCHES[arch].debian_arch,
         "packages": list(check_packages(packages)),
         "bootable": bootable,
         "sources": _sources(suite),
@@ -155,17 +197,24 @@ def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = Fals
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _recipe_files(recipe_dir: Path | None) -> dict[str, bytes]:
+def _recipe_files(recipe_dir: Path | None, arch: str = "x86_64") -> dict[str, bytes]:
+    """The recipe files a build of ``arch`` reads (x86_64: the top ones; else also ``<debarch>/``)."""
     if recipe_dir is None:
         return {}
-    return {name: (Path(recipe_dir) / name).read_bytes() for name in ("packages", "cloud.cfg")
+    names = list(_RECIPE_FILES)
+    if arch != "x86_64":
+        names += [f"{ARCHES[arch].debian_arch}/{n}" for n in _FOREIGN_RECIPE_FILES]
+    return {name: (Path(recipe_dir) / name).read_bytes() for name in names
             if (Path(recipe_dir) / name).is_file()}
 
 
 def _image_dir(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
-               bootable: bool = False, recipe_dir: Path | None = None) -> Path:
-    key = cache_key(suite, packages, bootable=bootable, recipe_files=_recipe_files(recipe_dir))
-    return Path(cache_dir) / "debian" / f"{suite}{'-bootable' if bootable else ''}-{key[:16]}"
+               bootable: bool = False, recipe_dir: Path | None = None,
+               arch: str = "x86_64") -> Path:
+    key = cache_key(suite, packages, bootable=bootable, arch=arch,
+                    recipe_files=_recipe_files(recipe_dir, arch))
+    tag = "" if arch == "x86_64" else f"-{arch}"
+    return Path(cache_dir) / "debian" / f"{suite}{tag}{'-bootable' if bootable else ''}-{key[:16]}"
 
 
 def _load_image(directory: Path) -> DebianImage | None:
@@ -182,15 +231,16 @@ def _load_image(directory: Path) -> DebianImage | None:
 
 
 def find_debian(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
-                bootable: bool = False, recipe_dir: Path | None = None) -> DebianImage | None:
+                bootable: bool = False, recipe_dir: Path | None = None,
+                arch: str = "x86_64") -> DebianImage | None:
     """The debian image built from these inputs under ``cache_dir``, or None.
 
     ``recipe_dir`` (the recipe's files are part of the key) defaults to the
-    installed recipe. The manifest is written last, so a half-built image is
-    not found.
+    installed recipe; ``arch`` is the guest architecture. The manifest is
+    written last, so a half-built image is not found.
     """
     return _load_image(_image_dir(cache_dir, suite, packages, bootable,
-                                  recipe_dir or _default_recipe_dir()))
+                                  recipe_dir or _default_recipe_dir(), arch))
 
 
 def _default_recipe_dir() -> Path | None:
@@ -201,16 +251,31 @@ def _default_recipe_dir() -> Path | None:
     return None
 
 
-def read_package_list(recipe_dir: Path) -> list[str]:
-    """The packages named in the recipe's ``packages`` file (comments and blanks skipped)."""
+def _read_names(path: Path, pattern: re.Pattern[str] = _PACKAGE_RE,
+                what: str = "package name") -> list[str]:
+    """The names in a recipe list file, one a line ('#' starts a comment)."""
     names = []
-    for line in (Path(recipe_dir) / "packages").read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         name = line.split("#", 1)[0].strip()
         if name:
-            if not _PACKAGE_RE.fullmatch(name):
-                raise RuntimeError(f"bad package name {name!r} in {recipe_dir / 'packages'}")
+            if not pattern.fullmatch(name):
+                raise RuntimeError(f"bad {what} {name!r} in {path}")
             names.append(name)
     return names
+
+
+def read_package_list(recipe_dir: Path, arch: str = "x86_64") -> list[str]:
+    """The packages named in the recipe's ``packages`` file (comments and blanks skipped).
+
+    For another ``arch``, the kernel packages (``linux-image-*``) of that file
+    are replaced by the ones in ``<debian-arch>/packages``.
+    """
+    names = _read_names(Path(recipe_dir) / "packages")
+    if arch == "x86_64":
+        return names
+    extra = _read_names(Path(recipe_dir) / ARCHES[arch].debian_arch / "packages")
+    return [n for n in names if not n.startswith("linux-image-")] + [
+        n for n in extra if n not in names]
 
 
 # --------------------------------------------------------------------------- steps
@@ -248,10 +313,26 @@ def _sources(suite: str = DEFAULT_SUITE) -> list[str]:
 
 
 def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None],
-                suite: str = DEFAULT_SUITE) -> None:
-    """Install the packages into ``root``, passing mmdebstrap's own progress lines on."""
+                suite: str = DEFAULT_SUITE, arch: str = "x86_64",
+                preload: Path | None = None) -> None:
+    """Install the packages into ``root``, passing mmdebstrap's own progress lines on.
+
+    An ``arch`` not the host's gets ``--architectures``; ``preload`` is a tree copied
+    into the chroot before any package is installed (mmdebstrap's ``sync-in``
+    setup hook, run by mmdebstrap itself, no shell).
+    """
+    foreign: list[str] = []
+    if arch != host_arch():
+        foreign.append(f"--architectures={ARCHES[arch].debian_arch}")
+    if preload is not None:
+        if any(c.isspace() for c in str(preload)):
+            # mmdebstrap splits a special hook's arguments at spaces.
+            raise RuntimeError(f"the build directory {preload} has white space in its path, "
+                               "which mmdebstrap's sync-in hook cannot take; set QEMUKIT_CACHE "
+                               "to a path without spaces")
+        foreign.append(f"--setup-hook=sync-in {preload} /")
     argv = [
-        "mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
+        "mmdebstrap", "--mode=root", "--variant=apt", "--format=directory", *foreign,
         "--include=" + ",".join(packages),
         # The guest never needs documentation or translations: about 60 MB less.
         "--dpkgopt=path-exclude=/usr/share/doc/*",
@@ -276,6 +357,27 @@ def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None]
                 progress("mmdebstrap: " + line[2:].strip())
     if proc.returncode != 0:
         raise RuntimeError(f"mmdebstrap failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def _initramfs_preload(work: Path, recipe_dir: Path, arch: str) -> Path:
+    """The tree a foreign build copies into its chroot first: initramfs-tools' MODULES=list.
+
+    The module list goes to ``/usr/share/initramfs-tools/modules.d/`` (read in
+    every mode) and the setting to ``conf.d``: neither is a package's conffile,
+    so dpkg installs initramfs-tools over them without a question.
+    """
+    modules = _read_names(Path(recipe_dir) / ARCHES[arch].debian_arch / "initramfs-modules",
+                          re.compile(r"[a-z0-9_-]+"), "module name")
+    tree = work / "preload"
+    conf = tree / "etc/initramfs-tools/conf.d"
+    conf.mkdir(parents=True)
+    (conf / "qemukit").write_text(_INITRAMFS_CONF, encoding="utf-8")
+    listing = tree / "usr/share/initramfs-tools/modules.d"
+    listing.mkdir(parents=True)
+    (listing / "qemukit.conf").write_text("".join(f"{m}\n" for m in modules), encoding="utf-8")
+    for path in [tree, *tree.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return tree
 
 
 def _customize(root: Path, recipe_dir: Path) -> None:
@@ -377,22 +479,27 @@ def build_debian(
     suite: str = DEFAULT_SUITE,
     packages: Sequence[str] = (),
     bootable: bool = False,
+    arch: str = "x86_64",
 ) -> DebianImage:
     """Build (or reuse) the debian guest of ``suite`` plus ``packages`` under ``cache_dir/debian/``.
 
     ``bootable`` writes a whole disk (GPT, EFI system partition with GRUB,
     root file system) that UEFI or BIOS firmware boots, instead of a bare file system
-    booted with ``-kernel``. Needs root (mmdebstrap into a directory keeps file
-    ownership only as root; no mount or loop device is used), ``mmdebstrap``,
-    ``mkfs.ext4`` and ``qemu-img`` (and for ``bootable``: ``sfdisk``,
-    ``mkfs.vfat``, mtools, ``grub-mkstandalone``, ``grub-mkimage`` and
-    grub-pc-bin's i386-pc files). ``progress`` receives one
-    line per step. Raises ``RuntimeError`` naming the failed step.
+    booted with ``-kernel`` (x86_64 only). ``arch`` is the guest architecture
+    (see :data:`ARCHES_BUILT`); another than the host's needs binfmt_misc and
+    qemu-user-static, checked before anything runs. Needs root (mmdebstrap
+    into a directory keeps file ownership only as root; no mount or loop
+    device is used), ``mmdebstrap``, ``mkfs.ext4`` and ``qemu-img`` (and for
+    ``bootable``: ``sfdisk``, ``mkfs.vfat``, mtools, ``grub-mkstandalone``,
+    ``grub-mkimage`` and grub-pc-bin's i386-pc files).
+    ``progress`` receives one line per step. Raises ``RuntimeError`` naming
+    the failed step or what the host lacks.
     """
     cache_dir, recipe_dir = Path(cache_dir), Path(recipe_dir)
     _check_suite(suite)
+    check_arch(arch, bootable)
     extra = check_packages(packages)
-    out = _image_dir(cache_dir, suite, extra, bootable, recipe_dir)
+    out = _image_dir(cache_dir, suite, extra, bootable, recipe_dir, arch)
     if not force:
         existing = _load_image(out)
         if existing is not None:
@@ -400,7 +507,14 @@ def build_debian(
             return existing
     if os.geteuid() != 0:
         raise RuntimeError(_nonroot_problem())
-    wanted = read_package_list(recipe_dir)
+    if arch != host_arch():
+        problem = foreign_exec_problem(arch)
+        if problem is None and shutil.which("arch-test") is None:
+            problem = ("mmdebstrap needs arch-test for a foreign tree: apt-get install "
+                       "arch-test (scripts/setup does)")
+        if problem is not None:
+            raise RuntimeError(f"cannot build the {arch} debian image: {problem}")
+    wanted = read_package_list(recipe_dir, arch)
     all_packages = wanted + [p for p in extra if p not in wanted]
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
@@ -416,15 +530,23 @@ def build_debian(
     layout: dict[str, Any] = {}
     try:
         root = work / "root"
-        progress(f"mmdebstrap {suite} with {len(all_packages)} packages (and their dependencies)")
+        foreign = f" for {ARCHES[arch].debian_arch} (under qemu-user)" if arch != "x86_64" else ""
+        progress(f"mmdebstrap {suite}{foreign} with {len(all_packages)} packages (and their "
+                 "dependencies)")
         t0 = time.monotonic()
-        _mmdebstrap(root, all_packages, progress, suite)
+        if arch == "x86_64":
+            _mmdebstrap(root, all_packages, progress, suite)
+        else:
+            _mmdebstrap(root, all_packages, progress, suite, arch,
+                        _initramfs_preload(work, recipe_dir, arch))
         installed = len(list((root / "var/lib/dpkg/info").glob("*.list")))
         progress(f"installed {installed} packages in {time.monotonic() - t0:.0f}s")
 
         _customize(root, recipe_dir)
         release, vmlinuz, initrd = _kernel_files(root)
-        missing = _check_initramfs(root, release, _MODULES_WANTED + (("ext4",) if bootable else ()))
+        # The generic arm64 kernel has ext4 as a module: the initramfs must carry it too.
+        need_ext4 = bootable or arch != "x86_64"
+        missing = _check_initramfs(root, release, _MODULES_WANTED + (("ext4",) if need_ext4 else ()))
         if missing:
             raise RuntimeError(f"the initramfs for {release} lacks {', '.join(missing)}; "
                                "the guest could not find its root disk")
@@ -462,10 +584,10 @@ def build_debian(
             os.replace(work / name, target)
         manifest = {
             "suite": suite,
-            "arch": ARCH,
+            "arch": ARCHES[arch].debian_arch,
             "recipe_version": RECIPE_VERSION,
-            "cache_key": cache_key(suite, extra, bootable=bootable,
-                                   recipe_files=_recipe_files(recipe_dir)),
+            "cache_key": cache_key(suite, extra, bootable=bootable, arch=arch,
+                                   recipe_files=_recipe_files(recipe_dir, arch)),
             "bootable": bootable,
             "kernel_release": release,
             "packages": installed,
