@@ -34,7 +34,8 @@ from ._common import (
 @click.option("--console-log", type=click.Path(dir_okay=False),
               help="Keep a copy of the guest's whole console log here.")
 @click.option("--modules", type=click.Path(file_okay=False, exists=True),
-              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR).")
+              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR), "
+              "appended to the initramfs.")
 @click.option("--detach", "-d", is_flag=True,
               help="Start the VM in the background, print its name and return.")
 @click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent", "ssh"]), default="qmp",
@@ -89,8 +90,6 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
     if warm != spec.warm:
         spec = spec.replace(warm=warm)
-    if not command and spec.kernel is not None and os.path.isdir(spec.kernel):
-        spec = _boot_tree_image(spec)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
@@ -102,13 +101,13 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             raise errors.SpecError("forward_auto", True, "needs a user network (--nic user)")
         if forward_auto and spec.agent == "none":
             raise errors.SpecError("forward_auto", True, "needs a guest agent to see listeners")
-        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, forward_auto)
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, forward_auto, modules)
         return
     if forward_auto:
         raise errors.SpecError("forward_auto", True, "--forward-auto needs --detach (the "
                                "watcher outlives this command)")
     if not command:
-        vm = VM(spec, boot_timeout=timeout)
+        vm = VM(spec, boot_timeout=timeout, modules=modules)
         try:
             vm.start()
         except KeyboardInterrupt:
@@ -172,20 +171,6 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
               "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
 
 
-def _boot_tree_image(spec: VMSpec) -> VMSpec:
-    """A spec booting a kernel tree's image, its config checked (its modules are not installed:
-    without -- CMD the VM outlives this process, and with it a temporary modules directory)."""
-    from ..kconfig import check_kernel_config, find_tree
-
-    tree = find_tree(spec.kernel or "", spec.arch)
-    spec = spec.replace(kernel=str(tree.image))
-    check_kernel_config(spec, tree.config)
-    if tree.modules:
-        click.echo(f"qemukit: {tree.root}'s modules are installed only for run -- CMD; "
-                   "the drivers the guest needs must be built in", err=True)
-    return spec
-
-
 def _announce_accel(vm: Any, verbose: bool) -> None:
     """One line on stderr: the accelerator in short, or with the whole reason under -v.
 
@@ -217,10 +202,13 @@ def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
-                  verbose: bool = False, forward_auto: bool = False) -> None:
+                  verbose: bool = False, forward_auto: bool = False,
+                  modules: str | None = None) -> None:
     from ..vm import VM
 
-    vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
+    # A tree's modules (or --modules) go into an initramfs in the VM's runtime directory,
+    # which stays as long as the VM does.
+    vm = VM(spec, die_with_parent=False, boot_timeout=timeout, modules=modules)
     try:
         vm.start()
         if wait_for == "agent":
