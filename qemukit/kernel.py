@@ -39,8 +39,8 @@ from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, W
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
-__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "bzimage_release", "json_safe", "run_in_vm",
-           "run_kernel", "xml_safe"]
+__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "MachineChoice", "bzimage_release",
+           "json_safe", "kernel_run_machine", "run_in_vm", "run_kernel", "xml_safe"]
 
 #: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
 JUNIT_TEXT_LIMIT = 1_000_000
@@ -348,6 +348,71 @@ def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
         return str(vm.dump_memory(path).path), None
     except QemukitError as exc:
         return None, f"no crash dump: {exc}"
+
+
+@dataclass(frozen=True)
+class MachineChoice:
+    """The machine a kernel run boots when none was asked for, and why (``run -v`` says it)."""
+
+    machine: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line: ``machine microvm: <why>``."""
+        return f"machine {self.machine}: {self.reason}"
+
+
+def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
+                       tsc_khz: int | None) -> MachineChoice:
+    """The machine for ``run --kernel`` when ``--machine`` is not given (pure: no I/O but
+    reading the kernel's config file).
+
+    microvm, as virtme-ng picks, when nothing in the run needs what only q35 has
+    (PCIe slots and ACPI hotplug, vmgenid for a warm restore, OVMF, the seed CD's
+    PCI bus, disks other than virtio-blk) and the kernel is known to drive it:
+    its config (a tree's ``.config``, ``config-<release>`` beside the image)
+    has ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``. ``one_shot`` is a run of one
+    command that nothing else will reach for later (``-- CMD``, not ``--detach``
+    or the console); ``warm_asked`` an explicit ``--warm``; ``tsc_khz`` the
+    host's TSC rate, without which a kernel on microvm cannot calibrate its clock
+    and hangs in about 4 boots of 10. Otherwise q35, saying which of these it was.
+    """
+    if spec.arch != "x86_64":
+        return MachineChoice(spec.machine, f"the {spec.arch} machine qemukit drives")
+    needs: str | None = None
+    if not one_shot:
+        needs = ("a VM without a command (--detach, the console) may be hotplugged or "
+                 "snapshotted while it runs")
+    elif warm_asked:
+        needs = "--warm restores a saved state, whose clones need q35's vmgenid device"
+    elif spec.max_cpus is not None or spec.max_memory is not None:
+        needs = "CPU or memory hotplug needs q35's ACPI hotplug"
+    elif spec.firmware != "seabios":
+        needs = f"firmware {spec.firmware} boots on q35"
+    elif spec.cloud_init is not None:
+        needs = "the cloud-init seed CD needs a PCI bus"
+    elif any(d.interface != "virtio-blk" for d in spec.drives):
+        needs = "disks other than virtio-blk need q35's PCI bus"
+    elif spec.extra_args:
+        needs = "--qemu-arg may name devices of q35's PCI bus"
+    elif tsc_khz is None:
+        needs = ("the host's TSC rate is unknown, and without tsc_early_khz= a kernel on "
+                 "microvm hangs in about 4 boots of 10")
+    if needs is None and spec.kernel is not None:
+        config = kconfig.kernel_config(spec.kernel)
+        wanted = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
+        if config is None:
+            needs = (f"the kernel's config is not known (no .config or config-<release> beside "
+                     f"it), so nothing shows it has {wanted[1]}, which microvm needs")
+        else:
+            settings = kconfig.read_config(config)
+            lacking = [o for o in wanted if settings.get(o) not in ("y", "m")]
+            if lacking:
+                needs = f"its config {config} lacks {', '.join(lacking)}, which microvm needs"
+    if needs is not None:
+        return MachineChoice("q35", needs)
+    return MachineChoice("microvm", "nothing in this run needs q35's PCIe hotplug or ACPI "
+                         "(as virtme-ng; --machine q35 for the other)")
 
 
 def run_kernel(

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from ._common import (
     emit_json,
     spec_options,
 )
+
+if TYPE_CHECKING:
+    from ..kernel import MachineChoice
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -86,10 +89,17 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     from ._guest import apply_run_options
 
     spec = apply_run_options(build_spec(opts), opts)
+    machine = None
+    if opts.get("machine") is None and opts["kernel"] and not (opts["spec_file"] or opts["image"]):
+        spec, machine = _kernel_machine(spec, bool(command) and not detach, warm)
+        if machine.machine == "microvm" and warm is None:
+            warm = False  # microvm cannot start warm; a new kernel every run gains nothing
     if warm is None:
         warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
     if warm != spec.warm:
         spec = spec.replace(warm=warm)
+    if verbose and machine is not None and json_out != "-":
+        click.echo(f"qemukit: {machine.describe()}", err=True)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
@@ -169,6 +179,18 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
               "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
+
+
+def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None
+                    ) -> tuple[VMSpec, MachineChoice]:
+    """``spec`` on the machine a kernel run gets by default (see kernel_run_machine)."""
+    from ..host import tsc_khz
+    from ..kernel import kernel_run_machine
+
+    choice = kernel_run_machine(spec, one_shot=one_shot, warm_asked=warm is True,
+                                tsc_khz=tsc_khz())
+    return (spec.replace(machine=choice.machine) if choice.machine != spec.machine else spec,
+            choice)
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:

@@ -413,3 +413,70 @@ def test_cmdline_shows_the_image_a_tree_boots(tmp_path: Path) -> None:
     assert argv[argv.index("-kernel") + 1] == str(tree / "arch/x86/boot/bzImage")
     assert any("with the tree's modules" in note for note in notes)
     assert not (tree / "installs.log").exists()
+
+
+# -- the machine of a kernel run -----------------------------------------------------------------
+
+
+def test_a_kernel_run_gets_microvm_unless_something_needs_q35(tmp_path: Path) -> None:
+    from qemukit.kernel import kernel_run_machine
+
+    tree = fake_tree(tmp_path / "t", config=full_config())
+    spec = VMSpec(kernel=str(tree), initrd="/i")
+
+    def pick(s: VMSpec = spec, **kw: object) -> tuple[str, str]:
+        args: dict[str, object] = {"one_shot": True, "warm_asked": False, "tsc_khz": 2_000_000}
+        args.update(kw)
+        choice = kernel_run_machine(s, **args)  # type: ignore[arg-type]
+        return choice.machine, choice.describe()
+
+    machine, line = pick()
+    assert machine == "microvm" and line.startswith("machine microvm: nothing in this run")
+    # The image inside the tree finds the same config.
+    assert pick(spec.replace(kernel=str(tree / "arch/x86/boot/bzImage")))[0] == "microvm"
+    for changed, why in (
+            ({"one_shot": False}, "--detach, the console"),
+            ({"warm_asked": True}, "vmgenid"),
+            ({"tsc_khz": None}, "TSC rate is unknown")):
+        machine, line = pick(**changed)
+        assert machine == "q35" and line.startswith("machine q35: ") and why in line, changed
+    for fields, why in (({"max_cpus": 4}, "CPU or memory hotplug"),
+                        ({"max_memory": "2G"}, "CPU or memory hotplug"),
+                        ({"firmware": "ovmf"}, "firmware ovmf"),
+                        ({"drives": ("/d.qcow2,if=nvme",)}, "other than virtio-blk"),
+                        ({"extra_args": ("-device", "e1000")}, "--qemu-arg")):
+        machine, line = pick(spec.replace(**fields))
+        assert machine == "q35" and why in line, fields
+    # The kernel must be known to drive microvm's virtio-mmio devices.
+    (tree / ".config").write_text(full_config(without=("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",)))
+    machine, line = pick()
+    assert machine == "q35" and f"{tree / '.config'} lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in line
+    bare = tmp_path / "bzImage"
+    bare.write_bytes(b"k")
+    machine, line = pick(VMSpec(kernel=str(bare), initrd="/i"))
+    assert machine == "q35" and "config is not known" in line
+    arm = VMSpec(arch="aarch64", kernel=str(bare))
+    assert pick(arm)[0] == "virt"
+
+
+def test_run_kernel_says_its_machine_under_v_and_machine_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = fake_tree(tmp_path / "t", config=full_config())
+    initrd = base_initrd(tmp_path / "initrd.img")
+    seen: list[VMSpec] = []
+
+    def fake_run_in_vm(spec: VMSpec, *_: object, **__: object) -> object:
+        seen.append(spec)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("qemukit.kernel.run_in_vm", fake_run_in_vm)
+    monkeypatch.setattr("qemukit.host.tsc_khz", lambda: 2_000_000)
+    base = ["run", "--accel", "tcg", "--kernel", str(tree), "--initrd", str(initrd)]
+    out = CliRunner().invoke(main, [*base, "-v", "--", "true"])
+    assert out.exit_code == 0, out.output
+    assert "qemukit: machine microvm: nothing in this run needs q35" in out.output
+    assert seen[-1].machine == "microvm" and not seen[-1].warm
+    out = CliRunner().invoke(main, [*base, "--machine", "q35", "-v", "--", "true"])
+    assert seen[-1].machine == "q35" and "machine microvm" not in out.output
+    out = CliRunner().invoke(main, [*base, "--warm", "-v", "--", "true"])
+    assert seen[-1].machine == "q35" and seen[-1].warm and "vmgenid" in out.output
