@@ -347,10 +347,29 @@ def find_tree(path: str | Path, arch: str | None = None) -> KernelTree:
                       modules=settings.get("CONFIG_MODULES") == "y" and built)
 
 
+def _depmod() -> str | None:
+    """depmod's path (make modules_install looks for it on PATH; Debian keeps it in sbin)."""
+    return shutil.which("depmod", path=os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def install_modules(tree: KernelTree, dest: str | Path, *, timeout: float = 900.0) -> Path:
-    """``make modules_install INSTALL_MOD_PATH=dest`` in the tree; returns ``dest``."""
-    _checked(_make_argv(tree.arch, "-s", "modules_install", f"INSTALL_MOD_PATH={dest}"),
-             tree.root, timeout, "make modules_install")
+    """``make modules_install INSTALL_MOD_PATH=dest`` in the tree; returns ``dest``.
+
+    Raises :class:`HostError` if make fails or left no ``modules.dep`` (the
+    guest's modprobe needs it; make skips depmod, with a warning, when it is
+    missing).
+    """
+    argv = _make_argv(tree.arch, "-s", "modules_install", f"INSTALL_MOD_PATH={dest}")
+    depmod = _depmod()
+    if depmod is not None:
+        argv.append(f"DEPMOD={depmod}")
+    out = _checked(argv, tree.root, timeout, "make modules_install")
+    installed = sorted(Path(dest).glob("lib/modules/*/modules.dep"))
+    if not installed and list(Path(dest).glob("lib/modules/*")):
+        said = f": {out.strip()[-300:]}" if out.strip() else ""
+        raise HostError(f"make modules_install in {tree.root} wrote no modules.dep (depmod did "
+                        f"not run: apt-get install kmod){said}")
     return Path(dest)
 
 
@@ -562,6 +581,9 @@ def resolve_kernel(spec: VMSpec, modules: str | Path | None = None) -> ResolvedK
         if install and booted.initrd is None:
             raise SpecError("kernel", str(spec.kernel), "the tree's modules need an initrd to go "
                             "into")
+        if install and _depmod() is None:
+            raise HostError(f"installing the modules of {tree.root} needs depmod, which make "
+                            "modules_install runs to write modules.dep (apt-get install kmod)")
         resolved = ResolvedKernel(booted, tree, tree.config, _tree_release(tree), given, install)
     else:
         if not Path(spec.kernel).is_file():

@@ -339,6 +339,27 @@ def base_initrd(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _some_depmod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake trees' make needs no depmod; the host may have none (kmod not installed)."""
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: "/bin/true")
+
+
+def test_a_tree_with_modules_and_no_depmod_is_refused_before_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import HostError
+
+    tree = tree_with_modules(tmp_path / "t")
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: None)
+    with pytest.raises(HostError, match="apt-get install kmod"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(tree), initrd=str(tmp_path / "i")))
+    # A make that leaves no modules.dep (its depmod missing) is an error, not a guest
+    # whose modprobe finds nothing.
+    (tree / "Makefile").write_text(INSTALLING_MAKEFILE.replace("modules.dep", "modules.other"))
+    with pytest.raises(HostError, match="wrote no modules.dep"):
+        kconfig.install_modules(kconfig.find_tree(tree), tmp_path / "dest")
+
+
 def test_a_tree_resolves_to_its_image_and_its_modules_go_into_a_copy_of_the_initrd(
         tmp_path: Path) -> None:
     import gzip

@@ -317,6 +317,7 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
 
     from tests.unit.test_kconfig import RELEASE, full_config, tree_with_modules
 
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: "/bin/true")  # the fake make's
     tree = tree_with_modules(tmp_path / "tree")
     jobs = [Job(n, ("true",), vm={"kernel": str(tree)}) for n in ("a", "b")]
     installed: dict[Path, Path] = {}
