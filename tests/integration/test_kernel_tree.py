@@ -196,6 +196,7 @@ def test_a_dask_cluster_runs_the_tree_from_its_image_and_modules(
     text = (f'[defaults]\nkernel = "{tree}"\naccel = "tcg"\ntimeout = 480\n\n'
             f'[matrix.n]\na = {{}}\nb = {{}}\n\n'
             f'[matrix.commands]\nreload = ["sh", "-c", "{RELOAD}"]\n')
+    (tmp_path / "cluster").mkdir()
     with dask_cluster(tmp_path / "cluster", tiny_image) as cluster:
         roots = (cluster.state("w1"), cluster.state("w2"))
         run = _run_matrix(tmp_path, text, _env(tmp_path / "client-state"), "--scheduler",
