@@ -14,6 +14,10 @@ options olddefconfig dropped (their dependencies unmet).
 architecture; :func:`kernel_config` finds the config of a kernel (a tree's
 ``.config``, or ``config-<release>``/``.config`` beside an image file), and
 :func:`missing_options` says which options a spec needs that the config lacks.
+:func:`resolve_kernel` is the one step every start takes for a spec's kernel (a
+tree or an image, plus modules): it checks everything and writes nothing;
+:meth:`ResolvedKernel.materialize` then installs the tree's modules and
+appends them to the initramfs, in a directory the VM owns.
 Subprocesses (``make``, ``merge_config.sh``) run with argv lists, in the tree.
 """
 
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,10 +40,10 @@ from .errors import HostError, SpecError
 from .spec import VMSpec
 
 __all__ = [
-    "KCONFIG_VERSION", "KERNEL_ARCH", "KernelTree", "MergeResult", "check_kernel_config",
-    "config_sha256", "find_tree", "fragment", "fragment_options", "install_modules",
-    "is_tree", "kernel_config", "merge_into_tree", "missing_error", "missing_options",
-    "read_config",
+    "KCONFIG_VERSION", "KERNEL_ARCH", "KernelTree", "MergeResult", "ResolvedKernel",
+    "append_modules", "bzimage_release", "check_kernel_config", "config_sha256", "find_tree",
+    "fragment", "fragment_options", "install_modules", "is_tree", "kernel_config",
+    "merge_into_tree", "missing_error", "missing_options", "read_config", "resolve_kernel",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,10 +347,29 @@ def find_tree(path: str | Path, arch: str | None = None) -> KernelTree:
                       modules=settings.get("CONFIG_MODULES") == "y" and built)
 
 
+def _depmod() -> str | None:
+    """depmod's path (make modules_install looks for it on PATH; Debian keeps it in sbin)."""
+    return shutil.which("depmod", path=os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def install_modules(tree: KernelTree, dest: str | Path, *, timeout: float = 900.0) -> Path:
-    """``make modules_install INSTALL_MOD_PATH=dest`` in the tree; returns ``dest``."""
-    _checked(_make_argv(tree.arch, "-s", "modules_install", f"INSTALL_MOD_PATH={dest}"),
-             tree.root, timeout, "make modules_install")
+    """``make modules_install INSTALL_MOD_PATH=dest`` in the tree; returns ``dest``.
+
+    Raises :class:`HostError` if make fails or left no ``modules.dep`` (the
+    guest's modprobe needs it; make skips depmod, with a warning, when it is
+    missing).
+    """
+    argv = _make_argv(tree.arch, "-s", "modules_install", f"INSTALL_MOD_PATH={dest}")
+    depmod = _depmod()
+    if depmod is not None:
+        argv.append(f"DEPMOD={depmod}")
+    out = _checked(argv, tree.root, timeout, "make modules_install")
+    installed = sorted(Path(dest).glob("lib/modules/*/modules.dep"))
+    if not installed and list(Path(dest).glob("lib/modules/*")):
+        said = f": {out.strip()[-300:]}" if out.strip() else ""
+        raise HostError(f"make modules_install in {tree.root} wrote no modules.dep (depmod did "
+                        f"not run: apt-get install kmod){said}")
     return Path(dest)
 
 
@@ -438,3 +464,210 @@ def check_kernel_config(spec: VMSpec, config_path: str | Path | None = None) -> 
     if missing:
         raise missing_error(spec.kernel, path, missing)
     return path
+
+
+# --------------------------------------------------------------------------- a spec's kernel, resolved
+
+
+def bzimage_release(kernel: str | Path) -> str | None:
+    """The release an x86 bzImage names in its setup header (None for other images)."""
+    try:
+        with open(kernel, "rb") as fh:
+            head = fh.read(0x4000)
+    except OSError:
+        return None
+    # The boot protocol: "HdrS" at 0x202, the version string's offset (minus 0x200) at 0x20E.
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        return None
+    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    end = head.find(b"\0", offset)
+    if offset >= len(head) or end < 0:
+        return None
+    text = head[offset:end].decode("ascii", errors="replace").split(" ", 1)[0]
+    return text or None
+
+
+def _tree_release(tree: KernelTree) -> str | None:
+    release_file = tree.root / "include" / "config" / "kernel.release"
+    try:
+        return release_file.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return bzimage_release(tree.image)
+
+
+@dataclass(frozen=True)
+class ResolvedKernel:
+    """A spec's kernel, checked and made bootable, before any file is written.
+
+    ``spec`` boots an image file (a tree's built image in place of the tree).
+    ``tree`` is the tree it came from, if any; ``modules`` the directory of
+    modules to append to the initramfs (given by the caller), else None, and
+    ``install_tree_modules`` says that the tree's modules are to be installed
+    (``make modules_install``) and appended instead. ``config`` is the kernel
+    config that was checked (None when none was found) and ``release`` the
+    kernel's release, where known.
+    """
+
+    spec: VMSpec
+    tree: KernelTree | None
+    config: Path | None
+    release: str | None
+    modules: Path | None = None
+    install_tree_modules: bool = False
+
+    @property
+    def needs_files(self) -> bool:
+        """True if :meth:`materialize` writes an initramfs (modules are to go into it)."""
+        return self.modules is not None or self.install_tree_modules
+
+    @property
+    def config_sha256(self) -> str | None:
+        """The SHA-256 of the checked config (the result's ``kernel_config_sha256``)."""
+        return config_sha256(self.config) if self.config is not None else None
+
+    def materialize(self, workdir: str | Path) -> VMSpec:
+        """The spec to boot: with the modules appended to its initramfs, written in ``workdir``.
+
+        ``workdir`` (created if missing) belongs to the caller, who removes it
+        when the VM is gone (a VM uses its runtime directory). Without modules
+        this writes nothing and returns :attr:`spec`.
+        """
+        if not self.needs_files:
+            return self.spec
+        assert self.spec.initrd is not None  # resolve_kernel refused otherwise
+        work = Path(workdir)
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        modules = self.modules
+        if modules is None:
+            assert self.tree is not None
+            log.debug("installing the modules of %s into %s", self.tree.root, work / "modules")
+            modules = install_modules(self.tree, work / "modules")
+        initrd = append_modules(Path(self.spec.initrd), modules, work)
+        if self.modules is None:  # the installed tree is in the initramfs now
+            shutil.rmtree(work / "modules", ignore_errors=True)
+        return self.spec.replace(initrd=str(initrd))
+
+
+def resolve_kernel(spec: VMSpec, modules: str | Path | None = None) -> ResolvedKernel:
+    """Resolve ``spec.kernel`` (an image file or a built tree) and ``modules`` for a start.
+
+    A tree (see :func:`find_tree`) boots its built image; if its config has
+    modules and they were built, they are to be installed and appended to the
+    initramfs (unless ``modules`` is given, which then wins). ``modules`` is a
+    directory as ``make modules_install INSTALL_MOD_PATH=DIR`` leaves it
+    (``DIR/lib/modules/<release>``) or the ``<release>`` directory itself.
+    When the kernel's config can be found (a tree's ``.config``,
+    ``config-<release>`` beside the image), options the spec needs and the
+    config lacks raise :class:`SpecError` naming them. Nothing is written and
+    nothing is started; every mistake (a missing kernel, modules without an
+    initrd, a modules directory of the wrong shape or holding a file an
+    initramfs cannot carry) is raised here.
+    """
+    given = Path(modules) if modules is not None else None
+    if given is not None:
+        _check_modules_dir(given)
+    if spec.kernel is None:
+        if given is not None:
+            raise SpecError("modules", str(given), "needs a kernel booted with an initrd")
+        return ResolvedKernel(spec, None, None, None)
+    if Path(spec.kernel).is_dir():
+        tree = find_tree(spec.kernel, spec.arch)
+        booted = spec.replace(kernel=str(tree.image))
+        if tree.config is not None:  # the error names the tree the user gave
+            missing = missing_options(booted, read_config(tree.config))
+            if missing:
+                raise missing_error(spec.kernel, tree.config, missing)
+        install = tree.modules and given is None
+        if install and booted.initrd is None:
+            raise SpecError("kernel", str(spec.kernel), "the tree's modules need an initrd to go "
+                            "into")
+        if install and _depmod() is None:
+            raise HostError(f"installing the modules of {tree.root} needs depmod, which make "
+                            "modules_install runs to write modules.dep (apt-get install kmod)")
+        resolved = ResolvedKernel(booted, tree, tree.config, _tree_release(tree), given, install)
+    else:
+        if not Path(spec.kernel).is_file():
+            raise SpecError("kernel", str(spec.kernel), "no such file or kernel tree")
+        checked = check_kernel_config(spec)
+        resolved = ResolvedKernel(spec, None, checked, bzimage_release(spec.kernel), given)
+    if given is not None and spec.initrd is None:
+        raise SpecError("modules", str(given), "needs a kernel booted with an initrd")
+    return resolved
+
+
+def _copy_errors(exc: OSError) -> str:
+    """What went wrong in a copy: shutil.Error carries a list of (source, target, why)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        problems = [f"{src}: {why}" for src, _dst, why in exc.args[0][:3]]
+        more = len(exc.args[0]) - len(problems)
+        return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _release_dirs(modules: Path) -> list[Path]:
+    """The ``<release>`` directories of a modules tree; SpecError naming what is wrong."""
+    try:
+        if not modules.is_dir():
+            raise SpecError("modules", str(modules), "no such directory")
+        release_dirs = [modules] if (modules / "modules.dep").exists() else []
+        release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
+    except OSError as exc:
+        raise SpecError("modules", str(modules), f"cannot read it: {_copy_errors(exc)}") from exc
+    if not release_dirs:
+        raise SpecError("modules", str(modules),
+                        "expected DIR/lib/modules/<release>/ or a <release>/ directory "
+                        "with modules.dep (make modules_install INSTALL_MOD_PATH=DIR)")
+    return release_dirs
+
+
+def _check_modules_dir(modules: Path) -> None:
+    """Refuse, before anything starts, a modules tree an initramfs cannot carry."""
+    for release_dir in _release_dirs(modules):
+        for dirpath, dirnames, filenames in os.walk(release_dir):
+            dirnames[:] = [d for d in dirnames if d not in ("build", "source")]
+            for entry in filenames:
+                path = Path(dirpath) / entry
+                try:
+                    mode = path.lstat().st_mode
+                except OSError as exc:
+                    raise SpecError("modules", str(modules),
+                                    f"cannot read {path}: {exc.strerror or exc}") from exc
+                for test, what in _SPECIAL:
+                    if test(mode):
+                        raise SpecError("modules", str(modules), f"cannot copy {release_dir}: "
+                                        f"{path} is {what}, which an initramfs cannot carry")
+
+
+def append_modules(initrd: Path, modules: Path, workdir: Path) -> Path:
+    """``initrd`` with the modules tree appended, written in ``workdir``; returns the new file.
+
+    Every failure names the path concerned: :class:`SpecError` for a modules
+    tree that cannot go into an initramfs, :class:`HostError` for a file that
+    cannot be read or written.
+    """
+    from .images.tiny import append_to_initrd
+
+    workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = workdir / "tree"
+    for release_dir in _release_dirs(modules):
+        try:
+            shutil.copytree(release_dir, staging / "lib" / "modules" / release_dir.name,
+                            symlinks=True, ignore=shutil.ignore_patterns("build", "source"))
+        except OSError as exc:
+            raise SpecError("modules", str(modules),
+                            f"cannot copy {release_dir}: {_copy_errors(exc)}") from exc
+    target = workdir / "initrd-with-modules.img"
+    try:
+        append_to_initrd(initrd, staging, target)
+    except ValueError as exc:  # a file type a cpio archive for the kernel cannot hold
+        raise SpecError("modules", str(modules), f"cannot go into an initramfs: {exc}") from exc
+    except OSError as exc:
+        raise HostError(f"cannot append the modules from {modules} to the initramfs {initrd} "
+                        f"(writing {target}): {_copy_errors(exc)}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -40,8 +39,8 @@ from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, W
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
-__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "bzimage_release", "json_safe", "run_in_vm",
-           "run_kernel", "xml_safe"]
+__all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "MachineChoice", "bzimage_release",
+           "json_safe", "kernel_run_machine", "run_in_vm", "run_kernel", "xml_safe"]
 
 #: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
 JUNIT_TEXT_LIMIT = 1_000_000
@@ -223,10 +222,11 @@ def run_in_vm(
     as an ELF core before the VM stops; the result names it (``dump``).
     ``spec.kernel`` may be a kernel build tree (see :func:`qemukit.kconfig.find_tree`):
     its built image boots, and if it has modules they are installed from it
-    (``make modules_install`` into a temporary directory) and appended as
-    ``modules`` are. When the kernel's config can be found (a tree's
-    ``.config``, ``config-<release>`` beside the image), options the spec
-    needs and the config lacks raise :class:`SpecError` naming them before boot.
+    (``make modules_install``) and appended as ``modules`` are, in the VM's
+    runtime directory (removed with the VM; see :class:`~qemukit.vm.AsyncVM`).
+    When the kernel's config can be found (a tree's ``.config``,
+    ``config-<release>`` beside the image), options the spec needs and the
+    config lacks raise :class:`SpecError` naming them before boot.
     Afterwards the VM is powered off (the ladder), or killed at once when
     nothing the guest wrote could outlive it (only read-only or overlay disks, no
     shares). Raises :class:`SpecError` or :class:`HostError` for bad input (e.g.
@@ -234,81 +234,23 @@ def run_in_vm(
     """
     if dump_on_panic is not None and Path(dump_on_panic).exists():
         raise SpecError("dump_on_panic", str(dump_on_panic), "already exists; dumps never overwrite")
-    if spec.kernel is not None and Path(spec.kernel).is_dir():
-        tree = kconfig.find_tree(spec.kernel, spec.arch)
-        about = _KernelFacts.of_tree(tree)
-        tree_spec = spec.replace(kernel=str(tree.image))
-        if tree.config is not None:  # the error names the tree the user gave
-            missing = kconfig.missing_options(tree_spec, kconfig.read_config(tree.config))
-            if missing:
-                raise kconfig.missing_error(spec.kernel, tree.config, missing)
-        if tree.modules and modules is None:
-            if tree_spec.initrd is None:
-                raise SpecError("kernel", str(spec.kernel), "the tree's modules need an initrd "
-                                "to go into")
-            with tempfile.TemporaryDirectory(prefix="qemukit-modules-") as tmp:
-                installed = kconfig.install_modules(tree, tmp)
-                return _run_resolved(tree_spec, command, about, timeout=timeout,
-                                     console_log=console_log, modules=installed,
-                                     on_started=on_started, continue_on_oops=continue_on_oops,
-                                     dump_on_panic=dump_on_panic)
-        return _run_resolved(tree_spec, command, about, timeout=timeout,
-                             console_log=console_log, modules=modules, on_started=on_started,
-                             continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
-    about = _KernelFacts.of_image(spec.kernel)
-    if spec.kernel is not None:
-        checked = kconfig.check_kernel_config(spec)
-        if checked is not None:
-            about = _KernelFacts(about.release, kconfig.config_sha256(checked))
+    # Every mistake about the kernel, its config or the modules, before anything starts; the
+    # VM resolves the same way at its start and writes the initramfs in its runtime directory.
+    about = kconfig.resolve_kernel(spec, modules)
     return _run_resolved(spec, command, about, timeout=timeout, console_log=console_log,
                          modules=modules, on_started=on_started,
                          continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
 
 
-@dataclass(frozen=True)
-class _KernelFacts:
-    """What the result says about the kernel: its release and its config's hash."""
-
-    release: str | None
-    config_sha256: str | None
-
-    @classmethod
-    def of_tree(cls, tree: kconfig.KernelTree) -> _KernelFacts:
-        release_file = tree.root / "include" / "config" / "kernel.release"
-        try:
-            release = release_file.read_text(encoding="utf-8").strip() or None
-        except OSError:
-            release = None
-        digest = kconfig.config_sha256(tree.config) if tree.config is not None else None
-        return cls(release, digest)
-
-    @classmethod
-    def of_image(cls, kernel: str | Path | None) -> _KernelFacts:
-        return cls(bzimage_release(kernel) if kernel is not None else None, None)
-
-
 def bzimage_release(kernel: str | Path) -> str | None:
     """The release an x86 bzImage names in its setup header (None for other images)."""
-    try:
-        with open(kernel, "rb") as fh:
-            head = fh.read(0x4000)
-    except OSError:
-        return None
-    # The boot protocol: "HdrS" at 0x202, the version string's offset (minus 0x200) at 0x20E.
-    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-        return None
-    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
-    end = head.find(b"\0", offset)
-    if offset >= len(head) or end < 0:
-        return None
-    text = head[offset:end].decode("ascii", errors="replace").split(" ", 1)[0]
-    return text or None
+    return kconfig.bzimage_release(kernel)
 
 
 def _run_resolved(
     spec: VMSpec,
     command: str | Sequence[str],
-    about: _KernelFacts,
+    about: kconfig.ResolvedKernel,
     *,
     timeout: float,
     console_log: str | Path | None,
@@ -317,23 +259,14 @@ def _run_resolved(
     continue_on_oops: bool,
     dump_on_panic: str | Path | None,
 ) -> KernelTestResult:
-    """run_in_vm once the kernel is an image file and its config was checked."""
-    if modules is not None:
-        if spec.initrd is None:
-            raise SpecError("modules", str(modules), "needs a kernel booted with an initrd")
-        with tempfile.TemporaryDirectory(prefix="qemukit-kernel-") as tmp:
-            initrd = _with_modules(Path(spec.initrd), Path(modules), Path(tmp))
-            return _run_resolved(spec.replace(initrd=str(initrd)), command, about,
-                                 timeout=timeout, console_log=console_log, modules=None,
-                                 on_started=on_started, continue_on_oops=continue_on_oops,
-                                 dump_on_panic=dump_on_panic)
+    """run_in_vm once the kernel, its config and the modules were checked (``about``)."""
     if dump_on_panic is not None:
         # The kernel must stay put after its panic (not reboot, which ends QEMU under
         # -no-reboot) until it is dumped: the last panic= on the command line wins.
         spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
     argv = (command,) if isinstance(command, str) else tuple(command)
     start = time.monotonic()
-    vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops)
+    vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops, modules=modules)
     fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
                                   panic=None, error=None, accel=None, oops=None, dump=None)
     outcome = "error"
@@ -361,7 +294,7 @@ def _run_resolved(
         outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
     except WaitTimeout as exc:
         outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
-        if fields["boot_time"] is None and spec.agent == "qemukit" and about.config_sha256 is None and (
+        if fields["boot_time"] is None and spec.agent == "qemukit" and about.config is None and (
                 _INIT_READY in vm.console_tail(400)):
             # The init got as far as starting the agent, which never answered: the
             # commonest cause with one's own kernel is no virtio-console to talk over.
@@ -417,6 +350,71 @@ def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
         return None, f"no crash dump: {exc}"
 
 
+@dataclass(frozen=True)
+class MachineChoice:
+    """The machine a kernel run boots when none was asked for, and why (``run -v`` says it)."""
+
+    machine: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line: ``machine microvm: <why>``."""
+        return f"machine {self.machine}: {self.reason}"
+
+
+def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
+                       tsc_khz: int | None) -> MachineChoice:
+    """The machine for ``run --kernel`` when ``--machine`` is not given (pure: no I/O but
+    reading the kernel's config file).
+
+    microvm, as virtme-ng picks, when nothing in the run needs what only q35 has
+    (PCIe slots and ACPI hotplug, vmgenid for a warm restore, OVMF, the seed CD's
+    PCI bus, disks other than virtio-blk) and the kernel is known to drive it:
+    its config (a tree's ``.config``, ``config-<release>`` beside the image)
+    has ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``. ``one_shot`` is a run of one
+    command that nothing else will reach for later (``-- CMD``, not ``--detach``
+    or the console); ``warm_asked`` an explicit ``--warm``; ``tsc_khz`` the
+    host's TSC rate, without which a kernel on microvm cannot calibrate its clock
+    and hangs in about 4 boots of 10. Otherwise q35, saying which of these it was.
+    """
+    if spec.arch != "x86_64":
+        return MachineChoice(spec.machine, f"the {spec.arch} machine qemukit drives")
+    needs: str | None = None
+    if not one_shot:
+        needs = ("a VM without a command (--detach, the console) may be hotplugged or "
+                 "snapshotted while it runs")
+    elif warm_asked:
+        needs = "--warm restores a saved state, whose clones need q35's vmgenid device"
+    elif spec.max_cpus is not None or spec.max_memory is not None:
+        needs = "CPU or memory hotplug needs q35's ACPI hotplug"
+    elif spec.firmware != "seabios":
+        needs = f"firmware {spec.firmware} boots on q35"
+    elif spec.cloud_init is not None:
+        needs = "the cloud-init seed CD needs a PCI bus"
+    elif any(d.interface != "virtio-blk" for d in spec.drives):
+        needs = "disks other than virtio-blk need q35's PCI bus"
+    elif spec.extra_args:
+        needs = "--qemu-arg may name devices of q35's PCI bus"
+    elif tsc_khz is None:
+        needs = ("the host's TSC rate is unknown, and without tsc_early_khz= a kernel on "
+                 "microvm hangs in about 4 boots of 10")
+    if needs is None and spec.kernel is not None:
+        config = kconfig.kernel_config(spec.kernel)
+        wanted = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
+        if config is None:
+            needs = (f"the kernel's config is not known (no .config or config-<release> beside "
+                     f"it), so nothing shows it has {wanted[1]}, which microvm needs")
+        else:
+            settings = kconfig.read_config(config)
+            lacking = [o for o in wanted if settings.get(o) not in ("y", "m")]
+            if lacking:
+                needs = f"its config {config} lacks {', '.join(lacking)}, which microvm needs"
+    if needs is not None:
+        return MachineChoice("q35", needs)
+    return MachineChoice("microvm", "nothing in this run needs q35's PCIe hotplug or ACPI "
+                         "(as virtme-ng; --machine q35 for the other)")
+
+
 def run_kernel(
     kernel: str | Path,
     command: str | Sequence[str] = ("true",),
@@ -451,46 +449,3 @@ def run_kernel(
                        shares=tuple(shares), **spec_fields)
     return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
                      continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
-
-
-def _copy_errors(exc: OSError) -> str:
-    """What went wrong in a copy: shutil.Error carries a list of (source, target, why)."""
-    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
-        problems = [f"{src}: {why}" for src, _dst, why in exc.args[0][:3]]
-        more = len(exc.args[0]) - len(problems)
-        return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
-    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-
-
-def _with_modules(initrd: Path, modules: Path, tmp: Path) -> Path:
-    """``initrd`` with the modules tree appended; every failure names the path concerned."""
-    from .images.tiny import append_to_initrd
-
-    try:
-        if not modules.is_dir():
-            raise SpecError("modules", str(modules), "no such directory")
-        release_dirs = [modules] if (modules / "modules.dep").exists() else []
-        release_dirs += sorted(p for p in (modules / "lib" / "modules").glob("*") if p.is_dir())
-    except OSError as exc:
-        raise SpecError("modules", str(modules), f"cannot read it: {_copy_errors(exc)}") from exc
-    if not release_dirs:
-        raise SpecError("modules", str(modules),
-                        "expected DIR/lib/modules/<release>/ or a <release>/ directory "
-                        "with modules.dep (make modules_install INSTALL_MOD_PATH=DIR)")
-    tree = tmp / "tree"
-    for release_dir in release_dirs:
-        try:
-            shutil.copytree(release_dir, tree / "lib" / "modules" / release_dir.name,
-                            symlinks=True, ignore=shutil.ignore_patterns("build", "source"))
-        except OSError as exc:
-            raise SpecError("modules", str(modules),
-                            f"cannot copy {release_dir}: {_copy_errors(exc)}") from exc
-    target = tmp / "initrd-with-modules.img"
-    try:
-        append_to_initrd(initrd, tree, target)
-    except ValueError as exc:  # a file type a cpio archive for the kernel cannot hold
-        raise SpecError("modules", str(modules), f"cannot go into an initramfs: {exc}") from exc
-    except OSError as exc:
-        raise HostError(f"cannot append the modules from {modules} to the initramfs {initrd} "
-                        f"(writing {target}): {_copy_errors(exc)}") from exc
-    return target

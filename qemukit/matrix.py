@@ -50,7 +50,11 @@ Files on a cluster: the local files a job names (``kernel``, ``initrd``, the
 the cluster with ``Client.scatter`` under their SHA-256 and handed to the task
 as arguments; the worker writes each to ``<cache>/matrix-files/<sha256>/``
 once (an atomic rename, so concurrent tasks agree) and later tasks find it
-there. Built-in images are built on the worker on first need, under a file
+there. A kernel build tree is not shipped whole: the client checks it (its
+config against the job, as a local run does), installs its modules once per
+tree (``make modules_install`` into a temporary directory) and ships its built
+image and those modules (the job's own ``modules`` win, as they do locally).
+Built-in images are built on the worker on first need, under a file
 lock in its cache directory so many tasks asking at once build it once.
 Each VM is started from the worker process, so a worker that dies takes its
 QEMUs with it (the parent-death signal) and Dask runs its jobs elsewhere.
@@ -82,7 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import images
+from . import images, kconfig
 from ._fs import locked
 from .errors import QemukitError, SpecError, StateError
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
@@ -619,10 +623,56 @@ def _run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: 
 
 
 def _tar_directory(path: Path) -> bytes:
+    def keep(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        # modules_install's build/source links point into the tree, which the worker has
+        # not got (and the data filter refuses absolute links); the initramfs skips them too.
+        parts = Path(member.name).parts
+        if member.issym() and parts[-1] in ("build", "source") and "modules" in parts:
+            return None
+        return member
+
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add(path, arcname=".")
+        tar.add(path, arcname=".", filter=keep)
     return buffer.getvalue()
+
+
+def _tree_probe(job: Job) -> VMSpec:
+    """The job's VM description with its kernel tree, for checking the tree's config on the
+    client (the tiny image's initramfs and command line stand in when it boots with them)."""
+    fields = {k: v for k, v in job.vm.items() if k not in ("warm",)}
+    arch = str(fields.get("arch", "x86_64"))
+    if job.needs_image() == "tiny":
+        fields.setdefault("append", images.tiny_append(arch))
+    fields.setdefault("initrd", "initrd")  # a name: nothing reads it here
+    return VMSpec.from_dict(fields)
+
+
+def _files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict[str, Path]:
+    """The files a job's task needs, by key; a kernel tree becomes its image and modules.
+
+    ``installed`` remembers the modules installed per tree (into ``workdir``), so a tree
+    used by many jobs is installed once.
+    """
+    files = job.files()
+    kernel = files.get("kernel")
+    if kernel is None or not kernel.is_dir():
+        return files
+    where = f"job {job.name!r}"
+    try:
+        resolved = kconfig.resolve_kernel(_tree_probe(job), files.get("modules"))
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc.field}", exc.value, exc.reason) from exc
+    assert resolved.tree is not None and resolved.spec.kernel is not None
+    files["kernel"] = Path(resolved.spec.kernel)
+    if resolved.install_tree_modules:
+        root = resolved.tree.root.resolve()
+        if root not in installed:
+            target = workdir / f"modules-{len(installed)}"
+            log.info("matrix: installing the modules of %s to ship them", root)
+            installed[root] = kconfig.install_modules(resolved.tree, target)
+        files["modules"] = installed[root]
+    return files
 
 
 def _read_for_shipping(key: str, path: Path) -> bytes:
@@ -689,14 +739,16 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
     # Read every file before connecting: a missing kernel is an error before anything runs.
     contents: dict[str, bytes] = {}
     shipped: dict[str, dict[str, tuple[str, str]]] = {}
-    for job in jobs:
-        refs = {}
-        for key, path in job.files().items():
-            data = _read_for_shipping(key, path)
-            digest = hashlib.sha256(data).hexdigest()
-            contents.setdefault(digest, data)
-            refs[key] = (digest, path.name or key)
-        shipped[job.name] = refs
+    installed: dict[Path, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="qemukit-matrix-") as workdir:
+        for job in jobs:
+            refs = {}
+            for key, path in _files_to_ship(job, Path(workdir), installed).items():
+                data = _read_for_shipping(key, path)
+                digest = hashlib.sha256(data).hexdigest()
+                contents.setdefault(digest, data)
+                refs[key] = (digest, path.name or key)
+            shipped[job.name] = refs
     try:
         client = distributed.Client(scheduler, timeout=30)
     except OSError as exc:

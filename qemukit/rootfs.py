@@ -42,17 +42,29 @@ HOST_ROOT_TAG = "hostroot"
 def root_transport(spec: VMSpec) -> Literal["9p", "virtiofs"]:
     """9p when the guest has it (read-only enforced by QEMU), else virtiofs.
 
-    Known from the tiny image's manifest (the modules in its initramfs); a
-    kernel and initramfs of one's own are taken to have 9p (``qemukit kconfig``
-    enables both).
+    The tiny image's own kernel: known from its manifest (the modules in its
+    initramfs). Another kernel (``--kernel``, a tree): from its config where it
+    can be found (``CONFIG_9P_FS``, else ``CONFIG_VIRTIO_FS``), else taken to
+    have 9p (``qemukit kconfig`` enables both).
     """
-    if spec.initrd is not None:
+    from .kconfig import kernel_config, read_config
+
+    if spec.initrd is not None and spec.kernel is not None and (
+            Path(spec.kernel).parent == Path(spec.initrd).parent):
         manifest = Path(spec.initrd).parent / "manifest.json"
         try:
             modules = json.loads(manifest.read_text()).get("modules")
         except (OSError, ValueError):
             modules = None
         if isinstance(modules, list) and "9p.ko" not in modules and "virtiofs.ko" in modules:
+            return "virtiofs"
+        return "9p"
+    config = kernel_config(spec.kernel) if spec.kernel is not None else None
+    if config is not None:
+        settings = read_config(config)
+        has = {name: settings.get(f"CONFIG_{name}") in ("y", "m")
+               for name in ("9P_FS", "NET_9P_VIRTIO", "VIRTIO_FS")}
+        if not (has["9P_FS"] and has["NET_9P_VIRTIO"]) and has["VIRTIO_FS"]:
             return "virtiofs"
     return "9p"
 
@@ -76,6 +88,8 @@ def host_root(spec: VMSpec, rw: Iterable[str | os.PathLike[str]] = (),
         raise SpecError("rootfs", "host", f"share tag {HOST_ROOT_TAG!r} or guest path "
                         f"{GUEST_MOUNT} is already in use")
     how = root_transport(spec) if transport == "auto" else transport
+    if how == "virtiofs":
+        _check_virtiofs_root()
     # virtiofs: read-write at the host (C virtiofsd cannot export read-only), mounted
     # read-only by the guest's init.
     shares = [Share("/", GUEST_MOUNT, tag=HOST_ROOT_TAG, read_only=how == "9p", transport=how)]
@@ -92,6 +106,29 @@ def host_root(spec: VMSpec, rw: Iterable[str | os.PathLike[str]] = (),
         raise SpecError("rw", clash[0], "share tag already used by another --share")
     append = " ".join(a for a in (spec.append, f"qemukit.rootfs={GUEST_MOUNT}") if a)
     return spec.replace(shares=spec.shares + tuple(shares), append=append)
+
+
+def _check_virtiofs_root() -> None:
+    """Refuse the host's root over the C virtiofsd for a normal user, saying why.
+
+    A normal user runs that daemon in a user namespace where the host's root is
+    unmapped; the guest's overlay opens its lower files with ``O_NOATIME`` (the
+    mounter, the guest's root, may), and the host refuses that flag on files the
+    user does not own, so every program of the host fails with EPERM. QEMU's 9p
+    server drops the flag when it is refused, and the Rust virtiofsd runs
+    without a namespace.
+    """
+    from .host import find_virtiofsd
+
+    daemon = find_virtiofsd()
+    if os.geteuid() == 0 or daemon is None or daemon[1] != "c":
+        return
+    raise SpecError("rootfs", "host", f"as a normal user the host's root can go over 9p only: "
+                    f"the guest kernel here has no 9p, and {daemon[0]} (the C virtiofsd, in a "
+                    "user namespace) refuses the guest overlay's O_NOATIME opens of files you "
+                    "do not own (EPERM on every program). Use a kernel with CONFIG_9P_FS "
+                    "(qemukit kconfig gives it: --kernel TREE), install the Rust virtiofsd, "
+                    "or run as root")
 
 
 def in_directory(command: Sequence[str], cwd: str | os.PathLike[str]) -> list[str]:

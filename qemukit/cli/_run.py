@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from ._common import (
     spec_options,
 )
 
+if TYPE_CHECKING:
+    from ..kernel import MachineChoice
+
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @spec_options
@@ -34,7 +37,8 @@ from ._common import (
 @click.option("--console-log", type=click.Path(dir_okay=False),
               help="Keep a copy of the guest's whole console log here.")
 @click.option("--modules", type=click.Path(file_okay=False, exists=True),
-              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR).")
+              help="Kernel modules for --kernel (make modules_install INSTALL_MOD_PATH=DIR), "
+              "appended to the initramfs.")
 @click.option("--detach", "-d", is_flag=True,
               help="Start the VM in the background, print its name and return.")
 @click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent", "ssh"]), default="qmp",
@@ -86,12 +90,17 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     from ._guest import apply_run_options
 
     spec = apply_run_options(build_spec(opts), opts)
+    machine = None
+    if opts.get("machine") is None and opts["kernel"] and not (opts["spec_file"] or opts["image"]):
+        spec, machine = _kernel_machine(spec, bool(command) and not detach, warm)
+        if machine.machine == "microvm" and warm is None:
+            warm = False  # microvm cannot start warm; a new kernel every run gains nothing
     if warm is None:
         warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
     if warm != spec.warm:
         spec = spec.replace(warm=warm)
-    if not command and spec.kernel is not None and os.path.isdir(spec.kernel):
-        spec = _boot_tree_image(spec)
+    if verbose and machine is not None and json_out != "-":
+        click.echo(f"qemukit: {machine.describe()}", err=True)
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
@@ -100,13 +109,14 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             # Validated by the spec: a user network and an agent, else an error naming the field.
             spec = spec.replace(forward_auto=forward_auto)
         # Unset, the spec decides: developer images (debian, imported ones with an agent) say on.
-        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, bool(spec.forward_auto))
+        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, bool(spec.forward_auto),
+                     modules)
         return
     if forward_auto:
         raise errors.SpecError("forward_auto", True, "--forward-auto needs --detach (the "
                                "watcher outlives this command)")
     if not command:
-        vm = VM(spec, boot_timeout=timeout)
+        vm = VM(spec, boot_timeout=timeout, modules=modules)
         try:
             vm.start()
         except KeyboardInterrupt:
@@ -170,18 +180,16 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
               "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
 
 
-def _boot_tree_image(spec: VMSpec) -> VMSpec:
-    """A spec booting a kernel tree's image, its config checked (its modules are not installed:
-    without -- CMD the VM outlives this process, and with it a temporary modules directory)."""
-    from ..kconfig import check_kernel_config, find_tree
+def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None
+                    ) -> tuple[VMSpec, MachineChoice]:
+    """``spec`` on the machine a kernel run gets by default (see kernel_run_machine)."""
+    from ..host import tsc_khz
+    from ..kernel import kernel_run_machine
 
-    tree = find_tree(spec.kernel or "", spec.arch)
-    spec = spec.replace(kernel=str(tree.image))
-    check_kernel_config(spec, tree.config)
-    if tree.modules:
-        click.echo(f"qemukit: {tree.root}'s modules are installed only for run -- CMD; "
-                   "the drivers the guest needs must be built in", err=True)
-    return spec
+    choice = kernel_run_machine(spec, one_shot=one_shot, warm_asked=warm is True,
+                                tsc_khz=tsc_khz())
+    return (spec.replace(machine=choice.machine) if choice.machine != spec.machine else spec,
+            choice)
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:
@@ -215,10 +223,13 @@ def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
-                  verbose: bool = False, forward_auto: bool = False) -> None:
+                  verbose: bool = False, forward_auto: bool = False,
+                  modules: str | None = None) -> None:
     from ..vm import VM
 
-    vm = VM(spec, die_with_parent=False, boot_timeout=timeout)
+    # A tree's modules (or --modules) go into an initramfs in the VM's runtime directory,
+    # which stays as long as the VM does.
+    vm = VM(spec, die_with_parent=False, boot_timeout=timeout, modules=modules)
     try:
         vm.start()
         if wait_for == "agent":

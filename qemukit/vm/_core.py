@@ -54,6 +54,7 @@ from ..errors import (
 from ..guest import AsyncGuest, Progress
 from ..hotplug import AsyncHotplug, PluggedDevice
 from ..identity import CloneIdentity, host_keys, reidentify
+from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
@@ -176,6 +177,16 @@ class AsyncVM:
     ``incoming`` is QEMU's ``-incoming`` for a VM that will be fed saved state
     (``defer``: :meth:`restore` sends it over QMP). ``adopt`` makes the
     object for a QEMU that already runs (:meth:`attach` uses it).
+
+    ``spec.kernel`` may be a built kernel tree (see :func:`qemukit.kconfig.find_tree`),
+    and ``modules`` a directory of modules (``make modules_install
+    INSTALL_MOD_PATH=DIR``) to append to the spec's initrd. The start resolves
+    both (:func:`qemukit.kconfig.resolve_kernel`): the tree's image boots, its
+    config is checked against the spec (a missing option is a
+    :class:`SpecError` before anything starts), and the tree's modules (or
+    ``modules``) go into a copy of the initramfs written in the VM's runtime
+    directory, which goes with the VM (also a detached one). :attr:`spec` is then
+    the spec that booted.
     """
 
     def __init__(
@@ -189,10 +200,15 @@ class AsyncVM:
         continue_on_oops: bool = False,
         incoming: str | None = None,
         adopt: AdoptedQemu | None = None,
+        modules: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
         self.spec = spec
+        #: Modules to append to the initrd at start (see the class docstring).
+        self.modules = Path(modules) if modules is not None else None
+        #: The kernel as the start resolved it (None before the start, and for attach).
+        self.kernel: ResolvedKernel | None = None
         self.die_with_parent = die_with_parent
         self.keep_runtime = keep_runtime
         self.boot_timeout = boot_timeout
@@ -294,6 +310,9 @@ class AsyncVM:
         self.state = VMState.STARTING
         self._loop = asyncio.get_running_loop()
         try:
+            if self.incoming is None or self.modules is not None:
+                self.kernel = await asyncio.to_thread(resolve_kernel, self.spec, self.modules)
+                self.spec = self.kernel.spec
             warm = await self._choose_warm() if self.spec.warm and self.incoming is None else None
             await self._start(timeout)
             self.state = VMState.RUNNING
@@ -314,6 +333,9 @@ class AsyncVM:
         """
         began = time.monotonic()
         refusal = warm_refusal(self.spec)
+        if refusal is None and self.kernel is not None and self.kernel.needs_files:
+            refusal = ("the kernel's modules are appended to the initramfs per VM (a kernel "
+                       "tree with modules, or modules=), so it boots")
         if refusal is not None:
             self.warm_start = WarmStart(False, refusal)
             return None
@@ -528,6 +550,9 @@ class AsyncVM:
         await asyncio.to_thread(self._prepare)
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
+        if self.kernel is not None and self.kernel.needs_files:
+            # In the runtime directory: the initramfs with the modules lives as long as the VM.
+            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.path / "kernel")
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
                            self._formats, incoming=self.incoming)

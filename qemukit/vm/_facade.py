@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -11,6 +12,7 @@ from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
 from ..guest import SyncGuest
 from ..hotplug import Hotplug
 from ..identity import CloneIdentity
+from ..kconfig import ResolvedKernel
 from ..snapshot import SyncSnapshots
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
@@ -33,11 +35,12 @@ class VM(SyncFacade):
     def __init__(self, spec: VMSpec, *, die_with_parent: bool = True, keep_runtime: bool = False,
                  state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
                  continue_on_oops: bool = False, incoming: str | None = None,
-                 adopt: AdoptedQemu | None = None) -> None:
+                 adopt: AdoptedQemu | None = None,
+                 modules: str | os.PathLike[str] | None = None) -> None:
         super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
                                  state_root=state_root, boot_timeout=boot_timeout,
                                  continue_on_oops=continue_on_oops, incoming=incoming,
-                                 adopt=adopt))
+                                 adopt=adopt, modules=modules))
 
     @property
     def aio(self) -> AsyncVM:
@@ -55,6 +58,10 @@ class VM(SyncFacade):
         lambda vm: vm.last_shutdown, "How the VM was stopped (also by a ``with`` block).")
     attached: delegated[bool] = delegated(lambda vm: vm.attached,
                                           "True for a VM taken over with :meth:`attach`.")
+    kernel: delegated[ResolvedKernel | None] = delegated(
+        lambda vm: vm.kernel, "The kernel as the start resolved it (tree, config, release).")
+    modules: delegated[Path | None] = delegated(
+        lambda vm: vm.modules, "Modules appended to the initrd at start, if given.")
     warm_start: delegated[WarmStart | None] = delegated(
         lambda vm: vm.warm_start, "For ``spec.warm``: whether the start was warm, and why.")
     identity: delegated[CloneIdentity | None] = delegated(

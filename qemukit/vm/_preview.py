@@ -10,6 +10,7 @@ import os
 from .. import host
 from .._launch.plan import plan_launch
 from .._launch.runtime import RuntimeDir
+from ..kconfig import resolve_kernel
 from ..spec import VMSpec
 from ._facts import default_probe_image, host_facts
 
@@ -24,8 +25,15 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     """
     from ..paths import state_dir
 
-    qemu = host.find_qemu(spec.arch)
     notes: list[str] = []
+    kernel = resolve_kernel(spec)  # a tree: its image, and its config checked
+    if kernel.tree is not None:
+        notes.append(f"kernel: {kernel.spec.kernel}, built in the tree {kernel.tree.root}")
+    if kernel.needs_files:
+        notes.append(f"initrd: a copy of {spec.initrd} with the tree's modules, written in "
+                     "the runtime directory at start")
+    spec = kernel.spec
+    qemu = host.find_qemu(spec.arch)
     formats = []
     for drive in spec.drives:
         if os.path.exists(drive.file):

@@ -8,7 +8,8 @@ libvirt, virtme-ng), the other side runs the same QEMU binary qemukit picked
 result records the binary each side used under ``qemu_binary``.
 
 Parts: :mod:`.launch`, :mod:`.qmp`, :mod:`.loop`, :mod:`.cli`, :mod:`.rollback`,
-:mod:`.restore`, :mod:`.scale`, :mod:`.warm`; optional, with tools that may be missing:
-:mod:`.libvirt` and :mod:`.virtme`. Shared helpers are in :mod:`.common`, the
+:mod:`.restore`, :mod:`.scale`, :mod:`.warm`; optional: :mod:`.arch`, :mod:`.kloop` (needs a
+kernel built here, which it builds once), and, with tools that may be missing, :mod:`.libvirt`
+and :mod:`.virtme`. Shared helpers are in :mod:`.common`, the
 command line in :mod:`.main`. Only qemukit's public API is used.
 """

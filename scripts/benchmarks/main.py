@@ -8,10 +8,12 @@ plain socket), loop (qemukit run -- true vs the fastest raw QEMU command line fo
 the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 (snapshot load vs a boot per test), restore (state bundle restore vs cold boot),
 scale (16 VMs launched at once), warm (warm against cold against raw for run --
-true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: debian
-(--only debian: seconds to an ssh login on the Debian image, warm against cold),
-libvirt (--with-libvirt: `virsh
-create` to guest init vs qemukit, libvirtd's RSS, virsh's per-call cost) and
+true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: arch (each foreign
+architecture's run -- true against raw QEMU), debian (seconds to an ssh login on the Debian
+image, warm against cold), kloop (the cold kernel loop: qemukit run --kernel K
+-- true on a fresh copy of a kernel built here, against raw QEMU booting it to init on the machine
+qemukit picks, with qemukit's split; builds the suite's kernel if it is not cached), libvirt
+(--with-libvirt: `virsh create` to guest init vs qemukit, libvirtd's RSS, virsh's per-call cost) and
 virtme (--with-virtme: `vng --run KERNEL --exec true` vs `qemukit run -- true`,
 or why vng does not run here).
 
@@ -34,7 +36,7 @@ from qemukit import host
 from .common import Result
 
 DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm")
-OPTIONAL_PARTS = ("arch", "debian", "libvirt", "virtme")
+OPTIONAL_PARTS = ("arch", "debian", "kloop", "libvirt", "virtme")
 
 
 def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result]]:
@@ -80,6 +82,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .arch import bench_arch
         return bench_arch(runs)
 
+    def kloop() -> Result:
+        from .kloop import bench_kloop
+        return bench_kloop(runs)
+
     def libvirt() -> Result:
         from .libvirt import bench_libvirt
         return bench_libvirt(runs)
@@ -90,7 +96,7 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
             "restore": restore, "scale": scale, "warm": warm, "debian": debian, "arch": arch,
-            "libvirt": libvirt, "virtme": virtme}
+            "kloop": kloop, "libvirt": libvirt, "virtme": virtme}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smoke mode: 2 runs, small counts (not for reporting)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--only", default=",".join(DEFAULT_PARTS),
-                        help="comma-separated parts (also: arch, libvirt, virtme)")
+                        help="comma-separated parts (also: arch, kloop, libvirt, virtme)")
     parser.add_argument("--with-libvirt", action="store_true",
                         help="add the libvirt part (needs virsh and libvirtd installed)")
     parser.add_argument("--with-virtme", action="store_true",

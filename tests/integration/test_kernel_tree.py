@@ -136,3 +136,84 @@ def test_dump_on_panic_with_the_tree_kernel(tree: Path, qk: Any, tmp_path: Path)
     pr_pid, = struct.unpack_from("<i", prstatus[2], 32)
     assert pr_pid == 1  # the crashed vCPU's registers
     assert b"sysrq triggered crash" in core.read_bytes()
+
+
+#: In the guest: the tree's module is unloaded, then loaded again from the initramfs.
+RELOAD = ("modprobe -r virtio_balloon; test ! -d /sys/module/virtio_balloon || exit 3; "
+          "modprobe virtio_balloon && test -d /sys/module/virtio_balloon && "
+          "echo reloaded $(uname -r)")
+
+
+def test_a_detached_tree_vm_carries_its_modules_in_its_runtime_dir(
+        tree: Path, release: str, qk: Any, state_root: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))  # nothing of the VM may live here
+    out = qk("run", *TCG, "--kernel", str(tree), "--detach", "--wait", "agent", "--name",
+             "tree-detached", timeout=480)
+    assert out.returncode == 0, out.stderr
+    try:
+        # The initramfs with the modules lives in the VM's runtime directory, as long as it.
+        assert (state_root / "tree-detached" / "kernel" / "initrd-with-modules.img").is_file()
+        assert list(private_tmp.iterdir()) == []
+        loaded = qk("exec", "tree-detached", "--", "sh", "-c", RELOAD)
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+        assert loaded.stdout.split() == ["reloaded", release]
+    finally:
+        stopped = qk("stop", "tree-detached", "--timeout", "30")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (state_root / "tree-detached").exists()
+
+
+def test_a_vm_of_a_tree_spec_boots_its_image_with_its_modules(
+        tree: Path, release: str, tiny_image: Any, state_root: Path) -> None:
+    from qemukit import VM, VMSpec
+    from qemukit.images import tiny_append
+
+    spec = VMSpec(kernel=str(tree), initrd=str(tiny_image.initrd), append=tiny_append("x86_64"),
+                  accel="tcg", no_reboot=True)
+    with VM(spec, boot_timeout=480) as vm:
+        assert vm.spec.kernel == str(tree / "arch/x86/boot/bzImage")
+        assert vm.kernel is not None and vm.kernel.release == release
+        assert vm.runtime is not None
+        initrd = vm.runtime.path / "kernel" / "initrd-with-modules.img"
+        assert vm.spec.initrd == str(initrd) and initrd.is_file()
+        result = vm.exec(["sh", "-c", RELOAD], timeout=240)
+        assert result.exit_status == 0, result.stderr_text
+        assert result.stdout_text.split() == ["reloaded", release]
+        runtime = vm.runtime.path
+    assert not runtime.exists()
+
+
+def test_a_dask_cluster_runs_the_tree_from_its_image_and_modules(
+        tree: Path, release: str, tiny_image: Any, tmp_path: Path) -> None:
+    """The tree is not shipped: its image and its installed modules reach each worker (own
+    cache, own state), once, under their hashes, and the job loads the module there."""
+    from tests.helpers import qemu_processes_under
+    from tests.integration.test_matrix import _env, _run_matrix, dask_cluster
+
+    text = (f'[defaults]\nkernel = "{tree}"\naccel = "tcg"\ntimeout = 480\n\n'
+            f'[matrix.n]\na = {{}}\nb = {{}}\n\n'
+            f'[matrix.commands]\nreload = ["sh", "-c", "{RELOAD}"]\n')
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster", tiny_image) as cluster:
+        roots = (cluster.state("w1"), cluster.state("w2"))
+        run = _run_matrix(tmp_path, text, _env(tmp_path / "client-state"), "--scheduler",
+                          cluster.address, roots=roots)
+        assert run.proc.returncode == 0, run.proc.stdout + run.proc.stderr
+        assert sorted(run.results) == ["a/reload", "b/reload"]
+        for data in run.results.values():
+            assert data["outcome"] == "passed", json.dumps(data)[-3000:]
+            assert data["result"]["stdout"].split() == ["reloaded", release]
+            assert data["result"]["kernel_release"] == release
+        image = hashlib.sha256((tree / "arch/x86/boot/bzImage").read_bytes()).hexdigest()
+        for worker in {d["worker"] for d in run.results.values()}:
+            shipped = cluster.root / worker / "cache" / "matrix-files"
+            kept = {p.name: sorted(q.name for q in p.iterdir()) for p in shipped.iterdir()}
+            assert kept.pop(image) == ["bzImage"]  # the image, not the tree
+            ((_, modules),) = kept.items()
+            assert modules == ["modules-0"]
+            (placed,) = shipped.glob(f"*/modules-0/lib/modules/{release}/kernel/**/virtio_balloon.ko")
+            assert placed.is_file()
+            assert qemu_processes_under(cluster.state(worker)) == []

@@ -54,13 +54,14 @@ class NormalUser:
             "PYTHONPATH": os.pathsep.join([str(REPO), *sorted(site)]), "LANG": "C.UTF-8",
         }
 
-    def run(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        """``qemukit ARGS`` as this user, with a clean environment."""
+    def run(self, *args: str, timeout: float = 240,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """``qemukit ARGS`` as this user, with a clean environment (in ``cwd``: its home)."""
         env_args = [f"{k}={v}" for k, v in self.env().items()]
         code = "import sys; from qemukit.cli import main; sys.exit(main())"
         return subprocess.run([*self.prefix, "env", "-i", *env_args, self.python, "-c", code, *args],
                               capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+                              stdin=subprocess.DEVNULL, check=False, cwd=cwd or self.base / "home")
 
     def subid_ranges(self) -> dict[str, tuple[int, int]]:
         """The user's first range in /etc/subuid and /etc/subgid, where it has one."""
@@ -201,3 +202,48 @@ def test_share_fails_before_boot_saying_what_is_missing(normal_user: NormalUser)
         assert re.search(rf"usermod --add-subuids (\d+-\d+) --add-subgids \1 {normal_user.name}",
                          error), error
     assert "run as root" in error and "9p" in error
+
+
+def test_rootfs_host_works_as_a_normal_user(normal_user: NormalUser) -> None:
+    """The host's root as the guest's, for a user who is not root, with the suite's own kernel
+    (it has 9p; QEMU serves the root read-only): the host's programs in the guest, the command
+    in the user's directory, a write outside --rw stays in the guest, one inside reaches the
+    host and belongs to the user."""
+    from tests.kernel_build import build_test_kernel
+
+    tree = build_test_kernel(progress=print)
+    kernel = normal_user.base / "kernel"
+    kernel.mkdir()
+    shutil.copyfile(tree / "arch/x86/boot/bzImage", kernel / "bzImage")
+    shutil.copyfile(tree / ".config", kernel / ".config")  # what says it has 9p
+    work, out = normal_user.base / "share", normal_user.base / "out"
+    out.mkdir()
+    if normal_user.created:
+        subprocess.run(["chown", "-R", f"{normal_user.name}:", str(kernel), str(out)], check=True)
+    script = (f"cat file; pwd; ls /usr/bin | grep -cx python3; grep ' / ' /proc/mounts | "
+              f"cut -d' ' -f3; echo guest > outside.txt; echo guest > {out}/inside.txt; "
+              f"cat outside.txt")
+    run = normal_user.run("run", "--accel", "tcg", "--kernel", str(kernel / "bzImage"),
+                          "--rootfs", "host", "--rw", str(out), "--", "sh", "-c", script,
+                          cwd=work, timeout=480)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["shared by the host", str(work), "1", "overlay", "guest"]
+    assert not (work / "outside.txt").exists()
+    assert (out / "inside.txt").read_text() == "guest\n"
+    assert (out / "inside.txt").stat().st_uid == normal_user.uid
+
+
+def test_rootfs_host_over_the_c_virtiofsd_is_refused_for_a_normal_user_before_boot(
+        normal_user: NormalUser) -> None:
+    """The tiny image's kernel has no 9p, and the C virtiofsd in a user namespace cannot
+    serve the host's programs to the guest's overlay: one line says so, nothing boots."""
+    from qemukit import host
+
+    daemon = host.find_virtiofsd()
+    if daemon is None or daemon[1] != "c":
+        pytest.skip(f"the refusal is for the C virtiofsd; this host has {daemon}")
+    run = normal_user.run("run", "--image", "tiny", "--accel", "tcg", "--rootfs", "host",
+                          "--", "true")
+    assert run.returncode == 125, run.stderr
+    assert "O_NOATIME" in run.stderr and "CONFIG_9P_FS" in run.stderr
+    assert "TCG" not in run.stderr  # refused before QEMU started (no accelerator line)

@@ -306,3 +306,198 @@ def test_an_agent_that_never_answers_after_init_names_virtio_console(
     # Without the agent in the spec the hint would be wrong: it is not given.
     result = run_in_vm(VMSpec(kernel=str(kernel), agent="none"), ["true"], timeout=5)
     assert "CONFIG_VIRTIO_CONSOLE" not in (result.error or "")
+
+
+# -- resolving a spec's kernel: one step for every start ---------------------------------------------
+
+RELEASE = "6.1.0-qk"
+#: A tree's modules_install, faked: one module, the build link modules_install leaves, and a
+#: line in installs.log per run.
+INSTALLING_MAKEFILE = f"""\
+modules_install:
+\tmkdir -p $(INSTALL_MOD_PATH)/lib/modules/{RELEASE}/kernel
+\tprintf 'kernel/b.ko:\\n' > $(INSTALL_MOD_PATH)/lib/modules/{RELEASE}/modules.dep
+\tprintf 'ELF' > $(INSTALL_MOD_PATH)/lib/modules/{RELEASE}/kernel/b.ko
+\tln -s $(CURDIR) $(INSTALL_MOD_PATH)/lib/modules/{RELEASE}/build
+\techo installed >> installs.log
+"""
+
+
+def tree_with_modules(root: Path) -> Path:
+    tree = fake_tree(root, config=full_config() + "CONFIG_MODULES=y\nCONFIG_VIRTIO_BALLOON=m\n")
+    (tree / "Makefile").write_text(INSTALLING_MAKEFILE)
+    (tree / "modules.order").write_text("drivers/virtio/virtio_balloon.o\n")
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "include" / "config" / "kernel.release").write_text(RELEASE + "\n")
+    return tree
+
+
+def base_initrd(path: Path) -> Path:
+    import gzip
+
+    path.write_bytes(gzip.compress(b"070701" + b"0" * 100))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _some_depmod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake trees' make needs no depmod; the host may have none (kmod not installed)."""
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: "/bin/true")
+
+
+def test_a_tree_with_modules_and_no_depmod_is_refused_before_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import HostError
+
+    tree = tree_with_modules(tmp_path / "t")
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: None)
+    with pytest.raises(HostError, match="apt-get install kmod"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(tree), initrd=str(tmp_path / "i")))
+    # A make that leaves no modules.dep (its depmod missing) is an error, not a guest
+    # whose modprobe finds nothing.
+    (tree / "Makefile").write_text(INSTALLING_MAKEFILE.replace("modules.dep", "modules.other"))
+    with pytest.raises(HostError, match="wrote no modules.dep"):
+        kconfig.install_modules(kconfig.find_tree(tree), tmp_path / "dest")
+
+
+def test_a_tree_resolves_to_its_image_and_its_modules_go_into_a_copy_of_the_initrd(
+        tmp_path: Path) -> None:
+    import gzip
+
+    tree = tree_with_modules(tmp_path / "t")
+    initrd = base_initrd(tmp_path / "initrd.img")
+    resolved = kconfig.resolve_kernel(VMSpec(kernel=str(tree), initrd=str(initrd)))
+    assert resolved.spec.kernel == str(tree / "arch/x86/boot/bzImage")
+    assert resolved.tree is not None and resolved.tree.root == tree
+    assert resolved.install_tree_modules and resolved.needs_files and resolved.modules is None
+    assert resolved.release == RELEASE and resolved.config == tree / ".config"
+    assert not (tree / "installs.log").exists()  # resolving writes and runs nothing
+    work = tmp_path / "rt" / "kernel"
+    booted = resolved.materialize(work)
+    assert booted.kernel == resolved.spec.kernel and booted.initrd is not None
+    assert Path(booted.initrd).parent == work and Path(booted.initrd).read_bytes().startswith(
+        initrd.read_bytes())
+    unpacked = gzip.decompress(Path(booted.initrd).read_bytes())
+    assert f"lib/modules/{RELEASE}/kernel/b.ko".encode() in unpacked
+    assert f"lib/modules/{RELEASE}/build".encode() not in unpacked  # a link into the tree
+    assert sorted(p.name for p in work.iterdir()) == ["initrd-with-modules.img"]
+    assert (tree / "installs.log").read_text() == "installed\n"
+
+
+def test_given_modules_win_over_the_trees_and_mistakes_come_before_anything(
+        tmp_path: Path) -> None:
+    tree = tree_with_modules(tmp_path / "t")
+    initrd = base_initrd(tmp_path / "initrd.img")
+    mods = tmp_path / "mods" / "lib" / "modules" / RELEASE
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text("")
+    resolved = kconfig.resolve_kernel(VMSpec(kernel=str(tree), initrd=str(initrd)),
+                                      tmp_path / "mods")
+    assert resolved.modules == tmp_path / "mods" and not resolved.install_tree_modules
+    with pytest.raises(SpecError, match="the tree's modules need an initrd"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(tree)))
+    with pytest.raises(SpecError, match="no such file or kernel tree"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(tmp_path / "gone")))
+    image = tree / "arch/x86/boot/bzImage"
+    with pytest.raises(SpecError, match="needs a kernel booted with an initrd"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(image)), tmp_path / "mods")
+    os.mkfifo(mods / "fifo")
+    with pytest.raises(SpecError, match="is a named pipe"):
+        kconfig.resolve_kernel(VMSpec(kernel=str(image), initrd=str(initrd)), tmp_path / "mods")
+    # A tree without modules built (or with CONFIG_MODULES off) writes nothing.
+    (tree / "modules.order").unlink()
+    plain = kconfig.resolve_kernel(VMSpec(kernel=str(tree), initrd=str(initrd)))
+    assert not plain.needs_files and plain.materialize(tmp_path / "unused") == plain.spec
+    assert not (tmp_path / "unused").exists()
+
+
+def test_a_vm_of_a_tree_checks_its_config_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import VM
+
+    monkeypatch.setenv("QEMUKIT_STATE", str(tmp_path / "state"))
+    tree = fake_tree(tmp_path / "t", config=full_config(without=("CONFIG_VIRTIO_CONSOLE",)))
+    initrd = base_initrd(tmp_path / "initrd.img")
+    vm = VM(VMSpec(kernel=str(tree), initrd=str(initrd), accel="tcg"))
+    with pytest.raises(SpecError, match="lacks CONFIG_VIRTIO_CONSOLE"):
+        vm.start()
+    assert vm.pid is None
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
+
+
+def test_cmdline_shows_the_image_a_tree_boots(tmp_path: Path) -> None:
+    from qemukit.vm import preview_argv
+
+    tree = tree_with_modules(tmp_path / "t")
+    initrd = base_initrd(tmp_path / "initrd.img")
+    argv, notes = preview_argv(VMSpec(kernel=str(tree), initrd=str(initrd), accel="tcg"))
+    assert argv[argv.index("-kernel") + 1] == str(tree / "arch/x86/boot/bzImage")
+    assert any("with the tree's modules" in note for note in notes)
+    assert not (tree / "installs.log").exists()
+
+
+# -- the machine of a kernel run -----------------------------------------------------------------
+
+
+def test_a_kernel_run_gets_microvm_unless_something_needs_q35(tmp_path: Path) -> None:
+    from qemukit.kernel import kernel_run_machine
+
+    tree = fake_tree(tmp_path / "t", config=full_config())
+    spec = VMSpec(kernel=str(tree), initrd="/i")
+
+    def pick(s: VMSpec = spec, **kw: object) -> tuple[str, str]:
+        args: dict[str, object] = {"one_shot": True, "warm_asked": False, "tsc_khz": 2_000_000}
+        args.update(kw)
+        choice = kernel_run_machine(s, **args)  # type: ignore[arg-type]
+        return choice.machine, choice.describe()
+
+    machine, line = pick()
+    assert machine == "microvm" and line.startswith("machine microvm: nothing in this run")
+    # The image inside the tree finds the same config.
+    assert pick(spec.replace(kernel=str(tree / "arch/x86/boot/bzImage")))[0] == "microvm"
+    for changed, why in (
+            ({"one_shot": False}, "--detach, the console"),
+            ({"warm_asked": True}, "vmgenid"),
+            ({"tsc_khz": None}, "TSC rate is unknown")):
+        machine, line = pick(**changed)
+        assert machine == "q35" and line.startswith("machine q35: ") and why in line, changed
+    for fields, why in (({"max_cpus": 4}, "CPU or memory hotplug"),
+                        ({"max_memory": "2G"}, "CPU or memory hotplug"),
+                        ({"firmware": "ovmf"}, "firmware ovmf"),
+                        ({"drives": ("/d.qcow2,if=nvme",)}, "other than virtio-blk"),
+                        ({"extra_args": ("-device", "e1000")}, "--qemu-arg")):
+        machine, line = pick(spec.replace(**fields))
+        assert machine == "q35" and why in line, fields
+    # The kernel must be known to drive microvm's virtio-mmio devices.
+    (tree / ".config").write_text(full_config(without=("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",)))
+    machine, line = pick()
+    assert machine == "q35" and f"{tree / '.config'} lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in line
+    bare = tmp_path / "bzImage"
+    bare.write_bytes(b"k")
+    machine, line = pick(VMSpec(kernel=str(bare), initrd="/i"))
+    assert machine == "q35" and "config is not known" in line
+    arm = VMSpec(arch="aarch64", kernel=str(bare))
+    assert pick(arm)[0] == "virt"
+
+
+def test_run_kernel_says_its_machine_under_v_and_machine_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = fake_tree(tmp_path / "t", config=full_config())
+    initrd = base_initrd(tmp_path / "initrd.img")
+    seen: list[VMSpec] = []
+
+    def fake_run_in_vm(spec: VMSpec, *_: object, **__: object) -> object:
+        seen.append(spec)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("qemukit.kernel.run_in_vm", fake_run_in_vm)
+    monkeypatch.setattr("qemukit.host.tsc_khz", lambda: 2_000_000)
+    base = ["run", "--accel", "tcg", "--kernel", str(tree), "--initrd", str(initrd)]
+    out = CliRunner().invoke(main, [*base, "-v", "--", "true"])
+    assert out.exit_code == 0, out.output
+    assert "qemukit: machine microvm: nothing in this run needs q35" in out.output
+    assert seen[-1].machine == "microvm" and not seen[-1].warm
+    out = CliRunner().invoke(main, [*base, "--machine", "q35", "-v", "--", "true"])
+    assert seen[-1].machine == "q35" and "machine microvm" not in out.output
+    out = CliRunner().invoke(main, [*base, "--warm", "-v", "--", "true"])
+    assert seen[-1].machine == "q35" and seen[-1].warm and "vmgenid" in out.output

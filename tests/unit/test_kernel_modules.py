@@ -11,7 +11,8 @@ import pytest
 
 from qemukit import HostError, SpecError, VMSpec
 from qemukit.images import tiny
-from qemukit.kernel import _with_modules, run_in_vm
+from qemukit.kconfig import append_modules as _with_modules
+from qemukit.kernel import run_in_vm
 
 RELEASE = "6.1.0-test"
 

@@ -309,3 +309,40 @@ def test_a_job_names_its_files_and_moves_them() -> None:
     moved = job.with_files({"kernel": "/cache/x/bzImage", "modules": "/cache/y/m"})
     assert moved.vm["kernel"] == "/cache/x/bzImage" and moved.modules == "/cache/y/m"
     assert moved.name == job.name and moved.command == job.command
+
+
+def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import tarfile
+
+    from tests.unit.test_kconfig import RELEASE, full_config, tree_with_modules
+
+    monkeypatch.setattr("qemukit.kconfig._depmod", lambda: "/bin/true")  # the fake make's
+    tree = tree_with_modules(tmp_path / "tree")
+    jobs = [Job(n, ("true",), vm={"kernel": str(tree)}) for n in ("a", "b")]
+    installed: dict[Path, Path] = {}
+    shipped = [matrix._files_to_ship(job, tmp_path / "work", installed) for job in jobs]
+    assert shipped[0] == shipped[1]
+    assert shipped[0]["kernel"] == tree / "arch/x86/boot/bzImage"
+    assert (tree / "installs.log").read_text() == "installed\n"  # once for both jobs
+    data = matrix._read_for_shipping("modules", shipped[0]["modules"])
+    with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+        names = tar.getnames()
+    assert f"./lib/modules/{RELEASE}/kernel/b.ko" in names
+    assert f"./lib/modules/{RELEASE}/build" not in names  # a link into the tree: left out
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    placed = Path(matrix._materialize("modules", "d1", "modules-0", data))
+    assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
+    # The job's own modules win, as in a local run: nothing is installed for it.
+    own = tmp_path / "own" / "lib" / "modules" / RELEASE
+    own.mkdir(parents=True)
+    (own / "modules.dep").write_text("")
+    job = Job("c", ("true",), vm={"kernel": str(tree)}, modules=str(tmp_path / "own"))
+    files = matrix._files_to_ship(job, tmp_path / "work", {})
+    assert files["modules"] == tmp_path / "own"
+    assert (tree / "installs.log").read_text() == "installed\n"
+    # A tree whose config lacks what the job needs is refused on the client, naming the job.
+    (tree / ".config").write_text(full_config(without=("CONFIG_VIRTIO_FS",)))
+    share = Job("d", ("true",), vm={"kernel": str(tree), "shares": [f"{tmp_path}:/mnt/s"]})
+    with pytest.raises(SpecError, match=r"job 'd': kernel.*lacks CONFIG_VIRTIO_FS"):
+        matrix._files_to_ship(share, tmp_path / "work", {})

@@ -85,3 +85,32 @@ def test_in_directory_starts_the_command_in_cwd_without_a_shell_string() -> None
     argv = in_directory(["printf", "%s\n", "a b", "$HOME"], "/some dir")
     assert argv[:2] == ["sh", "-c"] and argv[3:] == ["sh", "/some dir", "printf", "%s\n", "a b",
                                                       "$HOME"]
+
+
+def test_a_normal_user_is_refused_the_root_over_the_c_virtiofsd_and_told_why(
+        tiny_files: VMSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qemukit.host
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr(qemukit.host, "find_virtiofsd", lambda: ("/usr/lib/qemu/virtiofsd", "c"))
+    with pytest.raises(SpecError) as info:
+        host_root(tiny_files)
+    assert info.value.field == "rootfs" and "O_NOATIME" in info.value.reason
+    assert "CONFIG_9P_FS" in info.value.reason and "Rust virtiofsd" in info.value.reason
+    # Over 9p (a kernel with it) the same user is fine, and so is the Rust virtiofsd.
+    assert host_root(tiny_files, transport="9p").shares[0].transport == "9p"
+    monkeypatch.setattr(qemukit.host, "find_virtiofsd", lambda: ("/usr/libexec/virtiofsd", "rust"))
+    assert host_root(tiny_files).shares[0].transport == "virtiofs"
+
+
+def test_another_kernel_with_the_tiny_initramfs_is_judged_by_its_own_config(
+        tiny_files: VMSpec, tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "bzImage").write_bytes(b"k")
+    spec = tiny_files.replace(kernel=str(own / "bzImage"))  # the tiny manifest is not its
+    assert root_transport(spec) == "9p"  # no config: qemukit kconfig's kernels have 9p
+    (own / ".config").write_text("CONFIG_VIRTIO_FS=y\nCONFIG_FUSE_FS=y\n")
+    assert root_transport(spec) == "virtiofs"
+    (own / ".config").write_text("CONFIG_VIRTIO_FS=y\nCONFIG_9P_FS=y\nCONFIG_NET_9P_VIRTIO=y\n")
+    assert root_transport(spec) == "9p"
