@@ -363,7 +363,7 @@ class MachineChoice:
 
 
 def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
-                       tsc_khz: int | None) -> MachineChoice:
+                       tsc_khz: int | None, ran_before: bool = False) -> MachineChoice:
     """The machine for ``run --kernel`` when ``--machine`` is not given (pure: no I/O but
     reading the kernel's config file).
 
@@ -375,7 +375,10 @@ def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
     command that nothing else will reach for later (``-- CMD``, not ``--detach``
     or the console); ``warm_asked`` an explicit ``--warm``; ``tsc_khz`` the
     host's TSC rate, without which a kernel on microvm cannot calibrate its clock
-    and hangs in about 4 boots of 10. Otherwise q35, saying which of these it was.
+    and hangs in about 4 boots of 10; ``ran_before`` that this kernel ran here
+    before (:func:`qemukit.warm.note_kernel_run`): a repeated kernel gets q35 and
+    a warm state, so its later runs are restores. Otherwise q35, saying which of
+    these it was.
     """
     if spec.arch != "x86_64":
         return MachineChoice(spec.machine, f"the {spec.arch} machine qemukit drives")
@@ -395,6 +398,9 @@ def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
         needs = "disks other than virtio-blk need q35's PCI bus"
     elif spec.extra_args:
         needs = "--qemu-arg may name devices of q35's PCI bus"
+    elif ran_before:
+        needs = ("this kernel ran here before (same image, initrd and command line): its runs "
+                 "start warm from now on, and a warm clone needs q35's vmgenid device")
     elif tsc_khz is None:
         needs = ("the host's TSC rate is unknown, and without tsc_early_khz= a kernel on "
                  "microvm hangs in about 4 boots of 10")

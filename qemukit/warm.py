@@ -49,6 +49,7 @@ __all__ = [
     "WarmKey",
     "WarmStart",
     "file_digest",
+    "note_kernel_run",
     "warm_key",
     "warm_refusal",
     "warm_spec",
@@ -192,6 +193,50 @@ def file_digest(path: str | os.PathLike[str], root: Path | None = None) -> str:
             cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(cache_file, json.dumps(known, sort_keys=True))
     return digest
+
+
+#: The kernels ``note_kernel_run`` remembers (the least recently run are forgotten).
+KERNEL_RUNS_KEPT = 256
+
+
+def note_kernel_run(spec: VMSpec, root: Path | None = None) -> bool:
+    """Remember a run of ``spec``'s kernel; True if it ran before with the same initrd and append.
+
+    "The same" is by contents (the kernel image's and the initrd's digests),
+    so a rebuilt kernel is a new one. ``run --kernel K -- CMD`` boots a kernel
+    it has not seen on microvm, the quickest cold boot; from the second run of
+    one kernel on it takes q35 and a warm state, so the runs after that are
+    restores. A tree whose modules are installed at each start boots cold
+    anyway: for it this notes nothing and returns False.
+    """
+    from .kconfig import find_tree, is_tree
+
+    if spec.kernel is None:
+        return False
+    image = Path(spec.kernel)
+    if is_tree(image):
+        tree = find_tree(image, spec.arch)
+        if tree.modules:
+            return False
+        image = tree.image
+    root = root if root is not None else cache_dir() / "warm"
+    parts = [spec.arch, file_digest(image, root),
+             file_digest(spec.initrd, root) if spec.initrd is not None else "",
+             spec.append or ""]
+    run_id = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    path = root / "kernel-runs.json"
+    runs: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text())
+        if isinstance(loaded, dict):
+            runs = {str(k): float(v) for k, v in loaded.items()}
+    seen = run_id in runs
+    runs[run_id] = time.time()
+    kept = dict(sorted(runs.items(), key=lambda kv: kv[1])[-KERNEL_RUNS_KEPT:])
+    with contextlib.suppress(OSError):  # forgetting costs one more microvm boot, nothing else
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(path, json.dumps(kept, sort_keys=True))
+    return seen
 
 
 def _qcow2_backing(path: str) -> str | None:

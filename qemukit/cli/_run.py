@@ -92,7 +92,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     spec = apply_run_options(build_spec(opts), opts)
     machine = None
     if opts.get("machine") is None and opts["kernel"] and not (opts["spec_file"] or opts["image"]):
-        spec, machine = _kernel_machine(spec, bool(command) and not detach, warm)
+        spec, machine = _kernel_machine(spec, bool(command) and not detach, warm, modules)
         if machine.machine == "microvm" and warm is None:
             warm = False  # microvm cannot start warm; a new kernel every run gains nothing
     if warm is None:
@@ -180,14 +180,22 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
               "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
 
 
-def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None
+def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None, modules: str | None
                     ) -> tuple[VMSpec, MachineChoice]:
-    """``spec`` on the machine a kernel run gets by default (see kernel_run_machine)."""
+    """``spec`` on the machine a kernel run gets by default (see kernel_run_machine).
+
+    A one-shot run that may start warm is noted (:func:`qemukit.warm.note_kernel_run`):
+    a kernel run again gets q35 and a warm state, a new one microvm.
+    """
     from ..host import tsc_khz
     from ..kernel import kernel_run_machine
+    from ..warm import note_kernel_run, warm_refusal
 
+    ran_before = (one_shot and warm is None and modules is None
+                  and warm_refusal(spec.replace(machine="q35")) is None
+                  and note_kernel_run(spec))
     choice = kernel_run_machine(spec, one_shot=one_shot, warm_asked=warm is True,
-                                tsc_khz=tsc_khz())
+                                tsc_khz=tsc_khz(), ran_before=ran_before)
     return (spec.replace(machine=choice.machine) if choice.machine != spec.machine else spec,
             choice)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import socket
 import struct
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from qemukit import kconfig
+from qemukit import images, kconfig
 from tests.kernel_build import build_test_kernel
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kernel-tree")]
@@ -217,3 +218,23 @@ def test_a_dask_cluster_runs_the_tree_from_its_image_and_modules(
             (placed,) = shipped.glob(f"*/modules-0/lib/modules/{release}/kernel/**/virtio_balloon.ko")
             assert placed.is_file()
             assert qemu_processes_under(cluster.state(worker)) == []
+
+
+def test_a_kernel_run_again_starts_warm_after_its_first_microvm_boot(tree: Path, release: str,
+                                                                     qk: Any) -> None:
+    """New kernel: microvm, the quickest cold boot. The same kernel again: q35 and a warm
+    state saved, so the third run is a restore. (The image, not the tree: the tree's modules
+    would be installed at each start, which boots cold.)"""
+    image = tree / "arch/x86/boot/bzImage"
+    # A word no other run's command line has: this kernel is new to the warm cache here.
+    append = f"{images.spec('tiny').append} qk.loop={secrets.token_hex(4)}"
+    lines = []
+    for _ in range(3):
+        out = qk("run", *TCG, "-v", "--kernel", str(image), "--append", append, "--", "uname", "-r")
+        assert (out.returncode, out.stdout.strip()) == (0, release), out.stderr
+        lines.append(out.stderr)
+    assert "machine microvm: " in lines[0] and ": warm: " not in lines[0]
+    assert "machine q35: this kernel ran here before" in lines[1]
+    assert ": cold: first start of this spec, state saved" in lines[1]
+    assert "machine q35: this kernel ran here before" in lines[2]
+    assert ": warm: restored " in lines[2]

@@ -458,7 +458,8 @@ def test_a_kernel_run_gets_microvm_unless_something_needs_q35(tmp_path: Path) ->
     for changed, why in (
             ({"one_shot": False}, "--detach, the console"),
             ({"warm_asked": True}, "vmgenid"),
-            ({"tsc_khz": None}, "TSC rate is unknown")):
+            ({"tsc_khz": None}, "TSC rate is unknown"),
+            ({"ran_before": True}, "ran here before")):
         machine, line = pick(**changed)
         assert machine == "q35" and line.startswith("machine q35: ") and why in line, changed
     for fields, why in (({"max_cpus": 4}, "CPU or memory hotplug"),

@@ -13,7 +13,14 @@ import pytest
 from qemukit import Drive, Share, VMSpec, host
 from qemukit._launch.plan import HostFacts
 from qemukit.spec import CloudInit, Nic
-from qemukit.warm import WarmCache, file_digest, warm_key, warm_refusal, warm_spec
+from qemukit.warm import (
+    WarmCache,
+    file_digest,
+    note_kernel_run,
+    warm_key,
+    warm_refusal,
+    warm_spec,
+)
 
 
 @pytest.fixture
@@ -175,3 +182,16 @@ def test_prune_removes_least_recently_used_first(tmp_path: Path) -> None:
     cache.get("mid").touch()  # type: ignore[union-attr]  # used now: "new" is the oldest
     assert [e.key for e in cache.prune(sizes["mid"])] == ["new"]
     assert [e.key for e in cache.clear()] == ["mid"] and cache.entries() == []
+
+
+def test_a_kernel_run_is_known_again_by_contents(files: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "warm"
+    run = spec(files)
+    assert note_kernel_run(run, root) is False  # first run of this kernel
+    assert note_kernel_run(run, root) is True
+    assert note_kernel_run(run.replace(append="quiet other=1"), root) is False
+    with open(files["vmlinuz"], "ab") as fh:  # rebuilt: a new kernel
+        fh.write(b"changed")
+    assert note_kernel_run(run, root) is False
+    assert note_kernel_run(run, root) is True
+    assert note_kernel_run(VMSpec(), root) is False
