@@ -1297,18 +1297,39 @@ class AsyncVM:
             assert self._proc is not None
             qmp = self._qmp if self._qmp is not None and self._qmp.connected else None
             info = ARCHES[self.spec.arch]
+            agent_poweroff = None
             if not info.powerdown and timeout > 0:
-                log.info("%s: %s (%s) has no power button the guest hears: skipping the "
-                         "powerdown rung, going to quit", self.name, self.spec.machine, info.name)
-                timeout = 0
+                if self._agent is not None and self._agent.ready:
+                    agent_poweroff = self._agent_poweroff
+                else:
+                    log.info("%s: %s (%s) has no power button the guest hears and its agent "
+                             "is not up: skipping the graceful rung, going to quit",
+                             self.name, self.spec.machine, info.name)
+                    timeout = 0
             result = await run_ladder(self._proc, qmp, self.name, acpi_timeout=timeout,
                                       quit_timeout=quit_timeout, term_timeout=term_timeout,
-                                      kill_timeout=kill_timeout)
+                                      kill_timeout=kill_timeout, agent_poweroff=agent_poweroff)
         finally:
             await self._cleanup(force=True)
             self.state = VMState.STOPPED
         self.last_shutdown = result
         return result
+
+    async def _agent_poweroff(self) -> None:
+        """Ask the guest, through its agent, to power itself off (returns once it was asked).
+
+        In the background of a command that returns at once: the agent's reply
+        must come back before the guest goes. The tiny init's power-off script
+        syncs and powers off; elsewhere ``poweroff`` asks the init system.
+        """
+        script = ("( sleep 0.2; if [ -x /sbin/qemukit-poweroff ]; then /sbin/qemukit-poweroff; "
+                  "elif [ -d /run/systemd/system ]; then poweroff; else sync; poweroff -f; fi ) "
+                  "</dev/null >/dev/null 2>&1 &")
+        assert self._agent is not None  # (the VM is stopping: straight to its agent)
+        result = await self._agent.exec(["sh", "-c", script], 20)
+        if result.exit_status != 0:
+            raise StateError(f"VM {self.name!r}: the guest agent could not start a power-off: "
+                             f"{result.stderr_text.strip()[-300:]}")
 
     async def kill(self, *, kill_timeout: float = 5.0) -> ShutdownResult:
         """SIGKILL QEMU at once and clean up: no QMP, no graceful rung.
