@@ -3,8 +3,8 @@
 ``qemukit run --image debian --detach --wait ssh`` starts warm by default: the
 first start of this description boots it, waits for cloud-init, saves the
 state; every start restores a clone and gives it its own identity. The
-user-data is test_debian.py's (that module boots cold, on purpose); the
-state is built by this module's first start, or found in the cache.
+user-data is test_debian.py's, so the two modules share one warm state:
+whichever starts first boots the image and saves it, under the key's lock.
 Checked from inside each guest: host name, machine-id, MAC (also as QEMU sees
 it), ssh host keys (also as sshd presents them), random bytes, and that a
 file written in one clone is in no other.
