@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -44,3 +47,15 @@ def qemu_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@contextmanager
+def attached(name: str) -> Iterator[Any]:
+    """Take VM ``name`` over for a moment; the shared QMP socket serves one client at a time."""
+    from qemukit import VM
+
+    vm = VM.attach(name)
+    try:
+        yield vm
+    finally:
+        vm.detach()

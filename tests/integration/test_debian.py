@@ -22,15 +22,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from qemukit import VM, images
+from qemukit import images
 from qemukit.images.debian import file_sha256 as sha256
-from tests.helpers import run_qemukit
+from tests.helpers import attached, run_qemukit
 
 # The module shares one VM: keep its tests on one xdist worker (--dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("debian-vm")]
@@ -84,15 +83,6 @@ def booted(debian_image: images.DebianImage, base_sha256: str, state_root: Path,
             qk("kill", NAME)
 
 
-@contextmanager
-def attached(name: str = NAME) -> Iterator[VM]:
-    """Take the VM over for a moment; the shared QMP socket serves one client at a time."""
-    vm = VM.attach(name)
-    try:
-        yield vm
-    finally:
-        vm.detach()
-
 
 def test_image_is_built_cached_and_read_only(debian_image: images.DebianImage) -> None:
     manifest = debian_image.manifest
@@ -111,7 +101,7 @@ def test_image_is_built_cached_and_read_only(debian_image: images.DebianImage) -
 
 
 def test_boot_is_usable_over_ssh_and_agent(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         assert vm.spec.agent == "qga"
         assert vm.accel is not None and vm.accel.accel == "tcg"
         vm.wait_ready(60)
@@ -141,7 +131,7 @@ def test_ssh_runs_id_and_the_system_is_running(booted: Booted) -> None:
 
 
 def test_guest_exec_returns_exit_code_and_output(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         result = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
         assert (result.exit_status, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
         assert vm.exec("hostname").stdout_text.strip() == NAME
@@ -151,13 +141,13 @@ def test_guest_exec_returns_exit_code_and_output(booted: Booted) -> None:
 
 
 def test_user_data_file_was_passed_through(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         assert vm.guest.read_file("/etc/qemukit-user-data") == b"passed through\n"
 
 
 def test_guest_files_and_fsfreeze(booted: Booted) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB, binary
-    with attached() as vm:
+    with attached(NAME) as vm:
         vm.guest.write_file("/root/blob", payload)
         assert vm.exec(["sha256sum", "/root/blob"]).stdout_text.split()[0] == hashlib.sha256(
             payload).hexdigest()
@@ -173,7 +163,7 @@ def test_guest_files_and_fsfreeze(booted: Booted) -> None:
 def test_hotplugged_disk_shows_in_lsblk(booted: Booted, tmp_path: Path) -> None:
     disk = tmp_path / "scratch.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "96M"], check=True)
-    with attached() as vm:
+    with attached(NAME) as vm:
         before = vm.exec(["lsblk", "-dnbo", "NAME,SIZE"]).stdout_text
         device = vm.hotplug.disk(disk)
         try:
@@ -187,7 +177,7 @@ def test_hotplugged_disk_shows_in_lsblk(booted: Booted, tmp_path: Path) -> None:
 
 
 def test_internal_snapshot_saves_and_loads(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         vm.guest.write_file("/root/disk-marker", b"before\n")
         vm.guest.write_file("/run/ram-marker", b"before\n")  # tmpfs: lives in RAM only
         vm.exec(["sync"], check=True)

@@ -18,15 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from qemukit import VM, host, images
+from qemukit import host, images
 from qemukit.images.debian import file_sha256 as sha256
-from tests.helpers import run_qemukit
+from tests.helpers import attached, run_qemukit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration,
               pytest.mark.xdist_group("debian-arm64-vm")]
@@ -89,15 +88,6 @@ def booted(arm_image: images.DebianImage, base_sha256: str, state_root: Path) ->
             qk("kill", NAME)
 
 
-@contextmanager
-def attached(name: str = NAME) -> Iterator[VM]:
-    """Take the VM over for a moment; the shared QMP socket serves one client at a time."""
-    vm = VM.attach(name)
-    try:
-        yield vm
-    finally:
-        vm.detach()
-
 
 def test_image_is_arm64_cached_and_read_only(arm_image: images.DebianImage) -> None:
     manifest = arm_image.manifest
@@ -115,7 +105,7 @@ def test_image_is_arm64_cached_and_read_only(arm_image: images.DebianImage) -> N
 
 
 def test_agent_says_aarch64_on_virt_with_its_console(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         assert vm.spec.arch == ARCH and vm.spec.machine == "virt" and vm.spec.agent == "qga"
         assert vm.accel is not None and vm.accel.accel == "tcg"
         vm.wait_ready(120)
@@ -144,7 +134,7 @@ def test_ssh_logs_in_and_returns_exit_codes(booted: Booted) -> None:
 
 
 def test_exec_through_the_agent_returns_exit_code_and_output(booted: Booted) -> None:
-    with attached() as vm:
+    with attached(NAME) as vm:
         result = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
         assert (result.exit_status, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
     cli = qk("exec", NAME, "--", "sh", "-c", "uname -m; exit 3")

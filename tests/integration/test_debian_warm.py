@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from qemukit import VM
-from tests.helpers import run_qemukit
+from tests.helpers import attached, run_qemukit
 from tests.integration.test_debian import USER_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("debian-warm")]
@@ -62,14 +60,6 @@ def clones(debian_image: object, user_data: Path, state_root: Path) -> Iterator[
             if (state_root / name).exists():
                 run_qemukit("kill", name)
 
-
-@contextmanager
-def attached(name: str) -> Iterator[VM]:
-    vm = VM.attach(name)
-    try:
-        yield vm
-    finally:
-        vm.detach()
 
 
 def facts(name: str) -> dict[str, str]:
