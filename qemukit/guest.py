@@ -304,18 +304,14 @@ async def ssh_copy_in(ssh: SshArgv, host_path: str | os.PathLike[str], guest_pat
     return dest
 
 
-async def ssh_copy_out(ssh: SshArgv, guest_path: str, host_path: str | os.PathLike[str], *,
-                       recursive: bool = False, progress: Progress | None = None,
-                       timeout: float = 600.0) -> Path:
-    """:meth:`AsyncGuest.copy_out` over ssh: the guest's ``tar -c`` streamed to the host.
+def _copy_out_target(kind: list[str], guest_path: str, host_path: str | os.PathLike[str],
+                     recursive: bool) -> tuple[Path, str]:
+    """The host path a copy out writes and the copied entry's name, from the guest's stat words.
 
-    The same rules as the agent's copy: into ``host_path`` if it is a
-    directory, else as it; the mode kept; written under a temporary name
-    (or unpacked beside the target) and renamed; a missing guest path is a
-    :class:`~qemukit.errors.GuestError` that changes nothing.
+    ``kind`` is :func:`_guest_stat_script`'s output split into words. Raises
+    before anything is copied: a missing or odd guest path, a directory without
+    ``recursive``, a host directory that does not exist.
     """
-    kind = (await _ssh_output(ssh, _guest_stat_script(guest_path),
-                              f"cannot look at {guest_path}")).split()
     if not kind or kind[0] == "missing":
         raise GuestError(f"no such file or directory in the guest: {guest_path}")
     if kind[0] == "other":
@@ -329,6 +325,22 @@ async def ssh_copy_out(ssh: SshArgv, guest_path: str, host_path: str | os.PathLi
         target = target / name
     if not target.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(target.parent))
+    return target, name
+
+
+async def ssh_copy_out(ssh: SshArgv, guest_path: str, host_path: str | os.PathLike[str], *,
+                       recursive: bool = False, progress: Progress | None = None,
+                       timeout: float = 600.0) -> Path:
+    """:meth:`AsyncGuest.copy_out` over ssh: the guest's ``tar -c`` streamed to the host.
+
+    The same rules as the agent's copy: into ``host_path`` if it is a
+    directory, else as it; the mode kept; written under a temporary name
+    (or unpacked beside the target) and renamed; a missing guest path is a
+    :class:`~qemukit.errors.GuestError` that changes nothing.
+    """
+    kind = (await _ssh_output(ssh, _guest_stat_script(guest_path),
+                              f"cannot look at {guest_path}")).split()
+    target, name = _copy_out_target(kind, guest_path, host_path, recursive)
     size = int(kind[2]) if kind[0] == "f" else 0
     q = shlex.quote(guest_path)
     with tempfile.TemporaryFile(dir=target.parent) as spool:
@@ -545,19 +557,7 @@ class AsyncGuest:
         """
         kind = (await self._run_checked(_guest_stat_script(guest_path), 60.0,
                                         f"cannot look at {guest_path}")).stdout_text.split()
-        if not kind or kind[0] == "missing":
-            raise GuestError(f"no such file or directory in the guest: {guest_path}")
-        if kind[0] == "other":
-            raise GuestError(f"{guest_path} in the guest is neither a regular file nor a directory")
-        if kind[0] == "d" and not recursive:
-            raise StateError(f"{guest_path} in the guest is a directory "
-                             "(copy it with recursive=True, cp -r)")
-        target = Path(host_path)
-        name = PurePosixPath(guest_path.rstrip("/") or "/").name
-        if target.is_dir():
-            target = target / name
-        if not target.parent.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "no such directory", str(target.parent))
+        target, name = _copy_out_target(kind, guest_path, host_path, recursive)
         q = shlex.quote(guest_path)
         async with contextlib.AsyncExitStack() as stack:
             if kind[0] == "d":
