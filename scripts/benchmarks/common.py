@@ -158,3 +158,22 @@ def qemukit_run_binary(machine: str = "q35") -> str:
                           "--machine", machine], capture_output=True, text=True, timeout=60,
                          check=True)
     return str(json.loads(out.stdout)["argv"][0])
+
+
+def raw_to_init(argv: Sequence[str]) -> float:
+    """Seconds from spawning raw QEMU ``argv`` (serial on stdio) to the tiny init's ready line.
+
+    QEMU is killed after; an exit before the line is a RuntimeError, not a time.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends at QEMU's exit at the latest
+            if INIT_LINE in line:
+                return time.perf_counter() - t0
+        raise RuntimeError(f"raw QEMU exited ({proc.wait()}) before the tiny init was ready")
+    finally:
+        proc.kill()
+        proc.wait(30)

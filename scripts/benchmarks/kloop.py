@@ -37,7 +37,16 @@ from pathlib import Path
 
 from qemukit import host, images
 
-from .common import INIT_LINE, QEMUKIT_CMD, Result, interleave_groups, qemu_binary, ratio, summary
+from .common import (
+    INIT_LINE,
+    QEMUKIT_CMD,
+    Result,
+    interleave_groups,
+    qemu_binary,
+    ratio,
+    raw_to_init,
+    summary,
+)
 
 PHASES = ("python_start", "boot", "agent", "command_and_power_off", "exit")
 
@@ -144,21 +153,6 @@ def _raw_argv(kernel: Path, machine: str) -> list[str]:
             "-initrd", str(tiny.initrd), "-append", append, "-serial", "stdio"]
 
 
-def _raw_to_init(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # ends at QEMU's exit at the latest
-            if INIT_LINE in line:
-                return time.perf_counter() - t0
-        raise RuntimeError(f"raw QEMU exited ({proc.wait()}) before the tiny init was ready")
-    finally:
-        proc.kill()
-        proc.wait(30)
-
-
 def bench_kloop(runs: int) -> Result:
     """Both sides, interleaved, each on a fresh copy of the kernel; ratio and qemukit's split."""
     tree = _kernel_tree()
@@ -181,7 +175,7 @@ def bench_kloop(runs: int) -> Result:
 
         def raw() -> dict[str, float]:
             n = counter["raw"] = counter["raw"] + 1
-            return {"raw_to_init": _raw_to_init(_raw_argv(_fresh_kernel(tree, root, n, "raw"),
+            return {"raw_to_init": raw_to_init(_raw_argv(_fresh_kernel(tree, root, n, "raw"),
                                                           machine))}
 
         res = interleave_groups(runs, qemukit, raw)

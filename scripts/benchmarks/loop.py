@@ -9,19 +9,16 @@ so it picks the same binary; ``qemukit cmdline`` is asked which, to record it.
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 from qemukit import host, images
 
 from .common import (
-    INIT_LINE,
     Result,
     interleave,
     qemu_binary,
     qemukit_run_binary,
     qemukit_run_true,
     ratio,
+    raw_to_init,
     summary,
 )
 
@@ -45,21 +42,8 @@ def bench_loop(runs: int) -> Result:
     """Median wall time of `qemukit run -- true` (q35 and microvm) and of raw microvm to init."""
     raw_argv = raw_microvm_argv()
 
-    def raw_microvm() -> float:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(raw_argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:  # ends at EOF if QEMU exits early
-                if INIT_LINE in line:
-                    return time.perf_counter() - t0
-            raise RuntimeError(f"raw QEMU exited ({proc.wait()}) before the guest's init was ready")
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-
-    res = interleave(runs, raw_microvm_to_init=raw_microvm, qemukit_run_true=qemukit_run_true("q35"),
+    res = interleave(runs, raw_microvm_to_init=lambda: raw_to_init(raw_argv),
+                     qemukit_run_true=qemukit_run_true("q35"),
                      qemukit_run_true_microvm=qemukit_run_true("microvm"))
     raw, qk = summary(res["raw_microvm_to_init"]), summary(res["qemukit_run_true"])
     micro = summary(res["qemukit_run_true_microvm"])

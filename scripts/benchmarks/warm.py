@@ -32,12 +32,12 @@ from qemukit import images
 from qemukit.images import TINY_APPEND
 
 from .common import (
-    INIT_LINE,
     QEMUKIT_CMD,
     Result,
     interleave,
     qemu_binary,
     ratio,
+    raw_to_init,
     summary,
     timed_command,
 )
@@ -63,18 +63,7 @@ def _raw_q35() -> float:
     argv = [qemu_binary(), "-M", "q35", "-accel", "tcg", "-m", "512", "-display", "none",
             "-nodefaults", "-no-user-config", "-serial", "stdio", "-kernel", str(tiny.kernel),
             "-initrd", str(tiny.initrd), "-append", TINY_APPEND]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # ends at QEMU's exit at the latest
-            if INIT_LINE in line:
-                return time.perf_counter() - t0
-        raise RuntimeError(f"raw QEMU exited ({proc.wait()}) before the tiny init was ready")
-    finally:
-        proc.kill()
-        proc.wait(30)
+    return raw_to_init(argv)
 
 
 def bench_run(runs: int) -> Result:
