@@ -12,8 +12,7 @@ import json
 import os
 import secrets
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,10 @@ import psutil
 import pytest
 
 from qemukit import VM
-from tests.helpers import qemu_gone, run_qemukit
+from tests.helpers import qemu_gone, run_qemukit, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("devtools")]
 
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``check()``'s first truthy value within ``timeout`` s (each look is a bounded command)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import pytest
 from qemukit import images
 from qemukit.images.debian import file_sha256
 from qemukit.paths import cache_dir
-from tests.helpers import run_qemukit
+from tests.helpers import run_qemukit, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("imported-vm")]
 
@@ -109,17 +109,6 @@ def guest(name: str, script: str, timeout: float = 120) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``check()``'s first truthy value within ``timeout`` s (each look is a bounded command)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -215,14 +204,14 @@ def test_a_guest_http_server_is_forwarded_by_itself_and_the_forward_goes_with_it
           "systemd-run --unit=qk-http8123 --working-directory=/tmp/www "
           "python3 -m http.server 8123")
     fw = wait_until(lambda: _forward(booted, "tcp", 8123), 120,
-                    "a forward of guest TCP port 8123 in qemukit ports --json")
+                    "a forward of guest TCP port 8123 in qemukit ports --json", interval=1)
     assert fw["kind"] == "auto" and fw["host_addr"] == "127.0.0.1"
     url = f"http://127.0.0.1:{fw['host_port']}/hello.txt"
     with urllib.request.urlopen(url, timeout=60) as reply:
         assert reply.read() == b"served-from-the-guest\n"
     guest(booted, "systemctl stop qk-http8123")
     wait_until(lambda: _forward(booted, "tcp", 8123) is None, 120,
-               "the forward of TCP 8123 to be removed")
+               "the forward of TCP 8123 to be removed", interval=1)
     assert "8123" not in qk("ports", booted).stdout
 
 
@@ -237,7 +226,7 @@ _UDP_ECHO = ("import socket\n"
 def test_a_guest_udp_listener_gets_a_udp_forward_and_a_datagram_round_trips(booted: str) -> None:
     guest(booted, f"systemd-run --unit=qk-udp8124 python3 -c \"{_UDP_ECHO}\"")
     fw = wait_until(lambda: _forward(booted, "udp", 8124), 120,
-                    "a forward of guest UDP port 8124 in qemukit ports --json")
+                    "a forward of guest UDP port 8124 in qemukit ports --json", interval=1)
     assert fw["kind"] == "auto" and fw["host_addr"] == "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(3)
@@ -249,10 +238,10 @@ def test_a_guest_udp_listener_gets_a_udp_forward_and_a_datagram_round_trips(boot
             except TimeoutError:
                 return None  # UDP: a datagram may be lost; send again
 
-        assert wait_until(echoed, 60, "the guest's UDP echo") == b"echo:datagram"
+        assert wait_until(echoed, 60, "the guest's UDP echo", interval=1) == b"echo:datagram"
     guest(booted, "systemctl stop qk-udp8124")
     wait_until(lambda: _forward(booted, "udp", 8124) is None, 120,
-               "the forward of UDP 8124 to be removed")
+               "the forward of UDP 8124 to be removed", interval=1)
 
 
 def test_stop_leaves_the_file_unchanged(booted: str, downloaded: Path) -> None:
