@@ -28,13 +28,6 @@ RUN = "/run/user/1000/qemukit/deb"
 X86_KEY_OF_FIXED_INPUT = "a28264be3ad1d07d0558f54825a60aea7da995fc671644043e781f3c641bb7af"
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    root.mkdir()
-    monkeypatch.setenv("QEMUKIT_CACHE", str(root))
-    return root
-
 
 @pytest.fixture
 def default_mirrors(monkeypatch: pytest.MonkeyPatch) -> None:

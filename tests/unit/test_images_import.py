@@ -23,13 +23,6 @@ needs_tools = pytest.mark.skipif(
     reason="needs qemu-img, sfdisk, mkfs.ext4 and debugfs (scripts/setup installs them)")
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    root.mkdir()
-    monkeypatch.setenv("QEMUKIT_CACHE", str(root))
-    return root
-
 
 # --------------------------------------------------------------------------- qemu-img info
 
