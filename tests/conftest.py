@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import qemu_processes_under, run_qemukit
 
+pytest_plugins = ["tests.suite_times"]
+
 _STATE = Path(tempfile.mkdtemp(prefix="qk-state-", dir="/tmp"))
 os.environ["QEMUKIT_STATE"] = str(_STATE)
 
@@ -53,3 +55,19 @@ def _no_leaks_at_end(state_root: Path) -> Iterator[None]:
     shutil.rmtree(state_root, ignore_errors=True)
     assert not leftovers, f"QEMU processes left running: {[p.pid for p in leftovers]}"
     assert not entries, f"runtime entries left behind: {[e.name for e in entries]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration boots QEMU: mark it, so ``-m "not integration"`` (the
+    quick tier) can never pick up a guest-booting test that forgot its module mark."""
+    for item in items:
+        if "integration" in item.path.parts[-3:-1]:
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the state directory where no test ran (the controller process under ``-n``)."""
+    try:
+        _STATE.rmdir()
+    except OSError:
+        pass  # not empty: _no_leaks_at_end already failed the run, or it is gone already
