@@ -483,7 +483,8 @@ class Sandbox:
             # stopped as soon as more than the cap arrived.
             while not copy.done():
                 await asyncio.wait({copy}, timeout=_COPY_POLL)
-                size = local.stat().st_size if local.exists() else 0
+                # copy_out writes under a temporary name beside ``local``: count the directory.
+                size = await asyncio.to_thread(_bytes_under, Path(scratch))
                 if size > cap and not copy.done():
                     copy.cancel()
                     with contextlib.suppress(asyncio.CancelledError, QemukitError):
@@ -540,6 +541,14 @@ class Sandbox:
         for r, result in zip(runs, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("ending VM %s failed: %s", r.vm.name, result)
+
+
+def _bytes_under(top: Path) -> int:
+    total = 0
+    for path in top.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
 
 
 def bounded_script(command: str | Sequence[str], cap: int) -> str:

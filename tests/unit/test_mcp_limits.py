@@ -50,6 +50,7 @@ class FakeVM:
         self.stdout = b""
         self.stat_answer = "10\n"
         self.copied_out: list[str] = []
+        self.grow = 0
         FakeVM.made.append(self)
 
     async def start(self) -> None:
@@ -76,6 +77,9 @@ class FakeVM:
 
     async def copy_out(self, path: str, host: Path, timeout: float) -> Path:
         self.copied_out.append(path)
+        if self.grow:  # the guest grew the file after the stat: bytes keep coming
+            (Path(host).parent / ".file.tmp").write_bytes(b"x" * self.grow)
+            await asyncio.sleep(60)
         Path(host).write_bytes(b"x" * 10)
         return Path(host)
 
@@ -448,6 +452,18 @@ def test_read_file_size_checked_before_the_copy(fake_vms: list[FakeVM]) -> None:
         assert vm.copied_out == ["/small"]
 
     asyncio.run(go())
+
+
+def test_read_file_stops_a_copy_that_grows_past_the_cap(fake_vms: list[FakeVM]) -> None:
+    box = qmcp.Sandbox(qmcp.Limits(max_file=1 << 20))
+
+    async def go() -> SpecError:
+        name = (await box.start())["name"]
+        fake_vms[0].grow = (1 << 20) + 1
+        return await asyncio.wait_for(_arefused(box.read_file(name, "/growing")), 30)
+
+    err = asyncio.run(go())
+    assert err.field == "path" and "grew past 1 MiB" in err.reason
 
 
 def test_write_file_size_checked_first(fake_vms: list[FakeVM]) -> None:
