@@ -338,6 +338,9 @@ class Sandbox:
             for fw in nic.forwards:
                 if fw.host_addr != "127.0.0.1":
                     raise SpecError("forward", str(fw), "forwards bind 127.0.0.1 only")
+                if 0 < fw.host_port < 1024:
+                    raise SpecError("forward", str(fw), "host ports below 1024 are not "
+                                    "forwarded (use 0 for a free port, or 1024-65535)")
         for sh in spec.shares:
             granted = self._grant(sh, "share")
             if granted.host_path != sh.host_path or granted.read_only != sh.read_only:
@@ -402,7 +405,10 @@ class Sandbox:
                 log.warning("stopping VM %s: %s", name, reason)
                 self.ended[name] = reason
                 self._running.pop(name, None)
-                await vm.kill()
+                try:
+                    await vm.kill()
+                except QemukitError as exc:
+                    log.warning("stopping VM %s failed: %s", name, exc)
                 return
             log_path = vm.console_log
             if log_path is not None:

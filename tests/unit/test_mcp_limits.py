@@ -145,6 +145,8 @@ async def _arefused(call: Any) -> SpecError:
 def test_forwards_bind_loopback_only(sandbox: qmcp.Sandbox) -> None:
     err = _refused(sandbox, forwards=["0.0.0.0:8080:80"])
     assert err.field == "forward" and "127.0.0.1 only" in err.reason
+    err = _refused(sandbox, forwards=["22:22"])
+    assert err.field == "forward" and "below 1024" in err.reason
     spec, _ = sandbox._spec(None, None, None, None, None, None, ["8080:80"])
     assert [str(f) for f in spec.nics[0].forwards] == ["tcp:127.0.0.1:8080:80"]
     assert spec.shares == () and spec.warm is True and spec.forward_auto is False
