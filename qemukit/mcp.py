@@ -20,6 +20,8 @@ the operator who started the server allowed, and nothing more
   always the image's own);
 - no host share unless inside a directory the operator allowed
   (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most;
+- no network unless the operator allows it (``--allow-network``): user
+  networking reaches the host's loopback services;
 - :class:`Limits` caps VMs, memory, vCPUs, overlay disk, console log, exec
   output (cut in the guest while it is produced), file transfers (sizes
   checked before any byte moves) and each VM's lifetime.
@@ -98,6 +100,9 @@ _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _WATCH_INTERVAL = 2.0
 #: What is kept of a console log cut back to its cap (its newest bytes).
 _CONSOLE_KEEP = 64 * 1024
+_NO_NETWORK = ("this server gives its VMs no network: QEMU's user networking would let the "
+               "guest reach every service on the host's 127.0.0.1 (at 10.0.2.2); the operator "
+               "allows it with qemukit mcp --allow-network")
 #: While a file is copied out, how often its size on the host is checked.
 _COPY_POLL = 0.2
 
@@ -175,12 +180,16 @@ class Sandbox:
     the directories whose ``NAME.toml`` files clients may name as templates
     (checked like built-in ones: see :data:`TEMPLATE_FIELDS`). ``cwd`` is what
     ``${PWD}`` in a template means (the server's working directory).
+    ``network=False`` (the default) gives every VM no NIC at all, whatever its
+    image has: QEMU's user networking lets a guest reach every service on the
+    host's 127.0.0.1 at 10.0.2.2, so it is the operator's choice.
     """
 
     def __init__(self, limits: Limits | None = None, *, shares: Sequence[ShareGrant] = (),
                  template_dirs: Sequence[str | Path] = (), cwd: str | Path | None = None,
-                 watch_interval: float = _WATCH_INTERVAL) -> None:
+                 network: bool = False, watch_interval: float = _WATCH_INTERVAL) -> None:
         self.limits = limits or Limits()
+        self.network = network
         self.shares = tuple(shares)
         self.template_dirs = tuple(Path(os.path.realpath(d)) for d in template_dirs)
         for d in self.template_dirs:
@@ -306,7 +315,11 @@ class Sandbox:
         if share is not None:
             shares = [self._grant(Share.parse(share), "share")]
         changes["shares"] = tuple(shares)
-        if forwards:
+        if not self.network:
+            if forwards:
+                raise SpecError("forwards", forwards, _NO_NETWORK)
+            changes["nics"] = ()
+        elif forwards:
             parsed = tuple(PortForward.parse(f) for f in forwards)
             first = spec.nics[0] if spec.nics else Nic()
             changes["nics"] = (dataclasses.replace(first, forwards=first.forwards + parsed),
@@ -330,6 +343,8 @@ class Sandbox:
         if spec.cpus > lim.max_cpus:
             raise SpecError("cpus", spec.cpus, f"this server allows at most {lim.max_cpus} vCPUs "
                             "(qemukit mcp --max-cpus)")
+        if spec.nics and not self.network:
+            raise SpecError("nics", len(spec.nics), _NO_NETWORK)
         if len(spec.nics) > max(1, len(base.nics)):
             raise SpecError("nics", len(spec.nics), "a VM served over MCP has at most one NIC")
         for nic in spec.nics:
@@ -635,7 +650,8 @@ def build_server(sandbox: Sandbox) -> Any:
         "provides), never a path. memory like \"512M\" (at most "
         f"{lim.max_memory_mib} MiB), cpus (at most {lim.max_cpus}); share "
         "\"HOST_DIR:GUEST_DIR[,ro]\" shares a host directory inside one the operator allowed "
-        f"({grants}); forwards [\"HOSTPORT:GUESTPORT\"] forward 127.0.0.1 ports to the guest. "
+        f"({grants}); forwards [\"HOSTPORT:GUESTPORT\"] forward 127.0.0.1 ports to the guest "
+        f"({'allowed' if sandbox.network else 'refused: this server gives VMs no network'}). "
         f"The server stops the VM after {lim.max_lifetime:g} s.")
 
     async def exec(name: str, command: list[str] | str, timeout: float = 60.0) -> dict[str, Any]:
@@ -732,10 +748,14 @@ async def _serve(sandbox: Sandbox) -> None:
 
 
 def serve(limits: Limits | None = None, *, shares: Sequence[ShareGrant] = (),
-          template_dirs: Sequence[str | Path] = ()) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin (or SIGTERM); all VMs stop then."""
+          template_dirs: Sequence[str | Path] = (), network: bool = False) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin (or SIGTERM); all VMs stop then.
+
+    The arguments are :class:`Sandbox`'s.
+    """
 
     async def main() -> None:
-        await _serve(Sandbox(limits, shares=shares, template_dirs=template_dirs))
+        await _serve(Sandbox(limits, shares=shares, template_dirs=template_dirs,
+                             network=network))
 
     asyncio.run(main())

@@ -45,20 +45,25 @@ def _bytes(field: str, text: str) -> int:
 @click.option("--allow-share", "allow_share", multiple=True, metavar="DIR[:ro|:rw]",
               help="A host directory clients may share (or a directory below it); read-only "
                    "unless :rw. Repeatable. Without it no host directory is shared.")
+@click.option("--allow-network", is_flag=True,
+              help="Give VMs user networking (and port forwards). Off by default: with it a "
+                   "guest reaches every service on the host's 127.0.0.1 at 10.0.2.2.")
 @click.option("--template-dir", "template_dirs", multiple=True,
               type=click.Path(exists=True, file_okay=False),
               help="A directory whose NAME.toml files clients may start by NAME (checked like "
                    "the built-in templates). Repeatable.")
 def mcp(max_vms: int, max_memory: str, max_total_memory: str, max_cpus: int, max_disk: str,
         max_console_log: str, max_output: str, max_file: str, max_lifetime: float,
-        allow_share: tuple[str, ...], template_dirs: tuple[str, ...]) -> None:
+        allow_share: tuple[str, ...], allow_network: bool, template_dirs: tuple[str, ...]
+        ) -> None:
     """Serve MCP over stdin/stdout: tools to start a VM, exec, read/write files, stop it.
 
     The client is treated as hostile: it gets a VM built from a built-in image
     or a template named by name, with the fields it may set and within the caps
-    above; no host directory unless --allow-share grants it; forwards bind
-    127.0.0.1 only. Every VM it starts dies with it: at stdin EOF, SIGTERM, or
-    (parent-death signal) when the server is killed. Logs go to stderr.
+    above; no host directory unless --allow-share grants it; no network unless
+    --allow-network (forwards then bind 127.0.0.1 only). Every VM it starts
+    dies with it: at stdin EOF, SIGTERM, or (parent-death signal) when the
+    server is killed. Logs go to stderr.
     """
     if importlib.util.find_spec("mcp") is None:
         raise errors.HostError("qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'")
@@ -73,7 +78,7 @@ def mcp(max_vms: int, max_memory: str, max_total_memory: str, max_cpus: int, max
                     max_file=_bytes("max_file", max_file), max_lifetime=max_lifetime)
     shares = [ShareGrant.parse(text) for text in allow_share]
     logging.basicConfig(level=logging.INFO, format="qemukit mcp: %(message)s")
-    serve(limits, shares=shares, template_dirs=template_dirs)
+    serve(limits, shares=shares, template_dirs=template_dirs, network=allow_network)
 
 
 COMMANDS = (mcp,)

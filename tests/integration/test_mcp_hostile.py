@@ -176,6 +176,15 @@ def test_extra_args_refused_through_every_path(session: Session, vm: str,
     assert len(qemu_processes_under(dirs["state"])) == 1
 
 
+def test_no_network_unless_the_operator_allows_it(session: Session, vm: str) -> None:
+    # User networking would reach the host's 127.0.0.1 services at 10.0.2.2.
+    text = session.refused("start_vm", image="tiny", forwards=["8080:80"])
+    assert "forwards" in text and "--allow-network" in text
+    nets = session.ok("exec", name=vm, command="ls /sys/class/net")
+    assert nets["stdout"].split() == ["lo"], nets
+    _no_new_vm(session, vm)
+
+
 def test_one_gib_read_file_refused_before_transfer(session: Session, vm: str) -> None:
     made = session.ok("exec", name=vm, command=(
         "dd if=/dev/zero of=/tmp/big bs=1M seek=1024 count=0 2>/dev/null; stat -c %s /tmp/big"))

@@ -142,7 +142,22 @@ async def _arefused(call: Any) -> SpecError:
     return err.value
 
 
-def test_forwards_bind_loopback_only(sandbox: qmcp.Sandbox) -> None:
+def test_no_network_unless_allowed(sandbox: qmcp.Sandbox, fake_vms: list[FakeVM]) -> None:
+    err = _refused(sandbox, forwards=["8080:80"])
+    assert err.field == "forwards" and "--allow-network" in err.reason and "10.0.2.2" in err.reason
+    # An image's own NIC (debian's ssh forward) is removed too.
+    debian_like = _fake_spec(nics=(Nic(forwards=("0:22",)),))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qmcp.images, "spec", lambda name="tiny", **kw: debian_like)
+        spec, _ = sandbox._spec("debian", None, None, None, None, None, None)
+    assert spec.nics == ()
+    with pytest.raises(SpecError, match="--allow-network"):
+        sandbox.check_spec(debian_like, debian_like)
+    assert fake_vms == []
+
+
+def test_forwards_bind_loopback_only() -> None:
+    sandbox = qmcp.Sandbox(network=True)
     err = _refused(sandbox, forwards=["0.0.0.0:8080:80"])
     assert err.field == "forward" and "127.0.0.1 only" in err.reason
     err = _refused(sandbox, forwards=["22:22"])
@@ -313,7 +328,7 @@ def test_check_spec_is_a_whitelist(change: dict[str, Any]) -> None:
 
 def test_check_spec_nics_shares_and_disks(tmp_path: Path) -> None:
     base = _fake_spec()
-    box = qmcp.Sandbox()
+    box = qmcp.Sandbox(network=True)
     with pytest.raises(SpecError, match="user networking only"):
         box.check_spec(base.replace(nics=(Nic(kind="tap", ifname="tap0"),)), base)
     with pytest.raises(SpecError, match="at most one NIC"):
@@ -492,27 +507,29 @@ def test_cli_passes_caps_grants_and_template_dirs(monkeypatch: pytest.MonkeyPatc
                                                   tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_serve(limits: qmcp.Limits, *, shares: Any, template_dirs: Any) -> None:
-        seen.update(limits=limits, shares=shares, template_dirs=template_dirs)
+    def fake_serve(limits: qmcp.Limits, *, shares: Any, template_dirs: Any,
+                   network: bool) -> None:
+        seen.update(limits=limits, shares=shares, template_dirs=template_dirs, network=network)
 
     monkeypatch.setattr(qmcp, "serve", fake_serve)
     out = CliRunner().invoke(main, ["mcp", "--max-output", "64K", "--max-file", "2M",
                                     "--max-disk", "1G", "--max-console-log", "1M",
                                     "--max-lifetime", "60", "--allow-share", f"{tmp_path}:rw",
-                                    "--allow-share", "/usr", "--template-dir", str(tmp_path)])
+                                    "--allow-share", "/usr", "--template-dir", str(tmp_path),
+                                    "--allow-network"])
     assert out.exit_code == 0, out.output
     lim = seen["limits"]
     assert (lim.max_output, lim.max_file, lim.max_disk, lim.max_console_log, lim.max_lifetime) \
         == (64 << 10, 2 << 20, 1 << 30, 1 << 20, 60.0)
     assert [str(g) for g in seen["shares"]] == [f"{tmp_path.resolve()}:rw", "/usr:ro"]
-    assert seen["template_dirs"] == (str(tmp_path),)
+    assert seen["template_dirs"] == (str(tmp_path),) and seen["network"] is True
 
 
 def test_cli_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
     monkeypatch.setattr(qmcp, "serve", lambda limits, **kw: seen.update(limits=limits, **kw))
     assert CliRunner().invoke(main, ["mcp"]).exit_code == 0
-    assert seen["shares"] == [] and seen["template_dirs"] == ()
+    assert seen["shares"] == [] and seen["template_dirs"] == () and seen["network"] is False
     assert seen["limits"] == qmcp.Limits()
 
 
