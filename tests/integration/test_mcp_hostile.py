@@ -108,9 +108,11 @@ class Session:
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mcp-hostile")
     out = {"state": root / "state", "allowed": root / "allowed", "templates": root / "templates",
-           "outside": root / "outside"}
-    for key in ("allowed", "templates", "outside"):
+           "outside": root / "outside", "writable": root / "writable"}
+    for key in ("allowed", "templates", "outside", "writable"):
         out[key].mkdir()
+    (out["allowed"] / "hello.txt").write_text("from the host\n")
+    (out["writable"] / "work").mkdir()
     (out["outside"] / "evil.toml").write_text(
         'image = "tiny"\nextra_args = ["-monitor", "tcp:127.0.0.1:4555,server=on,wait=off"]\n')
     (out["templates"] / "smuggle.toml").write_text(
@@ -122,8 +124,9 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def session(tiny_image: images.TinyImage, dirs: dict[str, Path]) -> Iterator[Session]:
-    s = Session(_params(dirs["state"], "--max-vms", "1", "--max-output", str(MAX_OUTPUT),
+    s = Session(_params(dirs["state"], "--max-vms", "2", "--max-output", str(MAX_OUTPUT),
                         "--max-file", str(MAX_FILE), "--allow-share", f"{dirs['allowed']}:ro",
+                        "--allow-share", f"{dirs['writable']}:rw",
                         "--template-dir", str(dirs["templates"])))
     try:
         yield s
@@ -143,12 +146,45 @@ def _no_new_vm(session: Session, vm: str) -> None:
 
 
 def test_host_root_share_refused(session: Session, vm: str, dirs: dict[str, Path]) -> None:
-    # The server runs one VM at most and one runs: the share is refused for itself, first.
     for share in ("/:/m", "/:/mnt/host", f"{dirs['allowed']}/..:/m", f"{dirs['outside']}:/m"):
         text = session.refused("start_vm", image="tiny", share=share)
         assert "share" in text and "outside every directory" in text and "--allow-share" in text
         assert f"{dirs['allowed']}:ro" in text, text
     _no_new_vm(session, vm)
+
+
+def test_read_only_grant_is_never_served_writable(session: Session, vm: str,
+                                                  dirs: dict[str, Path]) -> None:
+    # The client asks read-write. QEMU 7.2's C virtiofsd cannot export read-only (and the
+    # tiny kernel has no 9p): then the start is refused; with a Rust virtiofsd the guest
+    # gets the share read-only.
+    is_error, value = session.call("start_vm", image="tiny", share=f"{dirs['allowed']}:/mnt/s")
+    if is_error:
+        assert "read_only" in str(value) and "cannot share read-only" in str(value), value
+    else:
+        assert value["shares"][0]["read_only"] is True, value
+        other = value["name"]
+        wrote = session.ok("exec", name=other, command="cat /mnt/s/hello.txt; touch /mnt/s/x")
+        assert wrote["stdout"] == "from the host\n" and wrote["exit_status"] != 0, wrote
+        session.ok("stop_vm", name=other)
+    assert not (dirs["allowed"] / "x").exists()
+    wait_until(lambda: len(qemu_processes_under(dirs["state"])) == 1, 60, "only the shared VM")
+    _no_new_vm(session, vm)
+
+
+def test_writable_grant_share_works(session: Session, vm: str, dirs: dict[str, Path]) -> None:
+    # Through a symlink inside the grant: resolved first, and still inside.
+    (dirs["writable"] / "link").symlink_to(dirs["writable"] / "work")
+    started = session.ok("start_vm", image="tiny", share=f"{dirs['writable']}/link:/mnt/w")
+    other = started["name"]
+    try:
+        assert started["shares"] == [{"host": str(dirs["writable"] / "work"), "guest": "/mnt/w",
+                                      "tag": "share0", "read_only": False}], started
+        session.ok("exec", name=other, command="echo from the guest > /mnt/w/out.txt")
+        assert (dirs["writable"] / "work" / "out.txt").read_text() == "from the guest\n"
+    finally:
+        session.ok("stop_vm", name=other)
+    wait_until(lambda: len(qemu_processes_under(dirs["state"])) == 1, 60, "only the shared VM")
 
 
 def test_host_toml_template_refused(session: Session, vm: str, dirs: dict[str, Path]) -> None:
