@@ -33,6 +33,7 @@ CALL_TIMEOUT = 600.0
 #: The caps the server runs with: small, so that the tests move little.
 MAX_OUTPUT = 64 * 1024
 MAX_FILE = 1 << 20
+MAX_CONSOLE_LOG = 64 * 1024
 
 
 def _params(state: Path, *args: str) -> StdioServerParameters:
@@ -125,7 +126,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def session(tiny_image: images.TinyImage, dirs: dict[str, Path]) -> Iterator[Session]:
     s = Session(_params(dirs["state"], "--max-vms", "2", "--max-output", str(MAX_OUTPUT),
-                        "--max-file", str(MAX_FILE), "--allow-share", f"{dirs['allowed']}:ro",
+                        "--max-file", str(MAX_FILE), "--max-console-log", str(MAX_CONSOLE_LOG),
+                        "--allow-share", f"{dirs['allowed']}:ro",
                         "--allow-share", f"{dirs['writable']}:rw",
                         "--template-dir", str(dirs["templates"])))
     try:
@@ -268,6 +270,21 @@ def test_endless_exec_output_comes_back_cut(session: Session, vm: str, dirs: dic
     assert server.memory_info().rss - before < 64 << 20
     # The VM still answers.
     assert session.ok("exec", name=vm, command=["echo", "alive"])["stdout"] == "alive\n"
+
+
+def test_console_flood_is_cut_back(session: Session, vm: str, dirs: dict[str, Path]) -> None:
+    log = dirs["state"] / vm / "console.log"
+    assert log.is_file(), sorted(p.name for p in (dirs["state"] / vm).iterdir())
+    flood = session.ok("exec", name=vm, timeout=300, command=(
+        "head -c 400000 /dev/zero | tr '\\0' x > /dev/console; echo flood-end > /dev/console"))
+    assert flood["exit_status"] == 0, flood
+
+    def cut() -> bool:
+        text = log.read_bytes()
+        return b"flood-end" in text and len(text) <= MAX_CONSOLE_LOG
+
+    wait_until(cut, 120, "the server to cut the console log back to its cap")
+    assert log.read_bytes().startswith(b"qemukit mcp: console log passed 64 KiB")
 
 
 def test_refusals_leave_nothing_running(session: Session, vm: str, dirs: dict[str, Path]) -> None:
