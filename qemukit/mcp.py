@@ -2,78 +2,309 @@
 
 :class:`Sandbox` is the part without the protocol: it starts VMs from a
 built-in image or template (warm where qemukit can, see :mod:`qemukit.warm`),
-runs commands, reads and writes files, lists and stops them, within limits
-(:class:`Limits`: how many VMs, how much memory each and all together, how
-many vCPUs). :func:`serve` puts it behind the official ``mcp`` SDK's stdio
-server (``pip install 'qemukit[mcp]'``).
+runs commands, reads and writes files, lists and stops them. :func:`serve`
+puts it behind the official ``mcp`` SDK's stdio server
+(``pip install 'qemukit[mcp]'``).
 
-Every VM dies with the server: each is owned by the server process
+The client (a coding agent) is treated as hostile: what it may reach is what
+the operator who started the server allowed, and nothing more
+(docs/threat/mcp.md says it in full):
+
+- a VM is built from a built-in image, or from a template named by name: a
+  built-in one or a ``NAME.toml`` in a directory the operator named
+  (``--template-dir``), never a path the client gives;
+- the client sets only :data:`CLIENT_FIELDS`; a template only
+  :data:`TEMPLATE_FIELDS`; and the spec that results may differ from its
+  built-in image's only in :data:`SPEC_FIELDS` (a whitelist: kernel, initrd,
+  drives, cloud-init, ``extra_args``, ``sandbox``, QMP and gdb ports are
+  always the image's own);
+- no host share unless inside a directory the operator allowed
+  (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most;
+- no network unless the operator allows it (``--allow-network``): user
+  networking reaches the host's loopback services;
+- :class:`Limits` caps VMs, memory, vCPUs, overlay disk, console log, exec
+  output (cut in the guest while it is produced), file transfers (sizes
+  checked before any byte moves) and each VM's lifetime.
+
+Every refusal is a :class:`~qemukit.errors.SpecError` naming the field and the
+limit, raised before any process starts; the MCP layer turns it into a tool
+error. Every VM dies with the server: each is owned by the server process
 (``die_with_parent``, so a SIGKILLed server's QEMUs get the parent-death
 signal), and all are stopped when the client closes stdin or sends SIGTERM.
-A VM gets no host share and no port forward unless the tool call asks, and a
-forward binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
+import inspect
 import logging
 import os
+import re
+import shlex
 import signal
 import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import images, templates
+from . import images
 from .errors import QemukitError, SpecError
-from .spec import Nic, PortForward, Share, VMSpec, parse_size
+from .spec import (
+    TEMPLATE_DIR,
+    Nic,
+    PortForward,
+    Share,
+    VMSpec,
+    load_toml,
+    parse_size,
+    resolve_spec_file,
+    template_names,
+)
 from .vm import AsyncVM
 
-__all__ = ["INSTALL_HINT", "Limits", "Sandbox", "build_server", "serve"]
+__all__ = [
+    "CLIENT_FIELDS",
+    "INSTALL_HINT",
+    "SPEC_FIELDS",
+    "TEMPLATE_FIELDS",
+    "Limits",
+    "Sandbox",
+    "ShareGrant",
+    "build_server",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
 #: The one line printed when the ``mcp`` SDK is missing.
 INSTALL_HINT = "qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'"
-#: The largest file read_file and write_file move: the bytes travel on the copy channel (a
-#: virtio-serial port, see VM.copy_in), but the MCP message carries them whole, as text.
-_FILE_LIMIT = 64 << 20
+
+#: What a client's ``start_vm`` may give, and nothing else.
+CLIENT_FIELDS = ("image", "template", "name", "memory", "cpus", "share", "forwards")
+#: The keys a template served over MCP may hold (its whole ``base`` chain merged), built-in
+#: or from a ``--template-dir``. Everything naming a host file (kernel, initrd, drives,
+#: cloud_init) or changing how QEMU runs (extra_args, sandbox, qmp_tcp_port, ...) is refused.
+TEMPLATE_FIELDS = ("base", "description", "image", "cpus", "memory", "append", "no_reboot",
+                   "warm", "shares")
+#: The fields in which a VM's spec may differ from its built-in image's spec.
+SPEC_FIELDS = ("name", "memory", "cpus", "append", "no_reboot", "warm", "forward_auto",
+               "shares", "nics")
+
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: How often the watcher of each VM checks its lifetime, overlays and console log.
+_WATCH_INTERVAL = 2.0
+#: What is kept of a console log cut back to its cap (its newest bytes).
+_CONSOLE_KEEP = 64 * 1024
+_NO_NETWORK = ("this server gives its VMs no network: QEMU's user networking would let the "
+               "guest reach every service on the host's 127.0.0.1 (at 10.0.2.2); the operator "
+               "allows it with qemukit mcp --allow-network")
+#: While a file is copied out, how often its size on the host is checked.
+_COPY_POLL = 0.2
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What a client may ask for."""
+    """The operator's caps on what a client may use (sizes of memory in MiB, else bytes).
+
+    ``max_disk`` caps the bytes the overlays of one VM's disks hold on the host;
+    ``max_console_log`` the console log kept (older output is dropped);
+    ``max_output`` each of stdout and stderr of one exec (cut in the guest);
+    ``max_file`` one read_file or write_file; ``max_lifetime`` (seconds) how
+    long a VM may run before the server stops it.
+    """
 
     max_vms: int = 2
     max_memory_mib: int = 4096
     max_total_memory_mib: int = 8192
     max_cpus: int = 4
+    max_disk: int = 8 << 30
+    max_console_log: int = 16 << 20
+    max_output: int = 1 << 20
+    max_file: int = 16 << 20
+    max_lifetime: float = 3600.0
     boot_timeout: float = 300.0
 
 
-class Sandbox:
-    """The VMs one MCP server started; every method raises QemukitError on bad input."""
+@dataclass(frozen=True)
+class ShareGrant:
+    """A host directory the operator lets clients share (and below it), read-only unless writable."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    path: Path
+    writable: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> ShareGrant:
+        """``DIR``, ``DIR:ro`` or ``DIR:rw``: an existing directory, its symlinks resolved."""
+        path, mode = text, "ro"
+        head, sep, tail = text.rpartition(":")
+        if sep and tail in ("ro", "rw"):
+            path, mode = head, tail
+        real = Path(os.path.realpath(path))
+        if not path or not real.is_dir():
+            raise SpecError("allow_share", text, "must be an existing directory, DIR[:ro|:rw]")
+        return cls(real, mode == "rw")
+
+    def __str__(self) -> str:
+        return f"{self.path}:{'rw' if self.writable else 'ro'}"
+
+
+def _inside(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+@dataclass
+class _Running:
+    """One VM of the server, the task watching it, and when it must end."""
+
+    vm: AsyncVM
+    deadline: float
+    watcher: asyncio.Task[None] | None = None
+
+
+class Sandbox:
+    """The VMs one MCP server started; every method raises QemukitError on bad input.
+
+    ``shares`` are the host directories clients may share; ``template_dirs``
+    the directories whose ``NAME.toml`` files clients may name as templates
+    (checked like built-in ones: see :data:`TEMPLATE_FIELDS`). ``cwd`` is what
+    ``${PWD}`` in a template means (the server's working directory).
+    ``network=False`` (the default) gives every VM no NIC at all, whatever its
+    image has: QEMU's user networking lets a guest reach every service on the
+    host's 127.0.0.1 at 10.0.2.2, so it is the operator's choice.
+    """
+
+    def __init__(self, limits: Limits | None = None, *, shares: Sequence[ShareGrant] = (),
+                 template_dirs: Sequence[str | Path] = (), cwd: str | Path | None = None,
+                 network: bool = False, watch_interval: float = _WATCH_INTERVAL) -> None:
         self.limits = limits or Limits()
-        self.vms: dict[str, AsyncVM] = {}
+        self.network = network
+        self.shares = tuple(shares)
+        self.template_dirs = tuple(Path(os.path.realpath(d)) for d in template_dirs)
+        for d in self.template_dirs:
+            if not d.is_dir():
+                raise SpecError("template_dir", str(d), "is not a directory")
+        self.cwd = str(cwd) if cwd is not None else os.getcwd()
+        self.watch_interval = watch_interval
+        self._running: dict[str, _Running] = {}
+        #: Why the server stopped a VM by itself (lifetime, disk), told on the next call naming it.
+        self.ended: dict[str, str] = {}
         self._lock = asyncio.Lock()
+
+    @property
+    def vms(self) -> dict[str, AsyncVM]:
+        """The running VMs by name."""
+        return {n: r.vm for n, r in self._running.items()}
+
+    # -- what a VM may be -------------------------------------------------------------
+
+    def _template_file(self, template: str) -> Path:
+        """The file of a template name: built-in first, then the operator's directories."""
+        if not isinstance(template, str) or not _TEMPLATE_NAME.fullmatch(template):
+            raise SpecError("template", template, "must be a template name (a built-in one, or "
+                            "NAME for NAME.toml in a directory the operator gave with "
+                            "--template-dir), never a path")
+        if template in template_names():
+            return TEMPLATE_DIR / f"{template}.toml"
+        for top in self.template_dirs:
+            candidate = top / f"{template}.toml"
+            if candidate.is_file():
+                real = Path(os.path.realpath(candidate))
+                if not _inside(real, top):
+                    raise SpecError("template", template, f"{candidate} leads out of {top}")
+                return real
+        dirs = ", ".join(str(d) for d in self.template_dirs) or "none given"
+        raise SpecError("template", template, f"unknown template; built-in: "
+                        f"{', '.join(template_names())}; --template-dir: {dirs}")
+
+    def _check_bases(self, first: Path) -> None:
+        """Every file ``base`` in the chain lies in the built-in or an operator's template dir."""
+        tops = (TEMPLATE_DIR.resolve(), *self.template_dirs)
+        seen: set[Path] = set()
+        file = first
+        while file not in seen:
+            seen.add(file)
+            base = load_toml(file).get("base")
+            if not isinstance(base, str) or not ("/" in base or base.endswith(".toml")):
+                return  # none, a built-in name, or a mistake resolve_spec_file names
+            file = Path(os.path.realpath(file.parent / base))
+            if not any(_inside(file, top) for top in tops):
+                raise SpecError(f"{first.name}: base", base, "a template served over MCP may "
+                                "build only on a built-in template or a file in a --template-dir")
+
+    def _template_spec(self, template: str) -> tuple[VMSpec, VMSpec, list[Share]]:
+        """(the template's spec, its image's spec, its shares) after the key whitelist."""
+        file = self._template_file(template)
+        self._check_bases(file)
+        data, origins = resolve_spec_file(file, cwd=self.cwd)
+        for key in data:
+            if key not in TEMPLATE_FIELDS:
+                raise SpecError(f"{origins.get(key, template)}: {key}", data[key],
+                                "a template served over MCP may set only "
+                                f"{', '.join(TEMPLATE_FIELDS)} (qemukit mcp refuses the rest)")
+        image = data.get("image")
+        if image not in images.NAMES:
+            raise SpecError(f"{template}: image", image, "a template served over MCP must name "
+                            f"a built-in image ({', '.join(images.NAMES)})")
+        base = images.spec(image)
+        scalars = {k: data[k] for k in ("cpus", "memory", "append", "no_reboot", "warm")
+                   if k in data}
+        shares = []
+        for item in data.get("shares", ()):
+            try:
+                shares.append(Share(**item) if isinstance(item, Mapping) else Share.parse(item))
+            except TypeError as exc:
+                raise SpecError(f"{template}: shares", item, str(exc)) from exc
+        return base.replace(**scalars) if scalars else base, base, shares
+
+    def _grant(self, share: Share, field: str) -> Share:
+        """``share`` with its real path and at most its grant's mode; SpecError outside every grant."""
+        real = Path(os.path.realpath(share.host_path))
+        grants = [g for g in self.shares if _inside(real, g.path)]
+        if not grants:
+            allowed = ", ".join(str(g) for g in self.shares) or "none"
+            raise SpecError(field, str(share.host_path), "is outside every directory this server "
+                            f"may share (allowed: {allowed}; the operator adds one with "
+                            "qemukit mcp --allow-share DIR[:ro|:rw])")
+        if not real.is_dir():
+            raise SpecError(field, str(share.host_path), f"{real} is not a directory on the host")
+        writable = any(g.writable for g in grants)
+        return dataclasses.replace(share, host_path=str(real),
+                                   read_only=share.read_only or not writable)
 
     def _spec(self, image: str | None, template: str | None, name: str | None,
               memory: str | int | None, cpus: int | None, share: str | None,
-              forwards: list[str] | None) -> VMSpec:
-        if image and template:
+              forwards: list[str] | None) -> tuple[VMSpec, list[str]]:
+        """The spec a start_vm call asks for, checked; and notes on what was dropped."""
+        notes: list[str] = []
+        if image is not None and template is not None:
             raise SpecError("template", template, "give either image or template, not both")
-        if template:
-            spec = templates.load_spec(template)
+        shares: list[Share] = []
+        if template is not None:
+            spec, base, template_shares = self._template_spec(template)
+            for sh in template_shares:
+                try:
+                    shares.append(self._grant(sh, "share"))
+                except SpecError as exc:
+                    notes.append(f"template {template}'s share of {sh.host_path} was dropped: "
+                                 f"{exc.reason}")
         else:
-            chosen = image or "tiny"
+            chosen = "tiny" if image is None else image
             if chosen not in images.NAMES:
                 raise SpecError("image", chosen, f"unknown image; choose from {', '.join(images.NAMES)}")
-            spec = images.spec(chosen)
-        # No port forwards unless asked: nothing here watches the guest's listeners.
+            spec = base = images.spec(chosen)
+        # No automatic port forwards: nothing here watches the guest's listeners.
         changes: dict[str, Any] = {"warm": True, "forward_auto": False}
         if name is not None:
             changes["name"] = name
@@ -82,46 +313,78 @@ class Sandbox:
         if cpus is not None:
             changes["cpus"] = cpus
         if share is not None:
-            changes["shares"] = (Share.parse(share),)
-            path = Path(changes["shares"][0].host_path)
-            if not path.is_dir():
-                raise SpecError("share", share, f"{path} is not a directory on the host")
-        if forwards:
+            shares = [self._grant(Share.parse(share), "share")]
+        changes["shares"] = tuple(shares)
+        if not self.network:
+            if forwards:
+                raise SpecError("forwards", forwards, _NO_NETWORK)
+            changes["nics"] = ()
+        elif forwards:
             parsed = tuple(PortForward.parse(f) for f in forwards)
-            for fw in parsed:
-                if fw.host_addr != "127.0.0.1":
-                    raise SpecError("forward", str(fw), "forwards bind 127.0.0.1 only")
             first = spec.nics[0] if spec.nics else Nic()
-            changes["nics"] = (Nic(forwards=first.forwards + parsed), *spec.nics[1:])
+            changes["nics"] = (dataclasses.replace(first, forwards=first.forwards + parsed),
+                               *spec.nics[1:])
         spec = spec.replace(**changes)
+        self.check_spec(spec, base)
+        return spec, notes
+
+    def check_spec(self, spec: VMSpec, base: VMSpec) -> None:
+        """Refuse ``spec`` unless it is ``base`` (a built-in image's) changed in :data:`SPEC_FIELDS`
+        only, within the limits, its shares granted, its forwards on 127.0.0.1."""
+        for f in dataclasses.fields(VMSpec):
+            if f.name not in SPEC_FIELDS and getattr(spec, f.name) != getattr(base, f.name):
+                raise SpecError(f.name, getattr(spec, f.name), "a VM served over MCP takes this "
+                                "field from its built-in image only; it may change only "
+                                f"{', '.join(SPEC_FIELDS)}")
         lim = self.limits
         if spec.memory > lim.max_memory_mib:
-            raise SpecError("memory", spec.memory, f"this server allows at most {lim.max_memory_mib} MiB "
-                            "per VM (qemukit mcp --max-memory)")
+            raise SpecError("memory", spec.memory, f"this server allows at most {lim.max_memory_mib} "
+                            "MiB per VM (qemukit mcp --max-memory)")
         if spec.cpus > lim.max_cpus:
-            raise SpecError("cpus", spec.cpus, f"this server allows at most {lim.max_cpus} vCPUs")
+            raise SpecError("cpus", spec.cpus, f"this server allows at most {lim.max_cpus} vCPUs "
+                            "(qemukit mcp --max-cpus)")
+        if spec.nics and not self.network:
+            raise SpecError("nics", len(spec.nics), _NO_NETWORK)
+        if len(spec.nics) > max(1, len(base.nics)):
+            raise SpecError("nics", len(spec.nics), "a VM served over MCP has at most one NIC")
         for nic in spec.nics:
+            if nic.kind != "user":
+                raise SpecError("nic.kind", nic.kind, "a VM served over MCP has user networking only")
             for fw in nic.forwards:
                 if fw.host_addr != "127.0.0.1":
                     raise SpecError("forward", str(fw), "forwards bind 127.0.0.1 only")
-        return spec
+                if 0 < fw.host_port < 1024:
+                    raise SpecError("forward", str(fw), "host ports below 1024 are not "
+                                    "forwarded (use 0 for a free port, or 1024-65535)")
+        for sh in spec.shares:
+            granted = self._grant(sh, "share")
+            if granted.host_path != sh.host_path or granted.read_only != sh.read_only:
+                raise SpecError("share", str(sh.host_path), "not as granted (resolve it first)")
+        for drive in spec.drives:
+            if not drive.read_only and not drive.overlay:
+                raise SpecError("drive", str(drive.file), "a VM served over MCP writes its disks "
+                                "only through a throwaway overlay")
+
+    # -- lifecycle -------------------------------------------------------------------
 
     async def start(self, *, image: str | None = None, template: str | None = None,
                     name: str | None = None, memory: str | int | None = None,
                     cpus: int | None = None, share: str | None = None,
                     forwards: list[str] | None = None) -> dict[str, Any]:
         """Start a VM and wait until its agent answers; its name, boot time and how it started."""
-        spec = self._spec(image, template, name, memory, cpus, share, forwards)
+        spec, notes = self._spec(image, template, name, memory, cpus, share, forwards)
         async with self._lock:
             lim = self.limits
-            if len(self.vms) >= lim.max_vms:
-                raise SpecError("vms", len(self.vms), f"this server runs at most {lim.max_vms} VMs at "
-                                "once (qemukit mcp --max-vms); stop one first")
-            used = sum(vm.spec.memory for vm in self.vms.values())
+            if len(self._running) >= lim.max_vms:
+                raise SpecError("vms", len(self._running), f"this server runs at most "
+                                f"{lim.max_vms} VMs at once (qemukit mcp --max-vms); stop one first")
+            used = sum(r.vm.spec.memory for r in self._running.values())
             if used + spec.memory > lim.max_total_memory_mib:
-                raise SpecError("memory", spec.memory, f"{used} MiB are in use; all VMs together may "
-                                f"use at most {lim.max_total_memory_mib} MiB")
+                raise SpecError("memory", spec.memory, f"{used} MiB are in use; all VMs together "
+                                f"may use at most {lim.max_total_memory_mib} MiB "
+                                "(qemukit mcp --max-total-memory)")
             vm = AsyncVM(spec, die_with_parent=True, boot_timeout=lim.boot_timeout)
+            deadline = time.monotonic() + lim.max_lifetime
             try:
                 await vm.start()
                 seconds = await vm.wait_ready(lim.boot_timeout)
@@ -129,43 +392,139 @@ class Sandbox:
                 if vm.state.value == "running":
                     await vm.kill()
                 raise
-            self.vms[vm.name] = vm
-        return {"name": vm.name, "seconds_to_ready": round(seconds, 2), "memory_mib": spec.memory,
-                "cpus": spec.cpus, "agent": spec.agent}
+            running = self._running[vm.name] = _Running(vm, deadline)
+            self.ended.pop(vm.name, None)
+            running.watcher = asyncio.get_running_loop().create_task(self._watch(vm.name, running))
+        out = {"name": vm.name, "seconds_to_ready": round(seconds, 2), "memory_mib": spec.memory,
+               "cpus": spec.cpus, "agent": spec.agent, "lifetime_seconds": lim.max_lifetime,
+               "shares": [{"host": str(s.host_path), "guest": s.guest_path, "tag": s.tag,
+                           "read_only": s.read_only} for s in spec.shares]}
+        if notes:
+            out["notes"] = notes
+        return out
+
+    async def _watch(self, name: str, running: _Running) -> None:
+        """Until the VM ends: stop it at its deadline or when its overlays pass the disk cap;
+        cut its console log back when it passes its cap."""
+        vm, lim = running.vm, self.limits
+        while self._running.get(name) is running and vm.state.value == "running":
+            reason = None
+            if time.monotonic() >= running.deadline:
+                reason = f"its lifetime of {lim.max_lifetime:g} s passed (qemukit mcp --max-lifetime)"
+            else:
+                used = await asyncio.to_thread(self.overlay_bytes, vm)
+                if used > lim.max_disk:
+                    reason = (f"its disk overlays hold {_size_text(used)}, over the cap of "
+                              f"{_size_text(lim.max_disk)} (qemukit mcp --max-disk)")
+            if reason is not None:
+                log.warning("stopping VM %s: %s", name, reason)
+                self.ended[name] = reason
+                self._running.pop(name, None)
+                try:
+                    await vm.kill()
+                except QemukitError as exc:
+                    log.warning("stopping VM %s failed: %s", name, exc)
+                return
+            log_path = vm.console_log
+            if log_path is not None:
+                await asyncio.to_thread(cap_console_log, log_path, lim.max_console_log)
+            await asyncio.sleep(min(self.watch_interval,
+                                    max(0.0, running.deadline - time.monotonic())))
+
+    @staticmethod
+    def overlay_bytes(vm: AsyncVM) -> int:
+        """Bytes the VM's throwaway overlays take on the host (allocated blocks, or size if more)."""
+        runtime = vm.runtime
+        if runtime is None:
+            return 0
+        total = 0
+        for path in runtime.path.glob("overlay-*"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                total += max(st.st_blocks * 512, st.st_size)
+        return total
 
     def _vm(self, name: str) -> AsyncVM:
-        vm = self.vms.get(name)
-        if vm is None:
-            known = ", ".join(sorted(self.vms)) or "none"
+        running = self._running.get(name)
+        if running is None:
+            if name in self.ended:
+                raise SpecError("name", name, f"this server stopped the VM: {self.ended[name]}")
+            known = ", ".join(sorted(self._running)) or "none"
             raise SpecError("name", name, f"no VM of this server has this name (running: {known})")
-        return vm
+        return running.vm
+
+    # -- inside a VM -------------------------------------------------------------------
 
     async def exec(self, name: str, command: str | list[str], timeout: float = 60.0
                    ) -> dict[str, Any]:
-        """Run ``command`` (a list as argv, a string as shell code) in VM ``name``."""
+        """Run ``command`` (a list as argv, a string as shell code) in VM ``name``.
+
+        Each of stdout and stderr is cut to ``max_output`` bytes in the guest, as it is
+        written (a command writing more gets SIGPIPE); ``*_truncated`` says so.
+        """
         if isinstance(command, list) and not command:
             raise SpecError("command", command, "must not be empty")
-        result = await self._vm(name).exec(command, timeout=timeout)
-        return {"exit_status": result.exit_status, "stdout": result.stdout_text,
-                "stderr": result.stderr_text, "seconds": round(result.duration, 3)}
+        if not isinstance(command, (str, list)) or (
+                isinstance(command, list) and not all(isinstance(c, str) for c in command)):
+            raise SpecError("command", command, "must be a string or a list of strings")
+        vm = self._vm(name)
+        cap = self.limits.max_output
+        result = await vm.exec(bounded_script(command, cap), timeout=timeout)
+        # The guest is the client's: a changed agent may send more, so cut here as well.
+        out: dict[str, Any] = {"exit_status": result.exit_status,
+                               "seconds": round(result.duration, 3)}
+        for stream, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+            out[stream] = data[:cap].decode("utf-8", "replace")
+            out[f"{stream}_truncated"] = len(data) > cap
+        if out["stdout_truncated"] or out["stderr_truncated"]:
+            out["output_limit_bytes"] = cap
+        return out
 
     async def read_file(self, name: str, path: str) -> bytes:
-        """The contents of ``path`` in VM ``name`` (at most 64 MiB bytes)."""
+        """The contents of ``path`` in VM ``name``; its size is checked in the guest first."""
         vm = self._vm(name)
+        cap = self.limits.max_file
+        probe = await vm.exec(["sh", "-c", 'if [ ! -e "$1" ]; then echo missing; '
+                               'elif [ ! -f "$1" ]; then echo special; '
+                               'else stat -L -c %s -- "$1"; fi', "sh", path], timeout=60.0)
+        answer = probe.stdout_text.strip()
+        if answer == "missing":
+            raise SpecError("path", path, "no such file in the guest")
+        if answer == "special":
+            raise SpecError("path", path, "is not a regular file in the guest")
+        if not answer.isdigit():
+            raise SpecError("path", path, f"cannot stat it in the guest: {probe.stderr_text[:200]}")
+        if int(answer) > cap:
+            raise SpecError("path", path, f"is {int(answer)} bytes; read_file moves at most "
+                            f"{_size_text(cap)} (qemukit mcp --max-file)")
         with tempfile.TemporaryDirectory(prefix="qemukit-mcp-") as scratch:
-            local = await vm.copy_out(path, Path(scratch) / "file", timeout=300.0)
-            size = local.stat().st_size
-            if size > _FILE_LIMIT:
-                raise SpecError("path", path, f"is {size} bytes; read_file moves at most "
-                                f"{_FILE_LIMIT} (copy it with qemukit cp)")
-            return local.read_bytes()
+            local = Path(scratch) / "file"
+            copy = asyncio.ensure_future(vm.copy_out(path, local, timeout=300.0))
+            # The file may grow after the stat (the guest is the client's): the copy is
+            # stopped as soon as more than the cap arrived.
+            while not copy.done():
+                await asyncio.wait({copy}, timeout=_COPY_POLL)
+                # copy_out writes under a temporary name beside ``local``: count the directory.
+                size = await asyncio.to_thread(_bytes_under, Path(scratch))
+                if size > cap and not copy.done():
+                    copy.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, QemukitError):
+                        await copy
+                    raise SpecError("path", path, f"grew past {_size_text(cap)} while it was "
+                                    "copied; read_file stopped the copy (qemukit mcp --max-file)")
+            copied = copy.result()
+            if copied.stat().st_size > cap:
+                raise SpecError("path", path, f"is more than {_size_text(cap)}; read_file moves "
+                                "at most that (qemukit mcp --max-file)")
+            return copied.read_bytes()
 
     async def write_file(self, name: str, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` in VM ``name`` (created or replaced, mode 0644)."""
         vm = self._vm(name)
-        if len(data) > _FILE_LIMIT:
+        cap = self.limits.max_file
+        if len(data) > cap:
             raise SpecError("content", f"{len(data)} bytes", f"write_file moves at most "
-                            f"{_FILE_LIMIT} bytes per file")
+                            f"{_size_text(cap)} per file (qemukit mcp --max-file)")
         # Like cp, copy_in writes into a directory it is given: here a directory is an error.
         check = await vm.exec(["sh", "-c", '[ ! -d "$1" ]', "sh", path])
         if check.exit_status != 0:
@@ -178,23 +537,83 @@ class Sandbox:
 
     def list(self) -> list[dict[str, Any]]:
         """The VMs this server started and runs."""
-        return [{"name": n, "pid": vm.pid, "state": vm.state.value, "memory_mib": vm.spec.memory,
-                 "cpus": vm.spec.cpus} for n, vm in sorted(self.vms.items())]
+        now = time.monotonic()
+        return [{"name": n, "pid": r.vm.pid, "state": r.vm.state.value,
+                 "memory_mib": r.vm.spec.memory, "cpus": r.vm.spec.cpus,
+                 "seconds_left": round(max(0.0, r.deadline - now))}
+                for n, r in sorted(self._running.items())]
 
     async def stop(self, name: str) -> dict[str, Any]:
         """Stop VM ``name`` (the shutdown ladder) and forget it."""
         vm = self._vm(name)
-        del self.vms[name]
+        running = self._running.pop(name)
+        if running.watcher is not None:
+            running.watcher.cancel()
         result = await vm.shutdown(timeout=10)
         return {"name": name, "stopped_by": str(getattr(result, "rung", result))}
 
     async def stop_all(self) -> None:
         """End every VM this server started (at server exit): they are throwaway, so no ladder."""
-        vms, self.vms = list(self.vms.values()), {}
-        results = await asyncio.gather(*(vm.kill() for vm in vms), return_exceptions=True)
-        for vm, result in zip(vms, results, strict=True):
+        runs, self._running = list(self._running.values()), {}
+        for r in runs:
+            if r.watcher is not None:
+                r.watcher.cancel()
+        results = await asyncio.gather(*(r.vm.kill() for r in runs), return_exceptions=True)
+        for r, result in zip(runs, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("ending VM %s failed: %s", vm.name, result)
+                log.warning("ending VM %s failed: %s", r.vm.name, result)
+
+
+def _bytes_under(top: Path) -> int:
+    total = 0
+    for path in top.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def bounded_script(command: str | Sequence[str], cap: int) -> str:
+    """A guest shell script running ``command`` with each of stdout and stderr cut to ``cap``+1
+    bytes while it runs (``head -c`` on a FIFO: a writer past it gets SIGPIPE); its exit
+    status is the command's. One byte more than the cap tells the caller it was cut."""
+    inner = ("exec " + shlex.join(command)) if not isinstance(command, str) else (
+        "exec sh -c " + shlex.quote(command))
+    keep = cap + 1
+    return (
+        'd=$(mktemp -d) && mkfifo "$d/o" "$d/e" || exit 125\n'
+        f'head -c {keep} <"$d/o" & o=$!\n'
+        f'head -c {keep} <"$d/e" >&2 & e=$!\n'
+        f'( {inner} ) >"$d/o" 2>"$d/e" </dev/null\n'
+        's=$?\n'
+        'wait "$o" "$e"\n'
+        'rm -rf "$d"\n'
+        'exit "$s"\n'
+    )
+
+
+def cap_console_log(path: Path, cap: int, keep: int = _CONSOLE_KEEP) -> bool:
+    """Cut a console log over ``cap`` bytes back to its newest ``keep`` bytes; True if cut.
+
+    QEMU appends to the log (``logappend=on``, ``O_APPEND``), so after the
+    truncation its writes land at the new end. Bytes it writes between the read
+    of the tail and the truncation are lost: this bounds the disk, it is not a
+    faithful copy.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size <= cap:
+        return False
+    keep = min(keep, cap // 2)
+    with open(path, "r+b") as fh:
+        fh.seek(max(0, size - keep))
+        tail = fh.read(keep)
+        fh.truncate(0)
+        fh.seek(0)
+        fh.write(f"qemukit mcp: console log passed {_size_text(cap)}; older output dropped\n"
+                 .encode() + tail)
+    return True
 
 
 def _tool_error(exc: QemukitError) -> Exception:
@@ -206,55 +625,60 @@ def _tool_error(exc: QemukitError) -> Exception:
 def build_server(sandbox: Sandbox) -> Any:
     """The MCP server (``mcp.server.mcpserver.MCPServer``) whose tools drive ``sandbox``."""
     from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
 
     server = MCPServer("qemukit", instructions=(
         "Throwaway Linux VMs (QEMU). start_vm, then exec / read_file / write_file with its name, "
         "then stop_vm. Every VM is stopped when this server exits."))
+    lim = sandbox.limits
 
-    @server.tool()
     async def start_vm(image: str | None = None, template: str | None = None,
                        name: str | None = None, memory: str | None = None,
                        cpus: int | None = None, share: str | None = None,
                        forwards: list[str] | None = None) -> dict[str, Any]:
-        """Start a throwaway VM and wait until it is ready; returns its name.
-
-        image: a built-in image (tiny, the default, or debian); template: a built-in
-        template (tiny, debian, debian-dev, kernel-test) instead. memory like "512M";
-        share "HOST_DIR:GUEST_DIR" shares a host directory (none unless asked);
-        forwards ["HOSTPORT:GUESTPORT"] forward 127.0.0.1 ports to the guest.
-        """
         try:
             return await sandbox.start(image=image, template=template, name=name, memory=memory,
                                        cpus=cpus, share=share, forwards=forwards)
         except QemukitError as exc:
             raise _tool_error(exc) from exc
 
-    @server.tool()
-    async def exec(name: str, command: list[str] | str, timeout: float = 60.0) -> dict[str, Any]:
-        """Run a command in VM name: a list runs as argv, a string as shell code.
+    grants = ", ".join(str(g) for g in sandbox.shares) or "none: no share is possible"
+    start_vm.__doc__ = (
+        "Start a throwaway VM and wait until it is ready; returns its name.\n\n"
+        "image: a built-in image (tiny, the default, or debian); template: a template NAME "
+        "instead (built-in: tiny, debian, debian-dev, kernel-test; or one the operator "
+        "provides), never a path. memory like \"512M\" (at most "
+        f"{lim.max_memory_mib} MiB), cpus (at most {lim.max_cpus}); share "
+        "\"HOST_DIR:GUEST_DIR[,ro]\" shares a host directory inside one the operator allowed "
+        f"({grants}); forwards [\"HOSTPORT:GUESTPORT\"] forward 127.0.0.1 ports to the guest "
+        f"({'allowed' if sandbox.network else 'refused: this server gives VMs no network'}). "
+        f"The server stops the VM after {lim.max_lifetime:g} s.")
 
-        Returns exit_status, stdout, stderr; the command is killed after timeout seconds.
-        """
+    async def exec(name: str, command: list[str] | str, timeout: float = 60.0) -> dict[str, Any]:
         try:
             return await sandbox.exec(name, command, timeout)
         except QemukitError as exc:
             raise _tool_error(exc) from exc
 
-    @server.tool()
+    exec.__doc__ = (
+        "Run a command in VM name: a list runs as argv, a string as shell code.\n\n"
+        "Returns exit_status, stdout, stderr; the command is killed after timeout seconds. "
+        f"Each of stdout and stderr is cut at {lim.max_output} bytes (stdout_truncated, "
+        "stderr_truncated say so).")
+
     async def read_file(name: str, path: str, encoding: str = "utf-8") -> str:
-        """The contents of file path in VM name (up to 64 MiB), as text (encoding utf-8) or base64."""
+        if encoding not in ("utf-8", "base64"):
+            raise _tool_error(SpecError("encoding", encoding, "must be utf-8 or base64"))
         try:
             data = await sandbox.read_file(name, path)
         except QemukitError as exc:
             raise _tool_error(exc) from exc
         return base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace")
 
-    @server.tool()
-    async def write_file(name: str, path: str, content: str, encoding: str = "utf-8") -> str:
-        """Write content to file path in VM name (utf-8 text, or base64 with encoding base64).
+    read_file.__doc__ = (f"The contents of file path in VM name (up to {lim.max_file} bytes, "
+                         "checked before the copy), as text (encoding utf-8) or base64.")
 
-        Up to 64 MiB; the file is created or replaced with mode 0644.
-        """
+    async def write_file(name: str, path: str, content: str, encoding: str = "utf-8") -> str:
         if encoding not in ("utf-8", "base64"):
             raise _tool_error(SpecError("encoding", encoding, "must be utf-8 or base64"))
         try:
@@ -266,12 +690,14 @@ def build_server(sandbox: Sandbox) -> Any:
             raise _tool_error(exc) from exc
         return f"wrote {len(data)} bytes to {path}"
 
-    @server.tool()
+    write_file.__doc__ = (
+        "Write content to file path in VM name (utf-8 text, or base64 with encoding base64).\n\n"
+        f"Up to {lim.max_file} bytes; the file is created or replaced with mode 0644.")
+
     async def list_vms() -> list[dict[str, Any]]:
         """The VMs this server started and still runs."""
         return sandbox.list()
 
-    @server.tool()
     async def stop_vm(name: str) -> dict[str, Any]:
         """Stop VM name and throw it away."""
         try:
@@ -279,11 +705,29 @@ def build_server(sandbox: Sandbox) -> Any:
         except QemukitError as exc:
             raise _tool_error(exc) from exc
 
+    tools = (start_vm, exec, read_file, write_file, list_vms, stop_vm)
+    params = {fn.__name__: tuple(inspect.signature(fn).parameters) for fn in tools}
+    for fn in tools:
+        server.tool()(fn)
+
+    # The SDK drops arguments a tool does not take; here they are refused, so a client
+    # learns that extra_args, sandbox, kernel, ... are not ignored by chance but refused.
+    call_tool = server.call_tool
+
+    async def checked_call_tool(name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        known = params.get(name)
+        if known is not None:
+            for key in arguments:
+                if key not in known:
+                    raise ToolError(str(SpecError(key, arguments[key], f"{name} takes only "
+                                                  f"{', '.join(known)}")))
+        return await call_tool(name, arguments, context)
+
+    server.call_tool = checked_call_tool  # type: ignore[method-assign]
     return server
 
 
-async def _serve(limits: Limits) -> None:
-    sandbox = Sandbox(limits)
+async def _serve(sandbox: Sandbox) -> None:
     server = build_server(sandbox)
     loop = asyncio.get_running_loop()
 
@@ -303,6 +747,15 @@ async def _serve(limits: Limits) -> None:
         await sandbox.stop_all()
 
 
-def serve(limits: Limits | None = None) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin (or SIGTERM); all VMs stop then."""
-    asyncio.run(_serve(limits or Limits()))
+def serve(limits: Limits | None = None, *, shares: Sequence[ShareGrant] = (),
+          template_dirs: Sequence[str | Path] = (), network: bool = False) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin (or SIGTERM); all VMs stop then.
+
+    The arguments are :class:`Sandbox`'s.
+    """
+
+    async def main() -> None:
+        await _serve(Sandbox(limits, shares=shares, template_dirs=template_dirs,
+                             network=network))
+
+    asyncio.run(main())
