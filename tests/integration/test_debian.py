@@ -32,7 +32,7 @@ from qemukit.images.debian import file_sha256 as sha256
 from tests.helpers import attached, run_qemukit
 
 # The module shares one VM: keep its tests on one xdist worker (--dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("debian-vm")]
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("debian-vm")]
 
 NAME = "qk-debian"
 USER_DATA = """\

@@ -27,6 +27,7 @@ from qemukit import host, images
 from qemukit.images.debian import file_sha256 as sha256
 from tests.helpers import attached, run_qemukit
 
+# The slow tier: building the arm64 image under qemu-user takes 10 to 40 minutes on 2 cores.
 pytestmark = [pytest.mark.slow, pytest.mark.integration,
               pytest.mark.xdist_group("debian-arm64-vm")]
 

@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import attached, run_qemukit
 from tests.integration.test_debian import USER_DATA
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("debian-warm")]
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("debian-warm")]
 
 NAMES = ("qk-warm-a", "qk-warm-b", "qk-warm-c")
 #: A Debian boot and save under TCG on a loaded host can take minutes; restores take seconds.

@@ -33,6 +33,8 @@ from qemukit.images.debian import file_sha256
 from qemukit.paths import cache_dir
 from tests.helpers import run_qemukit, wait_until
 
+# The slow tier: a bootable Debian disk built with GRUB, then two cold boots through its
+# bootloader (UEFI and BIOS) under TCG: about 18 minutes, which the default tier cannot fit.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("imported-vm")]
 
 IMAGE = "qk-imported-deb"
