@@ -45,6 +45,8 @@ def _phases() -> list[tuple[str, float]]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """One block: scripts/test's phases, shared fixtures (the largest first), the tests."""
     total = time.monotonic() - _started
+    if "QEMUKIT_TEST_PHASES" not in os.environ and total < 60:
+        return  # a quick run by hand: pytest's own summary says enough
     shared = sum(_shared.values())
     write = terminalreporter.write_line
     terminalreporter.section("where the time went")

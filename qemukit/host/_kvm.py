@@ -5,19 +5,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import grp
+import logging
 import os
 import platform
 import pwd
 import stat
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .._fs import locked
 from .._launch.argv import Plumbing, build_argv
 from .._launch.process import run_until_output
 from ..arch import ARCHES, host_arch_name
 from ..errors import AcceleratorError
+from ..paths import cache_dir
 from ..spec import VMSpec
 from ._qemu import QemuBinary, read_cache, write_cache
+
+log = logging.getLogger(__name__)
 
 INIT_MARKER = b"qemukit-init: ready"
 KVM_PROBE_TIMEOUT = float(os.environ.get("QEMUKIT_KVM_PROBE_TIMEOUT", "8"))
@@ -118,10 +125,21 @@ class KvmStatus:
     console: str = ""
     cpu: str | None = None
     summary: str = ""
+    #: The probe ran out of time on a host busier than its CPUs (load average >= CPU count):
+    #: a slow boot and a hung one look the same then, so the verdict is only provisional.
+    busy_timeout: bool = False
+    #: When the probe ran (``time.time()``).
+    probed_at: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.summary:
             object.__setattr__(self, "summary", _kvm_summary(self))
+
+    def still_valid(self, now: float | None = None) -> bool:
+        """Whether a cached verdict still holds: one from a busy host's timeout only for a while."""
+        if not self.busy_timeout:
+            return True
+        return ((time.time() if now is None else now) - self.probed_at) < BUSY_PROBE_TTL
 
 
 @dataclass(frozen=True)
@@ -178,13 +196,51 @@ def kvm_status(
     kernel, initrd = probe_image
     key = _probe_key(qemu, kernel, initrd)
     cache_name = "kvm-probe.json" if arch == "x86_64" else f"kvm-probe-{arch}.json"
-    cached = read_cache(cache_name, key) if use_cache else None
-    if cached is not None:
-        with contextlib.suppress(TypeError):
-            return KvmStatus(**cached)
-    status = _probe_boot(qemu, kernel, initrd, timeout, arch)
-    write_cache(cache_name, key, asdict(status))
+    if use_cache and (cached := _cached_status(cache_name, key)) is not None:
+        return cached
+    # Concurrent first starts (a test matrix, a pytest -n run) probe once: the others wait for
+    # the lock, then find the verdict in the cache.
+    with _probe_lock(cache_name):
+        if use_cache and (cached := _cached_status(cache_name, key)) is not None:
+            return cached
+        status = _probe_boot(qemu, kernel, initrd, timeout, arch)
+        write_cache(cache_name, key, asdict(status))
     return status
+
+
+#: How long a verdict from a probe that timed out on a busy host is kept before the next
+#: start probes again (a verdict from an idle host, or from QEMU's own exit, lasts the boot).
+BUSY_PROBE_TTL = 600.0
+
+
+def _cached_status(name: str, key: str) -> KvmStatus | None:
+    data = read_cache(name, key)
+    if data is None:
+        return None
+    try:
+        status = KvmStatus(**data)
+    except TypeError:
+        return None
+    return status if status.still_valid() else None
+
+
+@contextlib.contextmanager
+def _probe_lock(cache_name: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            stack.enter_context(locked(cache_dir() / f"{cache_name}.lock"))
+        except OSError as exc:
+            # An unwritable cache only costs a probe per start (write_cache says the same).
+            log.debug("KVM probe without the lock: %s", exc)
+        yield
+
+
+def _host_busy() -> tuple[bool, str]:
+    """Whether the host has more runnable work than CPUs, and the figures to say so."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    return load >= cpus, f"load average {load:.1f} on {cpus} CPUs"
 
 
 #: CPU models tried under KVM, in order. Some hosts (nested, paravirtual)
@@ -216,17 +272,23 @@ def _probe_boot(
         seen, tail, exited = run_until_output(argv, INIT_MARKER, timeout=timeout)
         if seen:
             return KvmStatus(
-                True, f"a probe boot under KVM (-cpu {cpu}) reached the guest's init", True, tail, cpu
+                True, f"a probe boot under KVM (-cpu {cpu}) reached the guest's init", True, tail, cpu,
+                probed_at=time.time(),
             )
         if exited is None:
+            busy, load = _host_busy()
             why = (
                 f"QEMU starts under KVM (-cpu {cpu}) but the guest did not reach its init "
                 f"within {timeout:g}s (this host's KVM does not run Linux guests)"
             )
-            return KvmStatus(False, "; ".join([*failures, why]), True, tail)
+            if busy:
+                why += (f"; the host was busy ({load}), so KVM is probed again after "
+                        f"{BUSY_PROBE_TTL / 60:g} minutes")
+            return KvmStatus(False, "; ".join([*failures, why]), True, tail,
+                             busy_timeout=busy, probed_at=time.time())
         last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
         failures.append(f"-cpu {cpu}: QEMU exited with status {exited} ({last_line[:160]})")
-    return KvmStatus(False, "; ".join(failures), True, tail)
+    return KvmStatus(False, "; ".join(failures), True, tail, probed_at=time.time())
 
 
 def host_arch() -> str:

@@ -175,3 +175,87 @@ def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
                     f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto"]
     assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[0] == \
         "/usr/lib/qemu/virtiofsd"
+
+
+# --------------------------------------------------------------- the probe's verdict in the cache
+
+def _probe_counting(monkeypatch: pytest.MonkeyPatch, status: _kvm.KvmStatus,
+                    delay: float = 0.0) -> list[float]:
+    """Replace the probe boot (QEMU) with one that returns ``status``; returns the call log."""
+    import time
+
+    calls: list[float] = []
+
+    def probe(*args: Any) -> _kvm.KvmStatus:
+        calls.append(time.monotonic())
+        time.sleep(delay)
+        return status
+
+    monkeypatch.setattr(_kvm, "kvm_device_status", lambda: (True, "ok"))
+    monkeypatch.setattr(_kvm, "_probe_boot", probe)
+    return calls
+
+
+def _images(tmp_path: Any) -> tuple[str, str]:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    return str(kernel), str(initrd)
+
+
+QEMU = host.QemuBinary(path="/usr/bin/qemu-system-x86_64", version=(7, 2, 0),
+                       version_text="QEMU emulator version 7.2.0", machines=frozenset({"q35"}),
+                       has_sandbox=True, qemu_img=None)
+
+
+def test_a_timeout_on_a_busy_host_is_probed_again_later(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any, cache: Any) -> None:
+    import time
+
+    busy = _kvm.KvmStatus(False, "did not reach its init (the host was busy)", True,
+                          busy_timeout=True, probed_at=time.time())
+    calls = _probe_counting(monkeypatch, busy)
+    image = _images(tmp_path)
+    assert not _kvm.kvm_status(QEMU, image).usable
+    assert not _kvm.kvm_status(QEMU, image).usable
+    assert len(calls) == 1, "within its time the cached verdict is used"
+    stale = _kvm.KvmStatus(**{**busy.__dict__, "probed_at": time.time() - _kvm.BUSY_PROBE_TTL - 1})
+    _kvm.write_cache("kvm-probe.json", _kvm._probe_key(QEMU, *image), stale.__dict__)
+    _kvm.kvm_status(QEMU, image)
+    assert len(calls) == 2, "a busy host's timeout is not a verdict for the whole boot"
+
+
+def test_a_timeout_on_an_idle_host_and_a_success_last_the_boot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any, cache: Any) -> None:
+    for status in (_kvm.KvmStatus(False, "did not reach its init", True, probed_at=1.0),
+                   _kvm.KvmStatus(True, "reached the guest's init", True, cpu="host", probed_at=1.0)):
+        for f in cache.iterdir():
+            f.unlink()
+        calls = _probe_counting(monkeypatch, status)
+        image = _images(tmp_path)
+        assert _kvm.kvm_status(QEMU, image).usable is status.usable
+        assert _kvm.kvm_status(QEMU, image).usable is status.usable
+        assert len(calls) == 1
+
+
+def test_concurrent_first_starts_probe_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                            cache: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = _probe_counting(monkeypatch, _kvm.KvmStatus(False, "hung", True, probed_at=1.0),
+                            delay=0.3)
+    image = _images(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(lambda _: _kvm.kvm_status(QEMU, image), range(4)))
+    assert len(calls) == 1, f"probed {len(calls)} times"
+    assert all(not v.usable for v in verdicts)
+
+
+def test_the_timeout_verdict_says_when_the_host_was_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_kvm, "run_until_output", lambda *a, **k: (False, "Booting the kernel.", None))
+    monkeypatch.setattr(_kvm, "_host_busy", lambda: (True, "load average 7.9 on 2 CPUs"))
+    status = _kvm._probe_boot(QEMU, "/k", "/i", 8.0)
+    assert status.busy_timeout and not status.usable
+    assert "load average 7.9 on 2 CPUs" in status.reason and "probed again" in status.reason
+    monkeypatch.setattr(_kvm, "_host_busy", lambda: (False, "load average 0.1 on 2 CPUs"))
+    assert not _kvm._probe_boot(QEMU, "/k", "/i", 8.0).busy_timeout
