@@ -167,6 +167,14 @@ class SyncFacade:
         """The async object behind this sync one."""
         return self._aio
 
+    def __repr__(self) -> str:
+        inner = repr(self._aio)
+        name = type(self._aio).__name__
+        # <AsyncVM 'x' running> reads <VM 'x' running>: the same object, seen blocking.
+        if inner.startswith(f"<{name}"):
+            return f"<{type(self).__name__}{inner[len(name) + 1:]}"
+        return f"<{type(self).__name__} of {inner}>"
+
 
 def blocking(
     method: Callable[Concatenate[Any, P], Coroutine[Any, Any, T]],

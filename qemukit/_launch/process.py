@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,8 @@ from typing import BinaryIO
 import psutil
 
 from ..errors import HostError, LaunchError, WaitTimeout
+
+log = logging.getLogger(__name__)
 
 __all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command", "run_streaming"]
 
@@ -232,6 +236,10 @@ class QemuProcess:
         # rounding errors of up to a second, too coarse to time a boot with.
         self.spawned_at = time.monotonic() - max(0.0, time.time() - start_time)
 
+    def __repr__(self) -> str:
+        kind = "child" if self._popen is not None else "adopted"
+        return f"<QemuProcess pid={self.pid} {kind} {os.path.basename(self.argv[0]) if self.argv else '?'}>"
+
     def uptime(self) -> float:
         """Seconds since QEMU was started (monotonic clock for our own children)."""
         return time.monotonic() - self.spawned_at
@@ -268,12 +276,12 @@ class QemuProcess:
         spawned_at = time.monotonic()
         # Private from the start: the log may show guest or host details.
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        with open(fd, "ab") as log:
+        with open(fd, "ab") as log_file:
             try:
                 popen = subprocess.Popen(
                     exec_argv,
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=log_file,
                     stderr=subprocess.STDOUT,
                     pass_fds=tuple(pass_fds),
                     cwd=cwd,
@@ -289,6 +297,7 @@ class QemuProcess:
         start_time = process_start_time(popen.pid) or time.time()
         proc = cls(popen.pid, start_time, argv, log_path, popen, pidfd)
         proc.spawned_at = spawned_at
+        log.debug("spawned pid %d: %s", popen.pid, shlex.join(argv))
         return proc
 
     @classmethod

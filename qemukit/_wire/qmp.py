@@ -104,6 +104,9 @@ class QMP:
         self._client.events.event_filter = _accept_none
         self.name = name
 
+    def __repr__(self) -> str:
+        return f"<QMP {self.name!r} {'connected' if self.connected else 'not connected'}>"
+
     @property
     def connected(self) -> bool:
         """True while the session is up."""

@@ -253,6 +253,16 @@ class AsyncVM:
 
     # -- properties --------------------------------------------------------
 
+    def __repr__(self) -> str:
+        parts = [f"{self.name!r}", self.state.value]
+        if self._proc is not None:
+            parts.append(f"pid={self._proc.pid}")
+        if self.accel is not None:
+            parts.append(self.accel.accel)
+        if self.attached:
+            parts.append("attached")
+        return f"<{type(self).__name__} {' '.join(parts)}>"
+
     @property
     def name(self) -> str:
         """The VM's name (generated at start when the spec has none)."""

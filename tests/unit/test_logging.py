@@ -73,3 +73,12 @@ def test_no_logger_is_registered_per_connection() -> None:
     for i in range(20):
         QMP(f"qemukit-leak-{i}")
     assert not {n for n in set(logging.root.manager.loggerDict) - before if "leak" in n}
+
+
+def test_long_lived_objects_say_what_they_are() -> None:
+    """repr of a VM (sync and async), before anything starts: its name and state."""
+    from qemukit import VM, AsyncVM, VMSpec
+
+    spec = VMSpec(name="web", kernel="/k")
+    assert repr(AsyncVM(spec)) == "<AsyncVM 'web' new>"
+    assert repr(VM(spec)) == "<VM 'web' new>"
