@@ -112,11 +112,13 @@ class AsyncHotplug:
             qemu = await asyncio.to_thread(
                 host.find_qemu, *(() if arch == "x86_64" else (arch,)))
             try:
-                actual = await asyncio.to_thread(host.image_format, file, qemu)
+                # Not probed again on a disk a guest wrote; a header naming a backing
+                # file or a data file is refused (see qemukit.host._img).
+                image = await asyncio.to_thread(host.resolve_disk, drive, qemu)
             except SpecError as exc:
-                raise refuse("path", str(drive.file), exc.reason) from exc
-            if drive.format is not None and drive.format != actual:
-                raise refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
+                name = exc.field.removeprefix("drive.")
+                raise refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
+            actual = image.format
             self._require_pci()
             if self._ccw and drive.interface != "virtio-blk":
                 raise refuse("interface", drive.interface,
@@ -143,7 +145,11 @@ class AsyncHotplug:
                     ("blockdev-add", {"driver": "file", "node-name": f"{dev_id}-file",
                                       "filename": file, **ro}),
                     ("blockdev-add", {"driver": actual, "node-name": f"{dev_id}-fmt",
-                                      "file": f"{dev_id}-file", **ro}),
+                                      "file": f"{dev_id}-file", **ro,
+                                      # Our overlay's header names the base (checked above);
+                                      # any other qcow2 opens no backing file.
+                                      **({"backing": None} if actual == "qcow2" and
+                                         overlay_path is None else {})}),
                 )
                 device: dict[str, Any] = {"id": dev_id, "drive": f"{dev_id}-fmt"}
                 if drive.interface == "virtio-blk" and self._ccw:

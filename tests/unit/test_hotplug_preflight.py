@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener
 
-from qemukit import HotplugError, VMSpec, host
+from qemukit import Drive, HotplugError, SpecError, VMSpec, host
 from qemukit._aio import file_lock
+from qemukit._launch.plan import DiskImage
 from qemukit._launch.runtime import RuntimeDir
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
@@ -229,13 +230,20 @@ SPEC = VMSpec(kernel="/vmlinuz", cpus=1, max_cpus=3, memory=512, max_memory=1024
               hotplug_ports=2)
 
 
+def _resolve_disk(drive: Drive, qemu: host.QemuBinary) -> DiskImage:
+    """host.resolve_disk without qemu-img: the format by name; a raw file is no qcow2."""
+    actual = "qcow2" if str(drive.file).endswith(".qcow2") else "raw"
+    if drive.format == "qcow2" and actual == "raw":
+        raise SpecError("drive.format", "qcow2", f"{drive.file} has no qcow2 header")
+    return DiskImage(drive.format or actual, (), 4096)
+
+
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
     qemu = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
                            True, "/usr/bin/qemu-img")
     monkeypatch.setattr(host, "find_qemu", lambda: qemu)
-    monkeypatch.setattr(host, "image_format", lambda path, q: "qcow2" if path.endswith(".qcow2")
-                        else "raw")
+    monkeypatch.setattr(host, "resolve_disk", _resolve_disk)
     return FakeVM(tmp_path, SPEC)
 
 
