@@ -248,3 +248,35 @@ def test_headers_qemu_img_writes_are_read_the_same(tmp_path: Path) -> None:
                     str(data), "1M"], check=True)
     header = host.read_qcow2_header(data)
     assert header is not None and header.data_file == str(outside)
+
+
+def test_the_plan_puts_the_base_and_its_chain_under_the_overlay(tmp_path: Path) -> None:
+    from qemukit import VMSpec
+    from qemukit._launch.plan import DiskImage, HostFacts, plan_launch
+    from qemukit._launch.runtime import RuntimeDir
+
+    spec = VMSpec(drives=(Drive("/img/top.qcow2", overlay=True, backing=("raw:/img/base.raw",)),
+                          Drive("/img/data.raw", format="raw")))
+    images = [DiskImage("qcow2", (("/img/base.raw", "raw"),), 5 << 20), DiskImage("raw", (), 4096)]
+    plan = plan_launch(spec, HostFacts(qemu="qemu", accel="tcg"), RuntimeDir(tmp_path / "vm"), images)
+    (step,) = plan.overlays
+    assert (step.base, step.base_format, step.size) == ("/img/top.qcow2", "qcow2", 5 << 20)
+    assert plan.plumbing.drive_formats == ("qcow2", "raw")
+    assert plan.plumbing.drive_backing == (
+        (("/img/top.qcow2", "qcow2"), ("/img/base.raw", "raw")), ())
+    argv = plan.argv()
+    assert '"backing":"disk0-b0-fmt"' in " ".join(argv)
+    assert "driver=raw,node-name=disk1-fmt,file=disk1-file" in argv
+
+
+def test_a_clone_names_the_chain_its_bundle_recorded(tmp_path: Path) -> None:
+    from qemukit import VMSpec
+    from qemukit.snapshot import Bundle
+
+    VMSpec(drives=(Drive("/img/base.raw", format="raw", overlay=True),)).dump(tmp_path / "spec.toml")
+    manifest = {"disks": [{"id": "disk0", "file": "disk-disk0.qcow2", "format": "qcow2",
+                           "backing": ["raw:/img/base.raw"]}]}
+    (drive,) = Bundle(tmp_path, manifest).clone_spec().drives
+    assert (drive.file, drive.format, drive.overlay) == (str(tmp_path / "disk-disk0.qcow2"),
+                                                         "qcow2", True)
+    assert drive.backing == ("raw:/img/base.raw",)
