@@ -25,6 +25,7 @@ given so that it does not open the base either.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -86,7 +87,7 @@ def open_regular(path: str | os.PathLike[str], field: str = "drive.file", *,
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        reason = "is a symbolic link" if exc.errno == 40 and not follow else (
+        reason = "is a symbolic link" if exc.errno == errno.ELOOP and not follow else (
             exc.strerror or str(exc)).lower()
         raise SpecError(field, os.fspath(path), reason) from exc
     try:
@@ -257,10 +258,20 @@ def _first_sight_format(drive: Drive, path: str, qemu: QemuBinary, record: bool,
     known = recorded_format(path, root)
     if known is not None:
         return known
+    header = read_qcow2_header(path)
+    if header is not None and header.data_file is not None:
+        # qemu-img info would open the data file the header names: refuse before it runs.
+        raise SpecError("drive.file", path, _data_file_reason(header))
     fmt = image_format(path, qemu)
     if record:
         record_format(path, fmt, root)
     return fmt
+
+
+def _data_file_reason(header: Qcow2Header) -> str:
+    return (f"is a qcow2 whose header names an external data file ({header.data_file or 'unnamed'});"
+            " qemukit never opens a file because an image names it (convert it: qemu-img convert "
+            "-O qcow2)")
 
 
 def _virtual_size(path: str, fmt: str, header: Qcow2Header | None) -> int:
@@ -306,9 +317,7 @@ def resolve_disk(drive: Drive, qemu: QemuBinary, *, record: bool = True,
         if header is None:
             break
         if header.data_file is not None:
-            raise SpecError(field, current, f"is a qcow2 whose header names an external data "
-                            f"file ({header.data_file or 'unnamed'}); qemukit never opens a file "
-                            "because an image names it (convert it: qemu-img convert -O qcow2)")
+            raise SpecError(field, current, _data_file_reason(header))
         named = header.backing_path(current)
         depth = len(chain)
         if named is None:

@@ -280,3 +280,13 @@ def test_a_clone_names_the_chain_its_bundle_recorded(tmp_path: Path) -> None:
     assert (drive.file, drive.format, drive.overlay) == (str(tmp_path / "disk-disk0.qcow2"),
                                                          "qcow2", True)
     assert drive.backing == ("raw:/img/base.raw",)
+
+
+def test_a_data_file_is_refused_before_any_probe(cache: Path, tmp_path: Path,
+                                                 probes: list[str]) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(qcow2_header(data_file="/etc/shadow"))
+    with pytest.raises(SpecError) as caught:
+        host.resolve_disk(Drive(disk), QEMU)
+    assert "/etc/shadow" in str(caught.value)
+    assert probes == []  # qemu-img would have opened the data file
