@@ -85,7 +85,7 @@ class Bundle:
             copy = copies.get(drive_id)
             if copy is None:
                 drives.append(Drive(drive.file, drive.format, drive.interface, drive.read_only,
-                                    drive.overlay, drive_id))
+                                    drive.overlay, drive_id, drive.backing))
             else:
                 # The copy's backing chain as QEMU had it open at the save: named, so
                 # the clone opens exactly it (bundles from before it was recorded: none).

@@ -273,10 +273,14 @@ def test_a_clone_names_the_chain_its_bundle_recorded(tmp_path: Path) -> None:
     from qemukit import VMSpec
     from qemukit.snapshot import Bundle
 
-    VMSpec(drives=(Drive("/img/base.raw", format="raw", overlay=True),)).dump(tmp_path / "spec.toml")
+    ro = Drive("/img/ro.qcow2", format="qcow2", read_only=True, backing=("raw:/img/b.raw",))
+    VMSpec(drives=(Drive("/img/base.raw", format="raw", overlay=True), ro)).dump(
+        tmp_path / "spec.toml")
     manifest = {"disks": [{"id": "disk0", "file": "disk-disk0.qcow2", "format": "qcow2",
                            "backing": ["raw:/img/base.raw"]}]}
-    (drive,) = Bundle(tmp_path, manifest).clone_spec().drives
+    drive, kept = Bundle(tmp_path, manifest).clone_spec().drives
+    assert kept == Drive("/img/ro.qcow2", format="qcow2", read_only=True, id="disk1",
+                         backing=("raw:/img/b.raw",))  # not copied: as the VM had it
     assert (drive.file, drive.format, drive.overlay) == (str(tmp_path / "disk-disk0.qcow2"),
                                                          "qcow2", True)
     assert drive.backing == ("raw:/img/base.raw",)
