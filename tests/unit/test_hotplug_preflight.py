@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,28 @@ def test_disk_plugs_backend_then_device_and_records_it(fake: FakeVM, image: Path
     }]
     # A second disk goes on the next port with the next generated id.
     assert run(ops.disk(image)).bus == "hp1"
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (the overlay)")
+def test_an_overlay_disk_names_its_base_as_an_explicit_read_only_node(fake: FakeVM,
+                                                                      image: Path) -> None:
+    disk = run(AsyncHotplug(fake).disk(image, id="ov", overlay=True))
+    assert disk.backends == ("ov-b0-file", "ov-b0-fmt", "ov-file", "ov-fmt")
+    added = [a for c, a in fake.log if c == "blockdev-add"]
+    assert added[0] == {"driver": "file", "node-name": "ov-b0-file", "filename": str(image),
+                        "read-only": True}
+    assert added[1] == {"driver": "raw", "node-name": "ov-b0-fmt", "file": "ov-b0-file",
+                        "read-only": True}
+    assert added[3] == {"driver": "qcow2", "node-name": "ov-fmt", "file": "ov-file",
+                        "backing": "ov-b0-fmt"}
+
+
+def test_a_qcow2_disk_opens_no_backing_file(fake: FakeVM, tmp_path: Path) -> None:
+    qcow2 = tmp_path / "d.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + b"\0" * 4092)
+    run(AsyncHotplug(fake).disk(qcow2, id="q"))
+    fmt = [a for c, a in fake.log if c == "blockdev-add"][1]
+    assert fmt["backing"] is None
 
 
 def test_failed_device_add_removes_the_backends_in_reverse(fake: FakeVM, image: Path) -> None:
