@@ -171,7 +171,18 @@ class Drive:
 
     ``overlay=True`` boots on a throwaway qcow2 overlay over ``file``; the
     base is opened read-only and never written, and the overlay is removed
-    when the VM stops. ``format=None`` means detect it from the file.
+    when the VM stops.
+
+    ``format`` is passed to QEMU as given (``raw`` stays raw whatever the
+    file's first bytes look like). ``format=None``: the format is probed
+    once, at the first start that sees this file, and recorded (by path,
+    device and inode) in qemukit's cache; later starts use the record, never
+    a new probe, because a guest can write a qcow2 header into its raw disk.
+
+    ``backing`` names the backing chain a qcow2 ``file`` has, top first, as
+    ``"FORMAT:PATH"`` entries (``"raw:/images/base.img"``). QEMU opens exactly
+    these files, in these formats, read-only; a qcow2 whose header names a
+    backing file not listed here (or an external data file) is refused.
     """
 
     file: str | Path
@@ -180,6 +191,7 @@ class Drive:
     read_only: bool = False
     overlay: bool = False
     id: str | None = None
+    backing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_path("drive.file", self.file)
@@ -194,6 +206,32 @@ class Drive:
             raise SpecError("drive.id", self.id, f"must match {ID_RE.pattern}")
         if self.read_only and self.overlay:
             raise SpecError("drive.overlay", True, "a read-only drive needs no overlay")
+        backing: object = self.backing
+        if isinstance(backing, str) or not isinstance(backing, Iterable):
+            raise SpecError("drive.backing", backing, "must be a list of FORMAT:PATH")
+        object.__setattr__(self, "backing", tuple(backing))
+        for entry in self.backing:
+            _check_backing(entry)
+        if self.backing and self.format == "raw":
+            raise SpecError("drive.backing", self.backing, "a raw drive has no backing file")
+
+    @property
+    def backing_chain(self) -> tuple[tuple[str, DriveFormat], ...]:
+        """``backing`` as (absolute path, format) pairs, top first."""
+        out = []
+        for entry in self.backing:
+            fmt, _, path = entry.partition(":")
+            out.append((os.path.abspath(path), cast(DriveFormat, fmt)))
+        return tuple(out)
+
+
+def _check_backing(entry: object) -> None:
+    if not isinstance(entry, str) or ":" not in entry:
+        raise SpecError("drive.backing", entry, "entries must be FORMAT:PATH (raw:/images/base.img)")
+    fmt, _, path = entry.partition(":")
+    if fmt not in ("qcow2", "raw"):
+        raise SpecError("drive.backing", entry, "the format must be qcow2 or raw")
+    _check_path("drive.backing", path)
 
 
 @dataclass(frozen=True)
@@ -250,13 +288,14 @@ def _split_opts(text: str) -> list[str]:
 
 
 def parse_drive(text: str) -> Drive:
-    """Parse the CLI form ``PATH[,format=F][,if=I][,readonly][,overlay][,id=ID]``.
+    """Parse the CLI form ``PATH[,format=F][,if=I][,readonly][,overlay][,id=ID][,backing=F:P]``.
 
-    A comma inside the path is written ',,' as in QEMU's own syntax; a path
-    with a single comma that does not start a known option is taken whole.
+    ``backing=FORMAT:PATH`` may be repeated (the chain, top first). A comma
+    inside the path is written ',,' as in QEMU's own syntax; a path with a
+    single comma that does not start a known option is taken whole.
     """
     parts = _split_opts(text)
-    known = {"format", "if", "interface", "readonly", "read-only", "overlay", "id"}
+    known = {"format", "if", "interface", "readonly", "read-only", "overlay", "id", "backing"}
     # A path such as 'x,y.qcow2' (single comma, no known key) is a path, not options.
     while len(parts) > 1 and parts[1].split("=", 1)[0] not in known:
         parts[0:2] = [parts[0] + "," + parts[1]]
@@ -273,6 +312,8 @@ def parse_drive(text: str) -> Drive:
             kwargs["overlay"] = _parse_bool("drive.overlay", value)
         elif key == "id":
             kwargs["id"] = value
+        elif key == "backing":
+            kwargs["backing"] = (*kwargs.get("backing", ()), value)
         else:
             raise SpecError("disk", text, f"unknown option {key!r}")
     return Drive(**kwargs)
@@ -748,7 +789,10 @@ class VMSpec:
             value = getattr(self, f.name)
             if value is None or value == ():
                 continue
-            if f.name in ("drives", "shares"):
+            if f.name == "drives":
+                value = [{k: list(v) if isinstance(v, tuple) else v for k, v in _part_dict(d).items()}
+                         for d in value]
+            elif f.name == "shares":
                 value = [_part_dict(d) for d in value]
             elif f.name == "nics":
                 value = [

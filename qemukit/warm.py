@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from ._launch.plan import HostFacts
 from .errors import SnapshotError
 from .paths import cache_dir
 from .snapshot import Bundle
-from .spec import CloudInit, VMSpec
+from .spec import CloudInit, Drive, VMSpec
 
 __all__ = [
     "DEFAULT_CACHE_LIMIT",
@@ -56,7 +55,7 @@ __all__ = [
 ]
 
 #: Bumped when the layout of an entry or the meaning of a key changes.
-WARM_FORMAT = 2
+WARM_FORMAT = 3
 #: After a build, the cache is pruned to this many bytes (least recently used first).
 DEFAULT_CACHE_LIMIT = 4 << 30
 META = "meta.json"
@@ -168,22 +167,30 @@ def _digest_cache_path(root: Path) -> Path:
 
 
 def file_digest(path: str | os.PathLike[str], root: Path | None = None) -> str:
-    """SHA-256 of a file's contents, remembered by (path, size, mtime, inode) under ``root``."""
+    """SHA-256 of a file's contents, remembered by (path, size, mtime, inode) under ``root``.
+
+    Only a regular file is read, and only its size's worth: a FIFO, a device
+    (``/dev/zero``) or a directory is a SpecError naming it, at once.
+    """
     real = os.path.realpath(path)
-    st = os.stat(real)
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-    cache_file = _digest_cache_path(root) if root is not None else None
-    known: dict[str, Any] = {}
-    if cache_file is not None:
-        with contextlib.suppress(OSError, ValueError):
-            known = json.loads(cache_file.read_text())
-        entry = known.get(real)
-        if isinstance(entry, dict) and entry.get("stamp") == stamp:
-            return str(entry["sha256"])
-    h = hashlib.sha256()
-    with open(real, "rb") as fh:
-        while chunk := fh.read(1 << 20):
+    # O_NOFOLLOW: the name was resolved above; a link swapped in since is refused.
+    fd = host.open_regular(real, "file", follow=False)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        cache_file = _digest_cache_path(root) if root is not None else None
+        known: dict[str, Any] = {}
+        if cache_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                known = json.loads(cache_file.read_text())
+            entry = known.get(real)
+            if isinstance(entry, dict) and entry.get("stamp") == stamp:
+                return str(entry["sha256"])
+        h = hashlib.sha256()
+        left = st.st_size
+        while left > 0 and (chunk := fh.read(min(1 << 20, left))):
             h.update(chunk)
+            left -= len(chunk)
     digest = h.hexdigest()
     if cache_file is not None:
         # Forget files that are gone (throwaway disks), so the table stays small.
@@ -239,30 +246,16 @@ def note_kernel_run(spec: VMSpec, root: Path | None = None) -> bool:
     return seen
 
 
-def _qcow2_backing(path: str) -> str | None:
-    """The backing file a qcow2 image names in its header (absolute), or None."""
-    with open(path, "rb") as fh:
-        header = fh.read(20)
-        if len(header) < 20 or header[:4] != b"QFI\xfb":
-            return None
-        offset, size = struct.unpack(">QI", header[8:20])
-        if not offset or not size:
-            return None
-        fh.seek(offset)
-        name = fh.read(size).decode("utf-8", "surrogateescape")
-    return name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+def _chain_digests(drive: Drive, qemu: host.QemuBinary, root: Path | None) -> dict[str, Any]:
+    """The drive's format, its backing chain and the digest of every file in it, top first.
 
-
-def _chain_digests(path: str, root: Path | None) -> list[str]:
-    """Digests of an image and of every file in its backing chain, top first."""
-    out: list[str] = []
-    seen: set[str] = set()
-    current: str | None = os.path.realpath(path)
-    while current is not None and current not in seen:
-        seen.add(current)
-        out.append(file_digest(current, root))
-        current = _qcow2_backing(current)
-    return out
+    The chain is the one a start opens (:func:`qemukit.host.resolve_disk`): named, never
+    read out of a header; each file is read only if it is a regular file.
+    """
+    image = host.resolve_disk(drive, qemu)
+    files = [os.path.abspath(drive.file), *(path for path, _ in image.backing)]
+    return {"format": image.format, "backing": [list(layer) for layer in image.backing],
+            "sha256": [file_digest(path, root) for path in files]}
 
 
 def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
@@ -290,7 +283,7 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
             files["user_data"] = file_digest(spec.cloud_init.user_data, root)
     for index, drive in enumerate(spec.drives):
         data["drives"][index]["file"] = os.path.abspath(drive.file)
-        files[f"drive{index}"] = _chain_digests(str(drive.file), root)
+        files[f"drive{index}"] = _chain_digests(drive, qemu, root)
     binary = os.stat(qemu.path)
     parts = {
         "format": WARM_FORMAT,

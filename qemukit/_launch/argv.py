@@ -9,6 +9,7 @@ comes in as a :class:`Plumbing` so the result depends on its inputs only.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..arch import ARCHES
@@ -41,7 +42,9 @@ class Plumbing:
     ``qmp_fd`` is the QEMU end of a socketpair the launcher already holds, so
     the owner's monitor connection cannot race QEMU's start-up. ``drive_files``
     and ``drive_formats`` are the files QEMU opens per drive: the overlay for
-    an ``overlay=True`` drive, else the drive's own file.
+    an ``overlay=True`` drive, else the drive's own file. ``drive_backing``
+    is, per drive, the backing chain below that file, top first, as (path,
+    format) pairs (empty, or left out entirely: no backing file).
     """
 
     qmp_fd: int | None = None
@@ -51,6 +54,7 @@ class Plumbing:
     agent_path: str | None = None
     drive_files: tuple[str, ...] = ()
     drive_formats: tuple[str, ...] = ()
+    drive_backing: tuple[tuple[tuple[str, str], ...], ...] = ()
     ovmf_code: str | None = None
     ovmf_vars: str | None = None
     #: Per virtiofs share (in spec order, 9p shares skipped): virtiofsd's socket.
@@ -82,23 +86,58 @@ def _transport(spec: VMSpec, model: str) -> str:
     return ARCHES[spec.arch].device(model, spec.machine)
 
 
+def _format_node(node: str, fmt: str, file_node: str, backing: str | None,
+                 read_only: bool) -> list[str]:
+    """One format node. A qcow2 always says what its backing is (a node, or null).
+
+    QEMU would otherwise open whatever file the image's header names. The
+    node is written in JSON, since the dotted syntax has no way to say null.
+    """
+    if fmt == "raw":
+        ro = ",read-only=on" if read_only else ""
+        return ["-blockdev", f"driver=raw,node-name={node},file={file_node}{ro}"]
+    opts: dict[str, object] = {"driver": fmt, "node-name": node, "file": file_node,
+                               "backing": backing}
+    if read_only:
+        opts["read-only"] = True
+    return ["-blockdev", json.dumps(opts, separators=(",", ":"))]
+
+
+def _layer_args(node: str, path: str, fmt: str, backing: str | None, read_only: bool) -> list[str]:
+    ro = ",read-only=on" if read_only else ""
+    return ["-blockdev", f"driver=file,node-name={node}-file,filename={quote_opt(path)}{ro}",
+            *_format_node(f"{node}-fmt", fmt, f"{node}-file", backing, read_only)]
+
+
 def _drive_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
-    if len(plumbing.drive_files) != len(spec.drives) or len(plumbing.drive_formats) != len(
-        spec.drives
-    ):
+    """Each drive's explicit block graph: its backing chain bottom up, then its own nodes.
+
+    Backing layers are ``<id>-b<N>-file``/``-fmt`` (N from the top), always
+    read-only; the drive's own nodes are ``<id>-file``/``<id>-fmt``.
+    """
+    count = len(spec.drives)
+    chains = plumbing.drive_backing or ((),) * count
+    if len(plumbing.drive_files) != count or len(plumbing.drive_formats) != count or len(
+        chains
+    ) != count:
         raise SpecError("drives", spec.drives, "every drive needs a resolved file and format")
     args: list[str] = []
     scsi_added = False
-    for drive, dev_id, path, fmt in zip(
-        spec.drives, drive_ids(spec), plumbing.drive_files, plumbing.drive_formats, strict=True
+    for drive, dev_id, path, fmt, chain in zip(
+        spec.drives, drive_ids(spec), plumbing.drive_files, plumbing.drive_formats, chains,
+        strict=True,
     ):
-        ro = ",read-only=on" if drive.read_only else ""
-        args += [
-            "-blockdev",
-            f"driver=file,node-name={dev_id}-file,filename={quote_opt(path)}{ro}",
-            "-blockdev",
-            f"driver={fmt},node-name={dev_id}-fmt,file={dev_id}-file{ro}",
+        layers = [(dev_id, path, fmt, drive.read_only)] + [
+            (f"{dev_id}-b{depth}", layer_path, layer_fmt, True)
+            for depth, (layer_path, layer_fmt) in enumerate(chain)
         ]
+        for index in range(len(layers) - 1, -1, -1):
+            node, layer_path, layer_fmt, read_only = layers[index]
+            below = f"{layers[index + 1][0]}-fmt" if index + 1 < len(layers) else None
+            if below is not None and layer_fmt != "qcow2":
+                raise SpecError("drive.backing", chain, f"{layer_path} is {layer_fmt}, and only "
+                                "a qcow2 has a backing file")
+            args += _layer_args(node, layer_path, layer_fmt, below, read_only)
         args += _drive_device(spec, drive, dev_id, scsi_added)
         scsi_added = scsi_added or drive.interface == "virtio-scsi"
     return args

@@ -23,7 +23,7 @@ from .argv import SEED_FILE, Plumbing, build_argv, drive_ids, seed_device_args
 if TYPE_CHECKING:
     from .runtime import RuntimeDir
 
-__all__ = ["HostFacts", "LaunchPlan", "OverlayStep", "plan_launch"]
+__all__ = ["DiskImage", "HostFacts", "LaunchPlan", "OverlayStep", "plan_launch"]
 
 #: The fd number QEMU's end of the owner's monitor socketpair has in a preview.
 PREVIEW_QMP_FD = 3
@@ -44,12 +44,32 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
+class DiskImage:
+    """A drive's file as the start will open it, decided before (see ``host.resolve_disk``).
+
+    ``format`` is never probed on a file the guest can write; ``backing`` is
+    the chain below the file, top first, as (path, format) pairs: each a
+    file qemukit made or the user named, opened read-only in that format.
+    """
+
+    format: str
+    backing: tuple[tuple[str, str], ...] = ()
+    #: The disk's size in bytes (what an overlay over it is made with), if known.
+    virtual_size: int | None = None
+
+
+@dataclass(frozen=True)
 class OverlayStep:
-    """A throwaway qcow2 overlay to create over a drive's base (never written)."""
+    """A throwaway qcow2 overlay to create over a drive's base (never written).
+
+    ``size`` given, qemu-img makes it without opening the base (so it never
+    follows the base's own header).
+    """
 
     base: str
     base_format: str
     overlay: str
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,29 +109,35 @@ def plan_launch(
     spec: VMSpec,
     facts: HostFacts,
     runtime: RuntimeDir,
-    formats: Sequence[str],
+    images: Sequence[DiskImage | str],
     *,
     incoming: str | None = None,
 ) -> LaunchPlan:
     """Decide a start of ``spec`` in ``runtime`` (pure; nothing is created).
 
-    ``formats`` is each drive's real format (read from the file by the
-    caller). ``incoming`` is ``-incoming``'s value for a VM that will be fed
-    saved state (``defer``).
+    ``images`` is each drive's :class:`DiskImage` (its format and backing
+    chain, decided by the caller; a bare format string means no backing
+    file). An ``overlay=True`` drive gets a qcow2 overlay whose backing is
+    the drive's file, then that file's chain. ``incoming`` is
+    ``-incoming``'s value for a VM that will be fed saved state (``defer``).
     """
     files: list[str] = []
     final_formats: list[str] = []
+    chains: list[tuple[tuple[str, str], ...]] = []
     overlays: list[OverlayStep] = []
-    for drive, fmt, dev_id in zip(spec.drives, formats, drive_ids(spec), strict=True):
+    for drive, image, dev_id in zip(spec.drives, images, drive_ids(spec), strict=True):
+        image = DiskImage(image) if isinstance(image, str) else image
         path = os.path.abspath(drive.file)
         if drive.overlay:
             overlay = str(runtime.overlay(dev_id))
-            overlays.append(OverlayStep(path, fmt, overlay))
+            overlays.append(OverlayStep(path, image.format, overlay, image.virtual_size))
             files.append(overlay)
             final_formats.append("qcow2")
+            chains.append(((path, image.format), *image.backing))
         else:
             files.append(path)
-            final_formats.append(fmt)
+            final_formats.append(image.format)
+            chains.append(image.backing)
     firmware_copy = None
     ovmf_code = ovmf_vars = None
     if spec.firmware == "ovmf":
@@ -131,6 +157,7 @@ def plan_launch(
         agent_path=str(runtime.agent_socket),
         drive_files=tuple(files),
         drive_formats=tuple(final_formats),
+        drive_backing=tuple(chains),
         ovmf_code=ovmf_code,
         ovmf_vars=ovmf_vars,
         incoming=incoming,

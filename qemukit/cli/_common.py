@@ -169,7 +169,9 @@ def spec_options(func: F) -> F:
         click.option("--append", help="Kernel command line (replaces the image's)."),
         click.option("--disk", "disks", multiple=True, metavar="PATH[,opts]",
                      help="Add a disk: PATH[,format=qcow2|raw][,if=virtio-blk|virtio-scsi|nvme]"
-                     "[,readonly][,overlay][,id=ID]; write ',' in PATH as ',,'."),
+                     "[,readonly][,overlay][,id=ID][,backing=FORMAT:PATH]...; write ',' in PATH "
+                     "as ',,'. format= is used as given; unset, it is probed at the first start "
+                     "and recorded. A qcow2's backing files must be named with backing=."),
         click.option("--nic", "nics", multiple=True, metavar="user|tap[,opts]",
                      help="Add a NIC: user[,hostfwd=[ADDR:]HOST:GUEST] or tap,ifname=NAME."),
         click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",

@@ -79,15 +79,18 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
         overlay = directory / f"{dev_id}.qcow2"
         base = os.path.abspath(drive.file)
         stamp = directory / f"{dev_id}.base"
+        image = host.resolve_disk(drive, qemu)
         if not overlay.exists():
-            fmt = drive.format or host.image_format(base, qemu)
-            host.create_overlay(base, fmt, overlay)
+            host.create_overlay(base, image.format, overlay, size=image.virtual_size, unsafe=True)
             stamp.write_text(_base_stamp(base))
         elif stamp.exists() and stamp.read_text() != _base_stamp(base):
             # An overlay only makes sense over the very base it was made on.
             raise errors.StateError(f"{base} changed (rebuilt?) since {overlay} was made over it: "
                                     f"delete {directory} to start afresh")
-        drives.append(Drive(str(overlay), format="qcow2", interface=drive.interface, id=drive.id))
+        # The kept overlay's backing chain is named, so the start opens exactly it.
+        chain = ((base, image.format), *image.backing)
+        drives.append(Drive(str(overlay), format="qcow2", interface=drive.interface, id=drive.id,
+                            backing=tuple(f"{fmt}:{path}" for path, fmt in chain)))
     changes: dict[str, object] = {"name": name, "drives": tuple(drives)}
     if spec.cloud_init is not None and spec.cloud_init.ssh_key is None:
         key = directory / "ssh_key"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._binfmt import foreign_exec_problem
 from ._firmware import find_ovmf, tsc_khz
-from ._img import create_overlay, image_format
+from ._img import Qcow2Header, create_overlay, image_format, open_regular, read_qcow2_header, resolve_disk
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
 from ._qemu import QemuBinary, find_qemu, qemu_env_var, qemu_path
 from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
@@ -19,6 +19,7 @@ from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
 __all__ = [
     "AccelChoice",
     "KvmStatus",
+    "Qcow2Header",
     "QemuBinary",
     "create_overlay",
     "find_ovmf",
@@ -29,9 +30,12 @@ __all__ = [
     "image_format",
     "kvm_device_status",
     "kvm_status",
+    "open_regular",
     "qemu_env_var",
     "qemu_path",
+    "read_qcow2_header",
     "resolve_accel",
+    "resolve_disk",
     "tsc_khz",
     "virtiofsd_argv",
     "virtiofsd_launcher",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 from .. import host
+from .._launch.plan import DiskImage
 from .._sync import SyncFacade, blocking
 from ..arch import ARCHES
 from ..errors import (
@@ -112,17 +113,20 @@ class AsyncHotplug:
             qemu = await asyncio.to_thread(
                 host.find_qemu, *(() if arch == "x86_64" else (arch,)))
             try:
-                actual = await asyncio.to_thread(host.image_format, file, qemu)
+                # Not probed again on a disk a guest wrote; a header naming a backing
+                # file or a data file is refused (see qemukit.host._img).
+                image = await asyncio.to_thread(host.resolve_disk, drive, qemu)
             except SpecError as exc:
-                raise refuse("path", str(drive.file), exc.reason) from exc
-            if drive.format is not None and drive.format != actual:
-                raise refuse("format", drive.format, f"{file} is {actual} (qemu-img info)")
+                name = exc.field.removeprefix("drive.")
+                raise refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
+            actual = image.format
             self._require_pci()
             if self._ccw and drive.interface != "virtio-blk":
                 raise refuse("interface", drive.interface,
                              f"{self._vm.spec.machine} hotplugs virtio-blk disks only (on CCW)")
             used = await self._used_names()
-            dev_id = self._pick_id(drive.id, "disk", used, lambda i: (f"{i}-file", f"{i}-fmt"))
+            dev_id = self._pick_id(drive.id, "disk", used, lambda i: (
+                f"{i}-file", f"{i}-fmt", *((f"{i}-b0-file", f"{i}-b0-fmt") if drive.overlay else ())))
             controller = None
             if drive.interface == "virtio-scsi":
                 controller = await self._scsi_controller()
@@ -130,8 +134,20 @@ class AsyncHotplug:
             if not self._ccw and (drive.interface != "virtio-scsi" or controller is None):
                 port = await self._free_port()
             overlay_path = None
+            # The explicit graph, as at boot: a qcow2's backing is a node added here, or null.
+            base_nodes: tuple[tuple[str, dict[str, Any]], ...] = ()
+            below: str | None = None
             if drive.overlay:
-                overlay_path = await asyncio.to_thread(self._make_overlay, qemu, file, actual, dev_id)
+                overlay_path = await asyncio.to_thread(self._make_overlay, qemu, file, image,
+                                                       dev_id)
+                below = f"{dev_id}-b0-fmt"
+                base_nodes = (
+                    ("blockdev-add", {"driver": "file", "node-name": f"{dev_id}-b0-file",
+                                      "filename": file, "read-only": True}),
+                    ("blockdev-add", {"driver": actual, "node-name": below,
+                                      "file": f"{dev_id}-b0-file", "read-only": True,
+                                      **({"backing": None} if actual == "qcow2" else {})}),
+                )
                 file, actual = overlay_path, "qcow2"
             added_controller = None
             try:
@@ -140,10 +156,12 @@ class AsyncHotplug:
                     controller = added_controller = await self._plug_controller(port, used, timeout)
                 ro = {"read-only": True} if drive.read_only else {}
                 backend = (
+                    *base_nodes,
                     ("blockdev-add", {"driver": "file", "node-name": f"{dev_id}-file",
                                       "filename": file, **ro}),
                     ("blockdev-add", {"driver": actual, "node-name": f"{dev_id}-fmt",
-                                      "file": f"{dev_id}-file", **ro}),
+                                      "file": f"{dev_id}-file", **ro,
+                                      **({"backing": below} if actual == "qcow2" else {})}),
                 )
                 device: dict[str, Any] = {"id": dev_id, "drive": f"{dev_id}-fmt"}
                 if drive.interface == "virtio-blk" and self._ccw:
@@ -172,7 +190,8 @@ class AsyncHotplug:
                 raise
             return record.handle()
 
-    def _make_overlay(self, qemu: host.QemuBinary, base: str, fmt: str, dev_id: str) -> str:
+    def _make_overlay(self, qemu: host.QemuBinary, base: str, image: DiskImage,
+                      dev_id: str) -> str:
         assert self._vm.runtime is not None
         if qemu.qemu_img is None:
             raise HotplugError("overlay=True needs qemu-img; install it with: apt-get install qemu-utils")
@@ -180,7 +199,7 @@ class AsyncHotplug:
         with contextlib.suppress(FileNotFoundError):
             overlay.unlink()  # a leftover of a device with this id that is gone
         try:
-            host.create_overlay(base, fmt, overlay)
+            host.create_overlay(base, image.format, overlay, size=image.virtual_size, unsafe=True)
         except HostError as exc:
             raise refuse("overlay", True, str(exc), dev_id) from exc
         return str(overlay)

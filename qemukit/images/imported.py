@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import host
 from .._fs import locked, write_atomic
 from ..errors import HostError, SpecError
 from .bootable import ESP_TYPE
@@ -62,7 +63,7 @@ _QGA_PATHS = ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga")
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What ``qemu-img info`` says of a file."""
+    """What ``qemu-img info`` says of a file (``backing`` is always None: see :func:`parse_img_info`)."""
 
     format: str
     virtual_size: int
@@ -115,8 +116,10 @@ def _check_name(name: str) -> None:
 def parse_img_info(text: str, path: str) -> ImageInfo:
     """``qemu-img info --output=json`` output as :class:`ImageInfo`; SpecError on what qemukit refuses.
 
-    Refused: a format other than qcow2 or raw, and a backing file that does not
-    exist (relative names are relative to the image's directory).
+    Refused: a format other than qcow2 or raw, and an image that is not
+    self-contained: a backing file or an external data file named inside it
+    is never opened (it could be any host file), so such an image must be
+    flattened first (``qemu-img convert -O qcow2``).
     """
     try:
         data = json.loads(text)
@@ -130,15 +133,30 @@ def parse_img_info(text: str, path: str) -> ImageInfo:
         raise SpecError("virtual-size", size, f"{path}: qemu-img reports no usable size")
     backing = data.get("full-backing-filename") or data.get("backing-filename")
     if backing is not None:
-        resolved = Path(backing) if os.path.isabs(backing) else Path(path).parent / backing
-        if not resolved.exists():
-            raise SpecError("backing-filename", backing,
-                            f"{path} is an overlay whose backing file does not exist")
-        backing = str(resolved)
-    return ImageInfo(fmt, size, backing)
+        raise SpecError("backing-filename", backing, _not_self_contained(path, "backing file"))
+    specific = (data.get("format-specific") or {}).get("data") or {}
+    if isinstance(specific, dict) and specific.get("data-file"):
+        raise SpecError("data-file", specific["data-file"],
+                        _not_self_contained(path, "external data file"))
+    return ImageInfo(fmt, size, None)
+
+
+def _not_self_contained(path: str, what: str) -> str:
+    return (f"{path} names a {what} outside itself; qemukit imports only self-contained "
+            "images (a file named inside an image could be any host file, so it is never "
+            f"opened): flatten it first, e.g. qemu-img convert -O qcow2 {path} flat.qcow2")
 
 
 def _img_info(path: Path) -> ImageInfo:
+    # Read the header first (regular file, first cluster only): a qcow2 naming another
+    # file is refused before any tool opens it.
+    header = host.read_qcow2_header(path, "file")
+    if header is not None and header.backing is not None:
+        raise SpecError("backing-filename", header.backing, _not_self_contained(str(path),
+                                                                               "backing file"))
+    if header is not None and header.data_file is not None:
+        raise SpecError("data-file", header.data_file, _not_self_contained(str(path),
+                                                                          "external data file"))
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")

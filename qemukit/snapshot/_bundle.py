@@ -85,10 +85,13 @@ class Bundle:
             copy = copies.get(drive_id)
             if copy is None:
                 drives.append(Drive(drive.file, drive.format, drive.interface, drive.read_only,
-                                    drive.overlay, drive_id))
+                                    drive.overlay, drive_id, drive.backing))
             else:
+                # The copy's backing chain as QEMU had it open at the save: named, so
+                # the clone opens exactly it (bundles from before it was recorded: none).
                 drives.append(Drive(str(self.path / copy["file"]), copy["format"],
-                                    drive.interface, False, True, drive_id))
+                                    drive.interface, False, True, drive_id,
+                                    backing=tuple(copy.get("backing") or ())))
         return spec.replace(name=name, drives=tuple(drives))
 
     def hotplugged(self) -> list[dict[str, Any]]:
@@ -106,10 +109,13 @@ class Bundle:
             )
 
 
-def _copy_top_layer(src: str, dst: Path) -> str:
-    """Copy one image file (sparse); keep its backing reference absolute. Returns its format."""
+def _copy_top_layer(src: str, fmt: str, dst: Path) -> str:
+    """Copy one image file (sparse); keep its backing reference absolute. Returns its format.
+
+    ``fmt`` is the format QEMU has the file open in: never probed (the guest wrote the file).
+    """
     img = qemu_img()
-    out = run_command([img, "info", "-U", "--output=json", "--", src], timeout=30)
+    out = run_command([img, "info", "-U", "-f", fmt, "--output=json", "--", src], timeout=30)
     if out.returncode != 0:
         raise SnapshotError(f"qemu-img cannot read {src}: {out.stderr.strip()}")
     info = json.loads(out.stdout)
@@ -234,18 +240,34 @@ async def _save_state(vm: VMTarget, path: Path, *, stop: bool = False,
     return Bundle(path, manifest)
 
 
+def _backing_chains(query_block: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per top node, its backing chain as QEMU has it open (``FORMAT:PATH``, top first)."""
+    out: dict[str, list[str]] = {}
+    for entry in query_block:
+        inserted = entry.get("inserted") or {}
+        chain = []
+        image = (inserted.get("image") or {}).get("backing-image")
+        while image:
+            chain.append(f"{image.get('format')}:{image.get('filename')}")
+            image = image.get("backing-image")
+        out[str(inserted.get("node-name", ""))] = chain
+    return out
+
+
 async def _fill_bundle(vm: VMTarget, devices: Sequence[BlockDevice], partial: Path,
                        was_running: bool) -> dict[str, Any]:
     """Copy the disks' top layers, write the spec, devices and manifest; returns the manifest."""
     assert vm.runtime is not None and vm.accel is not None
     ids = drive_ids(vm.spec)
+    chains = _backing_chains(await vm.qmp("query-block"))
     disks = []
     for dev in devices:
         if dev.read_only or dev.pflash or dev.device not in ids:
             continue
         name = f"disk-{safe_name(dev.device)}.{'qcow2' if dev.driver == 'qcow2' else 'img'}"
-        fmt = await asyncio.to_thread(_copy_top_layer, dev.file, partial / name)
-        disks.append({"id": dev.device, "file": name, "format": fmt})
+        fmt = await asyncio.to_thread(_copy_top_layer, dev.file, dev.driver, partial / name)
+        disks.append({"id": dev.device, "file": name, "format": fmt,
+                      "backing": chains.get(dev.node, [])})
     # The accelerator and CPU model are pinned: the state only loads into the same ones.
     spec = vm.spec.replace(accel=vm.accel.accel, cpu=vm.spec.cpu or vm.accel.cpu)
     spec.dump(partial / SPEC_FILE)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
-from .._launch.plan import LaunchPlan, plan_launch
+from .._launch.plan import DiskImage, LaunchPlan, plan_launch
 from .._launch.process import QemuProcess, process_start_time
 from .._launch.runtime import RuntimeDir, VMInfo
 from .._wire.agent import Agent, ExecResult
@@ -225,7 +225,7 @@ class AsyncVM:
         self._agent: Agent | None = None
         self._io_error: asyncio.Future[GuestIOError] | None = None
         self._io_watch: asyncio.Task[None] | None = None
-        self._formats: list[str] = []
+        self._formats: list[DiskImage] = []
         self._vfs_launcher: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
@@ -518,8 +518,9 @@ class AsyncVM:
     def _prepare(self) -> None:
         """Everything before the spawn that can fail on bad input: no process, no file yet.
 
-        Checks the spec against the host, reads each drive's real format and
-        resolves the accelerator (the plan is made once the name is claimed).
+        Checks the spec against the host, decides each drive's format and backing
+        chain (:func:`qemukit.host.resolve_disk`) and resolves the accelerator (the
+        plan is made once the name is claimed).
         """
         qemu = host.find_qemu(self.spec.arch)
         if self.spec.machine not in qemu.machines:
@@ -528,12 +529,9 @@ class AsyncVM:
             path = getattr(self.spec, name)
             if path is not None and not os.path.isfile(path):
                 raise SpecError(name, path, "no such file")
-        formats = []
-        for drive in self.spec.drives:
-            fmt = host.image_format(str(drive.file), qemu)
-            if drive.format is not None and drive.format != fmt:
-                raise SpecError("drive.format", drive.format, f"{drive.file} is {fmt}")
-            formats.append(fmt)
+        # The format is never probed again on a disk the guest wrote, and a backing
+        # file is opened only if named: see qemukit.host._img.
+        formats = [host.resolve_disk(drive, qemu) for drive in self.spec.drives]
         for share in self.spec.shares:
             if not os.path.isdir(share.host_path):
                 raise SpecError("share.host_path", share.host_path, "no such directory")
@@ -622,7 +620,8 @@ class AsyncVM:
         """
         for step in plan.overlays:
             try:
-                host.create_overlay(step.base, step.base_format, step.overlay)
+                host.create_overlay(step.base, step.base_format, step.overlay, size=step.size,
+                                    unsafe=step.size is not None)
             except HostError as exc:
                 raise LaunchError(str(exc)) from exc
         if plan.firmware_copy is not None:

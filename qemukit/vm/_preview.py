@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from .. import host
-from .._launch.plan import plan_launch
+from .._launch.plan import DiskImage, plan_launch
 from .._launch.runtime import RuntimeDir
 from ..kconfig import resolve_kernel
 from ..spec import VMSpec
@@ -34,13 +34,14 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
                      "the runtime directory at start")
     spec = kernel.spec
     qemu = host.find_qemu(spec.arch)
-    formats = []
+    formats: list[DiskImage] = []
     for drive in spec.drives:
         if os.path.exists(drive.file):
-            formats.append(host.image_format(str(drive.file), qemu))
+            # As a start decides it, but a first-sight probe is not recorded by a preview.
+            formats.append(host.resolve_disk(drive, qemu, record=False))
         else:
-            formats.append(drive.format or "qcow2")
-            notes.append(f"{drive.file}: no such file yet; assuming {formats[-1]}")
+            formats.append(DiskImage(drive.format or "qcow2", drive.backing_chain))
+            notes.append(f"{drive.file}: no such file yet; assuming {formats[-1].format}")
     accel = host.resolve_accel(spec.accel, qemu, default_probe_image(spec.arch), arch=spec.arch)
     notes.append(f"accelerator: {accel.reason}")
     rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))

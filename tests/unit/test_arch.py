@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from qemukit import AcceleratorError, Drive, HostError, Nic, Share, SpecError, VMSpec, host, images
 from qemukit._launch.argv import Plumbing, build_argv
+from qemukit._launch.plan import DiskImage
 from qemukit.arch import ARCHES, host_arch_name
 from qemukit.cli import main
 from qemukit.host import _kvm
@@ -324,7 +325,7 @@ def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: A
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
     monkeypatch.setattr(host, "find_qemu", lambda *a: qemu)
-    monkeypatch.setattr(host, "image_format", lambda path, q: "raw")
+    monkeypatch.setattr(host, "resolve_disk", lambda drive, q: DiskImage("raw", (), 4096))
     (tmp_path / "run").mkdir()
     return FakeVM(tmp_path / "run", _spec(arch, **kw))
 

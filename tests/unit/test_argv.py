@@ -46,6 +46,7 @@ def plumbing(
     *,
     drive_files: tuple[str, ...] = (),
     drive_formats: tuple[str, ...] = (),
+    drive_backing: tuple[tuple[tuple[str, str], ...], ...] = (),
     ovmf: bool = False,
 ) -> Plumbing:
     """The plumbing a launch would pass for a runtime directory ``run_dir``."""
@@ -57,6 +58,7 @@ def plumbing(
         agent_path=f"{run_dir}/agent.sock",
         drive_files=drive_files,
         drive_formats=drive_formats,
+        drive_backing=drive_backing,
         ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd" if ovmf else None,
         ovmf_vars=f"{run_dir}/ovmf-vars.fd" if ovmf else None,
     )
@@ -121,9 +123,56 @@ def test_golden_drives() -> None:
         spec,
         qemu=QEMU,
         accel="tcg",
-        plumbing=plumbing(run, drive_files=files, drive_formats=("qcow2", "raw", "qcow2", "raw", "qcow2")),
+        plumbing=plumbing(run, drive_files=files, drive_formats=("qcow2", "raw", "qcow2", "raw", "qcow2"),
+                          # The overlay's chain: the base (a qcow2 the user named over a raw).
+                          drive_backing=((("/images/base,v2.qcow2", "qcow2"), ("/images/deb.raw", "raw")),
+                                         (), (), (), ())),
     )
     check_golden("drives", argv)
+
+
+def _blockdevs(argv: list[str]) -> list[dict[str, object]]:
+    """Every -blockdev as a dict (JSON, or QEMU's key=value syntax)."""
+    return [json.loads(b) if b.startswith("{") else dict(parse_opts(b))
+            for b in option_values(argv, "-blockdev")]
+
+
+def test_every_qcow2_node_says_what_its_backing_is() -> None:
+    """QEMU never opens a backing file because a header names it: null, or a node we made."""
+    spec = VMSpec(drives=(Drive("/b.qcow2", overlay=True), Drive("/d.qcow2"), Drive("/r.img")))
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(
+        drive_files=("/run/ov.qcow2", "/d.qcow2", "/r.img"), drive_formats=("qcow2", "qcow2", "raw"),
+        drive_backing=((("/b.qcow2", "qcow2"),), (), ())))
+    nodes = _blockdevs(argv)
+    by_name = {str(n["node-name"]): n for n in nodes}
+    formats = [n for n in nodes if n["driver"] != "file"]
+    assert all("backing" in n for n in formats if n["driver"] == "qcow2")
+    assert all("backing" not in n for n in formats if n["driver"] == "raw")
+    assert by_name["disk0-fmt"]["backing"] == "disk0-b0-fmt"
+    assert by_name["disk0-b0-fmt"]["backing"] is None
+    assert by_name["disk1-fmt"]["backing"] is None
+    # The layer below is read-only, file and format node alike, and defined before its user.
+    assert by_name["disk0-b0-fmt"]["read-only"] is True
+    assert by_name["disk0-b0-file"]["read-only"] == "on"
+    assert by_name["disk0-b0-file"]["filename"] == "/b.qcow2"
+    names = [n["node-name"] for n in nodes]
+    assert names.index("disk0-b0-fmt") < names.index("disk0-fmt")
+
+
+def test_only_a_qcow2_layer_has_a_backing_layer() -> None:
+    spec = VMSpec(drives=(Drive("/r.img"),))
+    with pytest.raises(SpecError) as caught:
+        build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(
+            drive_files=("/r.img",), drive_formats=("raw",), drive_backing=((("/x", "raw"),),)))
+    assert caught.value.field == "drive.backing"
+
+
+def test_a_raw_drive_is_opened_raw_whatever_it_holds() -> None:
+    """format=raw reaches QEMU as driver=raw: nothing QEMU could probe or follow."""
+    spec = VMSpec(drives=(Drive("/scratch.img", format="raw"),))
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", plumbing=Plumbing(
+        drive_files=("/scratch.img",), drive_formats=("raw",)))
+    assert [n["driver"] for n in _blockdevs(argv)] == ["file", "raw"]
 
 
 def test_golden_nics() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener
 
-from qemukit import HotplugError, VMSpec, host
+from qemukit import Drive, HotplugError, SpecError, VMSpec, host
 from qemukit._aio import file_lock
+from qemukit._launch.plan import DiskImage
 from qemukit._launch.runtime import RuntimeDir
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
@@ -229,13 +231,20 @@ SPEC = VMSpec(kernel="/vmlinuz", cpus=1, max_cpus=3, memory=512, max_memory=1024
               hotplug_ports=2)
 
 
+def _resolve_disk(drive: Drive, qemu: host.QemuBinary) -> DiskImage:
+    """host.resolve_disk without qemu-img: the format by name; a raw file is no qcow2."""
+    actual = "qcow2" if str(drive.file).endswith(".qcow2") else "raw"
+    if drive.format == "qcow2" and actual == "raw":
+        raise SpecError("drive.format", "qcow2", f"{drive.file} has no qcow2 header")
+    return DiskImage(drive.format or actual, (), 4096)
+
+
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
     qemu = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
                            True, "/usr/bin/qemu-img")
     monkeypatch.setattr(host, "find_qemu", lambda: qemu)
-    monkeypatch.setattr(host, "image_format", lambda path, q: "qcow2" if path.endswith(".qcow2")
-                        else "raw")
+    monkeypatch.setattr(host, "resolve_disk", _resolve_disk)
     return FakeVM(tmp_path, SPEC)
 
 
@@ -347,6 +356,28 @@ def test_disk_plugs_backend_then_device_and_records_it(fake: FakeVM, image: Path
     }]
     # A second disk goes on the next port with the next generated id.
     assert run(ops.disk(image)).bus == "hp1"
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (the overlay)")
+def test_an_overlay_disk_names_its_base_as_an_explicit_read_only_node(fake: FakeVM,
+                                                                      image: Path) -> None:
+    disk = run(AsyncHotplug(fake).disk(image, id="ov", overlay=True))
+    assert disk.backends == ("ov-b0-file", "ov-b0-fmt", "ov-file", "ov-fmt")
+    added = [a for c, a in fake.log if c == "blockdev-add"]
+    assert added[0] == {"driver": "file", "node-name": "ov-b0-file", "filename": str(image),
+                        "read-only": True}
+    assert added[1] == {"driver": "raw", "node-name": "ov-b0-fmt", "file": "ov-b0-file",
+                        "read-only": True}
+    assert added[3] == {"driver": "qcow2", "node-name": "ov-fmt", "file": "ov-file",
+                        "backing": "ov-b0-fmt"}
+
+
+def test_a_qcow2_disk_opens_no_backing_file(fake: FakeVM, tmp_path: Path) -> None:
+    qcow2 = tmp_path / "d.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + b"\0" * 4092)
+    run(AsyncHotplug(fake).disk(qcow2, id="q"))
+    fmt = [a for c, a in fake.log if c == "blockdev-add"][1]
+    assert fmt["backing"] is None
 
 
 def test_failed_device_add_removes_the_backends_in_reverse(fake: FakeVM, image: Path) -> None:

@@ -227,7 +227,7 @@ def test_wait_for_ssh_is_bounded(tmp_path: Path) -> None:
 # -- --keep and the image recipe ------------------------------------------------------------------
 
 
-def test_keep_disks_makes_a_persistent_overlay_and_key(tmp_path: Path,
+def test_keep_disks_makes_a_persistent_overlay_and_key(tmp_path: Path, cache: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from qemukit.cli._guest import keep_disks
 
@@ -241,6 +241,7 @@ def test_keep_disks_makes_a_persistent_overlay_and_key(tmp_path: Path,
     assert directory == tmp_path / "data/qemukit/disks/keeper"
     first = kept.drives[0]
     assert (first.file, first.format, first.overlay) == (str(directory / "disk0.qcow2"), "qcow2", False)
+    assert first.backing == (f"raw:{base}",)  # named: the next start opens exactly it
     assert kept.drives[1] == spec.drives[1]
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", first.file],
                                      capture_output=True, check=True).stdout)

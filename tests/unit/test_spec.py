@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -200,6 +201,11 @@ def test_extra_args_items_must_be_str() -> None:
         ({"id": "1disk"}, "drive.id", "1disk"),
         ({"id": "a,b"}, "drive.id", "a,b"),
         ({"id": ""}, "drive.id", ""),
+        ({"backing": "raw:/b.img"}, "drive.backing", "raw:/b.img"),
+        ({"backing": ("/b.img",)}, "drive.backing", "/b.img"),
+        ({"backing": ("vmdk:/b.img",)}, "drive.backing", "vmdk:/b.img"),
+        ({"backing": ("raw:",)}, "drive.backing", ""),
+        ({"format": "raw", "backing": ("raw:/b.img",)}, "drive.backing", ("raw:/b.img",)),
     ],
 )
 def test_bad_drive(kwargs: dict[str, Any], field: str, value: object) -> None:
@@ -213,6 +219,13 @@ def test_bad_drive_file(file: object) -> None:
     err = spec_error(lambda: Drive(file))
     assert err.field == "drive.file"
     assert same_value(err.value, file)
+
+
+def test_drive_backing_chain_from_the_cli_form() -> None:
+    drive = parse_drive("top.qcow2,format=qcow2,backing=qcow2:mid.qcow2,backing=raw:/img/a:b.raw")
+    assert drive.backing == ("qcow2:mid.qcow2", "raw:/img/a:b.raw")
+    assert drive.backing_chain == ((os.path.abspath("mid.qcow2"), "qcow2"), ("/img/a:b.raw", "raw"))
+    assert Drive("t.qcow2", backing=["raw:/b"]).backing == ("raw:/b",)  # a TOML list
 
 
 def test_drive_path_becomes_str() -> None:
@@ -449,7 +462,8 @@ def full_spec() -> VMSpec:
         append="console=ttyS0 init=\"/bin/sh -c 'x'\"\nsecond line, a\\b\ttab ünï 😀",
         firmware="ovmf",
         drives=(
-            Drive('/img/a,b "c".qcow2', format="qcow2", interface="virtio-scsi", overlay=True, id="root"),
+            Drive('/img/a,b "c".qcow2', format="qcow2", interface="virtio-scsi", overlay=True, id="root",
+                  backing=('raw:/img/base:1,"x".raw',)),
             Drive("C:\\img\\ro,,x.raw", format="raw", interface="nvme", read_only=True),
         ),
         nics=(

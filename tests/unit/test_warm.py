@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ FACTS = HostFacts(qemu="/usr/bin/qemu-system-x86_64", accel="tcg")
 
 def spec(files: dict[str, Path], **changes: object) -> VMSpec:
     return VMSpec(kernel=files["vmlinuz"], initrd=files["initrd"], append="quiet",
-                  drives=(Drive(files["disk.raw"], overlay=True),)).replace(**changes)
+                  drives=(Drive(files["disk.raw"], format="raw", overlay=True),)).replace(**changes)
 
 
 def key(files: dict[str, Path], root: Path, **changes: object) -> str:
@@ -116,13 +115,14 @@ def test_a_seeds_identity_is_per_clone_but_its_user_data_is_in_the_key(
 
 
 def test_a_disks_backing_file_is_part_of_the_key(files: dict[str, Path], tmp_path: Path) -> None:
+    from .test_disk_images import qcow2_header
+
     base = tmp_path / "base.raw"
     base.write_bytes(b"base" * 100)
     top = tmp_path / "top.qcow2"
-    name = b"base.raw"  # relative: resolved next to the top image, as QEMU does
-    header = b"QFI\xfb" + struct.pack(">IQI", 3, 512, len(name))
-    top.write_bytes(header.ljust(512, b"\0") + name)
-    drives = (Drive(top, format="qcow2", overlay=True),)
+    # relative: resolved next to the top image, as QEMU does
+    top.write_bytes(qcow2_header("base.raw", backing_format="raw"))
+    drives = (Drive(top, format="qcow2", overlay=True, backing=(f"raw:{base}",)),)
     before = key(files, tmp_path, drives=drives)
     with open(base, "ab") as fh:
         fh.write(b"changed")
