@@ -1,7 +1,7 @@
 """The ssh copy's scripts and streams, with the local shell standing in for ``ssh host``.
 
-``ssh_copy_in``/``ssh_copy_out`` hand one command string to ssh, which runs it
-with the login shell; here ``sh -c STRING`` runs it on this machine, so the
+``ssh_copy_in``/``ssh_copy_out`` hand ssh an argv (``sh -c SCRIPT``), which
+ssh quotes for the login shell; here that argv runs on this machine, so the
 guest-side scripts, tar and the pumping of both pipes are the real ones. The
 real guest is in tests/integration/test_images_import.py.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,11 @@ from qemukit.errors import GuestError, StateError
 from qemukit.guest import ssh_copy_in, ssh_copy_out
 
 
-async def local_ssh(command: str) -> list[str]:
-    return ["sh", "-c", command]
+async def local_ssh(command: Sequence[str]) -> list[str]:
+    return list(command)
 
 
-async def failing_ssh(command: str) -> list[str]:
+async def failing_ssh(command: Sequence[str]) -> list[str]:
     return ["sh", "-c", "echo 'ssh: connect to host 127.0.0.1 port 1: Connection refused' >&2; exit 255"]
 
 
