@@ -290,8 +290,9 @@ def _link_stays_inside(depth: int, target: str) -> bool:
 class _Tree:
     """Writes below one directory fd, never following a symlink (see the rules above)."""
 
-    def __init__(self, root_fd: int, umask: int) -> None:
+    def __init__(self, root_fd: int, umask: int, top: str) -> None:
         self.root_fd = root_fd
+        self.top = top
         self.umask = umask
         self.made: set[tuple[str, ...]] = {()}
         self.skipped: list[str] = []
@@ -309,7 +310,7 @@ class _Tree:
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _Skip(f"{'/'.join(parts[:i + 1])} on the host is a symlink or "
+                        raise _Skip(f"{'/'.join((self.top, *parts[:i + 1]))} on the host is a symlink or "
                                     "not a directory (not followed, not replaced)") from None
                     raise
                 os.close(fd)
@@ -331,6 +332,9 @@ class _Tree:
         parent = self.open_dir(parts[:-1])
         try:
             _write_new(parent, parts[-1], data, _clean_mode(mode, self.umask, directory=False))
+        except _Skip:
+            raise _Skip(f"{'/'.join((self.top, *parts))} is a directory on the host "
+                        "(not replaced by a file)") from None
         finally:
             os.close(parent)
 
@@ -340,7 +344,8 @@ class _Tree:
             name = parts[-1]
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                    raise _Skip(f"{'/'.join(parts)} is a directory on the host (not replaced)")
+                    raise _Skip(f"{'/'.join((self.top, *parts))} is a directory on the host "
+                                "(not replaced by a symlink)")
             tmp = f".{name}.{secrets.token_hex(4)}.qemukit-tmp"
             os.symlink(target, tmp, dir_fd=parent)
             try:
@@ -423,7 +428,7 @@ def _unpack(archive: BinaryIO, name: str, target: Path) -> list[str]:
                                      "not followed)") from None
                 raise
             try:
-                tree = _Tree(root_fd, umask)
+                tree = _Tree(root_fd, umask, name)
                 if staging is not None:
                     tree.made.add(())
                 _extract(tar, planned, tree)
@@ -436,9 +441,10 @@ def _unpack(archive: BinaryIO, name: str, target: Path) -> list[str]:
             if staging is not None:
                 _remove_tree(parent_fd, staging)
             os.close(parent_fd)
-    for why in tree.skipped:
+    skipped = list(dict.fromkeys(tree.skipped))  # each blocked place once, not per entry below it
+    for why in skipped:
         log.warning("copy out to %s: skipped %s", target, why)
-    return tree.skipped
+    return skipped
 
 
 def _extract(tar: tarfile.TarFile, planned: list[tuple[tarfile.TarInfo, tuple[str, ...]]],
