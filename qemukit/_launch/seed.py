@@ -79,7 +79,7 @@ HOST_KEY_TYPES = ("ed25519", "ecdsa")
 #: is also off explicitly; the guest is untrusted, so it gets neither the agent nor X.
 SSH_OPTIONS_SAFE = (
     "-F", "/dev/null",
-    "-a", "-x",
+    # As -o, not -a/-x: a flag would override a caller's explicit -o ForwardAgent=yes.
     "-o", "ForwardAgent=no",
     "-o", "ForwardX11=no",
     "-o", "ForwardX11Trusted=no",
