@@ -294,7 +294,8 @@ class _Tree:
         self.root_fd = root_fd
         self.top = top
         self.umask = umask
-        self.made: set[tuple[str, ...]] = {()}
+        #: Directories this copy made: only these get the guest's (clean) mode.
+        self.made: set[tuple[str, ...]] = set()
         self.skipped: list[str] = []
 
     def open_dir(self, parts: Sequence[str]) -> int:

@@ -222,6 +222,7 @@ def test_a_second_copy_never_follows_a_symlink_already_in_the_target(
     outside.mkdir()
     d = out / "d"
     d.mkdir()
+    d.chmod(0o700)                        # an existing directory keeps its mode, as with cp -r
     (d / "link").symlink_to(canary)       # as an old copy (or anyone) may have left them
     (d / "dirlink").symlink_to(outside)
     archive = _tar(("dir", "d", 0o755), ("file", "d/link", b"pwned"),
@@ -229,6 +230,7 @@ def test_a_second_copy_never_follows_a_symlink_already_in_the_target(
     skipped = _unpack(archive, "d", d)
     assert (d / "link").read_bytes() == b"pwned" and not (d / "link").is_symlink()
     assert (d / "dirlink").is_symlink() and list(outside.iterdir()) == []
+    assert d.stat().st_mode & 0o777 == 0o700
     assert any("dirlink" in s and "symlink" in s for s in skipped)
     outside.rmdir()
     _outside_unchanged(tmp_path, canary)
