@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ._sync import SyncFacade, blocking
 from ._wire.agent import Agent, ExecResult
@@ -204,37 +204,348 @@ def _pack(src: Path, arcname: str, spool: BinaryIO) -> None:
         tar.add(src, arcname=arcname)
 
 
-def _unpack(archive: BinaryIO, name: str, target: Path) -> None:
+# -- unpacking what the guest sends: hostile input ----------------------------------------
+#
+# Everything in a tar from the guest is the guest's choice: names, link targets, modes,
+# types, even whether it is a tar. The rules (tarfile's ``filter="data"`` is the floor):
+#
+# - refused (GuestError, nothing written): a stream that is not a tar, and names no honest
+#   ``tar -c DIR`` makes: absolute, with a ``..`` part, or outside the copied name;
+# - skipped with a warning: hard links, device files, FIFOs and sockets (cp -r of a tree
+#   holding them makes no sense on the host), symlinks that could lead out of the tree
+#   (absolute, empty, or with a ``..`` after a name, or more ``..`` than the link is deep),
+#   and entries whose place on the host is taken by a symlink or a non-directory;
+# - every directory is opened relative to its parent's fd with O_NOFOLLOW, so no symlink,
+#   old or new, is ever followed; files are written under a temporary name and renamed;
+# - modes lose setuid, setgid, sticky and group/other write, and the umask applies.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Skip(Exception):
+    """An entry that is not unpacked (the message says why)."""
+
+
+def _current_umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _clean_mode(mode: int, umask: int, *, directory: bool) -> int:
+    """A guest's mode made safe: no set-id, sticky or group/other write; owner access; umask."""
+    mode &= 0o755
+    if directory:
+        mode |= 0o700
+    else:
+        if not mode & 0o100:
+            mode &= ~0o111  # executable only if the owner may run it (as filter="data")
+        mode |= 0o600
+    return mode & ~umask
+
+
+def _member_parts(member_name: str, top: str) -> tuple[str, ...]:
+    """The path of a member below ``top`` as parts (``()`` for ``top`` itself); refuses escapes."""
+    name = member_name
+    while name.startswith("./"):
+        name = name[2:]
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if (not parts or name.startswith("/") or ".." in parts or "\0" in name
+            or parts[0] != top):
+        raise GuestError(f"the guest's archive holds {member_name!r}, which is not inside "
+                         f"{top!r}: copy refused, nothing written")
+    return parts[1:]
+
+
+def _link_stays_inside(depth: int, target: str) -> bool:
+    """Whether a symlink ``depth`` directories below the top, pointing at ``target``, stays in.
+
+    Allowed: a relative target made of leading ``..`` parts (no more than ``depth``)
+    and then names. Every directory above a link is a real one (they are made or
+    opened with O_NOFOLLOW), so the ``..`` parts stay in the tree, and any link the
+    names pass through obeys the same rule.
+    """
+    if not target or target.startswith("/") or "\0" in target:
+        return False
+    ups, seen_name = 0, False
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if seen_name:
+                return False
+            ups += 1
+        else:
+            seen_name = True
+    return ups <= depth
+
+
+class _Tree:
+    """Writes below one directory fd, never following a symlink (see the rules above)."""
+
+    def __init__(self, root_fd: int, umask: int, top: str) -> None:
+        self.root_fd = root_fd
+        self.top = top
+        self.umask = umask
+        #: Directories this copy made: only these get the guest's (clean) mode.
+        self.made: set[tuple[str, ...]] = set()
+        self.skipped: list[str] = []
+
+    def open_dir(self, parts: Sequence[str]) -> int:
+        """An fd of directory ``parts`` (made if missing); _Skip if a non-directory is in the way."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    os.mkdir(part, _clean_mode(0o755, self.umask, directory=True), dir_fd=fd)
+                    self.made.add(tuple(parts[:i + 1]))
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _Skip(f"{'/'.join((self.top, *parts[:i + 1]))} on the host is a symlink or "
+                                    "not a directory (not followed, not replaced)") from None
+                    raise
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def directory(self, parts: tuple[str, ...], mode: int) -> None:
+        fd = self.open_dir(parts)
+        try:
+            if parts in self.made:  # a directory this copy made gets the guest's (clean) mode
+                os.fchmod(fd, _clean_mode(mode, self.umask, directory=True))
+        finally:
+            os.close(fd)
+
+    def file(self, parts: tuple[str, ...], data: IO[bytes], mode: int) -> None:
+        parent = self.open_dir(parts[:-1])
+        try:
+            _write_new(parent, parts[-1], data, _clean_mode(mode, self.umask, directory=False))
+        except _Skip:
+            raise _Skip(f"{'/'.join((self.top, *parts))} is a directory on the host "
+                        "(not replaced by a file)") from None
+        finally:
+            os.close(parent)
+
+    def symlink(self, parts: tuple[str, ...], target: str) -> None:
+        parent = self.open_dir(parts[:-1])
+        try:
+            name = parts[-1]
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                    raise _Skip(f"{'/'.join((self.top, *parts))} is a directory on the host "
+                                "(not replaced by a symlink)")
+            tmp = f".{name}.{secrets.token_hex(4)}.qemukit-tmp"
+            os.symlink(target, tmp, dir_fd=parent)
+            try:
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+        finally:
+            os.close(parent)
+
+
+def _write_new(dir_fd: int, name: str, data: IO[bytes], mode: int) -> None:
+    """Write ``data`` to ``name`` in ``dir_fd`` under a temporary name, then rename over it.
+
+    The rename replaces a symlink at ``name`` (it does not write through it); a
+    directory there is left alone (_Skip). A failure leaves no temporary file.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise _Skip(f"{name} is a directory on the host (not replaced by a file)")
+    tmp = f".{name}.{secrets.token_hex(4)}.qemukit-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+            os.fchmod(out.fileno(), mode)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _open_tar(archive: BinaryIO) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=archive, mode="r:")
+    except tarfile.TarError as exc:
+        raise GuestError(f"the guest sent no valid tar archive: {exc}") from exc
+
+
+def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    try:
+        return tar.getmembers()
+    except tarfile.TarError as exc:
+        raise GuestError(f"the guest's tar archive is damaged: {exc}") from exc
+
+
+def _unpack(archive: BinaryIO, name: str, target: Path) -> list[str]:
     """Unpack the tar holding directory ``name`` as ``target`` (merged into it if it exists).
 
-    Unpacked beside ``target`` first and then renamed, so a bad archive
-    leaves nothing; tarfile's ``tar`` filter keeps modes but refuses paths
-    outside the directory and drops set-id bits.
+    The guest wrote the tar: see the rules above. Every name is checked before
+    anything is written, so a hostile name refuses the whole copy. A new
+    ``target`` is built beside it and renamed into place, so a failed copy
+    leaves nothing; into an existing one each file is renamed into place. Returns
+    what was skipped (each also logged as a warning).
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = _current_umask()
+    with _open_tar(archive) as tar:
+        members = _members(tar)
+        planned = [(m, _member_parts(m.name, name)) for m in members]
+        if not planned:
+            raise GuestError(f"the guest's archive holds no directory {name!r}")
+        for m, parts in planned:
+            if not parts and not m.isdir():
+                raise GuestError(f"the guest's archive holds {name!r} as no directory")
+        parent_fd = os.open(target.parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        staging: str | None = None
+        try:
+            try:
+                root_fd = os.open(target.name, _DIR_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                staging = f".{target.name}.{secrets.token_hex(4)}.qemukit-tmp"
+                os.mkdir(staging, 0o700, dir_fd=parent_fd)
+                root_fd = os.open(staging, _DIR_FLAGS, dir_fd=parent_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise StateError(f"{target} exists and is not a directory (a symlink is "
+                                     "not followed)") from None
+                raise
+            try:
+                tree = _Tree(root_fd, umask, name)
+                if staging is not None:
+                    tree.made.add(())
+                _extract(tar, planned, tree)
+                if staging is not None:
+                    os.rename(staging, target.name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+                    staging = None
+            finally:
+                os.close(root_fd)
+        finally:
+            if staging is not None:
+                _remove_tree(parent_fd, staging)
+            os.close(parent_fd)
+    skipped = list(dict.fromkeys(tree.skipped))  # each blocked place once, not per entry below it
+    for why in skipped:
+        log.warning("copy out to %s: skipped %s", target, why)
+    return skipped
+
+
+def _extract(tar: tarfile.TarFile, planned: list[tuple[tarfile.TarInfo, tuple[str, ...]]],
+             tree: _Tree) -> None:
+    links: dict[tuple[str, ...], str] = {}
+    dir_modes: dict[tuple[str, ...], int] = {}
+    for member, parts in planned:
+        shown = "/".join((member.name.strip("/").split("/")[0], *parts))
+        links.pop(parts, None)  # the last entry of a name wins, as in tar
+        try:
+            if member.isdir():
+                os.close(tree.open_dir(parts))
+                dir_modes[parts] = member.mode
+            elif member.isreg():
+                data = tar.extractfile(member)
+                assert data is not None
+                tree.file(parts, data, member.mode)
+            elif member.issym():
+                if not parts:
+                    raise _Skip(f"{shown}: the copied directory itself is a symlink")
+                if not _link_stays_inside(len(parts) - 1, member.linkname):
+                    raise _Skip(f"{shown}: a symlink to {member.linkname!r}, which may lead "
+                                "out of the copied tree")
+                links[parts] = member.linkname  # made last: nothing can be written through it
+            elif member.islnk():
+                raise _Skip(f"{shown}: a hard link (to {member.linkname!r})")
+            else:
+                kind = ("a device file" if member.ischr() or member.isblk() else
+                        "a FIFO" if member.isfifo() else "an entry of an unknown type")
+                raise _Skip(f"{shown}: {kind}")
+        except _Skip as skip:
+            tree.skipped.append(str(skip))
+        except tarfile.TarError as exc:
+            raise GuestError(f"the guest's tar archive is damaged at {shown}: {exc}") from exc
+    for parts, target in links.items():
+        try:
+            tree.symlink(parts, target)
+        except _Skip as skip:
+            tree.skipped.append(str(skip))
+    # Directory modes last and deepest first: a read-only one must not stop its children.
+    for parts in sorted(dir_modes, key=len, reverse=True):
+        try:
+            tree.directory(parts, dir_modes[parts])
+        except _Skip as skip:
+            tree.skipped.append(str(skip))
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` and everything below it, following no symlink."""
     try:
-        with tarfile.open(fileobj=archive, mode="r") as tar:
-            tar.extractall(staging, filter="tar")
-        tree = staging / name
-        if not tree.is_dir():
-            raise AgentError(f"the guest's archive holds no directory {name!r}")
-        if target.exists():
-            shutil.copytree(tree, target, dirs_exist_ok=True)
-        else:
-            os.rename(tree, target)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            os.unlink(name, dir_fd=dir_fd)
+        elif exc.errno != errno.ENOENT:
+            log.warning("cannot remove the staging directory %s: %s", name, exc)
+        return
+    try:
+        os.fchmod(fd, 0o700)
+        for entry in os.listdir(fd):
+            _remove_tree(fd, entry)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _unpack_file(archive: BinaryIO, name: str, target: Path) -> None:
+    """The one regular file ``name`` of the guest's tar, written to ``target`` (mode cleaned).
+
+    Written under a temporary name beside ``target`` and renamed over it, so a
+    symlink at ``target`` is replaced, not written through, and a failure leaves nothing.
+    """
+    umask = _current_umask()
+    with _open_tar(archive) as tar:
+        members = _members(tar)
+        if len(members) != 1 or _member_parts(members[0].name, name) or not members[0].isreg():
+            raise GuestError(f"the guest's archive holds more or other than the regular file "
+                             f"{name!r}: copy refused, nothing written")
+        data = tar.extractfile(members[0])
+        assert data is not None
+        parent_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _write_new(parent_fd, target.name, data,
+                       _clean_mode(members[0].mode, umask, directory=False))
+        except _Skip:
+            raise StateError(f"{target} is a directory on the host") from None
+        finally:
+            os.close(parent_fd)
 
 
 # -- the same copies over ssh, for guests without an agent --------------------------------
 
-#: Gives the ssh argv running one remote shell command (``AsyncVM.ssh_argv`` with batch options).
-SshArgv = Callable[[str], Awaitable[list[str]]]
+#: Gives the ssh argv running one command (an argv) in the guest (``AsyncVM.ssh_argv`` with
+#: batch options; each word reaches the guest intact).
+SshArgv = Callable[[Sequence[str]], Awaitable[list[str]]]
 
 
-def _remote(script: str) -> str:
-    """``script`` as the one string ssh hands the login shell: run by ``sh`` whatever that shell is."""
-    return "sh -c " + shlex.quote(script)
+def _remote(script: str) -> list[str]:
+    """``script`` as a command run by ``sh`` whatever the login shell is."""
+    return ["sh", "-c", script]
 
 
 async def _ssh_run(ssh: SshArgv, script: str, timeout: float, what: str, *,
@@ -316,6 +627,9 @@ def _copy_out_target(kind: list[str], guest_path: str, host_path: str | os.PathL
         raise GuestError(f"no such file or directory in the guest: {guest_path}")
     if kind[0] == "other":
         raise GuestError(f"{guest_path} in the guest is neither a regular file nor a directory")
+    if (kind[0] not in ("d", "f") or len(kind) != (2 if kind[0] == "d" else 3)
+            or not set(kind[1]) <= set("01234567") or not all(w.isdigit() for w in kind[2:])):
+        raise GuestError(f"the guest answered {' '.join(kind)[:80]!r} about {guest_path}")
     if kind[0] == "d" and not recursive:
         raise StateError(f"{guest_path} in the guest is a directory "
                          "(copy it with recursive=True, cp -r)")
@@ -354,26 +668,6 @@ async def ssh_copy_out(ssh: SshArgv, guest_path: str, host_path: str | os.PathLi
         else:
             await asyncio.to_thread(_unpack_file, spool, name, target)
     return target
-
-
-def _unpack_file(archive: BinaryIO, name: str, target: Path) -> None:
-    """The regular file ``name`` of a tar, written to ``target`` under a temporary name, mode kept."""
-    with tarfile.open(fileobj=archive, mode="r") as tar:
-        member = tar.getmember(name)
-        if not member.isreg():
-            raise GuestError(f"the guest's archive holds no regular file {name!r}")
-        data = tar.extractfile(member)
-        assert data is not None
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".qemukit-tmp",
-                                        dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(data, out, _COPY_CHUNK)
-            os.chmod(tmp_name, member.mode & 0o777)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
 
 
 class AsyncGuest:
@@ -506,11 +800,11 @@ class AsyncGuest:
             f"d={g}; if [ -d \"$d\" ]; then d=\"${{d%/}}/\"{base}; fi\n"
             "p=$(dirname \"$d\")\n"
             "[ -d \"$p\" ] || { echo \"no such directory in the guest: $p\" >&2; exit 2; }\n"
-            "[ -d \"$d\" ] && [ ! -d " + shlex.quote(str(src)) + " ] && "
-            "{ echo \"$d is a directory\" >&2; exit 2; }\n"
-            "printf '%s' \"$d\"", 60.0, f"cannot copy {src} to {guest_path}")
+            + ("" if stat.S_ISDIR(st.st_mode) else
+               "[ -d \"$d\" ] && { echo \"$d is a directory\" >&2; exit 2; }\n")
+            + "printf '%s' \"$d\"", 60.0, f"cannot copy {src} to {guest_path}")
         dest = where.stdout_text
-        q = shlex.quote(dest)
+        q, n = shlex.quote(dest), shlex.quote(PurePosixPath(dest).name)
         with contextlib.ExitStack() as stack:
             if stat.S_ISDIR(st.st_mode):
                 spool = stack.enter_context(tempfile.TemporaryFile())
@@ -527,8 +821,9 @@ class AsyncGuest:
                         f"s=$(mktemp -d \"$(dirname {q})/.qemukit-cp.XXXXXX\") || exit 91\n"
                         f"head -c {size} \"$dev\" | tar -x -f - -C \"$s\" || "
                         "{ rm -rf \"$s\"; exit 92; }\n"
-                        f"if [ -d {q} ]; then cp -a \"$s\"/*/. {q}/ && rm -rf \"$s\"; "
-                        f"else mv \"$s\"/* {q} && rmdir \"$s\"; fi\n")
+                        # The packed name, not a glob: '*' misses a name with a leading dot.
+                        f"if [ -d {q} ]; then cp -a \"$s\"/{n}/. {q}/ && rm -rf \"$s\"; "
+                        f"else mv \"$s\"/{n} {q} && rmdir \"$s\"; fi\n")
                 else:
                     body = (
                         f"t={q}.qemukit-tmp.$$\n"
@@ -590,8 +885,8 @@ class AsyncGuest:
                     await asyncio.to_thread(_unpack, sink, name, target)
                     tmp.unlink()
                 else:
-                    os.chmod(tmp, mode)
-                    os.replace(tmp, target)
+                    os.fchmod(sink.fileno(), _clean_mode(mode, _current_umask(), directory=False))
+                    os.replace(tmp, target)  # a symlink at target is replaced, not followed
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise

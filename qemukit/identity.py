@@ -28,23 +28,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from ._launch.argv import nic_ids
-from ._launch.process import run_command
+from ._launch.seed import HOST_KEY_TYPES, generate_host_keys
 from ._wire.agent import ExecResult
-from .errors import HostError, StateError
+from .errors import StateError
 from .spec import VMSpec
 
 __all__ = ["HOST_KEY_TYPES", "CloneIdentity", "host_keys", "random_mac", "reidentify"]
 
-#: The ssh host key types a clone gets (fast to make; sshd's defaults minus RSA).
-HOST_KEY_TYPES = ("ed25519", "ecdsa")
 
 # $1 host name, $2 machine id, $3 login user, $4 authorized_keys (base64), $5 MAC pairs
 # ("old=new ..."), $6 host entropy (hex), then (file name, base64) pairs of host key files.
@@ -132,21 +128,7 @@ def random_mac() -> str:
 
 def host_keys(comment: str, types: Sequence[str] = HOST_KEY_TYPES) -> dict[str, bytes]:
     """New ssh host key files (``ssh_host_<type>_key`` and ``.pub``) made with ssh-keygen."""
-    out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="qemukit-hostkeys-") as tmp:
-        for key_type in types:
-            path = Path(tmp) / f"ssh_host_{key_type}_key"
-            try:
-                made = run_command(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", comment,
-                                    "-f", str(path)], timeout=30)
-            except HostError as exc:
-                raise HostError(f"{exc}; install openssh-client to get ssh-keygen") from exc
-            if made.returncode != 0:
-                raise HostError(f"ssh-keygen -t {key_type} failed (exit {made.returncode}): "
-                                f"{made.stderr.strip()}")
-            out[path.name] = path.read_bytes()
-            out[path.name + ".pub"] = path.with_name(path.name + ".pub").read_bytes()
-    return out
+    return generate_host_keys(comment, types)
 
 
 async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
@@ -154,7 +136,9 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
                      timeout: float = 60.0) -> CloneIdentity:
     """Give the running clone ``vm`` its own identity (see the module's docstring).
 
-    ``keys`` are host key files from :func:`host_keys` (made here if None).
+    ``keys`` are host key files from :func:`host_keys` (made here if None); a
+    clone is given its seed's (:attr:`qemukit.seed.Seed.host_keys`), the ones
+    pinned in its known_hosts and the ones cloud-init installs if it reboots.
     Raises :class:`StateError` with the guest's stderr if the command fails.
     """
     spec = vm.spec

@@ -11,10 +11,11 @@ forwards, those the port watcher added marked ``auto``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -103,9 +104,14 @@ def cp_command(recursive: bool, timeout: float, via: str, src: str, dst: str) ->
     \b
     One side is NAME:PATH (a path in VM NAME's guest), the other a host path:
       qemukit cp ./build.tar vm1:/tmp/       qemukit cp -r vm1:/var/log ./logs
-    Like cp: into DST if it is a directory, else as DST. Modes are kept;
-    the file is written under a temporary name and renamed, so a failed copy
-    leaves nothing behind. Goes through the guest agent (the tiny image's or
+    Like cp: into DST if it is a directory, else as DST. Modes are kept,
+    except that on the host setuid, setgid, sticky and group/other write are
+    dropped and your umask applies; each file is written under a temporary
+    name and renamed, so a failed copy leaves nothing behind. What the guest
+    sends is untrusted: a copy out never writes or reads outside DST, never
+    follows a symlink there, and skips (with a warning) hard links, device
+    files, FIFOs and symlinks that could lead out of the copied tree.
+    Goes through the guest agent (the tiny image's or
     qemu-guest-agent), or where there is none (an imported image without
     qemu-guest-agent) as a tar over ssh, logged in as the seed's user;
     progress is shown on a terminal for large files.
@@ -125,6 +131,20 @@ def cp_command(recursive: bool, timeout: float, via: str, src: str, dst: str) ->
         target = Path(str(b)).expanduser()
         if not target.is_dir() and not target.parent.is_dir():
             raise errors.StateError(f"no such directory on the host: {target.parent}")
+    # What a copy out skips (hard links, devices, links leaving the tree) is logged as a
+    # warning by qemukit.guest: show it.
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setLevel(logging.WARNING)
+    shown.setFormatter(logging.Formatter("qemukit: cp: %(message)s"))
+    guest_log = logging.getLogger("qemukit.guest")
+    guest_log.addHandler(shown)
+    with contextlib.ExitStack() as stack:
+        stack.callback(guest_log.removeHandler, shown)
+        _copy(remote, a, b, recursive, progress, timeout, via)
+
+
+def _copy(remote: GuestPath, a: GuestPath | str, b: GuestPath | str, recursive: bool,
+          progress: _ProgressLine, timeout: float, via: str) -> None:
     with attached(remote.name) as vm:
         try:
             if isinstance(a, str):
@@ -162,13 +182,16 @@ def shell_command(name: str, user: str | None, command: tuple[str, ...]) -> None
     """
     with attached(name) as vm:
         ssh = _has_ssh(vm)
-        # ssh hands the remote shell one string: quote the argv so it arrives as given.
-        argv = vm.ssh_argv([shlex.join(command)] if command else [], user=user,
+        # ssh_argv quotes each word for the remote shell: CMD arrives as given.
+        argv = vm.ssh_argv(list(command), user=user,
                            options=() if command else ("-t",)) if ssh else None
         result = None
         if argv is None and command:
             result = vm.exec(list(command), timeout=None)
     if argv is not None:
+        from ._guest import warn_unpinned
+
+        warn_unpinned(name, argv)
         try:
             os.execvp(argv[0], argv)
         except OSError as exc:

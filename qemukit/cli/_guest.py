@@ -3,8 +3,10 @@
 Registered on :func:`qemukit.cli.main` when the CLI module loads.
 ``qemukit ssh NAME [-- CMD...]`` replaces itself with ``ssh`` (an argv list,
 no shell) logged in through the VM's 127.0.0.1 port forward with the key
-its cloud-init seed authorized; host keys are neither checked nor stored,
-since each boot of a seeded guest makes new ones on a new port.
+its cloud-init seed authorized, offering no other; the host keys qemukit
+gave the guest are pinned (``known_hosts`` in the VM's runtime directory);
+the user's ssh config is not read, so the untrusted guest gets no agent or
+X11 forwarding. Each word of CMD reaches the guest intact.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ._common import attached, name_argument
 
 __all__ = [
     "apply_run_options", "apply_seed_options", "image_summary", "keep_disks", "kept_dir",
-    "ssh_command",
+    "ssh_command", "warn_unpinned",
 ]
 
 
@@ -134,18 +136,27 @@ def _base_stamp(path: str) -> str:
 @click.option("-l", "--user", help="Log in as USER (default: the seed's user, 'debian').")
 @click.option("--print", "print_only", is_flag=True,
               help="Print the ssh command line instead of running it.")
+@click.option("-o", "--option", "ssh_options", multiple=True, metavar="KEY=VALUE",
+              help="An ssh -o option, which wins over qemukit's (e.g. ForwardAgent=yes if you "
+              "trust the guest); repeatable.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[str, ...]) -> None:
+def ssh_command(name: str, user: str | None, print_only: bool, ssh_options: tuple[str, ...],
+                command: tuple[str, ...]) -> None:
     """Log in to a running VM over ssh, or run CMD there: qemukit ssh NAME [-- CMD...].
 
     \b
     Goes through the VM's port forward to guest port 22 on 127.0.0.1, with
     the key its cloud-init seed authorized (generated per VM unless
-    --ssh-key was given to run). Exits with ssh's status (the command's,
-    or 255 if ssh itself failed).
+    --ssh-key was given to run) and no other. The guest's host key is
+    checked against the one qemukit gave it; your ~/.ssh/config is not
+    read (no agent or X11 forwarding, no ProxyCommand) unless you pass -o.
+    Each word of CMD arrives as one argument, as with exec. Exits with
+    ssh's status (the command's, or 255 if ssh itself failed).
     """
     with attached(name) as vm:
-        argv = vm.ssh_argv(list(command), user=user)
+        argv = vm.ssh_argv(list(command), user=user,
+                           options=[w for opt in ssh_options for w in ("-o", opt)])
+    warn_unpinned(name, argv)
     if print_only:
         click.echo(shlex.join(argv))
         return
@@ -154,6 +165,14 @@ def ssh_command(name: str, user: str | None, print_only: bool, command: tuple[st
     except OSError as exc:
         raise errors.HostError(
             f"cannot run {argv[0]}: {exc.strerror}; install openssh-client") from exc
+
+
+def warn_unpinned(name: str, argv: list[str]) -> None:
+    """Say so on stderr when ``argv`` cannot check the guest's host key (qemukit knows none)."""
+    if "StrictHostKeyChecking=no" in argv:
+        click.echo(f"qemukit: {name}: the guest's host key is unknown to qemukit (no seed it "
+                   "made, or user-data of its own that sets host keys or is MIME): "
+                   "not checked", err=True)
 
 
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).

@@ -451,8 +451,9 @@ class AsyncVM:
         its ssh host keys are made while QEMU loads the state.
         """
         seed = self._seed
+        # The seed's host keys (pinned in known_hosts) if it has them, else new ones.
         keys_task = (asyncio.ensure_future(asyncio.to_thread(host_keys, f"root@{seed.hostname}"))
-                     if seed is not None else None)
+                     if seed is not None and seed.host_keys is None else None)
         try:
             try:
                 await restore_vm(self, bundle, SAVE_TIMEOUT)
@@ -463,9 +464,16 @@ class AsyncVM:
                     + ("removed, so the next start boots and saves a new one" if removed else
                        "in use by another process; 'qemukit cache clear' removes it")) from exc
             await self._set_guest_clock()
-            if seed is not None and keys_task is not None:
+            if seed is not None:
+                keys = seed.host_keys if keys_task is None else await keys_task
                 self.identity = await reidentify(self, seed.hostname, seed.public_keys,
-                                                 keys=await keys_task)
+                                                 keys=keys)
+                if keys_task is not None and self.runtime is not None:
+                    from .._launch.seed import KNOWN_HOSTS_FILE, host_key_alias, write_known_hosts
+
+                    write_known_hosts(self.runtime.path / KNOWN_HOSTS_FILE,
+                                      host_key_alias(self.runtime.name),
+                                      list(self.identity.host_keys.values()))
         finally:
             if keys_task is not None:
                 await cancel_and_wait(keys_task)
@@ -1120,17 +1128,20 @@ class AsyncVM:
                        options: Sequence[str] = ()) -> list[str]:
         """The ``ssh`` argv reaching this guest through its forward, with the seed's key.
 
-        Host keys are neither checked nor recorded: every boot of a seeded
-        guest makes new ones, on a port that changes each time.
+        ``command`` is an argv, each word quoted for the remote shell. The host
+        keys qemukit gave the guest (its seed's, a warm clone's) are pinned
+        through ``known_hosts`` in the runtime directory; where qemukit knows
+        none, they are not checked. See :func:`qemukit.seed.ssh_argv`.
         """
-        from .._launch.seed import identity_file, ssh_argv
+        from .._launch.seed import host_key_alias, identity_file, known_hosts_file, ssh_argv
 
         assert self.runtime is not None
         host_addr, port = await self.ssh_address()
         ci = self.spec.cloud_init
         login = user or (ci.ssh_user if ci is not None else None) or os.environ.get("USER", "root")
         return ssh_argv(host_addr, port, login, identity_file(ci, self.runtime.path), command,
-                        options=options)
+                        known_hosts=known_hosts_file(self.runtime.path),
+                        alias=host_key_alias(self.runtime.name), options=options)
 
     async def wait_ssh(self, timeout: float | None = None) -> float:
         """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
@@ -1254,8 +1265,8 @@ class AsyncVM:
             return "ssh"
         return "agent"
 
-    async def _ssh_command(self, command: str) -> list[str]:
-        return await self.ssh_argv([command], options=("-o", "BatchMode=yes",
+    async def _ssh_command(self, command: Sequence[str]) -> list[str]:
+        return await self.ssh_argv(command, options=("-o", "BatchMode=yes",
                                                        "-o", "ConnectTimeout=30"))
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:

@@ -124,9 +124,9 @@ def test_ssh_runs_id_and_the_system_is_running(booted: Booted) -> None:
     assert "(sudo)" in result.stdout
     result = qk("ssh", NAME, "--", "systemctl", "is-system-running", "--wait", timeout=180)
     assert result.stdout.strip() == "running", (result.stdout, result.stderr)
-    assert qk("ssh", NAME, "--", "sh", "-c", "'exit 5'").returncode == 5
+    assert qk("ssh", NAME, "--", "sh", "-c", "exit 5").returncode == 5  # each word intact
     printed = qk("ssh", NAME, "--print", "--", "true").stdout
-    assert "StrictHostKeyChecking=no" in printed and "UserKnownHostsFile=/dev/null" in printed
+    assert "StrictHostKeyChecking=yes" in printed and "UserKnownHostsFile=" in printed
     assert "127.0.0.1" in printed
 
 

@@ -128,7 +128,7 @@ def test_ssh_logs_in_and_returns_exit_codes(booted: Booted) -> None:
     assert result.stdout.strip() == "aarch64"
     result = qk("ssh", NAME, "--", "id")
     assert result.stdout.startswith("uid=1000(debian)") and "(sudo)" in result.stdout
-    assert qk("ssh", NAME, "--", "sh", "-c", "'exit 5'").returncode == 5
+    assert qk("ssh", NAME, "--", "sh", "-c", "exit 5").returncode == 5
     state = qk("ssh", NAME, "--", "systemctl", "is-system-running", "--wait", timeout=600)
     assert state.stdout.strip() == "running", (state.stdout, state.stderr, qk(
         "ssh", NAME, "--", "systemctl", "--failed", "--no-legend").stdout)

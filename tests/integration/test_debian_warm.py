@@ -103,6 +103,38 @@ def test_sshd_presents_the_clones_own_host_key_and_logs_in_with_its_own_key(
         assert (login.returncode, login.stdout.strip()) == (0, name), login.stderr
 
 
+def test_ssh_keeps_each_word_and_checks_the_clones_pinned_host_key(
+        clones: dict[str, str], state_root: Path, tmp_path: Path) -> None:
+    name = NAMES[0]
+    # Each word arrives as one argument (ssh alone would run 'sh -c echo a | cat').
+    r = run_qemukit("ssh", name, "--", "sh", "-c", "echo a | cat", timeout=120)
+    assert (r.returncode, r.stdout) == (0, "a\n"), r.stderr
+    r = run_qemukit("ssh", name, "--", "printf", "[%s]", "a b", "$HOME", "", timeout=120)
+    assert (r.returncode, r.stdout) == (0, "[a b][$HOME][]"), r.stderr
+    printed = run_qemukit("ssh", name, "--print", "--", "true").stdout
+    for option in ("-F /dev/null", "StrictHostKeyChecking=yes", f"HostKeyAlias=qemukit-{name}",
+                   "IdentitiesOnly=yes", "ForwardAgent=no", "ProxyCommand=none"):
+        assert option in printed, printed
+    # The pin is the key sshd presents (the clone's own, given by qemukit).
+    known = state_root / name / "known_hosts"
+    assert known.stat().st_mode & 0o077 == 0
+    assert facts(name)["host_key"] in known.read_text()
+    saved = known.read_text()
+    wrong = tmp_path / "wrong"
+    made = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key_type, key = (wrong.with_suffix(".pub")).read_text().split()[:2]
+    try:
+        known.write_text(f"qemukit-{name} {key_type} {key}\n")
+        r = run_qemukit("ssh", name, "--", "true", timeout=120)
+        assert r.returncode == 255, (r.stdout, r.stderr)
+        assert "Host key verification failed" in r.stderr, r.stderr
+    finally:
+        known.write_text(saved)
+    assert run_qemukit("ssh", name, "--", "true", timeout=120).returncode == 0
+
+
 def test_a_file_written_in_one_clone_is_in_no_other(clones: dict[str, str],
                                                     user_data: Path) -> None:
     with attached(NAMES[0]) as vm:

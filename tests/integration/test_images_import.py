@@ -95,7 +95,7 @@ def test_booted_by_its_own_bootloader_not_kernel(booted: str) -> None:
 
 
 def test_uefi_and_the_esp_are_mounted(booted: str) -> None:
-    out = qk("ssh", booted, "--", "sh", "-c", "'test -d /sys/firmware/efi && findmnt -no FSTYPE /boot/efi'")
+    out = qk("ssh", booted, "--", "sh", "-c", "test -d /sys/firmware/efi && findmnt -no FSTYPE /boot/efi")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "vfat"
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email
 import json
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -11,18 +13,24 @@ from pathlib import Path
 
 import pycdlib
 import pytest
+import yaml
 
 from qemukit import Drive, HostError, Nic, PortForward, SpecError, StateError, VMSpec, WaitTimeout
 from qemukit._launch.seed import (
+    KNOWN_HOSTS_FILE,
+    SSH_OPTIONS_SAFE,
     SSH_OPTIONS_THROWAWAY,
     build_seed,
     default_user_data,
+    host_key_alias,
     identity_file,
+    known_hosts_file,
     parse_usernet,
     read_seed_iso,
     seed_device_args,
     ssh_argv,
     wait_for_ssh,
+    write_known_hosts,
 )
 from qemukit.images import debian
 from qemukit.spec import CloudInit
@@ -58,8 +66,8 @@ def test_seed_iso_has_cidata_label_and_both_names(tmp_path: Path, pubkey: Path) 
         iso.close()
     files = read_seed_iso(seed.iso)
     assert set(files) == {"meta-data", "user-data"}
-    assert files["user-data"] == default_user_data()
     assert files["user-data"].startswith(b"#cloud-config\n")
+    assert default_user_data().startswith(b"#cloud-config\n")
 
 
 def test_meta_data_carries_hostname_keys_and_instance_id(tmp_path: Path, pubkey: Path) -> None:
@@ -80,9 +88,57 @@ def test_user_data_passes_through_byte_for_byte(tmp_path: Path, pubkey: Path) ->
     user_data.write_bytes(payload)
     seed = build_seed(CloudInit(ssh_key=str(pubkey), user_data=str(user_data)), tmp_path, "vm")
     files = read_seed_iso(seed.iso)
-    assert files["user-data"] == payload
+    # beside qemukit's host-key part in a MIME multipart, the user's part byte for byte
+    parts = user_data_parts(files["user-data"])
+    assert parts[0] == ("text/plain", payload)
+    assert parts[1][0] == "text/cloud-config"
     # the keys still come with the meta-data, so a user's file need not repeat them
     assert json.loads(files["meta-data"])["public-keys"] == [PUBKEY]
+    assert seed.host_keys is not None  # so pinned
+
+
+def user_data_parts(data: bytes) -> list[tuple[str, bytes]]:
+    msg = email.message_from_bytes(data)
+    assert msg.is_multipart()
+    return [(part.get_content_type(), part.get_payload(decode=True))
+            for part in msg.get_payload()]
+
+
+def _cloud_config(data: bytes) -> dict[str, object]:
+    assert data.startswith(b"#cloud-config\n")
+    return dict(yaml.safe_load(data))
+
+
+def test_the_seed_gives_the_guest_host_keys_and_pins_them(tmp_path: Path, pubkey: Path) -> None:
+    seed = build_seed(CloudInit(ssh_key=str(pubkey)), tmp_path, "box")
+    assert seed.host_keys is not None
+    assert sorted(seed.host_keys) == ["ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub",
+                                      "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    config = _cloud_config(read_seed_iso(seed.iso)["user-data"])
+    keys = config["ssh_keys"]
+    assert isinstance(keys, dict)
+    assert keys["ed25519_public"] == seed.host_keys["ssh_host_ed25519_key.pub"].decode()
+    assert keys["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert "bootcmd" in config  # the same keys again on every boot (a kept disk)
+    known = tmp_path / KNOWN_HOSTS_FILE
+    assert known_hosts_file(tmp_path) == known
+    assert known.stat().st_mode & 0o077 == 0
+    lines = known.read_text().splitlines()
+    ed = seed.host_keys["ssh_host_ed25519_key.pub"].decode().split()
+    assert f"{host_key_alias('box')} {ed[0]} {ed[1]}" in lines and len(lines) == 2
+
+
+def test_host_keys_are_not_pinned_when_the_user_data_sets_them_or_is_mime(
+        tmp_path: Path, pubkey: Path) -> None:
+    own = tmp_path / "own"
+    own.write_text("#cloud-config\nssh_keys:\n  ed25519_private: x\n")
+    build_seed(CloudInit(ssh_key=str(pubkey), user_data=str(own)), tmp_path, "vm")
+    assert known_hosts_file(tmp_path) is None
+    mime = tmp_path / "mime"
+    mime.write_bytes(b"Content-Type: multipart/mixed; boundary=x\n\n--x--\n")
+    seed = build_seed(CloudInit(ssh_key=str(pubkey), user_data=str(mime)), tmp_path, "vm")
+    assert seed.host_keys is None and known_hosts_file(tmp_path) is None
+    assert read_seed_iso(seed.iso)["user-data"] == mime.read_bytes()
 
 
 def test_instance_id_follows_the_seed_content(tmp_path: Path, pubkey: Path) -> None:
@@ -117,7 +173,8 @@ def test_a_private_key_or_missing_file_is_refused(tmp_path: Path) -> None:
 
 def test_identity_file_is_the_private_half_of_a_given_key(tmp_path: Path, pubkey: Path) -> None:
     assert identity_file(None, tmp_path) is None
-    assert identity_file(CloudInit(ssh_key=str(pubkey)), tmp_path) is None  # no private half here
+    # no private half here: the .pub itself, so ssh uses the agent's matching key and no other
+    assert identity_file(CloudInit(ssh_key=str(pubkey)), tmp_path) == pubkey
     (tmp_path / "id_test").write_text("private")
     assert identity_file(CloudInit(ssh_key=str(pubkey)), tmp_path) == tmp_path / "id_test"
     assert identity_file(CloudInit(), tmp_path) is None  # nothing generated yet
@@ -198,15 +255,57 @@ def test_parse_usernet_reads_bound_forwards_only() -> None:
     assert parse_usernet("") == []
 
 
-def test_ssh_argv_is_a_list_with_key_and_no_host_key_prompts() -> None:
-    argv = ssh_argv("127.0.0.1", 40043, "debian", Path("/rt/ssh_key"), ["echo", "a b", ";id"])
+def _opts(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "-o"]
+
+
+def test_ssh_argv_offers_one_key_reads_no_user_config_and_forwards_nothing() -> None:
+    argv = ssh_argv("127.0.0.1", 40043, "debian", Path("/rt/ssh_key"), ["true"])
     assert argv[:5] == ["ssh", "-p", "40043", "-l", "debian"]
-    assert argv[5:9] == ["-i", "/rt/ssh_key", "-o", "IdentitiesOnly=yes"]
-    assert all(opt in argv for opt in SSH_OPTIONS_THROWAWAY)
-    assert "StrictHostKeyChecking=no" in argv and "UserKnownHostsFile=/dev/null" in argv
-    assert argv[-5:] == ["127.0.0.1", "--", "echo", "a b", ";id"]
-    bare = ssh_argv("127.0.0.1", 2222, "root", None, throwaway=False)
-    assert bare == ["ssh", "-p", "2222", "-l", "root", "127.0.0.1"]
+    assert argv[argv.index("-F") + 1] == "/dev/null"  # ~/.ssh/config and /etc/ssh/ssh_config
+    assert argv[argv.index("-i") + 1] == "/rt/ssh_key"
+    opts = _opts(argv)
+    for opt in ("IdentitiesOnly=yes", "ForwardAgent=no", "ForwardX11=no", "ProxyCommand=none",
+                "ProxyJump=none", "PermitLocalCommand=no", "ControlMaster=no",
+                "UpdateHostKeys=no", "GlobalKnownHostsFile=/dev/null"):
+        assert opt in opts
+    assert all(opt in argv for opt in SSH_OPTIONS_SAFE)
+
+
+def test_ssh_argv_pins_known_host_keys_and_says_when_it_cannot(tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    pinned = ssh_argv("127.0.0.1", 2222, "root", None, known_hosts=known, alias="qemukit-vm")
+    assert {"StrictHostKeyChecking=yes", f"UserKnownHostsFile={known}",
+            "HostKeyAlias=qemukit-vm"} <= set(_opts(pinned))
+    assert "StrictHostKeyChecking=no" not in pinned
+    loose = ssh_argv("127.0.0.1", 2222, "root", None)
+    assert all(opt in loose for opt in SSH_OPTIONS_THROWAWAY)
+    assert "-i" not in loose and "IdentitiesOnly=yes" in loose
+
+
+def test_ssh_argv_keeps_each_word_of_the_command_intact() -> None:
+    argv = ssh_argv("127.0.0.1", 40043, "debian", None, ["sh", "-c", "echo a | cat"])
+    assert argv[-3:-1] == ["127.0.0.1", "--"]
+    # ssh hands the remote shell one string; that shell splits it back into the same argv
+    remote = argv[-1]
+    assert shlex.split(remote) == ["sh", "-c", "echo a | cat"]
+    out = subprocess.run(["sh", "-c", remote], capture_output=True, text=True, check=True)
+    assert out.stdout == "a\n"
+    odd = ["printf", "%s|", "a b", ";id", "$(id)", "'q'", "", "*"]
+    out = subprocess.run(["sh", "-c", ssh_argv("h", 1, "u", None, odd)[-1]],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout == "a b|;id|$(id)|'q'||*|"
+
+
+def test_an_explicit_option_of_the_caller_comes_first_so_it_wins() -> None:
+    argv = ssh_argv("127.0.0.1", 1, "u", None, options=("-o", "ForwardAgent=yes"))
+    assert argv.index("ForwardAgent=yes") < argv.index("ForwardAgent=no")
+    assert "-a" not in argv and "-x" not in argv  # flags would override the -o (seen in a guest)
+
+
+def test_write_known_hosts_refuses_what_is_not_a_key(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match="not an ssh public key"):
+        write_known_hosts(tmp_path / "k", "a", ["evil\n* ssh-ed25519 AAAA"])
 
 
 def test_wait_for_ssh_retries_until_a_login_works(tmp_path: Path) -> None:
