@@ -547,6 +547,13 @@ class AsyncVM:
                 f"VM {self.spec.name or ''!r}: QMP also listens on 127.0.0.1:{self.spec.qmp_tcp_port};"
                 " any local user who can connect there controls the VM", stacklevel=3,
             )
+        if self.spec.gdb_port is not None:
+            warnings.warn(
+                f"VM {self.spec.name or ''!r}: the gdb stub listens on TCP ("
+                f"{f'127.0.0.1:{self.spec.gdb_port}' if self.spec.gdb_port else 'a free port of 127.0.0.1'}"
+                "); any local user who can connect there controls the VM (gdb's monitor command "
+                "runs QEMU monitor commands)", stacklevel=3,
+            )
         await asyncio.to_thread(self._prepare)
         assert self.accel is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
@@ -937,21 +944,28 @@ class AsyncVM:
                 ) from None
             raise
 
-    async def gdb_address(self) -> tuple[str, int]:
-        """Where QEMU's gdb stub listens (``spec.gdb_port``; with 0, the port the kernel picked).
+    async def gdb_address(self) -> str:
+        """Where QEMU's gdb stub listens, as gdb's ``target remote`` takes it.
 
-        Connect with ``gdb vmlinux -ex 'target remote HOST:PORT'``. Raises
-        :class:`StateError` if the spec has no gdb stub.
+        By default (``spec.gdb``) the path of a Unix socket in the VM's private
+        runtime directory; with ``spec.gdb_port``, ``127.0.0.1:PORT`` (for 0, the
+        port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
+        ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
         """
-        if self.spec.gdb_port is None:
-            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb_port, "
+        if not self.spec.gdb:
+            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb=True, "
                              "qemukit run --gdb)")
         for chardev in await self.qmp("query-chardev"):
-            if chardev.get("label") == GDB_CHARDEV:
-                # e.g. "disconnected:tcp:127.0.0.1:40937,server=on": the bound address.
-                match = re.search(r"tcp:([\d.]+):(\d+)", str(chardev.get("filename", "")))
-                if match:
-                    return match.group(1), int(match.group(2))
+            if chardev.get("label") != GDB_CHARDEV:
+                continue
+            # e.g. "disconnected:tcp:127.0.0.1:40937,server=on" (the bound address) or
+            # "disconnected:unix:/run/.../gdb.sock,server=on".
+            filename = str(chardev.get("filename", ""))
+            match = re.search(r"tcp:([\d.]+):(\d+)", filename)
+            if match:
+                return f"{match.group(1)}:{match.group(2)}"
+            if "unix:" in filename and self.runtime is not None:
+                return str(self.runtime.gdb_socket)
         raise StateError(f"QEMU reports no listening gdb stub for VM {self.name!r}")
 
     async def status(self) -> str:
