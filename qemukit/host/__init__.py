@@ -14,7 +14,7 @@ from ._firmware import find_ovmf, tsc_khz
 from ._img import create_overlay, image_format
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
 from ._qemu import QemuBinary, find_qemu, qemu_env_var, qemu_path
-from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
+from ._virtiofsd import find_virtiofsd, qemu_share_guard, virtiofsd_argv, virtiofsd_launcher
 
 __all__ = [
     "AccelChoice",
@@ -31,6 +31,7 @@ __all__ = [
     "kvm_status",
     "qemu_env_var",
     "qemu_path",
+    "qemu_share_guard",
     "resolve_accel",
     "tsc_khz",
     "virtiofsd_argv",

@@ -227,6 +227,8 @@ class AsyncVM:
         self._io_watch: asyncio.Task[None] | None = None
         self._formats: list[str] = []
         self._vfs_launcher: list[str] = []
+        #: Before QEMU's argv when QEMU serves a writable 9p share (the share guard).
+        self._qemu_guard: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
@@ -536,6 +538,7 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
+        self._qemu_guard = host.qemu_share_guard(self.spec)
         if self.accel is None:  # a warm start keeps the choice made for the user's spec
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
             self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
@@ -569,7 +572,7 @@ class AsyncVM:
         try:
             self.argv = plan.argv(qmp_fd=theirs.fileno())
             self._proc = QemuProcess.spawn(
-                self.argv,
+                [*self._qemu_guard, *self.argv],
                 log_path=rd.qemu_log,
                 pass_fds=[theirs.fileno()],
                 die_with_parent=self.die_with_parent,
