@@ -19,9 +19,12 @@ it installs, then execs the server:
 * for each ``--ro PATH``: a private mount namespace in which PATH is a
   recursive read-only (and nosuid, nodev) bind mount of itself, so writes
   through the server fail with EROFS whatever the guest mounts;
-* as root: CAP_MKNOD and CAP_SETFCAP dropped from the bounding set (``--drop-caps``),
-  so no device node and no file capability (``security.capability``, as strong
-  as a setuid-root bit) can be made even by a path the filter does not see.
+* as root: CAP_MKNOD, CAP_SETFCAP and CAP_FSETID dropped from the bounding set
+  (``--drop-caps``), so no device node and no file capability
+  (``security.capability``, as strong as a setuid-root bit) can be made even
+  by a path the filter does not see, and a write through the server clears the
+  set-ID bits of a file that already had them (the kernel keeps them only for
+  a writer with CAP_FSETID).
 
 It imports only the standard library (it runs with ``-S``, before the server,
 on every start of a VM with a share), and its filter is pure data
@@ -190,7 +193,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
-_CAP_MKNOD, _CAP_SETFCAP = 27, 31
+_CAP_FSETID, _CAP_MKNOD, _CAP_SETFCAP = 4, 27, 31
 _CLONE_NEWNS = 0x00020000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
 _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
@@ -251,7 +254,7 @@ def exec_guarded(argv: Sequence[str], read_only: Sequence[str] = (),
     if read_only:
         _read_only(libc, read_only)
     if drop_caps:
-        for cap in (_CAP_MKNOD, _CAP_SETFCAP):
+        for cap in (_CAP_FSETID, _CAP_MKNOD, _CAP_SETFCAP):
             _check(libc.prctl(_PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0),
                               ctypes.c_ulong(0), ctypes.c_ulong(0)), f"dropping capability {cap}")
     _install_filter(libc)

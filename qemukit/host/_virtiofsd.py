@@ -145,9 +145,10 @@ def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int,
     # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
     source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
     # modcaps: it keeps neither the power to make device nodes nor to set file
-    # capabilities (its xattr support is off anyway); the guard refuses both too.
+    # capabilities (its xattr support is off anyway; the guard refuses both too), nor
+    # CAP_FSETID, so a write clears the set-ID bits of a file that already had them.
     argv = [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto",
-            "-o", "modcaps=-mknod:-setfcap"]
+            "-o", "modcaps=-mknod:-setfcap:-fsetid"]
     if os.path.realpath(share.host_path) == "/":
         # Its default sandbox pivot_root()s into the source, which fails for "/" (EBUSY).
         argv += ["-o", "sandbox=chroot"]

@@ -38,6 +38,7 @@ HOSTILE = (
     "mkdir dir; chmod g+s dir; echo chmod_dir_g+s=$?; "
     "mknod mem c 1 1; echo mknod_c=$?; mknod disk b 7 0; echo mknod_b=$?; "
     "mknod fifo p; echo mknod_p=$?; "
+    "if [ -e old ]; then echo more >> old; echo append_old=$?; fi; "
     "ls -ln"
 )
 # Run by the guest's root against a read-only share mounted at $1 (tag $2, transport $3;
@@ -147,12 +148,17 @@ def test_a_writable_share_takes_no_set_id_file_or_device_node(
         transport: str, kernel_for: Path | None, tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
+    # A set-ID program the host already had in the directory: a write through the share
+    # must not leave the guest's bytes behind a setuid bit.
+    (share / "old").write_text("#!/bin/sh\n")
+    os.chmod(share / "old", 0o6755)
     opts = ",9p" if transport == "9p" else ""
     out = _run(*boot_args(transport, kernel_for), "--share", f"{share}:/mnt/s{opts}", "--",
                "sh", "-c", HOSTILE, "sh", "/mnt/s")
     assert out.returncode == 0, out.stderr
     result = steps(out.stdout)
     assert result["chmod755"] == 0 and result["mknod_p"] == 0, out.stdout  # the share works
+    assert result["append_old"] == 0, out.stdout
     for step in ("chmod_u+s", "chmod_g+s", "chmod6755", "chmod_dir_g+s", "mknod_c", "mknod_b"):
         assert result[step] != 0, f"{step} succeeded in the guest:\n{out.stdout}"
     assert_nothing_dangerous(share)
@@ -200,18 +206,30 @@ def test_the_host_root_stays_read_only_when_the_guest_mounts_it_again(
 
 def test_a_normal_users_share_takes_no_set_id_file_either(normal_user: NormalUser) -> None:  # noqa: F811
     """As a normal user virtiofsd runs in a user namespace, where the guest's root is the
-    user: a setuid file would run as that user for anyone on the host. The guard refuses it."""
+    user: a setuid file would run as that user for anyone on the host. The guard refuses it,
+    and a read-only share is a read-only bind mount in the daemon's namespace there too."""
     missing = [t for t in ("newuidmap", "newgidmap", "unshare")
                if shutil.which(t, path="/usr/bin:/bin") is None]
     if missing or len(normal_user.subid_ranges()) < 2:
         pytest.skip("a virtiofs share as a normal user needs uidmap and subordinate ids "
                     "(test_nonroot.py covers the error)")
-    share = normal_user.base / "share"
-    out = normal_user.run("run", "--image", "tiny", *TCG, "--share", f"{share}:/mnt/s", "--",
-                          "sh", "-c", HOSTILE, "sh", "/mnt/s")
+    share, ro = normal_user.base / "share", normal_user.base / "ro"
+    ro.mkdir()
+    (ro / "keep.txt").write_text("host\n")
+    shutil.chown(ro, normal_user.name)
+    shutil.chown(ro / "keep.txt", normal_user.name)
+    script = f"{HOSTILE}; set -- /mnt/ro ro virtiofs ''; {REMOUNT}"
+    out = normal_user.run("run", "--image", "tiny", *TCG, "--share", f"{share}:/mnt/s",
+                          "--share", f"{ro}:/mnt/ro,ro,tag=ro", "--",
+                          "sh", "-c", script, "sh", "/mnt/s")
     assert out.returncode == 0, out.stderr
     result = steps(out.stdout)
     assert result["chmod755"] == 0 and result["chmod_u+s"] != 0 and result["mknod_c"] != 0, \
         out.stdout
     assert_nothing_dangerous(share)
     assert (share / "suid").stat().st_uid == normal_user.uid
+    # The read-only share, remounted read-write by the guest: still read-only on the host.
+    assert result["remount"] == 0 and result["write"] != 0 and result["write_again"] != 0, \
+        out.stdout
+    assert (ro / "keep.txt").read_text() == "host\n"
+    assert sorted(p.name for p in ro.iterdir()) == ["keep.txt"]

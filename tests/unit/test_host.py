@@ -175,7 +175,7 @@ def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
     guard = guard_prefix()
     assert argv == ["unshare", "-U", *guard, "/usr/lib/qemu/virtiofsd", "--fd=5",
                     f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto",
-                    "-o", "modcaps=-mknod:-setfcap"]
+                    "-o", "modcaps=-mknod:-setfcap:-fsetid"]
     assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[:len(guard) + 1] == \
         [*guard, "/usr/lib/qemu/virtiofsd"]
 
