@@ -538,6 +538,9 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
+            for share in self.spec.shares:  # a host the share guard does not know: say so now
+                if share.transport == "virtiofs":
+                    host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
         self._qemu_guard = host.qemu_share_guard(self.spec)
         if self.accel is None:  # a warm start keeps the choice made for the user's spec
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None

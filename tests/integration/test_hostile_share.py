@@ -126,6 +126,9 @@ def test_the_guard_refuses_set_id_bits_and_device_nodes_on_the_host(tmp_path: Pa
         "t('mknod', lambda: os.mknod(d + '/c', 0o600 | stat_chr, os.makedev(1, 3)))\n"
         "t('fifo', lambda: os.mkfifo(d + '/p'))\n"
         "t('write_ro', lambda: open(d + '/ro/keep', 'w'))\n"
+        # A file capability (cap_setuid+ep, as `setcap` writes it): as strong as setuid-root.
+        "t('setcap', lambda: os.setxattr(d + '/f', 'security.capability',\n"
+        "  bytes.fromhex('010000028000000000000000000000000000000000')[:20]))\n"
     ).replace("stat_chr", str(stat.S_IFCHR))
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "keep").write_text("host")
@@ -139,6 +142,7 @@ def test_the_guard_refuses_set_id_bits_and_device_nodes_on_the_host(tmp_path: Pa
     assert result["fifo"] == "ok"  # ordinary work goes on
     if ro:
         assert result["write_ro"] == "30"  # EROFS
+        assert result["setcap"] == "1"  # EPERM: root's server has no CAP_SETFCAP
     assert (tmp_path / "ro" / "keep").read_text() == "host"
     assert not (tmp_path / "g").exists() and not (tmp_path / "c").exists()
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) & 0o6000 == 0

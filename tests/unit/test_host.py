@@ -199,3 +199,17 @@ def test_qemu_runs_guarded_only_for_a_writable_9p_share(monkeypatch: pytest.Monk
     assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix(drop_caps=True)
     monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
     assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix()
+
+
+def test_a_host_the_share_guard_does_not_know_refuses_guarded_shares(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import VMSpec
+    from qemukit.errors import HostError
+    from qemukit.host import _fsguard
+
+    monkeypatch.setattr(_fsguard.platform, "machine", lambda: "ppc64le")
+    with pytest.raises(HostError, match="ppc64le.*read-only over 9p"):
+        host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",)))
+    with pytest.raises(HostError, match="ppc64le"):
+        host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), Share.parse("/srv:/mnt"), 5)
+    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p,ro",))) == []
