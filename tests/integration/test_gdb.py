@@ -120,16 +120,19 @@ def test_gdb_stub_is_a_private_socket_and_halts_with_gdb_wait(tiny_spec: VMSpec)
             sock.connect(address)
             assert "PacketSize=" in rsp(sock, "qSupported:multiprocess+")
             assert rsp(sock, "?").startswith("T")  # halted, with a stop reason
-        gdb = shutil.which("gdb")
-        if gdb is None:
-            pytest.skip("gdb is not installed (apt-get install gdb): the raw handshake passed")
-        # The real debugger, as the printed command line runs it (the stub serves one
-        # client at a time: the raw connection above is closed).
-        out = subprocess.run([gdb, "-nx", "-batch", "-ex", f"target remote {address}",
+
+
+def test_real_gdb_attaches_over_the_socket(tiny_spec: VMSpec) -> None:
+    """The printed command line's `target remote PATH`, with Debian's gdb."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed (apt-get install gdb)")
+    with VM(tiny_spec.replace(gdb=True, gdb_wait=True)) as vm:
+        out = subprocess.run([gdb, "-nx", "-batch", "-ex", f"target remote {vm.gdb_address()}",
                               "-ex", "info registers rip"],
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr
-        assert "rip" in out.stdout, out.stdout + out.stderr
+        assert re.search(r"^rip\s+0x[0-9a-f]+", out.stdout, re.MULTILINE), out.stdout + out.stderr
 
 
 def test_another_local_user_cannot_reach_the_stub(tiny_spec: VMSpec, other_user: str) -> None:
