@@ -50,11 +50,19 @@ REMOUNT = (
     'echo guest > "$m$sub/keep.txt"; echo write=$?; echo new > "$m$sub/made.txt"; echo create=$?; '
     'mkdir -p /run/again; '
     'if [ "$3" = 9p ]; then mount -t 9p -o trans=virtio,version=9p2000.L "$2" /run/again; '
-    'else mount -t virtiofs "$2" /run/again; fi; echo mount_again=$?; '
-    'mount -o remount,rw /run/again; '
+    'else mount -t virtiofs "$2" /run/again; fi; again=$?; echo mount_again=$again; '
+    'if [ $again = 0 ]; then mount -o remount,rw /run/again; '
     'echo guest > "/run/again$sub/keep.txt"; echo write_again=$?; '
-    'echo new > "/run/again$sub/made.txt"; echo create_again=$?'
+    'echo new > "/run/again$sub/made.txt"; echo create_again=$?; fi'
 )
+
+
+def assert_writes_refused(result: dict[str, int], transport: str, stdout: str) -> None:
+    """Every write the REMOUNT script tried failed (a 9p tag cannot be mounted twice)."""
+    again = ("write_again", "create_again")
+    assert result["mount_again"] == 0 or transport == "9p", stdout
+    for step in ("write", "create", *(again if result["mount_again"] == 0 else ())):
+        assert result[step] != 0, f"{step} succeeded:\n{stdout}"
 
 
 def steps(stdout: str) -> dict[str, int]:
@@ -161,8 +169,9 @@ def test_a_writable_share_takes_no_set_id_file_or_device_node(
                "sh", "-c", HOSTILE, "sh", "/mnt/s")
     assert out.returncode == 0, out.stderr
     result = steps(out.stdout)
-    assert result["chmod755"] == 0 and result["mknod_p"] == 0, out.stdout  # the share works
-    assert result["append_old"] == 0, out.stdout
+    # The share works (a FIFO is refused by the 9p client of the suite's kernel anyway).
+    assert result["chmod755"] == 0 and result["append_old"] == 0, out.stdout
+    assert result["mknod_p"] == 0 or transport == "9p", out.stdout
     for step in ("chmod_u+s", "chmod_g+s", "chmod6755", "chmod_dir_g+s", "mknod_c", "mknod_b"):
         assert result[step] != 0, f"{step} succeeded in the guest:\n{out.stdout}"
     assert_nothing_dangerous(share)
@@ -180,8 +189,7 @@ def test_a_read_only_share_stays_read_only_when_the_guest_remounts_it(
     assert out.returncode == 0, out.stderr
     result = steps(out.stdout)
     assert result["remount"] == 0, out.stdout  # the guest's kernel let its root do it...
-    for step in ("write", "create", "write_again", "create_again"):
-        assert result[step] != 0, f"{step} succeeded:\n{out.stdout}"  # ...the host did not
+    assert_writes_refused(result, transport, out.stdout)  # ...the host did not
     assert (share / "keep.txt").read_text() == "host\n"
     assert sorted(p.name for p in share.iterdir()) == ["keep.txt"]
 
@@ -201,8 +209,7 @@ def test_the_host_root_stays_read_only_when_the_guest_mounts_it_again(
     assert out.returncode == 0, out.stderr
     result = steps(out.stdout)
     assert result["remount"] == 0, out.stdout  # the guest's root may remount its own mount
-    for step in ("write", "create", "write_again", "create_again"):
-        assert result[step] != 0, f"{step} succeeded:\n{out.stdout}"
+    assert_writes_refused(result, transport, out.stdout)
     assert (tmp_path / "keep.txt").read_text() == "host\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "out"]
     assert_nothing_dangerous(out_dir)
@@ -233,7 +240,7 @@ def test_a_normal_users_share_takes_no_set_id_file_either(normal_user: NormalUse
     assert_nothing_dangerous(share)
     assert (share / "suid").stat().st_uid == normal_user.uid
     # The read-only share, remounted read-write by the guest: still read-only on the host.
-    assert result["remount"] == 0 and result["write"] != 0 and result["write_again"] != 0, \
-        out.stdout
+    assert result["remount"] == 0, out.stdout
+    assert_writes_refused(result, "virtiofs", out.stdout)
     assert (ro / "keep.txt").read_text() == "host\n"
     assert sorted(p.name for p in ro.iterdir()) == ["keep.txt"]
