@@ -244,3 +244,25 @@ def test_a_normal_users_share_takes_no_set_id_file_either(normal_user: NormalUse
     assert_writes_refused(result, "virtiofs", out.stdout)
     assert (ro / "keep.txt").read_text() == "host\n"
     assert sorted(p.name for p in ro.iterdir()) == ["keep.txt"]
+
+
+def test_a_normal_users_9p_share_takes_no_set_id_file_either(
+        normal_user: NormalUser, tree: Path) -> None:  # noqa: F811
+    """Over 9p QEMU itself serves the share, as the user: unguarded, the guest's root would
+    leave a program setuid to the user (QEMU's `security_model=none` chmods as asked)."""
+    kernel = normal_user.base / "kernel"
+    kernel.mkdir()
+    shutil.copyfile(tree / "arch/x86/boot/bzImage", kernel / "bzImage")
+    share = normal_user.base / "share"
+    if normal_user.created:
+        subprocess.run(["chown", "-R", f"{normal_user.name}:", str(kernel)], check=True)
+    out = normal_user.run("run", *TCG, "--kernel", str(kernel / "bzImage"), "--share",
+                          f"{share}:/mnt/s,9p", "--", "sh", "-c", HOSTILE, "sh", "/mnt/s",
+                          timeout=480)
+    assert out.returncode == 0, out.stderr
+    result = steps(out.stdout)
+    assert result["chmod755"] == 0, out.stdout
+    for step in ("chmod_u+s", "chmod_g+s", "chmod6755", "mknod_c", "mknod_b"):
+        assert result[step] != 0, f"{step} succeeded in the guest:\n{out.stdout}"
+    assert_nothing_dangerous(share)
+    assert (share / "suid").stat().st_uid == normal_user.uid
