@@ -740,7 +740,10 @@ class AsyncVM:
         parts = [self._proc.output_tail()]
         for helper in self._helpers:
             if not helper.alive():
-                parts.append(f"[{Path(helper.argv[0]).name} exited]\n{helper.output_tail(10)}")
+                # The daemon's name, not that of a launcher or of the share guard before it.
+                argv = helper.argv[helper.argv.index("--") + 1:] if "--" in helper.argv else []
+                name = Path((argv or helper.argv)[0]).name
+                parts.append(f"[{name} exited]\n{helper.output_tail(10)}")
         return "\n".join(p for p in parts if p)
 
     async def _stop_helpers(self) -> None:
