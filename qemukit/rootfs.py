@@ -9,12 +9,16 @@ directory given with ``rw`` is shared writable at its own path on top, so a
 build or a test's output lands on the host. The command starts in the caller's
 working directory.
 
-How read-only: over 9p (``readonly=on``) QEMU itself refuses every write,
-whatever the guest kernel does; that needs a kernel with 9p, which Debian's
-cloud kernels (the x86_64 tiny image's) lack. There the root goes over
-virtiofs (QEMU 7.2's C virtiofsd cannot export read-only) and the guest's
-init mounts it read-only: the trust virtme-ng asks for, a guest kernel that
-honours a read-only mount.
+How read-only: on the host, whatever the guest kernel does (its root may
+mount the share again read-write). Over 9p (``readonly=on``) QEMU itself
+refuses every write; that needs a kernel with 9p, which Debian's cloud kernels
+(the x86_64 tiny image's) lack. There the root goes over virtiofs, and
+virtiofsd serves it from a read-only bind mount in a mount namespace of its
+own (QEMU 7.2's C virtiofsd has no read-only export; see
+:func:`qemukit.host.virtiofsd_argv`), so a write fails with EROFS at the
+host. The guest's init mounts it read-only as well. The ``rw`` directories
+are served under the share guard: no setuid or setgid file and no device
+node can be made on the host through them.
 
 This is a change to a spec (:func:`host_root`) and to a command
 (:func:`in_directory`); everything else is the tiny image's (``images/tiny/init``).
@@ -90,9 +94,9 @@ def host_root(spec: VMSpec, rw: Iterable[str | os.PathLike[str]] = (),
     how = root_transport(spec) if transport == "auto" else transport
     if how == "virtiofs":
         _check_virtiofs_root()
-    # virtiofs: read-write at the host (C virtiofsd cannot export read-only), mounted
-    # read-only by the guest's init.
-    shares = [Share("/", GUEST_MOUNT, tag=HOST_ROOT_TAG, read_only=how == "9p", transport=how)]
+    # Read-only at the host over either transport (QEMU's readonly=on, or virtiofsd on
+    # a read-only bind mount), and mounted read-only by the guest's init as well.
+    shares = [Share("/", GUEST_MOUNT, tag=HOST_ROOT_TAG, read_only=True, transport=how)]
     for index, directory in enumerate(rw):
         path = Path(directory).resolve()
         if not path.is_dir():

@@ -574,9 +574,14 @@ class VMSpec:
     ``run_as`` drops QEMU to that user once it has opened its files (for
     root); ``qmp_tcp_port`` adds a QMP monitor on 127.0.0.1 (off by default:
     anyone on the host who can connect controls the VM).
-    ``gdb_port`` exposes QEMU's gdb stub on 127.0.0.1 at that port (0: a free
-    port the kernel picks, see :meth:`~qemukit.AsyncVM.gdb_address`);
-    ``gdb_wait`` keeps the vCPUs halted until the debugger continues them.
+    ``gdb`` exposes QEMU's gdb stub on a Unix socket in the VM's private
+    runtime directory (only its owner can connect; see
+    :meth:`~qemukit.AsyncVM.gdb_address`). ``gdb_port`` puts the stub on TCP
+    at 127.0.0.1 instead (0: a free port the kernel picks) and implies
+    ``gdb``: any local user who reaches that port controls the VM (the stub
+    passes gdb's ``monitor`` commands to QEMU's monitor), so it is for an
+    explicit ask only and warns. ``gdb_wait`` keeps the vCPUs halted until
+    the debugger continues them.
     ``cloud_init`` attaches a per-VM cloud-init seed CD (:class:`CloudInit`).
     ``max_memory`` allows memory hotplug up to that size, into ``slots`` DIMM
     slots; ``slots=0`` (the default) with ``max_memory`` set means
@@ -619,6 +624,7 @@ class VMSpec:
     sandbox: bool = True
     run_as: str | None = None
     qmp_tcp_port: int | None = None
+    gdb: bool = False
     gdb_port: int | None = None
     gdb_wait: bool = False
     extra_args: tuple[str, ...] = field(default=())
@@ -689,10 +695,15 @@ class VMSpec:
             raise SpecError("run_as", self.run_as, "must be a user name or UID:GID")
         if self.qmp_tcp_port is not None:
             _check_int("qmp_tcp_port", self.qmp_tcp_port, 1, 65535)
+        if not isinstance(self.gdb, bool):
+            raise SpecError("gdb", self.gdb, "must be true or false")
         if self.gdb_port is not None:
             _check_int("gdb_port", self.gdb_port, 0, 65535)
-        if self.gdb_wait and self.gdb_port is None:
-            raise SpecError("gdb_wait", True, "needs gdb_port (0 picks a free port)")
+            object.__setattr__(self, "gdb", True)  # a TCP stub is a stub (older specs say so)
+        if not isinstance(self.gdb_wait, bool):
+            raise SpecError("gdb_wait", self.gdb_wait, "must be true or false")
+        if self.gdb_wait and not self.gdb:
+            raise SpecError("gdb_wait", True, "needs a gdb stub (gdb = true)")
         _freeze(self, "drives", Drive, parse_drive)
         _freeze(self, "nics", Nic, parse_nic)
         _freeze(self, "shares", Share, Share.parse)

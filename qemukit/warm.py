@@ -144,7 +144,7 @@ def warm_refusal(spec: VMSpec) -> str | None:
         return "microvm has no vmgenid device, so clones could not reseed their RNG"
     if spec.agent == "none":
         return "without a guest agent nothing tells when the guest is ready to save"
-    if spec.gdb_port is not None:
+    if spec.gdb:
         return "a gdb stub is for watching the kernel boot (and -S halts it before it can)"
     if spec.arch != "x86_64":
         # Restoring clones works on every architecture (tests/integration/test_arch_snapshot.py),

@@ -21,7 +21,7 @@ __all__ = [
     "build_argv", "drive_ids", "nic_ids", "quote_opt", "seed_device_args",
 ]
 
-#: The chardev of QEMU's gdb stub (``spec.gdb_port``).
+#: The chardev of QEMU's gdb stub (``spec.gdb``).
 GDB_CHARDEV = "gdb0"
 AGENT_PORT_NAME = "org.qemukit.agent"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"
@@ -61,6 +61,9 @@ class Plumbing:
     share_sockets: tuple[str, ...] = ()
     #: ``-incoming`` value for a VM restored from saved state (``defer``: fed over QMP).
     incoming: str | None = None
+    #: The gdb stub's Unix socket (``spec.gdb`` without ``gdb_port``), in the private
+    #: runtime directory.
+    gdb_path: str | None = None
 
 
 def drive_ids(spec: VMSpec) -> list[str]:
@@ -263,10 +266,17 @@ def build_argv(
         argv += ["-chardev", f"socket,id=qmp-tcp,host=127.0.0.1,port={spec.qmp_tcp_port},"
                              "server=on,wait=off",
                  "-mon", "chardev=qmp-tcp,mode=control"]
-    if spec.gdb_port is not None:
-        # Loopback only: the stub reads and writes guest memory and registers.
-        argv += ["-chardev", f"socket,id={GDB_CHARDEV},host=127.0.0.1,port={spec.gdb_port},"
-                             "server=on,wait=off",
+    if spec.gdb:
+        # The stub reads and writes guest memory and passes gdb's `monitor` packets to
+        # the human monitor: a Unix socket in the owner's 0700 runtime directory by
+        # default; TCP (loopback, reachable by every local user) only when asked.
+        if spec.gdb_port is not None:
+            where = f"host=127.0.0.1,port={spec.gdb_port}"
+        elif plumbing.gdb_path:
+            where = f"path={quote_opt(plumbing.gdb_path)}"
+        else:
+            raise SpecError("gdb", True, "the gdb stub's socket path was not resolved")
+        argv += ["-chardev", f"socket,id={GDB_CHARDEV},{where},server=on,wait=off",
                  "-gdb", f"chardev:{GDB_CHARDEV}"]
         if spec.gdb_wait:
             argv.append("-S")

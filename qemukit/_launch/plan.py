@@ -161,6 +161,7 @@ def plan_launch(
         ovmf_code=ovmf_code,
         ovmf_vars=ovmf_vars,
         incoming=incoming,
+        gdb_path=str(runtime.gdb_socket) if spec.gdb and spec.gdb_port is None else None,
     )
     return LaunchPlan(
         spec=spec,

@@ -72,6 +72,11 @@ class RuntimeDir:
         return self.path / "qmp.sock"
 
     @property
+    def gdb_socket(self) -> Path:
+        """QEMU's gdb stub (``spec.gdb``): a socket only the owner can reach."""
+        return self.path / "gdb.sock"
+
+    @property
     def console_socket(self) -> Path:
         """Serial console socket (interactive use)."""
         return self.path / "console.sock"

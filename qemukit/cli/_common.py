@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -184,9 +185,10 @@ def spec_options(func: F) -> F:
                      type=click.Path(file_okay=False),
                      help="With --rootfs host: DIR is writable, on the host, at its own path."),
         click.option("--run-as", help="Run QEMU as this user once it has started (for root)."),
-        click.option("--gdb", "gdb_port", type=int, is_flag=False, flag_value=0, default=None,
-                     metavar="[PORT]", help="Expose QEMU's gdb stub on 127.0.0.1:PORT (a free "
-                     "port without PORT); the gdb command line is printed."),
+        click.option("--gdb", "gdb", is_flag=False, flag_value="unix", default=None,
+                     metavar="[tcp:PORT]", help="Expose QEMU's gdb stub on a Unix socket only "
+                     "you can reach; tcp:PORT puts it on 127.0.0.1:PORT instead (0: a free port; "
+                     "any local user could then control the VM). The gdb command is printed."),
         click.option("--gdb-wait", "gdb_wait", is_flag=True, default=None,
                      help="With --gdb: keep the vCPUs halted until gdb continues them."),
         click.option("--qmp-tcp", "qmp_tcp_port", type=int, metavar="PORT",
@@ -210,6 +212,18 @@ def _check_machine(machine: str | None, arch: str) -> None:
     if machine is not None and arch != "x86_64" and machine not in ARCHES[arch].machines:
         raise errors.SpecError("machine", machine, f"not a machine for arch {arch}; "
                                f"one of {', '.join(ARCHES[arch].machines)}")
+
+
+def parse_gdb(value: str) -> dict[str, Any]:
+    """``--gdb``'s value as spec fields: ``unix`` (the default) or ``tcp:PORT``."""
+    kind, sep, port = value.partition(":")
+    if value == "unix":
+        return {"gdb": True}
+    if kind == "tcp" and sep and port.isdigit():
+        return {"gdb": True, "gdb_port": int(port)}
+    raise errors.SpecError("gdb", value, "expected nothing (a Unix socket only you can reach) or "
+                           "tcp:PORT (127.0.0.1:PORT, reachable by every local user; 0: a free "
+                           "port)")
 
 
 def build_spec(opts: dict[str, Any]) -> VMSpec:
@@ -249,9 +263,11 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
                        ("memory", "memory"), ("max_memory", "max_memory"), ("slots", "slots"),
                        ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append"),
                        ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port"),
-                       ("gdb_port", "gdb_port"), ("gdb_wait", "gdb_wait")):
+                       ("gdb_wait", "gdb_wait")):
         if opts.get(key) is not None:
             changes[field] = opts[key]
+    if opts.get("gdb") is not None:
+        changes.update(parse_gdb(opts["gdb"]))
     if opts["disks"]:
         changes["drives"] = spec.drives + tuple(parse_drive(d) for d in opts["disks"])
     if opts["nics"]:
@@ -277,6 +293,14 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
 @click.version_option(package_name="qemukit")
 def main() -> None:
     """Launch and control QEMU virtual machines, without libvirt."""
+    # The library's warnings (a TCP gdb stub or QMP port anyone local can reach) as one
+    # line each, not Python's file:line form with a source line from asyncio's loop.
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    return f"qemukit: warning: {message}\n"
 
 
 def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:

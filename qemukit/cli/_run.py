@@ -211,15 +211,18 @@ def _announce_accel(vm: Any, verbose: bool) -> None:
         click.echo(f"qemukit: {vm.name}: {text}", err=True)
     if verbose and vm.warm_start is not None:
         click.echo(f"qemukit: {vm.name}: {vm.warm_start.describe()}", err=True)
-    if vm.spec.gdb_port is not None:
-        host_addr, port = vm.gdb_address()
-        click.echo(f"qemukit: {vm.name}: gdb stub on {host_addr}:{port}"
+    if vm.spec.gdb:
+        address = vm.gdb_address()
+        click.echo(f"qemukit: {vm.name}: gdb stub on {address}"
                    f"{' (vCPUs halted until gdb continues)' if vm.spec.gdb_wait else ''}: "
-                   f"{gdb_command(vm.spec.kernel, host_addr, port)}", err=True)
+                   f"{gdb_command(vm.spec.kernel, address)}", err=True)
 
 
-def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int) -> str:
-    """The gdb command line for a stub: with the kernel's vmlinux when it sits beside it."""
+def gdb_command(kernel: str | os.PathLike[str] | None, address: str) -> str:
+    """The gdb command line for a stub at ``address`` (a socket path or HOST:PORT).
+
+    With the kernel's vmlinux when it sits beside it.
+    """
     vmlinux = "vmlinux"
     if kernel is not None:
         for candidate in (Path(kernel).parent / "vmlinux",
@@ -227,7 +230,7 @@ def gdb_command(kernel: str | os.PathLike[str] | None, host_addr: str, port: int
             if candidate is not None and candidate.is_file():
                 vmlinux = str(candidate)
                 break
-    return shlex.join(["gdb", vmlinux, "-ex", f"target remote {host_addr}:{port}"])
+    return shlex.join(["gdb", vmlinux, "-ex", f"target remote {address}"])
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
@@ -250,7 +253,7 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
             vm.kill()
         raise
     name, pid, accel, warm = vm.name, vm.pid, vm.accel, vm.warm_start
-    gdb = vm.gdb_address() if spec.gdb_port is not None else None
+    gdb = vm.gdb_address() if spec.gdb else None
     if verbose and not as_json:
         _announce_accel(vm, verbose)
     vm.detach()
@@ -259,10 +262,10 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
 
         start_port_watcher(name)
     if gdb is not None:
-        click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, *gdb)}", err=True)
+        click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, gdb)}", err=True)
     if as_json:
         emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None,
-                   "gdb": f"{gdb[0]}:{gdb[1]}" if gdb else None,
+                   "gdb": gdb,
                    "warm": warm.warm if warm is not None else None})
     else:
         click.echo(name)

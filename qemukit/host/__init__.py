@@ -14,7 +14,7 @@ from ._firmware import find_ovmf, tsc_khz
 from ._img import Qcow2Header, create_overlay, image_format, open_regular, read_qcow2_header, resolve_disk
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
 from ._qemu import QemuBinary, find_qemu, qemu_env_var, qemu_path
-from ._virtiofsd import find_virtiofsd, virtiofsd_argv, virtiofsd_launcher
+from ._virtiofsd import find_virtiofsd, qemu_share_guard, virtiofsd_argv, virtiofsd_launcher
 
 __all__ = [
     "AccelChoice",
@@ -33,6 +33,7 @@ __all__ = [
     "open_regular",
     "qemu_env_var",
     "qemu_path",
+    "qemu_share_guard",
     "read_qcow2_header",
     "resolve_accel",
     "resolve_disk",

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._launch.process import run_command
-from ..errors import HostError, SpecError
-from ..spec import Share
+from ..errors import HostError
+from ..spec import Share, VMSpec
+from ._fsguard import GuardError, guard_prefix
 from ._kvm import uid_name
 
 _VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
@@ -118,23 +119,36 @@ def virtiofsd_launcher(daemon: tuple[str, str]) -> list[str]:
     return list(_userns_prefix(os.geteuid()))
 
 
+def _guard(read_only: Sequence[str] = (), drop_caps: bool = False) -> list[str]:
+    try:
+        return guard_prefix(read_only, drop_caps)
+    except GuardError as exc:
+        raise HostError(str(exc)) from exc
+
+
 def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int,
                    launcher: Sequence[str] = ()) -> list[str]:
     """The argv to serve ``share`` on the listening socket ``fd`` (both flavours).
 
-    ``launcher`` is :func:`virtiofsd_launcher`'s prefix, if any.
+    ``launcher`` is :func:`virtiofsd_launcher`'s prefix, if any. The daemon runs
+    under the share guard (:mod:`qemukit.host._fsguard`): whatever the guest asks,
+    it can make no set-user-ID or set-group-ID file and no device node on the
+    host. A read-only share is read-only on the host: the Rust daemon's
+    ``--readonly``; the C daemon (which has no such option) is served a
+    read-only bind mount of the directory in a mount namespace of its own.
     """
     path, flavour = daemon
     if flavour == "rust":
         argv = [path, f"--fd={fd}", f"--shared-dir={share.host_path}", "--cache=auto"]
-        return [*launcher, *argv, *(["--readonly"] if share.read_only else [])]
-    if share.read_only:
-        raise SpecError("share.read_only", True, f"{path} (C virtiofsd) cannot share read-only; "
-                        "use transport='9p' or the Rust virtiofsd")
+        return [*launcher, *_guard(), *argv, *(["--readonly"] if share.read_only else [])]
     # C virtiofsd parses -o with libfuse's option parser: ',' separates options and a
     # backslash escapes (so '\\,' is a literal comma), unlike QEMU's ',,'.
     source = str(share.host_path).replace("\\", "\\\\").replace(",", "\\,")
-    argv = [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+    # modcaps: it keeps neither the power to make device nodes nor to set file
+    # capabilities (its xattr support is off anyway; the guard refuses both too), nor
+    # CAP_FSETID, so a write clears the set-ID bits of a file that already had them.
+    argv = [path, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto",
+            "-o", "modcaps=-mknod:-setfcap:-fsetid"]
     if os.path.realpath(share.host_path) == "/":
         # Its default sandbox pivot_root()s into the source, which fails for "/" (EBUSY).
         argv += ["-o", "sandbox=chroot"]
@@ -144,4 +158,21 @@ def virtiofsd_argv(daemon: tuple[str, str], share: Share, fd: int,
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         limit = 1_000_000 if hard == resource.RLIM_INFINITY else min(hard, 1_000_000)
         argv.insert(2, f"--rlimit-nofile={limit}")
-    return [*launcher, *argv]
+    # The guard runs inside the launcher's user namespace (where it may make a mount
+    # namespace), just before the daemon.
+    ro = [str(share.host_path)] if share.read_only else []
+    return [*launcher, *_guard(ro), *argv]
+
+
+def qemu_share_guard(spec: VMSpec) -> list[str]:
+    """What to put before QEMU's argv when QEMU itself serves a writable 9p share.
+
+    QEMU's 9p server (``security_model=none``) does what the guest asks with
+    QEMU's powers: as root it would store a setuid-root bit, a device node or a
+    file capability on the host. Under the guard it cannot (root's QEMU also
+    loses CAP_MKNOD and CAP_SETFCAP); a read-only 9p share is refused every
+    write by QEMU (``readonly=on``) and needs no guard. Empty when not needed.
+    """
+    if not any(sh.transport == "9p" and not sh.read_only for sh in spec.shares):
+        return []
+    return _guard(drop_caps=os.geteuid() == 0)

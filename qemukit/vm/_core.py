@@ -227,6 +227,8 @@ class AsyncVM:
         self._io_watch: asyncio.Task[None] | None = None
         self._formats: list[DiskImage] = []
         self._vfs_launcher: list[str] = []
+        #: Before QEMU's argv when QEMU serves a writable 9p share (the share guard).
+        self._qemu_guard: list[str] = []
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
@@ -552,6 +554,10 @@ class AsyncVM:
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
+            for share in self.spec.shares:  # a host the share guard does not know: say so now
+                if share.transport == "virtiofs":
+                    host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
+        self._qemu_guard = host.qemu_share_guard(self.spec)
         if self.accel is None:  # a warm start keeps the choice made for the user's spec
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
             self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
@@ -562,6 +568,13 @@ class AsyncVM:
             warnings.warn(
                 f"VM {self.spec.name or ''!r}: QMP also listens on 127.0.0.1:{self.spec.qmp_tcp_port};"
                 " any local user who can connect there controls the VM", stacklevel=3,
+            )
+        if self.spec.gdb_port is not None:
+            warnings.warn(
+                f"VM {self.spec.name or ''!r}: the gdb stub listens on TCP ("
+                f"{f'127.0.0.1:{self.spec.gdb_port}' if self.spec.gdb_port else 'a free port of 127.0.0.1'}"
+                "); any local user who can connect there controls the VM (gdb's monitor command "
+                "runs QEMU monitor commands)", stacklevel=3,
             )
         await asyncio.to_thread(self._prepare)
         assert self.accel is not None
@@ -578,7 +591,7 @@ class AsyncVM:
         try:
             self.argv = plan.argv(qmp_fd=theirs.fileno())
             self._proc = QemuProcess.spawn(
-                self.argv,
+                [*self._qemu_guard, *self.argv],
                 log_path=rd.qemu_log,
                 pass_fds=[theirs.fileno()],
                 die_with_parent=self.die_with_parent,
@@ -744,7 +757,10 @@ class AsyncVM:
         parts = [self._proc.output_tail()]
         for helper in self._helpers:
             if not helper.alive():
-                parts.append(f"[{Path(helper.argv[0]).name} exited]\n{helper.output_tail(10)}")
+                # The daemon's name, not that of a launcher or of the share guard before it.
+                argv = helper.argv[helper.argv.index("--") + 1:] if "--" in helper.argv else []
+                name = Path((argv or helper.argv)[0]).name
+                parts.append(f"[{name} exited]\n{helper.output_tail(10)}")
         return "\n".join(p for p in parts if p)
 
     async def _stop_helpers(self) -> None:
@@ -954,21 +970,28 @@ class AsyncVM:
                 ) from None
             raise
 
-    async def gdb_address(self) -> tuple[str, int]:
-        """Where QEMU's gdb stub listens (``spec.gdb_port``; with 0, the port the kernel picked).
+    async def gdb_address(self) -> str:
+        """Where QEMU's gdb stub listens, as gdb's ``target remote`` takes it.
 
-        Connect with ``gdb vmlinux -ex 'target remote HOST:PORT'``. Raises
-        :class:`StateError` if the spec has no gdb stub.
+        By default (``spec.gdb``) the path of a Unix socket in the VM's private
+        runtime directory; with ``spec.gdb_port``, ``127.0.0.1:PORT`` (for 0, the
+        port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
+        ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
         """
-        if self.spec.gdb_port is None:
-            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb_port, "
+        if not self.spec.gdb:
+            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb=True, "
                              "qemukit run --gdb)")
         for chardev in await self.qmp("query-chardev"):
-            if chardev.get("label") == GDB_CHARDEV:
-                # e.g. "disconnected:tcp:127.0.0.1:40937,server=on": the bound address.
-                match = re.search(r"tcp:([\d.]+):(\d+)", str(chardev.get("filename", "")))
-                if match:
-                    return match.group(1), int(match.group(2))
+            if chardev.get("label") != GDB_CHARDEV:
+                continue
+            # e.g. "disconnected:tcp:127.0.0.1:40937,server=on" (the bound address) or
+            # "disconnected:unix:/run/.../gdb.sock,server=on".
+            filename = str(chardev.get("filename", ""))
+            match = re.search(r"tcp:([\d.]+):(\d+)", filename)
+            if match:
+                return f"{match.group(1)}:{match.group(2)}"
+            if "unix:" in filename and self.runtime is not None:
+                return str(self.runtime.gdb_socket)
         raise StateError(f"QEMU reports no listening gdb stub for VM {self.name!r}")
 
     async def status(self) -> str:

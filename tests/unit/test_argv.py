@@ -559,3 +559,31 @@ def test_virtiofs_shares_guest_ram_and_uses_the_machine_s_transport(machine: str
     legacy_off = "virtio-mmio.force-legacy=false" in option_values(argv, "-global")
     assert legacy_off == (machine == "microvm")  # vhost-user needs virtio 1.0 on MMIO
     assert option_value(argv, "-append").endswith("qemukit.share=share0:/mnt/src")
+
+
+def test_gdb_stub_is_a_unix_socket_unless_tcp_is_asked_for() -> None:
+    unix = build_argv(VMSpec(gdb=True, gdb_wait=True), qemu=QEMU, accel="tcg",
+                      plumbing=Plumbing(gdb_path="/r,x/gdb.sock"))
+    chardevs = [parse_opts(c, implied="backend") for c in option_values(unix, "-chardev")]
+    assert chardevs == [{"backend": "socket", "id": "gdb0", "path": "/r,x/gdb.sock",
+                         "server": "on", "wait": "off"}]
+    assert option_values(unix, "-gdb") == ["chardev:gdb0"] and "-S" in unix
+    tcp = build_argv(VMSpec(gdb_port=1234), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    chardevs = [parse_opts(c, implied="backend") for c in option_values(tcp, "-chardev")]
+    assert chardevs == [{"backend": "socket", "id": "gdb0", "host": "127.0.0.1", "port": "1234",
+                         "server": "on", "wait": "off"}]
+    assert "-S" not in tcp
+    with pytest.raises(SpecError, match="gdb"):
+        build_argv(VMSpec(gdb=True), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+    assert "-gdb" not in build_argv(VMSpec(), qemu=QEMU, accel="tcg", plumbing=Plumbing())
+
+
+def test_plan_puts_the_gdb_socket_in_the_runtime_directory(tmp_path: Path) -> None:
+    from qemukit._launch.plan import HostFacts, plan_launch
+    from qemukit._launch.runtime import RuntimeDir
+
+    rd = RuntimeDir(tmp_path / "vm")
+    facts = HostFacts(qemu=QEMU, accel="tcg")
+    argv = plan_launch(VMSpec(gdb=True), facts, rd, ()).argv()
+    assert f"path={rd.path}/gdb.sock" in option_values(argv, "-chardev")[0]
+    assert plan_launch(VMSpec(gdb_port=0), facts, rd, ()).plumbing.gdb_path is None

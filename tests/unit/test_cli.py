@@ -99,6 +99,8 @@ def test_cmdline_json_notes_are_a_list(cli: Any) -> None:
         (["--initrd", "i.img"], "kernel"),
         (["--arch", "aarch64", "--machine", "q35"], "machine='q35': not a machine for arch aarch64"),
         (["--gdb-wait"], "gdb_wait"),
+        (["--gdb", "1234"], "gdb='1234': expected nothing"),
+        (["--gdb", "tcp:x"], "gdb='tcp:x'"),
     ],
 )
 def test_cmdline_bad_value_exits_125(cli: Any, args: list[str], field: str) -> None:
@@ -278,3 +280,13 @@ def test_run_detach_forward_auto_is_refused_naming_the_field_before_any_start(
         assert result.exit_code == EXIT_ERROR, result.output
         assert "forward_auto" in result.output and reason in result.output, result.output
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+@needs_qemu
+def test_cmdline_gdb_is_a_private_socket_and_tcp_only_when_asked(cli: Any) -> None:
+    unix = json_argv(cli("cmdline", "--accel", "tcg", "--json", "--gdb", "--name", "g"))
+    gdb = [c for c in option_values(unix, "-chardev") if "id=gdb0" in c]
+    assert len(gdb) == 1 and "/g/gdb.sock," in gdb[0] and "port=" not in gdb[0]
+    tcp = json_argv(cli("cmdline", "--accel", "tcg", "--json", "--gdb", "tcp:0"))
+    gdb = [c for c in option_values(tcp, "-chardev") if "id=gdb0" in c]
+    assert gdb == ["socket,id=gdb0,host=127.0.0.1,port=0,server=on,wait=off"]

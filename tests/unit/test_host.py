@@ -16,6 +16,7 @@ import pytest
 
 from qemukit import HostError, Share, host
 from qemukit.host import _kvm, _virtiofsd
+from qemukit.host._fsguard import guard_prefix
 
 HANG_REASON = (
     "-cpu host: QEMU exited with status -6 (qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: "
@@ -171,10 +172,47 @@ def test_c_virtiofsd_in_a_namespace_asks_only_for_the_users_fd_limit() -> None:
     argv = host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5, ["unshare", "-U"])
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     expected = 1_000_000 if hard == resource.RLIM_INFINITY else min(hard, 1_000_000)
-    assert argv == ["unshare", "-U", "/usr/lib/qemu/virtiofsd", "--fd=5",
-                    f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto"]
-    assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[0] == \
-        "/usr/lib/qemu/virtiofsd"
+    guard = guard_prefix()
+    assert argv == ["unshare", "-U", *guard, "/usr/lib/qemu/virtiofsd", "--fd=5",
+                    f"--rlimit-nofile={expected}", "-o", "source=/srv/a\\,b", "-o", "cache=auto",
+                    "-o", "modcaps=-mknod:-setfcap:-fsetid"]
+    assert host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)[:len(guard) + 1] == \
+        [*guard, "/usr/lib/qemu/virtiofsd"]
+
+
+def test_a_read_only_share_is_read_only_at_the_host_for_both_virtiofsds() -> None:
+    share = Share.parse("/srv/a,b:/mnt/s,ro")
+    c = host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), share, 5)
+    # The C daemon has no read-only export: the guard serves it a read-only bind mount.
+    assert c[:len(guard_prefix(["/srv/a,b"]))] == guard_prefix(["/srv/a,b"])
+    assert "--ro" in guard_prefix(["/srv/a,b"])
+    rust = host.virtiofsd_argv(("/usr/libexec/virtiofsd", "rust"), share, 5)
+    assert rust[:len(guard_prefix())] == guard_prefix() and rust[-1] == "--readonly"
+
+
+def test_qemu_runs_guarded_only_for_a_writable_9p_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import VMSpec
+
+    for shares in ((), ("/srv:/mnt,9p,ro",), ("/srv:/mnt",)):
+        assert host.qemu_share_guard(VMSpec(shares=shares)) == []
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 0)
+    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix(drop_caps=True)
+    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
+    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix()
+
+
+def test_a_host_the_share_guard_does_not_know_refuses_guarded_shares(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import VMSpec
+    from qemukit.errors import HostError
+    from qemukit.host import _fsguard
+
+    monkeypatch.setattr(_fsguard.platform, "machine", lambda: "ppc64le")
+    with pytest.raises(HostError, match="ppc64le.*read-only over 9p"):
+        host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",)))
+    with pytest.raises(HostError, match="ppc64le"):
+        host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), Share.parse("/srv:/mnt"), 5)
+    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p,ro",))) == []
 
 
 # --------------------------------------------------------------- the probe's verdict in the cache

@@ -12,6 +12,7 @@ from qemukit import VMSpec
 from qemukit.cli import main
 from qemukit.errors import SpecError
 from qemukit.host import virtiofsd_argv
+from qemukit.host._fsguard import guard_prefix
 from qemukit.rootfs import GUEST_MOUNT, host_root, in_directory, root_transport
 
 
@@ -40,8 +41,8 @@ def test_the_host_root_is_a_read_only_share_and_a_kernel_argument(tiny_files: VM
 def test_the_root_goes_over_virtiofs_where_the_image_has_no_9p(tiny_files: VMSpec) -> None:
     assert root_transport(tiny_files) == "virtiofs"
     (root,) = host_root(tiny_files).shares
-    # C virtiofsd exports read-write only: the guest's init mounts it read-only.
-    assert (root.transport, root.read_only) == ("virtiofs", False)
+    # Read-only at the host over virtiofs too (virtiofsd is served a read-only bind mount).
+    assert (root.transport, root.read_only) == ("virtiofs", True)
     manifest = Path(str(tiny_files.initrd)).parent / "manifest.json"
     manifest.write_text(json.dumps({"modules": ["9p.ko", "virtiofs.ko"]}))
     assert root_transport(tiny_files) == "9p"
@@ -53,6 +54,7 @@ def test_virtiofsd_serves_the_host_root_from_a_chroot_sandbox(tiny_files: VMSpec
     (root,) = host_root(tiny_files).shares
     argv = virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), root, 3)
     assert argv[-2:] == ["-o", "sandbox=chroot"]  # pivot_root into "/" fails with EBUSY
+    assert argv[:len(guard_prefix(["/"]))] == guard_prefix(["/"])  # served read-only
 
 
 @pytest.mark.parametrize(("spec_changes", "rw", "field", "why"), [
