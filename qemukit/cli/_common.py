@@ -275,6 +275,17 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
 @click.version_option(package_name="qemukit")
 def main() -> None:
     """Launch and control QEMU virtual machines, without libvirt."""
+    from ..paths import invoking_user
+
+    if invoking_user() is not None:  # under sudo: what lands in the user's cache is theirs
+        click.get_current_context().call_on_close(_hand_over_quietly)
+
+
+def _hand_over_quietly() -> None:
+    from ..paths import hand_over_cache
+
+    with contextlib.suppress(errors.QemukitError, OSError):
+        hand_over_cache()
 
 
 def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
