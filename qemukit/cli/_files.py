@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from .. import errors
+from ..ports import MAX_AUTO_FORWARDS
 from ._common import attached, emit_json, name_argument
 
 __all__ = ["GuestPath", "parse_cp_args", "start_port_watcher"]
@@ -191,20 +192,26 @@ def shell_command(name: str, user: str | None, command: tuple[str, ...]) -> None
 @click.option("--watch", is_flag=True, hidden=True,
               help="Run the port watcher of a detached VM (started by run --detach).")
 @click.option("--interval", type=float, default=2.0, hidden=True)
-def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> None:
+@click.option("--max-forwards", type=click.IntRange(min=0), default=MAX_AUTO_FORWARDS, show_default=True,
+              help="With --watch: the most guest listeners forwarded; more are ignored "
+                   "(logged in the VM's ports.log).")
+def ports_command(name: str, as_json: bool, watch: bool, interval: float,
+                  max_forwards: int) -> None:
     """List a running VM's port forwards: guest port, protocol, host address, auto or static.
 
     \b
     'auto' forwards follow the guest's listening TCP and UDP sockets (run
     --detach of a spec with forward_auto, the default for the Debian image and
     imported images with an agent; --forward-auto); 'static' ones come from
-    --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked.
+    --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked; an
+    auto forward's host port is one the kernel picks (never the guest's number,
+    never a privileged port), shown here.
     """
     from .._sync import run_sync
     from ..ports import list_forwards
 
     if watch:
-        _watch(name, interval)
+        _watch(name, interval, max_forwards)
         return
     with attached(name) as vm:
         forwards = run_sync(list_forwards(vm.aio))
@@ -217,7 +224,7 @@ def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> Non
                    f"{fw.kind}")
 
 
-def _watch(name: str, interval: float) -> None:
+def _watch(name: str, interval: float, limit: int) -> None:
     """The port watcher of a detached VM: attach for each look, let go between looks.
 
     QEMU's monitor and the agent's channel serve one client at a time, so
@@ -245,7 +252,7 @@ def _watch(name: str, interval: float) -> None:
         else:
             try:
                 vm.guest.ping(timeout=5.0)
-                run_sync(sync_forwards(vm.aio, run_sync(guest_listeners(vm.aio.guest))))
+                run_sync(sync_forwards(vm.aio, run_sync(guest_listeners(vm.aio.guest)), limit))
             except errors.QemukitError as exc:
                 log.info("%s: port watch: %s", name, exc)
             finally:
@@ -254,11 +261,24 @@ def _watch(name: str, interval: float) -> None:
             break
 
 
-def start_port_watcher(name: str) -> int:
+def watcher_argv(name: str, limit: int = MAX_AUTO_FORWARDS) -> list[str]:
+    """The command line of the port watcher of VM ``name``.
+
+    ``-P``: Python puts neither the current directory nor a script's directory
+    first on ``sys.path``, so a ``qemukit.py`` or ``click.py`` lying where the
+    user ran ``qemukit run --detach`` is never imported in place of the real
+    ones (the watcher lives on after the command, in the user's name).
+    """
+    return [sys.executable, "-P", "-c", "from qemukit.cli import main; main()", "ports", name,
+            "--watch", "--max-forwards", str(limit)]
+
+
+def start_port_watcher(name: str, limit: int = MAX_AUTO_FORWARDS) -> int:
     """Start the port watcher of detached VM ``name``, recorded among its helpers; its pid.
 
-    ``stop``, ``kill`` and ``gc`` end the VM's helpers with it; the
-    watcher also ends by itself once QEMU exits.
+    It forwards at most ``limit`` guest listeners. ``stop``, ``kill`` and
+    ``gc`` end the VM's helpers with it; the watcher also ends by itself once
+    QEMU exits. It runs in the VM's runtime directory, not the caller's.
     """
     from .._launch.process import QemuProcess
     from .._launch.runtime import RuntimeDir
@@ -268,8 +288,8 @@ def start_port_watcher(name: str) -> int:
     info = rd.read_info()
     if info is None:
         raise errors.StateError(f"no VM named {name!r}")
-    argv = [sys.executable, "-c", "from qemukit.cli import main; main()", "ports", name, "--watch"]
-    proc = QemuProcess.spawn(argv, log_path=rd.path / "ports.log", die_with_parent=False)
+    proc = QemuProcess.spawn(watcher_argv(name, limit), log_path=rd.path / "ports.log",
+                             die_with_parent=False, cwd=rd.path)
     rd.write_info(dataclasses.replace(info, helpers=(*info.helpers,
                                                      (proc.pid, proc.start_time))))
     return proc.pid
