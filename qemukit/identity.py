@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import struct
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,8 @@ from ._wire.agent import ExecResult
 from .errors import HostError, StateError
 from .spec import VMSpec
 
-__all__ = ["HOST_KEY_TYPES", "CloneIdentity", "host_keys", "random_mac", "reidentify"]
+__all__ = ["HOST_KEY_TYPES", "RESEED_STEPS", "CloneIdentity", "host_keys", "random_mac", "reidentify",
+           "reseed_program", "reseed_script", "static_elf"]
 
 #: The ssh host key types a clone gets (fast to make; sshd's defaults minus RSA).
 HOST_KEY_TYPES = ("ed25519", "ecdsa")
@@ -186,3 +188,68 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
     presented = {name.removeprefix("ssh_host_").removesuffix("_key.pub"): data.decode().strip()
                  for name, data in keys.items() if name.endswith(".pub")}
     return CloneIdentity(hostname, machine_id, macs, presented)
+
+
+# -- the RNG reseed of a restored clone ------------------------------------------------
+#
+# A restored clone resumes with the saved kernel RNG state: every clone of one warm
+# state would hand out the same "random" bytes until its kernel next reseeds. Writing
+# host bytes to /dev/urandom only mixes them into the input pool (Linux 5.18+ does not
+# reseed the crng on a write), and vmgenid, which does make the kernel reseed, needs a
+# driver the tiny image's cloud kernel lacks. So qemukit runs, as the clone's first
+# command, a 275-byte static x86_64 program made here with fresh host bytes in it:
+# RNDADDENTROPY (mix and credit them) then RNDRESEEDCRNG (reseed now); both need
+# CAP_SYS_ADMIN, which the agent (root) has. Its exit status says which step failed.
+# The code, assembled with GNU as (tests/unit/test_identity.py checks these bytes):
+#
+#     mov eax, 2; lea rdi, [rip+path]; mov esi, 1; xor edx, edx; syscall  # open(O_WRONLY)
+#     mov edi, 1; test rax, rax; js done; mov r12, rax
+#     mov eax, 16; mov rdi, r12; mov esi, 0x40085203; lea rdx, [rip+info]; syscall
+#     mov edi, 2; test rax, rax; jnz done                                   # RNDADDENTROPY
+#     mov eax, 16; mov rdi, r12; mov esi, 0x5207; xor edx, edx; syscall
+#     mov edi, 3; test rax, rax; jnz done                                   # RNDRESEEDCRNG
+#     xor edi, edi
+#     done: mov eax, 60; syscall                                            # exit(edi)
+#     path: .asciz "/dev/urandom"
+#     info: (struct rand_pool_info: bits, bytes, the bytes)
+_RESEED_CODE = bytes.fromhex(
+    "b802000000488d3d5a000000be0100000031d20f05bf010000004885c078404989c4b8100000004c89e7"
+    "be03520840488d153d0000000f05bf020000004885c0751db8100000004c89e7be0752000031d20f05"
+    "bf030000004885c0750231ffb83c0000000f052f6465762f7572616e646f6d00")
+
+#: What the reseed program's exit status means.
+RESEED_STEPS = {1: "open /dev/urandom", 2: "RNDADDENTROPY", 3: "RNDRESEEDCRNG"}
+
+_LOAD_ADDRESS = 0x400000
+
+
+def static_elf(code: bytes) -> bytes:
+    """A minimal static x86_64 Linux executable: ``code`` loaded read+execute, run from its start.
+
+    ``code`` must be position independent (rip-relative) and end with an exit
+    system call; no sections, no libc.
+    """
+    ehdr_size, phdr_size = 64, 56
+    entry = _LOAD_ADDRESS + ehdr_size + phdr_size
+    size = ehdr_size + phdr_size + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)          # 64-bit, little endian, SysV
+            + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry,  # ET_EXEC, x86-64
+                          ehdr_size, 0, 0, ehdr_size, phdr_size, 1, 0, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, _LOAD_ADDRESS, _LOAD_ADDRESS,  # PT_LOAD, R+X
+                       size, size, 0x1000)
+    return ehdr + phdr + code
+
+
+def reseed_program(entropy: bytes) -> bytes:
+    """The reseed program (see above) carrying ``entropy`` (host bytes, credited in full)."""
+    info = struct.pack("<ii", 8 * len(entropy), len(entropy)) + entropy
+    return static_elf(_RESEED_CODE + info)
+
+
+def reseed_script() -> str:
+    """Shell code that writes a fresh reseed program (32 host bytes) to ``/run``, runs it once
+    and removes it; its exit status is the program's (see :data:`RESEED_STEPS`)."""
+    program = base64.b64encode(reseed_program(secrets.token_bytes(32))).decode()
+    return ("f=$(mktemp /run/qemukit-reseed.XXXXXX) || exit 4; "
+            f"printf %s {program} | base64 -d > \"$f\" && chmod 700 \"$f\" && \"$f\"; "
+            "s=$?; rm -f \"$f\"; exit $s")

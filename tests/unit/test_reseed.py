@@ -1,0 +1,92 @@
+"""The program a restored clone runs first: host bytes in, then RNDRESEEDCRNG (see qemukit.identity).
+
+The integration test (tests/integration/test_warm_rng.py) shows its effect in clones.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qemukit import identity
+
+# -- the reseed program -------------------------------------------------------------------
+
+RESEED_ASM = """\
+    .intel_syntax noprefix
+_start:
+    mov eax, 2
+    lea rdi, [rip + path]
+    mov esi, 1
+    xor edx, edx
+    syscall
+    mov edi, 1
+    test rax, rax
+    js done
+    mov r12, rax
+    mov eax, 16
+    mov rdi, r12
+    mov esi, 0x40085203
+    lea rdx, [rip + info]
+    syscall
+    mov edi, 2
+    test rax, rax
+    jnz done
+    mov eax, 16
+    mov rdi, r12
+    mov esi, 0x5207
+    xor edx, edx
+    syscall
+    mov edi, 3
+    test rax, rax
+    jnz done
+    xor edi, edi
+done:
+    mov eax, 60
+    syscall
+path:
+    .asciz "/dev/urandom"
+info:
+"""
+
+
+@pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,
+                    reason="GNU binutils not installed")
+def test_the_reseed_code_is_what_its_listing_says(tmp_path: Path) -> None:
+    (tmp_path / "r.s").write_text(RESEED_ASM)
+    subprocess.run(["as", "--64", "-o", str(tmp_path / "r.o"), str(tmp_path / "r.s")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "r.o"),
+                    str(tmp_path / "r.bin")], check=True)
+    assert (tmp_path / "r.bin").read_bytes() == identity._RESEED_CODE
+
+
+def test_the_reseed_program_carries_the_entropy_in_a_loadable_elf() -> None:
+    entropy = bytes(range(32))
+    program = identity.reseed_program(entropy)
+    assert program[:4] == b"\x7fELF" and program.endswith(struct.pack("<ii", 256, 32) + entropy)
+    assert len(program) == 64 + 56 + len(identity._RESEED_CODE) + 8 + 32
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86_64 program")
+def test_the_reseed_program_runs_and_needs_cap_sys_admin(tmp_path: Path) -> None:
+    path = tmp_path / "reseed"
+    path.write_bytes(identity.reseed_program(secrets.token_bytes(32)))
+    path.chmod(0o700)
+    if os.geteuid() == 0:  # reseeds this host's RNG with 32 more random bytes: harmless
+        assert subprocess.run([str(path)], timeout=30).returncode == 0
+    if shutil.which("unshare"):  # a user namespace: root there, no CAP_SYS_ADMIN here
+        denied = subprocess.run(["unshare", "--user", str(path)], timeout=30)
+        if denied.returncode != 1:  # unshare itself may be refused on some hosts
+            assert identity.RESEED_STEPS[denied.returncode] == "RNDADDENTROPY"
+
+
+def test_the_reseed_script_sends_a_fresh_program_each_time() -> None:
+    one, two = identity.reseed_script(), identity.reseed_script()
+    assert one != two and "/run/qemukit-reseed." in one and one.endswith("exit $s")
