@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import HostError, StateError
 
-__all__ = ["cache_dir", "cache_dir_error", "check_private_dir", "hand_over_cache",
+__all__ = ["cache_dir", "cache_dir_error", "check_private_dir", "data_dir", "hand_over_cache",
            "invoking_user", "state_dir", "state_dir_error"]
 
 
@@ -100,6 +100,33 @@ def state_dir() -> Path:
     problem = check_private_dir(path)
     if problem is not None:
         raise StateError(_unsafe("state", path, problem, "QEMUKIT_STATE"))
+    return path
+
+
+def _data_path() -> Path:
+    env = os.environ.get("QEMUKIT_DATA")
+    if env:
+        return Path(env)
+    if os.environ.get("QEMUKIT_STATE") or not os.environ.get("XDG_RUNTIME_DIR"):
+        return _state_path()  # the state directory is on disk already: one directory per VM
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "qemukit-data"
+
+
+def data_dir() -> Path:
+    """Where a VM's big files live (overlays, console and QEMU logs, initramfs copies).
+
+    ``$QEMUKIT_DATA``; else the state directory when it is on disk
+    (``$QEMUKIT_STATE`` set, or no ``$XDG_RUNTIME_DIR``); else
+    ``${XDG_STATE_HOME:-~/.local/state}/qemukit-data``: not ``$XDG_RUNTIME_DIR``,
+    a tmpfs in memory that systemd sizes at 10% of RAM, where a VM's overlay or a
+    guest flooding its console would fill it (sockets stay there). Checked like
+    :func:`state_dir` (:class:`StateError`).
+    """
+    path = _data_path()
+    problem = check_private_dir(path)
+    if problem is not None:
+        raise StateError(_unsafe("data", path, problem, "QEMUKIT_DATA"))
     return path
 
 

@@ -559,7 +559,7 @@ class AsyncVM:
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         if self.kernel is not None and self.kernel.needs_files:
             # In the runtime directory: the initramfs with the modules lives as long as the VM.
-            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.path / "kernel")
+            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
                            self._formats, incoming=self.incoming)

@@ -185,3 +185,43 @@ def test_images_build_under_sudo_hands_the_image_over(sudo: Path,
     monkeypatch.setattr(images, "build_tiny", built)
     assert images.build("tiny") == "image"
     assert (sudo / ".cache" / "qemukit" / "tiny" / "6.1" / "initrd.img").stat().st_uid == OTHER_UID
+
+
+# -- big files on disk, sockets in the runtime directory --------------------------------------
+
+
+def test_data_dir_follows_the_state_dir_unless_that_is_the_runtime_tmpfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QEMUKIT_DATA", raising=False)
+    monkeypatch.setenv("QEMUKIT_STATE", str(tmp_path / "state"))
+    assert paths.data_dir() == paths.state_dir()  # tests: one directory per VM, as before
+    monkeypatch.delenv("QEMUKIT_STATE")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+    assert paths.state_dir() == tmp_path / "run" / "qemukit"
+    assert paths.data_dir() == tmp_path / "state-home" / "qemukit-data"
+    monkeypatch.setenv("QEMUKIT_DATA", str(tmp_path / "data"))
+    assert paths.data_dir() == tmp_path / "data"
+    (tmp_path / "data").chmod(0o777)
+    with pytest.raises(StateError, match="refusing qemukit's data directory.*QEMUKIT_DATA"):
+        paths.data_dir()
+
+
+def test_a_vm_keeps_its_big_files_in_the_data_dir_and_removes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QEMUKIT_STATE", raising=False)
+    monkeypatch.delenv("QEMUKIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+    data = tmp_path / "state-home" / "qemukit-data" / "vm1"
+    data.mkdir(parents=True)
+    (data / "overlay-disk0.qcow2").write_text("a leftover of an earlier vm1")
+    rd = RuntimeDir.create("vm1")
+    assert rd.path == tmp_path / "run" / "qemukit" / "vm1"
+    assert rd.console_log.resolve() == data / "console.log"
+    assert rd.overlay("disk0").resolve() == data / "overlay-disk0.qcow2"
+    assert rd.qmp_socket.parent == rd.path
+    assert list(data.iterdir()) == []  # the leftover is gone: the name is this VM's now
+    rd.console_log.write_text("boot")
+    RuntimeDir(rd.path).remove()
+    assert not rd.path.exists() and not data.exists()
