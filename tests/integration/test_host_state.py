@@ -17,7 +17,7 @@ import pytest
 
 from qemukit import VM, GuestPanic, VMSpec
 from qemukit._wire import console
-from tests.helpers import QEMUKIT, qemu_processes_under, wait_until
+from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -92,3 +92,39 @@ def test_big_files_go_to_disk_and_sockets_stay_in_the_runtime_dir(tmp_path: Path
     assert not leaked
     assert _tree(runtime / "qemukit") == set()
     assert _tree(state_home / "qemukit-data") == set()
+
+
+def test_a_detached_vm_flooding_its_console_keeps_the_log_capped(
+        tiny_spec: VMSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody reads a detached VM's console: its helper process rotates the log."""
+    from qemukit.cli._files import start_port_watcher
+
+    monkeypatch.setattr(console, "CONSOLE_LOG_MAX", CAP)
+    vm = VM(tiny_spec.replace(memory=256), die_with_parent=False)
+    vm.start()
+    helper = None
+    try:
+        vm.wait_ready(120)
+        assert vm.runtime is not None
+        log, name = vm.runtime.console_log, vm.name
+        vm.detach()
+        helper = start_port_watcher(name, forward=False)
+        with VM.attach(name) as again:
+            result = again.exec(f"head -c {FLOOD} /dev/zero | tr '\\0' y > /dev/console; "
+                                "printf '\\nflood-done-marker\\n' > /dev/console", timeout=600)
+            assert result.exit_status == 0, result.stderr_text
+            again.detach()
+        wait_until(lambda: "flood-done-marker" in console.log_tail(log, 5), 300,
+                   "the marker after the flood in the console log")
+        older = Path(f"{log}.1")
+        assert older.exists(), "the detached VM's log was never rotated"
+        # The helper looks every 2 s: allow what a TCG UART prints meanwhile.
+        wait_until(lambda: log.stat().st_size <= 2 * CAP, 30, "the helper to rotate the log")
+        assert older.stat().st_size < FLOOD // 2
+    finally:
+        if vm.state.value == "running":
+            vm.kill()
+        else:
+            VM.attach(vm.name).shutdown(timeout=30)
+    assert helper is not None
+    wait_until(lambda: qemu_gone(helper), 30, "the helper to end with the VM")
