@@ -30,6 +30,7 @@ import base64
 import secrets
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -197,28 +198,36 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
 # host bytes to /dev/urandom only mixes them into the input pool (Linux 5.18+ does not
 # reseed the crng on a write), and vmgenid, which does make the kernel reseed, needs a
 # driver the tiny image's cloud kernel lacks. So qemukit runs, as the clone's first
-# command, a 275-byte static x86_64 program made here with fresh host bytes in it:
-# RNDADDENTROPY (mix and credit them) then RNDRESEEDCRNG (reseed now); both need
-# CAP_SYS_ADMIN, which the agent (root) has. Its exit status says which step failed.
-# The code, assembled with GNU as (tests/unit/test_identity.py checks these bytes):
+# command, a static x86_64 program of 346 bytes made here with fresh host bytes
+# in it: RNDADDENTROPY (mix and credit them) then RNDRESEEDCRNG (reseed now); both need
+# CAP_SYS_ADMIN, which the agent (root) has. It also deletes itself and, when given a
+# time, sets the clock (one process instead of date, rm and the rest: each process
+# costs tens of milliseconds under TCG). Its exit status says which step failed.
+# The code, assembled with GNU as (tests/unit/test_reseed.py checks these bytes):
 #
-#     mov eax, 2; lea rdi, [rip+path]; mov esi, 1; xor edx, edx; syscall  # open(O_WRONLY)
+#     mov rdi, [rsp+8]; mov eax, 87; syscall                     # unlink(argv[0])
+#     mov edi, 4; mov rax, [rip+ts]; test rax, rax; jz rng       # no time given: skip
+#     mov eax, 227; xor edi, edi; lea rsi, [rip+ts]; syscall     # clock_settime(REALTIME)
+#     mov edi, 4; test rax, rax; jnz done
+#     rng: mov eax, 2; lea rdi, [rip+path]; mov esi, 1; xor edx, edx; syscall  # open
 #     mov edi, 1; test rax, rax; js done; mov r12, rax
 #     mov eax, 16; mov rdi, r12; mov esi, 0x40085203; lea rdx, [rip+info]; syscall
-#     mov edi, 2; test rax, rax; jnz done                                   # RNDADDENTROPY
+#     mov edi, 2; test rax, rax; jnz done                        # RNDADDENTROPY
 #     mov eax, 16; mov rdi, r12; mov esi, 0x5207; xor edx, edx; syscall
-#     mov edi, 3; test rax, rax; jnz done                                   # RNDRESEEDCRNG
+#     mov edi, 3; test rax, rax; jnz done                        # RNDRESEEDCRNG
 #     xor edi, edi
-#     done: mov eax, 60; syscall                                            # exit(edi)
+#     done: mov eax, 60; syscall                                 # exit(edi)
 #     path: .asciz "/dev/urandom"
-#     info: (struct rand_pool_info: bits, bytes, the bytes)
+#     ts: (struct timespec, 16 bytes)  info: (struct rand_pool_info: bits, bytes, bytes)
 _RESEED_CODE = bytes.fromhex(
-    "b802000000488d3d5a000000be0100000031d20f05bf010000004885c078404989c4b8100000004c89e7"
-    "be03520840488d153d0000000f05bf020000004885c0751db8100000004c89e7be0752000031d20f05"
-    "bf030000004885c0750231ffb83c0000000f052f6465762f7572616e646f6d00")
+    "488b7c2408b8570000000f05bf04000000488b05920000004885c0741ab8e300000031ff488d357f000000"
+    "0f05bf040000004885c0755fb802000000488d3d5a000000be0100000031d20f05bf010000004885c07840"
+    "4989c4b8100000004c89e7be03520840488d154d0000000f05bf020000004885c0751db8100000004c89e7"
+    "be0752000031d20f05bf030000004885c0750231ffb83c0000000f052f6465762f7572616e646f6d00")
 
 #: What the reseed program's exit status means.
-RESEED_STEPS = {1: "open /dev/urandom", 2: "RNDADDENTROPY", 3: "RNDRESEEDCRNG"}
+RESEED_STEPS = {1: "open /dev/urandom", 2: "RNDADDENTROPY", 3: "RNDRESEEDCRNG",
+                4: "clock_settime", 5: "writing the program to /run"}
 
 _LOAD_ADDRESS = 0x400000
 
@@ -240,16 +249,21 @@ def static_elf(code: bytes) -> bytes:
     return ehdr + phdr + code
 
 
-def reseed_program(entropy: bytes) -> bytes:
-    """The reseed program (see above) carrying ``entropy`` (host bytes, credited in full)."""
+def reseed_program(entropy: bytes, clock_ns: int | None = None) -> bytes:
+    """The reseed program (see above) carrying ``entropy`` (host bytes, credited in full),
+    and setting the clock to ``clock_ns`` (ns since the epoch) unless None."""
+    ts = struct.pack("<qq", *divmod(clock_ns, 10**9)) if clock_ns else bytes(16)
     info = struct.pack("<ii", 8 * len(entropy), len(entropy)) + entropy
-    return static_elf(_RESEED_CODE + info)
+    return static_elf(_RESEED_CODE + ts + info)
 
 
-def reseed_script() -> str:
-    """Shell code that writes a fresh reseed program (32 host bytes) to ``/run``, runs it once
-    and removes it; its exit status is the program's (see :data:`RESEED_STEPS`)."""
-    program = base64.b64encode(reseed_program(secrets.token_bytes(32))).decode()
-    return ("f=$(mktemp /run/qemukit-reseed.XXXXXX) || exit 4; "
-            f"printf %s {program} | base64 -d > \"$f\" && chmod 700 \"$f\" && \"$f\"; "
-            "s=$?; rm -f \"$f\"; exit $s")
+def reseed_script(*, set_clock: bool = False) -> str:
+    """Shell code that writes a fresh reseed program (32 host bytes; the host's time with
+    ``set_clock``) to ``/run`` and runs it; its exit status is the program's (see
+    :data:`RESEED_STEPS`). Only ``printf`` (a shell builtin), ``chmod`` and the program
+    run, and the program deletes itself."""
+    program = reseed_program(secrets.token_bytes(32), time.time_ns() if set_clock else None)
+    octal = "".join(f"\\{byte:03o}" for byte in program)
+    return ('f=/run/qemukit-reseed.$$; '
+            f"printf '{octal}' > \"$f\" && chmod 700 \"$f\" && exec \"$f\"; "
+            'rm -f "$f"; exit 5')

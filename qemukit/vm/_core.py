@@ -506,8 +506,8 @@ class AsyncVM:
                 log.warning("%s: reseeding the clone's RNG failed (%s); only vmgenid "
                             "reseeds it", self.name, _reseed_failure(result))
             return
-        script = f"date -s @{time.time():.0f} >/dev/null || exit 5; {reseed_script()}"
-        result = await self.exec(["sh", "-c", script], timeout=30)
+        # One process in the guest sets the clock and reseeds (see qemukit.identity).
+        result = await self.exec(["sh", "-c", reseed_script(set_clock=True)], timeout=30)
         if result.exit_status != 0:
             raise StateError(f"VM {self.name!r}: setting the guest clock and reseeding its RNG "
                              f"after the restore failed: {_reseed_failure(result)}")
@@ -1414,7 +1414,7 @@ class AsyncVM:
 
 def _reseed_failure(result: ExecResult) -> str:
     """Which step of the clock and reseed command failed, with the guest's stderr."""
-    step = {**RESEED_STEPS, 4: "mktemp in /run", 5: "date -s"}.get(result.exit_status)
+    step = RESEED_STEPS.get(result.exit_status)
     what = f"{step} failed" if step else f"exit {result.exit_status}"
     stderr = result.stderr_text.strip()[-300:]
     return f"{what}: {stderr}" if stderr else what

@@ -22,6 +22,21 @@ from qemukit import identity
 RESEED_ASM = """\
     .intel_syntax noprefix
 _start:
+    mov rdi, [rsp + 8]
+    mov eax, 87
+    syscall
+    mov edi, 4
+    mov rax, [rip + ts]
+    test rax, rax
+    jz rng
+    mov eax, 227
+    xor edi, edi
+    lea rsi, [rip + ts]
+    syscall
+    mov edi, 4
+    test rax, rax
+    jnz done
+rng:
     mov eax, 2
     lea rdi, [rip + path]
     mov esi, 1
@@ -53,6 +68,8 @@ done:
     syscall
 path:
     .asciz "/dev/urandom"
+ts:
+    .quad 0, 0
 info:
 """
 
@@ -61,32 +78,55 @@ info:
                     reason="GNU binutils not installed")
 def test_the_reseed_code_is_what_its_listing_says(tmp_path: Path) -> None:
     (tmp_path / "r.s").write_text(RESEED_ASM)
+    ts_and_info = 16
     subprocess.run(["as", "--64", "-o", str(tmp_path / "r.o"), str(tmp_path / "r.s")], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "r.o"),
                     str(tmp_path / "r.bin")], check=True)
-    assert (tmp_path / "r.bin").read_bytes() == identity._RESEED_CODE
+    # GNU as also emits the (zero) timespec: the code is what comes before it.
+    assert (tmp_path / "r.bin").read_bytes() == identity._RESEED_CODE + bytes(ts_and_info)
 
 
-def test_the_reseed_program_carries_the_entropy_in_a_loadable_elf() -> None:
+def test_the_reseed_program_carries_the_entropy_and_the_time_in_a_loadable_elf() -> None:
     entropy = bytes(range(32))
-    program = identity.reseed_program(entropy)
-    assert program[:4] == b"\x7fELF" and program.endswith(struct.pack("<ii", 256, 32) + entropy)
-    assert len(program) == 64 + 56 + len(identity._RESEED_CODE) + 8 + 32
+    program = identity.reseed_program(entropy, clock_ns=1_700_000_000_123_456_789)
+    assert program[:4] == b"\x7fELF"
+    assert program.endswith(struct.pack("<qq", 1_700_000_000, 123_456_789)
+                            + struct.pack("<ii", 256, 32) + entropy)
+    assert len(program) == 64 + 56 + len(identity._RESEED_CODE) + 16 + 8 + 32
+    assert identity.reseed_program(entropy)[-56:-40] == bytes(16)  # no time: clock untouched
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86_64 program")
-def test_the_reseed_program_runs_and_needs_cap_sys_admin(tmp_path: Path) -> None:
+def test_the_reseed_program_runs_deletes_itself_and_needs_cap_sys_admin(tmp_path: Path) -> None:
     path = tmp_path / "reseed"
-    path.write_bytes(identity.reseed_program(secrets.token_bytes(32)))
-    path.chmod(0o700)
+
+    def write() -> None:
+        path.write_bytes(identity.reseed_program(secrets.token_bytes(32)))
+        path.chmod(0o700)
+
     if os.geteuid() == 0:  # reseeds this host's RNG with 32 more random bytes: harmless
+        write()
         assert subprocess.run([str(path)], timeout=30).returncode == 0
+        assert not path.exists()
     if shutil.which("unshare"):  # a user namespace: root there, no CAP_SYS_ADMIN here
+        write()
         denied = subprocess.run(["unshare", "--user", str(path)], timeout=30)
         if denied.returncode != 1:  # unshare itself may be refused on some hosts
             assert identity.RESEED_STEPS[denied.returncode] == "RNDADDENTROPY"
 
 
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+def test_the_reseed_script_writes_the_program_with_printf_alone(tmp_path: Path,
+                                                               shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} not installed")
+    script = identity.reseed_script().replace("/run/", f"{tmp_path}/")
+    out = subprocess.run([shell, "-c", script.replace('exec "$f"', 'cat "$f"')],
+                         capture_output=True, timeout=30)
+    assert out.stdout[:4] == b"\x7fELF" and len(out.stdout) == 346
+    assert out.stdout[-40:] != identity.reseed_program(bytes(32))[-40:]
+
+
 def test_the_reseed_script_sends_a_fresh_program_each_time() -> None:
     one, two = identity.reseed_script(), identity.reseed_script()
-    assert one != two and "/run/qemukit-reseed." in one and one.endswith("exit $s")
+    assert one != two and "/run/qemukit-reseed.$$" in one and one.endswith("exit 5")
