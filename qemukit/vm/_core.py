@@ -38,6 +38,7 @@ from .._wire.qmp import QMP
 from ..arch import ARCHES
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
+    AgentError,
     GuestIOError,
     GuestOops,
     GuestPanic,
@@ -501,10 +502,14 @@ class AsyncVM:
         if self.spec.agent == "qga":
             await self.wait_ready()
             await self.guest.call("guest-set-time", {"time": time.time_ns()})
-            result = await self.exec(["sh", "-c", reseed_script()], timeout=30)
-            if result.exit_status != 0:
+            try:
+                result = await self.exec(["sh", "-c", reseed_script()], timeout=30)
+                failure = _reseed_failure(result) if result.exit_status != 0 else None
+            except AgentError as exc:  # qemu-guest-agent refused it: no sh, not a Linux guest
+                failure = str(exc)
+            if failure is not None:
                 log.warning("%s: reseeding the clone's RNG failed (%s); only vmgenid "
-                            "reseeds it", self.name, _reseed_failure(result))
+                            "reseeds it", self.name, failure)
             return
         # One process in the guest sets the clock and reseeds (see qemukit.identity).
         result = await self.exec(["sh", "-c", reseed_script(set_clock=True)], timeout=30)
