@@ -293,7 +293,7 @@ def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) 
 
     try:
         entries = list_entries()
-    except OSError:  # an unreadable registry just offers nothing to complete
+    except (OSError, errors.QemukitError):  # an unreadable or refused registry: nothing
         return []
     return [rd.name for rd, _ in entries if rd.name.startswith(incomplete)]
 
