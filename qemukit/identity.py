@@ -259,11 +259,19 @@ def reseed_program(entropy: bytes, clock_ns: int | None = None) -> bytes:
 
 def reseed_script(*, set_clock: bool = False) -> str:
     """Shell code that writes a fresh reseed program (32 host bytes; the host's time with
-    ``set_clock``) to ``/run`` and runs it; its exit status is the program's (see
-    :data:`RESEED_STEPS`). Only ``printf`` (a shell builtin), ``chmod`` and the program
-    run, and the program deletes itself."""
+    ``set_clock``) and runs it; its exit status is the program's (see :data:`RESEED_STEPS`).
+
+    It tries ``/run``, then ``/dev/shm`` and ``/tmp`` (Debian mounts ``/run``
+    noexec). The file is created with ``umask 077`` under ``set -C`` (``O_EXCL``:
+    a file or link a guest user planted under that name in a world-writable
+    directory is never written through), then made executable. Only ``printf``
+    (a shell builtin), ``chmod`` and the program run, and the program deletes
+    itself; ``rm`` runs only when the program could not.
+    """
     program = reseed_program(secrets.token_bytes(32), time.time_ns() if set_clock else None)
     octal = "".join(f"\\{byte:03o}" for byte in program)
-    return ('f=/run/qemukit-reseed.$$; '
-            f"printf '{octal}' > \"$f\" && chmod 700 \"$f\" && exec \"$f\"; "
-            'rm -f "$f"; exit 5')
+    return (f"p='{octal}'; umask 077; set -C; "
+            "for d in /run /dev/shm /tmp; do f=$d/qemukit-reseed.$$; "
+            'printf "$p" 2>/dev/null > "$f" && chmod 700 "$f" || continue; '
+            '"$f" 2>/dev/null; s=$?; [ $s -eq 0 ] && exit 0; rm -f "$f"; [ $s -eq 126 ] || exit $s; '
+            "done; exit 5")

@@ -115,18 +115,54 @@ def test_the_reseed_program_runs_deletes_itself_and_needs_cap_sys_admin(tmp_path
             assert identity.RESEED_STEPS[denied.returncode] == "RNDADDENTROPY"
 
 
+def _in_dirs(script: str, *dirs: Path) -> str:
+    return script.replace("for d in /run /dev/shm /tmp;", f"for d in {' '.join(map(str, dirs))};")
+
+
 @pytest.mark.parametrize("shell", ["dash", "bash"])
 def test_the_reseed_script_writes_the_program_with_printf_alone(tmp_path: Path,
                                                                shell: str) -> None:
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} not installed")
-    script = identity.reseed_script().replace("/run/", f"{tmp_path}/")
-    out = subprocess.run([shell, "-c", script.replace('exec "$f"', 'cat "$f"')],
-                         capture_output=True, timeout=30)
+    script = _in_dirs(identity.reseed_script(), tmp_path).replace('"$f" 2>/dev/null; s=$?', 'cat "$f"; exit')
+    out = subprocess.run([shell, "-c", script], capture_output=True, timeout=30)
     assert out.stdout[:4] == b"\x7fELF" and len(out.stdout) == 346
     assert out.stdout[-40:] != identity.reseed_program(bytes(32))[-40:]
+    (written,) = tmp_path.iterdir()
+    assert written.stat().st_mode & 0o777 == 0o700  # umask 077: never readable by others
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or platform.machine() != "x86_64", reason="needs root, unshare, x86_64")
+def test_a_noexec_dir_is_skipped_and_left_clean(tmp_path: Path) -> None:
+    """Debian mounts /run noexec: the script moves on to the next directory."""
+    noexec, other = tmp_path / "noexec", tmp_path / "other"
+    noexec.mkdir()
+    other.mkdir()
+    script = _in_dirs(identity.reseed_script(), noexec, other)
+    result = subprocess.run(["unshare", "--mount", "sh", "-c",
+                             f"mount -t tmpfs -o noexec none {noexec} && {{ {script}; }}"],
+                            capture_output=True, text=True, timeout=60)
+    if "mount" in result.stderr and result.returncode != 0 and "Permission" in result.stderr:
+        pytest.skip(f"cannot mount here: {result.stderr}")
+    assert result.returncode == 0, result.stderr
+    assert list(other.iterdir()) == []  # the program deleted itself
+
+
+def test_a_file_planted_under_the_name_is_not_written_through(tmp_path: Path) -> None:
+    """set -C: in a world-writable directory a guest user's link is never followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's file")
+    planted = tmp_path / "dir"
+    planted.mkdir()
+    script = _in_dirs(identity.reseed_script(), planted)
+    # The shell's $$ is only known inside: plant the link there, then run the script.
+    result = subprocess.run(["sh", "-c", f"ln -s {victim} {planted}/qemukit-reseed.$$; {script}"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 5, result.stderr  # no directory left to use
+    assert victim.read_text() == "root's file"
 
 
 def test_the_reseed_script_sends_a_fresh_program_each_time() -> None:
     one, two = identity.reseed_script(), identity.reseed_script()
-    assert one != two and "/run/qemukit-reseed.$$" in one and one.endswith("exit 5")
+    assert one != two and "d/qemukit-reseed.$$" in one and one.endswith("exit 5")
