@@ -17,7 +17,7 @@ import pytest
 
 from qemukit import VM, GuestPanic, VMSpec
 from qemukit._wire import console
-from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under, wait_until
+from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under, run_qemukit, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -121,6 +121,9 @@ def test_a_detached_vm_flooding_its_console_keeps_the_log_capped(
         # The helper looks every 2 s: allow what a TCG UART prints meanwhile.
         wait_until(lambda: log.stat().st_size <= 2 * CAP, 30, "the helper to rotate the log")
         assert older.stat().st_size < FLOOD // 2
+        shown = run_qemukit("logs", name)  # both parts, the older first
+        assert shown.returncode == 0, shown.stderr
+        assert "flood-done-marker" in shown.stdout and len(shown.stdout) <= 4 * CAP
     finally:
         if vm.state.value == "running":
             vm.kill()
