@@ -225,3 +225,13 @@ def test_a_vm_keeps_its_big_files_in_the_data_dir_and_removes_them(
     rd.console_log.write_text("boot")
     RuntimeDir(rd.path).remove()
     assert not rd.path.exists() and not data.exists()
+
+
+def test_any_command_under_sudo_hands_the_cache_over_at_its_end(sudo: Path) -> None:
+    cache = sudo / ".cache" / "qemukit"
+    (cache / "warm" / "entry").mkdir(parents=True)  # what an earlier root command left
+    (cache / "qemu-facts.json").write_text("{}")
+    result = CliRunner().invoke(main, ["images", "list"])
+    assert result.exit_code == 0, result.output
+    for made in (cache / "warm", cache / "warm" / "entry", cache / "qemu-facts.json"):
+        assert made.stat().st_uid == OTHER_UID, made
