@@ -1,14 +1,14 @@
-"""Where qemukit keeps things: the image cache and the runtime registry.
+"""Where qemukit keeps things: the image cache, the runtime registry, VMs' big files.
 
-Both can be moved with an environment variable (``QEMUKIT_CACHE``,
-``QEMUKIT_STATE``); when one cannot be written, :func:`state_dir_error` and
-:func:`cache_dir_error` make the one-line error that says which directory,
-why, and which variable moves it.
+Each can be moved with an environment variable (``QEMUKIT_CACHE``,
+``QEMUKIT_STATE``, ``QEMUKIT_DATA``: see :func:`data_dir`); when one cannot
+be written, :func:`state_dir_error` and :func:`cache_dir_error` make the
+one-line error that says which directory, why, and which variable moves it.
 
 What is in these directories is code: a warm state's ``spec.toml`` becomes a
 clone's QEMU command line, a cached image becomes its kernel. So each is used
-only if it is safe: :func:`cache_dir` and :func:`state_dir` create what is
-missing with mode 0700 and refuse (:class:`HostError`, :class:`StateError`) a
+only if it is safe: :func:`cache_dir`, :func:`state_dir` and :func:`data_dir`
+create what is missing with mode 0700 and refuse (:class:`HostError`, :class:`StateError`) a
 directory that another user owns or that group or others can write, or that
 sits below a directory such a user could rename it out of (writable by group
 or others without the sticky bit). Root's directories are trusted (root can
