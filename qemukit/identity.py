@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import struct
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +41,8 @@ from ._wire.agent import ExecResult
 from .errors import StateError
 from .spec import VMSpec
 
-__all__ = ["HOST_KEY_TYPES", "CloneIdentity", "host_keys", "random_mac", "reidentify"]
+__all__ = ["HOST_KEY_TYPES", "RESEED_STEPS", "CloneIdentity", "host_keys", "random_mac", "reidentify",
+           "reseed_program", "reseed_script", "static_elf"]
 
 
 # $1 host name, $2 machine id, $3 login user, $4 authorized_keys (base64), $5 MAC pairs
@@ -170,3 +173,89 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
     presented = {name.removeprefix("ssh_host_").removesuffix("_key.pub"): data.decode().strip()
                  for name, data in keys.items() if name.endswith(".pub")}
     return CloneIdentity(hostname, machine_id, macs, presented)
+
+
+# -- the RNG reseed of a restored clone ------------------------------------------------
+#
+# A restored clone resumes with the saved kernel RNG state: every clone of one warm
+# state would hand out the same "random" bytes until its kernel next reseeds. Writing
+# host bytes to /dev/urandom only mixes them into the input pool (Linux 5.18+ does not
+# reseed the crng on a write), and vmgenid, which does make the kernel reseed, needs a
+# driver the tiny image's cloud kernel lacks. So qemukit runs, as the clone's first
+# command, a static x86_64 program of 346 bytes made here with fresh host bytes
+# in it: RNDADDENTROPY (mix and credit them) then RNDRESEEDCRNG (reseed now); both need
+# CAP_SYS_ADMIN, which the agent (root) has. It also deletes itself and, when given a
+# time, sets the clock (one process instead of date, rm and the rest: each process
+# costs tens of milliseconds under TCG). Its exit status says which step failed.
+# The code, assembled with GNU as (tests/unit/test_reseed.py checks these bytes):
+#
+#     mov rdi, [rsp+8]; mov eax, 87; syscall                     # unlink(argv[0])
+#     mov edi, 4; mov rax, [rip+ts]; test rax, rax; jz rng       # no time given: skip
+#     mov eax, 227; xor edi, edi; lea rsi, [rip+ts]; syscall     # clock_settime(REALTIME)
+#     mov edi, 4; test rax, rax; jnz done
+#     rng: mov eax, 2; lea rdi, [rip+path]; mov esi, 1; xor edx, edx; syscall  # open
+#     mov edi, 1; test rax, rax; js done; mov r12, rax
+#     mov eax, 16; mov rdi, r12; mov esi, 0x40085203; lea rdx, [rip+info]; syscall
+#     mov edi, 2; test rax, rax; jnz done                        # RNDADDENTROPY
+#     mov eax, 16; mov rdi, r12; mov esi, 0x5207; xor edx, edx; syscall
+#     mov edi, 3; test rax, rax; jnz done                        # RNDRESEEDCRNG
+#     xor edi, edi
+#     done: mov eax, 60; syscall                                 # exit(edi)
+#     path: .asciz "/dev/urandom"
+#     ts: (struct timespec, 16 bytes)  info: (struct rand_pool_info: bits, bytes, bytes)
+_RESEED_CODE = bytes.fromhex(
+    "488b7c2408b8570000000f05bf04000000488b05920000004885c0741ab8e300000031ff488d357f000000"
+    "0f05bf040000004885c0755fb802000000488d3d5a000000be0100000031d20f05bf010000004885c07840"
+    "4989c4b8100000004c89e7be03520840488d154d0000000f05bf020000004885c0751db8100000004c89e7"
+    "be0752000031d20f05bf030000004885c0750231ffb83c0000000f052f6465762f7572616e646f6d00")
+
+#: What the reseed program's exit status means.
+RESEED_STEPS = {1: "open /dev/urandom", 2: "RNDADDENTROPY", 3: "RNDRESEEDCRNG",
+                4: "clock_settime", 5: "writing the program to /run"}
+
+_LOAD_ADDRESS = 0x400000
+
+
+def static_elf(code: bytes) -> bytes:
+    """A minimal static x86_64 Linux executable: ``code`` loaded read+execute, run from its start.
+
+    ``code`` must be position independent (rip-relative) and end with an exit
+    system call; no sections, no libc.
+    """
+    ehdr_size, phdr_size = 64, 56
+    entry = _LOAD_ADDRESS + ehdr_size + phdr_size
+    size = ehdr_size + phdr_size + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)          # 64-bit, little endian, SysV
+            + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry,  # ET_EXEC, x86-64
+                          ehdr_size, 0, 0, ehdr_size, phdr_size, 1, 0, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, _LOAD_ADDRESS, _LOAD_ADDRESS,  # PT_LOAD, R+X
+                       size, size, 0x1000)
+    return ehdr + phdr + code
+
+
+def reseed_program(entropy: bytes, clock_ns: int | None = None) -> bytes:
+    """The reseed program (see above) carrying ``entropy`` (host bytes, credited in full),
+    and setting the clock to ``clock_ns`` (ns since the epoch) unless None."""
+    ts = struct.pack("<qq", *divmod(clock_ns, 10**9)) if clock_ns else bytes(16)
+    info = struct.pack("<ii", 8 * len(entropy), len(entropy)) + entropy
+    return static_elf(_RESEED_CODE + ts + info)
+
+
+def reseed_script(*, set_clock: bool = False) -> str:
+    """Shell code that writes a fresh reseed program (32 host bytes; the host's time with
+    ``set_clock``) and runs it; its exit status is the program's (see :data:`RESEED_STEPS`).
+
+    It tries ``/run``, then ``/dev/shm`` and ``/tmp`` (Debian mounts ``/run``
+    noexec). The file is created with ``umask 077`` under ``set -C`` (``O_EXCL``:
+    a file or link a guest user planted under that name in a world-writable
+    directory is never written through), then made executable. Only ``printf``
+    (a shell builtin), ``chmod`` and the program run, and the program deletes
+    itself; ``rm`` runs only when the program could not.
+    """
+    program = reseed_program(secrets.token_bytes(32), time.time_ns() if set_clock else None)
+    octal = "".join(f"\\{byte:03o}" for byte in program)
+    return (f"p='{octal}'; umask 077; set -C; "
+            "for d in /run /dev/shm /tmp; do f=$d/qemukit-reseed.$$; "
+            'printf "$p" 2>/dev/null > "$f" && chmod 700 "$f" || continue; '
+            '"$f" 2>/dev/null; s=$?; [ $s -eq 0 ] && exit 0; rm -f "$f"; [ $s -eq 126 ] || exit $s; '
+            "done; exit 5")

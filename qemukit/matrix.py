@@ -38,6 +38,13 @@ scheduler address, ``tcp://HOST:PORT``; needs ``qemukit[dask]``) each job is
 a Dask task holding the worker resource ``vm=1``, so a worker runs as many
 VMs at once as its ``--resources vm=N`` says.
 
+A Dask scheduler runs whatever code its clients send, on every worker, as the
+worker's user: a plain ``tcp://`` scheduler does that for anyone who can reach
+its port. ``tls://HOST:PORT`` with a :func:`dask_security` (a CA file, and the
+client's certificate and key, from arguments or from Dask's configuration
+``distributed.comm.tls.*``) makes the scheduler and workers accept only peers
+whose certificate that CA signed, and encrypts what is sent (job files too).
+
 Failures: a job that ran and failed, panicked, oopsed or timed out is a
 result and never run again. An infrastructure failure is retried, up to
 ``retries`` more attempts: the VM never started (QEMU could not start, the
@@ -95,8 +102,9 @@ from .spec import VMSpec, load_toml, parse_size
 from .vm import VM
 
 __all__ = [
-    "AXIS_KEYS", "JOB_KEYS", "Job", "JobResult", "MatrixProgress", "default_parallelism",
-    "load_matrix", "parse_matrix", "run_matrix", "summary", "write_jsonl", "write_junit",
+    "AXIS_KEYS", "JOB_KEYS", "Job", "JobResult", "MatrixProgress", "dask_security",
+    "default_parallelism", "load_matrix", "parse_matrix", "run_matrix", "summary", "write_jsonl",
+    "write_junit",
 ]
 
 #: The keys of a job beyond the VM description's.
@@ -728,7 +736,7 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
 
 
 def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool,
-              progress: Callable[[MatrixProgress], None] | None
+              progress: Callable[[MatrixProgress], None] | None, security: Any
               ) -> Generator[JobResult, None, None]:
     try:
         # Typed as Any: distributed ships no complete annotations.
@@ -750,7 +758,7 @@ def _run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool
                 refs[key] = (digest, path.name or key)
             shipped[job.name] = refs
     try:
-        client = distributed.Client(scheduler, timeout=30)
+        client = distributed.Client(scheduler, timeout=30, security=security)
     except OSError as exc:
         raise SpecError("scheduler", scheduler, f"cannot reach the Dask scheduler: {exc}") from exc
     matrix = uuid.uuid4().hex
@@ -827,18 +835,66 @@ def _nothing() -> Generator[JobResult, None, None]:
     yield from ()
 
 
+def dask_security(scheduler: str, *, ca_file: str | os.PathLike[str] | None = None,
+                  cert: str | os.PathLike[str] | None = None,
+                  key: str | os.PathLike[str] | None = None) -> Any:
+    """The ``distributed.security.Security`` to reach ``scheduler`` with, or None for ``tcp://``.
+
+    For ``tls://``: the CA file, client certificate and key given here, each
+    falling back to Dask's configuration (``distributed.comm.tls.ca-file``,
+    ``distributed.comm.tls.client.cert``, ``.key``; ``DASK_DISTRIBUTED__COMM__TLS__...``
+    in the environment); a CA and a certificate are required (the key may be in
+    the certificate's file), and encryption is required of every connection.
+    Raises :class:`SpecError` naming the option for a missing file, for TLS
+    options with a ``tcp://`` scheduler, or for ``tls://`` without a CA or
+    certificate.
+    """
+    given = {"tls_ca_file": ca_file, "tls_cert": cert, "tls_key": key}
+    if not scheduler.startswith("tls://"):
+        for field, value in given.items():
+            if value is not None:
+                raise SpecError(field, str(value), f"is for a tls:// scheduler, not {scheduler}")
+        return None
+    try:
+        distributed: Any = importlib.import_module("distributed")
+        config: Any = importlib.import_module("dask.config")
+    except ImportError as exc:
+        raise SpecError("scheduler", scheduler, "needs Dask distributed: "
+                        "pip install 'qemukit[dask]'") from exc
+    configured = {"tls_ca_file": config.get("distributed.comm.tls.ca-file", None),
+                  "tls_cert": config.get("distributed.comm.tls.client.cert", None),
+                  "tls_key": config.get("distributed.comm.tls.client.key", None)}
+    chosen = {field: os.fspath(value) if value is not None else configured[field]
+              for field, value in given.items()}
+    for field, path in chosen.items():
+        if path is not None and not os.path.isfile(path):
+            raise SpecError(field, path, "no such file")
+    for field, what in (("tls_ca_file", "the CA that signed the scheduler's certificate"),
+                        ("tls_cert", "this client's certificate")):
+        if chosen[field] is None:
+            raise SpecError(field, None, f"a tls:// scheduler needs {what}: "
+                            f"--{field.replace('_', '-')} or distributed.comm.tls in Dask's "
+                            "configuration")
+    return distributed.security.Security(
+        tls_ca_file=chosen["tls_ca_file"], tls_client_cert=chosen["tls_cert"],
+        tls_client_key=chosen["tls_key"], require_encryption=True)
+
+
 def run_matrix(
     jobs: Iterable[Job],
     *,
     jobs_at_once: int | None = None,
     scheduler: str | None = None,
+    security: Any = None,
     retries: int = 2,
     fail_fast: bool = False,
     progress: Callable[[MatrixProgress], None] | None = None,
 ) -> Generator[JobResult, None, None]:
     """Run ``jobs``, yielding each :class:`JobResult` as it finishes (not in job order).
 
-    Local pool unless ``scheduler`` (a Dask address, ``tcp://HOST:PORT``).
+    Local pool unless ``scheduler`` (a Dask address, ``tcp://HOST:PORT`` or
+    ``tls://HOST:PORT``); ``security`` is Dask's ``Security`` for it (default:
+    :func:`dask_security` of the scheduler, Dask's own TLS configuration).
     ``jobs_at_once`` bounds the local pool (default :func:`default_parallelism`);
     on Dask the workers' ``vm`` resources bound it. ``retries`` more attempts
     for infrastructure failures; ``fail_fast`` stops at the first job that did
@@ -852,12 +908,19 @@ def run_matrix(
     if jobs_at_once is not None and (isinstance(jobs_at_once, bool)
                                      or not isinstance(jobs_at_once, int) or jobs_at_once < 1):
         raise SpecError("jobs", jobs_at_once, "must be an integer >= 1")
+    if scheduler is not None:
+        if not isinstance(scheduler, str) or not scheduler.startswith(("tcp://", "tls://")):
+            raise SpecError("scheduler", scheduler,
+                            "expected a Dask address, tls://HOST:PORT or tcp://HOST:PORT")
+        if security is None:
+            security = dask_security(scheduler)
+        if scheduler.startswith("tcp://"):
+            log.warning("matrix: %s is plain TCP: anyone who reaches it runs code on its "
+                        "workers; prefer tls:// with certificates", scheduler)
     if not job_list:
         return _nothing()
     if scheduler is not None:
-        if not isinstance(scheduler, str) or "://" not in scheduler:
-            raise SpecError("scheduler", scheduler, "expected a Dask address, tcp://HOST:PORT")
-        return _run_dask(job_list, scheduler, retries, fail_fast, progress)
+        return _run_dask(job_list, scheduler, retries, fail_fast, progress, security)
     return _run_local(job_list, jobs_at_once or default_parallelism(job_list), retries,
                       fail_fast, progress)
 

@@ -2,12 +2,22 @@
 
 :func:`guest_listeners` reads the guest's ``/proc/net/{tcp,tcp6,udp,udp6}``
 through its agent; :func:`sync_forwards` makes the user network's host
-forwards match them, one pass (HMP ``hostfwd_add`` on 127.0.0.1, the same
-host port when it is free, else one the kernel picks; ``hostfwd_remove``
-when the guest stopped listening); :func:`watch_ports` repeats that until
-QEMU exits. :func:`list_forwards` says which forwards exist and which were
-added here (``auto``) or by the spec (``static``). Only loopback is ever
-bound. Sockets bound to the guest's loopback are skipped: user networking
+forwards match them, one pass (HMP ``hostfwd_add`` on 127.0.0.1 at a port
+the host kernel picks; ``hostfwd_remove`` when the guest stopped listening);
+:func:`watch_ports` repeats that until QEMU exits.
+
+The guest decides what it listens on, so it decides nothing on the host: the
+host port is never the guest's number (a guest listening on 5432 must not
+take the host's own 127.0.0.1:5432 while the host's database restarts, nor
+any privileged port when qemukit runs as root) but one from the kernel's
+ephemeral range, which ``qemukit ports`` shows; and at most ``limit``
+(:data:`MAX_AUTO_FORWARDS` by default) listeners are forwarded per VM, the
+rest ignored with one log line each, so a guest opening thousands of
+sockets cannot make the host bind thousands of ports.
+
+:func:`list_forwards` says which forwards exist and which were added here
+(``auto``) or by the spec (``static``). Only loopback is ever bound.
+Sockets bound to the guest's loopback are skipped: user networking
 reaches the guest on its own address, never on 127.0.0.1.
 
 For a detached VM the CLI leaves a watcher process behind (``qemukit ports
@@ -26,13 +36,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._launch.usernet import UsernetForward, parse_usernet
-from .errors import QemukitError, StateError
+from .errors import QemukitError, SpecError, StateError
 
 if TYPE_CHECKING:
     from .guest import AsyncGuest
     from .target import VMTarget
 
-__all__ = ["Forward", "Listener", "guest_listeners", "list_forwards", "parse_proc_net",
+__all__ = ["MAX_AUTO_FORWARDS", "Forward", "Listener", "guest_listeners", "list_forwards", "parse_proc_net",
            "sync_forwards", "wait_pid_exit", "watch_ports"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,9 @@ Proto = Literal["tcp", "udp"]
 
 #: The file in the runtime directory recording the forwards added automatically.
 AUTO_FILE = "forwards-auto.json"
+
+#: The most listeners forwarded automatically per VM (``qemukit ports --watch --max-forwards``).
+MAX_AUTO_FORWARDS = 16
 
 #: Seconds between two looks at the guest's listeners.
 POLL_INTERVAL = 2.0
@@ -195,14 +208,20 @@ async def _hmp(vm: VMTarget, line: str) -> str:
     return str(await vm.qmp("human-monitor-command", command_line=line)).strip()
 
 
-async def sync_forwards(vm: VMTarget, listeners: set[Listener]) -> list[Forward]:
+async def sync_forwards(vm: VMTarget, listeners: set[Listener],
+                        limit: int = MAX_AUTO_FORWARDS) -> list[Forward]:
     """One pass: forward each listener not yet forwarded, drop automatic forwards of gone ones.
 
-    The host side is always 127.0.0.1: the guest's port number when it is
-    free there, else one the kernel picks. Static forwards (from the spec)
-    are never touched, and a port they already forward is not added twice.
+    The host side is always 127.0.0.1 at a port the host kernel picks (never
+    the guest's number: see the module's docstring). At most ``limit``
+    automatic forwards exist after the pass: those already made are kept,
+    new listeners are taken lowest port first, and each one left over is
+    logged once (not at every pass). Static forwards (from the spec) are
+    never touched, and a port they already forward is not added twice.
     Returns the automatic forwards after the pass.
     """
+    if limit < 0:
+        raise SpecError("max_forwards", limit, "must be 0 or more")
     netdev, existing = await _usernet(vm)
     if netdev is None:
         raise StateError(f"VM {vm.name!r} has no user network (add --nic user)")
@@ -219,30 +238,42 @@ async def sync_forwards(vm: VMTarget, listeners: set[Listener]) -> list[Forward]
         log.info("%s: guest %s port %s gone: removed forward 127.0.0.1:%d (%s)",
                  vm.name, fproto, gport, host_port, out or "ok")
         del auto[key]
+    ignored = _IGNORED_LOGGED.setdefault(str(_auto_path(vm)), set())
+    ignored &= wanted
     for proto, port in sorted(wanted):
         key = f"{proto}/{port}"
         if key in auto or (proto, port) in static:
             continue
-        added = None
-        for host_port in (port, 0):
-            out = await _hmp(vm, f"hostfwd_add {netdev} {proto}:127.0.0.1:{host_port}-:{port}")
-            if not out:
-                added = host_port
-                break
-        if added is None:
+        if len(auto) >= limit:
+            if (proto, port) not in ignored:
+                ignored.add((proto, port))
+                log.warning("%s: guest %s port %d not forwarded: the VM already has %d "
+                            "automatic forwards, the most allowed (--max-forwards)",
+                            vm.name, proto, port, limit)
+            continue
+        out = await _hmp(vm, f"hostfwd_add {netdev} {proto}:127.0.0.1:0-:{port}")
+        if out:
             log.warning("%s: cannot forward guest %s port %d: %s", vm.name, proto, port, out)
             continue
-        if added == 0:
-            _, now = await _usernet(vm)
-            taken = {(fw.protocol, fw.host_port) for fw in existing}
-            for fw in now:
-                if (fw.protocol == proto and fw.guest_port == port
-                        and (fw.protocol, fw.host_port) not in taken):
-                    added = fw.host_port
+        _, now = await _usernet(vm)
+        taken = {(fw.protocol, fw.host_port) for fw in existing}
+        added = next((fw.host_port for fw in now if fw.protocol == proto
+                      and fw.guest_port == port and (fw.protocol, fw.host_port) not in taken),
+                     None)
+        if added is None:
+            log.warning("%s: guest %s port %d: QEMU took the forward but does not list it",
+                        vm.name, proto, port)
+            continue
+        existing = now
         auto[key] = added
+        ignored.discard((proto, port))
         log.info("%s: guest %s port %d forwarded from 127.0.0.1:%d", vm.name, proto, port, added)
     _write_auto(vm, auto)
     return [fw for fw in await list_forwards(vm) if fw.kind == "auto"]
+
+
+#: Per VM (its auto file), the listeners already logged as over the cap.
+_IGNORED_LOGGED: dict[str, set[tuple[str, int]]] = {}
 
 
 def wait_pid_exit(pid: int, timeout: float) -> bool:
@@ -260,7 +291,8 @@ def wait_pid_exit(pid: int, timeout: float) -> bool:
 
 
 async def watch_ports(vm: VMTarget, guest: AsyncGuest, interval: float = POLL_INTERVAL,
-                      stop: asyncio.Event | None = None) -> None:
+                      stop: asyncio.Event | None = None,
+                      limit: int = MAX_AUTO_FORWARDS) -> None:
     """Keep the automatic forwards in step with the guest until QEMU exits (or ``stop`` is set).
 
     Each look waits ``interval`` seconds on QEMU's disconnect (an event,
@@ -270,7 +302,7 @@ async def watch_ports(vm: VMTarget, guest: AsyncGuest, interval: float = POLL_IN
     stop = stop or asyncio.Event()
     while not stop.is_set() and vm.qemu_alive():
         try:
-            await sync_forwards(vm, await guest_listeners(guest))
+            await sync_forwards(vm, await guest_listeners(guest), limit)
         except QemukitError as exc:
             log.warning("%s: port watch: %s", vm.name, exc)
         stopped = asyncio.ensure_future(stop.wait())

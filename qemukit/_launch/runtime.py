@@ -1,8 +1,11 @@
 """The per-VM runtime directory: what lets a later process find and control a VM.
 
 Each VM owns ``<state_dir>/<name>/`` (mode 0700) holding its QMP, console and
-agent sockets, the console and QEMU logs, overlays, the spec, and ``vm.json``
-with QEMU's pid and start time. Creating the directory is the name lock:
+agent sockets, the spec, and ``vm.json`` with QEMU's pid and start time. Its
+big files (overlays, the console and QEMU logs, initramfs copies) are in
+:attr:`RuntimeDir.data_path`: ``<data_dir>/<name>/`` on disk, reached through
+the ``data`` link, when the state directory is ``$XDG_RUNTIME_DIR``'s tmpfs
+(see :func:`qemukit.paths.data_dir`); else the directory itself. Creating the directory is the name lock:
 ``mkdir`` is atomic, so two launches can never share a name. An entry whose
 QEMU is gone (pid dead, or reused by another program) is stale.
 """
@@ -21,12 +24,15 @@ from typing import Any
 
 from .._fs import write_atomic
 from ..errors import SpecError, StateError
-from ..paths import state_dir, state_dir_error
+from ..paths import data_dir, state_dir, state_dir_error
 from .process import is_same_process
 
 __all__ = ["RuntimeDir", "VMInfo", "list_entries"]
 
 _SUN_PATH_MAX = 107
+
+#: The link in a runtime directory to the VM's directory for big files.
+DATA_LINK = "data"
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,17 @@ class RuntimeDir:
         return self.path / "ops.lock"
 
     @property
+    def data_path(self) -> Path:
+        """Where the big files are: the ``data`` link (to the data directory) if made, else
+        the directory itself."""
+        link = self.path / DATA_LINK
+        return link if os.path.islink(link) else self.path
+
+    @property
     def console_log(self) -> Path:
-        """Everything the guest wrote to its serial console."""
-        return self.path / "console.log"
+        """What the guest wrote to its serial console (the older part, past the cap, in
+        ``console.log.1``; see :class:`~qemukit._wire.console.ConsoleWatcher`)."""
+        return self.data_path / "console.log"
 
     @property
     def agent_socket(self) -> Path:
@@ -104,7 +118,7 @@ class RuntimeDir:
     @property
     def qemu_log(self) -> Path:
         """QEMU's own stdout and stderr."""
-        return self.path / "qemu.log"
+        return self.data_path / "qemu.log"
 
     @property
     def info_file(self) -> Path:
@@ -118,7 +132,7 @@ class RuntimeDir:
 
     def overlay(self, drive_id: str) -> Path:
         """Where the throwaway overlay of drive ``drive_id`` lives."""
-        return self.path / f"overlay-{drive_id}.qcow2"
+        return self.data_path / f"overlay-{drive_id}.qcow2"
 
     @classmethod
     def create(cls, name: str | None, root: Path | None = None) -> RuntimeDir:
@@ -172,8 +186,26 @@ class RuntimeDir:
             except OSError as exc:  # not writable, read-only, not a directory, full
                 raise unusable(exc) from exc
             os.chmod(rd.path, 0o700)
+            if default_root:
+                try:
+                    rd._link_data()
+                except OSError as exc:
+                    rd.remove()
+                    raise StateError(f"cannot create the data directory of VM {vm_name!r}: "
+                                     f"{exc}; set QEMUKIT_DATA to a directory you can "
+                                     "write") from exc
             return rd
         raise StateError("could not claim a runtime directory (too many name collisions)")
+
+    def _link_data(self) -> None:
+        """Make this VM's directory in the data directory (when that is elsewhere), linked."""
+        root = data_dir()
+        if os.path.realpath(root) == os.path.realpath(self.path.parent):
+            return
+        data = root / self.name
+        shutil.rmtree(data, ignore_errors=True)  # a leftover of a VM of this name: ours now
+        data.mkdir(mode=0o700)
+        os.symlink(data, self.path / DATA_LINK)
 
     def write_private(self, path: Path, text: str) -> None:
         """Write a file readable by the owner only (mode 0600 from creation)."""
@@ -199,7 +231,12 @@ class RuntimeDir:
             return None
 
     def remove(self) -> None:
-        """Delete the directory and everything in it (sockets, logs, overlays)."""
+        """Delete the directory and everything in it (sockets, logs, overlays), and its data."""
+        link = self.path / DATA_LINK
+        with contextlib.suppress(OSError):
+            target = Path(os.readlink(link))
+            if target.name == self.name:
+                shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

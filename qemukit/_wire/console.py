@@ -24,6 +24,15 @@ sources, checked against real output of Debian's 6.1 kernel):
 ``share``
     the tiny guest's ``qemukit-init: share-error`` line: a host share could
     not be mounted (see :func:`share_error`). Ends the run.
+
+The log is capped: a guest printing without end (``yes > /dev/console``)
+must not fill the disk. Once ``console.log`` passes ``max_log_bytes``
+(:data:`CONSOLE_LOG_MAX`) the watcher moves it to ``console.log.1`` (replacing
+the one before) and empties it, so the log keeps between one and two caps'
+worth of the latest output; :func:`log_tail` reads across the two. QEMU writes
+the log in append mode, so it goes on at the start of the emptied file. What
+QEMU writes between the copy and the truncation (microseconds) is lost from
+the log, never from the events: those come from the socket's stream.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import os
 import re
+import shutil
 import termios
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +54,7 @@ from typing import Any, Literal
 from ..errors import ShareMountError
 
 __all__ = [
+    "CONSOLE_LOG_MAX",
     "MAX_EVENTS",
     "ConsoleEvent",
     "ConsoleWatcher",
@@ -51,12 +63,16 @@ __all__ = [
     "classify_text",
     "first_fatal",
     "log_tail",
+    "rotate_log",
     "share_error",
 ]
 
 log = logging.getLogger(__name__)
 
 EventKind = Literal["panic", "oops", "warning", "share"]
+
+#: Bytes of console log past which the watcher rotates it (see the module's docstring).
+CONSOLE_LOG_MAX = 16 << 20
 
 #: At most this many events are kept per VM (a storm of stall reports is not a memory leak).
 MAX_EVENTS = 200
@@ -174,18 +190,40 @@ def share_error(event: ConsoleEvent, shares: Sequence[object] = (),
                            console=console)
 
 
-def log_tail(path: Path, max_lines: int = 30) -> str:
-    """The last ``max_lines`` lines of a log file ('' if it does not exist)."""
+def _read_tail(path: Path | str, limit: int) -> bytes:
     try:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
             size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            data = fh.read()
+            fh.seek(max(0, size - limit))
+            return fh.read()
     except OSError:
-        return ""
+        return b""
+
+
+def log_tail(path: Path, max_lines: int = 30) -> str:
+    """The last ``max_lines`` lines of a log file ('' if it does not exist).
+
+    Just after a rotation (see :func:`rotate_log`) the rest comes from ``path.1``.
+    """
+    data = _read_tail(path, 65536)
+    if len(data) < 65536:
+        data = _read_tail(f"{path}.1", 65536 - len(data)) + data
     lines = data.decode("utf-8", "replace").replace("\r", "").splitlines()
     return "\n".join(lines[-max_lines:])
+
+
+def rotate_log(path: Path) -> None:
+    """Move the log ``path`` (one its writer appends to) to ``path.1`` and empty it in place.
+
+    The writer keeps its file descriptor, so the log is copied (to a temporary
+    file renamed over ``path.1``) and then truncated, never renamed.
+    """
+    old = Path(f"{path}.1")
+    partial = Path(f"{path}.1.tmp")
+    shutil.copyfile(path, partial)
+    os.replace(partial, old)
+    os.truncate(path, 0)
 
 
 def _unread_bytes(fd: int) -> int:
@@ -217,9 +255,13 @@ class ConsoleWatcher:
     :attr:`events` lists every event seen, in order (at most :data:`MAX_EVENTS`).
     """
 
-    def __init__(self, log_path: Path, *, continue_on_oops: bool = False) -> None:
+    def __init__(self, log_path: Path, *, continue_on_oops: bool = False,
+                 max_log_bytes: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.log_path = log_path
+        #: The log's cap in bytes (None: :data:`CONSOLE_LOG_MAX`; 0: no cap).
+        self.max_log_bytes = CONSOLE_LOG_MAX if max_log_bytes is None else max_log_bytes
+        self._unchecked = 0
         #: When true an oops is recorded and the guest goes on; read at each oops line.
         self.continue_on_oops = continue_on_oops
         self.fatal: asyncio.Future[ConsoleEvent] = loop.create_future()
@@ -273,7 +315,19 @@ class ConsoleWatcher:
         for raw in lines:
             self._scan(raw.decode("utf-8", "replace").rstrip("\r"))
         self._received += len(chunk)
+        self._unchecked += len(chunk)
+        if self.max_log_bytes and self._unchecked >= max(4096, self.max_log_bytes // 16):
+            self._unchecked = 0
+            self._cap_log()
         self._wake_settlers()
+
+    def _cap_log(self) -> None:
+        """Rotate the log if it passed its cap (a check every 1/16 of the cap received)."""
+        try:
+            if os.stat(self.log_path).st_size > self.max_log_bytes:
+                rotate_log(self.log_path)
+        except OSError as exc:  # a full disk must not stop the draining either
+            log.warning("console log %s: cannot rotate it: %s", self.log_path, exc)
 
     def _wake_settlers(self) -> None:
         for target, fut in self._settling:

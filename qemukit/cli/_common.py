@@ -296,6 +296,10 @@ def main() -> None:
     # The library's warnings (a TCP gdb stub or QMP port anyone local can reach) as one
     # line each, not Python's file:line form with a source line from asyncio's loop.
     warnings.formatwarning = _one_line_warning
+    from ..paths import invoking_user
+
+    if invoking_user() is not None:  # under sudo: what lands in the user's cache is theirs
+        click.get_current_context().call_on_close(_hand_over_quietly)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
@@ -303,12 +307,19 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     return f"qemukit: warning: {message}\n"
 
 
+def _hand_over_quietly() -> None:
+    from ..paths import hand_over_cache
+
+    with contextlib.suppress(errors.QemukitError, OSError):
+        hand_over_cache()
+
+
 def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     from .._launch.runtime import list_entries
 
     try:
         entries = list_entries()
-    except OSError:  # an unreadable registry just offers nothing to complete
+    except (OSError, errors.QemukitError):  # an unreadable or refused registry: nothing
         return []
     return [rd.name for rd, _ in entries if rd.name.startswith(incomplete)]
 

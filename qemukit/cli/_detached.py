@@ -147,7 +147,8 @@ def logs(name: str, follow: bool, qemu_log: bool, lines: int) -> None:
     path = rd.qemu_log if qemu_log else rd.console_log
     if not path.exists():
         raise errors.StateError(f"no log for VM {name!r} at {path}")
-    data = path.read_bytes()
+    older = Path(f"{path}.1")  # the console log's part before its last rotation (cap)
+    data = (older.read_bytes() if not qemu_log and older.exists() else b"") + path.read_bytes()
     if lines:
         data = b"\n".join(data.splitlines()[-lines:]) + b"\n"
     sys.stdout.buffer.write(data)

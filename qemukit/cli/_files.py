@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from .. import errors
+from ..ports import MAX_AUTO_FORWARDS
 from ._common import attached, emit_json, name_argument
 
 __all__ = ["GuestPath", "parse_cp_args", "start_port_watcher"]
@@ -214,20 +215,30 @@ def shell_command(name: str, user: str | None, command: tuple[str, ...]) -> None
 @click.option("--watch", is_flag=True, hidden=True,
               help="Run the port watcher of a detached VM (started by run --detach).")
 @click.option("--interval", type=float, default=2.0, hidden=True)
-def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> None:
+@click.option("--forward/--no-forward", default=True, hidden=True,
+              help="With --watch: forward ports (else only keep the console log capped).")
+@click.option("--log-max", type=click.IntRange(min=4096), default=None, hidden=True,
+              help="With --watch: the console log's cap in bytes.")
+@click.option("--max-forwards", type=click.IntRange(min=0), default=MAX_AUTO_FORWARDS,
+              show_default=True, help="With --watch: the most guest listeners forwarded; more "
+                                      "are ignored (logged in the VM's ports.log).")
+def ports_command(name: str, as_json: bool, watch: bool, interval: float, forward: bool,
+                  log_max: int | None, max_forwards: int) -> None:
     """List a running VM's port forwards: guest port, protocol, host address, auto or static.
 
     \b
     'auto' forwards follow the guest's listening TCP and UDP sockets (run
     --detach of a spec with forward_auto, the default for the Debian image and
     imported images with an agent; --forward-auto); 'static' ones come from
-    --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked.
+    --nic user,hostfwd=... . Host addresses are 127.0.0.1 unless asked; an
+    auto forward's host port is one the kernel picks (never the guest's number,
+    never a privileged port), shown here.
     """
     from .._sync import run_sync
     from ..ports import list_forwards
 
     if watch:
-        _watch(name, interval)
+        _watch(name, interval, max_forwards if forward else None, log_max)
         return
     with attached(name) as vm:
         forwards = run_sync(list_forwards(vm.aio))
@@ -240,48 +251,85 @@ def ports_command(name: str, as_json: bool, watch: bool, interval: float) -> Non
                    f"{fw.kind}")
 
 
-def _watch(name: str, interval: float) -> None:
-    """The port watcher of a detached VM: attach for each look, let go between looks.
+def _watch(name: str, interval: float, limit: int | None, log_max: int | None = None) -> None:
+    """The helper of a detached VM: caps its console log, and forwards its ports unless
+    ``limit`` is None; attaches for each look, lets go between looks.
 
-    QEMU's monitor and the agent's channel serve one client at a time, so
-    the watcher holds neither between looks: ``exec``, ``cp`` and the rest
-    wait at most one look for it. It ends once QEMU has exited.
+    Nobody reads a detached VM's console, so QEMU only writes its log: each
+    look rotates it past ``log_max`` bytes (default
+    :data:`~qemukit._wire.console.CONSOLE_LOG_MAX`). QEMU's
+    monitor and the agent's channel serve one client at a time, so the watcher
+    holds neither between looks: ``exec``, ``cp`` and the rest wait at most one
+    look for it. It ends once QEMU has exited.
     """
     import logging
 
     from .._launch.runtime import RuntimeDir
-    from .._sync import run_sync
+    from .._wire import console
     from ..paths import state_dir
-    from ..ports import guest_listeners, sync_forwards, wait_pid_exit
-    from ..vm import VM
+    from ..ports import wait_pid_exit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("qemukit.ports")
-    info = RuntimeDir(state_dir() / name).read_info()
+    rd = RuntimeDir(state_dir() / name)
+    info = rd.read_info()
     if info is None:
         raise errors.StateError(f"no VM named {name!r}")
+    cap = log_max or console.CONSOLE_LOG_MAX
     while info.alive():
         try:
-            vm = VM.attach(name, timeout=30.0)
-        except errors.QemukitError as exc:
-            log.warning("%s: port watch cannot attach: %s", name, exc)
-        else:
-            try:
-                vm.guest.ping(timeout=5.0)
-                run_sync(sync_forwards(vm.aio, run_sync(guest_listeners(vm.aio.guest))))
-            except errors.QemukitError as exc:
-                log.info("%s: port watch: %s", name, exc)
-            finally:
-                vm.detach()
+            if rd.console_log.stat().st_size > cap:
+                console.rotate_log(rd.console_log)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("%s: cannot cap the console log: %s", name, exc)
+        if limit is not None:
+            _forward_once(name, limit, log)
         if wait_pid_exit(info.pid, interval):
             break
 
 
-def start_port_watcher(name: str) -> int:
-    """Start the port watcher of detached VM ``name``, recorded among its helpers; its pid.
+def _forward_once(name: str, limit: int, log: Any) -> None:
+    from .._sync import run_sync
+    from ..ports import guest_listeners, sync_forwards
+    from ..vm import VM
 
-    ``stop``, ``kill`` and ``gc`` end the VM's helpers with it; the
-    watcher also ends by itself once QEMU exits.
+    try:
+        vm = VM.attach(name, timeout=30.0)
+    except errors.QemukitError as exc:
+        log.warning("%s: port watch cannot attach: %s", name, exc)
+        return
+    try:
+        vm.guest.ping(timeout=5.0)
+        run_sync(sync_forwards(vm.aio, run_sync(guest_listeners(vm.aio.guest)), limit))
+    except errors.QemukitError as exc:
+        log.info("%s: port watch: %s", name, exc)
+    finally:
+        vm.detach()
+
+
+def watcher_argv(name: str, limit: int = MAX_AUTO_FORWARDS, forward: bool = True) -> list[str]:
+    """The command line of the helper of detached VM ``name`` (see :func:`start_port_watcher`).
+
+    ``-P``: Python puts neither the current directory nor a script's directory
+    first on ``sys.path``, so a ``qemukit.py`` or ``click.py`` lying where the
+    user ran ``qemukit run --detach`` is never imported in place of the real
+    ones (the watcher lives on after the command, in the user's name).
+    """
+    from .._wire.console import CONSOLE_LOG_MAX
+
+    return [sys.executable, "-P", "-c", "from qemukit.cli import main; main()", "ports", name,
+            "--watch", "--max-forwards", str(limit), "--forward" if forward else "--no-forward",
+            "--log-max", str(CONSOLE_LOG_MAX)]
+
+
+def start_port_watcher(name: str, limit: int = MAX_AUTO_FORWARDS, forward: bool = True) -> int:
+    """Start the helper of detached VM ``name``, recorded among its helpers; its pid.
+
+    It keeps the console log capped and, with ``forward``, forwards at most
+    ``limit`` guest listeners. ``stop``, ``kill`` and
+    ``gc`` end the VM's helpers with it; the watcher also ends by itself once
+    QEMU exits. It runs in the VM's runtime directory, not the caller's.
     """
     from .._launch.process import QemuProcess
     from .._launch.runtime import RuntimeDir
@@ -291,8 +339,8 @@ def start_port_watcher(name: str) -> int:
     info = rd.read_info()
     if info is None:
         raise errors.StateError(f"no VM named {name!r}")
-    argv = [sys.executable, "-c", "from qemukit.cli import main; main()", "ports", name, "--watch"]
-    proc = QemuProcess.spawn(argv, log_path=rd.path / "ports.log", die_with_parent=False)
+    proc = QemuProcess.spawn(watcher_argv(name, limit, forward), log_path=rd.path / "ports.log",
+                             die_with_parent=False, cwd=rd.path)
     rd.write_info(dataclasses.replace(info, helpers=(*info.helpers,
                                                      (proc.pid, proc.start_time))))
     return proc.pid

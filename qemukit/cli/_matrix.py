@@ -27,14 +27,25 @@ def _format_eta(seconds: float | None) -> str:
               help="Write the results as JSON lines, one per job.")
 @click.option("--jobs", "-j", "jobs_at_once", type=click.IntRange(min=1),
               help="VMs at once on the local pool [default: CPUs, bounded by free memory].")
-@click.option("--scheduler", metavar="tcp://HOST:PORT",
-              help="Run on this Dask scheduler's workers (pip install 'qemukit[dask]').")
+@click.option("--scheduler", metavar="tls://HOST:PORT",
+              help="Run on this Dask scheduler's workers (pip install 'qemukit[dask]'). "
+                   "tcp:// runs code for anyone who reaches the scheduler: use tls://.")
+@click.option("--tls-ca-file", type=click.Path(dir_okay=False),
+              help="For tls://: the CA that signed the cluster's certificates "
+                   "[default: Dask's distributed.comm.tls.ca-file].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="For tls://: this client's certificate (PEM; may hold the key too) "
+                   "[default: distributed.comm.tls.client.cert].")
+@click.option("--tls-key", type=click.Path(dir_okay=False),
+              help="For tls://: this client's private key [default: "
+                   "distributed.comm.tls.client.key].")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="More attempts for a job whose VM could not start or whose worker was lost.")
 @click.option("--fail-fast", is_flag=True, help="Stop (and stop every VM) at the first job "
               "that does not pass.")
 def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int | None,
-           scheduler: str | None, retries: int, fail_fast: bool) -> None:
+           scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
+           tls_key: str | None, retries: int, fail_fast: bool) -> None:
     """Run every job of the matrix FILE (TOML) and report; exit 1 if any job did not pass.
 
     \b
@@ -53,9 +64,23 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
     Ctrl-C (or SIGTERM) stops every VM the matrix started, on every worker, and
     exits 130.
     """
-    from ..matrix import MatrixProgress, load_matrix, run_matrix, summary, write_jsonl, write_junit
+    from .. import errors
+    from ..matrix import (
+        MatrixProgress,
+        dask_security,
+        load_matrix,
+        run_matrix,
+        summary,
+        write_jsonl,
+        write_junit,
+    )
 
     jobs = load_matrix(file)
+    security = None
+    if scheduler is not None:
+        security = dask_security(scheduler, ca_file=tls_ca_file, cert=tls_cert, key=tls_key)
+    elif tls_ca_file or tls_cert or tls_key:
+        raise errors.SpecError("scheduler", None, "--tls-* options are for --scheduler tls://...")
     live = sys.stderr.isatty()
 
     def show(p: MatrixProgress) -> None:
@@ -64,8 +89,8 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
                        f"{_format_eta(p.eta)}", err=True, nl=False)
 
     results: list[Any] = []
-    running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, retries=retries,
-                         fail_fast=fail_fast, progress=show)
+    running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, security=security,
+                         retries=retries, fail_fast=fail_fast, progress=show)
 
     def terminated(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a CI runner's cancel: stop every VM, as Ctrl-C does

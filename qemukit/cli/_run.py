@@ -257,10 +257,9 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
     if verbose and not as_json:
         _announce_accel(vm, verbose)
     vm.detach()
-    if forward_auto:
-        from ._files import start_port_watcher
+    from ._files import start_port_watcher
 
-        start_port_watcher(name)
+    start_port_watcher(name, forward=forward_auto)  # also caps the console log
     if gdb is not None:
         click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, gdb)}", err=True)
     if as_json:

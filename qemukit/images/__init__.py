@@ -24,7 +24,7 @@ from typing import Any, Literal, overload
 
 from ..arch import ARCHES, ArchName
 from ..errors import HostError, SpecError
-from ..paths import cache_dir, cache_dir_error
+from ..paths import cache_dir, cache_dir_error, hand_over_cache, invoking_user
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
 from . import imported as _imported
 from .debian import (
@@ -138,7 +138,20 @@ def build(
     are fetched with apt pointed at lists of their own (the host's dpkg
     configuration is not changed); a foreign debian tree is built under
     qemu-user (binfmt_misc), and ``bootable`` is x86_64 only.
+
+    Run as root under sudo, the image lands in the invoking user's cache and
+    is given to that user (:func:`qemukit.paths.hand_over_cache`).
     """
+    try:
+        return _build(name, force=force, progress=progress, arch=arch, suite=suite,
+                      packages=packages, bootable=bootable)
+    finally:
+        if invoking_user() is not None:
+            hand_over_cache()
+
+
+def _build(name: str, *, force: bool, progress: Callable[[str], None], arch: str,
+           suite: str | None, packages: Sequence[str], bootable: bool) -> TinyImage | DebianImage:
     _check_name(name)
     _check_arch(name, arch)
     if name != "debian" and (suite is not None or packages or bootable):

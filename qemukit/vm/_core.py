@@ -14,7 +14,6 @@ import enum
 import logging
 import os
 import re
-import secrets
 import shutil
 import socket
 import time
@@ -39,6 +38,7 @@ from .._wire.qmp import QMP
 from ..arch import ARCHES
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
+    AgentError,
     GuestIOError,
     GuestOops,
     GuestPanic,
@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..guest import AsyncGuest, Progress
 from ..hotplug import AsyncHotplug, PluggedDevice
-from ..identity import CloneIdentity, host_keys, reidentify
+from ..identity import RESEED_STEPS, CloneIdentity, host_keys, reidentify, reseed_script
 from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
 from ..spec import Share, VMSpec
@@ -507,23 +507,35 @@ class AsyncVM:
             os.close(fd)
 
     async def _set_guest_clock(self) -> None:
-        """After a restore: set the guest's clock to the host's, and mix host entropy in.
+        """After a restore: set the guest's clock to the host's, and reseed its RNG.
 
-        The saved clock stopped at the save. The vmgenid device makes a kernel
-        with its driver reseed its RNG at the restore; for one without it (the
-        tiny image's cloud kernel) host bytes written to ``/dev/urandom`` make
-        each clone's pool differ, used at the kernel's next reseed.
+        The saved clock stopped at the save, and the kernel's RNG resumes as
+        saved: two clones would read the same bytes from ``/dev/urandom`` and
+        ``getrandom`` until their kernels next reseed. Writing host bytes to
+        ``/dev/urandom`` does not reseed (Linux 5.18+), and the vmgenid device
+        only helps a kernel with its driver (the tiny image's cloud kernel has
+        none), so this runs :func:`~qemukit.identity.reseed_script` (host bytes
+        plus RNDRESEEDCRNG) before anything else runs in the clone; it
+        failing fails the start. With qemu-guest-agent (a guest that may not be
+        Linux) a failed reseed is logged and vmgenid is left to do it.
         """
         if self.spec.agent == "qga":
             await self.wait_ready()
             await self.guest.call("guest-set-time", {"time": time.time_ns()})
+            try:
+                result = await self.exec(["sh", "-c", reseed_script()], timeout=30)
+                failure = _reseed_failure(result) if result.exit_status != 0 else None
+            except AgentError as exc:  # qemu-guest-agent refused it: no sh, not a Linux guest
+                failure = str(exc)
+            if failure is not None:
+                log.warning("%s: reseeding the clone's RNG failed (%s); only vmgenid "
+                            "reseeds it", self.name, failure)
             return
-        script = (f"date -s @{time.time():.0f} >/dev/null && "
-                  f"echo {secrets.token_hex(32)} >/dev/urandom")
-        result = await self.exec(["sh", "-c", script], timeout=30)
+        # One process in the guest sets the clock and reseeds (see qemukit.identity).
+        result = await self.exec(["sh", "-c", reseed_script(set_clock=True)], timeout=30)
         if result.exit_status != 0:
-            raise StateError(f"VM {self.name!r}: setting the guest clock after the restore "
-                             f"failed: {result.stderr_text.strip()[-300:]}")
+            raise StateError(f"VM {self.name!r}: setting the guest clock and reseeding its RNG "
+                             f"after the restore failed: {_reseed_failure(result)}")
 
     def _prepare(self) -> None:
         """Everything before the spawn that can fail on bad input: no process, no file yet.
@@ -581,7 +593,7 @@ class AsyncVM:
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         if self.kernel is not None and self.kernel.needs_files:
             # In the runtime directory: the initramfs with the modules lives as long as the VM.
-            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.path / "kernel")
+            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
                            self._formats, incoming=self.incoming)
@@ -1446,3 +1458,11 @@ class AsyncVM:
     ) -> None:
         if self.state == VMState.RUNNING:
             await self.shutdown()
+
+
+def _reseed_failure(result: ExecResult) -> str:
+    """Which step of the clock and reseed command failed, with the guest's stderr."""
+    step = RESEED_STEPS.get(result.exit_status)
+    what = f"{step} failed" if step else f"exit {result.exit_status}"
+    stderr = result.stderr_text.strip()[-300:]
+    return f"{what}: {stderr}" if stderr else what

@@ -230,15 +230,55 @@ class Cluster:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA and one certificate it signed (for 127.0.0.1), with its key: PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def args(self) -> list[str]:
+        return ["--tls-ca-file", str(self.ca), "--tls-cert", str(self.cert),
+                "--tls-key", str(self.key)]
+
+
+def make_tls(directory: Path, name: str = "qemukit-test") -> TLSFiles:
+    """A fresh CA and a certificate it signed, made with openssl (P-256, valid 2 days)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "node.pem", directory / "node.key", directory / "node.csr"
+    ext = directory / "node.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for argv in (
+        ["openssl", "req", "-x509", *ec, "-days", "2", "-subj", f"/CN={name}-ca",
+         "-keyout", str(ca_key), "-out", str(ca)],
+        ["openssl", "req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr)],
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert)],
+    ):
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return TLSFiles(ca, cert, key)
+
+
 @contextmanager
-def dask_cluster(root: Path, tiny_image: Any, workers: tuple[str, ...] = ("w1", "w2")
-                 ) -> Iterator[Cluster]:
-    """A scheduler and workers (no nanny: the worker is the process) on 127.0.0.1."""
+def dask_cluster(root: Path, tiny_image: Any, workers: tuple[str, ...] = ("w1", "w2"),
+                 tls: TLSFiles | None = None) -> Iterator[Cluster]:
+    """A scheduler and workers (no nanny: the worker is the process) on 127.0.0.1.
+
+    With ``tls`` every connection is TLS, each side presenting the one certificate.
+    """
     assert DASK, "dask is not installed (pip install -e '.[test]')"
     from distributed import Client
+    from distributed.security import Security
 
-    cluster = Cluster(f"tcp://127.0.0.1:{_free_port()}", root)
+    scheme = "tls" if tls else "tcp"
+    cluster = Cluster(f"{scheme}://127.0.0.1:{_free_port()}", root)
     port = cluster.address.rsplit(":", 1)[1]
+    tls_args = tls.args() if tls else []
+    security = Security(tls_ca_file=str(tls.ca), tls_client_cert=str(tls.cert),
+                        tls_client_key=str(tls.key), require_encryption=True) if tls else None
 
     def spawn(name: str, argv: list[str], env: dict[str, str]) -> None:
         with open(root / f"{name}.log", "wb") as log:
@@ -247,16 +287,17 @@ def dask_cluster(root: Path, tiny_image: Any, workers: tuple[str, ...] = ("w1", 
 
     try:
         spawn("scheduler", [DASK, "scheduler", "--host", "127.0.0.1", "--port", port,
-                            "--no-dashboard"], dict(os.environ))
+                            "--protocol", scheme, *tls_args, "--no-dashboard"],
+              dict(os.environ))
         for name in workers:
             cache = root / name / "cache"
             cache.mkdir(parents=True)
             # Each "host" has its own cache; the built image is linked in, not rebuilt.
             (cache / "tiny").symlink_to(Path(tiny_image.directory).parent)
             spawn(name, [DASK, "worker", cluster.address, "--name", name, "--resources", "vm=1",
-                         "--nthreads", "2", "--no-nanny", "--no-dashboard"],
+                         "--nthreads", "2", "--no-nanny", "--no-dashboard", *tls_args],
                   _env(cluster.state(name), cache))
-        with Client(cluster.address, timeout=60) as client:
+        with Client(cluster.address, timeout=60, security=security) as client:
             client.wait_for_workers(len(workers), timeout=120)
         yield cluster
     finally:
@@ -307,6 +348,66 @@ def test_dask_cluster_gives_the_same_results_on_both_workers(
         shipped = cluster.root / worker / "cache" / "matrix-files"
         assert sorted(p.name for p in shipped.iterdir()) == [digest]
         assert (shipped / digest / "vmlinuz").read_bytes() == kernel_copy.read_bytes()
+
+
+ONE_JOB = """
+[defaults]
+image = "tiny"
+accel = "tcg"
+timeout = 240
+
+[matrix.commands]
+ok = ["sh", "-c", "echo over-tls"]
+"""
+
+
+def test_a_tls_cluster_runs_jobs_for_certified_clients_only(tmp_path: Path,
+                                                            tiny_image: Any) -> None:
+    """tls:// with certificates from the options, then from Dask's configuration; a client
+    without a certificate the cluster's CA signed (the attacker who reaches the port) is
+    turned away before any job runs."""
+    tls = make_tls(tmp_path / "tls")
+    for directory in ("cluster", "by-options", "by-config"):
+        (tmp_path / directory).mkdir()
+    with dask_cluster(tmp_path / "cluster", tiny_image, workers=("w1",), tls=tls) as cluster:
+        assert cluster.address.startswith("tls://")
+        run = _run_matrix(tmp_path / "by-options", ONE_JOB, _env(tmp_path / "client-state"),
+                          "--scheduler", cluster.address, *tls.args(),
+                          roots=(cluster.state("w1"),))
+        assert run.proc.returncode == 0, run.proc.stderr
+        assert run.results["ok"]["outcome"] == "passed" and run.results["ok"]["worker"] == "w1"
+        assert run.results["ok"]["result"]["stdout"] == "over-tls\n"
+        # The same from Dask's own configuration (here its environment variables).
+        env = _env(tmp_path / "client-state")
+        env.update({"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(tls.ca),
+                    "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(tls.cert),
+                    "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(tls.key)})
+        run = _run_matrix(tmp_path / "by-config", ONE_JOB, env, "--scheduler", cluster.address,
+                          roots=(cluster.state("w1"),))
+        assert run.proc.returncode == 0, run.proc.stderr
+        assert run.results["ok"]["outcome"] == "passed"
+
+        assert QEMUKIT
+        (tmp_path / "m.toml").write_text(ONE_JOB)
+
+        def matrix(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([QEMUKIT, "matrix", str(tmp_path / "m.toml"), *args],
+                                  env=_env(tmp_path / "client-state"), capture_output=True,
+                                  text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+
+        # No certificate at all: refused before connecting, naming what is missing.
+        bare = matrix("--scheduler", cluster.address)
+        assert bare.returncode == 125 and "tls_ca_file" in bare.stderr, bare.stderr
+        # A certificate of another CA: the cluster does not accept it.
+        rogue = make_tls(tmp_path / "rogue", name="rogue")
+        refused = matrix("--scheduler", cluster.address, "--tls-ca-file", str(tls.ca),
+                         "--tls-cert", str(rogue.cert), "--tls-key", str(rogue.key))
+        assert refused.returncode == 125, refused.stderr
+        assert "cannot reach the Dask scheduler" in refused.stderr
+        # Plain TCP to the TLS port: no.
+        plain = matrix("--scheduler", cluster.address.replace("tls://", "tcp://"))
+        assert plain.returncode == 125 and "cannot reach" in plain.stderr, plain.stderr
+        assert qemu_processes_under(cluster.state("w1")) == []
 
 
 SLOW = """

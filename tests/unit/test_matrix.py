@@ -346,3 +346,45 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     share = Job("d", ("true",), vm={"kernel": str(tree), "shares": [f"{tmp_path}:/mnt/s"]})
     with pytest.raises(SpecError, match=r"job 'd': kernel.*lacks CONFIG_VIRTIO_FS"):
         matrix._files_to_ship(share, tmp_path / "work", {})
+
+
+# -- Dask's TLS ----------------------------------------------------------------------------
+
+
+def test_tls_options_are_for_a_tls_scheduler(tmp_path: Path) -> None:
+    from qemukit.matrix import dask_security
+
+    assert dask_security("tcp://127.0.0.1:8786") is None
+    with pytest.raises(SpecError, match="tls_ca_file.*is for a tls:// scheduler"):
+        dask_security("tcp://127.0.0.1:8786", ca_file=tmp_path / "ca.pem")
+
+
+def test_a_tls_scheduler_needs_a_ca_and_a_certificate(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("distributed")
+    from qemukit.matrix import dask_security
+
+    for variable in ("CA_FILE", "CLIENT__CERT", "CLIENT__KEY"):
+        monkeypatch.delenv(f"DASK_DISTRIBUTED__COMM__TLS__{variable}", raising=False)
+    with pytest.raises(SpecError, match="tls_ca_file.*needs the CA"):
+        dask_security("tls://127.0.0.1:8786")
+    with pytest.raises(SpecError, match=r"tls_ca_file.*no such file"):
+        dask_security("tls://127.0.0.1:8786", ca_file=tmp_path / "missing.pem")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    with pytest.raises(SpecError, match="tls_cert.*this client's certificate"):
+        dask_security("tls://127.0.0.1:8786", ca_file=ca)
+    security = dask_security("tls://127.0.0.1:8786", ca_file=ca, cert=ca)
+    assert security.tls_ca_file == str(ca) and security.tls_client_cert == str(ca)
+    assert security.require_encryption
+
+
+def test_the_cli_refuses_tls_options_without_a_scheduler(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from qemukit.cli import EXIT_ERROR, main
+
+    path = tmp_path / "m.toml"
+    path.write_text('[defaults]\nimage = "tiny"\n[matrix.commands]\nok = ["true"]\n')
+    result = CliRunner().invoke(main, ["matrix", str(path), "--tls-cert", str(path)])
+    assert result.exit_code == EXIT_ERROR and "--tls-* options are for" in result.stderr

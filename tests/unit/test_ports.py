@@ -1,14 +1,29 @@
-"""The port watcher's pure parts: /proc/net parsing, and one sync pass against a fake QEMU."""
+"""The port watcher's pure parts: /proc/net parsing, one sync pass against a fake QEMU, the cap on
+forwards, and the watcher's command line (no import from the current directory)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from qemukit import SpecError
 from qemukit._launch.runtime import RuntimeDir
-from qemukit.ports import Listener, list_forwards, parse_proc_net, parse_proc_net_tables, sync_forwards
+from qemukit.cli._files import watcher_argv
+from qemukit.ports import (
+    MAX_AUTO_FORWARDS,
+    Listener,
+    list_forwards,
+    parse_proc_net,
+    parse_proc_net_tables,
+    sync_forwards,
+)
 
 TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -84,15 +99,74 @@ class FakeUsernet:
         return "removed"
 
 
-def test_a_sync_pass_adds_falls_back_to_a_free_port_and_removes(tmp_path: Path) -> None:
+def test_a_sync_pass_adds_at_kernel_picked_ports_and_removes(tmp_path: Path) -> None:
     vm: Any = FakeUsernet(tmp_path, busy={8080})
     got = asyncio.run(sync_forwards(vm, {Listener("tcp", 8123), Listener("tcp", 8080),
                                           Listener("tcp", 22)}))
+    # Never the guest's number (it would squat the host's own 127.0.0.1:8123), nor 22.
     assert {(f.guest_port, f.host_port, f.host_addr) for f in got} == {
-        (8123, 8123, "127.0.0.1"), (8080, 45000, "127.0.0.1")}
+        (8080, 45000, "127.0.0.1"), (8123, 45001, "127.0.0.1")}
     kinds = {f.guest_port: f.kind for f in asyncio.run(list_forwards(vm))}
     assert kinds == {22: "static", 8080: "auto", 8123: "auto"}
     assert asyncio.run(sync_forwards(vm, {Listener("tcp", 8080)}))[0].guest_port == 8080
     assert [f[2] for f in vm.forwards] == [22, 8080]
     asyncio.run(sync_forwards(vm, set()))
     assert vm.forwards == [("tcp", 40022, 22)]  # the static forward is never touched
+
+
+def test_a_guest_on_a_privileged_port_gets_no_privileged_host_port(tmp_path: Path) -> None:
+    vm: Any = FakeUsernet(tmp_path, busy=set())
+    got = asyncio.run(sync_forwards(vm, {Listener("tcp", 80), Listener("udp", 53)}))
+    assert sorted(f.host_port for f in got) == [45000, 45001]
+    assert all(h >= 1024 for _, h, g in vm.forwards if g != 22)
+
+
+def test_the_cap_forwards_at_most_limit_listeners_and_logs_the_rest_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    vm: Any = FakeUsernet(tmp_path, busy=set())
+    flood = {Listener("tcp", port) for port in range(20000, 20500)}  # a guest opening 500
+    with caplog.at_level(logging.INFO, logger="qemukit.ports"):
+        got = asyncio.run(sync_forwards(vm, flood, limit=3))
+        assert sorted(f.guest_port for f in got) == [20000, 20001, 20002]
+        assert len(vm.forwards) == 1 + 3
+        skipped = [r for r in caplog.records if "not forwarded" in r.getMessage()]
+        assert len(skipped) == 497
+        caplog.clear()
+        again = asyncio.run(sync_forwards(vm, flood, limit=3))  # the next look logs nothing new
+    assert [f.guest_port for f in again] == [20000, 20001, 20002]
+    assert not [r for r in caplog.records if "not forwarded" in r.getMessage()]
+    # One listener goes away: a slot frees up for the lowest waiting one.
+    asyncio.run(sync_forwards(vm, flood - {Listener("tcp", 20001)}, limit=3))
+    assert sorted(g for _, _, g in vm.forwards if g != 22) == [20000, 20002, 20003]
+
+
+def test_the_default_cap() -> None:
+    assert MAX_AUTO_FORWARDS == 16
+    with pytest.raises(SpecError, match="max_forwards"):
+        asyncio.run(sync_forwards(Any, set(), limit=-1))  # type: ignore[arg-type]
+
+
+# -- the watcher process does not import from the directory it was started in -----------------
+
+PLANTED = """import pathlib
+pathlib.Path({marker!r}).write_text(__name__)
+raise SystemExit("planted module imported")
+"""
+
+
+@pytest.mark.parametrize("module", ["qemukit", "click"])
+def test_the_watcher_does_not_import_modules_planted_in_the_cwd(tmp_path: Path, module: str,
+                                                               state_root: Path) -> None:
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    marker = tmp_path / "imported"
+    (cwd / f"{module}.py").write_text(PLANTED.format(marker=str(marker)))
+    argv = watcher_argv("no-such-vm")
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "QEMUKIT_STATE": str(state_root)})
+    assert not marker.exists(), result.stderr
+    assert result.returncode == 125 and "no VM named 'no-such-vm'" in result.stderr
+    # The attack the old command line (no -P) let through:
+    old = [a for a in argv if a != "-P"]
+    subprocess.run(old, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert marker.read_text() == module
