@@ -251,6 +251,10 @@ def ports_command(name: str, as_json: bool, watch: bool, interval: float, forwar
                    f"{fw.kind}")
 
 
+#: Seconds between two looks at a detached VM's console log size.
+_LOG_LOOK = 0.1
+
+
 def _watch(name: str, interval: float, limit: int | None, log_max: int | None = None) -> None:
     """The helper of a detached VM: caps its console log, and forwards its ports unless
     ``limit`` is None; attaches for each look, lets go between looks.
@@ -276,16 +280,21 @@ def _watch(name: str, interval: float, limit: int | None, log_max: int | None = 
     if info is None:
         raise errors.StateError(f"no VM named {name!r}")
     cap = log_max or console.CONSOLE_LOG_MAX
+    next_forward = 0.0
     while info.alive():
+        # The log is looked at ten times a second (a stat), the guest's ports every
+        # ``interval``: a guest printing flat out under TCG writes megabytes between two
+        # port looks, and the cap must hold within what it prints in one log look.
         try:
             if rd.console_log.stat().st_size > cap:
                 console.rotate_log(rd.console_log)
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("%s: cannot cap the console log: %s", name, exc)
-        if limit is not None:
+        if limit is not None and time.monotonic() >= next_forward:
             _forward_once(name, limit, log)
-        if wait_pid_exit(info.pid, interval):
+            next_forward = time.monotonic() + interval
+        if wait_pid_exit(info.pid, min(interval, _LOG_LOOK)):
             break
 
 

@@ -118,7 +118,7 @@ def test_a_detached_vm_flooding_its_console_keeps_the_log_capped(
                    "the marker after the flood in the console log")
         older = Path(f"{log}.1")
         assert older.exists(), "the detached VM's log was never rotated"
-        # The helper looks every 2 s: allow what a TCG UART prints meanwhile.
+        # The helper looks ten times a second: allow what a TCG UART prints meanwhile.
         wait_until(lambda: log.stat().st_size <= 2 * CAP, 30, "the helper to rotate the log")
         assert older.stat().st_size < FLOOD // 2
         shown = run_qemukit("logs", name)  # both parts, the older first
