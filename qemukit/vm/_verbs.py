@@ -21,6 +21,7 @@ import asyncio
 import codecs
 import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
@@ -87,6 +88,8 @@ ConsoleSince = Literal["now", "start"]
 _LOG_READ_LIMIT = 8 * 1024 * 1024
 #: A console "line" without a newline is matched in pieces of at most this size.
 _MAX_LINE = 64 * 1024
+#: A line without a newline yet is matched after the console was quiet this long (seconds).
+_QUIET = 0.3
 
 #: QEMU's key names (QAPI ``QKeyCode``, QEMU 7.2), for :func:`send_key`.
 KEY_NAMES = frozenset((
@@ -115,11 +118,25 @@ _SHIFTED = {"!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7"
 # -- commands ----------------------------------------------------------------------
 
 
+#: The status of a command that qemukit's agent killed at its deadline (``timeout -s KILL``).
+_KILLED = 128 + 9
+
+
 async def _run(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> ExecResult:
-    """``command``'s result, the wait for a booting guest's agent included in ``timeout``."""
+    """``command``'s result, the wait for a booting guest's agent included in ``timeout``.
+
+    A command still running at the deadline is killed in the guest:
+    :class:`WaitTimeout` with what it had printed. (qemukit's agent reports
+    such a command as killed by SIGKILL; qemu-guest-agent's client raises.)
+    """
     started = time.monotonic()
     await vm.wait_ready(timeout)
-    return await vm.guest.exec(command, max(1.0, timeout - (time.monotonic() - started)))
+    limit = max(1.0, timeout - (time.monotonic() - started))
+    result = await vm.guest.exec(command, limit)
+    if result.exit_status == _KILLED and result.duration >= math.ceil(limit) - 0.5:
+        raise WaitTimeout(f"the guest command {command!r} to finish", limit,
+                          vm.console_tail(10), last=_describe(result, None))
+    return result
 
 
 async def succeed(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> str:
@@ -142,7 +159,8 @@ async def fail(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> str
 
 def _describe(result: ExecResult | None, error: WaitTimeout | None) -> str:
     if error is not None:
-        return f"the try itself timed out after {error.timeout:g}s"
+        return f"the try itself timed out after {error.timeout:g}s" + (
+            f"\n{error.last}" if error.last else "")
     if result is None:
         return ""
     text = f"exit status {result.exit_status}"
@@ -331,29 +349,46 @@ class _LineMatcher:
     """A console sink that resolves :attr:`found` with the first line matching a pattern.
 
     It also passes every chunk to the sink it replaced (``follow_console``'s).
-    The line being written (no newline yet, e.g. a ``login:`` prompt) is
-    matched too.
+    A line not ended yet (a ``login:`` prompt) is matched once the console has
+    been quiet for :data:`_QUIET` seconds, so a line printed in pieces is not
+    matched half-way.
     """
 
     def __init__(self, pattern: re.Pattern[str], previous: Callable[[bytes], None] | None) -> None:
         self.pattern = pattern
         self.previous = previous
-        self.found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.found: asyncio.Future[str] = self._loop.create_future()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = ""
+        self._quiet: asyncio.TimerHandle | None = None
+
+    def _match(self, line: str) -> bool:
+        if not self.found.done() and self.pattern.search(line):
+            self.found.set_result(line)
+        return self.found.done()
 
     def feed_text(self, text: str) -> None:
         if self.found.done():
             return
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
         data = self._partial + text.replace("\r", "")
         *lines, self._partial = data.split("\n")
         if len(self._partial) > _MAX_LINE:
             lines.append(self._partial)
             self._partial = ""
-        for line in [*lines, self._partial]:
-            if self.pattern.search(line):
-                self.found.set_result(line)
-                return
+        if any(self._match(line) for line in lines):
+            return
+        if self._partial and self.pattern.search(self._partial):
+            self._quiet = self._loop.call_later(_QUIET, self._match, self._partial)
+
+    def close(self) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+        if not self.found.done():
+            self.found.cancel()
 
     def __call__(self, chunk: bytes) -> None:
         if self.previous is not None:
@@ -400,15 +435,14 @@ async def wait_for_console_text(vm: AsyncVM, console: ConsoleWatcher | None, reg
             # Installed first, read second: a line printed in between is seen (maybe twice).
             await console.settle()
             for line in _read_log(vm.console_log).replace("\r", "").split("\n"):
-                if not matcher.found.done() and pattern.search(line):
-                    matcher.found.set_result(line)
+                if matcher._match(line):
+                    break
         return await vm.guarded(asyncio.shield(matcher.found), timeout,
                                 f"console text matching {regex!r}")
     finally:
         if console.sink is matcher:
             console.sink = matcher.previous
-        if not matcher.found.done():
-            matcher.found.cancel()
+        matcher.close()
 
 
 # -- display and keyboard ----------------------------------------------------------
