@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AcceleratorError,
     AgentError,
+    CommandFailed,
     GuestError,
     GuestIOError,
     GuestOops,
@@ -106,6 +107,7 @@ __all__ = [
     "AcceleratorError",
     "AgentError",
     "AsyncVM",
+    "CommandFailed",
     "Drive",
     "ExecResult",
     "GuestError",

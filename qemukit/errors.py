@@ -18,6 +18,8 @@ user needs to act on it without rerunning anything::
     │   ├── QMPCommandError  QEMU answered a command with an error (class, desc)
     │   └── QMPConnectionError the monitor connection was lost or never made
     └── GuestError           the guest misbehaved
+        ├── CommandFailed    a guest command ended other than expected by succeed()/fail()
+        │                    (command, exit status, stdout and stderr tails)
         ├── GuestPanic       the guest kernel panicked (panic line, console tail)
         ├── GuestOops        the guest kernel oopsed or hit a BUG and runs on (line, console tail)
         ├── ShareMountError  the guest could not mount a host share (tag, path, transport,
@@ -34,6 +36,7 @@ from typing import Any
 __all__ = [
     "AcceleratorError",
     "AgentError",
+    "CommandFailed",
     "GuestError",
     "GuestIOError",
     "GuestOops",
@@ -159,14 +162,20 @@ class SnapshotError(QemukitError):
 
 
 class WaitTimeout(QemukitError, TimeoutError):
-    """A bounded wait expired; says what was awaited and shows the latest output."""
+    """A bounded wait expired; says what was awaited and shows the latest output.
 
-    def __init__(self, what: str, timeout: float, console: str = "") -> None:
+    ``last`` is what the last try saw, for waits that retry (a command's
+    output, the ports that were open).
+    """
+
+    def __init__(self, what: str, timeout: float, console: str = "", *, last: str = "") -> None:
         self.what = what
         self.timeout = timeout
         self.console = console
+        self.last = last
         super().__init__(
-            f"timed out after {timeout:g}s waiting for {what}" + _tail_block("console", console)
+            f"timed out after {timeout:g}s waiting for {what}" + _tail_block("last try", last)
+            + _tail_block("console", console)
         )
 
 
@@ -190,6 +199,39 @@ class QMPConnectionError(QMPError):
 
 class GuestError(QemukitError):
     """The guest did something that stops the operation."""
+
+
+#: How much of a failed command's stdout and stderr :class:`CommandFailed` quotes.
+OUTPUT_TAIL = 2000
+
+
+def _output_tail(text: str) -> str:
+    text = text.rstrip()
+    return text if len(text) <= OUTPUT_TAIL else "..." + text[-OUTPUT_TAIL:]
+
+
+class CommandFailed(GuestError):
+    """A guest command run by ``succeed()`` exited non-zero, or by ``fail()`` exited 0.
+
+    ``command`` is the argv (a tuple) or the shell script (a string) as given,
+    ``exit_status`` its status, ``stdout`` and ``stderr`` its output (whole;
+    the message quotes their last :data:`OUTPUT_TAIL` characters) and
+    ``expected`` what the caller wanted: ``"success"`` or ``"failure"``.
+    """
+
+    def __init__(self, command: str | Sequence[str], exit_status: int, stdout: str = "",
+                 stderr: str = "", *, expected: str = "success") -> None:
+        self.command: str | tuple[str, ...] = (command if isinstance(command, str)
+                                               else tuple(command))
+        self.exit_status = exit_status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.expected = expected
+        super().__init__(
+            f"guest command {self.command!r} exited with status {exit_status} "
+            f"(expected {expected})" + _tail_block("stdout", _output_tail(stdout))
+            + _tail_block("stderr", _output_tail(stderr))
+        )
 
 
 class GuestPanic(GuestError):

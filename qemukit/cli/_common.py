@@ -59,6 +59,7 @@ EXIT_CODES: dict[type[errors.QemukitError], int] = {
     errors.QMPCommandError: EXIT_REFUSED,
     errors.QMPConnectionError: EXIT_ERROR,
     errors.GuestError: EXIT_ERROR,
+    errors.CommandFailed: EXIT_ERROR,
     errors.GuestPanic: EXIT_PANIC,
     errors.GuestOops: EXIT_OOPS,
     errors.ShareMountError: EXIT_ERROR,

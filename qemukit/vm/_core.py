@@ -73,6 +73,7 @@ from ..warm import (
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
+from . import _verbs
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
@@ -1327,6 +1328,115 @@ class AsyncVM:
         self._require(VMState.RUNNING)
         assert self._proc is not None
         return await self._proc.wait(timeout)
+
+    # -- the test writer's verbs (NixOS test driver's names; see _verbs) ----------
+
+    async def succeed(self, command: str | Sequence[str], *,
+                      timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
+        """Run ``command`` in the guest and return its stdout; it must exit 0.
+
+        A list runs as argv, a string as shell code. A non-zero exit raises
+        :class:`~qemukit.errors.CommandFailed` (status, stdout and stderr);
+        a command still running at ``timeout`` is killed: :class:`WaitTimeout`.
+        """
+        return await _verbs.succeed(self, command, timeout)
+
+    async def fail(self, command: str | Sequence[str], *,
+                   timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
+        """Run ``command`` in the guest and return its stdout; it must exit non-zero.
+
+        An exit status of 0 raises :class:`~qemukit.errors.CommandFailed`.
+        """
+        return await _verbs.fail(self, command, timeout)
+
+    async def wait_until_succeeds(self, command: str | Sequence[str], *,
+                                  timeout: float = _verbs.WAIT_TIMEOUT) -> str:
+        """Run ``command`` until it exits 0 (at most about once a second); returns its stdout.
+
+        Each try is bounded by what is left of ``timeout``; the
+        :class:`WaitTimeout` shows the last try's exit status and output.
+        """
+        return await _verbs.wait_until(self, command, timeout, succeeds=True)
+
+    async def wait_until_fails(self, command: str | Sequence[str], *,
+                               timeout: float = _verbs.WAIT_TIMEOUT) -> str:
+        """Run ``command`` until it exits non-zero; returns that try's stdout."""
+        return await _verbs.wait_until(self, command, timeout, succeeds=False)
+
+    async def wait_for_open_port(self, port: int, *, addr: str | None = None,
+                                 timeout: float = _verbs.WAIT_TIMEOUT) -> None:
+        """Wait until a TCP socket listens on ``port`` inside the guest.
+
+        Read from the guest's ``/proc/net/tcp{,6}`` through the agent, so no
+        host forward is needed. ``addr`` (e.g. ``"127.0.0.1"``) asks for a
+        socket that accepts connections to that address (a wildcard bind
+        counts); None: any. :class:`WaitTimeout` names the port, the deadline
+        and the sockets that were listening.
+        """
+        await _verbs.wait_for_open_port(self, port, addr, timeout)
+
+    async def wait_for_unit(self, unit: str, *, timeout: float = _verbs.WAIT_TIMEOUT) -> None:
+        """Wait until the systemd ``unit`` is active (``systemctl is-active``).
+
+        A unit in state ``failed`` raises :class:`~qemukit.errors.GuestError`
+        at once, with its ``systemctl status``; a guest without systemd
+        raises :class:`StateError` at once.
+        """
+        await _verbs.wait_for_unit(self, unit, timeout)
+
+    async def wait_for_console_text(self, regex: str, *, timeout: float = _verbs.WAIT_TIMEOUT,
+                                    since: Literal["now", "start"] = "now") -> str:
+        """Wait for a serial console line matching ``regex`` (``re.search``); returns the line.
+
+        ``since="now"`` looks at what the guest prints from the call on;
+        ``since="start"`` also at everything it printed before. The line
+        being written (a prompt without newline yet) counts too.
+        """
+        return await _verbs.wait_for_console_text(self, self._console, regex, timeout, since)
+
+    async def screenshot(self, path: str | os.PathLike[str], *,
+                         timeout: float = QMP_TIMEOUT) -> Path:
+        """Save the VM's display as a PNG at ``path``; returns its absolute path.
+
+        Needs a display device (e.g. ``extra_args=("-device", "VGA")``): a VM
+        without one raises :class:`StateError`.
+        """
+        return await _verbs.screenshot(self, path, timeout)
+
+    async def send_key(self, *keys: str, hold_time: float | None = None) -> None:
+        """Press ``keys`` together, then release them: ``send_key("ctrl", "alt", "delete")``.
+
+        Keys are QEMU's names (QKeyCode: ``ret``, ``spc``, ``esc``, ``a``,
+        ``f1``...); ``"ctrl-alt-delete"`` is the same as three names.
+        ``hold_time`` (seconds) is how long they stay down (QEMU's default 0.1).
+        """
+        await _verbs.send_key(self, keys, hold_time)
+
+    async def send_chars(self, text: str) -> None:
+        """Type ``text`` on the VM's keyboard (US layout; shift for capitals and symbols).
+
+        Every character is checked before the first key is sent.
+        """
+        await _verbs.send_chars(self, text)
+
+    async def crash(self, *, timeout: float = _verbs.COMMAND_TIMEOUT) -> GuestPanic:
+        """Make the guest kernel panic (sysrq-c through the agent); returns the :class:`GuestPanic`.
+
+        The panic is reported as any other (later waits raise it; QEMU exits
+        under ``no_reboot``); here it is returned, since it was asked for.
+        """
+        return await _verbs.crash(self, timeout)
+
+    async def block(self, nic: str | None = None) -> list[str]:
+        """Cut the link of ``nic`` (a device id, e.g. ``net0``), or of every NIC; returns the ids.
+
+        QMP ``set_link``: the guest sees its carrier go down until :meth:`unblock`.
+        """
+        return await _verbs.block(self, nic, up=False)
+
+    async def unblock(self, nic: str | None = None) -> list[str]:
+        """Restore the link of ``nic``, or of every NIC; returns the ids."""
+        return await _verbs.block(self, nic, up=True)
 
     # -- shutdown ----------------------------------------------------------------
 

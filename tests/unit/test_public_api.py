@@ -54,6 +54,7 @@ def test_errors_share_one_root() -> None:
     assert issubclass(qemukit.GuestOops, qemukit.GuestError)
     assert not issubclass(qemukit.GuestOops, qemukit.GuestPanic)  # an oops is not a panic
     assert issubclass(qemukit.ShareMountError, qemukit.GuestError)
+    assert issubclass(qemukit.CommandFailed, qemukit.GuestError)  # succeed()/fail()
     for cls in errors:
         assert issubclass(cls, qemukit.QemukitError), cls
 
