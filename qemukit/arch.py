@@ -51,6 +51,9 @@ class ArchInfo:
     machine_opts: str = ""
     #: Whether virtiofs shares work (else: 9p), and why not.
     virtiofs: str | None = None
+    #: Why QEMU's ``vmcoreinfo`` device (which makes dumps readable by drgn and
+    #: crash) cannot be added on this machine; None: it is added.
+    no_vmcoreinfo: str | None = None
     #: A firmware file QEMU loads by itself from its data directory, if any.
     firmware_file: str | None = None
     #: Added to ``-machine`` under KVM only.
@@ -112,6 +115,9 @@ ARCHES: dict[str, ArchInfo] = {
         # Debian's riscv64 kernel has no PCI hotplug driver: no root ports.
         hotplug_bus=None, powerdown=False, debian_suite="trixie",
         host_names=("riscv64",),
+        # virt makes its fw_cfg after -device is realized (QEMU 7.2 refuses the device).
+        no_vmcoreinfo="QEMU's riscv virt machine has no fw_cfg with DMA when devices are "
+                      "added (\"vmcoreinfo device requires fw_cfg with DMA\")",
     ),
     "s390x": ArchInfo(
         name="s390x", qemu_binary="qemu-system-s390x", qemu_package="qemu-system-s390x",
@@ -119,6 +125,7 @@ ARCHES: dict[str, ArchInfo] = {
         debian_arch="s390x", kernel_package="linux-image-s390x",
         kernel_format="bzImage (arch/s390/boot/bzImage)", firmware="none",
         cpu_hotplug=True, host_names=("s390x",),
+        no_vmcoreinfo="s390x has no fw_cfg: QEMU has no vmcoreinfo device there",
         virtiofs="file reads fail in the guest (ECONNREFUSED here: FUSE "
                  "messages are in a big-endian guest's byte order)",
     ),
@@ -132,6 +139,7 @@ ARCHES: dict[str, ArchInfo] = {
         machine_opts="x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,"
                      "cap-ccf-assist=off",
         cpu_hotplug=True, memory_hotplug=True, host_names=("ppc64le",),
+        no_vmcoreinfo="pseries has no fw_cfg: QEMU has no vmcoreinfo device there",
         virtiofs="reads through QEMU 7.2's virtiofsd fail with EINVAL in the pseries guest",
     ),
 }

@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the fragment changes (part of the suite's test-kernel cache key).
-KCONFIG_VERSION = 2
+KCONFIG_VERSION = 3
 
 #: The kernel's ARCH= (and arch/ directory) for each guest architecture.
 KERNEL_ARCH: dict[str, str] = {
@@ -162,6 +162,14 @@ def _arch_groups(info: ArchInfo) -> list[_Group]:
             hotplug.append(("ACPI_HOTPLUG_MEMORY", "y"))
     if hotplug:
         groups.append(("hotplug this machine offers (PCIe slots, CPUs, memory)", tuple(hotplug)))
+    if info.no_vmcoreinfo is None:
+        # qemu_fw_cfg hands the VMCOREINFO note (CRASH_CORE, selected through KEXEC_CORE) to
+        # QEMU's vmcoreinfo device, which writes it into dumps: drgn and crash need it.
+        # arm64's KEXEC needs suspend support (PM_SLEEP_SMP); KEXEC_FILE selects the same.
+        kexec = "KEXEC_FILE" if info.name == "aarch64" else "KEXEC"
+        groups.append(("crash dumps drgn and crash can open (qemukit dump, --dump-on-panic)", (
+            ("FW_CFG_SYSFS", "y"), (kexec, "y"), ("CRASH_CORE", "y"),
+        )))
     return groups
 
 

@@ -126,12 +126,17 @@ class KernelTestResult:
     kernel_release: str | None = None
     #: The SHA-256 of the kernel's config file, when one was found (a tree's .config).
     kernel_config_sha256: str | None = None
+    #: Every kernel report the console showed, in order: ``kind`` (panic, oops, warning),
+    #: ``report`` (the debugging tool: kasan, kcsan, ubsan, lockdep, hung_task, kmemleak;
+    #: else None), ``line`` and ``lines`` (the report's first lines).
+    reports: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         data = asdict(self)
         data["command"] = list(self.command)
         data["warnings"] = list(self.warnings)
+        data["reports"] = list(self.reports)
         return data
 
     def write_json(self, path: str | Path) -> None:
@@ -330,6 +335,7 @@ def _run_resolved(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
         warnings=tuple(warnings), arch=spec.arch, kernel_release=about.release,
+        reports=tuple(e.to_dict() for e in events if e.kind != "share"),
         kernel_config_sha256=about.config_sha256, **fields,
     )
 

@@ -38,6 +38,7 @@ PUBLIC_MODULES = (
     "qemukit.vm",
     "qemukit.dump",
     "qemukit.warm",
+    "qemukit.ktap",
 )
 
 

@@ -251,6 +251,10 @@ def build_argv(
     if spec.max_memory is not None:
         mem += f",slots={spec.slots},maxmem={spec.max_memory}M"
     argv += ["-smp", smp, "-m", mem, "-nodefaults", "-no-user-config", "-display", "none"]
+    if info.no_vmcoreinfo is None:
+        # Where the guest's fw_cfg driver gives it the kernel's VMCOREINFO, QEMU writes
+        # it into dumps: without it drgn and crash cannot open them (see arch.py).
+        argv += ["-device", "vmcoreinfo"]
     if spec.no_reboot:
         argv.append("-no-reboot")
     if sandbox:

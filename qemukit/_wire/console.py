@@ -19,8 +19,32 @@ sources, checked against real output of Debian's 6.1 kernel):
     ...`` (arm, arm64, riscv). Ends the run unless ``continue_on_oops``.
 ``warning``
     soft and hard lockups, workqueue lockups, RCU stalls, hung tasks,
-    ``WARNING:`` and ``UBSAN:`` reports: recorded, never end anything
-    (emulated CPUs stall for seconds on a loaded host).
+    ``WARNING:`` and ``UBSAN:`` reports, lockdep and kmemleak reports:
+    recorded, never end anything (emulated CPUs stall for seconds on a loaded
+    host).
+
+Reports of the kernel's debugging tools also get a :attr:`ConsoleEvent.report`
+naming the tool, and every kernel event collects the report's first lines
+(:data:`REPORT_LINES`) in :attr:`ConsoleEvent.lines`:
+
+``kasan``, ``kcsan`` (kind ``oops``)
+    ``BUG: KASAN: ...`` (mm/kasan/report.c), ``BUG: KCSAN: ...``
+    (kernel/kcsan/report.c). The kernel calls them bugs: KASAN saw memory
+    used out of bounds or after free, KCSAN a data race, so what the test
+    ran on is broken whether or not it crashed. They end the run like an
+    oops (unless ``continue_on_oops``); with ``panic_on_warn`` the kernel
+    itself panics after them.
+``ubsan`` (kind ``warning``)
+    ``UBSAN: <what> in FILE:LINE:COL`` (lib/ubsan.c): undefined behaviour the
+    compiler's checks caught, often in arithmetic that has no effect (a shift
+    too large); the kernel treats it as a warning (``panic_on_warn`` panics).
+``lockdep``, ``hung_task``, ``kmemleak`` (kind ``warning``)
+    lockdep's ``WARNING: possible circular locking dependency detected`` and
+    its other reports (kernel/locking/lockdep.c: a deadlock that could happen,
+    not one that did), ``INFO: task NAME:PID blocked for more than N
+    seconds.`` (kernel/hung_task.c: on an emulated CPU, often only slowness),
+    ``kmemleak: N new suspected memory leaks`` and ``unreferenced object``
+    (mm/kmemleak.c). Warnings in the kernel's own terms.
 ``share``
     the tiny guest's ``qemukit-init: share-error`` line: a host share could
     not be mounted (see :func:`share_error`). Ends the run.
@@ -56,6 +80,8 @@ from ..errors import ShareMountError
 __all__ = [
     "CONSOLE_LOG_MAX",
     "MAX_EVENTS",
+    "REPORT_KINDS",
+    "REPORT_LINES",
     "ConsoleEvent",
     "ConsoleWatcher",
     "EventKind",
@@ -78,8 +104,36 @@ CONSOLE_LOG_MAX = 16 << 20
 MAX_EVENTS = 200
 #: A "line" longer than this (a program writing without newlines) is scanned in pieces.
 _MAX_LINE = 64 * 1024
+#: At most this many lines of a report (its first line included) are kept in the event.
+REPORT_LINES = 16
+#: The debugging tools whose reports are told apart (:attr:`ConsoleEvent.report`).
+REPORT_KINDS = ("kasan", "kcsan", "ubsan", "lockdep", "hung_task", "kmemleak")
 
 _PANIC = re.compile(r"Kernel panic - not syncing")
+# The debugging tools' reports, by tool, with the event kind each is (see the module doc).
+_REPORTS: tuple[tuple[str, EventKind, re.Pattern[str]], ...] = (
+    ("kasan", "oops", re.compile(r"\bBUG: KASAN: ")),            # mm/kasan/report.c
+    ("kcsan", "oops", re.compile(r"\bBUG: KCSAN: ")),            # kernel/kcsan/report.c
+    ("ubsan", "warning", re.compile(r"\bUBSAN: \S.* in ")),       # lib/ubsan.c ubsan_prologue
+    ("lockdep", "warning", re.compile(                          # kernel/locking/lockdep.c
+        r"\bWARNING: (?:possible circular locking dependency detected"
+        r"|possible recursive locking detected|inconsistent lock state"
+        r"|possible irq lock inversion dependency detected|\S+-safe -> \S+-unsafe lock order"
+        r"|bad unlock balance detected|held lock freed|Nested lock was not taken"
+        r"|lock held when returning to user space|chain_key collision|bad contention detected"
+        r"|suspicious RCU usage|\S+/\d+ still has locks held)"
+        r"|\bINFO: trying to register non-static key"
+        r"|\bBUG: MAX_\w+ too low!")),                              # lockdep turns itself off
+    ("hung_task", "warning",
+     re.compile(r"\bINFO: task .+ blocked for more than \d+ seconds")),  # kernel/hung_task.c
+    ("kmemleak", "warning", re.compile(                         # mm/kmemleak.c
+        r"\bkmemleak: \d+ new suspected memory leaks"
+        # kmemleak=on verbose scans print it (pr_fmt "kmemleak: "); so does a cat of
+        # /sys/kernel/debug/kmemleak to the console, without the prefix (syzkaller's way).
+        r"|\bunreferenced object 0x[0-9a-f]+ \(size \d+\):")),
+)
+# The line that closes a KASAN, KCSAN or UBSAN report (and opens one; lockdep's too).
+_RULE = re.compile(r"^={20,}$")
 # Checked before the oops patterns: "BUG: soft lockup" is a BUG: line that is only a warning.
 _WARNINGS = re.compile(
     r"BUG: soft lockup - CPU#\d+ stuck for"              # kernel/watchdog.c
@@ -120,11 +174,23 @@ class ConsoleEvent:
 
     ``fields`` holds the parsed parts of a ``share`` event (``tag``, ``path``,
     ``virtiofs`` and ``9p`` (each the guest's mount error), ``filesystems``).
+    ``report`` names the debugging tool that printed it (one of
+    :data:`REPORT_KINDS`), else None. ``lines`` are the report's first lines
+    (at most :data:`REPORT_LINES`, ``line`` first), timestamps removed: the
+    watcher adds them as the kernel prints them, until the report's closing
+    rule or end marker, or the next event.
     """
 
     kind: EventKind
     line: str
     fields: Mapping[str, str] = field(default_factory=dict)
+    report: str | None = None
+    lines: list[str] = field(default_factory=list, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: ``kind``, ``report``, ``line`` and ``lines``."""
+        return {"kind": self.kind, "report": self.report, "line": self.line,
+                "lines": list(self.lines)}
 
 
 def _clean(line: str, start: int) -> str:
@@ -141,16 +207,67 @@ def classify(line: str) -> ConsoleEvent | None:
         fields = {"tag": m["tag"], "path": m["path"], "virtiofs": m["virtiofs"], "9p": m["p9"],
                   "filesystems": m["have"]}
         return ConsoleEvent("share", _clean(line, m.start()), fields)
-    for kind, pattern in (("panic", _PANIC), ("warning", _WARNINGS), ("oops", _OOPS)):
+    m = _PANIC.search(line)
+    if m:
+        text = _clean(line, m.start())
+        return ConsoleEvent("panic", text, lines=[text])
+    for report, kind, pattern in _REPORTS:
         m = pattern.search(line)
         if m:
-            return ConsoleEvent(kind, _clean(line, m.start()))  # type: ignore[arg-type]
+            text = _clean(line, m.start())
+            return ConsoleEvent(kind, text, report=report, lines=[text])
+    for kind, pattern in (("warning", _WARNINGS), ("oops", _OOPS)):
+        m = pattern.search(line)
+        if m:
+            text = _clean(line, m.start())
+            return ConsoleEvent(kind, text, lines=[text])
     return None
 
 
+class _ReportLines:
+    """Adds the lines after an event's first one to its :attr:`~ConsoleEvent.lines`."""
+
+    def __init__(self) -> None:
+        self.open: ConsoleEvent | None = None
+
+    def close(self) -> ConsoleEvent | None:
+        """End the open report; returns it (None if there was none)."""
+        event, self.open = self.open, None
+        return event
+
+    def start(self, event: ConsoleEvent) -> None:
+        """``event`` was just classified: its report is the one lines go to now."""
+        self.open = event if event.kind != "share" else None
+
+    def add(self, line: str) -> bool:
+        """Add an unclassified line to the open report; True if it was the closing rule."""
+        event = self.open
+        if event is None:
+            return False
+        text = _CONTROL.sub("", _STAMP.sub("", line, count=1)).strip()
+        if _RULE.match(text):
+            self.open = None
+            return True
+        if text and len(event.lines) < REPORT_LINES:
+            event.lines.append(text)
+        return False
+
+
 def classify_text(text: str) -> list[ConsoleEvent]:
-    """Every event in a block of console output, in order."""
-    return [e for line in text.replace("\r", "").splitlines() if (e := classify(line))]
+    """Every event in a block of console output, in order, each with its report's lines."""
+    events: list[ConsoleEvent] = []
+    reports = _ReportLines()
+    for line in text.replace("\r", "").splitlines():
+        if _END_PANIC.search(line) or _END_TRACE.search(line):
+            reports.close()
+            continue
+        event = classify(line)
+        if event is None:
+            reports.add(line)
+            continue
+        events.append(event)
+        reports.start(event)
+    return events
 
 
 def share_error(event: ConsoleEvent, shares: Sequence[object] = (),
@@ -277,6 +394,7 @@ class ConsoleWatcher:
         self._settling: list[tuple[int, asyncio.Future[None]]] = []
         self._transport: asyncio.Transport | None = None
         self._partial = b""
+        self._reports = _ReportLines()
 
     @property
     def panic(self) -> asyncio.Future[ConsoleEvent]:
@@ -345,14 +463,21 @@ class ConsoleWatcher:
 
     def _scan(self, line: str) -> None:
         if _END_PANIC.search(line):
+            self._reports.close()
             self.panic_ended.set()
             return
         if _END_TRACE.search(line):
+            self._reports.close()
             self._oops_ended.set()
             return
         event = classify(line)
         if event is None:
+            report = self._reports.open
+            if self._reports.add(line) and report is not None and report.kind == "oops":
+                # KASAN and KCSAN end their report with a rule, not an end-trace marker.
+                self._oops_ended.set()
             return
+        self._reports.start(event)
         if len(self.events) < MAX_EVENTS:
             self.events.append(event)
         if event.kind == "panic" and not self._kernel_panic.done():

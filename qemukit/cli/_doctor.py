@@ -70,6 +70,7 @@ def doctor(as_json: bool, reprobe: bool) -> None:
             click.echo(f"  {name:8} {row['machine']:16} qemu: {binary}")
             click.echo(f"  {'':8} {'':16} firmware: {fw}; accel: {row['accel']}")
             click.echo(f"  {'':8} {'':16} tiny: {image}")
+            click.echo(f"  {'':8} {'':16} dumps: {row['dumps']}")
             if row["debian"] is not None:
                 click.echo(f"  {'':8} {'':16} debian: {row['debian']}")
         click.echo(f"cache:     {report['cache_dir']}")
@@ -106,9 +107,19 @@ def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
             "cpu_hotplug": info.cpu_hotplug, "memory_hotplug": info.memory_hotplug,
             "disk_hotplug": info.hotplug_bus is not None or info.transport == "ccw",
             "powerdown": info.powerdown,
+            "vmcoreinfo": info.no_vmcoreinfo is None,
+            "dumps": _dumps(info.no_vmcoreinfo),
             "debian": _debian_state(name) if name in ARCHES_BUILT else None,
         }
     return out
+
+
+def _dumps(no_vmcoreinfo: str | None) -> str:
+    """Whether ``qemukit dump`` files of this architecture open in drgn and crash, and why not."""
+    if no_vmcoreinfo is None:
+        return ("readable by drgn and crash (-device vmcoreinfo; the kernel needs "
+                "CONFIG_FW_CFG_SYSFS and CONFIG_KEXEC, the tiny image loads qemu_fw_cfg)")
+    return f"no VMCOREINFO in dumps ({no_vmcoreinfo}): drgn refuses them"
 
 
 def _debian_state(arch: str) -> str:

@@ -63,7 +63,11 @@ REQUIRED_MODULES: tuple[str, ...] = (
 OPTIONAL_MODULES: tuple[str, ...] = ("pvpanic_pci", "fuse", "virtiofs",
                                      # 9p (the read-only host root of --rootfs host; shares
                                      # without virtiofsd) and overlayfs (that root's changes)
-                                     "9pnet", "9pnet_virtio", "9p", "overlay")
+                                     "9pnet", "9pnet_virtio", "9p", "overlay",
+                                     # fw_cfg in sysfs: it hands QEMU's vmcoreinfo device the
+                                     # kernel's VMCOREINFO note, which drgn and crash need to
+                                     # open a dump (x86 and arm64 kernels have it)
+                                     "qemu_fw_cfg")
 #: Modules a foreign kernel may lack: required ones it may not have at all (no ACPI
 #: button on s390x or pseries), and 9p, loaded where the kernel has it (all but the
 #: arm64 cloud kernel): virtiofs does not work on big-endian s390x.

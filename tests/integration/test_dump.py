@@ -1,9 +1,12 @@
-"""Crash dumps from a real guest: an ELF core whose notes hold each vCPU's registers."""
+"""Crash dumps from a real guest: an ELF core whose notes hold each vCPU's registers,
+opened by drgn (the real one, qemukit[debug]) as a Linux kernel core."""
 
 from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,21 @@ from qemukit import SpecError, VMSpec
 pytestmark = pytest.mark.integration
 
 NT_PRSTATUS = 1
+
+
+def drgn_release(core: Path) -> str:
+    """``UTS_RELEASE`` as drgn reads it from the core's VMCOREINFO (no debug info needed).
+
+    drgn refuses a QEMU dump without VMCOREINFO ("unrecognized QEMU memory
+    dump"): this passing means QEMU's vmcoreinfo device got the note from
+    the guest's qemu_fw_cfg driver.
+    """
+    import drgn
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(core))
+    assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL
+    return str(prog["UTS_RELEASE"].string_().decode())
 
 
 def elf_notes(path: Path) -> list[tuple[str, int, bytes]]:
@@ -50,6 +68,7 @@ def test_dump_writes_an_elf_core_with_a_note_per_vcpu(booted: Any, tmp_path: Pat
     prstatus = [n for n in elf_notes(core) if n[0] == "CORE" and n[1] == NT_PRSTATUS]
     assert len(prstatus) == 2, "one NT_PRSTATUS note per vCPU"
     assert marker.encode() in core.read_bytes()  # the guest's RAM is in it
+    assert drgn_release(core) == vm.exec(["uname", "-r"]).stdout.decode().strip()
     assert vm.exec(["true"]).ok  # the guest runs on
     with pytest.raises(SpecError, match="already exists"):
         vm.dump_memory(core)  # never overwritten
@@ -71,7 +90,8 @@ def test_dump_command(qk: Any, tmp_path: Path, tiny_spec: VMSpec) -> None:
         assert qk("stop", "dumpme").returncode == 0
 
 
-def test_dump_on_panic_writes_the_core_before_the_run_ends(qk: Any, tmp_path: Path) -> None:
+def test_dump_on_panic_writes_the_core_before_the_run_ends(qk: Any, tmp_path: Path,
+                                                           tiny_image: Any) -> None:
     core = tmp_path / "panic.core"
     out = qk("run", "--image", "tiny", "--accel", "tcg", "--dump-on-panic", str(core),
              "--json", str(tmp_path / "r.json"), "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
@@ -84,3 +104,10 @@ def test_dump_on_panic_writes_the_core_before_the_run_ends(qk: Any, tmp_path: Pa
     pr_pid, = struct.unpack_from("<i", prstatus[2], 32)
     assert pr_pid == 1
     assert b"sysrq triggered crash" in core.read_bytes()  # the panic is in the guest's memory
+    # As a user would open it: the drgn command line (the README's `drgn -c FILE`).
+    drgn = subprocess.run([str(Path(sys.executable).parent / "drgn"), "-q", "-c", str(core), "-e",
+                           "print(prog['UTS_RELEASE'].string_().decode())"],
+                          capture_output=True, text=True, timeout=300)
+    assert drgn.returncode == 0, drgn.stderr
+    # The image's release is its kernel's `uname -r` (the test above checks that in a guest).
+    assert drgn.stdout.strip() == tiny_image.kernel_release

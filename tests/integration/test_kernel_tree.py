@@ -128,8 +128,9 @@ def test_gdb_handshake_with_the_tree_kernel(tree: Path, qk: Any) -> None:
         assert qk("kill", "tree-gdb").returncode == 0
 
 
-def test_dump_on_panic_with_the_tree_kernel(tree: Path, qk: Any, tmp_path: Path) -> None:
-    from tests.integration.test_dump import NT_PRSTATUS, elf_notes
+def test_dump_on_panic_with_the_tree_kernel(tree: Path, release: str, qk: Any,
+                                            tmp_path: Path) -> None:
+    from tests.integration.test_dump import NT_PRSTATUS, drgn_release, elf_notes
 
     core = tmp_path / "panic.core"
     out = qk("run", *TCG, "--kernel", str(tree), "--dump-on-panic", str(core), "--",
@@ -139,6 +140,9 @@ def test_dump_on_panic_with_the_tree_kernel(tree: Path, qk: Any, tmp_path: Path)
     pr_pid, = struct.unpack_from("<i", prstatus[2], 32)
     assert pr_pid == 1  # the crashed vCPU's registers
     assert b"sysrq triggered crash" in core.read_bytes()
+    # The fragment's FW_CFG_SYSFS (built in) and CRASH_CORE gave QEMU's vmcoreinfo device
+    # the note: drgn opens the core as this kernel's.
+    assert drgn_release(core) == release
 
 
 #: In the guest: the tree's module is unloaded, then loaded again from the initramfs.

@@ -419,3 +419,24 @@ def test_doctor_json_reports_every_architecture(tmp_path: Path) -> None:
     assert report["aarch64"]["image"] is None
     assert report["riscv64"]["accel"].startswith("tcg")
     assert report["aarch64"]["cpu_hotplug"] is False and report["ppc64le"]["cpu_hotplug"] is True
+
+
+def test_vmcoreinfo_only_where_qemu_has_fw_cfg_with_dma_and_doctor_says_so(tmp_path: Path) -> None:
+    # Measured on QEMU 7.2: x86_64 (q35, pc, microvm) and aarch64 virt take -device
+    # vmcoreinfo; riscv64 virt refuses it (no fw_cfg with DMA yet), s390x and ppc64 lack it.
+    with_it = {name for name, info in ARCHES.items() if info.no_vmcoreinfo is None}
+    assert with_it == {"x86_64", "aarch64"}
+    for name in ARCHES:
+        for machine in ARCHES[name].machines:
+            spec = VMSpec(arch=name, machine=machine, kernel="/k")  # type: ignore[arg-type]
+            argv = build_argv(spec, qemu="q", accel="tcg", plumbing=Plumbing())
+            assert (argv.count("vmcoreinfo") == 1) == (name in with_it), (name, machine)
+    env = {"QEMUKIT_CACHE": str(tmp_path / "cache"), "QEMUKIT_STATE": str(tmp_path / "state"),
+           "QEMUKIT_QEMU": str(tmp_path / "no-qemu"), "PATH": str(tmp_path)}
+    import json
+
+    report = json.loads(CliRunner().invoke(main, ["doctor", "--json"], env=env).stdout)
+    rows = report["architectures"]
+    assert rows["x86_64"]["vmcoreinfo"] is True and "drgn" in rows["x86_64"]["dumps"]
+    assert rows["s390x"]["vmcoreinfo"] is False
+    assert "no VMCOREINFO" in rows["riscv64"]["dumps"] and "fw_cfg" in rows["riscv64"]["dumps"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qemukit._wire.console import (
+    REPORT_LINES,
     ConsoleEvent,
     ConsoleWatcher,
     classify,
@@ -377,6 +378,150 @@ def test_reset_forgets_fatal_events_and_sees_the_next_one() -> None:
             watcher.reset()
             assert not watcher.fatal.done()
             assert [e.kind for e in watcher.events if e.kind != "warning"][:1] == ["oops"]
+            await watcher.close()
+        finally:
+            console.close()
+
+    asyncio.run(main())
+
+
+# -- the debugging tools' reports (see console_samples/README.md: which are real) -----------------
+
+
+def reports(name: str) -> list[tuple[str, str | None, str]]:
+    return [(e.kind, e.report, e.line) for e in classify_text(sample(name))]
+
+
+def test_kasan_is_an_oops_with_its_report() -> None:
+    (event,) = classify_text(sample("kasan-slab-out-of-bounds.txt"))
+    assert (event.kind, event.report) == ("oops", "kasan")
+    assert event.line == "BUG: KASAN: slab-out-of-bounds in kmalloc_oob_right+0x9c/0x1c0 [test_mod]"
+    # The first lines of the report, timestamps removed, up to the closing rule.
+    assert event.lines[:3] == [event.line,
+                               "Write of size 1 at addr ffff888104a3b073 by task insmod/231",
+                               "CPU: 0 PID: 231 Comm: insmod Tainted: G           O       6.1.0 #1"]
+    assert len(event.lines) == REPORT_LINES
+    assert first_fatal([event], continue_on_oops=False) is event
+    assert first_fatal([event], continue_on_oops=True) is None
+
+
+def test_kcsan_is_an_oops_and_its_report_ends_at_the_rule() -> None:
+    (event,) = classify_text(sample("kcsan-data-race.txt"))
+    assert (event.kind, event.report) == ("oops", "kcsan")
+    assert event.line == "BUG: KCSAN: data-race in tick_nohz_next_event / tick_sched_do_timer"
+    assert event.lines[1] == "write to 0xffffffff82e1b32c of 4 bytes by interrupt on cpu 0:"
+    assert "read to 0xffffffff82e1b32c of 4 bytes by task 0 on cpu 1:" in event.lines
+
+
+def test_ubsan_is_a_warning_with_what_was_out_of_range() -> None:
+    (event,) = classify_text(sample("ubsan-array-index.txt"))
+    assert (event.kind, event.report) == ("warning", "ubsan")
+    assert event.line == "UBSAN: array-index-out-of-bounds in drivers/net/virtio_net.c:3172:29"
+    assert event.lines[1] == "index 4 is out of range for type 'virtnet_sq_stats [4]'"
+    assert event.lines[-1] == "</TASK>"  # the closing rule ended it
+    assert first_fatal([event], continue_on_oops=False) is None
+
+
+def test_lockdep_reports_are_warnings() -> None:
+    assert reports("lockdep-circular-and-recursive.txt") == [
+        ("warning", "lockdep", "WARNING: possible circular locking dependency detected"),
+        ("warning", "lockdep", "WARNING: possible recursive locking detected"),
+    ]
+    circular = classify_text(sample("lockdep-circular-and-recursive.txt"))[0]
+    assert circular.lines[1:4] == ["6.1.0 #1 Not tainted",
+                                   "------------------------------------------------------",
+                                   "kswapd0/79 is trying to acquire lock:"]
+    # Blank lines are dropped; the next report's opening rule ends this one.
+    assert circular.lines[-1] == "__kmalloc+0x56/0x770" and len(circular.lines) == 13
+
+
+def test_a_real_hung_task_is_a_warning_each_time() -> None:
+    got = reports("hung-task-fsfreeze.txt")
+    assert [line for _, _, line in got] == [
+        f"INFO: task sh:293 blocked for more than {n} seconds." for n in (5, 10, 15, 20)]
+    assert {(kind, report) for kind, report, _ in got} == {("warning", "hung_task")}
+    first = classify_text(sample("hung-task-fsfreeze.txt"))[0]
+    assert first.lines == [
+        "INFO: task sh:293 blocked for more than 5 seconds.",
+        "Not tainted 6.1.0-57-cloud-amd64 #1 Debian 6.1.192-3",
+        '"echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.']
+
+
+def test_kmemleak_reports_are_warnings() -> None:
+    assert reports("kmemleak.txt") == [
+        ("warning", "kmemleak", "kmemleak: unreferenced object 0xffff888103a6c280 (size 64):"),
+        ("warning", "kmemleak",
+         "kmemleak: 1 new suspected memory leaks (see /sys/kernel/debug/kmemleak)"),
+    ]
+    # A cat of /sys/kernel/debug/kmemleak to the console has no prefix.
+    event = classify("unreferenced object 0xffff88810a4f3e00 (size 32):")
+    assert event is not None and event.report == "kmemleak"
+
+
+@pytest.mark.parametrize(("line", "report", "kind"), [
+    # Every lockdep report header of kernel/locking/lockdep.c (6.1), and what other tools print.
+    ("WARNING: inconsistent lock state", "lockdep", "warning"),
+    ("WARNING: possible irq lock inversion dependency detected", "lockdep", "warning"),
+    ("WARNING: HARDIRQ-safe -> HARDIRQ-unsafe lock order detected", "lockdep", "warning"),
+    ("WARNING: bad unlock balance detected!", "lockdep", "warning"),
+    ("WARNING: held lock freed!", "lockdep", "warning"),
+    ("WARNING: Nested lock was not taken", "lockdep", "warning"),
+    ("WARNING: lock held when returning to user space!", "lockdep", "warning"),
+    ("WARNING: suspicious RCU usage", "lockdep", "warning"),
+    ("WARNING: kworker/0:1/17 still has locks held!", "lockdep", "warning"),
+    ("INFO: trying to register non-static key.", "lockdep", "warning"),
+    ("BUG: MAX_LOCKDEP_KEYS too low!", "lockdep", "warning"),
+    ("BUG: KASAN: use-after-free in ext4_fill_super+0x1/0x2", "kasan", "oops"),
+    ("BUG: KASAN: double-free in kfree+0x1/0x2", "kasan", "oops"),
+    ("BUG: KASAN: invalid-access", "kasan", "oops"),
+    ("BUG: KCSAN: assert: race in foo+0x1/0x2", "kcsan", "oops"),
+    ("UBSAN: shift-out-of-bounds in lib/foo.c:12:3", "ubsan", "warning"),
+    ("INFO: task kworker/u4:2:61 blocked for more than 120 seconds.", "hung_task", "warning"),
+    # The generic ones keep no tool name.
+    ("WARNING: CPU: 0 PID: 1 at kernel/foo.c:1 f+0x1/0x2", None, "warning"),
+    ("BUG: kernel NULL pointer dereference, address: 0000000000000000", None, "oops"),
+])
+def test_report_headers(line: str, report: str | None, kind: str) -> None:
+    event = classify(f"[   12.345678] {line}")
+    assert event is not None and (event.report, event.kind) == (report, kind)
+    assert event.to_dict() == {"kind": kind, "report": report, "line": line, "lines": [line]}
+
+
+def test_kasan_ends_a_run_and_the_rule_ends_its_report() -> None:
+    """KASAN prints no end-trace marker: its closing rule is what the oops's verdict waits
+    for, and the event the run ends with carries the report's lines."""
+    async def main() -> None:
+        console = FakeConsole()
+        try:
+            watcher = await watch(console)
+            console.send(sample("kasan-slab-out-of-bounds.txt").encode())
+            event = await asyncio.wait_for(watcher.fatal, 10)
+            assert event.report == "kasan"
+            assert await watcher.oops_outcome(event, timeout=30) is event
+            assert watcher._oops_ended.is_set()
+            assert event.lines[1].startswith("Write of size 1 at addr")
+            await watcher.close()
+        finally:
+            console.close()
+
+    asyncio.run(main())
+
+
+def test_warning_reports_do_not_end_a_run_and_continue_on_oops_lets_kasan_pass() -> None:
+    async def main() -> None:
+        console = FakeConsole()
+        try:
+            watcher = await watch(console, continue_on_oops=True)
+            for name in ("ubsan-array-index.txt", "lockdep-circular-and-recursive.txt",
+                         "hung-task-fsfreeze.txt", "kmemleak.txt", "kasan-slab-out-of-bounds.txt",
+                         "kcsan-data-race.txt"):
+                console.send(sample(name).encode())
+            await watcher.settle()
+            assert not watcher.fatal.done()
+            assert [e.report for e in watcher.events] == [
+                "ubsan", "lockdep", "lockdep", *["hung_task"] * 4, "kmemleak", "kmemleak",
+                "kasan", "kcsan"]
+            assert len(watcher.warnings) == len(watcher.events)
             await watcher.close()
         finally:
             console.close()

@@ -502,3 +502,15 @@ def test_run_kernel_says_its_machine_under_v_and_machine_overrides(
     assert seen[-1].machine == "q35" and "machine microvm" not in out.output
     out = CliRunner().invoke(main, [*base, "--warm", "-v", "--", "true"])
     assert seen[-1].machine == "q35" and seen[-1].warm and "vmgenid" in out.output
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_dumps_readable_by_drgn_where_qemu_has_a_vmcoreinfo_device(arch: str) -> None:
+    got = opts(arch)
+    if ARCHES[arch].no_vmcoreinfo is not None:
+        assert "CONFIG_FW_CFG_SYSFS" not in got  # no fw_cfg there: nothing to ask for
+        return
+    # drgn: "compile the kernel with CONFIG_FW_CFG_SYSFS and CONFIG_KEXEC" (CRASH_CORE is
+    # what qemu_fw_cfg needs to write the note; KEXEC or KEXEC_FILE selects it).
+    assert got["CONFIG_FW_CFG_SYSFS"] == "y" and got["CONFIG_CRASH_CORE"] == "y"
+    assert got.get("CONFIG_KEXEC") == "y" or got.get("CONFIG_KEXEC_FILE") == "y"
