@@ -224,3 +224,12 @@ def test_shell_check_catches_bad_commands() -> None:
     with pytest.raises(click.UsageError):
         parse_cli(["qemukit", "images", "build", "tiny", "--no-such-flag"])
     parse_cli(["qemukit", "images", "build", "tiny", "--arch", "aarch64"])
+
+
+def test_short_readme_links_resolve() -> None:
+    """docs/README-short.md (the proposed README) links to pages that exist, from the repo root."""
+    text = (DOCS / "README-short.md").read_text()
+    links = re.findall(r"\]\(([^)#]+)", text)
+    assert len(links) >= 10
+    assert not [link for link in links if not (ROOT / link).is_file()]
+    assert len(text.splitlines()) <= 40  # one screen
