@@ -1,9 +1,15 @@
-"""A griffe extension for the API reference: Sphinx roles in qemukit's docstrings as code.
+"""A griffe extension for the API reference: the reST habits of qemukit's docstrings, as Markdown.
 
-qemukit's docstrings name other objects the Sphinx way (``:class:`AsyncVM```,
-``:func:`~qemukit.kernel.run_in_vm```), which Markdown would show as a stray
-``:class:`` before a code span. This writes each as a code span of the name
-(``~`` keeps the last component, as in Sphinx). mkdocs.yml loads it.
+qemukit's docstrings are written for Sphinx and ``help()``; Markdown would show
+some of their markup wrongly. This rewrites, in each docstring griffe loads:
+
+- a role (``:class:`AsyncVM```, ``:func:`~qemukit.kernel.run_in_vm```) as a
+  code span of the name (``~`` keeps the last component, as in Sphinx);
+- a paragraph ending in ``::`` (an indented literal block follows) with ``:``;
+- a doctest (lines starting ``>>>``, then ``...``) as a fenced ``pycon`` block,
+  which Markdown would otherwise read as nested block quotes.
+
+mkdocs.yml loads it (mkdocstrings' python handler, ``extensions``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|mod|exc|obj|const|envvar|term):`(~?)([^`]+)`")
+LITERAL = re.compile(r"(?<=\S)::$", re.MULTILINE)
 
 
 def _code(match: re.Match[str]) -> str:
@@ -21,9 +28,33 @@ def _code(match: re.Match[str]) -> str:
     return f"`{target.rsplit('.', 1)[-1] if tilde else target}`"
 
 
+def _fence_doctests(text: str) -> str:
+    out: list[str] = []
+    in_doctest = False
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        starts = stripped.startswith(">>>")
+        goes_on = in_doctest and stripped.startswith("...")
+        if starts and not in_doctest:
+            out.append("```pycon")
+            in_doctest = True
+        elif in_doctest and not (starts or goes_on):
+            out.append("```")
+            in_doctest = False
+        out.append(line)
+    if in_doctest:
+        out.append("```")
+    return "\n".join(out)
+
+
+def to_markdown(text: str) -> str:
+    """``text`` (a docstring) with its Sphinx roles, literal-block markers and doctests in Markdown."""
+    return _fence_doctests(LITERAL.sub(":", ROLE.sub(_code, text)))
+
+
 class SphinxRoles(griffe.Extension):
-    """Rewrite the Sphinx roles of every docstring griffe loads as code spans."""
+    """Rewrite every docstring griffe loads with :func:`to_markdown`."""
 
     def on_instance(self, *, node: Any, obj: griffe.Object, agent: Any, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = ROLE.sub(_code, obj.docstring.value)
+            obj.docstring.value = to_markdown(obj.docstring.value)

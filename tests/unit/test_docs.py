@@ -236,3 +236,16 @@ def test_short_readme_links_resolve() -> None:
     assert len(links) >= 10
     assert not [link for link in links if not (ROOT / link).is_file()]
     assert len(text.splitlines()) <= 40  # one screen
+
+
+def test_docstring_markup_to_markdown() -> None:
+    """The griffe extension (docs/_ext) turns reST roles, ``::`` and doctests into Markdown."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sphinx_roles", DOCS / "_ext" / "sphinx_roles.py")
+    assert spec is not None and spec.loader is not None
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    text = "See :class:`AsyncVM` and :func:`~qemukit.kernel.run_in_vm`::\n\n    x\n\n>>> a = 1\n... b\nafter"
+    assert ext.to_markdown(text) == (
+        "See `AsyncVM` and `run_in_vm`:\n\n    x\n\n```pycon\n>>> a = 1\n... b\n```\nafter")
