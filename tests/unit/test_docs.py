@@ -157,10 +157,17 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{block}:\n{proc.stdout}{proc.stderr}"
 
 
+ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$", re.DOTALL)
+VARIABLE = re.compile(r"^\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})$")
+
+
 def shell_commands(text: str) -> list[list[str]]:
     """The ``qemukit`` commands of a shell block, each an argv (continuations joined,
-    comments dropped, split at ``&&``, ``||``, ``;`` and ``|``)."""
+    comments dropped, split at ``&&``, ``||``, ``;`` and ``|``). A variable the block
+    assigns (``TLS="--tls-ca-file ca.pem ..."``) is expanded where it stands alone, as an
+    unquoted ``$TLS`` is; any other ``$...`` is left as written."""
     commands = []
+    variables: dict[str, list[str]] = {}
     for line in text.replace("\\\n", " ").splitlines():
         lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
@@ -170,7 +177,11 @@ def shell_commands(text: str) -> list[list[str]]:
             if token in (";", "&&", "||", "|", "&"):
                 if argv and Path(argv[0]).name == "qemukit":
                     commands.append(argv)
+                elif len(argv) == 1 and (assignment := ASSIGNMENT.match(argv[0])):
+                    variables[assignment[1]] = assignment[2].split()
                 argv = []
+            elif (variable := VARIABLE.match(token)) and (variable[1] or variable[2]) in variables:
+                argv += variables[variable[1] or variable[2]]
             else:
                 argv.append(token)
     return commands
@@ -220,6 +231,8 @@ def test_shell_check_catches_bad_commands() -> None:
     """The shell check fails for a subcommand or an option that does not exist."""
     assert shell_commands("cd x && qemukit run --image tiny -- uname -a  # boot\nmake -j2\n") == [
         ["qemukit", "run", "--image", "tiny", "--", "uname", "-a"]]
+    assert shell_commands('O="--jobs 2 --retries 1"\nqemukit matrix m.toml $O --json ${O}x $PWD') == [
+        ["qemukit", "matrix", "m.toml", "--jobs", "2", "--retries", "1", "--json", "${O}x", "$PWD"]]
     with pytest.raises(click.UsageError):
         parse_cli(["qemukit", "boot", "--image", "tiny"])
     with pytest.raises(click.NoSuchOption):
