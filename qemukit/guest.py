@@ -28,7 +28,7 @@ from ._sync import SyncFacade, blocking
 from ._wire.agent import Agent, ExecResult
 from ._wire.qga import GuestAgent
 from ._wire.qmp import connect_unix
-from .errors import AgentError, GuestError, QemukitError, QMPCommandError, StateError
+from .errors import AgentError, GuestError, QemukitError, QMPCommandError, StateError, WaitTimeout
 
 if TYPE_CHECKING:
     from .target import VMTarget
@@ -51,6 +51,11 @@ _COPY_CHUNK = 1024 * 1024
 
 #: The guest-side name prefix of a transfer port (a hot-plugged virtserialport).
 _XFER_PORT_PREFIX = "org.qemukit.xfer."
+
+#: Seconds the host side of a transfer may take after the guest command exited 0. What
+#: can still be in flight then: the port's virtqueue (128 buffers of at most 32 KiB, so
+#: 4 MiB) and the socket buffers, which QEMU hands over as fast as the host reads.
+_DRAIN_TIMEOUT = 60.0
 
 #: A transfer's progress callback: ``(bytes done, bytes in all)``.
 Progress = Callable[[int, int], None]
@@ -144,21 +149,48 @@ class _TransferPort:
             self.socket_path.unlink()
 
 
-async def _race(transfer: Awaitable[None], command: asyncio.Task[ExecResult],
-                what: str) -> ExecResult:
+class _Tally:
+    """How far one side of a transfer got: bytes moved of bytes expected (for its errors)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.done = 0
+
+    def __repr__(self) -> str:
+        return f"<_Tally {self.done} of {self.size} bytes>"
+
+
+async def _race(transfer: Awaitable[None], command: asyncio.Task[ExecResult], what: str,
+                tally: _Tally, moved: str, drain_timeout: float | None = None) -> ExecResult:
     """Run the host side of a transfer beside the guest command; the command's result.
 
-    If the guest command ends first (an error there), the host side is
-    cancelled instead of waiting forever on a port nobody reads.
+    The guest command ending first is not an error by itself: the guest's
+    writes to a virtio-serial port return once the buffers are queued in the
+    port's virtqueue (Linux's virtio_console does not wait for the host to
+    take them), so ``head -c N src > $dev`` can exit 0, and the agent's reply
+    can reach the host, while megabytes are still on their way through QEMU
+    to the transfer socket. Then the host side is let finish, within
+    ``drain_timeout`` (:class:`~qemukit.errors.WaitTimeout` saying how many
+    of the bytes were ``moved``). A command that failed ends the transfer at
+    once with the guest's error: nobody would read or write the rest.
     """
+    if drain_timeout is None:
+        drain_timeout = _DRAIN_TIMEOUT
     host_side = asyncio.ensure_future(transfer)
     try:
         done, _ = await asyncio.wait({host_side, command}, return_when=asyncio.FIRST_COMPLETED)
         if command in done and not host_side.done():
-            host_side.cancel()
-            result = command.result()
-            raise GuestError(f"{what} failed in the guest (exit {result.exit_status}): "
-                             f"{result.stderr_text.strip()[-500:] or 'no output'}")
+            result = command.result()  # the guard's errors (QEMU gone, timeout) end it here
+            if result.exit_status != 0:
+                raise GuestError(f"{what} failed in the guest (exit {result.exit_status}, "
+                                 f"{tally.done} of {tally.size} bytes {moved}): "
+                                 f"{result.stderr_text.strip()[-500:] or 'no output'}")
+            log.debug("%s: the guest command exited 0 with %d of %d bytes %s; "
+                      "waiting for the rest", what, tally.done, tally.size, moved)
+            finished, _ = await asyncio.wait({host_side}, timeout=drain_timeout)
+            if not finished:
+                raise WaitTimeout(f"the rest of {what} after the guest command exited 0 "
+                                  f"({tally.done} of {tally.size} bytes {moved})", drain_timeout)
         host_side.result()
         return await command
     finally:
@@ -169,33 +201,56 @@ async def _race(transfer: Awaitable[None], command: asyncio.Task[ExecResult],
                     await task
 
 
-async def _send_file(port: _TransferPort, source: BinaryIO, size: int,
+async def _send_file(port: _TransferPort, source: BinaryIO, tally: _Tally,
                      progress: Progress | None) -> None:
     assert port.writer is not None
-    sent = 0
-    while sent < size:
-        chunk = await asyncio.to_thread(source.read, min(_COPY_CHUNK, size - sent))
+    size = tally.size
+    while tally.done < size:
+        chunk = await asyncio.to_thread(source.read, min(_COPY_CHUNK, size - tally.done))
         if not chunk:
-            raise StateError(f"the host file shrank while it was copied ({sent} of {size} bytes)")
-        port.writer.write(chunk)
-        await port.writer.drain()
-        sent += len(chunk)
+            raise StateError(f"the host file shrank while it was copied "
+                             f"({tally.done} of {size} bytes)")
+        try:
+            port.writer.write(chunk)
+            await port.writer.drain()
+        except ConnectionError as exc:
+            raise AgentError(f"the transfer port closed after {tally.done} of {size} bytes "
+                             f"were sent ({exc})") from exc
+        tally.done += len(chunk)
         if progress is not None:
-            progress(sent, size)
+            progress(tally.done, size)
 
 
-async def _receive_file(port: _TransferPort, sink: BinaryIO, size: int,
+async def _receive_file(port: _TransferPort, sink: BinaryIO, tally: _Tally,
                         progress: Progress | None) -> None:
     assert port.reader is not None
-    got = 0
-    while got < size:
-        chunk = await port.reader.read(min(_COPY_CHUNK, size - got))
+    size = tally.size
+    while tally.done < size:
+        try:
+            chunk = await port.reader.read(min(_COPY_CHUNK, size - tally.done))
+        except ConnectionError as exc:
+            raise AgentError(f"the transfer port closed after {tally.done} of {size} bytes "
+                             f"were received ({exc})") from exc
         if not chunk:
-            raise AgentError(f"the transfer port closed after {got} of {size} bytes")
+            raise AgentError(f"the transfer port closed after {tally.done} of {size} bytes "
+                             "were received")
         await asyncio.to_thread(sink.write, chunk)
-        got += len(chunk)
+        tally.done += len(chunk)
         if progress is not None:
-            progress(got, size)
+            progress(tally.done, size)
+
+
+def _send_out_script(source: str, size: int) -> str:
+    """Shell code writing the first ``size`` bytes of guest file ``source`` to port ``$dev``.
+
+    It exits 0 only when all ``size`` bytes went into the port (a file that
+    shrank since its size was read fails at once, exit 94), so the host,
+    which lets an exit-0 transfer finish, never waits for bytes that will
+    not come.
+    """
+    return (f"n=$(head -c {size} {shlex.quote(source)} | tee \"$dev\" | wc -c)\n"
+            f"[ \"$n\" -eq {size} ] || "
+            f"{{ echo \"qemukit: $n of {size} bytes sent (the file shrank?)\" >&2; exit 94; }}\n")
 
 
 def _pack(src: Path, arcname: str, spool: BinaryIO) -> None:
@@ -833,8 +888,9 @@ class AsyncGuest:
                         f"chmod {stat.S_IMODE(st.st_mode):o} \"$t\" && mv -f \"$t\" {q}\n")
                 command = asyncio.ensure_future(
                     self.exec(_find_port_script(port.name) + body, timeout))
-                result = await _race(_send_file(port, source, size, progress), command,
-                                     f"copying {src} to {dest}")
+                tally = _Tally(size)
+                result = await _race(_send_file(port, source, tally, progress), command,
+                                     f"copying {src} to {dest}", tally, "sent")
         if result.exit_status != 0:
             raise GuestError(f"copying {src} to {dest} failed in the guest "
                              f"(exit {result.exit_status}): {result.stderr_text.strip()[-500:]}")
@@ -872,10 +928,10 @@ class AsyncGuest:
             try:
                 async with _TransferPort(self._vm) as port:
                     command = asyncio.ensure_future(self.exec(
-                        _find_port_script(port.name)
-                        + f"head -c {size} {shlex.quote(source)} > \"$dev\"\n", timeout))
-                    result = await _race(_receive_file(port, sink, size, progress), command,
-                                         f"copying {guest_path} out")
+                        _find_port_script(port.name) + _send_out_script(source, size), timeout))
+                    tally = _Tally(size)
+                    result = await _race(_receive_file(port, sink, tally, progress), command,
+                                         f"copying {guest_path} out", tally, "received")
                 if result.exit_status != 0:
                     raise GuestError(f"copying {guest_path} out failed in the guest: "
                                      f"{result.stderr_text.strip()[-500:]}")
