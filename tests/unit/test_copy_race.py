@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -223,15 +224,16 @@ def test_copy_out_whose_guest_command_fails_ends_at_once_with_the_guests_error(
                    script: str) -> ExecResult:
         writer.write(b"x" * 100)
         await writer.drain()
-        return result(94, stderr=b"qemukit: 100 of 4096 bytes sent (the file shrank?)\n")
+        return result(94, stderr=b"qemukit: the file is 100 bytes now, fewer than the 4096 to "
+                      b"send (it shrank while it was copied)\n")
 
     async def main() -> None:
         guest, _ = make_guest(short_dir, play, stat_answer="f 644 4096\n")
         with pytest.raises(GuestError) as err:
             await asyncio.wait_for(guest.copy_out("/data.bin", tmp_path / "back.bin"), 60.0)
         message = str(err.value)
-        assert "failed in the guest (exit 94" in message
-        assert "100 of 4096 bytes sent (the file shrank?)" in message
+        assert re.search(r"failed in the guest \(exit 94, \d+ of 4096 bytes received\)", message)
+        assert "is 100 bytes now, fewer than the 4096 to send" in message
 
     asyncio.run(main())
     assert list(tmp_path.iterdir()) == []
@@ -419,7 +421,16 @@ def test_send_out_script_fails_when_the_file_shrank(tmp_path: Path) -> None:
     run = subprocess.run(["sh", "-c", f"dev={port}\n" + _send_out_script(str(src), 4096)],
                          capture_output=True, timeout=60)
     assert run.returncode == 94
-    assert b"10 of 4096 bytes sent" in run.stderr
+    assert b"the file is 10 bytes now, fewer than the 4096 to send" in run.stderr
+    assert port.read_bytes() == b"x" * 10
+
+
+def test_send_out_script_passes_heads_error_and_status_on(tmp_path: Path) -> None:
+    port = tmp_path / "port"
+    port.touch()
+    run = subprocess.run(["sh", "-c", f"dev={port}\n" + _send_out_script(str(tmp_path / "nope"), 5)],
+                         capture_output=True, timeout=60)
+    assert run.returncode == 1 and b"nope" in run.stderr
 
 
 def _umask() -> int:
