@@ -164,19 +164,23 @@ def test_console_interactive_and_detach_key(qk: Any, state_root: Path) -> None:
 def test_kill_ends_helper_daemons_too(qk: Any, state_root: Path, tmp_path: Path) -> None:
     out = qk("run", "--detach", "--name", "withfs", *TCG, "--share", f"{tmp_path}:/mnt/h")
     assert out.returncode == 0, out.stderr
-    info = json.loads((state_root / "withfs" / "vm.json").read_text())
-    # Its helpers: the share's virtiofsd and the detached VM's watcher (it caps the log).
-    helpers = [pid for pid, _ in info["helpers"]]
-    daemons = [pid for pid in helpers if "virtiofsd" in " ".join(psutil.Process(pid).cmdline())]
-    assert len(daemons) == 1, [psutil.Process(pid).cmdline() for pid in helpers]
-    helper_pid = daemons[0]
-    # A stopped virtiofsd cannot exit by itself when QEMU goes away: only kill's own
-    # signal to the helper can end it.
-    os.kill(helper_pid, signal.SIGSTOP)
-    assert qk("kill", "withfs").returncode == 0
-    deadline = time.monotonic() + 5
-    while not (qemu_gone(info["pid"]) and all(map(qemu_gone, helpers))) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert qemu_gone(info["pid"]) and all(map(qemu_gone, helpers))
-    assert not (state_root / "withfs").exists()
+    try:
+        info = json.loads((state_root / "withfs" / "vm.json").read_text())
+        # Its helpers: the share's virtiofsd and the detached VM's watcher (it caps the log).
+        helpers = [pid for pid, _ in info["helpers"]]
+        daemons = [pid for pid in helpers if "virtiofsd" in " ".join(psutil.Process(pid).cmdline())]
+        assert len(daemons) == 1, [psutil.Process(pid).cmdline() for pid in helpers]
+        helper_pid = daemons[0]
+        # A stopped virtiofsd cannot exit by itself when QEMU goes away: only kill's own
+        # signal to the helper can end it.
+        os.kill(helper_pid, signal.SIGSTOP)
+        assert qk("kill", "withfs").returncode == 0
+        deadline = time.monotonic() + 5
+        while not (qemu_gone(info["pid"]) and all(map(qemu_gone, helpers))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_gone(info["pid"]) and all(map(qemu_gone, helpers))
+        assert not (state_root / "withfs").exists()
+    finally:  # a failure above must not leave the detached VM to the rest of the session
+        if (state_root / "withfs").exists():
+            qk("kill", "withfs")
