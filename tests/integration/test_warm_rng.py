@@ -5,9 +5,12 @@ written to ``/dev/urandom`` are only mixed into the input pool (Linux 6.1 does n
 on a write) and the tiny image's cloud kernel has no vmgenid driver, so without the
 reseed program (:func:`qemukit.identity.reseed_script`) two clones could hand out the
 same keys, nonces and ASLR-free "random" tokens. The very first command of each clone
-here reads 16 bytes through ``getrandom(2)`` (a static program, sent in that command) and
-16 from ``/dev/urandom``; they must differ between clones, and the restore's reseed
-command must have run in each (both ioctls succeeded: exit status 0).
+here runs a static program (sent in that command) that makes 1024 ``getrandom(2)`` calls
+and 1024 reads of ``/dev/urandom``, 16 bytes each. Each call takes the next key of the
+kernel's crng chain (fast key erasure), so two clones in one RNG state read overlapping
+streams, even if something in one guest drew a few more numbers first: the two clones
+must share no 16-byte block, and the restore's reseed command must have run in each
+(both ioctls succeeded: exit status 0).
 
 The attack is made deterministic, not left to timing. Linux 6.1 reseeds its crng on a
 read only when the seed is older than the reseed interval, ``max(1 s, uptime / 2)``
@@ -18,8 +21,9 @@ no reseed) passed by luck. Here the builder waits until the guest's uptime is
 :data:`AGE` seconds and forces a reseed (``RNDRESEEDCRNG``) just before the save: a clone
 then resumes with a seed younger than half its uptime, and the kernel reseeds on its
 own only after about :data:`AGE` seconds of the clone's guest time (the seed's age ``t``
-must exceed ``(AGE + t) / 2``). Without qemukit's reseed every clone's first reads
-return the same bytes (checked against the restore of commit 10295cf).
+must exceed ``(AGE + t) / 2``). Without qemukit's reseed two clones read the same
+blocks: against the restore of commit 10295cf (``date -s`` and host bytes written to
+``/dev/urandom``) all 2048 were equal.
 
 The same holds for :meth:`qemukit.VM.restore` of a bundle written by ``save_state``:
 two clones of one bundle, each reseeded by the restore before its first command.
