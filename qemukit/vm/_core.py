@@ -1113,6 +1113,14 @@ class AsyncVM:
         own qcow2 overlays over the bundle's disk copies (the bundle is never
         written), so several clones can run side by side. ``name`` names it
         (generated when None); the other options are those of :class:`AsyncVM`.
+
+        As for a warm start, the clone's clock is set to the host's and its
+        kernel RNG reseeded before this returns (so before any command of
+        yours): clones of one bundle would otherwise hand out the same random
+        bytes. That waits for the agent (``boot_timeout``). It is skipped, with
+        a warning, for a guest saved paused, one without an agent, and one
+        with the tiny agent that is not x86_64 (the reseed program's only
+        architecture).
         """
         saved = Bundle.open(bundle)
         clone = saved.clone_spec(name)
@@ -1123,11 +1131,29 @@ class AsyncVM:
         await vm.start()
         try:
             await restore_vm(vm, saved, timeout)
+            await vm._reseed_restored(saved)
         except BaseException:
             with contextlib.suppress(QemukitError):  # the restore's own error is raised
                 await vm.kill()
             raise
         return vm
+
+    async def _reseed_restored(self, bundle: Bundle) -> None:
+        """After :meth:`restore`: the clock and RNG reseed a warm start does
+        (:meth:`_set_guest_clock`), where it can run; else a warning."""
+        why = None
+        if bundle.manifest.get("guest") != "running":
+            why = "it was saved paused"
+        elif self.spec.agent == "none":
+            why = "it has no agent"
+        elif self.spec.agent == "qemukit" and self.spec.arch != "x86_64":
+            why = f"the reseed program is x86_64 only and this guest is {self.spec.arch}"
+        if why is None:
+            await self._set_guest_clock()
+            return
+        log.warning("%s: the clone's clock is not set and its RNG not reseeded (%s): clones "
+                    "of %s may hand out the same random bytes until their kernels reseed",
+                    self.name, why, bundle.path)
 
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
 

@@ -5,6 +5,8 @@ The integration test (tests/integration/test_warm_rng.py) shows its effect in cl
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import platform
 import secrets
@@ -12,10 +14,12 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from qemukit import identity
+from qemukit import VMSpec, identity
+from qemukit.vm import AsyncVM
 
 # -- the reseed program -------------------------------------------------------------------
 
@@ -166,3 +170,31 @@ def test_a_file_planted_under_the_name_is_not_written_through(tmp_path: Path) ->
 def test_the_reseed_script_sends_a_fresh_program_each_time() -> None:
     one, two = identity.reseed_script(), identity.reseed_script()
     assert one != two and "d/qemukit-reseed.$$" in one and one.endswith("exit 5")
+
+
+@pytest.mark.parametrize(("guest", "agent", "arch", "reseeds"), [
+    ("running", "qemukit", "x86_64", True),
+    ("running", "qga", "aarch64", True),  # qemu-guest-agent: a failed reseed is logged
+    ("paused", "qemukit", "x86_64", False),
+    ("running", "none", "x86_64", False),
+    ("running", "qemukit", "aarch64", False),
+])
+def test_vm_restore_reseeds_the_clone_where_it_can_and_warns_where_not(
+        guest: str, agent: str, arch: str, reseeds: bool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[AsyncVM] = []
+
+    async def set_clock(self: AsyncVM) -> None:
+        calls.append(self)
+
+    monkeypatch.setattr(AsyncVM, "_set_guest_clock", set_clock)
+    vm = AsyncVM(VMSpec(name="clone", agent=agent, arch=arch,  # type: ignore[arg-type]
+                        kernel="/boot/vmlinuz", initrd="/boot/initrd.img"))
+    bundle = SimpleNamespace(manifest={"guest": guest}, path=Path("/saved/bundle"))
+    with caplog.at_level(logging.WARNING, logger="qemukit"):
+        asyncio.run(vm._reseed_restored(bundle))  # type: ignore[arg-type]
+    assert calls == ([vm] if reseeds else [])
+    warned = [r.getMessage() for r in caplog.records if "not reseeded" in r.getMessage()]
+    assert bool(warned) != reseeds, warned
+    if warned:
+        assert "clone" in warned[0] and "/saved/bundle" in warned[0], warned
