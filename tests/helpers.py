@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["QEMUKIT", "qemu_gone", "qemu_processes_under", "run_qemukit"]
+__all__ = ["QEMUKIT", "private_warm_cache", "qemu_gone", "qemu_processes_under", "run_qemukit"]
 
 
 def qemu_processes_under(root: Path) -> list[psutil.Process]:
@@ -72,3 +72,20 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@contextmanager
+def private_warm_cache(root: Path) -> Iterator[Path]:
+    """``QEMUKIT_CACHE`` set to ``root`` for the block: the shared tiny image linked in and the
+    probe facts copied, so warm states made there are the block's own."""
+    import pytest
+
+    from qemukit.paths import cache_dir
+
+    shared = cache_dir()
+    (root / "tiny").symlink_to(shared / "tiny")
+    for facts in shared.glob("*.json"):
+        shutil.copy(facts, root / facts.name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QEMUKIT_CACHE", str(root))
+        yield root

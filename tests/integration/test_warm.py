@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from qemukit import VM, Drive, Nic, PortForward, SnapshotError, images
-from qemukit.paths import cache_dir
 from qemukit.warm import WarmCache
-from tests.helpers import QEMUKIT, run_qemukit
+from tests.helpers import QEMUKIT, private_warm_cache, run_qemukit
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 pytest_plugins = ["pytester"]
@@ -37,13 +36,7 @@ READ_DISK = (
 def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Path]:
     """A cache directory of this module's own, with the shared tiny image linked in."""
-    shared = cache_dir()
-    root = tmp_path_factory.mktemp("warm-cache")
-    (root / "tiny").symlink_to(shared / "tiny")
-    for facts in shared.glob("*.json"):
-        shutil.copy(facts, root / facts.name)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QEMUKIT_CACHE", str(root))
+    with private_warm_cache(tmp_path_factory.mktemp("warm-cache")) as root:
         yield root
 
 

@@ -32,7 +32,6 @@ two clones of one bundle, each reseeded by the restore before its first command.
 from __future__ import annotations
 
 import base64
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,9 +40,9 @@ import pytest
 
 from qemukit import VM, images
 from qemukit.identity import reseed_script, static_elf
-from qemukit.paths import cache_dir
 from qemukit.vm import _core
 from qemukit.warm import WarmCache
+from tests.helpers import private_warm_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 
@@ -90,13 +89,7 @@ AGE_COMMAND = (f"while [ $(cut -d. -f1 /proc/uptime) -lt {AGE} ]; do sleep 1; do
 def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Path]:
     """A cache of this module's own (the shared tiny image linked in): its own warm state."""
-    shared = cache_dir()
-    root = tmp_path_factory.mktemp("warm-rng-cache")
-    (root / "tiny").symlink_to(shared / "tiny")
-    for facts in shared.glob("*.json"):
-        shutil.copy(facts, root / facts.name)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QEMUKIT_CACHE", str(root))
+    with private_warm_cache(tmp_path_factory.mktemp("warm-rng-cache")) as root:
         yield root
 
 
