@@ -695,6 +695,36 @@ def _read_for_shipping(key: str, path: Path) -> bytes:
                         f"{exc.strerror or exc}") from exc
 
 
+def _extract_tree(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack ``tar`` into ``dest`` by the rules of tarfile's ``"data"`` filter.
+
+    Python 3.11.4 added the filter; Debian 12's own python3 is 3.11.2, so where
+    it is missing the same rules are checked here: every name and link stays
+    inside ``dest``, only files, directories and links, no set-ID, sticky or
+    group/other write bits, and no owner taken from the archive.
+    """
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = os.path.realpath(dest)
+    members = []
+    for member in tar.getmembers():
+        where = os.path.normpath(os.path.join(root, member.name))
+        if os.path.isabs(member.name) or os.path.commonpath([root, where]) != root:
+            raise tarfile.TarError(f"{member.name!r} would be written outside {dest}")
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise tarfile.TarError(f"{member.name!r} is not a file, directory or link")
+        if member.issym() or member.islnk():
+            base = os.path.dirname(where) if member.issym() else root
+            points = os.path.normpath(os.path.join(base, member.linkname))
+            if os.path.isabs(member.linkname) or os.path.commonpath([root, points]) != root:
+                raise tarfile.TarError(f"{member.name!r} links outside {dest}")
+        member.mode &= 0o755
+        member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+        members.append(member)
+    tar.extractall(dest, members=members, numeric_owner=True)
+
+
 def _materialize(key: str, digest: str, name: str, data: bytes) -> str:
     """Where this worker keeps the shipped file (written once, atomically)."""
     root = cache_dir() / "matrix-files" / digest
@@ -706,7 +736,7 @@ def _materialize(key: str, digest: str, name: str, data: bytes) -> str:
     try:
         if key == "modules":
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                tar.extractall(tmp / name, filter="data")
+                _extract_tree(tar, tmp / name)
         else:
             (tmp / name).write_bytes(data)
         try:

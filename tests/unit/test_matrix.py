@@ -388,3 +388,50 @@ def test_the_cli_refuses_tls_options_without_a_scheduler(tmp_path: Path) -> None
     path.write_text('[defaults]\nimage = "tiny"\n[matrix.commands]\nok = ["true"]\n')
     result = CliRunner().invoke(main, ["matrix", str(path), "--tls-cert", str(path)])
     assert result.exit_code == EXIT_ERROR and "--tls-* options are for" in result.stderr
+
+
+def _tar(*members: tuple[str, str, bytes | str]) -> bytes:
+    """A tar of (kind, name, data-or-link-target) members: kind is file, dir, sym or dev."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for kind, name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.mode = 0o6777
+            if kind == "file":
+                assert isinstance(payload, bytes)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "dev": tarfile.CHRTYPE}[kind]
+            if kind == "sym":
+                assert isinstance(payload, str)
+                info.linkname = payload
+            tar.addfile(info)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("has_filter", [True, False], ids=["python-3.11.4+", "python-3.11.2"])
+def test_a_shipped_module_tree_unpacks_only_inside_its_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_filter: bool) -> None:
+    """Debian 12's own python3 (3.11.2) has no tarfile filter: the same rules hold there."""
+    import io
+    import tarfile
+
+    from qemukit import matrix as qmatrix
+
+    if not has_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = _tar(("dir", "lib", b""), ("file", "lib/a.ko", b"ko"), ("sym", "lib/b.ko", "a.ko"))
+    with tarfile.open(fileobj=io.BytesIO(good)) as tar:
+        qmatrix._extract_tree(tar, tmp_path / "ok")
+    assert (tmp_path / "ok/lib/a.ko").read_bytes() == b"ko"
+    assert (tmp_path / "ok/lib/a.ko").stat().st_mode & 0o7022 == 0  # no set-ID, no g/o write
+    assert (tmp_path / "ok/lib/b.ko").readlink() == Path("a.ko")
+    for n, bad in enumerate([(("file", "../escape", b"x"),), (("sym", "l", "/etc/passwd"),),
+                             (("sym", "d/l", "../../x"),), (("dev", "tty", b""),)]):
+        with tarfile.open(fileobj=io.BytesIO(_tar(*bad))) as tar, pytest.raises(tarfile.TarError):
+            qmatrix._extract_tree(tar, tmp_path / f"bad{n}")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
