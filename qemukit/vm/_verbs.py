@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import ipaddress
 import logging
 import math
@@ -28,7 +29,7 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -171,6 +172,16 @@ def _describe(result: ExecResult | None, error: WaitTimeout | None) -> str:
     return text
 
 
+async def _tries(deadline: float) -> AsyncGenerator[float, None]:
+    """Yield the seconds left before each try until ``deadline``; between tries wait
+    :data:`_FIRST_INTERVAL`, doubling up to :data:`RETRY_INTERVAL` (never past the deadline)."""
+    interval = _FIRST_INTERVAL
+    while (remaining := deadline - time.monotonic()) > 0:
+        yield remaining
+        await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+        interval = min(interval * 2, RETRY_INTERVAL)
+
+
 async def wait_until(vm: AsyncVM, command: str | Sequence[str], timeout: float, *,
                      succeeds: bool) -> str:
     """Run ``command`` until it exits 0 (``succeeds``) or non-zero; returns that try's stdout.
@@ -179,25 +190,18 @@ async def wait_until(vm: AsyncVM, command: str | Sequence[str], timeout: float, 
     try that does not finish within what is left is killed and counts as a
     failed try. The :class:`WaitTimeout` shows the last try's status and output.
     """
-    deadline = time.monotonic() + timeout
-    interval = _FIRST_INTERVAL
     last: ExecResult | None = None
     last_error: WaitTimeout | None = None
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            last = await _run(vm, command, max(1.0, remaining))
-            last_error = None
-            if (last.exit_status == 0) == succeeds:
-                return last.stdout_text
-        except WaitTimeout as exc:
-            last_error = exc
-        log.debug("%r: not yet (%s); next try in %.1fs", command, _describe(last, last_error),
-                  interval)
-        await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
-        interval = min(interval * 2, RETRY_INTERVAL)
+    async with contextlib.aclosing(_tries(time.monotonic() + timeout)) as tries:
+        async for remaining in tries:
+            try:
+                last = await _run(vm, command, max(1.0, remaining))
+                last_error = None
+                if (last.exit_status == 0) == succeeds:
+                    return last.stdout_text
+            except WaitTimeout as exc:
+                last_error = exc
+            log.debug("%r: not yet (%s)", command, _describe(last, last_error))
     goal = "succeed" if succeeds else "fail"
     raise WaitTimeout(f"the guest command {command!r} to {goal}", timeout,
                       vm.console_tail(10), last=_describe(last, last_error))
@@ -277,24 +281,19 @@ async def wait_for_open_port(vm: AsyncVM, port: int, addr: str | None, timeout: 
     """
     _check_port(port, addr)
     where = "any address" if addr is None else addr
-    deadline = time.monotonic() + timeout
-    interval = _FIRST_INTERVAL
     seen = ""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            result = await _run(vm, ["cat", "/proc/net/tcp", "/proc/net/tcp6"], max(1.0, remaining))
-        except WaitTimeout:
-            seen = "reading /proc/net/tcp timed out"
-        else:
+    async with contextlib.aclosing(_tries(time.monotonic() + timeout)) as tries:
+        async for remaining in tries:
+            try:
+                result = await _run(vm, ["cat", "/proc/net/tcp", "/proc/net/tcp6"],
+                                    max(1.0, remaining))
+            except WaitTimeout:
+                seen = "reading /proc/net/tcp timed out"
+                continue
             sockets = listening_sockets(result.stdout_text)
             if any(s.port == port and s.accepts(addr) for s in sockets):
                 return
             seen = "listening: " + (", ".join(sorted({str(s) for s in sockets})) or "nothing")
-        await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
-        interval = min(interval * 2, RETRY_INTERVAL)
     raise WaitTimeout(f"TCP port {port} to open in the guest (on {where})", timeout,
                       vm.console_tail(10), last=seen)
 
@@ -317,17 +316,14 @@ async def wait_for_unit(vm: AsyncVM, unit: str, timeout: float) -> None:
     if probe.exit_status != 0:
         raise StateError(f"VM {vm.name!r} does not run systemd (its guest has no "
                          f"/run/systemd/system): wait_for_unit({unit!r}) needs a systemd guest")
-    interval = _FIRST_INTERVAL
     state = ""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            result = await _run(vm, ["systemctl", "is-active", "--", unit], max(1.0, remaining))
-        except WaitTimeout:
-            state = "systemctl is-active timed out"
-        else:
+    async with contextlib.aclosing(_tries(deadline)) as tries:
+        async for remaining in tries:
+            try:
+                result = await _run(vm, ["systemctl", "is-active", "--", unit], max(1.0, remaining))
+            except WaitTimeout:
+                state = "systemctl is-active timed out"
+                continue
             state = result.stdout_text.strip() or result.stderr_text.strip()
             if state == "active":
                 return
@@ -336,8 +332,6 @@ async def wait_for_unit(vm: AsyncVM, unit: str, timeout: float) -> None:
                                          "--", unit], 30.0)
                 raise GuestError(f"systemd unit {unit!r} failed in VM {vm.name!r}"
                                  f"\n--- systemctl status ---\n{status.stdout_text.rstrip()}")
-        await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
-        interval = min(interval * 2, RETRY_INTERVAL)
     raise WaitTimeout(f"systemd unit {unit!r} to be active", timeout, vm.console_tail(10),
                       last=f"systemctl is-active: {state}")
 
