@@ -83,6 +83,20 @@ def _source_tree(root: Path, tarball: Path, progress: Callable[[str], None]) -> 
         return src / "linux-source-6.1"
 
 
+def usable(out: Path) -> bool:
+    """Whether the cached build ``out`` can still be used.
+
+    A ``make O=`` tree names its source by absolute path (``build/source``, ``build/Makefile``),
+    so a cache that was moved or whose extracted source was removed holds a tree that ``make``
+    and ``qemukit run --kernel`` refuse. Such an entry is built again instead of handed out.
+    """
+    if not (out / ".qemukit-built").exists():
+        return False
+    source = out / "build" / "source"
+    return (source / "Makefile").is_file() and (source.resolve().parent
+                                                / ".qemukit-extracted").exists()
+
+
 def build_test_kernel(progress: Callable[[str], None] = lambda _: None,
                       tarball: Path = SOURCE_TARBALL) -> Path:
     """The built tree (``make O=`` directory) of the suite's kernel, built if not cached."""
@@ -91,7 +105,7 @@ def build_test_kernel(progress: Callable[[str], None] = lambda _: None,
     key = build_key(tarball)
     out = root / key
     with locked(root / f"{key}.lock"):
-        if (out / ".qemukit-built").exists():
+        if usable(out):
             return out / "build"
         src = _source_tree(root, tarball, progress)
         shutil.rmtree(out, ignore_errors=True)
