@@ -420,14 +420,15 @@ def _required(spec: VMSpec) -> list[tuple[str, str]]:
     if spec.agent == "qemukit":
         need.append(("CONFIG_VIRTIO_CONSOLE", "the qemukit agent talks over a virtio-console "
                      "port"))
-    for share in spec.shares:
+    for share in spec.all_shares:
         why = f"share {share.tag} ({share.transport})"
         if share.transport == "virtiofs":
             need += [("CONFIG_FUSE_FS", why), ("CONFIG_VIRTIO_FS", why)]
         else:
             need += [("CONFIG_NET_9P", why), ("CONFIG_NET_9P_VIRTIO", why), ("CONFIG_9P_FS", why)]
-    if any(arg.startswith("qemukit.rootfs=") for arg in (spec.append or "").split()):
-        need.append(("CONFIG_OVERLAY_FS", "--rootfs host lays an overlay over the host's root"))
+    if spec.host_root is not None:
+        need.append(("CONFIG_OVERLAY_FS", "host_root (--rootfs host) lays an overlay over the "
+                     "host's root"))
     if spec.nics:
         need.append(("CONFIG_VIRTIO_NET", "the VM has a virtio NIC"))
     return need
@@ -569,11 +570,16 @@ def resolve_kernel(spec: VMSpec, modules: str | Path | None = None) -> ResolvedK
     config lacks raise :class:`SpecError` naming them. Nothing is written and
     nothing is started; every mistake (a missing kernel, modules without an
     initrd, a modules directory of the wrong shape or holding a file an
-    initramfs cannot carry) is raised here.
+    initramfs cannot carry) is raised here. A ``host_root`` is resolved here too
+    (:func:`qemukit.rootfs.resolve_host_root`).
     """
     given = Path(modules) if modules is not None else None
     if given is not None:
         _check_modules_dir(given)
+    if spec.host_root is not None:  # its transport decides the options the kernel needs
+        from .rootfs import resolve_host_root
+
+        spec = resolve_host_root(spec)
     if spec.kernel is None:
         if given is not None:
             raise SpecError("modules", str(given), "needs a kernel booted with an initrd")

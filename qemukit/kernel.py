@@ -200,7 +200,7 @@ def _throwaway(spec: VMSpec) -> bool:
     """True if nothing the guest wrote can outlive the VM: every disk is read-only or a
     throwaway overlay, and no host directory is shared (the guest's page cache could
     still hold its writes). Then the run ends with a kill, not a power-off."""
-    return not spec.shares and all(d.read_only or d.overlay for d in spec.drives)
+    return not spec.all_shares and all(d.read_only or d.overlay for d in spec.drives)
 
 
 def run_in_vm(

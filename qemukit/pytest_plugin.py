@@ -149,7 +149,7 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
     from ._launch.process import run_command
     from .errors import HostError
-    from .host import find_qemu
+    from .host import find_qemu, find_qemu_img
     from .spec import Drive
     from .vm import VM, VMState
 
@@ -157,13 +157,15 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     # small scratch disk that lives as long as the session.
     workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
     scratch = workdir / "scratch.qcow2"
-    qemu_img = find_qemu().qemu_img or "qemu-img"
+    spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
+    qemu = find_qemu(spec.arch)  # found once, carried by the VM
+    qemu_img = find_qemu_img(qemu)
     made = run_command([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"])
     if made.returncode != 0:
         raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
                         f"{made.stderr.strip()}")
-    spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
-    vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
+    vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))),
+            qemu=qemu)
     try:
         vm.start()
         vm.wait_ready()

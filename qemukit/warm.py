@@ -132,7 +132,7 @@ class WarmEntry:
 
 def warm_refusal(spec: VMSpec) -> str | None:
     """Why ``spec`` cannot start warm (it then boots cold), or None if it can."""
-    if spec.shares:
+    if spec.all_shares:
         return ("shares cannot be saved in a VM's state (a mounted virtiofs or 9p export "
                 "blocks migration)")
     if spec.cloud_init is not None and spec.agent != "qga":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
+from .initline import kernel_cmdline
 
 __all__ = [
     "AGENT_PORT_NAME", "GDB_CHARDEV", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing",
@@ -158,9 +159,10 @@ def _drive_device(spec: VMSpec, drive: Drive, dev_id: str, scsi_added: bool) -> 
 def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
     """9p shares need nothing but QEMU; virtiofs needs shared guest RAM and a socket."""
     args: list[str] = []
-    virtiofs = [sh for sh in spec.shares if sh.transport == "virtiofs"]
+    shares = spec.all_shares
+    virtiofs = [sh for sh in shares if sh.transport == "virtiofs"]
     if len(plumbing.share_sockets) != len(virtiofs):
-        raise SpecError("shares", spec.shares, "every virtiofs share needs a virtiofsd socket")
+        raise SpecError("shares", shares, "every virtiofs share needs a virtiofsd socket")
     if virtiofs:
         # vhost-user devices map guest RAM into virtiofsd: it must be a shared memfd
         # (made the machine's RAM with memory-backend=, which microvm honours too).
@@ -169,7 +171,7 @@ def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
             # vhost-user needs virtio 1.0; microvm's virtio-mmio defaults to legacy.
             args += ["-global", "virtio-mmio.force-legacy=false"]
     sockets = iter(plumbing.share_sockets)
-    for sh in spec.shares:
+    for sh in shares:
         if sh.transport == "9p":
             ro = ",readonly=on" if sh.read_only else ""
             # multidevs=remap: a shared tree that spans file systems (the host's root of
@@ -236,7 +238,7 @@ def build_argv(
         machine += f",{info.machine_opts}"
     if accel == "kvm" and info.kvm_machine_opts:
         machine += f",{info.kvm_machine_opts}"
-    if any(sh.transport == "virtiofs" for sh in spec.shares):
+    if any(sh.transport == "virtiofs" for sh in spec.all_shares):
         machine += ",memory-backend=ram0"
     if spec.firmware == "ovmf":
         if not (plumbing.ovmf_code and plumbing.ovmf_vars):
@@ -313,13 +315,8 @@ def build_argv(
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
-        mounts = " ".join(f"qemukit.share={sh.tag}:{sh.guest_path}" for sh in spec.shares)
-        tsc = ""
-        if spec.machine == "microvm" and tsc_khz and "tsc_early_khz=" not in (spec.append or ""):
-            # Without it the kernel hangs in about 4 boots out of 10 on microvm.
-            tsc = f"tsc_early_khz={tsc_khz}"
-        append = " ".join(a for a in (spec.append, mounts, tsc) if a)
-        if spec.append is not None or mounts or tsc:
+        append = kernel_cmdline(spec, tsc_khz)
+        if append is not None:
             argv += ["-append", append]
     argv += _share_args(spec, plumbing)
     if spec.machine in ("q35", "virt") and info.hotplug_bus:

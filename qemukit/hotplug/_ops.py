@@ -109,9 +109,7 @@ class AsyncHotplug:
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
                 raise refuse("path", str(drive.file), "no such file")
-            arch = self._vm.spec.arch
-            qemu = await asyncio.to_thread(
-                host.find_qemu, *(() if arch == "x86_64" else (arch,)))
+            qemu = self._vm.qemu
             try:
                 # Not probed again on a disk a guest wrote; a header naming a backing
                 # file or a data file is refused (see qemukit.host._img).
@@ -199,7 +197,8 @@ class AsyncHotplug:
         with contextlib.suppress(FileNotFoundError):
             overlay.unlink()  # a leftover of a device with this id that is gone
         try:
-            host.create_overlay(base, image.format, overlay, size=image.virtual_size, unsafe=True)
+            host.create_overlay(qemu, base, image.format, overlay, size=image.virtual_size,
+                                unsafe=True)
         except HostError as exc:
             raise refuse("overlay", True, str(exc), dev_id) from exc
         return str(overlay)

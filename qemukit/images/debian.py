@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import ARCHES
-from ..errors import SpecError
-from ..host import foreign_exec_problem, host_arch
+from ..errors import HostError, SpecError
+from ..host import find_qemu_img, foreign_exec_problem, host_arch
 from .bootable import LAYOUT_VERSION
 
 __all__ = [
@@ -516,9 +516,10 @@ def build_debian(
             raise RuntimeError(f"cannot build the {arch} debian image: {problem}")
     wanted = read_package_list(recipe_dir, arch)
     all_packages = wanted + [p for p in extra if p not in wanted]
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise RuntimeError("qemu-img not found (apt-get install qemu-utils)")
+    try:
+        qemu_img = find_qemu_img()
+    except HostError as exc:
+        raise RuntimeError(str(exc)) from exc
     from . import bootable as _bootable
 
     if bootable:
