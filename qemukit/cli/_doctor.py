@@ -86,7 +86,6 @@ def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
     import os
 
     from .. import host, images
-    from ..arch import DEFAULT_ARCH
     from ..images.debian import ARCHES_BUILT
 
     native = host.host_arch()
@@ -127,7 +126,6 @@ def _dumps(no_vmcoreinfo: str | None) -> str:
 def _debian_state(arch: str) -> str:
     """The debian image of ``arch``: its directory, or how to build it (and what is missing)."""
     from .. import host, images
-    from ..arch import DEFAULT_ARCH
 
     found = images.find_image("debian", arch)
     if found is not None:

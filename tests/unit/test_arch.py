@@ -324,10 +324,9 @@ def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: A
 
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
-    monkeypatch.setattr(host, "find_qemu", lambda *a: qemu)
     monkeypatch.setattr(host, "resolve_disk", lambda drive, q: DiskImage("raw", (), 4096))
     (tmp_path / "run").mkdir()
-    return FakeVM(tmp_path / "run", _spec(arch, **kw))
+    return FakeVM(tmp_path / "run", _spec(arch, **kw), qemu=qemu)
 
 
 @pytest.mark.parametrize(("arch", "why"), [

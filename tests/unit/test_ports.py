@@ -15,7 +15,7 @@ import pytest
 
 from qemukit import SpecError
 from qemukit._launch.runtime import RuntimeDir
-from qemukit.cli._files import watcher_argv
+from qemukit.ports import watcher_argv
 from qemukit.ports import (
     MAX_AUTO_FORWARDS,
     Listener,
