@@ -118,6 +118,8 @@ _SPEC_KEYS = tuple(f.name for f in dataclasses.fields(VMSpec) if f.name != "name
 _OUTCOMES = ("passed", "failed", "panic", "oops", "timeout", "error")
 #: Memory a VM costs beyond its guest RAM (QEMU itself, TCG's code buffer), in MiB.
 _VM_OVERHEAD_MIB = 128
+#: The name suffix of a shipped kernel image bundled with its .config (a directory).
+_KERNEL_DIR = ".kernel"
 #: How long stopping the running VMs (after Ctrl-C or --fail-fast) may take, per VM.
 _STOP_TIMEOUT = 10.0
 _EVENT_TOPIC = "qemukit-matrix"
@@ -212,17 +214,17 @@ class Job:
     def spec(self) -> VMSpec:
         """The VM description to boot (needs the image built, see :meth:`needs_image`).
 
-        A job on a built-in image starts warm unless it says ``warm = false`` (as
-        ``qemukit run --image`` does): the first job of a VM description boots and
-        saves its ready state, the others on that host restore it. A spec that
-        cannot start warm (see :func:`qemukit.warm.warm_refusal`) boots cold.
+        Resolved as every front end resolves a request (:mod:`qemukit.resolve`):
+        a job on a built-in image starts warm unless it says ``warm = false`` (as
+        ``qemukit run --image`` does); a job's ``kernel`` boots with the tiny
+        initramfs on the machine ``qemukit run --kernel K -- CMD`` would pick
+        (microvm for a kernel not run here before). A spec that cannot start
+        warm (see :func:`qemukit.warm.warm_refusal`) boots cold.
         """
-        fields = dict(self.vm)
-        image = self.needs_image()
-        if image is not None:
-            fields.setdefault("warm", True)
-            return images.spec(image, **fields)
-        return VMSpec.from_dict(fields)
+        from .resolve import job_request, resolve
+
+        return resolve(job_request(image=self.image, vm=self.vm, modules=self.modules,
+                                   build=False)).spec
 
     def files(self) -> dict[str, Path]:
         """The local files this job names, by key: ``kernel``, ``initrd``, ``modules``."""
@@ -673,6 +675,19 @@ def _files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict
         raise SpecError(f"{where}: {exc.field}", exc.value, exc.reason) from exc
     assert resolved.tree is not None and resolved.spec.kernel is not None
     files["kernel"] = Path(resolved.spec.kernel)
+    if resolved.config is not None:
+        # The image and its .config travel together, so the worker finds the config
+        # beside the image: its result keeps kernel_config_sha256, and its machine is
+        # chosen from the same config as here. Once per tree, as its modules are.
+        image = Path(resolved.spec.kernel)
+        key = Path(f"{image}{_KERNEL_DIR}")
+        if key not in installed:
+            workdir.mkdir(parents=True, exist_ok=True)
+            bundle = Path(tempfile.mkdtemp(prefix="kernel-", suffix=_KERNEL_DIR, dir=workdir))
+            shutil.copyfile(image, bundle / image.name)
+            shutil.copyfile(resolved.config, bundle / ".config")
+            installed[key] = bundle
+        files["kernel"] = installed[key]
     if resolved.install_tree_modules:
         root = resolved.tree.root.resolve()
         if root not in installed:
@@ -685,7 +700,7 @@ def _files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict
 
 def _read_for_shipping(key: str, path: Path) -> bytes:
     try:
-        if key == "modules":
+        if key == "modules" or path.name.endswith(_KERNEL_DIR):
             if not path.is_dir():
                 raise SpecError("modules", str(path), "no such directory")
             return _tar_directory(path)
@@ -725,6 +740,14 @@ def _extract_tree(tar: tarfile.TarFile, dest: Path) -> None:
     tar.extractall(dest, members=members, numeric_owner=True)
 
 
+def _bundled_image(bundle: Path) -> Path:
+    """The kernel image in a shipped bundle (the file beside its ``.config``)."""
+    images_in = [p for p in bundle.iterdir() if p.name != ".config" and p.is_file()]
+    if len(images_in) != 1:
+        raise OSError(f"{bundle}: expected one kernel image beside .config")
+    return images_in[0]
+
+
 def _materialize(key: str, digest: str, name: str, data: bytes) -> str:
     """Where this worker keeps the shipped file (written once, atomically)."""
     root = cache_dir() / "matrix-files" / digest
@@ -734,7 +757,7 @@ def _materialize(key: str, digest: str, name: str, data: bytes) -> str:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root.parent))
     try:
-        if key == "modules":
+        if key == "modules" or name.endswith(_KERNEL_DIR):
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 _extract_tree(tar, tmp / name)
         else:
@@ -759,6 +782,8 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
     try:
         paths = {key: _materialize(key, digest, base, data)
                  for key, (digest, base, data) in files.items()}
+        if paths.get("kernel", "").endswith(_KERNEL_DIR):  # the image with its .config
+            paths["kernel"] = str(_bundled_image(Path(paths["kernel"])))
     except OSError as exc:
         return _Attempt(None, f"cannot store the job's files on worker {name}: {exc}",
                         socket.gethostname(), name)
