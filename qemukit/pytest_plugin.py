@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from .resolve import Request
     from .spec import VMSpec
     from .vm import VM
 
@@ -58,18 +59,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot every image VM instead of restoring its saved ready state")
 
 
-def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
-    from . import images
+def _request(config: pytest.Config, spec: VMSpec | None = None, **overrides: Any) -> Request:
+    """A fixture VM's request: the configured image (or ``spec``), a VM used while it runs."""
+    from .resolve import Request
 
-    image = config.getoption("--qemukit-image")
-    arch = config.getoption("--qemukit-arch")
-    if arch != "x86_64":
-        overrides.setdefault("arch", arch)
-        images.build(image, arch=arch)
-    else:
-        images.build(image)
-    overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
-    return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    warm = overrides.pop("warm", False if config.getoption("--qemukit-cold") else None)
+    if spec is not None:
+        return Request(spec=spec, overrides=overrides, warm=warm, purpose="interactive")
+    overrides.setdefault("accel", config.getoption("--qemukit-accel"))
+    return Request(image=config.getoption("--qemukit-image"),
+                   arch=overrides.pop("arch", config.getoption("--qemukit-arch")),
+                   overrides=overrides, warm=warm, purpose="interactive", build=True)
+
+
+def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
+    """The spec of a fixture VM, resolved as every front end resolves one (qemukit.resolve)."""
+    from .resolve import resolve
+
+    return resolve(_request(config, **overrides)).spec
 
 
 def _track(request: pytest.FixtureRequest, vm: VM) -> None:
@@ -121,11 +128,9 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
     made: list[VM] = []
 
     def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
-        if spec is None:
-            spec = _base_spec(request.config, **overrides)
-        elif overrides:
-            spec = spec.replace(**overrides)
-        vm = _boot(request, spec)
+        from .resolve import resolve
+
+        vm = _boot(request, resolve(_request(request.config, spec, **overrides)).spec)
         made.append(vm)
         return vm
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import images, kconfig
 from .arch import ARCHES, DEFAULT_ARCH
-from .errors import SpecError
+from .errors import HostError, SpecError
 from .spec import CloudInit, VMSpec
 
 if TYPE_CHECKING:
@@ -200,15 +200,19 @@ def _base(request: Request) -> tuple[VMSpec, str]:
             spec = spec.replace(arch=arch, machine=ARCHES[arch].default_machine)
         return spec, "the given spec"
     if request.image is not None:
-        chosen = arch or DEFAULT_ARCH
-        if request.build and request.image in images.NAMES and request.image != "debian" and (
-                images.find_image(request.image, chosen) is None):
-            images.build(request.image, arch=chosen)
         by_arch = {"arch": arch} if arch is not None else {}
         own = {k: over[k] for k in ("kernel", "initrd") if over.get(k) is not None}
-        return (images.spec(request.image, suite=request.suite, packages=request.packages,
-                            **by_arch, **own),
-                f"the {request.image} image")
+        try:
+            spec = images.spec(request.image, suite=request.suite, packages=request.packages,
+                               **by_arch, **own)
+        except HostError:
+            if not (request.build and request.image in images.NAMES):
+                raise
+            images.build(request.image, arch=arch or DEFAULT_ARCH, suite=request.suite,
+                         packages=request.packages)  # not built yet: build it, once
+            spec = images.spec(request.image, suite=request.suite, packages=request.packages,
+                               **by_arch, **own)
+        return spec, f"the {request.image} image"
     if request.kernel is not None:
         chosen = _kernel_arch(request.kernel, arch) or DEFAULT_ARCH
         fields: dict[str, Any] = {"kernel": os.fspath(request.kernel)}

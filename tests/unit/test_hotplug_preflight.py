@@ -21,10 +21,10 @@ import pytest
 from qemu.qmp import EventListener
 
 from qemukit import Drive, HotplugError, SpecError, VMSpec, host
-from qemukit.arch import ARCHES
 from qemukit._aio import file_lock
 from qemukit._launch.plan import DiskImage
 from qemukit._launch.runtime import RuntimeDir
+from qemukit.arch import ARCHES
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
 

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from qemukit import VMSpec
+from qemukit._launch.initline import init_arguments, kernel_cmdline
 from qemukit.cli import main
 from qemukit.errors import SpecError
 from qemukit.host import virtiofsd_argv
 from qemukit.host._fsguard import guard_prefix
-from qemukit._launch.initline import init_arguments, kernel_cmdline
 from qemukit.rootfs import GUEST_MOUNT, host_root, in_directory, resolve_host_root, root_transport
 from qemukit.spec import HostRoot
 
