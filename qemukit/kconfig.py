@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._launch.process import run_command
-from .arch import ARCHES, ArchInfo
+from .arch import ARCHES, DEFAULT_ARCH, ArchInfo
 from .errors import HostError, SpecError
 from .spec import VMSpec
 
@@ -179,12 +179,12 @@ def _groups(arch: str) -> list[_Group]:
     return _arch_groups(ARCHES[arch]) + _common_groups()
 
 
-def fragment_options(arch: str = "x86_64") -> dict[str, str]:
+def fragment_options(arch: str = DEFAULT_ARCH) -> dict[str, str]:
     """The fragment as ``{"CONFIG_X": "y"}``, in fragment order."""
     return {f"CONFIG_{name}": value for _, opts in _groups(arch) for name, value in opts}
 
 
-def fragment(arch: str = "x86_64") -> str:
+def fragment(arch: str = DEFAULT_ARCH) -> str:
     """The config fragment for ``arch``: commented ``CONFIG_X=y`` lines, as merge_config.sh reads."""
     lines = [f"# qemukit kconfig fragment v{KCONFIG_VERSION} for {arch} "
              f"(qemukit kconfig --arch {arch} --print)"]
@@ -237,7 +237,7 @@ def _make_argv(arch: str, *targets: str) -> list[str]:
     return ["make", f"ARCH={KERNEL_ARCH[arch]}", *targets]
 
 
-def merge_into_tree(tree: str | Path, arch: str = "x86_64", *, timeout: float = 600.0,
+def merge_into_tree(tree: str | Path, arch: str = DEFAULT_ARCH, *, timeout: float = 600.0,
                     extra: str = "") -> MergeResult:
     """Merge :func:`fragment` (plus ``extra`` lines) into ``tree/.config`` and olddefconfig it.
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from . import kconfig
 from ._wire.console import ConsoleEvent
+from .arch import DEFAULT_ARCH
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .resolve import MachineChoice, Request, kernel_run_machine, resolve
 from .spec import Share, VMSpec
@@ -122,7 +123,7 @@ class KernelTestResult:
     #: The crash dump written on a panic (``dump_on_panic``), if any.
     dump: str | None = None
     #: The guest's architecture (``x86_64``, ``aarch64``, ...).
-    arch: str = "x86_64"
+    arch: str = DEFAULT_ARCH
     #: The kernel's release (``uname -r``): from a build tree, or the image's header.
     kernel_release: str | None = None
     #: The SHA-256 of the kernel's config file, when one was found (a tree's .config).

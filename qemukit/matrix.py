@@ -95,6 +95,7 @@ from typing import Any
 
 from . import images, kconfig
 from ._fs import locked
+from .arch import DEFAULT_ARCH
 from .errors import QemukitError, SpecError, StateError
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
 from .paths import cache_dir
@@ -479,7 +480,7 @@ def stop_matrix_here(matrix: str) -> int:
     return _REGISTRY.stop(matrix)
 
 
-def _ensure_image(name: str, arch: str = "x86_64") -> None:
+def _ensure_image(name: str, arch: str = DEFAULT_ARCH) -> None:
     """Build image ``name`` for ``arch`` unless it is cached; one builder at a time per cache."""
     if images.find_image(name, arch) is not None:
         return
@@ -504,7 +505,7 @@ def _run_attempt(job: Job, matrix: str, worker: str) -> _Attempt:
     try:
         image = job.needs_image()
         if image is not None:
-            _ensure_image(image, str(job.vm.get("arch", "x86_64")))
+            _ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return _Attempt(_error_result(job, str(exc), time.monotonic() - start), None, host, worker)
@@ -651,7 +652,7 @@ def _tree_probe(job: Job) -> VMSpec:
     """The job's VM description with its kernel tree, for checking the tree's config on the
     client (the tiny image's initramfs and command line stand in when it boots with them)."""
     fields = {k: v for k, v in job.vm.items() if k not in ("warm",)}
-    arch = str(fields.get("arch", "x86_64"))
+    arch = str(fields.get("arch", DEFAULT_ARCH))
     if job.needs_image() == "tiny":
         fields.setdefault("append", images.tiny_append(arch))
     fields.setdefault("initrd", "initrd")  # a name: nothing reads it here

@@ -43,13 +43,13 @@ CLEAN_TAG = "qemukit-clean"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Register qemukit's command-line options."""
-    from .arch import ARCHES  # a pure table: keeps the plugin light
+    from .arch import ARCHES, DEFAULT_ARCH  # a pure table: keeps the plugin light
 
     group = parser.getgroup("qemukit", "VMs for tests (qemukit)")
     group.addoption("--qemukit-accel", default="tcg", choices=("auto", "kvm", "tcg"),
                     help="accelerator for fixture VMs (default: tcg)")
     group.addoption("--qemukit-image", default="tiny", help="image for fixture VMs (default: tiny)")
-    group.addoption("--qemukit-arch", default="x86_64",
+    group.addoption("--qemukit-arch", default=DEFAULT_ARCH,
                     choices=tuple(ARCHES),
                     help="guest architecture of fixture VMs (default: x86_64; the tiny image "
                          "for it is built on first use)")

@@ -53,7 +53,7 @@ NAMES = ("tiny", "debian")
 TINY_APPEND = "console=ttyS0 panic=-1 quiet memhp_default_state=online"
 
 
-def tiny_append(arch: str = "x86_64") -> str:
+def tiny_append(arch: str = DEFAULT_ARCH) -> str:
     """The tiny guest's kernel command line for ``arch`` (its console device)."""
     if arch not in ARCHES:
         raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
@@ -88,7 +88,7 @@ def find_image(name: Literal["tiny"], arch: str = ...) -> TinyImage | None: ...
 def find_image(name: Literal["debian"], arch: str = ...) -> DebianImage | None: ...
 @overload
 def find_image(name: str, arch: str = ...) -> TinyImage | DebianImage | None: ...
-def find_image(name: str, arch: str = "x86_64") -> TinyImage | DebianImage | None:
+def find_image(name: str, arch: str = DEFAULT_ARCH) -> TinyImage | DebianImage | None:
     """The built image called ``name`` (for guest architecture ``arch``) in the cache, or None."""
     _check_name(name)
     _check_arch(name, arch)
@@ -126,7 +126,7 @@ def build(name: str, *, force: bool = ..., progress: Callable[[str], None] = ...
           bootable: bool = ...) -> TinyImage | DebianImage: ...
 def build(
     name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None,
-    arch: str = "x86_64", suite: str | None = None, packages: Sequence[str] = (),
+    arch: str = DEFAULT_ARCH, suite: str | None = None, packages: Sequence[str] = (),
     bootable: bool = False,
 ) -> TinyImage | DebianImage:
     """Build image ``name`` (for guest architecture ``arch``) into the cache.
