@@ -39,7 +39,7 @@ from .errors import (
     StateError,
     WaitTimeout,
 )
-from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
+from .spec import Drive, HostRoot, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
 
 if TYPE_CHECKING:
     # For type checkers: the lazily loaded modules (see SUBMODULES and __getattr__).
@@ -115,6 +115,7 @@ __all__ = [
     "GuestOops",
     "GuestPanic",
     "HostError",
+    "HostRoot",
     "HotplugError",
     "LaunchError",
     "Nic",
