@@ -692,7 +692,8 @@ def _files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict
     if resolved.install_tree_modules:
         root = resolved.tree.root.resolve()
         if root not in installed:
-            target = workdir / f"modules-{len(installed)}"
+            installs = sum(1 for k in installed if not k.name.endswith(_KERNEL_DIR))
+            target = workdir / f"modules-{installs}"
             log.info("matrix: installing the modules of %s to ship them", root)
             installed[root] = kconfig.install_modules(resolved.tree, target)
         files["modules"] = installed[root]

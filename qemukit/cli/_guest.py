@@ -104,8 +104,8 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
 
 
 def apply_run_options(spec: VMSpec, opts: dict[str, Any]) -> VMSpec:
-    """``run``'s ``--user-data``, ``--ssh-key`` and ``--keep`` applied to the spec."""
-    spec = apply_seed_options(spec, opts.get("user_data"), opts.get("ssh_key"))
+    """``run``'s ``--keep`` applied to the resolved spec (``--user-data`` and ``--ssh-key``
+    are part of the request: :func:`qemukit.cli.build_request`)."""
     if opts.get("keep"):
         spec, directory = keep_disks(spec)
         click.echo(f"qemukit: {spec.name}: disk changes are kept in {directory} (boot them again "

@@ -635,9 +635,10 @@ class AsyncHotplug:
 
     def _require_acpi(self) -> None:
         spec = self._vm.spec
-        if spec.arch != "x86_64":
+        if not ARCHES[spec.arch].acpi:
+            acpi = " and ".join(a.name for a in ARCHES.values() if a.acpi)
             raise refuse("machine", spec.machine, f"CPU and memory hotplug are wired for ACPI "
-                         f"machines (x86_64 q35/pc) only, not {spec.machine} ({spec.arch})")
+                         f"machines ({acpi} q35/pc) only, not {spec.machine} ({spec.arch})")
         if self._vm.spec.machine == "microvm":
             raise refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
 
