@@ -19,7 +19,9 @@ the operator who started the server allowed, and nothing more
   drives, cloud-init, ``extra_args``, ``sandbox``, QMP and gdb ports are
   always the image's own);
 - no host share unless inside a directory the operator allowed
-  (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most;
+  (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most; a
+  template's ``host_root`` is a share of ``/`` and of its ``rw`` directories,
+  checked the same way;
 - no network unless the operator allows it (``--allow-network``): user
   networking reaches the host's loopback services;
 - :class:`Limits` caps VMs, memory, vCPUs, overlay disk, console log, exec
