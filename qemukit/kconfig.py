@@ -403,7 +403,7 @@ def kernel_config(kernel: str | Path) -> Path | None:
 
 def _required(spec: VMSpec) -> list[tuple[str, str]]:
     """(option, why) for each option ``spec`` needs of its kernel."""
-    info = ARCHES[spec.arch]
+    info = spec.arch_info
     need: list[tuple[str, str]] = [("CONFIG_DEVTMPFS", "the tiny init mounts devtmpfs on /dev")]
     if spec.initrd is not None:
         need.append(("CONFIG_BLK_DEV_INITRD", "the VM boots an initramfs"))

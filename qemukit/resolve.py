@@ -275,7 +275,7 @@ def _machine(request: Request, spec: VMSpec, source: str, named: bool) -> Machin
 
     one_shot = request.purpose == "command"
     ran_before = (one_shot and request.warm is None and request.modules is None
-                  and warm_refusal(spec.replace(machine=ARCHES[spec.arch].default_machine)) is None
+                  and warm_refusal(spec.replace(machine=spec.arch_info.default_machine)) is None
                   and note_kernel_run(spec, record=request.record))
     return kernel_run_machine(spec, one_shot=one_shot, warm_asked=request.warm is True,
                               tsc_khz=tsc_khz(), ran_before=ran_before)
@@ -325,7 +325,7 @@ def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
     a warm state, so its later runs are restores. Otherwise q35, saying which of
     these it was.
     """
-    info = ARCHES[spec.arch]
+    info = spec.arch_info
     if "microvm" not in info.machines:
         return MachineChoice(spec.machine, f"the {spec.arch} machine qemukit drives")
     needs: str | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from .arch import ARCHES, DEFAULT_ARCH, ArchName
+from .arch import ARCHES, DEFAULT_ARCH, ArchInfo, ArchName
 from .errors import SpecError
 
 __all__ = [
@@ -863,6 +863,11 @@ class VMSpec:
                                 "listeners (agent is 'none')")
 
     # -- helpers ---------------------------------------------------------
+
+    @property
+    def arch_info(self) -> ArchInfo:
+        """The guest architecture's row of :data:`qemukit.arch.ARCHES`: what it can do, as data."""
+        return ARCHES[self.arch]
 
     @property
     def all_shares(self) -> tuple[Share, ...]:

@@ -36,7 +36,6 @@ from typing import Any
 from . import host
 from ._fs import write_atomic
 from ._launch.plan import HostFacts
-from .arch import ARCHES
 from .errors import SnapshotError
 from .paths import cache_dir
 from .snapshot import Bundle
@@ -147,7 +146,7 @@ def warm_refusal(spec: VMSpec) -> str | None:
         return "without a guest agent nothing tells when the guest is ready to save"
     if spec.gdb:
         return "a gdb stub is for watching the kernel boot (and -S halts it before it can)"
-    if not ARCHES[spec.arch].vmgenid:
+    if not spec.arch_info.vmgenid:
         # Restoring clones works on every architecture (tests/integration/test_arch_snapshot.py),
         # but only x86 has vmgenid, which makes the kernel reseed its RNG at a restore:
         # two riscv64 or ppc64le clones of one state read the same /dev/urandom bytes here.

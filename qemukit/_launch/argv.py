@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
 from .initline import kernel_cmdline
@@ -87,7 +86,7 @@ def _virtio(spec: VMSpec, kind: str) -> str:
 
 
 def _transport(spec: VMSpec, model: str) -> str:
-    return ARCHES[spec.arch].device(model, spec.machine)
+    return spec.arch_info.device(model, spec.machine)
 
 
 def _format_node(node: str, fmt: str, file_node: str, backing: str | None,
@@ -232,7 +231,7 @@ def build_argv(
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
     vm_name = name or spec.name or "vm"
-    info = ARCHES[spec.arch]
+    info = spec.arch_info
     machine = f"{spec.machine},accel={accel}"
     if info.machine_opts:
         machine += f",{info.machine_opts}"

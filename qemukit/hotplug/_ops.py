@@ -616,7 +616,7 @@ class AsyncHotplug:
     @property
     def _ccw(self) -> bool:
         """Whether devices attach to the channel subsystem (s390x), not to PCI."""
-        return ARCHES[self._vm.spec.arch].transport == "ccw"
+        return self._vm.spec.arch_info.transport == "ccw"
 
     def _require_pci(self) -> None:
         spec = self._vm.spec
@@ -635,7 +635,7 @@ class AsyncHotplug:
 
     def _require_acpi(self) -> None:
         spec = self._vm.spec
-        if not ARCHES[spec.arch].acpi:
+        if not spec.arch_info.acpi:
             acpi = " and ".join(a.name for a in ARCHES.values() if a.acpi)
             raise refuse("machine", spec.machine, f"CPU and memory hotplug are wired for ACPI "
                          f"machines ({acpi} q35/pc) only, not {spec.machine} ({spec.arch})")
