@@ -55,6 +55,13 @@ if TYPE_CHECKING:
 @click.option("--dump-on-panic", type=click.Path(dir_okay=False), metavar="FILE",
               help="With -- CMD: on a kernel panic, write the guest's memory to FILE (an ELF "
               "core for crash or drgn) before the run ends with 255.")
+@click.option("--crash-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="With -- CMD: on a kernel panic or oops, write a crash bundle (verdict, "
+              "console, dump, kernel identity, QEMU argv, triage.txt) in a new directory "
+              "under DIR.")
+@click.option("--vmlinux", type=click.Path(dir_okay=False, exists=True),
+              help="The kernel's vmlinux, for the crash bundle's drgn triage [default: the "
+              "tree's, or one beside the image].")
 @click.option("--warm/--cold", "warm", default=None,
               help="Restore a saved ready state of this VM description (booting it once and "
               "saving that state if there is none), or boot it. Default: warm for --image and "
@@ -69,8 +76,8 @@ if TYPE_CHECKING:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
-        dump_on_panic: str | None, verbose: bool, warm: bool | None,
-        forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
+        dump_on_panic: str | None, crash_dir: str | None, vmlinux: str | None, verbose: bool,
+        warm: bool | None, forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -143,7 +150,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 
     result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
                        modules=modules, on_started=announce, continue_on_oops=continue_on_oops,
-                       dump_on_panic=dump_on_panic)
+                       dump_on_panic=dump_on_panic, crash_dir=crash_dir, vmlinux=vmlinux)
     if json_out is not None:
         if json_out == "-":
             emit_json(result.to_dict())
@@ -173,7 +180,10 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     elif result.outcome == "oops":
         click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
                    f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
-    elif result.outcome in ("timeout", "error"):
+    if result.crash_bundle is not None:
+        click.echo(f"qemukit: crash bundle in {result.crash_bundle} (start with triage.txt)",
+                   err=True)
+    if result.outcome in ("timeout", "error"):
         tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
