@@ -44,9 +44,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HostError
+from .errors import HostError, QemukitError
+from .kconfig import bzimage_release
+from .vm import VM, VMState
 
-__all__ = ["BUNDLE_FILES", "call_trace", "drgn_triage", "find_vmlinux", "kernel_identity",
+__all__ = ["BUNDLE_FILES", "bundle_from_vm", "call_trace", "drgn_triage", "find_vmlinux", "kernel_identity",
            "new_bundle", "write_bundle"]
 
 #: The files a crash bundle holds (``vmcore`` only when the dump could be taken).
@@ -103,8 +105,8 @@ def find_vmlinux(kernel: str | Path | None) -> Path | None:
         return None
     start = Path(kernel)
     candidates = [start / "vmlinux"] if start.is_dir() else [start.parent / "vmlinux"]
-    if not start.is_dir() and len(start.parents) > 2:
-        candidates.append(start.parents[2] / "vmlinux")  # <tree>/arch/<arch>/boot/bzImage
+    if not start.is_dir() and len(start.parents) > 3:
+        candidates.append(start.parents[3] / "vmlinux")  # <tree>/arch/<arch>/boot/bzImage
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -248,3 +250,50 @@ def _triage(bundle: Path, verdict: Mapping[str, Any], identity: Mapping[str, Any
     out.append(drgn_triage(dump, vmlinux) if dump else "no dump was taken")
     out += ["", "Open the dump: drgn -c vmcore -s vmlinux; crash vmlinux vmcore"]
     return "\n".join(out) + "\n"
+
+
+def bundle_from_vm(vm: VM, parent: str | Path, *, test: str | None = None,
+                   vmlinux: str | Path | None = None) -> Path | None:
+    """A crash bundle for ``vm`` when its console shows a panic or an oops, else None.
+
+    For a VM of one's own (the pytest plugin's ``--qemukit-crash-dir``): the
+    verdict is the first panic or oops on the console (``test`` names what
+    ran); the dump is taken when QEMU still runs (a panicked kernel waits for
+    it with ``panic=0`` on its command line). Call it before the VM stops: its
+    console log goes with its runtime directory.
+    """
+    events = vm.console_events()
+    crashes = [e for e in events if e.kind in ("panic", "oops")]
+    if not crashes:
+        return None
+    panic = next((e.line for e in crashes if e.kind == "panic"), None)
+    oops = next((e.line for e in crashes if e.kind == "oops"), None)
+    outcome = "panic" if panic is not None else "oops"
+    bundle = new_bundle(parent, outcome, vm.name)
+    notes: list[str] = []
+    dump: str | None = None
+    if vm.state is VMState.RUNNING and vm.aio.qemu_alive():
+        try:
+            vm.pause()
+            dump = str(vm.dump_memory(bundle / "vmcore").path)
+        except QemukitError as exc:
+            notes.append(f"no crash dump: {exc}")
+    else:
+        notes.append("no crash dump: QEMU had already exited (boot with panic=0 to keep a "
+                     "panicked kernel for its dump)")
+    spec, kernel = vm.spec, vm.kernel
+    if vmlinux is None:
+        vmlinux = find_vmlinux(kernel.tree.root if kernel is not None and kernel.tree is not None
+                               else spec.kernel)
+    verdict = {"test": test, "vm": vm.name, "outcome": outcome, "panic": panic, "oops": oops,
+               "dump": dump, "crash_bundle": str(bundle), "arch": spec.arch,
+               "reports": [e.to_dict() for e in events if e.kind != "share"]}
+    identity = kernel_identity(
+        kernel=kernel.spec.kernel if kernel is not None else spec.kernel,
+        initrd=kernel.spec.initrd if kernel is not None else spec.initrd, append=spec.append,
+        arch=spec.arch, release=kernel.release if kernel is not None else None,
+        config=kernel.config if kernel is not None else None, dump=dump, vmlinux=vmlinux)
+    if identity["release"] is None and identity["image"] is not None:
+        identity["release"] = bzimage_release(identity["image"])
+    return write_bundle(bundle, verdict=verdict, argv=vm.argv, identity=identity,
+                        console_log=vm.console_log, vmlinux=vmlinux, notes=notes)

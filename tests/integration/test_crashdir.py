@@ -14,6 +14,7 @@ import pytest
 from qemukit import images
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["pytester"]
 
 
 def test_panic_with_crash_dir_writes_every_file(qk: Any, tmp_path: Path,
@@ -61,3 +62,51 @@ def test_panic_with_crash_dir_writes_every_file(qk: Any, tmp_path: Path,
     assert {(p.name, p.value) for p in props} == {("qemukit.crash_bundle", str(bundle))}
     (ts,) = suite
     assert ("qemukit.crash_bundle", str(bundle)) in {(p.name, p.value) for p in ts.properties()}
+
+
+MATRIX = """
+[defaults]
+image = "tiny"
+accel = "tcg"
+warm = false
+timeout = 180
+[matrix.commands]
+panics = ["sh", "-c", "echo c > /proc/sysrq-trigger"]
+ok = ["true"]
+"""
+
+
+def test_matrix_crash_dir_names_the_bundle_per_job(qk: Any, tmp_path: Path) -> None:
+    (tmp_path / "m.toml").write_text(MATRIX)
+    out = qk("matrix", str(tmp_path / "m.toml"), "--crash-dir", str(tmp_path / "crashes"),
+             "--json", str(tmp_path / "r.jsonl"), "--junit", str(tmp_path / "r.xml"))
+    assert out.returncode == 1, out.stderr  # the panicking job did not pass
+    results = {r["name"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert results["ok"]["result"]["crash_bundle"] is None
+    bundle = Path(results["panics"]["result"]["crash_bundle"])
+    assert bundle.parent == tmp_path / "crashes" and (bundle / "vmcore").is_file()
+    assert json.loads((bundle / "verdict.json").read_text())["outcome"] == "panic"
+    cases = {c.name: c for s in junitparser.JUnitXml.fromfile(str(tmp_path / "r.xml")) for c in s}
+    (props,) = cases["panics"].iterchildren(junitparser.Properties)
+    assert ("qemukit.crash_bundle", str(bundle)) in {(p.name, p.value) for p in props}
+
+
+def test_plugin_crash_dir_bundles_a_failing_tests_panic(pytester: pytest.Pytester,
+                                                        tiny_image: images.TinyImage) -> None:
+    pytester.makepyfile(test_panics="""
+def test_panics(qemu_vm):
+    qemu_vm.exec("echo c > /proc/sysrq-trigger", timeout=120)
+""")
+    crashes = pytester.path / "crashes"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--qemukit-cold",
+                                           "--qemukit-crash-dir", str(crashes),
+                                           "--junitxml", "r.xml", timeout=600)
+    result.assert_outcomes(failed=1)
+    (bundle,) = list(crashes.iterdir())
+    assert {"vmcore", "console.log", "triage.txt", "kernel.json", "qemu-argv.json",
+            "verdict.json"} <= {p.name for p in bundle.iterdir()}
+    verdict = json.loads((bundle / "verdict.json").read_text())
+    assert verdict["outcome"] == "panic" and verdict["test"] == "test_panics.py::test_panics"
+    (case,) = [c for s in junitparser.JUnitXml.fromfile(str(pytester.path / "r.xml")) for c in s]
+    (props,) = case.iterchildren(junitparser.Properties)
+    assert ("qemukit.crash_bundle", str(bundle)) in {(p.name, p.value) for p in props}

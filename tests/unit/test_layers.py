@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
-    ("kernel",),
+    ("kernel", "crashdir"),
     ("matrix",),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
