@@ -40,6 +40,7 @@ PUBLIC_MODULES = (
     "qemukit.warm",
     "qemukit.ktap",
     "qemukit.crashdir",
+    "qemukit.kselftest",
 )
 
 

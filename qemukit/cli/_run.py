@@ -62,6 +62,12 @@ if TYPE_CHECKING:
 @click.option("--vmlinux", type=click.Path(dir_okay=False, exists=True),
               help="The kernel's vmlinux, for the crash bundle's drgn triage [default: the "
               "tree's, or one beside the image].")
+@click.option("--kselftest", metavar="TARGET[,TARGET]",
+              help="Build and install these kselftest targets from the kernel tree, run them "
+              "in the guest with the kernel's runner, report each test (--json: JSON lines; "
+              "--junit: a case per test).")
+@click.option("--kselftest-src", type=click.Path(file_okay=False, exists=True), metavar="TREE",
+              help="The kernel source tree to build --kselftest from [default: --kernel's].")
 @click.option("--warm/--cold", "warm", default=None,
               help="Restore a saved ready state of this VM description (booting it once and "
               "saving that state if there is none), or boot it. Default: warm for --image and "
@@ -76,7 +82,8 @@ if TYPE_CHECKING:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
-        dump_on_panic: str | None, crash_dir: str | None, vmlinux: str | None, verbose: bool,
+        dump_on_panic: str | None, crash_dir: str | None, vmlinux: str | None,
+        kselftest: str | None, kselftest_src: str | None, verbose: bool,
         warm: bool | None, forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
@@ -108,6 +115,17 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         spec = spec.replace(warm=warm)
     if verbose and machine is not None and json_out != "-":
         click.echo(f"qemukit: {machine.describe()}", err=True)
+    if kselftest is not None:
+        if command or detach:
+            raise errors.SpecError("kselftest", kselftest, "runs the kernel's runner: give no "
+                                   "command and no --detach")
+        from ._suites import run_kselftest_command
+
+        run_kselftest_command(spec, kselftest, kselftest_src or opts["kernel"], timeout=timeout,
+                              json_out=json_out, junit=junit, run_options=dict(
+                                  console_log=console_log, modules=modules, crash_dir=crash_dir,
+                                  continue_on_oops=continue_on_oops, vmlinux=vmlinux))
+        return
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
-    ("kernel", "crashdir"),
+    ("kernel", "crashdir", "kselftest"),
     ("matrix",),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
