@@ -41,6 +41,7 @@ PUBLIC_MODULES = (
     "qemukit.ktap",
     "qemukit.crashdir",
     "qemukit.kselftest",
+    "qemukit.bisect",
 )
 
 

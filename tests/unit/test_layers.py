@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("warm",),
     ("vm",),
     ("kernel", "crashdir", "kselftest"),
-    ("matrix",),
+    ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
 #: The only places that may import the CLI and test frameworks.
