@@ -42,6 +42,7 @@ PUBLIC_MODULES = (
     "qemukit.crashdir",
     "qemukit.kselftest",
     "qemukit.bisect",
+    "qemukit.gdbscripts",
 )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -249,16 +248,12 @@ def _announce_accel(vm: Any, verbose: bool) -> None:
 def gdb_command(kernel: str | os.PathLike[str] | None, address: str) -> str:
     """The gdb command line for a stub at ``address`` (a socket path or HOST:PORT).
 
-    With the kernel's vmlinux when it sits beside it.
+    With the kernel's vmlinux when it is found, and the kernel's gdb scripts
+    (``lx-dmesg``, ``lx-ps``) when its tree was built with CONFIG_GDB_SCRIPTS.
     """
-    vmlinux = "vmlinux"
-    if kernel is not None:
-        for candidate in (Path(kernel).parent / "vmlinux",
-                          Path(kernel).parents[2] / "vmlinux" if len(Path(kernel).parents) > 2 else None):
-            if candidate is not None and candidate.is_file():
-                vmlinux = str(candidate)
-                break
-    return shlex.join(["gdb", vmlinux, "-ex", f"target remote {address}"])
+    from ..gdbscripts import gdb_argv
+
+    return shlex.join(gdb_argv(kernel, address))
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,

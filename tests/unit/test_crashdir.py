@@ -91,3 +91,20 @@ def test_drgn_triage_says_why_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.undo()
     (tmp_path / "core").write_bytes(b"not a core")
     assert crashdir.drgn_triage(tmp_path / "core", None).startswith("drgn could not read the dump")
+
+
+def test_gdb_command_loads_the_kernels_scripts_when_built(tmp_path: Path) -> None:
+    from qemukit.gdbscripts import gdb_argv
+
+    boot = tmp_path / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    (boot / "bzImage").write_bytes(b"")
+    assert gdb_argv(boot / "bzImage", "/s") == ["gdb", "vmlinux", "-ex", "target remote /s"]
+    (tmp_path / "vmlinux").write_bytes(b"")
+    assert gdb_argv(tmp_path, "/s") == ["gdb", str(tmp_path / "vmlinux"), "-ex",
+                                        "target remote /s"]
+    (tmp_path / "vmlinux-gdb.py").symlink_to(tmp_path / "scripts-gdb-vmlinux-gdb.py")
+    (tmp_path / "scripts-gdb-vmlinux-gdb.py").write_text("")
+    assert gdb_argv(boot / "bzImage", "h:1") == [
+        "gdb", str(tmp_path / "vmlinux"), "-iex", f"add-auto-load-safe-path {tmp_path}",
+        "-ex", "target remote h:1"]

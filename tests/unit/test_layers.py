@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
-    ("kernel", "crashdir", "kselftest"),
+    ("kernel", "crashdir", "kselftest", "gdbscripts"),
     ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
