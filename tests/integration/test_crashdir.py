@@ -110,3 +110,17 @@ def test_panics(qemu_vm):
     (case,) = [c for s in junitparser.JUnitXml.fromfile(str(pytester.path / "r.xml")) for c in s]
     (props,) = case.iterchildren(junitparser.Properties)
     assert ("qemukit.crash_bundle", str(bundle)) in {(p.name, p.value) for p in props}
+
+
+def test_an_oops_bundle_holds_the_running_kernels_dump(tiny_image: images.TinyImage,
+                                                       tmp_path: Path) -> None:
+    from qemukit.kernel import run_kernel
+
+    oops = "BUG: kernel NULL pointer dereference, address: 0000000000000000"
+    result = run_kernel(tiny_image.kernel, ["sh", "-c", f"echo '<0>{oops}' > /dev/kmsg; sleep 60"],
+                        accel="tcg", warm=False, crash_dir=tmp_path / "c")
+    assert result.outcome == "oops" and result.oops == oops
+    bundle = Path(str(result.crash_bundle))
+    assert bundle.name.split("-")[1] == "oops" and (bundle / "vmcore").stat().st_size > 2**20
+    assert f"oops: {oops}" in (bundle / "triage.txt").read_text()
+    assert json.loads((bundle / "verdict.json").read_text())["crash_bundle"] == str(bundle)
