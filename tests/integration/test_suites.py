@@ -3,9 +3,10 @@
 kselftest: a kernel tree laid out as the kernel's (its real ``tools/testing/selftests``
 Makefile, lib.mk, ``run_kselftest.sh`` and ``kselftest/`` runner, from Debian's
 linux-source-6.1) with one small target of our own (one passing, one failing, one skipped
-program: shell scripts, so no compiler run per test), built and installed by the kernel's
-own ``make install`` and run by its own runner in the tiny guest. Building a real target
-(C programs) from linux-source is left out: too slow for the default tier.
+program: shell scripts), built and installed by the kernel's own ``make install`` and run by
+its own runner in the tiny guest; and a real target of linux-source (size: one static C
+program) built from the suite's kernel tree and run on that kernel. Larger real targets are
+left out: too slow to build for the default tier.
 
 KUnit: a real KUnit log from the kernel's own test data, printed by the guest's kernel
 (through /dev/kmsg, at KUnit's level) and read back from the serial console; the verdicts
@@ -125,3 +126,18 @@ def test_kunit_results_match_kunit_py_parse(qk: Any, tmp_path: Path, kunit_tool:
                          capture_output=True, text=True, timeout=120, check=False)
     summary = re.search(r"Ran (\d+) tests?", re.sub(r"\x1b\[[0-9;]*m", "", cmd.stdout))
     assert summary and int(summary.group(1)) == len(ours), cmd.stdout
+
+
+def test_a_real_target_from_the_kernel_tree_on_its_own_kernel(qk: Any, tmp_path: Path) -> None:
+    """The command as the issue writes it: ``run --kernel TREE --kselftest TARGET``, with the
+    suite's kernel tree and a real target of its source (size: one static C program, built
+    in seconds), run by the kernel's runner on that kernel."""
+    from tests.kernel_build import build_test_kernel
+
+    kernel_tree = build_test_kernel(progress=print)
+    out = qk("run", "--kernel", str(kernel_tree), "--accel", "tcg", "--kselftest", "size",
+             "--junit", str(tmp_path / "r.xml"), timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ok     selftests: size: get_size"]
+    (suite,) = junitparser.JUnitXml.fromfile(str(tmp_path / "r.xml"))
+    assert [(c.name, c.result) for c in suite] == [("selftests: size: get_size", [])]
