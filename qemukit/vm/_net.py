@@ -93,7 +93,7 @@ async def _run(vm: AsyncVM, script: str, what: str) -> None:
     result = await vm.exec(["sh", "-c", script], timeout=60)
     if result.exit_status != 0:
         raise StateError(f"VM {vm.name!r}: {what} failed (exit {result.exit_status}): "
-                         f"{(result.stderr or result.stdout).strip()[:400]}")
+                         f"{(result.stderr or result.stdout).decode(errors='replace').strip()[:400]}")
 
 
 async def configure_guest(vm: AsyncVM) -> None:
