@@ -147,7 +147,8 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
 
 
 @pytest.fixture
-def qemu_network(qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
+def qemu_network(request: pytest.FixtureRequest,
+                 qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
     """Boot VMs on one private network of this test: ``qemu_network("server", "client")``.
 
     The network's name is made per call (so tests and pytest-xdist workers never
@@ -157,10 +158,12 @@ def qemu_network(qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
     import secrets
 
     def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> list[VM]:
-        network = f"t{secrets.token_hex(4)}"
-        return [qemu_vm_factory(spec, **{**overrides, "name": name,
-                                         "networks": [*overrides.get("networks", ()), network]})
-                for name in names]
+        networks = (*overrides.pop("networks", ()), f"t{secrets.token_hex(4)}")
+        if spec is None:
+            spec = _base_spec(request.config, **overrides)
+        elif overrides:
+            spec = spec.replace(**overrides)
+        return [qemu_vm_factory(spec.replace(name=name, networks=networks)) for name in names]
 
     return make
 

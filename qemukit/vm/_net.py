@@ -132,14 +132,21 @@ async def _configure(vm: AsyncVM) -> None:
 
 
 async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> None:
-    """A warm clone's NICs: join, hand QEMU the connection, plug, wait for the guest to see it."""
+    """A warm clone's NICs: join, hand QEMU the connection, plug, wait for the guest to see it.
+
+    :func:`configure_guest` follows; until then no command's wait for the guest
+    (``wait_ready``) may configure a NIC that is not there yet.
+    """
+    vm._net_configured = True
     socks = await join_networks(vm, root, names)
     try:
         for name, sock in zip(names, socks, strict=True):
             dev_id = network_nic_id(name)
             fdname = await vm.monitor.hand_over_fd(sock.fileno(), f"net-{name}")
-            await vm.qmp("netdev_add", {"type": "stream", "id": f"{dev_id}-backend",
-                                        "server": False, "addr": {"type": "fd", "str": fdname}})
+            # "socket", not "stream": QEMU 7.2's stream backend looks a getfd name up from a
+            # worker thread, where there is no monitor, and fails ("connection error").
+            await vm.qmp("netdev_add", {"type": "socket", "id": f"{dev_id}-backend",
+                                        "fd": fdname})
             device = {"driver": "virtio-net-pci", "id": dev_id, "netdev": f"{dev_id}-backend",
                       "mac": network_mac(name, vm.name), "bus": await _free_port(vm)}
             await vm.qmp("device_add", device)
