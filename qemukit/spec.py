@@ -52,7 +52,7 @@ ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,25}")
 RESERVED_ID_RE = re.compile(r"(hp\d+|scsi\d+|vser\d+|agent\d.*|console\d+|qmp-.*|ovmf-.*)")
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-#: A private network's name (see :mod:`qemukit.network`): it names a directory and a device
+#: A private network's name (see docs/networks.md): it names a directory and a device
 #: id, so no ',', '/' or '.'.
 NETWORK_RE = re.compile(r"[a-z][a-z0-9-]{0,14}")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
@@ -604,8 +604,9 @@ class VMSpec:
     agent turn it on; ``None`` (the default) means off.
     ``networks`` names private networks the VM joins (``["lan"]``), each a NIC
     ``net-<name>`` on a switch shared by the VMs of this user that name it, with
-    a stable MAC and an address qemukit writes into the guest (see
-    :mod:`qemukit.network`).
+    a stable MAC and an address qemukit writes into the guest once its agent
+    answers (without an agent the NIC is there, unconfigured; see
+    docs/networks.md).
     """
 
     name: str | None = None
@@ -804,9 +805,6 @@ class VMSpec:
                                 "no ',', '/' or '.')")
         if len(set(names)) != len(names):
             raise SpecError("networks", list(names), "names a network twice")
-        if names and self.agent == "none":
-            raise SpecError("networks", list(names), "needs a guest agent: qemukit writes each "
-                            "network's address into the guest (agent is 'none')")
         object.__setattr__(self, "networks", names)
 
     # -- helpers ---------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
+from .netaddr import network_mac, network_nic_id
 
 __all__ = [
     "AGENT_PORT_NAME", "GDB_CHARDEV", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing",
@@ -199,8 +200,6 @@ def _nic_args(spec: VMSpec) -> list[str]:
 
 def _network_args(spec: VMSpec, plumbing: Plumbing, vm_name: str) -> list[str]:
     """One NIC per private network, on the switch connection QEMU inherits (``stream``, fd)."""
-    from .netswitch import network_mac, network_nic_id
-
     if len(plumbing.network_fds) != len(spec.networks):
         raise SpecError("networks", list(spec.networks), "every network needs its switch "
                         "connection")

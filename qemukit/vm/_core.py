@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
-from .._launch.netswitch import NetworkMember
+from .._launch.netaddr import NetworkMember
 from .._launch.plan import DiskImage, LaunchPlan, plan_launch
 from .._launch.process import QemuProcess, process_start_time
 from .._launch.runtime import RuntimeDir, VMInfo
@@ -250,8 +250,6 @@ class AsyncVM:
         self.identity: CloneIdentity | None = None
         #: The private networks joined (``spec.networks``): name -> index, MAC, address.
         self.networks: dict[str, NetworkMember] = {}
-        #: Whether the networks' addresses were written into the guest (by wait_ready).
-        self._net_configured = False
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -1259,7 +1257,7 @@ class AsyncVM:
             if self.runtime is not None and not self.runtime.ready_stamp.exists():
                 # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
                 self.runtime.write_private(self.runtime.ready_stamp, f"{time.time()}\n")
-        if self.networks and not self._net_configured:
+        if _net.needs_configuring(self) and self.has_agent:
             await _net.configure_guest(self)
         assert self._proc is not None
         return self._proc.uptime()

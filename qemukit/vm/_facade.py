@@ -7,7 +7,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .. import host
-from .._launch.netswitch import NetworkMember
+from .._launch.netaddr import NetworkMember
 from .._launch.runtime import RuntimeDir
 from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
 from ..guest import SyncGuest

@@ -21,7 +21,8 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._launch.netswitch import NetworkMember, join, network_mac, network_nic_id, network_subnet
+from .._launch.netaddr import NetworkMember, network_mac, network_nic_id, network_subnet
+from .._launch.netswitch import join
 from ..errors import SpecError, StateError, WaitTimeout
 
 if TYPE_CHECKING:
@@ -34,6 +35,14 @@ HOSTS_MARK = "qemukit-net"
 
 #: Per (state directory, network): the VMs of this process on it.
 _peers: dict[tuple[str, str], weakref.WeakSet[AsyncVM]] = {}
+#: The VMs whose guest has its addresses (or is being given them), with their event loop.
+_configured: weakref.WeakKeyDictionary[AsyncVM, asyncio.AbstractEventLoop] = (
+    weakref.WeakKeyDictionary())
+
+
+def needs_configuring(vm: AsyncVM) -> bool:
+    """True if ``vm`` joined networks whose addresses are not written into its guest yet."""
+    return bool(vm.networks) and vm not in _configured
 
 
 def check_subnets(names: tuple[str, ...]) -> None:
@@ -98,11 +107,12 @@ async def _run(vm: AsyncVM, script: str, what: str) -> None:
 
 async def configure_guest(vm: AsyncVM) -> None:
     """Write each network's address and members' names into the ready guest."""
-    vm._net_configured = True  # before the first exec, which waits for the guest to be ready
+    # Before the first exec, which waits for the guest to be ready (and would come here).
+    _configured[vm] = asyncio.get_running_loop()
     try:
         await _configure(vm)
     except BaseException:
-        vm._net_configured = False
+        _configured.pop(vm, None)
         raise
 
 
@@ -120,7 +130,7 @@ async def _configure(vm: AsyncVM) -> None:
         # Tell the members already configured on this loop about the newcomer.
         loop = asyncio.get_running_loop()
         for peer in peers:
-            if peer._net_configured and peer._loop is loop and peer.has_agent:
+            if _configured.get(peer) is loop and peer.has_agent:
                 try:
                     await _run(peer, _hosts_script(name, {member.name: member.address}),
                                f"adding {vm.name!r} to its /etc/hosts")
@@ -137,7 +147,7 @@ async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) ->
     :func:`configure_guest` follows; until then no command's wait for the guest
     (``wait_ready``) may configure a NIC that is not there yet.
     """
-    vm._net_configured = True
+    _configured[vm] = asyncio.get_running_loop()
     socks = await join_networks(vm, root, names)
     try:
         for name, sock in zip(names, socks, strict=True):

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from qemukit._launch.netswitch import network_dir, network_mac
+from qemukit._launch.netaddr import network_dir, network_mac
 from tests.integration.test_nonroot import NormalUser, normal_user  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration

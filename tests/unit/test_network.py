@@ -22,15 +22,14 @@ import pytest
 
 from qemukit import SpecError, VMSpec
 from qemukit._launch.argv import build_argv
-from qemukit._launch.netswitch import (
-    MAX_FRAME,
+from qemukit._launch.netaddr import (
     NetworkMember,
-    join,
     network_address,
     network_dir,
     network_mac,
     network_subnet,
 )
+from qemukit._launch.netswitch import MAX_FRAME, join
 
 from .test_argv import QEMU, check_golden, plumbing
 
@@ -44,13 +43,11 @@ def test_a_bad_network_name_is_refused_naming_the_field(bad: object) -> None:
     assert err.value.field == "networks" and err.value.value == bad
 
 
-def test_networks_are_checked_as_a_list_without_repeats_and_need_an_agent() -> None:
+def test_networks_are_checked_as_a_list_without_repeats() -> None:
     with pytest.raises(SpecError, match="must be a list"):
         VMSpec(networks="lan")  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="twice"):
         VMSpec(networks=["lan", "lan"])
-    with pytest.raises(SpecError, match="guest agent"):
-        VMSpec(networks=["lan"], agent="none")
     with pytest.raises(SpecError, match="unique"):
         VMSpec(networks=["lan"], nics=[{"id": "net-lan"}])
 
