@@ -15,7 +15,7 @@ from ..errors import SpecError
 from ..spec import NETWORK_RE
 
 __all__ = [
-    "NetworkMember", "check_network_name", "network_address", "network_dir", "network_mac",
+    "NetworkMember", "Networks", "check_network_name", "network_address", "network_dir", "network_mac",
     "network_nic_id", "network_subnet",
 ]
 
@@ -88,3 +88,15 @@ class NetworkMember:
     def hosts(self) -> dict[str, str]:
         """Member name -> address, as written to the guest's ``/etc/hosts``."""
         return {name: network_address(self.network, i) for name, i in sorted(self.members.items())}
+
+
+class Networks(dict[str, NetworkMember]):
+    """A VM's networks by name; asking for one it is not on says which it is on."""
+
+    def __init__(self, vm_name: str = "") -> None:
+        super().__init__()
+        self.vm_name = vm_name
+
+    def __missing__(self, key: str) -> NetworkMember:
+        raise KeyError(f"VM {self.vm_name!r} is not on network {key!r}; its networks: "
+                       f"{', '.join(self) or 'none'}")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
-from .._launch.netaddr import NetworkMember
+from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import DiskImage, LaunchPlan, plan_launch
 from .._launch.process import QemuProcess, process_start_time
 from .._launch.runtime import RuntimeDir, VMInfo
@@ -249,7 +249,7 @@ class AsyncVM:
         #: What a warm clone of a cloud-init guest was given after its restore.
         self.identity: CloneIdentity | None = None
         #: The private networks joined (``spec.networks``): name -> index, MAC, address.
-        self.networks: dict[str, NetworkMember] = {}
+        self.networks: dict[str, NetworkMember] = Networks(spec.name or "")
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)

@@ -21,7 +21,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._launch.netaddr import NetworkMember, network_mac, network_nic_id, network_subnet
+from .._launch.netaddr import NetworkMember, Networks, network_mac, network_nic_id, network_subnet
 from .._launch.netswitch import join
 from ..errors import SpecError, StateError, WaitTimeout
 
@@ -59,6 +59,8 @@ def check_subnets(names: tuple[str, ...]) -> None:
 async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list[socket.socket]:
     """Join ``vm`` (its name claimed) to ``names``; the switch connections to hand QEMU."""
     joined: list[socket.socket] = []
+    if isinstance(vm.networks, Networks):
+        vm.networks.vm_name = vm.name  # generated at the start when the spec had none
     try:
         for name in names:
             sock, member = await asyncio.to_thread(join, root, name, vm.name)

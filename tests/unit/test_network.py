@@ -215,6 +215,49 @@ def test_a_second_user_of_the_state_dir_shares_the_switch_a_stale_socket_is_repl
     assert _wait_until(lambda: not _switch_pids(root))
 
 
+def test_another_user_cannot_reach_the_switch(root: Path) -> None:
+    """The attack a multicast group on the loopback would allow: another local user joining."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    a, _ = _join(root, "a")
+    path = str(network_dir(root, "lan") / "switch.sock")
+    pid = os.fork()
+    if pid == 0:  # the other user: nobody
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    a.close()
+    assert os.waitstatus_to_exitcode(status) == 0, "another user connected to the switch"
+
+
+def test_the_switches_directory_is_no_vm_entry(root: Path) -> None:
+    from qemukit._launch.runtime import list_entries
+
+    a, _ = _join(root, "a")
+    (root / "vm1").mkdir()
+    assert [rd.name for rd, _ in list_entries(root)] == ["vm1"]
+    a.close()
+
+
+def test_an_unknown_network_of_a_vm_says_which_it_is_on() -> None:
+    from qemukit._launch.netaddr import Networks
+
+    nets = Networks("web")
+    nets["lan"] = NetworkMember("lan", "web", 1, network_mac("lan", "web"))
+    with pytest.raises(KeyError, match="not on network 'wan'; its networks: lan"):
+        nets["wan"]
+
+
 def test_the_cli_refuses_a_bad_network_before_anything_starts(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
