@@ -126,3 +126,14 @@ def test_two_cli_vms_share_a_network_as_a_normal_user(normal_user: NormalUser) -
     assert _gone(lambda: _switches(state)), "the switch outlived its last VM"
     assert _gone(lambda: (state / ".net").exists())
 
+
+
+def test_a_start_that_fails_after_joining_leaves_no_switch(tiny_spec: Any, state_root: Path) -> None:
+    """QEMU refuses its command line after the VM joined: the membership and the switch go."""
+    from qemukit import VM, LaunchError
+
+    vm = VM(tiny_spec.replace(name="doomed", networks=["gone"], extra_args=("-no-such-option",)))
+    with pytest.raises(LaunchError):
+        vm.start()
+    assert _gone(lambda: _switches(state_root)), "the switch outlived a failed start"
+    assert _gone(lambda: network_dir(state_root, "gone").exists())
