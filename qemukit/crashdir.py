@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostError, QemukitError
-from .kconfig import bzimage_release
+from .kconfig import ResolvedKernel, bzimage_release
+from .spec import VMSpec
 from .vm import VM, VMState
 
-__all__ = ["BUNDLE_FILES", "bundle_from_vm", "call_trace", "drgn_triage", "find_vmlinux", "kernel_identity",
-           "new_bundle", "write_bundle"]
+__all__ = ["BUNDLE_FILES", "bundle_from_vm", "call_trace", "drgn_triage", "find_vmlinux",
+           "finish_run_bundle", "kernel_identity", "new_bundle", "write_bundle"]
 
 #: The files a crash bundle holds (``vmcore`` only when the dump could be taken).
 BUNDLE_FILES = ("verdict.json", "console.log", "vmcore", "kernel.json", "qemu-argv.json",
@@ -250,6 +251,22 @@ def _triage(bundle: Path, verdict: Mapping[str, Any], identity: Mapping[str, Any
     out.append(drgn_triage(dump, vmlinux) if dump else "no dump was taken")
     out += ["", "Open the dump: drgn -c vmcore -s vmlinux; crash vmlinux vmcore"]
     return "\n".join(out) + "\n"
+
+
+def finish_run_bundle(bundle: Path, verdict: Mapping[str, Any], *, about: ResolvedKernel,
+                      spec: VMSpec, argv: Sequence[str], console_log: Path | None,
+                      vmlinux: str | Path | None, notes: Sequence[str]) -> Path:
+    """Fill the bundle of a :func:`~qemukit.kernel.run_in_vm` run (its kernel as resolved,
+    ``spec`` as booted, ``verdict`` its result's JSON data)."""
+    if vmlinux is None:
+        vmlinux = find_vmlinux(about.tree.root if about.tree is not None else spec.kernel)
+    kernel = about.spec.kernel
+    identity = kernel_identity(
+        kernel=kernel, initrd=about.spec.initrd, append=spec.append, arch=spec.arch,
+        release=about.release or (bzimage_release(kernel) if kernel else None),
+        config=about.config, dump=verdict.get("dump"), vmlinux=vmlinux)
+    return write_bundle(bundle, verdict=verdict, argv=argv, identity=identity,
+                        console_log=console_log, vmlinux=vmlinux, notes=notes)
 
 
 def bundle_from_vm(vm: VM, parent: str | Path, *, test: str | None = None,

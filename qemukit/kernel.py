@@ -378,17 +378,9 @@ def _run_resolved(
         crash_bundle=str(bundle) if bundle is not None else None, **fields,
     )
     if bundle is not None:
-        vmlinux = vmlinux if vmlinux is not None else crashdir.find_vmlinux(
-            about.tree.root if about.tree is not None else spec.kernel)
-        identity = crashdir.kernel_identity(
-            kernel=about.spec.kernel, initrd=about.spec.initrd, append=spec.append,
-            arch=spec.arch, release=about.release or (
-                kconfig.bzimage_release(about.spec.kernel) if about.spec.kernel else None),
-            config=about.config, dump=verdict.dump,
-            vmlinux=vmlinux)
-        crashdir.write_bundle(bundle, verdict=_json_clean(verdict.to_dict()), argv=qemu_argv,
-                              identity=identity, console_log=crash_log, vmlinux=vmlinux,
-                              notes=notes)
+        crashdir.finish_run_bundle(bundle, _json_clean(verdict.to_dict()), about=about,
+                                   spec=spec, argv=qemu_argv, console_log=crash_log,
+                                   vmlinux=vmlinux, notes=notes)
     return verdict
 
 
