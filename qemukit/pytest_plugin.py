@@ -7,13 +7,20 @@ Fixtures:
 ``qemu_vm_factory``
     ``qemu_vm_factory(spec=None, **overrides)`` boots VMs from your own specs; every VM
     it made is stopped at teardown, even when the test failed.
+``qemu_network``
+    ``qemu_network("server", "client", spec=None, **overrides)`` boots VMs of those
+    names on one private network of their own (``vm.networks[...]`` holds each one's
+    address; the names resolve in every guest); stopped at teardown like the factory's.
 ``qemu_clean_vm``
     A session-wide VM booted once; each test receives it rolled back to a snapshot
     taken right after boot, so what one test did in the guest is gone in the next.
 
 Options: ``--qemukit-accel`` (default tcg), ``--qemukit-image`` (default tiny),
 ``--qemukit-keep-failed`` (leave a failing test's VM running and print how to reach
-it). A failing test's report gets the tail of each of its VMs' serial consoles.
+it), ``--qemukit-crash-dir DIR`` (a failing test whose VM's kernel panicked or
+oopsed leaves a crash bundle under DIR, see :mod:`qemukit.crashdir`, named in
+its report and its JUnit case). A failing test's report gets the tail of each of
+its VMs' serial consoles.
 The fixtures are thin wrappers over :class:`qemukit.VM`; names are generated per VM
 and port forwards ask the kernel for free ports, so ``pytest -n`` is safe.
 
@@ -55,6 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "for it is built on first use)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
+    group.addoption("--qemukit-crash-dir", metavar="DIR",
+                    help="a failing test whose VM's kernel panicked or oopsed writes a crash "
+                         "bundle under DIR (fixture VMs boot with panic=0 to wait for the dump)")
     group.addoption("--qemukit-cold", action="store_true",
                     help="boot every image VM instead of restoring its saved ready state")
 
@@ -76,7 +86,10 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
     """The spec of a fixture VM, resolved as every front end resolves one (qemukit.resolve)."""
     from .resolve import resolve
 
-    return resolve(_request(config, **overrides)).spec
+    spec = resolve(_request(config, **overrides)).spec
+    if config.getoption("--qemukit-crash-dir"):  # the last panic= wins: wait to be dumped
+        spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
+    return spec
 
 
 def _track(request: pytest.FixtureRequest, vm: VM) -> None:
@@ -130,7 +143,11 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
     def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
         from .resolve import resolve
 
-        vm = _boot(request, resolve(_request(request.config, spec, **overrides)).spec)
+        if spec is None:
+            spec = _base_spec(request.config, **overrides)
+        else:  # the user's own spec, resolved the same way
+            spec = resolve(_request(request.config, spec, **overrides)).spec
+        vm = _boot(request, spec)
         made.append(vm)
         return vm
 
@@ -145,6 +162,28 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def qemu_network(request: pytest.FixtureRequest,
+                 qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
+    """Boot VMs on one private network of this test: ``qemu_network("server", "client")``.
+
+    The network's name is made per call (so tests and pytest-xdist workers never
+    share one); ``vm.networks`` maps it to each VM's address. ``spec`` and
+    ``overrides`` are as for ``qemu_vm_factory``.
+    """
+    import secrets
+
+    def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> list[VM]:
+        networks = (*overrides.pop("networks", ()), f"t{secrets.token_hex(4)}")
+        if spec is None:
+            spec = _base_spec(request.config, **overrides)
+        elif overrides:
+            spec = spec.replace(**overrides)
+        return [qemu_vm_factory(spec.replace(name=name, networks=networks)) for name in names]
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +243,16 @@ def pytest_runtest_makereport(
     if not report.failed:
         return
     item.stash[_FAILED_KEY] = True
+    crash_dir = item.config.getoption("--qemukit-crash-dir")
     for vm in item.stash.get(_VMS_KEY, []):
+        if crash_dir and vm.state.value == "running":
+            from .crashdir import bundle_from_vm
+
+            bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
+            if bundle is not None:  # --junitxml takes the teardown report's: in the case
+                item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
+                report.sections.append(("qemukit crash bundle", str(bundle)))
+                vm.kill()  # paused after its panic: no power button would be heard
         tail = vm.console_tail(40)
         if tail:
             report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))

@@ -45,7 +45,7 @@ __all__ = ["Detached", "MachineChoice", "Purpose", "Request", "Resolution", "War
 
 Purpose = Literal["command", "interactive", "detached"]
 _PURPOSES = ("command", "interactive", "detached")
-_LISTS = ("drives", "nics", "shares", "extra_args")
+_LISTS = ("drives", "nics", "networks", "shares", "extra_args")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Request:
     ``overrides`` are :class:`~qemukit.spec.VMSpec` fields (``machine`` among them
     is taken at its word; ``kernel`` and ``initrd`` go with a kernel request);
     ``appended`` adds items to the base's list fields (``drives``, ``nics``,
-    ``shares``, ``extra_args``: ``--disk`` adds a disk to the image's).
+    ``networks``, ``shares``, ``extra_args``: ``--disk`` adds a disk to the image's).
     ``append_extra`` is added to the base's kernel command line (``run_kernel``'s
     ``append``), where an ``append`` override replaces it. ``modules`` are
     appended to the initramfs at the start (a one-shot kernel run with them boots
@@ -400,7 +400,8 @@ def start_detached(resolution: Resolution, *, timeout: float = 300.0,
                 modules=resolution.request.modules)
     try:
         vm.start()
-        if wait_for == "agent":
+        if wait_for == "agent" or (wait_for == "qmp" and resolution.spec.networks):
+            # A private network's address is written into the guest once its agent answers.
             vm.wait_ready(timeout)
         elif wait_for == "ssh":
             vm.wait_ssh(timeout)

@@ -383,7 +383,8 @@ def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatc
     class Config:
         def __init__(self, arch: str, cold: bool = False) -> None:
             self.opts = {"--qemukit-image": "tiny", "--qemukit-arch": arch,
-                         "--qemukit-accel": "tcg", "--qemukit-cold": cold}
+                         "--qemukit-accel": "tcg", "--qemukit-cold": cold,
+                         "--qemukit-crash-dir": None}
 
         def getoption(self, name: str) -> Any:
             return self.opts[name]

@@ -27,8 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("warm",),
     ("vm",),
     ("resolve",),
-    ("kernel",),
-    ("matrix",),
+    ("kernel", "crashdir", "kselftest", "gdbscripts"),
+    ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
 #: The only places that may import the CLI and test frameworks.
