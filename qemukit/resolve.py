@@ -171,9 +171,7 @@ def _kernel_arch(kernel: str | os.PathLike[str], arch: str | None) -> str | None
     """The architecture of a kernel request: a built tree's image says it."""
     if os.path.isdir(kernel):
         return kconfig.find_tree(os.fspath(kernel), arch).arch
-    if not os.path.isfile(kernel):
-        raise SpecError("kernel", os.fspath(kernel), "no such file or kernel tree")
-    return arch
+    return arch  # a missing file is refused once the overrides are checked (resolve)
 
 
 def _tiny(arch: str, build: bool, **fields: Any) -> VMSpec:
@@ -249,6 +247,8 @@ def resolve(request: Request) -> Resolution:
             over.get("cloud_init") or spec.cloud_init or CloudInit(), **request.seed)
     if over:
         spec = spec.replace(**over)
+    if request.kernel_run and not os.path.exists(request.kernel or ""):
+        raise SpecError("kernel", os.fspath(request.kernel or ""), "no such file or kernel tree")
     if spec.host_root is not None:  # every mistake about it now, not at the start
         from .rootfs import resolve_host_root
 

@@ -57,7 +57,8 @@ class _Config:
 
     def __init__(self, **options: object) -> None:
         self.options = {"--qemukit-image": "tiny", "--qemukit-arch": "x86_64",
-                        "--qemukit-accel": "tcg", "--qemukit-cold": False, **options}
+                        "--qemukit-accel": "tcg", "--qemukit-cold": False,
+                        "--qemukit-crash-dir": None, **options}
 
     def getoption(self, name: str) -> object:
         return self.options[name]
