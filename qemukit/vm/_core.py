@@ -953,8 +953,9 @@ class AsyncVM:
         architecture).
         """
         saved = Bundle.open(bundle)
-        clone = saved.clone_spec(name)
-        saved.check_qemu(await asyncio.to_thread(host.find_qemu, clone.arch))
+        qemu = await asyncio.to_thread(host.find_qemu, saved.spec.arch)
+        saved.check_qemu(qemu)
+        clone = saved.clone_spec(name, qemu_version=qemu.version)
         vm = cls(clone, die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
                  continue_on_oops=continue_on_oops, incoming="defer")

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import host
 from .._aio import cancel_and_wait, file_lock
-from .._launch.argv import quote_opt
 from .._launch.plan import HostFacts
 from .._wire.agent import ExecResult
 from ..errors import (
@@ -54,7 +53,7 @@ from ..errors import (
     WaitTimeout,
 )
 from ..identity import RESEED_STEPS, CloneIdentity, host_keys, reidentify, reseed_script
-from ..snapshot import Bundle, restore_vm
+from ..snapshot import Bundle, restore_vm, shared_ram_args
 from ..spec import VMSpec
 from ..target import VMTarget
 from ..timeouts import SAVE_TIMEOUT
@@ -76,16 +75,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qemukit.warm")
 
-#: The template RAM file in a mapped entry.
+#: Where the builder's RAM file is made, in the entry being written (then moved into the bundle).
 RAM_FILE = "ram"
-#: The id of the RAM backend object of a mapped builder and its clones.
-RAM_ID = "qemukit-ram"
 #: Turns mapped restores off (``QEMUKIT_WARM_MAP=0``): every clone copies the RAM in.
 MAP_ENV = "QEMUKIT_WARM_MAP"
 #: Whether clones map the RAM when ``QEMUKIT_WARM_MAP`` is not set.
-MAP_DEFAULT = "0"
-#: QEMU opens a private file mapping read-only (``readonly=on,rom=off``) from 8.2 on.
-READONLY_PRIVATE_QEMU = (8, 2, 0)
+MAP_DEFAULT = "1"
+#: How long the clock and RNG command after a restore may take.
+CLOCK_TIMEOUT = 30.0
 
 
 class GuestCalls(Protocol):
@@ -202,44 +199,6 @@ def mapping_refusal(spec: VMSpec, environ: Mapping[str, str] | None = None) -> s
     return None
 
 
-def template_args(spec: VMSpec, ram: Path) -> tuple[str, ...]:
-    """QEMU arguments making the builder's RAM the shared file ``ram`` (created by QEMU)."""
-    return ("-object", f"memory-backend-file,id={RAM_ID},size={spec.memory}M,"
-                       f"mem-path={quote_opt(str(ram))},share=on",
-            "-machine", f"memory-backend={RAM_ID}")
-
-
-def clone_args(spec: VMSpec, ram: Path, qemu_version: tuple[int, int, int]) -> tuple[str, ...]:
-    """QEMU arguments mapping the template ``ram`` privately (copy on write) as a clone's RAM.
-
-    From QEMU 8.2 the file is opened read-only (``readonly=on,rom=off``), so
-    not even a discard can reach it; before, QEMU opens it read-write but
-    maps it ``MAP_PRIVATE``, and :func:`mapping_refusal` keeps out every device
-    that would discard guest RAM.
-    """
-    readonly = ",readonly=on,rom=off" if qemu_version >= READONLY_PRIVATE_QEMU else ""
-    return ("-object", f"memory-backend-file,id={RAM_ID},size={spec.memory}M,"
-                       f"mem-path={quote_opt(str(ram))},share=off{readonly}",
-            "-machine", f"memory-backend={RAM_ID}")
-
-
-def without_ram_args(args: Sequence[str]) -> tuple[str, ...]:
-    """``args`` without the RAM backend arguments :func:`template_args` added."""
-    out: list[str] = []
-    skip = False
-    for index, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        following = args[index + 1] if index + 1 < len(args) else ""
-        if ((arg == "-object" and following.startswith(f"memory-backend-file,id={RAM_ID},"))
-                or (arg == "-machine" and following == f"memory-backend={RAM_ID}")):
-            skip = True
-            continue
-        out.append(arg)
-    return tuple(out)
-
-
 async def set_ignore_shared(vm: VMTarget | WarmBuilder) -> None:
     """Tell QEMU to leave shared RAM out of the migration stream (both ends must)."""
     await vm.qmp("migrate-set-capabilities",
@@ -287,20 +246,18 @@ async def choose_warm(vm: WarmTarget, spec: VMSpec, qemu: host.QemuBinary, facts
         return WarmStart(False, reason or "no warm state", key.digest), None
     mapped = no_map is None
     try:
-        bundle = entry.bundle()
+        bundle = entry.bundle()  # a mapped bundle without its RAM file is refused here
         bundle.check_qemu(qemu)
-        if mapped and not (entry.path / RAM_FILE).is_file():
-            raise SnapshotError(f"its RAM file {entry.path / RAM_FILE} is missing")
+        if mapped and bundle.ram_file is None:
+            raise SnapshotError("its RAM is not mapped")
     except SnapshotError as exc:
         cache.remove(entry)
         return WarmStart(False, f"the warm state {key.digest} was unusable and is removed "
                          f"({exc})", key.digest), None
     entry.touch()
     # The clone's own seed (its instance id, host name and keys), given to it after the restore.
-    clone = bundle.clone_spec(spec.name).replace(cloud_init=spec.cloud_init)
-    if mapped:
-        clone = clone.replace(extra_args=without_ram_args(clone.extra_args)
-                              + clone_args(clone, entry.path / RAM_FILE, qemu.version))
+    clone = bundle.clone_spec(spec.name, qemu_version=qemu.version).replace(
+        cloud_init=spec.cloud_init)
     memory = "memory mapped" if mapped else f"memory copied: {no_map}"
     start = WarmStart(reason is None, reason or "", key.digest, memory=memory)
     log.debug("%s: warm state %s chosen (%s)", vm.name, key.digest, memory)
@@ -344,7 +301,7 @@ async def _build_warm_locked(vm: WarmTarget, spec: VMSpec, cache: WarmCache, key
         saved = warm_spec(spec)
         if mapped:
             saved = saved.replace(extra_args=saved.extra_args
-                                  + template_args(saved, build_dir / RAM_FILE))
+                                  + shared_ram_args(saved.memory, build_dir / RAM_FILE))
         builder = vm.warm_builder(saved)
         booted = time.monotonic()
         try:
@@ -362,6 +319,8 @@ async def _build_warm_locked(vm: WarmTarget, spec: VMSpec, cache: WarmCache, key
             if mapped:
                 await set_ignore_shared(builder)
             bundle = await builder.save_state(build_dir / BUNDLE, stop=True)
+            if mapped:
+                bundle = await asyncio.to_thread(bundle.adopt_ram, build_dir / RAM_FILE)
             entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
         except SnapshotError as exc:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -399,9 +358,7 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
     try:
         steps = _Steps(vm.name)
         try:
-            if plan.mapped:
-                await set_ignore_shared(vm)
-            await restore_vm(vm, plan.bundle, SAVE_TIMEOUT)
+            await restore_vm(vm, plan.bundle, SAVE_TIMEOUT)  # maps a mapped bundle's RAM
         except (SnapshotError, LaunchError, QMPCommandError) as exc:
             # QEMU refused the state, a capability, or exited while loading.
             removed = await asyncio.to_thread(WarmCache(plan.entry.path.parent).remove, plan.entry)
@@ -489,8 +446,15 @@ async def set_guest_clock(vm: WarmTarget) -> None:
             log.warning("%s: reseeding the clone's RNG failed (%s); only vmgenid "
                         "reseeds it", vm.name, failure)
         return
-    # One process in the guest sets the clock and reseeds (see qemukit.identity).
-    result = await vm.exec(["sh", "-c", reseed_script(set_clock=True)], timeout=30)
+    # One process in the guest sets the clock and reseeds (see qemukit.identity). The
+    # script is the agent's command itself (no `sh -c` inside it) and runs without the
+    # agent's `timeout` wrapper (the host gives up instead, and the start fails): under
+    # TCG every program a restored guest runs first is translated anew.
+    try:
+        result = await asyncio.wait_for(vm.exec(reseed_script(set_clock=True), timeout=None),
+                                        CLOCK_TIMEOUT)
+    except TimeoutError:
+        raise WaitTimeout("the clock and RNG command after the restore", CLOCK_TIMEOUT) from None
     if result.exit_status != 0:
         raise StateError(f"VM {vm.name!r}: setting the guest clock and reseeding its RNG "
                          f"after the restore failed: {reseed_failure(result)}")

@@ -23,6 +23,7 @@ from qemukit._launch.plan import HostFacts
 from qemukit._wire.agent import ExecResult
 from qemukit.errors import LaunchError, SnapshotError, StateError
 from qemukit.snapshot import Bundle
+from qemukit.snapshot._bundle import private_ram_args, shared_ram_args, without_ram_args
 from qemukit.vm import _warm
 from qemukit.warm import WarmCache
 
@@ -182,8 +183,10 @@ def test_a_first_start_builds_a_mapped_state_and_restores_from_it(
     ignore = ("migrate-set-capabilities",
               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
     assert builder.calls.index(ignore) < builder.calls.index("save")
-    # The clone maps the entry's file privately, and only that: no trace of the builder's.
-    ram = plan.entry.path / _warm.RAM_FILE
+    # The clone maps the bundle's file privately, and only that: no trace of the builder's.
+    ram = plan.bundle.ram_file
+    assert ram == plan.entry.bundle_path / "ram" and ram.is_file()
+    assert not (plan.entry.path / _warm.RAM_FILE).exists()
     clone_ram = [a for a in plan.spec.extra_args if a.startswith("memory-backend-file,")]
     assert clone_ram == [f"memory-backend-file,id=qemukit-ram,size=128M,mem-path={ram},share=off"]
     assert plan.spec.extra_args.count("memory-backend=qemukit-ram") == 1
@@ -193,17 +196,16 @@ def test_a_first_start_builds_a_mapped_state_and_restores_from_it(
     assert again.warm and plan2 is not None and plan2.entry.key == plan.entry.key
 
 
-def test_qemu_8_2_maps_the_template_read_only(files: dict[str, Path], tmp_path: Path) -> None:
-    args = _warm.clone_args(tiny(files), tmp_path / "ram", (8, 2, 0))
+def test_qemu_8_2_maps_the_template_read_only(tmp_path: Path) -> None:
+    args = private_ram_args(128, tmp_path / "ram", (8, 2, 0))
     assert "share=off,readonly=on,rom=off" in args[1]
-    assert "readonly" not in _warm.clone_args(tiny(files), tmp_path / "ram", (7, 2, 22))[1]
+    assert "readonly" not in private_ram_args(128, tmp_path / "ram", (7, 2, 22))[1]
 
 
-def test_a_comma_in_the_cache_path_is_quoted(files: dict[str, Path]) -> None:
-    args = _warm.template_args(tiny(files), Path("/c,d/ram"))
+def test_a_comma_in_the_cache_path_is_quoted() -> None:
+    args = shared_ram_args(128, Path("/c,d/ram"))
     assert "mem-path=/c,,d/ram," in args[1]
-    assert _warm.without_ram_args(("-x", *args, "-device", "vmgenid")) == ("-x", "-device",
-                                                                           "vmgenid")
+    assert without_ram_args(("-x", *args, "-device", "vmgenid")) == ("-x", "-device", "vmgenid")
 
 
 @pytest.mark.parametrize(("extra", "words"), [
@@ -223,6 +225,7 @@ def test_what_cannot_map_its_ram_copies_it_and_says_why(
     assert plan is not None and not plan.mapped
     assert start.memory.startswith("memory copied: ") and words in start.memory
     assert not any(a.startswith("memory-backend-file") for a in vm.builders[0].spec.extra_args)
+    assert plan.bundle.ram_file is None
     assert not any("x-ignore-shared" in str(c) for c in vm.builders[0].calls)
     assert any(words in r.getMessage() for r in caplog.records)
 
@@ -253,9 +256,10 @@ def test_a_mapped_state_without_its_ram_file_is_removed(files: dict[str, Path],
     cache = WarmCache(tmp_path / "warm")
     _, plan = choose(FakeTarget(tiny(files)), tiny(files), files, cache)
     assert plan is not None and plan.mapped
-    (plan.entry.path / _warm.RAM_FILE).unlink()
+    assert plan.bundle.ram_file is not None
+    plan.bundle.ram_file.unlink()
     start, again = choose(FakeTarget(tiny(files)), tiny(files), files, cache)
-    assert again is None and "RAM file" in start.reason and cache.entries() == []
+    assert again is None and "ram is missing" in start.reason and cache.entries() == []
 
 
 def test_a_state_qemu_cannot_save_boots_every_time(files: dict[str, Path],
