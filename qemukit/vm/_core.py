@@ -46,6 +46,7 @@ from ..errors import (
     LaunchError,
     QemukitError,
     QMPConnectionError,
+    SnapshotError,
     SpecError,
     StateError,
     WaitTimeout,
@@ -352,7 +353,7 @@ class AsyncVM:
         try:
             self.warm_start, self.identity = await _warm.finish_warm(self, plan, self._seed)
             return True
-        except _warm.WarmRestoreFailed as exc:
+        except SnapshotError as exc:  # only the loading of the state raises it
             log.warning("%s: %s; booting instead", self.name, exc)
             await self._cleanup(force=True)
             self._forget_launch()

@@ -13,7 +13,7 @@ unit tests pass fakes):
 3. :func:`finish_warm` feeds the state to the paused QEMU, sets the guest's
    clock, reseeds its RNG, gives a cloud-init clone its identity and puts the
    saved boot's console output at the top of its log. A state QEMU cannot
-   load raises :class:`WarmRestoreFailed` (the entry is removed), and the VM
+   load raises :class:`SnapshotError` (the entry is removed), and the VM
    boots cold instead.
 
 Mapped restore (QEMU's VM templating, docs/system/vm-templating.rst): unless
@@ -158,10 +158,6 @@ class WarmPlan:
     began: float
     #: True if the clone maps the entry's RAM file.
     mapped: bool
-
-
-class WarmRestoreFailed(SnapshotError):
-    """QEMU could not load a warm state: the VM boots cold instead (the message says why)."""
 
 
 # -- which RAM: mapped or copied -------------------------------------------------
@@ -350,7 +346,7 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
     is then given its own identity (:mod:`qemukit.identity`), its ssh host
     keys made while QEMU loads the state. Returns the final WarmStart (with
     the seconds it took) and the identity. A state QEMU cannot load raises
-    :class:`WarmRestoreFailed` after removing the entry.
+    :class:`SnapshotError` after removing the entry.
     """
     keys_task = (asyncio.ensure_future(asyncio.to_thread(host_keys, f"root@{seed.hostname}"))
                  if seed is not None and seed.host_keys is None else None)
@@ -362,7 +358,7 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
         except (SnapshotError, LaunchError, QMPCommandError) as exc:
             # QEMU refused the state, a capability, or exited while loading.
             removed = await asyncio.to_thread(WarmCache(plan.entry.path.parent).remove, plan.entry)
-            raise WarmRestoreFailed(
+            raise SnapshotError(
                 f"QEMU could not load the warm state {plan.entry.key} ({exc}); it is "
                 + ("removed, so the next start boots and saves a new one" if removed else
                    "in use by another process; 'qemukit cache clear' removes it")) from exc

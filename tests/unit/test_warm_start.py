@@ -298,7 +298,7 @@ def test_a_state_qemu_cannot_load_is_removed_and_says_why(
     _, plan = choose(FakeTarget(tiny(files)), tiny(files), files, cache)
     assert plan is not None
     clone = FakeTarget(plan.spec, qmp_error=error)
-    with pytest.raises(_warm.WarmRestoreFailed) as failed:
+    with pytest.raises(SnapshotError) as failed:
         asyncio.run(_warm.finish_warm(clone, plan))  # type: ignore[arg-type]
     assert plan.entry.key in str(failed.value) and "removed" in str(failed.value)
     assert str(error).split(":")[0] in str(failed.value)
