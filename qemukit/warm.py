@@ -265,7 +265,8 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
 
     data = spec.to_dict()
     # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
-    for ignored in ("name", "warm", "forward_auto"):
+    # tb_size: how big QEMU's code buffer is on this host, not what the guest is.
+    for ignored in ("name", "warm", "forward_auto", "tb_size"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):

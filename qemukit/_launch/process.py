@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-
 from ..errors import HostError, LaunchError, WaitTimeout
 from ._pids import is_same_process, process_start_time
 

@@ -376,7 +376,8 @@ class AsyncVM:
         entry.touch()
         self._boot_log = entry.path / BOOT_LOG
         # The clone's own seed (its instance id, host name and keys), given to it after the restore.
-        self.spec = bundle.clone_spec(self.spec.name).replace(cloud_init=self.spec.cloud_init)
+        self.spec = bundle.clone_spec(self.spec.name).replace(cloud_init=self.spec.cloud_init,
+                                                              tb_size=self.spec.tb_size)
         self.incoming = "defer"
         self.warm_start = WarmStart(reason is None, reason or "", key.digest)
         return entry, bundle, began

@@ -72,6 +72,7 @@ def test_the_key_follows_what_is_booted(files: dict[str, Path], tmp_path: Path) 
     first = key(files, root)
     assert key(files, root) == first
     assert key(files, root, name="other", warm=True) == first  # neither changes the guest
+    assert key(files, root, tb_size=64) == first  # a pool's clones share the single VM's state
     with_nic = key(files, root, nics=(Nic(),))
     assert key(files, root, nics=(Nic(),), forward_auto=True) == with_nic  # acts from outside
     assert key(files, root, memory=1024) != first
