@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -64,6 +65,7 @@ from ..warm import (
     DEFAULT_CACHE_LIMIT,
     WarmCache,
     WarmEntry,
+    WarmHold,
     WarmKey,
     WarmStart,
     warm_key,
@@ -233,6 +235,8 @@ class AsyncVM:
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
+        #: A warm clone's shared lock on its cache entry; its QEMU inherits it (see qemukit.warm).
+        self._warm_hold: WarmHold | None = None
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
@@ -360,8 +364,11 @@ class AsyncVM:
                                       cache.root)
         entry = cache.get(key.digest)
         reason = None
+        built = 0.0
         if entry is None:
+            built = time.monotonic()
             entry, reason = await self._build_warm(cache, key)
+            built = time.monotonic() - built
         if entry is None:
             self.warm_start = WarmStart(False, reason or "no warm state", key.digest)
             return None
@@ -373,13 +380,19 @@ class AsyncVM:
             self.warm_start = WarmStart(False, f"the warm state {key.digest} was unusable and "
                                         f"is removed ({exc})", key.digest)
             return None
+        # In use from here on: `cache clear` and the prune leave it alone while this clone runs.
+        self._warm_hold = await asyncio.to_thread(cache.hold, key.digest)
+        if self._warm_hold is None:
+            self.warm_start = WarmStart(False, f"the warm state {key.digest} was removed while "
+                                        "this VM started", key.digest)
+            return None
         entry.touch()
         self._boot_log = entry.path / BOOT_LOG
         # The clone's own seed (its instance id, host name and keys), given to it after the restore.
         self.spec = bundle.clone_spec(self.spec.name).replace(cloud_init=self.spec.cloud_init,
                                                               tb_size=self.spec.tb_size)
         self.incoming = "defer"
-        self.warm_start = WarmStart(reason is None, reason or "", key.digest)
+        self.warm_start = WarmStart(reason is None, reason or "", key.digest, build_seconds=built)
         return entry, bundle, began
 
     async def _build_warm(self, cache: WarmCache, key: WarmKey
@@ -462,6 +475,7 @@ class AsyncVM:
             try:
                 await restore_vm(self, bundle, SAVE_TIMEOUT)
             except SnapshotError as exc:
+                self._release_warm_hold()  # our own shared lock would keep it
                 removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
                 raise SnapshotError(
                     f"{exc}; the warm state {entry.key} is "
@@ -483,8 +497,8 @@ class AsyncVM:
                 await cancel_and_wait(keys_task)
         await asyncio.to_thread(self._append_boot_log)
         assert self.warm_start is not None
-        self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
-                                    time.monotonic() - began)
+        self.warm_start = dataclasses.replace(self.warm_start, key=entry.key,
+                                              seconds=time.monotonic() - began)
 
     def _append_boot_log(self) -> None:
         """Add the saved boot's console output to a warm clone's log, once it is ready.
@@ -607,7 +621,7 @@ class AsyncVM:
             self._proc = QemuProcess.spawn(
                 [*self._qemu_guard, *self.argv],
                 log_path=rd.qemu_log,
-                pass_fds=[theirs.fileno()],
+                pass_fds=[theirs.fileno(), *([self._warm_hold.fd] if self._warm_hold else [])],
                 die_with_parent=self.die_with_parent,
             )
         finally:
@@ -735,6 +749,7 @@ class AsyncVM:
         for proc in (self._proc, *self._helpers):
             if proc is not None:
                 proc.close()
+        self._release_warm_hold()  # QEMU's inherited copy keeps the entry in use
         _live.discard(self)
         self.state = VMState.DETACHED
 
@@ -1572,9 +1587,16 @@ class AsyncVM:
                     await self._proc.wait(10)
             self._proc.close()
         await self._stop_helpers()
+        self._release_warm_hold()
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
+
+    def _release_warm_hold(self) -> None:
+        """Close this process's lock on the warm entry (QEMU, if alive, keeps its copy)."""
+        if self._warm_hold is not None:
+            self._warm_hold.close()
+            self._warm_hold = None
 
     def _emergency_stop(self) -> None:
         """Synchronous kill used at interpreter exit."""
