@@ -17,14 +17,16 @@ removes. Builds of one key are serialized by an ``flock`` on
 ``<key>.lock``: a second process asking for the same new key waits for the
 first one's entry instead of booting too.
 
-The same lock keeps an entry in use from being deleted under its users. A
-clone takes it shared (:meth:`WarmCache.hold`) before it restores and
-keeps it as long as it runs: its QEMU inherits the locked descriptor, so a
-detached clone holds it after the process that started it has gone, and a
-clone's overlays (backed by the entry's disk copies) never lose their
-backing file. Deleting takes the lock exclusively without waiting, so
-``qemukit cache clear`` and the automatic prune skip an entry in use (it is
-removed by a later clear or prune once its clones have ended). A delete
+A second lock, on ``<key>.use``, keeps an entry in use from being deleted
+under its users. A clone takes it shared (:meth:`WarmCache.hold`) before it
+restores and keeps it as long as it runs: its QEMU inherits the locked
+descriptor, so a detached clone holds it after the process that started it
+has gone, and a clone's overlays (backed by the entry's disk copies) never
+lose their backing file. (A separate file, so that running clones never keep
+a builder from looking up the key.) Deleting takes both locks exclusively
+without waiting, so ``qemukit cache clear`` and the automatic prune skip an
+entry in use (it is removed by a later clear or prune once its clones have
+ended). A delete
 first renames the key directory to a hidden ``.tmp-*`` name, so a process
 killed while deleting leaves nothing a lookup could take for an entry; a
 key directory left incomplete anyway (by an older qemukit, or by hand) is
@@ -388,6 +390,10 @@ class WarmCache:
         """The file whose ``flock`` serializes builds (and removal) of ``key``."""
         return self.root / f"{key}.lock"
 
+    def use_lock_path(self, key: str) -> Path:
+        """The file clones of ``key`` lock shared while they run (see :meth:`hold`)."""
+        return self.root / f"{key}.use"
+
     def get(self, key: str) -> WarmEntry | None:
         """The complete entry for ``key``, or None (a missing or unreadable one is no entry)."""
         path = self.root / key
@@ -440,7 +446,7 @@ class WarmCache:
             removed += 1
         if key is None:
             for path in self._broken_dirs():
-                with self._try_lock(path.name) as held:
+                with self._try_lock(path.name) as held:  # (_discard_broken takes the use lock)
                     if held and self._discard_broken(path.name):
                         removed += 1
         return removed
@@ -455,7 +461,10 @@ class WarmCache:
         path = self.root / key
         if not path.is_dir() or self.get(key) is not None:
             return False
-        self._delete(path, key)
+        with self._try_lock(key, use=True) as free:
+            if not free:  # a clone still runs on what is left of it
+                return False
+            self._delete(path, key)
         return True
 
     def _delete(self, path: Path, key: str) -> None:
@@ -493,10 +502,11 @@ class WarmCache:
         return WarmEntry(key.digest, target, meta)
 
     @contextlib.contextmanager
-    def _try_lock(self, key: str) -> Iterator[bool]:
-        """Hold ``key``'s lock if it is free now (True), else yield False at once."""
+    def _try_lock(self, key: str, use: bool = False) -> Iterator[bool]:
+        """Hold ``key``'s build lock (``use``: its use lock) if free now (True), else yield False."""
+        path = self.use_lock_path(key) if use else self.lock_path(key)
         try:
-            fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             yield False
             return
@@ -513,11 +523,11 @@ class WarmCache:
     def hold(self, key: str, timeout: float = HOLD_TIMEOUT) -> WarmHold | None:
         """Lock ``key``'s entry shared, for a clone; None if there is no such entry (any more).
 
-        Waits (up to ``timeout``) only while another process deletes or builds
-        the key; the entry is looked up again once the lock is held.
+        Waits (up to ``timeout``) only while another process deletes the
+        entry; it is looked up again once the lock is held.
         """
         self.ensure()
-        fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.use_lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -539,21 +549,21 @@ class WarmCache:
         return WarmHold(entry, fd)
 
     def in_use(self, entry: WarmEntry) -> bool:
-        """True if a clone (or a build) holds the entry's lock now."""
-        with self._try_lock(entry.key) as held:
-            return not held
+        """True if a clone of the entry runs (or restores) now."""
+        with self._try_lock(entry.key, use=True) as free:
+            return not free
 
     def remove(self, entry: WarmEntry) -> bool:
         """Delete one entry unless it is being built or used (by a restore or a running clone)."""
-        with self._try_lock(entry.key) as held:
-            if not held:
+        with self._try_lock(entry.key) as held, self._try_lock(entry.key, use=True) as free:
+            if not (held and free):
                 return False
             gone = self.root / f"{TMP_PREFIX}{entry.key}-{GONE}{os.getpid()}-{time.monotonic_ns()}"
             try:
                 os.rename(entry.path, gone)
             except FileNotFoundError:
                 return False
-        # The lock file stays: unlinking it could let two builders lock different files.
+        # The lock files stay: unlinking one could let two processes lock different files.
         shutil.rmtree(gone, ignore_errors=True)
         return True
 

@@ -74,7 +74,7 @@ def test_clear_while_a_detached_clone_runs(private_cache: Path) -> None:
         pid = clone.pid
         assert pid is not None
         clone.detach()  # this process lets go; the clone's QEMU keeps the entry's lock
-        assert _lock_fds(pid, cache.lock_path(key)) == 1
+        assert _lock_fds(pid, cache.use_lock_path(key)) == 1
         entry = cache.get(key)
         assert entry is not None and cache.in_use(entry)
         files_before = sorted(str(p.relative_to(entry.path)) for p in entry.path.rglob("*"))

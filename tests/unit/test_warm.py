@@ -245,15 +245,32 @@ def test_hold_of_a_missing_or_vanished_entry_is_none(tmp_path: Path) -> None:
     cache = WarmCache(tmp_path)
     assert cache.hold(KEY) is None
     make_entry(cache, KEY, 4096, 100.0)
-    fd = os.open(cache.lock_path(KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(cache.use_lock_path(KEY), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # being deleted (or built) for longer than we wait
+        fcntl.flock(fd, fcntl.LOCK_EX)  # being deleted, for longer than we wait
         assert cache.hold(KEY, timeout=0.2) is None
     finally:
         os.close(fd)
     entry = cache.get(KEY)
     assert entry is not None and cache.remove(entry)
     assert cache.hold(KEY) is None
+
+
+def test_running_clones_never_block_the_build_lock(tmp_path: Path) -> None:
+    """Many VMs of one spec: the later ones look the key up under its build lock while the
+    first ones already run; clones hold the use lock, never the build lock."""
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    hold = cache.hold(KEY)
+    assert hold is not None
+    fd = os.open(cache.lock_path(KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError
+        entry = cache.get(KEY)
+        assert entry is not None and not cache.remove(entry)  # a build (or its look-up) runs
+    finally:
+        os.close(fd)
+        hold.close()
 
 
 def test_a_delete_renames_first_so_a_kill_leaves_no_half_entry(tmp_path: Path,
