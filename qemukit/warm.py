@@ -292,8 +292,9 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
 
     data = spec.to_dict()
     # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
+    # Networks too: a clone's NICs on them are hot-plugged after the restore (qemukit.vm._net).
     # tb_size: how big QEMU's code buffer is on this host, not what the guest is.
-    for ignored in ("name", "warm", "forward_auto", "tb_size"):
+    for ignored in ("name", "warm", "forward_auto", "networks", "tb_size"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):
@@ -335,7 +336,7 @@ def warm_spec(spec: VMSpec) -> VMSpec:
     seed = spec.cloud_init
     if seed is not None:
         seed = CloudInit(user_data=seed.user_data, ssh_user=seed.ssh_user)
-    return spec.replace(name=None, warm=False, cloud_init=seed,
+    return spec.replace(name=None, warm=False, cloud_init=seed, networks=(),
                         extra_args=spec.extra_args + VMGENID_ARGS)
 
 
