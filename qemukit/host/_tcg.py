@@ -1,11 +1,12 @@
 """TCG's code buffer when many VMs share a host: the ``tb_size`` a pool gives each VM.
 
 QEMU reserves 1 GiB of translated-code buffer per TCG VM and fills it as the
-guest runs new code; a guest that boots and runs a test touches a few hundred
-MiB of it, so sixteen VMs can hold gigabytes of translations between them.
-A smaller buffer is flushed (and the code retranslated) when it fills, which
-costs a boot of the tiny image nothing measurable at 64 MiB and more
-(scripts/bench's ``tbsize`` part measures it).
+guest runs new code, resident once written: the tiny image translates about
+50 MiB to boot and run a few commands, a Debian boot 843 MiB (measured here),
+so four Debian VMs held 5.5 GiB between them. A smaller buffer is flushed
+(and the code retranslated) when it fills: at 64 MiB the four held 1.8 GiB,
+for 33 flushes each and a slower boot (scripts/bench's ``tbsize`` part;
+docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
