@@ -56,6 +56,8 @@ __all__ = [
 #: Every command: its module in this package and the first paragraph of its help
 #: (what ``--help`` lists, without importing the module).
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    'bisect': ('_bisect',
+        'Find the commit that broke TEST: git bisect run with a qemukit verdict.'),
     'cache': ('_cache',
         'List and prune the saved warm states that later starts restore from.'),
     'cmdline': ('_run',
@@ -82,6 +84,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         'Print the config fragment a kernel needs under qemukit, or merge it into TREE/.config.'),
     'kill': ('_detached',
         "SIGKILL a VM's QEMU at once (no QMP needed) and remove its entry."),
+    'kunit': ('_suites',
+        'Boot a KUnit kernel (--kernel TREE or image) and report each KUnit test.'),
     'logs': ('_detached',
         "Print a VM's console log (or QEMU's own output with --qemu)."),
     'ls': ('_detached',
