@@ -51,6 +51,7 @@ fixture is first used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -64,6 +65,8 @@ import pytest
 if TYPE_CHECKING:
     from .spec import VMSpec
     from .vm import VM
+
+_log = logging.getLogger("qemukit.pytest_plugin")
 
 #: The VMs a test used (its own, and a shared one it was handed).
 _VMS_KEY = pytest.StashKey[list["VM"]]()
@@ -228,13 +231,16 @@ def _named(config: pytest.Config, spec: VMSpec) -> VMSpec:
     return spec.replace(name=f"{worker}-{secrets.token_hex(3)}")
 
 
-def _boot(request: pytest.FixtureRequest, spec: VMSpec) -> VM:
-    """Start a VM of ``spec`` and wait until it is ready; a guest that never is gets stopped."""
+def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True) -> VM:
+    """Start a VM of ``spec`` and wait until it is ready; a guest that never is gets stopped.
+
+    ``keepable``: --qemukit-keep-failed may leave it running, so it must not die with pytest.
+    """
     from .timeouts import BOOT_TIMEOUT
     from .vm import VM, VMState
 
     config = request.config
-    keep = bool(config.getoption("--qemukit-keep-failed"))
+    keep = keepable and bool(config.getoption("--qemukit-keep-failed"))
     timeout = config.getoption("--qemukit-boot-timeout") or BOOT_TIMEOUT
     vm = VM(_named(config, spec), die_with_parent=not keep, boot_timeout=timeout)
     try:
@@ -265,7 +271,9 @@ def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
     if _failed(request.config, vm) and request.config.getoption("--qemukit-keep-failed"):
         name = vm.name
         vm.detach()
-        print(f"\nqemukit: kept VM {name!r} of failed test {request.node.nodeid}: "
+        whose = (f"failed test {request.node.nodeid}" if isinstance(request.node, pytest.Item)
+                 else f"{request.node.nodeid or 'the session'}, used by a failed test")
+        print(f"\nqemukit: kept VM {name!r} of {whose}: "
               f"'qemukit console {name}', 'qemukit exec {name} -- CMD', 'qemukit stop {name}'")
         return
     vm.shutdown(timeout=10)
@@ -349,7 +357,8 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
                             f"{made.stderr.strip()}")
         spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
         vm = _boot(request, spec.replace(drives=(*spec.drives,
-                                                 Drive(scratch, format="qcow2", id="scratch"))))
+                                                 Drive(scratch, format="qcow2", id="scratch"))),
+                   keepable=False)  # rolled back for each test: never kept
         try:
             vm.snapshots.save(CLEAN_TAG)
             yield vm
@@ -395,6 +404,15 @@ def _log_tail(path: Path | None) -> bytes | None:
 
 
 def _collect(vm: VM) -> _Evidence:
+    """Read what ``vm`` can show now; never raises (a report hook must not break the run)."""
+    try:
+        return _read_evidence(vm)
+    except Exception as exc:
+        _log.warning("qemukit: collecting the artifacts of VM %r failed: %r", vm.name, exc)
+        return _Evidence(vm.name, facts={"name": vm.name, "collect_error": repr(exc)})
+
+
+def _read_evidence(vm: VM) -> _Evidence:
     """Read what ``vm`` can show now: its logs, a screenshot if it has a display, its facts."""
     import tempfile
 
