@@ -132,28 +132,34 @@ import pytest
 def test_passes(qemu_vm):
     assert qemu_vm.exec(["true"]).ok
 
-@pytest.mark.qemukit(extra_args=("-device", "VGA"))
-def test_fails(qemu_vm):
-    qemu_vm.exec("echo artifact-marker-$((6*7)) > /dev/console")
-    assert qemu_vm.exec(["false"]).ok
-
 # PID 1 sleeps: the kernel boots, the agent never answers.
 @pytest.mark.qemukit(image="tiny", append="console=ttyS0 panic=-1 rdinit=/bin/sleep -- 3600")
 def test_never_ready(qemu_vm):
     raise AssertionError("a test on a guest that never became ready must not run")
+
+def test_no_guest_left_running():
+    import psutil
+    running = [p for p in psutil.Process().children(recursive=True)
+               if "qemu-system" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+    assert running == [], "the never-ready guest is still running"
+
+@pytest.mark.qemukit(extra_args=("-device", "VGA"))
+def test_fails(qemu_vm):
+    qemu_vm.exec("echo artifact-marker-$((6*7)) > /dev/console")
+    assert qemu_vm.exec(["false"]).ok
 """
 
 
 def test_failed_tests_leave_artifacts_and_a_never_ready_guest_is_stopped(
         pytester: pytest.Pytester, state_root: Path) -> None:
     """Artifacts for a failing test (logs, screenshot, verdict), none for a passing one; under
-    --qemukit-keep-failed the failing test's VM stays, the never-ready guest does not (the old
-    fixture left it running after the session: it was started not to die with pytest)."""
+    --qemukit-keep-failed the failing test's VM stays, the never-ready guest is stopped by its
+    fixture (the old one left it running through the next tests, until pytest exited)."""
     pytester.makepyfile(test_art=ARTIFACT_TESTS)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-s", "--qemukit-keep-failed", "--qemukit-cold",
         "--qemukit-boot-timeout", "40", timeout=900)
-    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.assert_outcomes(passed=2, failed=1, errors=1)
     out = result.stdout.str()
     kept_lines = [ln for ln in result.stdout.lines if "qemukit: kept VM" in ln]
     assert len(kept_lines) == 1 and "test_fails" in kept_lines[0]
