@@ -246,12 +246,13 @@ def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True
     try:
         vm.start()
         vm.wait_ready()
-    except BaseException:
+    except BaseException as exc:
         # No test will run on it, so --qemukit-keep-failed does not apply: keep its
-        # evidence for the failed report, then stop it now rather than at exit.
+        # evidence for the failed report (not on Ctrl-C), then stop it now, not at exit.
         if vm.state is VMState.RUNNING:
             try:
-                config.stash.setdefault(_PENDING_KEY, []).append(_collect(vm))
+                if isinstance(exc, Exception):
+                    config.stash.setdefault(_PENDING_KEY, []).append(_collect(vm))
             finally:
                 vm.shutdown(timeout=0)
         raise
@@ -496,6 +497,7 @@ def pytest_runtest_makereport(
     pending = config.stash.get(_PENDING_KEY, [])
     vms = item.stash.get(_VMS_KEY, [])
     if not report.failed:
+        pending.clear()  # a boot failure the test expected and caught: not evidence
         if report.when == "call" and vms:
             # A stale directory of an earlier failed run of this test would mislead.
             shutil.rmtree(_artifact_dir(config, item.nodeid), ignore_errors=True)
