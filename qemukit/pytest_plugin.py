@@ -42,6 +42,9 @@ its VMs) in a directory of its own under ``--qemukit-artifacts`` (default
 ``qemukit-artifacts`` in the root directory); its report names the files. A passing
 test writes nothing. ``--qemukit-keep-failed`` leaves a failing test's VMs running and
 prints how to reach them; a guest that never became ready is always stopped.
+``--qemukit-crash-dir DIR``: a failing test whose VM's kernel panicked or oopsed
+leaves a crash bundle under DIR (see :mod:`qemukit.crashdir`), named in its report
+and its JUnit case.
 
 Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``), port
 forwards ask the kernel for free ports, and a worker's artifacts carry its id.
@@ -109,6 +112,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="how long a fixture VM may take to become ready (default: 120)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
+    group.addoption("--qemukit-crash-dir", metavar="DIR",
+                    help="a failing test whose VM's kernel panicked or oopsed writes a crash "
+                         "bundle under DIR (fixture VMs boot with panic=0 to wait for the dump)")
     group.addoption("--qemukit-cold", action="store_true",
                     help="boot every image VM instead of restoring its saved ready state")
     parser.addini("qemukit_scope", "scope of qemukit's VM fixtures (see --qemukit-scope)",
@@ -159,7 +165,10 @@ def _base_spec(config: pytest.Config, *, image: str | None = None, arch: str | N
     else:
         images.build(image)
     overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
-    return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    spec = images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    if config.getoption("--qemukit-crash-dir"):  # the last panic= wins: wait to be dumped
+        spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
+    return spec
 
 
 def _marked_spec(request: pytest.FixtureRequest, base: VMSpec) -> VMSpec | None:
@@ -533,10 +542,26 @@ def pytest_runtest_makereport(
         tail = vm.console_tail(40)
         if tail:
             report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))
-    if report.when == "teardown" and not pending:
-        return  # the test's own VMs are stopped and their logs gone by now
-    evidence = [*pending, *(_collect(vm) for vm in vms if vm.state is VMState.RUNNING)]
-    pending.clear()
-    where = _write_artifacts(item, report, evidence)
-    listing = "\n".join(f"  {p.name}" for p in sorted(where.iterdir()))
-    report.sections.append(("qemukit artifacts", f"{where}\n{listing}"))
+    if report.when != "teardown" or pending:  # at teardown a test's own VMs are gone
+        evidence = [*pending, *(_collect(vm) for vm in vms if vm.state is VMState.RUNNING)]
+        pending.clear()
+        where = _write_artifacts(item, report, evidence)
+        listing = "\n".join(f"  {p.name}" for p in sorted(where.iterdir()))
+        report.sections.append(("qemukit artifacts", f"{where}\n{listing}"))
+    _crash_bundles(item, report, vms)  # last: it kills a VM whose kernel panicked
+
+
+def _crash_bundles(item: pytest.Item, report: pytest.TestReport, vms: list[VM]) -> None:
+    """With --qemukit-crash-dir, a bundle of each VM whose kernel panicked or oopsed."""
+    crash_dir = item.config.getoption("--qemukit-crash-dir")
+    if not crash_dir:
+        return
+    for vm in vms:
+        if vm.state.value == "running":
+            from .crashdir import bundle_from_vm
+
+            bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
+            if bundle is not None:  # --junitxml takes the teardown report's: in the case
+                item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
+                report.sections.append(("qemukit crash bundle", str(bundle)))
+                vm.kill()  # paused after its panic: no power button would be heard

@@ -39,6 +39,10 @@ PUBLIC_MODULES = (
     "qemukit.dump",
     "qemukit.warm",
     "qemukit.ktap",
+    "qemukit.crashdir",
+    "qemukit.kselftest",
+    "qemukit.bisect",
+    "qemukit.gdbscripts",
 )
 
 

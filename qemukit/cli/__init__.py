@@ -16,6 +16,7 @@ Nothing imports this module but the ``qemukit`` entry point and tests.
 from __future__ import annotations
 
 from . import (
+    _bisect,
     _cache,
     _debug,
     _detached,
@@ -29,6 +30,7 @@ from . import (
     _mcp,
     _run,
     _snapshot,
+    _suites,
     _templates,
 )
 from ._common import (
@@ -66,6 +68,6 @@ __all__ = [
 ]
 
 for _module in (_run, _detached, _guest, _files, _hotplug, _snapshot, _debug, _doctor, _images,
-                _matrix, _cache, _kernel, _templates, _mcp):
+                _matrix, _cache, _kernel, _templates, _mcp, _suites, _bisect):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -21,7 +21,8 @@ class FakeConfig:
                  root: Path = Path("/r"), worker: str | None = None) -> None:
         self.options = {"--qemukit-scope": None, "--qemukit-artifacts": None,
                         "--qemukit-image": "tiny", "--qemukit-arch": "x86_64",
-                        "--qemukit-accel": "tcg", "--qemukit-cold": False, **(options or {})}
+                        "--qemukit-accel": "tcg", "--qemukit-cold": False,
+                        "--qemukit-crash-dir": None, **(options or {})}
         self.ini = ini or {}
         self.rootpath = root
         self.invocation_params = SimpleNamespace(dir=Path("/cwd"))
