@@ -76,11 +76,15 @@ class WarmStart:
     reason: str
     key: str | None = None
     seconds: float = 0.0
+    #: How the clone got the guest's RAM: ``memory mapped`` (copy on write from the
+    #: state's RAM file) or ``memory copied: WHY`` (read into the clone); empty when cold.
+    memory: str = ""
 
     def describe(self) -> str:
-        """One line: ``warm: restored KEY in 0.12 s`` or ``cold: REASON``."""
+        """One line: ``warm: restored KEY in 0.12 s (memory mapped)`` or ``cold: REASON``."""
         if self.warm:
-            return f"warm: restored {self.key} in {self.seconds:.2f} s"
+            memory = f" ({self.memory})" if self.memory else ""
+            return f"warm: restored {self.key} in {self.seconds:.2f} s{memory}"
         return f"cold: {self.reason}"
 
 
@@ -259,8 +263,12 @@ def _chain_digests(drive: Drive, qemu: host.QemuBinary, root: Path | None) -> di
 
 
 def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
-             root: Path | None = None) -> WarmKey:
-    """The cache key of ``spec`` started with ``qemu`` under ``facts`` (digests cached in ``root``)."""
+             root: Path | None = None, *, ram: str = "copied") -> WarmKey:
+    """The cache key of ``spec`` started with ``qemu`` under ``facts`` (digests cached in ``root``).
+
+    ``ram`` is how the entry keeps the guest's RAM: ``copied`` into the state
+    file, or ``mapped`` (a file clones map copy on write): two different entries.
+    """
     from . import __version__
 
     data = spec.to_dict()
@@ -294,6 +302,7 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
         "host": dataclasses.asdict(facts),
         "spec": data,
         "files": files,
+        "ram": ram,
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return WarmKey(hashlib.sha256(text.encode()).hexdigest()[:20], json.loads(text))

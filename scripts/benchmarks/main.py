@@ -8,7 +8,9 @@ plain socket), loop (qemukit run -- true vs the fastest raw QEMU command line fo
 the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 (snapshot load vs a boot per test), restore (state bundle restore vs cold boot),
 scale (16 VMs launched at once), warm (warm against cold against raw for run --
-true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: arch (each foreign
+true, 16 warm VMs at once, the pytest plugin's per-test cost), mapped (warm with the RAM
+mapped against copied against cold against raw for run -- true, restore to the first command's
+output by step, the PSS of 8 clones mapped against copied). Optional: arch (each foreign
 architecture's run -- true against raw QEMU), debian (seconds to an ssh login on the Debian
 image, warm against cold), kloop (the cold kernel loop: qemukit run --kernel K
 -- true on a fresh copy of a kernel built here, against raw QEMU booting it to init on the machine
@@ -35,7 +37,7 @@ from qemukit import host
 
 from .common import Result
 
-DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm")
+DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm", "mapped")
 OPTIONAL_PARTS = ("arch", "debian", "kloop", "libvirt", "virtme")
 
 
@@ -74,6 +76,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .warm import bench_warm
         return bench_warm(runs, 3 if args.quick else 16)
 
+    def mapped() -> Result:
+        from .mapped import bench_mapped
+        return bench_mapped(runs, 3 if args.quick else 8)
+
     def debian() -> Result:
         from .warm import bench_debian
         return bench_debian(2 if args.quick else min(runs, 3))
@@ -95,8 +101,8 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "warm": warm, "debian": debian, "arch": arch,
-            "kloop": kloop, "libvirt": libvirt, "virtme": virtme}
+            "restore": restore, "scale": scale, "warm": warm, "mapped": mapped, "debian": debian,
+            "arch": arch, "kloop": kloop, "libvirt": libvirt, "virtme": virtme}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
