@@ -96,6 +96,7 @@ from typing import Any
 from . import images, kconfig
 from ._fs import locked
 from .errors import QemukitError, SpecError, StateError
+from .host._tcg import tb_size_for
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
 from .paths import cache_dir
 from .spec import VMSpec, load_toml, parse_size
@@ -597,6 +598,10 @@ def _run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: 
                progress: Callable[[MatrixProgress], None] | None
                ) -> Generator[JobResult, None, None]:
     matrix = uuid.uuid4().hex
+    tb_size = tb_size_for(jobs_at_once)
+    if tb_size is not None:  # several TCG VMs at once: each a bounded code buffer (host/_tcg.py)
+        jobs = [job if "tb_size" in job.vm else dataclasses.replace(job, vm={**job.vm, "tb_size": tb_size})
+                for job in jobs]
     tracker = _Tracker(len(jobs), retries, progress, jobs_at_once)
     pool = cf.ThreadPoolExecutor(max_workers=jobs_at_once, thread_name_prefix="qemukit-matrix")
     pending: dict[cf.Future[_Attempt], Job] = {}

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 @click.command(context_settings={"ignore_unknown_options": False})
 @spec_options
 @click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds for boot plus command; a hung guest ends with exit 124.")
+              help="Seconds for boot plus command; a hung guest ends with exit 124. A first "
+              "warm start's build of the warm state has its own TIMEOUT for its boot.")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Write the result as JSON to FILE, or to stdout when no FILE is given.")
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")

@@ -58,7 +58,7 @@ from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, save_state
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
-from ..warm import WarmStart
+from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
@@ -212,6 +212,8 @@ class AsyncVM:
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
+        #: A warm clone's shared lock on its cache entry; its QEMU inherits it (see qemukit.warm).
+        self._warm_hold: WarmHold | None = None
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
@@ -345,6 +347,7 @@ class AsyncVM:
             needs_files=self.kernel is not None and self.kernel.needs_files)
         if plan is not None:
             self.incoming = "defer"
+            self._warm_hold = plan.hold
         return plan
 
     async def _finish_warm(self, plan: _warm.WarmPlan, cold: VMSpec, timeout: float) -> bool:
@@ -354,11 +357,13 @@ class AsyncVM:
             self.warm_start, self.identity = await _warm.finish_warm(self, plan, self._seed)
             return True
         except SnapshotError as exc:  # only the loading of the state raises it
-            log.warning("%s: %s; booting instead", self.name, exc)
-            await self._cleanup(force=True)
+            await self._cleanup(force=True)  # its QEMU held the entry in use
+            removal = await asyncio.to_thread(_warm.discard, plan)
+            log.warning("%s: %s; %s; booting instead", self.name, exc, removal)
             self._forget_launch()
             self.state = VMState.STARTING
-            self.warm_start = WarmStart(False, f"{exc}; booted instead", plan.entry.key)
+            self.warm_start = WarmStart(False, f"{exc}; {removal}; booted instead",
+                                        plan.entry.key)
             await self._start(cold, timeout)
             self.state = VMState.RUNNING
             return False
@@ -450,7 +455,8 @@ class AsyncVM:
             self._proc = QemuProcess.spawn(
                 [*self._qemu_guard, *self.argv],
                 log_path=rd.qemu_log,
-                pass_fds=[theirs.fileno(), *(link.fileno() for link in links)],
+                pass_fds=[theirs.fileno(), *(link.fileno() for link in links),
+                          *([self._warm_hold.fd] if self._warm_hold else [])],
                 die_with_parent=self.die_with_parent,
             )
         finally:
@@ -580,6 +586,7 @@ class AsyncVM:
         for proc in (self._proc, *self._helpers):
             if proc is not None:
                 proc.close()
+        self._release_warm_hold()  # QEMU's inherited copy keeps the entry in use
         _live.discard(self)
         self.state = VMState.DETACHED
 
@@ -1402,9 +1409,16 @@ class AsyncVM:
                     await self._proc.wait(10)
             self._proc.close()
         await self._stop_helpers()
+        self._release_warm_hold()
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
+
+    def _release_warm_hold(self) -> None:
+        """Close this process's lock on the warm entry (QEMU, if alive, keeps its copy)."""
+        if self._warm_hold is not None:
+            self._warm_hold.close()
+            self._warm_hold = None
 
     def _emergency_stop(self) -> None:
         """Synchronous kill used at interpreter exit."""

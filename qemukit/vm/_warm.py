@@ -63,6 +63,7 @@ from ..warm import (
     DEFAULT_CACHE_LIMIT,
     WarmCache,
     WarmEntry,
+    WarmHold,
     WarmKey,
     WarmStart,
     warm_key,
@@ -158,6 +159,9 @@ class WarmPlan:
     began: float
     #: True if the clone maps the entry's RAM file.
     mapped: bool
+    #: The clone's shared lock on the entry (pass its fd to the clone's QEMU: while either
+    #: holds it, ``cache clear`` and the prune leave the entry alone).
+    hold: WarmHold | None = None
 
 
 # -- which RAM: mapped or copied -------------------------------------------------
@@ -236,8 +240,11 @@ async def choose_warm(vm: WarmTarget, spec: VMSpec, qemu: host.QemuBinary, facts
                                   ram="copied" if no_map else "mapped")
     entry = cache.get(key.digest)
     reason = None
+    built = 0.0
     if entry is None:
+        built = time.monotonic()
         entry, reason = await build_warm(vm, spec, cache, key, mapped=no_map is None)
+        built = time.monotonic() - built
     if entry is None:
         return WarmStart(False, reason or "no warm state", key.digest), None
     mapped = no_map is None
@@ -247,17 +254,24 @@ async def choose_warm(vm: WarmTarget, spec: VMSpec, qemu: host.QemuBinary, facts
         if mapped and bundle.ram_file is None:
             raise SnapshotError("its RAM is not mapped")
     except SnapshotError as exc:
-        cache.remove(entry)
-        return WarmStart(False, f"the warm state {key.digest} was unusable and is removed "
+        what = ("is removed" if cache.remove(entry) else
+                "is kept while it is in use (by a running clone or a build)")
+        return WarmStart(False, f"the warm state {key.digest} was unusable and {what} "
                          f"({exc})", key.digest), None
+    # In use from here on: `cache clear` and the prune leave it alone while this clone runs.
+    hold = await asyncio.to_thread(cache.hold, key.digest)
+    if hold is None:
+        return WarmStart(False, f"the warm state {key.digest} was removed while this VM "
+                         "started", key.digest), None
     entry.touch()
     # The clone's own seed (its instance id, host name and keys), given to it after the restore.
     clone = bundle.clone_spec(spec.name, qemu_version=qemu.version).replace(
-        cloud_init=spec.cloud_init)
+        cloud_init=spec.cloud_init, tb_size=spec.tb_size)
     memory = "memory mapped" if mapped else f"memory copied: {no_map}"
-    start = WarmStart(reason is None, reason or "", key.digest, memory=memory)
+    start = WarmStart(reason is None, reason or "", key.digest, memory=memory,
+                      build_seconds=built)
     log.debug("%s: warm state %s chosen (%s)", vm.name, key.digest, memory)
-    return start, WarmPlan(entry, bundle, clone, start, began, mapped)
+    return start, WarmPlan(entry, bundle, clone, start, began, mapped, hold)
 
 
 async def build_warm(vm: WarmTarget, spec: VMSpec, cache: WarmCache, key: WarmKey, *,
@@ -346,7 +360,8 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
     is then given its own identity (:mod:`qemukit.identity`), its ssh host
     keys made while QEMU loads the state. Returns the final WarmStart (with
     the seconds it took) and the identity. A state QEMU cannot load raises
-    :class:`SnapshotError` after removing the entry.
+    :class:`SnapshotError`; once the clone's QEMU is gone (it holds the entry
+    in use), :func:`discard` removes the entry.
     """
     keys_task = (asyncio.ensure_future(asyncio.to_thread(host_keys, f"root@{seed.hostname}"))
                  if seed is not None and seed.host_keys is None else None)
@@ -357,11 +372,8 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
             await restore_vm(vm, plan.bundle, SAVE_TIMEOUT)  # maps a mapped bundle's RAM
         except (SnapshotError, LaunchError, QMPCommandError) as exc:
             # QEMU refused the state, a capability, or exited while loading.
-            removed = await asyncio.to_thread(WarmCache(plan.entry.path.parent).remove, plan.entry)
             raise SnapshotError(
-                f"QEMU could not load the warm state {plan.entry.key} ({exc}); it is "
-                + ("removed, so the next start boots and saves a new one" if removed else
-                   "in use by another process; 'qemukit cache clear' removes it")) from exc
+                f"QEMU could not load the warm state {plan.entry.key} ({exc})") from exc
         steps.mark("state loaded")
         await set_guest_clock(vm)
         steps.mark("clock set, RNG reseeded")
@@ -382,6 +394,20 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
         await asyncio.to_thread(append_boot_log, vm.runtime.console_log,
                                 plan.entry.path / BOOT_LOG)
     return replace(plan.start, seconds=time.monotonic() - plan.began), identity
+
+
+def discard(plan: WarmPlan) -> str:
+    """Remove a state QEMU could not load (call it once the clone's QEMU has exited); says how.
+
+    Only this process's lock is closed here: a QEMU that inherited it and still
+    runs, or another clone of the entry, keeps the entry in use.
+    """
+    if plan.hold is not None:
+        plan.hold.close()
+    if WarmCache(plan.entry.path.parent).remove(plan.entry):
+        return f"the warm state {plan.entry.key} is removed, so the next start boots and saves a new one"
+    return (f"the warm state {plan.entry.key} is in use by another process; "
+            "'qemukit cache clear' removes it")
 
 
 class _Steps:
