@@ -135,6 +135,23 @@ def test_layers_only_import_downward() -> None:
     assert upward == []
 
 
+#: Inside a package, its modules' own order (lowest first), checked like LAYERS.
+INNER_LAYERS: dict[str, list[tuple[str, ...]]] = {
+    "qemukit.matrix": [("_file",), ("_run", "_shipping"), ("_local", "_dask", "_report")],
+}
+
+
+@pytest.mark.parametrize("package", sorted(INNER_LAYERS))
+def test_a_packages_modules_only_import_downward(package: str) -> None:
+    order = {f"{package}.{m}": i for i, names in enumerate(INNER_LAYERS[package]) for m in names}
+    inside = [m for m in MODULES if m.startswith(f"{package}.")]
+    assert sorted(inside) == sorted(order), f"place these in INNER_LAYERS: {set(inside) ^ set(order)}"
+    upward = [f"{module}:{line} imports {target}"
+              for module in inside for target, _, line, _ in IMPORTS[module]
+              if order.get(target, -1) > order[module]]
+    assert upward == []
+
+
 def test_no_import_cycle_at_import_time() -> None:
     graph = {m: {t for t, _, _, top in imports if top and t in MODULES and t != m}
              for m, imports in IMPORTS.items()}

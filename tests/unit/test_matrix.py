@@ -1,6 +1,6 @@
 """The matrix file, the retry rules of the local pool and the report, without QEMU.
 
-The pool's error paths run against a fake attempt (``_run_attempt`` replaced): what
+The pool's error paths run against a fake attempt (``_local.run_attempt`` replaced): what
 real VMs do is in tests/integration/test_matrix.py.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from qemukit import matrix
 from qemukit.errors import SpecError
 from qemukit.kernel import KernelTestResult
-from qemukit.matrix import Job, JobResult, load_matrix, parse_matrix, run_matrix
+from qemukit.matrix import Job, JobResult, _local, _run, _shipping, load_matrix, parse_matrix, run_matrix
 
 FILE = """
 [defaults]
@@ -126,7 +126,7 @@ def test_parallelism_is_bounded_by_memory(monkeypatch: pytest.MonkeyPatch) -> No
         available = 3 * 640 * 1024 * 1024  # room for three VMs of 512 MiB + overhead
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
-    monkeypatch.setattr(matrix.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(_local.os, "sched_getaffinity", lambda pid: set(range(16)))
     jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(10)]
     assert matrix.default_parallelism(jobs) == 3
     assert matrix.default_parallelism(jobs[:2]) == 2
@@ -153,14 +153,14 @@ def test_infrastructure_failures_are_retried_and_test_failures_are_not(
             calls[job.name] = calls.get(job.name, 0) + 1
             n = calls[job.name]
         if job.name == "flaky" and n == 1:
-            return matrix._Attempt(_result(job, "error", error="no QEMU"), "QEMU did not start",
+            return _run.Attempt(_result(job, "error", error="no QEMU"), "QEMU did not start",
                                    "h", worker)
         if job.name == "broken":
-            return matrix._Attempt(None, "the run raised OSError", "h", worker)
+            return _run.Attempt(None, "the run raised OSError", "h", worker)
         outcome = {"fails": "failed", "panics": "panic"}.get(job.name, "passed")
-        return matrix._Attempt(_result(job, outcome), None, "h", worker)
+        return _run.Attempt(_result(job, outcome), None, "h", worker)
 
-    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    monkeypatch.setattr(_local, "run_attempt", fake)
     jobs = [Job(n, ("true",), image="tiny") for n in ("ok", "flaky", "fails", "panics", "broken")]
     seen: list[matrix.MatrixProgress] = []
     results = {r.job.name: r for r in run_matrix(jobs, jobs_at_once=2, retries=2,
@@ -178,10 +178,10 @@ def test_infrastructure_failures_are_retried_and_test_failures_are_not(
 
 def test_fail_fast_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake(job: Job, matrix_id: str, worker: str) -> Any:
-        return matrix._Attempt(_result(job, "failed" if job.name == "j0" else "passed"), None,
+        return _run.Attempt(_result(job, "failed" if job.name == "j0" else "passed"), None,
                                "h", worker)
 
-    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    monkeypatch.setattr(_local, "run_attempt", fake)
     jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(20)]
     results = list(run_matrix(jobs, jobs_at_once=1, fail_fast=True))
     assert [r.job.name for r in results] == ["j0"]
@@ -266,9 +266,9 @@ def test_an_image_is_built_once_when_many_jobs_ask_at_once(
         (tmp_path / "built").touch()
         return "image"
 
-    monkeypatch.setattr(matrix.images, "find_image", find_image)
-    monkeypatch.setattr(matrix.images, "build", build)
-    threads = [threading.Thread(target=matrix._ensure_image, args=("tiny",)) for _ in range(6)]
+    monkeypatch.setattr(_run.images, "find_image", find_image)
+    monkeypatch.setattr(_run.images, "build", build)
+    threads = [threading.Thread(target=_run.ensure_image, args=("tiny",)) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -282,11 +282,11 @@ def test_shipped_files_are_kept_once_under_their_hash(
     modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
     modules.mkdir(parents=True)
     (modules / "modules.dep").write_text("kernel/a.ko:\n")
-    data = matrix._read_for_shipping("modules", tmp_path / "mods")
+    data = _shipping.read_for_shipping("modules", tmp_path / "mods")
     paths: list[str] = []
 
     def put() -> None:
-        paths.append(matrix._materialize("modules", "abc123", "mods", data))
+        paths.append(_shipping.materialize("modules", "abc123", "mods", data))
 
     threads = [threading.Thread(target=put) for _ in range(4)]
     for thread in threads:
@@ -297,10 +297,10 @@ def test_shipped_files_are_kept_once_under_their_hash(
     placed = Path(paths[0])
     assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
     assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == ["abc123"]
-    kernel = matrix._materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
+    kernel = _shipping.materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
     assert Path(kernel).read_bytes() == b"kernel bytes"
     with pytest.raises(SpecError, match="modules"):
-        matrix._read_for_shipping("modules", tmp_path / "nothing-here")
+        _shipping.read_for_shipping("modules", tmp_path / "nothing-here")
 
 
 def test_a_job_names_its_files_and_moves_them() -> None:
@@ -321,31 +321,31 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     tree = tree_with_modules(tmp_path / "tree")
     jobs = [Job(n, ("true",), vm={"kernel": str(tree)}) for n in ("a", "b")]
     installed: dict[Path, Path] = {}
-    shipped = [matrix._files_to_ship(job, tmp_path / "work", installed) for job in jobs]
+    shipped = [_shipping.files_to_ship(job, tmp_path / "work", installed) for job in jobs]
     assert shipped[0] == shipped[1]
     assert shipped[0]["kernel"] == tree / "arch/x86/boot/bzImage"
     assert (tree / "installs.log").read_text() == "installed\n"  # once for both jobs
-    data = matrix._read_for_shipping("modules", shipped[0]["modules"])
+    data = _shipping.read_for_shipping("modules", shipped[0]["modules"])
     with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
         names = tar.getnames()
     assert f"./lib/modules/{RELEASE}/kernel/b.ko" in names
     assert f"./lib/modules/{RELEASE}/build" not in names  # a link into the tree: left out
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
-    placed = Path(matrix._materialize("modules", "d1", "modules-0", data))
+    placed = Path(_shipping.materialize("modules", "d1", "modules-0", data))
     assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
     # The job's own modules win, as in a local run: nothing is installed for it.
     own = tmp_path / "own" / "lib" / "modules" / RELEASE
     own.mkdir(parents=True)
     (own / "modules.dep").write_text("")
     job = Job("c", ("true",), vm={"kernel": str(tree)}, modules=str(tmp_path / "own"))
-    files = matrix._files_to_ship(job, tmp_path / "work", {})
+    files = _shipping.files_to_ship(job, tmp_path / "work", {})
     assert files["modules"] == tmp_path / "own"
     assert (tree / "installs.log").read_text() == "installed\n"
     # A tree whose config lacks what the job needs is refused on the client, naming the job.
     (tree / ".config").write_text(full_config(without=("CONFIG_VIRTIO_FS",)))
     share = Job("d", ("true",), vm={"kernel": str(tree), "shares": [f"{tmp_path}:/mnt/s"]})
     with pytest.raises(SpecError, match=r"job 'd': kernel.*lacks CONFIG_VIRTIO_FS"):
-        matrix._files_to_ship(share, tmp_path / "work", {})
+        _shipping.files_to_ship(share, tmp_path / "work", {})
 
 
 # -- Dask's TLS ----------------------------------------------------------------------------
@@ -420,18 +420,16 @@ def test_a_shipped_module_tree_unpacks_only_inside_its_target(
     import io
     import tarfile
 
-    from qemukit import matrix as qmatrix
-
     if not has_filter:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     good = _tar(("dir", "lib", b""), ("file", "lib/a.ko", b"ko"), ("sym", "lib/b.ko", "a.ko"))
     with tarfile.open(fileobj=io.BytesIO(good)) as tar:
-        qmatrix._extract_tree(tar, tmp_path / "ok")
+        _shipping.extract_tree(tar, tmp_path / "ok")
     assert (tmp_path / "ok/lib/a.ko").read_bytes() == b"ko"
     assert (tmp_path / "ok/lib/a.ko").stat().st_mode & 0o7022 == 0  # no set-ID, no g/o write
     assert (tmp_path / "ok/lib/b.ko").readlink() == Path("a.ko")
     for n, bad in enumerate([(("file", "../escape", b"x"),), (("sym", "l", "/etc/passwd"),),
                              (("sym", "d/l", "../../x"),), (("dev", "tty", b""),)]):
         with tarfile.open(fileobj=io.BytesIO(_tar(*bad))) as tar, pytest.raises(tarfile.TarError):
-            qmatrix._extract_tree(tar, tmp_path / f"bad{n}")
+            _shipping.extract_tree(tar, tmp_path / f"bad{n}")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
