@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from ..results import Outcome
 from ._file import Job
 from ._run import Attempt, JobResult, MatrixProgress, Tracker, run_attempt, stop_matrix_here
 from ._shipping import files_to_ship, materialize, read_for_shipping
@@ -129,7 +130,7 @@ def run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool,
                 continue
             tracker.report()
             yield outcome
-            if fail_fast and outcome.outcome != "passed":
+            if fail_fast and outcome.outcome is not Outcome.PASSED:
                 return
         finished_ok = True
     finally:

@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Callable, Generator, Sequence
 
+from ..results import Outcome
 from ._file import Job
 from ._run import REGISTRY, Attempt, JobResult, MatrixProgress, Tracker, run_attempt
 
@@ -57,7 +58,7 @@ def run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: b
                     continue
                 tracker.report()
                 yield outcome
-                if fail_fast and outcome.outcome != "passed":
+                if fail_fast and outcome.outcome is not Outcome.PASSED:
                     stopped = True
                     return
     except BaseException:

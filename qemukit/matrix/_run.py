@@ -22,6 +22,7 @@ from .._fs import locked
 from ..errors import QemukitError, StateError
 from ..kernel import KernelTestResult, run_in_vm
 from ..paths import cache_dir
+from ..results import Outcome, ReportCase
 from ..vm import VM
 from ._file import Job
 
@@ -51,9 +52,17 @@ class JobResult:
     retried: tuple[str, ...] = ()
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         """The run's outcome: passed, failed, panic, oops, timeout or error."""
         return self.result.outcome
+
+    def report_case(self) -> ReportCase:
+        """This job as a JUnit test case: named by the job, with its axes and where it ran."""
+        case = self.result.report_case(self.job.name)
+        where = [*((f"axis.{k}", v) for k, v in self.job.axes.items()), ("host", self.host),
+                 ("worker", self.worker), ("attempts", self.attempts),
+                 *(("retried", r) for r in self.retried)]
+        return dataclasses.replace(case, properties=[*where, *case.properties])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the job's name and axes, where it ran, and the run's result."""
@@ -93,7 +102,7 @@ class Attempt:
 
 def error_result(job: Job, message: str, duration: float = 0.0) -> KernelTestResult:
     """The result of a job that did not run to a verdict: outcome ``error``, ``message``."""
-    return KernelTestResult(command=job.command, outcome="error", exit_status=None, stdout="",
+    return KernelTestResult(command=job.command, outcome=Outcome.ERROR, exit_status=None, stdout="",
                             stderr="", boot_time=None, duration=round(duration, 3), panic=None,
                             error=message, accel=None, console_log=None, console_tail="")
 
@@ -195,7 +204,7 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         return Attempt(None, f"the run raised {text}", host, worker)
     finally:
         REGISTRY.finished(matrix, started[0] if started else None)
-    if result.outcome == "error" and not started:
+    if result.outcome is Outcome.ERROR and not started:
         # The VM never started (LaunchError, out of memory, no QEMU): the machine's fault.
         return Attempt(result, f"QEMU did not start on {host}: {result.error}", host, worker)
     if REGISTRY.is_stopped(matrix):
@@ -243,7 +252,7 @@ class Tracker:
             assert attempt.result is not None
             result = attempt.result
         self.done += 1
-        self.failed += result.outcome != "passed"
+        self.failed += result.outcome is not Outcome.PASSED
         return JobResult(job, result, attempt.host, attempt.worker, self.attempts[job.name],
                          tuple(reasons))
 

@@ -19,6 +19,7 @@ from qemukit import matrix
 from qemukit.errors import SpecError
 from qemukit.kernel import KernelTestResult
 from qemukit.matrix import Job, JobResult, _local, _run, _shipping, load_matrix, parse_matrix, run_matrix
+from tests.unit.test_results import junit_read
 
 FILE = """
 [defaults]
@@ -223,6 +224,13 @@ def test_junit_is_valid_and_has_a_case_per_job(tmp_path: Path) -> None:
     assert props["qemukit.axis.kernels"] == "k2" and props["qemukit.attempts"] == "2"
     assert props["qemukit.worker"] == "w1" and props["qemukit.host"] == "host\\x07"
     assert props["qemukit.retried"] == "worker w2 on h was lost"
+    # An outside reader agrees: counts, a result per failing job, the axes as properties.
+    read = {case.name: case for case in next(iter(junit_read(path)))}
+    assert [type(r).__name__ for r in read["k2/panics"].result] == ["Failure"]
+    assert [type(r).__name__ for r in read["k2/hangs"].result] == ["Error"]
+    assert read["k1/ok"].is_passed
+    assert {p.name: p.value for p in read["k1/fails"].properties()}["qemukit.axis.commands"] == (
+        "fails")
 
 
 def test_json_lines_are_strict(tmp_path: Path) -> None:
