@@ -18,6 +18,7 @@ bytes themselves are in :class:`~qemukit.guest.ExecResult`).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import images, kconfig
+from ._sync import run_sync
 from ._wire.console import ConsoleEvent
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .results import (
@@ -148,6 +150,7 @@ def run_in_vm(
     on_started: Callable[[VM], None] | None = None,
     continue_on_oops: bool = False,
     dump_on_panic: str | Path | None = None,
+    on_starting: Callable[[Callable[[], None]], None] | None = None,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
@@ -155,6 +158,12 @@ def run_in_vm(
     whole serial console (the VM's runtime directory is removed afterwards).
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
+    ``on_starting`` is called (on qemukit's loop thread) as the start begins, with
+    a function that cancels the start from any thread: the start stops what it
+    began (QEMU, a warm state half built) and the call raises
+    :class:`asyncio.CancelledError`. A start can take long (a warm state is built
+    by booting the guest); this is how a test runner stops one (see
+    :mod:`qemukit.matrix`). Either callback may raise to end the run.
     An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
     records it (``oops``, ``warnings``) and lets the command finish.
     With ``dump_on_panic`` (a new file's path) a panicking kernel waits
@@ -178,7 +187,7 @@ def run_in_vm(
     # VM resolves the same way at its start and writes the initramfs in its runtime directory.
     about = kconfig.resolve_kernel(spec, modules)
     return _run_resolved(spec, command, about, timeout=timeout, console_log=console_log,
-                         modules=modules, on_started=on_started,
+                         modules=modules, on_started=on_started, on_starting=on_starting,
                          continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
 
 
@@ -196,6 +205,7 @@ def _run_resolved(
     console_log: str | Path | None,
     modules: str | Path | None,
     on_started: Callable[[VM], None] | None,
+    on_starting: Callable[[Callable[[], None]], None] | None,
     continue_on_oops: bool,
     dump_on_panic: str | Path | None,
 ) -> KernelTestResult:
@@ -214,7 +224,7 @@ def _run_resolved(
     events: list[ConsoleEvent] = []
     log_copy_error: OSError | None = None
     try:
-        vm.start()
+        _start(vm, on_starting)
         fields["accel"] = vm.accel.accel if vm.accel else None
         if on_started is not None:
             on_started(vm)
@@ -273,6 +283,25 @@ def _run_resolved(
         reports=tuple(e.to_dict() for e in events if e.kind != "share"),
         kernel_config_sha256=about.config_sha256, **fields,
     )
+
+
+def _start(vm: VM, on_starting: Callable[[Callable[[], None]], None] | None) -> None:
+    """``vm.start()``, which the function handed to ``on_starting`` cancels from any thread."""
+    if on_starting is None:
+        vm.start()
+        return
+
+    async def start() -> None:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(task.cancel)
+
+        on_starting(cancel)
+        await vm.aio.start()
+
+    run_sync(start())
 
 
 _INIT_READY = "qemukit-init: ready"

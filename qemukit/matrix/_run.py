@@ -8,7 +8,9 @@ each matrix has running here, so :func:`stop_matrix_here` can end them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -28,6 +30,8 @@ from ._file import Job
 
 __all__ = ["REGISTRY", "Attempt", "Cancelled", "JobResult", "MatrixProgress", "Registry",
            "Tracker", "ensure_image", "error_result", "run_attempt", "stop_matrix_here"]
+
+log = logging.getLogger(__name__)
 
 #: How long stopping the running VMs (after Ctrl-C or --fail-fast) may take, per VM.
 STOP_TIMEOUT = 10.0
@@ -111,27 +115,45 @@ def error_result(job: Job, message: str, duration: float = 0.0) -> KernelTestRes
 
 
 class Cancelled(Exception):  # noqa: N818 - not an error: the matrix was stopped
-    """Raised from ``on_started`` when the matrix was stopped while the VM started."""
+    """Raised from ``on_starting``/``on_started`` when the matrix was stopped before."""
 
 
 class Registry:
-    """The VMs each matrix has running in this process, so a stop can end them all."""
+    """The VMs each matrix has starting or running in this process, so a stop ends them all.
+
+    A VM is starting from the moment its start begins until it runs (a warm
+    start boots and saves a state meanwhile): a stop cancels its start, which
+    stops whatever it began. Once it runs, a stop kills it.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.starting: dict[str, set[Callable[[], None]]] = {}
         self.running: dict[str, set[VM]] = {}
         self.stopped: set[str] = set()
 
-    def started(self, matrix: str, vm: VM) -> None:
-        """Note ``vm`` as running for ``matrix``; :class:`Cancelled` if the matrix was stopped."""
+    def start_begins(self, matrix: str, cancel: Callable[[], None]) -> None:
+        """Note a start for ``matrix`` that ``cancel`` cancels; :class:`Cancelled` if the
+        matrix was stopped."""
         with self.lock:
+            if matrix in self.stopped:
+                raise Cancelled(matrix)
+            self.starting.setdefault(matrix, set()).add(cancel)
+
+    def started(self, matrix: str, vm: VM, cancel: Callable[[], None] | None = None) -> None:
+        """Note ``vm`` (whose start ``cancel`` was) as running for ``matrix``;
+        :class:`Cancelled` if the matrix was stopped."""
+        with self.lock:
+            self.starting.get(matrix, set()).discard(cancel)
             if matrix in self.stopped:
                 raise Cancelled(matrix)
             self.running.setdefault(matrix, set()).add(vm)
 
-    def finished(self, matrix: str, vm: VM | None) -> None:
-        """Forget ``vm`` (its run ended and stopped it)."""
+    def finished(self, matrix: str, vm: VM | None, cancel: Callable[[], None] | None = None
+                 ) -> None:
+        """Forget ``vm`` and its start (its run ended and stopped it)."""
         with self.lock:
+            self.starting.get(matrix, set()).discard(cancel)
             if vm is not None:
                 self.running.get(matrix, set()).discard(vm)
 
@@ -141,11 +163,17 @@ class Registry:
             return matrix in self.stopped
 
     def stop(self, matrix: str) -> int:
-        """Refuse new VMs for ``matrix`` and SIGKILL the running ones; how many were killed."""
+        """Refuse new VMs for ``matrix``, cancel the starting ones and SIGKILL the running
+        ones; how many were cancelled or killed."""
         with self.lock:
             self.stopped.add(matrix)
+            cancels = list(self.starting.pop(matrix, ()))
             vms = list(self.running.pop(matrix, ()))
-        killed = 0
+        for cancel in cancels:
+            cancel()  # the start cleans up on its own thread; its run then returns
+        log.debug("matrix %s: stopping %d starting and %d running VMs", matrix, len(cancels),
+                  len(vms))
+        killed = len(cancels)
         for vm in vms:
             try:
                 vm.kill(kill_timeout=STOP_TIMEOUT)
@@ -180,10 +208,15 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
     if REGISTRY.is_stopped(matrix):
         return Attempt(None, "the matrix was stopped", host, worker)
     started: list[VM] = []
+    cancels: list[Callable[[], None]] = []
+
+    def on_starting(cancel: Callable[[], None]) -> None:
+        cancels.append(cancel)
+        REGISTRY.start_begins(matrix, cancel)
 
     def on_started(vm: VM) -> None:
         started.append(vm)
-        REGISTRY.started(matrix, vm)
+        REGISTRY.started(matrix, vm, cancels[0] if cancels else None)
 
     try:
         image = job.needs_image()
@@ -194,8 +227,9 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)
     try:
         result = run_in_vm(spec, job.command, timeout=job.timeout, modules=job.modules,
-                           on_started=on_started, continue_on_oops=job.continue_on_oops)
-    except Cancelled:
+                           on_started=on_started, continue_on_oops=job.continue_on_oops,
+                           on_starting=on_starting)
+    except (Cancelled, asyncio.CancelledError):  # the matrix was stopped: this start too
         return Attempt(None, "the matrix was stopped", host, worker)
     except QemukitError as exc:
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)
@@ -203,7 +237,8 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         text = "".join(traceback.format_exception_only(exc)).strip()
         return Attempt(None, f"the run raised {text}", host, worker)
     finally:
-        REGISTRY.finished(matrix, started[0] if started else None)
+        REGISTRY.finished(matrix, started[0] if started else None,
+                          cancels[0] if cancels else None)
     if result.outcome is Outcome.ERROR and not started:
         # The VM never started (LaunchError, out of memory, no QEMU): the machine's fault.
         return Attempt(result, f"QEMU did not start on {host}: {result.error}", host, worker)

@@ -9,9 +9,11 @@ archives by the rules of tarfile's ``"data"`` filter (:func:`extract_tree`).
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -26,6 +28,8 @@ from ._file import Job
 __all__ = ["extract_tree", "files_to_ship", "materialize", "read_for_shipping"]
 
 log = logging.getLogger(__name__)
+
+_DIGEST = re.compile("[0-9a-f]{64}")
 
 
 def _tar_directory(path: Path) -> bytes:
@@ -125,12 +129,24 @@ def extract_tree(tar: tarfile.TarFile, dest: Path) -> None:
 
 
 def materialize(key: str, digest: str, name: str, data: bytes) -> str:
-    """Where this worker keeps the shipped file (written once, atomically)."""
+    """Where this worker keeps the shipped file: ``<cache>/matrix-files/<digest>/<name>``.
+
+    Idempotent and safe when many tasks (threads, or workers sharing the cache)
+    ship at once: each name is written beside its place and renamed into it,
+    so a reader sees it whole or not at all; whoever comes second finds it
+    there (or replaces a file with the same bytes). The same content under
+    another name (two jobs' kernels copied to different file names) is one
+    more name in the same digest's directory.
+    """
+    if not _DIGEST.fullmatch(digest):
+        raise ValueError(f"not a SHA-256 digest: {digest!r}")
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"not a file name: {name!r}")
     root = cache_dir() / "matrix-files" / digest
     target = root / name
     if target.exists():
         return str(target)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root.parent))
     try:
         if key == "modules":
@@ -139,11 +155,11 @@ def materialize(key: str, digest: str, name: str, data: bytes) -> str:
         else:
             (tmp / name).write_bytes(data)
         try:
-            os.rename(tmp, root)
-        except OSError:
-            if not target.exists():  # not a lost race with another task: a real failure
+            os.rename(tmp / name, target)  # a file replaces one of the same bytes: fine
+        except OSError as exc:
+            # A directory (modules) another task renamed in first: the same tree.
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-

@@ -6,6 +6,7 @@ real VMs do is in tests/integration/test_matrix.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import tomllib
@@ -188,6 +189,24 @@ def test_fail_fast_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch) -
     assert [r.job.name for r in results] == ["j0"]
 
 
+def test_a_stop_cancels_the_starts_under_way_and_refuses_new_ones() -> None:
+    """A VM still starting (a warm state being built) is cancelled by a stop, not waited for;
+    a start that begins after the stop is refused before QEMU is launched."""
+    registry = _run.Registry()
+    cancelled: list[str] = []
+    registry.start_begins("m", lambda: cancelled.append("a"))
+    registry.start_begins("m", lambda: cancelled.append("b"))
+    finished_first = lambda: cancelled.append("done")  # noqa: E731
+    registry.start_begins("m", finished_first)
+    registry.finished("m", None, finished_first)  # its run ended: nothing left to cancel
+    registry.start_begins("other", lambda: cancelled.append("other"))
+    assert registry.stop("m") == 2
+    assert sorted(cancelled) == ["a", "b"]
+    with pytest.raises(_run.Cancelled):
+        registry.start_begins("m", lambda: None)
+    assert registry.stop("other") == 1 and "other" in cancelled
+
+
 def _job_results() -> list[JobResult]:
     nasty = "ok \x1b[6n \x00 \ufffe \udc80 end"
     out = []
@@ -293,8 +312,10 @@ def test_shipped_files_are_kept_once_under_their_hash(
     data = _shipping.read_for_shipping("modules", tmp_path / "mods")
     paths: list[str] = []
 
+    digest = hashlib.sha256(data).hexdigest()
+
     def put() -> None:
-        paths.append(_shipping.materialize("modules", "abc123", "mods", data))
+        paths.append(_shipping.materialize("modules", digest, "mods", data))
 
     threads = [threading.Thread(target=put) for _ in range(4)]
     for thread in threads:
@@ -304,11 +325,63 @@ def test_shipped_files_are_kept_once_under_their_hash(
     assert len(set(paths)) == 1 and len(paths) == 4
     placed = Path(paths[0])
     assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
-    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == ["abc123"]
-    kernel = _shipping.materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
+    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == [digest]
+    kernel = _shipping.materialize("kernel", "d" * 64, "vmlinuz", b"kernel bytes")
     assert Path(kernel).read_bytes() == b"kernel bytes"
     with pytest.raises(SpecError, match="modules"):
         _shipping.read_for_shipping("modules", tmp_path / "nothing-here")
+
+
+def test_the_same_content_under_two_names_is_kept_under_both_whoever_ships_first(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two jobs' kernels with the same bytes but other file names (vmlinuz, bzImage), and a
+    modules tree under two names, shipped by many tasks at once: every task gets its file.
+    (The rename of a whole digest directory failed for every name after the first, and
+    the job was retried into the same failure.)"""
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    kernel = b"the same kernel image" * 1000
+    modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
+    modules.mkdir(parents=True)
+    (modules / "modules.dep").write_text("kernel/a.ko:\n")
+    tree = _shipping.read_for_shipping("modules", tmp_path / "mods")
+    shipments = [("kernel", kernel, name) for name in ("vmlinuz", "bzImage", "vmlinuz-6.1")]
+    shipments += [("modules", tree, name) for name in ("modules-0", "modules-1")]
+    got: list[tuple[str, str, str]] = []
+    failed: list[BaseException] = []
+    go = threading.Barrier(len(shipments) * 3)
+
+    def ship(key: str, data: bytes, name: str) -> None:
+        go.wait(30)
+        try:
+            got.append((key, name, _shipping.materialize(
+                key, hashlib.sha256(data).hexdigest(), name, data)))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=ship, args=shipment) for shipment in shipments * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failed == [] and len(got) == len(shipments) * 3
+    for key, name, path in got:
+        assert Path(path).name == name
+        if key == "kernel":
+            assert Path(path).read_bytes() == kernel
+        else:
+            assert (Path(path) / "lib/modules/6.1.0/modules.dep").read_text() == "kernel/a.ko:\n"
+    shipped = tmp_path / "cache" / "matrix-files"
+    kept = {p.name: sorted(q.name for q in p.iterdir()) for p in shipped.iterdir()}
+    assert kept == {hashlib.sha256(kernel).hexdigest(): ["bzImage", "vmlinuz", "vmlinuz-6.1"],
+                    hashlib.sha256(tree).hexdigest(): ["modules-0", "modules-1"]}
+    # Again, now that everything is there: the same paths, nothing written.
+    again = _shipping.materialize("kernel", hashlib.sha256(kernel).hexdigest(), "bzImage", b"")
+    assert Path(again).read_bytes() == kernel
+    for bad in ("..", "a/b", ""):
+        with pytest.raises(ValueError, match="not a file name"):
+            _shipping.materialize("kernel", "0" * 64, bad, b"x")
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        _shipping.materialize("kernel", "../../etc", "x", b"x")
 
 
 def test_a_job_names_its_files_and_moves_them() -> None:
@@ -339,7 +412,7 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     assert f"./lib/modules/{RELEASE}/kernel/b.ko" in names
     assert f"./lib/modules/{RELEASE}/build" not in names  # a link into the tree: left out
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
-    placed = Path(_shipping.materialize("modules", "d1", "modules-0", data))
+    placed = Path(_shipping.materialize("modules", "d1" * 32, "modules-0", data))
     assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
     # The job's own modules win, as in a local run: nothing is installed for it.
     own = tmp_path / "own" / "lib" / "modules" / RELEASE
