@@ -55,9 +55,10 @@ why the earlier ones were retried.
 Files on a cluster: the local files a job names (``kernel``, ``initrd``, the
 ``modules`` directory, as a tar archive) are read once on the client, put into
 the cluster with ``Client.scatter`` under their SHA-256 and handed to the task
-as arguments; the worker writes each to ``<cache>/matrix-files/<sha256>/``
-once (an atomic rename, so concurrent tasks agree) and later tasks find it
-there. A kernel build tree is not shipped whole: the client checks it (its
+as arguments; the worker writes each to ``<cache>/matrix-files/<sha256>/<name>``
+once (beside it, then renamed into place, so concurrent tasks and workers
+sharing a cache agree; the same bytes under another name are one more name
+there) and later tasks find it there. A kernel build tree is not shipped whole: the client checks it (its
 config against the job, as a local run does), installs its modules once per
 tree (``make modules_install`` into a temporary directory) and ships its built
 image and those modules (the job's own ``modules`` win, as they do locally).
@@ -118,7 +119,8 @@ def run_matrix(
     on Dask the workers' ``vm`` resources bound it. ``retries`` more attempts
     for infrastructure failures; ``fail_fast`` stops at the first job that did
     not pass. Stopping the iteration early (``close()``, Ctrl-C, an exception
-    in the consumer) stops every VM the matrix started, on every worker.
+    in the consumer) stops every VM the matrix started, on every worker, those
+    still starting (a warm state being built) included.
     """
     job_list = list(jobs)
     check_unique(job_list)
