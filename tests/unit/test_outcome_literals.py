@@ -110,3 +110,11 @@ def test_the_check_sees_outcomes_and_only_outcomes(tmp_path: Path, code: str, fo
     monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", tmp_path)
     (tmp_path / "sample.py").write_text(code)
     assert len(outcome_literals(tmp_path / "sample.py")) == found
+
+
+def test_one_module_writes_junit_and_cleans_text_for_it() -> None:
+    """kernel runs and matrices both write through qemukit.results (it had a copy in each)."""
+    writers = sorted(path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+                     if "xml.etree" in path.read_text() or '"testsuite"' in path.read_text()
+                     or "_XML_FORBIDDEN" in path.read_text())
+    assert writers == ["results.py"]
