@@ -8,8 +8,8 @@ JSON or JUnit XML for CI (through :mod:`qemukit.results`' writers). A
 panic ends the run within seconds with the panic line; an oops or BUG ends
 it too (outcome ``oops``) unless ``continue_on_oops``; soft lockups, RCU
 stalls and ``WARNING:`` lines are recorded as warnings and end nothing; a
-boot that never reaches the agent ends at the timeout with the console tail. Neither raises for guest trouble:
-it is in the result.
+boot that never reaches the agent ends at the timeout with the console
+tail. Neither raises for guest trouble: it is in the result.
 
 The files are valid whatever the guest printed (see :mod:`qemukit.results`);
 invalid UTF-8 from the guest is already U+FFFD in the result's text (the
