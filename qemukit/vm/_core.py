@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from .. import _sync, host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
+from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import DiskImage, LaunchPlan, plan_launch
 from .._launch.process import QemuProcess, process_start_time
 from .._launch.runtime import RuntimeDir, VMInfo
@@ -73,7 +74,7 @@ from ..warm import (
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _verbs
+from . import _net, _verbs
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
@@ -247,6 +248,8 @@ class AsyncVM:
         self._seed: Seed | None = None
         #: What a warm clone of a cloud-init guest was given after its restore.
         self.identity: CloneIdentity | None = None
+        #: The private networks joined (``spec.networks``): name -> index, MAC, address.
+        self.networks: dict[str, NetworkMember] = Networks(spec.name or "")
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -322,6 +325,7 @@ class AsyncVM:
         self._require(VMState.NEW)
         self.state = VMState.STARTING
         self._loop = asyncio.get_running_loop()
+        networks = self.spec.networks
         try:
             if self.incoming is None or self.modules is not None:
                 self.kernel = await asyncio.to_thread(resolve_kernel, self.spec, self.modules)
@@ -331,6 +335,9 @@ class AsyncVM:
             self.state = VMState.RUNNING
             if warm is not None:
                 await self._finish_warm(*warm)
+                if networks and self.runtime is not None:  # the saved state has no such NICs
+                    await _net.plug_after_restore(self, self.runtime.path.parent, networks)
+                    await _net.configure_guest(self)
         except BaseException:
             self.state = VMState.FAILED
             await self._cleanup(force=True)
@@ -571,6 +578,7 @@ class AsyncVM:
                 if share.transport == "virtiofs":
                     host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
         self._qemu_guard = host.qemu_share_guard(self.spec)
+        _net.check_subnets(self.spec.networks)
         if self.accel is None:  # a warm start keeps the choice made for the user's spec
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
             self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
@@ -600,17 +608,21 @@ class AsyncVM:
                            self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
+        links = await _net.join_networks(self, rd.path.parent, self.spec.networks)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.argv = plan.argv(qmp_fd=theirs.fileno())
+            self.argv = plan.argv(qmp_fd=theirs.fileno(),
+                                  network_fds=[link.fileno() for link in links])
             self._proc = QemuProcess.spawn(
                 [*self._qemu_guard, *self.argv],
                 log_path=rd.qemu_log,
-                pass_fds=[theirs.fileno()],
+                pass_fds=[theirs.fileno(), *(link.fileno() for link in links)],
                 die_with_parent=self.die_with_parent,
             )
         finally:
             theirs.close()
+            for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
+                link.close()
         _live.add(self)
         self._qmp = QMP(f"qemukit-{rd.name}")
         ours.setblocking(False)
@@ -1245,6 +1257,8 @@ class AsyncVM:
             if self.runtime is not None and not self.runtime.ready_stamp.exists():
                 # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
                 self.runtime.write_private(self.runtime.ready_stamp, f"{time.time()}\n")
+        if _net.needs_configuring(self) and self.has_agent:
+            await _net.configure_guest(self)
         assert self._proc is not None
         return self._proc.uptime()
 
