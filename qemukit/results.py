@@ -32,7 +32,7 @@ from typing import Any, Literal
 from . import errors
 
 __all__ = ["JUNIT_TEXT_LIMIT", "KTAP_OUTCOMES", "RUN_OUTCOMES", "Outcome", "ReportCase",
-           "json_safe", "json_text", "write_json", "write_junit", "xml_safe"]
+           "json_clean", "json_safe", "json_text", "write_json", "write_junit", "xml_safe"]
 
 #: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
 JUNIT_TEXT_LIMIT = 1_000_000
@@ -112,19 +112,20 @@ def json_safe(text: str) -> str:
     return _SURROGATE.sub(_escape_char, text)
 
 
-def _json_clean(value: Any) -> Any:
+def json_clean(value: Any) -> Any:
+    """``value`` (str, list, tuple, dict, scalars) with every string :func:`json_safe`."""
     if isinstance(value, str):
         return json_safe(value)
     if isinstance(value, (list, tuple)):
-        return [_json_clean(v) for v in value]
+        return [json_clean(v) for v in value]
     if isinstance(value, dict):
-        return {json_safe(str(k)): _json_clean(v) for k, v in value.items()}
+        return {json_safe(str(k)): json_clean(v) for k, v in value.items()}
     return value
 
 
 def json_text(value: Any, *, indent: int | None = 2) -> str:
     """``value`` as strict JSON text: ASCII only, no NaN, no lone surrogate."""
-    return json.dumps(_json_clean(value), indent=indent, allow_nan=False)
+    return json.dumps(json_clean(value), indent=indent, allow_nan=False)
 
 
 def write_json(value: Any, path: str | Path, *, lines: bool = False) -> None:
@@ -151,7 +152,7 @@ class ReportCase:
     ``message=`` attribute and the element's text); ``properties`` are
     written as ``qemukit.<name>`` properties of the case, in order, those
     whose value is None left out (``qemukit.outcome`` always comes first).
-    ``bundle`` is a directory that keeps what is needed to look into a
+    ``crash_bundle`` is a directory that keeps what is needed to look into a
     failure (a crash bundle): it is a property and the last line of the
     case's system-out.
     """
@@ -164,7 +165,7 @@ class ReportCase:
     stdout: str = ""
     stderr: str = ""
     properties: Sequence[tuple[str, object]] = ()
-    bundle: str | Path | None = None
+    crash_bundle: str | Path | None = None
 
 
 def _cap(text: str, limit: int = JUNIT_TEXT_LIMIT) -> str:
@@ -194,7 +195,7 @@ def write_junit(cases: Iterable[ReportCase], path: str | Path, *, suite: str = "
                                 time=f"{case.duration:.3f}")
         props = ET.SubElement(element, "properties")
         for name, value in [("outcome", case.outcome.value), *case.properties,
-                            ("bundle", case.bundle)]:
+                            ("crash_bundle", case.crash_bundle)]:
             if value is not None:
                 ET.SubElement(props, "property", name=_attr(f"qemukit.{name}"),
                               value=_attr(str(value)))
@@ -202,9 +203,9 @@ def write_junit(cases: Iterable[ReportCase], path: str | Path, *, suite: str = "
             ET.SubElement(element, kind, message=_attr(case.message or case.outcome.value)
                           ).text = _cap(case.details)
         out = _cap(case.stdout)
-        if case.bundle is not None:  # after the cut: the one line a reader needs most
+        if case.crash_bundle is not None:  # after the cut: the one line a reader needs most
             out += "" if not out or out.endswith("\n") else "\n"
-            out += xml_safe(f"[qemukit: crash bundle in {case.bundle}]") + "\n"
+            out += xml_safe(f"[qemukit: crash bundle in {case.crash_bundle}]") + "\n"
         ET.SubElement(element, "system-out").text = out
         ET.SubElement(element, "system-err").text = _cap(case.stderr)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

@@ -76,8 +76,10 @@ runner and the files it ships), :mod:`~qemukit.matrix._report` (the report).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
@@ -109,6 +111,7 @@ def run_matrix(
     retries: int = 2,
     fail_fast: bool = False,
     progress: Callable[[MatrixProgress], None] | None = None,
+    crash_dir: str | Path | None = None,
 ) -> Generator[JobResult, None, None]:
     """Run ``jobs``, yielding each :class:`JobResult` as it finishes (not in job order).
 
@@ -121,8 +124,13 @@ def run_matrix(
     not pass. Stopping the iteration early (``close()``, Ctrl-C, an exception
     in the consumer) stops every VM the matrix started, on every worker, those
     still starting (a warm state being built) included.
+    ``crash_dir`` is every job's that names none (a panic or oops writes a crash
+    bundle under it, on the host that ran the job; see :mod:`qemukit.crashdir`).
     """
     job_list = list(jobs)
+    if crash_dir is not None:
+        job_list = [job if job.crash_dir is not None
+                    else dataclasses.replace(job, crash_dir=str(crash_dir)) for job in job_list]
     check_unique(job_list)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise SpecError("retries", retries, "must be an integer >= 0")

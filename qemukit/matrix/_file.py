@@ -22,7 +22,8 @@ __all__ = ["AXIS_KEYS", "JOB_KEYS", "SPEC_KEYS", "Job", "check_unique", "load_ma
            "parse_matrix"]
 
 #: The keys of a job beyond the VM description's.
-JOB_KEYS = ("name", "command", "timeout", "image", "modules", "continue_on_oops", "axes")
+JOB_KEYS = ("name", "command", "timeout", "image", "modules", "continue_on_oops", "crash_dir",
+            "axes")
 #: A matrix axis whose values are not tables sets this key (``commands = {ok = ["true"]}``).
 AXIS_KEYS = {"commands": "command", "kernels": "kernel", "images": "image", "appends": "append",
              "initrds": "initrd", "memories": "memory", "cpus": "cpus", "timeouts": "timeout"}
@@ -37,7 +38,8 @@ class Job:
     ``vm`` holds VM description keys (as in a ``-f vm.toml`` file); with
     ``image`` they override that image's spec, and a ``kernel`` without an
     ``initrd`` boots with the tiny initramfs, as ``run_kernel`` does.
-    ``axes`` maps axis names to value names, for reports.
+    ``axes`` maps axis names to value names, for reports. ``crash_dir`` as for
+    :func:`~qemukit.kernel.run_in_vm` (a path on the host that runs the job).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Job:
     modules: str | None = None
     continue_on_oops: bool = False
     axes: Mapping[str, str] = field(default_factory=dict)
+    crash_dir: str | None = None
 
     def __post_init__(self) -> None:
         where = f"job {self.name!r}"
@@ -70,6 +73,8 @@ class Job:
                             f"unknown image; choose from {', '.join(images.NAMES)}")
         if self.modules is not None and not isinstance(self.modules, str):
             raise SpecError(f"{where}: modules", self.modules, "must be a directory path")
+        if self.crash_dir is not None and not isinstance(self.crash_dir, str):
+            raise SpecError(f"{where}: crash_dir", self.crash_dir, "must be a directory path")
         if not isinstance(self.continue_on_oops, bool):
             raise SpecError(f"{where}: continue_on_oops", self.continue_on_oops,
                             "must be true or false")
@@ -148,7 +153,8 @@ class Job:
         """Plain data (for JSON)."""
         return {"name": self.name, "axes": dict(self.axes), "command": list(self.command),
                 "timeout": self.timeout, "image": self.image, "vm": dict(self.vm),
-                "modules": self.modules, "continue_on_oops": self.continue_on_oops}
+                "modules": self.modules, "continue_on_oops": self.continue_on_oops,
+                "crash_dir": self.crash_dir}
 
 
 def _job_from_table(name: Any, table: Mapping[str, Any], axes: Mapping[str, str],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Generator, Sequence
 
+from ..host._tcg import tb_size_for
 from ..results import Outcome
 from ._file import Job
 from ._run import REGISTRY, Attempt, JobResult, MatrixProgress, Tracker, run_attempt
@@ -35,6 +37,10 @@ def run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: b
               ) -> Generator[JobResult, None, None]:
     """Run ``jobs`` on at most ``jobs_at_once`` threads here, yielding results as they end."""
     matrix = uuid.uuid4().hex
+    tb_size = tb_size_for(jobs_at_once)
+    if tb_size is not None:  # several TCG VMs at once: each a bounded code buffer (host/_tcg.py)
+        jobs = [job if "tb_size" in job.vm
+                else dataclasses.replace(job, vm={**job.vm, "tb_size": tb_size}) for job in jobs]
     tracker = Tracker(len(jobs), retries, progress, jobs_at_once)
     pool = cf.ThreadPoolExecutor(max_workers=jobs_at_once, thread_name_prefix="qemukit-matrix")
     pending: dict[cf.Future[Attempt], Job] = {}

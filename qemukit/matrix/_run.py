@@ -228,7 +228,7 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
     try:
         result = run_in_vm(spec, job.command, timeout=job.timeout, modules=job.modules,
                            on_started=on_started, continue_on_oops=job.continue_on_oops,
-                           on_starting=on_starting)
+                           on_starting=on_starting, crash_dir=job.crash_dir)
     except (Cancelled, asyncio.CancelledError):  # the matrix was stopped: this start too
         return Attempt(None, "the matrix was stopped", host, worker)
     except QemukitError as exc:

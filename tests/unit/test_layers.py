@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
-    ("kernel",),
-    ("matrix",),
+    ("kernel", "crashdir", "kselftest", "gdbscripts"),
+    ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
 ]
 #: The only places that may import the CLI and test frameworks.

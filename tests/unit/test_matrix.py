@@ -207,6 +207,25 @@ def test_a_stop_cancels_the_starts_under_way_and_refuses_new_ones() -> None:
     assert registry.stop("other") == 1 and "other" in cancelled
 
 
+def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        seen[job.name] = job.vm.get("tb_size")
+        return _run.Attempt(_result(job, "passed"), None, "h", worker)
+
+    monkeypatch.setattr(_local, "run_attempt", fake)
+    monkeypatch.setattr(_local, "tb_size_for", lambda n: 128 if n > 1 else None)
+    jobs = [Job("a", ("true",), image="tiny"), Job("b", ("true",), image="tiny",
+                                                     vm={"tb_size": "32M"})]
+    list(run_matrix(jobs, jobs_at_once=2))
+    assert seen == {"a": 128, "b": "32M"}  # a job's own tb_size wins
+    seen.clear()
+    list(run_matrix(jobs, jobs_at_once=1))
+    assert seen == {"a": None, "b": "32M"}  # one VM at a time: QEMU's default
+
+
 def _job_results() -> list[JobResult]:
     nasty = "ok \x1b[6n \x00 \ufffe \udc80 end"
     out = []

@@ -6,7 +6,8 @@ offence, unless it is plainly something else:
 
 - the name of a field: a subscript key (``fields["error"]``), the key of
   ``.get("error")``, the one outcome-named key of a dict literal
-  (``{"error": str(exc)}``), the left of ``"error" in message``, or the name in a
+  (``{"error": str(exc)}``) or a key whose value has its name
+  (``{"panic": result.panic}``), the left of ``"error" in message``, or the name in a
   ``("panic", result.panic)`` pair;
 - compared with another vocabulary's value: a console event's ``kind``, a unit's
   ``state``, a QEMU job's ``status``;
@@ -66,6 +67,9 @@ def _excused(tree: ast.Module) -> set[int]:
             named = [k for k in node.keys if isinstance(k, ast.Constant) and k.value in NAMES]
             if len(named) == 1:
                 excused.add(id(named[0]))
+            # {"panic": result.panic, "oops": oops}: fields named after their values
+            excused.update(id(k) for k, v in zip(node.keys, node.values, strict=True)
+                           if isinstance(k, ast.Constant) and _name(v) == k.value)
         elif isinstance(node, ast.Compare):
             sides = [node.left, *node.comparators]
             if (isinstance(node.ops[0], (ast.In, ast.NotIn)) and isinstance(node.left, ast.Constant)
@@ -104,6 +108,7 @@ def test_no_outcome_is_spelled_outside_the_enum() -> None:
     ('ORDER = ("passed", "failed", "error")\n', 3),
     ('fields["error"] = "x"\nreport = {"error": str(exc)}\nif "error" in message:\n    pass\n', 0),
     ('if e.kind == "oops":\n    pass\nprops = [("panic", self.panic)]\n', 0),
+    ('line = {"panic": r.panic, "oops": oops, "error": r.error}\n', 0),
 ])
 def test_the_check_sees_outcomes_and_only_outcomes(tmp_path: Path, code: str, found: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,19 +204,19 @@ def test_junitparser_reads_every_outcome_as_what_it_is(tmp_path: Path) -> None:
 def test_a_crash_bundle_is_named_by_a_property_and_the_last_line_of_system_out(
         tmp_path: Path) -> None:
     big = "x" * (JUNIT_TEXT_LIMIT + 10)
-    res = result("panic", stdout=big, bundle=str(tmp_path / "bundle\x1b-1"))
+    res = result("panic", stdout=big, crash_bundle=str(tmp_path / "bundle\x1b-1"))
     res.write_junit(tmp_path / "r.xml")
     case = next(iter(next(iter(junit_read(tmp_path / "r.xml")))))
     props = {p.name: p.value for p in case.properties()}
-    assert props["qemukit.bundle"] == f"{tmp_path}/bundle\\x1b-1"
+    assert props["qemukit.crash_bundle"] == f"{tmp_path}/bundle\\x1b-1"
     out = case.system_out or ""
     assert out.startswith("[qemukit: the first ")  # cut, but the bundle line survives the cut
     assert out.splitlines()[-1] == f"[qemukit: crash bundle in {tmp_path}/bundle\\x1b-1]"
-    assert strict_json_of(res, tmp_path)["bundle"] == f"{tmp_path}/bundle\x1b-1"
+    assert strict_json_of(res, tmp_path)["crash_bundle"] == f"{tmp_path}/bundle\x1b-1"
     plain = result("passed")
     plain.write_junit(tmp_path / "p.xml")
     case = next(iter(next(iter(junit_read(tmp_path / "p.xml")))))
-    assert "qemukit.bundle" not in {p.name for p in case.properties()}
+    assert "qemukit.crash_bundle" not in {p.name for p in case.properties()}
     assert "crash bundle" not in (case.system_out or "")
 
 
