@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from ._launch.runtime import RuntimeDir
     from ._wire.qmp import QMP
-    from .host import AccelChoice
+    from .host import AccelChoice, QemuBinary
     from .spec import VMSpec
 
 __all__ = ["VMTarget"]
@@ -40,6 +40,10 @@ class VMTarget(Protocol):
     @property
     def accel(self) -> AccelChoice | None:
         """The accelerator QEMU runs with."""
+
+    @property
+    def qemu(self) -> QemuBinary:
+        """The QEMU binary the VM runs on (and its qemu-img), found once for its architecture."""
 
     @property
     def monitor(self) -> QMP:

@@ -181,10 +181,13 @@ class AsyncVM:
         incoming: str | None = None,
         adopt: AdoptedQemu | None = None,
         modules: str | os.PathLike[str] | None = None,
+        qemu: host.QemuBinary | None = None,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
         self.spec = spec
+        #: The QEMU binary (and its qemu-img) for the spec's architecture, found once.
+        self._qemu = qemu
         #: Modules to append to the initrd at start (see the class docstring).
         self.modules = Path(modules) if modules is not None else None
         #: The kernel as the start resolved it (None before the start, and for attach).
@@ -258,6 +261,13 @@ class AsyncVM:
     def pid(self) -> int | None:
         """QEMU's pid once started."""
         return self._proc.pid if self._proc else None
+
+    @property
+    def qemu(self) -> host.QemuBinary:
+        """The QEMU binary this VM runs on (and its qemu-img): found once, for its architecture."""
+        if self._qemu is None:
+            self._qemu = host.find_qemu(self.spec.arch)
+        return self._qemu
 
     @property
     def console_log(self) -> Path | None:
@@ -341,7 +351,7 @@ class AsyncVM:
             return None
         await asyncio.to_thread(self._prepare, spec)
         assert self.accel is not None
-        qemu = host.find_qemu(spec.arch)
+        qemu = self.qemu  # found once for the VM's architecture, carried
         self.warm_start, plan = await _warm.choose_warm(
             self, spec, qemu, host_facts(qemu, self.accel),
             needs_files=self.kernel is not None and self.kernel.needs_files)
@@ -389,7 +399,7 @@ class AsyncVM:
         chain (:func:`qemukit.host.resolve_disk`) and resolves the accelerator (the
         plan is made once the name is claimed).
         """
-        qemu = host.find_qemu(spec.arch)
+        qemu = self.qemu
         if spec.machine not in qemu.machines:
             raise SpecError("machine", spec.machine, f"{qemu.path} does not support it")
         for name in ("kernel", "initrd"):
@@ -399,19 +409,19 @@ class AsyncVM:
         # The format is never probed again on a disk the guest wrote, and a backing
         # file is opened only if named: see qemukit.host._img.
         formats = [host.resolve_disk(drive, qemu) for drive in spec.drives]
-        for share in spec.shares:
+        for share in spec.all_shares:
             if not os.path.isdir(share.host_path):
                 raise SpecError("share.host_path", share.host_path, "no such directory")
         if spec.firmware == "ovmf" and host.find_ovmf() is None:
             raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-        if any(sh.transport == "virtiofs" for sh in spec.shares):
+        if any(sh.transport == "virtiofs" for sh in spec.all_shares):
             daemon = host.find_virtiofsd()
             if daemon is None:
                 raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
                                 "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
             # A normal user runs it in a user namespace, or learns here what is missing.
             self._vfs_launcher = host.virtiofsd_launcher(daemon)
-            for share in spec.shares:  # a host the share guard does not know: say so now
+            for share in spec.all_shares:  # a host the share guard does not know: say so now
                 if share.transport == "virtiofs":
                     host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
         self._qemu_guard = host.qemu_share_guard(spec)
@@ -443,7 +453,7 @@ class AsyncVM:
             spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
         self.spec = spec
         # The plan again, now in the directory really claimed (its name may be generated).
-        plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
+        plan = plan_launch(self.spec, host_facts(self.qemu, self.accel), rd,
                            self._formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
         await asyncio.to_thread(self._carry_out, plan)
@@ -506,8 +516,8 @@ class AsyncVM:
         """
         for step in plan.overlays:
             try:
-                host.create_overlay(step.base, step.base_format, step.overlay, size=step.size,
-                                    unsafe=step.size is not None)
+                host.create_overlay(self.qemu, step.base, step.base_format, step.overlay,
+                                    size=step.size, unsafe=step.size is not None)
             except HostError as exc:
                 raise LaunchError(str(exc)) from exc
         if plan.firmware_copy is not None:
@@ -800,7 +810,7 @@ class AsyncVM:
             raise GuestPanic(event.line, self.console_tail(40))
         if event.kind == "oops":
             raise GuestOops(event.line, self.console_tail(60))
-        raise share_error(event, self.spec.shares, self.console_tail(20))
+        raise share_error(event, self.spec.all_shares, self.console_tail(20))
 
     # -- QMP ---------------------------------------------------------------------
 
@@ -981,7 +991,7 @@ class AsyncVM:
         clone = saved.clone_spec(name, qemu_version=qemu.version)
         vm = cls(clone, die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
-                 continue_on_oops=continue_on_oops, incoming="defer")
+                 continue_on_oops=continue_on_oops, incoming="defer", qemu=qemu)
         await vm.start()
         try:
             await _warm.restore_clone(vm, saved, timeout)

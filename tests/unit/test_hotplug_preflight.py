@@ -24,6 +24,7 @@ from qemukit import Drive, HotplugError, SpecError, VMSpec, host
 from qemukit._aio import file_lock
 from qemukit._launch.plan import DiskImage
 from qemukit._launch.runtime import RuntimeDir
+from qemukit.arch import ARCHES
 from qemukit.errors import QMPCommandError, WaitTimeout
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
 
@@ -64,8 +65,13 @@ class FakeMonitor:
 class FakeVM:
     """Enough of AsyncVM and QEMU for qemukit.hotplug: state, commands, events."""
 
-    def __init__(self, runtime: Path, spec: VMSpec, *, version: tuple[int, int] = (7, 2)) -> None:
+    def __init__(self, runtime: Path, spec: VMSpec, *, version: tuple[int, int] = (7, 2),
+                 qemu: host.QemuBinary | None = None) -> None:
         self.spec = spec
+        #: The QEMU the VM carries (found once for its architecture): nothing finds another.
+        self.qemu = qemu or host.QemuBinary(
+            f"/usr/bin/{ARCHES[spec.arch].qemu_binary}", (7, 2, 0), "7.2",
+            frozenset(ARCHES[spec.arch].machines), True, "/usr/bin/qemu-img")
         self.runtime = RuntimeDir(runtime)
         self.accel = host.AccelChoice("tcg", "unit test")
         self.monitor = FakeMonitor()
@@ -241,9 +247,6 @@ def _resolve_disk(drive: Drive, qemu: host.QemuBinary) -> DiskImage:
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
-    qemu = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
-                           True, "/usr/bin/qemu-img")
-    monkeypatch.setattr(host, "find_qemu", lambda: qemu)
     monkeypatch.setattr(host, "resolve_disk", _resolve_disk)
     return FakeVM(tmp_path, SPEC)
 

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
     ("warm",),
     ("vm",),
+    ("resolve",),
     ("kernel", "crashdir", "kselftest", "gdbscripts"),
     ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp"),
