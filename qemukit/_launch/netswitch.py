@@ -23,7 +23,13 @@ for it. The host has no interface on the network.
 
 The switch exits, removing its directory, when its last VM has gone: it takes
 the network's lock before it decides, and joiners hold that lock from connect
-to welcome, so a VM never joins a switch on its way out.
+to welcome, so a VM never joins a switch on its way out. Stopped by SIGTERM, it
+takes the lock the same way (after any joiner holding it), stops listening and
+removes its files.
+
+Every step of a join (the lock, starting the switch, connecting, the welcome)
+shares the join's timeout: a switch that stopped accepting costs a joiner its
+timeout, then a :class:`~qemukit.errors.WaitTimeout`, and the lock is released.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import LaunchError, SpecError
+from ..errors import LaunchError, SpecError, WaitTimeout
 from .netaddr import (
     NetworkMember,
     check_network_name,
@@ -73,12 +79,21 @@ IDLE_START = 60.0
 SOCKET_NAME = "switch.sock"
 LOG_NAME = "switch.log"
 _HELLO_MAX = 4096
+_HELD = -1  # the lock is someone else's (not an fd)
 
 
 # -- joining ------------------------------------------------------------------------------------
 
 
-def _lock(root: Path, network: str, deadline: float) -> int:
+def _left(deadline: float) -> float:
+    """The time left until ``deadline`` (a socket timeout: never 0, which means non-blocking)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _lock(root: Path, network: str, deadline: float, timeout: float) -> int:
     """The network's lock, held (an fd); the lock file is re-checked against removal."""
     base = Path(root) / ".net"
     path = base / f"{network}.lock"
@@ -87,6 +102,10 @@ def _lock(root: Path, network: str, deadline: float) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:  # the directory went with the last switch: again
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"network {network!r}'s lock file {path} to open",
+                                  timeout) from None
+            time.sleep(0.05)
             continue
         while True:
             try:
@@ -95,8 +114,8 @@ def _lock(root: Path, network: str, deadline: float) -> int:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise LaunchError(f"network {network!r}: its lock {path} stayed held for "
-                                      f"{JOIN_TIMEOUT:.0f} s") from None
+                    raise WaitTimeout(f"network {network!r}'s lock {path} (held by another "
+                                      "joiner or its switch)", timeout) from None
                 time.sleep(0.05)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -107,8 +126,12 @@ def _lock(root: Path, network: str, deadline: float) -> int:
         os.close(fd)  # a switch removed that file on its way out: lock the new one
 
 
-def _start_switch(directory: Path, lock_path: Path, network: str) -> None:
-    """Bind the switch's socket and start the daemon on it (the caller holds the lock)."""
+def _start_switch(directory: Path, lock_path: Path, network: str, deadline: float) -> None:
+    """Bind the switch's socket and start the daemon on it (the caller holds the lock).
+
+    The starter gets the time left until ``deadline``: its
+    :class:`subprocess.TimeoutExpired` reaches the caller (:func:`join` translates it).
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     path = directory / SOCKET_NAME
@@ -128,7 +151,7 @@ def _start_switch(directory: Path, lock_path: Path, network: str) -> None:
                 [sys.executable, "-m", "qemukit._launch.netswitch", "--fd", str(listener.fileno()),
                  "--dir", str(directory), "--lock", str(lock_path), "--network", network],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=[listener.fileno()],
-                umask=0o077, timeout=JOIN_TIMEOUT, check=False, env=_daemon_env(),
+                umask=0o077, timeout=_left(deadline), check=False, env=_daemon_env(),
             )
         finally:
             os.close(log)
@@ -164,33 +187,59 @@ def _recv_line(sock: socket.socket, deadline: float) -> bytes:
         time.sleep(0.01)
 
 
+def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
+    """Connect within the deadline, waiting while the switch's backlog is full.
+
+    With a timeout set, a Unix socket's connect to a listener whose backlog is
+    full fails at once (EAGAIN) instead of blocking: tried again until the deadline.
+    """
+    while True:
+        sock.settimeout(_left(deadline))
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            time.sleep(0.05)
+
+
 def join(root: Path, network: str, name: str, mac: str | None = None,
          timeout: float = JOIN_TIMEOUT) -> tuple[socket.socket, NetworkMember]:
     """Join VM ``name`` to ``network`` (started if none runs); QEMU's socket and the place.
 
     The socket is blocking and not inheritable; hand its fd to QEMU and close it.
-    Raises :class:`SpecError` for a bad name, a VM of that name already on the
-    network or a full network, :class:`LaunchError` if the switch cannot start.
+    Every step (the lock, starting the switch, connecting, the welcome) shares
+    ``timeout``. Raises :class:`SpecError` for a bad name, a VM of that name
+    already on the network or a full network, :class:`WaitTimeout` (naming the
+    step) once ``timeout`` has passed, :class:`LaunchError` if the switch
+    cannot start or breaks the connection.
     """
     check_network_name(network)
     mac = mac or network_mac(network, name)
     deadline = time.monotonic() + timeout
     directory = network_dir(root, network)
-    lock = _lock(root, network, deadline)
+    lock = _lock(root, network, deadline, timeout)
     try:
         path = directory / SOCKET_NAME
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        step = f"network {network!r}'s switch ({path}) to take VM {name!r}"
         try:
             try:
-                sock.connect(str(path))
+                _connect(sock, path, deadline)
             except (FileNotFoundError, ConnectionRefusedError):
-                _start_switch(directory, Path(root) / ".net" / f"{network}.lock", network)
-                sock.connect(str(path))
+                step = f"network {network!r}'s switch to start (see {directory / LOG_NAME})"
+                _start_switch(directory, Path(root) / ".net" / f"{network}.lock", network,
+                              deadline)
+                step = f"network {network!r}'s new switch ({path}) to take VM {name!r}"
+                _connect(sock, path, deadline)
+            step = f"network {network!r}'s switch ({path}) to welcome VM {name!r}"
+            sock.settimeout(_left(deadline))
             sock.sendall(json.dumps({"name": name, "mac": mac}).encode() + b"\n")
             answer = json.loads(_recv_line(sock, deadline))
         except BaseException as exc:
             sock.close()
-            if isinstance(exc, (OSError, ValueError)):
+            if isinstance(exc, (TimeoutError, subprocess.TimeoutExpired)):
+                raise WaitTimeout(step, timeout) from exc
+            if isinstance(exc, (OSError, ValueError, subprocess.SubprocessError)):
                 raise LaunchError(f"network {network!r}: joining its switch ({path}) failed: "
                                   f"{exc}; see {directory / LOG_NAME}") from exc
             raise
@@ -225,6 +274,8 @@ class Switch:
         self.started = time.monotonic()
         self.had_members = False
         self.done = asyncio.Event()
+        #: Set once this switch's files are gone (they may then be another switch's).
+        self.removed = False
 
     def _welcome(self, hello: Mapping[str, object]) -> dict[str, object] | tuple[str, bytes]:
         name, mac = hello.get("name"), hello.get("mac")
@@ -299,22 +350,28 @@ class Switch:
                     continue
                 other.writer.write(packet)
 
+    def _try_lock(self) -> int | None:
+        """The network's lock if free (an fd), None if its file is gone, :data:`_HELD` if held."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return _HELD
+        return fd
+
     async def watch_idle(self) -> None:
         """Exit (under the lock) once every VM has gone, or nobody came."""
         while True:
             await asyncio.sleep(0.2)
             if self.ports or (not self.had_members and time.monotonic() - self.started < IDLE_START):
                 continue
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue  # someone is joining: look again
+            fd = self._try_lock()
+            if fd == _HELD:
+                continue  # someone is joining: look again
             try:
                 if self.ports:  # joined while we took the lock
                     continue
@@ -325,7 +382,30 @@ class Switch:
                 if fd is not None:
                     os.close(fd)
 
+    async def close_down(self, server: asyncio.AbstractServer) -> None:
+        """Stop serving and remove the files, under the lock (a stop by a signal).
+
+        Waits (at most :data:`JOIN_TIMEOUT`) for a joiner holding the lock; it is
+        welcomed, then disconnected. Without the lock the files stay: once this
+        switch stops listening, a joiner may start another one in their place.
+        """
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        fd = self._try_lock()
+        while fd == _HELD and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            fd = self._try_lock()
+        try:
+            server.close()
+            for port in list(self.ports.values()):
+                port.writer.close()
+            if fd != _HELD:
+                self._remove_files()
+        finally:
+            if fd is not None and fd != _HELD:
+                os.close(fd)
+
     def _remove_files(self) -> None:
+        self.removed = True
         for leftover in (self.directory / SOCKET_NAME, self.directory / LOG_NAME, self.lock_path):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
@@ -343,12 +423,14 @@ async def _run(listen_fd: int, switch: Switch) -> None:
     loop.add_signal_handler(signal.SIGTERM, switch.done.set)
     await switch.done.wait()
     idle.cancel()
-    server.close()
-    for port in list(switch.ports.values()):
-        port.writer.close()
-    if not idle.done() or idle.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await idle
+    with contextlib.suppress(asyncio.CancelledError):
+        await idle
+    if switch.removed:  # the last VM went: the files went with it, under the lock
+        server.close()
+        for port in list(switch.ports.values()):
+            port.writer.close()
+    else:  # stopped by a signal: the files go now, under the lock
+        await switch.close_down(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,19 +165,29 @@ async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) ->
     finally:
         for sock in socks:
             sock.close()
+    await _wait_for_nics(vm, names)
+    vm.spec = vm.spec.replace(networks=(*vm.spec.networks, *names))
+
+
+async def _wait_for_nics(vm: AsyncVM, names: tuple[str, ...]) -> None:
+    """Until the guest sees a NIC with each network's MAC, within :data:`NIC_APPEAR_TIMEOUT`."""
     macs = " ".join(vm.networks[n].mac for n in names)
     script = (f"for m in {macs}; do grep -qx \"$m\" /sys/class/net/*/address 2>/dev/null "
               "|| exit 1; done")
+    what = (f"the hot-plugged NICs of networks {', '.join(names)} in the guest of warm clone "
+            f"{vm.name!r}")
     deadline = time.monotonic() + NIC_APPEAR_TIMEOUT
     while True:
-        result = await vm.exec(["sh", "-c", script], timeout=30)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(what, NIC_APPEAR_TIMEOUT)
+        try:
+            result = await vm.exec(["sh", "-c", script], timeout=min(left, 30.0))
+        except TimeoutError as exc:  # the check itself took the time left
+            raise WaitTimeout(what, NIC_APPEAR_TIMEOUT) from exc
         if result.exit_status == 0:
-            break
-        if time.monotonic() > deadline:
-            raise WaitTimeout(f"the hot-plugged NICs of networks {', '.join(names)} in the "
-                              "guest of warm clone " + repr(vm.name), NIC_APPEAR_TIMEOUT)
-        await asyncio.sleep(0.1)
-    vm.spec = vm.spec.replace(networks=(*vm.spec.networks, *names))
+            return
+        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 async def _free_port(vm: AsyncVM) -> str:

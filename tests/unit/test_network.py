@@ -7,6 +7,7 @@ sockets speaking QEMU's stream framing, so what a hostile guest can send is test
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import socket
 import stat
@@ -267,3 +268,154 @@ def test_the_cli_refuses_a_bad_network_before_anything_starts(tmp_path: Path) ->
                                        "--net", "a,b"])
     assert result.exit_code != 0
     assert "networks" in result.output and "'a,b'" in result.output
+
+
+# -- every wait of a join has the join's deadline ----------------------------------------------
+
+_JOIN_ELSEWHERE = """
+import json, sys, time
+from pathlib import Path
+from qemukit._launch.netswitch import join
+start = time.monotonic()
+try:
+    sock, member = join(Path(sys.argv[1]), "lan", "a", timeout=float(sys.argv[2]))
+except Exception as exc:
+    out = {"error": type(exc).__name__, "message": str(exc)}
+else:
+    out = {"index": member.index}
+out["took"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def _join_elsewhere(root: Path, timeout: float) -> dict[str, object]:
+    """Join from another process: a join that hangs (the old bug) is killed, not waited for."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _JOIN_ELSEWHERE, str(root), str(timeout)],
+                              capture_output=True, text=True, timeout=timeout + 60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"join(timeout={timeout}) was still blocked {timeout + 60:.0f} s later")
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_a_switch_that_stopped_accepting_costs_a_joiner_its_timeout_not_forever(
+        root: Path) -> None:
+    """A switch's socket whose backlog is full and which never accepts (a stopped switch)."""
+    directory = network_dir(root, "lan")
+    directory.mkdir(parents=True, mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(directory / "switch.sock"))
+    listener.listen(0)
+    backlog = []
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(str(directory / "switch.sock"))
+        except BlockingIOError:
+            client.close()
+            break
+        backlog.append(client)
+    try:
+        result = _join_elsewhere(root, 2)
+        assert result["error"] == "WaitTimeout", result
+        assert "network 'lan'" in str(result["message"]), result
+        assert "switch.sock" in str(result["message"]), result
+        # The lock went with the failed join.
+        with (root / ".net" / "lan.lock").open("rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Room for one more, which is never answered: the welcome has the same deadline.
+        backlog.append(listener.accept()[0])
+        result = _join_elsewhere(root, 2)
+        assert result["error"] == "WaitTimeout" and "welcome VM 'a'" in str(result["message"])
+    finally:
+        listener.close()
+        for client in backlog:
+            client.close()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_waited_for_until_the_timeout(root: Path) -> None:
+    (root / ".net").mkdir(mode=0o700)
+    (root / ".net" / "lan.lock").symlink_to(root / "gone" / "lan.lock")  # open() gets ENOENT
+    result = _join_elsewhere(root, 1)
+    assert result["error"] == "WaitTimeout", result
+    assert "lan.lock" in str(result["message"]), result
+
+
+def test_starting_the_switch_gets_the_time_left_and_its_timeout_is_translated(
+        root: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch's starter that never returns: the join ends with its timeout, as WaitTimeout."""
+    from qemukit import WaitTimeout
+
+    stuck = tmp_path_factory.mktemp("bin") / "python"
+    stuck.write_text("#!/bin/sh\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stuck))
+    start = time.monotonic()
+    with pytest.raises(WaitTimeout, match="network 'lan''s switch to start") as err:
+        join(root, "lan", "a", timeout=2)
+    assert err.value.timeout == 2
+    assert time.monotonic() - start < 20  # not the 30 s of JOIN_TIMEOUT
+
+
+def test_a_switch_stopped_by_sigterm_removes_its_files(root: Path) -> None:
+    import os
+    import signal
+
+    a, _ = _join(root, "a")
+    (pid,) = _switch_pids(root)
+    os.kill(pid, signal.SIGTERM)
+    assert _wait_until(lambda: not _switch_pids(root)), "the switch ignored SIGTERM"
+    assert a.recv(4096) == b""  # its members were disconnected
+    a.close()
+    assert not (root / ".net").exists(), sorted(str(p) for p in (root / ".net").rglob("*"))
+    # And the network works again: a new switch starts.
+    b, mb = _join(root, "b")
+    assert mb.index == 1
+    b.close()
+    assert _wait_until(lambda: not _switch_pids(root))
+
+
+def test_a_warm_clones_nics_are_awaited_within_their_timeout(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each check in the guest gets only the time left of NIC_APPEAR_TIMEOUT."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from qemukit import WaitTimeout
+    from qemukit._launch.netaddr import Networks
+    from qemukit.vm import _net
+
+    monkeypatch.setattr(_net, "NIC_APPEAR_TIMEOUT", 1.0)
+
+    class Clone:
+        """What plug_after_restore uses of a VM; its guest never shows the NIC."""
+
+        name = "clone"
+
+        def __init__(self) -> None:
+            self.networks = Networks("clone")
+            self.spec = SimpleNamespace(hotplug_ports=1, networks=())
+            self.monitor = SimpleNamespace(hand_over_fd=self.hand_over_fd)
+            self.timeouts: list[float] = []
+
+        async def hand_over_fd(self, fd: int, name: str) -> str:
+            return name
+
+        async def qmp(self, command: str, arguments: object = None) -> object:
+            if command == "query-pci":
+                return [{"devices": [{"qdev_id": "hp0", "pci_bridge": {"devices": []}}]}]
+            return {}
+
+        async def exec(self, argv: list[str], timeout: float) -> object:
+            self.timeouts.append(timeout)
+            await asyncio.sleep(min(timeout, 3.0))
+            return SimpleNamespace(exit_status=1)
+
+    clone = Clone()
+    with pytest.raises(WaitTimeout, match="hot-plugged NICs of networks lan"):
+        asyncio.run(_net.plug_after_restore(clone, root, ("lan",)))  # type: ignore[arg-type]
+    assert clone.timeouts and max(clone.timeouts) <= 1.0, clone.timeouts
+    assert _wait_until(lambda: not _switch_pids(root))
