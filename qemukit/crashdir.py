@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -100,16 +101,60 @@ def _sha256(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
+def trusted_path(path: str | Path) -> bool:
+    """True when no other local user can have put ``path`` there or changed it.
+
+    ``path`` (through its symlinks) and every directory above it must be owned
+    by this user or root and writable by neither group nor others; a sticky
+    directory above (``/tmp``) is allowed, since others cannot rename what is
+    ours in it. Code that gdb or drgn would run or read on the user's behalf
+    comes only from trusted paths.
+    """
+    me = os.geteuid()
+    p = Path(os.path.abspath(path))
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    chains = [[p, *p.parents], [real, *real.parents]]
+    for chain in chains:
+        for i, item in enumerate(chain):
+            try:
+                st = item.stat()
+            except OSError:
+                return False
+            if st.st_uid not in (me, 0):
+                return False
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                sticky_above = i > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+                if not sticky_above:
+                    return False
+    return True
+
+
+def _kernel_tree_of(image: Path) -> Path | None:
+    """The tree an image was built in: ``<tree>/arch/<arch>/boot/<image>`` with a Kbuild or
+    Makefile at ``<tree>``; None for an image anywhere else."""
+    parents = image.parents
+    if len(parents) <= 3 or parents[0].name != "boot" or parents[2].name != "arch":
+        return None
+    tree = parents[3]
+    return tree if (tree / "Kbuild").is_file() or (tree / "Makefile").is_file() else None
+
+
 def find_vmlinux(kernel: str | Path | None) -> Path | None:
     """The ``vmlinux`` of a kernel tree, or beside a kernel image (``arch/*/boot/`` of a
-    tree, or the image's own directory); None when there is none."""
+    tree with its Kbuild or Makefile, or the image's own directory); None when there is
+    none, or when the one found is not :func:`trusted_path` (another user could have
+    planted it: gdb and drgn read it, gdb runs the scripts beside it)."""
     if kernel is None:
         return None
-    start = Path(kernel)
+    start = Path(os.path.abspath(kernel))
     candidates = [start / "vmlinux"] if start.is_dir() else [start.parent / "vmlinux"]
-    if not start.is_dir() and len(start.parents) > 3:
-        candidates.append(start.parents[3] / "vmlinux")  # <tree>/arch/<arch>/boot/bzImage
-    return next((c for c in candidates if c.is_file()), None)
+    tree = None if start.is_dir() else _kernel_tree_of(start)
+    if tree is not None:
+        candidates.append(tree / "vmlinux")
+    return next((c for c in candidates if c.is_file() and trusted_path(c)), None)
 
 
 def kernel_identity(*, kernel: str | Path | None, initrd: str | Path | None,
