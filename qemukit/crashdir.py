@@ -61,6 +61,10 @@ BUNDLE_FILES = ("verdict.json", "console.log", "vmcore", "kernel.json", "qemu-ar
 DRGN_TIMEOUT = 300.0
 #: Lines of the call trace kept in triage.txt.
 TRACE_LINES = 64
+#: The console log's end that triage reads (a guest can write without end).
+CONSOLE_READ_BYTES = 8 << 20
+#: Free space a dump must leave beyond the guest's memory size.
+DUMP_MARGIN_BYTES = 256 << 20
 
 _STAMP = re.compile(r"^\[\s*\d+\.\d+\](?:\[\s*[CT]\d+\])? ?")
 _TRACE_START = re.compile(r"\b(?:Call Trace|Call trace|Backtrace):")
@@ -89,6 +93,38 @@ def new_bundle(parent: str | Path, outcome: str, name: str) -> Path:
     except OSError as exc:
         raise HostError(f"cannot create a crash bundle in {root}: {exc.strerror or exc}") from exc
     raise HostError(f"cannot create a crash bundle in {root}: {base} and 998 more are taken")
+
+
+def dump_space_note(path: str | Path, memory_mib: int) -> str | None:
+    """None when the file system of ``path`` (a dump to be) has room for a guest of
+    ``memory_mib`` MiB plus :data:`DUMP_MARGIN_BYTES`, else the note saying why no dump.
+
+    A guest decides when it panics or oopses, so without this a guest could fill
+    the host's disk with one full memory dump per run.
+    """
+    need = (memory_mib << 20) + DUMP_MARGIN_BYTES
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError as exc:
+        return f"no crash dump: cannot check the free space for {path}: {exc.strerror or exc}"
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return (f"no crash dump: {free >> 20} MiB free for {path}, it needs {need >> 20} MiB "
+                f"(guest memory {memory_mib} MiB plus {DUMP_MARGIN_BYTES >> 20} MiB)")
+    return None
+
+
+def spec_memory_mib(spec: VMSpec) -> int:
+    """The most memory ``spec``'s guest can have, in MiB (hotplug included): a dump's size."""
+    return max(spec.memory, spec.max_memory or 0)
+
+
+def _read_tail(path: Path, limit: int = CONSOLE_READ_BYTES) -> str:
+    """The last ``limit`` bytes of ``path`` as text (never the whole of a huge file)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        return f.read(limit).decode("utf-8", errors="replace")
 
 
 def _sha256(path: str | Path | None) -> str | None:
@@ -266,7 +302,7 @@ def write_bundle(bundle: str | Path, *, verdict: Mapping[str, Any], argv: Sequen
         if console_log is not None and Path(console_log).is_file():
             if Path(console_log) != path / "console.log":
                 shutil.copyfile(console_log, path / "console.log")
-            console = (path / "console.log").read_text(encoding="utf-8", errors="replace")
+            console = _read_tail(path / "console.log")
         _write_new(path / "verdict.json",
                    json.dumps(verdict, indent=2, ensure_ascii=True, allow_nan=False) + "\n")
         _write_new(path / "qemu-argv.json", json.dumps(list(argv), indent=2) + "\n")
@@ -335,7 +371,11 @@ def bundle_from_vm(vm: VM, parent: str | Path, *, test: str | None = None,
     bundle = new_bundle(parent, outcome, vm.name)
     notes: list[str] = []
     dump: str | None = None
-    if vm.state is VMState.RUNNING and vm.aio.qemu_alive():
+    running = vm.state is VMState.RUNNING and vm.aio.qemu_alive()
+    no_room = dump_space_note(bundle / "vmcore", spec_memory_mib(vm.spec)) if running else None
+    if no_room is not None:
+        notes.append(no_room)
+    elif running:
         try:
             vm.pause()
             dump = str(vm.dump_memory(bundle / "vmcore").path)

@@ -3,15 +3,19 @@ name and mode, files never overwritten, the vmlinux found beside an image or in 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from qemukit import crashdir
-from qemukit.errors import HostError
+from qemukit.errors import GuestPanic, HostError
+from qemukit.vm import VMState
 
 SAMPLES = Path(__file__).parent / "console_samples"
 
@@ -183,3 +187,85 @@ def test_gdb_command_loads_the_kernels_scripts_when_built(tmp_path: Path) -> Non
         "gdb", str(tmp_path / "vmlinux"), "-iex",
         f"add-auto-load-safe-path {tmp_path / 'vmlinux-gdb.py'}",
         "-ex", "target remote h:1"]
+
+
+class _PanickingVM:
+    """What run_in_vm uses of a VM, for a guest whose command panics the kernel."""
+
+    def __init__(self, spec: Any, **_: Any) -> None:
+        self.spec, self.name, self.argv = spec, "vm-1", ["qemu-system-x86_64"]
+        self.warm_start = self.accel = None
+        self.console_log: Path | None = None
+        self.state = VMState.STOPPED
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> float:
+        return 0.5
+
+    def exec(self, command: Any, timeout: float) -> Any:
+        raise GuestPanic("Kernel panic - not syncing: sysrq triggered crash")
+
+    def console_events(self) -> list[Any]:
+        return []
+
+    def console_tail(self, lines: int) -> str:
+        return SYSRQ
+
+
+def _panicking_run(crash_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from qemukit import kernel
+    from qemukit.kconfig import ResolvedKernel
+    from qemukit.spec import VMSpec
+
+    monkeypatch.setattr(kernel, "VM", _PanickingVM)
+    spec = VMSpec(kernel="/nonexistent/bzImage")
+    about = ResolvedKernel(spec=spec, tree=None, config=None, release="6.1")
+    return kernel._run_resolved(spec, "echo c > /proc/sysrq-trigger", about, timeout=30,
+                                console_log=None, modules=None, on_started=None,
+                                on_starting=None, continue_on_oops=False, dump_on_panic=None,
+                                crash_dir=crash_dir)
+
+
+def test_a_crash_dir_that_cannot_be_made_keeps_the_panic_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    result = _panicking_run(tmp_path / "file" / "crashes", monkeypatch)
+    assert result.outcome == "panic" and result.crash_bundle is None
+    assert "sysrq triggered crash" in result.panic
+    assert "no crash bundle: cannot create a crash bundle" in result.error
+
+
+def test_a_full_disk_while_writing_the_bundle_keeps_the_panic_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(crashdir, "_write_new", disk_full)
+    result = _panicking_run(tmp_path / "crashes", monkeypatch)
+    assert result.outcome == "panic" and result.crash_bundle is not None
+    assert "crash bundle incomplete: cannot write the crash bundle" in result.error
+    assert "No space left on device" in result.error
+
+
+def test_no_dump_without_room_for_the_guests_memory(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert crashdir.dump_space_note(tmp_path / "vmcore", 1) is None
+    free = SimpleNamespace(f_bavail=100, f_frsize=1 << 20)  # 100 MiB free
+    monkeypatch.setattr(crashdir.os, "statvfs", lambda path: free)
+    note = crashdir.dump_space_note(tmp_path / "vmcore", 512)
+    assert note is not None and note.startswith("no crash dump: 100 MiB free")
+
+
+def test_triage_reads_only_the_end_of_a_huge_console(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crashdir, "CONSOLE_READ_BYTES", 4096)
+    log = tmp_path / "console"
+    log.write_text("x" * 100_000 + "\n" + SYSRQ)
+    assert crashdir._read_tail(log, 4096) == ("x" * 100_000 + "\n" + SYSRQ)[-4096:]
+    bundle = crashdir.new_bundle(tmp_path / "c", "panic", "vm")
+    verdict = {"outcome": "panic", "panic": "Kernel panic - not syncing: sysrq triggered crash",
+               "oops": None, "command": ["sh"]}
+    crashdir.write_bundle(bundle, verdict=verdict, argv=[], identity={}, console_log=log)
+    assert "sysrq_handle_crash" in (bundle / "triage.txt").read_text()
