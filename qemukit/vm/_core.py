@@ -43,6 +43,7 @@ from ..errors import (
     GuestOops,
     GuestPanic,
     HostError,
+    HotplugError,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -56,6 +57,7 @@ from ..hotplug import AsyncHotplug, PluggedDevice
 from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, save_state
+from ..snapshot._bundle import discarding_device_refusal
 from ..spec import Share, VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 from ..warm import WarmHold, WarmStart
@@ -830,6 +832,11 @@ class AsyncVM:
         """
         args = dict(arguments or {})
         args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        if command == "device_add":  # a mapped clone's RAM template must not be discarded
+            refusal = discarding_device_refusal(self.spec.extra_args, args.get("driver"))
+            if refusal is not None:
+                raise HotplugError(f"driver={args.get('driver')!r}: {refusal}", field="driver",
+                                   value=args.get("driver"), device=args.get("id"))
         # Not guarded(): a QEMU that dies closes the monitor, which fails the command
         # at once; skipping the guard's extra futures keeps a round trip cheap.
         try:
