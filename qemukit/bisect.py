@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._proc import run_group, stop_group
 from .errors import HostError, QemukitError, SpecError
 from .results import Outcome
 from .spec import VMSpec
@@ -50,6 +51,8 @@ GOOD, BAD, SKIP = 0, 1, 125
 ABORT = 128
 #: Seconds one build may take.
 BUILD_TIMEOUT = 7200.0
+#: Seconds ``git bisect run`` may take to exit once its output has ended.
+STOP_TIMEOUT = 60.0
 _SHA = re.compile(r"\b([0-9a-f]{40})\b")
 
 
@@ -175,16 +178,29 @@ def bisect(repo: str | Path, good: str, bad: str, spec: VMSpec, command: Sequenc
 def _run_bisect(root: Path, state: Path, progress: Any) -> list[str]:
     argv = ["git", "-C", str(root), "bisect", "run", sys.executable, "-m", "qemukit.bisect",
             str(state)]
+    # A session of its own: an error or Ctrl-C here ends git, the judge and what the judge
+    # started (make; QEMU dies with its parent) before the caller resets the tree.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", stdin=subprocess.DEVNULL)
+                            errors="replace", stdin=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
     lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if progress is not None:
-            progress(line.rstrip("\n"))
-    # Each step has its own deadlines (build, boot and command): git itself only waits on them.
-    proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if progress is not None:
+                progress(line.rstrip("\n"))
+        # Each step has its own deadlines (build, boot and command): git itself only waits on
+        # them, and its output has ended, so it is exiting.
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        stop_group(proc)
+        raise HostError(f"git bisect run did not exit {STOP_TIMEOUT:.0f} s after its output "
+                        f"ended; it was killed") from exc
+    except BaseException:
+        stop_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
     if proc.returncode not in (0, 1) and not any("first bad commit" in x for x in lines):
         tail = "\n".join(lines[-15:])
         raise HostError(f"git bisect run failed (exit {proc.returncode}):\n{tail}")
@@ -233,9 +249,8 @@ def judge(state: str | Path) -> int:
     result: dict[str, Any] | None = None
     if settings["build"]:
         try:
-            built = subprocess.run(settings["build"], capture_output=True, text=True,
-                                   errors="replace", timeout=BUILD_TIMEOUT, check=False,
-                                   stdin=subprocess.DEVNULL)
+            # Its own process group: a timeout kills make and every compiler it started.
+            built = run_group(settings["build"], timeout=BUILD_TIMEOUT)
             failed = (f"the build failed (exit {built.returncode}): "
                       f"{(built.stdout + built.stderr).strip()[-500:]}"
                       if built.returncode != 0 else None)

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -60,6 +61,10 @@ BUNDLE_FILES = ("verdict.json", "console.log", "vmcore", "kernel.json", "qemu-ar
 DRGN_TIMEOUT = 300.0
 #: Lines of the call trace kept in triage.txt.
 TRACE_LINES = 64
+#: The console log's end that triage reads (a guest can write without end).
+CONSOLE_READ_BYTES = 8 << 20
+#: Free space a dump must leave beyond the guest's memory size.
+DUMP_MARGIN_BYTES = 256 << 20
 
 _STAMP = re.compile(r"^\[\s*\d+\.\d+\](?:\[\s*[CT]\d+\])? ?")
 _TRACE_START = re.compile(r"\b(?:Call Trace|Call trace|Backtrace):")
@@ -90,6 +95,38 @@ def new_bundle(parent: str | Path, outcome: str, name: str) -> Path:
     raise HostError(f"cannot create a crash bundle in {root}: {base} and 998 more are taken")
 
 
+def dump_space_note(path: str | Path, memory_mib: int) -> str | None:
+    """None when the file system of ``path`` (a dump to be) has room for a guest of
+    ``memory_mib`` MiB plus :data:`DUMP_MARGIN_BYTES`, else the note saying why no dump.
+
+    A guest decides when it panics or oopses, so without this a guest could fill
+    the host's disk with one full memory dump per run.
+    """
+    need = (memory_mib << 20) + DUMP_MARGIN_BYTES
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError as exc:
+        return f"no crash dump: cannot check the free space for {path}: {exc.strerror or exc}"
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return (f"no crash dump: {free >> 20} MiB free for {path}, it needs {need >> 20} MiB "
+                f"(guest memory {memory_mib} MiB plus {DUMP_MARGIN_BYTES >> 20} MiB)")
+    return None
+
+
+def spec_memory_mib(spec: VMSpec) -> int:
+    """The most memory ``spec``'s guest can have, in MiB (hotplug included): a dump's size."""
+    return max(spec.memory, spec.max_memory or 0)
+
+
+def _read_tail(path: Path, limit: int = CONSOLE_READ_BYTES) -> str:
+    """The last ``limit`` bytes of ``path`` as text (never the whole of a huge file)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
 def _sha256(path: str | Path | None) -> str | None:
     if path is None or not Path(path).is_file():
         return None
@@ -100,16 +137,60 @@ def _sha256(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
+def trusted_path(path: str | Path) -> bool:
+    """True when no other local user can have put ``path`` there or changed it.
+
+    ``path`` (through its symlinks) and every directory above it must be owned
+    by this user or root and writable by neither group nor others; a sticky
+    directory above (``/tmp``) is allowed, since others cannot rename what is
+    ours in it. Code that gdb or drgn would run or read on the user's behalf
+    comes only from trusted paths.
+    """
+    me = os.geteuid()
+    p = Path(os.path.abspath(path))
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    chains = [[p, *p.parents], [real, *real.parents]]
+    for chain in chains:
+        for i, item in enumerate(chain):
+            try:
+                st = item.stat()
+            except OSError:
+                return False
+            if st.st_uid not in (me, 0):
+                return False
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                sticky_above = i > 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+                if not sticky_above:
+                    return False
+    return True
+
+
+def _kernel_tree_of(image: Path) -> Path | None:
+    """The tree an image was built in: ``<tree>/arch/<arch>/boot/<image>`` with a Kbuild or
+    Makefile at ``<tree>``; None for an image anywhere else."""
+    parents = image.parents
+    if len(parents) <= 3 or parents[0].name != "boot" or parents[2].name != "arch":
+        return None
+    tree = parents[3]
+    return tree if (tree / "Kbuild").is_file() or (tree / "Makefile").is_file() else None
+
+
 def find_vmlinux(kernel: str | Path | None) -> Path | None:
     """The ``vmlinux`` of a kernel tree, or beside a kernel image (``arch/*/boot/`` of a
-    tree, or the image's own directory); None when there is none."""
+    tree with its Kbuild or Makefile, or the image's own directory); None when there is
+    none, or when the one found is not :func:`trusted_path` (another user could have
+    planted it: gdb and drgn read it, gdb runs the scripts beside it)."""
     if kernel is None:
         return None
-    start = Path(kernel)
+    start = Path(os.path.abspath(kernel))
     candidates = [start / "vmlinux"] if start.is_dir() else [start.parent / "vmlinux"]
-    if not start.is_dir() and len(start.parents) > 3:
-        candidates.append(start.parents[3] / "vmlinux")  # <tree>/arch/<arch>/boot/bzImage
-    return next((c for c in candidates if c.is_file()), None)
+    tree = None if start.is_dir() else _kernel_tree_of(start)
+    if tree is not None:
+        candidates.append(tree / "vmlinux")
+    return next((c for c in candidates if c.is_file() and trusted_path(c)), None)
 
 
 def kernel_identity(*, kernel: str | Path | None, initrd: str | Path | None,
@@ -221,7 +302,7 @@ def write_bundle(bundle: str | Path, *, verdict: Mapping[str, Any], argv: Sequen
         if console_log is not None and Path(console_log).is_file():
             if Path(console_log) != path / "console.log":
                 shutil.copyfile(console_log, path / "console.log")
-            console = (path / "console.log").read_text(encoding="utf-8", errors="replace")
+            console = _read_tail(path / "console.log")
         _write_new(path / "verdict.json",
                    json.dumps(verdict, indent=2, ensure_ascii=True, allow_nan=False) + "\n")
         _write_new(path / "qemu-argv.json", json.dumps(list(argv), indent=2) + "\n")
@@ -290,7 +371,11 @@ def bundle_from_vm(vm: VM, parent: str | Path, *, test: str | None = None,
     bundle = new_bundle(parent, outcome, vm.name)
     notes: list[str] = []
     dump: str | None = None
-    if vm.state is VMState.RUNNING and vm.aio.qemu_alive():
+    running = vm.state is VMState.RUNNING and vm.aio.qemu_alive()
+    no_room = dump_space_note(bundle / "vmcore", spec_memory_mib(vm.spec)) if running else None
+    if no_room is not None:
+        notes.append(no_room)
+    elif running:
         try:
             vm.pause()
             dump = str(vm.dump_memory(bundle / "vmcore").path)

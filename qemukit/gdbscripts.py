@@ -4,8 +4,10 @@ A kernel tree built with ``CONFIG_GDB_SCRIPTS`` has ``vmlinux-gdb.py`` beside
 its ``vmlinux`` (``make scripts_gdb``): gdb loads it by itself when that
 directory is an auto-load safe path, and then knows the kernel's ``lx-*``
 commands (``lx-dmesg``, ``lx-ps``, ``lx-symbols``...). :func:`gdb_argv` says so
-with ``-iex 'add-auto-load-safe-path TREE'``, which acts before gdb reads the
-file, so no ``~/.gdbinit`` change is needed.
+with ``-iex 'add-auto-load-safe-path TREE/vmlinux-gdb.py'`` (that one file, never
+a directory), which acts before gdb reads the file, so no ``~/.gdbinit`` change
+is needed. Only a script no other local user can have written or changed
+(:func:`~qemukit.crashdir.trusted_path`) is named: gdb runs it as the user.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .crashdir import find_vmlinux
+from .crashdir import find_vmlinux, trusted_path
 
 __all__ = ["gdb_argv", "gdb_scripts"]
 
 
 def gdb_scripts(vmlinux: str | os.PathLike[str] | None) -> Path | None:
-    """The kernel's ``vmlinux-gdb.py`` beside ``vmlinux``, if it was built (CONFIG_GDB_SCRIPTS)."""
+    """The kernel's ``vmlinux-gdb.py`` beside ``vmlinux``, if it was built (CONFIG_GDB_SCRIPTS)
+    and is trusted (owned by the user or root, in directories no one else can write)."""
     if vmlinux is None:
         return None
-    script = Path(vmlinux).parent / "vmlinux-gdb.py"
-    return script if script.exists() else None
+    script = Path(os.path.abspath(vmlinux)).parent / "vmlinux-gdb.py"
+    return script if script.is_file() and trusted_path(script) else None
 
 
 def gdb_argv(kernel: str | os.PathLike[str] | None, address: str) -> list[str]:
@@ -37,5 +40,5 @@ def gdb_argv(kernel: str | os.PathLike[str] | None, address: str) -> list[str]:
     argv = ["gdb", str(vmlinux) if vmlinux is not None else "vmlinux"]
     script = gdb_scripts(vmlinux)
     if script is not None:
-        argv += ["-iex", f"add-auto-load-safe-path {script.parent}"]
+        argv += ["-iex", f"add-auto-load-safe-path {script}"]
     return [*argv, "-ex", f"target remote {address}"]

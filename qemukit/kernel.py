@@ -22,7 +22,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,7 @@ def _run_resolved(
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = Outcome.PANIC, exc.line, str(exc).split("\n")[0]
         if crash_dir is not None:
-            bundle = crashdir.new_bundle(crash_dir, Outcome.PANIC, vm.name)
+            bundle = _new_bundle(crash_dir, Outcome.PANIC, vm.name, fields)
         target = (Path(dump_on_panic) if dump_on_panic is not None
                   else bundle / "vmcore" if bundle is not None else None)
         if target is not None:
@@ -281,10 +281,11 @@ def _run_resolved(
         outcome, fields["oops"], fields["error"] = Outcome.OOPS, exc.line, str(exc).split("\n")[0]
         if crash_dir is not None:
             # The kernel runs on after an oops: its memory then is the bundle's dump.
-            bundle = crashdir.new_bundle(crash_dir, Outcome.OOPS, vm.name)
-            fields["dump"], dump_error = _dump_after_panic(vm, bundle / "vmcore")
-            if dump_error:
-                notes.append(dump_error)
+            bundle = _new_bundle(crash_dir, Outcome.OOPS, vm.name, fields)
+            if bundle is not None:
+                fields["dump"], dump_error = _dump_after_panic(vm, bundle / "vmcore")
+                if dump_error:
+                    notes.append(dump_error)
     except WaitTimeout as exc:
         outcome, fields["error"] = Outcome.TIMEOUT, str(exc).split("\n")[0]
         if fields["boot_time"] is None and spec.agent == "qemukit" and about.config is None and (
@@ -331,10 +332,30 @@ def _run_resolved(
         crash_bundle=str(bundle) if bundle is not None else None, **fields,
     )
     if bundle is not None:
-        crashdir.finish_run_bundle(bundle, json_clean(verdict.to_dict()), about=about,
-                                   spec=spec, argv=qemu_argv, console_log=crash_log,
-                                   vmlinux=vmlinux, notes=notes)
+        try:
+            crashdir.finish_run_bundle(bundle, json_clean(verdict.to_dict()), about=about,
+                                       spec=spec, argv=qemu_argv, console_log=crash_log,
+                                       vmlinux=vmlinux, notes=notes)
+        except HostError as exc:
+            # The verdict stands (a bisection must still judge a panicking commit bad).
+            verdict = replace(verdict, error=_also(verdict.error, f"crash bundle incomplete: {exc}"))
     return verdict
+
+
+def _also(error: str | None, more: str) -> str:
+    """``error`` with ``more`` added."""
+    return f"{error}; {more}" if error else more
+
+
+def _new_bundle(crash_dir: str | Path, outcome: Outcome, name: str,
+                fields: dict[str, Any]) -> Path | None:
+    """A new crash bundle directory, or None with why not added to ``fields["error"]``: a
+    crash directory that cannot be written never takes the place of the verdict."""
+    try:
+        return crashdir.new_bundle(crash_dir, outcome, name)
+    except HostError as exc:
+        fields["error"] = _also(fields["error"], f"no crash bundle: {exc}")
+        return None
 
 
 def _keep_console(vm: VM, bundle: Path, notes: list[str]) -> Path | None:
@@ -378,6 +399,9 @@ def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
     """Pause the panicked guest and dump its memory to ``path``: (the dump, or the reason not)."""
     if vm.state is not VMState.RUNNING or not vm.aio.qemu_alive():
         return None, "no crash dump: QEMU had already exited"
+    no_room = crashdir.dump_space_note(path, crashdir.spec_memory_mib(vm.spec))
+    if no_room is not None:
+        return None, no_room
     try:
         vm.pause()
         return str(vm.dump_memory(path).path), None

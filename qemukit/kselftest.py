@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._proc import run_group
 from .errors import HostError, SpecError
 from .kernel import KernelTestResult, run_in_vm
 from .ktap import KtapReport, parse_ktap
@@ -194,8 +195,7 @@ def install_kselftests(tree: str | Path, targets: str | Sequence[str], dest: str
             f"TARGETS={' '.join(names)}", f"O={build.absolute()}",
             f"INSTALL_PATH={out.absolute()}", "install"]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = run_group(argv, timeout=timeout)  # a timeout kills make and its compilers
     except FileNotFoundError as exc:
         raise HostError("cannot build the selftests: make is not installed") from exc
     except subprocess.TimeoutExpired as exc:

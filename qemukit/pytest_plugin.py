@@ -549,16 +549,38 @@ def pytest_runtest_makereport(
 
     config.stash.setdefault(_FAILED_VMS_KEY, []).extend(vms)
     for vm in vms:
-        tail = vm.console_tail(40)
-        if tail:
-            report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))
+        _guarded(report, f"the console tail of {vm.name}", _console_section, report, vm)
     if report.when != "teardown" or pending:  # at teardown a test's own VMs are gone
-        evidence = [*pending, *(_collect(vm) for vm in vms if vm.state is VMState.RUNNING)]
+        def artifacts() -> None:
+            evidence = [*pending, *(_collect(vm) for vm in vms if vm.state is VMState.RUNNING)]
+            pending.clear()
+            where = _write_artifacts(item, report, evidence)
+            listing = "\n".join(f"  {p.name}" for p in sorted(where.iterdir()))
+            report.sections.append(("qemukit artifacts", f"{where}\n{listing}"))
+
+        _guarded(report, "the artifacts", artifacts)
         pending.clear()
-        where = _write_artifacts(item, report, evidence)
-        listing = "\n".join(f"  {p.name}" for p in sorted(where.iterdir()))
-        report.sections.append(("qemukit artifacts", f"{where}\n{listing}"))
     _crash_bundles(item, report, vms)  # last: it kills a VM whose kernel panicked
+
+
+def _guarded(report: pytest.TestReport, what: str, step: Callable[..., None], *args: Any) -> None:
+    """Run one step of the failure report; if it fails, log it and say so in the report.
+
+    The test's own failure is what the report is for: qemukit's evidence
+    gathering (a full disk, an artifacts directory that cannot be written, a VM
+    gone wrong) must never replace it with an internal error that ends the run.
+    """
+    try:
+        step(*args)
+    except Exception as exc:  # noqa: BLE001 -- any failure here is qemukit's, not the test's
+        _log.warning("qemukit: %s could not be kept: %r", what, exc)
+        report.sections.append((f"qemukit: {what} could not be kept", f"{type(exc).__name__}: {exc}"))
+
+
+def _console_section(report: pytest.TestReport, vm: VM) -> None:
+    tail = vm.console_tail(40)
+    if tail:
+        report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))
 
 
 def _crash_bundles(item: pytest.Item, report: pytest.TestReport, vms: list[VM]) -> None:
@@ -568,10 +590,15 @@ def _crash_bundles(item: pytest.Item, report: pytest.TestReport, vms: list[VM]) 
         return
     for vm in vms:
         if vm.state.value == "running":
-            from .crashdir import bundle_from_vm
+            _guarded(report, f"the crash bundle of {vm.name}", _crash_bundle, item, report, vm,
+                     crash_dir)
 
-            bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
-            if bundle is not None:  # --junitxml takes the teardown report's: in the case
-                item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
-                report.sections.append(("qemukit crash bundle", str(bundle)))
-                vm.kill()  # paused after its panic: no power button would be heard
+
+def _crash_bundle(item: pytest.Item, report: pytest.TestReport, vm: VM, crash_dir: str) -> None:
+    from .crashdir import bundle_from_vm
+
+    bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
+    if bundle is not None:  # --junitxml takes the teardown report's: in the case
+        item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
+        report.sections.append(("qemukit crash bundle", str(bundle)))
+        vm.kill()  # paused after its panic: no power button would be heard

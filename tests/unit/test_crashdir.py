@@ -3,14 +3,19 @@ name and mode, files never overwritten, the vmlinux found beside an image or in 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from qemukit import crashdir
-from qemukit.errors import HostError
+from qemukit.errors import GuestPanic, HostError
+from qemukit.vm import VMState
 
 SAMPLES = Path(__file__).parent / "console_samples"
 
@@ -46,7 +51,13 @@ def test_new_bundle_is_private_and_never_reused(tmp_path: Path) -> None:
     first = crashdir.new_bundle(tmp_path / "c", "panic", "vm/../x y")
     second = crashdir.new_bundle(tmp_path / "c", "panic", "vm/../x y")
     assert first != second and first.parent == second.parent == tmp_path / "c"
-    assert "/" not in first.name[len("20261207T000000Z-panic-"):] and "-panic-" in first.name
+    assert "-panic-" in first.name
+    for bundle in (first, second):  # one directory directly under the given one, nowhere else
+        assert ".." not in bundle.relative_to(tmp_path / "c").parts
+        assert len(bundle.relative_to(tmp_path / "c").parts) == 1
+        assert bundle.resolve().parent == (tmp_path / "c").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert sorted((tmp_path / "c").iterdir()) == sorted([first, second])
     assert stat.S_IMODE(first.stat().st_mode) == 0o700
     (tmp_path / "file").write_text("")
     with pytest.raises(HostError, match="cannot create a crash bundle"):
@@ -80,9 +91,75 @@ def test_find_vmlinux_in_a_tree_and_beside_its_image(tmp_path: Path) -> None:
     (boot / "bzImage").write_bytes(b"")
     assert crashdir.find_vmlinux(boot / "bzImage") is None
     (tmp_path / "vmlinux").write_bytes(b"")
+    assert crashdir.find_vmlinux(boot / "bzImage") is None  # no Kbuild/Makefile: not a tree
+    (tmp_path / "Makefile").write_text("")
     assert crashdir.find_vmlinux(boot / "bzImage") == tmp_path / "vmlinux"
     assert crashdir.find_vmlinux(tmp_path) == tmp_path / "vmlinux"
     assert crashdir.find_vmlinux(None) is None
+
+
+def _planted(root: Path) -> Path:
+    """vmlinux and vmlinux-gdb.py as another local user would drop them in ``root``."""
+    (root / "vmlinux").write_bytes(b"")
+    (root / "vmlinux-gdb.py").write_text("import os; os.system('id > /tmp/owned')\n")
+    return root
+
+
+def _foreign(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` belong to someone else: chown it when root, else pretend to be another."""
+    if os.geteuid() == 0:
+        os.chown(path, 54321, 54321)
+    else:
+        monkeypatch.setattr(crashdir.os, "geteuid", lambda: 54321)
+
+
+def test_gdb_never_trusts_a_vmlinux_three_levels_up_outside_a_tree(tmp_path: Path) -> None:
+    """The attack: ``--kernel /tmp/x/y/z/bzImage``, another user drops /tmp/vmlinux and
+    /tmp/vmlinux-gdb.py; the old lookup took parents[3] and made it an auto-load safe path."""
+    from qemukit.gdbscripts import gdb_argv
+
+    image = tmp_path / "x" / "y" / "z" / "bzImage"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"")
+    _planted(tmp_path)
+    assert crashdir.find_vmlinux(image) is None
+    assert gdb_argv(image, "/s") == ["gdb", "vmlinux", "-ex", "target remote /s"]
+
+
+def test_gdb_never_trusts_a_directory_others_can_write(tmp_path: Path) -> None:
+    from qemukit.gdbscripts import gdb_argv
+
+    tree = tmp_path / "tree"  # a real tree layout, then made writable by others
+    boot = tree / "arch" / "x86" / "boot"
+    tree.mkdir()
+    _planted(tree)
+    boot.mkdir(parents=True)
+    (boot / "bzImage").write_bytes(b"")
+    (tree / "Makefile").write_text("")
+    assert gdb_argv(boot / "bzImage", "/s")[:2] == ["gdb", str(tree / "vmlinux")]
+    for mode in (0o777, 0o1777, 0o775):
+        tree.chmod(mode)
+        assert crashdir.find_vmlinux(boot / "bzImage") is None, oct(mode)
+        assert gdb_argv(boot / "bzImage", "/s") == ["gdb", "vmlinux", "-ex", "target remote /s"]
+    tree.chmod(0o755)
+    (tree / "vmlinux-gdb.py").chmod(0o666)  # the script itself writable by others
+    assert gdb_argv(boot / "bzImage", "/s") == ["gdb", str(tree / "vmlinux"), "-ex",
+                                                 "target remote /s"]
+
+
+def test_gdb_never_trusts_files_another_user_owns(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit.gdbscripts import gdb_argv
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _planted(tree)
+    _foreign(tree / "vmlinux-gdb.py", monkeypatch)
+    if os.geteuid() == 0:
+        assert gdb_argv(tree, "/s") == ["gdb", str(tree / "vmlinux"), "-ex", "target remote /s"]
+        _foreign(tree / "vmlinux", monkeypatch)
+    assert gdb_argv(tree, "/s") == ["gdb", "vmlinux", "-ex", "target remote /s"]
+    assert crashdir.find_vmlinux(tree) is None  # drgn triage gets no planted vmlinux either
 
 
 def test_drgn_triage_says_why_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,10 +178,94 @@ def test_gdb_command_loads_the_kernels_scripts_when_built(tmp_path: Path) -> Non
     (boot / "bzImage").write_bytes(b"")
     assert gdb_argv(boot / "bzImage", "/s") == ["gdb", "vmlinux", "-ex", "target remote /s"]
     (tmp_path / "vmlinux").write_bytes(b"")
+    (tmp_path / "Kbuild").write_text("")
     assert gdb_argv(tmp_path, "/s") == ["gdb", str(tmp_path / "vmlinux"), "-ex",
                                         "target remote /s"]
     (tmp_path / "vmlinux-gdb.py").symlink_to(tmp_path / "scripts-gdb-vmlinux-gdb.py")
     (tmp_path / "scripts-gdb-vmlinux-gdb.py").write_text("")
     assert gdb_argv(boot / "bzImage", "h:1") == [
-        "gdb", str(tmp_path / "vmlinux"), "-iex", f"add-auto-load-safe-path {tmp_path}",
+        "gdb", str(tmp_path / "vmlinux"), "-iex",
+        f"add-auto-load-safe-path {tmp_path / 'vmlinux-gdb.py'}",
         "-ex", "target remote h:1"]
+
+
+class _PanickingVM:
+    """What run_in_vm uses of a VM, for a guest whose command panics the kernel."""
+
+    def __init__(self, spec: Any, **_: Any) -> None:
+        self.spec, self.name, self.argv = spec, "vm-1", ["qemu-system-x86_64"]
+        self.warm_start = self.accel = None
+        self.console_log: Path | None = None
+        self.state = VMState.STOPPED
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> float:
+        return 0.5
+
+    def exec(self, command: Any, timeout: float) -> Any:
+        raise GuestPanic("Kernel panic - not syncing: sysrq triggered crash")
+
+    def console_events(self) -> list[Any]:
+        return []
+
+    def console_tail(self, lines: int) -> str:
+        return SYSRQ
+
+
+def _panicking_run(crash_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from qemukit import kernel
+    from qemukit.kconfig import ResolvedKernel
+    from qemukit.spec import VMSpec
+
+    monkeypatch.setattr(kernel, "VM", _PanickingVM)
+    spec = VMSpec(kernel="/nonexistent/bzImage")
+    about = ResolvedKernel(spec=spec, tree=None, config=None, release="6.1")
+    return kernel._run_resolved(spec, "echo c > /proc/sysrq-trigger", about, timeout=30,
+                                console_log=None, modules=None, on_started=None,
+                                on_starting=None, continue_on_oops=False, dump_on_panic=None,
+                                crash_dir=crash_dir)
+
+
+def test_a_crash_dir_that_cannot_be_made_keeps_the_panic_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    result = _panicking_run(tmp_path / "file" / "crashes", monkeypatch)
+    assert result.outcome == "panic" and result.crash_bundle is None
+    assert "sysrq triggered crash" in result.panic
+    assert "no crash bundle: cannot create a crash bundle" in result.error
+
+
+def test_a_full_disk_while_writing_the_bundle_keeps_the_panic_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(crashdir, "_write_new", disk_full)
+    result = _panicking_run(tmp_path / "crashes", monkeypatch)
+    assert result.outcome == "panic" and result.crash_bundle is not None
+    assert "crash bundle incomplete: cannot write the crash bundle" in result.error
+    assert "No space left on device" in result.error
+
+
+def test_no_dump_without_room_for_the_guests_memory(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert crashdir.dump_space_note(tmp_path / "vmcore", 1) is None
+    free = SimpleNamespace(f_bavail=100, f_frsize=1 << 20)  # 100 MiB free
+    monkeypatch.setattr(crashdir.os, "statvfs", lambda path: free)
+    note = crashdir.dump_space_note(tmp_path / "vmcore", 512)
+    assert note is not None and note.startswith("no crash dump: 100 MiB free")
+
+
+def test_triage_reads_only_the_end_of_a_huge_console(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crashdir, "CONSOLE_READ_BYTES", 4096)
+    log = tmp_path / "console"
+    log.write_text("x" * 100_000 + "\n" + SYSRQ)
+    assert crashdir._read_tail(log, 4096) == ("x" * 100_000 + "\n" + SYSRQ)[-4096:]
+    bundle = crashdir.new_bundle(tmp_path / "c", "panic", "vm")
+    verdict = {"outcome": "panic", "panic": "Kernel panic - not syncing: sysrq triggered crash",
+               "oops": None, "command": ["sh"]}
+    crashdir.write_bundle(bundle, verdict=verdict, argv=[], identity={}, console_log=log)
+    assert "sysrq_handle_crash" in (bundle / "triage.txt").read_text()

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "qemukit"
 
 #: Lowest first. A module may import its own layer and the layers below, never above.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "paths", "timeouts", "arch", "spec", "_fs", "_aio", "_sync", "results", "ktap"),
+    ("errors", "paths", "timeouts", "arch", "spec", "_fs", "_proc", "_aio", "_sync", "results", "ktap"),
     ("_launch",),
     ("host",),
     ("images", "rootfs", "kconfig"),

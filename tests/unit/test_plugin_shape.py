@@ -113,3 +113,47 @@ def test_artifact_root_from_the_option_or_the_ini() -> None:
     assert plugin._artifact_root(opt) == Path("/cwd/out")  # type: ignore[arg-type]
     ini = FakeConfig(ini={"qemukit_artifacts": "results"})
     assert plugin._artifact_root(ini) == Path("/r/results")  # type: ignore[arg-type]
+
+
+class _BrokenVM:
+    """A running VM whose console says it panicked, and whose console tail cannot be read."""
+
+    name, argv, runtime, spec = "vm-1", ["qemu"], None, BASE
+
+    def __init__(self) -> None:
+        from qemukit.vm import VMState
+
+        self.state = VMState.RUNNING
+
+    def console_tail(self, lines: int) -> str:
+        raise OSError(5, "Input/output error")
+
+    def console_events(self) -> list[Any]:
+        return [SimpleNamespace(kind="panic", line="Kernel panic - not syncing: x")]
+
+
+def test_a_report_step_that_fails_is_named_and_the_test_failure_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An artifacts directory and a crash directory that cannot be written (their parent is
+    a file), a console that cannot be read: the failed report stands, saying what failed."""
+    (tmp_path / "file").write_text("")
+    config = FakeConfig({"--qemukit-artifacts": str(tmp_path / "file" / "artifacts"),
+                         "--qemukit-crash-dir": str(tmp_path / "file" / "crashes")})
+    config.stash = pytest.Stash()  # type: ignore[attr-defined]
+    config.stash[plugin._PENDING_KEY] = [plugin._Evidence("vm-0", files={"a.log": b"x"})]  # type: ignore[attr-defined]
+    item = SimpleNamespace(config=config, nodeid="t.py::test_x", stash=pytest.Stash(),
+                           user_properties=[])
+    item.stash[plugin._VMS_KEY] = [_BrokenVM()]
+    report = pytest.TestReport("t.py::test_x", ("t.py", 1, "test_x"), {}, "failed", "boom",
+                               "call")
+    hook = plugin.pytest_runtest_makereport(item, None)  # type: ignore[arg-type]
+    next(hook)
+    with pytest.raises(StopIteration):
+        hook.send(SimpleNamespace(get_result=lambda: report))
+    assert report.failed and report.longreprtext == "boom"
+    titles = [title for title, _ in report.sections]
+    assert titles == ["qemukit: the console tail of vm-1 could not be kept",
+                      "qemukit: the artifacts could not be kept",
+                      "qemukit: the crash bundle of vm-1 could not be kept"]
+    assert "cannot create a crash bundle" in report.sections[2][1]
+    assert "could not be kept" in caplog.text
