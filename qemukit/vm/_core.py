@@ -26,7 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
-from .. import _sync, host
+from .. import _access, _sync, host
+from .._access import CopyVia
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
 from .._launch.plan import DiskImage, LaunchPlan, plan_launch
@@ -76,9 +77,6 @@ if TYPE_CHECKING:
 from . import _verbs
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
-
-#: How :meth:`AsyncVM.copy_in` and :meth:`AsyncVM.copy_out` move the bytes.
-CopyVia = Literal["auto", "agent", "ssh"]
 
 log = logging.getLogger("qemukit")
 
@@ -167,7 +165,7 @@ def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
     return Agent(rd.agent_socket, connect_timeout=connect_timeout)
 
 
-class AsyncVM:
+class AsyncVM(_verbs.Verbs):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -1176,15 +1174,7 @@ class AsyncVM:
         Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
         the port the kernel picked. Raises :class:`StateError` if none.
         """
-        from .._launch.seed import parse_usernet
-
-        text = await self.qmp("human-monitor-command", command_line="info usernet")
-        for fw in parse_usernet(str(text)):
-            if fw.protocol == "tcp" and fw.guest_port == guest_port:
-                addr = "127.0.0.1" if fw.host_addr == "0.0.0.0" else fw.host_addr
-                return addr, fw.host_port
-        raise StateError(f"VM {self.name!r} forwards no host port to guest port {guest_port} "
-                         f"(add --nic user,hostfwd=0:{guest_port})")
+        return await _access.ssh_address(self, guest_port)
 
     async def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
                        options: Sequence[str] = ()) -> list[str]:
@@ -1195,35 +1185,12 @@ class AsyncVM:
         through ``known_hosts`` in the runtime directory; where qemukit knows
         none, they are not checked. See :func:`qemukit.seed.ssh_argv`.
         """
-        from .._launch.seed import host_key_alias, identity_file, known_hosts_file, ssh_argv
-
-        assert self.runtime is not None
-        host_addr, port = await self.ssh_address()
-        ci = self.spec.cloud_init
-        login = user or (ci.ssh_user if ci is not None else None) or os.environ.get("USER", "root")
-        return ssh_argv(host_addr, port, login, identity_file(ci, self.runtime.path), command,
-                        known_hosts=known_hosts_file(self.runtime.path),
-                        alias=host_key_alias(self.runtime.name), options=options)
+        return await _access.ssh_argv(self, command, user=user, options=options)
 
     async def wait_ssh(self, timeout: float | None = None) -> float:
         """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
-        from .._launch.seed import wait_for_ssh
-
         self._require(VMState.RUNNING)
-        timeout = self.boot_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        if self.spec.cloud_init is not None and self.spec.agent == "qga" and self.identity is None:
-            # (A warm clone's state was saved after cloud-init was done: see _build_warm.)
-            # cloud-init restarts sshd after it first comes up (new host keys, our key,
-            # password settings): a login that works early can be cut off moments later.
-            # Its own "status --wait" is the event that says it is done; ask the agent.
-            await self.wait_ready(timeout)
-            await self.exec(["cloud-init", "status", "--wait"],
-                            timeout=max(1.0, deadline - time.monotonic()))
-        argv = await self.ssh_argv(["true"], options=("-o", "BatchMode=yes",
-                                                      "-o", "ConnectTimeout=5"))
-        remaining = max(1.0, deadline - time.monotonic())
-        await self.guarded(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
+        await _access.wait_ssh(self, self.boot_timeout if timeout is None else timeout)
         assert self._proc is not None
         return self._proc.uptime()
 
@@ -1283,16 +1250,9 @@ class AsyncVM:
         :func:`qemukit.guest.ssh_copy_in`), or ``auto``: the agent when the VM
         has one, else ssh.
         """
-        if self._copy_via(via) == "ssh":
-            from ..guest import ssh_copy_in
-
-            return await self.guarded(
-                ssh_copy_in(self._ssh_command, host_path, guest_path, recursive=recursive,
-                            progress=progress, timeout=timeout),
-                timeout + 60.0, f"copying {host_path} in over ssh")
-        await self.wait_ready()
-        return await self.guest.copy_in(host_path, guest_path, recursive=recursive,
-                                        progress=progress, timeout=timeout)
+        self._require(VMState.RUNNING)
+        return await _access.copy_in(self, host_path, guest_path, recursive=recursive,
+                                     progress=progress, timeout=timeout, via=via)
 
     async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
                        recursive: bool = False, progress: Progress | None = None,
@@ -1301,35 +1261,9 @@ class AsyncVM:
 
         ``via`` as for :meth:`copy_in`.
         """
-        if self._copy_via(via) == "ssh":
-            from ..guest import ssh_copy_out
-
-            return await self.guarded(
-                ssh_copy_out(self._ssh_command, guest_path, host_path, recursive=recursive,
-                             progress=progress, timeout=timeout),
-                timeout + 60.0, f"copying {guest_path} out over ssh")
-        await self.wait_ready()
-        return await self.guest.copy_out(guest_path, host_path, recursive=recursive,
-                                         progress=progress, timeout=timeout)
-
-    def _copy_via(self, via: str) -> str:
         self._require(VMState.RUNNING)
-        if via not in ("auto", "agent", "ssh"):
-            raise SpecError("via", via, "must be auto, agent or ssh")
-        has_agent = self.spec.agent != "none"
-        if via == "agent" and not has_agent:
-            raise StateError(f"VM {self.name!r} has no guest agent (spec.agent is 'none'); "
-                             "copy over ssh (via='ssh', qemukit cp --via ssh)")
-        if via == "ssh" or not has_agent:
-            if self.spec.cloud_init is None:
-                raise StateError(f"VM {self.name!r} has no guest agent and no cloud-init seed "
-                                 "to log in over ssh with: qemukit cannot copy files to it")
-            return "ssh"
-        return "agent"
-
-    async def _ssh_command(self, command: Sequence[str]) -> list[str]:
-        return await self.ssh_argv(command, options=("-o", "BatchMode=yes",
-                                                       "-o", "ConnectTimeout=30"))
+        return await _access.copy_out(self, guest_path, host_path, recursive=recursive,
+                                      progress=progress, timeout=timeout, via=via)
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""
@@ -1355,60 +1289,8 @@ class AsyncVM:
         assert self._proc is not None
         return await self._proc.wait(timeout)
 
-    # -- the test writer's verbs (NixOS test driver's names; see _verbs) ----------
-
-    async def succeed(self, command: str | Sequence[str], *,
-                      timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
-        """Run ``command`` in the guest and return its stdout; it must exit 0.
-
-        A list runs as argv, a string as shell code. A non-zero exit raises
-        :class:`~qemukit.errors.CommandFailed` (status, stdout and stderr);
-        a command still running at ``timeout`` is killed: :class:`WaitTimeout`.
-        """
-        return await _verbs.succeed(self, command, timeout)
-
-    async def fail(self, command: str | Sequence[str], *,
-                   timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
-        """Run ``command`` in the guest and return its stdout; it must exit non-zero.
-
-        An exit status of 0 raises :class:`~qemukit.errors.CommandFailed`.
-        """
-        return await _verbs.fail(self, command, timeout)
-
-    async def wait_until_succeeds(self, command: str | Sequence[str], *,
-                                  timeout: float = _verbs.WAIT_TIMEOUT) -> str:
-        """Run ``command`` until it exits 0 (at most about once a second); returns its stdout.
-
-        Each try is bounded by what is left of ``timeout``; the
-        :class:`WaitTimeout` shows the last try's exit status and output.
-        """
-        return await _verbs.wait_until(self, command, timeout, succeeds=True)
-
-    async def wait_until_fails(self, command: str | Sequence[str], *,
-                               timeout: float = _verbs.WAIT_TIMEOUT) -> str:
-        """Run ``command`` until it exits non-zero; returns that try's stdout."""
-        return await _verbs.wait_until(self, command, timeout, succeeds=False)
-
-    async def wait_for_open_port(self, port: int, *, addr: str | None = None,
-                                 timeout: float = _verbs.WAIT_TIMEOUT) -> None:
-        """Wait until a TCP socket listens on ``port`` inside the guest.
-
-        Read from the guest's ``/proc/net/tcp{,6}`` through the agent, so no
-        host forward is needed. ``addr`` (e.g. ``"127.0.0.1"``) asks for a
-        socket that accepts connections to that address (a wildcard bind
-        counts); None: any. :class:`WaitTimeout` names the port, the deadline
-        and the sockets that were listening.
-        """
-        await _verbs.wait_for_open_port(self, port, addr, timeout)
-
-    async def wait_for_unit(self, unit: str, *, timeout: float = _verbs.WAIT_TIMEOUT) -> None:
-        """Wait until the systemd ``unit`` is active (``systemctl is-active``).
-
-        A unit in state ``failed`` raises :class:`~qemukit.errors.GuestError`
-        at once, with its ``systemctl status``; a guest without systemd
-        raises :class:`StateError` at once.
-        """
-        await _verbs.wait_for_unit(self, unit, timeout)
+    # -- the test writer's verbs: inherited from _verbs.Verbs, but for this one, which
+    # -- reads the console watcher (NixOS test driver's names) ----------------------
 
     async def wait_for_console_text(self, regex: str, *, timeout: float = _verbs.WAIT_TIMEOUT,
                                     since: Literal["now", "start"] = "now") -> str:
@@ -1419,50 +1301,6 @@ class AsyncVM:
         being written (a prompt without newline yet) counts too.
         """
         return await _verbs.wait_for_console_text(self, self._console, regex, timeout, since)
-
-    async def screenshot(self, path: str | os.PathLike[str], *,
-                         timeout: float = QMP_TIMEOUT) -> Path:
-        """Save the VM's display as a PNG at ``path``; returns its absolute path.
-
-        Needs a display device (e.g. ``extra_args=("-device", "VGA")``): a VM
-        without one raises :class:`StateError`.
-        """
-        return await _verbs.screenshot(self, path, timeout)
-
-    async def send_key(self, *keys: str, hold_time: float | None = None) -> None:
-        """Press ``keys`` together, then release them: ``send_key("ctrl", "alt", "delete")``.
-
-        Keys are QEMU's names (QKeyCode: ``ret``, ``spc``, ``esc``, ``a``,
-        ``f1``...); ``"ctrl-alt-delete"`` is the same as three names.
-        ``hold_time`` (seconds) is how long they stay down (QEMU's default 0.1).
-        """
-        await _verbs.send_key(self, keys, hold_time)
-
-    async def send_chars(self, text: str) -> None:
-        """Type ``text`` on the VM's keyboard (US layout; shift for capitals and symbols).
-
-        Every character is checked before the first key is sent.
-        """
-        await _verbs.send_chars(self, text)
-
-    async def crash(self, *, timeout: float = _verbs.COMMAND_TIMEOUT) -> GuestPanic:
-        """Make the guest kernel panic (sysrq-c through the agent); returns the :class:`GuestPanic`.
-
-        The panic is reported as any other (later waits raise it; QEMU exits
-        under ``no_reboot``); here it is returned, since it was asked for.
-        """
-        return await _verbs.crash(self, timeout)
-
-    async def block(self, nic: str | None = None) -> list[str]:
-        """Cut the link of ``nic`` (a device id, e.g. ``net0``), or of every NIC; returns the ids.
-
-        QMP ``set_link``: the guest sees its carrier go down until :meth:`unblock`.
-        """
-        return await _verbs.block(self, nic, up=False)
-
-    async def unblock(self, nic: str | None = None) -> list[str]:
-        """Restore the link of ``nic``, or of every NIC; returns the ids."""
-        return await _verbs.block(self, nic, up=True)
 
     # -- shutdown ----------------------------------------------------------------
 

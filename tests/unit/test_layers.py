@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("templates",),
     ("_wire",),
     ("target",),
-    ("hotplug", "snapshot", "guest", "dump", "ports", "identity"),
+    ("hotplug", "snapshot", "guest", "dump", "ports", "identity", "_access"),
     ("warm",),
     ("vm",),
     ("kernel",),
