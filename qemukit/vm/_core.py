@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import time
 import warnings
 import weakref
@@ -30,9 +29,10 @@ from .. import _access, _sync, host
 from .._access import CopyVia
 from .._aio import cancel_and_wait, file_lock
 from .._launch.argv import GDB_CHARDEV
-from .._launch.plan import DiskImage, LaunchPlan, plan_launch
-from .._launch.process import QemuProcess, process_start_time
-from .._launch.runtime import RuntimeDir, VMInfo
+from .._launch.plan import plan_launch
+from .._launch.process import QemuProcess
+from .._launch.runtime import RuntimeDir
+from .._launch.start import Prepared, carry_out, output_for_error, prepare, record, spawn_qemu, stop_helpers
 from .._wire.agent import Agent, ExecResult
 from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .._wire.qmp import QMP
@@ -43,7 +43,6 @@ from ..errors import (
     GuestIOError,
     GuestOops,
     GuestPanic,
-    HostError,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -57,7 +56,7 @@ from ..hotplug import AsyncHotplug, PluggedDevice
 from ..identity import RESEED_STEPS, CloneIdentity, host_keys, reidentify, reseed_script
 from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, restore_vm, save_state
-from ..spec import Share, VMSpec
+from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 from ..warm import (
     BOOT_LOG,
@@ -224,10 +223,8 @@ class AsyncVM(_verbs.Verbs):
         self._agent: Agent | None = None
         self._io_error: asyncio.Future[GuestIOError] | None = None
         self._io_watch: asyncio.Task[None] | None = None
-        self._formats: list[DiskImage] = []
-        self._vfs_launcher: list[str] = []
-        #: Before QEMU's argv when QEMU serves a writable 9p share (the share guard).
-        self._qemu_guard: list[str] = []
+        #: What the start's checks found (the QEMU binary, drive formats, daemons' launch).
+        self._prepared: Prepared | None = None
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
@@ -537,42 +534,16 @@ class AsyncVM(_verbs.Verbs):
                              f"after the restore failed: {_reseed_failure(result)}")
 
     def _prepare(self) -> None:
-        """Everything before the spawn that can fail on bad input: no process, no file yet.
+        """Check the spec against the host before anything starts, and choose the accelerator.
 
-        Checks the spec against the host, decides each drive's format and backing
-        chain (:func:`qemukit.host.resolve_disk`) and resolves the accelerator (the
-        plan is made once the name is claimed).
+        See :func:`qemukit._launch.start.prepare`; a warm start keeps the
+        accelerator chosen for the user's spec.
         """
-        qemu = host.find_qemu(self.spec.arch)
-        if self.spec.machine not in qemu.machines:
-            raise SpecError("machine", self.spec.machine, f"{qemu.path} does not support it")
-        for name in ("kernel", "initrd"):
-            path = getattr(self.spec, name)
-            if path is not None and not os.path.isfile(path):
-                raise SpecError(name, path, "no such file")
-        # The format is never probed again on a disk the guest wrote, and a backing
-        # file is opened only if named: see qemukit.host._img.
-        formats = [host.resolve_disk(drive, qemu) for drive in self.spec.drives]
-        for share in self.spec.shares:
-            if not os.path.isdir(share.host_path):
-                raise SpecError("share.host_path", share.host_path, "no such directory")
-        if self.spec.firmware == "ovmf" and host.find_ovmf() is None:
-            raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-        if any(sh.transport == "virtiofs" for sh in self.spec.shares):
-            daemon = host.find_virtiofsd()
-            if daemon is None:
-                raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
-                                "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
-            # A normal user runs it in a user namespace, or learns here what is missing.
-            self._vfs_launcher = host.virtiofsd_launcher(daemon)
-            for share in self.spec.shares:  # a host the share guard does not know: say so now
-                if share.transport == "virtiofs":
-                    host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
-        self._qemu_guard = host.qemu_share_guard(self.spec)
-        if self.accel is None:  # a warm start keeps the choice made for the user's spec
+        self._prepared = prepare(self.spec)
+        if self.accel is None:
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
-            self.accel = host.resolve_accel(self.spec.accel, qemu, probe, arch=self.spec.arch)
-        self._formats = formats
+            self.accel = host.resolve_accel(self.spec.accel, self._prepared.qemu, probe,
+                                            arch=self.spec.arch)
 
     async def _start(self, timeout: float) -> None:
         if self.spec.qmp_tcp_port is not None:
@@ -588,48 +559,26 @@ class AsyncVM(_verbs.Verbs):
                 "runs QEMU monitor commands)", stacklevel=3,
             )
         await asyncio.to_thread(self._prepare)
-        assert self.accel is not None
+        assert self.accel is not None and self._prepared is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
         if self.kernel is not None and self.kernel.needs_files:
             # In the runtime directory: the initramfs with the modules lives as long as the VM.
             self.spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
         # The plan again, now in the directory really claimed (its name may be generated).
-        plan = plan_launch(self.spec, host_facts(host.find_qemu(self.spec.arch), self.accel), rd,
-                           self._formats, incoming=self.incoming)
+        plan = plan_launch(self.spec, host_facts(self._prepared.qemu, self.accel), rd,
+                           self._prepared.formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
-        await asyncio.to_thread(self._carry_out, plan)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.argv = plan.argv(qmp_fd=theirs.fileno())
-            self._proc = QemuProcess.spawn(
-                [*self._qemu_guard, *self.argv],
-                log_path=rd.qemu_log,
-                pass_fds=[theirs.fileno()],
-                die_with_parent=self.die_with_parent,
-            )
-        finally:
-            theirs.close()
+        self._seed = await asyncio.to_thread(carry_out, plan, self._prepared, self._helpers,
+                                             die_with_parent=self.die_with_parent)
+        self._proc, self.argv, ours = spawn_qemu(plan, self._prepared,
+                                                 die_with_parent=self.die_with_parent)
         _live.add(self)
         self._qmp = QMP(f"qemukit-{rd.name}")
-        ours.setblocking(False)
         # Start talking to QEMU at once; the bookkeeping below runs while it boots.
         connect = asyncio.ensure_future(self._qmp.connect(ours, timeout))
         try:
-            rd.write_info(
-                VMInfo(
-                    name=rd.name,
-                    pid=self._proc.pid,
-                    start_time=self._proc.start_time,
-                    accel=self.accel.accel,
-                    accel_reason=self.accel.reason,
-                    owner_pid=os.getpid(),
-                    die_with_parent=self.die_with_parent,
-                    created=time.time(),
-                    argv=tuple(self.argv),
-                    owner_start_time=process_start_time(os.getpid()) or 0.0,
-                    helpers=tuple((h.pid, h.start_time) for h in self._helpers),
-                )
-            )
+            record(rd, self._proc, self.argv, self.accel, self._helpers,
+                   die_with_parent=self.die_with_parent)
         except BaseException:
             await cancel_and_wait(connect)
             raise
@@ -645,31 +594,6 @@ class AsyncVM(_verbs.Verbs):
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
-
-    def _carry_out(self, plan: LaunchPlan) -> None:
-        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons.
-
-        """
-        for step in plan.overlays:
-            try:
-                host.create_overlay(step.base, step.base_format, step.overlay, size=step.size,
-                                    unsafe=step.size is not None)
-            except HostError as exc:
-                raise LaunchError(str(exc)) from exc
-        if plan.firmware_copy is not None:
-            template, copy = plan.firmware_copy
-            try:
-                shutil.copyfile(template, copy)
-            except OSError as exc:
-                raise LaunchError(f"cannot copy the UEFI variables {template} to {copy}: "
-                                  f"{exc.strerror}") from exc
-        if plan.seed_iso is not None:
-            from .._launch.seed import build_seed
-
-            assert self.spec.cloud_init is not None
-            self._seed = build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
-        for share, sock in plan.virtiofs:
-            self._start_virtiofsd(share, sock)
 
     @classmethod
     async def attach(
@@ -735,28 +659,6 @@ class AsyncVM(_verbs.Verbs):
         _live.discard(self)
         self.state = VMState.DETACHED
 
-    def _start_virtiofsd(self, share: Share, path: str) -> None:
-        """Start virtiofsd for ``share`` on a listening socket at ``path`` that we bound.
-
-        Binding the socket here and handing virtiofsd the fd means QEMU can
-        connect at once (the kernel queues it) with no wait for the daemon.
-        """
-        daemon = host.find_virtiofsd()
-        assert daemon is not None  # checked by _prepare, as is the launcher
-        assert self.runtime is not None
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(path)
-            os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
-            listener.listen(1)
-            argv = host.virtiofsd_argv(daemon, share, listener.fileno(), self._vfs_launcher)
-            self._helpers.append(QemuProcess.spawn(
-                argv, log_path=self.runtime.path / f"virtiofsd-{share.tag}.log",
-                pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
-            ))
-        finally:
-            listener.close()
-
     async def _stop_io_watch(self) -> None:
         if self._io_watch is not None:
             await cancel_and_wait(self._io_watch)
@@ -765,26 +667,7 @@ class AsyncVM(_verbs.Verbs):
     def _output_for_error(self) -> str:
         """QEMU's last output, plus that of any helper daemon that died (its cause, often)."""
         assert self._proc is not None
-        parts = [self._proc.output_tail()]
-        for helper in self._helpers:
-            if not helper.alive():
-                # The daemon's name, not that of a launcher or of the share guard before it.
-                argv = helper.argv[helper.argv.index("--") + 1:] if "--" in helper.argv else []
-                name = Path((argv or helper.argv)[0]).name
-                parts.append(f"[{name} exited]\n{helper.output_tail(10)}")
-        return "\n".join(p for p in parts if p)
-
-    async def _stop_helpers(self) -> None:
-        """Stop helper daemons (they normally exit with QEMU's disconnect)."""
-        for helper in self._helpers:
-            with contextlib.suppress(WaitTimeout):
-                await helper.wait(2)
-            if helper.alive():
-                helper.kill()
-                with contextlib.suppress(WaitTimeout):
-                    await helper.wait(5)
-            helper.close()
-        self._helpers = []
+        return output_for_error(self._proc, self._helpers)
 
     async def _raise_launch_failure(self) -> None:
         assert self._proc is not None
@@ -1408,7 +1291,7 @@ class AsyncVM(_verbs.Verbs):
                 with contextlib.suppress(WaitTimeout):
                     await self._proc.wait(10)
             self._proc.close()
-        await self._stop_helpers()
+        await stop_helpers(self._helpers, self.name)
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
