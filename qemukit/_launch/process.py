@@ -93,6 +93,7 @@ def run_command(argv: Sequence[str], *, timeout: float = 60.0,
     Raises :class:`HostError` if it cannot be started or times out; a non-zero
     exit is returned for the caller to judge.
     """
+    log.debug("running %s", shlex.join(argv))
     try:
         return subprocess.run(
             list(argv),
@@ -141,6 +142,7 @@ def run_streaming(argv: Sequence[str], *, source: BinaryIO | None = None,
         )
     except OSError as exc:
         raise HostError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    log.debug("spawned pid %d: %s", popen.pid, shlex.join(argv))
     moved = [0]
     lock = threading.Lock()
     failures: list[Exception] = []
@@ -434,6 +436,7 @@ def run_until_output(
         )
     except OSError as exc:
         raise HostError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+    log.debug("spawned pid %d: %s", popen.pid, shlex.join(argv))
     assert popen.stdout is not None
     output = bytearray()
     seen = False

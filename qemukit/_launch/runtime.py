@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,6 +27,8 @@ from .._fs import write_atomic
 from ..errors import SpecError, StateError
 from ..paths import data_dir, state_dir, state_dir_error
 from .process import is_same_process
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RuntimeDir", "VMInfo", "list_entries"]
 
@@ -238,6 +241,9 @@ class RuntimeDir:
             if target.name == self.name:
                 shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():  # rmtree went on past what it could not delete: say so
+            log.warning("%s: the runtime directory %s could not be removed completely",
+                        self.name, self.path)
 
 
 def _mtime(path: Path) -> float:

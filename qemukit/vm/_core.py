@@ -77,7 +77,7 @@ from . import _verbs
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, run_ladder
 
-log = logging.getLogger("qemukit")
+log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
@@ -622,11 +622,13 @@ class AsyncVM(_verbs.Verbs):
         vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
                  state_root=rd.path.parent,
                  adopt=AdoptedQemu(rd, proc, helpers, host.AccelChoice(info.accel, info.accel_reason)))
+        log.debug("%s: attaching to QEMU pid %d (%d helpers)", name, info.pid, len(helpers))
         try:
             await vm._connect_shared_monitor(timeout)
         except BaseException:
             await vm.detach()
             raise
+        log.debug("%s: attached", name)
         return vm
 
     async def _connect_shared_monitor(self, timeout: float) -> None:
@@ -650,8 +652,11 @@ class AsyncVM(_verbs.Verbs):
         await self._stop_io_watch()
         for closer in (self._agent, self._console, self._qmp):
             if closer is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await closer.close()
+                except Exception as exc:  # the VM runs on; our side is closed either way
+                    log.warning("%s: detach: closing %s failed: %r", self.name,
+                                type(closer).__name__, exc)
         self._agent = self._console = self._qmp = None
         for proc in (self._proc, *self._helpers):
             if proc is not None:
@@ -1288,8 +1293,11 @@ class AsyncVM(_verbs.Verbs):
         if self._proc is not None:
             if force and self._proc.alive():
                 self._proc.kill()
-                with contextlib.suppress(WaitTimeout):
+                try:
                     await self._proc.wait(10)
+                except WaitTimeout:  # the files go anyway; say that QEMU did not
+                    log.warning("%s: cleanup: QEMU pid %d survived SIGKILL for 10 s",
+                                self.name, self._proc.pid)
             self._proc.close()
         await stop_helpers(self._helpers, self.name)
         _live.discard(self)

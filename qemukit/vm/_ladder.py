@@ -19,7 +19,7 @@ from .._launch.process import QemuProcess
 from .._wire.qmp import QMP
 from ..errors import QemukitError, QMPConnectionError, StateError, WaitTimeout
 
-log = logging.getLogger("qemukit")
+log = logging.getLogger(__name__)
 
 #: Seconds between power-button presses while the ACPI rung waits.
 ACPI_REPRESS_INTERVAL = 2.0
