@@ -1,7 +1,8 @@
-"""How the host reaches into a running guest: ssh and file copies, as functions of the target.
+"""How the host reaches into a running guest: ssh, file copies and the gdb stub, as
+functions of the target.
 
 :class:`~qemukit.vm.AsyncVM`'s ``ssh_address``, ``ssh_argv``, ``wait_ssh``,
-``copy_in`` and ``copy_out`` are one-line calls of these. They depend on
+``copy_in``, ``copy_out`` and ``gdb_address`` are one-line calls of these. They depend on
 :class:`AccessTarget`, the least a VM offers them (its spec, runtime
 directory and monitor, the guarded wait and the guest agent), never on the
 VM's private parts, so a unit test passes a small fake.
@@ -16,11 +17,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from ._launch.argv import GDB_CHARDEV
 from .errors import SpecError, StateError
 from .guest import Progress, ssh_copy_in, ssh_copy_out
 
@@ -31,8 +34,8 @@ if TYPE_CHECKING:
     from .identity import CloneIdentity
     from .spec import VMSpec
 
-__all__ = ["AccessTarget", "CopyVia", "copy_in", "copy_out", "copy_via", "ssh_address",
-           "ssh_argv", "wait_ssh"]
+__all__ = ["AccessTarget", "CopyVia", "copy_in", "copy_out", "copy_via", "gdb_address",
+           "ssh_address", "ssh_argv", "wait_ssh"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,28 @@ async def wait_ssh(vm: AccessTarget, timeout: float) -> None:
     remaining = max(1.0, deadline - time.monotonic())
     log.debug("%s: waiting up to %.0f s for ssh to log in", vm.name, remaining)
     await vm.guarded(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
+
+
+async def gdb_address(vm: AccessTarget) -> str:
+    """Where QEMU's gdb stub listens, as gdb's ``target remote`` takes it.
+
+    See :meth:`qemukit.vm.AsyncVM.gdb_address`.
+    """
+    if not vm.spec.gdb:
+        raise StateError(f"VM {vm.name!r} has no gdb stub (start it with gdb=True, "
+                         "qemukit run --gdb)")
+    for chardev in await vm.qmp("query-chardev"):
+        if chardev.get("label") != GDB_CHARDEV:
+            continue
+        # e.g. "disconnected:tcp:127.0.0.1:40937,server=on" (the bound address) or
+        # "disconnected:unix:/run/.../gdb.sock,server=on".
+        filename = str(chardev.get("filename", ""))
+        match = re.search(r"tcp:([\d.]+):(\d+)", filename)
+        if match:
+            return f"{match.group(1)}:{match.group(2)}"
+        if "unix:" in filename and vm.runtime is not None:
+            return str(vm.runtime.gdb_socket)
+    raise StateError(f"QEMU reports no listening gdb stub for VM {vm.name!r}")
 
 
 def copy_via(vm: AccessTarget, via: str) -> Literal["agent", "ssh"]:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -245,6 +245,23 @@ class QemuProcess:
     def uptime(self) -> float:
         """Seconds since QEMU was started (monotonic clock for our own children)."""
         return time.monotonic() - self.spawned_at
+
+    def stats(self) -> dict[str, Any]:
+        """The process's resource use from psutil: CPU seconds, RSS, threads, open files, fds."""
+        import psutil
+
+        proc = psutil.Process(self.pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return {
+                "pid": proc.pid,
+                "cpu_seconds": round(times.user + times.system, 3),
+                "rss": proc.memory_info().rss,
+                "threads": proc.num_threads(),
+                "open_files": len(proc.open_files()),
+                "fds": proc.num_fds(),
+                "uptime": round(self.uptime(), 3),
+            }
 
     @classmethod
     def spawn(

@@ -20,24 +20,36 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import host
-from ..errors import HostError, LaunchError, SpecError, WaitTimeout
+from ..errors import HostError, LaunchError, SpecError, StateError, WaitTimeout
+from ..spec import VMSpec
 from .plan import DiskImage, LaunchPlan
 from .process import QemuProcess, process_start_time
 from .runtime import RuntimeDir, VMInfo
 
 if TYPE_CHECKING:
-    from ..spec import Share, VMSpec
+    from ..spec import Share
     from .seed import Seed
 
-__all__ = ["Prepared", "carry_out", "output_for_error", "prepare", "record", "spawn_qemu",
-           "stop_helpers"]
+__all__ = ["AdoptedQemu", "Prepared", "adopt", "carry_out", "output_for_error", "prepare",
+           "record", "spawn_qemu", "stop_helpers", "warn_exposed"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdoptedQemu:
+    """A QEMU that already runs, for an :class:`~qemukit.vm.AsyncVM` made to control it (attach)."""
+
+    runtime: RuntimeDir
+    process: QemuProcess
+    helpers: tuple[QemuProcess, ...]
+    accel: host.AccelChoice
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,22 @@ class Prepared:
     virtiofsd: tuple[str, str] | None = None
     #: Before virtiofsd's argv (a user namespace for a normal user).
     virtiofsd_launcher: list[str] = field(default_factory=list)
+
+
+def warn_exposed(spec: VMSpec, stacklevel: int = 2) -> None:
+    """Warn (:mod:`warnings`) about each TCP listener of the spec that any local user can reach."""
+    if spec.qmp_tcp_port is not None:
+        warnings.warn(
+            f"VM {spec.name or ''!r}: QMP also listens on 127.0.0.1:{spec.qmp_tcp_port};"
+            " any local user who can connect there controls the VM", stacklevel=stacklevel,
+        )
+    if spec.gdb_port is not None:
+        warnings.warn(
+            f"VM {spec.name or ''!r}: the gdb stub listens on TCP ("
+            f"{f'127.0.0.1:{spec.gdb_port}' if spec.gdb_port else 'a free port of 127.0.0.1'}"
+            "); any local user who can connect there controls the VM (gdb's monitor command "
+            "runs QEMU monitor commands)", stacklevel=stacklevel,
+        )
 
 
 def prepare(spec: VMSpec) -> Prepared:
@@ -212,3 +240,27 @@ async def stop_helpers(helpers: list[QemuProcess], name: str) -> None:
                             name, helper.pid)
         helper.close()
     helpers.clear()
+
+
+def adopt(name: str, state_root: Path | None = None) -> tuple[VMSpec, AdoptedQemu, bool]:
+    """The running VM ``name``: its spec, its QEMU and helpers (adopted by pid and start
+    time, so never a process that reused the pid), and whether it dies with its owner.
+
+    Raises :class:`StateError` if there is no such VM or its QEMU is gone.
+    """
+    from ..paths import state_dir
+
+    rd = RuntimeDir((state_root or state_dir()) / name)
+    info = rd.read_info()
+    if info is None:
+        raise StateError(f"no VM named {name!r} in {rd.path.parent}")
+    proc = QemuProcess.adopt(info.pid, info.start_time, list(info.argv), rd.qemu_log)
+    if proc is None:
+        raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
+                         "'qemukit gc' removes its entry")
+    helpers = tuple(
+        h for pid, start in info.helpers
+        if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
+    )
+    accel = host.AccelChoice(info.accel, info.accel_reason)
+    return VMSpec.load(rd.spec_file), AdoptedQemu(rd, proc, helpers, accel), info.die_with_parent

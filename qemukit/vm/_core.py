@@ -13,14 +13,11 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import shutil
 import time
-import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -28,15 +25,24 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from .. import _access, _sync, host
 from .._access import CopyVia
 from .._aio import cancel_and_wait, file_lock
-from .._launch.argv import GDB_CHARDEV
 from .._launch.plan import plan_launch
 from .._launch.process import QemuProcess
 from .._launch.runtime import RuntimeDir
-from .._launch.start import Prepared, carry_out, output_for_error, prepare, record, spawn_qemu, stop_helpers
+from .._launch.start import (
+    AdoptedQemu,
+    Prepared,
+    adopt,
+    carry_out,
+    output_for_error,
+    prepare,
+    record,
+    spawn_qemu,
+    stop_helpers,
+    warn_exposed,
+)
 from .._wire.agent import Agent, ExecResult
 from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
 from .._wire.qmp import QMP
-from ..arch import ARCHES
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
     AgentError,
@@ -75,7 +81,7 @@ if TYPE_CHECKING:
     from .._launch.seed import Seed
 from . import _verbs
 from ._facts import default_probe_image, host_facts
-from ._ladder import ShutdownResult, ShutdownRung, run_ladder
+from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +99,6 @@ class VMState(enum.Enum):
     STOPPED = "stopped"
     FAILED = "failed"
     DETACHED = "detached"
-
-
-@dataclass(frozen=True)
-class AdoptedQemu:
-    """A QEMU that already runs, for an :class:`AsyncVM` made to control it (attach)."""
-
-    runtime: RuntimeDir
-    process: QemuProcess
-    helpers: tuple[QemuProcess, ...]
-    accel: host.AccelChoice
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
@@ -288,22 +284,9 @@ class AsyncVM(_verbs.Verbs):
 
     def stats(self) -> dict[str, Any]:
         """QEMU's resource use from psutil: CPU seconds, RSS, threads, open files and fds."""
-        import psutil
-
         if self._proc is None or not self._proc.alive():
             raise StateError(f"VM {self.name!r} has no running QEMU")
-        proc = psutil.Process(self._proc.pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            return {
-                "pid": proc.pid,
-                "cpu_seconds": round(times.user + times.system, 3),
-                "rss": proc.memory_info().rss,
-                "threads": proc.num_threads(),
-                "open_files": len(proc.open_files()),
-                "fds": proc.num_fds(),
-                "uptime": round(self._proc.uptime(), 3),
-            }
+        return self._proc.stats()
 
     def _require(self, *states: VMState) -> None:
         if self.state not in states:
@@ -546,18 +529,7 @@ class AsyncVM(_verbs.Verbs):
                                             arch=self.spec.arch)
 
     async def _start(self, timeout: float) -> None:
-        if self.spec.qmp_tcp_port is not None:
-            warnings.warn(
-                f"VM {self.spec.name or ''!r}: QMP also listens on 127.0.0.1:{self.spec.qmp_tcp_port};"
-                " any local user who can connect there controls the VM", stacklevel=3,
-            )
-        if self.spec.gdb_port is not None:
-            warnings.warn(
-                f"VM {self.spec.name or ''!r}: the gdb stub listens on TCP ("
-                f"{f'127.0.0.1:{self.spec.gdb_port}' if self.spec.gdb_port else 'a free port of 127.0.0.1'}"
-                "); any local user who can connect there controls the VM (gdb's monitor command "
-                "runs QEMU monitor commands)", stacklevel=3,
-            )
+        warn_exposed(self.spec, stacklevel=4)  # (warn_exposed, _start, start, its caller)
         await asyncio.to_thread(self._prepare)
         assert self.accel is not None and self._prepared is not None
         self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
@@ -605,24 +577,11 @@ class AsyncVM(_verbs.Verbs):
         so this waits (up to ``timeout``) while another client is connected.
         Raises :class:`StateError` if no such VM runs.
         """
-        from ..paths import state_dir
-
-        rd = RuntimeDir((state_root or state_dir()) / name)
-        info = rd.read_info()
-        if info is None:
-            raise StateError(f"no VM named {name!r} in {rd.path.parent}")
-        proc = QemuProcess.adopt(info.pid, info.start_time, list(info.argv), rd.qemu_log)
-        if proc is None:
-            raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
-                             "'qemukit gc' removes its entry")
-        helpers = tuple(
-            h for pid, start in info.helpers
-            if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
-        )
-        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
-                 state_root=rd.path.parent,
-                 adopt=AdoptedQemu(rd, proc, helpers, host.AccelChoice(info.accel, info.accel_reason)))
-        log.debug("%s: attaching to QEMU pid %d (%d helpers)", name, info.pid, len(helpers))
+        spec, adopted, die_with_parent = adopt(name, state_root)
+        vm = cls(spec, die_with_parent=die_with_parent, state_root=adopted.runtime.path.parent,
+                 adopt=adopted)
+        log.debug("%s: attaching to QEMU pid %d (%d helpers)", name, adopted.process.pid,
+                  len(adopted.helpers))
         try:
             await vm._connect_shared_monitor(timeout)
         except BaseException:
@@ -877,21 +836,7 @@ class AsyncVM(_verbs.Verbs):
         port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
         ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
         """
-        if not self.spec.gdb:
-            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb=True, "
-                             "qemukit run --gdb)")
-        for chardev in await self.qmp("query-chardev"):
-            if chardev.get("label") != GDB_CHARDEV:
-                continue
-            # e.g. "disconnected:tcp:127.0.0.1:40937,server=on" (the bound address) or
-            # "disconnected:unix:/run/.../gdb.sock,server=on".
-            filename = str(chardev.get("filename", ""))
-            match = re.search(r"tcp:([\d.]+):(\d+)", filename)
-            if match:
-                return f"{match.group(1)}:{match.group(2)}"
-            if "unix:" in filename and self.runtime is not None:
-                return str(self.runtime.gdb_socket)
-        raise StateError(f"QEMU reports no listening gdb stub for VM {self.name!r}")
+        return await _access.gdb_address(self)
 
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
@@ -1213,16 +1158,7 @@ class AsyncVM(_verbs.Verbs):
         try:
             assert self._proc is not None
             qmp = self._qmp if self._qmp is not None and self._qmp.connected else None
-            info = ARCHES[self.spec.arch]
-            agent_poweroff = None
-            if not info.powerdown and timeout > 0:
-                if self._agent is not None and self._agent.ready:
-                    agent_poweroff = self._agent_poweroff
-                else:
-                    log.info("%s: %s (%s) has no power button the guest hears and its agent "
-                             "is not up: skipping the graceful rung, going to quit",
-                             self.name, self.spec.machine, info.name)
-                    timeout = 0
+            timeout, agent_poweroff = graceful_rung(self.spec, self._agent, self.name, timeout)
             result = await run_ladder(self._proc, qmp, self.name, acpi_timeout=timeout,
                                       quit_timeout=quit_timeout, term_timeout=term_timeout,
                                       kill_timeout=kill_timeout, agent_poweroff=agent_poweroff)
@@ -1231,22 +1167,6 @@ class AsyncVM(_verbs.Verbs):
             self.state = VMState.STOPPED
         self.last_shutdown = result
         return result
-
-    async def _agent_poweroff(self) -> None:
-        """Ask the guest, through its agent, to power itself off (returns once it was asked).
-
-        In the background of a command that returns at once: the agent's reply
-        must come back before the guest goes. The tiny init's power-off script
-        syncs and powers off; elsewhere ``poweroff`` asks the init system.
-        """
-        script = ("( sleep 0.2; if [ -x /sbin/qemukit-poweroff ]; then /sbin/qemukit-poweroff; "
-                  "elif [ -d /run/systemd/system ]; then poweroff; else sync; poweroff -f; fi ) "
-                  "</dev/null >/dev/null 2>&1 &")
-        assert self._agent is not None  # (the VM is stopping: straight to its agent)
-        result = await self._agent.exec(["sh", "-c", script], 20)
-        if result.exit_status != 0:
-            raise StateError(f"VM {self.name!r}: the guest agent could not start a power-off: "
-                             f"{result.stderr_text.strip()[-300:]}")
 
     async def kill(self, *, kill_timeout: float = 5.0) -> ShutdownResult:
         """SIGKILL QEMU at once and clean up: no QMP, no graceful rung.
