@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import _access, _sync, host
 from .._access import CopyVia
@@ -41,14 +41,19 @@ from .._launch.start import (
     warn_exposed,
 )
 from .._wire.agent import Agent, ExecResult
-from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
+from .._wire.console import (
+    ConsoleEvent,
+    ConsoleWatcher,
+    classify_text,
+    console_verdict,
+    first_fatal,
+    log_tail,
+)
+from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
     AgentError,
-    GuestIOError,
-    GuestOops,
-    GuestPanic,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -102,8 +107,6 @@ class VMState(enum.Enum):
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
-#: How long a panicking kernel gets to finish its report before the panic is raised.
-PANIC_REPORT_TIMEOUT = 10.0
 #: At interpreter exit, how long the VMs left running get to close and stop in order.
 EXIT_CLEANUP_TIMEOUT = 5.0
 
@@ -217,8 +220,7 @@ class AsyncVM(_verbs.Verbs):
         self._qmp: QMP | None = None
         self._console: ConsoleWatcher | None = None
         self._agent: Agent | None = None
-        self._io_error: asyncio.Future[GuestIOError] | None = None
-        self._io_watch: asyncio.Task[None] | None = None
+        self._io_watch: IOErrorWatch | None = None
         #: What the start's checks found (the QEMU binary, drive formats, daemons' launch).
         self._prepared: Prepared | None = None
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
@@ -560,7 +562,7 @@ class AsyncVM(_verbs.Verbs):
             # QEMU closed the monitor: it is exiting; report why it failed.
             await self._raise_launch_failure()
             raise
-        self._watch_io_errors()
+        self._io_watch = IOErrorWatch(self._qmp, self.name)
         if self.spec.serial:
             self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
@@ -598,7 +600,7 @@ class AsyncVM(_verbs.Verbs):
         sock = await connect_unix(str(self.runtime.qmp_socket), timeout)
         self._qmp = QMP(f"qemukit-{self.runtime.name}")
         await self.guarded(self._qmp.connect(sock, timeout), timeout, "QMP")
-        self._watch_io_errors()
+        self._io_watch = IOErrorWatch(self._qmp, self.name)
         if self.has_agent:
             self._agent = _make_agent(self.spec, self.runtime, connect_timeout=timeout,
                                       monitor=self._qmp)
@@ -625,7 +627,7 @@ class AsyncVM(_verbs.Verbs):
 
     async def _stop_io_watch(self) -> None:
         if self._io_watch is not None:
-            await cancel_and_wait(self._io_watch)
+            await self._io_watch.stop()
             self._io_watch = None
 
     def _output_for_error(self) -> str:
@@ -668,7 +670,7 @@ class AsyncVM(_verbs.Verbs):
         panic = self._console.panic if self._console and guest_faults else None
         if panic is not None:
             waiters.add(panic)
-        io_error = self._io_error if guest_io else None
+        io_error = self._io_watch.error if guest_io and self._io_watch is not None else None
         if io_error is not None:
             waiters.add(io_error)
         try:
@@ -692,13 +694,13 @@ class AsyncVM(_verbs.Verbs):
         if task in done and (task.exception() is None or (self._proc.alive() and fault() is None)):
             return task.result()
         await cancel_and_wait(task)
-        if io_error is not None and io_error.done():
-            # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
-            self._io_error = asyncio.get_running_loop().create_future()
+        if io_error is not None and io_error.done() and self._io_watch is not None:
+            self._io_watch.rearm()  # reported once: later calls (on the paused VM) are not blocked
             raise io_error.result()
         console_event = fault()
         if console_event is not None:
-            await self._raise_console_event(console_event)
+            raise await console_verdict(console_event, self._console, self._proc.exit_future(),
+                                        self.spec.shares, self.console_tail)
         if not self._proc.alive():
             raise LaunchError(
                 f"QEMU exited while waiting for {what}",
@@ -738,26 +740,6 @@ class AsyncVM(_verbs.Verbs):
         if self._console is not None:
             self._console.reset()
 
-    def _watch_io_errors(self) -> None:
-        """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
-        assert self._qmp is not None
-        qmp = self._qmp
-        self._io_error = asyncio.get_running_loop().create_future()
-
-        async def watch() -> None:
-            with qmp.listen("BLOCK_IO_ERROR") as listener:
-                while True:
-                    event = await qmp.wait_event(listener, None, "BLOCK_IO_ERROR")
-                    data = event.get("data", {})
-                    if self._io_error is not None and not self._io_error.done():
-                        self._io_error.set_result(GuestIOError(
-                            str(data.get("node-name") or data.get("device") or "?"),
-                            str(data.get("operation", "I/O")),
-                            str(data.get("reason", "unknown error")),
-                        ))
-
-        self._io_watch = asyncio.create_task(watch(), name=f"io-errors {self.name}")
-
     def _panic_line(self, panic: asyncio.Future[ConsoleEvent] | None) -> ConsoleEvent | None:
         """The console event that ends the wait (a panic, an oops unless continued past,
         a share that did not mount): seen live, else found in the console log (QEMU exited
@@ -766,33 +748,6 @@ class AsyncVM(_verbs.Verbs):
             return panic.result()
         continue_on_oops = self._console.continue_on_oops if self._console else self.continue_on_oops
         return first_fatal(classify_text(self.console_tail(200)), continue_on_oops)
-
-    async def _raise_console_event(self, event: ConsoleEvent) -> NoReturn:
-        """Raise the error for a fatal console event, once the kernel has said all it will."""
-        assert self._proc is not None
-        if event.kind == "oops" and self._console is not None:
-            # An oops turns into a panic with panic_on_oops or in an interrupt: wait for
-            # the end of its report to tell which.
-            event = await self._console.oops_outcome(event)
-        if event.kind == "panic":
-            # Let the kernel finish its report (the backtrace follows the panic line):
-            # it ends with QEMU's exit (a reboot under -no-reboot) or, when the kernel
-            # stays put, with its end line. Bounded: a loaded host prints slowly.
-            ended: set[asyncio.Future[Any]] = {self._proc.exit_future()}
-            if self._console is not None:
-                ended.add(asyncio.ensure_future(self._console.panic_ended.wait()))
-            try:
-                await asyncio.wait(ended, timeout=PANIC_REPORT_TIMEOUT,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in ended - {self._proc.exit_future()}:
-                    await cancel_and_wait(waiter)
-            if self._console is not None:
-                await self._console.settle()
-            raise GuestPanic(event.line, self.console_tail(40))
-        if event.kind == "oops":
-            raise GuestOops(event.line, self.console_tail(60))
-        raise share_error(event, self.spec.shares, self.console_tail(20))
 
     # -- QMP ---------------------------------------------------------------------
 
