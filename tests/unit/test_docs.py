@@ -41,7 +41,7 @@ API_PAGES = {
     "qemukit.dump": "dump", "qemukit.kernel": "kernel", "qemukit.kconfig": "kconfig",
     "qemukit.matrix": "matrix", "qemukit.images": "images", "qemukit.warm": "warm",
     "qemukit.host": "host", "qemukit.seed": "seed", "qemukit.qga": "qga", "qemukit.mcp": "mcp",
-    "qemukit.pytest_plugin": "pytest_plugin",
+    "qemukit.pytest_plugin": "pytest_plugin", "qemukit.testing": "testing",
 }
 
 

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vm",),
     ("kernel",),
     ("matrix",),
-    ("cli", "pytest_plugin", "qga", "seed", "mcp"),
+    ("cli", "pytest_plugin", "qga", "seed", "mcp", "testing"),
 ]
 #: The only places that may import the CLI and test frameworks.
 FRONT_ENDS = ("cli", "pytest_plugin")
