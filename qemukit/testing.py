@@ -41,7 +41,6 @@ from typing import Any, Literal, TypeVar
 from qemu.qmp import EventListener, Message
 
 from . import host
-from ._aio import file_lock
 from ._launch.runtime import RuntimeDir
 from ._wire.agent import Agent, ExecResult
 from .errors import QMPCommandError, WaitTimeout
@@ -310,7 +309,7 @@ class FakeVM:
     def operation_lock(self, timeout: float = 5.0) -> AbstractAsyncContextManager[None]:
         """The same ``flock`` on ``ops.lock`` in the runtime directory as a real VM's."""
         self.runtime.path.mkdir(parents=True, exist_ok=True)
-        return file_lock(self.runtime.lock_file, timeout, f"VM {self.name!r}'s operation lock")
+        return self.runtime.operation_lock(timeout)
 
     async def shutdown(self, timeout: float = 30.0, *, quit_timeout: float = 5.0,
                        term_timeout: float = 5.0, kill_timeout: float = 5.0) -> str:

@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,13 @@ class RuntimeDir:
     def lock_file(self) -> Path:
         """``ops.lock``: flock'ed by every operation that changes the VM's state files."""
         return self.path / "ops.lock"
+
+    def operation_lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
+        """The ``flock`` on :attr:`lock_file`, waited for at most ``timeout`` seconds."""
+        from .._aio import file_lock  # (asyncio: not for the commands that only list VMs)
+
+        return file_lock(self.lock_file, timeout, f"VM {self.name!r}'s operation lock "
+                         f"({self.lock_file}), held by another operation on it")
 
     @property
     def data_path(self) -> Path:

@@ -630,22 +630,20 @@ class AsyncVM(_verbs.Verbs):
             await self._io_watch.stop()
             self._io_watch = None
 
-    def _output_for_error(self) -> str:
-        """QEMU's last output, plus that of any helper daemon that died (its cause, often)."""
+    def _exited(self, message: str, argv: Sequence[str] = (), console_lines: int = 20
+                ) -> LaunchError:
+        """The error for a QEMU that is gone: its (and a dead helper's) last output, the console's."""
         assert self._proc is not None
-        return output_for_error(self._proc, self._helpers)
+        return LaunchError(message, argv=argv, returncode=self._proc.returncode,
+                           stderr=output_for_error(self._proc, self._helpers),
+                           console=self.console_tail(console_lines))
 
     async def _raise_launch_failure(self) -> None:
         assert self._proc is not None
         with contextlib.suppress(WaitTimeout):
             await self._proc.wait(5)
-        raise LaunchError(
-            "QEMU exited during start-up" if not self._proc.alive() else "QEMU closed its monitor",
-            argv=self.argv,
-            returncode=self._proc.returncode,
-            stderr=self._output_for_error(),
-            console=self.console_tail(10),
-        )
+        raise self._exited("QEMU exited during start-up" if not self._proc.alive()
+                           else "QEMU closed its monitor", self.argv, 10)
 
     # -- guarded waits ---------------------------------------------------------
 
@@ -702,13 +700,8 @@ class AsyncVM(_verbs.Verbs):
             raise await console_verdict(console_event, self._console, self._proc.exit_future(),
                                         self.spec.shares, self.console_tail)
         if not self._proc.alive():
-            raise LaunchError(
-                f"QEMU exited while waiting for {what}",
-                argv=self.argv if launching else (),
-                returncode=self._proc.returncode,
-                stderr=self._output_for_error(),
-                console=self.console_tail(20),
-            )
+            raise self._exited(f"QEMU exited while waiting for {what}",
+                               self.argv if launching else ())
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
 
     def qemu_alive(self) -> bool:
@@ -776,11 +769,8 @@ class AsyncVM(_verbs.Verbs):
             with contextlib.suppress(WaitTimeout):
                 await self._proc.wait(0.5)
             if not self._proc.alive():
-                raise LaunchError(
-                    f"QEMU exited while waiting for QEMU's reply to QMP {command}",
-                    returncode=self._proc.returncode, stderr=self._output_for_error(),
-                    console=self.console_tail(20),
-                ) from None
+                raise self._exited(f"QEMU exited while waiting for QEMU's reply to QMP {command}"
+                                   ) from None
             raise
 
     async def gdb_address(self) -> str:
@@ -836,9 +826,7 @@ class AsyncVM(_verbs.Verbs):
         """
         if self.runtime is None:
             raise StateError(f"VM {self.name!r} has no runtime directory (not started)")
-        path = self.runtime.lock_file
-        return file_lock(path, timeout, f"VM {self.name!r}'s operation lock ({path}), "
-                         "held by another operation on it")
+        return self.runtime.operation_lock(timeout)
 
     async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
         """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
