@@ -1,8 +1,12 @@
 """The async core: :class:`AsyncVM`'s lifecycle and the supervision around it.
 
-Start (carrying out the launch plan), attach, guarded waits, QMP, the guest,
-shutdown; and the registry of live VMs that an exit hook (and a fork) keeps
-from outliving, or being cleaned up by, the wrong process.
+Start, attach, guarded waits, QMP, the guest agent, shutdown; and the
+registry of live VMs that an exit hook (and a fork) keeps from outliving, or
+being cleaned up by, the wrong process. What is not supervision lives
+beside it: the launch plan is carried out by :mod:`qemukit._launch.start`,
+ssh, copies and the gdb stub are functions of the target in
+:mod:`qemukit._access`, the test writer's verbs come from
+:class:`qemukit.vm._verbs.Verbs`, the shutdown ladder is :mod:`._ladder`.
 """
 
 from __future__ import annotations
