@@ -7,6 +7,10 @@ Fixtures:
 ``qemu_vm_factory``
     ``qemu_vm_factory(spec=None, **overrides)`` boots VMs from your own specs; every VM
     it made is stopped at teardown, even when the test failed.
+``qemu_network``
+    ``qemu_network("server", "client", spec=None, **overrides)`` boots VMs of those
+    names on one private network of their own (``vm.networks[...]`` holds each one's
+    address; the names resolve in every guest); stopped at teardown like the factory's.
 ``qemu_clean_vm``
     A session-wide VM booted once; each test receives it rolled back to a snapshot
     taken right after boot, so what one test did in the guest is gone in the next.
@@ -140,6 +144,28 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def qemu_network(request: pytest.FixtureRequest,
+                 qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
+    """Boot VMs on one private network of this test: ``qemu_network("server", "client")``.
+
+    The network's name is made per call (so tests and pytest-xdist workers never
+    share one); ``vm.networks`` maps it to each VM's address. ``spec`` and
+    ``overrides`` are as for ``qemu_vm_factory``.
+    """
+    import secrets
+
+    def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> list[VM]:
+        networks = (*overrides.pop("networks", ()), f"t{secrets.token_hex(4)}")
+        if spec is None:
+            spec = _base_spec(request.config, **overrides)
+        elif overrides:
+            spec = spec.replace(**overrides)
+        return [qemu_vm_factory(spec.replace(name=name, networks=networks)) for name in names]
+
+    return make
 
 
 @pytest.fixture(scope="session")

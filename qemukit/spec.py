@@ -52,6 +52,9 @@ ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,25}")
 RESERVED_ID_RE = re.compile(r"(hp\d+|scsi\d+|vser\d+|agent\d.*|console\d+|qmp-.*|ovmf-.*)")
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+#: A private network's name (see docs/networks.md): it names a directory and a device
+#: id, so no ',', '/' or '.'.
+NETWORK_RE = re.compile(r"[a-z][a-z0-9-]{0,14}")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MAX_CPUS = 288
@@ -599,6 +602,11 @@ class VMSpec:
     leaves a watcher behind, see :mod:`qemukit.ports`); it needs a user
     network and a guest agent. The debian image and imported images with an
     agent turn it on; ``None`` (the default) means off.
+    ``networks`` names private networks the VM joins (``["lan"]``), each a NIC
+    ``net-<name>`` on a switch shared by the VMs of this user that name it, with
+    a stable MAC and an address qemukit writes into the guest once its agent
+    answers (without an agent the NIC is there, unconfigured; see
+    docs/networks.md).
     """
 
     name: str | None = None
@@ -632,6 +640,7 @@ class VMSpec:
     arch: ArchName = "x86_64"
     warm: bool = False
     forward_auto: bool | None = None
+    networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -764,10 +773,12 @@ class VMSpec:
         for given in [d.id for d in self.drives if d.id] + [n.id for n in self.nics if n.id]:
             if RESERVED_ID_RE.fullmatch(given):
                 raise SpecError("id", given, "qemukit uses ids of this shape for its own devices")
+        self._check_networks()
         # Generated ids (disk0, net0...) count too: 'disk1' given to the first drive
         # would otherwise collide with the second drive's default id.
         ids = [d.id or f"disk{i}" for i, d in enumerate(self.drives)]
         ids += [n.id or f"net{i}" for i, n in enumerate(self.nics)]
+        ids += [f"net-{name}" for name in self.networks]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             raise SpecError("id", sorted(dupes)[0], "device ids must be unique (defaults are "
@@ -781,6 +792,20 @@ class VMSpec:
             if self.agent == "none":
                 raise SpecError("forward_auto", True, "needs a guest agent to see the guest's "
                                 "listeners (agent is 'none')")
+
+    def _check_networks(self) -> None:
+        raw: object = self.networks
+        if isinstance(raw, str) or not isinstance(raw, Iterable):
+            raise SpecError("networks", raw, "must be a list of network names")
+        names = tuple(raw)
+        for name in names:
+            if not isinstance(name, str) or not NETWORK_RE.fullmatch(name):
+                raise SpecError("networks", name, f"a network name must match "
+                                f"{NETWORK_RE.pattern} (lower-case letters, digits and '-'; "
+                                "no ',', '/' or '.')")
+        if len(set(names)) != len(names):
+            raise SpecError("networks", list(names), "names a network twice")
+        object.__setattr__(self, "networks", names)
 
     # -- helpers ---------------------------------------------------------
 

@@ -265,7 +265,8 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
 
     data = spec.to_dict()
     # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
-    for ignored in ("name", "warm", "forward_auto"):
+    # Networks too: a clone's NICs on them are hot-plugged after the restore (qemukit.vm._net).
+    for ignored in ("name", "warm", "forward_auto", "networks"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):
@@ -307,7 +308,7 @@ def warm_spec(spec: VMSpec) -> VMSpec:
     seed = spec.cloud_init
     if seed is not None:
         seed = CloudInit(user_data=seed.user_data, ssh_user=seed.ssh_user)
-    return spec.replace(name=None, warm=False, cloud_init=seed,
+    return spec.replace(name=None, warm=False, cloud_init=seed, networks=(),
                         extra_args=spec.extra_args + VMGENID_ARGS)
 
 

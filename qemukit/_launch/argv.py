@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
+from .netaddr import network_mac, network_nic_id
 
 __all__ = [
     "AGENT_PORT_NAME", "GDB_CHARDEV", "QGA_PORT_NAME", "SEED_DEVICE_ID", "SEED_FILE", "Plumbing",
@@ -64,6 +65,9 @@ class Plumbing:
     #: The gdb stub's Unix socket (``spec.gdb`` without ``gdb_port``), in the private
     #: runtime directory.
     gdb_path: str | None = None
+    #: Per private network (``spec.networks``, in order): QEMU's end of its connection to
+    #: the network's switch, an inherited fd (see :mod:`qemukit._launch.netswitch`).
+    network_fds: tuple[int, ...] = ()
 
 
 def drive_ids(spec: VMSpec) -> list[str]:
@@ -191,6 +195,20 @@ def _nic_args(spec: VMSpec) -> list[str]:
         args += ["-netdev", _netdev(nic, f"{dev_id}-backend")]
         mac = f",mac={nic.mac}" if nic.mac else ""
         args += ["-device", f"{_virtio(spec, 'net')},netdev={dev_id}-backend,id={dev_id}{mac}"]
+    return args
+
+
+def _network_args(spec: VMSpec, plumbing: Plumbing, vm_name: str) -> list[str]:
+    """One NIC per private network, on the switch connection QEMU inherits (``stream``, fd)."""
+    if len(plumbing.network_fds) != len(spec.networks):
+        raise SpecError("networks", list(spec.networks), "every network needs its switch "
+                        "connection")
+    args: list[str] = []
+    for network, fd in zip(spec.networks, plumbing.network_fds, strict=True):
+        dev_id = network_nic_id(network)
+        args += ["-netdev", f"stream,id={dev_id}-backend,server=off,addr.type=fd,addr.str={fd}",
+                 "-device", f"{_virtio(spec, 'net')},netdev={dev_id}-backend,id={dev_id},"
+                            f"mac={network_mac(network, vm_name)}"]
     return args
 
 
@@ -327,6 +345,7 @@ def build_argv(
             argv += ["-device", f"pcie-root-port,id=hp{i},bus={info.hotplug_bus},chassis={i + 1}"]
     argv += _drive_args(spec, plumbing)
     argv += _nic_args(spec)
+    argv += _network_args(spec, plumbing, vm_name)
     if spec.agent != "none" and plumbing.agent_path:
         port_name = QGA_PORT_NAME if spec.agent == "qga" else AGENT_PORT_NAME
         argv += ["-device", f"{_virtio(spec, 'serial')},id=vser0"]

@@ -89,14 +89,21 @@ class LaunchPlan:
     seed_iso: str | None
     seed_args: tuple[str, ...]
 
-    def argv(self, qmp_fd: int = PREVIEW_QMP_FD) -> list[str]:
-        """QEMU's argv, with ``qmp_fd`` the inherited end of the owner's monitor socket."""
+    def argv(self, qmp_fd: int = PREVIEW_QMP_FD,
+             network_fds: Sequence[int] | None = None) -> list[str]:
+        """QEMU's argv, with ``qmp_fd`` the inherited end of the owner's monitor socket.
+
+        ``network_fds`` are QEMU's ends of its switch connections, one per
+        ``spec.networks`` (a preview numbers them after ``qmp_fd``).
+        """
         facts = self.facts
+        if network_fds is None:
+            network_fds = range(qmp_fd + 1, qmp_fd + 1 + len(self.spec.networks))
         return build_argv(
             self.spec,
             qemu=facts.qemu,
             accel=facts.accel,
-            plumbing=replace(self.plumbing, qmp_fd=qmp_fd),
+            plumbing=replace(self.plumbing, qmp_fd=qmp_fd, network_fds=tuple(network_fds)),
             sandbox=facts.sandbox,
             name=self.runtime.name,
             cpu=facts.cpu,

@@ -264,7 +264,8 @@ def list_entries(root: Path | None = None) -> list[tuple[RuntimeDir, VMInfo | No
     """Every runtime directory under ``root`` with its ``vm.json`` (None if unreadable)."""
     root = root or state_dir()
     try:
-        dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        # Not the private networks' switches (.net, see qemukit._launch.netswitch).
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
         return []
     return [(RuntimeDir(p), RuntimeDir(p).read_info()) for p in dirs]

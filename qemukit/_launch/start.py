@@ -21,6 +21,7 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,24 +174,29 @@ def _start_virtiofsd(prepared: Prepared, share: Share, path: str, runtime: Runti
         listener.close()
 
 
-def spawn_qemu(plan: LaunchPlan, prepared: Prepared, *, die_with_parent: bool
-               ) -> tuple[QemuProcess, list[str], socket.socket]:
+def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.socket] = (), *,
+               die_with_parent: bool) -> tuple[QemuProcess, list[str], socket.socket]:
     """Spawn QEMU for ``plan`` with its monitor on a socket pair we made.
 
+    ``links`` are the VM's connections to its private networks' switches,
+    handed to QEMU (it keeps its own copies: they are closed here either way).
     Returns the process, its argv (without the share guard before it) and
     our end of the monitor socket, non-blocking: QEMU is connected from the
     start, so there is no wait for a socket to appear and no race for it.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        argv = plan.argv(qmp_fd=theirs.fileno())
+        argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links])
         proc = QemuProcess.spawn([*prepared.qemu_guard, *argv], log_path=plan.runtime.qemu_log,
-                                 pass_fds=[theirs.fileno()], die_with_parent=die_with_parent)
+                                 pass_fds=[theirs.fileno(), *(link.fileno() for link in links)],
+                                 die_with_parent=die_with_parent)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
+        for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
+            link.close()
     ours.setblocking(False)
     return proc, argv, ours
 

@@ -177,6 +177,10 @@ def spec_options(func: F) -> F:
                      "and recorded. A qcow2's backing files must be named with backing=."),
         click.option("--nic", "nics", multiple=True, metavar="user|tap[,opts]",
                      help="Add a NIC: user[,hostfwd=[ADDR:]HOST:GUEST] or tap,ifname=NAME."),
+        click.option("--net", "networks", multiple=True, metavar="NAME",
+                     help="Join the private network NAME (repeatable): a NIC net-NAME shared "
+                     "with your other VMs on it, its address and their names written into the "
+                     "guest; the host is not on it."),
         click.option("--share", "shares", multiple=True, metavar="HOST:GUEST[,ro][,9p]",
                      help="Share a host directory, mounted in the guest at GUEST (virtiofs; "
                      "9p with ,9p)."),
@@ -274,6 +278,8 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
         changes["drives"] = spec.drives + tuple(parse_drive(d) for d in opts["disks"])
     if opts["nics"]:
         changes["nics"] = spec.nics + tuple(parse_nic(n) for n in opts["nics"])
+    if opts.get("networks"):
+        changes["networks"] = spec.networks + tuple(opts["networks"])
     if opts.get("shares"):
         changes["shares"] = spec.shares + tuple(Share.parse(sh) for sh in opts["shares"])
     if opts["no_sandbox"]:

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
               help="Start the VM in the background, print its name and return.")
 @click.option("--wait", "wait_for", type=click.Choice(["qmp", "agent", "ssh"]), default="qmp",
               show_default=True, help="With --detach: return once QMP answers, the guest agent "
-              "answers, or ssh logs in.")
+              "answers, or ssh logs in (at least the agent with --net: it gives the guest its "
+              "address).")
 @click.option("--keep", is_flag=True, help="Keep the disk changes (overlays) under the VM's name; "
               "a later --keep run of that name boots them again.")
 @click.option("--user-data", type=click.Path(exists=True, dir_okay=False),
@@ -243,7 +244,8 @@ def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
     vm = VM(spec, die_with_parent=False, boot_timeout=timeout, modules=modules)
     try:
         vm.start()
-        if wait_for == "agent":
+        if wait_for == "agent" or (wait_for == "qmp" and spec.networks):
+            # A private network's address is written into the guest once its agent answers.
             vm.wait_ready(timeout)
         elif wait_for == "ssh":
             vm.wait_ssh(timeout)

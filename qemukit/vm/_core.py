@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from .. import _access, _sync, host
 from .._access import CopyVia
 from .._aio import cancel_and_wait, file_lock
+from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import plan_launch
 from .._launch.process import QemuProcess
 from .._launch.runtime import RuntimeDir
@@ -88,7 +89,7 @@ from ..warm import (
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _verbs
+from . import _net, _verbs
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
@@ -244,6 +245,8 @@ class AsyncVM(_verbs.Verbs):
         self._seed: Seed | None = None
         #: What a warm clone of a cloud-init guest was given after its restore.
         self.identity: CloneIdentity | None = None
+        #: The private networks joined (``spec.networks``): name -> index, MAC, address.
+        self.networks: dict[str, NetworkMember] = Networks(spec.name or "")
         if adopt is not None:
             self.runtime, self._proc, self.argv = adopt.runtime, adopt.process, list(adopt.process.argv)
             self._helpers = list(adopt.helpers)
@@ -306,6 +309,7 @@ class AsyncVM(_verbs.Verbs):
         self._require(VMState.NEW)
         self.state = VMState.STARTING
         self._loop = asyncio.get_running_loop()
+        networks = self.spec.networks
         try:
             if self.incoming is None or self.modules is not None:
                 self.kernel = await asyncio.to_thread(resolve_kernel, self.spec, self.modules)
@@ -315,6 +319,9 @@ class AsyncVM(_verbs.Verbs):
             self.state = VMState.RUNNING
             if warm is not None:
                 await self._finish_warm(*warm)
+                if networks and self.runtime is not None:  # the saved state has no such NICs
+                    await _net.plug_after_restore(self, self.runtime.path.parent, networks)
+                    await _net.configure_guest(self)
         except BaseException:
             self.state = VMState.FAILED
             await self._cleanup(force=True)
@@ -529,6 +536,7 @@ class AsyncVM(_verbs.Verbs):
         accelerator chosen for the user's spec.
         """
         self._prepared = prepare(self.spec)
+        _net.check_subnets(self.spec.networks)
         if self.accel is None:
             probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
             self.accel = host.resolve_accel(self.spec.accel, self._prepared.qemu, probe,
@@ -548,7 +556,8 @@ class AsyncVM(_verbs.Verbs):
         rd.write_private(rd.spec_file, self.spec.dumps())
         self._seed = await asyncio.to_thread(carry_out, plan, self._prepared, self._helpers,
                                              die_with_parent=self.die_with_parent)
-        self._proc, self.argv, ours = spawn_qemu(plan, self._prepared,
+        links = await _net.join_networks(self, rd.path.parent, self.spec.networks)
+        self._proc, self.argv, ours = spawn_qemu(plan, self._prepared, links,
                                                  die_with_parent=self.die_with_parent)
         _live.add(self)
         self._qmp = QMP(f"qemukit-{rd.name}")
@@ -992,6 +1001,8 @@ class AsyncVM(_verbs.Verbs):
             if self.runtime is not None and not self.runtime.ready_stamp.exists():
                 # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
                 self.runtime.write_private(self.runtime.ready_stamp, f"{time.time()}\n")
+        if _net.needs_configuring(self) and self.has_agent:
+            await _net.configure_guest(self)
         assert self._proc is not None
         return self._proc.uptime()
 

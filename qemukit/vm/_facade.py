@@ -7,6 +7,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .. import host
+from .._launch.netaddr import NetworkMember
 from .._launch.runtime import RuntimeDir
 from .._launch.start import AdoptedQemu
 from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
@@ -68,6 +69,9 @@ class VM(SyncFacade):
     identity: delegated[CloneIdentity | None] = delegated(
         lambda vm: vm.identity,
         "For a warm clone of a cloud-init guest: the host name, MACs and keys it was given.")
+    networks: delegated[dict[str, NetworkMember]] = delegated(
+        lambda vm: vm.networks,
+        "The private networks joined: name -> its index, MAC and address (``.address``).")
     name = delegated(AsyncVM.name)
     pid = delegated(AsyncVM.pid)
     console_log = delegated(AsyncVM.console_log)

@@ -488,6 +488,7 @@ def full_spec() -> VMSpec:
                              user_data="/ud/ünï 😀\\data", ssh_user="admin"),
         warm=True,
         forward_auto=False,  # True needs an agent and a user network: see the tests below
+        networks=("lan", "db-2"),
     )
 
 

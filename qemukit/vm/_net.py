@@ -1,0 +1,195 @@
+"""Private networks in a VM's life: join at start, the guest's address, warm clones.
+
+A cold start joins each of ``spec.networks`` before QEMU starts (QEMU inherits
+the switch connection, see :mod:`qemukit._launch.netswitch`); once the guest is
+ready, qemukit writes the NIC's address and the members' names into it. A warm
+clone is restored from a state without these NICs (one saved state serves every
+network), so its NICs are hot-plugged right after the restore, then configured.
+
+Names: a guest's ``/etc/hosts`` gets every member known when it is configured;
+VMs of this process on the same event loop (every :class:`~qemukit.VM` of the
+sync API shares one) also get each later member's line as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import socket
+import time
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._launch.netaddr import NetworkMember, Networks, network_mac, network_nic_id, network_subnet
+from .._launch.netswitch import join
+from ..errors import SpecError, StateError, WaitTimeout
+
+if TYPE_CHECKING:
+    from ._core import AsyncVM
+
+#: How long a hot-plugged NIC of a warm clone may take to show up in the guest.
+NIC_APPEAR_TIMEOUT = 30.0
+#: The comment marking the lines qemukit wrote into a guest's /etc/hosts.
+HOSTS_MARK = "qemukit-net"
+
+#: Per (state directory, network): the VMs of this process on it.
+_peers: dict[tuple[str, str], weakref.WeakSet[AsyncVM]] = {}
+#: The VMs whose guest has its addresses (or is being given them), with their event loop.
+_configured: weakref.WeakKeyDictionary[AsyncVM, asyncio.AbstractEventLoop] = (
+    weakref.WeakKeyDictionary())
+
+
+def needs_configuring(vm: AsyncVM) -> bool:
+    """True if ``vm`` joined networks whose addresses are not written into its guest yet."""
+    return bool(vm.networks) and vm not in _configured
+
+
+def check_subnets(names: tuple[str, ...]) -> None:
+    """Two networks of one VM must not share a /24 (their names' digests could)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        subnet = str(network_subnet(name))
+        if subnet in seen:
+            raise SpecError("networks", name, f"gets the same subnet ({subnet}) as network "
+                            f"{seen[subnet]!r}; rename one of them")
+        seen[subnet] = name
+
+
+async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list[socket.socket]:
+    """Join ``vm`` (its name claimed) to ``names``; the switch connections to hand QEMU."""
+    joined: list[socket.socket] = []
+    if isinstance(vm.networks, Networks):
+        vm.networks.vm_name = vm.name  # generated at the start when the spec had none
+    try:
+        for name in names:
+            sock, member = await asyncio.to_thread(join, root, name, vm.name)
+            joined.append(sock)
+            vm.networks[name] = member
+            _peers.setdefault((str(root), name), weakref.WeakSet()).add(vm)
+    except BaseException:
+        for sock in joined:
+            sock.close()
+        raise
+    return joined
+
+
+def _hosts_script(network: str, hosts: dict[str, str]) -> str:
+    """Replace this network's lines for ``hosts`` in /etc/hosts (in place: it may be a mount)."""
+    mark = f"# {HOSTS_MARK} {network}"
+    drop = " ".join(f"-e {shlex.quote(f' {name} {mark}')}" for name in hosts)
+    lines = "".join(f"{addr} {name} {mark}\n" for name, addr in sorted(hosts.items()))
+    return (f"{{ grep -v -F {drop} /etc/hosts; printf %s {shlex.quote(lines)}; }} >/etc/hosts.qk"
+            " && cat /etc/hosts.qk >/etc/hosts && rm -f /etc/hosts.qk")
+
+
+def _address_script(member: NetworkMember) -> str:
+    """Find the NIC by its MAC, stop any DHCP client on it, give it its address."""
+    q = shlex.quote
+    return "\n".join([
+        f"mac={q(member.mac)}; ifname=",
+        'for d in /sys/class/net/*; do [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && '
+        'ifname=${d##*/}; done',
+        '[ -n "$ifname" ] || { echo "no interface has MAC $mac" >&2; exit 3; }',
+        # The tiny init runs udhcpc on every NIC it finds at boot; nobody answers it here.
+        'for p in $(pidof udhcpc dhclient 2>/dev/null); do tr "\\0" " " </proc/$p/cmdline | '
+        'grep -q -e " $ifname " -e " $ifname\\$" && kill $p; done',
+        'ip addr flush dev "$ifname"',
+        f'ip addr add {q(f"{member.address}/{member.prefix}")} dev "$ifname"',
+        'ip link set "$ifname" up',
+    ])
+
+
+async def _run(vm: AsyncVM, script: str, what: str) -> None:
+    result = await vm.exec(["sh", "-c", script], timeout=60)
+    if result.exit_status != 0:
+        raise StateError(f"VM {vm.name!r}: {what} failed (exit {result.exit_status}): "
+                         f"{(result.stderr or result.stdout).decode(errors='replace').strip()[:400]}")
+
+
+async def configure_guest(vm: AsyncVM) -> None:
+    """Write each network's address and members' names into the ready guest."""
+    # Before the first exec, which waits for the guest to be ready (and would come here).
+    _configured[vm] = asyncio.get_running_loop()
+    try:
+        await _configure(vm)
+    except BaseException:
+        _configured.pop(vm, None)
+        raise
+
+
+async def _configure(vm: AsyncVM) -> None:
+    root = str(vm.runtime.path.parent) if vm.runtime is not None else ""
+    for name, member in vm.networks.items():
+        hosts = member.hosts()
+        peers = [p for p in _peers.get((root, name), ())
+                 if p is not vm and name in p.networks and p.qemu_alive()]
+        for peer in peers:
+            other = peer.networks[name]
+            hosts[other.name] = other.address
+        await _run(vm, _address_script(member) + "\n" + _hosts_script(name, hosts),
+                   f"configuring its NIC on network {name!r}")
+        # Tell the members already configured on this loop about the newcomer.
+        loop = asyncio.get_running_loop()
+        for peer in peers:
+            if _configured.get(peer) is loop and peer.has_agent:
+                try:
+                    await _run(peer, _hosts_script(name, {member.name: member.address}),
+                               f"adding {vm.name!r} to its /etc/hosts")
+                except Exception as exc:  # noqa: BLE001 - a stopped peer costs it the name only
+                    import logging
+
+                    logging.getLogger("qemukit.network").debug(
+                        "%s: could not add %s to %s's hosts: %r", name, vm.name, peer.name, exc)
+
+
+async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> None:
+    """A warm clone's NICs: join, hand QEMU the connection, plug, wait for the guest to see it.
+
+    :func:`configure_guest` follows; until then no command's wait for the guest
+    (``wait_ready``) may configure a NIC that is not there yet.
+    """
+    _configured[vm] = asyncio.get_running_loop()
+    socks = await join_networks(vm, root, names)
+    try:
+        for name, sock in zip(names, socks, strict=True):
+            dev_id = network_nic_id(name)
+            fdname = await vm.monitor.hand_over_fd(sock.fileno(), f"net-{name}")
+            # "socket", not "stream": QEMU 7.2's stream backend looks a getfd name up from a
+            # worker thread, where there is no monitor, and fails ("connection error").
+            await vm.qmp("netdev_add", {"type": "socket", "id": f"{dev_id}-backend",
+                                        "fd": fdname})
+            device = {"driver": "virtio-net-pci", "id": dev_id, "netdev": f"{dev_id}-backend",
+                      "mac": network_mac(name, vm.name), "bus": await _free_port(vm)}
+            await vm.qmp("device_add", device)
+    finally:
+        for sock in socks:
+            sock.close()
+    macs = " ".join(vm.networks[n].mac for n in names)
+    script = (f"for m in {macs}; do grep -qx \"$m\" /sys/class/net/*/address 2>/dev/null "
+              "|| exit 1; done")
+    deadline = time.monotonic() + NIC_APPEAR_TIMEOUT
+    while True:
+        result = await vm.exec(["sh", "-c", script], timeout=30)
+        if result.exit_status == 0:
+            break
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"the hot-plugged NICs of networks {', '.join(names)} in the "
+                              "guest of warm clone " + repr(vm.name), NIC_APPEAR_TIMEOUT)
+        await asyncio.sleep(0.1)
+    vm.spec = vm.spec.replace(networks=(*vm.spec.networks, *names))
+
+
+async def _free_port(vm: AsyncVM) -> str:
+    """The first pcie-root-port (hp0, hp1...) with nothing on it."""
+    ports = [f"hp{i}" for i in range(vm.spec.hotplug_ports)]
+    empty = set()
+    for bus in await vm.qmp("query-pci"):
+        for dev in bus.get("devices", ()):
+            if dev.get("qdev_id") in ports and not dev.get("pci_bridge", {}).get("devices"):
+                empty.add(dev["qdev_id"])
+    for port in ports:
+        if port in empty:
+            return port
+    raise StateError(f"VM {vm.name!r}: no free pcie-root-port for its network NIC; start it "
+                     "with more hotplug_ports")

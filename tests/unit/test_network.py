@@ -1,0 +1,269 @@
+"""Private networks without QEMU: the spec's ``networks``, their argv, and the switch itself.
+
+The switch is the real daemon (``python -m qemukit._launch.netswitch``) driven through
+sockets speaking QEMU's stream framing, so what a hostile guest can send is tested here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qemukit import SpecError, VMSpec
+from qemukit._launch.argv import build_argv
+from qemukit._launch.netaddr import (
+    NetworkMember,
+    network_address,
+    network_dir,
+    network_mac,
+    network_subnet,
+)
+from qemukit._launch.netswitch import MAX_FRAME, join
+
+from .test_argv import QEMU, check_golden, plumbing
+
+TINY = {"kernel": "/k", "initrd": "/i"}
+
+
+@pytest.mark.parametrize("bad", ["a,b", "a/b", "../x", "a.b", "LAN", "", "-lan", "x" * 16, 7])
+def test_a_bad_network_name_is_refused_naming_the_field(bad: object) -> None:
+    with pytest.raises(SpecError) as err:
+        VMSpec(networks=[bad])  # type: ignore[list-item]
+    assert err.value.field == "networks" and err.value.value == bad
+
+
+def test_networks_are_checked_as_a_list_without_repeats() -> None:
+    with pytest.raises(SpecError, match="must be a list"):
+        VMSpec(networks="lan")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="twice"):
+        VMSpec(networks=["lan", "lan"])
+    with pytest.raises(SpecError, match="unique"):
+        VMSpec(networks=["lan"], nics=[{"id": "net-lan"}])
+
+
+def test_networks_round_trip_through_toml(tmp_path: Path) -> None:
+    spec = VMSpec(name="a", networks=["lan", "backend-2"])
+    assert spec.networks == ("lan", "backend-2")
+    spec.dump(tmp_path / "a.toml")
+    assert 'networks = ["lan", "backend-2"]' in (tmp_path / "a.toml").read_text()
+    assert VMSpec.load(tmp_path / "a.toml") == spec
+
+
+def test_golden_networks() -> None:
+    spec = VMSpec(name="member", networks=["lan", "backend"], **TINY)
+    argv = build_argv(spec, qemu=QEMU, accel="tcg", name="member",
+                      plumbing=dataclasses.replace(plumbing("/run/user/1000/qemukit/member"),
+                                                   network_fds=(7, 8)))
+    check_golden("networks", argv)
+    joined = " ".join(argv)
+    assert f"mac={network_mac('lan', 'member')}" in joined and "addr.str=8" in joined
+
+
+def test_a_network_without_its_connection_is_refused() -> None:
+    with pytest.raises(SpecError, match="switch connection"):
+        build_argv(VMSpec(networks=["lan"], **TINY), qemu=QEMU, accel="tcg",
+                   plumbing=plumbing("/run/x"))
+
+
+def test_macs_and_addresses_are_stable_and_private() -> None:
+    mac = network_mac("lan", "web")
+    assert mac == network_mac("lan", "web") != network_mac("lan", "db")
+    first = int(mac.split(":")[0], 16)
+    assert first & 2 and not first & 1  # locally administered, unicast
+    subnet = network_subnet("lan")
+    assert subnet.prefixlen == 24 and subnet.subnet_of(network_subnet("lan").supernet(16))
+    assert not subnet.overlaps(network_subnet("lan").__class__("10.0.2.0/24"))  # QEMU's slirp
+    assert network_address("lan", 3) == str(subnet.network_address + 3)
+
+
+# -- the switch -------------------------------------------------------------------------------
+
+
+def _frame(dst: str, src: str, payload: bytes = b"x" * 46) -> bytes:
+    body = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x08\x00"
+    return struct.pack(">I", len(body + payload)) + body + payload
+
+
+def _switch_pids(root: Path) -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if ("qemukit._launch.netswitch" in cmd and str(root) in cmd
+                and proc.info["status"] != psutil.STATUS_ZOMBIE):
+            pids.append(proc.pid)
+    return pids
+
+
+def _wait_until(check: object, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    for pid in _switch_pids(tmp_path):  # a failed test's switch: not left behind
+        psutil.Process(pid).kill()
+
+
+def _join(root: Path, name: str) -> tuple[socket.socket, NetworkMember]:
+    sock, member = join(root, "lan", name)
+    sock.settimeout(5)
+    return sock, member
+
+
+def test_members_get_indexes_frames_go_to_their_mac_and_nobody_poses_as_another(root: Path) -> None:
+    a, ma = _join(root, "a")
+    b, mb = _join(root, "b")
+    c, mc = _join(root, "c")
+    assert (ma.index, mb.index, mc.index) == (1, 2, 3)
+    assert mc.hosts() == {n: network_address("lan", i) for n, i in (("a", 1), ("b", 2), ("c", 3))}
+    directory = network_dir(root, "lan")
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "switch.sock").stat().st_mode) == 0o600
+
+    a.sendall(_frame(mb.mac, ma.mac))  # unicast: b only
+    assert b.recv(4096) == _frame(mb.mac, ma.mac)
+    a.sendall(_frame("ff:ff:ff:ff:ff:ff", ma.mac))  # broadcast: everyone else
+    assert b.recv(4096) == c.recv(4096) == _frame("ff:ff:ff:ff:ff:ff", ma.mac)
+    a.sendall(_frame(mb.mac, mc.mac))  # a posing as c: dropped
+    a.sendall(_frame(mc.mac, ma.mac))  # and the next honest frame still flows
+    assert c.recv(4096) == _frame(mc.mac, ma.mac)
+    b.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        b.recv(4096)
+
+    with pytest.raises(SpecError, match="already on network"):
+        join(root, "lan", "a")
+    # A VM that leaves frees its index for the next one.
+    b.close()
+    assert _wait_until(lambda: join_index(root, "d") == 2)
+    for sock in (a, c):
+        sock.close()
+
+
+def join_index(root: Path, name: str) -> int | None:
+    try:
+        sock, member = join(root, "lan", name)
+    except SpecError:
+        return None
+    sock.close()
+    return member.index
+
+
+def test_an_oversized_frame_ends_only_that_link(root: Path) -> None:
+    a, ma = _join(root, "a")
+    b, mb = _join(root, "b")
+    a.sendall(struct.pack(">I", MAX_FRAME + 1) + b"\0" * 64)
+    assert a.recv(4096) == b""  # the switch hung up on it
+    c, mc = _join(root, "c")
+    c.sendall(_frame(mb.mac, mc.mac))
+    assert b.recv(4096) == _frame(mb.mac, mc.mac)
+    for sock in (a, b, c):
+        sock.close()
+
+
+def test_the_switch_exits_and_cleans_up_with_its_last_member(root: Path) -> None:
+    a, _ = _join(root, "a")
+    b, _ = _join(root, "b")
+    pids = _switch_pids(root)
+    assert len(pids) == 1
+    assert psutil.Process(pids[0]).ppid() != psutil.Process().pid  # init's, not ours to reap
+    a.close()
+    time.sleep(0.5)
+    assert _switch_pids(root) == pids  # one member left: it stays
+    b.close()
+    assert _wait_until(lambda: not _switch_pids(root)), "the switch outlived its last member"
+    assert _wait_until(lambda: not (root / ".net").exists()), list((root / ".net").iterdir())
+    # The next join starts a new switch.
+    c, mc = _join(root, "c")
+    assert mc.index == 1
+    c.close()
+    assert _wait_until(lambda: not _switch_pids(root))
+
+
+def test_a_second_user_of_the_state_dir_shares_the_switch_a_stale_socket_is_replaced(
+        root: Path) -> None:
+    directory = network_dir(root, "lan")
+    directory.mkdir(parents=True, mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(directory / "switch.sock"))
+    stale.close()  # a socket file nobody listens on: a switch that was killed
+    a, ma = _join(root, "a")
+    assert ma.index == 1
+    code = ("import sys, json; from pathlib import Path; from qemukit._launch.netswitch import join;"
+            " s, m = join(Path(sys.argv[1]), 'lan', 'other'); print(json.dumps(m.members))")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert json.loads(out.stdout) == {"a": 1, "other": 2}
+    a.close()
+    assert _wait_until(lambda: not _switch_pids(root))
+
+
+def test_another_user_cannot_reach_the_switch(root: Path) -> None:
+    """The attack a multicast group on the loopback would allow: another local user joining."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    a, _ = _join(root, "a")
+    path = str(network_dir(root, "lan") / "switch.sock")
+    pid = os.fork()
+    if pid == 0:  # the other user: nobody
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    a.close()
+    assert os.waitstatus_to_exitcode(status) == 0, "another user connected to the switch"
+
+
+def test_the_switches_directory_is_no_vm_entry(root: Path) -> None:
+    from qemukit._launch.runtime import list_entries
+
+    a, _ = _join(root, "a")
+    (root / "vm1").mkdir()
+    assert [rd.name for rd, _ in list_entries(root)] == ["vm1"]
+    a.close()
+
+
+def test_an_unknown_network_of_a_vm_says_which_it_is_on() -> None:
+    from qemukit._launch.netaddr import Networks
+
+    nets = Networks("web")
+    nets["lan"] = NetworkMember("lan", "web", 1, network_mac("lan", "web"))
+    with pytest.raises(KeyError, match="not on network 'wan'; its networks: lan"):
+        nets["wan"]
+
+
+def test_the_cli_refuses_a_bad_network_before_anything_starts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from qemukit.cli import main
+
+    result = CliRunner().invoke(main, ["cmdline", "--kernel", "/nonexistent", "--initrd", "/x",
+                                       "--net", "a,b"])
+    assert result.exit_code != 0
+    assert "networks" in result.output and "'a,b'" in result.output
