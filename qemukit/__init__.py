@@ -6,7 +6,11 @@
 
 The public modules (:data:`SUBMODULES`: ``qemukit.images``, ``qemukit.kernel``,
 ``qemukit.hotplug``, ...) are attributes of the package, imported on first
-use, so ``import qemukit`` stays cheap (no asyncio, no qemu.qmp).
+use, and so are the names of the public surface (:class:`VMSpec`, :class:`VM`, ...):
+``import qemukit`` loads only the errors and the logger, and ``qemukit.VMSpec``
+loads the spec module at its first use (no dataclasses machinery, no asyncio,
+no qemu.qmp, psutil or click before a call needs them; tests/unit/test_imports.py
+keeps it so).
 
 qemukit logs under the ``qemukit`` logger (``qemukit.qmp`` carries qemu.qmp's
 records), which has a NullHandler: nothing reaches the terminal unless the
@@ -39,7 +43,6 @@ from .errors import (
     StateError,
     WaitTimeout,
 )
-from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
 
 if TYPE_CHECKING:
     # For type checkers: the lazily loaded modules (see SUBMODULES and __getattr__).
@@ -58,11 +61,21 @@ if TYPE_CHECKING:
     from . import timeouts as timeouts
     from . import vm as vm
     from .guest import ExecResult
+    from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
     from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
 
-# The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time):
-# load it on first use, so `import qemukit`, the CLI's --help and `qemukit ls` stay fast.
+# The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time), the
+# spec dataclasses (dataclasses, inspect, ipaddress, tomllib): load each on first use, so
+# `import qemukit`, the CLI's --help and `qemukit ls` stay fast.
 _LAZY = {
+    "Drive": "spec",
+    "Nic": "spec",
+    "PortForward": "spec",
+    "Share": "spec",
+    "VMSpec": "spec",
+    "parse_drive": "spec",
+    "parse_nic": "spec",
+    "parse_size": "spec",
     "ExecResult": "guest",
     "VM": "vm",
     "AsyncVM": "vm",

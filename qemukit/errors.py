@@ -30,8 +30,11 @@ user needs to act on it without rerunning anything::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: `import qemukit` stays cheap
+    from collections.abc import Sequence
+    from typing import Any
 
 __all__ = [
     "AcceleratorError",

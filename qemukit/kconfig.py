@@ -481,7 +481,7 @@ def bzimage_release(kernel: str | Path) -> str | None:
     """The release an x86 bzImage names in its setup header (None for other images)."""
     try:
         with open(kernel, "rb") as fh:
-            head = fh.read(0x4000)
+            head = fh.read(0x10000)  # the version string may sit past 16 KiB (0x44c0 in Debian 6.1)
     except OSError:
         return None
     # The boot protocol: "HdrS" at 0x202, the version string's offset (minus 0x200) at 0x20E.

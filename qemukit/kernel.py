@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import images, kconfig
+from . import crashdir, images, kconfig
 from ._wire.console import ConsoleEvent
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
 from .spec import Share, VMSpec
@@ -130,6 +130,11 @@ class KernelTestResult:
     #: ``report`` (the debugging tool: kasan, kcsan, ubsan, lockdep, hung_task, kmemleak;
     #: else None), ``line`` and ``lines`` (the report's first lines).
     reports: tuple[dict[str, Any], ...] = ()
+    #: The crash bundle written for a panic or oops (``crash_dir``), if any.
+    crash_bundle: str | None = None
+    #: Seconds the run spent first building the spec's warm state (None: it did not), apart
+    #: from ``boot_time``; the ``timeout`` for boot plus command counts from after it.
+    warm_build_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -158,12 +163,16 @@ class KernelTestResult:
                             ("panic", self.panic), ("oops", self.oops), ("dump", self.dump),
                             ("arch", self.arch), ("kernel_release", self.kernel_release),
                             ("kernel_config_sha256", self.kernel_config_sha256),
+                            ("crash_bundle", self.crash_bundle),
                             *(("warning", w) for w in self.warnings)):
             if value is not None:
                 ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
         case = ET.SubElement(ts, "testcase", classname=_short(suite),
                              name=_short(" ".join(self.command) or "boot"),
                              time=f"{self.duration:.3f}")
+        if self.crash_bundle is not None:
+            ET.SubElement(ET.SubElement(case, "properties"), "property",
+                          name="qemukit.crash_bundle", value=_short(self.crash_bundle))
 
         def body(text: str) -> str:
             return xml_safe(_cap(text, JUNIT_TEXT_LIMIT))
@@ -213,10 +222,15 @@ def run_in_vm(
     on_started: Callable[[VM], None] | None = None,
     continue_on_oops: bool = False,
     dump_on_panic: str | Path | None = None,
+    crash_dir: str | Path | None = None,
+    vmlinux: str | Path | None = None,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
-    ``timeout`` bounds boot plus command. ``console_log`` keeps a copy of the
+    ``timeout`` bounds boot plus command. A warm spec's first start builds its
+    warm state first (a boot bounded by ``timeout`` as well, then a save): that
+    is reported apart (``warm_build_time``) and does not shorten the command's
+    time. ``console_log`` keeps a copy of the
     whole serial console (the VM's runtime directory is removed afterwards).
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
@@ -225,6 +239,11 @@ def run_in_vm(
     With ``dump_on_panic`` (a new file's path) a panicking kernel waits
     (``panic=0``) instead of rebooting, and the guest's memory is written there
     as an ELF core before the VM stops; the result names it (``dump``).
+    With ``crash_dir`` a panic or oops writes a crash bundle in a new directory
+    under it (see :mod:`qemukit.crashdir`: the verdict, the console, the dump,
+    the kernel's identity, QEMU's argv, a triage text); the result names it
+    (``crash_bundle``). ``vmlinux`` (default: the tree's, or one beside the
+    image) lets drgn read the kernel log and the crashing task's stack for it.
     ``spec.kernel`` may be a kernel build tree (see :func:`qemukit.kconfig.find_tree`):
     its built image boots, and if it has modules they are installed from it
     (``make modules_install``) and appended as ``modules`` are, in the VM's
@@ -239,12 +258,17 @@ def run_in_vm(
     """
     if dump_on_panic is not None and Path(dump_on_panic).exists():
         raise SpecError("dump_on_panic", str(dump_on_panic), "already exists; dumps never overwrite")
+    if crash_dir is not None and Path(crash_dir).exists() and not Path(crash_dir).is_dir():
+        raise SpecError("crash_dir", str(crash_dir), "exists and is not a directory")
+    if vmlinux is not None and not Path(vmlinux).is_file():
+        raise SpecError("vmlinux", str(vmlinux), "no such file")
     # Every mistake about the kernel, its config or the modules, before anything starts; the
     # VM resolves the same way at its start and writes the initramfs in its runtime directory.
     about = kconfig.resolve_kernel(spec, modules)
     return _run_resolved(spec, command, about, timeout=timeout, console_log=console_log,
                          modules=modules, on_started=on_started,
-                         continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+                         continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic,
+                         crash_dir=crash_dir, vmlinux=vmlinux)
 
 
 def bzimage_release(kernel: str | Path) -> str | None:
@@ -263,9 +287,11 @@ def _run_resolved(
     on_started: Callable[[VM], None] | None,
     continue_on_oops: bool,
     dump_on_panic: str | Path | None,
+    crash_dir: str | Path | None = None,
+    vmlinux: str | Path | None = None,
 ) -> KernelTestResult:
     """run_in_vm once the kernel, its config and the modules were checked (``about``)."""
-    if dump_on_panic is not None:
+    if dump_on_panic is not None or crash_dir is not None:
         # The kernel must stay put after its panic (not reboot, which ends QEMU under
         # -no-reboot) until it is dumped: the last panic= on the command line wins.
         spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
@@ -278,25 +304,45 @@ def _run_resolved(
     tail = ""
     events: list[ConsoleEvent] = []
     log_copy_error: OSError | None = None
+    bundle: Path | None = None
+    notes: list[str] = []
+    crash_log: Path | None = None
+    qemu_argv: list[str] = []
     try:
         vm.start()
+        # A first start that built the warm state (its own boot, bounded by timeout too):
+        # reported apart, and not taken out of the time the command has.
+        built = vm.warm_start.build_seconds if vm.warm_start is not None else 0.0
+        if built:
+            fields["warm_build_time"] = round(built, 3)
         fields["accel"] = vm.accel.accel if vm.accel else None
         if on_started is not None:
             on_started(vm)
         fields["boot_time"] = round(vm.wait_ready(timeout), 3)
-        remaining = max(1.0, timeout - (time.monotonic() - start))
+        remaining = max(1.0, timeout - (time.monotonic() - start - built))
         result = vm.exec(command, timeout=remaining)
         fields.update(exit_status=result.exit_status, stdout=result.stdout_text,
                       stderr=result.stderr_text)
         outcome = "passed" if result.exit_status == 0 else "failed"
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
-        if dump_on_panic is not None:
-            fields["dump"], dump_error = _dump_after_panic(vm, Path(dump_on_panic))
+        if crash_dir is not None:
+            bundle = crashdir.new_bundle(crash_dir, "panic", vm.name)
+        target = (Path(dump_on_panic) if dump_on_panic is not None
+                  else bundle / "vmcore" if bundle is not None else None)
+        if target is not None:
+            fields["dump"], dump_error = _dump_after_panic(vm, target)
             if dump_error:
                 fields["error"] += f"; {dump_error}"
+                notes.append(dump_error)
     except GuestOops as exc:
         outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
+        if crash_dir is not None:
+            # The kernel runs on after an oops: its memory then is the bundle's dump.
+            bundle = crashdir.new_bundle(crash_dir, "oops", vm.name)
+            fields["dump"], dump_error = _dump_after_panic(vm, bundle / "vmcore")
+            if dump_error:
+                notes.append(dump_error)
     except WaitTimeout as exc:
         outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
         if fields["boot_time"] is None and spec.agent == "qemukit" and about.config is None and (
@@ -317,6 +363,9 @@ def _run_resolved(
                 shutil.copyfile(vm.console_log, console_log)
             except OSError as exc:
                 log_copy_error = exc
+        if bundle is not None:
+            # Everything of the VM that the bundle keeps, before its runtime directory goes.
+            crash_log, qemu_argv = _keep_console(vm, bundle, notes), list(vm.argv)
         if vm.state is VMState.RUNNING:
             if _throwaway(vm.spec):
                 vm.kill()  # nothing of the guest outlives it: no power-off to wait for
@@ -331,13 +380,32 @@ def _run_resolved(
         fields["oops"] = oopses[0]
     warnings = [e.line for e in events
                 if e.kind == "warning" or (e.kind == "oops" and outcome != "oops")]
-    return KernelTestResult(
+    verdict = KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
         warnings=tuple(warnings), arch=spec.arch, kernel_release=about.release,
         reports=tuple(e.to_dict() for e in events if e.kind != "share"),
-        kernel_config_sha256=about.config_sha256, **fields,
+        kernel_config_sha256=about.config_sha256,
+        crash_bundle=str(bundle) if bundle is not None else None, **fields,
     )
+    if bundle is not None:
+        crashdir.finish_run_bundle(bundle, _json_clean(verdict.to_dict()), about=about,
+                                   spec=spec, argv=qemu_argv, console_log=crash_log,
+                                   vmlinux=vmlinux, notes=notes)
+    return verdict
+
+
+def _keep_console(vm: VM, bundle: Path, notes: list[str]) -> Path | None:
+    """Copy the VM's console log into ``bundle`` (it goes with the VM); None if it cannot."""
+    if vm.console_log is None or not vm.console_log.exists():
+        notes.append("no console log: QEMU never started")
+        return None
+    try:
+        shutil.copyfile(vm.console_log, bundle / "console.log")
+    except OSError as exc:
+        notes.append(f"console log not kept: {exc.strerror or exc}")
+        return None
+    return bundle / "console.log"
 
 
 _INIT_READY = "qemukit-init: ready"
@@ -439,6 +507,8 @@ def run_kernel(
     console_log: str | Path | None = None,
     continue_on_oops: bool = False,
     dump_on_panic: str | Path | None = None,
+    crash_dir: str | Path | None = None,
+    vmlinux: str | Path | None = None,
     **spec_fields: Any,
 ) -> KernelTestResult:
     """Boot ``kernel`` with the tiny initramfs (or ``initrd``), run ``command``, report.
@@ -447,7 +517,7 @@ def run_kernel(
     leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
     itself; it is appended to the initramfs so the guest loads its virtio
     drivers from it. ``append`` adds to the default kernel command line;
-    ``continue_on_oops`` and ``dump_on_panic`` as for :func:`run_in_vm`; other
+    ``continue_on_oops``, ``dump_on_panic``, ``crash_dir`` and ``vmlinux`` as for :func:`run_in_vm`; other
     keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
     """
     if Path(kernel).is_dir():
@@ -460,4 +530,5 @@ def run_kernel(
     spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
                        shares=tuple(shares), **spec_fields)
     return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
-                     continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic)
+                     continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic,
+                     crash_dir=crash_dir, vmlinux=vmlinux)

@@ -96,6 +96,7 @@ from typing import Any
 from . import images, kconfig
 from ._fs import locked
 from .errors import QemukitError, SpecError, StateError
+from .host._tcg import tb_size_for
 from .kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, run_in_vm, xml_safe
 from .paths import cache_dir
 from .spec import VMSpec, load_toml, parse_size
@@ -108,7 +109,8 @@ __all__ = [
 ]
 
 #: The keys of a job beyond the VM description's.
-JOB_KEYS = ("name", "command", "timeout", "image", "modules", "continue_on_oops", "axes")
+JOB_KEYS = ("name", "command", "timeout", "image", "modules", "continue_on_oops", "crash_dir",
+            "axes")
 #: A matrix axis whose values are not tables sets this key (``commands = {ok = ["true"]}``).
 AXIS_KEYS = {"commands": "command", "kernels": "kernel", "images": "image", "appends": "append",
              "initrds": "initrd", "memories": "memory", "cpus": "cpus", "timeouts": "timeout"}
@@ -135,7 +137,8 @@ class Job:
     ``vm`` holds VM description keys (as in a ``-f vm.toml`` file); with
     ``image`` they override that image's spec, and a ``kernel`` without an
     ``initrd`` boots with the tiny initramfs, as ``run_kernel`` does.
-    ``axes`` maps axis names to value names, for reports.
+    ``axes`` maps axis names to value names, for reports. ``crash_dir`` as for
+    :func:`~qemukit.kernel.run_in_vm` (a path on the host that runs the job).
     """
 
     name: str
@@ -146,6 +149,7 @@ class Job:
     modules: str | None = None
     continue_on_oops: bool = False
     axes: Mapping[str, str] = field(default_factory=dict)
+    crash_dir: str | None = None
 
     def __post_init__(self) -> None:
         where = f"job {self.name!r}"
@@ -168,6 +172,8 @@ class Job:
                             f"unknown image; choose from {', '.join(images.NAMES)}")
         if self.modules is not None and not isinstance(self.modules, str):
             raise SpecError(f"{where}: modules", self.modules, "must be a directory path")
+        if self.crash_dir is not None and not isinstance(self.crash_dir, str):
+            raise SpecError(f"{where}: crash_dir", self.crash_dir, "must be a directory path")
         if not isinstance(self.continue_on_oops, bool):
             raise SpecError(f"{where}: continue_on_oops", self.continue_on_oops,
                             "must be true or false")
@@ -246,7 +252,8 @@ class Job:
         """Plain data (for JSON)."""
         return {"name": self.name, "axes": dict(self.axes), "command": list(self.command),
                 "timeout": self.timeout, "image": self.image, "vm": dict(self.vm),
-                "modules": self.modules, "continue_on_oops": self.continue_on_oops}
+                "modules": self.modules, "continue_on_oops": self.continue_on_oops,
+                "crash_dir": self.crash_dir}
 
 
 def _job_from_table(name: Any, table: Mapping[str, Any], axes: Mapping[str, str],
@@ -508,7 +515,8 @@ def _run_attempt(job: Job, matrix: str, worker: str) -> _Attempt:
         return _Attempt(_error_result(job, str(exc), time.monotonic() - start), None, host, worker)
     try:
         result = run_in_vm(spec, job.command, timeout=job.timeout, modules=job.modules,
-                           on_started=on_started, continue_on_oops=job.continue_on_oops)
+                           on_started=on_started, continue_on_oops=job.continue_on_oops,
+                           crash_dir=job.crash_dir)
     except _Cancelled:
         return _Attempt(None, "the matrix was stopped", host, worker)
     except QemukitError as exc:
@@ -590,6 +598,10 @@ def _run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: 
                progress: Callable[[MatrixProgress], None] | None
                ) -> Generator[JobResult, None, None]:
     matrix = uuid.uuid4().hex
+    tb_size = tb_size_for(jobs_at_once)
+    if tb_size is not None:  # several TCG VMs at once: each a bounded code buffer (host/_tcg.py)
+        jobs = [job if "tb_size" in job.vm else dataclasses.replace(job, vm={**job.vm, "tb_size": tb_size})
+                for job in jobs]
     tracker = _Tracker(len(jobs), retries, progress, jobs_at_once)
     pool = cf.ThreadPoolExecutor(max_workers=jobs_at_once, thread_name_prefix="qemukit-matrix")
     pending: dict[cf.Future[_Attempt], Job] = {}
@@ -919,6 +931,7 @@ def run_matrix(
     retries: int = 2,
     fail_fast: bool = False,
     progress: Callable[[MatrixProgress], None] | None = None,
+    crash_dir: str | Path | None = None,
 ) -> Generator[JobResult, None, None]:
     """Run ``jobs``, yielding each :class:`JobResult` as it finishes (not in job order).
 
@@ -930,8 +943,13 @@ def run_matrix(
     for infrastructure failures; ``fail_fast`` stops at the first job that did
     not pass. Stopping the iteration early (``close()``, Ctrl-C, an exception
     in the consumer) stops every VM the matrix started, on every worker.
+    ``crash_dir`` is every job's that names none (a panic or oops writes a crash
+    bundle under it, on the host that ran the job; see :mod:`qemukit.crashdir`).
     """
     job_list = list(jobs)
+    if crash_dir is not None:
+        job_list = [job if job.crash_dir is not None
+                    else dataclasses.replace(job, crash_dir=str(crash_dir)) for job in job_list]
     _check_unique(job_list)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise SpecError("retries", retries, "must be an integer >= 0")
@@ -1005,7 +1023,8 @@ def write_junit(results: Iterable[JobResult], path: str | Path, *,
                    ("exit_status", res.exit_status), ("host", item.host),
                    ("worker", item.worker), ("attempts", item.attempts),
                    ("accel", res.accel), ("boot_time", res.boot_time), ("panic", res.panic),
-                   ("oops", res.oops), *(("retried", r) for r in item.retried)]
+                   ("oops", res.oops), ("crash_bundle", res.crash_bundle),
+                   *(("retried", r) for r in item.retried)]
         for name, value in values:
             if value is not None:
                 ET.SubElement(props, "property", name=_attr(f"qemukit.{name}"),

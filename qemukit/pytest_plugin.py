@@ -17,7 +17,10 @@ Fixtures:
 
 Options: ``--qemukit-accel`` (default tcg), ``--qemukit-image`` (default tiny),
 ``--qemukit-keep-failed`` (leave a failing test's VM running and print how to reach
-it). A failing test's report gets the tail of each of its VMs' serial consoles.
+it), ``--qemukit-crash-dir DIR`` (a failing test whose VM's kernel panicked or
+oopsed leaves a crash bundle under DIR, see :mod:`qemukit.crashdir`, named in
+its report and its JUnit case). A failing test's report gets the tail of each of
+its VMs' serial consoles.
 The fixtures are thin wrappers over :class:`qemukit.VM`; names are generated per VM
 and port forwards ask the kernel for free ports, so ``pytest -n`` is safe.
 
@@ -58,6 +61,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "for it is built on first use)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
+    group.addoption("--qemukit-crash-dir", metavar="DIR",
+                    help="a failing test whose VM's kernel panicked or oopsed writes a crash "
+                         "bundle under DIR (fixture VMs boot with panic=0 to wait for the dump)")
     group.addoption("--qemukit-cold", action="store_true",
                     help="boot every image VM instead of restoring its saved ready state")
 
@@ -73,7 +79,10 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
     else:
         images.build(image)
     overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
-    return images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    spec = images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    if config.getoption("--qemukit-crash-dir"):  # the last panic= wins: wait to be dumped
+        spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
+    return spec
 
 
 def _track(request: pytest.FixtureRequest, vm: VM) -> None:
@@ -223,7 +232,16 @@ def pytest_runtest_makereport(
     if not report.failed:
         return
     item.stash[_FAILED_KEY] = True
+    crash_dir = item.config.getoption("--qemukit-crash-dir")
     for vm in item.stash.get(_VMS_KEY, []):
+        if crash_dir and vm.state.value == "running":
+            from .crashdir import bundle_from_vm
+
+            bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
+            if bundle is not None:  # --junitxml takes the teardown report's: in the case
+                item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
+                report.sections.append(("qemukit crash bundle", str(bundle)))
+                vm.kill()  # paused after its panic: no power button would be heard
         tail = vm.console_tail(40)
         if tail:
             report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))

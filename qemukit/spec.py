@@ -62,6 +62,9 @@ MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
 #: DIMM slots a VM gets when it has ``max_memory`` but no ``slots``: room for a few
 #: hot-added DIMMs, as users of ``-m`` expect, at no cost while they are empty.
 DEFAULT_MEMORY_SLOTS = 8
+#: The bounds QEMU (7.2 to 10) takes for TCG's code buffer, in MiB (``tb_size``).
+MIN_TB_SIZE_MIB = 1
+MAX_TB_SIZE_MIB = 2048
 
 
 def parse_size(value: int | str, field_name: str = "size") -> int:
@@ -607,6 +610,13 @@ class VMSpec:
     a stable MAC and an address qemukit writes into the guest once its agent
     answers (without an agent the NIC is there, unconfigured; see
     docs/networks.md).
+    ``tb_size`` is TCG's translated-code buffer in MiB (QEMU's ``-accel
+    tcg,tb-size=N``; a size string such as ``"128M"`` is taken too). QEMU's
+    default is 1 GiB per VM, reserved and filled as the guest runs, so many
+    TCG VMs on one host each grow towards it; 64-256 MiB bounds that at the
+    cost of an occasional flush of the buffer. ``None`` keeps QEMU's default; a
+    VM that runs under KVM ignores it. The matrix's local pool chooses one when
+    it runs several VMs at once and a job sets none.
     """
 
     name: str | None = None
@@ -641,6 +651,7 @@ class VMSpec:
     warm: bool = False
     forward_auto: bool | None = None
     networks: tuple[str, ...] = ()
+    tb_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -783,6 +794,9 @@ class VMSpec:
         if dupes:
             raise SpecError("id", sorted(dupes)[0], "device ids must be unique (defaults are "
                             "disk0, disk1... and net0, net1...)")
+        if self.tb_size is not None:
+            object.__setattr__(self, "tb_size", parse_size(self.tb_size, "tb_size"))
+            _check_int("tb_size", self.tb_size, MIN_TB_SIZE_MIB, MAX_TB_SIZE_MIB)
         if self.forward_auto is not None and not isinstance(self.forward_auto, bool):
             raise SpecError("forward_auto", self.forward_auto, "must be true or false")
         if self.forward_auto:

@@ -16,6 +16,22 @@ which lookups ignore and the next build (or ``qemukit cache prune``)
 removes. Builds of one key are serialized by an ``flock`` on
 ``<key>.lock``: a second process asking for the same new key waits for the
 first one's entry instead of booting too.
+
+A second lock, on ``<key>.use``, keeps an entry in use from being deleted
+under its users. A clone takes it shared (:meth:`WarmCache.hold`) before it
+restores and keeps it as long as it runs: its QEMU inherits the locked
+descriptor, so a detached clone holds it after the process that started it
+has gone, and a clone's overlays (backed by the entry's disk copies) never
+lose their backing file. (A separate file, so that running clones never keep
+a builder from looking up the key.) Deleting takes both locks exclusively
+without waiting, so ``qemukit cache clear`` and the automatic prune skip an
+entry in use (it is removed by a later clear or prune once its clones have
+ended). A delete
+first renames the key directory to a hidden ``.tmp-*`` name, so a process
+killed while deleting leaves nothing a lookup could take for an entry; a
+key directory left incomplete anyway (by an older qemukit, or by hand) is
+moved aside by the next build of its key and by a prune, never a reason to
+give up on the key.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -45,6 +62,7 @@ __all__ = [
     "DEFAULT_CACHE_LIMIT",
     "WarmCache",
     "WarmEntry",
+    "WarmHold",
     "WarmKey",
     "WarmStart",
     "file_digest",
@@ -64,6 +82,13 @@ BUNDLE = "bundle"
 BOOT_LOG = "boot.log"
 USED = "last-used"
 TMP_PREFIX = ".tmp-"
+#: The tail of a hidden ``.tmp-KEY-gonePID`` directory: an entry being deleted.
+GONE = "gone"
+#: What a key directory's name looks like (a digest's first 20 hex digits): nothing
+#: else in the cache's root is ever taken for a broken entry and deleted.
+_KEY_RE = re.compile(r"[0-9a-f]{20}")
+#: How long a clone waits for an entry's lock while another process deletes it (seconds).
+HOLD_TIMEOUT = 30.0
 #: The arguments every warm VM gets: the guest kernel reseeds its RNG when a clone resumes.
 VMGENID_ARGS = ("-device", "vmgenid,guid=auto")
 
@@ -76,11 +101,17 @@ class WarmStart:
     reason: str
     key: str | None = None
     seconds: float = 0.0
+    #: How the clone got the guest's RAM: ``memory mapped`` (copy on write from the
+    #: state's RAM file) or ``memory copied: WHY`` (read into the clone); empty when cold.
+    memory: str = ""
+    #: Seconds this start spent building the warm state (booting and saving it) first, if it did.
+    build_seconds: float = 0.0
 
     def describe(self) -> str:
-        """One line: ``warm: restored KEY in 0.12 s`` or ``cold: REASON``."""
+        """One line: ``warm: restored KEY in 0.12 s (memory mapped)`` or ``cold: REASON``."""
         if self.warm:
-            return f"warm: restored {self.key} in {self.seconds:.2f} s"
+            memory = f" ({self.memory})" if self.memory else ""
+            return f"warm: restored {self.key} in {self.seconds:.2f} s{memory}"
         return f"cold: {self.reason}"
 
 
@@ -259,14 +290,19 @@ def _chain_digests(drive: Drive, qemu: host.QemuBinary, root: Path | None) -> di
 
 
 def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
-             root: Path | None = None) -> WarmKey:
-    """The cache key of ``spec`` started with ``qemu`` under ``facts`` (digests cached in ``root``)."""
+             root: Path | None = None, *, ram: str = "copied") -> WarmKey:
+    """The cache key of ``spec`` started with ``qemu`` under ``facts`` (digests cached in ``root``).
+
+    ``ram`` is how the entry keeps the guest's RAM: ``copied`` into the state
+    file, or ``mapped`` (a file clones map copy on write): two different entries.
+    """
     from . import __version__
 
     data = spec.to_dict()
     # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
     # Networks too: a clone's NICs on them are hot-plugged after the restore (qemukit.vm._net).
-    for ignored in ("name", "warm", "forward_auto", "networks"):
+    # tb_size: how big QEMU's code buffer is on this host, not what the guest is.
+    for ignored in ("name", "warm", "forward_auto", "networks", "tb_size"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):
@@ -294,6 +330,7 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
         "host": dataclasses.asdict(facts),
         "spec": data,
         "files": files,
+        "ram": ram,
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return WarmKey(hashlib.sha256(text.encode()).hexdigest()[:20], json.loads(text))
@@ -324,6 +361,31 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
+class WarmHold:
+    """A shared lock on one entry: while it (or a copy of :attr:`fd`) is open, nobody deletes it.
+
+    Pass :attr:`fd` to the clone's QEMU (``pass_fds``): the lock then lasts
+    as long as the clone runs, wherever its owner is. :meth:`close` drops
+    this process's copy.
+    """
+
+    def __init__(self, entry: WarmEntry, fd: int) -> None:
+        self.entry = entry
+        self.fd = fd
+
+    def close(self) -> None:
+        """Close this process's descriptor (a QEMU that inherited it keeps the lock)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> WarmHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class WarmCache:
     """The warm states in ``root`` (default ``cache_dir()/warm``)."""
 
@@ -337,6 +399,10 @@ class WarmCache:
     def lock_path(self, key: str) -> Path:
         """The file whose ``flock`` serializes builds (and removal) of ``key``."""
         return self.root / f"{key}.lock"
+
+    def use_lock_path(self, key: str) -> Path:
+        """The file clones of ``key`` lock shared while they run (see :meth:`hold`)."""
+        return self.root / f"{key}.use"
 
     def get(self, key: str) -> WarmEntry | None:
         """The complete entry for ``key``, or None (a missing or unreadable one is no entry)."""
@@ -361,6 +427,7 @@ class WarmCache:
         """A fresh hidden directory to write ``key``'s entry in (call under its lock)."""
         self.ensure()
         self.remove_partial(key)
+        self._discard_broken(key)
         path = self.root / f"{TMP_PREFIX}{key}-{os.getpid()}"
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(mode=0o700)
@@ -374,10 +441,12 @@ class WarmCache:
         for path in self.root.iterdir():
             if not path.name.startswith(TMP_PREFIX):
                 continue
-            owner = path.name[len(TMP_PREFIX):].rsplit("-", 1)[0]
+            owner, _, tail = path.name[len(TMP_PREFIX):].rpartition("-")
             if key is not None and owner != key:
                 continue
-            if key is None:
+            if tail.startswith(GONE):  # deleted already, by name: nobody uses it
+                shutil.rmtree(path, ignore_errors=True)
+            elif key is None:
                 with self._try_lock(owner) as held:
                     if not held:
                         continue  # being built right now
@@ -385,7 +454,37 @@ class WarmCache:
             else:
                 shutil.rmtree(path, ignore_errors=True)
             removed += 1
+        if key is None:
+            for path in self._broken_dirs():
+                with self._try_lock(path.name) as held:  # (_discard_broken takes the use lock)
+                    if held and self._discard_broken(path.name):
+                        removed += 1
         return removed
+
+    def _broken_dirs(self) -> list[Path]:
+        """Key directories without a complete entry (half deleted, or damaged)."""
+        return [p for p in self.root.iterdir()
+                if p.is_dir() and _KEY_RE.fullmatch(p.name) and self.get(p.name) is None]
+
+    def _discard_broken(self, key: str) -> bool:
+        """Move ``key``'s directory aside and delete it if it is no complete entry (hold its lock)."""
+        path = self.root / key
+        if not path.is_dir() or self.get(key) is not None:
+            return False
+        with self._try_lock(key, use=True) as free:
+            if not free:  # a clone still runs on what is left of it
+                return False
+            self._delete(path, key)
+        return True
+
+    def _delete(self, path: Path, key: str) -> None:
+        """Rename ``path`` to a hidden name at once, then delete it: a kill leaves no half entry."""
+        gone = self.root / f"{TMP_PREFIX}{key}-{GONE}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, gone)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
 
     def commit(self, key: WarmKey, build_dir: Path, bundle: Bundle) -> WarmEntry:
         """Write ``meta.json`` and rename ``build_dir`` into place: the entry now exists."""
@@ -396,7 +495,14 @@ class WarmCache:
         os.chmod(build_dir / META, 0o600)
         target = self.root / key.digest
         try:
-            os.rename(build_dir, target)
+            try:
+                os.rename(build_dir, target)
+            except OSError:
+                # A key directory left incomplete (a kill while deleting it, before
+                # deletes renamed first): not an entry, so it goes (callers hold the lock).
+                if not self._discard_broken(key.digest):
+                    raise
+                os.rename(build_dir, target)
         except OSError as exc:
             shutil.rmtree(build_dir, ignore_errors=True)
             existing = self.get(key.digest)
@@ -406,10 +512,11 @@ class WarmCache:
         return WarmEntry(key.digest, target, meta)
 
     @contextlib.contextmanager
-    def _try_lock(self, key: str) -> Iterator[bool]:
-        """Hold ``key``'s lock if it is free now (True), else yield False at once."""
+    def _try_lock(self, key: str, use: bool = False) -> Iterator[bool]:
+        """Hold ``key``'s build lock (``use``: its use lock) if free now (True), else yield False."""
+        path = self.use_lock_path(key) if use else self.lock_path(key)
         try:
-            fd = os.open(self.lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             yield False
             return
@@ -423,13 +530,51 @@ class WarmCache:
         finally:
             os.close(fd)
 
+    def hold(self, key: str, timeout: float = HOLD_TIMEOUT) -> WarmHold | None:
+        """Lock ``key``'s entry shared, for a clone; None if there is no such entry (any more).
+
+        Waits (up to ``timeout``) only while another process deletes the
+        entry; it is looked up again once the lock is held.
+        """
+        self.ensure()
+        fd = os.open(self.use_lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return None
+                    time.sleep(0.02)
+            entry = self.get(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        if entry is None:
+            os.close(fd)
+            return None
+        return WarmHold(entry, fd)
+
+    def in_use(self, entry: WarmEntry) -> bool:
+        """True if a clone of the entry runs (or restores) now."""
+        with self._try_lock(entry.key, use=True) as free:
+            return not free
+
     def remove(self, entry: WarmEntry) -> bool:
-        """Delete one entry unless it is being built or restored from right now."""
-        with self._try_lock(entry.key) as held:
-            if not held:
+        """Delete one entry unless it is being built or used (by a restore or a running clone)."""
+        with self._try_lock(entry.key) as held, self._try_lock(entry.key, use=True) as free:
+            if not (held and free):
                 return False
-            shutil.rmtree(entry.path, ignore_errors=True)
-        # The lock file stays: unlinking it could let two builders lock different files.
+            gone = self.root / f"{TMP_PREFIX}{entry.key}-{GONE}{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                os.rename(entry.path, gone)
+            except FileNotFoundError:
+                return False
+        # The lock files stay: unlinking one could let two processes lock different files.
+        shutil.rmtree(gone, ignore_errors=True)
         return True
 
     def prune(self, limit: int) -> list[WarmEntry]:
@@ -451,5 +596,5 @@ class WarmCache:
         return removed
 
     def clear(self) -> list[WarmEntry]:
-        """Remove every entry (and half-written ones)."""
+        """Remove every entry not in use (and half-written ones); see :meth:`in_use`."""
         return self.prune(-1)

@@ -39,6 +39,10 @@ PUBLIC_MODULES = (
     "qemukit.dump",
     "qemukit.warm",
     "qemukit.ktap",
+    "qemukit.crashdir",
+    "qemukit.kselftest",
+    "qemukit.bisect",
+    "qemukit.gdbscripts",
     "qemukit.testing",
 )
 
@@ -99,8 +103,11 @@ def _cli_tree() -> dict[str, Any]:
             params.append(f"{entry}:{p.type.name}" + ("*" if getattr(p, "multiple", False) else ""))
         out[path] = params
         if isinstance(cmd, click.Group):
-            for name in sorted(cmd.commands):
-                walk(cmd.commands[name], f"{path} {name}", out)
+            ctx = click.Context(cmd)
+            for name in sorted(cmd.list_commands(ctx)):  # main's are imported on first use
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, name
+                walk(sub, f"{path} {name}", out)
 
     tree: dict[str, Any] = {}
     walk(main, "qemukit", tree)

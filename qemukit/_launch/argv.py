@@ -249,7 +249,10 @@ def build_argv(
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
     vm_name = name or spec.name or "vm"
     info = ARCHES[spec.arch]
-    machine = f"{spec.machine},accel={accel}"
+    # A TCG code buffer size needs -accel (QEMU refuses it together with -machine accel=).
+    accel_opts = (["-accel", f"tcg,tb-size={spec.tb_size}"]
+                  if accel == "tcg" and spec.tb_size is not None else [])
+    machine = spec.machine if accel_opts else f"{spec.machine},accel={accel}"
     if info.machine_opts:
         machine += f",{info.machine_opts}"
     if accel == "kvm" and info.kvm_machine_opts:
@@ -260,7 +263,7 @@ def build_argv(
         if not (plumbing.ovmf_code and plumbing.ovmf_vars):
             raise SpecError("firmware", "ovmf", "OVMF firmware files were not resolved")
         machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
-    argv = [qemu, "-name", quote_opt(vm_name), "-machine", machine]
+    argv = [qemu, "-name", quote_opt(vm_name), "-machine", machine, *accel_opts]
     cpu_model = spec.cpu or cpu or ("host" if accel == "kvm" else info.tcg_cpu)
     if cpu_model:
         argv += ["-cpu", cpu_model]

@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import psutil
-
 from ..errors import HostError, LaunchError, WaitTimeout
+from ._pids import is_same_process, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +60,6 @@ def _setpriv() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return path if "--pdeathsig" in out.stdout else None
-
-
-def process_start_time(pid: int) -> float | None:
-    """The process's start time as psutil reports it, or None if there is no such process."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def is_same_process(pid: int, start_time: float) -> bool:
-    """True if ``pid`` is alive, not a zombie, and started at ``start_time``.
-
-    The start time guards against pid reuse: a pid that now belongs to some
-    other program is never taken for the process we started.
-    """
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(proc.create_time() - start_time) < 0.05
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def run_command(argv: Sequence[str], *, timeout: float = 60.0,

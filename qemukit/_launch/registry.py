@@ -17,16 +17,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from ..errors import StateError
 from ..paths import state_dir, state_dir_error
-from ..spec import PortForward, VMSpec
-from .process import is_same_process
+from ._pids import is_same_process
 from .runtime import RuntimeDir, VMInfo, list_entries
 from .usernet import parse_usernet
+
+if TYPE_CHECKING:
+    from ..spec import PortForward
 
 __all__ = ["GcAction", "VMEntry", "gc", "kill_verified", "list_vms"]
 
@@ -99,6 +101,8 @@ def _peek(path: Path, usernet: bool, timeout: float = _PEEK_TIMEOUT) -> tuple[st
 
 
 def _spec_forwards(rd: RuntimeDir) -> list[PortForward]:
+    from ..spec import VMSpec  # only when there is a VM to list
+
     try:
         spec = VMSpec.load(rd.spec_file)
     except Exception:  # noqa: BLE001 - a damaged spec file only loses this column

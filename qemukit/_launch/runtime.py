@@ -27,7 +27,7 @@ from typing import Any
 from .._fs import write_atomic
 from ..errors import SpecError, StateError
 from ..paths import data_dir, state_dir, state_dir_error
-from .process import is_same_process
+from ._pids import is_same_process
 
 log = logging.getLogger(__name__)
 

@@ -174,12 +174,14 @@ def _start_virtiofsd(prepared: Prepared, share: Share, path: str, runtime: Runti
         listener.close()
 
 
-def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.socket] = (), *,
-               die_with_parent: bool) -> tuple[QemuProcess, list[str], socket.socket]:
+def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.socket] = (),
+               inherit: Sequence[int] = (), *, die_with_parent: bool
+               ) -> tuple[QemuProcess, list[str], socket.socket]:
     """Spawn QEMU for ``plan`` with its monitor on a socket pair we made.
 
     ``links`` are the VM's connections to its private networks' switches,
-    handed to QEMU (it keeps its own copies: they are closed here either way).
+    handed to QEMU (it keeps its own copies: they are closed here either way);
+    ``inherit`` other descriptors QEMU keeps (a warm entry's hold), left open.
     Returns the process, its argv (without the share guard before it) and
     our end of the monitor socket, non-blocking: QEMU is connected from the
     start, so there is no wait for a socket to appear and no race for it.
@@ -188,7 +190,8 @@ def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.sock
     try:
         argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links])
         proc = QemuProcess.spawn([*prepared.qemu_guard, *argv], log_path=plan.runtime.qemu_log,
-                                 pass_fds=[theirs.fileno(), *(link.fileno() for link in links)],
+                                 pass_fds=[theirs.fileno(), *(link.fileno() for link in links),
+                                           *inherit],
                                  die_with_parent=die_with_parent)
     except BaseException:
         ours.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -24,13 +25,14 @@ def cache_ls(as_json: bool) -> None:
     """List the warm states, least recently used first, with their sizes."""
     from ..warm import WarmCache
 
-    entries = WarmCache().entries()
+    cache = WarmCache()
+    entries = cache.entries()
     if as_json:
         emit_json([{"key": e.key, "path": str(e.path), "size": e.size,
                     "created": e.meta.get("created"), "last_used": e.last_used,
-                    "parts": e.meta.get("parts")} for e in entries])
+                    "in_use": cache.in_use(e), "parts": e.meta.get("parts")} for e in entries])
         return
-    click.echo(f"{'KEY':22} {'SIZE':>6}  {'LAST USED':19}  SPEC")
+    click.echo(f"{'KEY':22} {'SIZE':>6}  {'LAST USED':19}  {'IN USE':6}  SPEC")
     total = 0
     for e in entries:
         size = e.size
@@ -39,7 +41,8 @@ def cache_ls(as_json: bool) -> None:
         parts = e.meta.get("parts") or {}
         spec = parts.get("spec") or {}
         what = spec.get("kernel") or next((d.get("file") for d in spec.get("drives", [])), "-")
-        click.echo(f"{e.key:22} {human_bytes(size):>6}  {used:19}  {what}")
+        in_use = "yes" if cache.in_use(e) else "-"
+        click.echo(f"{e.key:22} {human_bytes(size):>6}  {used:19}  {in_use:6}  {what}")
     click.echo(f"{len(entries)} entries, {human_bytes(total)} in {WarmCache().root}")
 
 
@@ -58,19 +61,34 @@ def cache_prune(max_size: str) -> None:
     from ..warm import WarmCache
 
     limit = _limit(max_size)
-    removed = WarmCache().prune(limit)
+    cache = WarmCache()
+    removed = cache.prune(limit)
     for e in removed:
         click.echo(f"removed {e.key}")
     click.echo(f"{len(removed)} removed")
+    _say_kept(cache)
 
 
 @cache.command(name="clear")
 def cache_clear() -> None:
-    """Remove every warm state (the next start of each spec boots again)."""
+    """Remove every warm state not in use (the next start of each spec boots again).
+
+    A state a running clone was restored from (a detached one too) is kept: its
+    disks back the clone's overlays. It goes with the next clear once those ended.
+    """
     from ..warm import WarmCache
 
-    removed = WarmCache().clear()
+    cache = WarmCache()
+    removed = cache.clear()
     click.echo(f"{len(removed)} removed")
+    _say_kept(cache)
+
+
+def _say_kept(cache: Any) -> None:
+    in_use = [e.key for e in cache.entries() if cache.in_use(e)]
+    if in_use:
+        click.echo(f"{len(in_use)} kept, in use by running VMs (removed by a later clear or "
+                   f"prune once they end): {', '.join(in_use)}")
 
 
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).

@@ -8,13 +8,17 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .. import errors
-from ..arch import ARCHES
-from ..spec import DEFAULT_MEMORY_SLOTS, Share, VMSpec, parse_drive, parse_nic
+
+if TYPE_CHECKING:
+    from ..spec import VMSpec
+
+# The spec module (and arch) are imported by the functions that use them, not here:
+# `qemukit --help` and `qemukit ls` do not need them (tests/unit/test_imports.py).
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -122,6 +126,41 @@ class QemukitGroup(click.Group):
     error (say ``--json`` into a missing directory) is one line and 125 too.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Commands imported on first use: name -> (their module in qemukit.cli, the first
+        #: paragraph of their help, which ``--help`` shows without importing them).
+        self.lazy_commands: dict[str, tuple[str, str]] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, the ones not imported yet included."""
+        return sorted({*self.commands, *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module (and only that one) on first use."""
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            import importlib
+
+            module = importlib.import_module(f"{__package__}.{self.lazy_commands[cmd_name][0]}")
+            for command in module.COMMANDS:
+                self.commands.setdefault(command.name or "", command)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help``, from :attr:`lazy_commands` for the ones not imported."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            # Not imported yet: a stand-in with its help shortens it the way click does.
+            command = self.commands.get(name) or click.Command(name, help=self.lazy_commands[name][1])
+            if not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand, mapping its errors through :data:`EXIT_CODES`."""
         try:
@@ -145,6 +184,9 @@ def emit_json(data: Any) -> None:
 
 def spec_options(func: F) -> F:
     """The options that describe a VM, shared by ``run`` and ``cmdline``."""
+    from ..arch import ARCHES
+    from ..spec import DEFAULT_MEMORY_SLOTS
+
     options = [
         click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),
                      help="Read the VM description from a TOML file or a built-in template "
@@ -215,6 +257,8 @@ def _check_machine(machine: str | None, arch: str) -> None:
     A spec maps its default q35 to the architecture's own machine; ``--machine`` is
     taken at its word instead.
     """
+    from ..arch import ARCHES
+
     if machine is not None and arch != "x86_64" and machine not in ARCHES[arch].machines:
         raise errors.SpecError("machine", machine, f"not a machine for arch {arch}; "
                                f"one of {', '.join(ARCHES[arch].machines)}")
@@ -235,6 +279,7 @@ def parse_gdb(value: str) -> dict[str, Any]:
 def build_spec(opts: dict[str, Any]) -> VMSpec:
     """Combine -f FILE, --image and the per-field options into one spec."""
     from .. import images
+    from ..spec import Share, VMSpec, parse_drive, parse_nic
 
     if opts["spec_file"] and opts["image"]:
         raise errors.SpecError("image", opts["image"], "give either --image or -f, not both")

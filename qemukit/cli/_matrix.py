@@ -43,9 +43,12 @@ def _format_eta(seconds: float | None) -> str:
               help="More attempts for a job whose VM could not start or whose worker was lost.")
 @click.option("--fail-fast", is_flag=True, help="Stop (and stop every VM) at the first job "
               "that does not pass.")
+@click.option("--crash-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="A job whose kernel panics or oopses writes a crash bundle in a new "
+              "directory under DIR (on the host that ran it); jobs may set crash_dir.")
 def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int | None,
            scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
-           tls_key: str | None, retries: int, fail_fast: bool) -> None:
+           tls_key: str | None, retries: int, fail_fast: bool, crash_dir: str | None) -> None:
     """Run every job of the matrix FILE (TOML) and report; exit 1 if any job did not pass.
 
     \b
@@ -90,7 +93,7 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
 
     results: list[Any] = []
     running = run_matrix(jobs, jobs_at_once=jobs_at_once, scheduler=scheduler, security=security,
-                         retries=retries, fail_fast=fail_fast, progress=show)
+                         retries=retries, fail_fast=fail_fast, progress=show, crash_dir=crash_dir)
 
     def terminated(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a CI runner's cancel: stop every VM, as Ctrl-C does

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -30,7 +29,8 @@ if TYPE_CHECKING:
 @click.command(context_settings={"ignore_unknown_options": False})
 @spec_options
 @click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds for boot plus command; a hung guest ends with exit 124.")
+              help="Seconds for boot plus command; a hung guest ends with exit 124. A first "
+              "warm start's build of the warm state has its own TIMEOUT for its boot.")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Write the result as JSON to FILE, or to stdout when no FILE is given.")
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
@@ -56,6 +56,19 @@ if TYPE_CHECKING:
 @click.option("--dump-on-panic", type=click.Path(dir_okay=False), metavar="FILE",
               help="With -- CMD: on a kernel panic, write the guest's memory to FILE (an ELF "
               "core for crash or drgn) before the run ends with 255.")
+@click.option("--crash-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="With -- CMD: on a kernel panic or oops, write a crash bundle (verdict, "
+              "console, dump, kernel identity, QEMU argv, triage.txt) in a new directory "
+              "under DIR.")
+@click.option("--vmlinux", type=click.Path(dir_okay=False, exists=True),
+              help="The kernel's vmlinux, for the crash bundle's drgn triage [default: the "
+              "tree's, or one beside the image].")
+@click.option("--kselftest", metavar="TARGET[,TARGET]",
+              help="Build and install these kselftest targets from the kernel tree, run them "
+              "in the guest with the kernel's runner, report each test (--json: JSON lines; "
+              "--junit: a case per test).")
+@click.option("--kselftest-src", type=click.Path(file_okay=False, exists=True), metavar="TREE",
+              help="The kernel source tree to build --kselftest from [default: --kernel's].")
 @click.option("--warm/--cold", "warm", default=None,
               help="Restore a saved ready state of this VM description (booting it once and "
               "saving that state if there is none), or boot it. Default: warm for --image and "
@@ -70,8 +83,9 @@ if TYPE_CHECKING:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(timeout: float, json_out: str | None, junit: str | None, console_log: str | None,
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
-        dump_on_panic: str | None, verbose: bool, warm: bool | None,
-        forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
+        dump_on_panic: str | None, crash_dir: str | None, vmlinux: str | None,
+        kselftest: str | None, kselftest_src: str | None, verbose: bool,
+        warm: bool | None, forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -102,6 +116,17 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         spec = spec.replace(warm=warm)
     if verbose and machine is not None and json_out != "-":
         click.echo(f"qemukit: {machine.describe()}", err=True)
+    if kselftest is not None:
+        if command or detach:
+            raise errors.SpecError("kselftest", kselftest, "runs the kernel's runner: give no "
+                                   "command and no --detach")
+        from ._suites import run_kselftest_command
+
+        run_kselftest_command(spec, kselftest, kselftest_src or opts["kernel"], timeout=timeout,
+                              json_out=json_out, junit=junit, run_options=dict(
+                                  console_log=console_log, modules=modules, crash_dir=crash_dir,
+                                  continue_on_oops=continue_on_oops, vmlinux=vmlinux))
+        return
     if detach:
         if command:
             raise errors.SpecError("command", list(command), "--detach takes no command; "
@@ -144,7 +169,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
 
     result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
                        modules=modules, on_started=announce, continue_on_oops=continue_on_oops,
-                       dump_on_panic=dump_on_panic)
+                       dump_on_panic=dump_on_panic, crash_dir=crash_dir, vmlinux=vmlinux)
     if json_out is not None:
         if json_out == "-":
             emit_json(result.to_dict())
@@ -174,7 +199,10 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     elif result.outcome == "oops":
         click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
                    f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
-    elif result.outcome in ("timeout", "error"):
+    if result.crash_bundle is not None:
+        click.echo(f"qemukit: crash bundle in {result.crash_bundle} (start with triage.txt)",
+                   err=True)
+    if result.outcome in ("timeout", "error"):
         tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
@@ -222,16 +250,12 @@ def _announce_accel(vm: Any, verbose: bool) -> None:
 def gdb_command(kernel: str | os.PathLike[str] | None, address: str) -> str:
     """The gdb command line for a stub at ``address`` (a socket path or HOST:PORT).
 
-    With the kernel's vmlinux when it sits beside it.
+    With the kernel's vmlinux when it is found, and the kernel's gdb scripts
+    (``lx-dmesg``, ``lx-ps``) when its tree was built with CONFIG_GDB_SCRIPTS.
     """
-    vmlinux = "vmlinux"
-    if kernel is not None:
-        for candidate in (Path(kernel).parent / "vmlinux",
-                          Path(kernel).parents[2] / "vmlinux" if len(Path(kernel).parents) > 2 else None):
-            if candidate is not None and candidate.is_file():
-                vmlinux = str(candidate)
-                break
-    return shlex.join(["gdb", vmlinux, "-ex", f"target remote {address}"])
+    from ..gdbscripts import gdb_argv
+
+    return shlex.join(gdb_argv(kernel, address))
 
 
 def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,

@@ -39,7 +39,7 @@ step finished (``JOB_STATUS_CHANGE``, ``MIGRATION``, ``RESET``).
 
 from __future__ import annotations
 
-from ._bundle import Bundle, restore_vm, save_state
+from ._bundle import Bundle, restore_vm, save_state, shared_ram_args
 from ._ops import Snapshots, SyncSnapshots
 from ._preflight import (
     BlockDevice,
@@ -64,4 +64,5 @@ __all__ = [
     "image_snapshots",
     "restore_vm",
     "save_state",
+    "shared_ram_args",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import host
-from .._launch.argv import drive_ids
+from .._launch.argv import drive_ids, quote_opt
 from .._launch.process import run_command
 from .._wire.qmp import EventListener
 from ..errors import LaunchError, QemukitError, QMPCommandError, SnapshotError
@@ -35,6 +35,55 @@ BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
 STATE_FILE = "state.bin"
 SPEC_FILE = "spec.toml"
+#: A mapped bundle's RAM file (the guest's RAM, which its state file leaves out).
+RAM_FILE = "ram"
+#: The id of the RAM backend object of a VM whose RAM is a file (see :func:`shared_ram_args`).
+RAM_ID = "qemukit-ram"
+#: QEMU opens a private file mapping read-only (``readonly=on,rom=off``) from 8.2 on.
+READONLY_PRIVATE_QEMU = (8, 2, 0)
+
+
+def shared_ram_args(memory_mib: int, ram: Path) -> tuple[str, ...]:
+    """QEMU arguments making a VM's RAM the file ``ram`` (created by QEMU), shared with it.
+
+    A state saved with the ``x-ignore-shared`` migration capability then leaves
+    the RAM out: it is in the file (QEMU's VM templating).
+    """
+    return ("-object", f"memory-backend-file,id={RAM_ID},size={memory_mib}M,"
+                       f"mem-path={quote_opt(str(ram))},share=on",
+            "-machine", f"memory-backend={RAM_ID}")
+
+
+def private_ram_args(memory_mib: int, ram: Path,
+                     qemu_version: tuple[int, int, int]) -> tuple[str, ...]:
+    """QEMU arguments mapping ``ram`` privately (copy on write) as a clone's RAM.
+
+    From QEMU 8.2 the file is opened read-only (``readonly=on,rom=off``); before,
+    QEMU opens it read-write but maps it ``MAP_PRIVATE``, so the guest's writes
+    never reach it (a device that discards guest RAM could: see
+    :func:`qemukit.vm._warm.mapping_refusal`).
+    """
+    readonly = ",readonly=on,rom=off" if qemu_version >= READONLY_PRIVATE_QEMU else ""
+    return ("-object", f"memory-backend-file,id={RAM_ID},size={memory_mib}M,"
+                       f"mem-path={quote_opt(str(ram))},share=off{readonly}",
+            "-machine", f"memory-backend={RAM_ID}")
+
+
+def without_ram_args(args: Sequence[str]) -> tuple[str, ...]:
+    """``args`` without the RAM backend arguments of :func:`shared_ram_args`."""
+    out: list[str] = []
+    skip = False
+    for index, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        following = args[index + 1] if index + 1 < len(args) else ""
+        if ((arg == "-object" and following.startswith(f"memory-backend-file,id={RAM_ID},"))
+                or (arg == "-machine" and following == f"memory-backend={RAM_ID}")):
+            skip = True
+            continue
+        out.append(arg)
+    return tuple(out)
 _BANDWIDTH = 1 << 40  # bytes/s: no throttling while the guest is paused anyway
 
 
@@ -63,7 +112,10 @@ class Bundle:
             raise SnapshotError(f"cannot read {path / MANIFEST}: {exc}") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
             raise SnapshotError(f"{path}: unknown bundle format {manifest.get('format')!r}")
-        for name in [STATE_FILE, SPEC_FILE] + [d["file"] for d in manifest.get("disks", [])]:
+        names = [STATE_FILE, SPEC_FILE] + [d["file"] for d in manifest.get("disks", [])]
+        if manifest.get("ram"):
+            names.append(RAM_FILE)
+        for name in names:
             if not (path / name).is_file():
                 raise SnapshotError(f"{path} is incomplete: {name} is missing")
         return cls(path, manifest)
@@ -78,9 +130,34 @@ class Bundle:
         """The VM's spec as saved (drives pointing at the original files)."""
         return VMSpec.load(self.path / SPEC_FILE)
 
-    def clone_spec(self, name: str | None = None) -> VMSpec:
-        """The spec a clone runs: each saved disk becomes an overlay over its bundle copy."""
+    @property
+    def ram_file(self) -> Path | None:
+        """The guest's RAM, for a mapped bundle (its state file leaves the RAM out); else None."""
+        return self.path / RAM_FILE if self.manifest.get("ram") else None
+
+    def adopt_ram(self, ram: Path) -> Bundle:
+        """Move ``ram`` (the saved VM's shared RAM file, QEMU gone) in: a mapped bundle."""
+        try:
+            os.rename(ram, self.path / RAM_FILE)
+            os.chmod(self.path / RAM_FILE, 0o600)
+        except OSError as exc:
+            raise SnapshotError(f"cannot move the RAM file {ram} into {self.path}: {exc}") from exc
+        manifest = {**self.manifest, "ram": RAM_FILE}
+        write_json(self.path / MANIFEST, manifest)
+        return Bundle(self.path, manifest)
+
+    def clone_spec(self, name: str | None = None, *,
+                   qemu_version: tuple[int, int, int] = (0, 0, 0)) -> VMSpec:
+        """The spec a clone runs: each saved disk becomes an overlay over its bundle copy.
+
+        A mapped bundle's clone maps its RAM file privately (``qemu_version``:
+        the QEMU that will run it, for the read-only mapping of 8.2 on).
+        """
         spec = self.spec
+        ram = self.ram_file
+        if ram is not None:
+            spec = spec.replace(extra_args=without_ram_args(spec.extra_args)
+                                + private_ram_args(spec.memory, ram, qemu_version))
         copies = {d["id"]: d for d in self.manifest.get("disks", [])}
         drives = []
         for drive, drive_id in zip(spec.drives, drive_ids(spec), strict=True):
@@ -322,8 +399,10 @@ async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOU
             await vm.qmp("device_add", rec["device"])
         if records and vm.runtime is not None:
             write_json(vm.runtime.path / DEVICES_FILE, records)
-        await vm.qmp("migrate-set-capabilities",
-                     capabilities=[{"capability": "events", "state": True}])
+        capabilities = [{"capability": "events", "state": True}]
+        if bundle.ram_file is not None:  # the RAM is the mapped file, not in the stream
+            capabilities.append({"capability": "x-ignore-shared", "state": True})
+        await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
         fd = os.open(bundle.state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fdname = await vm.monitor.hand_over_fd(fd, "qemukit-restore")

@@ -17,7 +17,6 @@ import contextlib
 import enum
 import logging
 import os
-import shutil
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import _access, _sync, host
 from .._access import CopyVia
-from .._aio import cancel_and_wait, file_lock
+from .._aio import cancel_and_wait
 from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import plan_launch
 from .._launch.process import QemuProcess
@@ -58,7 +57,6 @@ from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
-    AgentError,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -69,27 +67,16 @@ from ..errors import (
 )
 from ..guest import AsyncGuest, Progress
 from ..hotplug import AsyncHotplug, PluggedDevice
-from ..identity import RESEED_STEPS, CloneIdentity, host_keys, reidentify, reseed_script
+from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
-from ..snapshot import Bundle, Snapshots, restore_vm, save_state
+from ..snapshot import Bundle, Snapshots, save_state
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
-from ..warm import (
-    BOOT_LOG,
-    BUNDLE,
-    DEFAULT_CACHE_LIMIT,
-    WarmCache,
-    WarmEntry,
-    WarmKey,
-    WarmStart,
-    warm_key,
-    warm_refusal,
-    warm_spec,
-)
+from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _net, _verbs
+from . import _net, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
@@ -143,16 +130,6 @@ def _forget_parents_vms() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parents_vms)
-
-
-#: Per event loop, one asyncio lock per warm key: the VMs of this process building or awaiting it.
-_build_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary())
-
-
-def _build_lock(key: str) -> asyncio.Lock:
-    locks = _build_locks.setdefault(asyncio.get_running_loop(), {})
-    return locks.setdefault(key, asyncio.Lock())
 
 
 def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
@@ -231,6 +208,8 @@ class AsyncVM(_verbs.Verbs):
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
+        #: A warm clone's shared lock on its cache entry; its QEMU inherits it (see qemukit.warm).
+        self._warm_hold: WarmHold | None = None
         self.last_shutdown: ShutdownResult | None = None
         #: True for a VM taken over with :meth:`attach` rather than started here.
         self.attached = False
@@ -239,8 +218,6 @@ class AsyncVM(_verbs.Verbs):
         self.warm_start: WarmStart | None = None
         #: The event loop the VM was started on (its tasks and connections live there).
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: The saved boot's console log, copied to the top of a warm clone's.
-        self._boot_log: Path | None = None
         #: The cloud-init seed written for this VM (None without one, or when attached).
         self._seed: Seed | None = None
         #: What a warm clone of a cloud-init guest was given after its restore.
@@ -305,21 +282,24 @@ class AsyncVM(_verbs.Verbs):
     # -- start ---------------------------------------------------------------
 
     async def start(self, timeout: float = QMP_TIMEOUT) -> AsyncVM:
-        """Launch QEMU and connect to its monitor; returns once QMP answers."""
+        """Launch QEMU and connect to its monitor; returns once QMP answers.
+
+        With ``spec.warm`` a saved state of the spec is restored instead of a
+        boot (see :mod:`qemukit.vm._warm`); :attr:`warm_start` says which and why.
+        """
         self._require(VMState.NEW)
         self.state = VMState.STARTING
         self._loop = asyncio.get_running_loop()
         networks = self.spec.networks
         try:
-            if self.incoming is None or self.modules is not None:
-                self.kernel = await asyncio.to_thread(resolve_kernel, self.spec, self.modules)
-                self.spec = self.kernel.spec
-            warm = await self._choose_warm() if self.spec.warm and self.incoming is None else None
-            await self._start(timeout)
+            spec = await self._resolve_kernel()
+            warm = await self._choose_warm(spec)
+            await self._start(warm.spec if warm is not None else spec, timeout)
             self.state = VMState.RUNNING
             if warm is not None:
-                await self._finish_warm(*warm)
-                if networks and self.runtime is not None:  # the saved state has no such NICs
+                restored = await self._finish_warm(warm, spec, timeout)
+                if restored and networks and self.runtime is not None:
+                    # The saved state has no NICs on private networks: plugged in now.
                     await _net.plug_after_restore(self, self.runtime.path.parent, networks)
                     await _net.configure_guest(self)
         except BaseException:
@@ -328,228 +308,85 @@ class AsyncVM(_verbs.Verbs):
             raise
         return self
 
-    async def _choose_warm(self) -> tuple[WarmEntry, Bundle, float] | None:
-        """For ``spec.warm``: find (or build) the warm state; None means boot cold.
+    async def _resolve_kernel(self) -> VMSpec:
+        """The spec to boot, its kernel resolved (a tree's image, modules in the initrd).
 
-        Sets :attr:`warm_start` to say which and why. When a state is used,
-        the spec becomes the clone's (its disks overlays over the state's
-        copies) and the start is an incoming one, fed by :meth:`_finish_warm`.
+        A clone being restored (``incoming``) keeps the saved spec as it is.
         """
-        began = time.monotonic()
-        refusal = warm_refusal(self.spec)
-        if refusal is None and self.kernel is not None and self.kernel.needs_files:
-            refusal = ("the kernel's modules are appended to the initramfs per VM (a kernel "
-                       "tree with modules, or modules=), so it boots")
-        if refusal is not None:
-            self.warm_start = WarmStart(False, refusal)
+        if self.incoming is not None and self.modules is None:
+            return self.spec
+        self.kernel = await asyncio.to_thread(resolve_kernel, self.spec, self.modules)
+        return self.kernel.spec
+
+    async def _choose_warm(self, spec: VMSpec) -> _warm.WarmPlan | None:
+        """For ``spec.warm``: the warm state to restore (found or built), None to boot cold."""
+        if not spec.warm or self.incoming is not None:
             return None
-        await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(self._prepare, spec)
         assert self.accel is not None
-        qemu = host.find_qemu()
-        cache = WarmCache()
-        key = await asyncio.to_thread(warm_key, self.spec, qemu, host_facts(qemu, self.accel),
-                                      cache.root)
-        entry = cache.get(key.digest)
-        reason = None
-        if entry is None:
-            entry, reason = await self._build_warm(cache, key)
-        if entry is None:
-            self.warm_start = WarmStart(False, reason or "no warm state", key.digest)
-            return None
+        qemu = host.find_qemu(spec.arch)
+        self.warm_start, plan = await _warm.choose_warm(
+            self, spec, qemu, host_facts(qemu, self.accel),
+            needs_files=self.kernel is not None and self.kernel.needs_files)
+        if plan is not None:
+            self.incoming = "defer"
+            self._warm_hold = plan.hold
+        return plan
+
+    async def _finish_warm(self, plan: _warm.WarmPlan, cold: VMSpec, timeout: float) -> bool:
+        """Restore the warm state into the QEMU just launched (True); if QEMU cannot load it,
+        boot ``cold`` instead (False; :attr:`warm_start` says why)."""
         try:
-            bundle = entry.bundle()
-            bundle.check_qemu(qemu)
-        except SnapshotError as exc:
-            cache.remove(entry)
-            self.warm_start = WarmStart(False, f"the warm state {key.digest} was unusable and "
-                                        f"is removed ({exc})", key.digest)
-            return None
-        entry.touch()
-        self._boot_log = entry.path / BOOT_LOG
-        # The clone's own seed (its instance id, host name and keys), given to it after the restore.
-        self.spec = bundle.clone_spec(self.spec.name).replace(cloud_init=self.spec.cloud_init)
-        self.incoming = "defer"
-        self.warm_start = WarmStart(reason is None, reason or "", key.digest)
-        return entry, bundle, began
+            self.warm_start, self.identity = await _warm.finish_warm(self, plan, self._seed)
+            return True
+        except SnapshotError as exc:  # only the loading of the state raises it
+            await self._cleanup(force=True)  # its QEMU held the entry in use
+            removal = await asyncio.to_thread(_warm.discard, plan)
+            log.warning("%s: %s; %s; booting instead", self.name, exc, removal)
+            self._forget_launch()
+            self.state = VMState.STARTING
+            self.warm_start = WarmStart(False, f"{exc}; {removal}; booted instead",
+                                        plan.entry.key)
+            await self._start(cold, timeout)
+            self.state = VMState.RUNNING
+            return False
 
-    async def _build_warm(self, cache: WarmCache, key: WarmKey
-                          ) -> tuple[WarmEntry | None, str | None]:
-        """Boot a builder VM of this spec, wait until it is ready, save its state as ``key``.
+    def _forget_launch(self) -> None:
+        """After a launch was cleaned up: forget its process, connections and runtime."""
+        self._proc = self._qmp = self._console = self._agent = None
+        self._io_watch = None
+        self._hotplug = self._seed = self.runtime = None
+        self._helpers = []
+        self.argv = []
+        self.incoming = None
 
-        Under the key's lock: a second process asking for the same key waits
-        here and then finds the entry. Returns (entry, why it was cold), or
-        (None, why) when QEMU cannot save this VM (it then boots cold).
-        VMs of one process wait on an asyncio lock first, so at most one of
-        them waits for the file lock (in a worker thread): many waiters there
-        would take every worker the builder itself needs.
-        """
-        wait = self.boot_timeout + SAVE_TIMEOUT
-        local = _build_lock(key.digest)
-        try:
-            await asyncio.wait_for(local.acquire(), wait)
-        except TimeoutError:
-            raise WaitTimeout(f"the warm state {key.digest}, being built by another VM of "
-                              "this process", wait) from None
-        try:
-            return await self._build_warm_locked(cache, key, wait)
-        finally:
-            local.release()
+    def warm_builder(self, spec: VMSpec) -> AsyncVM:
+        """A new VM of ``spec`` with this one's options: the builder of a warm state."""
+        return AsyncVM(spec, state_root=self._state_root, boot_timeout=self.boot_timeout,
+                       continue_on_oops=self.continue_on_oops)
 
-    async def _build_warm_locked(self, cache: WarmCache, key: WarmKey, wait: float
-                                 ) -> tuple[WarmEntry | None, str | None]:
-        cache.ensure()
-        lock = cache.lock_path(key.digest)
-        async with file_lock(lock, wait, f"the warm state {key.digest}, being built by "
-                             f"another process (lock {lock})"):
-            entry = cache.get(key.digest)
-            if entry is not None:
-                return entry, None
-            build_dir = await asyncio.to_thread(cache.new_build_dir, key.digest)
-            builder = AsyncVM(warm_spec(self.spec), state_root=self._state_root,
-                              boot_timeout=self.boot_timeout,
-                              continue_on_oops=self.continue_on_oops)
-            booted = time.monotonic()
-            try:
-                await builder.start()
-                await builder.wait_ready()
-                if builder.spec.cloud_init is not None:
-                    # Saved once cloud-init is done (wait_ssh waits for it, then logs in):
-                    # a clone must not resume in the middle of its first-boot set-up.
-                    await builder.wait_ssh()
-                booted = time.monotonic() - booted
-                if builder.console_log is not None and builder.console_log.exists():
-                    await asyncio.to_thread(shutil.copyfile, builder.console_log,
-                                            build_dir / BOOT_LOG)
-                bundle = await builder.save_state(build_dir / BUNDLE, stop=True)
-                entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
-            except SnapshotError as exc:
-                shutil.rmtree(build_dir, ignore_errors=True)
-                return None, f"QEMU cannot save this VM's state, so it boots every time ({exc})"
-            except BaseException:
-                shutil.rmtree(build_dir, ignore_errors=True)
-                raise
-            finally:
-                if builder.state is VMState.RUNNING:
-                    await builder.kill()
-        try:
-            await asyncio.to_thread(cache.prune, DEFAULT_CACHE_LIMIT)
-        except OSError as exc:  # a full cache costs disk space, not this start
-            log.debug("warm cache: prune failed: %r", exc)
-        return entry, (f"first start of this spec, state saved for next time (booted in "
-                       f"{booted:.2f} s)")
-
-    async def _finish_warm(self, entry: WarmEntry, bundle: Bundle, began: float) -> None:
-        """Feed the warm state to the QEMU just started; set the guest's clock to the host's.
-
-        A cloud-init clone is then given its own identity (:mod:`qemukit.identity`);
-        its ssh host keys are made while QEMU loads the state.
-        """
-        seed = self._seed
-        # The seed's host keys (pinned in known_hosts) if it has them, else new ones.
-        keys_task = (asyncio.ensure_future(asyncio.to_thread(host_keys, f"root@{seed.hostname}"))
-                     if seed is not None and seed.host_keys is None else None)
-        try:
-            try:
-                await restore_vm(self, bundle, SAVE_TIMEOUT)
-            except SnapshotError as exc:
-                removed = await asyncio.to_thread(WarmCache(entry.path.parent).remove, entry)
-                raise SnapshotError(
-                    f"{exc}; the warm state {entry.key} is "
-                    + ("removed, so the next start boots and saves a new one" if removed else
-                       "in use by another process; 'qemukit cache clear' removes it")) from exc
-            await self._set_guest_clock()
-            if seed is not None:
-                keys = seed.host_keys if keys_task is None else await keys_task
-                self.identity = await reidentify(self, seed.hostname, seed.public_keys,
-                                                 keys=keys)
-                if keys_task is not None and self.runtime is not None:
-                    from .._launch.seed import KNOWN_HOSTS_FILE, host_key_alias, write_known_hosts
-
-                    write_known_hosts(self.runtime.path / KNOWN_HOSTS_FILE,
-                                      host_key_alias(self.runtime.name),
-                                      list(self.identity.host_keys.values()))
-        finally:
-            if keys_task is not None:
-                await cancel_and_wait(keys_task)
-        await asyncio.to_thread(self._append_boot_log)
-        assert self.warm_start is not None
-        self.warm_start = WarmStart(self.warm_start.warm, self.warm_start.reason, entry.key,
-                                    time.monotonic() - began)
-
-    def _append_boot_log(self) -> None:
-        """Add the saved boot's console output to a warm clone's log, once it is ready.
-
-        Not before: a tool waiting for a line of the boot in the log (the tiny
-        init's ``ready``) must not see it before the clone can run commands.
-        QEMU appends to the log (``O_APPEND``), as this does.
-        """
-        if self._boot_log is None or self.runtime is None:
-            return
-        try:
-            boot = self._boot_log.read_bytes()
-        except OSError:  # an entry of an older qemukit, or pruned meanwhile: no boot log
-            return
-        text = (b"qemukit: --- the boot this warm state was saved after ---\n" + boot
-                + b"\nqemukit: --- restored from the warm state here ---\n")
-        fd = os.open(self.runtime.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                     | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, text)
-        finally:
-            os.close(fd)
-
-    async def _set_guest_clock(self) -> None:
-        """After a restore: set the guest's clock to the host's, and reseed its RNG.
-
-        The saved clock stopped at the save, and the kernel's RNG resumes as
-        saved: two clones would read the same bytes from ``/dev/urandom`` and
-        ``getrandom`` until their kernels next reseed. Writing host bytes to
-        ``/dev/urandom`` does not reseed (Linux 5.18+), and the vmgenid device
-        only helps a kernel with its driver (the tiny image's cloud kernel has
-        none), so this runs :func:`~qemukit.identity.reseed_script` (host bytes
-        plus RNDRESEEDCRNG) before anything else runs in the clone; it
-        failing fails the start. With qemu-guest-agent (a guest that may not be
-        Linux) a failed reseed is logged and vmgenid is left to do it.
-        """
-        if self.spec.agent == "qga":
-            await self.wait_ready()
-            await self.guest.call("guest-set-time", {"time": time.time_ns()})
-            try:
-                result = await self.exec(["sh", "-c", reseed_script()], timeout=30)
-                failure = _reseed_failure(result) if result.exit_status != 0 else None
-            except AgentError as exc:  # qemu-guest-agent refused it: no sh, not a Linux guest
-                failure = str(exc)
-            if failure is not None:
-                log.warning("%s: reseeding the clone's RNG failed (%s); only vmgenid "
-                            "reseeds it", self.name, failure)
-            return
-        # One process in the guest sets the clock and reseeds (see qemukit.identity).
-        result = await self.exec(["sh", "-c", reseed_script(set_clock=True)], timeout=30)
-        if result.exit_status != 0:
-            raise StateError(f"VM {self.name!r}: setting the guest clock and reseeding its RNG "
-                             f"after the restore failed: {_reseed_failure(result)}")
-
-    def _prepare(self) -> None:
-        """Check the spec against the host before anything starts, and choose the accelerator.
+    def _prepare(self, spec: VMSpec) -> None:
+        """Check ``spec`` against the host before anything starts, and choose the accelerator.
 
         See :func:`qemukit._launch.start.prepare`; a warm start keeps the
         accelerator chosen for the user's spec.
         """
-        self._prepared = prepare(self.spec)
-        _net.check_subnets(self.spec.networks)
+        self._prepared = prepare(spec)
+        _net.check_subnets(spec.networks)
         if self.accel is None:
-            probe = default_probe_image(self.spec.arch) if self.spec.accel != "tcg" else None
-            self.accel = host.resolve_accel(self.spec.accel, self._prepared.qemu, probe,
-                                            arch=self.spec.arch)
+            probe = default_probe_image(spec.arch) if spec.accel != "tcg" else None
+            self.accel = host.resolve_accel(spec.accel, self._prepared.qemu, probe, arch=spec.arch)
 
-    async def _start(self, timeout: float) -> None:
-        warn_exposed(self.spec, stacklevel=4)  # (warn_exposed, _start, start, its caller)
-        await asyncio.to_thread(self._prepare)
+    async def _start(self, spec: VMSpec, timeout: float) -> None:
+        """Launch QEMU for ``spec`` (which becomes :attr:`spec`) and connect to its monitor."""
+        warn_exposed(spec, stacklevel=4)  # (warn_exposed, _start, start, its caller)
+        await asyncio.to_thread(self._prepare, spec)
         assert self.accel is not None and self._prepared is not None
-        self.runtime = rd = RuntimeDir.create(self.spec.name, self._state_root)
+        self.runtime = rd = RuntimeDir.create(spec.name, self._state_root)
         if self.kernel is not None and self.kernel.needs_files:
             # In the runtime directory: the initramfs with the modules lives as long as the VM.
-            self.spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
+            spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
+        self.spec = spec
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, host_facts(self._prepared.qemu, self.accel), rd,
                            self._prepared.formats, incoming=self.incoming)
@@ -557,8 +394,9 @@ class AsyncVM(_verbs.Verbs):
         self._seed = await asyncio.to_thread(carry_out, plan, self._prepared, self._helpers,
                                              die_with_parent=self.die_with_parent)
         links = await _net.join_networks(self, rd.path.parent, self.spec.networks)
-        self._proc, self.argv, ours = spawn_qemu(plan, self._prepared, links,
-                                                 die_with_parent=self.die_with_parent)
+        self._proc, self.argv, ours = spawn_qemu(
+            plan, self._prepared, links, [self._warm_hold.fd] if self._warm_hold else [],
+            die_with_parent=self.die_with_parent)
         _live.add(self)
         self._qmp = QMP(f"qemukit-{rd.name}")
         # Start talking to QEMU at once; the bookkeeping below runs while it boots.
@@ -635,6 +473,7 @@ class AsyncVM(_verbs.Verbs):
         for proc in (self._proc, *self._helpers):
             if proc is not None:
                 proc.close()
+        self._release_warm_hold()  # QEMU's inherited copy keeps the entry in use
         _live.discard(self)
         self.state = VMState.DETACHED
 
@@ -910,37 +749,20 @@ class AsyncVM(_verbs.Verbs):
         architecture).
         """
         saved = Bundle.open(bundle)
-        clone = saved.clone_spec(name)
-        saved.check_qemu(await asyncio.to_thread(host.find_qemu, clone.arch))
+        qemu = await asyncio.to_thread(host.find_qemu, saved.spec.arch)
+        saved.check_qemu(qemu)
+        clone = saved.clone_spec(name, qemu_version=qemu.version)
         vm = cls(clone, die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
                  continue_on_oops=continue_on_oops, incoming="defer")
         await vm.start()
         try:
-            await restore_vm(vm, saved, timeout)
-            await vm._reseed_restored(saved)
+            await _warm.restore_clone(vm, saved, timeout)
         except BaseException:
             with contextlib.suppress(QemukitError):  # the restore's own error is raised
                 await vm.kill()
             raise
         return vm
-
-    async def _reseed_restored(self, bundle: Bundle) -> None:
-        """After :meth:`restore`: the clock and RNG reseed a warm start does
-        (:meth:`_set_guest_clock`), where it can run; else a warning."""
-        why = None
-        if bundle.manifest.get("guest") != "running":
-            why = "it was saved paused"
-        elif self.spec.agent == "none":
-            why = "it has no agent"
-        elif self.spec.agent == "qemukit" and self.spec.arch != "x86_64":
-            why = f"the reseed program is x86_64 only and this guest is {self.spec.arch}"
-        if why is None:
-            await self._set_guest_clock()
-            return
-        log.warning("%s: the clone's clock is not set and its RNG not reseeded (%s): clones "
-                    "of %s may hand out the same random bytes until their kernels reseed",
-                    self.name, why, bundle.path)
 
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
 
@@ -1178,9 +1000,16 @@ class AsyncVM(_verbs.Verbs):
                                 self.name, self._proc.pid)
             self._proc.close()
         await stop_helpers(self._helpers, self.name)
+        self._release_warm_hold()
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:
             self.runtime.remove()
+
+    def _release_warm_hold(self) -> None:
+        """Close this process's lock on the warm entry (QEMU, if alive, keeps its copy)."""
+        if self._warm_hold is not None:
+            self._warm_hold.close()
+            self._warm_hold = None
 
     def _emergency_stop(self) -> None:
         """Synchronous kill used at interpreter exit."""
@@ -1202,10 +1031,3 @@ class AsyncVM(_verbs.Verbs):
         if self.state == VMState.RUNNING:
             await self.shutdown()
 
-
-def _reseed_failure(result: ExecResult) -> str:
-    """Which step of the clock and reseed command failed, with the guest's stderr."""
-    step = RESEED_STEPS.get(result.exit_status)
-    what = f"{step} failed" if step else f"exit {result.exit_status}"
-    stderr = result.stderr_text.strip()[-300:]
-    return f"{what}: {stderr}" if stderr else what

@@ -187,7 +187,8 @@ async def _run(vm: VerbTarget, command: str | Sequence[str], timeout: float) -> 
     limit = max(1.0, timeout - (time.monotonic() - started))
     result = await vm.guest.exec(command, limit)
     if result.exit_status == _KILLED and result.duration >= math.ceil(limit) - 0.5:
-        raise WaitTimeout(f"the guest command {command!r} to finish", limit,
+        # The deadline the caller gave, not what was left of it after the agent's wait.
+        raise WaitTimeout(f"the guest command {command!r} to finish", timeout,
                           vm.console_tail(10), last=_describe(result, None))
     return result
 

@@ -8,11 +8,15 @@ plain socket), loop (qemukit run -- true vs the fastest raw QEMU command line fo
 the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 (snapshot load vs a boot per test), restore (state bundle restore vs cold boot),
 scale (16 VMs launched at once), warm (warm against cold against raw for run --
-true, 16 warm VMs at once, the pytest plugin's per-test cost). Optional: arch (each foreign
+true, 16 warm VMs at once, the pytest plugin's per-test cost), mapped (warm with the RAM
+mapped against copied against cold against raw for run -- true, restore to the first command's
+output by step, the PSS of 8 clones mapped against copied). Optional: arch (each foreign
 architecture's run -- true against raw QEMU), debian (seconds to an ssh login on the Debian
 image, warm against cold), kloop (the cold kernel loop: qemukit run --kernel K
 -- true on a fresh copy of a kernel built here, against raw QEMU booting it to init on the machine
-qemukit picks, with qemukit's split; builds the suite's kernel if it is not cached), libvirt
+qemukit picks, with qemukit's split; builds the suite's kernel if it is not cached), tbsize
+(4 TCG VMs at once with QEMU's 1 GiB code buffer against tb_size 64 and 16 MiB: boot time,
+RSS, PSS, translated code, flushes; --tb-image debian for a bigger guest), libvirt
 (--with-libvirt: `virsh create` to guest init vs qemukit, libvirtd's RSS, virsh's per-call cost) and
 virtme (--with-virtme: `vng --run KERNEL --exec true` vs `qemukit run -- true`,
 or why vng does not run here).
@@ -35,8 +39,8 @@ from qemukit import host
 
 from .common import Result
 
-DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm")
-OPTIONAL_PARTS = ("arch", "debian", "kloop", "libvirt", "virtme")
+DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm", "mapped")
+OPTIONAL_PARTS = ("arch", "debian", "kloop", "libvirt", "tbsize", "virtme")
 
 
 def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result]]:
@@ -74,6 +78,14 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .warm import bench_warm
         return bench_warm(runs, 3 if args.quick else 16)
 
+    def mapped() -> Result:
+        from .mapped import bench_mapped
+        return bench_mapped(runs, 3 if args.quick else 8)
+
+    def tbsize() -> Result:
+        from .tbsize import bench_tbsize
+        return bench_tbsize(2 if args.quick else runs, image=args.tb_image)
+
     def debian() -> Result:
         from .warm import bench_debian
         return bench_debian(2 if args.quick else min(runs, 3))
@@ -95,8 +107,8 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "warm": warm, "debian": debian, "arch": arch,
-            "kloop": kloop, "libvirt": libvirt, "virtme": virtme}
+            "restore": restore, "scale": scale, "warm": warm, "mapped": mapped, "debian": debian,
+            "arch": arch, "kloop": kloop, "libvirt": libvirt, "tbsize": tbsize, "virtme": virtme}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smoke mode: 2 runs, small counts (not for reporting)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--only", default=",".join(DEFAULT_PARTS),
-                        help="comma-separated parts (also: arch, kloop, libvirt, virtme)")
+                        help="comma-separated parts (also: arch, kloop, libvirt, tbsize, virtme)")
+    parser.add_argument("--tb-image", default="tiny", choices=("tiny", "debian"),
+                        help="the guest of the tbsize part (4 at once; debian needs its image)")
     parser.add_argument("--with-libvirt", action="store_true",
                         help="add the libvirt part (needs virsh and libvirtd installed)")
     parser.add_argument("--with-virtme", action="store_true",

@@ -133,7 +133,8 @@ def _first_reads(start: Any) -> tuple[Reads, list[int], Any]:
 
     async def spying(self: Any, command: Any, **kwargs: Any) -> Any:
         result = await real(self, command, **kwargs)
-        if isinstance(command, list) and "qemukit-reseed" in command[-1]:
+        text = command if isinstance(command, str) else command[-1]
+        if "qemukit-reseed" in text:
             statuses.append(result.exit_status)
         return result
 

@@ -387,7 +387,8 @@ def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatc
     class Config:
         def __init__(self, arch: str) -> None:
             self.opts = {"--qemukit-image": "tiny", "--qemukit-arch": arch,
-                         "--qemukit-accel": "tcg", "--qemukit-cold": False}
+                         "--qemukit-accel": "tcg", "--qemukit-cold": False,
+                         "--qemukit-crash-dir": None}
 
         def getoption(self, name: str) -> Any:
             return self.opts[name]

@@ -587,3 +587,39 @@ def test_plan_puts_the_gdb_socket_in_the_runtime_directory(tmp_path: Path) -> No
     argv = plan_launch(VMSpec(gdb=True), facts, rd, ()).argv()
     assert f"path={rd.path}/gdb.sock" in option_values(argv, "-chardev")[0]
     assert plan_launch(VMSpec(gdb_port=0), facts, rd, ()).plumbing.gdb_path is None
+
+
+def test_golden_tb_size() -> None:
+    # Many TCG VMs per host: a bounded code buffer through -accel (QEMU refuses it beside
+    # -machine accel=, so the machine loses its accel= option).
+    argv = build_argv(
+        VMSpec(name="pooled", tb_size="128M"), qemu=QEMU, accel="tcg",
+        plumbing=plumbing("/run/user/1000/qemukit/pooled"),
+    )
+    check_golden("tb_size", argv)
+    assert option_value(argv, "-machine") == "q35"
+    assert option_value(argv, "-accel") == "tcg,tb-size=128"
+
+
+def test_tb_size_is_ignored_under_kvm() -> None:
+    argv = build_argv(VMSpec(name="k", tb_size=64), qemu=QEMU, accel="kvm",
+                      plumbing=plumbing("/run/qk/k"))
+    assert "-accel" not in argv
+    assert option_value(argv, "-machine").startswith("q35,accel=kvm")
+
+
+@pytest.mark.parametrize("bad", [0, 4096, "1K", True, "lots"])
+def test_tb_size_out_of_range_names_the_field(bad: object) -> None:
+    with pytest.raises(SpecError, match="tb_size"):
+        VMSpec(tb_size=bad)  # type: ignore[arg-type]
+
+
+def test_pool_tb_size_per_vm_count() -> None:
+    from qemukit.host._tcg import tb_size_for
+
+    assert tb_size_for(1, 8192) is None  # one VM: QEMU's default
+    assert tb_size_for(2, 8192) == 256
+    assert tb_size_for(8, 8192) == 256
+    assert tb_size_for(16, 8192) == 128
+    assert tb_size_for(64, 8192) == 64  # never below the floor
+    assert tb_size_for(4, 1024) == 64

@@ -277,6 +277,7 @@ class _AgentlessVM:
         from qemukit import VMState
 
         self.spec, self.accel, self.console_log = spec, None, None
+        self.warm_start = None  # a cold start
         self.state = VMState.STOPPED
 
     def start(self) -> None:

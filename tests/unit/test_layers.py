@@ -31,8 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity", "_access"),
     ("warm",),
     ("vm",),
-    ("kernel",),
-    ("matrix",),
+    ("kernel", "crashdir", "kselftest", "gdbscripts"),
+    ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp", "testing"),
 ]
 #: The only places that may import the CLI and test frameworks.

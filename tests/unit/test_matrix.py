@@ -187,6 +187,25 @@ def test_fail_fast_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch) -
     assert [r.job.name for r in results] == ["j0"]
 
 
+def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        seen[job.name] = job.vm.get("tb_size")
+        return matrix._Attempt(_result(job, "passed"), None, "h", worker)
+
+    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    monkeypatch.setattr(matrix, "tb_size_for", lambda n: 128 if n > 1 else None)
+    jobs = [Job("a", ("true",), image="tiny"), Job("b", ("true",), image="tiny",
+                                                     vm={"tb_size": "32M"})]
+    list(run_matrix(jobs, jobs_at_once=2))
+    assert seen == {"a": 128, "b": "32M"}  # a job's own tb_size wins
+    seen.clear()
+    list(run_matrix(jobs, jobs_at_once=1))
+    assert seen == {"a": None, "b": "32M"}  # one VM at a time: QEMU's default
+
+
 def _job_results() -> list[JobResult]:
     nasty = "ok \x1b[6n \x00 \ufffe \udc80 end"
     out = []

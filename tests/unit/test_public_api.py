@@ -185,8 +185,10 @@ def _imported_by(code: str) -> set[str]:
 
 def test_import_qemukit_stays_light() -> None:
     imported = _imported_by("import qemukit")
-    assert "qemukit" in imported and "qemukit.spec" in imported
-    heavy = {"asyncio", "qemu.qmp", "qemukit.vm", "qemukit.images", "psutil", "click"}
+    assert "qemukit" in imported
+    # Even the spec is loaded at the first use of one of its names (tests/unit/test_imports.py).
+    heavy = {"asyncio", "qemu.qmp", "qemukit.vm", "qemukit.images", "qemukit.spec", "psutil",
+             "click"}
     assert not heavy & imported, sorted(heavy & imported)
 
 

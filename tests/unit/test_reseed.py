@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from qemukit import VMSpec, identity
-from qemukit.vm import AsyncVM
+from qemukit.vm import AsyncVM, _warm
 
 # -- the reseed program -------------------------------------------------------------------
 
@@ -182,17 +182,17 @@ def test_the_reseed_script_sends_a_fresh_program_each_time() -> None:
 def test_vm_restore_reseeds_the_clone_where_it_can_and_warns_where_not(
         guest: str, agent: str, arch: str, reseeds: bool, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    calls: list[AsyncVM] = []
+    calls: list[object] = []
 
-    async def set_clock(self: AsyncVM) -> None:
-        calls.append(self)
+    async def set_clock(vm: object) -> None:
+        calls.append(vm)
 
-    monkeypatch.setattr(AsyncVM, "_set_guest_clock", set_clock)
+    monkeypatch.setattr(_warm, "set_guest_clock", set_clock)
     vm = AsyncVM(VMSpec(name="clone", agent=agent, arch=arch,  # type: ignore[arg-type]
                         kernel="/boot/vmlinuz", initrd="/boot/initrd.img"))
     bundle = SimpleNamespace(manifest={"guest": guest}, path=Path("/saved/bundle"))
     with caplog.at_level(logging.WARNING, logger="qemukit"):
-        asyncio.run(vm._reseed_restored(bundle))  # type: ignore[arg-type]
+        asyncio.run(_warm.reseed_restored(vm, bundle))  # type: ignore[arg-type]
     assert calls == ([vm] if reseeds else [])
     warned = [r.getMessage() for r in caplog.records if "not reseeded" in r.getMessage()]
     assert bool(warned) != reseeds, warned

@@ -489,6 +489,7 @@ def full_spec() -> VMSpec:
         warm=True,
         forward_auto=False,  # True needs an agent and a user network: see the tests below
         networks=("lan", "db-2"),
+        tb_size=128,
     )
 
 

@@ -14,6 +14,7 @@ from qemukit._launch.plan import HostFacts
 from qemukit.spec import CloudInit, Nic
 from qemukit.warm import (
     WarmCache,
+    WarmKey,
     file_digest,
     note_kernel_run,
     warm_key,
@@ -72,6 +73,7 @@ def test_the_key_follows_what_is_booted(files: dict[str, Path], tmp_path: Path) 
     first = key(files, root)
     assert key(files, root) == first
     assert key(files, root, name="other", warm=True) == first  # neither changes the guest
+    assert key(files, root, tb_size=64) == first  # a pool's clones share the single VM's state
     with_nic = key(files, root, nics=(Nic(),))
     assert key(files, root, nics=(Nic(),), forward_auto=True) == with_nic  # acts from outside
     assert key(files, root, memory=1024) != first
@@ -195,3 +197,132 @@ def test_a_kernel_run_is_known_again_by_contents(files: dict[str, Path], tmp_pat
     assert note_kernel_run(run, root) is False
     assert note_kernel_run(run, root) is True
     assert note_kernel_run(VMSpec(), root) is False
+
+
+# -- an entry in use is never deleted; a half-deleted one never wedges its key -------------
+
+KEY = "0123456789abcdef0123"  # what a key directory's name looks like
+
+
+def test_an_entry_held_by_a_clone_survives_clear_and_goes_after(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    make_entry(cache, "fedcba9876543210fedc", 4096, 200.0)
+    hold = cache.hold(KEY)
+    assert hold is not None and hold.entry.key == KEY
+    assert cache.in_use(hold.entry)
+    assert [e.key for e in cache.clear()] == ["fedcba9876543210fedc"]
+    assert [e.key for e in cache.entries()] == [KEY]  # kept whole: the clone still reads it
+    assert (tmp_path / KEY / "state.bin").stat().st_size == 4096
+    assert cache.prune(0) == []
+    hold.close()
+    assert [e.key for e in cache.clear()] == [KEY]
+    assert cache.entries() == [] and not (tmp_path / KEY).exists()
+
+
+def test_a_process_that_inherited_the_hold_keeps_the_entry(tmp_path: Path) -> None:
+    """As a clone's QEMU does: the lock lives as long as any process holds the descriptor."""
+    import subprocess
+    import sys
+
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    hold = cache.hold(KEY)
+    assert hold is not None
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE, pass_fds=[hold.fd])
+    try:
+        hold.close()  # the starting process is gone (a detached clone)
+        assert cache.clear() == [] and cache.get(KEY) is not None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(60)
+    assert [e.key for e in cache.clear()] == [KEY]
+
+
+def test_hold_of_a_missing_or_vanished_entry_is_none(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    assert cache.hold(KEY) is None
+    make_entry(cache, KEY, 4096, 100.0)
+    fd = os.open(cache.use_lock_path(KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # being deleted, for longer than we wait
+        assert cache.hold(KEY, timeout=0.2) is None
+    finally:
+        os.close(fd)
+    entry = cache.get(KEY)
+    assert entry is not None and cache.remove(entry)
+    assert cache.hold(KEY) is None
+
+
+def test_running_clones_never_block_the_build_lock(tmp_path: Path) -> None:
+    """Many VMs of one spec: the later ones look the key up under its build lock while the
+    first ones already run; clones hold the use lock, never the build lock."""
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    hold = cache.hold(KEY)
+    assert hold is not None
+    fd = os.open(cache.lock_path(KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError
+        entry = cache.get(KEY)
+        assert entry is not None and not cache.remove(entry)  # a build (or its look-up) runs
+    finally:
+        os.close(fd)
+        hold.close()
+
+
+def test_a_delete_renames_first_so_a_kill_leaves_no_half_entry(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    entry = cache.get(KEY)
+    assert entry is not None
+
+    def killed(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:
+        (Path(path) / "meta.json").unlink()  # rmtree got this far when the kill came
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        cache.remove(entry)
+    monkeypatch.undo()
+    assert not (tmp_path / KEY).exists() and cache.entries() == []
+    leftovers = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".tmp-{KEY}-gone")
+    assert cache.remove_partial() == 1 and not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def _fake_bundle() -> object:
+    class Fake:
+        manifest: dict[str, object] = {"state_size": 1}
+
+    return Fake()
+
+
+def test_a_half_deleted_key_directory_is_replaced_by_the_next_build(tmp_path: Path) -> None:
+    """The wedge of old: a key directory without meta.json made every commit fail, forever."""
+    cache = WarmCache(tmp_path)
+    make_entry(cache, KEY, 4096, 100.0)
+    (tmp_path / KEY / "meta.json").unlink()  # an older rmtree killed half way
+    assert cache.get(KEY) is None
+    build = cache.new_build_dir(KEY)  # under the key's lock, as a builder calls it
+    assert not (tmp_path / KEY).exists()  # moved aside and deleted at once
+    (build / "state.bin").write_bytes(b"new")
+    # And if it comes back between (say a copy of an old cache), the commit still lands.
+    (tmp_path / KEY).mkdir()
+    (tmp_path / KEY / "bundle").mkdir()
+    entry = cache.commit(WarmKey(KEY, {}), build, _fake_bundle())  # type: ignore[arg-type]
+    assert entry.path == tmp_path / KEY and (entry.path / "state.bin").read_bytes() == b"new"
+    assert cache.get(KEY) is not None
+
+
+def test_prune_removes_broken_key_directories_but_nothing_else(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    (tmp_path / KEY).mkdir()  # a key directory without an entry
+    (tmp_path / "standby").mkdir()  # not a key's name: never taken for one
+    assert cache.prune(1 << 30) == []
+    assert not (tmp_path / KEY).exists() and (tmp_path / "standby").is_dir()
