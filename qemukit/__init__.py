@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from . import matrix as matrix
     from . import paths as paths
     from . import qga as qga
+    from . import results as results
     from . import seed as seed
     from . import snapshot as snapshot
     from . import timeouts as timeouts
@@ -91,7 +92,7 @@ _LAZY = {
 #: ...) is internal.
 SUBMODULES = (
     "dump", "errors", "guest", "host", "hotplug", "images", "kconfig", "kernel", "matrix",
-    "paths", "qga", "seed", "snapshot", "spec", "timeouts", "vm",
+    "paths", "qga", "results", "seed", "snapshot", "spec", "timeouts", "vm",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostError, QemukitError, SpecError
+from .results import Outcome
 from .spec import VMSpec
 
 __all__ = ["BisectResult", "StepVerdict", "bisect", "default_build", "judge"]
@@ -251,12 +252,13 @@ def judge(state: str | Path) -> int:
         return _answer(root, number, commit, "skip", f"qemukit could not run the test: {exc}",
                        None)
     result = json.loads(json.dumps(run.to_dict(), default=str))
-    if run.outcome == "passed":
-        return _answer(root, number, commit, "good", "passed", result)
-    if run.outcome == "error":
+    if run.outcome is Outcome.PASSED:
+        return _answer(root, number, commit, "good", Outcome.PASSED, result)
+    if run.outcome is Outcome.ERROR:
         return _answer(root, number, commit, "skip", f"infrastructure: {run.error}", result)
-    line = {"failed": f"exit status {run.exit_status}", "panic": f"kernel panic: {run.panic}",
-            "oops": f"kernel oops: {run.oops}", "timeout": f"timeout: {run.error}"}
+    line = {Outcome.FAILED: f"exit status {run.exit_status}",
+            Outcome.PANIC: f"kernel panic: {run.panic}", Outcome.OOPS: f"kernel oops: {run.oops}",
+            Outcome.TIMEOUT: f"timeout: {run.error}"}
     return _answer(root, number, commit, "bad", line.get(run.outcome, run.outcome), result)
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import HostError, QemukitError
 from .kconfig import ResolvedKernel, bzimage_release
+from .results import Outcome
 from .spec import VMSpec
 from .vm import VM, VMState
 
@@ -234,14 +235,14 @@ def write_bundle(bundle: str | Path, *, verdict: Mapping[str, Any], argv: Sequen
 def _triage(bundle: Path, verdict: Mapping[str, Any], identity: Mapping[str, Any], console: str,
             vmlinux: str | Path | None, notes: Sequence[str]) -> str:
     outcome = verdict.get("outcome")
-    line = verdict.get("panic") if outcome == "panic" else verdict.get("oops")
+    line = verdict.get("panic") if outcome == Outcome.PANIC else verdict.get("oops")
     first = verdict.get("oops") or line  # a panic after an oops: the oops has the trace
     out = [f"qemukit crash bundle: kernel {outcome}",
            f"{outcome}: {line}",
            f"kernel: {identity.get('release') or 'release unknown'} ({identity.get('arch')}), "
            f"image sha256 {identity.get('image_sha256') or 'unknown'}",
            f"command: {' '.join(verdict.get('command') or ())}"]
-    if verdict.get("oops") and outcome == "panic":
+    if verdict.get("oops") and outcome == Outcome.PANIC:
         out.append(f"first oops: {verdict['oops']}")
     out += [f"note: {n}" for n in notes]
     trace = call_trace(console, first)
@@ -285,7 +286,7 @@ def bundle_from_vm(vm: VM, parent: str | Path, *, test: str | None = None,
         return None
     panic = next((e.line for e in crashes if e.kind == "panic"), None)
     oops = next((e.line for e in crashes if e.kind == "oops"), None)
-    outcome = "panic" if panic is not None else "oops"
+    outcome = Outcome.PANIC if panic is not None else Outcome.OOPS
     bundle = new_bundle(parent, outcome, vm.name)
     notes: list[str] = []
     dump: str | None = None

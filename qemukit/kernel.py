@@ -4,98 +4,54 @@ r"""The kernel-testing loop: boot a kernel, run one command, return a verdict.
 command and always stops the VM; :func:`run_kernel` does the same for a
 freshly built kernel with the tiny initramfs (plus optional modules and host
 shares). Both return a :class:`KernelTestResult`, which writes itself as
-JSON or JUnit XML for CI. A panic ends the run within seconds with the panic
-line; an oops or BUG ends it too (outcome ``oops``) unless
-``continue_on_oops``; soft lockups, RCU stalls and ``WARNING:`` lines are
-recorded as warnings and end nothing; a boot that never reaches the agent
-ends at the timeout with the console tail. Neither raises for guest trouble:
-it is in the result.
+JSON or JUnit XML for CI (through :mod:`qemukit.results`' writers). A
+panic ends the run within seconds with the panic line; an oops or BUG ends
+it too (outcome ``oops``) unless ``continue_on_oops``; soft lockups, RCU
+stalls and ``WARNING:`` lines are recorded as warnings and end nothing; a
+boot that never reaches the agent ends at the timeout with the console
+tail. Neither raises for guest trouble: it is in the result.
 
-The files are valid whatever the guest printed. XML 1.0 forbids most control
-characters (the busybox shell's ``ESC [6n`` is on every console), so in the
-JUnit file each forbidden character is written as a visible escape (``\x1b``,
-``\x00``, ``\ufffe``); invalid UTF-8 from the guest is already U+FFFD in the
-result's text (the bytes themselves are in :class:`~qemukit.guest.ExecResult`).
-JUnit text elements keep at most :data:`JUNIT_TEXT_LIMIT` characters, the end,
-and say how much was cut; the JSON file keeps everything (pure ASCII, control
-characters escaped by JSON, lone surrogates written as ``\udcXX`` text).
+The files are valid whatever the guest printed (see :mod:`qemukit.results`);
+invalid UTF-8 from the guest is already U+FFFD in the result's text (the
+bytes themselves are in :class:`~qemukit.guest.ExecResult`).
 """
 
 from __future__ import annotations
 
-import json
-import re
+import asyncio
 import shutil
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import crashdir, images, kconfig
+from ._sync import run_sync
 from ._wire.console import ConsoleEvent
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
+from .results import (
+    JUNIT_TEXT_LIMIT,
+    Outcome,
+    ReportCase,
+    json_clean,
+    json_safe,
+    write_json,
+    write_junit,
+    xml_safe,
+)
 from .spec import Share, VMSpec
 from .vm import VM, VMState
 
 __all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "MachineChoice", "bzimage_release",
            "json_safe", "kernel_run_machine", "run_in_vm", "run_kernel", "xml_safe"]
 
-#: Characters kept (the last ones) per JUnit text element: system-out, system-err, failure.
-JUNIT_TEXT_LIMIT = 1_000_000
-#: Characters kept in a test name or an attribute (message=, property values).
-_ATTR_LIMIT = 1000
-
-_XML_FORBIDDEN = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def xml_safe(text: str) -> str:
-    """``text`` with every character XML 1.0 forbids written as ``\\xNN`` or ``\\uNNNN``.
-
-    Tab, newline and carriage return stay; so does everything printable.
-    """
-    return _XML_FORBIDDEN.sub(_escape_char, text)
-
-
-def json_safe(text: str) -> str:
-    """``text`` with lone surrogates (which strict JSON parsers reject) written as ``\\udcXX``."""
-    return _SURROGATE.sub(_escape_char, text)
-
-
-def _cap(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"[qemukit: the first {len(text) - limit} of {len(text)} characters were cut]\n" + (
-        text[-limit:]
-    )
-
-
-def _short(text: str, limit: int = _ATTR_LIMIT) -> str:
-    return xml_safe(text if len(text) <= limit else text[: limit - 1] + "\u2026")
-
-
-def _json_clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return json_safe(value)
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {json_safe(str(k)): _json_clean(v) for k, v in value.items()}
-    return value
-
-
 @dataclass(frozen=True)
 class KernelTestResult:
     """The outcome of one boot-and-run.
 
-    ``outcome`` is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``
+    ``outcome`` (an :class:`~qemukit.results.Outcome`; a name given here is
+    turned into one) is ``passed`` (exit status 0), ``failed`` (non-zero), ``panic``
     (the kernel stopped), ``oops`` (an oops or BUG; the kernel ran on but the
     run was ended), ``timeout`` or ``error`` (qemukit or QEMU failed, or a
     share did not mount, before the command ran). ``oops`` holds the first
@@ -105,7 +61,7 @@ class KernelTestResult:
     """
 
     command: tuple[str, ...]
-    outcome: str
+    outcome: Outcome
     exit_status: int | None
     stdout: str
     stderr: str
@@ -136,6 +92,9 @@ class KernelTestResult:
     #: from ``boot_time``; the ``timeout`` for boot plus command counts from after it.
     warm_build_time: float | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", Outcome(self.outcome))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         data = asdict(self)
@@ -146,59 +105,32 @@ class KernelTestResult:
 
     def write_json(self, path: str | Path) -> None:
         """Write the result as JSON (strict: ASCII only, no lone surrogates)."""
-        text = json.dumps(_json_clean(self.to_dict()), indent=2, allow_nan=False)
-        Path(path).write_text(text + "\n", encoding="ascii")
+        write_json(self.to_dict(), path)
 
-    def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
-        """Write the result as a JUnit XML report with one test case (always well-formed)."""
-        failures = int(self.outcome in ("failed", "panic", "oops"))
-        errors = int(self.outcome in ("timeout", "error"))
-        root = ET.Element("testsuites")
-        ts = ET.SubElement(root, "testsuite", name=_short(suite), tests="1",
-                           failures=str(failures), errors=str(errors),
-                           time=f"{self.duration:.3f}")
-        props = ET.SubElement(ts, "properties")
-        for name, value in (("outcome", self.outcome), ("exit_status", self.exit_status),
-                            ("accel", self.accel), ("boot_time", self.boot_time),
-                            ("panic", self.panic), ("oops", self.oops), ("dump", self.dump),
-                            ("arch", self.arch), ("kernel_release", self.kernel_release),
-                            ("kernel_config_sha256", self.kernel_config_sha256),
-                            ("crash_bundle", self.crash_bundle),
-                            *(("warning", w) for w in self.warnings)):
-            if value is not None:
-                ET.SubElement(props, "property", name=f"qemukit.{name}", value=_short(str(value)))
-        case = ET.SubElement(ts, "testcase", classname=_short(suite),
-                             name=_short(" ".join(self.command) or "boot"),
-                             time=f"{self.duration:.3f}")
-        if self.crash_bundle is not None:
-            ET.SubElement(ET.SubElement(case, "properties"), "property",
-                          name="qemukit.crash_bundle", value=_short(self.crash_bundle))
-
-        def body(text: str) -> str:
-            return xml_safe(_cap(text, JUNIT_TEXT_LIMIT))
-
-        if self.outcome == "failed":
-            ET.SubElement(case, "failure", message=f"exit status {self.exit_status}").text = (
-                body(self.stderr)
-            )
-        elif self.outcome == "panic":
-            ET.SubElement(case, "failure", message=_short(f"kernel panic: {self.panic}")).text = (
-                body(self.console_tail)
-            )
-        elif self.outcome == "oops":
-            ET.SubElement(case, "failure", message=_short(f"kernel oops: {self.oops}")).text = (
-                body(self.console_tail)
-            )
-        elif errors:
-            ET.SubElement(case, "error", message=_short(self.error or self.outcome)).text = (
-                body(self.console_tail)
-            )
+    def report_case(self, name: str | None = None) -> ReportCase:
+        """This result as a JUnit test case, named ``name`` (default: the command)."""
+        message = {Outcome.FAILED: f"exit status {self.exit_status}",
+                   Outcome.PANIC: f"kernel panic: {self.panic}",
+                   Outcome.OOPS: f"kernel oops: {self.oops}"}.get(self.outcome, self.error)
         out = self.stdout
         if self.warnings:
             out += "\n--- qemukit: kernel warnings on the console ---\n" + "\n".join(self.warnings)
-        ET.SubElement(case, "system-out").text = body(out)
-        ET.SubElement(case, "system-err").text = body(self.stderr)
-        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+        return ReportCase(
+            name=name if name is not None else " ".join(self.command) or "boot",
+            outcome=self.outcome, duration=self.duration, message=message,
+            details=self.stderr if self.outcome is Outcome.FAILED else self.console_tail,
+            stdout=out, stderr=self.stderr, crash_bundle=self.crash_bundle,
+            properties=[("command", " ".join(self.command) if name is not None else None),
+                        ("exit_status", self.exit_status), ("accel", self.accel),
+                        ("boot_time", self.boot_time), ("panic", self.panic),
+                        ("oops", self.oops), ("dump", self.dump), ("arch", self.arch),
+                        ("kernel_release", self.kernel_release),
+                        ("kernel_config_sha256", self.kernel_config_sha256),
+                        *(("warning", w) for w in self.warnings)])
+
+    def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
+        """Write the result as a JUnit XML report with one test case (always well-formed)."""
+        write_junit([self.report_case()], path, suite=suite)
 
 
 #: Console lines a panic or oops result keeps (other results keep the last 40).
@@ -224,6 +156,7 @@ def run_in_vm(
     dump_on_panic: str | Path | None = None,
     crash_dir: str | Path | None = None,
     vmlinux: str | Path | None = None,
+    on_starting: Callable[[Callable[[], None]], None] | None = None,
 ) -> KernelTestResult:
     """Boot ``spec``, run ``command`` in the guest, stop the VM, return the verdict.
 
@@ -234,6 +167,12 @@ def run_in_vm(
     whole serial console (the VM's runtime directory is removed afterwards).
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
+    ``on_starting`` is called (on qemukit's loop thread) as the start begins, with
+    a function that cancels the start from any thread: the start stops what it
+    began (QEMU, a warm state half built) and the call raises
+    :class:`asyncio.CancelledError`. A start can take long (a warm state is built
+    by booting the guest); this is how a test runner stops one (see
+    :mod:`qemukit.matrix`). Either callback may raise to end the run.
     An oops or BUG ends the run as ``oops`` unless ``continue_on_oops``, which
     records it (``oops``, ``warnings``) and lets the command finish.
     With ``dump_on_panic`` (a new file's path) a panicking kernel waits
@@ -266,7 +205,7 @@ def run_in_vm(
     # VM resolves the same way at its start and writes the initramfs in its runtime directory.
     about = kconfig.resolve_kernel(spec, modules)
     return _run_resolved(spec, command, about, timeout=timeout, console_log=console_log,
-                         modules=modules, on_started=on_started,
+                         modules=modules, on_started=on_started, on_starting=on_starting,
                          continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic,
                          crash_dir=crash_dir, vmlinux=vmlinux)
 
@@ -285,6 +224,7 @@ def _run_resolved(
     console_log: str | Path | None,
     modules: str | Path | None,
     on_started: Callable[[VM], None] | None,
+    on_starting: Callable[[Callable[[], None]], None] | None,
     continue_on_oops: bool,
     dump_on_panic: str | Path | None,
     crash_dir: str | Path | None = None,
@@ -300,7 +240,7 @@ def _run_resolved(
     vm = VM(spec, boot_timeout=timeout, continue_on_oops=continue_on_oops, modules=modules)
     fields: dict[str, Any] = dict(exit_status=None, stdout="", stderr="", boot_time=None,
                                   panic=None, error=None, accel=None, oops=None, dump=None)
-    outcome = "error"
+    outcome = Outcome.ERROR
     tail = ""
     events: list[ConsoleEvent] = []
     log_copy_error: OSError | None = None
@@ -309,7 +249,7 @@ def _run_resolved(
     crash_log: Path | None = None
     qemu_argv: list[str] = []
     try:
-        vm.start()
+        _start(vm, on_starting)
         # A first start that built the warm state (its own boot, bounded by timeout too):
         # reported apart, and not taken out of the time the command has.
         built = vm.warm_start.build_seconds if vm.warm_start is not None else 0.0
@@ -323,11 +263,11 @@ def _run_resolved(
         result = vm.exec(command, timeout=remaining)
         fields.update(exit_status=result.exit_status, stdout=result.stdout_text,
                       stderr=result.stderr_text)
-        outcome = "passed" if result.exit_status == 0 else "failed"
+        outcome = Outcome.PASSED if result.exit_status == 0 else Outcome.FAILED
     except GuestPanic as exc:
-        outcome, fields["panic"], fields["error"] = "panic", exc.line, str(exc).split("\n")[0]
+        outcome, fields["panic"], fields["error"] = Outcome.PANIC, exc.line, str(exc).split("\n")[0]
         if crash_dir is not None:
-            bundle = crashdir.new_bundle(crash_dir, "panic", vm.name)
+            bundle = crashdir.new_bundle(crash_dir, Outcome.PANIC, vm.name)
         target = (Path(dump_on_panic) if dump_on_panic is not None
                   else bundle / "vmcore" if bundle is not None else None)
         if target is not None:
@@ -336,15 +276,15 @@ def _run_resolved(
                 fields["error"] += f"; {dump_error}"
                 notes.append(dump_error)
     except GuestOops as exc:
-        outcome, fields["oops"], fields["error"] = "oops", exc.line, str(exc).split("\n")[0]
+        outcome, fields["oops"], fields["error"] = Outcome.OOPS, exc.line, str(exc).split("\n")[0]
         if crash_dir is not None:
             # The kernel runs on after an oops: its memory then is the bundle's dump.
-            bundle = crashdir.new_bundle(crash_dir, "oops", vm.name)
+            bundle = crashdir.new_bundle(crash_dir, Outcome.OOPS, vm.name)
             fields["dump"], dump_error = _dump_after_panic(vm, bundle / "vmcore")
             if dump_error:
                 notes.append(dump_error)
     except WaitTimeout as exc:
-        outcome, fields["error"] = "timeout", str(exc).split("\n")[0]
+        outcome, fields["error"] = Outcome.TIMEOUT, str(exc).split("\n")[0]
         if fields["boot_time"] is None and spec.agent == "qemukit" and about.config is None and (
                 _INIT_READY in vm.console_tail(400)):
             # The init got as far as starting the agent, which never answered: the
@@ -357,7 +297,7 @@ def _run_resolved(
         events = vm.console_events()
         # A panic's or an oops's whole report (registers, the call trace: about 40 lines
         # here, more with a longer trace or another QEMU's CPU model), not just its end.
-        tail = vm.console_tail(REPORT_TAIL_LINES if outcome in ("panic", "oops") else 40)
+        tail = vm.console_tail(REPORT_TAIL_LINES if outcome in (Outcome.PANIC, Outcome.OOPS) else 40)
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
             try:
                 shutil.copyfile(vm.console_log, console_log)
@@ -379,7 +319,7 @@ def _run_resolved(
     if fields["oops"] is None and oopses:
         fields["oops"] = oopses[0]
     warnings = [e.line for e in events
-                if e.kind == "warning" or (e.kind == "oops" and outcome != "oops")]
+                if e.kind == "warning" or (e.kind == "oops" and outcome is not Outcome.OOPS)]
     verdict = KernelTestResult(
         command=argv, outcome=outcome, duration=round(time.monotonic() - start, 3),
         console_log=str(console_log) if console_log is not None else None, console_tail=tail,
@@ -389,7 +329,7 @@ def _run_resolved(
         crash_bundle=str(bundle) if bundle is not None else None, **fields,
     )
     if bundle is not None:
-        crashdir.finish_run_bundle(bundle, _json_clean(verdict.to_dict()), about=about,
+        crashdir.finish_run_bundle(bundle, json_clean(verdict.to_dict()), about=about,
                                    spec=spec, argv=qemu_argv, console_log=crash_log,
                                    vmlinux=vmlinux, notes=notes)
     return verdict
@@ -406,6 +346,25 @@ def _keep_console(vm: VM, bundle: Path, notes: list[str]) -> Path | None:
         notes.append(f"console log not kept: {exc.strerror or exc}")
         return None
     return bundle / "console.log"
+
+
+def _start(vm: VM, on_starting: Callable[[Callable[[], None]], None] | None) -> None:
+    """``vm.start()``, which the function handed to ``on_starting`` cancels from any thread."""
+    if on_starting is None:
+        vm.start()
+        return
+
+    async def start() -> None:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(task.cancel)
+
+        on_starting(cancel)
+        await vm.aio.start()
+
+    run_sync(start())
 
 
 _INIT_READY = "qemukit-init: ready"

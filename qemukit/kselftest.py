@@ -23,21 +23,20 @@ verdict).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import HostError, SpecError
-from .kernel import KernelTestResult, json_safe, run_in_vm, xml_safe
+from .kernel import KernelTestResult, run_in_vm
 from .ktap import KtapReport, parse_ktap
+from .results import KTAP_OUTCOMES, Outcome, ReportCase, json_text, write_junit
 from .spec import Share, VMSpec
 
 __all__ = ["GUEST_PATH", "SuiteRun", "TestCase", "install_kselftests", "ktap_cases",
@@ -48,7 +47,7 @@ GUEST_PATH = "/kselftest"
 #: Seconds a selftests build and install may take.
 INSTALL_TIMEOUT = 3600.0
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
-_FAILED = {"failed", "error"}
+_FAILED = {Outcome.FAILED, Outcome.ERROR}
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class TestCase:
     error), the directive (``SKIP reason``) and the lines it printed."""
 
     name: str
-    outcome: str
+    outcome: Outcome
     directive: str | None = None
     diagnostics: tuple[str, ...] = ()
 
@@ -90,12 +89,12 @@ class SuiteRun:
     @property
     def ok(self) -> bool:
         """No failed or errored test, the KTAP found and complete, and the kernel survived."""
-        return (self.result.outcome in ("passed", "failed") and self.report.ok
+        return (self.result.outcome in (Outcome.PASSED, Outcome.FAILED) and self.report.ok
                 and not any(c.outcome in _FAILED for c in self.cases))
 
     def counts(self) -> dict[str, int]:
         """How many tests ended each way (passed, failed, skipped, error)."""
-        out = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        out: dict[str, int] = {o: 0 for o in KTAP_OUTCOMES}
         for case in self.cases:
             out[case.outcome] += 1
         return out
@@ -103,9 +102,9 @@ class SuiteRun:
     def _run_case(self) -> str | None:
         """Why the run itself deserves a case of its own, or None."""
         res = self.result
-        if res.outcome not in ("passed", "failed"):
-            line = res.panic if res.outcome == "panic" else res.oops if res.outcome == "oops" \
-                else res.error
+        if res.outcome not in (Outcome.PASSED, Outcome.FAILED):
+            line = (res.panic if res.outcome is Outcome.PANIC else res.oops
+                    if res.outcome is Outcome.OOPS else res.error)
             return f"{res.outcome}: {line}"
         if not self.report.found:
             return "no KTAP output found"
@@ -122,58 +121,30 @@ class SuiteRun:
                       "crash_bundle": self.result.crash_bundle,
                       "panic": self.result.panic, "oops": self.result.oops,
                       "error": self.result.error})
-        return "".join(json.dumps(_clean(line), allow_nan=False) + "\n" for line in lines)
+        return "".join(json_text(line, indent=None) + "\n" for line in lines)
 
     def write_jsonl(self, path: str | Path) -> None:
         """Write :meth:`jsonl` to ``path`` (strict JSON, ASCII only)."""
         Path(path).write_text(self.jsonl(), encoding="ascii")
 
     def write_junit(self, path: str | Path) -> None:
-        """JUnit XML: one test case per test (skips as ``<skipped>``), always well-formed."""
+        """JUnit XML: one test case per test (skips as ``<skipped>``), always well-formed;
+        a run that went wrong itself (a panic, no KTAP) is one more case, ``qemukit.run``."""
+        cases = [ReportCase(case.name, case.outcome,
+                            message=case.directive or _MESSAGE.get(case.outcome),
+                            details="\n".join(case.diagnostics),
+                            stdout="\n".join(case.diagnostics)) for case in self.cases]
         trouble = self._run_case()
-        counts = self.counts()
-        root = ET.Element("testsuites")
-        ts = ET.SubElement(root, "testsuite", name=_attr(self.suite),
-                           tests=str(len(self.cases) + (trouble is not None)),
-                           failures=str(counts["failed"]),
-                           errors=str(counts["error"] + (trouble is not None)),
-                           skipped=str(counts["skipped"]), time=f"{self.result.duration:.3f}")
-        for case in self.cases:
-            tc = ET.SubElement(ts, "testcase", classname=_attr(self.suite), name=_attr(case.name),
-                               time="0.000")
-            text = xml_safe("\n".join(case.diagnostics))
-            if case.outcome == "skipped":
-                ET.SubElement(tc, "skipped", message=_attr(case.directive or "SKIP"))
-            elif case.outcome == "failed":
-                ET.SubElement(tc, "failure", message=_attr(case.directive or "not ok")).text = text
-            elif case.outcome == "error":
-                ET.SubElement(tc, "error", message=_attr(
-                    case.directive or "the test never finished")).text = text
-            if case.diagnostics:
-                ET.SubElement(tc, "system-out").text = text
         if trouble is not None:
-            tc = ET.SubElement(ts, "testcase", classname=_attr(self.suite), name="qemukit.run",
-                               time=f"{self.result.duration:.3f}")
-            if self.result.crash_bundle is not None:
-                ET.SubElement(ET.SubElement(tc, "properties"), "property",
-                              name="qemukit.crash_bundle", value=_attr(self.result.crash_bundle))
-            ET.SubElement(tc, "error", message=_attr(trouble)).text = xml_safe(
-                self.result.console_tail)
-        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+            cases.append(ReportCase("qemukit.run", Outcome.ERROR, self.result.duration,
+                                    message=trouble, details=self.result.console_tail,
+                                    crash_bundle=self.result.crash_bundle))
+        write_junit(cases, path, suite=self.suite)
 
 
-def _attr(text: str, limit: int = 1000) -> str:
-    return xml_safe(text if len(text) <= limit else text[: limit - 1] + "\u2026")
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return json_safe(value)
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
+#: A test's JUnit message when its result line gave no directive.
+_MESSAGE = {Outcome.SKIPPED: "SKIP", Outcome.FAILED: "not ok",
+            Outcome.ERROR: "the test never finished"}
 
 
 def selftests_dir(tree: str | Path) -> Path:

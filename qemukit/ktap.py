@@ -34,11 +34,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+
+from .results import KTAP_OUTCOMES, Outcome
 
 __all__ = ["KtapOutcome", "KtapReport", "KtapResult", "parse_ktap"]
 
-KtapOutcome = Literal["passed", "failed", "skipped", "error"]
+#: A KTAP test's outcome: one of :data:`~qemukit.results.KTAP_OUTCOMES`.
+KtapOutcome = Outcome
 
 _VERSION = re.compile(r"^\s*(K?TAP) version (\d+)\s*$")
 # The first version line may follow anything: a printk timestamp, a program's prefix.
@@ -117,7 +119,7 @@ class KtapReport:
 
     def counts(self) -> dict[str, int]:
         """How many test cases ended each way (all four outcomes, zeros included)."""
-        out = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        out: dict[str, int] = {o: 0 for o in KTAP_OUTCOMES}
         for case in self.cases:
             out[case.outcome] += 1
         return out
@@ -138,14 +140,14 @@ class KtapReport:
     def ok(self) -> bool:
         """True when KTAP was found, it is complete, and no test case failed or errored."""
         counts = self.counts()
-        return self.found and self.complete and counts["failed"] == 0 and counts["error"] == 0
+        return self.found and self.complete and counts[Outcome.FAILED] == 0 and counts[Outcome.ERROR] == 0
 
 
 @dataclass
 class _Node:
     name: str = ""
     number: int | None = None
-    outcome: KtapOutcome = "error"
+    outcome: KtapOutcome = Outcome.ERROR
     directive: str | None = None
     diagnostics: list[str] = field(default_factory=list)
     children: list[_Node] = field(default_factory=list)
@@ -215,10 +217,10 @@ def _own_result(lines: _Lines, node: _Node) -> bool:
 def _outcome(verdict: str, directive: str | None) -> KtapOutcome:
     word = (directive or "").split(maxsplit=1)[0].upper() if directive else ""
     if word in ("SKIP", "SKIPPED", "TODO"):
-        return "skipped"
+        return Outcome.SKIPPED
     if word in ("TIMEOUT", "ERROR"):
-        return "error"
-    return "passed" if verdict == "ok" else "failed"
+        return Outcome.ERROR
+    return Outcome.PASSED if verdict == "ok" else Outcome.FAILED
 
 
 class _Parser:
@@ -264,8 +266,8 @@ class _Parser:
                 if int(m.group(2)) != number:
                     self.problems.append(f"{node.name}: numbered {m.group(2)}, expected {number}")
                     node.number = int(m.group(2))
-        if node.children and any(c.outcome == "error" for c in node.children):
-            node.outcome = "error"  # a subtest crashed: so did its suite
+        if node.children and any(c.outcome is Outcome.ERROR for c in node.children):
+            node.outcome = Outcome.ERROR  # a subtest crashed: so did its suite
         return node
 
     def _subtests(self, node: _Node, top: bool, depth: int) -> None:
@@ -315,7 +317,7 @@ def _flatten(node: _Node, path: tuple[str, ...], depth: int) -> list[KtapResult]
                               if child.number is None else "")
         child_path = (*path, name)
         below = _flatten(child, child_path, depth)
-        ran_nothing = child.parent and not child.children and child.outcome in ("passed", "error")
+        ran_nothing = child.parent and not child.children and child.outcome in (Outcome.PASSED, Outcome.ERROR)
         case = not any(r.case for r in below) and not ran_nothing
         out.append(KtapResult(child_path, child.outcome, child.number, child.directive,
                               tuple(child.diagnostics), len(child.children), child.plan, case,

@@ -1,12 +1,15 @@
 """pytest fixtures for tests that need a real VM (registered via the ``pytest11`` entry point).
 
-Fixtures:
+Fixtures a test asks for:
 
 ``qemu_vm``
-    A booted VM of ``--qemukit-image`` (default: tiny) for one test, stopped after it.
+    A booted VM of :func:`qemukit_spec` for one test (or shared by the tests of a
+    module or session, see the scope below); a test marked
+    ``@pytest.mark.qemukit(...)`` gets a VM of its own.
 ``qemu_vm_factory``
-    ``qemu_vm_factory(spec=None, **overrides)`` boots VMs from your own specs; every VM
-    it made is stopped at teardown, even when the test failed.
+    ``qemu_vm_factory(spec=None, **overrides)`` boots VMs from ``qemukit_spec`` with
+    fields overridden, or from your own specs; every VM it made is stopped at
+    teardown, even when the test failed.
 ``qemu_network``
     ``qemu_network("server", "client", spec=None, **overrides)`` boots VMs of those
     names on one private network of their own (``vm.networks[...]`` holds each one's
@@ -15,14 +18,36 @@ Fixtures:
     A session-wide VM booted once; each test receives it rolled back to a snapshot
     taken right after boot, so what one test did in the guest is gone in the next.
 
-Options: ``--qemukit-accel`` (default tcg), ``--qemukit-image`` (default tiny),
-``--qemukit-keep-failed`` (leave a failing test's VM running and print how to reach
-it), ``--qemukit-crash-dir DIR`` (a failing test whose VM's kernel panicked or
-oopsed leaves a crash bundle under DIR, see :mod:`qemukit.crashdir`, named in
-its report and its JUnit case). A failing test's report gets the tail of each of
-its VMs' serial consoles.
-The fixtures are thin wrappers over :class:`qemukit.VM`; names are generated per VM
-and port forwards ask the kernel for free ports, so ``pytest -n`` is safe.
+Fixtures a suite overrides or parametrizes in its ``conftest.py`` (give the override
+``scope=qemukit_scope``, the scope the run chose):
+
+``qemukit_image``, ``qemukit_arch``
+    The image and guest architecture (default: ``--qemukit-image``, ``--qemukit-arch``).
+``qemukit_spec``
+    The :class:`~qemukit.VMSpec` of ``qemu_vm`` and of the factory's VMs, built from
+    the two above and the run's options; an override may take the plugin's own
+    ``qemukit_spec`` and change it.
+
+The scope of the VM fixtures is chosen at run time: ``--qemukit-scope`` (or the ini
+option ``qemukit_scope``): ``function`` (default, a fresh VM per test), ``class``,
+``module``, ``package`` or ``session``.
+
+The marker ``@pytest.mark.qemukit(image="debian", memory="1G")`` gives one test its own
+spec: ``image`` (and ``arch``) pick the base, every other key is a :class:`~qemukit.VMSpec`
+field. An unknown key or a bad value fails that test's setup with the key named.
+
+A failed test (setup or call) gets, for each VM it used, its console log, QEMU's log,
+a screenshot where the VM has a display, and ``verdict.json`` (the test's outcome and
+its VMs) in a directory of its own under ``--qemukit-artifacts`` (default
+``qemukit-artifacts`` in the root directory); its report names the files. A passing
+test writes nothing. ``--qemukit-keep-failed`` leaves a failing test's VMs running and
+prints how to reach them; a guest that never became ready is always stopped.
+``--qemukit-crash-dir DIR``: a failing test whose VM's kernel panicked or oopsed
+leaves a crash bundle under DIR (see :mod:`qemukit.crashdir`), named in its report
+and its JUnit case.
+
+Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``), port
+forwards ask the kernel for free ports, and a worker's artifacts carry its id.
 
 pytest loads this plugin in every run of an environment where qemukit is
 installed, so the module itself imports nothing heavy: the VM machinery
@@ -32,8 +57,15 @@ fixture is first used.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
 from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 
@@ -41,14 +73,24 @@ if TYPE_CHECKING:
     from .spec import VMSpec
     from .vm import VM
 
+_log = logging.getLogger("qemukit.pytest_plugin")
+
+#: The VMs a test used (its own, and a shared one it was handed).
 _VMS_KEY = pytest.StashKey[list["VM"]]()
-#: Set on a test item whose call failed (its VMs may be kept for a look).
-_FAILED_KEY = pytest.StashKey[bool]()
+#: VMs used by a test that failed (a shared VM may be kept for a look at its scope's end).
+_FAILED_VMS_KEY = pytest.StashKey[list["VM"]]()
+#: Evidence of VMs already stopped (a guest that never became ready), for the next failed report.
+_PENDING_KEY = pytest.StashKey[list["_Evidence"]]()
 CLEAN_TAG = "qemukit-clean"
+ScopeName = Literal["function", "class", "module", "package", "session"]
+SCOPES: tuple[ScopeName, ...] = ("function", "class", "module", "package", "session")
+#: How much of a log is copied (its end): a runaway guest must not fill the disk.
+_LOG_LIMIT = 8 * 1024 * 1024
+_SCREENSHOT_TIMEOUT = 10.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Register qemukit's command-line options."""
+    """Register qemukit's command-line and ini options."""
     from .arch import ARCHES  # a pure table: keeps the plugin light
 
     group = parser.getgroup("qemukit", "VMs for tests (qemukit)")
@@ -59,6 +101,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     choices=tuple(ARCHES),
                     help="guest architecture of fixture VMs (default: x86_64; the tiny image "
                          "for it is built on first use)")
+    group.addoption("--qemukit-scope", default=None, choices=SCOPES,
+                    help="scope of the VM fixtures: function (default), class, module, package "
+                         "or session (ini: qemukit_scope)")
+    group.addoption("--qemukit-artifacts", default=None, metavar="DIR",
+                    help="where a failed test's console and QEMU logs, screenshot and verdict "
+                         "go (default: qemukit-artifacts in the root directory; ini: "
+                         "qemukit_artifacts)")
+    group.addoption("--qemukit-boot-timeout", default=None, type=float, metavar="SECONDS",
+                    help="how long a fixture VM may take to become ready (default: 120)")
     group.addoption("--qemukit-keep-failed", action="store_true",
                     help="leave a failing test's VMs running and print how to attach")
     group.addoption("--qemukit-crash-dir", metavar="DIR",
@@ -66,13 +117,48 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "bundle under DIR (fixture VMs boot with panic=0 to wait for the dump)")
     group.addoption("--qemukit-cold", action="store_true",
                     help="boot every image VM instead of restoring its saved ready state")
+    parser.addini("qemukit_scope", "scope of qemukit's VM fixtures (see --qemukit-scope)",
+                  default="")
+    parser.addini("qemukit_artifacts", "directory for failed tests' VM artifacts "
+                  "(see --qemukit-artifacts; relative to the root directory)", default="")
 
 
-def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the ``qemukit`` marker (so ``--strict-markers`` accepts it)."""
+    config.addinivalue_line(
+        "markers", "qemukit(image=..., arch=..., **spec_fields): this test's VM gets its own "
+                   "spec (image and VMSpec fields over qemukit_spec)")
+
+
+def qemukit_scope(fixture_name: str, config: pytest.Config) -> ScopeName:
+    """The scope of qemukit's VM fixtures, chosen at run time (pytest's dynamic scope).
+
+    ``--qemukit-scope``, else the ini option ``qemukit_scope``, else ``function``.
+    Overrides of ``qemukit_spec``, ``qemukit_image`` or ``qemukit_arch`` in a
+    ``conftest.py`` take it too: ``@pytest.fixture(scope=qemukit_scope)``.
+    """
+    scope = config.getoption("--qemukit-scope") or str(config.getini("qemukit_scope")) or "function"
+    if scope not in SCOPES:
+        raise pytest.UsageError(f"qemukit_scope={scope!r}: must be one of {', '.join(SCOPES)}")
+    return cast(ScopeName, scope)
+
+
+def _worker(config: pytest.Config) -> str | None:
+    """This process's xdist worker id (``gw0``...), None outside xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    return str(workerinput["workerid"]) if workerinput else None
+
+
+# -- the spec ---------------------------------------------------------------------------
+
+
+def _base_spec(config: pytest.Config, *, image: str | None = None, arch: str | None = None,
+               **overrides: Any) -> VMSpec:
+    """The one place the plugin assembles a spec: image, arch, the run's options, overrides."""
     from . import images
 
-    image = config.getoption("--qemukit-image")
-    arch = config.getoption("--qemukit-arch")
+    image = image or config.getoption("--qemukit-image")
+    arch = arch or config.getoption("--qemukit-arch")
     if arch != "x86_64":
         overrides.setdefault("arch", arch)
         images.build(image, arch=arch)
@@ -85,41 +171,132 @@ def _base_spec(config: pytest.Config, **overrides: Any) -> VMSpec:
     return spec
 
 
+def _marked_spec(request: pytest.FixtureRequest, base: VMSpec) -> VMSpec | None:
+    """The spec ``@pytest.mark.qemukit(...)`` gives this test (None without the marker).
+
+    Checked before anything boots: a positional argument, an unknown key or a bad
+    value fails the test's setup with the key and value named.
+    """
+    from dataclasses import fields
+
+    from .errors import QemukitError, SpecError
+    from .spec import VMSpec
+
+    marker = request.node.get_closest_marker("qemukit")
+    if marker is None:
+        return None
+    where = f"@pytest.mark.qemukit on {request.node.nodeid}"
+    if marker.args:
+        pytest.fail(f"{where}: takes keywords only (image=..., memory=...), got "
+                    f"{marker.args!r}", pytrace=False)
+    known = {"image"} | {f.name for f in fields(VMSpec)}
+    unknown = sorted(set(marker.kwargs) - known)
+    if unknown:
+        pytest.fail(f"{where}: unknown key {unknown[0]!r} (known: image and the VMSpec fields "
+                    f"{', '.join(sorted(known - {'image'}))})", pytrace=False)
+    overrides = dict(marker.kwargs)
+    try:
+        if "image" in overrides:
+            image = overrides.pop("image")
+            if not isinstance(image, str) or not image:
+                raise SpecError("image", image, "must be an image name such as 'tiny'")
+            return _base_spec(request.config, image=image,
+                              arch=overrides.pop("arch", base.arch), **overrides)
+        return base.replace(**overrides)
+    except (QemukitError, TypeError) as exc:
+        pytest.fail(f"{where}: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope=qemukit_scope)
+def qemukit_image(pytestconfig: pytest.Config) -> str:
+    """The image of the fixture VMs (``--qemukit-image``); override or parametrize it."""
+    return str(pytestconfig.getoption("--qemukit-image"))
+
+
+@pytest.fixture(scope=qemukit_scope)
+def qemukit_arch(pytestconfig: pytest.Config) -> str:
+    """The guest architecture of the fixture VMs (``--qemukit-arch``); override or parametrize it."""
+    return str(pytestconfig.getoption("--qemukit-arch"))
+
+
+@pytest.fixture(scope=qemukit_scope)
+def qemukit_spec(pytestconfig: pytest.Config, qemukit_image: str, qemukit_arch: str) -> VMSpec:
+    """The spec of ``qemu_vm`` and the factory's VMs; override it to describe your own VM."""
+    return _base_spec(pytestconfig, image=qemukit_image, arch=qemukit_arch)
+
+
+# -- booting and stopping ------------------------------------------------------------------
+
+
 def _track(request: pytest.FixtureRequest, vm: VM) -> None:
-    request.node.stash.setdefault(_VMS_KEY, []).append(vm)
+    vms = request.node.stash.setdefault(_VMS_KEY, [])
+    if not any(v is vm for v in vms):
+        vms.append(vm)
+
+
+def _named(config: pytest.Config, spec: VMSpec) -> VMSpec:
+    """Under xdist, a generated name that says which worker the VM belongs to."""
+    import secrets
+
+    worker = _worker(config)
+    if worker is None or spec.name is not None:
+        return spec
+    return spec.replace(name=f"{worker}-{secrets.token_hex(3)}")
+
+
+def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True) -> VM:
+    """Start a VM of ``spec`` and wait until it is ready; a guest that never is gets stopped.
+
+    ``keepable``: --qemukit-keep-failed may leave it running, so it must not die with pytest.
+    """
+    from .timeouts import BOOT_TIMEOUT
+    from .vm import VM, VMState
+
+    config = request.config
+    keep = keepable and bool(config.getoption("--qemukit-keep-failed"))
+    timeout = config.getoption("--qemukit-boot-timeout") or BOOT_TIMEOUT
+    vm = VM(_named(config, spec), die_with_parent=not keep, boot_timeout=timeout)
+    try:
+        vm.start()
+        vm.wait_ready()
+    except BaseException as exc:
+        # No test will run on it, so --qemukit-keep-failed does not apply: keep its
+        # evidence for the failed report (not on Ctrl-C), then stop it now, not at exit.
+        if vm.state is VMState.RUNNING:
+            try:
+                if isinstance(exc, Exception):
+                    config.stash.setdefault(_PENDING_KEY, []).append(_collect(vm))
+            finally:
+                vm.shutdown(timeout=0)
+        raise
+    return vm
+
+
+def _failed(config: pytest.Config, vm: VM) -> bool:
+    return any(v is vm for v in config.stash.get(_FAILED_VMS_KEY, []))
 
 
 def _finish(request: pytest.FixtureRequest, vm: VM) -> None:
-    """Stop ``vm``, or leave it running if its test failed and --qemukit-keep-failed."""
+    """Stop ``vm``, or leave it running if a test that used it failed and --qemukit-keep-failed."""
     from .vm import VMState
 
     if vm.state is not VMState.RUNNING:
         return
-    failed = request.node.stash.get(_FAILED_KEY, False)
-    if failed and request.config.getoption("--qemukit-keep-failed"):
+    if _failed(request.config, vm) and request.config.getoption("--qemukit-keep-failed"):
         name = vm.name
         vm.detach()
-        print(f"\nqemukit: kept VM {name!r} of failed test {request.node.nodeid}: "
+        whose = (f"failed test {request.node.nodeid}" if isinstance(request.node, pytest.Item)
+                 else f"{request.node.nodeid or 'the session'}, used by a failed test")
+        print(f"\nqemukit: kept VM {name!r} of {whose}: "
               f"'qemukit console {name}', 'qemukit exec {name} -- CMD', 'qemukit stop {name}'")
         return
     vm.shutdown(timeout=10)
 
 
-def _boot(request: pytest.FixtureRequest, spec: VMSpec) -> VM:
-    from .vm import VM
-
-    keep = bool(request.config.getoption("--qemukit-keep-failed"))
-    vm = VM(spec, die_with_parent=not keep)
-    _track(request, vm)
-    vm.start()
-    vm.wait_ready()
-    return vm
-
-
-@pytest.fixture
-def qemu_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
-    """A booted VM of the configured image, for one test."""
-    vm = _boot(request, _base_spec(request.config))
+@pytest.fixture(scope=qemukit_scope)
+def _qemukit_scoped_vm(request: pytest.FixtureRequest, qemukit_spec: VMSpec) -> Iterator[VM]:
+    """The VM of ``qemukit_spec`` that lives as long as the run's qemukit scope."""
+    vm = _boot(request, qemukit_spec)
     try:
         yield vm
     finally:
@@ -127,18 +304,35 @@ def qemu_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
 
 @pytest.fixture
-def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
-    """Boot VMs from your own specs: ``qemu_vm_factory(spec=None, **overrides)``."""
+def qemu_vm(request: pytest.FixtureRequest, qemukit_spec: VMSpec) -> Iterator[VM]:
+    """A booted VM of ``qemukit_spec`` (or of the test's ``qemukit`` marker)."""
+    marked = _marked_spec(request, qemukit_spec)
+    if marked is None:
+        vm: VM = request.getfixturevalue("_qemukit_scoped_vm")
+        _track(request, vm)
+        yield vm
+        return
+    own = _boot(request, marked)
+    _track(request, own)
+    try:
+        yield own
+    finally:
+        _finish(request, own)
+
+
+@pytest.fixture
+def qemu_vm_factory(request: pytest.FixtureRequest,
+                    qemukit_spec: VMSpec) -> Iterator[Callable[..., VM]]:
+    """Boot VMs: ``qemu_vm_factory(spec=None, **overrides)`` (overrides over ``qemukit_spec``)."""
     from .errors import QemukitError
 
     made: list[VM] = []
+    base = _marked_spec(request, qemukit_spec) or qemukit_spec
 
     def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
-        if spec is None:
-            spec = _base_spec(request.config, **overrides)
-        elif overrides:
-            spec = spec.replace(**overrides)
-        vm = _boot(request, spec)
+        spec = spec or base
+        vm = _boot(request, spec.replace(**overrides) if overrides else spec)
+        _track(request, vm)
         made.append(vm)
         return vm
 
@@ -156,8 +350,7 @@ def qemu_vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM
 
 
 @pytest.fixture
-def qemu_network(request: pytest.FixtureRequest,
-                 qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
+def qemu_network(qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
     """Boot VMs on one private network of this test: ``qemu_network("server", "client")``.
 
     The network's name is made per call (so tests and pytest-xdist workers never
@@ -168,11 +361,8 @@ def qemu_network(request: pytest.FixtureRequest,
 
     def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> list[VM]:
         networks = (*overrides.pop("networks", ()), f"t{secrets.token_hex(4)}")
-        if spec is None:
-            spec = _base_spec(request.config, **overrides)
-        elif overrides:
-            spec = spec.replace(**overrides)
-        return [qemu_vm_factory(spec.replace(name=name, networks=networks)) for name in names]
+        return [qemu_vm_factory(spec, **overrides, name=name, networks=networks)
+                for name in names]
 
     return make
 
@@ -180,37 +370,36 @@ def qemu_network(request: pytest.FixtureRequest,
 @pytest.fixture(scope="session")
 def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     import tempfile
-    from pathlib import Path
 
     from ._launch.process import run_command
     from .errors import HostError
     from .host import find_qemu
     from .spec import Drive
-    from .vm import VM, VMState
+    from .vm import VMState
 
     # Internal snapshots need a writable qcow2 to hold the RAM state: give the VM a
     # small scratch disk that lives as long as the session.
     workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
     scratch = workdir / "scratch.qcow2"
-    qemu_img = find_qemu().qemu_img or "qemu-img"
-    made = run_command([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"])
-    if made.returncode != 0:
-        raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
-                        f"{made.stderr.strip()}")
-    spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
-    vm = VM(spec.replace(drives=(*spec.drives, Drive(scratch, format="qcow2", id="scratch"))))
     try:
-        vm.start()
-        vm.wait_ready()
-        vm.snapshots.save(CLEAN_TAG)
-        yield vm
-    finally:
+        qemu_img = find_qemu().qemu_img or "qemu-img"
+        made = run_command([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"])
+        if made.returncode != 0:
+            raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
+                            f"{made.stderr.strip()}")
+        spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
+        vm = _boot(request, spec.replace(drives=(*spec.drives,
+                                                 Drive(scratch, format="qcow2", id="scratch"))),
+                   keepable=False)  # rolled back for each test: never kept
         try:
+            vm.snapshots.save(CLEAN_TAG)
+            yield vm
+        finally:
             if vm.state is VMState.RUNNING:
                 vm.shutdown(timeout=10)
-        finally:
-            scratch.unlink(missing_ok=True)
-            workdir.rmdir()
+    finally:
+        scratch.unlink(missing_ok=True)
+        workdir.rmdir()
 
 
 @pytest.fixture
@@ -222,19 +411,153 @@ def qemu_clean_vm(request: pytest.FixtureRequest, _qemukit_session_vm: VM) -> VM
     return vm
 
 
+# -- artifacts of a failed test ------------------------------------------------------------
+
+
+@dataclass
+class _Evidence:
+    """What one VM leaves for a failed test: files (name -> bytes) and facts for the verdict."""
+
+    vm: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _log_tail(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - _LOG_LIMIT))
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _collect(vm: VM) -> _Evidence:
+    """Read what ``vm`` can show now; never raises (a report hook must not break the run)."""
+    try:
+        return _read_evidence(vm)
+    except Exception as exc:
+        _log.warning("qemukit: collecting the artifacts of VM %r failed: %r", vm.name, exc)
+        return _Evidence(vm.name, facts={"name": vm.name, "collect_error": repr(exc)})
+
+
+def _read_evidence(vm: VM) -> _Evidence:
+    """Read what ``vm`` can show now: its logs, a screenshot if it has a display, its facts."""
+    import tempfile
+
+    from .errors import QemukitError, StateError
+    from .vm import VMState
+
+    name = vm.name
+    ev = _Evidence(name, facts={"name": name, "state": vm.state.value, "pid": vm.pid,
+                                "arch": vm.spec.arch, "accel": vm.accel.accel if vm.accel else None,
+                                "argv": list(vm.argv)})
+    runtime = vm.runtime
+    if runtime is not None:
+        rotated = _log_tail(runtime.console_log.with_name("console.log.1")) or b""
+        console = _log_tail(runtime.console_log)
+        if console is not None:
+            ev.files[f"{name}.console.log"] = (rotated + console)[-_LOG_LIMIT:]
+        qemu = _log_tail(runtime.qemu_log)
+        if qemu is not None:
+            ev.files[f"{name}.qemu.log"] = qemu
+    if vm.state is VMState.RUNNING:
+        with tempfile.TemporaryDirectory(prefix="qemukit-shot-") as tmp:
+            try:
+                shot = vm.screenshot(Path(tmp) / "screen.png", timeout=_SCREENSHOT_TIMEOUT)
+                ev.files[f"{name}.screenshot.png"] = shot.read_bytes()
+            except StateError as exc:
+                ev.facts["screenshot"] = str(exc)  # no display: nothing to see
+            except QemukitError as exc:
+                ev.facts["screenshot"] = f"failed: {exc}"
+    ev.facts["files"] = sorted(ev.files)
+    return ev
+
+
+def _artifact_root(config: pytest.Config) -> Path:
+    option = config.getoption("--qemukit-artifacts")
+    if option:
+        return config.invocation_params.dir / str(option)
+    ini = str(config.getini("qemukit_artifacts"))
+    return Path(config.rootpath) / (ini or "qemukit-artifacts")
+
+
+def _artifact_dir(config: pytest.Config, nodeid: str) -> Path:
+    """One directory per test (and per xdist worker, which may run the same test id)."""
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "_", nodeid.replace("/", ".").replace("::", "__"))
+    if len(name) > 150:
+        name = f"{name[:130]}-{hashlib.sha256(nodeid.encode()).hexdigest()[:16]}"
+    worker = _worker(config)
+    return _artifact_root(config) / (f"{name}@{worker}" if worker else name)
+
+
+def _write_artifacts(item: pytest.Item, report: pytest.TestReport,
+                     evidence: list[_Evidence]) -> Path:
+    where = _artifact_dir(item.config, item.nodeid)
+    shutil.rmtree(where, ignore_errors=True)  # an earlier failure's files would mislead
+    where.mkdir(parents=True)
+    for ev in evidence:
+        for fname, data in ev.files.items():
+            (where / fname).write_bytes(data)
+    verdict = {
+        "test": item.nodeid,
+        "outcome": report.outcome,
+        "when": report.when,
+        "duration": round(report.duration, 3),
+        "worker": _worker(item.config),
+        "error": report.longreprtext,
+        "vms": [ev.facts for ev in evidence],
+    }
+    (where / "verdict.json").write_text(json.dumps(verdict, indent=2, default=str) + "\n")
+    return where
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
-    """Attach the console tail of the test's VMs to a failing report."""
+    """A failed test: its VMs' console tails in the report, and their artifacts on disk."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
+    config = item.config
+    pending = config.stash.get(_PENDING_KEY, [])
+    vms = item.stash.get(_VMS_KEY, [])
     if not report.failed:
+        pending.clear()  # a boot failure the test expected and caught: not evidence
+        if report.when == "call" and vms:
+            # A stale directory of an earlier failed run of this test would mislead.
+            shutil.rmtree(_artifact_dir(config, item.nodeid), ignore_errors=True)
         return
-    item.stash[_FAILED_KEY] = True
+    if not vms and not pending:
+        return
+    from .vm import VMState
+
+    config.stash.setdefault(_FAILED_VMS_KEY, []).extend(vms)
+    for vm in vms:
+        tail = vm.console_tail(40)
+        if tail:
+            report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))
+    if report.when != "teardown" or pending:  # at teardown a test's own VMs are gone
+        evidence = [*pending, *(_collect(vm) for vm in vms if vm.state is VMState.RUNNING)]
+        pending.clear()
+        where = _write_artifacts(item, report, evidence)
+        listing = "\n".join(f"  {p.name}" for p in sorted(where.iterdir()))
+        report.sections.append(("qemukit artifacts", f"{where}\n{listing}"))
+    _crash_bundles(item, report, vms)  # last: it kills a VM whose kernel panicked
+
+
+def _crash_bundles(item: pytest.Item, report: pytest.TestReport, vms: list[VM]) -> None:
+    """With --qemukit-crash-dir, a bundle of each VM whose kernel panicked or oopsed."""
     crash_dir = item.config.getoption("--qemukit-crash-dir")
-    for vm in item.stash.get(_VMS_KEY, []):
-        if crash_dir and vm.state.value == "running":
+    if not crash_dir:
+        return
+    for vm in vms:
+        if vm.state.value == "running":
             from .crashdir import bundle_from_vm
 
             bundle = bundle_from_vm(vm, crash_dir, test=item.nodeid)
@@ -242,6 +565,3 @@ def pytest_runtest_makereport(
                 item.user_properties.append(("qemukit.crash_bundle", str(bundle)))
                 report.sections.append(("qemukit crash bundle", str(bundle)))
                 vm.kill()  # paused after its panic: no power button would be heard
-        tail = vm.console_tail(40)
-        if tail:
-            report.sections.append((f"qemukit console of {vm.name} (last 40 lines)", tail))

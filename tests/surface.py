@@ -39,6 +39,7 @@ PUBLIC_MODULES = (
     "qemukit.dump",
     "qemukit.warm",
     "qemukit.ktap",
+    "qemukit.results",
     "qemukit.crashdir",
     "qemukit.kselftest",
     "qemukit.bisect",

@@ -31,7 +31,7 @@ class IOErrorWatch:
         self._task = asyncio.create_task(self._watch(qmp), name=f"io-errors {name}")
 
     def __repr__(self) -> str:
-        return f"<IOErrorWatch {self._name!r} {'error' if self.error.done() else 'quiet'}>"
+        return f"<IOErrorWatch {self._name!r} {'I/O error seen' if self.error.done() else 'quiet'}>"
 
     async def _watch(self, qmp: QMP) -> None:
         with qmp.listen("BLOCK_IO_ERROR") as listener:

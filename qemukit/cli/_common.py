@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -15,6 +15,7 @@ import click
 from .. import errors
 
 if TYPE_CHECKING:
+    from ..results import Outcome
     from ..spec import VMSpec
 
 # The spec module (and arch) are imported by the functions that use them, not here:
@@ -73,12 +74,33 @@ EXIT_CODES: dict[type[errors.QemukitError], int] = {
 }
 
 
-def exit_code_for(exc: errors.QemukitError) -> int:
+def exit_code_for(exc: errors.QemukitError | type[errors.QemukitError]) -> int:
     """The exit code :data:`EXIT_CODES` gives ``exc``'s class (or its nearest base's)."""
-    for cls in type(exc).__mro__:
+    for cls in (exc if isinstance(exc, type) else type(exc)).__mro__:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
     return EXIT_ERROR
+
+
+def exit_code_for_outcome(outcome: Outcome, exit_status: int | None = None) -> int:
+    """The exit code of one run that ended with ``outcome`` (``run -- CMD``).
+
+    The command's own ``exit_status`` when it ran to its end (passed, failed);
+    otherwise the code :data:`EXIT_CODES` gives the error the outcome stands
+    for (:attr:`~qemukit.results.Outcome.error_class`: a panic exits as a
+    GuestPanic does, a timeout as a WaitTimeout), so both say the same.
+    """
+    error = outcome.error_class
+    return (exit_status or 0) if error is None else exit_code_for(error)
+
+
+def exit_code_for_outcomes(outcomes: Iterable[Outcome], *, complete: bool = True) -> int:
+    """The exit code of many runs (``matrix``): 0 when every one ran and passed, else
+    :data:`EXIT_REFUSED` (the run is a verdict, not an error of qemukit's)."""
+    from ..results import Outcome
+
+    passed = all(o is Outcome.PASSED for o in outcomes)
+    return 0 if passed and complete else EXIT_REFUSED
 
 
 def exit_codes_help() -> str:

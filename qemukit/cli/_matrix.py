@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from ._common import EXIT_REFUSED
+from ..results import Outcome
+from ._common import exit_code_for_outcomes
 
 
 def _format_eta(seconds: float | None) -> str:
@@ -104,7 +105,7 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
         with contextlib.closing(running):
             for result in running:
                 results.append(result)
-                if live and result.outcome != "passed":
+                if live and result.outcome is not Outcome.PASSED:
                     why = result.result.error or f"exit status {result.result.exit_status}"
                     click.echo(f"\r\x1b[K{result.outcome}: {result.job.name}: {why}", err=True)
     finally:
@@ -120,8 +121,9 @@ def matrix(file: str, junit: str | None, json_out: str | None, jobs_at_once: int
     missing = len(jobs) - len(results)
     if missing:
         click.echo(f"qemukit: {missing} of {len(jobs)} jobs did not run (--fail-fast)", err=True)
-    if missing or any(r.outcome != "passed" for r in results):
-        sys.exit(EXIT_REFUSED)
+    code = exit_code_for_outcomes((r.outcome for r in results), complete=not missing)
+    if code:
+        sys.exit(code)
 
 
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).

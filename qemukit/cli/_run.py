@@ -10,15 +10,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import errors
+from ..results import Outcome, json_text
 from ..spec import VMSpec
 from ._common import (
-    EXIT_ERROR,
     EXIT_INTERRUPTED,
-    EXIT_OOPS,
-    EXIT_PANIC,
-    EXIT_TIMEOUT,
     build_spec,
     emit_json,
+    exit_code_for_outcome,
     spec_options,
 )
 
@@ -172,7 +170,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                        dump_on_panic=dump_on_panic, crash_dir=crash_dir, vmlinux=vmlinux)
     if json_out is not None:
         if json_out == "-":
-            emit_json(result.to_dict())
+            click.echo(json_text(result.to_dict()))
         else:
             result.write_json(json_out)
     if junit is not None:
@@ -188,7 +186,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             event = classify(line)
             kind = "oops (continued past)" if event and event.kind == "oops" else "warning"
             click.echo(f"qemukit: guest kernel {kind}: {line}", err=True)
-    if result.outcome == "panic":
+    if result.outcome is Outcome.PANIC:
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
         if result.dump is not None:
@@ -196,17 +194,17 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                        f"drgn -c {result.dump})", err=True)
         elif dump_on_panic is not None:
             click.echo(f"qemukit: {result.error}", err=True)
-    elif result.outcome == "oops":
+    elif result.outcome is Outcome.OOPS:
         click.echo(f"qemukit: guest kernel oops (it kept running; --continue-on-oops runs on): "
                    f"{result.oops}\n--- console ---\n{result.console_tail}", err=True)
     if result.crash_bundle is not None:
         click.echo(f"qemukit: crash bundle in {result.crash_bundle} (start with triage.txt)",
                    err=True)
-    if result.outcome in ("timeout", "error"):
-        tail = f"\n--- console ---\n{result.console_tail}" if result.outcome == "timeout" else ""
+    if result.outcome in (Outcome.TIMEOUT, Outcome.ERROR):
+        tail = (f"\n--- console ---\n{result.console_tail}"
+                if result.outcome is Outcome.TIMEOUT else "")
         click.echo(f"qemukit: {result.error}{tail}", err=True)
-    sys.exit({"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
-              "error": EXIT_ERROR}.get(result.outcome, result.exit_status or 0))
+    sys.exit(exit_code_for_outcome(result.outcome, result.exit_status))
 
 
 def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None, modules: str | None

@@ -7,13 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..results import Outcome
 from ._common import (
-    EXIT_ERROR,
-    EXIT_OOPS,
-    EXIT_PANIC,
     EXIT_REFUSED,
-    EXIT_TIMEOUT,
     build_spec,
+    exit_code_for_outcome,
     spec_options,
 )
 
@@ -21,7 +19,8 @@ if TYPE_CHECKING:
     from ..kselftest import SuiteRun
     from ..spec import VMSpec
 
-_MARK = {"passed": "ok", "failed": "FAIL", "skipped": "skip", "error": "ERROR"}
+_MARK = {Outcome.PASSED: "ok", Outcome.FAILED: "FAIL", Outcome.SKIPPED: "skip",
+         Outcome.ERROR: "ERROR"}
 
 
 def report_suite(run: SuiteRun, json_out: str | None, junit: str | None) -> None:
@@ -46,17 +45,17 @@ def report_suite(run: SuiteRun, json_out: str | None, junit: str | None) -> None
                + ("" if run.report.complete else " (the KTAP output stopped early)"), err=True)
     for problem in run.report.problems[:10]:
         click.echo(f"qemukit: {run.suite}: {problem}", err=True)
-    if res.outcome in ("panic", "oops"):
-        line = res.panic if res.outcome == "panic" else res.oops
+    if res.outcome in (Outcome.PANIC, Outcome.OOPS):
+        line = res.panic if res.outcome is Outcome.PANIC else res.oops
         click.echo(f"qemukit: guest kernel {res.outcome}: {line}", err=True)
-    elif res.outcome in ("timeout", "error"):
+    elif res.outcome in (Outcome.TIMEOUT, Outcome.ERROR):
         click.echo(f"qemukit: {res.error}\n--- console ---\n{res.console_tail}", err=True)
     if res.crash_bundle is not None:
         click.echo(f"qemukit: crash bundle in {res.crash_bundle} (start with triage.txt)",
                    err=True)
-    code = {"panic": EXIT_PANIC, "oops": EXIT_OOPS, "timeout": EXIT_TIMEOUT,
-            "error": EXIT_ERROR}.get(res.outcome)
-    sys.exit(code if code is not None else 0 if run.ok else EXIT_REFUSED)
+    # The run's own code when it stands for an error (a panic exits 255, as run does).
+    sys.exit(exit_code_for_outcome(res.outcome) if res.outcome.error_class is not None
+             else 0 if run.ok else EXIT_REFUSED)
 
 
 def run_kselftest_command(spec: VMSpec, targets: str, tree: str | None, *, timeout: float,

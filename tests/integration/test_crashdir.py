@@ -59,9 +59,9 @@ def test_panic_with_crash_dir_writes_every_file(qk: Any, tmp_path: Path,
     (case,) = [c for s in suite for c in s]
     assert isinstance(case.result[0], junitparser.Failure)
     (props,) = case.iterchildren(junitparser.Properties)
-    assert {(p.name, p.value) for p in props} == {("qemukit.crash_bundle", str(bundle))}
-    (ts,) = suite
-    assert ("qemukit.crash_bundle", str(bundle)) in {(p.name, p.value) for p in ts.properties()}
+    named = {p.name: p.value for p in props}
+    assert named["qemukit.crash_bundle"] == str(bundle) and named["qemukit.outcome"] == "panic"
+    assert case.system_out.splitlines()[-1] == f"[qemukit: crash bundle in {bundle}]"
 
 
 MATRIX = """

@@ -557,3 +557,146 @@ def test_jobs_of_one_vm_description_share_one_warm_state(tmp_path: Path, tiny_im
         "m384/a": 0, "m384/b": 0, "m384/c": 1, "m512/a": 0, "m512/b": 0, "m512/c": 1}
     entries = [p for p in (cache / "warm").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(entries) == 2, entries
+
+
+# -- stopping VMs that are still starting ---------------------------------------------------
+
+# "fails" boots cold and fails at once. The two "hangs" jobs start warm on a fresh cache,
+# so their start boots a builder VM to save its ready state; with /bin/sh as PID 1 their
+# agent never answers, so that start would last the whole 600 s boot timeout. They are
+# starting (QEMU up, start() not returned) when "fails" fails: --fail-fast must stop them.
+HANGS = """
+[matrix.hangs]
+m256 = { memory = "256M", append = "console=ttyS0 panic=-1 rdinit=/bin/sh", timeout = 600 }
+m320 = { memory = "320M", append = "console=ttyS0 panic=-1 rdinit=/bin/sh", timeout = 600 }
+
+[defaults]
+image = "tiny"
+accel = "tcg"
+command = ["true"]
+"""
+STARTING = HANGS + """
+[[job]]
+name = "fails"
+warm = false
+timeout = 240
+command = ["false"]
+"""
+
+
+def _fresh_cache(tmp_path: Path, tiny_image: Any) -> Path:
+    """A cache with the built tiny image and no warm states: every warm start builds one."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny").symlink_to(Path(tiny_image.directory).parent)
+    return cache
+
+
+def _warm_states(cache: Path) -> list[str]:
+    warm = cache / "warm"
+    return sorted(p.name for p in warm.iterdir()
+                  if p.is_dir() and not p.name.startswith(".")) if warm.exists() else []
+
+
+def test_fail_fast_stops_the_vms_that_are_still_starting(tmp_path: Path, tiny_image: Any) -> None:
+    assert QEMUKIT
+    cache, state = _fresh_cache(tmp_path, tiny_image), tmp_path / "state"
+    (tmp_path / "matrix.toml").write_text(STARTING)
+    jsonl = tmp_path / "results.jsonl"
+    start = time.monotonic()
+    with Sampler(state) as sampler:
+        proc = subprocess.run([QEMUKIT, "matrix", str(tmp_path / "matrix.toml"), "--jobs", "3",
+                               "--fail-fast", "--retries", "0", "--json", str(jsonl)],
+                              env=_env(state, cache), capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL, check=False)
+    took = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr
+    results = _results(jsonl)
+    assert list(results) == ["fails"] and results["fails"]["outcome"] == "failed"
+    assert "2 of 3 jobs did not run (--fail-fast)" in proc.stderr
+    # All three QEMUs ran at once: the two builders were starting when "fails" failed...
+    assert sampler.peak == 3, f"peak {sampler.peak} QEMUs"
+    # ...and were stopped then, not after their 600 s boot timeout (the old code waited it out).
+    assert took < 240, f"the matrix took {took:.0f}s to stop"
+    assert qemu_processes_under(state) == [] and qemu_processes_under(cache) == []
+    assert _state_entries(state) == []
+    assert _warm_states(cache) == []  # no half-built state was kept either
+
+
+def test_ctrl_c_stops_the_vms_that_are_still_starting(tmp_path: Path, tiny_image: Any) -> None:
+    assert QEMUKIT
+    cache, state = _fresh_cache(tmp_path, tiny_image), tmp_path / "state"
+    (tmp_path / "matrix.toml").write_text(HANGS)
+    with open(tmp_path / "cli.log", "wb") as log:
+        cli = subprocess.Popen([QEMUKIT, "matrix", str(tmp_path / "matrix.toml"), "--jobs", "2"],
+                               stdout=log, stderr=subprocess.STDOUT, env=_env(state, cache))
+    try:
+        starting = _wait_for("two warm-state builders booting",
+                             lambda: len(qemu_processes_under(state)) == 2 and
+                             qemu_processes_under(state), 120,
+                             lambda: (tmp_path / "cli.log").read_text())
+        pids = [p.pid for p in starting]
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(120) == 130, (tmp_path / "cli.log").read_text()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert all(qemu_gone(pid) for pid in pids)
+    assert qemu_processes_under(state) == [] and _state_entries(state) == []
+    assert _warm_states(cache) == []
+
+
+def test_fail_fast_stops_the_vms_still_starting_on_the_workers(
+        tmp_path: Path, tiny_image: Any) -> None:
+    """Two workers, one slot each: "fails" on one, a hanging warm start on the other. The
+    client's fail-fast must reach the worker and end that start, not leave it to its
+    600 s boot timeout there."""
+    assert QEMUKIT
+    text = "\n".join(line for line in STARTING.splitlines() if not line.startswith("m320"))
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "matrix.toml").write_text(text)
+    with dask_cluster(tmp_path / "cluster", tiny_image) as cluster:
+        roots = [cluster.state("w1"), cluster.state("w2")]
+        jsonl = tmp_path / "results.jsonl"
+        with Sampler(*roots) as sampler:
+            proc = subprocess.run([QEMUKIT, "matrix", str(tmp_path / "matrix.toml"),
+                                   "--scheduler", cluster.address, "--fail-fast",
+                                   "--retries", "0", "--json", str(jsonl)],
+                                  env=_env(tmp_path / "client-state"), capture_output=True,
+                                  text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert list(_results(jsonl)) == ["fails"]
+        assert sampler.peak == 2, f"peak {sampler.peak} QEMUs"  # the builder was up
+        _wait_for("the starting VM on the other worker to stop",
+                  lambda: not any(qemu_processes_under(r) for r in roots)
+                  and not any(_state_entries(r) for r in roots), 60,
+                  lambda: f"{[qemu_processes_under(r) for r in roots]} "
+                          f"{[_state_entries(r) for r in roots]}\n{cluster.log('w1')}"
+                          f"\n{cluster.log('w2')}")
+        for worker in ("w1", "w2"):
+            assert _warm_states(cluster.root / worker / "cache") == []
+
+
+def test_the_same_kernel_under_two_names_reaches_a_worker_once_per_name(
+        tmp_path: Path, tiny_image: Any) -> None:
+    """Two jobs whose kernels have the same bytes but other file names, on one worker: each
+    is kept under its name in the one directory of their hash, and both jobs pass at the
+    first attempt (the second name was refused there, forever, before)."""
+    kernels = tmp_path / "a" / "vmlinuz", tmp_path / "b" / "bzImage"
+    for path in kernels:
+        path.parent.mkdir()
+        shutil.copyfile(tiny_image.kernel, path)
+    text = ('[defaults]\nimage = "tiny"\naccel = "tcg"\ntimeout = 240\ncommand = ["true"]\n'
+            f'[matrix.kernels]\na = {{ kernel = "{kernels[0]}" }}\n'
+            f'b = {{ kernel = "{kernels[1]}" }}\n')
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster", tiny_image, workers=("w1",)) as cluster:
+        run = _run_matrix(tmp_path, text, _env(tmp_path / "client-state"), "--scheduler",
+                          cluster.address, "--retries", "1", roots=(cluster.state("w1"),))
+        assert run.proc.returncode == 0, run.proc.stderr
+        assert {n: (d["outcome"], d["attempts"]) for n, d in run.results.items()} == {
+            "a": ("passed", 1), "b": ("passed", 1)}
+        digest = hashlib.sha256(kernels[0].read_bytes()).hexdigest()
+        shipped = cluster.root / "w1" / "cache" / "matrix-files"
+        assert {p.name: sorted(q.name for q in p.iterdir()) for p in shipped.iterdir()} == {
+            digest: ["bzImage", "vmlinuz"]}

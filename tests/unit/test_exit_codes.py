@@ -24,8 +24,11 @@ from qemukit.cli import (
     EXIT_REFUSED,
     EXIT_TIMEOUT,
     exit_code_for,
+    exit_code_for_outcome,
+    exit_code_for_outcomes,
     main,
 )
+from qemukit.results import Outcome
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -72,6 +75,26 @@ def test_codes_that_scripts_rely_on() -> None:
         assert exit_code_for(_instance(cls)) == EXIT_ERROR == 125
     for cls in (errors.HotplugError, errors.SnapshotError, errors.QMPCommandError):
         assert exit_code_for(_instance(cls)) == EXIT_REFUSED == 1
+
+
+@pytest.mark.parametrize("outcome", list(Outcome), ids=str)
+def test_a_runs_outcome_exits_through_the_same_table(outcome: Outcome) -> None:
+    """run -- CMD: a panic exits as a GuestPanic does; a command that ran, with its status."""
+    code = exit_code_for_outcome(outcome, 7)
+    if outcome in (Outcome.PASSED, Outcome.FAILED, Outcome.SKIPPED):
+        assert code == 7 and outcome.error_class is None
+    else:
+        assert outcome.error_class is not None
+        assert code == exit_code_for(_instance(outcome.error_class))
+    assert {o: exit_code_for_outcome(o) for o in Outcome if o.error_class} == {
+        Outcome.PANIC: 255, Outcome.OOPS: 254, Outcome.TIMEOUT: 124, Outcome.ERROR: 125}
+
+
+def test_a_matrix_exits_1_unless_every_job_ran_and_passed() -> None:
+    assert exit_code_for_outcomes([Outcome.PASSED] * 3) == 0
+    assert exit_code_for_outcomes([]) == 0
+    assert exit_code_for_outcomes([Outcome.PASSED, Outcome.PANIC]) == EXIT_REFUSED
+    assert exit_code_for_outcomes([Outcome.PASSED], complete=False) == EXIT_REFUSED
 
 
 def test_a_new_subclass_takes_its_base_class_code() -> None:

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "qemukit"
 #: An entry is a top-level module or package, or a dotted module inside one, which then
 #: has the layer given here rather than its package's.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "paths", "timeouts", "arch", "spec", "_fs", "_aio", "_sync", "ktap"),
+    ("errors", "paths", "timeouts", "arch", "spec", "_fs", "_aio", "_sync", "results", "ktap"),
     ("_launch",),
     ("host",),
     # Carrying out a launch plan uses the host's probes (overlays, virtiofsd), which
@@ -139,6 +139,23 @@ def test_layers_only_import_downward() -> None:
             theirs = _layer(target) if target.startswith("qemukit.") else None
             if theirs is not None and theirs > mine:
                 upward.append(f"{module}:{line} imports {target}")
+    assert upward == []
+
+
+#: Inside a package, its modules' own order (lowest first), checked like LAYERS.
+INNER_LAYERS: dict[str, list[tuple[str, ...]]] = {
+    "qemukit.matrix": [("_file",), ("_run", "_shipping"), ("_local", "_dask", "_report")],
+}
+
+
+@pytest.mark.parametrize("package", sorted(INNER_LAYERS))
+def test_a_packages_modules_only_import_downward(package: str) -> None:
+    order = {f"{package}.{m}": i for i, names in enumerate(INNER_LAYERS[package]) for m in names}
+    inside = [m for m in MODULES if m.startswith(f"{package}.")]
+    assert sorted(inside) == sorted(order), f"place these in INNER_LAYERS: {set(inside) ^ set(order)}"
+    upward = [f"{module}:{line} imports {target}"
+              for module in inside for target, _, line, _ in IMPORTS[module]
+              if order.get(target, -1) > order[module]]
     assert upward == []
 
 

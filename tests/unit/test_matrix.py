@@ -1,11 +1,12 @@
 """The matrix file, the retry rules of the local pool and the report, without QEMU.
 
-The pool's error paths run against a fake attempt (``_run_attempt`` replaced): what
+The pool's error paths run against a fake attempt (``_local.run_attempt`` replaced): what
 real VMs do is in tests/integration/test_matrix.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import tomllib
@@ -18,7 +19,8 @@ import pytest
 from qemukit import matrix
 from qemukit.errors import SpecError
 from qemukit.kernel import KernelTestResult
-from qemukit.matrix import Job, JobResult, load_matrix, parse_matrix, run_matrix
+from qemukit.matrix import Job, JobResult, _local, _run, _shipping, load_matrix, parse_matrix, run_matrix
+from tests.unit.test_results import junit_read
 
 FILE = """
 [defaults]
@@ -126,7 +128,7 @@ def test_parallelism_is_bounded_by_memory(monkeypatch: pytest.MonkeyPatch) -> No
         available = 3 * 640 * 1024 * 1024  # room for three VMs of 512 MiB + overhead
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
-    monkeypatch.setattr(matrix.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(_local.os, "sched_getaffinity", lambda pid: set(range(16)))
     jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(10)]
     assert matrix.default_parallelism(jobs) == 3
     assert matrix.default_parallelism(jobs[:2]) == 2
@@ -153,14 +155,14 @@ def test_infrastructure_failures_are_retried_and_test_failures_are_not(
             calls[job.name] = calls.get(job.name, 0) + 1
             n = calls[job.name]
         if job.name == "flaky" and n == 1:
-            return matrix._Attempt(_result(job, "error", error="no QEMU"), "QEMU did not start",
+            return _run.Attempt(_result(job, "error", error="no QEMU"), "QEMU did not start",
                                    "h", worker)
         if job.name == "broken":
-            return matrix._Attempt(None, "the run raised OSError", "h", worker)
+            return _run.Attempt(None, "the run raised OSError", "h", worker)
         outcome = {"fails": "failed", "panics": "panic"}.get(job.name, "passed")
-        return matrix._Attempt(_result(job, outcome), None, "h", worker)
+        return _run.Attempt(_result(job, outcome), None, "h", worker)
 
-    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    monkeypatch.setattr(_local, "run_attempt", fake)
     jobs = [Job(n, ("true",), image="tiny") for n in ("ok", "flaky", "fails", "panics", "broken")]
     seen: list[matrix.MatrixProgress] = []
     results = {r.job.name: r for r in run_matrix(jobs, jobs_at_once=2, retries=2,
@@ -178,13 +180,31 @@ def test_infrastructure_failures_are_retried_and_test_failures_are_not(
 
 def test_fail_fast_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake(job: Job, matrix_id: str, worker: str) -> Any:
-        return matrix._Attempt(_result(job, "failed" if job.name == "j0" else "passed"), None,
+        return _run.Attempt(_result(job, "failed" if job.name == "j0" else "passed"), None,
                                "h", worker)
 
-    monkeypatch.setattr(matrix, "_run_attempt", fake)
+    monkeypatch.setattr(_local, "run_attempt", fake)
     jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(20)]
     results = list(run_matrix(jobs, jobs_at_once=1, fail_fast=True))
     assert [r.job.name for r in results] == ["j0"]
+
+
+def test_a_stop_cancels_the_starts_under_way_and_refuses_new_ones() -> None:
+    """A VM still starting (a warm state being built) is cancelled by a stop, not waited for;
+    a start that begins after the stop is refused before QEMU is launched."""
+    registry = _run.Registry()
+    cancelled: list[str] = []
+    registry.start_begins("m", lambda: cancelled.append("a"))
+    registry.start_begins("m", lambda: cancelled.append("b"))
+    finished_first = lambda: cancelled.append("done")  # noqa: E731
+    registry.start_begins("m", finished_first)
+    registry.finished("m", None, finished_first)  # its run ended: nothing left to cancel
+    registry.start_begins("other", lambda: cancelled.append("other"))
+    assert registry.stop("m") == 2
+    assert sorted(cancelled) == ["a", "b"]
+    with pytest.raises(_run.Cancelled):
+        registry.start_begins("m", lambda: None)
+    assert registry.stop("other") == 1 and "other" in cancelled
 
 
 def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
@@ -193,10 +213,10 @@ def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
 
     def fake(job: Job, matrix_id: str, worker: str) -> Any:
         seen[job.name] = job.vm.get("tb_size")
-        return matrix._Attempt(_result(job, "passed"), None, "h", worker)
+        return _run.Attempt(_result(job, "passed"), None, "h", worker)
 
-    monkeypatch.setattr(matrix, "_run_attempt", fake)
-    monkeypatch.setattr(matrix, "tb_size_for", lambda n: 128 if n > 1 else None)
+    monkeypatch.setattr(_local, "run_attempt", fake)
+    monkeypatch.setattr(_local, "tb_size_for", lambda n: 128 if n > 1 else None)
     jobs = [Job("a", ("true",), image="tiny"), Job("b", ("true",), image="tiny",
                                                      vm={"tb_size": "32M"})]
     list(run_matrix(jobs, jobs_at_once=2))
@@ -242,6 +262,13 @@ def test_junit_is_valid_and_has_a_case_per_job(tmp_path: Path) -> None:
     assert props["qemukit.axis.kernels"] == "k2" and props["qemukit.attempts"] == "2"
     assert props["qemukit.worker"] == "w1" and props["qemukit.host"] == "host\\x07"
     assert props["qemukit.retried"] == "worker w2 on h was lost"
+    # An outside reader agrees: counts, a result per failing job, the axes as properties.
+    read = {case.name: case for case in next(iter(junit_read(path)))}
+    assert [type(r).__name__ for r in read["k2/panics"].result] == ["Failure"]
+    assert [type(r).__name__ for r in read["k2/hangs"].result] == ["Error"]
+    assert read["k1/ok"].is_passed
+    assert {p.name: p.value for p in read["k1/fails"].properties()}["qemukit.axis.commands"] == (
+        "fails")
 
 
 def test_json_lines_are_strict(tmp_path: Path) -> None:
@@ -285,9 +312,9 @@ def test_an_image_is_built_once_when_many_jobs_ask_at_once(
         (tmp_path / "built").touch()
         return "image"
 
-    monkeypatch.setattr(matrix.images, "find_image", find_image)
-    monkeypatch.setattr(matrix.images, "build", build)
-    threads = [threading.Thread(target=matrix._ensure_image, args=("tiny",)) for _ in range(6)]
+    monkeypatch.setattr(_run.images, "find_image", find_image)
+    monkeypatch.setattr(_run.images, "build", build)
+    threads = [threading.Thread(target=_run.ensure_image, args=("tiny",)) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -301,11 +328,13 @@ def test_shipped_files_are_kept_once_under_their_hash(
     modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
     modules.mkdir(parents=True)
     (modules / "modules.dep").write_text("kernel/a.ko:\n")
-    data = matrix._read_for_shipping("modules", tmp_path / "mods")
+    data = _shipping.read_for_shipping("modules", tmp_path / "mods")
     paths: list[str] = []
 
+    digest = hashlib.sha256(data).hexdigest()
+
     def put() -> None:
-        paths.append(matrix._materialize("modules", "abc123", "mods", data))
+        paths.append(_shipping.materialize("modules", digest, "mods", data))
 
     threads = [threading.Thread(target=put) for _ in range(4)]
     for thread in threads:
@@ -315,11 +344,63 @@ def test_shipped_files_are_kept_once_under_their_hash(
     assert len(set(paths)) == 1 and len(paths) == 4
     placed = Path(paths[0])
     assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
-    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == ["abc123"]
-    kernel = matrix._materialize("kernel", "def456", "vmlinuz", b"kernel bytes")
+    assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == [digest]
+    kernel = _shipping.materialize("kernel", "d" * 64, "vmlinuz", b"kernel bytes")
     assert Path(kernel).read_bytes() == b"kernel bytes"
     with pytest.raises(SpecError, match="modules"):
-        matrix._read_for_shipping("modules", tmp_path / "nothing-here")
+        _shipping.read_for_shipping("modules", tmp_path / "nothing-here")
+
+
+def test_the_same_content_under_two_names_is_kept_under_both_whoever_ships_first(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two jobs' kernels with the same bytes but other file names (vmlinuz, bzImage), and a
+    modules tree under two names, shipped by many tasks at once: every task gets its file.
+    (The rename of a whole digest directory failed for every name after the first, and
+    the job was retried into the same failure.)"""
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    kernel = b"the same kernel image" * 1000
+    modules = tmp_path / "mods" / "lib" / "modules" / "6.1.0"
+    modules.mkdir(parents=True)
+    (modules / "modules.dep").write_text("kernel/a.ko:\n")
+    tree = _shipping.read_for_shipping("modules", tmp_path / "mods")
+    shipments = [("kernel", kernel, name) for name in ("vmlinuz", "bzImage", "vmlinuz-6.1")]
+    shipments += [("modules", tree, name) for name in ("modules-0", "modules-1")]
+    got: list[tuple[str, str, str]] = []
+    failed: list[BaseException] = []
+    go = threading.Barrier(len(shipments) * 3)
+
+    def ship(key: str, data: bytes, name: str) -> None:
+        go.wait(30)
+        try:
+            got.append((key, name, _shipping.materialize(
+                key, hashlib.sha256(data).hexdigest(), name, data)))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=ship, args=shipment) for shipment in shipments * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failed == [] and len(got) == len(shipments) * 3
+    for key, name, path in got:
+        assert Path(path).name == name
+        if key == "kernel":
+            assert Path(path).read_bytes() == kernel
+        else:
+            assert (Path(path) / "lib/modules/6.1.0/modules.dep").read_text() == "kernel/a.ko:\n"
+    shipped = tmp_path / "cache" / "matrix-files"
+    kept = {p.name: sorted(q.name for q in p.iterdir()) for p in shipped.iterdir()}
+    assert kept == {hashlib.sha256(kernel).hexdigest(): ["bzImage", "vmlinuz", "vmlinuz-6.1"],
+                    hashlib.sha256(tree).hexdigest(): ["modules-0", "modules-1"]}
+    # Again, now that everything is there: the same paths, nothing written.
+    again = _shipping.materialize("kernel", hashlib.sha256(kernel).hexdigest(), "bzImage", b"")
+    assert Path(again).read_bytes() == kernel
+    for bad in ("..", "a/b", ""):
+        with pytest.raises(ValueError, match="not a file name"):
+            _shipping.materialize("kernel", "0" * 64, bad, b"x")
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        _shipping.materialize("kernel", "../../etc", "x", b"x")
 
 
 def test_a_job_names_its_files_and_moves_them() -> None:
@@ -340,31 +421,31 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     tree = tree_with_modules(tmp_path / "tree")
     jobs = [Job(n, ("true",), vm={"kernel": str(tree)}) for n in ("a", "b")]
     installed: dict[Path, Path] = {}
-    shipped = [matrix._files_to_ship(job, tmp_path / "work", installed) for job in jobs]
+    shipped = [_shipping.files_to_ship(job, tmp_path / "work", installed) for job in jobs]
     assert shipped[0] == shipped[1]
     assert shipped[0]["kernel"] == tree / "arch/x86/boot/bzImage"
     assert (tree / "installs.log").read_text() == "installed\n"  # once for both jobs
-    data = matrix._read_for_shipping("modules", shipped[0]["modules"])
+    data = _shipping.read_for_shipping("modules", shipped[0]["modules"])
     with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
         names = tar.getnames()
     assert f"./lib/modules/{RELEASE}/kernel/b.ko" in names
     assert f"./lib/modules/{RELEASE}/build" not in names  # a link into the tree: left out
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
-    placed = Path(matrix._materialize("modules", "d1", "modules-0", data))
+    placed = Path(_shipping.materialize("modules", "d1" * 32, "modules-0", data))
     assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
     # The job's own modules win, as in a local run: nothing is installed for it.
     own = tmp_path / "own" / "lib" / "modules" / RELEASE
     own.mkdir(parents=True)
     (own / "modules.dep").write_text("")
     job = Job("c", ("true",), vm={"kernel": str(tree)}, modules=str(tmp_path / "own"))
-    files = matrix._files_to_ship(job, tmp_path / "work", {})
+    files = _shipping.files_to_ship(job, tmp_path / "work", {})
     assert files["modules"] == tmp_path / "own"
     assert (tree / "installs.log").read_text() == "installed\n"
     # A tree whose config lacks what the job needs is refused on the client, naming the job.
     (tree / ".config").write_text(full_config(without=("CONFIG_VIRTIO_FS",)))
     share = Job("d", ("true",), vm={"kernel": str(tree), "shares": [f"{tmp_path}:/mnt/s"]})
     with pytest.raises(SpecError, match=r"job 'd': kernel.*lacks CONFIG_VIRTIO_FS"):
-        matrix._files_to_ship(share, tmp_path / "work", {})
+        _shipping.files_to_ship(share, tmp_path / "work", {})
 
 
 # -- Dask's TLS ----------------------------------------------------------------------------
@@ -439,18 +520,16 @@ def test_a_shipped_module_tree_unpacks_only_inside_its_target(
     import io
     import tarfile
 
-    from qemukit import matrix as qmatrix
-
     if not has_filter:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     good = _tar(("dir", "lib", b""), ("file", "lib/a.ko", b"ko"), ("sym", "lib/b.ko", "a.ko"))
     with tarfile.open(fileobj=io.BytesIO(good)) as tar:
-        qmatrix._extract_tree(tar, tmp_path / "ok")
+        _shipping.extract_tree(tar, tmp_path / "ok")
     assert (tmp_path / "ok/lib/a.ko").read_bytes() == b"ko"
     assert (tmp_path / "ok/lib/a.ko").stat().st_mode & 0o7022 == 0  # no set-ID, no g/o write
     assert (tmp_path / "ok/lib/b.ko").readlink() == Path("a.ko")
     for n, bad in enumerate([(("file", "../escape", b"x"),), (("sym", "l", "/etc/passwd"),),
                              (("sym", "d/l", "../../x"),), (("dev", "tty", b""),)]):
         with tarfile.open(fileobj=io.BytesIO(_tar(*bad))) as tar, pytest.raises(tarfile.TarError):
-            qmatrix._extract_tree(tar, tmp_path / f"bad{n}")
+            _shipping.extract_tree(tar, tmp_path / f"bad{n}")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()

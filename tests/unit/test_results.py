@@ -1,4 +1,5 @@
-"""KernelTestResult's JUnit and JSON files are valid whatever the guest printed."""
+"""The one JUnit and JSON writer (qemukit.results) and KernelTestResult's files: valid
+whatever the guest printed, and read back by an outside JUnit parser (junitparser)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from qemukit.kernel import JUNIT_TEXT_LIMIT, KernelTestResult, json_safe, xml_safe
+from qemukit.results import RUN_OUTCOMES, Outcome, ReportCase, json_text, write_json, write_junit
 
 EVERY_CHAR = "".join(chr(i) for i in range(256))
 NASTY = ("tiny:/# \x1b[6n" + EVERY_CHAR + "\ud800 lone \udcff surrogates \ufffe\uffff"
@@ -64,7 +66,7 @@ def strict_xml(path: Path) -> ET.Element:
     return ET.parse(path).getroot()
 
 
-OUTCOMES = ["passed", "failed", "panic", "oops", "timeout", "error"]
+OUTCOMES = [o.value for o in RUN_OUTCOMES]
 
 
 @pytest.mark.parametrize("outcome", OUTCOMES)
@@ -149,3 +151,92 @@ def test_result_fields_are_in_the_json(tmp_path: Path) -> None:
     res = result("passed", oops="BUG: x", warnings=("WARNING: y", "rcu: INFO: z"))
     data = res.to_dict()
     assert data["oops"] == "BUG: x" and data["warnings"] == ["WARNING: y", "rcu: INFO: z"]
+
+
+# -- one writer for every result, checked by an outside JUnit reader -----------------------
+
+JUNIT_KIND = {"failure": "Failure", "error": "Error", "skipped": "Skipped"}
+
+
+def junit_read(path: Path) -> Any:
+    """The file as junitparser (xunit2, the Jenkins/pytest dialect) reads it, each suite's
+    counts checked against the ones it computes from the cases themselves."""
+    from junitparser import xunit2
+
+    xml = xunit2.JUnitXml.fromfile(str(path))
+    for suite in xml:
+        written = (suite.tests, suite.failures, suite.errors, suite.skipped)
+        suite.update_statistics()
+        assert written == (suite.tests, suite.failures, suite.errors, suite.skipped)
+    return xml
+
+
+def test_junitparser_reads_every_outcome_as_what_it_is(tmp_path: Path) -> None:
+    from junitparser import xunit2
+
+    cases = [result(o.value).report_case(f"case-{o.value}") for o in RUN_OUTCOMES]
+    cases.append(ReportCase("ktap/skipped\x1b", Outcome.SKIPPED, message="SKIP no \x00 device",
+                            details=NASTY))
+    write_junit(cases, tmp_path / "r.xml", suite="mixed\x07")
+    xml = junit_read(tmp_path / "r.xml")
+    suites = list(xml)
+    assert len(suites) == 1 and suites[0].name == "mixed\\x07"
+    read = {case.name: case for case in suites[0]}
+    assert list(read) == [*(f"case-{o.value}" for o in RUN_OUTCOMES), "ktap/skipped\\x1b"]
+    for outcome in [*RUN_OUTCOMES, Outcome.SKIPPED]:
+        case = read[f"case-{outcome.value}" if outcome is not Outcome.SKIPPED
+                    else "ktap/skipped\\x1b"]
+        assert isinstance(case, xunit2.TestCase)
+        kinds = [type(r).__name__ for r in case.result]
+        assert kinds == ([] if outcome.junit is None else [JUNIT_KIND[outcome.junit]])
+        assert case.is_passed == (outcome is Outcome.PASSED)
+        props = {p.name: p.value for p in case.properties()}
+        assert props["qemukit.outcome"] == outcome.value
+        assert (case.system_out or "").startswith("tiny:/# \\x1b[6n") or outcome is Outcome.SKIPPED
+    assert read["case-panic"].result[0].message == (
+        "kernel panic: Kernel panic - not syncing: \\x1b\\x00")
+    assert read["case-failed"].result[0].message == "exit status 3"
+    assert read["ktap/skipped\\x1b"].result[0].message == "SKIP no \\x00 device"
+    assert {p.name for p in read["case-failed"].properties()} >= {
+        "qemukit.command", "qemukit.exit_status", "qemukit.accel", "qemukit.warning"}
+
+
+def test_a_crash_bundle_is_named_by_a_property_and_the_last_line_of_system_out(
+        tmp_path: Path) -> None:
+    big = "x" * (JUNIT_TEXT_LIMIT + 10)
+    res = result("panic", stdout=big, crash_bundle=str(tmp_path / "bundle\x1b-1"))
+    res.write_junit(tmp_path / "r.xml")
+    case = next(iter(next(iter(junit_read(tmp_path / "r.xml")))))
+    props = {p.name: p.value for p in case.properties()}
+    assert props["qemukit.crash_bundle"] == f"{tmp_path}/bundle\\x1b-1"
+    out = case.system_out or ""
+    assert out.startswith("[qemukit: the first ")  # cut, but the bundle line survives the cut
+    assert out.splitlines()[-1] == f"[qemukit: crash bundle in {tmp_path}/bundle\\x1b-1]"
+    assert strict_json_of(res, tmp_path)["crash_bundle"] == f"{tmp_path}/bundle\x1b-1"
+    plain = result("passed")
+    plain.write_junit(tmp_path / "p.xml")
+    case = next(iter(next(iter(junit_read(tmp_path / "p.xml")))))
+    assert "qemukit.crash_bundle" not in {p.name for p in case.properties()}
+    assert "crash bundle" not in (case.system_out or "")
+
+
+def strict_json_of(res: KernelTestResult, tmp_path: Path) -> Any:
+    res.write_json(tmp_path / "r.json")
+    return strict_json(tmp_path / "r.json")
+
+
+def test_an_outcome_is_the_enum_whatever_it_was_given_as() -> None:
+    res = result("oops")
+    assert res.outcome is Outcome.OOPS and res.outcome == "oops"
+    assert res.to_dict()["outcome"] == "oops" and json.dumps(res.to_dict()["outcome"]) == '"oops"'
+    with pytest.raises(ValueError, match="'crashed' is not a valid Outcome"):
+        result("crashed")
+
+
+def test_json_lines_and_json_text_are_strict(tmp_path: Path) -> None:
+    write_json([{"a": NASTY}, {"b": ["\udcff", 1.5]}], tmp_path / "r.jsonl", lines=True)
+    lines = (tmp_path / "r.jsonl").read_bytes().decode("ascii").splitlines()
+    assert len(lines) == 2 and json.loads(lines[1]) == {"b": ["\\udcff", 1.5]}
+    assert json.loads(json_text({"x": "\ud800"})) == {"x": "\\ud800"}
+    with pytest.raises(ValueError):
+        json_text({"nan": float("nan")})
