@@ -62,7 +62,17 @@ if TYPE_CHECKING:
     from . import timeouts as timeouts
     from . import vm as vm
     from .guest import ExecResult
-    from .spec import Drive, Nic, PortForward, Share, VMSpec, parse_drive, parse_nic, parse_size
+    from .spec import (
+        Drive,
+        HostRoot,
+        Nic,
+        PortForward,
+        Share,
+        VMSpec,
+        parse_drive,
+        parse_nic,
+        parse_size,
+    )
     from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
 
 # The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time), the
@@ -70,6 +80,7 @@ if TYPE_CHECKING:
 # `import qemukit`, the CLI's --help and `qemukit ls` stay fast.
 _LAZY = {
     "Drive": "spec",
+    "HostRoot": "spec",
     "Nic": "spec",
     "PortForward": "spec",
     "Share": "spec",
@@ -129,6 +140,7 @@ __all__ = [
     "GuestOops",
     "GuestPanic",
     "HostError",
+    "HostRoot",
     "HotplugError",
     "LaunchError",
     "Nic",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ARCHES", "ArchInfo", "ArchName", "arch_info", "host_arch_name"]
+__all__ = ["ARCHES", "DEFAULT_ARCH", "ArchInfo", "ArchName", "arch_info", "host_arch_name"]
 
 ArchName = Literal["x86_64", "aarch64", "riscv64", "s390x", "ppc64le"]
 Transport = Literal["pci", "ccw"]
@@ -67,6 +67,20 @@ class ArchInfo:
     debian_suite: str = "bookworm"
     #: Host ``platform.machine()`` values of this architecture.
     host_names: tuple[str, ...] = ()
+    #: Whether a guest boots from its disk through firmware (SeaBIOS, OVMF); else it
+    #: needs ``-kernel`` (qemukit boots foreign guests that way).
+    boots_from_disk: bool = False
+    #: Whether the machine can take OVMF (UEFI) firmware.
+    ovmf: bool = False
+    #: Whether QEMU has a vmgenid device here: a restored clone's kernel reseeds its RNG.
+    vmgenid: bool = False
+    #: The suffix of this architecture's cache entries (images, probes): "" for the default.
+    cache_suffix: str = ""
+
+    @property
+    def qemu_env(self) -> str:
+        """The environment variable that names this architecture's QEMU binary."""
+        return "QEMUKIT_QEMU" + ("" if self.name == DEFAULT_ARCH else f"_{self.name.upper()}")
 
     @property
     def default_machine(self) -> str:
@@ -84,6 +98,10 @@ class ArchInfo:
         return f"{model}-{self.transport}"
 
 
+#: The architecture a spec, an image or a probe is for when none is named: the one
+#: qemukit was made on. The only other place that names it is its row below.
+DEFAULT_ARCH: ArchName = "x86_64"
+
 ARCHES: dict[str, ArchInfo] = {
     "x86_64": ArchInfo(
         name="x86_64", qemu_binary="qemu-system-x86_64", qemu_package="qemu-system-x86",
@@ -91,7 +109,7 @@ ARCHES: dict[str, ArchInfo] = {
         debian_arch="amd64", kernel_package="linux-image-cloud-amd64",
         kernel_format="bzImage", firmware="SeaBIOS (or OVMF)", hotplug_bus="pcie.0",
         cpu_hotplug=True, memory_hotplug=True, acpi=True, seed_cd=True,
-        host_names=("x86_64", "amd64"),
+        host_names=("x86_64", "amd64"), boots_from_disk=True, ovmf=True, vmgenid=True,
     ),
     "aarch64": ArchInfo(
         # cortex-a57, not max: max's pointer authentication makes TCG ~4x slower.
@@ -105,6 +123,7 @@ ARCHES: dict[str, ArchInfo] = {
         # Under KVM the guest gets the host's interrupt controller (GICv2 is rare).
         kvm_machine_opts="gic-version=host",
         powerdown=True, seed_cd=True, host_names=("aarch64", "arm64"),
+        cache_suffix="-aarch64",
     ),
     "riscv64": ArchInfo(
         name="riscv64", qemu_binary="qemu-system-riscv64", qemu_package="qemu-system-misc",
@@ -118,6 +137,7 @@ ARCHES: dict[str, ArchInfo] = {
         # virt makes its fw_cfg after -device is realized (QEMU 7.2 refuses the device).
         no_vmcoreinfo="QEMU's riscv virt machine has no fw_cfg with DMA when devices are "
                       "added (\"vmcoreinfo device requires fw_cfg with DMA\")",
+        cache_suffix="-riscv64",
     ),
     "s390x": ArchInfo(
         name="s390x", qemu_binary="qemu-system-s390x", qemu_package="qemu-system-s390x",
@@ -128,6 +148,7 @@ ARCHES: dict[str, ArchInfo] = {
         no_vmcoreinfo="s390x has no fw_cfg: QEMU has no vmcoreinfo device there",
         virtiofs="file reads fail in the guest (ECONNREFUSED here: FUSE "
                  "messages are in a big-endian guest's byte order)",
+        cache_suffix="-s390x",
     ),
     "ppc64le": ArchInfo(
         # VOF instead of SLOF saves ~3.5 s and boots -kernel fine; the cap-* settings
@@ -141,6 +162,7 @@ ARCHES: dict[str, ArchInfo] = {
         cpu_hotplug=True, memory_hotplug=True, host_names=("ppc64le",),
         no_vmcoreinfo="pseries has no fw_cfg: QEMU has no vmcoreinfo device there",
         virtiofs="reads through QEMU 7.2's virtiofsd fail with EINVAL in the pseries guest",
+        cache_suffix="-ppc64le",
     ),
 }
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._launch.process import run_command
-from .arch import ARCHES, ArchInfo
+from .arch import ARCHES, DEFAULT_ARCH, ArchInfo
 from .errors import HostError, SpecError
 from .spec import VMSpec
 
@@ -179,12 +179,12 @@ def _groups(arch: str) -> list[_Group]:
     return _arch_groups(ARCHES[arch]) + _common_groups()
 
 
-def fragment_options(arch: str = "x86_64") -> dict[str, str]:
+def fragment_options(arch: str = DEFAULT_ARCH) -> dict[str, str]:
     """The fragment as ``{"CONFIG_X": "y"}``, in fragment order."""
     return {f"CONFIG_{name}": value for _, opts in _groups(arch) for name, value in opts}
 
 
-def fragment(arch: str = "x86_64") -> str:
+def fragment(arch: str = DEFAULT_ARCH) -> str:
     """The config fragment for ``arch``: commented ``CONFIG_X=y`` lines, as merge_config.sh reads."""
     lines = [f"# qemukit kconfig fragment v{KCONFIG_VERSION} for {arch} "
              f"(qemukit kconfig --arch {arch} --print)"]
@@ -237,7 +237,7 @@ def _make_argv(arch: str, *targets: str) -> list[str]:
     return ["make", f"ARCH={KERNEL_ARCH[arch]}", *targets]
 
 
-def merge_into_tree(tree: str | Path, arch: str = "x86_64", *, timeout: float = 600.0,
+def merge_into_tree(tree: str | Path, arch: str = DEFAULT_ARCH, *, timeout: float = 600.0,
                     extra: str = "") -> MergeResult:
     """Merge :func:`fragment` (plus ``extra`` lines) into ``tree/.config`` and olddefconfig it.
 
@@ -403,7 +403,7 @@ def kernel_config(kernel: str | Path) -> Path | None:
 
 def _required(spec: VMSpec) -> list[tuple[str, str]]:
     """(option, why) for each option ``spec`` needs of its kernel."""
-    info = ARCHES[spec.arch]
+    info = spec.arch_info
     need: list[tuple[str, str]] = [("CONFIG_DEVTMPFS", "the tiny init mounts devtmpfs on /dev")]
     if spec.initrd is not None:
         need.append(("CONFIG_BLK_DEV_INITRD", "the VM boots an initramfs"))
@@ -420,14 +420,15 @@ def _required(spec: VMSpec) -> list[tuple[str, str]]:
     if spec.agent == "qemukit":
         need.append(("CONFIG_VIRTIO_CONSOLE", "the qemukit agent talks over a virtio-console "
                      "port"))
-    for share in spec.shares:
+    for share in spec.all_shares:
         why = f"share {share.tag} ({share.transport})"
         if share.transport == "virtiofs":
             need += [("CONFIG_FUSE_FS", why), ("CONFIG_VIRTIO_FS", why)]
         else:
             need += [("CONFIG_NET_9P", why), ("CONFIG_NET_9P_VIRTIO", why), ("CONFIG_9P_FS", why)]
-    if any(arg.startswith("qemukit.rootfs=") for arg in (spec.append or "").split()):
-        need.append(("CONFIG_OVERLAY_FS", "--rootfs host lays an overlay over the host's root"))
+    if spec.host_root is not None:
+        need.append(("CONFIG_OVERLAY_FS", "host_root (--rootfs host) lays an overlay over the "
+                     "host's root"))
     if spec.nics:
         need.append(("CONFIG_VIRTIO_NET", "the VM has a virtio NIC"))
     return need
@@ -569,11 +570,16 @@ def resolve_kernel(spec: VMSpec, modules: str | Path | None = None) -> ResolvedK
     config lacks raise :class:`SpecError` naming them. Nothing is written and
     nothing is started; every mistake (a missing kernel, modules without an
     initrd, a modules directory of the wrong shape or holding a file an
-    initramfs cannot carry) is raised here.
+    initramfs cannot carry) is raised here. A ``host_root`` is resolved here too
+    (:func:`qemukit.rootfs.resolve_host_root`).
     """
     given = Path(modules) if modules is not None else None
     if given is not None:
         _check_modules_dir(given)
+    if spec.host_root is not None:  # its transport decides the options the kernel needs
+        from .rootfs import resolve_host_root
+
+        spec = resolve_host_root(spec)
     if spec.kernel is None:
         if given is not None:
             raise SpecError("modules", str(given), "needs a kernel booted with an initrd")

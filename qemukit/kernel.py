@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import crashdir, images, kconfig
+from . import crashdir, kconfig
 from ._sync import run_sync
 from ._wire.console import ConsoleEvent
+from .arch import DEFAULT_ARCH
 from .errors import GuestOops, GuestPanic, HostError, QemukitError, SpecError, WaitTimeout
+from .resolve import MachineChoice, Request, kernel_run_machine, resolve
 from .results import (
     JUNIT_TEXT_LIMIT,
     Outcome,
@@ -77,7 +79,7 @@ class KernelTestResult:
     #: The crash dump written on a panic (``dump_on_panic``), if any.
     dump: str | None = None
     #: The guest's architecture (``x86_64``, ``aarch64``, ...).
-    arch: str = "x86_64"
+    arch: str = DEFAULT_ARCH
     #: The kernel's release (``uname -r``): from a build tree, or the image's header.
     kernel_release: str | None = None
     #: The SHA-256 of the kernel's config file, when one was found (a tree's .config).
@@ -141,7 +143,7 @@ def _throwaway(spec: VMSpec) -> bool:
     """True if nothing the guest wrote can outlive the VM: every disk is read-only or a
     throwaway overlay, and no host directory is shared (the guest's page cache could
     still hold its writes). Then the run ends with a kill, not a power-off."""
-    return not spec.shares and all(d.read_only or d.overlay for d in spec.drives)
+    return not spec.all_shares and all(d.read_only or d.overlay for d in spec.drives)
 
 
 def run_in_vm(
@@ -383,77 +385,6 @@ def _dump_after_panic(vm: VM, path: Path) -> tuple[str | None, str | None]:
         return None, f"no crash dump: {exc}"
 
 
-@dataclass(frozen=True)
-class MachineChoice:
-    """The machine a kernel run boots when none was asked for, and why (``run -v`` says it)."""
-
-    machine: str
-    reason: str
-
-    def describe(self) -> str:
-        """One line: ``machine microvm: <why>``."""
-        return f"machine {self.machine}: {self.reason}"
-
-
-def kernel_run_machine(spec: VMSpec, *, one_shot: bool, warm_asked: bool,
-                       tsc_khz: int | None, ran_before: bool = False) -> MachineChoice:
-    """The machine for ``run --kernel`` when ``--machine`` is not given (pure: no I/O but
-    reading the kernel's config file).
-
-    microvm, as virtme-ng picks, when nothing in the run needs what only q35 has
-    (PCIe slots and ACPI hotplug, vmgenid for a warm restore, OVMF, the seed CD's
-    PCI bus, disks other than virtio-blk) and the kernel is known to drive it:
-    its config (a tree's ``.config``, ``config-<release>`` beside the image)
-    has ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``. ``one_shot`` is a run of one
-    command that nothing else will reach for later (``-- CMD``, not ``--detach``
-    or the console); ``warm_asked`` an explicit ``--warm``; ``tsc_khz`` the
-    host's TSC rate, without which a kernel on microvm cannot calibrate its clock
-    and hangs in about 4 boots of 10; ``ran_before`` that this kernel ran here
-    before (:func:`qemukit.warm.note_kernel_run`): a repeated kernel gets q35 and
-    a warm state, so its later runs are restores. Otherwise q35, saying which of
-    these it was.
-    """
-    if spec.arch != "x86_64":
-        return MachineChoice(spec.machine, f"the {spec.arch} machine qemukit drives")
-    needs: str | None = None
-    if not one_shot:
-        needs = ("a VM without a command (--detach, the console) may be hotplugged or "
-                 "snapshotted while it runs")
-    elif warm_asked:
-        needs = "--warm restores a saved state, whose clones need q35's vmgenid device"
-    elif spec.max_cpus is not None or spec.max_memory is not None:
-        needs = "CPU or memory hotplug needs q35's ACPI hotplug"
-    elif spec.firmware != "seabios":
-        needs = f"firmware {spec.firmware} boots on q35"
-    elif spec.cloud_init is not None:
-        needs = "the cloud-init seed CD needs a PCI bus"
-    elif any(d.interface != "virtio-blk" for d in spec.drives):
-        needs = "disks other than virtio-blk need q35's PCI bus"
-    elif spec.extra_args:
-        needs = "--qemu-arg may name devices of q35's PCI bus"
-    elif ran_before:
-        needs = ("this kernel ran here before (same image, initrd and command line): its runs "
-                 "start warm from now on, and a warm clone needs q35's vmgenid device")
-    elif tsc_khz is None:
-        needs = ("the host's TSC rate is unknown, and without tsc_early_khz= a kernel on "
-                 "microvm hangs in about 4 boots of 10")
-    if needs is None and spec.kernel is not None:
-        config = kconfig.kernel_config(spec.kernel)
-        wanted = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
-        if config is None:
-            needs = (f"the kernel's config is not known (no .config or config-<release> beside "
-                     f"it), so nothing shows it has {wanted[1]}, which microvm needs")
-        else:
-            settings = kconfig.read_config(config)
-            lacking = [o for o in wanted if settings.get(o) not in ("y", "m")]
-            if lacking:
-                needs = f"its config {config} lacks {', '.join(lacking)}, which microvm needs"
-    if needs is not None:
-        return MachineChoice("q35", needs)
-    return MachineChoice("microvm", "nothing in this run needs q35's PCIe hotplug or ACPI "
-                         "(as virtme-ng; --machine q35 for the other)")
-
-
 def run_kernel(
     kernel: str | Path,
     command: str | Sequence[str] = ("true",),
@@ -476,18 +407,24 @@ def run_kernel(
     leaves it (``DIR/lib/modules/<release>``) or the ``<release>`` directory
     itself; it is appended to the initramfs so the guest loads its virtio
     drivers from it. ``append`` adds to the default kernel command line;
-    ``continue_on_oops``, ``dump_on_panic``, ``crash_dir`` and ``vmlinux`` as for :func:`run_in_vm`; other
-    keyword arguments are VMSpec fields (``accel``, ``memory``, ...).
+    ``continue_on_oops``, ``dump_on_panic``, ``crash_dir`` and ``vmlinux`` as for
+    :func:`run_in_vm`; other keyword arguments are VMSpec fields (``accel``,
+    ``memory``, ...), ``warm`` among them (unset: as every front end decides, see
+    :mod:`qemukit.resolve`: a kernel not run here before boots on microvm when
+    nothing needs q35, a repeated one on q35 from a warm state).
     """
-    if Path(kernel).is_dir():
-        spec_fields.setdefault("arch", kconfig.find_tree(kernel, spec_fields.get("arch")).arch)
-    elif not Path(kernel).is_file():
+    if not Path(kernel).exists():
         raise SpecError("kernel", str(kernel), "no such file or kernel tree")
-    arch = spec_fields.get("arch", "x86_64")
-    base = initrd if initrd is not None else images.build("tiny", arch=arch).initrd
-    cmdline = images.tiny_append(arch) + (f" {append}" if append else "")
-    spec = images.spec("tiny", kernel=str(kernel), initrd=str(base), append=cmdline,
-                       shares=tuple(shares), **spec_fields)
-    return run_in_vm(spec, command, timeout=timeout, console_log=console_log, modules=modules,
-                     continue_on_oops=continue_on_oops, dump_on_panic=dump_on_panic,
-                     crash_dir=crash_dir, vmlinux=vmlinux)
+    fields = dict(spec_fields)
+    arch = fields.pop("arch", None)
+    warm = fields.pop("warm", None)
+    if initrd is not None:
+        fields["initrd"] = str(initrd)
+    if shares:
+        fields["shares"] = tuple(shares)
+    resolution = resolve(Request(kernel=str(kernel), arch=arch, overrides=fields,
+                                 append_extra=append, warm=warm, purpose="command",
+                                 modules=modules, build=True))
+    return run_in_vm(resolution.spec, command, timeout=timeout, console_log=console_log,
+                     modules=modules, continue_on_oops=continue_on_oops,
+                     dump_on_panic=dump_on_panic, crash_dir=crash_dir, vmlinux=vmlinux)

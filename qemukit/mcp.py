@@ -19,7 +19,9 @@ the operator who started the server allowed, and nothing more
   drives, cloud-init, ``extra_args``, ``sandbox``, QMP and gdb ports are
   always the image's own);
 - no host share unless inside a directory the operator allowed
-  (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most;
+  (``--allow-share DIR[:ro|:rw]``), at that directory's mode at most; a
+  template's ``host_root`` is a share of ``/`` and of its ``rw`` directories,
+  checked the same way;
 - no network unless the operator allows it (``--allow-network``): user
   networking reaches the host's loopback services;
 - :class:`Limits` caps VMs, memory, vCPUs, overlay disk, console log, exec
@@ -54,6 +56,7 @@ from typing import Any
 
 from . import images
 from .errors import QemukitError, SpecError
+from .resolve import Request, resolve
 from .spec import (
     TEMPLATE_DIR,
     Nic,
@@ -90,10 +93,10 @@ CLIENT_FIELDS = ("image", "template", "name", "memory", "cpus", "share", "forwar
 #: or from a ``--template-dir``. Everything naming a host file (kernel, initrd, drives,
 #: cloud_init) or changing how QEMU runs (extra_args, sandbox, qmp_tcp_port, ...) is refused.
 TEMPLATE_FIELDS = ("base", "description", "image", "cpus", "memory", "append", "no_reboot",
-                   "warm", "shares")
+                   "warm", "shares", "host_root")
 #: The fields in which a VM's spec may differ from its built-in image's spec.
 SPEC_FIELDS = ("name", "memory", "cpus", "append", "no_reboot", "warm", "forward_auto",
-               "shares", "nics")
+               "shares", "nics", "host_root")
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: How often the watcher of each VM checks its lifetime, overlays and console log.
@@ -258,8 +261,8 @@ class Sandbox:
             raise SpecError(f"{template}: image", image, "a template served over MCP must name "
                             f"a built-in image ({', '.join(images.NAMES)})")
         base = images.spec(image)
-        scalars = {k: data[k] for k in ("cpus", "memory", "append", "no_reboot", "warm")
-                   if k in data}
+        scalars = {k: data[k] for k in ("cpus", "memory", "append", "no_reboot", "warm",
+                                        "host_root") if k in data}
         shares = []
         for item in data.get("shares", ()):
             try:
@@ -325,8 +328,14 @@ class Sandbox:
             changes["nics"] = (dataclasses.replace(first, forwards=first.forwards + parsed),
                                *spec.nics[1:])
         spec = spec.replace(**changes)
+        if spec.host_root is not None:  # its directories resolved before they are checked
+            from .rootfs import resolve_host_root
+
+            spec = resolve_host_root(spec)
         self.check_spec(spec, base)
-        return spec, notes
+        # Resolved as every front end resolves a VM (qemukit.resolve): always warm here.
+        resolution = resolve(Request(spec=spec, warm=True, purpose="interactive"))
+        return resolution.spec, notes
 
     def check_spec(self, spec: VMSpec, base: VMSpec) -> None:
         """Refuse ``spec`` unless it is ``base`` (a built-in image's) changed in :data:`SPEC_FIELDS`
@@ -356,7 +365,9 @@ class Sandbox:
                 if 0 < fw.host_port < 1024:
                     raise SpecError("forward", str(fw), "host ports below 1024 are not "
                                     "forwarded (use 0 for a free port, or 1024-65535)")
-        for sh in spec.shares:
+        # The host's root (a template's host_root) is a share of "/" too: refused unless the
+        # operator granted "/" (--allow-share /:ro), its rw directories unless granted :rw.
+        for sh in spec.all_shares:
             granted = self._grant(sh, "share")
             if granted.host_path != sh.host_path or granted.read_only != sh.read_only:
                 raise SpecError("share", str(sh.host_path), "not as granted (resolve it first)")
@@ -398,7 +409,7 @@ class Sandbox:
         out = {"name": vm.name, "seconds_to_ready": round(seconds, 2), "memory_mib": spec.memory,
                "cpus": spec.cpus, "agent": spec.agent, "lifetime_seconds": lim.max_lifetime,
                "shares": [{"host": str(s.host_path), "guest": s.guest_path, "tag": s.tag,
-                           "read_only": s.read_only} for s in spec.shares]}
+                           "read_only": s.read_only} for s in spec.all_shares]}
         if notes:
             out["notes"] = notes
         return out

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .target import VMTarget
 
 __all__ = ["MAX_AUTO_FORWARDS", "Forward", "Listener", "guest_listeners", "list_forwards", "parse_proc_net",
+           "start_watcher", "watcher_argv",
            "sync_forwards", "wait_pid_exit", "watch_ports"]
 
 log = logging.getLogger(__name__)
@@ -317,3 +318,48 @@ async def watch_ports(vm: VMTarget, guest: AsyncGuest, interval: float = POLL_IN
                     await task
         if gone.done() and not gone.cancelled():
             return
+
+
+def watcher_argv(name: str, limit: int = MAX_AUTO_FORWARDS, forward: bool = True) -> list[str]:
+    """The command line of the watcher of detached VM ``name`` (see :func:`start_watcher`).
+
+    ``-P``: Python puts neither the current directory nor a script's directory
+    first on ``sys.path``, so a ``qemukit.py`` or ``click.py`` lying where the
+    user started the VM is never imported in place of the real ones (the watcher
+    lives on after the command, in the user's name).
+    """
+    import sys
+
+    from ._wire.console import CONSOLE_LOG_MAX
+
+    return [sys.executable, "-P", "-c", "from qemukit.cli import main; main()", "ports", name,
+            "--watch", "--max-forwards", str(limit), "--forward" if forward else "--no-forward",
+            "--log-max", str(CONSOLE_LOG_MAX)]
+
+
+def start_watcher(name: str, *, forward: bool, limit: int = MAX_AUTO_FORWARDS) -> int:
+    """Start the watcher of detached VM ``name``, recorded among its helpers; its pid.
+
+    It keeps the console log capped and, with ``forward`` (the spec's
+    ``forward_auto``), forwards at most ``limit`` guest listeners from
+    127.0.0.1. ``stop``, ``kill`` and ``gc`` end the VM's helpers with it; the
+    watcher also ends by itself once QEMU exits. It runs in the VM's runtime
+    directory, not the caller's. :func:`qemukit.resolve.start_detached` starts it
+    for every VM it leaves running.
+    """
+    import dataclasses
+
+    from ._launch.process import QemuProcess
+    from ._launch.runtime import RuntimeDir
+    from .paths import state_dir
+
+    rd = RuntimeDir(state_dir() / name)
+    info = rd.read_info()
+    if info is None:
+        raise StateError(f"no VM named {name!r}")
+    proc = QemuProcess.spawn(watcher_argv(name, limit, forward), log_path=rd.path / "ports.log",
+                             die_with_parent=False, cwd=rd.path)
+    rd.write_info(dataclasses.replace(info, helpers=(*info.helpers,
+                                                     (proc.pid, proc.start_time))))
+    log.debug("%s: watcher started, pid %d (forward: %s)", name, proc.pid, forward)
+    return proc.pid

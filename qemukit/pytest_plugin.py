@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import pytest
 
 if TYPE_CHECKING:
+    from .resolve import Request
     from .spec import VMSpec
     from .vm import VM
 
@@ -91,13 +92,13 @@ _SCREENSHOT_TIMEOUT = 10.0
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Register qemukit's command-line and ini options."""
-    from .arch import ARCHES  # a pure table: keeps the plugin light
+    from .arch import ARCHES, DEFAULT_ARCH  # a pure table: keeps the plugin light
 
     group = parser.getgroup("qemukit", "VMs for tests (qemukit)")
     group.addoption("--qemukit-accel", default="tcg", choices=("auto", "kvm", "tcg"),
                     help="accelerator for fixture VMs (default: tcg)")
     group.addoption("--qemukit-image", default="tiny", help="image for fixture VMs (default: tiny)")
-    group.addoption("--qemukit-arch", default="x86_64",
+    group.addoption("--qemukit-arch", default=DEFAULT_ARCH,
                     choices=tuple(ARCHES),
                     help="guest architecture of fixture VMs (default: x86_64; the tiny image "
                          "for it is built on first use)")
@@ -152,20 +153,27 @@ def _worker(config: pytest.Config) -> str | None:
 # -- the spec ---------------------------------------------------------------------------
 
 
+def _request(config: pytest.Config, spec: VMSpec | None = None, *, image: str | None = None,
+             arch: str | None = None, **overrides: Any) -> Request:
+    """A fixture VM's request: an image (the run's, or ``image``) or ``spec``, used while it runs."""
+    from .resolve import Request
+
+    warm = overrides.pop("warm", False if config.getoption("--qemukit-cold") else None)
+    if spec is not None:
+        return Request(spec=spec, overrides=overrides, warm=warm, purpose="interactive")
+    overrides.setdefault("accel", config.getoption("--qemukit-accel"))
+    return Request(image=image or config.getoption("--qemukit-image"),
+                   arch=arch or overrides.pop("arch", config.getoption("--qemukit-arch")),
+                   overrides=overrides, warm=warm, purpose="interactive", build=True)
+
+
 def _base_spec(config: pytest.Config, *, image: str | None = None, arch: str | None = None,
                **overrides: Any) -> VMSpec:
-    """The one place the plugin assembles a spec: image, arch, the run's options, overrides."""
-    from . import images
+    """The one place the plugin assembles a spec: image, arch, the run's options, overrides,
+    resolved as every front end resolves one (:mod:`qemukit.resolve`)."""
+    from .resolve import resolve
 
-    image = image or config.getoption("--qemukit-image")
-    arch = arch or config.getoption("--qemukit-arch")
-    if arch != "x86_64":
-        overrides.setdefault("arch", arch)
-        images.build(image, arch=arch)
-    else:
-        images.build(image)
-    overrides.setdefault("warm", not config.getoption("--qemukit-cold"))
-    spec = images.spec(image, accel=config.getoption("--qemukit-accel"), **overrides)
+    spec = resolve(_request(config, image=image, arch=arch, **overrides)).spec
     if config.getoption("--qemukit-crash-dir"):  # the last panic= wins: wait to be dumped
         spec = spec.replace(append=f"{spec.append or ''} panic=0".strip())
     return spec
@@ -330,8 +338,10 @@ def qemu_vm_factory(request: pytest.FixtureRequest,
     base = _marked_spec(request, qemukit_spec) or qemukit_spec
 
     def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
-        spec = spec or base
-        vm = _boot(request, spec.replace(**overrides) if overrides else spec)
+        from .resolve import resolve
+
+        # The user's own spec (or the fixture's), resolved as every front end resolves one.
+        vm = _boot(request, resolve(_request(request.config, spec or base, **overrides)).spec)
         _track(request, vm)
         made.append(vm)
         return vm
@@ -373,7 +383,7 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
 
     from ._launch.process import run_command
     from .errors import HostError
-    from .host import find_qemu
+    from .host import find_qemu, find_qemu_img
     from .spec import Drive
     from .vm import VMState
 
@@ -382,12 +392,12 @@ def _qemukit_session_vm(request: pytest.FixtureRequest) -> Iterator[VM]:
     workdir = Path(tempfile.mkdtemp(prefix="qemukit-session-"))
     scratch = workdir / "scratch.qcow2"
     try:
-        qemu_img = find_qemu().qemu_img or "qemu-img"
+        spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
+        qemu_img = find_qemu_img(find_qemu(spec.arch))  # the QEMU of the VM's own arch
         made = run_command([qemu_img, "create", "-q", "-f", "qcow2", str(scratch), "64M"])
         if made.returncode != 0:
             raise HostError(f"cannot create the session VM's scratch disk {scratch}: "
                             f"{made.stderr.strip()}")
-        spec = _base_spec(request.config, warm=False)  # its scratch disk is written in place
         vm = _boot(request, spec.replace(drives=(*spec.drives,
                                                  Drive(scratch, format="qcow2", id="scratch"))),
                    keepable=False)  # rolled back for each test: never kept

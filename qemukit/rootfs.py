@@ -20,8 +20,11 @@ host. The guest's init mounts it read-only as well. The ``rw`` directories
 are served under the share guard: no setuid or setgid file and no device
 node can be made on the host through them.
 
-This is a change to a spec (:func:`host_root`) and to a command
-(:func:`in_directory`); everything else is the tiny image's (``images/tiny/init``).
+It is a part of a spec (:class:`~qemukit.spec.HostRoot`, ``host_root = { rw =
+["out"] }`` in a spec file), resolved at every start (:func:`resolve_host_root`);
+the guest learns of it from the kernel command line, written by
+:mod:`qemukit._launch.initline` alone; a command starts in a directory with
+:func:`in_directory`. Everything else is the tiny image's (``images/tiny/init``).
 """
 
 from __future__ import annotations
@@ -33,14 +36,13 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import SpecError
-from .spec import Share, VMSpec
+from .spec import HOST_ROOT_MOUNT, HOST_ROOT_TAG, HostRoot, VMSpec
 
-__all__ = ["GUEST_MOUNT", "HOST_ROOT_TAG", "host_root", "in_directory", "root_transport"]
+__all__ = ["GUEST_MOUNT", "HOST_ROOT_TAG", "host_root", "in_directory", "resolve_host_root",
+           "root_transport"]
 
 #: Where the guest mounts the host's root before laying the overlay over it.
-GUEST_MOUNT = "/run/qemukit-hostroot"
-#: The share tag of the host's root.
-HOST_ROOT_TAG = "hostroot"
+GUEST_MOUNT = HOST_ROOT_MOUNT
 
 
 def root_transport(spec: VMSpec) -> Literal["9p", "virtiofs"]:
@@ -77,39 +79,56 @@ def host_root(spec: VMSpec, rw: Iterable[str | os.PathLike[str]] = (),
               transport: Literal["auto", "9p", "virtiofs"] = "auto") -> VMSpec:
     """``spec`` with the host's ``/`` as the guest's root (read-only, changes in memory).
 
-    Each directory in ``rw`` is shared writable at the same path (virtiofs,
-    as ``--share`` does). ``transport`` of the root: see the module's text
-    (``auto``: :func:`root_transport`). Needs the tiny image's init
-    (``qemukit.rootfs=``) and overlayfs in the guest. Raises :class:`SpecError`
-    for a spec that boots from a disk, a missing ``rw`` directory or a tag or
-    path in use.
+    The same as setting ``spec.host_root`` (``host_root = { rw = [...] }`` in a
+    spec file) and resolving it (:func:`resolve_host_root`). Each directory in
+    ``rw`` is shared writable at the same path (virtiofs, as ``--share`` does).
+    ``transport`` of the root: see the module's text (``auto``:
+    :func:`root_transport`). Needs the tiny image's init (``qemukit.rootfs=``)
+    and overlayfs in the guest. Raises :class:`SpecError` for a spec that boots
+    from a disk, a missing ``rw`` directory or a tag or path in use.
     """
     if spec.kernel is None or spec.initrd is None:
         raise SpecError("rootfs", "host", "needs a kernel and the tiny image's initramfs "
                         "(--image tiny, or --kernel with it); an image booting from its disk "
                         "has its own root")
-    if any(sh.tag == HOST_ROOT_TAG or sh.guest_path == GUEST_MOUNT for sh in spec.shares):
-        raise SpecError("rootfs", "host", f"share tag {HOST_ROOT_TAG!r} or guest path "
-                        f"{GUEST_MOUNT} is already in use")
-    how = root_transport(spec) if transport == "auto" else transport
-    if how == "virtiofs":
-        _check_virtiofs_root()
-    # Read-only at the host over either transport (QEMU's readonly=on, or virtiofsd on
-    # a read-only bind mount), and mounted read-only by the guest's init as well.
-    shares = [Share("/", GUEST_MOUNT, tag=HOST_ROOT_TAG, read_only=True, transport=how)]
-    for index, directory in enumerate(rw):
+    try:
+        wanted = spec.replace(host_root=HostRoot(rw=tuple(os.fspath(d) for d in rw),
+                                                 transport=transport))
+    except SpecError as exc:
+        raise SpecError("rw" if exc.field == "host_root.rw" else "rootfs",
+                        exc.value, exc.reason) from exc
+    try:
+        return resolve_host_root(wanted)
+    except SpecError as exc:
+        raise SpecError("rw" if exc.field == "host_root.rw" else "rootfs",
+                        exc.value, exc.reason) from exc
+
+
+def resolve_host_root(spec: VMSpec) -> VMSpec:
+    """``spec`` with its ``host_root`` ready to boot: the root's transport chosen (``auto``:
+    :func:`root_transport`), each ``rw`` directory absolute and checked to exist.
+
+    Every start does this (through :func:`qemukit.kconfig.resolve_kernel`); a spec
+    without ``host_root``, or one already resolved, is returned as it is.
+    """
+    wanted = spec.host_root
+    if wanted is None or wanted.resolved:
+        return spec
+    if spec.initrd is None:
+        raise SpecError("host_root", "set", "needs the tiny image's initramfs (its init "
+                        "lays the overlay); an image booting from its disk has its own root")
+    rw = []
+    for directory in wanted.rw:
         path = Path(directory).resolve()
         if not path.is_dir():
-            raise SpecError("rw", str(directory), "no such directory")
+            raise SpecError("host_root.rw", directory, "no such directory")
         if path == Path("/"):
-            raise SpecError("rw", str(directory), "the whole host root cannot be writable")
-        shares.append(Share(str(path), str(path), tag=f"rw{index}"))
-    taken = {sh.tag for sh in spec.shares}
-    clash = [sh.tag for sh in shares[1:] if sh.tag in taken]
-    if clash:
-        raise SpecError("rw", clash[0], "share tag already used by another --share")
-    append = " ".join(a for a in (spec.append, f"qemukit.rootfs={GUEST_MOUNT}") if a)
-    return spec.replace(shares=spec.shares + tuple(shares), append=append)
+            raise SpecError("host_root.rw", directory, "the whole host root cannot be writable")
+        rw.append(str(path))
+    how = root_transport(spec) if wanted.transport == "auto" else wanted.transport
+    if how == "virtiofs":
+        _check_virtiofs_root()
+    return spec.replace(host_root=HostRoot(rw=tuple(rw), transport=how))
 
 
 def _check_virtiofs_root() -> None:

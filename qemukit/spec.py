@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from .arch import ARCHES, ArchName
+from .arch import ARCHES, DEFAULT_ARCH, ArchInfo, ArchName
 from .errors import SpecError
 
 __all__ = [
     "DEFAULT_MEMORY_SLOTS",
+    "HOST_ROOT_MOUNT",
+    "HOST_ROOT_TAG",
     "CloudInit",
     "Drive",
+    "HostRoot",
     "Nic",
     "PortForward",
     "Share",
@@ -404,6 +407,61 @@ class Share:
         return cls(**kwargs)
 
 
+#: Where the guest mounts the host's root before laying the overlay over it.
+HOST_ROOT_MOUNT = "/run/qemukit-hostroot"
+#: The share tag of the host's root.
+HOST_ROOT_TAG = "hostroot"
+HostRootTransport = Literal["auto", "9p", "virtiofs"]
+
+
+@dataclass(frozen=True)
+class HostRoot:
+    """The host's ``/`` as the guest's root: read-only, changes kept in guest memory.
+
+    Written ``host_root = { rw = ["out"] }`` in a spec file. Each directory in
+    ``rw`` is shared writable at its own path, so a build's or a test's output
+    lands on the host; a relative one is relative to the directory qemukit runs
+    in. ``transport`` of the root: ``auto`` picks 9p where the guest kernel has
+    it, else virtiofs (see :func:`qemukit.rootfs.root_transport`); a start
+    resolves it (and makes ``rw`` absolute) before anything runs. It needs a
+    kernel and the tiny image's init (which reads ``qemukit.rootfs=``).
+    """
+
+    rw: tuple[str, ...] = ()
+    transport: HostRootTransport = "auto"
+
+    def __post_init__(self) -> None:
+        rw: object = self.rw
+        if isinstance(rw, (str, bytes, Path)) or not isinstance(rw, Iterable):
+            raise SpecError("host_root.rw", rw, "must be a list of directories")
+        object.__setattr__(self, "rw", tuple(str(d) if isinstance(d, Path) else d for d in rw))
+        for directory in self.rw:
+            _check_path("host_root.rw", directory)
+            if any(c.isspace() for c in directory):
+                raise SpecError("host_root.rw", directory, "must not contain white space (the "
+                                "guest's kernel command line names it)")
+            if os.path.normpath(directory) == "/":
+                raise SpecError("host_root.rw", directory, "the whole host root cannot be writable")
+        _check_choice("host_root.transport", self.transport, HostRootTransport)
+
+    @property
+    def resolved(self) -> bool:
+        """True once the transport is chosen and every ``rw`` directory is absolute."""
+        return self.transport != "auto" and all(os.path.isabs(d) for d in self.rw)
+
+    def shares(self) -> tuple[Share, ...]:
+        """The root (read-only) and the ``rw`` directories as shares, each ``rw`` one at its
+        own path (``auto`` counts as 9p here: a start resolves it first)."""
+        relative = [d for d in self.rw if not os.path.isabs(d)]
+        if relative:
+            raise SpecError("host_root.rw", relative[0], "is relative: resolve the spec first "
+                            "(qemukit.rootfs.resolve_host_root, as every start does)")
+        how: ShareTransport = "virtiofs" if self.transport == "virtiofs" else "9p"
+        root = Share("/", HOST_ROOT_MOUNT, tag=HOST_ROOT_TAG, read_only=True, transport=how)
+        return (root, *(Share(d, os.path.normpath(d), tag=f"rw{i}")
+                        for i, d in enumerate(self.rw)))
+
+
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
@@ -617,6 +675,10 @@ class VMSpec:
     cost of an occasional flush of the buffer. ``None`` keeps QEMU's default; a
     VM that runs under KVM ignores it. The matrix's local pool chooses one when
     it runs several VMs at once and a job sets none.
+    ``host_root`` makes the host's ``/`` the guest's root, read-only with the
+    changes kept in guest memory, each of its ``rw`` directories writable at its
+    own path (:class:`HostRoot`; ``host_root = { rw = ["out"] }`` in a spec file;
+    see :mod:`qemukit.rootfs`). It needs a kernel and the tiny image's init.
     """
 
     name: str | None = None
@@ -647,11 +709,12 @@ class VMSpec:
     gdb_wait: bool = False
     extra_args: tuple[str, ...] = field(default=())
     cloud_init: CloudInit | None = None
-    arch: ArchName = "x86_64"
+    arch: ArchName = DEFAULT_ARCH
     warm: bool = False
     forward_auto: bool | None = None
     networks: tuple[str, ...] = ()
     tb_size: int | None = None
+    host_root: HostRoot | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -663,7 +726,7 @@ class VMSpec:
         _check_choice("arch", self.arch, ArchName)
         _check_choice("machine", self.machine, MachineType)
         info = ARCHES[self.arch]
-        if self.arch != "x86_64" and self.machine == "q35":
+        if self.machine == "q35" and "q35" not in info.machines:  # the default: this arch's
             object.__setattr__(self, "machine", info.default_machine)
         if self.machine not in info.machines:
             raise SpecError("machine", self.machine, f"not a machine for arch {self.arch}; "
@@ -727,6 +790,26 @@ class VMSpec:
         _freeze(self, "drives", Drive, parse_drive)
         _freeze(self, "nics", Nic, parse_nic)
         _freeze(self, "shares", Share, Share.parse)
+        raw_root = cast(object, self.host_root)
+        if isinstance(raw_root, Mapping):
+            object.__setattr__(self, "host_root",
+                               HostRoot(**_known(HostRoot, raw_root, "host_root")))
+        if self.host_root is not None:
+            if not isinstance(cast(object, self.host_root), HostRoot):
+                raise SpecError("host_root", self.host_root, "must be a HostRoot (a table: "
+                                "host_root = { rw = [\"out\"] })")
+            if self.kernel is None:
+                raise SpecError("host_root", "set", "needs a kernel and the tiny image's "
+                                "initramfs (image tiny, or a kernel with it); an image booting "
+                                "from its disk has its own root")
+            if any(sh.tag == HOST_ROOT_TAG or sh.guest_path == HOST_ROOT_MOUNT
+                   for sh in self.shares):
+                raise SpecError("host_root", "set", f"share tag {HOST_ROOT_TAG!r} or guest "
+                                f"path {HOST_ROOT_MOUNT} is already in use")
+            used_tags = {sh.tag for sh in self.shares}
+            clash = [f"rw{i}" for i in range(len(self.host_root.rw)) if f"rw{i}" in used_tags]
+            if clash:
+                raise SpecError("host_root.rw", clash[0], "share tag already used by a share")
         tags = [sh.tag for sh in self.shares]
         if len(tags) != len(set(tags)):
             raise SpecError("share.tag", tags, "share tags must be unique")
@@ -747,31 +830,32 @@ class VMSpec:
                      if i and i.startswith("cidata")]
             if taken:
                 raise SpecError("id", taken[0], "ids starting with 'cidata' name the seed CD")
-        if self.arch != "x86_64":
-            if self.firmware != "seabios":
-                raise SpecError("firmware", self.firmware,
-                                f"OVMF is x86_64 firmware; {self.arch} boots with "
-                                f"{info.firmware}")
-            if self.kernel is None:
-                raise SpecError("kernel", None, f"a {self.arch} guest needs a kernel to boot "
-                                "(qemukit boots foreign guests with -kernel only)")
-            if self.max_cpus is not None and self.max_cpus > self.cpus and not info.cpu_hotplug:
-                raise SpecError("max_cpus", self.max_cpus, f"CPU hotplug is not supported on "
-                                f"{self.machine} ({self.arch}) with QEMU 7.2")
-            if self.max_memory is not None and not info.memory_hotplug:
-                raise SpecError("max_memory", self.max_memory, f"memory hotplug is not "
-                                f"supported on {self.machine} ({self.arch}) with QEMU 7.2")
-            if self.cloud_init is not None and not info.seed_cd:
-                supported = " and ".join(a.name for a in ARCHES.values() if a.seed_cd)
-                raise SpecError("cloud_init", "set", f"the cloud-init seed CD works on "
-                                f"{supported} only (not on {self.arch})")
-            if info.virtiofs and any(sh.transport == "virtiofs" for sh in self.shares):
-                raise SpecError("share.transport", "virtiofs",
-                                f"virtiofs does not work on {self.arch}: {info.virtiofs}; "
-                                "use a 9p share (HOST:GUEST,9p)")
-            if info.transport == "ccw" and any(d.interface == "nvme" for d in self.drives):
-                raise SpecError("drive.interface", "nvme",
-                                f"{self.machine} has no PCI bus for NVMe; use virtio-blk")
+        # What each architecture can do is data in its ARCHES row, nothing is keyed on a name.
+        if self.firmware != "seabios" and not info.ovmf:
+            uefi = " and ".join(a.name for a in ARCHES.values() if a.ovmf)
+            raise SpecError("firmware", self.firmware,
+                            f"OVMF is {uefi} firmware; {self.arch} boots with {info.firmware}")
+        if self.kernel is None and not info.boots_from_disk:
+            raise SpecError("kernel", None, f"a {self.arch} guest needs a kernel to boot "
+                            "(qemukit boots foreign guests with -kernel only)")
+        if self.max_cpus is not None and self.max_cpus > self.cpus and not info.cpu_hotplug:
+            raise SpecError("max_cpus", self.max_cpus, f"CPU hotplug is not supported on "
+                            f"{self.machine} ({self.arch}) with QEMU 7.2")
+        if self.max_memory is not None and not info.memory_hotplug:
+            raise SpecError("max_memory", self.max_memory, f"memory hotplug is not "
+                            f"supported on {self.machine} ({self.arch}) with QEMU 7.2")
+        if self.cloud_init is not None and not info.seed_cd:
+            supported = " and ".join(a.name for a in ARCHES.values() if a.seed_cd)
+            raise SpecError("cloud_init", "set", f"the cloud-init seed CD works on "
+                            f"{supported} only (not on {self.arch})")
+        if info.virtiofs and (any(sh.transport == "virtiofs" for sh in self.shares) or (
+                self.host_root is not None and self.host_root.transport == "virtiofs")):
+            raise SpecError("share.transport", "virtiofs",
+                            f"virtiofs does not work on {self.arch}: {info.virtiofs}; "
+                            "use a 9p share (HOST:GUEST,9p)")
+        if info.transport == "ccw" and any(d.interface == "nvme" for d in self.drives):
+            raise SpecError("drive.interface", "nvme",
+                            f"{self.machine} has no PCI bus for NVMe; use virtio-blk")
         if self.machine == "microvm":
             if self.firmware != "seabios":
                 raise SpecError("firmware", self.firmware, "microvm boots without OVMF")
@@ -823,6 +907,18 @@ class VMSpec:
 
     # -- helpers ---------------------------------------------------------
 
+    @property
+    def arch_info(self) -> ArchInfo:
+        """The guest architecture's row of :data:`qemukit.arch.ARCHES`: what it can do, as data."""
+        return ARCHES[self.arch]
+
+    @property
+    def all_shares(self) -> tuple[Share, ...]:
+        """Every host directory the VM gets: ``shares``, then the host root's (if any)."""
+        if self.host_root is None:
+            return self.shares
+        return self.shares + self.host_root.shares()
+
     def replace(self, **changes: Any) -> VMSpec:
         """Return a copy with some fields changed (validated again).
 
@@ -851,8 +947,9 @@ class VMSpec:
                     else _part_dict(n)
                     for n in value
                 ]
-            elif f.name == "cloud_init":
-                value = _part_dict(value)
+            elif f.name in ("cloud_init", "host_root"):
+                value = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in _part_dict(value).items()}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from qemu.qmp import EventListener
 
     from ._launch.runtime import RuntimeDir
-    from .host import AccelChoice
+    from .host import AccelChoice, QemuBinary
     from .spec import VMSpec
 
 __all__ = ["EventMonitor", "VMTarget"]
@@ -62,6 +62,10 @@ class VMTarget(Protocol):
     @property
     def accel(self) -> AccelChoice | None:
         """The accelerator QEMU runs with."""
+
+    @property
+    def qemu(self) -> QemuBinary:
+        """The QEMU binary the VM runs on (and its qemu-img), found once for its architecture."""
 
     @property
     def monitor(self) -> EventMonitor:

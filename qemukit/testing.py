@@ -43,6 +43,7 @@ from qemu.qmp import EventListener, Message
 from . import host
 from ._launch.runtime import RuntimeDir
 from ._wire.agent import Agent, ExecResult
+from .arch import ARCHES
 from .errors import QMPCommandError, WaitTimeout
 from .guest import AsyncGuest
 from .spec import VMSpec
@@ -178,9 +179,15 @@ class FakeVM:
     """
 
     def __init__(self, runtime: str | Path, spec: VMSpec, *, version: tuple[int, int] = (7, 2),
-                 agent: FakeAgent | None = None, name: str = "fake") -> None:
+                 agent: FakeAgent | None = None, name: str = "fake",
+                 qemu: host.QemuBinary | None = None) -> None:
         self.spec = spec
         self.name = name
+        #: The QEMU binary the VM "runs on" (a disk hot-plug asks its qemu-img about the
+        #: image); by default the spec architecture's usual paths, without probing.
+        self.qemu = qemu or host.QemuBinary(
+            f"/usr/bin/{ARCHES[spec.arch].qemu_binary}", (*version, 0), ".".join(map(str, version)),
+            frozenset(ARCHES[spec.arch].machines), True, "/usr/bin/qemu-img")
         self.runtime = RuntimeDir(Path(runtime))
         self.accel = host.AccelChoice("tcg", "a fake VM")
         self.monitor = FakeMonitor()

@@ -163,7 +163,7 @@ class WarmEntry:
 
 def warm_refusal(spec: VMSpec) -> str | None:
     """Why ``spec`` cannot start warm (it then boots cold), or None if it can."""
-    if spec.shares:
+    if spec.all_shares:
         return ("shares cannot be saved in a VM's state (a mounted virtiofs or 9p export "
                 "blocks migration)")
     if spec.cloud_init is not None and spec.agent != "qga":
@@ -177,7 +177,7 @@ def warm_refusal(spec: VMSpec) -> str | None:
         return "without a guest agent nothing tells when the guest is ready to save"
     if spec.gdb:
         return "a gdb stub is for watching the kernel boot (and -S halts it before it can)"
-    if spec.arch != "x86_64":
+    if not spec.arch_info.vmgenid:
         # Restoring clones works on every architecture (tests/integration/test_arch_snapshot.py),
         # but only x86 has vmgenid, which makes the kernel reseed its RNG at a restore:
         # two riscv64 or ppc64le clones of one state read the same /dev/urandom bytes here.
@@ -237,8 +237,10 @@ def file_digest(path: str | os.PathLike[str], root: Path | None = None) -> str:
 KERNEL_RUNS_KEPT = 256
 
 
-def note_kernel_run(spec: VMSpec, root: Path | None = None) -> bool:
+def note_kernel_run(spec: VMSpec, root: Path | None = None, *, record: bool = True) -> bool:
     """Remember a run of ``spec``'s kernel; True if it ran before with the same initrd and append.
+
+    ``record=False`` only asks (``qemukit cmdline`` shows what a run would do).
 
     "The same" is by contents (the kernel image's and the initrd's digests),
     so a rebuilt kernel is a new one. ``run --kernel K -- CMD`` boots a kernel
@@ -269,6 +271,8 @@ def note_kernel_run(spec: VMSpec, root: Path | None = None) -> bool:
         if isinstance(loaded, dict):
             runs = {str(k): float(v) for k, v in loaded.items()}
     seen = run_id in runs
+    if not record:
+        return seen
     runs[run_id] = time.time()
     kept = dict(sorted(runs.items(), key=lambda kv: kv[1])[-KERNEL_RUNS_KEPT:])
     with contextlib.suppress(OSError):  # forgetting costs one more microvm boot, nothing else

@@ -28,6 +28,7 @@ PUBLIC_MODULES = (
     "qemukit.images",
     "qemukit.kconfig",
     "qemukit.kernel",
+    "qemukit.resolve",
     "qemukit.matrix",
     "qemukit.hotplug",
     "qemukit.snapshot",

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..arch import ARCHES
 from ..errors import SpecError
 from ..spec import Drive, Nic, VMSpec
+from .initline import kernel_cmdline
 from .netaddr import network_mac, network_nic_id
 
 __all__ = [
@@ -90,7 +90,7 @@ def _virtio(spec: VMSpec, kind: str) -> str:
 
 
 def _transport(spec: VMSpec, model: str) -> str:
-    return ARCHES[spec.arch].device(model, spec.machine)
+    return spec.arch_info.device(model, spec.machine)
 
 
 def _format_node(node: str, fmt: str, file_node: str, backing: str | None,
@@ -162,9 +162,10 @@ def _drive_device(spec: VMSpec, drive: Drive, dev_id: str, scsi_added: bool) -> 
 def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
     """9p shares need nothing but QEMU; virtiofs needs shared guest RAM and a socket."""
     args: list[str] = []
-    virtiofs = [sh for sh in spec.shares if sh.transport == "virtiofs"]
+    shares = spec.all_shares
+    virtiofs = [sh for sh in shares if sh.transport == "virtiofs"]
     if len(plumbing.share_sockets) != len(virtiofs):
-        raise SpecError("shares", spec.shares, "every virtiofs share needs a virtiofsd socket")
+        raise SpecError("shares", shares, "every virtiofs share needs a virtiofsd socket")
     if virtiofs:
         # vhost-user devices map guest RAM into virtiofsd: it must be a shared memfd
         # (made the machine's RAM with memory-backend=, which microvm honours too).
@@ -173,7 +174,7 @@ def _share_args(spec: VMSpec, plumbing: Plumbing) -> list[str]:
             # vhost-user needs virtio 1.0; microvm's virtio-mmio defaults to legacy.
             args += ["-global", "virtio-mmio.force-legacy=false"]
     sockets = iter(plumbing.share_sockets)
-    for sh in spec.shares:
+    for sh in shares:
         if sh.transport == "9p":
             ro = ",readonly=on" if sh.read_only else ""
             # multidevs=remap: a shared tree that spans file systems (the host's root of
@@ -248,7 +249,7 @@ def build_argv(
     if accel not in ("kvm", "tcg"):
         raise SpecError("accel", accel, "must be resolved to kvm or tcg before building argv")
     vm_name = name or spec.name or "vm"
-    info = ARCHES[spec.arch]
+    info = spec.arch_info
     # A TCG code buffer size needs -accel (QEMU refuses it together with -machine accel=).
     accel_opts = (["-accel", f"tcg,tb-size={spec.tb_size}"]
                   if accel == "tcg" and spec.tb_size is not None else [])
@@ -257,7 +258,7 @@ def build_argv(
         machine += f",{info.machine_opts}"
     if accel == "kvm" and info.kvm_machine_opts:
         machine += f",{info.kvm_machine_opts}"
-    if any(sh.transport == "virtiofs" for sh in spec.shares):
+    if any(sh.transport == "virtiofs" for sh in spec.all_shares):
         machine += ",memory-backend=ram0"
     if spec.firmware == "ovmf":
         if not (plumbing.ovmf_code and plumbing.ovmf_vars):
@@ -334,13 +335,8 @@ def build_argv(
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
-        mounts = " ".join(f"qemukit.share={sh.tag}:{sh.guest_path}" for sh in spec.shares)
-        tsc = ""
-        if spec.machine == "microvm" and tsc_khz and "tsc_early_khz=" not in (spec.append or ""):
-            # Without it the kernel hangs in about 4 boots out of 10 on microvm.
-            tsc = f"tsc_early_khz={tsc_khz}"
-        append = " ".join(a for a in (spec.append, mounts, tsc) if a)
-        if spec.append is not None or mounts or tsc:
+        append = kernel_cmdline(spec, tsc_khz)
+        if append is not None:
             argv += ["-append", append]
     argv += _share_args(spec, plumbing)
     if spec.machine in ("q35", "virt") and info.hotplug_bus:

@@ -153,7 +153,7 @@ def plan_launch(
         firmware_copy = (template, ovmf_vars)
     virtiofs = tuple(
         (share, str(runtime.path / f"vfs-{share.tag}.sock"))
-        for share in spec.shares if share.transport == "virtiofs"
+        for share in spec.all_shares if share.transport == "virtiofs"
     )
     seed_iso = str(runtime.path / SEED_FILE) if spec.cloud_init is not None else None
     plumbing = Plumbing(

@@ -84,14 +84,13 @@ def warn_exposed(spec: VMSpec, stacklevel: int = 2) -> None:
         )
 
 
-def prepare(spec: VMSpec) -> Prepared:
+def prepare(spec: VMSpec, qemu: host.QemuBinary) -> Prepared:
     """Everything before the spawn that can fail on bad input: no process, no file yet.
 
     Checks the spec against the host and decides each drive's format and
     backing chain. The format is never probed again on a disk the guest
     wrote, and a backing file is opened only if named: see :mod:`qemukit.host`.
     """
-    qemu = host.find_qemu(spec.arch)
     if spec.machine not in qemu.machines:
         raise SpecError("machine", spec.machine, f"{qemu.path} does not support it")
     for name in ("kernel", "initrd"):
@@ -99,20 +98,20 @@ def prepare(spec: VMSpec) -> Prepared:
         if path is not None and not os.path.isfile(path):
             raise SpecError(name, path, "no such file")
     formats = [host.resolve_disk(drive, qemu) for drive in spec.drives]
-    for share in spec.shares:
+    for share in spec.all_shares:
         if not os.path.isdir(share.host_path):
             raise SpecError("share.host_path", share.host_path, "no such directory")
     if spec.firmware == "ovmf" and host.find_ovmf() is None:
         raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
     daemon, launcher = None, []
-    if any(sh.transport == "virtiofs" for sh in spec.shares):
+    if any(sh.transport == "virtiofs" for sh in spec.all_shares):
         daemon = host.find_virtiofsd()
         if daemon is None:
             raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
                             "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
         # A normal user runs it in a user namespace, or learns here what is missing.
         launcher = host.virtiofsd_launcher(daemon)
-        for share in spec.shares:  # a host the share guard does not know: say so now
+        for share in spec.all_shares:  # a host the share guard does not know: say so now
             if share.transport == "virtiofs":
                 host.virtiofsd_argv(daemon, share, 0, launcher)
     return Prepared(qemu, formats, host.qemu_share_guard(spec), daemon, launcher)
@@ -129,8 +128,8 @@ def carry_out(plan: LaunchPlan, prepared: Prepared, helpers: list[QemuProcess], 
     for step in plan.overlays:
         log.debug("%s: overlay %s over %s", plan.runtime.name, step.overlay, step.base)
         try:
-            host.create_overlay(step.base, step.base_format, step.overlay, size=step.size,
-                                unsafe=step.size is not None)
+            host.create_overlay(prepared.qemu, step.base, step.base_format, step.overlay,
+                                size=step.size, unsafe=step.size is not None)
         except HostError as exc:
             raise LaunchError(str(exc)) from exc
     if plan.firmware_copy is not None:

@@ -15,6 +15,7 @@ import click
 from .. import errors
 
 if TYPE_CHECKING:
+    from ..resolve import Purpose, Request
     from ..results import Outcome
     from ..spec import VMSpec
 
@@ -273,19 +274,6 @@ def spec_options(func: F) -> F:
     return func
 
 
-def _check_machine(machine: str | None, arch: str) -> None:
-    """A machine typed on the command line must be one of the arch's (no silent mapping).
-
-    A spec maps its default q35 to the architecture's own machine; ``--machine`` is
-    taken at its word instead.
-    """
-    from ..arch import ARCHES
-
-    if machine is not None and arch != "x86_64" and machine not in ARCHES[arch].machines:
-        raise errors.SpecError("machine", machine, f"not a machine for arch {arch}; "
-                               f"one of {', '.join(ARCHES[arch].machines)}")
-
-
 def parse_gdb(value: str) -> dict[str, Any]:
     """``--gdb``'s value as spec fields: ``unix`` (the default) or ``tcp:PORT``."""
     kind, sep, port = value.partition(":")
@@ -298,69 +286,71 @@ def parse_gdb(value: str) -> dict[str, Any]:
                            "port)")
 
 
-def build_spec(opts: dict[str, Any]) -> VMSpec:
-    """Combine -f FILE, --image and the per-field options into one spec."""
-    from .. import images
-    from ..spec import Share, VMSpec, parse_drive, parse_nic
+def build_request(opts: dict[str, Any], *, purpose: Purpose = "interactive",
+                  warm: bool | None = None, modules: str | None = None,
+                  record: bool = True, forward_auto: bool | None = None) -> Request:
+    """The request that -f FILE, --image, --kernel and the per-field options make.
+
+    ``run`` and ``cmdline`` both resolve it (:func:`qemukit.resolve.resolve`), so what
+    ``cmdline`` prints is what ``run`` spawns. No rule about the VM lives here.
+    """
+    from ..resolve import Request
+    from ..spec import HostRoot, Share, parse_drive, parse_nic
 
     if opts["spec_file"] and opts["image"]:
         raise errors.SpecError("image", opts["image"], "give either --image or -f, not both")
-    arch = opts.get("arch")
-    if arch:
-        _check_machine(opts.get("machine"), arch)  # before any image is looked up
-    by_arch: dict[str, Any] = {"arch": arch} if arch else {}
-    if opts["spec_file"]:
-        from ..templates import load_spec
-
-        spec = load_spec(opts["spec_file"])  # its base chain, a built-in image if it names one
-        if arch and arch != spec.arch:
-            spec = spec.replace(arch=arch, machine="q35")
-    elif opts["image"]:
-        spec = images.spec(opts["image"], **by_arch)
-    elif opts["kernel"]:
-        if os.path.isdir(opts["kernel"]):  # a build tree: its built image says the arch
-            from ..kconfig import find_tree
-
-            by_arch = {"arch": find_tree(opts["kernel"], arch).arch}
-        if opts.get("initrd"):  # a kernel and an initrd of one's own need no built tiny image
-            by_arch["initrd"] = opts["initrd"]
-        spec = images.spec("tiny", kernel=opts["kernel"], **by_arch)
-    elif arch and arch != "x86_64":
-        spec = images.spec("tiny", **by_arch)
-    else:
-        spec = VMSpec()
-    _check_machine(opts.get("machine"), spec.arch)
     changes: dict[str, Any] = {}
     for key, field in (("name", "name"), ("accel", "accel"), ("machine", "machine"),
                        ("cpu_model", "cpu"), ("cpus", "cpus"), ("max_cpus", "max_cpus"),
                        ("memory", "memory"), ("max_memory", "max_memory"), ("slots", "slots"),
-                       ("kernel", "kernel"), ("initrd", "initrd"), ("append", "append"),
+                       ("initrd", "initrd"), ("append", "append"),
                        ("run_as", "run_as"), ("qmp_tcp_port", "qmp_tcp_port"),
                        ("gdb_wait", "gdb_wait")):
         if opts.get(key) is not None:
             changes[field] = opts[key]
+    kernel = opts.get("kernel")
+    if kernel is not None and (opts["spec_file"] or opts["image"]):
+        changes["kernel"] = kernel  # the kernel of that spec or image, replaced
+        kernel = None
     if opts.get("gdb") is not None:
         changes.update(parse_gdb(opts["gdb"]))
+    extra: dict[str, tuple[Any, ...]] = {}
     if opts["disks"]:
-        changes["drives"] = spec.drives + tuple(parse_drive(d) for d in opts["disks"])
+        extra["drives"] = tuple(parse_drive(d) for d in opts["disks"])
     if opts["nics"]:
-        changes["nics"] = spec.nics + tuple(parse_nic(n) for n in opts["nics"])
+        extra["nics"] = tuple(parse_nic(n) for n in opts["nics"])
     if opts.get("networks"):
-        changes["networks"] = spec.networks + tuple(opts["networks"])
+        extra["networks"] = tuple(opts["networks"])
     if opts.get("shares"):
-        changes["shares"] = spec.shares + tuple(Share.parse(sh) for sh in opts["shares"])
+        extra["shares"] = tuple(Share.parse(sh) for sh in opts["shares"])
+    if opts["extra_args"]:
+        extra["extra_args"] = tuple(opts["extra_args"])
     if opts["no_sandbox"]:
         changes["sandbox"] = False
-    if opts["extra_args"]:
-        changes["extra_args"] = spec.extra_args + tuple(opts["extra_args"])
-    spec = spec.replace(**changes) if changes else spec
+    if forward_auto is not None:  # validated by the spec: a user network and an agent
+        changes["forward_auto"] = forward_auto
     if opts.get("rootfs") == "host":
-        from ..rootfs import host_root
-
-        spec = host_root(spec, opts.get("rw_dirs") or ())
+        try:
+            changes["host_root"] = HostRoot(rw=tuple(opts.get("rw_dirs") or ()))
+        except errors.SpecError as exc:
+            raise errors.SpecError("rw", exc.value, exc.reason) from exc
     elif opts.get("rw_dirs"):
         raise errors.SpecError("rw", opts["rw_dirs"][0], "--rw needs --rootfs host")
-    return spec
+    seed = {}
+    if opts.get("user_data") is not None:
+        seed["user_data"] = os.path.abspath(opts["user_data"])
+    if opts.get("ssh_key") is not None:
+        seed["ssh_key"] = os.path.abspath(opts["ssh_key"])
+    return Request(image=opts["image"], spec_file=opts["spec_file"], kernel=kernel,
+                   arch=opts.get("arch"), overrides=changes, appended=extra, warm=warm,
+                   purpose=purpose, modules=modules, seed=seed, record=record)
+
+
+def build_spec(opts: dict[str, Any]) -> VMSpec:
+    """The spec the options describe, resolved as ``run`` resolves it (see :func:`build_request`)."""
+    from ..resolve import resolve
+
+    return resolve(build_request(opts)).spec
 
 
 @click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},

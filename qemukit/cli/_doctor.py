@@ -18,12 +18,13 @@ from ._common import emit_json
 def doctor(as_json: bool, reprobe: bool) -> None:
     """Report QEMU, KVM (with the probe boot's verdict), firmware and images."""
     from .. import host, images
+    from ..arch import DEFAULT_ARCH
     from ..paths import cache_dir, state_dir
 
     report: dict[str, Any] = {"cache_dir": str(cache_dir()), "state_dir": str(state_dir())}
     problems = 0
     try:
-        qemu = host.find_qemu()
+        qemu = host.find_qemu(DEFAULT_ARCH)
         report["qemu"] = {"path": qemu.path, "version": qemu.version_string,
                           "sandbox": qemu.has_sandbox, "qemu_img": qemu.qemu_img,
                           "machines": sorted(m for m in qemu.machines if m in

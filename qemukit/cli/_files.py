@@ -317,42 +317,11 @@ def _forward_once(name: str, limit: int, log: Any) -> None:
         vm.detach()
 
 
-def watcher_argv(name: str, limit: int = MAX_AUTO_FORWARDS, forward: bool = True) -> list[str]:
-    """The command line of the helper of detached VM ``name`` (see :func:`start_port_watcher`).
-
-    ``-P``: Python puts neither the current directory nor a script's directory
-    first on ``sys.path``, so a ``qemukit.py`` or ``click.py`` lying where the
-    user ran ``qemukit run --detach`` is never imported in place of the real
-    ones (the watcher lives on after the command, in the user's name).
-    """
-    from .._wire.console import CONSOLE_LOG_MAX
-
-    return [sys.executable, "-P", "-c", "from qemukit.cli import main; main()", "ports", name,
-            "--watch", "--max-forwards", str(limit), "--forward" if forward else "--no-forward",
-            "--log-max", str(CONSOLE_LOG_MAX)]
-
-
 def start_port_watcher(name: str, limit: int = MAX_AUTO_FORWARDS, forward: bool = True) -> int:
-    """Start the helper of detached VM ``name``, recorded among its helpers; its pid.
+    """The library's :func:`qemukit.ports.start_watcher` (kept for the callers of this name)."""
+    from ..ports import start_watcher
 
-    It keeps the console log capped and, with ``forward``, forwards at most
-    ``limit`` guest listeners. ``stop``, ``kill`` and
-    ``gc`` end the VM's helpers with it; the watcher also ends by itself once
-    QEMU exits. It runs in the VM's runtime directory, not the caller's.
-    """
-    from .._launch.process import QemuProcess
-    from .._launch.runtime import RuntimeDir
-    from ..paths import state_dir
-
-    rd = RuntimeDir(state_dir() / name)
-    info = rd.read_info()
-    if info is None:
-        raise errors.StateError(f"no VM named {name!r}")
-    proc = QemuProcess.spawn(watcher_argv(name, limit, forward), log_path=rd.path / "ports.log",
-                             die_with_parent=False, cwd=rd.path)
-    rd.write_info(dataclasses.replace(info, helpers=(*info.helpers,
-                                                     (proc.pid, proc.start_time))))
-    return proc.pid
+    return start_watcher(name, forward=forward, limit=limit)
 
 
 #: The commands this module adds to ``qemukit`` (registered by :mod:`qemukit.cli`).

@@ -70,9 +70,8 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
         raise errors.StateError(
             f"cannot keep disks in {directory} (--keep): {exc.strerror or exc}; "
             "set XDG_DATA_HOME to a directory you can write") from exc
-    qemu = host.find_qemu()
-    if qemu.qemu_img is None:
-        raise errors.HostError("qemu-img not found (apt-get install qemu-utils)")
+    qemu = host.find_qemu(spec.arch)
+    host.find_qemu_img(qemu)  # before any overlay is begun
     drives = []
     for drive, dev_id in zip(spec.drives, drive_ids(spec), strict=True):
         if not drive.overlay:
@@ -83,7 +82,8 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
         stamp = directory / f"{dev_id}.base"
         image = host.resolve_disk(drive, qemu)
         if not overlay.exists():
-            host.create_overlay(base, image.format, overlay, size=image.virtual_size, unsafe=True)
+            host.create_overlay(qemu, base, image.format, overlay, size=image.virtual_size,
+                                unsafe=True)
             stamp.write_text(_base_stamp(base))
         elif stamp.exists() and stamp.read_text() != _base_stamp(base):
             # An overlay only makes sense over the very base it was made on.
@@ -104,8 +104,8 @@ def keep_disks(spec: VMSpec) -> tuple[VMSpec, Path]:
 
 
 def apply_run_options(spec: VMSpec, opts: dict[str, Any]) -> VMSpec:
-    """``run``'s ``--user-data``, ``--ssh-key`` and ``--keep`` applied to the spec."""
-    spec = apply_seed_options(spec, opts.get("user_data"), opts.get("ssh_key"))
+    """``run``'s ``--keep`` applied to the resolved spec (``--user-data`` and ``--ssh-key``
+    are part of the request: :func:`qemukit.cli.build_request`)."""
     if opts.get("keep"):
         spec, directory = keep_disks(spec)
         click.echo(f"qemukit: {spec.name}: disk changes are kept in {directory} (boot them again "

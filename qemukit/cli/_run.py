@@ -11,17 +11,16 @@ import click
 
 from .. import errors
 from ..results import Outcome, json_text
-from ..spec import VMSpec
 from ._common import (
     EXIT_INTERRUPTED,
-    build_spec,
+    build_request,
     emit_json,
     exit_code_for_outcome,
     spec_options,
 )
 
 if TYPE_CHECKING:
-    from ..kernel import MachineChoice
+    from ..resolve import Purpose, Resolution
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -99,21 +98,20 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     kernel kept running; --continue-on-oops runs on); 255 guest kernel panic.
     Kernel warnings (soft lockups, RCU stalls, WARNING:) are reported, not fatal.
     """
+    from ..resolve import resolve
     from ..vm import VM
     from ._guest import apply_run_options
 
-    spec = apply_run_options(build_spec(opts), opts)
-    machine = None
-    if opts.get("machine") is None and opts["kernel"] and not (opts["spec_file"] or opts["image"]):
-        spec, machine = _kernel_machine(spec, bool(command) and not detach, warm, modules)
-        if machine.machine == "microvm" and warm is None:
-            warm = False  # microvm cannot start warm; a new kernel every run gains nothing
-    if warm is None:
-        warm = spec.warm or (not opts["spec_file"] and bool(opts["image"] or opts["kernel"]))
-    if warm != spec.warm:
-        spec = spec.replace(warm=warm)
-    if verbose and machine is not None and json_out != "-":
-        click.echo(f"qemukit: {machine.describe()}", err=True)
+    if detach and command:
+        raise errors.SpecError("command", list(command), "--detach takes no command; "
+                               "use 'qemukit exec NAME -- CMD'")
+    # Unset, --forward-auto is the spec's: developer images (debian, imported ones with
+    # an agent) say on; the library starts the forwards of a detached VM.
+    resolution = resolve(build_request(opts, purpose=_purpose(detach, command), warm=warm,
+                                       modules=modules, forward_auto=forward_auto))
+    spec = apply_run_options(resolution.spec, opts)
+    if verbose and json_out != "-":
+        click.echo(f"qemukit: {resolution.machine.describe()}", err=True)
     if kselftest is not None:
         if command or detach:
             raise errors.SpecError("kselftest", kselftest, "runs the kernel's runner: give no "
@@ -126,19 +124,9 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                                   continue_on_oops=continue_on_oops, vmlinux=vmlinux))
         return
     if detach:
-        if command:
-            raise errors.SpecError("command", list(command), "--detach takes no command; "
-                                   "use 'qemukit exec NAME -- CMD'")
-        if forward_auto is not None:
-            # Validated by the spec: a user network and an agent, else an error naming the field.
-            spec = spec.replace(forward_auto=forward_auto)
-        # Unset, the spec decides: developer images (debian, imported ones with an agent) say on.
-        _run_detached(spec, timeout, wait_for, json_out == "-", verbose, bool(spec.forward_auto),
-                     modules)
+        _run_detached(resolution.replace_spec(spec) if spec is not resolution.spec
+                      else resolution, timeout, wait_for, json_out == "-", verbose)
         return
-    if forward_auto:
-        raise errors.SpecError("forward_auto", True, "--forward-auto needs --detach (the "
-                               "watcher outlives this command)")
     if not command:
         vm = VM(spec, boot_timeout=timeout, modules=modules)
         try:
@@ -151,7 +139,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         return
     from ..kernel import run_in_vm
 
-    if opts.get("rootfs") == "host":
+    if spec.host_root is not None:  # the host's root (--rootfs host, or the spec's host_root)
         from ..rootfs import in_directory
 
         try:
@@ -207,24 +195,9 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     sys.exit(exit_code_for_outcome(result.outcome, result.exit_status))
 
 
-def _kernel_machine(spec: VMSpec, one_shot: bool, warm: bool | None, modules: str | None
-                    ) -> tuple[VMSpec, MachineChoice]:
-    """``spec`` on the machine a kernel run gets by default (see kernel_run_machine).
-
-    A one-shot run that may start warm is noted (:func:`qemukit.warm.note_kernel_run`):
-    a kernel run again gets q35 and a warm state, a new one microvm.
-    """
-    from ..host import tsc_khz
-    from ..kernel import kernel_run_machine
-    from ..warm import note_kernel_run, warm_refusal
-
-    ran_before = (one_shot and warm is None and modules is None
-                  and warm_refusal(spec.replace(machine="q35")) is None
-                  and note_kernel_run(spec))
-    choice = kernel_run_machine(spec, one_shot=one_shot, warm_asked=warm is True,
-                                tsc_khz=tsc_khz(), ran_before=ran_before)
-    return (spec.replace(machine=choice.machine) if choice.machine != spec.machine else spec,
-            choice)
+def _purpose(detach: bool, command: tuple[str, ...]) -> Purpose:
+    """What ``run`` (and ``cmdline`` with the same arguments) starts the VM for."""
+    return "detached" if detach else ("command" if command else "interactive")
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:
@@ -256,42 +229,26 @@ def gdb_command(kernel: str | os.PathLike[str] | None, address: str) -> str:
     return shlex.join(gdb_argv(kernel, address))
 
 
-def _run_detached(spec: VMSpec, timeout: float, wait_for: str, as_json: bool,
-                  verbose: bool = False, forward_auto: bool = False,
-                  modules: str | None = None) -> None:
-    from ..vm import VM
+def _run_detached(resolution: Resolution, timeout: float, wait_for: str, as_json: bool,
+                  verbose: bool = False) -> None:
+    from ..resolve import start_detached
 
-    # A tree's modules (or --modules) go into an initramfs in the VM's runtime directory,
-    # which stays as long as the VM does.
-    vm = VM(spec, die_with_parent=False, boot_timeout=timeout, modules=modules)
-    try:
-        vm.start()
-        if wait_for == "agent" or (wait_for == "qmp" and spec.networks):
-            # A private network's address is written into the guest once its agent answers.
-            vm.wait_ready(timeout)
-        elif wait_for == "ssh":
-            vm.wait_ssh(timeout)
-    except BaseException:
-        # Nobody would own a VM left running here: end it, then report why.
-        if vm.state.value == "running":
-            vm.kill()
-        raise
-    name, pid, accel, warm = vm.name, vm.pid, vm.accel, vm.warm_start
-    gdb = vm.gdb_address() if spec.gdb else None
-    if verbose and not as_json:
-        _announce_accel(vm, verbose)
-    vm.detach()
-    from ._files import start_port_watcher
+    def announce(vm: Any) -> None:
+        if verbose and not as_json:
+            _announce_accel(vm, verbose)
 
-    start_port_watcher(name, forward=forward_auto)  # also caps the console log
-    if gdb is not None:
-        click.echo(f"qemukit: {name}: gdb stub: {gdb_command(spec.kernel, gdb)}", err=True)
+    # The library starts the watcher (console log cap; the spec's forward_auto).
+    started = start_detached(resolution, timeout=timeout,
+                             wait_for=wait_for,  # type: ignore[arg-type]
+                             on_started=announce)
+    if started.gdb is not None:
+        click.echo(f"qemukit: {started.name}: gdb stub: "
+                   f"{gdb_command(resolution.spec.kernel, started.gdb)}", err=True)
     if as_json:
-        emit_json({"name": name, "pid": pid, "accel": accel.accel if accel else None,
-                   "gdb": gdb,
-                   "warm": warm.warm if warm is not None else None})
+        emit_json({"name": started.name, "pid": started.pid, "accel": started.accel,
+                   "gdb": started.gdb, "warm": started.warm})
     else:
-        click.echo(name)
+        click.echo(started.name)
 
 
 def foreground(vm: Any, verbose: bool = False) -> None:
@@ -326,11 +283,30 @@ def foreground(vm: Any, verbose: bool = False) -> None:
 @click.command()
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Print the argv as a JSON list.")
-def cmdline(as_json: bool, **opts: Any) -> None:
-    """Print the QEMU command line a VM would run with, without starting it."""
+@click.option("--detach", "-d", is_flag=True, help="As for run --detach.")
+@click.option("--warm/--cold", "warm", default=None, help="As for run --warm/--cold.")
+@click.option("--modules", type=click.Path(file_okay=False, exists=True),
+              help="As for run --modules.")
+@click.option("--verbose", "-v", is_flag=True, help="Say which machine, and why.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def cmdline(as_json: bool, detach: bool, warm: bool | None, modules: str | None, verbose: bool,
+            command: tuple[str, ...], **opts: Any) -> None:
+    """Print the QEMU command line a VM would run with, without starting it.
+
+    Give it run's arguments (with -- CMD, --detach, --warm/--cold) and it prints
+    what that run would spawn: the same request is resolved the same way (for a
+    --kernel, the machine depends on them). A warm start spawns a restore of the
+    saved state instead (-incoming); this shows the cold boot's command line.
+    """
+    from ..resolve import resolve
     from ..vm import preview_argv
 
-    argv, notes = preview_argv(build_spec(opts))
+    resolution = resolve(build_request(opts, purpose=_purpose(detach, command), warm=warm,
+                                       modules=modules, record=False))
+    if verbose:
+        for line in resolution.describe():
+            click.echo(f"# {line}", err=True)
+    argv, notes = preview_argv(resolution.spec)
     if as_json:
         emit_json({"argv": argv, "notes": notes})
         return

@@ -13,7 +13,7 @@ from ._binfmt import foreign_exec_problem
 from ._firmware import find_ovmf, tsc_khz
 from ._img import Qcow2Header, create_overlay, image_format, open_regular, read_qcow2_header, resolve_disk
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
-from ._qemu import QemuBinary, find_qemu, qemu_env_var, qemu_path
+from ._qemu import QemuBinary, find_qemu, find_qemu_img, qemu_env_var, qemu_path
 from ._virtiofsd import find_virtiofsd, qemu_share_guard, virtiofsd_argv, virtiofsd_launcher
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "create_overlay",
     "find_ovmf",
     "find_qemu",
+    "find_qemu_img",
     "find_virtiofsd",
     "foreign_exec_problem",
     "host_arch",

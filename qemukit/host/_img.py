@@ -40,7 +40,7 @@ from .._launch.process import run_command
 from ..errors import HostError, SpecError
 from ..paths import cache_dir
 from ..spec import Drive
-from ._qemu import QemuBinary, find_qemu
+from ._qemu import QemuBinary, find_qemu_img
 
 __all__ = [
     "Qcow2Header",
@@ -240,9 +240,8 @@ def image_format(path: str, qemu: QemuBinary) -> str:
     (:func:`resolve_disk` records the answer) and for images being imported.
     """
     os.close(open_regular(path))
-    if qemu.qemu_img is None:
-        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
-    out = run_command([qemu.qemu_img, "info", "-U", "--output=json", "--", path], timeout=30)
+    out = run_command([find_qemu_img(qemu), "info", "-U", "--output=json", "--", path],
+                      timeout=30)
     if out.returncode != 0:
         raise SpecError("drive.file", path, f"qemu-img cannot read it: {out.stderr.strip()}")
     fmt = str(json.loads(out.stdout).get("format", ""))
@@ -344,9 +343,11 @@ def resolve_disk(drive: Drive, qemu: QemuBinary, *, record: bool = True,
     return DiskImage(fmt, tuple(chain), size)
 
 
-def create_overlay(base: str, base_format: str, target: str | os.PathLike[str], *,
-                   size: int | None = None, unsafe: bool = False) -> None:
-    """Create a private (0600) qcow2 overlay at ``target`` over ``base``.
+def create_overlay(qemu: QemuBinary, base: str, base_format: str,
+                   target: str | os.PathLike[str], *, size: int | None = None,
+                   unsafe: bool = False) -> None:
+    """Create a private (0600) qcow2 overlay at ``target`` over ``base``, with ``qemu``'s qemu-img
+    (the VM's own QEMU: never one found again for a default architecture).
 
     The base is only recorded as the backing file (with its format), never
     written. With ``size`` and ``unsafe`` qemu-img does not open the base at
@@ -354,10 +355,7 @@ def create_overlay(base: str, base_format: str, target: str | os.PathLike[str], 
     header is never followed). Raises :class:`HostError` with qemu-img's own
     message on failure.
     """
-    qemu_img = find_qemu().qemu_img
-    if qemu_img is None:
-        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", base]
+    argv = [find_qemu_img(qemu), "create", "-q", "-f", "qcow2", "-F", base_format, "-b", base]
     argv += ["-u"] if unsafe else []
     argv += [os.fspath(target)] + ([str(size)] if size is not None else [])
     out = run_command(argv, timeout=60)

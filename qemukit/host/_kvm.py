@@ -18,7 +18,7 @@ from pathlib import Path
 from .._fs import locked
 from .._launch.argv import Plumbing, build_argv
 from .._launch.process import run_until_output
-from ..arch import ARCHES, host_arch_name
+from ..arch import ARCHES, DEFAULT_ARCH, host_arch_name
 from ..errors import AcceleratorError
 from ..paths import cache_dir
 from ..spec import VMSpec
@@ -178,7 +178,7 @@ def kvm_status(
     *,
     timeout: float = KVM_PROBE_TIMEOUT,
     use_cache: bool = True,
-    arch: str = "x86_64",
+    arch: str = DEFAULT_ARCH,
 ) -> KvmStatus:
     """Decide whether KVM really works: device check, then a cached probe boot.
 
@@ -195,7 +195,7 @@ def kvm_status(
         )
     kernel, initrd = probe_image
     key = _probe_key(qemu, kernel, initrd)
-    cache_name = "kvm-probe.json" if arch == "x86_64" else f"kvm-probe-{arch}.json"
+    cache_name = f"kvm-probe{ARCHES[arch].cache_suffix}.json"
     if use_cache and (cached := _cached_status(cache_name, key)) is not None:
         return cached
     # Concurrent first starts (a test matrix, a pytest -n run) probe once: the others wait for
@@ -250,7 +250,7 @@ KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
 
 
 def _probe_boot(
-    qemu: QemuBinary, kernel: str, initrd: str, timeout: float, arch: str = "x86_64"
+    qemu: QemuBinary, kernel: str, initrd: str, timeout: float, arch: str = DEFAULT_ARCH
 ) -> KvmStatus:
     failures: list[str] = []
     candidates = KVM_CPU_CANDIDATES if arch == "x86_64" else ("host",)
@@ -299,7 +299,7 @@ def host_arch() -> str:
 
 def resolve_accel(
     requested: str, qemu: QemuBinary, probe_image: tuple[str, str] | None,
-    *, arch: str = "x86_64",
+    *, arch: str = DEFAULT_ARCH,
 ) -> AccelChoice:
     """Turn ``auto``/``kvm``/``tcg`` into the accelerator for a guest of ``arch``.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._fs import write_atomic
 from .._launch.process import run_command
-from ..arch import ARCHES
+from ..arch import ARCHES, DEFAULT_ARCH
 from ..errors import HostError
 from ..paths import cache_dir
 
@@ -61,13 +61,25 @@ def _probe_binary(path: str) -> QemuBinary:
     )
 
 
-def qemu_env_var(arch: str = "x86_64") -> str:
-    """The variable naming the QEMU binary for ``arch``: ``QEMUKIT_QEMU`` for
-    x86_64, ``QEMUKIT_QEMU_<ARCH>`` (e.g. ``QEMUKIT_QEMU_AARCH64``) for the others."""
-    return "QEMUKIT_QEMU" if arch == "x86_64" else f"QEMUKIT_QEMU_{arch.upper()}"
+def qemu_env_var(arch: str = DEFAULT_ARCH) -> str:
+    """The variable naming the QEMU binary for ``arch`` (:attr:`ArchInfo.qemu_env`):
+    ``QEMUKIT_QEMU`` for the default architecture, ``QEMUKIT_QEMU_<ARCH>`` (e.g.
+    ``QEMUKIT_QEMU_AARCH64``) for the others."""
+    return ARCHES[arch].qemu_env
 
 
-def qemu_path(arch: str = "x86_64") -> str | None:
+def find_qemu_img(qemu: QemuBinary | None = None) -> str:
+    """The qemu-img to use: the one beside ``qemu`` (found with it), else the one on PATH.
+
+    The one place that says it is missing: :class:`HostError` naming the package.
+    """
+    found = qemu.qemu_img if qemu is not None else shutil.which("qemu-img")
+    if found is None:
+        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
+    return found
+
+
+def qemu_path(arch: str) -> str | None:
     """Where the QEMU for ``arch`` is (its variable, else its binary on PATH), or None."""
     info = ARCHES[arch]
     env = os.environ.get(qemu_env_var(arch))
@@ -77,9 +89,10 @@ def qemu_path(arch: str = "x86_64") -> str | None:
     return path if env else str(Path(path).resolve())
 
 
-def find_qemu(arch: str = "x86_64") -> QemuBinary:
-    """The QEMU for guests of ``arch``: ``$QEMUKIT_QEMU`` (x86_64) or
-    ``$QEMUKIT_QEMU_<ARCH>``, else the architecture's ``qemu-system-*`` on PATH.
+def find_qemu(arch: str) -> QemuBinary:
+    """The QEMU for guests of ``arch``: its variable (:func:`qemu_env_var`), else the
+    architecture's ``qemu-system-*`` on PATH. There is no default: a VM finds its
+    QEMU once, for its own architecture, and carries it (``AsyncVM.qemu``).
 
     A missing binary raises :class:`HostError` naming the Debian package.
     """

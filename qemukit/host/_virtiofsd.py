@@ -173,6 +173,6 @@ def qemu_share_guard(spec: VMSpec) -> list[str]:
     loses CAP_MKNOD and CAP_SETFCAP); a read-only 9p share is refused every
     write by QEMU (``readonly=on``) and needs no guard. Empty when not needed.
     """
-    if not any(sh.transport == "9p" and not sh.read_only for sh in spec.shares):
+    if not any(sh.transport == "9p" and not sh.read_only for sh in spec.all_shares):
         return []
     return _guard(drop_caps=os.geteuid() == 0)

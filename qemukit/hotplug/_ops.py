@@ -109,9 +109,7 @@ class AsyncHotplug:
             file = os.path.abspath(drive.file)
             if not os.path.isfile(file):
                 raise refuse("path", str(drive.file), "no such file")
-            arch = self._vm.spec.arch
-            qemu = await asyncio.to_thread(
-                host.find_qemu, *(() if arch == "x86_64" else (arch,)))
+            qemu = self._vm.qemu
             try:
                 # Not probed again on a disk a guest wrote; a header naming a backing
                 # file or a data file is refused (see qemukit.host._img).
@@ -199,7 +197,8 @@ class AsyncHotplug:
         with contextlib.suppress(FileNotFoundError):
             overlay.unlink()  # a leftover of a device with this id that is gone
         try:
-            host.create_overlay(base, image.format, overlay, size=image.virtual_size, unsafe=True)
+            host.create_overlay(qemu, base, image.format, overlay, size=image.virtual_size,
+                                unsafe=True)
         except HostError as exc:
             raise refuse("overlay", True, str(exc), dev_id) from exc
         return str(overlay)
@@ -617,7 +616,7 @@ class AsyncHotplug:
     @property
     def _ccw(self) -> bool:
         """Whether devices attach to the channel subsystem (s390x), not to PCI."""
-        return ARCHES[self._vm.spec.arch].transport == "ccw"
+        return self._vm.spec.arch_info.transport == "ccw"
 
     def _require_pci(self) -> None:
         spec = self._vm.spec
@@ -636,9 +635,10 @@ class AsyncHotplug:
 
     def _require_acpi(self) -> None:
         spec = self._vm.spec
-        if spec.arch != "x86_64":
+        if not spec.arch_info.acpi:
+            acpi = " and ".join(a.name for a in ARCHES.values() if a.acpi)
             raise refuse("machine", spec.machine, f"CPU and memory hotplug are wired for ACPI "
-                         f"machines (x86_64 q35/pc) only, not {spec.machine} ({spec.arch})")
+                         f"machines ({acpi} q35/pc) only, not {spec.machine} ({spec.arch})")
         if self._vm.spec.machine == "microvm":
             raise refuse("machine", "microvm", "CPU and memory hotplug need ACPI (q35 or pc)")
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from ..arch import ARCHES, ArchName
+from ..arch import ARCHES, DEFAULT_ARCH, ArchName
 from ..errors import HostError, SpecError
 from ..paths import cache_dir, cache_dir_error, hand_over_cache, invoking_user
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
@@ -53,7 +53,7 @@ NAMES = ("tiny", "debian")
 TINY_APPEND = "console=ttyS0 panic=-1 quiet memhp_default_state=online"
 
 
-def tiny_append(arch: str = "x86_64") -> str:
+def tiny_append(arch: str = DEFAULT_ARCH) -> str:
     """The tiny guest's kernel command line for ``arch`` (its console device)."""
     if arch not in ARCHES:
         raise SpecError("arch", arch, f"must be one of {', '.join(ARCHES)}")
@@ -88,7 +88,7 @@ def find_image(name: Literal["tiny"], arch: str = ...) -> TinyImage | None: ...
 def find_image(name: Literal["debian"], arch: str = ...) -> DebianImage | None: ...
 @overload
 def find_image(name: str, arch: str = ...) -> TinyImage | DebianImage | None: ...
-def find_image(name: str, arch: str = "x86_64") -> TinyImage | DebianImage | None:
+def find_image(name: str, arch: str = DEFAULT_ARCH) -> TinyImage | DebianImage | None:
     """The built image called ``name`` (for guest architecture ``arch``) in the cache, or None."""
     _check_name(name)
     _check_arch(name, arch)
@@ -126,7 +126,7 @@ def build(name: str, *, force: bool = ..., progress: Callable[[str], None] = ...
           bootable: bool = ...) -> TinyImage | DebianImage: ...
 def build(
     name: str, *, force: bool = False, progress: Callable[[str], None] = lambda s: None,
-    arch: str = "x86_64", suite: str | None = None, packages: Sequence[str] = (),
+    arch: str = DEFAULT_ARCH, suite: str | None = None, packages: Sequence[str] = (),
     bootable: bool = False,
 ) -> TinyImage | DebianImage:
     """Build image ``name`` (for guest architecture ``arch``) into the cache.
@@ -186,10 +186,13 @@ def _build(name: str, *, force: bool, progress: Callable[[str], None], arch: str
         raise _os_error(exc, f"building image {name!r} failed") from exc
 
 
-def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
+def spec(name: str = "tiny", *, suite: str | None = None, packages: Sequence[str] = (),
+         **overrides: Any) -> VMSpec:
     """A ready :class:`VMSpec` booting image ``name``; keyword arguments override fields.
 
     ``name`` is a built-in image or one registered with :func:`import_image`.
+    For debian, ``suite`` and ``packages`` pick the build (as :func:`build` made
+    it, each cached by its inputs): the spec boots that build, not the default one.
     Raises :class:`HostError` if the image is not built yet (unless ``kernel``
     and ``initrd`` are both overridden, for tiny).
     """
@@ -198,10 +201,12 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
         if imported is not None:
             return _imported_spec(imported, overrides)
     _check_name(name)
-    arch = overrides.pop("arch", "x86_64")
+    arch = overrides.pop("arch", DEFAULT_ARCH)
     _check_arch(name, arch)
     if name == "debian":
-        return _debian_spec(overrides, arch)
+        return _debian_spec(overrides, arch, suite, packages)
+    if suite is not None or packages:
+        raise SpecError("image", name, "suite and packages are for debian")
     image = find_image(name, arch)
     kernel = overrides.pop("kernel", None)
     initrd = overrides.pop("initrd", None)
@@ -220,17 +225,27 @@ def spec(name: str = "tiny", **overrides: Any) -> VMSpec:
     return base.replace(**overrides) if overrides else base
 
 
-def _debian_spec(overrides: dict[str, Any], arch: ArchName = "x86_64") -> VMSpec:
+def _debian_spec(overrides: dict[str, Any], arch: ArchName, suite: str | None,
+                 packages: Sequence[str]) -> VMSpec:
     """The debian guest: 2 vCPUs, 1 GiB, a throwaway overlay, ssh on a free 127.0.0.1 port.
 
     On x86_64 the machine is q35; aarch64 gets virt (the spec maps it), the
     same devices on PCI and its console on ttyAMA0.
     """
-    image = find_image("debian", arch)
+    chosen = suite or DEFAULT_SUITE
+    if chosen not in SUITES:
+        raise SpecError("suite", chosen, f"must be one of {', '.join(SUITES)}")
+    extra = check_packages(packages)
+    try:
+        image = find_debian(cache_dir(), suite=chosen, packages=extra, arch=arch)
+    except OSError as exc:
+        raise _os_error(exc, "looking for image 'debian' failed") from exc
     if image is None:
-        flag = "" if arch == "x86_64" else f" --arch {arch}"
-        raise HostError(f"image 'debian'{' for ' + arch if flag else ''} is not built; "
-                        f"run: qemukit images build debian{flag}")
+        flag = "" if arch == DEFAULT_ARCH else f" --arch {arch}"
+        flag += f" --suite {chosen}" if suite is not None else ""
+        flag += f" --packages {','.join(extra)}" if extra else ""
+        raise HostError(f"image 'debian'{' for ' + arch if arch != DEFAULT_ARCH else ''} is not "
+                        f"built; run: qemukit images build debian{flag}")
     base = VMSpec(
         arch=arch,
         machine="q35",

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import ARCHES
-from ..errors import SpecError
-from ..host import foreign_exec_problem, host_arch
+from ..arch import ARCHES, DEFAULT_ARCH
+from ..errors import HostError, SpecError
+from ..host import find_qemu_img, foreign_exec_problem, host_arch
 from .bootable import LAYOUT_VERSION
 
 __all__ = [
@@ -122,7 +122,7 @@ def check_arch(arch: str, bootable: bool = False) -> None:
                         f"x86_64-efi); the {arch} image boots with -kernel (drop --bootable)")
 
 
-def debian_append(arch: str = "x86_64") -> str:
+def debian_append(arch: str = DEFAULT_ARCH) -> str:
     """The debian guest's kernel command line for ``arch`` (its console device)."""
     check_arch(arch)
     return DEBIAN_APPEND.replace("console=ttyS0", f"console={ARCHES[arch].console}")
@@ -174,7 +174,7 @@ def _check_suite(suite: str) -> None:
 
 
 def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = False,
-              recipe_files: dict[str, bytes] | None = None, arch: str = "x86_64") -> str:
+              recipe_files: dict[str, bytes] | None = None, arch: str = DEFAULT_ARCH) -> str:
     """The digest naming a build: its suite, extra packages, arch, mirrors, recipe and version.
 
     The order and repetition of ``packages`` do not matter. ``arch`` is the
@@ -197,7 +197,7 @@ def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = Fals
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _recipe_files(recipe_dir: Path | None, arch: str = "x86_64") -> dict[str, bytes]:
+def _recipe_files(recipe_dir: Path | None, arch: str = DEFAULT_ARCH) -> dict[str, bytes]:
     """The recipe files a build of ``arch`` reads (x86_64: the top ones; else also ``<debarch>/``)."""
     if recipe_dir is None:
         return {}
@@ -210,10 +210,10 @@ def _recipe_files(recipe_dir: Path | None, arch: str = "x86_64") -> dict[str, by
 
 def _image_dir(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
                bootable: bool = False, recipe_dir: Path | None = None,
-               arch: str = "x86_64") -> Path:
+               arch: str = DEFAULT_ARCH) -> Path:
     key = cache_key(suite, packages, bootable=bootable, arch=arch,
                     recipe_files=_recipe_files(recipe_dir, arch))
-    tag = "" if arch == "x86_64" else f"-{arch}"
+    tag = ARCHES[arch].cache_suffix
     return Path(cache_dir) / "debian" / f"{suite}{tag}{'-bootable' if bootable else ''}-{key[:16]}"
 
 
@@ -232,7 +232,7 @@ def _load_image(directory: Path) -> DebianImage | None:
 
 def find_debian(cache_dir: Path, suite: str = DEFAULT_SUITE, packages: Sequence[str] = (),
                 bootable: bool = False, recipe_dir: Path | None = None,
-                arch: str = "x86_64") -> DebianImage | None:
+                arch: str = DEFAULT_ARCH) -> DebianImage | None:
     """The debian image built from these inputs under ``cache_dir``, or None.
 
     ``recipe_dir`` (the recipe's files are part of the key) defaults to the
@@ -264,7 +264,7 @@ def _read_names(path: Path, pattern: re.Pattern[str] = _PACKAGE_RE,
     return names
 
 
-def read_package_list(recipe_dir: Path, arch: str = "x86_64") -> list[str]:
+def read_package_list(recipe_dir: Path, arch: str = DEFAULT_ARCH) -> list[str]:
     """The packages named in the recipe's ``packages`` file (comments and blanks skipped).
 
     For another ``arch``, the kernel packages (``linux-image-*``) of that file
@@ -313,7 +313,7 @@ def _sources(suite: str = DEFAULT_SUITE) -> list[str]:
 
 
 def _mmdebstrap(root: Path, packages: list[str], progress: Callable[[str], None],
-                suite: str = DEFAULT_SUITE, arch: str = "x86_64",
+                suite: str = DEFAULT_SUITE, arch: str = DEFAULT_ARCH,
                 preload: Path | None = None) -> None:
     """Install the packages into ``root``, passing mmdebstrap's own progress lines on.
 
@@ -479,7 +479,7 @@ def build_debian(
     suite: str = DEFAULT_SUITE,
     packages: Sequence[str] = (),
     bootable: bool = False,
-    arch: str = "x86_64",
+    arch: str = DEFAULT_ARCH,
 ) -> DebianImage:
     """Build (or reuse) the debian guest of ``suite`` plus ``packages`` under ``cache_dir/debian/``.
 
@@ -516,9 +516,10 @@ def build_debian(
             raise RuntimeError(f"cannot build the {arch} debian image: {problem}")
     wanted = read_package_list(recipe_dir, arch)
     all_packages = wanted + [p for p in extra if p not in wanted]
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise RuntimeError("qemu-img not found (apt-get install qemu-utils)")
+    try:
+        qemu_img = find_qemu_img()
+    except HostError as exc:
+        raise RuntimeError(str(exc)) from exc
     from . import bootable as _bootable
 
     if bootable:

@@ -157,9 +157,7 @@ def _img_info(path: Path) -> ImageInfo:
     if header is not None and header.data_file is not None:
         raise SpecError("data-file", header.data_file, _not_self_contained(str(path),
                                                                           "external data file"))
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise HostError("qemu-img not found; install it with: apt-get install qemu-utils")
+    qemu_img = host.find_qemu_img()
     # Without -U: qemu-img then takes the image's lock and fails if a QEMU has it open.
     proc = subprocess.run([qemu_img, "info", "--output=json", "--", str(path)],
                           capture_output=True, text=True, errors="replace",

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch import ARCHES, ArchInfo
+from ..arch import ARCHES, DEFAULT_ARCH, ArchInfo
 
 __all__ = ["TinyImage", "append_to_initrd", "build_tiny", "find_tiny", "recipe_digest"]
 
@@ -119,11 +119,11 @@ class TinyImage:
     directory: Path
 
 
-def _image_root(cache_dir: Path, arch: str = "x86_64") -> Path:
-    return Path(cache_dir) / ("tiny" if arch == "x86_64" else f"tiny-{arch}")
+def _image_root(cache_dir: Path, arch: str = DEFAULT_ARCH) -> Path:
+    return Path(cache_dir) / f"tiny{ARCHES[arch].cache_suffix}"
 
 
-def recipe_digest(recipe_dir: Path, arch: str = "x86_64") -> str:
+def recipe_digest(recipe_dir: Path, arch: str = DEFAULT_ARCH) -> str:
     """A digest of everything that shapes the image: the recipe files and module lists.
 
     An image built from another recipe is stale and is not returned by :func:`find_tiny`.
@@ -160,7 +160,7 @@ def _load_image(directory: Path, digest: str | None = None) -> TinyImage | None:
 
 
 def find_tiny(
-    cache_dir: Path, recipe_dir: Path | None = None, arch: str = "x86_64"
+    cache_dir: Path, recipe_dir: Path | None = None, arch: str = DEFAULT_ARCH
 ) -> TinyImage | None:
     """Return the already-built tiny image under ``cache_dir``, or ``None``.
 
@@ -695,7 +695,7 @@ def build_tiny(
     recipe_dir: Path,
     progress: Callable[[str], None] = lambda s: None,
     force: bool = False,
-    arch: str = "x86_64",
+    arch: str = DEFAULT_ARCH,
 ) -> TinyImage:
     """Build (or reuse) the tiny guest under ``cache_dir/tiny/<kernel_release>/``.
 

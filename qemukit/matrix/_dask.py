@@ -26,7 +26,7 @@ from ..errors import SpecError
 from ..results import Outcome
 from ._file import Job
 from ._run import Attempt, JobResult, MatrixProgress, Tracker, run_attempt, stop_matrix_here
-from ._shipping import files_to_ship, materialize, read_for_shipping
+from ._shipping import KERNEL_DIR, bundled_image, files_to_ship, materialize, read_for_shipping
 
 __all__ = ["dask_security", "run_dask", "run_job_on_worker"]
 
@@ -45,6 +45,8 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
     try:
         paths = {key: materialize(key, digest, base, data)
                  for key, (digest, base, data) in files.items()}
+        if paths.get("kernel", "").endswith(KERNEL_DIR):  # the image with its .config
+            paths["kernel"] = str(bundled_image(Path(paths["kernel"])))
     except OSError as exc:
         return Attempt(None, f"cannot store the job's files on worker {name}: {exc}",
                         socket.gethostname(), name)

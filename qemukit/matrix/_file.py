@@ -119,17 +119,17 @@ class Job:
     def spec(self) -> VMSpec:
         """The VM description to boot (needs the image built, see :meth:`needs_image`).
 
-        A job on a built-in image starts warm unless it says ``warm = false`` (as
-        ``qemukit run --image`` does): the first job of a VM description boots and
-        saves its ready state, the others on that host restore it. A spec that
-        cannot start warm (see :func:`qemukit.warm.warm_refusal`) boots cold.
+        Resolved as every front end resolves a request (:mod:`qemukit.resolve`):
+        a job on a built-in image starts warm unless it says ``warm = false`` (as
+        ``qemukit run --image`` does); a job's ``kernel`` boots with the tiny
+        initramfs on the machine ``qemukit run --kernel K -- CMD`` would pick
+        (microvm for a kernel not run here before). A spec that cannot start
+        warm (see :func:`qemukit.warm.warm_refusal`) boots cold.
         """
-        fields = dict(self.vm)
-        image = self.needs_image()
-        if image is not None:
-            fields.setdefault("warm", True)
-            return images.spec(image, **fields)
-        return VMSpec.from_dict(fields)
+        from ..resolve import job_request, resolve
+
+        return resolve(job_request(image=self.image, vm=self.vm, modules=self.modules,
+                                   build=False)).spec
 
     def files(self) -> dict[str, Path]:
         """The local files this job names, by key: ``kernel``, ``initrd``, ``modules``."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import images
 from .._fs import locked
+from ..arch import DEFAULT_ARCH
 from ..errors import QemukitError, StateError
 from ..kernel import KernelTestResult, run_in_vm
 from ..paths import cache_dir
@@ -191,7 +192,7 @@ def stop_matrix_here(matrix: str) -> int:
     return REGISTRY.stop(matrix)
 
 
-def ensure_image(name: str, arch: str = "x86_64") -> None:
+def ensure_image(name: str, arch: str = DEFAULT_ARCH) -> None:
     """Build image ``name`` for ``arch`` unless it is cached; one builder at a time per cache."""
     if images.find_image(name, arch) is not None:
         return
@@ -221,7 +222,7 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
     try:
         image = job.needs_image()
         if image is not None:
-            ensure_image(image, str(job.vm.get("arch", "x86_64")))
+            ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)

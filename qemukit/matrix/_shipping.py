@@ -20,12 +20,25 @@ import tempfile
 from pathlib import Path
 
 from .. import images, kconfig
+from ..arch import DEFAULT_ARCH
 from ..errors import SpecError
 from ..paths import cache_dir
 from ..spec import VMSpec
 from ._file import Job
 
-__all__ = ["extract_tree", "files_to_ship", "materialize", "read_for_shipping"]
+__all__ = ["KERNEL_DIR", "bundled_image", "extract_tree", "files_to_ship", "materialize",
+           "read_for_shipping"]
+
+#: The name suffix of a shipped kernel image bundled with its .config (a directory).
+KERNEL_DIR = ".kernel"
+
+
+def bundled_image(bundle: Path) -> Path:
+    """The kernel image in a shipped bundle (the file beside its ``.config``)."""
+    found = [p for p in bundle.iterdir() if p.name != ".config" and p.is_file()]
+    if len(found) != 1:
+        raise OSError(f"{bundle}: expected one kernel image beside .config")
+    return found[0]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +64,7 @@ def _tree_probe(job: Job) -> VMSpec:
     """The job's VM description with its kernel tree, for checking the tree's config on the
     client (the tiny image's initramfs and command line stand in when it boots with them)."""
     fields = {k: v for k, v in job.vm.items() if k not in ("warm",)}
-    arch = str(fields.get("arch", "x86_64"))
+    arch = str(fields.get("arch", DEFAULT_ARCH))
     if job.needs_image() == "tiny":
         fields.setdefault("append", images.tiny_append(arch))
     fields.setdefault("initrd", "initrd")  # a name: nothing reads it here
@@ -75,10 +88,24 @@ def files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict[
         raise SpecError(f"{where}: {exc.field}", exc.value, exc.reason) from exc
     assert resolved.tree is not None and resolved.spec.kernel is not None
     files["kernel"] = Path(resolved.spec.kernel)
+    if resolved.config is not None:
+        # The image and its .config travel together, so the worker finds the config
+        # beside the image: its result keeps kernel_config_sha256, and its machine is
+        # chosen from the same config as here. Once per tree, as its modules are.
+        image = Path(resolved.spec.kernel)
+        key = Path(f"{image}{KERNEL_DIR}")
+        if key not in installed:
+            workdir.mkdir(parents=True, exist_ok=True)
+            bundle = Path(tempfile.mkdtemp(prefix="kernel-", suffix=KERNEL_DIR, dir=workdir))
+            shutil.copyfile(image, bundle / image.name)
+            shutil.copyfile(resolved.config, bundle / ".config")
+            installed[key] = bundle
+        files["kernel"] = installed[key]
     if resolved.install_tree_modules:
         root = resolved.tree.root.resolve()
         if root not in installed:
-            target = workdir / f"modules-{len(installed)}"
+            installs = sum(1 for k in installed if not k.name.endswith(KERNEL_DIR))
+            target = workdir / f"modules-{installs}"
             log.info("matrix: installing the modules of %s to ship them", root)
             installed[root] = kconfig.install_modules(resolved.tree, target)
         files["modules"] = installed[root]
@@ -88,6 +115,8 @@ def files_to_ship(job: Job, workdir: Path, installed: dict[Path, Path]) -> dict[
 def read_for_shipping(key: str, path: Path) -> bytes:
     """The bytes to ship for ``path`` (a tar archive for ``modules``); errors name ``key``."""
     try:
+        if path.name.endswith(KERNEL_DIR):  # a kernel image with its .config beside it
+            return _tar_directory(path)
         if key == "modules":
             if not path.is_dir():
                 raise SpecError("modules", str(path), "no such directory")
@@ -149,7 +178,7 @@ def materialize(key: str, digest: str, name: str, data: bytes) -> str:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root.parent))
     try:
-        if key == "modules":
+        if key == "modules" or name.endswith(KERNEL_DIR):
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 extract_tree(tar, tmp / name)
         else:

@@ -188,12 +188,11 @@ class Bundle:
             )
 
 
-def _copy_top_layer(src: str, fmt: str, dst: Path) -> str:
+def _copy_top_layer(img: str, src: str, fmt: str, dst: Path) -> str:
     """Copy one image file (sparse); keep its backing reference absolute. Returns its format.
 
     ``fmt`` is the format QEMU has the file open in: never probed (the guest wrote the file).
     """
-    img = qemu_img()
     out = run_command([img, "info", "-U", "-f", fmt, "--output=json", "--", src], timeout=30)
     if out.returncode != 0:
         raise SnapshotError(f"qemu-img cannot read {src}: {out.stderr.strip()}")
@@ -347,7 +346,8 @@ async def _fill_bundle(vm: VMTarget, devices: Sequence[BlockDevice], partial: Pa
         if dev.read_only or dev.pflash or dev.device not in ids:
             continue
         name = f"disk-{safe_name(dev.device)}.{'qcow2' if dev.driver == 'qcow2' else 'img'}"
-        fmt = await asyncio.to_thread(_copy_top_layer, dev.file, dev.driver, partial / name)
+        fmt = await asyncio.to_thread(_copy_top_layer, qemu_img(vm), dev.file, dev.driver,
+                                      partial / name)
         disks.append({"id": dev.device, "file": name, "format": fmt,
                       "backing": chains.get(dev.node, [])})
     # The accelerator and CPU model are pinned: the state only loads into the same ones.
@@ -356,7 +356,7 @@ async def _fill_bundle(vm: VMTarget, devices: Sequence[BlockDevice], partial: Pa
     hotplugged = read_json_list(vm.runtime.path / DEVICES_FILE)
     if hotplugged:
         write_json(partial / DEVICES_FILE, hotplugged)
-    qemu = await asyncio.to_thread(host.find_qemu)
+    qemu = vm.qemu
     manifest = {
         "format": BUNDLE_FORMAT, "created": time.time(), "source": vm.name,
         "qemu": qemu.version_string, "accel": vm.accel.accel,

@@ -189,7 +189,7 @@ class Snapshots:
         added: builtins.list[dict[str, Any]] = []
         try:
             for disk in disks:
-                await asyncio.to_thread(create_overlay, disk["frozen_file"],
+                await asyncio.to_thread(create_overlay, vm, disk["frozen_file"],
                                         disk["frozen_format"], disk["size"],
                                         Path(disk["overlay_file"]))
                 await vm.qmp("blockdev-add", {
@@ -283,8 +283,8 @@ class Snapshots:
         for disk in record["disks"]:
             path = Path(disk["overlay_file"]).with_suffix(f".{secrets.token_hex(3)}.qcow2")
             node = f"qk-ext-{secrets.token_hex(4)}"
-            await asyncio.to_thread(create_overlay, disk["frozen_file"], disk["frozen_format"],
-                                    disk["size"], path)
+            await asyncio.to_thread(create_overlay, vm, disk["frozen_file"],
+                                    disk["frozen_format"], disk["size"], path)
             await vm.qmp("blockdev-add", {"driver": "qcow2", "node-name": node,
                                           "file": {"driver": "file", "filename": str(path)},
                                           "backing": disk["frozen_node"]})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import host
 from .._launch.argv import drive_ids
 from .._launch.process import run_command
-from ..errors import SnapshotError
+from ..errors import HostError, SnapshotError
 from ._records import DEVICES_FILE, EXT_PREFIX, external_records, read_json_list
 
 if TYPE_CHECKING:
@@ -230,10 +230,11 @@ def image_snapshots(path: str | Path) -> list[SnapshotInfo]:
 
     Works for a stopped VM's image and, read-only, for a running one's.
     """
-    qemu = host.find_qemu()
-    if qemu.qemu_img is None:
-        raise SnapshotError("qemu-img not found; install it with: apt-get install qemu-utils")
-    out = run_command([qemu.qemu_img, "info", "-U", "--output=json", "--", str(path)], timeout=30)
+    try:
+        img = host.find_qemu_img()  # any qemu-img reads an image: no QEMU, no architecture
+    except HostError as exc:
+        raise SnapshotError(str(exc)) from exc
+    out = run_command([img, "info", "-U", "--output=json", "--", str(path)], timeout=30)
     if out.returncode != 0:
         raise SnapshotError(f"qemu-img cannot read {path}: {out.stderr.strip()}")
     data = json.loads(out.stdout)

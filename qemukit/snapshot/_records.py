@@ -46,18 +46,19 @@ def external_records(vm: VMTarget) -> list[dict[str, Any]]:
     return read_json_list(vm.runtime.path / EXTERNAL_FILE) if vm.runtime else []
 
 
-def qemu_img() -> str:
-    """The qemu-img binary next to the VM's QEMU (SnapshotError if missing)."""
-    qemu = host.find_qemu()
-    if qemu.qemu_img is None:
-        raise SnapshotError("qemu-img not found; install it with: apt-get install qemu-utils")
-    return qemu.qemu_img
-
-
-def create_overlay(backing: str, backing_fmt: str, size: int, path: Path) -> None:
-    """A qcow2 over ``backing``, without opening it (QEMU holds its write lock)."""
+def qemu_img(vm: VMTarget) -> str:
+    """The qemu-img binary next to the VM's own QEMU (SnapshotError if missing)."""
     try:
-        host.create_overlay(backing, backing_fmt, path, size=size, unsafe=True)
+        return host.find_qemu_img(vm.qemu)
+    except HostError as exc:
+        raise SnapshotError(str(exc)) from exc
+
+
+def create_overlay(vm: VMTarget, backing: str, backing_fmt: str, size: int, path: Path) -> None:
+    """A qcow2 over ``backing``, without opening it (QEMU holds its write lock), made with
+    the VM's own QEMU's qemu-img."""
+    try:
+        host.create_overlay(vm.qemu, backing, backing_fmt, path, size=size, unsafe=True)
     except HostError as exc:
         raise SnapshotError(str(exc)) from exc
 

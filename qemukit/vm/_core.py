@@ -180,10 +180,13 @@ class AsyncVM(_verbs.Verbs):
         incoming: str | None = None,
         adopt: AdoptedQemu | None = None,
         modules: str | os.PathLike[str] | None = None,
+        qemu: host.QemuBinary | None = None,
     ) -> None:
         if not isinstance(spec, VMSpec):
             raise SpecError("spec", spec, "must be a VMSpec")
         self.spec = spec
+        #: The QEMU binary (and its qemu-img) for the spec's architecture, found once.
+        self._qemu = qemu
         #: Modules to append to the initrd at start (see the class docstring).
         self.modules = Path(modules) if modules is not None else None
         #: The kernel as the start resolved it (None before the start, and for attach).
@@ -256,6 +259,13 @@ class AsyncVM(_verbs.Verbs):
         return self._proc.pid if self._proc else None
 
     @property
+    def qemu(self) -> host.QemuBinary:
+        """The QEMU binary this VM runs on (and its qemu-img): found once, for its architecture."""
+        if self._qemu is None:
+            self._qemu = host.find_qemu(self.spec.arch)
+        return self._qemu
+
+    @property
     def console_log(self) -> Path | None:
         """Path of the console log (inside the runtime directory)."""
         return self.runtime.console_log if self.runtime else None
@@ -324,7 +334,7 @@ class AsyncVM(_verbs.Verbs):
             return None
         await asyncio.to_thread(self._prepare, spec)
         assert self.accel is not None
-        qemu = host.find_qemu(spec.arch)
+        qemu = self.qemu  # found once for the VM's architecture, carried
         self.warm_start, plan = await _warm.choose_warm(
             self, spec, qemu, host_facts(qemu, self.accel),
             needs_files=self.kernel is not None and self.kernel.needs_files)
@@ -371,7 +381,7 @@ class AsyncVM(_verbs.Verbs):
         See :func:`qemukit._launch.start.prepare`; a warm start keeps the
         accelerator chosen for the user's spec.
         """
-        self._prepared = prepare(spec)
+        self._prepared = prepare(spec, self.qemu)
         _net.check_subnets(spec.networks)
         if self.accel is None:
             probe = default_probe_image(spec.arch) if spec.accel != "tcg" else None
@@ -550,7 +560,7 @@ class AsyncVM(_verbs.Verbs):
         console_event = fault()
         if console_event is not None:
             raise await console_verdict(console_event, self._console, self._proc.exit_future(),
-                                        self.spec.shares, self.console_tail)
+                                        self.spec.all_shares, self.console_tail)
         if not self._proc.alive():
             raise self._exited(f"QEMU exited while waiting for {what}",
                                self.argv if launching else ())
@@ -754,7 +764,7 @@ class AsyncVM(_verbs.Verbs):
         clone = saved.clone_spec(name, qemu_version=qemu.version)
         vm = cls(clone, die_with_parent=die_with_parent,
                  keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
-                 continue_on_oops=continue_on_oops, incoming="defer")
+                 continue_on_oops=continue_on_oops, incoming="defer", qemu=qemu)
         await vm.start()
         try:
             await _warm.restore_clone(vm, saved, timeout)

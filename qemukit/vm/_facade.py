@@ -38,11 +38,12 @@ class VM(SyncFacade):
                  state_root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
                  continue_on_oops: bool = False, incoming: str | None = None,
                  adopt: AdoptedQemu | None = None,
-                 modules: str | os.PathLike[str] | None = None) -> None:
+                 modules: str | os.PathLike[str] | None = None,
+                 qemu: host.QemuBinary | None = None) -> None:
         super().__init__(AsyncVM(spec, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
                                  state_root=state_root, boot_timeout=boot_timeout,
                                  continue_on_oops=continue_on_oops, incoming=incoming,
-                                 adopt=adopt, modules=modules))
+                                 adopt=adopt, modules=modules, qemu=qemu))
 
     @property
     def aio(self) -> AsyncVM:
@@ -62,6 +63,8 @@ class VM(SyncFacade):
                                           "True for a VM taken over with :meth:`attach`.")
     kernel: delegated[ResolvedKernel | None] = delegated(
         lambda vm: vm.kernel, "The kernel as the start resolved it (tree, config, release).")
+    qemu: delegated[host.QemuBinary] = delegated(
+        lambda vm: vm.qemu, "The QEMU binary (and its qemu-img), found once for the VM's arch.")
     modules: delegated[Path | None] = delegated(
         lambda vm: vm.modules, "Modules appended to the initrd at start, if given.")
     warm_start: delegated[WarmStart | None] = delegated(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import host
 from .._launch.plan import HostFacts
+from ..arch import DEFAULT_ARCH
 from ..paths import cache_dir
 
 
@@ -16,7 +17,7 @@ def host_facts(qemu: host.QemuBinary, accel: host.AccelChoice) -> HostFacts:
     )
 
 
-def default_probe_image(arch: str = "x86_64") -> tuple[str, str] | None:
+def default_probe_image(arch: str = DEFAULT_ARCH) -> tuple[str, str] | None:
     """(kernel, initrd) of the ``arch`` tiny image a KVM probe boots, if it is built."""
     from ..images.tiny import find_tiny
 

@@ -188,7 +188,7 @@ def mapping_refusal(spec: VMSpec, environ: Mapping[str, str] | None = None) -> s
     if "virtio-mem" in args:
         return ("virtio-mem unplugs memory by discarding it, which would punch holes in the "
                 "shared template")
-    if "vhost-user" in args or any(sh.transport == "virtiofs" for sh in spec.shares):
+    if "vhost-user" in args or any(sh.transport == "virtiofs" for sh in spec.all_shares):
         return ("a vhost-user device maps the guest's RAM into another process, so the RAM must "
                 "be shared, and a clone's is private")
     if any(word in args for word in ("memory-backend", "mem-path", "-numa", "mem-prealloc")):

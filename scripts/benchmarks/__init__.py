@@ -4,7 +4,7 @@ Every figure is a median over N runs (with min and max), and every comparison
 is a ratio of two things measured side by side, interleaved, in one run.
 Where qemukit is compared with QEMU started some other way (a bare Popen,
 libvirt, virtme-ng), the other side runs the same QEMU binary qemukit picked
-(``qemukit.host.find_qemu()``, which honours ``$QEMUKIT_QEMU``), and the part's
+(``qemukit.host.find_qemu(DEFAULT_ARCH)``, which honours ``$QEMUKIT_QEMU``), and the part's
 result records the binary each side used under ``qemu_binary``.
 
 Parts: :mod:`.launch`, :mod:`.qmp`, :mod:`.loop`, :mod:`.cli`, :mod:`.rollback`,

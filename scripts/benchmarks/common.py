@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qemukit import VMSpec, host, images
+from qemukit.arch import DEFAULT_ARCH
 
 #: A part's result: JSON-ready, printed and written by :mod:`.main`.
 Result = dict[str, Any]
@@ -100,14 +101,14 @@ def qemu_binary() -> str:
 
     Every raw-QEMU contender runs this, so both sides of a comparison run the same QEMU.
     """
-    return host.find_qemu().path
+    return host.find_qemu(DEFAULT_ARCH).path
 
 
 def qemu_img() -> str:
     """The qemu-img that goes with :func:`qemu_binary` (found next to it, else on PATH)."""
-    path = host.find_qemu().qemu_img
+    path = host.find_qemu(DEFAULT_ARCH).qemu_img
     if path is None:
-        raise RuntimeError("qemu-img not found; install it with: apt-get install qemu-utils")
+        raise RuntimeError(f"no qemu-img beside {qemu_binary()}")
     return path
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qemukit import host
+from qemukit.arch import DEFAULT_ARCH
 
 from .common import Result
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts in order; print each part's JSON as it finishes."""
     args = parse_args(argv)
     runs = 2 if args.quick else max(5, args.runs)
-    qemu = host.find_qemu()
+    qemu = host.find_qemu(DEFAULT_ARCH)
     results: Result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "kernel": platform.release(), "qemu": qemu.version_text,

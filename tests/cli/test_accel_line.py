@@ -33,5 +33,5 @@ def test_default_accel_line_is_short(qk: Any, tiny_image: images.TinyImage) -> N
 def test_verbose_accel_line_has_the_probe_verdict(qk: Any, tiny_image: images.TinyImage) -> None:
     out = qk("run", "-v", "--image", "tiny", "--", "true")
     assert out.returncode == 0, out.stderr
-    status = host.kvm_status(host.find_qemu(), (str(tiny_image.kernel), str(tiny_image.initrd)))
+    status = host.kvm_status(host.find_qemu("x86_64"), (str(tiny_image.kernel), str(tiny_image.initrd)))
     assert status.reason in _accel_line(out.stderr)

@@ -214,11 +214,19 @@ def test_a_dask_cluster_runs_the_tree_from_its_image_and_modules(
             assert data["outcome"] == "passed", json.dumps(data)[-3000:]
             assert data["result"]["stdout"].split() == ["reloaded", release]
             assert data["result"]["kernel_release"] == release
-        image = hashlib.sha256((tree / "arch/x86/boot/bzImage").read_bytes()).hexdigest()
+        config = hashlib.sha256((tree / ".config").read_bytes()).hexdigest()
+        for data in run.results.values():  # the worker found the config beside the image
+            assert data["result"]["kernel_config_sha256"] == config
         for worker in {d["worker"] for d in run.results.values()}:
             shipped = cluster.root / worker / "cache" / "matrix-files"
             kept = {p.name: sorted(q.name for q in p.iterdir()) for p in shipped.iterdir()}
-            assert kept.pop(image) == ["bzImage"]  # the image, not the tree
+            (bundle,) = [d for d, names in kept.items() if names[0].endswith(".kernel")]
+            (bundle_dir,) = (shipped / bundle).iterdir()
+            # The image and its .config, not the tree.
+            assert sorted(q.name for q in bundle_dir.iterdir()) == [".config", "bzImage"]
+            assert (bundle_dir / "bzImage").read_bytes() == (
+                tree / "arch/x86/boot/bzImage").read_bytes()
+            del kept[bundle]
             ((_, modules),) = kept.items()
             assert modules == ["modules-0"]
             (placed,) = shipped.glob(f"*/modules-0/lib/modules/{release}/kernel/**/virtio_balloon.ko")
@@ -244,3 +252,42 @@ def test_a_kernel_run_again_starts_warm_after_its_first_microvm_boot(tree: Path,
     assert ": cold: first start of this spec, state saved" in lines[1]
     assert "machine q35: this kernel ran here before" in lines[2]
     assert ": warm: restored " in lines[2]
+
+
+def test_cmdline_prints_the_argv_run_spawns_for_a_kernel(tree: Path, tiny_image: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cmdline`` with run's arguments resolves the same request the same way: for a new
+    kernel with a command, microvm (it printed q35 before) and the very argv QEMU gets."""
+    import re
+
+    from click.testing import CliRunner
+
+    from qemukit._launch.process import QemuProcess
+    from qemukit.cli import main
+
+    spawned: list[list[str]] = []
+    real = QemuProcess.spawn.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[QemuProcess], argv: Any, **kw: Any) -> QemuProcess:
+        spawned.append(list(argv))
+        return real(cls, argv, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(QemuProcess, "spawn", classmethod(spy))
+    image = tree / "arch/x86/boot/bzImage"
+    name = f"same-{secrets.token_hex(3)}"
+    # A word no other run's command line has: this kernel is new to the record of runs.
+    append = f"{images.spec('tiny').append} qk.same={secrets.token_hex(4)}"
+    args = [*TCG, "--name", name, "--kernel", str(image), "--append", append, "--", "true"]
+    preview = CliRunner().invoke(main, ["cmdline", "--json", *args])
+    assert preview.exit_code == 0, preview.output
+    printed = json.loads(preview.stdout)["argv"]
+    ran = CliRunner().invoke(main, ["run", *args])
+    assert ran.exit_code == 0, ran.output
+    (qemu_argv,) = [a for a in spawned if any("qemu-system" in x for x in a)]
+    qemu_argv = qemu_argv[next(i for i, x in enumerate(qemu_argv) if "qemu-system" in x):]
+
+    def same_fd(argv: list[str]) -> list[str]:  # the monitor socket's inherited fd number
+        return [re.sub(r"(id=qmp-owner,fd=)\d+", r"\1N", x) for x in argv]
+
+    assert "microvm,accel=tcg" in printed[printed.index("-machine") + 1]
+    assert same_fd(printed) == same_fd(qemu_argv)

@@ -45,7 +45,7 @@ def test_a_vm_that_used_hotplug_is_freed(tiny_spec: VMSpec) -> None:
 
 
 def test_concurrent_external_snapshots_keep_every_record(tiny_spec: VMSpec, tmp_path: Path) -> None:
-    qemu = host.find_qemu()
+    qemu = host.find_qemu("x86_64")
     base = tmp_path / "base.qcow2"
     subprocess.run([qemu.qemu_img or "qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"],
                    check=True)
@@ -110,7 +110,7 @@ def test_a_snapshot_load_puts_back_a_guest_from_before_an_oops(tiny_spec: VMSpec
     """A session VM rolled back after a test oopsed its kernel is usable again."""
     from qemukit import GuestOops
 
-    qemu = host.find_qemu()
+    qemu = host.find_qemu("x86_64")
     base = tmp_path / "base.qcow2"
     subprocess.run([qemu.qemu_img or "qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"],
                    check=True)

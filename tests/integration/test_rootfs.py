@@ -16,6 +16,7 @@ from qemukit import images
 from tests.helpers import QEMUKIT
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("rootfs")]
+pytest_plugins = ["pytester"]
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +85,81 @@ def test_a_working_directory_removed_meanwhile_is_a_clear_error(
     assert "the current directory no longer exists" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(state_root.iterdir()) == [] if state_root.exists() else True
+
+
+# -- host_root as a spec part: a TOML spec, a matrix job, the plugin -------------------------
+# Each boots one tiny guest (cold: a share cannot be saved in a warm state) and checks from
+# inside it: a host file read through the host's root, a write in an rw directory reaching
+# the host, a write elsewhere staying in the guest.
+
+
+def _script(token_file: Path, out: Path) -> str:
+    return (f"cat {token_file}; echo; echo guest > {out}/inside.txt; "
+            f"echo guest > {token_file.parent}/outside.txt; cat {token_file.parent}/outside.txt")
+
+
+def _check(stdout: str, token: str, token_file: Path, out: Path) -> None:
+    assert stdout.split() == [token, "guest"], stdout
+    assert (out / "inside.txt").read_text() == "guest\n"  # rw: written on the host
+    assert not (token_file.parent / "outside.txt").exists()  # elsewhere: the guest's only
+
+
+def _layout(tmp_path: Path) -> tuple[str, Path, Path]:
+    token = secrets.token_hex(8)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "out").mkdir()
+    token_file = tmp_path / "ro" / "token.txt"
+    token_file.write_text(token)
+    return token, token_file, tmp_path / "out"
+
+
+def test_host_root_from_a_toml_spec(tiny_image: images.TinyImage, tmp_path: Path) -> None:
+    token, token_file, out = _layout(tmp_path)
+    spec = tmp_path / "vm.toml"
+    spec.write_text('image = "tiny"\naccel = "tcg"\n\n[host_root]\nrw = ["out"]\n')
+    assert QEMUKIT
+    result = subprocess.run([QEMUKIT, "run", "-f", str(spec), "--", "sh", "-c",
+                             "pwd; " + _script(token_file, out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr
+    where, *rest = result.stdout.split()
+    assert where == str(tmp_path)  # the command starts in the caller's directory
+    _check(" ".join(rest), token, token_file, out)
+
+
+def test_host_root_from_a_matrix_job(tiny_image: images.TinyImage, tmp_path: Path) -> None:
+    token, token_file, out = _layout(tmp_path)
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'[[job]]\nname = "hostroot"\nimage = "tiny"\naccel = "tcg"\n'
+                      f'timeout = 240\ncommand = ["sh", "-c", "{_script(token_file, out)}"]\n'
+                      f'host_root = {{ rw = ["{out}"] }}\n')
+    assert QEMUKIT
+    result = subprocess.run([QEMUKIT, "matrix", str(matrix), "--json", str(tmp_path / "r.jsonl")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                            stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    (line,) = (tmp_path / "r.jsonl").read_text().splitlines()
+    _check(json.loads(line)["result"]["stdout"], token, token_file, out)
+
+
+PLUGIN_HOST_ROOT = '''
+from qemukit.spec import HostRoot
+
+def test_host_root(qemu_vm_factory):
+    vm = qemu_vm_factory(host_root=HostRoot(rw=({out!r},)))
+    print("STDOUT:" + vm.exec(["sh", "-c", {script!r}]).stdout_text.replace("\\n", " "))
+'''
+
+
+def test_host_root_from_the_plugin(tiny_image: images.TinyImage, tmp_path: Path,
+                                   pytester: pytest.Pytester) -> None:
+    token, token_file, out = _layout(tmp_path)
+    pytester.makepyfile(test_hr=PLUGIN_HOST_ROOT.format(out=str(out),
+                                                        script=_script(token_file, out)))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", timeout=400)
+    result.assert_outcomes(passed=1)
+    (line,) = [x for x in result.stdout.lines if "STDOUT:" in x]
+    _check(line.split("STDOUT:", 1)[1], token, token_file, out)

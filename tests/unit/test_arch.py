@@ -324,10 +324,9 @@ def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: A
 
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
-    monkeypatch.setattr(host, "find_qemu", lambda *a: qemu)
     monkeypatch.setattr(host, "resolve_disk", lambda drive, q: DiskImage("raw", (), 4096))
     (tmp_path / "run").mkdir()
-    return FakeVM(tmp_path / "run", _spec(arch, **kw))
+    return FakeVM(tmp_path / "run", _spec(arch, **kw), qemu=qemu)
 
 
 @pytest.mark.parametrize(("arch", "why"), [
@@ -379,24 +378,23 @@ def test_s390x_disk_hotplug_uses_ccw_without_a_port(
 
 def test_pytest_option_picks_the_fixture_vms_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     from qemukit import pytest_plugin
-
-    built: list[tuple[str, str]] = []
-    monkeypatch.setattr(images, "build", lambda name, arch="x86_64": built.append((name, arch)))
-    monkeypatch.setattr(images, "spec", lambda name, **kw: kw)
+    from qemukit.resolve import Request
 
     class Config:
-        def __init__(self, arch: str) -> None:
+        def __init__(self, arch: str, cold: bool = False) -> None:
             self.opts = {"--qemukit-image": "tiny", "--qemukit-arch": arch,
-                         "--qemukit-accel": "tcg", "--qemukit-cold": False,
+                         "--qemukit-accel": "tcg", "--qemukit-cold": cold,
                          "--qemukit-crash-dir": None}
 
         def getoption(self, name: str) -> Any:
             return self.opts[name]
 
-    spec: Any = pytest_plugin._base_spec(Config("riscv64"), cpus=1)  # type: ignore[arg-type]
-    assert spec == {"accel": "tcg", "arch": "riscv64", "cpus": 1, "warm": True}
-    assert built == [("tiny", "riscv64")]
-    assert "arch" not in pytest_plugin._base_spec(Config("x86_64"))  # type: ignore[arg-type]
+    # The fixture's request, resolved (and its image built on first use) by qemukit.resolve.
+    got = pytest_plugin._request(Config("riscv64"), cpus=1)  # type: ignore[arg-type]
+    assert got == Request(image="tiny", arch="riscv64", overrides={"cpus": 1, "accel": "tcg"},
+                          purpose="interactive", build=True)
+    cold = pytest_plugin._request(Config("x86_64", cold=True))  # type: ignore[arg-type]
+    assert (cold.arch, cold.warm) == ("x86_64", False)
 
 
 def test_doctor_json_reports_every_architecture(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ FENCE = re.compile(r"^(?P<fence>```+)(?P<lang>[\w-]*)")
 API_PAGES = {
     "qemukit": "qemukit", "qemukit.errors": "errors", "qemukit.spec": "spec", "qemukit.vm": "vm",
     "qemukit.guest": "guest", "qemukit.hotplug": "hotplug", "qemukit.snapshot": "snapshot",
-    "qemukit.dump": "dump", "qemukit.kernel": "kernel", "qemukit.results": "results",
+    "qemukit.dump": "dump", "qemukit.kernel": "kernel", "qemukit.resolve": "resolve",
+    "qemukit.results": "results",
     "qemukit.kconfig": "kconfig",
     "qemukit.matrix": "matrix", "qemukit.images": "images", "qemukit.warm": "warm",
     "qemukit.host": "host", "qemukit.seed": "seed", "qemukit.qga": "qga", "qemukit.mcp": "mcp",

@@ -39,9 +39,6 @@ def _resolve_disk(drive: Drive, qemu: host.QemuBinary) -> DiskImage:
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
-    qemu = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
-                           True, "/usr/bin/qemu-img")
-    monkeypatch.setattr(host, "find_qemu", lambda: qemu)
     monkeypatch.setattr(host, "resolve_disk", _resolve_disk)
     return FakeVM(tmp_path, SPEC)
 

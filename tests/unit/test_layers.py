@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hotplug", "snapshot", "guest", "dump", "ports", "identity", "_access"),
     ("warm",),
     ("vm",),
+    ("resolve",),
     ("kernel", "crashdir", "kselftest", "gdbscripts"),
     ("matrix", "bisect"),
     ("cli", "pytest_plugin", "qga", "seed", "mcp", "testing"),

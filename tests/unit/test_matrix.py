@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from qemukit import matrix
+from qemukit import kconfig, matrix
 from qemukit.errors import SpecError
 from qemukit.kernel import KernelTestResult
 from qemukit.matrix import Job, JobResult, _local, _run, _shipping, load_matrix, parse_matrix, run_matrix
@@ -423,7 +423,10 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     installed: dict[Path, Path] = {}
     shipped = [_shipping.files_to_ship(job, tmp_path / "work", installed) for job in jobs]
     assert shipped[0] == shipped[1]
-    assert shipped[0]["kernel"] == tree / "arch/x86/boot/bzImage"
+    # The image with its .config beside it (one bundle for both jobs).
+    bundle = shipped[0]["kernel"]
+    assert sorted(p.name for p in bundle.iterdir()) == [".config", "bzImage"]
+    assert (bundle / "bzImage").read_bytes() == (tree / "arch/x86/boot/bzImage").read_bytes()
     assert (tree / "installs.log").read_text() == "installed\n"  # once for both jobs
     data = _shipping.read_for_shipping("modules", shipped[0]["modules"])
     with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
@@ -433,6 +436,14 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
     placed = Path(_shipping.materialize("modules", "d1" * 32, "modules-0", data))
     assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
+    # On a worker the job boots the image with its config beside it: the result keeps the
+    # config's digest (and the machine is chosen from the same config as on the client).
+    shipped_kernel = _shipping.read_for_shipping("kernel", bundle)
+    placed_kernel = _shipping.materialize("kernel", "e1" * 32, bundle.name, shipped_kernel)
+    on_worker = _shipping.bundled_image(Path(placed_kernel))
+    assert kconfig.kernel_config(on_worker) == on_worker.parent / ".config"
+    assert kconfig.config_sha256(on_worker.parent / ".config") == kconfig.config_sha256(
+        tree / ".config")
     # The job's own modules win, as in a local run: nothing is installed for it.
     own = tmp_path / "own" / "lib" / "modules" / RELEASE
     own.mkdir(parents=True)

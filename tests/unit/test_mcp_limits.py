@@ -549,3 +549,26 @@ def test_missing_sdk_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     out = CliRunner().invoke(main, ["mcp"])
     assert out.exit_code != 0
     assert out.output.strip() == "qemukit: qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'"
+
+
+def test_a_template_host_root_needs_the_operator_to_grant_the_root_and_its_rw_dirs(
+        tmp_path: Path) -> None:
+    """The host's root is a share of "/": a template asking for it is refused unless the
+    operator granted "/" (read-only), and each rw directory is refused unless granted :rw."""
+    tdir, out = tmp_path / "templates", tmp_path / "out"
+    tdir.mkdir()
+    out.mkdir()
+    (tdir / "hr.toml").write_text(f'image = "tiny"\n[host_root]\nrw = ["{out}"]\n'
+                                  'transport = "9p"\n')
+    for grants in ([], [f"{out}:rw"], ["/", f"{out}"]):
+        box = qmcp.Sandbox(template_dirs=[tdir],
+                           shares=[qmcp.ShareGrant.parse(g) for g in grants])
+        with pytest.raises(SpecError) as err:
+            box._spec(None, "hr", None, None, None, None, None)
+        assert err.value.field == "share", grants
+    box = qmcp.Sandbox(template_dirs=[tdir],
+                       shares=[qmcp.ShareGrant.parse("/"), qmcp.ShareGrant.parse(f"{out}:rw")])
+    spec, _ = box._spec(None, "hr", None, None, None, None, None)
+    assert spec.host_root is not None and spec.host_root.rw == (str(out),)
+    assert [(s.host_path, s.read_only) for s in spec.all_shares] == [("/", True),
+                                                                     (str(out), False)]

@@ -65,10 +65,17 @@ def test_marker_fields_go_over_the_users_spec() -> None:
 
 
 def test_marker_image_picks_the_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit.errors import HostError
+
     built: list[tuple[str, str]] = []
-    monkeypatch.setattr(images, "build", lambda name, arch="x86_64": built.append((name, arch)))
-    monkeypatch.setattr(images, "spec", lambda name, **kw: VMSpec(kernel=f"/{name}", initrd="/i",
-                                                                  **kw))
+    monkeypatch.setattr(images, "build", lambda name, arch="x86_64", **_: built.append((name, arch)))
+
+    def image_spec(name: str, suite: object = None, packages: object = (), **kw: object) -> VMSpec:
+        if not built:  # not built yet: the resolver builds it (once), then looks again
+            raise HostError(f"image {name!r} is not built")
+        return VMSpec(kernel=f"/{name}", initrd="/i", **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "spec", image_spec)
     spec = plugin._marked_spec(_request(pytest.mark.qemukit(image="debian", memory="1G")), BASE)
     assert spec is not None and spec.kernel == "/debian" and spec.memory == 1024
     assert spec.cpus == 1  # the image's, not the base spec's

@@ -15,7 +15,6 @@ import pytest
 
 from qemukit import SpecError
 from qemukit._launch.runtime import RuntimeDir
-from qemukit.cli._files import watcher_argv
 from qemukit.ports import (
     MAX_AUTO_FORWARDS,
     Listener,
@@ -23,6 +22,7 @@ from qemukit.ports import (
     parse_proc_net,
     parse_proc_net_tables,
     sync_forwards,
+    watcher_argv,
 )
 
 TCP = """\

@@ -379,7 +379,7 @@ def test_debian_spec_boots_an_overlay_with_seed_and_agent(tmp_path: Path,
         (tmp_path / name).write_bytes(b"x")
     fake = debian.DebianImage(tmp_path / "disk.qcow2", tmp_path / "vmlinuz", tmp_path / "initrd.img",
                               "6.1.0-test", tmp_path, {})
-    monkeypatch.setattr(images, "find_debian", lambda cache: fake)
+    monkeypatch.setattr(images, "find_debian", lambda cache, **build: fake)
     spec = images.spec("debian", accel="tcg")
     assert (spec.agent, spec.cpus, spec.memory, spec.machine) == ("qga", 2, 1024, "q35")
     assert spec.drives == (Drive(str(fake.disk), format="qcow2", overlay=True),)
@@ -387,6 +387,6 @@ def test_debian_spec_boots_an_overlay_with_seed_and_agent(tmp_path: Path,
     assert spec.cloud_init == CloudInit()
     assert spec.kernel == str(fake.kernel) and spec.initrd == str(fake.initrd)
     assert "root=/dev/vda" in (spec.append or "") and "console=ttyS0" in (spec.append or "")
-    monkeypatch.setattr(images, "find_debian", lambda cache: None)
+    monkeypatch.setattr(images, "find_debian", lambda cache, **build: None)
     with pytest.raises(HostError, match="images build debian"):
         images.spec("debian")

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec, parse_drive, parse_nic, parse_size
-from qemukit.spec import DEFAULT_MEMORY_SLOTS, CloudInit
+from qemukit.spec import DEFAULT_MEMORY_SLOTS, CloudInit, HostRoot
 
 
 def spec_error(make: Callable[[], object]) -> SpecError:
@@ -490,6 +490,7 @@ def full_spec() -> VMSpec:
         forward_auto=False,  # True needs an agent and a user network: see the tests below
         networks=("lan", "db-2"),
         tb_size=128,
+        host_root=HostRoot(rw=("/out",), transport="9p"),
     )
 
 
@@ -502,7 +503,7 @@ def test_full_spec_sets_every_field() -> None:
             continue
         assert getattr(spec, f.name) != getattr(defaults, f.name), f.name
     for cls, parts in ((Drive, spec.drives), (Nic, spec.nics), (Share, spec.shares),
-                       (CloudInit, (spec.cloud_init,))):
+                       (CloudInit, (spec.cloud_init,)), (HostRoot, (spec.host_root,))):
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             assert any(getattr(p, f.name) != default for p in parts), f"{cls.__name__}.{f.name}"
