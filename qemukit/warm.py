@@ -445,10 +445,14 @@ class WarmCache:
         for path in self.root.iterdir():
             if not path.name.startswith(TMP_PREFIX):
                 continue
-            owner, _, tail = path.name[len(TMP_PREFIX):].rpartition("-")
+            # A build directory is ``.tmp-KEY-PID``, a deleted entry ``.tmp-KEY-gonePID-NS``.
+            name = path.name[len(TMP_PREFIX):]
+            owner, gone, _ = name.partition(f"-{GONE}")
+            if not gone:
+                owner = name.rpartition("-")[0]
             if key is not None and owner != key:
                 continue
-            if tail.startswith(GONE):  # deleted already, by name: nobody uses it
+            if gone:  # deleted already, by name: nobody uses it
                 shutil.rmtree(path, ignore_errors=True)
             elif key is None:
                 with self._try_lock(owner) as held:

@@ -23,6 +23,7 @@ from ..errors import (
     StateError,
     WaitTimeout,
 )
+from ..snapshot._bundle import discarding_device_refusal
 from ..spec import ID_RE, Drive, DriveFormat, DriveInterface, Nic, NicKind, PortForward, parse_size
 from ..target import VMTarget
 from ..timeouts import PLUG_TIMEOUT, UNPLUG_TIMEOUT
@@ -461,6 +462,10 @@ class AsyncHotplug:
         """
         added: list[tuple[str, dict[str, Any]]] = []
         vm = self._vm
+        driver = record.device.get("driver")
+        refusal = discarding_device_refusal(vm.spec.extra_args, driver)
+        if refusal is not None:
+            raise refuse("driver", driver, refusal, record.id)
         if acknowledge:
             await self._guest_booted(f"plugging {record.kind}", record.id)
 

@@ -10,6 +10,7 @@ archives by the rules of tarfile's ``"data"`` filter (:func:`extract_tree`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -163,7 +164,8 @@ def materialize(key: str, digest: str, name: str, data: bytes) -> str:
     Idempotent and safe when many tasks (threads, or workers sharing the cache)
     ship at once: each name is written beside its place and renamed into it,
     so a reader sees it whole or not at all; whoever comes second finds it
-    there (or replaces a file with the same bytes). The same content under
+    there (or replaces a file with the same bytes). Bytes whose SHA-256 is not
+    ``digest`` raise :class:`ValueError` before anything is written. The same content under
     another name (two jobs' kernels copied to different file names) is one
     more name in the same digest's directory.
     """
@@ -173,8 +175,14 @@ def materialize(key: str, digest: str, name: str, data: bytes) -> str:
         raise ValueError(f"not a file name: {name!r}")
     root = cache_dir() / "matrix-files" / digest
     target = root / name
-    if target.exists():
+    if target.exists():  # placed by whoever came first, with bytes of this digest
         return str(target)
+    # The name is the digest's: bytes that are not its (a client of a shared cluster
+    # planting a kernel that another client's job with that digest would boot) go nowhere.
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise ValueError(f"{key} {name!r}: the bytes sent have SHA-256 {actual}, not the "
+                         f"digest {digest} they were sent under")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root.parent))
     try:

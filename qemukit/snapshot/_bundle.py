@@ -84,6 +84,49 @@ def without_ram_args(args: Sequence[str]) -> tuple[str, ...]:
             continue
         out.append(arg)
     return tuple(out)
+
+
+#: Device drivers that give guest RAM back to QEMU, which discards it (see
+#: :func:`discarding_device_refusal`).
+DISCARDING_DRIVERS = ("virtio-balloon", "virtio-mem")
+
+
+def writable_template(args: Sequence[str]) -> str | None:
+    """The RAM file a VM with these QEMU ``args`` maps privately but opens read-write, or None.
+
+    That is a mapped clone's RAM (:func:`private_ram_args`) on a QEMU before
+    8.2, which has no ``readonly=on`` for a memory backend.
+    """
+    prefix = f"memory-backend-file,id={RAM_ID},"
+    for index, arg in enumerate(args[:-1]):
+        value = args[index + 1]
+        if arg == "-object" and value.startswith(prefix):
+            opts = value.replace(",,", "\0").split(",")
+            if "share=off" in opts and "readonly=on" not in opts:
+                path = next((o for o in opts if o.startswith("mem-path=")), "mem-path=")
+                return path.removeprefix("mem-path=").replace("\0", ",")
+    return None
+
+
+def discarding_device_refusal(args: Sequence[str], driver: object) -> str | None:
+    """Why a VM run with QEMU ``args`` must not get a ``driver`` device, or None.
+
+    A mapped clone on QEMU < 8.2 has the warm state's RAM file open
+    read-write (:func:`writable_template`). QEMU 7.2 discards the pages a
+    virtio-balloon or virtio-mem gives back with ``fallocate(PUNCH_HOLE)``
+    on that file even though the clone maps it privately: the shared
+    template, which every later clone maps, would lose them.
+    """
+    name = str(driver).lower()
+    if not name.startswith(DISCARDING_DRIVERS):
+        return None
+    ram = writable_template(args)
+    if ram is None:
+        return None
+    return (f"this VM maps the warm state's RAM file {ram} and its QEMU (before 8.2) opens it "
+            f"read-write; QEMU discards the memory a {name} gives back by punching holes in "
+            "that file, which would zero the template every later clone restores from "
+            "(start the VM with QEMUKIT_WARM_MAP=0 to copy its RAM instead)")
 _BANDWIDTH = 1 << 40  # bytes/s: no throttling while the guest is paused anyway
 
 

@@ -57,6 +57,7 @@ from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
+    HotplugError,
     LaunchError,
     QemukitError,
     QMPConnectionError,
@@ -70,6 +71,7 @@ from ..hotplug import AsyncHotplug, PluggedDevice
 from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, save_state
+from ..snapshot._bundle import discarding_device_refusal
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 from ..warm import WarmHold, WarmStart
@@ -622,6 +624,11 @@ class AsyncVM(_verbs.Verbs):
         """
         args = dict(arguments or {})
         args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        if command == "device_add":  # a mapped clone's RAM template must not be discarded
+            refusal = discarding_device_refusal(self.spec.extra_args, args.get("driver"))
+            if refusal is not None:
+                raise HotplugError(f"driver={args.get('driver')!r}: {refusal}", field="driver",
+                                   value=args.get("driver"), device=args.get("id"))
         # Not guarded(): a QEMU that dies closes the monitor, which fails the command
         # at once; skipping the guard's extra futures keeps a round trip cheap.
         try:

@@ -263,10 +263,14 @@ async def choose_warm(vm: WarmTarget, spec: VMSpec, qemu: host.QemuBinary, facts
     if hold is None:
         return WarmStart(False, f"the warm state {key.digest} was removed while this VM "
                          "started", key.digest), None
-    entry.touch()
-    # The clone's own seed (its instance id, host name and keys), given to it after the restore.
-    clone = bundle.clone_spec(spec.name, qemu_version=qemu.version).replace(
-        cloud_init=spec.cloud_init, tb_size=spec.tb_size)
+    try:
+        entry.touch()
+        # The clone's own seed (its instance id, host name and keys), given to it after the restore.
+        clone = bundle.clone_spec(spec.name, qemu_version=qemu.version).replace(
+            cloud_init=spec.cloud_init, tb_size=spec.tb_size)
+    except BaseException:
+        hold.close()  # else the entry counts as in use for the rest of this process
+        raise
     memory = "memory mapped" if mapped else f"memory copied: {no_map}"
     start = WarmStart(reason is None, reason or "", key.digest, memory=memory,
                       build_seconds=built)

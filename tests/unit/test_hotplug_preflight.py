@@ -294,3 +294,52 @@ def test_ledger_writes_atomically_and_keeps_order(tmp_path: Path) -> None:
     (tmp_path / "devices.json").write_text("{not json")
     with pytest.raises(HotplugError, match="unreadable"):
         ledger.records()
+
+
+# -- a mapped clone's RAM template (QEMU < 8.2 opens it read-write) -----------------
+
+
+@pytest.mark.parametrize("driver", ["virtio-balloon-pci", "virtio-balloon-device", "virtio-mem-pci"])
+def test_no_discarding_device_on_a_writable_ram_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          driver: str) -> None:
+    """QEMU 7.2 punches holes in the template for what a balloon or virtio-mem gives back."""
+    from qemukit.hotplug._ledger import DeviceRecord
+    from qemukit.snapshot._bundle import private_ram_args
+
+    ram = tmp_path / "cache" / "ram"
+    clone = SPEC.replace(extra_args=private_ram_args(512, ram, (7, 2, 0)))
+    vm = FakeVM(tmp_path / "run", clone)
+    record = DeviceRecord("b0", "nic", (), {"driver": driver, "id": "b0"})
+    with pytest.raises(HotplugError) as info:
+        run(AsyncHotplug(vm)._plug(record, 5.0))
+    assert (info.value.field, info.value.value, info.value.device) == ("driver", driver, "b0")
+    assert driver in str(info.value) and str(ram) in str(info.value)
+    assert "punching holes" in str(info.value)
+    assert vm.mutations == []
+
+
+def test_discarding_devices_are_plugged_where_the_template_is_safe(tmp_path: Path) -> None:
+    """Read-only (QEMU >= 8.2), no template at all, or another driver: nothing is refused."""
+    from qemukit.snapshot._bundle import discarding_device_refusal, private_ram_args
+
+    ram = tmp_path / "ram"
+    old = private_ram_args(512, ram, (7, 2, 0))
+    assert discarding_device_refusal(private_ram_args(512, ram, (8, 2, 0)), "virtio-balloon-pci") is None
+    assert discarding_device_refusal((), "virtio-balloon-pci") is None
+    assert discarding_device_refusal(old, "virtio-net-pci") is None
+    assert discarding_device_refusal(old, "VIRTIO-MEM-PCI") is not None
+    quoted = private_ram_args(512, Path("/a,b/ram"), (7, 2, 0))
+    assert "/a,b/ram" in (discarding_device_refusal(quoted, "virtio-balloon-pci") or "")
+
+
+def test_raw_qmp_device_add_of_a_balloon_is_refused_on_a_writable_template(tmp_path: Path) -> None:
+    """vm.qmp("device_add", ...) cannot get around it (checked before QEMU is asked)."""
+    from qemukit import AsyncVM
+    from qemukit.snapshot._bundle import private_ram_args
+
+    vm = AsyncVM(VMSpec(extra_args=private_ram_args(128, tmp_path / "ram", (7, 2, 0))))
+    with pytest.raises(HotplugError, match="virtio-balloon-pci.*punching holes") as info:
+        run(vm.qmp("device_add", driver="virtio-balloon-pci", id="b0"))
+    assert (info.value.field, info.value.device) == ("driver", "b0")
+    with pytest.raises(HotplugError):
+        run(vm.qmp("device_add", {"driver": "virtio-mem-pci", "memdev": "m0"}))

@@ -345,7 +345,8 @@ def test_shipped_files_are_kept_once_under_their_hash(
     placed = Path(paths[0])
     assert (placed / "lib" / "modules" / "6.1.0" / "modules.dep").read_text() == "kernel/a.ko:\n"
     assert sorted(p.name for p in (tmp_path / "cache" / "matrix-files").iterdir()) == [digest]
-    kernel = _shipping.materialize("kernel", "d" * 64, "vmlinuz", b"kernel bytes")
+    kernel = _shipping.materialize("kernel", hashlib.sha256(b"kernel bytes").hexdigest(),
+                                   "vmlinuz", b"kernel bytes")
     assert Path(kernel).read_bytes() == b"kernel bytes"
     with pytest.raises(SpecError, match="modules"):
         _shipping.read_for_shipping("modules", tmp_path / "nothing-here")
@@ -403,6 +404,19 @@ def test_the_same_content_under_two_names_is_kept_under_both_whoever_ships_first
         _shipping.materialize("kernel", "../../etc", "x", b"x")
 
 
+def test_a_client_cannot_plant_bytes_under_another_digest(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On a shared cluster the first writer of a digest's name wins: it must have its bytes."""
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    good = b"the victim's kernel"
+    digest = hashlib.sha256(good).hexdigest()
+    with pytest.raises(ValueError, match=f"bzImage.*not the digest {digest}"):
+        _shipping.materialize("kernel", digest, "bzImage", b"the attacker's kernel")
+    assert not (tmp_path / "cache" / "matrix-files" / digest / "bzImage").exists()
+    placed = _shipping.materialize("kernel", digest, "bzImage", good)
+    assert Path(placed).read_bytes() == good
+
+
 def test_a_job_names_its_files_and_moves_them() -> None:
     job = Job("a", ("true",), image="tiny", vm={"kernel": "/k/bzImage"}, modules="/m")
     assert job.files() == {"kernel": Path("/k/bzImage"), "modules": Path("/m")}
@@ -434,12 +448,14 @@ def test_a_kernel_tree_ships_as_its_image_and_its_modules_installed_once(
     assert f"./lib/modules/{RELEASE}/kernel/b.ko" in names
     assert f"./lib/modules/{RELEASE}/build" not in names  # a link into the tree: left out
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
-    placed = Path(_shipping.materialize("modules", "d1" * 32, "modules-0", data))
+    placed = Path(_shipping.materialize("modules", hashlib.sha256(data).hexdigest(), "modules-0",
+                                        data))
     assert (placed / "lib" / "modules" / RELEASE / "modules.dep").exists()
     # On a worker the job boots the image with its config beside it: the result keeps the
     # config's digest (and the machine is chosen from the same config as on the client).
     shipped_kernel = _shipping.read_for_shipping("kernel", bundle)
-    placed_kernel = _shipping.materialize("kernel", "e1" * 32, bundle.name, shipped_kernel)
+    placed_kernel = _shipping.materialize("kernel", hashlib.sha256(shipped_kernel).hexdigest(),
+                                          bundle.name, shipped_kernel)
     on_worker = _shipping.bundled_image(Path(placed_kernel))
     assert kconfig.kernel_config(on_worker) == on_worker.parent / ".config"
     assert kconfig.config_sha256(on_worker.parent / ".config") == kconfig.config_sha256(

@@ -293,7 +293,21 @@ def test_a_delete_renames_first_so_a_kill_leaves_no_half_entry(tmp_path: Path,
     assert not (tmp_path / KEY).exists() and cache.entries() == []
     leftovers = [p.name for p in tmp_path.iterdir() if p.is_dir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(f".tmp-{KEY}-gone")
+    locks = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".lock")
     assert cache.remove_partial() == 1 and not any(p.is_dir() for p in tmp_path.iterdir())
+    # Removed by its name, not under a lock of a made-up key "KEY-gonePID".
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".lock") == locks
+
+
+def test_the_deleted_entries_of_one_key_go_with_its_partial_builds(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path)
+    gone = tmp_path / f".tmp-{KEY}-gone{os.getpid()}-123"
+    other = tmp_path / f".tmp-{'b' * len(KEY)}-gone{os.getpid()}-456"
+    for path in (gone, other):
+        path.mkdir()
+    assert cache.remove_partial(KEY) == 1
+    assert not gone.exists() and other.exists()
+    assert not list(tmp_path.glob("*.lock"))
 
 
 def _fake_bundle() -> object:

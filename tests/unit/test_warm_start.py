@@ -196,6 +196,27 @@ def test_a_first_start_builds_a_mapped_state_and_restores_from_it(
     assert again.warm and plan2 is not None and plan2.entry.key == plan.entry.key
 
 
+def test_a_failure_after_the_hold_releases_it(files: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """choose_warm raising after cache.hold() closes the hold: the entry is not left in use."""
+    from qemukit.snapshot import Bundle
+
+    cache = WarmCache(tmp_path / "warm")
+    vm = FakeTarget(tiny(files))
+    _, plan = choose(vm, vm.spec, files, cache)
+    assert plan is not None and plan.hold is not None
+    plan.hold.close()
+    assert not cache.in_use(plan.entry)
+
+    def broken(*args: object, **kwargs: object) -> VMSpec:
+        raise OSError("clone_spec failed")
+
+    monkeypatch.setattr(Bundle, "clone_spec", broken)
+    with pytest.raises(OSError, match="clone_spec failed"):
+        choose(FakeTarget(tiny(files)), vm.spec, files, cache)
+    assert not cache.in_use(plan.entry)
+
+
 def test_qemu_8_2_maps_the_template_read_only(tmp_path: Path) -> None:
     args = private_ram_args(128, tmp_path / "ram", (8, 2, 0))
     assert "share=off,readonly=on,rom=off" in args[1]
