@@ -7,19 +7,41 @@ private parts; ``AsyncVM`` implements it, and unit tests pass small fakes.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from qemu.qmp import EventListener
+
     from ._launch.runtime import RuntimeDir
-    from ._wire.qmp import QMP
     from .host import AccelChoice, QemuBinary
     from .spec import VMSpec
 
-__all__ = ["VMTarget"]
+__all__ = ["EventMonitor", "VMTarget"]
 
 T = TypeVar("T")
+
+
+class EventMonitor(Protocol):
+    """The side of a VM's QMP connection that operations wait on (``vm.monitor``).
+
+    qemukit's QMP connection is one; :class:`qemukit.testing.FakeMonitor` another.
+    """
+
+    def listen(self, *names: str, match: Callable[[Mapping[str, Any]], bool] | None = None
+               ) -> AbstractContextManager[EventListener]:
+        """Listen for the events ``names`` while the block runs."""
+
+    async def wait_event(self, listener: EventListener, timeout: float | None,
+                         what: str) -> dict[str, Any]:
+        """The listener's next event, or :class:`~qemukit.errors.WaitTimeout` naming ``what``."""
+
+    async def hand_over_fd(self, fd: int, prefix: str, *, timeout: float = ...) -> str:
+        """Pass the open file ``fd`` to QEMU under a new name (``getfd``); returns the name."""
+
+    async def wait_disconnected(self) -> None:
+        """Return once the connection is gone (QEMU exited)."""
 
 
 class VMTarget(Protocol):
@@ -46,7 +68,7 @@ class VMTarget(Protocol):
         """The QEMU binary the VM runs on (and its qemu-img), found once for its architecture."""
 
     @property
-    def monitor(self) -> QMP:
+    def monitor(self) -> EventMonitor:
         """The QMP connection, for event listeners."""
 
     @property

@@ -45,6 +45,7 @@ PUBLIC_MODULES = (
     "qemukit.kselftest",
     "qemukit.bisect",
     "qemukit.gdbscripts",
+    "qemukit.testing",
 )
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import HostError, LaunchError, WaitTimeout
 from ._pids import is_same_process, process_start_time
@@ -69,6 +69,7 @@ def run_command(argv: Sequence[str], *, timeout: float = 60.0,
     Raises :class:`HostError` if it cannot be started or times out; a non-zero
     exit is returned for the caller to judge.
     """
+    log.debug("running %s", shlex.join(argv))
     try:
         return subprocess.run(
             list(argv),
@@ -117,6 +118,7 @@ def run_streaming(argv: Sequence[str], *, source: BinaryIO | None = None,
         )
     except OSError as exc:
         raise HostError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    log.debug("spawned pid %d: %s", popen.pid, shlex.join(argv))
     moved = [0]
     lock = threading.Lock()
     failures: list[Exception] = []
@@ -219,6 +221,23 @@ class QemuProcess:
     def uptime(self) -> float:
         """Seconds since QEMU was started (monotonic clock for our own children)."""
         return time.monotonic() - self.spawned_at
+
+    def stats(self) -> dict[str, Any]:
+        """The process's resource use from psutil: CPU seconds, RSS, threads, open files, fds."""
+        import psutil
+
+        proc = psutil.Process(self.pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return {
+                "pid": proc.pid,
+                "cpu_seconds": round(times.user + times.system, 3),
+                "rss": proc.memory_info().rss,
+                "threads": proc.num_threads(),
+                "open_files": len(proc.open_files()),
+                "fds": proc.num_fds(),
+                "uptime": round(self.uptime(), 3),
+            }
 
     @classmethod
     def spawn(
@@ -410,6 +429,7 @@ def run_until_output(
         )
     except OSError as exc:
         raise HostError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+    log.debug("spawned pid %d: %s", popen.pid, shlex.join(argv))
     assert popen.stdout is not None
     output = bytearray()
     seen = False

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from .._fs import write_atomic
 from ..errors import SpecError, StateError
 from ..paths import data_dir, state_dir, state_dir_error
 from ._pids import is_same_process
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RuntimeDir", "VMInfo", "list_entries"]
 
@@ -96,6 +100,13 @@ class RuntimeDir:
     def lock_file(self) -> Path:
         """``ops.lock``: flock'ed by every operation that changes the VM's state files."""
         return self.path / "ops.lock"
+
+    def operation_lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
+        """The ``flock`` on :attr:`lock_file`, waited for at most ``timeout`` seconds."""
+        from .._aio import file_lock  # (asyncio: not for the commands that only list VMs)
+
+        return file_lock(self.lock_file, timeout, f"VM {self.name!r}'s operation lock "
+                         f"({self.lock_file}), held by another operation on it")
 
     @property
     def data_path(self) -> Path:
@@ -238,6 +249,9 @@ class RuntimeDir:
             if target.name == self.name:
                 shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():  # rmtree went on past what it could not delete: say so
+            log.warning("%s: the runtime directory %s could not be removed completely",
+                        self.name, self.path)
 
 
 def _mtime(path: Path) -> float:

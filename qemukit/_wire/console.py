@@ -75,7 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ShareMountError
+from .._aio import cancel_and_wait
+from ..errors import GuestOops, GuestPanic, QemukitError, ShareMountError
 
 __all__ = [
     "CONSOLE_LOG_MAX",
@@ -569,3 +570,39 @@ def first_fatal(events: Iterable[ConsoleEvent], continue_on_oops: bool) -> Conso
             if event.kind == kind:
                 return event
     return None
+
+
+#: How long a panicking kernel gets to finish its report before the panic is raised.
+PANIC_REPORT_TIMEOUT = 10.0
+
+
+async def console_verdict(event: ConsoleEvent, console: ConsoleWatcher | None,
+                          exited: asyncio.Future[Any], shares: Sequence[object],
+                          tail: Callable[[int], str]) -> QemukitError:
+    """The error for a fatal console ``event``, once the kernel has said all it will.
+
+    An oops waits for the end of its report (``panic_on_oops``, or one in an
+    interrupt, turns it into a panic); a panic for the end of its backtrace,
+    which comes with QEMU's exit (``exited``: a reboot under ``-no-reboot``)
+    or the kernel's end line, bounded by :data:`PANIC_REPORT_TIMEOUT` (a
+    loaded host prints slowly). ``tail(n)`` gives the console's last lines;
+    ``shares`` are the spec's, for a share that did not mount.
+    """
+    if event.kind == "oops" and console is not None:
+        event = await console.oops_outcome(event)
+    if event.kind == "panic":
+        ended: set[asyncio.Future[Any]] = {exited}
+        if console is not None:
+            ended.add(asyncio.ensure_future(console.panic_ended.wait()))
+        try:
+            await asyncio.wait(ended, timeout=PANIC_REPORT_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in ended - {exited}:
+                await cancel_and_wait(waiter)
+        if console is not None:
+            await console.settle()
+        return GuestPanic(event.line, tail(40))
+    if event.kind == "oops":
+        return GuestOops(event.line, tail(60))
+    return share_error(event, shares, tail(20))

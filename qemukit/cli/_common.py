@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -355,15 +356,40 @@ def build_spec(opts: dict[str, Any]) -> VMSpec:
 @click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\n" + exit_codes_help())
 @click.version_option(package_name="qemukit")
-def main() -> None:
+@click.option("-v", "--verbose", "verbosity", count=True,
+              help="Show qemukit's log on stderr: -v its steps, -vv every detail (each "
+              "process spawned with its argv and pid, QMP, hotplug, snapshots).")
+def main(verbosity: int) -> None:
     """Launch and control QEMU virtual machines, without libvirt."""
     # The library's warnings (a TCP gdb stub or QMP port anyone local can reach) as one
     # line each, not Python's file:line form with a source line from asyncio's loop.
     warnings.formatwarning = _one_line_warning
+    if verbosity:
+        show_log(logging.INFO if verbosity == 1 else logging.DEBUG)
     from ..paths import invoking_user
 
     if invoking_user() is not None:  # under sudo: what lands in the user's cache is theirs
         click.get_current_context().call_on_close(_hand_over_quietly)
+
+
+def show_log(level: int) -> None:
+    """Print the ``qemukit`` loggers' records from ``level`` up on stderr, for this command.
+
+    The logger's level and handler are put back when the command ends (the
+    CLI can be invoked more than once in one process: tests, ``--help``).
+    """
+    logger = logging.getLogger("qemukit")
+    handler = logging.StreamHandler()  # sys.stderr as it is now
+    handler.setFormatter(logging.Formatter("qemukit: %(name)s: %(message)s"))
+    previous = logger.level
+    logger.setLevel(level)
+    logger.addHandler(handler)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+    click.get_current_context().call_on_close(restore)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

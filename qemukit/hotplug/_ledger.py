@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ DeviceKind = Literal["disk", "nic", "cpu", "memory", "controller"]
 UNDO = {"blockdev-add": ("blockdev-del", "node-name", "node-name"),
          "netdev_add": ("netdev_del", "id", "id"),
          "object-add": ("object-del", "id", "id")}
+
+
+log = logging.getLogger(__name__)
 
 
 def refuse(field_name: str, value: Any, reason: str, device: str | None = None) -> HotplugError:
@@ -136,6 +140,7 @@ class DeviceLedger:
 
     def add(self, record: DeviceRecord) -> None:
         """Append ``record`` (replacing an entry with the same id)."""
+        log.debug("%s: plugged %s %s", self.runtime.name, record.kind, record.id)
         with self._locked():
             records = [r for r in self._read() if r.id != record.id]
             self._write([*records, record])
@@ -144,6 +149,7 @@ class DeviceLedger:
 
     def remove(self, device_id: str) -> None:
         """Drop the entry of ``device_id`` (no error if there is none)."""
+        log.debug("%s: unplugged %s", self.runtime.name, device_id)
         with self._locked():
             records = self._read()
             if any(r.id == device_id for r in records):

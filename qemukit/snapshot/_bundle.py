@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from ._records import DEVICES_FILE, qemu_img, read_json_list, safe_name, write_j
 if TYPE_CHECKING:
     from ..target import VMTarget
 
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -309,7 +311,10 @@ async def save_state(vm: VMTarget, path: Path, *, stop: bool = False,
                      timeout: float = SAVE_TIMEOUT) -> Bundle:
     """Save ``vm``'s state to a new bundle (see :func:`_save_state`), under its operation lock."""
     async with vm.operation_lock():
-        return await _save_state(vm, path, stop=stop, timeout=timeout)
+        log.debug("%s: saving its state to %s (stop=%s)", vm.name, path, stop)
+        bundle = await _save_state(vm, path, stop=stop, timeout=timeout)
+        log.debug("%s: state saved to %s", vm.name, path)
+        return bundle
 
 
 async def _save_state(vm: VMTarget, path: Path, *, stop: bool = False,
@@ -417,7 +422,9 @@ async def _resume_after(vm: VMTarget, was_running: bool, migrated: bool) -> None
 async def restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
     """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock."""
     async with vm.operation_lock():
+        log.debug("%s: restoring the state of %s", vm.name, bundle.path)
         await _restore_vm(vm, bundle, timeout)
+        log.debug("%s: restored from %s", vm.name, bundle.path)
 
 
 async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:

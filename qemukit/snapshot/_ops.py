@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import contextlib
 import functools
+import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from ..target import VMTarget
 
 
+log = logging.getLogger(__name__)
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -35,7 +38,11 @@ def _under_operation_lock(
     @functools.wraps(method)
     async def locked(self: Snapshots, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         async with self.vm.operation_lock():
-            return await method(self, *args, **kwargs)
+            log.debug("%s: snapshot %s %s %s", self.vm.name, method.__name__,
+                      " ".join(map(repr, args)), kwargs or "")
+            result = await method(self, *args, **kwargs)
+            log.debug("%s: snapshot %s done", self.vm.name, method.__name__)
+            return result
 
     return locked
 

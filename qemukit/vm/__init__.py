@@ -9,7 +9,8 @@ error is raised.
 
 from __future__ import annotations
 
-from ._core import AdoptedQemu, AsyncVM, VMState
+from .._launch.start import AdoptedQemu
+from ._core import AsyncVM, VMState
 from ._facade import VM
 from ._ladder import ShutdownResult, ShutdownRung
 from ._preview import preview_argv

@@ -1,8 +1,12 @@
 """The async core: :class:`AsyncVM`'s lifecycle and the supervision around it.
 
-Start (carrying out the launch plan), attach, guarded waits, QMP, the guest,
-shutdown; and the registry of live VMs that an exit hook (and a fork) keeps
-from outliving, or being cleaned up by, the wrong process.
+Start, attach, guarded waits, QMP, the guest agent, shutdown; and the
+registry of live VMs that an exit hook (and a fork) keeps from outliving, or
+being cleaned up by, the wrong process. What is not supervision lives
+beside it: the launch plan is carried out by :mod:`qemukit._launch.start`,
+ssh, copies and the gdb stub are functions of the target in
+:mod:`qemukit._access`, the test writer's verbs come from
+:class:`qemukit.vm._verbs.Verbs`, the shutdown ladder is :mod:`._ladder`.
 """
 
 from __future__ import annotations
@@ -13,36 +17,46 @@ import contextlib
 import enum
 import logging
 import os
-import re
-import shutil
-import socket
 import time
-import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .. import _sync, host
-from .._aio import cancel_and_wait, file_lock
-from .._launch.argv import GDB_CHARDEV
+from .. import _access, _sync, host
+from .._access import CopyVia
+from .._aio import cancel_and_wait
 from .._launch.netaddr import NetworkMember, Networks
-from .._launch.plan import DiskImage, LaunchPlan, plan_launch
-from .._launch.process import QemuProcess, process_start_time
-from .._launch.runtime import RuntimeDir, VMInfo
+from .._launch.plan import plan_launch
+from .._launch.process import QemuProcess
+from .._launch.runtime import RuntimeDir
+from .._launch.start import (
+    AdoptedQemu,
+    Prepared,
+    adopt,
+    carry_out,
+    output_for_error,
+    prepare,
+    record,
+    spawn_qemu,
+    stop_helpers,
+    warn_exposed,
+)
 from .._wire.agent import Agent, ExecResult
-from .._wire.console import ConsoleEvent, ConsoleWatcher, classify_text, first_fatal, log_tail, share_error
+from .._wire.console import (
+    ConsoleEvent,
+    ConsoleWatcher,
+    classify_text,
+    console_verdict,
+    first_fatal,
+    log_tail,
+)
+from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
-from ..arch import ARCHES
 from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
-    GuestIOError,
-    GuestOops,
-    GuestPanic,
-    HostError,
     HotplugError,
     LaunchError,
     QemukitError,
@@ -58,7 +72,7 @@ from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
 from ..snapshot import Bundle, Snapshots, save_state
 from ..snapshot._bundle import discarding_device_refusal
-from ..spec import Share, VMSpec
+from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
 from ..warm import WarmHold, WarmStart
 
@@ -66,12 +80,9 @@ if TYPE_CHECKING:
     from .._launch.seed import Seed
 from . import _net, _verbs, _warm
 from ._facts import default_probe_image, host_facts
-from ._ladder import ShutdownResult, ShutdownRung, run_ladder
+from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
-#: How :meth:`AsyncVM.copy_in` and :meth:`AsyncVM.copy_out` move the bytes.
-CopyVia = Literal["auto", "agent", "ssh"]
-
-log = logging.getLogger("qemukit")
+log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
@@ -89,19 +100,7 @@ class VMState(enum.Enum):
     DETACHED = "detached"
 
 
-@dataclass(frozen=True)
-class AdoptedQemu:
-    """A QEMU that already runs, for an :class:`AsyncVM` made to control it (attach)."""
-
-    runtime: RuntimeDir
-    process: QemuProcess
-    helpers: tuple[QemuProcess, ...]
-    accel: host.AccelChoice
-
-
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
-#: How long a panicking kernel gets to finish its report before the panic is raised.
-PANIC_REPORT_TIMEOUT = 10.0
 #: At interpreter exit, how long the VMs left running get to close and stop in order.
 EXIT_CLEANUP_TIMEOUT = 5.0
 
@@ -148,7 +147,7 @@ def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
     return Agent(rd.agent_socket, connect_timeout=connect_timeout)
 
 
-class AsyncVM:
+class AsyncVM(_verbs.Verbs):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -208,12 +207,9 @@ class AsyncVM:
         self._qmp: QMP | None = None
         self._console: ConsoleWatcher | None = None
         self._agent: Agent | None = None
-        self._io_error: asyncio.Future[GuestIOError] | None = None
-        self._io_watch: asyncio.Task[None] | None = None
-        self._formats: list[DiskImage] = []
-        self._vfs_launcher: list[str] = []
-        #: Before QEMU's argv when QEMU serves a writable 9p share (the share guard).
-        self._qemu_guard: list[str] = []
+        self._io_watch: IOErrorWatch | None = None
+        #: What the start's checks found (the QEMU binary, drive formats, daemons' launch).
+        self._prepared: Prepared | None = None
         #: Helper daemons this VM needs (virtiofsd), stopped after QEMU.
         self._helpers: list[QemuProcess] = []
         self._hotplug: AsyncHotplug | None = None
@@ -286,22 +282,9 @@ class AsyncVM:
 
     def stats(self) -> dict[str, Any]:
         """QEMU's resource use from psutil: CPU seconds, RSS, threads, open files and fds."""
-        import psutil
-
         if self._proc is None or not self._proc.alive():
             raise StateError(f"VM {self.name!r} has no running QEMU")
-        proc = psutil.Process(self._proc.pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            return {
-                "pid": proc.pid,
-                "cpu_seconds": round(times.user + times.system, 3),
-                "rss": proc.memory_info().rss,
-                "threads": proc.num_threads(),
-                "open_files": len(proc.open_files()),
-                "fds": proc.num_fds(),
-                "uptime": round(self._proc.uptime(), 3),
-            }
+        return self._proc.stats()
 
     def _require(self, *states: VMState) -> None:
         if self.state not in states:
@@ -383,7 +366,7 @@ class AsyncVM:
     def _forget_launch(self) -> None:
         """After a launch was cleaned up: forget its process, connections and runtime."""
         self._proc = self._qmp = self._console = self._agent = None
-        self._io_error = self._io_watch = None
+        self._io_watch = None
         self._hotplug = self._seed = self.runtime = None
         self._helpers = []
         self.argv = []
@@ -395,107 +378,44 @@ class AsyncVM:
                        continue_on_oops=self.continue_on_oops)
 
     def _prepare(self, spec: VMSpec) -> None:
-        """Everything before the spawn that can fail on bad input: no process, no file yet.
+        """Check ``spec`` against the host before anything starts, and choose the accelerator.
 
-        Checks the spec against the host, decides each drive's format and backing
-        chain (:func:`qemukit.host.resolve_disk`) and resolves the accelerator (the
-        plan is made once the name is claimed).
+        See :func:`qemukit._launch.start.prepare`; a warm start keeps the
+        accelerator chosen for the user's spec.
         """
-        qemu = self.qemu
-        if spec.machine not in qemu.machines:
-            raise SpecError("machine", spec.machine, f"{qemu.path} does not support it")
-        for name in ("kernel", "initrd"):
-            path = getattr(spec, name)
-            if path is not None and not os.path.isfile(path):
-                raise SpecError(name, path, "no such file")
-        # The format is never probed again on a disk the guest wrote, and a backing
-        # file is opened only if named: see qemukit.host._img.
-        formats = [host.resolve_disk(drive, qemu) for drive in spec.drives]
-        for share in spec.all_shares:
-            if not os.path.isdir(share.host_path):
-                raise SpecError("share.host_path", share.host_path, "no such directory")
-        if spec.firmware == "ovmf" and host.find_ovmf() is None:
-            raise SpecError("firmware", "ovmf", "OVMF not found; apt-get install ovmf")
-        if any(sh.transport == "virtiofs" for sh in spec.all_shares):
-            daemon = host.find_virtiofsd()
-            if daemon is None:
-                raise HostError("a virtiofs share needs virtiofsd (qemu-system-common's "
-                                "/usr/lib/qemu/virtiofsd, or the virtiofsd package)")
-            # A normal user runs it in a user namespace, or learns here what is missing.
-            self._vfs_launcher = host.virtiofsd_launcher(daemon)
-            for share in spec.all_shares:  # a host the share guard does not know: say so now
-                if share.transport == "virtiofs":
-                    host.virtiofsd_argv(daemon, share, 0, self._vfs_launcher)
-        self._qemu_guard = host.qemu_share_guard(spec)
+        self._prepared = prepare(spec, self.qemu)
         _net.check_subnets(spec.networks)
-        if self.accel is None:  # a warm start keeps the choice made for the user's spec
+        if self.accel is None:
             probe = default_probe_image(spec.arch) if spec.accel != "tcg" else None
-            self.accel = host.resolve_accel(spec.accel, qemu, probe, arch=spec.arch)
-        self._formats = formats
+            self.accel = host.resolve_accel(spec.accel, self._prepared.qemu, probe, arch=spec.arch)
 
     async def _start(self, spec: VMSpec, timeout: float) -> None:
         """Launch QEMU for ``spec`` (which becomes :attr:`spec`) and connect to its monitor."""
-        if spec.qmp_tcp_port is not None:
-            warnings.warn(
-                f"VM {spec.name or ''!r}: QMP also listens on 127.0.0.1:{spec.qmp_tcp_port};"
-                " any local user who can connect there controls the VM", stacklevel=3,
-            )
-        if spec.gdb_port is not None:
-            warnings.warn(
-                f"VM {spec.name or ''!r}: the gdb stub listens on TCP ("
-                f"{f'127.0.0.1:{spec.gdb_port}' if spec.gdb_port else 'a free port of 127.0.0.1'}"
-                "); any local user who can connect there controls the VM (gdb's monitor command "
-                "runs QEMU monitor commands)", stacklevel=3,
-            )
+        warn_exposed(spec, stacklevel=4)  # (warn_exposed, _start, start, its caller)
         await asyncio.to_thread(self._prepare, spec)
-        assert self.accel is not None
+        assert self.accel is not None and self._prepared is not None
         self.runtime = rd = RuntimeDir.create(spec.name, self._state_root)
         if self.kernel is not None and self.kernel.needs_files:
             # In the runtime directory: the initramfs with the modules lives as long as the VM.
             spec = await asyncio.to_thread(self.kernel.materialize, rd.data_path / "kernel")
         self.spec = spec
         # The plan again, now in the directory really claimed (its name may be generated).
-        plan = plan_launch(self.spec, host_facts(self.qemu, self.accel), rd,
-                           self._formats, incoming=self.incoming)
+        plan = plan_launch(self.spec, host_facts(self._prepared.qemu, self.accel), rd,
+                           self._prepared.formats, incoming=self.incoming)
         rd.write_private(rd.spec_file, self.spec.dumps())
-        await asyncio.to_thread(self._carry_out, plan)
+        self._seed = await asyncio.to_thread(carry_out, plan, self._prepared, self._helpers,
+                                             die_with_parent=self.die_with_parent)
         links = await _net.join_networks(self, rd.path.parent, self.spec.networks)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.argv = plan.argv(qmp_fd=theirs.fileno(),
-                                  network_fds=[link.fileno() for link in links])
-            self._proc = QemuProcess.spawn(
-                [*self._qemu_guard, *self.argv],
-                log_path=rd.qemu_log,
-                pass_fds=[theirs.fileno(), *(link.fileno() for link in links),
-                          *([self._warm_hold.fd] if self._warm_hold else [])],
-                die_with_parent=self.die_with_parent,
-            )
-        finally:
-            theirs.close()
-            for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
-                link.close()
+        self._proc, self.argv, ours = spawn_qemu(
+            plan, self._prepared, links, [self._warm_hold.fd] if self._warm_hold else [],
+            die_with_parent=self.die_with_parent)
         _live.add(self)
         self._qmp = QMP(f"qemukit-{rd.name}")
-        ours.setblocking(False)
         # Start talking to QEMU at once; the bookkeeping below runs while it boots.
         connect = asyncio.ensure_future(self._qmp.connect(ours, timeout))
         try:
-            rd.write_info(
-                VMInfo(
-                    name=rd.name,
-                    pid=self._proc.pid,
-                    start_time=self._proc.start_time,
-                    accel=self.accel.accel,
-                    accel_reason=self.accel.reason,
-                    owner_pid=os.getpid(),
-                    die_with_parent=self.die_with_parent,
-                    created=time.time(),
-                    argv=tuple(self.argv),
-                    owner_start_time=process_start_time(os.getpid()) or 0.0,
-                    helpers=tuple((h.pid, h.start_time) for h in self._helpers),
-                )
-            )
+            record(rd, self._proc, self.argv, self.accel, self._helpers,
+                   die_with_parent=self.die_with_parent)
         except BaseException:
             await cancel_and_wait(connect)
             raise
@@ -505,37 +425,12 @@ class AsyncVM:
             # QEMU closed the monitor: it is exiting; report why it failed.
             await self._raise_launch_failure()
             raise
-        self._watch_io_errors()
+        self._io_watch = IOErrorWatch(self._qmp, self.name)
         if self.spec.serial:
             self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
             self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
-
-    def _carry_out(self, plan: LaunchPlan) -> None:
-        """Create what the plan needs before QEMU starts: overlays, firmware copy, seed, daemons.
-
-        """
-        for step in plan.overlays:
-            try:
-                host.create_overlay(self.qemu, step.base, step.base_format, step.overlay,
-                                    size=step.size, unsafe=step.size is not None)
-            except HostError as exc:
-                raise LaunchError(str(exc)) from exc
-        if plan.firmware_copy is not None:
-            template, copy = plan.firmware_copy
-            try:
-                shutil.copyfile(template, copy)
-            except OSError as exc:
-                raise LaunchError(f"cannot copy the UEFI variables {template} to {copy}: "
-                                  f"{exc.strerror}") from exc
-        if plan.seed_iso is not None:
-            from .._launch.seed import build_seed
-
-            assert self.spec.cloud_init is not None
-            self._seed = build_seed(self.spec.cloud_init, plan.runtime.path, plan.runtime.name)
-        for share, sock in plan.virtiofs:
-            self._start_virtiofsd(share, sock)
 
     @classmethod
     async def attach(
@@ -547,28 +442,17 @@ class AsyncVM:
         so this waits (up to ``timeout``) while another client is connected.
         Raises :class:`StateError` if no such VM runs.
         """
-        from ..paths import state_dir
-
-        rd = RuntimeDir((state_root or state_dir()) / name)
-        info = rd.read_info()
-        if info is None:
-            raise StateError(f"no VM named {name!r} in {rd.path.parent}")
-        proc = QemuProcess.adopt(info.pid, info.start_time, list(info.argv), rd.qemu_log)
-        if proc is None:
-            raise StateError(f"VM {name!r} is not running (QEMU pid {info.pid} is gone); "
-                             "'qemukit gc' removes its entry")
-        helpers = tuple(
-            h for pid, start in info.helpers
-            if (h := QemuProcess.adopt(pid, start, [], rd.path / "helper.log")) is not None
-        )
-        vm = cls(VMSpec.load(rd.spec_file), die_with_parent=info.die_with_parent,
-                 state_root=rd.path.parent,
-                 adopt=AdoptedQemu(rd, proc, helpers, host.AccelChoice(info.accel, info.accel_reason)))
+        spec, adopted, die_with_parent = adopt(name, state_root)
+        vm = cls(spec, die_with_parent=die_with_parent, state_root=adopted.runtime.path.parent,
+                 adopt=adopted)
+        log.debug("%s: attaching to QEMU pid %d (%d helpers)", name, adopted.process.pid,
+                  len(adopted.helpers))
         try:
             await vm._connect_shared_monitor(timeout)
         except BaseException:
             await vm.detach()
             raise
+        log.debug("%s: attached", name)
         return vm
 
     async def _connect_shared_monitor(self, timeout: float) -> None:
@@ -579,7 +463,7 @@ class AsyncVM:
         sock = await connect_unix(str(self.runtime.qmp_socket), timeout)
         self._qmp = QMP(f"qemukit-{self.runtime.name}")
         await self.guarded(self._qmp.connect(sock, timeout), timeout, "QMP")
-        self._watch_io_errors()
+        self._io_watch = IOErrorWatch(self._qmp, self.name)
         if self.has_agent:
             self._agent = _make_agent(self.spec, self.runtime, connect_timeout=timeout,
                                       monitor=self._qmp)
@@ -592,8 +476,11 @@ class AsyncVM:
         await self._stop_io_watch()
         for closer in (self._agent, self._console, self._qmp):
             if closer is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await closer.close()
+                except Exception as exc:  # the VM runs on; our side is closed either way
+                    log.warning("%s: detach: closing %s failed: %r", self.name,
+                                type(closer).__name__, exc)
         self._agent = self._console = self._qmp = None
         for proc in (self._proc, *self._helpers):
             if proc is not None:
@@ -602,68 +489,25 @@ class AsyncVM:
         _live.discard(self)
         self.state = VMState.DETACHED
 
-    def _start_virtiofsd(self, share: Share, path: str) -> None:
-        """Start virtiofsd for ``share`` on a listening socket at ``path`` that we bound.
-
-        Binding the socket here and handing virtiofsd the fd means QEMU can
-        connect at once (the kernel queues it) with no wait for the daemon.
-        """
-        daemon = host.find_virtiofsd()
-        assert daemon is not None  # checked by _prepare, as is the launcher
-        assert self.runtime is not None
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(path)
-            os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
-            listener.listen(1)
-            argv = host.virtiofsd_argv(daemon, share, listener.fileno(), self._vfs_launcher)
-            self._helpers.append(QemuProcess.spawn(
-                argv, log_path=self.runtime.path / f"virtiofsd-{share.tag}.log",
-                pass_fds=[listener.fileno()], die_with_parent=self.die_with_parent,
-            ))
-        finally:
-            listener.close()
-
     async def _stop_io_watch(self) -> None:
         if self._io_watch is not None:
-            await cancel_and_wait(self._io_watch)
+            await self._io_watch.stop()
             self._io_watch = None
 
-    def _output_for_error(self) -> str:
-        """QEMU's last output, plus that of any helper daemon that died (its cause, often)."""
+    def _exited(self, message: str, argv: Sequence[str] = (), console_lines: int = 20
+                ) -> LaunchError:
+        """The error for a QEMU that is gone: its (and a dead helper's) last output, the console's."""
         assert self._proc is not None
-        parts = [self._proc.output_tail()]
-        for helper in self._helpers:
-            if not helper.alive():
-                # The daemon's name, not that of a launcher or of the share guard before it.
-                argv = helper.argv[helper.argv.index("--") + 1:] if "--" in helper.argv else []
-                name = Path((argv or helper.argv)[0]).name
-                parts.append(f"[{name} exited]\n{helper.output_tail(10)}")
-        return "\n".join(p for p in parts if p)
-
-    async def _stop_helpers(self) -> None:
-        """Stop helper daemons (they normally exit with QEMU's disconnect)."""
-        for helper in self._helpers:
-            with contextlib.suppress(WaitTimeout):
-                await helper.wait(2)
-            if helper.alive():
-                helper.kill()
-                with contextlib.suppress(WaitTimeout):
-                    await helper.wait(5)
-            helper.close()
-        self._helpers = []
+        return LaunchError(message, argv=argv, returncode=self._proc.returncode,
+                           stderr=output_for_error(self._proc, self._helpers),
+                           console=self.console_tail(console_lines))
 
     async def _raise_launch_failure(self) -> None:
         assert self._proc is not None
         with contextlib.suppress(WaitTimeout):
             await self._proc.wait(5)
-        raise LaunchError(
-            "QEMU exited during start-up" if not self._proc.alive() else "QEMU closed its monitor",
-            argv=self.argv,
-            returncode=self._proc.returncode,
-            stderr=self._output_for_error(),
-            console=self.console_tail(10),
-        )
+        raise self._exited("QEMU exited during start-up" if not self._proc.alive()
+                           else "QEMU closed its monitor", self.argv, 10)
 
     # -- guarded waits ---------------------------------------------------------
 
@@ -688,7 +532,7 @@ class AsyncVM:
         panic = self._console.panic if self._console and guest_faults else None
         if panic is not None:
             waiters.add(panic)
-        io_error = self._io_error if guest_io else None
+        io_error = self._io_watch.error if guest_io and self._io_watch is not None else None
         if io_error is not None:
             waiters.add(io_error)
         try:
@@ -712,21 +556,16 @@ class AsyncVM:
         if task in done and (task.exception() is None or (self._proc.alive() and fault() is None)):
             return task.result()
         await cancel_and_wait(task)
-        if io_error is not None and io_error.done():
-            # Reported once: later calls (e.g. querying the paused VM) are not blocked by it.
-            self._io_error = asyncio.get_running_loop().create_future()
+        if io_error is not None and io_error.done() and self._io_watch is not None:
+            self._io_watch.rearm()  # reported once: later calls (on the paused VM) are not blocked
             raise io_error.result()
         console_event = fault()
         if console_event is not None:
-            await self._raise_console_event(console_event)
+            raise await console_verdict(console_event, self._console, self._proc.exit_future(),
+                                        self.spec.all_shares, self.console_tail)
         if not self._proc.alive():
-            raise LaunchError(
-                f"QEMU exited while waiting for {what}",
-                argv=self.argv if launching else (),
-                returncode=self._proc.returncode,
-                stderr=self._output_for_error(),
-                console=self.console_tail(20),
-            )
+            raise self._exited(f"QEMU exited while waiting for {what}",
+                               self.argv if launching else ())
         raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
 
     def qemu_alive(self) -> bool:
@@ -758,26 +597,6 @@ class AsyncVM:
         if self._console is not None:
             self._console.reset()
 
-    def _watch_io_errors(self) -> None:
-        """Turn QEMU's BLOCK_IO_ERROR (guest stopped, e.g. host disk full) into a future."""
-        assert self._qmp is not None
-        qmp = self._qmp
-        self._io_error = asyncio.get_running_loop().create_future()
-
-        async def watch() -> None:
-            with qmp.listen("BLOCK_IO_ERROR") as listener:
-                while True:
-                    event = await qmp.wait_event(listener, None, "BLOCK_IO_ERROR")
-                    data = event.get("data", {})
-                    if self._io_error is not None and not self._io_error.done():
-                        self._io_error.set_result(GuestIOError(
-                            str(data.get("node-name") or data.get("device") or "?"),
-                            str(data.get("operation", "I/O")),
-                            str(data.get("reason", "unknown error")),
-                        ))
-
-        self._io_watch = asyncio.create_task(watch(), name=f"io-errors {self.name}")
-
     def _panic_line(self, panic: asyncio.Future[ConsoleEvent] | None) -> ConsoleEvent | None:
         """The console event that ends the wait (a panic, an oops unless continued past,
         a share that did not mount): seen live, else found in the console log (QEMU exited
@@ -786,33 +605,6 @@ class AsyncVM:
             return panic.result()
         continue_on_oops = self._console.continue_on_oops if self._console else self.continue_on_oops
         return first_fatal(classify_text(self.console_tail(200)), continue_on_oops)
-
-    async def _raise_console_event(self, event: ConsoleEvent) -> NoReturn:
-        """Raise the error for a fatal console event, once the kernel has said all it will."""
-        assert self._proc is not None
-        if event.kind == "oops" and self._console is not None:
-            # An oops turns into a panic with panic_on_oops or in an interrupt: wait for
-            # the end of its report to tell which.
-            event = await self._console.oops_outcome(event)
-        if event.kind == "panic":
-            # Let the kernel finish its report (the backtrace follows the panic line):
-            # it ends with QEMU's exit (a reboot under -no-reboot) or, when the kernel
-            # stays put, with its end line. Bounded: a loaded host prints slowly.
-            ended: set[asyncio.Future[Any]] = {self._proc.exit_future()}
-            if self._console is not None:
-                ended.add(asyncio.ensure_future(self._console.panic_ended.wait()))
-            try:
-                await asyncio.wait(ended, timeout=PANIC_REPORT_TIMEOUT,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in ended - {self._proc.exit_future()}:
-                    await cancel_and_wait(waiter)
-            if self._console is not None:
-                await self._console.settle()
-            raise GuestPanic(event.line, self.console_tail(40))
-        if event.kind == "oops":
-            raise GuestOops(event.line, self.console_tail(60))
-        raise share_error(event, self.spec.all_shares, self.console_tail(20))
 
     # -- QMP ---------------------------------------------------------------------
 
@@ -846,11 +638,8 @@ class AsyncVM:
             with contextlib.suppress(WaitTimeout):
                 await self._proc.wait(0.5)
             if not self._proc.alive():
-                raise LaunchError(
-                    f"QEMU exited while waiting for QEMU's reply to QMP {command}",
-                    returncode=self._proc.returncode, stderr=self._output_for_error(),
-                    console=self.console_tail(20),
-                ) from None
+                raise self._exited(f"QEMU exited while waiting for QEMU's reply to QMP {command}"
+                                   ) from None
             raise
 
     async def gdb_address(self) -> str:
@@ -861,21 +650,7 @@ class AsyncVM:
         port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
         ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
         """
-        if not self.spec.gdb:
-            raise StateError(f"VM {self.name!r} has no gdb stub (start it with gdb=True, "
-                             "qemukit run --gdb)")
-        for chardev in await self.qmp("query-chardev"):
-            if chardev.get("label") != GDB_CHARDEV:
-                continue
-            # e.g. "disconnected:tcp:127.0.0.1:40937,server=on" (the bound address) or
-            # "disconnected:unix:/run/.../gdb.sock,server=on".
-            filename = str(chardev.get("filename", ""))
-            match = re.search(r"tcp:([\d.]+):(\d+)", filename)
-            if match:
-                return f"{match.group(1)}:{match.group(2)}"
-            if "unix:" in filename and self.runtime is not None:
-                return str(self.runtime.gdb_socket)
-        raise StateError(f"QEMU reports no listening gdb stub for VM {self.name!r}")
+        return await _access.gdb_address(self)
 
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
@@ -920,9 +695,7 @@ class AsyncVM:
         """
         if self.runtime is None:
             raise StateError(f"VM {self.name!r} has no runtime directory (not started)")
-        path = self.runtime.lock_file
-        return file_lock(path, timeout, f"VM {self.name!r}'s operation lock ({path}), "
-                         "held by another operation on it")
+        return self.runtime.operation_lock(timeout)
 
     async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
         """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
@@ -1029,15 +802,7 @@ class AsyncVM:
         Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
         the port the kernel picked. Raises :class:`StateError` if none.
         """
-        from .._launch.seed import parse_usernet
-
-        text = await self.qmp("human-monitor-command", command_line="info usernet")
-        for fw in parse_usernet(str(text)):
-            if fw.protocol == "tcp" and fw.guest_port == guest_port:
-                addr = "127.0.0.1" if fw.host_addr == "0.0.0.0" else fw.host_addr
-                return addr, fw.host_port
-        raise StateError(f"VM {self.name!r} forwards no host port to guest port {guest_port} "
-                         f"(add --nic user,hostfwd=0:{guest_port})")
+        return await _access.ssh_address(self, guest_port)
 
     async def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
                        options: Sequence[str] = ()) -> list[str]:
@@ -1048,35 +813,12 @@ class AsyncVM:
         through ``known_hosts`` in the runtime directory; where qemukit knows
         none, they are not checked. See :func:`qemukit.seed.ssh_argv`.
         """
-        from .._launch.seed import host_key_alias, identity_file, known_hosts_file, ssh_argv
-
-        assert self.runtime is not None
-        host_addr, port = await self.ssh_address()
-        ci = self.spec.cloud_init
-        login = user or (ci.ssh_user if ci is not None else None) or os.environ.get("USER", "root")
-        return ssh_argv(host_addr, port, login, identity_file(ci, self.runtime.path), command,
-                        known_hosts=known_hosts_file(self.runtime.path),
-                        alias=host_key_alias(self.runtime.name), options=options)
+        return await _access.ssh_argv(self, command, user=user, options=options)
 
     async def wait_ssh(self, timeout: float | None = None) -> float:
         """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
-        from .._launch.seed import wait_for_ssh
-
         self._require(VMState.RUNNING)
-        timeout = self.boot_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        if self.spec.cloud_init is not None and self.spec.agent == "qga" and self.identity is None:
-            # (A warm clone's state was saved after cloud-init was done: see _build_warm.)
-            # cloud-init restarts sshd after it first comes up (new host keys, our key,
-            # password settings): a login that works early can be cut off moments later.
-            # Its own "status --wait" is the event that says it is done; ask the agent.
-            await self.wait_ready(timeout)
-            await self.exec(["cloud-init", "status", "--wait"],
-                            timeout=max(1.0, deadline - time.monotonic()))
-        argv = await self.ssh_argv(["true"], options=("-o", "BatchMode=yes",
-                                                      "-o", "ConnectTimeout=5"))
-        remaining = max(1.0, deadline - time.monotonic())
-        await self.guarded(wait_for_ssh(argv, remaining), remaining + 5, "ssh to log in")
+        await _access.wait_ssh(self, self.boot_timeout if timeout is None else timeout)
         assert self._proc is not None
         return self._proc.uptime()
 
@@ -1138,16 +880,9 @@ class AsyncVM:
         :func:`qemukit.guest.ssh_copy_in`), or ``auto``: the agent when the VM
         has one, else ssh.
         """
-        if self._copy_via(via) == "ssh":
-            from ..guest import ssh_copy_in
-
-            return await self.guarded(
-                ssh_copy_in(self._ssh_command, host_path, guest_path, recursive=recursive,
-                            progress=progress, timeout=timeout),
-                timeout + 60.0, f"copying {host_path} in over ssh")
-        await self.wait_ready()
-        return await self.guest.copy_in(host_path, guest_path, recursive=recursive,
-                                        progress=progress, timeout=timeout)
+        self._require(VMState.RUNNING)
+        return await _access.copy_in(self, host_path, guest_path, recursive=recursive,
+                                     progress=progress, timeout=timeout, via=via)
 
     async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
                        recursive: bool = False, progress: Progress | None = None,
@@ -1156,35 +891,9 @@ class AsyncVM:
 
         ``via`` as for :meth:`copy_in`.
         """
-        if self._copy_via(via) == "ssh":
-            from ..guest import ssh_copy_out
-
-            return await self.guarded(
-                ssh_copy_out(self._ssh_command, guest_path, host_path, recursive=recursive,
-                             progress=progress, timeout=timeout),
-                timeout + 60.0, f"copying {guest_path} out over ssh")
-        await self.wait_ready()
-        return await self.guest.copy_out(guest_path, host_path, recursive=recursive,
-                                         progress=progress, timeout=timeout)
-
-    def _copy_via(self, via: str) -> str:
         self._require(VMState.RUNNING)
-        if via not in ("auto", "agent", "ssh"):
-            raise SpecError("via", via, "must be auto, agent or ssh")
-        has_agent = self.spec.agent != "none"
-        if via == "agent" and not has_agent:
-            raise StateError(f"VM {self.name!r} has no guest agent (spec.agent is 'none'); "
-                             "copy over ssh (via='ssh', qemukit cp --via ssh)")
-        if via == "ssh" or not has_agent:
-            if self.spec.cloud_init is None:
-                raise StateError(f"VM {self.name!r} has no guest agent and no cloud-init seed "
-                                 "to log in over ssh with: qemukit cannot copy files to it")
-            return "ssh"
-        return "agent"
-
-    async def _ssh_command(self, command: Sequence[str]) -> list[str]:
-        return await self.ssh_argv(command, options=("-o", "BatchMode=yes",
-                                                       "-o", "ConnectTimeout=30"))
+        return await _access.copy_out(self, guest_path, host_path, recursive=recursive,
+                                      progress=progress, timeout=timeout, via=via)
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""
@@ -1210,60 +919,8 @@ class AsyncVM:
         assert self._proc is not None
         return await self._proc.wait(timeout)
 
-    # -- the test writer's verbs (NixOS test driver's names; see _verbs) ----------
-
-    async def succeed(self, command: str | Sequence[str], *,
-                      timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
-        """Run ``command`` in the guest and return its stdout; it must exit 0.
-
-        A list runs as argv, a string as shell code. A non-zero exit raises
-        :class:`~qemukit.errors.CommandFailed` (status, stdout and stderr);
-        a command still running at ``timeout`` is killed: :class:`WaitTimeout`.
-        """
-        return await _verbs.succeed(self, command, timeout)
-
-    async def fail(self, command: str | Sequence[str], *,
-                   timeout: float = _verbs.COMMAND_TIMEOUT) -> str:
-        """Run ``command`` in the guest and return its stdout; it must exit non-zero.
-
-        An exit status of 0 raises :class:`~qemukit.errors.CommandFailed`.
-        """
-        return await _verbs.fail(self, command, timeout)
-
-    async def wait_until_succeeds(self, command: str | Sequence[str], *,
-                                  timeout: float = _verbs.WAIT_TIMEOUT) -> str:
-        """Run ``command`` until it exits 0 (at most about once a second); returns its stdout.
-
-        Each try is bounded by what is left of ``timeout``; the
-        :class:`WaitTimeout` shows the last try's exit status and output.
-        """
-        return await _verbs.wait_until(self, command, timeout, succeeds=True)
-
-    async def wait_until_fails(self, command: str | Sequence[str], *,
-                               timeout: float = _verbs.WAIT_TIMEOUT) -> str:
-        """Run ``command`` until it exits non-zero; returns that try's stdout."""
-        return await _verbs.wait_until(self, command, timeout, succeeds=False)
-
-    async def wait_for_open_port(self, port: int, *, addr: str | None = None,
-                                 timeout: float = _verbs.WAIT_TIMEOUT) -> None:
-        """Wait until a TCP socket listens on ``port`` inside the guest.
-
-        Read from the guest's ``/proc/net/tcp{,6}`` through the agent, so no
-        host forward is needed. ``addr`` (e.g. ``"127.0.0.1"``) asks for a
-        socket that accepts connections to that address (a wildcard bind
-        counts); None: any. :class:`WaitTimeout` names the port, the deadline
-        and the sockets that were listening.
-        """
-        await _verbs.wait_for_open_port(self, port, addr, timeout)
-
-    async def wait_for_unit(self, unit: str, *, timeout: float = _verbs.WAIT_TIMEOUT) -> None:
-        """Wait until the systemd ``unit`` is active (``systemctl is-active``).
-
-        A unit in state ``failed`` raises :class:`~qemukit.errors.GuestError`
-        at once, with its ``systemctl status``; a guest without systemd
-        raises :class:`StateError` at once.
-        """
-        await _verbs.wait_for_unit(self, unit, timeout)
+    # -- the test writer's verbs: inherited from _verbs.Verbs, but for this one, which
+    # -- reads the console watcher (NixOS test driver's names) ----------------------
 
     async def wait_for_console_text(self, regex: str, *, timeout: float = _verbs.WAIT_TIMEOUT,
                                     since: Literal["now", "start"] = "now") -> str:
@@ -1274,50 +931,6 @@ class AsyncVM:
         being written (a prompt without newline yet) counts too.
         """
         return await _verbs.wait_for_console_text(self, self._console, regex, timeout, since)
-
-    async def screenshot(self, path: str | os.PathLike[str], *,
-                         timeout: float = QMP_TIMEOUT) -> Path:
-        """Save the VM's display as a PNG at ``path``; returns its absolute path.
-
-        Needs a display device (e.g. ``extra_args=("-device", "VGA")``): a VM
-        without one raises :class:`StateError`.
-        """
-        return await _verbs.screenshot(self, path, timeout)
-
-    async def send_key(self, *keys: str, hold_time: float | None = None) -> None:
-        """Press ``keys`` together, then release them: ``send_key("ctrl", "alt", "delete")``.
-
-        Keys are QEMU's names (QKeyCode: ``ret``, ``spc``, ``esc``, ``a``,
-        ``f1``...); ``"ctrl-alt-delete"`` is the same as three names.
-        ``hold_time`` (seconds) is how long they stay down (QEMU's default 0.1).
-        """
-        await _verbs.send_key(self, keys, hold_time)
-
-    async def send_chars(self, text: str) -> None:
-        """Type ``text`` on the VM's keyboard (US layout; shift for capitals and symbols).
-
-        Every character is checked before the first key is sent.
-        """
-        await _verbs.send_chars(self, text)
-
-    async def crash(self, *, timeout: float = _verbs.COMMAND_TIMEOUT) -> GuestPanic:
-        """Make the guest kernel panic (sysrq-c through the agent); returns the :class:`GuestPanic`.
-
-        The panic is reported as any other (later waits raise it; QEMU exits
-        under ``no_reboot``); here it is returned, since it was asked for.
-        """
-        return await _verbs.crash(self, timeout)
-
-    async def block(self, nic: str | None = None) -> list[str]:
-        """Cut the link of ``nic`` (a device id, e.g. ``net0``), or of every NIC; returns the ids.
-
-        QMP ``set_link``: the guest sees its carrier go down until :meth:`unblock`.
-        """
-        return await _verbs.block(self, nic, up=False)
-
-    async def unblock(self, nic: str | None = None) -> list[str]:
-        """Restore the link of ``nic``, or of every NIC; returns the ids."""
-        return await _verbs.block(self, nic, up=True)
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -1342,16 +955,7 @@ class AsyncVM:
         try:
             assert self._proc is not None
             qmp = self._qmp if self._qmp is not None and self._qmp.connected else None
-            info = ARCHES[self.spec.arch]
-            agent_poweroff = None
-            if not info.powerdown and timeout > 0:
-                if self._agent is not None and self._agent.ready:
-                    agent_poweroff = self._agent_poweroff
-                else:
-                    log.info("%s: %s (%s) has no power button the guest hears and its agent "
-                             "is not up: skipping the graceful rung, going to quit",
-                             self.name, self.spec.machine, info.name)
-                    timeout = 0
+            timeout, agent_poweroff = graceful_rung(self.spec, self._agent, self.name, timeout)
             result = await run_ladder(self._proc, qmp, self.name, acpi_timeout=timeout,
                                       quit_timeout=quit_timeout, term_timeout=term_timeout,
                                       kill_timeout=kill_timeout, agent_poweroff=agent_poweroff)
@@ -1360,22 +964,6 @@ class AsyncVM:
             self.state = VMState.STOPPED
         self.last_shutdown = result
         return result
-
-    async def _agent_poweroff(self) -> None:
-        """Ask the guest, through its agent, to power itself off (returns once it was asked).
-
-        In the background of a command that returns at once: the agent's reply
-        must come back before the guest goes. The tiny init's power-off script
-        syncs and powers off; elsewhere ``poweroff`` asks the init system.
-        """
-        script = ("( sleep 0.2; if [ -x /sbin/qemukit-poweroff ]; then /sbin/qemukit-poweroff; "
-                  "elif [ -d /run/systemd/system ]; then poweroff; else sync; poweroff -f; fi ) "
-                  "</dev/null >/dev/null 2>&1 &")
-        assert self._agent is not None  # (the VM is stopping: straight to its agent)
-        result = await self._agent.exec(["sh", "-c", script], 20)
-        if result.exit_status != 0:
-            raise StateError(f"VM {self.name!r}: the guest agent could not start a power-off: "
-                             f"{result.stderr_text.strip()[-300:]}")
 
     async def kill(self, *, kill_timeout: float = 5.0) -> ShutdownResult:
         """SIGKILL QEMU at once and clean up: no QMP, no graceful rung.
@@ -1422,10 +1010,13 @@ class AsyncVM:
         if self._proc is not None:
             if force and self._proc.alive():
                 self._proc.kill()
-                with contextlib.suppress(WaitTimeout):
+                try:
                     await self._proc.wait(10)
+                except WaitTimeout:  # the files go anyway; say that QEMU did not
+                    log.warning("%s: cleanup: QEMU pid %d survived SIGKILL for 10 s",
+                                self.name, self._proc.pid)
             self._proc.close()
-        await self._stop_helpers()
+        await stop_helpers(self._helpers, self.name)
         self._release_warm_hold()
         _live.discard(self)
         if self.runtime is not None and not self.keep_runtime:

@@ -9,6 +9,7 @@ from types import TracebackType
 from .. import host
 from .._launch.netaddr import NetworkMember
 from .._launch.runtime import RuntimeDir
+from .._launch.start import AdoptedQemu
 from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
 from ..guest import SyncGuest
 from ..hotplug import Hotplug
@@ -18,7 +19,7 @@ from ..snapshot import SyncSnapshots
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmStart
-from ._core import AdoptedQemu, AsyncVM, VMState
+from ._core import AsyncVM, VMState
 from ._ladder import ShutdownResult
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import signal
 import time
@@ -16,10 +17,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .._launch.process import QemuProcess
+from .._wire.agent import Agent
 from .._wire.qmp import QMP
+from ..arch import ARCHES
 from ..errors import QemukitError, QMPConnectionError, StateError, WaitTimeout
+from ..spec import VMSpec
 
-log = logging.getLogger("qemukit")
+log = logging.getLogger(__name__)
+
+#: Run by the guest agent to power the guest off: in the background of a command that
+#: returns at once (the agent's reply must come back before the guest goes). The tiny
+#: init's power-off script syncs and powers off; elsewhere ``poweroff`` asks the init system.
+POWEROFF_SCRIPT = ("( sleep 0.2; if [ -x /sbin/qemukit-poweroff ]; then /sbin/qemukit-poweroff; "
+                   "elif [ -d /run/systemd/system ]; then poweroff; else sync; poweroff -f; fi ) "
+                   "</dev/null >/dev/null 2>&1 &")
 
 #: Seconds between power-button presses while the ACPI rung waits.
 ACPI_REPRESS_INTERVAL = 2.0
@@ -46,6 +57,35 @@ class ShutdownResult:
     exit_status: int | None
     elapsed: float
     tried: tuple[ShutdownRung, ...]
+
+
+async def poweroff_by_agent(agent: Agent, name: str) -> None:
+    """Ask the guest, through its agent, to power itself off (returns once it was asked).
+
+    The agent rung of :func:`run_ladder` for a machine without a power button.
+    """
+    result = await agent.exec(["sh", "-c", POWEROFF_SCRIPT], 20)
+    if result.exit_status != 0:
+        raise StateError(f"VM {name!r}: the guest agent could not start a power-off: "
+                         f"{result.stderr_text.strip()[-300:]}")
+
+
+def graceful_rung(spec: VMSpec, agent: Agent | None, name: str, timeout: float
+                  ) -> tuple[float, Callable[[], Awaitable[None]] | None]:
+    """The ladder's graceful rung for ``spec``'s machine: (its timeout, the agent's power-off).
+
+    A machine whose guest hears the power button gets ACPI powerdown (no
+    agent power-off); one without (riscv64 ``virt`` on QEMU 7.2) powers off
+    through its agent when the agent is up, and skips the rung (timeout 0) when not.
+    """
+    info = ARCHES[spec.arch]
+    if info.powerdown or timeout <= 0:
+        return timeout, None
+    if agent is not None and agent.ready:
+        return timeout, functools.partial(poweroff_by_agent, agent, name)
+    log.info("%s: %s (%s) has no power button the guest hears and its agent is not up: "
+             "skipping the graceful rung, going to quit", name, spec.machine, info.name)
+    return 0, None
 
 
 async def run_ladder(proc: QemuProcess, qmp: QMP | None, name: str, *, acpi_timeout: float,

@@ -1,12 +1,13 @@
-"""The verbs test writers know from the NixOS test driver, as functions of an :class:`AsyncVM`.
+"""The verbs test writers know from the NixOS test driver, as functions of a :class:`VerbTarget`.
 
 ``succeed``/``fail``, the ``wait_until_*`` retries, ``wait_for_open_port``
 (read from the guest's ``/proc/net/tcp{,6}``, so no host forward is needed),
 ``wait_for_unit`` (systemd guests), ``wait_for_console_text``,
 ``screenshot`` (QMP ``screendump``), ``send_key``/``send_chars`` (QMP
 ``send-key``), ``crash`` (sysrq-c through the agent) and ``block``/``unblock``
-(QMP ``set_link``). :class:`AsyncVM` has a thin method for each; the sync
-:class:`VM` derives its twins from those.
+(QMP ``set_link``). :class:`Verbs` carries a thin method for each, with
+its docstring; :class:`AsyncVM` inherits them, and the sync :class:`VM`
+derives its twins from those.
 
 Every wait has a deadline. A wait that retries (nothing in the guest tells
 the host that a port opened or a command would now succeed) tries at a
@@ -29,10 +30,10 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from .._wire.agent import ExecResult
 from .._wire.console import ConsoleWatcher
@@ -45,9 +46,11 @@ from ..errors import (
     StateError,
     WaitTimeout,
 )
+from ..timeouts import QMP_TIMEOUT
 
 if TYPE_CHECKING:
-    from ._core import AsyncVM
+    from .._launch.runtime import RuntimeDir
+    from ..guest import AsyncGuest
 
 __all__ = [
     "COMMAND_TIMEOUT",
@@ -56,6 +59,8 @@ __all__ = [
     "WAIT_TIMEOUT",
     "ConsoleSince",
     "ListeningSocket",
+    "VerbTarget",
+    "Verbs",
     "block",
     "char_keys",
     "crash",
@@ -73,7 +78,54 @@ __all__ = [
     "wait_until",
 ]
 
-log = logging.getLogger("qemukit")
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class VerbTarget(Protocol):
+    """The least a VM offers the verbs: its guest agent, monitor, console log and guarded wait.
+
+    :class:`~qemukit.vm.AsyncVM` is one; a unit test passes a small fake.
+    """
+
+    #: Its runtime directory (None before start): a screenshot's scratch file goes there.
+    runtime: RuntimeDir | None
+
+    @property
+    def name(self) -> str:
+        """The VM's name, for errors."""
+
+    @property
+    def console_log(self) -> Path | None:
+        """The serial console's log file."""
+
+    @property
+    def has_agent(self) -> bool:
+        """True if the spec has an in-guest agent."""
+
+    @property
+    def guest(self) -> AsyncGuest:
+        """The guarded guest agent."""
+
+    def console_tail(self, max_lines: int = 30) -> str:
+        """The last lines the guest printed."""
+
+    async def qmp(self, /, command: str, arguments: Mapping[str, Any] | None = None, *,
+                  timeout: float = ..., **kwargs: Any) -> Any:
+        """Run one QMP command."""
+
+    async def guarded(self, aw: Awaitable[T], timeout: float | None, what: str, *,
+                      launching: bool = False, guest_io: bool = False,
+                      guest_faults: bool = True) -> T:
+        """Await ``aw``, ending early with the right error if QEMU exits or the guest panics."""
+
+    async def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait until the guest agent answers."""
+
+    async def exec(self, command: str | Sequence[str], *, timeout: float | None = 60.0,
+                   check: bool = False, stdin: bytes | None = None) -> ExecResult:
+        """Run a command in the guest."""
 
 #: Default deadline of one command run by :func:`succeed` or :func:`fail`.
 COMMAND_TIMEOUT = 60.0
@@ -123,7 +175,7 @@ _SHIFTED = {"!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7"
 _KILLED = 128 + 9
 
 
-async def _run(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> ExecResult:
+async def _run(vm: VerbTarget, command: str | Sequence[str], timeout: float) -> ExecResult:
     """``command``'s result, the wait for a booting guest's agent included in ``timeout``.
 
     A command still running at the deadline is killed in the guest:
@@ -141,7 +193,7 @@ async def _run(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> Exe
     return result
 
 
-async def succeed(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> str:
+async def succeed(vm: VerbTarget, command: str | Sequence[str], timeout: float) -> str:
     """Run ``command`` in the guest; its stdout if it exits 0, else :class:`CommandFailed`."""
     result = await _run(vm, command, timeout)
     if result.exit_status != 0:
@@ -150,7 +202,7 @@ async def succeed(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> 
     return result.stdout_text
 
 
-async def fail(vm: AsyncVM, command: str | Sequence[str], timeout: float) -> str:
+async def fail(vm: VerbTarget, command: str | Sequence[str], timeout: float) -> str:
     """Run ``command`` in the guest; its stdout if it exits non-zero, else :class:`CommandFailed`."""
     result = await _run(vm, command, timeout)
     if result.exit_status == 0:
@@ -183,7 +235,7 @@ async def _tries(deadline: float) -> AsyncGenerator[float, None]:
         interval = min(interval * 2, RETRY_INTERVAL)
 
 
-async def wait_until(vm: AsyncVM, command: str | Sequence[str], timeout: float, *,
+async def wait_until(vm: VerbTarget, command: str | Sequence[str], timeout: float, *,
                      succeeds: bool) -> str:
     """Run ``command`` until it exits 0 (``succeeds``) or non-zero; returns that try's stdout.
 
@@ -273,7 +325,7 @@ def _check_port(port: int, addr: str | None) -> None:
             raise SpecError("addr", addr, "must be an IP address (or None for any)") from None
 
 
-async def wait_for_open_port(vm: AsyncVM, port: int, addr: str | None, timeout: float) -> None:
+async def wait_for_open_port(vm: VerbTarget, port: int, addr: str | None, timeout: float) -> None:
     """Wait until a TCP socket listens on ``port`` in the guest (on ``addr``, or any address).
 
     Reads ``/proc/net/tcp`` and ``/proc/net/tcp6`` through the agent: no
@@ -302,7 +354,7 @@ async def wait_for_open_port(vm: AsyncVM, port: int, addr: str | None, timeout: 
 # -- systemd units -----------------------------------------------------------------
 
 
-async def wait_for_unit(vm: AsyncVM, unit: str, timeout: float) -> None:
+async def wait_for_unit(vm: VerbTarget, unit: str, timeout: float) -> None:
     """Wait until the systemd ``unit`` is active; fail at once if it failed or there is no systemd.
 
     A unit that is ``inactive`` or ``activating`` is waited for (it may be
@@ -407,7 +459,7 @@ def _read_log(path: Path | None) -> str:
         return ""
 
 
-async def wait_for_console_text(vm: AsyncVM, console: ConsoleWatcher | None, regex: str,
+async def wait_for_console_text(vm: VerbTarget, console: ConsoleWatcher | None, regex: str,
                                 timeout: float, since: ConsoleSince) -> str:
     """Wait for a console line matching ``regex``; returns the line.
 
@@ -473,7 +525,7 @@ def ppm_to_png(ppm: bytes) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(rows, 6)) + _png_chunk(b"IEND", b""))
 
 
-async def screenshot(vm: AsyncVM, path: str | os.PathLike[str], timeout: float) -> Path:
+async def screenshot(vm: VerbTarget, path: str | os.PathLike[str], timeout: float) -> Path:
     """Write the VM's display to ``path`` as a PNG; returns the absolute path.
 
     QEMU writes the image (``screendump``, PNG where it can, else PPM that is
@@ -533,14 +585,14 @@ def char_keys(char: str) -> list[str]:
                                   "newline and tab only)")
 
 
-async def _press(vm: AsyncVM, names: Sequence[str], hold_time: int | None) -> None:
+async def _press(vm: VerbTarget, names: Sequence[str], hold_time: int | None) -> None:
     args: dict[str, object] = {"keys": [{"type": "qcode", "data": n} for n in names]}
     if hold_time is not None:
         args["hold-time"] = hold_time
     await vm.qmp("send-key", args)
 
 
-async def send_key(vm: AsyncVM, keys: Sequence[str], hold_time: float | None) -> None:
+async def send_key(vm: VerbTarget, keys: Sequence[str], hold_time: float | None) -> None:
     """Press ``keys`` together and release them (``"ctrl-alt-delete"`` is three keys)."""
     names = _keys(keys)
     if hold_time is not None and not 0 < hold_time <= 60:
@@ -548,7 +600,7 @@ async def send_key(vm: AsyncVM, keys: Sequence[str], hold_time: float | None) ->
     await _press(vm, names, None if hold_time is None else max(1, round(hold_time * 1000)))
 
 
-async def send_chars(vm: AsyncVM, text: str) -> None:
+async def send_chars(vm: VerbTarget, text: str) -> None:
     """Type ``text`` on the VM's keyboard, one key press per character."""
     if not isinstance(text, str):
         raise SpecError("text", text, "must be a string")
@@ -560,7 +612,7 @@ async def send_chars(vm: AsyncVM, text: str) -> None:
 # -- crash and links ---------------------------------------------------------------
 
 
-async def crash(vm: AsyncVM, timeout: float) -> GuestPanic:
+async def crash(vm: VerbTarget, timeout: float) -> GuestPanic:
     """Make the guest kernel panic (sysrq-c through the agent); returns the panic seen.
 
     The VM's console watcher reports the panic as it reports any other
@@ -577,7 +629,7 @@ async def crash(vm: AsyncVM, timeout: float) -> GuestPanic:
                      "lack CONFIG_MAGIC_SYSRQ)" + "\n--- console ---\n" + vm.console_tail(10))
 
 
-async def _nic_ids(vm: AsyncVM) -> list[str]:
+async def _nic_ids(vm: VerbTarget) -> list[str]:
     """The ids of the VM's NICs: the devices with a ``netdev`` property (boot and hotplugged)."""
     ids = []
     for child in await vm.qmp("qom-list", path="/machine/peripheral"):
@@ -591,7 +643,7 @@ async def _nic_ids(vm: AsyncVM) -> list[str]:
     return ids
 
 
-async def block(vm: AsyncVM, nic: str | None, up: bool) -> list[str]:
+async def block(vm: VerbTarget, nic: str | None, up: bool) -> list[str]:
     """Set the link of ``nic`` (a device id), or of every NIC, down or up; returns the ids."""
     ids = await _nic_ids(vm)
     if nic is not None:
@@ -605,3 +657,115 @@ async def block(vm: AsyncVM, nic: str | None, up: bool) -> list[str]:
     for dev in ids:
         await vm.qmp("set_link", name=dev, up=up)
     return ids
+
+
+# -- the verbs as methods -------------------------------------------------------------
+
+# Under mypy the mixin is a VerbTarget (AsyncVM, which inherits it, must implement the
+# protocol, and each method hands ``self`` on as one); at run time a plain base class,
+# so the methods' signatures (and the public surface) show an unannotated ``self``.
+if TYPE_CHECKING:
+    _Base = VerbTarget
+else:
+    _Base = object
+
+
+class Verbs(_Base):
+    """The verbs as methods, for :class:`~qemukit.vm.AsyncVM` to inherit (see the module)."""
+
+    async def succeed(self, command: str | Sequence[str], *,
+                      timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run ``command`` in the guest and return its stdout; it must exit 0.
+
+        A list runs as argv, a string as shell code. A non-zero exit raises
+        :class:`~qemukit.errors.CommandFailed` (status, stdout and stderr);
+        a command still running at ``timeout`` is killed: :class:`WaitTimeout`.
+        """
+        return await succeed(self, command, timeout)
+
+    async def fail(self, command: str | Sequence[str], *,
+                   timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run ``command`` in the guest and return its stdout; it must exit non-zero.
+
+        An exit status of 0 raises :class:`~qemukit.errors.CommandFailed`.
+        """
+        return await fail(self, command, timeout)
+
+    async def wait_until_succeeds(self, command: str | Sequence[str], *,
+                                  timeout: float = WAIT_TIMEOUT) -> str:
+        """Run ``command`` until it exits 0 (at most about once a second); returns its stdout.
+
+        Each try is bounded by what is left of ``timeout``; the
+        :class:`WaitTimeout` shows the last try's exit status and output.
+        """
+        return await wait_until(self, command, timeout, succeeds=True)
+
+    async def wait_until_fails(self, command: str | Sequence[str], *,
+                               timeout: float = WAIT_TIMEOUT) -> str:
+        """Run ``command`` until it exits non-zero; returns that try's stdout."""
+        return await wait_until(self, command, timeout, succeeds=False)
+
+    async def wait_for_open_port(self, port: int, *, addr: str | None = None,
+                                 timeout: float = WAIT_TIMEOUT) -> None:
+        """Wait until a TCP socket listens on ``port`` inside the guest.
+
+        Read from the guest's ``/proc/net/tcp{,6}`` through the agent, so no
+        host forward is needed. ``addr`` (e.g. ``"127.0.0.1"``) asks for a
+        socket that accepts connections to that address (a wildcard bind
+        counts); None: any. :class:`WaitTimeout` names the port, the deadline
+        and the sockets that were listening.
+        """
+        await wait_for_open_port(self, port, addr, timeout)
+
+    async def wait_for_unit(self, unit: str, *, timeout: float = WAIT_TIMEOUT) -> None:
+        """Wait until the systemd ``unit`` is active (``systemctl is-active``).
+
+        A unit in state ``failed`` raises :class:`~qemukit.errors.GuestError`
+        at once, with its ``systemctl status``; a guest without systemd
+        raises :class:`StateError` at once.
+        """
+        await wait_for_unit(self, unit, timeout)
+
+    async def screenshot(self, path: str | os.PathLike[str], *,
+                         timeout: float = QMP_TIMEOUT) -> Path:
+        """Save the VM's display as a PNG at ``path``; returns its absolute path.
+
+        Needs a display device (e.g. ``extra_args=("-device", "VGA")``): a VM
+        without one raises :class:`StateError`.
+        """
+        return await screenshot(self, path, timeout)
+
+    async def send_key(self, *keys: str, hold_time: float | None = None) -> None:
+        """Press ``keys`` together, then release them: ``send_key("ctrl", "alt", "delete")``.
+
+        Keys are QEMU's names (QKeyCode: ``ret``, ``spc``, ``esc``, ``a``,
+        ``f1``...); ``"ctrl-alt-delete"`` is the same as three names.
+        ``hold_time`` (seconds) is how long they stay down (QEMU's default 0.1).
+        """
+        await send_key(self, keys, hold_time)
+
+    async def send_chars(self, text: str) -> None:
+        """Type ``text`` on the VM's keyboard (US layout; shift for capitals and symbols).
+
+        Every character is checked before the first key is sent.
+        """
+        await send_chars(self, text)
+
+    async def crash(self, *, timeout: float = COMMAND_TIMEOUT) -> GuestPanic:
+        """Make the guest kernel panic (sysrq-c through the agent); returns the :class:`GuestPanic`.
+
+        The panic is reported as any other (later waits raise it; QEMU exits
+        under ``no_reboot``); here it is returned, since it was asked for.
+        """
+        return await crash(self, timeout)
+
+    async def block(self, nic: str | None = None) -> list[str]:
+        """Cut the link of ``nic`` (a device id, e.g. ``net0``), or of every NIC; returns the ids.
+
+        QMP ``set_link``: the guest sees its carrier go down until :meth:`unblock`.
+        """
+        return await block(self, nic, up=False)
+
+    async def unblock(self, nic: str | None = None) -> list[str]:
+        """Restore the link of ``nic``, or of every NIC; returns the ids."""
+        return await block(self, nic, up=True)

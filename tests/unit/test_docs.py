@@ -43,7 +43,7 @@ API_PAGES = {
     "qemukit.kconfig": "kconfig",
     "qemukit.matrix": "matrix", "qemukit.images": "images", "qemukit.warm": "warm",
     "qemukit.host": "host", "qemukit.seed": "seed", "qemukit.qga": "qga", "qemukit.mcp": "mcp",
-    "qemukit.pytest_plugin": "pytest_plugin",
+    "qemukit.pytest_plugin": "pytest_plugin", "qemukit.testing": "testing",
 }
 
 

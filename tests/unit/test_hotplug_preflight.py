@@ -1,7 +1,8 @@
 """Hotplug preflight, rollback and unplug outcomes against a fake QEMU (no processes).
 
-The fake answers the few QMP commands qemukit.hotplug uses from a small
-model of QEMU's state and sends the events a guest would cause. Real QEMU
+The fake (qemukit.testing.FakeVM, which users test their own code with too)
+answers the few QMP commands qemukit.hotplug uses from a small model of
+QEMU's state and sends the events a guest would cause. Real QEMU
 is exercised in tests/integration/test_hotplug.py; these cover the paths a
 real guest rarely takes (DEVICE_UNPLUG_GUEST_ERROR, a failing blockdev-del)
 and check that a refused change sends no command that changes anything.
@@ -10,228 +11,19 @@ and check that a refused change sends no command that changes anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import EventListener
 
 from qemukit import Drive, HotplugError, SpecError, VMSpec, host
-from qemukit._aio import file_lock
 from qemukit._launch.plan import DiskImage
 from qemukit._launch.runtime import RuntimeDir
-from qemukit.arch import ARCHES
-from qemukit.errors import QMPCommandError, WaitTimeout
+from qemukit.errors import QMPCommandError
 from qemukit.hotplug import AsyncHotplug, DeviceLedger, PluggedDevice
-
-MUTATING = {"blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "object-add", "object-del",
-            "device_add", "device_del"}
-
-
-class FakeMonitor:
-    def __init__(self) -> None:
-        self.listeners: list[EventListener] = []
-
-    @contextlib.contextmanager
-    def listen(self, *names: str, match: Any = None) -> Iterator[EventListener]:
-        listener = EventListener(names or None, match)
-        self.listeners.append(listener)
-        try:
-            yield listener
-        finally:
-            self.listeners.remove(listener)
-
-    async def wait_event(self, listener: EventListener, timeout: float, what: str) -> dict[str, Any]:
-        try:
-            return dict(await asyncio.wait_for(listener.get(), timeout))
-        except TimeoutError:
-            raise WaitTimeout(what, timeout) from None
-
-    def emit_soon(self, name: str, data: Mapping[str, Any]) -> None:
-        """Send an event after the current command's reply, as QEMU does."""
-        event = {"event": name, "data": dict(data), "timestamp": {"seconds": 0, "microseconds": 0}}
-
-        async def send() -> None:
-            for listener in list(self.listeners):
-                await listener.put(event)
-
-        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(send()))
-
-
-class FakeVM:
-    """Enough of AsyncVM and QEMU for qemukit.hotplug: state, commands, events."""
-
-    def __init__(self, runtime: Path, spec: VMSpec, *, version: tuple[int, int] = (7, 2),
-                 qemu: host.QemuBinary | None = None) -> None:
-        self.spec = spec
-        #: The QEMU the VM carries (found once for its architecture): nothing finds another.
-        self.qemu = qemu or host.QemuBinary(
-            f"/usr/bin/{ARCHES[spec.arch].qemu_binary}", (7, 2, 0), "7.2",
-            frozenset(ARCHES[spec.arch].machines), True, "/usr/bin/qemu-img")
-        self.runtime = RuntimeDir(runtime)
-        self.accel = host.AccelChoice("tcg", "unit test")
-        self.monitor = FakeMonitor()
-        self.version = version
-        self.log: list[tuple[str, dict[str, Any]]] = []
-        self.peripheral: dict[str, str] = {"vser0": "virtio-serial-pci"}
-        self.ports: dict[str, str | None] = {f"hp{i}": None for i in range(spec.hotplug_ports)}
-        self.nodes: set[str] = set()
-        self.objects: set[str] = set()
-        self.netdevs: set[str] = set()
-        self.dimms: list[dict[str, Any]] = []
-        self.cpus = [{"props": {"core-id": i, "socket-id": 0, "thread-id": 0}, "vcpus-count": 1,
-                      "type": "qemu64-x86_64-cpu"} for i in range(spec.max_cpus or spec.cpus)]
-        for cpu in self.cpus[: spec.cpus]:
-            cpu["qom-path"] = "/machine/unattached/device[0]"
-        #: What the guest does on device_del: delete, guest-error, ost-busy, nothing.
-        self.on_unplug = "delete"
-        self.fail: dict[str, str] = {}  # command -> error description
-
-    async def status(self) -> str:
-        return "running"
-
-    #: The guest has booted (its agent answered), so hotplug needs no wait for it.
-    guest_booted = True
-    has_agent = True
-    name = "fake"
-    boot_timeout = 5.0
-
-    def qemu_alive(self) -> bool:
-        return True
-
-    async def reset_agent(self) -> None:
-        pass
-
-    def forget_guest_faults(self) -> None:
-        pass
-
-    async def wait_ready(self, timeout: float | None = None) -> float:
-        return 0.0
-
-    def operation_lock(self, timeout: float = 5.0) -> Any:
-        return file_lock(self.runtime.lock_file, timeout, "the fake VM's operation lock")
-
-    async def guarded(self, aw: Any, timeout: float | None, what: str, *, guest_io: bool = False,
-                      guest_faults: bool = True) -> Any:
-        return await aw
-
-    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, *,
-                  timeout: float = 30.0, **kwargs: Any) -> Any:
-        args = dict(arguments or {})
-        args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
-        self.log.append((command, args))
-        if command in self.fail:
-            raise QMPCommandError(command, "GenericError", self.fail[command])
-        handler = getattr(self, "do_" + command.replace("-", "_"))
-        return handler(args)
-
-    @property
-    def mutations(self) -> list[str]:
-        return [c for c, _ in self.log if c in MUTATING]
-
-    # -- queries
-    def do_qom_list(self, args: dict[str, Any]) -> Any:
-        if args["path"] == "/objects":
-            return [{"name": o, "type": "child<memory-backend-ram>"} for o in self.objects]
-        return [{"name": "type", "type": "string"}] + [
-            {"name": n, "type": f"child<{t}>"} for n, t in self.peripheral.items()]
-
-    def do_query_named_block_nodes(self, args: dict[str, Any]) -> Any:
-        return [{"node-name": n} for n in self.nodes]
-
-    def do_query_pci(self, args: dict[str, Any]) -> Any:
-        devices = [{"qdev_id": port, "pci_bridge": {"devices": [] if dev is None else [{"qdev_id": dev}]}}
-                   for port, dev in self.ports.items()]
-        return [{"bus": 0, "devices": devices}]
-
-    def do_query_hotpluggable_cpus(self, args: dict[str, Any]) -> Any:
-        return self.cpus
-
-    def do_query_memory_size_summary(self, args: dict[str, Any]) -> Any:
-        return {"base-memory": self.spec.memory << 20,
-                "plugged-memory": sum(d["data"]["size"] for d in self.dimms)}
-
-    def do_query_memory_devices(self, args: dict[str, Any]) -> Any:
-        return self.dimms
-
-    def do_query_version(self, args: dict[str, Any]) -> Any:
-        return {"qemu": {"major": self.version[0], "minor": self.version[1], "micro": 0}}
-
-    # -- changes
-    def do_blockdev_add(self, args: dict[str, Any]) -> Any:
-        self.nodes.add(args["node-name"])
-        return {}
-
-    def do_blockdev_del(self, args: dict[str, Any]) -> Any:
-        if args["node-name"] not in self.nodes:
-            raise QMPCommandError("blockdev-del", "GenericError",
-                                  f"Failed to find node with node-name='{args['node-name']}'")
-        self.nodes.remove(args["node-name"])
-        return {}
-
-    def do_netdev_add(self, args: dict[str, Any]) -> Any:
-        self.netdevs.add(args["id"])
-        return {}
-
-    def do_netdev_del(self, args: dict[str, Any]) -> Any:
-        self.netdevs.remove(args["id"])
-        return {}
-
-    def do_object_add(self, args: dict[str, Any]) -> Any:
-        self.objects.add(args["id"])
-        return {}
-
-    def do_object_del(self, args: dict[str, Any]) -> Any:
-        self.objects.remove(args["id"])
-        return {}
-
-    def do_device_add(self, args: dict[str, Any]) -> Any:
-        dev_id = args["id"]
-        self.peripheral[dev_id] = args["driver"]
-        if args.get("bus") in self.ports:
-            self.ports[args["bus"]] = dev_id
-        if args["driver"] == "pc-dimm":
-            size = 128 << 20
-            self.dimms.append({"type": "dimm", "data": {"id": dev_id, "size": size}})
-        if args["driver"].endswith("-cpu"):
-            slot = next(c for c in self.cpus if c["props"]["core-id"] == args["core-id"])
-            slot["qom-path"] = f"/machine/peripheral/{dev_id}"
-        if args["driver"] in ("pc-dimm",) or args["driver"].endswith("-cpu"):
-            self.monitor.emit_soon("ACPI_DEVICE_OST", {"info": {"device": dev_id, "source": 1,
-                                                                 "status": 0}})
-        return {}
-
-    def do_device_del(self, args: dict[str, Any]) -> Any:
-        dev_id = args["id"]
-        if dev_id not in self.peripheral:
-            raise QMPCommandError("device_del", "DeviceNotFound", f"Device '{dev_id}' not found")
-        path = f"/machine/peripheral/{dev_id}"
-        if self.on_unplug == "delete":
-            self.remove_device(dev_id)
-            self.monitor.emit_soon("DEVICE_DELETED", {"path": f"{path}/virtio-backend"})
-            self.monitor.emit_soon("DEVICE_DELETED", {"device": dev_id, "path": path})
-        elif self.on_unplug == "guest-error":
-            self.monitor.emit_soon("DEVICE_UNPLUG_GUEST_ERROR", {"device": dev_id, "path": path})
-        elif self.on_unplug == "ost-busy":
-            for status in (0x84, 0x82):
-                self.monitor.emit_soon("ACPI_DEVICE_OST", {"info": {"device": dev_id, "source": 3,
-                                                                     "status": status}})
-        return {}
-
-    def remove_device(self, dev_id: str) -> None:
-        del self.peripheral[dev_id]
-        for port, dev in self.ports.items():
-            if dev == dev_id:
-                self.ports[port] = None
-        self.dimms = [d for d in self.dimms if d["data"]["id"] != dev_id]
-        for cpu in self.cpus:
-            if cpu.get("qom-path") == f"/machine/peripheral/{dev_id}":
-                del cpu["qom-path"]
-
+from qemukit.testing import MUTATING, FakeVM, Unplug
 
 SPEC = VMSpec(kernel="/vmlinuz", cpus=1, max_cpus=3, memory=512, max_memory=1024, slots=2,
               hotplug_ports=2)
@@ -397,14 +189,12 @@ def test_failed_device_add_removes_the_backends_in_reverse(fake: FakeVM, image: 
 
 
 def test_failed_format_node_removes_the_file_node(fake: FakeVM, image: Path) -> None:
-    real = fake.do_blockdev_add
-
     def second_fails(args: dict[str, Any]) -> Any:
         if args["node-name"].endswith("-fmt"):
             raise QMPCommandError("blockdev-add", "GenericError", "Failed to get \"write\" lock")
-        return real(args)
+        return fake.model("blockdev-add", args)
 
-    fake.do_blockdev_add = second_fails  # type: ignore[method-assign]
+    fake.on_command("blockdev-add", second_fails)
     with pytest.raises(HotplugError, match="QEMU refused the backend: .*lock"):
         run(AsyncHotplug(fake).disk(image, id="d"))
     assert fake.nodes == set()
@@ -449,7 +239,7 @@ def test_unplug_waits_for_the_device_then_deletes_backends(fake: FakeVM, image: 
     ("ost-busy", r"_OST status 0x82: device busy"),
     ("nothing", "no DEVICE_DELETED within 0.2s"),
 ])
-def test_unplug_the_guest_does_not_allow(fake: FakeVM, behaviour: str, message: str) -> None:
+def test_unplug_the_guest_does_not_allow(fake: FakeVM, behaviour: Unplug, message: str) -> None:
     ops = AsyncHotplug(fake)
     dimm = run(ops.memory(128))
     fake.on_unplug = behaviour

@@ -4,9 +4,12 @@ qemukit._wire.qmp, and no other library's logger touched."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 
 from qemukit._wire.qmp import QMP
@@ -82,3 +85,46 @@ def test_long_lived_objects_say_what_they_are() -> None:
     spec = VMSpec(name="web", kernel="/k")
     assert repr(AsyncVM(spec)) == "<AsyncVM 'web' new>"
     assert repr(VM(spec)) == "<VM 'web' new>"
+
+
+def _spawn_command(tmp_path: Path) -> click.Command:
+    """A command that spawns a process the way a VM's QEMU is spawned, and reaps it."""
+    import asyncio
+
+    from qemukit._launch.process import QemuProcess
+
+    @click.command("spawn-for-test")
+    def spawn() -> None:
+        proc = QemuProcess.spawn(["true", "qemukit-test-marker"], log_path=tmp_path / "out.log",
+                                 die_with_parent=False)
+        asyncio.run(proc.wait(30))
+        proc.close()
+
+    return spawn
+
+
+@pytest.mark.parametrize(("flags", "shown"), [(["-vv"], True), (["-v"], False), ([], False)])
+def test_cli_vv_shows_each_spawns_argv_and_pid(tmp_path: Path, flags: list[str],
+                                                shown: bool) -> None:
+    from click.testing import CliRunner
+
+    from qemukit.cli import main
+
+    command = _spawn_command(tmp_path)
+    main.add_command(command)
+    try:
+        result = CliRunner().invoke(main, [*flags, command.name or ""])
+    finally:
+        main.commands.pop(command.name or "")
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.stderr.splitlines() if "qemukit-test-marker" in ln]
+    if shown:
+        assert len(lines) == 1, result.stderr
+        assert re.fullmatch(r"qemukit: qemukit\._launch\.process: spawned pid \d+: "
+                            r"true qemukit-test-marker", lines[0]), lines[0]
+    else:
+        assert lines == []
+    # The command's logging ends with it: the library's logger is as it was.
+    qemukit_logger = logging.getLogger("qemukit")
+    assert qemukit_logger.level == logging.NOTSET
+    assert all(isinstance(h, logging.NullHandler) for h in qemukit_logger.handlers)
