@@ -158,6 +158,9 @@ def test_kernel_panic_is_reported_as_panic(booted: Any) -> None:
 def test_boot_that_never_reaches_agent_times_out_with_console(tiny_spec: VMSpec) -> None:
     spec = tiny_spec.replace(append="console=ttyS0 rdinit=/bin/sh")
     with VM(spec) as vm:
+        # On a loaded host the kernel may not have printed anything 8 s after the spawn: wait
+        # for its first line, so the timeout below is the agent's and its console is not empty.
+        vm.wait_for_console_text("Linux version", timeout=180)
         start = time.monotonic()
         with pytest.raises(WaitTimeout) as info:
             vm.wait_ready(timeout=8)
