@@ -244,13 +244,18 @@ def test_shell_check_catches_bad_commands() -> None:
     parse_cli(["qemukit", "images", "build", "tiny", "--arch", "aarch64"])
 
 
-def test_short_readme_links_resolve() -> None:
-    """docs/README-short.md (the proposed README) links to pages that exist, from the repo root."""
-    text = (DOCS / "README-short.md").read_text()
+def test_readme_is_short_and_its_links_resolve() -> None:
+    """README.md is what a newcomer needs (the two commands, the tiers, the benchmark table)
+    plus links into the site, and every link names a file that exists."""
+    text = (ROOT / "README.md").read_text()
     links = re.findall(r"\]\(([^)#]+)", text)
-    assert len(links) >= 10
+    assert len(links) >= 15
     assert not [link for link in links if not (ROOT / link).is_file()]
-    assert len(text.splitlines()) <= 40  # one screen
+    assert len(text.splitlines()) <= 110
+    assert "./scripts/setup && .venv/bin/qemukit run --image tiny -- uname -a" in text
+    # CI runs exactly the README's test command.
+    assert "\n./scripts/test\n" in text
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("./scripts/test")
 
 
 def test_docstring_markup_to_markdown() -> None:
