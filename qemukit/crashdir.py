@@ -247,7 +247,7 @@ from drgn.helpers.linux.printk import get_dmesg
 try:
     thread = prog.crashed_thread()
     print("crashed task: pid", thread.tid, thread.object.comm.string_().decode(errors="replace"))
-    print(prog.stack_trace(thread))
+    print(thread.stack_trace())
 except Exception as exc:
     print("crashed task: drgn could not read it:", exc)
 try:

@@ -8,7 +8,8 @@ the same inputs reuses the build and anything that changes them builds anew. The
 extracted once per tarball (``kernels/src-<key>/``), and builds run under a file lock so
 parallel sessions build once. Nothing is downloaded.
 
-Run it by hand: ``python -m tests.kernel_build`` prints the tree (building it if needed).
+Run it by hand: ``python -m tests.kernel_build`` prints the tree (building it if needed);
+``--debug`` the debug-info variant (:func:`build_debug_kernel`).
 """
 
 from __future__ import annotations
@@ -135,8 +136,60 @@ def _prune(build: Path) -> None:
         path.unlink()
 
 
+#: What the debug build turns on (``scripts/config``) over the suite kernel's ``.config``: DWARF
+#: debug info (drgn, crash and gdb read it), the kernel's gdb scripts (``vmlinux-gdb.py``, its
+#: ``lx-*`` commands) and kallsyms (symbolic Call Traces on the console, so triage shows them).
+DEBUG_OPTIONS = ["-e", "DEBUG_KERNEL", "-e", "DEBUG_INFO", "-d", "DEBUG_INFO_NONE", "-e",
+                 "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT", "-e", "GDB_SCRIPTS", "-d",
+                 "DEBUG_INFO_REDUCED", "-d", "DEBUG_INFO_BTF", "-e", "KALLSYMS"]
+
+
+def debug_key(tarball: Path = SOURCE_TARBALL) -> str:
+    """The debug build's key: the suite kernel's inputs plus :data:`DEBUG_OPTIONS`."""
+    extra = hashlib.sha256(json.dumps(DEBUG_OPTIONS).encode()).hexdigest()[:8]
+    return f"gdb-{build_key(tarball)}-{extra}"
+
+
+def build_debug_kernel(progress: Callable[[str], None] = lambda _: None,
+                       tarball: Path = SOURCE_TARBALL) -> Path:
+    """The suite's kernel with debug info and the gdb scripts (a ``make O=`` tree), cached.
+
+    Built beside the suite's kernel (``<cache>/kernels/gdb-<key>/build``) from its ``.config``
+    with :data:`DEBUG_OPTIONS`, object files pruned (``vmlinux`` carries the debug info).
+    Takes many minutes on an empty cache.
+    """
+    suite = build_test_kernel(progress, tarball)
+    root = cache_dir() / "kernels"
+    key = debug_key(tarball)
+    out = root / key
+    with locked(root / f"{key}.lock"):
+        if usable(out) and (out / "build" / "vmlinux-gdb.py").exists():
+            return out / "build"
+        shutil.rmtree(out, ignore_errors=True)
+        build = out / "build"
+        build.mkdir(parents=True, mode=0o700)
+        log = out / "build.log"
+        shutil.copyfile(suite / ".config", build / ".config")
+        src = (suite / "source").resolve()
+        start = time.monotonic()
+        _run([str(src / "scripts" / "config"), "--file", str(build / ".config"), *DEBUG_OPTIONS],
+             src, log)
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
+        progress(f"make -j{os.cpu_count() or 1} bzImage modules scripts_gdb (debug info: long)")
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", f"-j{os.cpu_count() or 1}",
+              "bzImage", "modules", "scripts_gdb"], src, log)
+        _prune(build)
+        seconds = time.monotonic() - start
+        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+        progress(f"built in {seconds:.0f}s: {build}")
+        return build
+
+
 def main() -> int:
-    tree = build_test_kernel(progress=lambda line: print(f"kernel_build: {line}", file=sys.stderr))
+    def progress(line: str) -> None:
+        print(f"kernel_build: {line}", file=sys.stderr)
+
+    tree = build_debug_kernel(progress) if "--debug" in sys.argv[1:] else build_test_kernel(progress)
     print(tree)
     return 0
 

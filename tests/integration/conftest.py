@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,3 +45,12 @@ def debian_image() -> images.DebianImage:
         pytest.skip("building the debian image runs mmdebstrap as root (a normal user can use "
                     "an image root built: run 'qemukit images build debian' as root first)")
     return built or images.build("debian", progress=lambda msg: print(f"  {msg}", file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def debug_kernel() -> Path:
+    """The suite's kernel with DWARF debug info and the gdb scripts (a ``make O=`` tree): built
+    once, cached by its inputs (many minutes on an empty cache: slow-tier tests only)."""
+    from tests.kernel_build import build_debug_kernel
+
+    return build_debug_kernel(progress=lambda msg: print(f"  {msg}", file=sys.stderr))
