@@ -246,6 +246,7 @@ def _run_resolved(
     tail = ""
     events: list[ConsoleEvent] = []
     log_copy_error: OSError | None = None
+    failure_console = ""  # the console the error carries, for a VM that never had its own
     bundle: Path | None = None
     notes: list[str] = []
     crash_log: Path | None = None
@@ -268,6 +269,7 @@ def _run_resolved(
         outcome = Outcome.PASSED if result.exit_status == 0 else Outcome.FAILED
     except GuestPanic as exc:
         outcome, fields["panic"], fields["error"] = Outcome.PANIC, exc.line, str(exc).split("\n")[0]
+        failure_console = exc.console
         if crash_dir is not None:
             bundle = _new_bundle(crash_dir, Outcome.PANIC, vm.name, fields)
         target = (Path(dump_on_panic) if dump_on_panic is not None
@@ -279,6 +281,7 @@ def _run_resolved(
                 notes.append(dump_error)
     except GuestOops as exc:
         outcome, fields["oops"], fields["error"] = Outcome.OOPS, exc.line, str(exc).split("\n")[0]
+        failure_console = exc.console
         if crash_dir is not None:
             # The kernel runs on after an oops: its memory then is the bundle's dump.
             bundle = _new_bundle(crash_dir, Outcome.OOPS, vm.name, fields)
@@ -288,6 +291,7 @@ def _run_resolved(
                     notes.append(dump_error)
     except WaitTimeout as exc:
         outcome, fields["error"] = Outcome.TIMEOUT, str(exc).split("\n")[0]
+        failure_console = exc.console
         if fields["boot_time"] is None and spec.agent == "qemukit" and about.config is None and (
                 _INIT_READY in vm.console_tail(400)):
             # The init got as far as starting the agent, which never answered: the
@@ -296,11 +300,17 @@ def _run_resolved(
                                 f"answered: {_NO_AGENT_HINT}")
     except QemukitError as exc:
         fields["error"] = str(exc)
+        failure_console = getattr(exc, "console", "") or ""
     finally:
         events = vm.console_events()
         # A panic's or an oops's whole report (registers, the call trace: about 40 lines
         # here, more with a longer trace or another QEMU's CPU model), not just its end.
-        tail = vm.console_tail(REPORT_TAIL_LINES if outcome in (Outcome.PANIC, Outcome.OOPS) else 40)
+        lines = REPORT_TAIL_LINES if outcome in (Outcome.PANIC, Outcome.OOPS) else 40
+        tail = vm.console_tail(lines)
+        if not tail.strip() and failure_console.strip():
+            # It failed in a VM this one started first (the builder of its warm state):
+            # that VM's console is the one to show.
+            tail = "\n".join(failure_console.splitlines()[-lines:])
         if console_log is not None and vm.console_log is not None and vm.console_log.exists():
             try:
                 shutil.copyfile(vm.console_log, console_log)
