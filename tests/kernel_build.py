@@ -226,7 +226,8 @@ def build_kunit_kernel(progress: Callable[[str], None] = lambda _: None,
              src, log)
         _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
         config = (build / ".config").read_text()
-        wanted = [o for flag, o in zip(KUNIT_OPTIONS[::2], KUNIT_OPTIONS[1::2]) if flag == "-e"]
+        pairs = zip(KUNIT_OPTIONS[::2], KUNIT_OPTIONS[1::2], strict=True)
+        wanted = [o for flag, o in pairs if flag == "-e"]
         missing = [o for o in wanted if f"CONFIG_{o}=y" not in config.splitlines()]
         if missing:
             raise RuntimeError(f"olddefconfig dropped {missing} from the KUnit build")
