@@ -9,7 +9,8 @@ extracted once per tarball (``kernels/src-<key>/``), and builds run under a file
 parallel sessions build once. Nothing is downloaded.
 
 Run it by hand: ``python -m tests.kernel_build`` prints the tree (building it if needed);
-``--debug`` the debug-info variant (:func:`build_debug_kernel`).
+``--debug`` the debug-info variant (:func:`build_debug_kernel`), ``--kunit`` the KUnit variant
+(:func:`build_kunit_kernel`).
 """
 
 from __future__ import annotations
@@ -185,11 +186,72 @@ def build_debug_kernel(progress: Callable[[str], None] = lambda _: None,
         return build
 
 
+#: What the KUnit build turns on over the suite kernel's ``.config``: KUnit and its example suite
+#: (passing, skipped and parameterized cases) plus the linked-list suite, run at boot and
+#: reported as KTAP on the console (the list suite sits behind ``RUNTIME_TESTING_MENU``, which
+#: tinyconfig turns off). ``KUNIT_ALL_TESTS`` would build every suite the config allows: more
+#: build and boot time than the test needs.
+KUNIT_OPTIONS = ["-e", "KUNIT", "-e", "KUNIT_EXAMPLE_TEST", "-e", "RUNTIME_TESTING_MENU",
+                 "-e", "LIST_KUNIT_TEST", "-d", "KUNIT_ALL_TESTS", "-d", "KUNIT_DEBUGFS"]
+
+
+def kunit_key(tarball: Path = SOURCE_TARBALL) -> str:
+    """The KUnit build's key: the suite kernel's inputs plus :data:`KUNIT_OPTIONS`."""
+    extra = hashlib.sha256(json.dumps(KUNIT_OPTIONS).encode()).hexdigest()[:8]
+    return f"kunit-{build_key(tarball)}-{extra}"
+
+
+def build_kunit_kernel(progress: Callable[[str], None] = lambda _: None,
+                       tarball: Path = SOURCE_TARBALL) -> Path:
+    """The suite's kernel with KUnit's example and list suites built in (a ``make O=`` tree).
+
+    Built beside the suite's kernel (``<cache>/kernels/kunit-<key>/build``) from its ``.config``
+    with :data:`KUNIT_OPTIONS`, cached by its inputs. Takes minutes on an empty cache.
+    """
+    suite = build_test_kernel(progress, tarball)
+    root = cache_dir() / "kernels"
+    key = kunit_key(tarball)
+    out = root / key
+    with locked(root / f"{key}.lock"):
+        if usable(out):
+            return out / "build"
+        shutil.rmtree(out, ignore_errors=True)
+        build = out / "build"
+        build.mkdir(parents=True, mode=0o700)
+        log = out / "build.log"
+        shutil.copyfile(suite / ".config", build / ".config")
+        src = (suite / "source").resolve()
+        start = time.monotonic()
+        _run([str(src / "scripts" / "config"), "--file", str(build / ".config"), *KUNIT_OPTIONS],
+             src, log)
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
+        config = (build / ".config").read_text()
+        pairs = zip(KUNIT_OPTIONS[::2], KUNIT_OPTIONS[1::2], strict=True)
+        wanted = [o for flag, o in pairs if flag == "-e"]
+        missing = [o for o in wanted if f"CONFIG_{o}=y" not in config.splitlines()]
+        if missing:
+            raise RuntimeError(f"olddefconfig dropped {missing} from the KUnit build")
+        progress(f"make -j{os.cpu_count() or 1} bzImage modules (KUnit suites built in)")
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", f"-j{os.cpu_count() or 1}",
+              "bzImage", "modules"], src, log)
+        _prune(build)
+        seconds = time.monotonic() - start
+        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+        progress(f"built in {seconds:.0f}s: {build}")
+        return build
+
+
 def main() -> int:
     def progress(line: str) -> None:
         print(f"kernel_build: {line}", file=sys.stderr)
 
-    tree = build_debug_kernel(progress) if "--debug" in sys.argv[1:] else build_test_kernel(progress)
+    args = sys.argv[1:]
+    if "--debug" in args:
+        tree = build_debug_kernel(progress)
+    elif "--kunit" in args:
+        tree = build_kunit_kernel(progress)
+    else:
+        tree = build_test_kernel(progress)
     print(tree)
     return 0
 
