@@ -145,10 +145,57 @@ DEBUG_OPTIONS = ["-e", "DEBUG_KERNEL", "-e", "DEBUG_INFO", "-d", "DEBUG_INFO_NON
                  "DEBUG_INFO_REDUCED", "-d", "DEBUG_INFO_BTF", "-e", "KALLSYMS"]
 
 
+def _variant_key(prefix: str, options: list[str], tarball: Path) -> str:
+    """A variant's key: the suite kernel's inputs plus the options it adds."""
+    extra = hashlib.sha256(json.dumps(options).encode()).hexdigest()[:8]
+    return f"{prefix}-{build_key(tarball)}-{extra}"
+
+
+def _build_variant(prefix: str, options: list[str], targets: list[str], what: str,
+                   progress: Callable[[str], None], tarball: Path, *,
+                   needs: str | None = None, all_kept: bool = False) -> Path:
+    """The suite kernel's ``.config`` with ``options`` (``scripts/config``), built and cached.
+
+    Built beside the suite's kernel (``<cache>/kernels/<prefix>-<key>/build``), object files
+    pruned. ``needs``: a file of the tree a cached build must have too. ``all_kept``: fail if
+    ``olddefconfig`` drops an option the variant turns on.
+    """
+    suite = build_test_kernel(progress, tarball)
+    root = cache_dir() / "kernels"
+    key = _variant_key(prefix, options, tarball)
+    out = root / key
+    with locked(root / f"{key}.lock"):
+        if usable(out) and (needs is None or (out / "build" / needs).exists()):
+            return out / "build"
+        shutil.rmtree(out, ignore_errors=True)
+        build = out / "build"
+        build.mkdir(parents=True, mode=0o700)
+        log = out / "build.log"
+        shutil.copyfile(suite / ".config", build / ".config")
+        src = (suite / "source").resolve()
+        start = time.monotonic()
+        _run([str(src / "scripts" / "config"), "--file", str(build / ".config"), *options],
+             src, log)
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
+        if all_kept:
+            config = (build / ".config").read_text().splitlines()
+            pairs = zip(options[::2], options[1::2], strict=True)
+            missing = [o for flag, o in pairs if flag == "-e" and f"CONFIG_{o}=y" not in config]
+            if missing:
+                raise RuntimeError(f"olddefconfig dropped {missing} from the {prefix} build")
+        progress(f"make -j{os.cpu_count() or 1} {' '.join(targets)} ({what})")
+        _run(["make", "-s", f"O={build}", "ARCH=x86_64", f"-j{os.cpu_count() or 1}", *targets],
+             src, log)
+        _prune(build)
+        seconds = time.monotonic() - start
+        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+        progress(f"built in {seconds:.0f}s: {build}")
+        return build
+
+
 def debug_key(tarball: Path = SOURCE_TARBALL) -> str:
     """The debug build's key: the suite kernel's inputs plus :data:`DEBUG_OPTIONS`."""
-    extra = hashlib.sha256(json.dumps(DEBUG_OPTIONS).encode()).hexdigest()[:8]
-    return f"gdb-{build_key(tarball)}-{extra}"
+    return _variant_key("gdb", DEBUG_OPTIONS, tarball)
 
 
 def build_debug_kernel(progress: Callable[[str], None] = lambda _: None,
@@ -159,31 +206,8 @@ def build_debug_kernel(progress: Callable[[str], None] = lambda _: None,
     with :data:`DEBUG_OPTIONS`, object files pruned (``vmlinux`` carries the debug info).
     Takes many minutes on an empty cache.
     """
-    suite = build_test_kernel(progress, tarball)
-    root = cache_dir() / "kernels"
-    key = debug_key(tarball)
-    out = root / key
-    with locked(root / f"{key}.lock"):
-        if usable(out) and (out / "build" / "vmlinux-gdb.py").exists():
-            return out / "build"
-        shutil.rmtree(out, ignore_errors=True)
-        build = out / "build"
-        build.mkdir(parents=True, mode=0o700)
-        log = out / "build.log"
-        shutil.copyfile(suite / ".config", build / ".config")
-        src = (suite / "source").resolve()
-        start = time.monotonic()
-        _run([str(src / "scripts" / "config"), "--file", str(build / ".config"), *DEBUG_OPTIONS],
-             src, log)
-        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
-        progress(f"make -j{os.cpu_count() or 1} bzImage modules scripts_gdb (debug info: long)")
-        _run(["make", "-s", f"O={build}", "ARCH=x86_64", f"-j{os.cpu_count() or 1}",
-              "bzImage", "modules", "scripts_gdb"], src, log)
-        _prune(build)
-        seconds = time.monotonic() - start
-        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
-        progress(f"built in {seconds:.0f}s: {build}")
-        return build
+    return _build_variant("gdb", DEBUG_OPTIONS, ["bzImage", "modules", "scripts_gdb"],
+                          "debug info: long", progress, tarball, needs="vmlinux-gdb.py")
 
 
 #: What the KUnit build turns on over the suite kernel's ``.config``: KUnit and its example suite
@@ -197,8 +221,7 @@ KUNIT_OPTIONS = ["-e", "KUNIT", "-e", "KUNIT_EXAMPLE_TEST", "-e", "RUNTIME_TESTI
 
 def kunit_key(tarball: Path = SOURCE_TARBALL) -> str:
     """The KUnit build's key: the suite kernel's inputs plus :data:`KUNIT_OPTIONS`."""
-    extra = hashlib.sha256(json.dumps(KUNIT_OPTIONS).encode()).hexdigest()[:8]
-    return f"kunit-{build_key(tarball)}-{extra}"
+    return _variant_key("kunit", KUNIT_OPTIONS, tarball)
 
 
 def build_kunit_kernel(progress: Callable[[str], None] = lambda _: None,
@@ -208,37 +231,8 @@ def build_kunit_kernel(progress: Callable[[str], None] = lambda _: None,
     Built beside the suite's kernel (``<cache>/kernels/kunit-<key>/build``) from its ``.config``
     with :data:`KUNIT_OPTIONS`, cached by its inputs. Takes minutes on an empty cache.
     """
-    suite = build_test_kernel(progress, tarball)
-    root = cache_dir() / "kernels"
-    key = kunit_key(tarball)
-    out = root / key
-    with locked(root / f"{key}.lock"):
-        if usable(out):
-            return out / "build"
-        shutil.rmtree(out, ignore_errors=True)
-        build = out / "build"
-        build.mkdir(parents=True, mode=0o700)
-        log = out / "build.log"
-        shutil.copyfile(suite / ".config", build / ".config")
-        src = (suite / "source").resolve()
-        start = time.monotonic()
-        _run([str(src / "scripts" / "config"), "--file", str(build / ".config"), *KUNIT_OPTIONS],
-             src, log)
-        _run(["make", "-s", f"O={build}", "ARCH=x86_64", "olddefconfig"], src, log)
-        config = (build / ".config").read_text()
-        pairs = zip(KUNIT_OPTIONS[::2], KUNIT_OPTIONS[1::2], strict=True)
-        wanted = [o for flag, o in pairs if flag == "-e"]
-        missing = [o for o in wanted if f"CONFIG_{o}=y" not in config.splitlines()]
-        if missing:
-            raise RuntimeError(f"olddefconfig dropped {missing} from the KUnit build")
-        progress(f"make -j{os.cpu_count() or 1} bzImage modules (KUnit suites built in)")
-        _run(["make", "-s", f"O={build}", "ARCH=x86_64", f"-j{os.cpu_count() or 1}",
-              "bzImage", "modules"], src, log)
-        _prune(build)
-        seconds = time.monotonic() - start
-        (out / ".qemukit-built").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
-        progress(f"built in {seconds:.0f}s: {build}")
-        return build
+    return _build_variant("kunit", KUNIT_OPTIONS, ["bzImage", "modules"],
+                          "KUnit suites built in", progress, tarball, all_kept=True)
 
 
 def main() -> int:
