@@ -224,6 +224,8 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         if image is not None:
             ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
         spec = job.spec()
+        if spec.standby is None:  # a worker runs job after job: keep the next clone ready
+            spec = spec.replace(standby=True)
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)
     try:

@@ -78,7 +78,7 @@ from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _net, _verbs, _warm
+from . import _net, _standby, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
@@ -147,7 +147,7 @@ def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
     return Agent(rd.agent_socket, connect_timeout=connect_timeout)
 
 
-class AsyncVM(_verbs.Verbs):
+class AsyncVM(_verbs.Verbs, _standby.StandbyClones):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -306,10 +306,17 @@ class AsyncVM(_verbs.Verbs):
         try:
             spec = await self._resolve_kernel()
             warm = await self._choose_warm(spec)
-            await self._start(warm.spec if warm is not None else spec, timeout)
+            taken = await self._take_standby(warm, spec, timeout) if warm is not None else None
+            if taken is None:
+                await self._start(warm.spec if warm is not None else spec, timeout)
+            else:  # a standby clone (qemukit.vm._standby): launched and loaded already
+                warm = taken
+                _live.add(self)
             self.state = VMState.RUNNING
             if warm is not None:
                 restored = await self._finish_warm(warm, spec, timeout)
+                if restored:
+                    self._leave_standby(warm, spec)
                 if restored and networks and self.runtime is not None:
                     # The saved state has no NICs on private networks: plugged in now.
                     await _net.plug_after_restore(self, self.runtime.path.parent, networks)
