@@ -80,7 +80,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qemukit.warm")
 
-__all__ = ["ENV", "StandbyClones", "detach_standbys", "family", "settle", "wanted"]
+__all__ = ["ENV", "StandbyClones", "detach_standbys", "end_all", "family", "ready_keys", "settle",
+           "wanted"]
 
 #: ``QEMUKIT_STANDBY=0`` turns standby clones off (none made, none taken); ``1`` turns them
 #: on for every warm start whose spec does not say.
@@ -477,6 +478,16 @@ def _reseed(spec: VMSpec, rd: RuntimeDir) -> Seed:
     finally:
         os.close(fd)
     return seed
+
+
+async def end_all() -> None:
+    """End the standbys this event loop made and keeps (an owner's tidy end; its exit would too)."""
+    loop = asyncio.get_running_loop()
+    for task in list(_making.get(loop, {}).values()):
+        task.cancel()
+    await settle()
+    for standby, _ in list(_ready.pop(loop, {}).values()):
+        await _end_own(standby)
 
 
 def ready_keys() -> list[str]:

@@ -82,7 +82,7 @@ def test_exactly_one_of_many_claims_a_standby(tmp_path: Path) -> None:
         barrier = threading.Barrier(8)
         won: list[bool] = []
 
-        def take() -> None:
+        def take(barrier: threading.Barrier = barrier, won: list[bool] = won) -> None:
             barrier.wait()
             won.append(claim(rd))
 
@@ -95,7 +95,8 @@ def test_exactly_one_of_many_claims_a_standby(tmp_path: Path) -> None:
         assert read_marker(rd) is None
 
 
-def test_a_claimed_standby_is_no_longer_listed(tmp_path: Path, sleepers: list[subprocess.Popen[bytes]]) -> None:
+def test_a_claimed_standby_is_no_longer_listed(tmp_path: Path,
+                                               sleepers: list[subprocess.Popen[bytes]]) -> None:
     rd = _standby_entry(tmp_path / "state", "standby-a", sleepers, entry=tmp_path)
     assert [r.name for r, _, _ in list_standbys(tmp_path / "state")] == ["standby-a"]
     assert claim(rd)
