@@ -96,7 +96,7 @@ TEMPLATE_FIELDS = ("base", "description", "image", "cpus", "memory", "append", "
                    "warm", "shares", "host_root")
 #: The fields in which a VM's spec may differ from its built-in image's spec.
 SPEC_FIELDS = ("name", "memory", "cpus", "append", "no_reboot", "warm", "forward_auto",
-               "shares", "nics", "host_root")
+               "shares", "nics", "host_root", "standby")
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: How often the watcher of each VM checks its lifetime, overlays and console log.
