@@ -34,6 +34,7 @@ ends it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -99,6 +100,11 @@ _making: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
     weakref.WeakKeyDictionary())
 #: True once this process's standbys are to outlive it (``qemukit run --standby``).
 _detached = False
+#: How long the exit handler gives this process's standbys to be ended in order.
+EXIT_TIMEOUT = 10.0
+#: True once the exit handler is registered (at the first standby: after the VMs' own, so
+#: it runs before theirs and no standby is left half made).
+_exit_hooked = False
 
 
 def detach_standbys(on: bool = True) -> None:
@@ -377,6 +383,10 @@ class StandbyClones(_Base):
         """After a warm start of ``spec``: make the next clone of its state, in the background."""
         if not wanted(spec):
             return
+        global _exit_hooked
+        if not _exit_hooked:
+            atexit.register(_end_at_exit)
+            _exit_hooked = True
         loop = asyncio.get_running_loop()
         slot = (self._registry_root(), plan.entry.key)
         making = _making.setdefault(loop, {})
@@ -488,6 +498,15 @@ async def end_all() -> None:
     await settle()
     for standby, _ in list(_ready.pop(loop, {}).values()):
         await _end_own(standby)
+
+
+def _end_at_exit() -> None:
+    """At interpreter exit: end the standbys of the sync API's loop (one being made included,
+    whose runtime directory the VMs' own exit handler would not know of yet)."""
+    from .. import _sync
+
+    if any(_sync.is_own_loop(loop) for loop in (*_making.keys(), *_ready.keys())):
+        _sync.finish_at_exit([end_all()], EXIT_TIMEOUT)
 
 
 def ready_keys() -> list[str]:
