@@ -429,6 +429,7 @@ async def _make(owner: StandbyClones, plan: WarmPlan, spec: VMSpec, slot: tuple[
         await standby._launch_paused(made_for, hold, owner)
         assert standby.runtime is not None
         await restore_vm(standby, plan.bundle, SAVE_TIMEOUT, resume=False)
+        await _warm_up(standby)
         write_marker(standby.runtime, make_info(plan.entry.key, plan.entry.path, family(spec),
                                                 detached=detached))
     except asyncio.CancelledError:
@@ -447,6 +448,23 @@ async def _make(owner: StandbyClones, plan: WarmPlan, spec: VMSpec, slot: tuple[
         return
     if standby.state is VMState.RUNNING:
         _ready.setdefault(asyncio.get_running_loop(), {})[slot] = (standby, made_for)
+
+
+async def _warm_up(standby: AsyncVM) -> None:
+    """Run the after-restore command once in the standby, then pause it again.
+
+    Under TCG the first code a restored guest runs is translated anew, and the
+    clock and RNG command after a restore is most of a warm start's time
+    (docs/mapped-restores.md). Run here, it leaves the agent's path and the
+    reseed program translated in this QEMU; after the take the same command
+    runs again with the taker's clock and fresh host bytes, so nothing of the
+    clone's identity comes from here (a reseed only adds entropy).
+    """
+    from ._warm import set_guest_clock
+
+    await standby.resume()
+    await set_guest_clock(standby)
+    await standby.pause()
 
 
 async def _end_own(standby: AsyncVM) -> None:
