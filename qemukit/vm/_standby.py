@@ -4,8 +4,9 @@ After a warm start of a spec with ``standby`` (:attr:`VMSpec.standby
 <qemukit.spec.VMSpec>`; on by default for the pytest plugin's VMs, a matrix
 worker's and the MCP server's), the VM's process restores another clone of
 the same warm state in the background: a VM of its own, ``standby-XXXXXX``,
-launched with ``-S -incoming defer``, its state loaded and its guest never
-run. It waits in the registry (``qemukit ls`` shows it as ``standby``), marked
+launched with ``-S -incoming defer``, its state loaded, the after-restore
+command run once (so TCG has translated it: :func:`_warm_up`) and the guest
+paused again. It waits in the registry (``qemukit ls`` shows it as ``standby``), marked
 by ``standby.json`` (:mod:`qemukit._launch.standby`).
 
 The next start whose warm state has the same key (same spec, same files,
@@ -15,9 +16,10 @@ only can do), renames its runtime directory to its own name, resumes the
 guest and finishes it as every warm clone is finished
 (:func:`qemukit.vm._warm.finish_warm`: clock, RNG reseed, a cloud-init
 clone's host name, machine-id, MACs and keys). Before the claim nothing that
-is a clone's own happened: the overlays were made for it but are unwritten
-(the guest never ran), the seed is written again for the taker's name, and
-the identity comes after the resume. Then the taker leaves a new standby for
+is a clone's own happened: the overlays were made for it and hold at most what
+the guest wrote during the warm-up (as any clone's would), the seed is
+written again for the taker's name, and the identity (clock, fresh RNG
+seed, host name...) comes after the resume. Then the taker leaves a new standby for
 the start after it.
 
 Lifetime. No daemon: a standby is a QEMU of the process that made it, which

@@ -122,7 +122,7 @@ def test_the_next_start_takes_the_standby_and_is_its_own_clone(base_disk: Path) 
             # saved ones, and a standby's taker gets what any warm clone gets.)
             assert (second.exec(ident, check=True).stdout_text
                     == first.exec(ident, check=True).stdout_text)
-            # Its disk is its own: its overlay was unwritten until the take.
+            # Its disk is its own: the overlay made for the standby is this VM's alone.
             second.exec("printf %s CLONE-BB > /dev/vda && sync", check=True)
             assert second.exec(READ_DISK, check=True).stdout_text == "CLONE-BB"
             assert first.exec(READ_DISK, check=True).stdout_text == "BASE-001"
