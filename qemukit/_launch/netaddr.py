@@ -124,6 +124,10 @@ class Networks(dict[str, NetworkMember]):
     def __init__(self, vm_name: str = "") -> None:
         super().__init__()
         self.vm_name = vm_name
+        #: Network -> the name the VM goes by there (in its members' /etc/hosts), where it
+        #: is not the VM's own name: the pytest plugin's ``qemu_network`` under xdist names a
+        #: VM ``gw0-server`` but the test (and the other guests) call it ``server``.
+        self.aliases: dict[str, str] = {}
 
     def __missing__(self, key: str) -> NetworkMember:
         raise KeyError(f"VM {self.vm_name!r} is not on network {key!r}; its networks: "

@@ -45,7 +45,7 @@ from .netaddr import (
     network_address,
     network_subnet,
 )
-from .process import _die_with_parent
+from .process import die_with_parent
 
 __all__ = ["PID_NAME", "Gateway", "GatewayError", "check_qemu_path", "gateway_argv"]
 
@@ -125,7 +125,7 @@ class Gateway:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno(), their_monitor.fileno()],
                 # The switch's log is its stdout and stderr: QEMU's complaints land there.
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                preexec_fn=functools.partial(die_with_parent, os.getpid()))
         except OSError as exc:
             link.close()
             monitor.close()

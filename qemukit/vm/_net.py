@@ -8,12 +8,16 @@ network), so its NICs are hot-plugged right after the restore, then configured.
 
 Names: a guest's ``/etc/hosts`` gets every member known when it is configured;
 VMs of this process on the same event loop (every :class:`~qemukit.VM` of the
-sync API shares one) also get each later member's line as it comes.
+sync API shares one) also get each later member's line as it comes. Members that
+another process started (``qemukit run --detach`` twice) are found in the
+registry by name and told through their agents (:func:`_tell_other_processes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shlex
 import socket
 import time
@@ -27,6 +31,8 @@ from ..errors import SpecError, StateError, WaitTimeout
 
 if TYPE_CHECKING:
     from ._core import AsyncVM
+
+_log = logging.getLogger("qemukit.network")
 
 #: How long a hot-plugged NIC of a warm clone may take to show up in the guest.
 NIC_APPEAR_TIMEOUT = 30.0
@@ -63,7 +69,10 @@ async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list
         vm.networks.vm_name = vm.name  # generated at the start when the spec had none
     try:
         for name in names:
-            sock, member = await asyncio.to_thread(join, root, name, vm.name)
+            # The MAC comes from the VM's own name (as on its command line), the name it
+            # goes by on the network may be an alias.
+            sock, member = await asyncio.to_thread(
+                join, root, name, _name_on(vm, name), network_mac(name, vm.name))
             joined.append(sock)
             vm.networks[name] = member
             _peers.setdefault((str(root), name), weakref.WeakSet()).add(vm)
@@ -72,6 +81,12 @@ async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list
             sock.close()
         raise
     return joined
+
+
+def _name_on(vm: AsyncVM, network: str) -> str:
+    """The name ``vm`` goes by on ``network``: its alias there, else its own."""
+    aliases = getattr(vm.networks, "aliases", {})
+    return str(aliases.get(network, vm.name))
 
 
 def _hosts_script(network: str, hosts: dict[str, str]) -> str:
@@ -131,6 +146,10 @@ async def _configure(vm: AsyncVM) -> None:
                    f"configuring its NIC on network {name!r}")
         # Tell the members already configured on this loop about the newcomer.
         loop = asyncio.get_running_loop()
+        here = {p.networks[name].name for p in peers} | {member.name}
+        others = sorted(set(member.members) - here)
+        if others and root:
+            await _tell_other_processes(Path(root), member, others)
         for peer in peers:
             if _configured.get(peer) is loop and peer.has_agent:
                 try:
@@ -203,3 +222,38 @@ async def _free_port(vm: AsyncVM) -> str:
             return port
     raise StateError(f"VM {vm.name!r}: no free pcie-root-port for its network NIC; start it "
                      "with more hotplug_ports")
+
+
+#: How long telling one member of another process about a newcomer may take (attach,
+#: the agent's command): a member whose QEMU another client holds costs this, no more.
+TELL_TIMEOUT = 15.0
+
+
+async def _tell_other_processes(root: Path, member: NetworkMember, names: list[str]) -> None:
+    """Add ``member``'s line to the /etc/hosts of earlier members that other processes run.
+
+    Each is found in the registry by its name (a VM's name is unique in a state
+    directory, and the switch lets one name onto a network once), checked to be on
+    the network, attached (QMP, agent) and let go again. What comes back from the
+    guest is its exit status only. A member that cannot be reached (no agent, its
+    QMP held by another client, gone) keeps knowing the newcomer by address only:
+    logged, not raised; the newcomer's own start does not fail for it.
+    """
+    from ._core import AsyncVM
+
+    script = _hosts_script(member.network, {member.name: member.address})
+    for name in names:
+        peer = None
+        try:
+            async with asyncio.timeout(TELL_TIMEOUT):
+                peer = await AsyncVM.attach(name, state_root=root, timeout=TELL_TIMEOUT)
+                if member.network not in peer.spec.networks or not peer.has_agent:
+                    continue
+                await _run(peer, script, f"adding {member.name!r} to its /etc/hosts")
+        except Exception as exc:  # noqa: BLE001 - that member keeps the address only
+            _log.info("network %s: could not tell %s (another process's VM) about %s: %s",
+                      member.network, name, member.name, exc)
+        finally:
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    await peer.detach()
