@@ -233,8 +233,9 @@ async def _tell_other_processes(root: Path, member: NetworkMember, names: list[s
     """Add ``member``'s line to the /etc/hosts of earlier members that other processes run.
 
     Each is found in the registry by its name (a VM's name is unique in a state
-    directory, and the switch lets one name onto a network once), checked to be on
-    the network, attached (QMP, agent) and let go again. What comes back from the
+    directory, and the switch lets one name onto a network once), attached (QMP,
+    agent), checked to be that member (its NIC's MAC there comes from the network
+    and its name) and let go again. What comes back from the
     guest is its exit status only. A member that cannot be reached (no agent, its
     QMP held by another client, gone) keeps knowing the newcomer by address only:
     logged, not raised; the newcomer's own start does not fail for it.
@@ -247,7 +248,13 @@ async def _tell_other_processes(root: Path, member: NetworkMember, names: list[s
         try:
             async with asyncio.timeout(TELL_TIMEOUT):
                 peer = await AsyncVM.attach(name, state_root=root, timeout=TELL_TIMEOUT)
-                if member.network not in peer.spec.networks or not peer.has_agent:
+                # That VM is the member if its NIC on the network has the MAC of that name
+                # there (a warm clone's spec file does not list its hot-plugged networks).
+                mac = await peer.qmp("qom-get", {"path": f"/machine/peripheral/{member.nic_id}",
+                                                 "property": "mac"})
+                if mac != network_mac(member.network, name) or not peer.has_agent:
+                    _log.info("network %s: VM %s of the registry is not its member %s",
+                              member.network, name, name)
                     continue
                 await _run(peer, script, f"adding {member.name!r} to its /etc/hosts")
         except Exception as exc:  # noqa: BLE001 - that member keeps the address only
