@@ -25,6 +25,7 @@ from tests.helpers import qemu_processes_under
 from tests.integration.test_network import PAGE, WGET_TIMEOUT, _gone, _host_fetch, _switches
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["pytester"]
 
 SECRET = "the host's loopback only"
 
