@@ -67,7 +67,7 @@ from .netaddr import (
 from .netgate import PID_NAME, Gateway, GatewayError, check_qemu_path
 
 __all__ = [
-    "MAX_FRAME", "MAX_MEMBERS", "NetworkMember", "check_network_name", "forward", "join",
+    "MAX_FRAME", "MAX_MEMBERS", "NetworkMember", "check_network_name", "forward", "join", "members",
     "network_address", "network_dir", "network_mac", "network_nic_id", "network_subnet",
 ]
 
@@ -299,6 +299,32 @@ def forward(root: Path, network: str, member: str, port: int, qemu: str,
     return int(answer["port"])
 
 
+def members(root: Path, network: str, timeout: float = 10.0) -> dict[str, int]:
+    """Who is on ``network`` now: member name -> index ({} if no switch runs).
+
+    Raises :class:`WaitTimeout` or :class:`StateError` if the switch does not answer.
+    """
+    check_network_name(network)
+    deadline = time.monotonic() + timeout
+    path = network_dir(root, network) / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            _connect(sock, path, deadline)
+            sock.settimeout(_left(deadline))
+            sock.sendall(b'{"op": "members"}\n')
+            answer = json.loads(_recv_line(sock, deadline))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return {}
+        except TimeoutError as exc:
+            raise WaitTimeout(f"network {network!r}'s switch ({path}) to list its members",
+                              timeout) from exc
+        except (OSError, ValueError) as exc:
+            raise StateError(f"network {network!r}: listing its members failed: {exc}") from exc
+    if not isinstance(answer, dict) or not isinstance(answer.get("members"), dict):
+        raise StateError(f"network {network!r}: its switch answered {answer!r} for its members")
+    return {str(k): int(v) for k, v in answer["members"].items()}
+
+
 # -- the switch ---------------------------------------------------------------------------------
 
 
@@ -360,8 +386,9 @@ class Switch:
                 return
             if not isinstance(hello, dict):
                 return
-            if hello.get("op") == "forward":
-                answer = await self._forward_request(hello)
+            if hello.get("op") in ("forward", "members"):
+                answer = (await self._forward_request(hello) if hello["op"] == "forward" else
+                          {"members": {p.name: p.index for p in self.ports.values()}})
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
                 return

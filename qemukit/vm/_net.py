@@ -25,8 +25,15 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._launch.netaddr import NetworkMember, Networks, network_mac, network_nic_id, network_subnet
-from .._launch.netswitch import join
+from .._launch.netaddr import (
+    NetworkMember,
+    Networks,
+    network_address,
+    network_mac,
+    network_nic_id,
+    network_subnet,
+)
+from .._launch.netswitch import join, members
 from ..errors import SpecError, StateError, WaitTimeout
 
 if TYPE_CHECKING:
@@ -137,6 +144,15 @@ async def _configure(vm: AsyncVM) -> None:
     root = str(vm.runtime.path.parent) if vm.runtime is not None else ""
     for name, member in vm.networks.items():
         hosts = member.hosts()
+        now: dict[str, int] = {}
+        if root:
+            # Who is there now: members that joined after this VM (another process's, whose
+            # start overlapped this one) are not in its welcome.
+            try:
+                now = await asyncio.to_thread(members, Path(root), name)
+            except (StateError, WaitTimeout) as exc:
+                _log.info("network %s: listing its members failed: %s", name, exc)
+            hosts.update({other: network_address(name, index) for other, index in now.items()})
         peers = [p for p in _peers.get((root, name), ())
                  if p is not vm and name in p.networks and p.qemu_alive()]
         for peer in peers:
@@ -147,7 +163,9 @@ async def _configure(vm: AsyncVM) -> None:
         # Tell the members already configured on this loop about the newcomer.
         loop = asyncio.get_running_loop()
         here = {p.networks[name].name for p in peers} | {member.name}
-        others = sorted(set(member.members) - here)
+        # Those that joined before it (in its welcome) and are still there: a later one
+        # reads this VM's line from the switch when it is configured itself.
+        others = sorted((set(member.members) & set(now or member.members)) - here)
         if others and root:
             await _tell_other_processes(Path(root), member, others)
         for peer in peers:
@@ -156,10 +174,8 @@ async def _configure(vm: AsyncVM) -> None:
                     await _run(peer, _hosts_script(name, {member.name: member.address}),
                                f"adding {vm.name!r} to its /etc/hosts")
                 except Exception as exc:  # noqa: BLE001 - a stopped peer costs it the name only
-                    import logging
-
-                    logging.getLogger("qemukit.network").debug(
-                        "%s: could not add %s to %s's hosts: %r", name, vm.name, peer.name, exc)
+                    _log.debug("%s: could not add %s to %s's hosts: %r", name, vm.name, peer.name,
+                               exc)
 
 
 async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> None:

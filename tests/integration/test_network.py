@@ -152,6 +152,32 @@ def test_two_cli_vms_share_a_network_as_a_normal_user(normal_user: NormalUser) -
     assert _gone(lambda: (state / ".net").exists())
 
 
+def test_two_cli_starts_at_once_know_each_other_by_name(qk: Any, state_root: Path) -> None:
+    """Two ``run --detach`` whose starts overlap: each welcome predates the other VM, so the
+    names come from the switch's list when each guest is configured (or the other's telling)."""
+    import subprocess
+
+    from tests.helpers import QEMUKIT
+
+    assert QEMUKIT
+    names = ("gamma", "delta")
+    try:
+        starts = [subprocess.Popen([QEMUKIT, "run", "--image", "tiny", "--accel", "tcg",
+                                    "--name", name, "--net", "both", "--detach"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for name in names]
+        for start in starts:
+            out, err = start.communicate(timeout=300)
+            assert start.returncode == 0, err
+        for one, other in (names, names[::-1]):
+            ping = qk("exec", one, "--", "ping", "-c", "1", "-W", "5", other)
+            assert ping.returncode == 0, ping.stderr + ping.stdout
+    finally:
+        for name in names:
+            qk("stop", name)
+    assert _gone(lambda: _switches(state_root))
+
+
 
 def test_a_start_that_fails_after_joining_leaves_no_switch(tiny_spec: Any, state_root: Path) -> None:
     """QEMU refuses its command line after the VM joined: the membership and the switch go."""

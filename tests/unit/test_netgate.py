@@ -161,3 +161,18 @@ def test_a_forward_starts_one_gateway_on_127_0_0_1_that_goes_with_the_network(ro
     assert _wait_until(lambda: not qemu_processes_under(root)), "the gateway outlived its network"
     assert _wait_until(lambda: not _switches(root))
     assert _wait_until(lambda: not network_dir(root, "lan").exists())
+
+
+def test_the_switch_lists_who_is_on_the_network_now(root: Path) -> None:
+    """A VM configured after others joined reads them here (its welcome predates them)."""
+    from qemukit._launch.netswitch import members
+
+    assert members(root, "lan") == {}  # no switch: nobody
+    a, _ = join(root, "lan", "web")
+    b, _ = join(root, "lan", "db", "02:00:00:00:00:0b")  # an alias's MAC is its VM's
+    try:
+        assert members(root, "lan") == {"web": 1, "db": 2}
+    finally:
+        a.close()
+        b.close()
+    assert _wait_until(lambda: not _switches(root))
