@@ -176,3 +176,24 @@ def test_the_switch_lists_who_is_on_the_network_now(root: Path) -> None:
         a.close()
         b.close()
     assert _wait_until(lambda: not _switches(root))
+
+
+def test_a_vm_cannot_pose_as_the_hosts_gateway(root: Path) -> None:
+    """The gateway's MACs are its own: a member sending from one is dropped like any spoof."""
+    from tests.unit.test_network import _frame
+
+    a, ma = join(root, "lan", "web")
+    b, mb = join(root, "lan", "db")
+    b.settimeout(0.5)
+    try:
+        for mac in sorted(gateway_macs("lan")):
+            a.sendall(_frame(mb.mac, mac))
+        with pytest.raises(TimeoutError):
+            b.recv(4096)
+        a.sendall(_frame(mb.mac, ma.mac))  # its own MAC still goes through
+        b.settimeout(10)
+        assert b.recv(4096) == _frame(mb.mac, ma.mac)
+    finally:
+        a.close()
+        b.close()
+    assert _wait_until(lambda: not _switches(root))
