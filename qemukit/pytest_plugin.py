@@ -14,6 +14,8 @@ Fixtures a test asks for:
     ``qemu_network("server", "client", spec=None, **overrides)`` boots VMs of those
     names on one private network of their own (``vm.networks[...]`` holds each one's
     address; the names resolve in every guest); stopped at teardown like the factory's.
+    It returns a :class:`VMNetwork`, a list of the VMs whose ``.forward("server", 80)``
+    gives the host a port into one of them.
 ``qemu_clean_vm``
     A session-wide VM booted once; each test receives it rolled back to a snapshot
     taken right after boot, so what one test did in the guest is gone in the next.
@@ -46,7 +48,8 @@ prints how to reach them; a guest that never became ready is always stopped.
 leaves a crash bundle under DIR (see :mod:`qemukit.crashdir`), named in its report
 and its JUnit case.
 
-Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``), port
+Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``; a
+``qemu_network`` VM ``gw0-server`` goes by ``server`` on its network), port
 forwards ask the kernel for free ports, and a worker's artifacts carry its id.
 
 pytest loads this plugin in every run of an environment where qemukit is
