@@ -328,6 +328,16 @@ def members(root: Path, network: str, timeout: float = 10.0) -> dict[str, int]:
 # -- the switch ---------------------------------------------------------------------------------
 
 
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of this connection runs as the switch's own user (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    _pid, uid, _gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return bool(uid == os.geteuid())
+
+
 def _mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
 
@@ -378,6 +388,8 @@ class Switch:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         port = None
         try:
+            if not _same_user(writer):
+                return  # the directory's mode keeps others out; this holds if it is loosened
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), JOIN_TIMEOUT)
                 hello = json.loads(line)
