@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .. import errors
-from ..arch import ARCHES
+from ..arch import ARCHES, arch_option
 from ._common import emit_json
 
 
@@ -130,7 +130,7 @@ def _debian_state(arch: str) -> str:
     found = images.find_image("debian", arch)
     if found is not None:
         return str(found.directory)
-    flag = "" if arch == "x86_64" else f" --arch {arch}"
+    flag = arch_option(arch)
     problem = host.foreign_exec_problem(arch)
     return f"not built (qemukit images build debian{flag}" + (
         f"; cannot here: {problem})" if problem else ")")

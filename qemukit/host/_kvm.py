@@ -243,17 +243,11 @@ def _host_busy() -> tuple[bool, str]:
     return load >= cpus, f"load average {load:.1f} on {cpus} CPUs"
 
 
-#: CPU models tried under KVM, in order. Some hosts (nested, paravirtual)
-#: reject an MSR that ``host`` passes through and QEMU aborts at start; the
-#: next model is tried only when QEMU exited, never after a hang.
-KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
-
-
 def _probe_boot(
     qemu: QemuBinary, kernel: str, initrd: str, timeout: float, arch: str = DEFAULT_ARCH
 ) -> KvmStatus:
     failures: list[str] = []
-    candidates = KVM_CPU_CANDIDATES if arch == "x86_64" else ("host",)
+    candidates = ARCHES[arch].kvm_cpus
     for cpu in candidates:
         spec = VMSpec(
             name="kvm-probe",

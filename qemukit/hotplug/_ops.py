@@ -627,12 +627,8 @@ class AsyncHotplug:
         spec = self._vm.spec
         if self._ccw:
             return  # virtio-ccw devices hotplug without ports
-        if spec.arch == "riscv64":
-            raise refuse("machine", spec.machine, "riscv64 virt cannot hotplug: Debian's riscv64 "
-                         "kernel has no PCI hotplug driver")
-        if spec.arch == "ppc64le":
-            raise refuse("machine", spec.machine, "pseries PCI hotplug needs powerpc-utils' "
-                         "drmgr in the guest (the tiny guest has none)")
+        if spec.arch_info.no_pci_hotplug is not None:
+            raise refuse("machine", spec.machine, spec.arch_info.no_pci_hotplug)
         if spec.machine not in ("q35", "virt"):
             raise refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
         if spec.hotplug_ports < 1:
