@@ -106,6 +106,8 @@ def _kvm_summary(status: KvmStatus) -> str:
             else "KVM works"
     if not status.probed:
         return status.reason.split(":")[0].split(" (")[0]
+    if status.busy_timeout:  # provisional: a slow boot and a hung one look the same then
+        return "KVM not verified: the probe boot timed out on a busy host"
     if "did not reach its init" in status.reason:
         return "this host's KVM cannot run Linux guests"
     return "QEMU aborts under this host's KVM with every CPU model tried"
