@@ -19,8 +19,11 @@ if TYPE_CHECKING:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--reprobe", is_flag=True, help="Ignore the cached KVM probe result.")
 def doctor(as_json: bool, reprobe: bool) -> None:
-    """Report QEMU (for this host's architecture, and the others installed), KVM (with the
-    probe boot's verdict), firmware and images."""
+    """Report QEMU, KVM (with the probe boot's verdict), firmware and images.
+
+    The QEMU reported is the one for this host's architecture (the one KVM can
+    run), with the others installed listed; then each guest architecture.
+    """
     from .. import host, images
     from ..paths import cache_dir, state_dir
 

@@ -5,27 +5,27 @@ registry of live VMs that an exit hook (and a fork) keeps from outliving, or
 being cleaned up by, the wrong process. What is not supervision lives
 beside it: the launch plan is carried out by :mod:`qemukit._launch.start`,
 ssh, copies and the gdb stub are functions of the target in
-:mod:`qemukit._access`, the test writer's verbs come from
-:class:`qemukit.vm._verbs.Verbs`, the shutdown ladder is :mod:`._ladder`.
-"""
+:mod:`qemukit._access`; the operations (hotplug, snapshots, saved state, dumps,
+ssh, copies) come as methods from :class:`qemukit.vm._operations.Operations`,
+the test writer's verbs from :class:`qemukit.vm._verbs.Verbs`. The guarded
+wait's mechanism is :mod:`._guard`, a clone of a bundle :mod:`._restore`, the
+agent's waits :mod:`._guestagent`, the monitor's verbs :mod:`._monitor`, the
+shutdown ladder (and the kill rung) :mod:`._ladder`, the states :mod:`._state`."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import contextlib
-import enum
 import logging
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .. import _access, _sync, host
-from .._access import CopyVia
+from .. import _sync, host
 from .._aio import cancel_and_wait
 from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import plan_launch
@@ -51,7 +51,6 @@ from .._wire.console import (
 )
 from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
-from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
     LaunchError,
     QMPConnectionError,
@@ -60,13 +59,12 @@ from ..errors import (
     StateError,
     WaitTimeout,
 )
-from ..guest import AsyncGuest, Progress
-from ..hotplug import AsyncHotplug, PluggedDevice
+from ..guest import AsyncGuest
+from ..hotplug import AsyncHotplug
 from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
-from ..snapshot import Bundle, Snapshots, save_state
 from ..spec import VMSpec
-from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
@@ -83,24 +81,14 @@ from ._ladder import (
     run_ladder,
 )
 from ._monitor import pause, qmp_arguments, resume
+from ._operations import Operations
 from ._restore import start_clone
+from ._state import VMState
 
 log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
-
-
-class VMState(enum.Enum):
-    """Where a VM is in its life."""
-
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-    DETACHED = "detached"
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
@@ -137,7 +125,7 @@ def _forget_parents_vms() -> None:
 os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
-class AsyncVM(_verbs.Verbs):
+class AsyncVM(_verbs.Verbs, Operations):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -275,11 +263,6 @@ class AsyncVM(_verbs.Verbs):
         if self._proc is None or not self._proc.alive():
             raise StateError(f"VM {self.name!r} has no running QEMU")
         return self._proc.stats()
-
-    def _require(self, *states: VMState) -> None:
-        if self.state not in states:
-            allowed = ", ".join(s.value for s in states)
-            raise StateError(f"VM {self.name!r} is {self.state.value}; this needs: {allowed}")
 
     # -- start ---------------------------------------------------------------
 
@@ -574,16 +557,6 @@ class AsyncVM(_verbs.Verbs):
                                    ) from None
             raise
 
-    async def gdb_address(self) -> str:
-        """Where QEMU's gdb stub listens, as gdb's ``target remote`` takes it.
-
-        By default (``spec.gdb``) the path of a Unix socket in the VM's private
-        runtime directory; with ``spec.gdb_port``, ``127.0.0.1:PORT`` (for 0, the
-        port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
-        ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
-        """
-        return await _access.gdb_address(self)
-
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
         return str((await self.qmp("query-status"))["status"])
@@ -595,78 +568,6 @@ class AsyncVM(_verbs.Verbs):
     async def resume(self) -> None:
         """Let a paused guest run again; returns once QEMU reports the RESUME event."""
         await resume(self)
-
-    # -- hotplug (qemukit.hotplug) -------------------------------------------------------
-
-    @property
-    def hotplug(self) -> AsyncHotplug:
-        """Hot-plug disks, NICs, CPUs and memory: ``await vm.hotplug.disk("scratch.qcow2")``.
-
-        See :class:`qemukit.hotplug.AsyncHotplug` (disk, nic, cpu, memory).
-        """
-        self._require(VMState.RUNNING)
-        if self._hotplug is None:
-            self._hotplug = AsyncHotplug(self)
-        return self._hotplug
-
-    def operation_lock(self, timeout: float = LOCK_TIMEOUT) -> AbstractAsyncContextManager[None]:
-        """Held by every operation that reads and changes the VM's state files.
-
-        Hotplug (``devices.json``), external snapshots (their records) and
-        restore run one at a time per VM, across processes too (an owner and
-        a ``qemukit`` command at once): an ``flock`` on ``ops.lock`` in the
-        runtime directory. Waiting for it is bounded by ``timeout``.
-        """
-        if self.runtime is None:
-            raise StateError(f"VM {self.name!r} has no runtime directory (not started)")
-        return self.runtime.operation_lock(timeout)
-
-    async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
-        """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
-
-        Raises :class:`~qemukit.errors.HotplugError` if the guest refuses or
-        does not release it within ``timeout`` (it then stays plugged).
-        """
-        await self.hotplug.unplug(device, timeout)
-
-    async def devices(self) -> list[PluggedDevice]:
-        """The devices hot-plugged into this VM (by any process) that are still plugged."""
-        return await self.hotplug.devices()
-
-    # -- snapshots (qemukit.snapshot) --------------------------------------------------
-
-    @property
-    def snapshots(self) -> Snapshots:
-        """Internal and external snapshots: ``await vm.snapshots.save("tag")``.
-
-        See :class:`qemukit.snapshot.Snapshots` (save, load, delete, list,
-        external, revert, commit, preflight).
-        """
-        self._require(VMState.RUNNING)
-        return Snapshots(self)
-
-    async def save_state(self, path: str | Path, *, stop: bool = False,
-                         timeout: float = SAVE_TIMEOUT) -> Bundle:
-        """Save the guest's live state to a new bundle directory at ``path``.
-
-        The guest is paused, its state migrated into ``path/state.bin`` and
-        each writable disk's top layer copied beside it, then it runs on
-        (``stop=True``: QEMU quits instead). :meth:`restore` starts clones
-        from the bundle. Raises :class:`~qemukit.errors.SnapshotError`, before
-        anything changed, if the VM cannot be saved (and says why).
-        """
-        self._require(VMState.RUNNING)
-        return await save_state(self, Path(path), stop=stop, timeout=timeout)
-
-    async def dump_memory(self, path: str | Path, *, format: DumpFormat = "elf",
-                          timeout: float = SAVE_TIMEOUT) -> DumpResult:
-        """Write the guest's memory to the new file ``path`` as an ELF core (or kdump).
-
-        Readable by ``crash`` and drgn: one ``NT_PRSTATUS`` note per vCPU and
-        the RAM. See :func:`qemukit.dump.dump_memory`.
-        """
-        self._require(VMState.RUNNING)
-        return await dump_memory(self, path, format=format, timeout=timeout)
 
     @classmethod
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
@@ -709,32 +610,6 @@ class AsyncVM(_verbs.Verbs):
             raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
         return AsyncGuest(self, self._agent)
 
-    async def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
-        """The host address and port forwarded to the guest's TCP ``guest_port``.
-
-        Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
-        the port the kernel picked. Raises :class:`StateError` if none.
-        """
-        return await _access.ssh_address(self, guest_port)
-
-    async def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
-                       options: Sequence[str] = ()) -> list[str]:
-        """The ``ssh`` argv reaching this guest through its forward, with the seed's key.
-
-        ``command`` is an argv, each word quoted for the remote shell. The host
-        keys qemukit gave the guest (its seed's, a warm clone's) are pinned
-        through ``known_hosts`` in the runtime directory; where qemukit knows
-        none, they are not checked. See :func:`qemukit.seed.ssh_argv`.
-        """
-        return await _access.ssh_argv(self, command, user=user, options=options)
-
-    async def wait_ssh(self, timeout: float | None = None) -> float:
-        """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
-        self._require(VMState.RUNNING)
-        await _access.wait_ssh(self, self.boot_timeout if timeout is None else timeout)
-        assert self._proc is not None
-        return self._proc.uptime()
-
     # -- guest -------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float | None = None) -> float:
@@ -768,31 +643,6 @@ class AsyncVM(_verbs.Verbs):
         """
         await self.wait_ready()
         return checked(command, await self.guest.exec(command, timeout, stdin=stdin), check)
-
-    async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str, *,
-                      recursive: bool = False, progress: Progress | None = None,
-                      timeout: float = 600.0, via: CopyVia = "auto") -> str:
-        """Copy a host file or directory into the guest (see :meth:`AsyncGuest.copy_in`).
-
-        ``via``: ``agent`` (a virtio-serial port plugged for the copy), ``ssh``
-        (a tar streamed over the VM's ssh forward with the seed's key, see
-        :func:`qemukit.guest.ssh_copy_in`), or ``auto``: the agent when the VM
-        has one, else ssh.
-        """
-        self._require(VMState.RUNNING)
-        return await _access.copy_in(self, host_path, guest_path, recursive=recursive,
-                                     progress=progress, timeout=timeout, via=via)
-
-    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
-                       recursive: bool = False, progress: Progress | None = None,
-                       timeout: float = 600.0, via: CopyVia = "auto") -> Path:
-        """Copy a guest file or directory to the host (see :meth:`AsyncGuest.copy_out`).
-
-        ``via`` as for :meth:`copy_in`.
-        """
-        self._require(VMState.RUNNING)
-        return await _access.copy_out(self, guest_path, host_path, recursive=recursive,
-                                      progress=progress, timeout=timeout, via=via)
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""
