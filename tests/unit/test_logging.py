@@ -81,7 +81,6 @@ def test_no_logger_is_registered_per_connection() -> None:
 def test_long_lived_objects_say_what_they_are() -> None:
     """repr of a VM (sync and async), before anything starts: its name and state."""
     from qemukit import VM, AsyncVM, VMSpec
-
     from qemukit._launch.process import QemuProcess
 
     spec = VMSpec(name="web", kernel="/k")
