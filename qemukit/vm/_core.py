@@ -69,7 +69,7 @@ from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _net, _verbs, _warm
+from . import _monitor, _net, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._guard import guarded_wait
 from ._guestagent import checked, make_agent, wait_agent
@@ -80,7 +80,6 @@ from ._ladder import (
     kill_at_once,
     run_ladder,
 )
-from ._monitor import pause, qmp_arguments, resume
 from ._operations import Operations
 from ._restore import start_clone
 from ._state import VMState
@@ -543,7 +542,7 @@ class AsyncVM(_verbs.Verbs, Operations):
         Arguments come as a mapping or as keyword arguments (``-`` in QMP
         names becomes ``_``: ``node_name=`` is sent as ``node-name``).
         """
-        args = qmp_arguments(command, arguments, kwargs, self.spec.extra_args)
+        args = _monitor.qmp_arguments(command, arguments, kwargs, self.spec.extra_args)
         # Not guarded(): a QEMU that dies closes the monitor, which fails the command
         # at once; skipping the guard's extra futures keeps a round trip cheap.
         try:
@@ -563,11 +562,11 @@ class AsyncVM(_verbs.Verbs, Operations):
 
     async def pause(self) -> None:
         """Stop the guest's vCPUs; returns once QEMU reports the STOP event."""
-        await pause(self)
+        await _monitor.pause(self)
 
     async def resume(self) -> None:
         """Let a paused guest run again; returns once QEMU reports the RESUME event."""
-        await resume(self)
+        await _monitor.resume(self)
 
     @classmethod
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
