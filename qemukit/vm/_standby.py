@@ -68,6 +68,7 @@ from ..snapshot import restore_vm
 from ..spec import VMSpec
 from ..timeouts import QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmCache, WarmHold
+from ._state import VMState
 
 if TYPE_CHECKING:
     from .._launch.process import QemuProcess
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from .._wire.qmp import QMP
     from ..host import AccelChoice, QemuBinary
     from ..hotplug import AsyncHotplug
-    from ._core import AsyncVM, VMState
+    from ._core import AsyncVM
     from ._warm import WarmPlan
 
 log = logging.getLogger("qemukit.warm")
@@ -275,8 +276,6 @@ class StandbyClones(_Base):
 
     def _adopt_parts(self, standby: AsyncVM, rd: RuntimeDir) -> None:
         """Make this VM the standby's QEMU (moved to ``rd``); ``standby`` is left empty."""
-        from ._core import VMState
-
         self.runtime = rd
         self._proc = standby._proc
         self._qmp = standby._qmp
@@ -358,8 +357,6 @@ class StandbyClones(_Base):
     async def _launch_paused(self, spec: VMSpec, hold: WarmHold, owner: StandbyClones
                              ) -> None:
         """Launch this (new) VM for ``spec`` with ``-incoming defer``, its QEMU holding ``hold``."""
-        from ._core import VMState
-
         self.incoming = "defer"
         self.accel = owner.accel
         self._warm_hold = hold  # inherited by QEMU, which keeps the entry in use
@@ -373,8 +370,6 @@ class StandbyClones(_Base):
 
     async def _discard_standby(self) -> None:
         """Stop a standby's QEMU at once and remove its files."""
-        from ._core import VMState
-
         if self.state in (VMState.STARTING, VMState.RUNNING):
             await self._cleanup(force=True)
             self.state = VMState.STOPPED
@@ -416,7 +411,7 @@ class StandbyClones(_Base):
 async def _make(owner: StandbyClones, plan: WarmPlan, spec: VMSpec, slot: tuple[Path, str],
                 detached: bool) -> None:
     """Restore a standby clone of ``plan``'s state, paused, and keep it (or leave it detached)."""
-    from ._core import AsyncVM, VMState
+    from ._core import AsyncVM
 
     cache = WarmCache(plan.entry.path.parent)
     hold = await asyncio.to_thread(cache.hold, plan.entry.key)
