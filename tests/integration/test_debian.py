@@ -142,8 +142,8 @@ def booted(case: Case, image: images.DebianImage, base_sha256: str, state_root: 
     try:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == case.name
-        print(f"\nqemukit run --image debian {' '.join(arch)} --detach --wait ssh returned "
-              f"after {seconds:.1f}s", file=sys.stderr)
+        print(f"\nqemukit run --image debian {' '.join((*arch, '--detach'))} --wait ssh "
+              f"returned after {seconds:.1f}s", file=sys.stderr)
         yield Booted(case, seconds)
     finally:
         if (state_root / case.name).exists():
