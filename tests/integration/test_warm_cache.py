@@ -121,7 +121,8 @@ def test_a_half_deleted_key_directory_is_rebuilt(private_cache: Path) -> None:
         assert "first start of this spec" in vm.warm_start.reason, vm.warm_start.reason
         assert vm.exec(READ_DISK).stdout_text == "BASE-002"
     with VM(spec) as vm:  # and the rebuilt entry serves the next start
-        assert vm.warm_start is not None and vm.warm_start.warm, vm.warm_start.reason
+        assert vm.warm_start is not None
+        assert vm.warm_start.warm, vm.warm_start.reason
         assert vm.exec(READ_DISK).stdout_text == "BASE-002"
     # A kill while deleting today leaves only a hidden directory, removed by the next prune.
     shutil.copytree(path, WarmCache().root / f".tmp-{key}-gone999-1")

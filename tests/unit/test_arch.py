@@ -320,7 +320,7 @@ def test_arch_table_is_pure() -> None:
 
 
 def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: Any) -> Any:
-    from .test_hotplug_preflight import FakeVM
+    from qemukit.testing import FakeVM
 
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
