@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -20,7 +22,7 @@ ASYNC_ONLY = {
 PAIRS = [(VM, AsyncVM), (Hotplug, AsyncHotplug), (SyncSnapshots, Snapshots), (SyncGuest, AsyncGuest)]
 
 
-def _public_coroutines(cls: type) -> dict[str, object]:
+def _public_coroutines(cls: type) -> dict[str, Callable[..., Any]]:
     return {name: fn for name, fn in inspect.getmembers(cls, inspect.iscoroutinefunction)
             if not name.startswith("_")}
 
