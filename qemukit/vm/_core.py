@@ -78,7 +78,7 @@ from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _net, _verbs, _warm
+from . import _fork, _net, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
 
@@ -775,6 +775,37 @@ class AsyncVM(_verbs.Verbs):
         await vm.start()
         try:
             await _warm.restore_clone(vm, saved, timeout)
+        except BaseException:
+            with contextlib.suppress(QemukitError):  # the restore's own error is raised
+                await vm.kill()
+            raise
+        return vm
+
+    async def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT) -> list[AsyncVM]:
+        """Fork this running VM into ``n`` clones; returns them running, each with its own
+        identity, name (``NAME-1``...), ports and disk overlays (see :mod:`qemukit.vm._fork`).
+
+        The guest is paused while its state is saved once, then runs on. Each
+        clone has the memory, disks and hot-plugged devices of the fork point.
+        ``n`` beyond :data:`~qemukit.vm._fork.FORK_LIMIT` is refused before
+        anything starts; if a clone fails, those started are stopped.
+        """
+        root = self.runtime.path.parent if self.runtime is not None else None
+        return await _fork.fork_vm(
+            self, n, self._fork_clone, timeout=timeout,
+            taken=lambda name: root is not None and (root / name).exists())
+
+    async def _fork_clone(self, plan: _warm.WarmPlan) -> AsyncVM:
+        """Start one clone of a fork: restored like a warm clone, given its identity."""
+        vm = AsyncVM(plan.spec, die_with_parent=self.die_with_parent, state_root=self._state_root,
+                     boot_timeout=self.boot_timeout, continue_on_oops=self.continue_on_oops,
+                     incoming="defer", qemu=self._qemu)
+        vm._warm_hold = plan.hold  # its QEMU inherits it: the fork's entry stays while it runs
+        await vm.start()
+        try:
+            vm.warm_start, vm.identity = await _warm.finish_warm(vm, plan, vm._seed)
+            if vm._seed is None:
+                await _fork.give_identity(vm)
         except BaseException:
             with contextlib.suppress(QemukitError):  # the restore's own error is raised
                 await vm.kill()

@@ -142,6 +142,10 @@ class VM(SyncFacade):
             keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
             continue_on_oops=continue_on_oops)))
 
+    def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT) -> list[VM]:
+        """Fork this running VM into ``n`` running clones (see :meth:`AsyncVM.fork`)."""
+        return [VM._wrap(clone) for clone in run_sync(self._aio.fork(n, timeout=timeout))]
+
     @classmethod
     def _wrap(cls, aio: AsyncVM) -> VM:
         vm = cls.__new__(cls)
