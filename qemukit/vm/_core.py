@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import contextlib
 import enum
+import functools
 import logging
 import os
 import time
@@ -781,7 +782,8 @@ class AsyncVM(_verbs.Verbs):
             raise
         return vm
 
-    async def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT) -> list[AsyncVM]:
+    async def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT,
+                   die_with_parent: bool | None = None) -> list[AsyncVM]:
         """Fork this running VM into ``n`` clones; returns them running, each with its own
         identity, name (``NAME-1``...), ports and disk overlays (see :mod:`qemukit.vm._fork`).
 
@@ -789,15 +791,17 @@ class AsyncVM(_verbs.Verbs):
         clone has the memory, disks and hot-plugged devices of the fork point.
         ``n`` beyond :data:`~qemukit.vm._fork.FORK_LIMIT` is refused before
         anything starts; if a clone fails, those started are stopped.
+        ``die_with_parent`` is the clones' (None: this VM's).
         """
         root = self.runtime.path.parent if self.runtime is not None else None
+        dies = self.die_with_parent if die_with_parent is None else die_with_parent
         return await _fork.fork_vm(
-            self, n, self._fork_clone, timeout=timeout,
+            self, n, functools.partial(self._fork_clone, die_with_parent=dies), timeout=timeout,
             taken=lambda name: root is not None and (root / name).exists())
 
-    async def _fork_clone(self, plan: _warm.WarmPlan) -> AsyncVM:
+    async def _fork_clone(self, plan: _warm.WarmPlan, *, die_with_parent: bool) -> AsyncVM:
         """Start one clone of a fork: restored like a warm clone, given its identity."""
-        vm = AsyncVM(plan.spec, die_with_parent=self.die_with_parent, state_root=self._state_root,
+        vm = AsyncVM(plan.spec, die_with_parent=die_with_parent, state_root=self._state_root,
                      boot_timeout=self.boot_timeout, continue_on_oops=self.continue_on_oops,
                      incoming="defer", qemu=self._qemu)
         vm._warm_hold = plan.hold  # its QEMU inherits it: the fork's entry stays while it runs

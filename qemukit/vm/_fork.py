@@ -132,8 +132,9 @@ def plan_fork(parent: AsyncVM, n: object, taken: Callable[[str], bool]) -> ForkP
     if spec.agent == "none":
         raise SpecError("agent", spec.agent, "a fork's clones are given their identity (clock, "
                         "RNG, host name) through the guest agent; this VM has none")
-    if spec.networks:
-        raise SpecError("networks", [n.name for n in spec.networks],
+    joined = sorted(set(spec.networks) | set(parent.networks))
+    if joined:
+        raise SpecError("networks", joined,
                         "forking a VM on a private network is not supported yet (its clones "
                         "would share its address)")
     if spec.gdb or spec.gdb_port is not None or spec.qmp_tcp_port is not None:
