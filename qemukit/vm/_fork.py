@@ -194,6 +194,7 @@ async def fork_vm(parent: AsyncVM, n: object, start_clone: CloneStarter, *,
         async with file_lock(lock, timeout, f"the fork state {key.digest} (lock {lock})"):
             build_dir = await asyncio.to_thread(cache.new_build_dir, key.digest)
             try:
+                await _copy_all_ram(parent)
                 bundle = await parent.save_state(build_dir / BUNDLE, timeout=timeout)
                 entry = await asyncio.to_thread(cache.commit, key, build_dir, bundle)
                 bundle = await asyncio.to_thread(entry.bundle)  # where the commit moved it
@@ -236,6 +237,19 @@ async def fork_vm(parent: AsyncVM, n: object, start_clone: CloneStarter, *,
     log.debug("%s: forked into %d clones in %.3f s", parent.name, len(clones),
               time.monotonic() - began)
     return clones
+
+
+async def _copy_all_ram(parent: AsyncVM) -> None:
+    """Turn ``x-ignore-shared`` off on a parent that was restored with it (a mapped warm clone).
+
+    Its RAM is a private mapping, which that capability never leaves out, but the
+    stream records the capability and a clone would have to set it too; the clone
+    restores as any bundle's, with it off.
+    """
+    caps = await parent.qmp("query-migrate-capabilities")
+    if any(c.get("capability") == "x-ignore-shared" and c.get("state") for c in caps):
+        await parent.qmp("migrate-set-capabilities",
+                         capabilities=[{"capability": "x-ignore-shared", "state": False}])
 
 
 async def give_identity(clone: AsyncVM) -> None:

@@ -80,6 +80,10 @@ class FakeParent:
         self.qemu = FakeQemu()
         self.saves = 0
 
+    async def qmp(self, command: str, **arguments: Any) -> Any:
+        assert command == "query-migrate-capabilities"
+        return [{"capability": "x-ignore-shared", "state": False}]
+
     async def save_state(self, path: Path, *, timeout: float) -> Bundle:
         self.saves += 1
         write_bundle(path, self.spec)
