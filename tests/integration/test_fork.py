@@ -182,6 +182,10 @@ def test_the_cli_forks_a_detached_vm(qk: Any, private_cache: Path) -> None:
         assert bad.returncode != 0 and "1 to 16" in bad.stderr
         for clone in forks:
             assert qk("stop", clone).returncode == 0
+        # Its clones ended: cache clear removes the fork's saved state.
+        cleared = qk("cache", "clear")
+        assert cleared.returncode == 0 and "fork states removed" in cleared.stdout, cleared
+        assert WarmCache(private_cache / _fork.FORKS_DIR).entries() == []
     finally:
         for vm in (name, f"{name}-1", f"{name}-2"):
             qk("kill", vm)
