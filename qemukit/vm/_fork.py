@@ -161,7 +161,10 @@ def clone_spec(bundle: Bundle, name: str, qemu_version: tuple[int, int, int]) ->
                  "-machine", f"memory-backend={RAM_ID}")
     nics = tuple(dataclasses.replace(nic, forwards=tuple(
         dataclasses.replace(fw, host_port=0) for fw in nic.forwards)) for nic in spec.nics)
-    return spec.replace(extra_args=args, nics=nics, warm=False)
+    seed = spec.cloud_init
+    if seed is not None and seed.hostname is not None:
+        seed = dataclasses.replace(seed, hostname=None)  # each clone is named after itself
+    return spec.replace(extra_args=args, nics=nics, warm=False, cloud_init=seed)
 
 
 #: Starts one clone of a fork from its plan (:meth:`AsyncVM._fork_clone`).

@@ -191,3 +191,13 @@ def test_the_clone_spec_of_a_parent_with_its_own_ram_is_unchanged(tmp_path: Path
     write_bundle(tmp_path / "b", spec)
     clone = _fork.clone_spec(Bundle.open(tmp_path / "b"), "par-1", (7, 2, 0))
     assert clone.extra_args == ()
+
+
+def test_a_cloud_init_clone_is_named_after_itself(tmp_path: Path) -> None:
+    from qemukit.spec import CloudInit
+
+    spec = tiny(agent="qga", cloud_init=CloudInit(hostname="web", ssh_user="debian"))
+    write_bundle(tmp_path / "b", spec)
+    clone = _fork.clone_spec(Bundle.open(tmp_path / "b"), "par-1", (7, 2, 0))
+    assert clone.cloud_init is not None
+    assert clone.cloud_init.hostname is None and clone.cloud_init.ssh_user == "debian"
