@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from qemukit import images
 from qemukit import mcp as qmcp
 from qemukit.errors import SpecError
 from qemukit.spec import VMSpec
@@ -52,7 +53,7 @@ class ForkableVM(FakeVM):
 def vms(monkeypatch: pytest.MonkeyPatch) -> list[FakeVM]:
     FakeVM.made = []
     monkeypatch.setattr(qmcp, "AsyncVM", ForkableVM)
-    monkeypatch.setattr(qmcp.images, "spec", lambda name: VMSpec(kernel="/k", initrd="/i"))
+    monkeypatch.setattr(images, "spec", lambda name: VMSpec(kernel="/k", initrd="/i"))
     return FakeVM.made
 
 
