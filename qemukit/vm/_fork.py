@@ -42,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import re
 import secrets
 import time
@@ -59,7 +61,7 @@ from ..snapshot import Bundle
 from ..snapshot._bundle import RAM_ID, STATE_FILE, without_ram_args
 from ..spec import NAME_RE, VMSpec
 from ..timeouts import SAVE_TIMEOUT
-from ..warm import BUNDLE, WarmCache, WarmKey, WarmStart
+from ..warm import BUNDLE, TMP_PREFIX, WarmCache, WarmKey, WarmStart
 from ._warm import WarmPlan
 
 if TYPE_CHECKING:
@@ -271,12 +273,44 @@ async def _stop_all(clones: Sequence[AsyncVM]) -> None:
 
 
 def _prune(cache: WarmCache) -> None:
-    """Remove the entries of earlier forks whose clones have all ended."""
+    """Remove the entries of earlier forks whose clones have all ended, and their lock files."""
     cache.ensure()
     try:
         cache.clear()
+        _drop_stale_locks(cache.root)
     except OSError as exc:  # disk space, not this fork
         log.debug("fork cache: prune failed: %r", exc)
+
+
+def _drop_stale_locks(root: Path) -> None:
+    """Unlink the lock files of fork keys that have no entry any more.
+
+    A warm key comes back, so the warm cache keeps its lock files; a fork's key
+    is random and never used again once its entry is gone, so its two files
+    would only pile up. Each is unlinked while locked exclusively, so never
+    under a fork that is building or holding that key.
+    """
+    names = [p.name for p in root.iterdir()]
+    dirs = {n for n in names if (root / n).is_dir()}
+    for name in names:
+        key, dot, kind = name.rpartition(".")
+        if not dot or kind not in ("lock", "use") or key in dirs:
+            continue
+        if any(d.startswith(f"{TMP_PREFIX}{key}-") for d in dirs):
+            continue  # being written or deleted
+        path = root / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _rmtree(path: Path) -> None:

@@ -168,7 +168,11 @@ def test_a_fork_holds_its_state_while_clones_run_and_the_next_fork_prunes_it(
     assert all(p.hold is not None and p.hold.fd == -1 for p in plans)
     asyncio.run(_fork.fork_vm(parent, 1, start, taken=lambda _: False,  # type: ignore[arg-type]
                               cache=cache))
-    assert [e.key for e in cache.entries()] != [entry.key]
+    [newer] = cache.entries()
+    assert newer.key != entry.key
+    # The ended fork's lock files go with it; the running one's stay.
+    left = sorted(p.name for p in cache.root.iterdir() if not p.is_dir())
+    assert left == [f"{newer.key}.lock", f"{newer.key}.use"]
 
 
 def test_the_clone_spec_gets_free_ports_and_ram_of_its_own(tmp_path: Path) -> None:
