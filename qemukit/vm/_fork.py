@@ -190,7 +190,7 @@ async def fork_vm(parent: AsyncVM, n: object, start_clone: CloneStarter, *,
     await asyncio.to_thread(_prune, cache)
     key = WarmKey(f"{secrets.token_hex(8)}", {"fork_of": parent.name, "count": plan.count})
     plans: list[WarmPlan] = []
-    clones: list[AsyncVM] = []
+    started: list[AsyncVM] = []
     entry = None
     try:
         # Under the entry's build lock until every clone holds it: a prune (of another
@@ -220,13 +220,19 @@ async def fork_vm(parent: AsyncVM, n: object, start_clone: CloneStarter, *,
                 start = WarmStart(True, f"fork of {parent.name}", key.digest,
                                   memory="memory copied: forked from a running VM")
                 plans.append(WarmPlan(entry, bundle, spec, start, saved, False, hold))
-        results = await asyncio.gather(*(start_clone(p) for p in plans), return_exceptions=True)
+
+        async def one(p: WarmPlan) -> AsyncVM:
+            clone = await start_clone(p)
+            started.append(clone)  # (so that a cancel after it started still stops it)
+            return clone
+
+        results = await asyncio.gather(*(one(p) for p in plans), return_exceptions=True)
         clones = [r for r in results if not isinstance(r, BaseException)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
     except BaseException:
-        await _stop_all(clones)
+        await _stop_all(started)
         for p in plans:
             if p.hold is not None:
                 p.hold.close()
