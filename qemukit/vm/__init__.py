@@ -13,6 +13,7 @@ from .._launch.start import AdoptedQemu
 from ._core import AsyncVM, VMState
 from ._facade import VM
 from ._ladder import ShutdownResult, ShutdownRung
+from ._netgate import network_forward
 from ._preview import preview_argv
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "ShutdownRung",
     "VM",
     "VMState",
+    "network_forward",
     "preview_argv",
 ]
