@@ -1,6 +1,6 @@
 """Standby clones against real QEMU and the tiny guest (TCG): taken, refused, reaped.
 
-The module runs with its own ``QEMUKIT_CACHE`` (the tiny image linked in) and its
+The module runs with its own ``QEMUKIT_CACHE`` (conftest's ``private_cache``) and its
 own ``QEMUKIT_STATE``, so the registry it looks at holds its VMs and standbys only.
 Each new warm key costs a cold boot and a save, so the module keeps them few.
 """
@@ -27,7 +27,7 @@ from qemukit._launch.standby import list_standbys
 from qemukit._sync import run_sync
 from qemukit.vm import _standby
 from qemukit.warm import WarmCache
-from tests.helpers import private_warm_cache, qemu_gone, run_qemukit
+from tests.helpers import qemu_gone, run_qemukit
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 
@@ -39,21 +39,21 @@ READY_TIMEOUT = 180.0
 
 
 @pytest.fixture(scope="module")
-def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Path]:
-    """A cache and a registry of this module's own."""
+def standby_registry(private_cache: Path, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Path]:
+    """A registry (``QEMUKIT_STATE``) of this module's own, beside its own cache
+    (``private_cache``): what it lists are this module's VMs and standbys only."""
     state = tmp_path_factory.mktemp("standby-state")
-    with private_warm_cache(tmp_path_factory.mktemp("standby-cache")) as root, \
-            pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QEMUKIT_STATE", str(state))
         try:
-            yield root
+            yield state
         finally:
             run_sync(_standby.end_all())
 
 
 @pytest.fixture(scope="module")
-def base_disk(private_cache: Path) -> Path:
+def base_disk(private_cache: Path, standby_registry: Path) -> Path:
     path = private_cache / "base.raw"
     with open(path, "wb") as fh:
         fh.write(b"BASE-001")
@@ -62,7 +62,7 @@ def base_disk(private_cache: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_standby_left_over(private_cache: Path) -> Iterator[None]:
+def no_standby_left_over(standby_registry: Path) -> Iterator[None]:
     """Each test starts with no standby of this process (the last test's ends here)."""
     run_sync(_standby.end_all())
     yield

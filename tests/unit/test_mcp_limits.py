@@ -17,11 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from qemukit import mcp as qmcp
-from qemukit.cli import _mcp as cli_mcp
 from qemukit.cli import main
 from qemukit.errors import SpecError
 from qemukit.guest import ExecResult
-from qemukit.spec import CloudInit, Drive, Nic, Share, VMSpec
+from qemukit.spec import CloudInit, Drive, Nic, PortForward, Share, VMSpec
 
 
 def _fake_spec(name: str = "tiny", **overrides: Any) -> VMSpec:
@@ -93,7 +92,7 @@ def fake_vms(monkeypatch: pytest.MonkeyPatch) -> list[FakeVM]:
 
 @pytest.fixture(autouse=True)
 def fake_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qmcp.images, "spec", _fake_spec)
+    monkeypatch.setattr("qemukit.mcp.images.spec", _fake_spec)
 
 
 @pytest.fixture
@@ -146,9 +145,9 @@ def test_no_network_unless_allowed(sandbox: qmcp.Sandbox, fake_vms: list[FakeVM]
     err = _refused(sandbox, forwards=["8080:80"])
     assert err.field == "forwards" and "--allow-network" in err.reason and "10.0.2.2" in err.reason
     # An image's own NIC (debian's ssh forward) is removed too.
-    debian_like = _fake_spec(nics=(Nic(forwards=("0:22",)),))
+    debian_like = _fake_spec(nics=(Nic(forwards=(PortForward(0, 22),)),))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qmcp.images, "spec", lambda name="tiny", **kw: debian_like)
+        mp.setattr("qemukit.mcp.images.spec", lambda name="tiny", **kw: debian_like)
         spec, _ = sandbox._spec("debian", None, None, None, None, None, None)
     assert spec.nics == ()
     with pytest.raises(SpecError, match="--allow-network"):
@@ -545,7 +544,7 @@ def test_cli_bad_sizes_and_grants(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_sdk_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_mcp.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("qemukit.cli._mcp.importlib.util.find_spec", lambda name: None)
     out = CliRunner().invoke(main, ["mcp"])
     assert out.exit_code != 0
     assert out.output.strip() == "qemukit: qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'"
