@@ -98,7 +98,7 @@ TEMPLATE_FIELDS = ("base", "description", "image", "cpus", "memory", "append", "
                    "warm", "shares", "host_root")
 #: The fields in which a VM's spec may differ from its built-in image's spec.
 SPEC_FIELDS = ("name", "memory", "cpus", "append", "no_reboot", "warm", "forward_auto",
-               "shares", "nics", "host_root")
+               "shares", "nics", "host_root", "standby")
 
 #: The checkpoints one VM keeps (each holds its RAM on the host's disk, counted in
 #: ``max_disk``); a newer one drops the oldest.
@@ -319,6 +319,8 @@ class Sandbox:
             spec = base = images.spec(chosen)
         # No automatic port forwards: nothing here watches the guest's listeners.
         changes: dict[str, Any] = {"warm": True, "forward_auto": False}
+        if spec.standby is None:  # a long-lived server: the next start takes a standby clone
+            changes["standby"] = True
         if name is not None:
             changes["name"] = name
         if memory is not None:

@@ -71,7 +71,7 @@ from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _fork, _monitor, _net, _verbs, _warm
+from . import _fork, _monitor, _net, _standby, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._guard import guarded_wait
 from ._guestagent import checked, make_agent, wait_agent
@@ -126,7 +126,7 @@ def _forget_parents_vms() -> None:
 os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
-class AsyncVM(_verbs.Verbs, Operations):
+class AsyncVM(_verbs.Verbs, Operations, _standby.StandbyClones):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -280,10 +280,17 @@ class AsyncVM(_verbs.Verbs, Operations):
         try:
             spec = await self._resolve_kernel()
             warm = await self._choose_warm(spec)
-            await self._start(warm.spec if warm is not None else spec, timeout)
+            taken = await self._take_standby(warm, spec, timeout) if warm is not None else None
+            if taken is None:
+                await self._start(warm.spec if warm is not None else spec, timeout)
+            else:  # a standby clone (qemukit.vm._standby): launched and loaded already
+                warm = taken
+                _live.add(self)
             self.state = VMState.RUNNING
             if warm is not None:
                 restored = await self._finish_warm(warm, spec, timeout)
+                if restored:
+                    self._leave_standby(warm, spec)
                 if restored and networks and self.runtime is not None:
                     # The saved state has no NICs on private networks: plugged in now.
                     await _net.plug_after_restore(self, self.runtime.path.parent, networks)

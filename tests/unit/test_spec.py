@@ -496,6 +496,7 @@ def full_spec() -> VMSpec:
         networks=("lan", "db-2"),
         tb_size=128,
         host_root=HostRoot(rw=("/out",), transport="9p"),
+        standby=True,
     )
 
 
