@@ -69,7 +69,7 @@ from .spec import (
     resolve_spec_file,
     template_names,
 )
-from .vm import AsyncVM
+from .vm import AsyncVM, _standby
 from .vm._fork import check_count
 
 __all__ = [
@@ -390,6 +390,21 @@ class Sandbox:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def _room_for(self, vms: int, memory: int) -> bool:
+        """Whether ``vms`` more QEMUs of ``memory`` MiB in all fit the limits beside the
+        running VMs and this server's standby clones; if they fit only without the
+        standbys, those are ended (they are spare capacity, never counted as free)."""
+        lim = self.limits
+        running = len(self._running)
+        used = sum(r.vm.spec.memory for r in self._running.values())
+        if running + vms > lim.max_vms or used + memory > lim.max_total_memory_mib:
+            return False
+        kept = _standby.kept_memory()
+        if kept and (running + vms + len(kept) > lim.max_vms
+                     or used + memory + sum(kept) > lim.max_total_memory_mib):
+            await _standby.end_all()
+        return True
+
     async def start(self, *, image: str | None = None, template: str | None = None,
                     name: str | None = None, memory: str | int | None = None,
                     cpus: int | None = None, share: str | None = None,
@@ -406,6 +421,10 @@ class Sandbox:
                 raise SpecError("memory", spec.memory, f"{used} MiB are in use; all VMs together "
                                 f"may use at most {lim.max_total_memory_mib} MiB "
                                 "(qemukit mcp --max-total-memory)")
+            if spec.standby:  # a standby is one more QEMU: only where the limits leave room
+                spec = spec.replace(standby=await self._room_for(2, 2 * spec.memory))
+            if not spec.standby:
+                await self._room_for(1, spec.memory)
             vm = AsyncVM(spec, die_with_parent=True, boot_timeout=lim.boot_timeout)
             deadline = time.monotonic() + lim.max_lifetime
             try:
@@ -608,6 +627,7 @@ class Sandbox:
                 raise SpecError("n", n, f"{used} MiB are in use and {count} clones of "
                                 f"{vm.spec.memory} MiB would pass {lim.max_total_memory_mib} MiB "
                                 "(qemukit mcp --max-total-memory)")
+            await self._room_for(count, count * vm.spec.memory)
             began = time.monotonic()
             clones = await vm.fork(count)
             loop = asyncio.get_running_loop()

@@ -84,8 +84,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qemukit.warm")
 
-__all__ = ["ENV", "StandbyClones", "detach_standbys", "end_all", "family", "ready_keys", "settle",
-           "wanted"]
+__all__ = ["ENV", "StandbyClones", "detach_standbys", "end_all", "family", "kept_memory",
+           "ready_keys", "settle", "wanted"]
 
 #: ``QEMUKIT_STANDBY=0`` turns standby clones off (none made, none taken); ``1`` turns them
 #: on for every warm start whose spec does not say.
@@ -100,6 +100,10 @@ _ready: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
 #: Per event loop: standbys being made, by (root, key).
 _making: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                    dict[tuple[Path, str], asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary())
+#: Per event loop: the memory (MiB) of each standby being made, by (root, key).
+_making_memory: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                          dict[tuple[Path, str], int]] = (
     weakref.WeakKeyDictionary())
 #: True once this process's standbys are to outlive it (``qemukit run --standby``).
 _detached = False
@@ -400,10 +404,13 @@ class StandbyClones(_Base):
             loop.create_task(_end_own(standby))
         task = loop.create_task(_make(self, plan, spec, slot, _detached))
         making[slot] = task
+        memory = _making_memory.setdefault(loop, {})
+        memory[slot] = plan.spec.memory
 
         def done(_: asyncio.Task[None]) -> None:
             if making.get(slot) is task:
                 del making[slot]
+                memory.pop(slot, None)
 
         task.add_done_callback(done)
 
@@ -522,6 +529,16 @@ def _end_at_exit() -> None:
 
     if any(_sync.is_own_loop(loop) for loop in (*_making.keys(), *_ready.keys())):
         _sync.finish_at_exit([end_all()], EXIT_TIMEOUT)
+
+
+def kept_memory() -> list[int]:
+    """The memory (MiB) of each standby this event loop keeps ready or is making: what a
+    server with limits (``qemukit mcp``) counts beside its running VMs."""
+    loop = asyncio.get_running_loop()
+    ready = [spec.memory for _, spec in _ready.get(loop, {}).values()]
+    making = [mib for slot, mib in _making_memory.get(loop, {}).items()
+              if slot in _making.get(loop, {})]
+    return ready + making
 
 
 def ready_keys() -> list[str]:

@@ -571,3 +571,36 @@ def test_a_template_host_root_needs_the_operator_to_grant_the_root_and_its_rw_di
     assert spec.host_root is not None and spec.host_root.rw == (str(out),)
     assert [(s.host_path, s.read_only) for s in spec.all_shares] == [("/", True),
                                                                      (str(out), False)]
+
+
+def test_standby_clones_count_against_the_limits(fake_vms: list[FakeVM],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: a client starting VMs of ever other sizes leaves one standby clone per
+    size (each a QEMU with its memory) that --max-vms and --max-total-memory never saw.
+    The server asks for a standby only where the limits leave room for it, and ends its
+    standbys before a start or fork that would not fit beside them."""
+    kept: list[int] = []
+    ended: list[list[int]] = []
+
+    async def end_all() -> None:
+        ended.append(list(kept))
+        kept.clear()
+
+    monkeypatch.setattr("qemukit.vm._standby.kept_memory", lambda: list(kept))
+    monkeypatch.setattr("qemukit.vm._standby.end_all", end_all)
+    box = qmcp.Sandbox(qmcp.Limits(max_vms=2, max_memory_mib=1024, max_total_memory_mib=1536))
+
+    async def go() -> None:
+        await box.start(memory="512M")
+        assert fake_vms[-1].spec.standby is True  # room for it and its standby
+        kept.append(512)  # the standby that start left
+        await box.start(memory="256M")  # 1 running + this one: no room for a standby
+        assert fake_vms[-1].spec.standby is False
+        assert ended == [[512]], "the standby was not ended though 3 QEMUs would run"
+        await box.stop_all()
+        kept.append(1024)  # a standby of another size
+        await box.start(memory="512M")  # 2 QEMUs fit, 512 + 512 + 1024 MiB do not
+        assert ended[-1] == [1024] and fake_vms[-1].spec.standby is True
+        await box.stop_all()
+
+    asyncio.run(go())

@@ -6,6 +6,7 @@ ending one (gc, cache clear) can be checked by whether that process is gone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -230,3 +231,24 @@ def test_no_wait_when_nothing_is_made() -> None:
     began = time.monotonic()
     asyncio.run(_standby.settle(5))
     assert time.monotonic() - began < 5
+
+
+def test_kept_memory_counts_the_standbys_ready_and_being_made() -> None:
+    """What ``qemukit mcp`` counts against its limits beside its running VMs."""
+    from qemukit.vm import _standby
+
+    async def go() -> list[int]:
+        loop = asyncio.get_running_loop()
+        blocker = loop.create_future()
+        making = loop.create_task(asyncio.wait_for(blocker, 30))
+        _standby._ready[loop] = {(Path("/r"), "k1"): (None, VMSpec(kernel="/k", memory=300))}  # type: ignore[dict-item]
+        _standby._making[loop] = {(Path("/r"), "k2"): making}
+        _standby._making_memory[loop] = {(Path("/r"), "k2"): 200, (Path("/r"), "gone"): 999}
+        try:
+            return sorted(_standby.kept_memory())
+        finally:
+            making.cancel()
+            for table in (_standby._ready, _standby._making, _standby._making_memory):
+                table.pop(loop, None)
+
+    assert asyncio.run(go()) == [200, 300]
