@@ -13,39 +13,16 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 
 from qemukit import images
-from tests.helpers import QEMUKIT, qemu_gone, qemu_processes_under
+from tests.helpers import qemu_gone, qemu_processes_under
+from tests.integration.mcp_client import call, server_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("mcp")]
-
-#: Generous: the first start boots the guest and saves its warm state, under TCG on a busy host.
-CALL_TIMEOUT = 600.0
-
-
-def _params(state: Path) -> StdioServerParameters:
-    assert QEMUKIT, "the qemukit console script is not installed (pip install -e .)"
-    env = {"QEMUKIT_STATE": str(state)}
-    if os.environ.get("QEMUKIT_CACHE"):
-        env["QEMUKIT_CACHE"] = os.environ["QEMUKIT_CACHE"]
-    return StdioServerParameters(command=QEMUKIT, args=["mcp", "--max-vms", "2"], env=env)
-
-
-async def _call(client: Client, tool: str, **arguments: Any) -> Any:
-    result = await client.call_tool(tool, arguments, read_timeout_seconds=CALL_TIMEOUT)
-    text = "".join(getattr(c, "text", "") for c in result.content)
-    assert not result.is_error, f"{tool} failed: {text}"
-    if result.structured_content is not None:
-        content = result.structured_content
-        return content.get("result", content) if set(content) == {"result"} else content
-    return text
-
 
 def _server_pid(qemu_pid: int) -> int:
     """The qemukit mcp process that owns QEMU ``qemu_pid`` (an ancestor running 'mcp')."""
@@ -69,39 +46,39 @@ def test_session_start_exec_files_stop_and_nothing_left(tiny_image: images.TinyI
     state = tmp_path / "state"
 
     async def session() -> int:
-        async with Client(_params(state)) as client:
+        async with Client(server_params(state, 2)) as client:
             tools = {t.name for t in (await client.list_tools()).tools}
             assert {"start_vm", "exec", "read_file", "write_file", "list_vms", "stop_vm"} <= tools
-            started = await _call(client, "start_vm", image="tiny")
+            started = await call(client, "start_vm", image="tiny")
             name = started["name"]
-            uname = await _call(client, "exec", name=name, command=["uname", "-m"])
+            uname = await call(client, "exec", name=name, command=["uname", "-m"])
             assert uname["exit_status"] == 0 and uname["stdout"].strip() == "x86_64", uname
             body = "written through MCP\nline 2 \u00e9\n"
-            await _call(client, "write_file", name=name, path="/tmp/mcp.txt", content=body)
-            assert await _call(client, "read_file", name=name, path="/tmp/mcp.txt") == body
-            cat = await _call(client, "exec", name=name, command="cat /tmp/mcp.txt")
+            await call(client, "write_file", name=name, path="/tmp/mcp.txt", content=body)
+            assert await call(client, "read_file", name=name, path="/tmp/mcp.txt") == body
+            cat = await call(client, "exec", name=name, command="cat /tmp/mcp.txt")
             assert cat["stdout"] == body, cat
             # Beyond the old 1 MiB cap, binary: both ways on the copy channel, byte-identical.
             blob = os.urandom(3 * 1024 * 1024 + 5)
             encoded = base64.b64encode(blob).decode()
-            await _call(client, "write_file", name=name, path="/tmp/blob.bin", content=encoded,
+            await call(client, "write_file", name=name, path="/tmp/blob.bin", content=encoded,
                         encoding="base64")
-            summed = await _call(client, "exec", name=name, command=["md5sum", "/tmp/blob.bin"])
+            summed = await call(client, "exec", name=name, command=["md5sum", "/tmp/blob.bin"])
             assert summed["stdout"].split()[0] == hashlib.md5(blob).hexdigest(), summed
-            assert await _call(client, "read_file", name=name, path="/tmp/blob.bin",
+            assert await call(client, "read_file", name=name, path="/tmp/blob.bin",
                                encoding="base64") == encoded
             missing = await client.call_tool("read_file", {"name": name, "path": "/tmp/nope"})
             assert missing.is_error and "no such file" in json.dumps(missing.model_dump(mode="json"))
-            listed = await _call(client, "list_vms")
+            listed = await call(client, "list_vms")
             assert [vm["name"] for vm in listed] == [name], listed
             first_pid = listed[0]["pid"]
             refused = await client.call_tool("start_vm", {"image": "tiny", "memory": "64G"})
             assert refused.is_error and "at most" in json.dumps(refused.model_dump(mode="json"))
-            await _call(client, "stop_vm", name=name)
+            await call(client, "stop_vm", name=name)
             _wait_gone(first_pid, "after stop_vm")
             # A second VM left running: closing the session must end it.
-            second = await _call(client, "start_vm", image="tiny")
-            listed = await _call(client, "list_vms")
+            second = await call(client, "start_vm", image="tiny")
+            listed = await call(client, "list_vms")
             assert [vm["name"] for vm in listed] == [second["name"]]
             return int(listed[0]["pid"])
 
@@ -114,9 +91,9 @@ def test_server_killed_takes_its_vms(tiny_image: images.TinyImage, tmp_path: Pat
     state = tmp_path / "state"
 
     async def session() -> int:
-        async with Client(_params(state)) as client:
-            await _call(client, "start_vm", image="tiny")
-            qemu_pid = int((await _call(client, "list_vms"))[0]["pid"])
+        async with Client(server_params(state, 2)) as client:
+            await call(client, "start_vm", image="tiny")
+            qemu_pid = int((await call(client, "list_vms"))[0]["pid"])
             os.kill(_server_pid(qemu_pid), signal.SIGKILL)
             _wait_gone(qemu_pid, "after SIGKILL of the server")
             return qemu_pid
