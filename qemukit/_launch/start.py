@@ -175,32 +175,70 @@ def _start_virtiofsd(prepared: Prepared, share: Share, path: str, runtime: Runti
 
 def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.socket] = (),
                inherit: Sequence[int] = (), *, die_with_parent: bool
-               ) -> tuple[QemuProcess, list[str], socket.socket]:
+               ) -> tuple[QemuProcess, list[str], socket.socket, socket.socket | None]:
     """Spawn QEMU for ``plan`` with its monitor on a socket pair we made.
 
     ``links`` are the VM's connections to its private networks' switches,
     handed to QEMU (it keeps its own copies: they are closed here either way);
     ``inherit`` other descriptors QEMU keeps (a warm entry's hold), left open.
-    Returns the process, its argv (without the share guard before it) and
-    our end of the monitor socket, non-blocking: QEMU is connected from the
-    start, so there is no wait for a socket to appear and no race for it.
+    Returns the process, its argv (without the share guard before it), our
+    end of the monitor socket, non-blocking: QEMU is connected from the
+    start, so there is no wait for a socket to appear and no race for it; and,
+    when the plan's launcher reads the console (:attr:`LaunchPlan.console_reader`),
+    our connection to it, made the same way (see :func:`_console_listener`).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    console: socket.socket | None = None
+    listener: socket.socket | None = None
     try:
-        argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links])
+        if plan.console_reader and plan.spec.serial:
+            listener, console = _console_listener(plan.runtime.console_socket)
+        argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links],
+                         console_fd=listener.fileno() if listener is not None else None)
+        passed = [theirs.fileno(), *(link.fileno() for link in links), *inherit]
+        if listener is not None:
+            passed.append(listener.fileno())
         proc = QemuProcess.spawn([*prepared.qemu_guard, *argv], log_path=plan.runtime.qemu_log,
-                                 pass_fds=[theirs.fileno(), *(link.fileno() for link in links),
-                                           *inherit],
-                                 die_with_parent=die_with_parent)
+                                 pass_fds=passed, die_with_parent=die_with_parent)
     except BaseException:
         ours.close()
+        if console is not None:
+            console.close()
         raise
     finally:
         theirs.close()
+        if listener is not None:
+            listener.close()
         for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
             link.close()
     ours.setblocking(False)
-    return proc, argv, ours
+    if console is not None:
+        console.setblocking(False)
+    return proc, argv, ours, console
+
+
+def _console_listener(path: Path) -> tuple[socket.socket, socket.socket]:
+    """The console's listening socket at ``path`` for QEMU, and our connection to it.
+
+    The kernel queues the connection until QEMU, started with the listener
+    and ``wait=on``, accepts it during its start-up, before the guest runs: the
+    reader misses none of the guest's output. Once we disconnect, QEMU listens
+    on ``path`` for the next client (``qemukit console``), as with ``path=``.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)  # like QEMU's own sockets (it runs with umask 077)
+        listener.listen(1)
+        client.connect(str(path))
+    except OSError as exc:
+        listener.close()
+        client.close()
+        raise LaunchError(f"cannot create the console socket {path}: {exc.strerror}") from exc
+    return listener, client
 
 
 def record(rd: RuntimeDir, proc: QemuProcess, argv: list[str], accel: host.AccelChoice,
