@@ -21,6 +21,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     from ..resolve import Purpose, Resolution
+    from ..spec import VMSpec
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -178,7 +179,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
         if result.dump is not None:
-            click.echo(f"qemukit: crash dump in {result.dump} (crash vmlinux {result.dump}; "
+            hint = _crash_hint(spec, result.dump, vmlinux)
+            click.echo(f"qemukit: crash dump in {result.dump} ({hint}; "
                        f"drgn -c {result.dump})", err=True)
         elif dump_on_panic is not None:
             click.echo(f"qemukit: {result.error}", err=True)
@@ -193,6 +195,24 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                 if result.outcome is Outcome.TIMEOUT else "")
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit(exit_code_for_outcome(result.outcome, result.exit_status))
+
+
+def _crash_hint(spec: VMSpec, dump: str, vmlinux: str | None) -> str:
+    """The crash command for ``dump``: with ``--no_kmem_cache`` when the kernel's config says
+    SLOB, with when to add it when there is no config to read."""
+    from ..crashdir import crash_command, find_vmlinux
+    from ..kconfig import resolve_kernel
+
+    try:
+        about = resolve_kernel(spec)
+    except errors.QemukitError:  # it booted: this does not fail; if it does, say when instead
+        config, tree = None, None
+    else:
+        config, tree = about.config, about.tree
+    if vmlinux is None:
+        found = find_vmlinux(tree.root if tree is not None else spec.kernel)
+        vmlinux = str(found) if found is not None else None
+    return crash_command(dump, vmlinux, config, kernel=spec.kernel)
 
 
 def _purpose(detach: bool, command: tuple[str, ...]) -> Purpose:
