@@ -190,6 +190,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     if result.crash_bundle is not None:
         click.echo(f"qemukit: crash bundle in {result.crash_bundle} (start with triage.txt)",
                    err=True)
+    if result.console_log_error is not None:  # beside the verdict, which decides the exit
+        click.echo(f"qemukit: warning: {result.console_log_error}", err=True)
     if result.outcome in (Outcome.TIMEOUT, Outcome.ERROR):
         tail = (f"\n--- console ---\n{result.console_tail}"
                 if result.outcome is Outcome.TIMEOUT else "")
