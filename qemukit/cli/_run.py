@@ -108,8 +108,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                                "use 'qemukit exec NAME -- CMD'")
     # Unset, --forward-auto is the spec's: developer images (debian, imported ones with
     # an agent) say on; the library starts the forwards of a detached VM.
-    resolution = resolve(build_request(opts, purpose=_purpose(detach, command), warm=warm,
-                                       modules=modules, forward_auto=forward_auto))
+    resolution = resolve(build_request(opts, purpose=_purpose(detach, command, kselftest),
+                                       warm=warm, modules=modules, forward_auto=forward_auto))
     spec = apply_run_options(resolution.spec, opts)
     if verbose and json_out != "-":
         click.echo(f"qemukit: {resolution.machine.describe()}", err=True)
@@ -217,9 +217,14 @@ def _crash_hint(spec: VMSpec, dump: str, vmlinux: str | None) -> str:
     return crash_command(dump, vmlinux, config, kernel=spec.kernel)
 
 
-def _purpose(detach: bool, command: tuple[str, ...]) -> Purpose:
-    """What ``run`` (and ``cmdline`` with the same arguments) starts the VM for."""
-    return "detached" if detach else ("command" if command else "interactive")
+def _purpose(detach: bool, command: tuple[str, ...], kselftest: str | None = None) -> Purpose:
+    """What ``run`` (and ``cmdline`` with the same arguments) starts the VM for.
+
+    ``--kselftest`` runs the kernel's runner as the command: a one-shot run too.
+    """
+    if detach:
+        return "detached"
+    return "command" if command or kselftest is not None else "interactive"
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:
