@@ -45,7 +45,7 @@ def _check(vm: VM) -> None:
                      f"yes '{LINE}' | head -n {COUNT} > /dev/console; "
                      f"echo console-log-end > /dev/console", timeout=600)
     assert result.exit_status == 0, result.stderr_text
-    vm.wait_for_console_text("console-log-end", timeout=300)
+    vm.wait_for_console_text("console-log-end", timeout=300, since="start")
     assert stalled.is_set()
     log_path = vm.console_log
     assert log_path is not None
