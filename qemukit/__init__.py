@@ -73,7 +73,7 @@ if TYPE_CHECKING:
         parse_nic,
         parse_size,
     )
-    from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, preview_argv
+    from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, network_forward, preview_argv
 
 # The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time), the
 # spec dataclasses (dataclasses, inspect, ipaddress, tomllib): load each on first use, so
@@ -95,6 +95,7 @@ _LAZY = {
     "ShutdownRung": "vm",
     "VMState": "vm",
     "preview_argv": "vm",
+    "network_forward": "vm",
 }
 
 
@@ -161,6 +162,7 @@ __all__ = [
     "WaitTimeout",
     "parse_drive",
     "parse_nic",
+    "network_forward",
     "parse_size",
     "preview_argv",
 ]

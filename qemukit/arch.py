@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ARCHES", "DEFAULT_ARCH", "ArchInfo", "ArchName", "arch_info", "host_arch_name"]
+__all__ = ["ARCHES", "DEFAULT_ARCH", "ArchInfo", "ArchName", "arch_info", "arch_option",
+           "host_arch_name"]
 
 ArchName = Literal["x86_64", "aarch64", "riscv64", "s390x", "ppc64le"]
 Transport = Literal["pci", "ccw"]
+#: Kernel config options, as (name without ``CONFIG_``, value) pairs.
+KconfigOptions = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,15 @@ class ArchInfo:
     kernel_package: str
     kernel_format: str
     firmware: str
+    #: The kernel's ``ARCH=`` (the name of its ``arch/`` directory).
+    kernel_arch: str
+    #: Where a built kernel tree holds the image this architecture boots.
+    kernel_image: str
+    #: The qemu-user binary for its programs (also the binfmt_misc entry qemu-user-static
+    #: registers), which runs a foreign image's package scripts at build time.
+    qemu_user: str
+    #: The kernel options that make the virtio transport work (qemukit's kconfig fragment).
+    kconfig_transport: KconfigOptions
     machine_opts: str = ""
     #: Whether virtiofs shares work (else: 9p), and why not.
     virtiofs: str | None = None
@@ -76,6 +88,29 @@ class ArchInfo:
     vmgenid: bool = False
     #: The suffix of this architecture's cache entries (images, probes): "" for the default.
     cache_suffix: str = ""
+    #: Kernel options that make a kernel of this architecture, beyond console and transport;
+    #: the first names it (a tree whose image is not under ``arch/`` is recognized by it).
+    kconfig_base: KconfigOptions = ()
+    #: The kernel options for the power button the guest hears without ACPI (with the
+    #: fragment's comment for them); None: ACPI's, or none.
+    kconfig_power_button: tuple[str, KconfigOptions] | None = None
+    #: The kexec option that selects CRASH_CORE (the VMCOREINFO note dumps need) here.
+    kexec_option: str = "KEXEC"
+    #: CPU models tried under KVM, in order. Some hosts (nested, paravirtual) reject an
+    #: MSR that ``host`` passes through and QEMU aborts at start; the next model is
+    #: tried only when QEMU exited, never after a hang.
+    kvm_cpus: tuple[str, ...] = ("host",)
+    #: Why PCI devices cannot be hot-plugged into this machine's guest; None: they can.
+    no_pci_hotplug: str | None = None
+    #: Whether qemukit's image recipes (tiny, debian) are written for this architecture:
+    #: its kernel package (ext4 built in) and package list. Another adds its own files
+    #: (``images/debian/<debian_arch>/``, the tiny init's foreign steps) and unpacks its
+    #: packages under qemu-user.
+    images_native: bool = False
+    #: Whether the debian image recipe builds for this architecture.
+    debian_image: bool = False
+    #: The GRUB platform of a bootable debian disk (``--bootable``); None: none is built.
+    grub_platform: str | None = None
 
     @property
     def qemu_env(self) -> str:
@@ -110,6 +145,13 @@ ARCHES: dict[str, ArchInfo] = {
         kernel_format="bzImage", firmware="SeaBIOS (or OVMF)", hotplug_bus="pcie.0",
         cpu_hotplug=True, memory_hotplug=True, acpi=True, seed_cd=True,
         host_names=("x86_64", "amd64"), boots_from_disk=True, ovmf=True, vmgenid=True,
+        kernel_arch="x86_64", kernel_image="arch/x86/boot/bzImage", qemu_user="qemu-x86_64",
+        kconfig_base=(("64BIT", "y"),),
+        # microvm names its virtio-mmio devices on the command line.
+        kconfig_transport=(("PCI", "y"), ("VIRTIO_PCI", "y"), ("VIRTIO_MMIO", "y"),
+                           ("VIRTIO_MMIO_CMDLINE_DEVICES", "y")),
+        kvm_cpus=("host", "host,-arch-capabilities", "kvm64"),
+        images_native=True, debian_image=True, grub_platform="x86_64-efi",
     ),
     "aarch64": ArchInfo(
         # cortex-a57, not max: max's pointer authentication makes TCG ~4x slower.
@@ -124,6 +166,16 @@ ARCHES: dict[str, ArchInfo] = {
         kvm_machine_opts="gic-version=host",
         powerdown=True, seed_cd=True, host_names=("aarch64", "arm64"),
         cache_suffix="-aarch64",
+        kernel_arch="arm64", kernel_image="arch/arm64/boot/Image", qemu_user="qemu-aarch64",
+        kconfig_transport=(("PCI", "y"), ("VIRTIO_PCI", "y"), ("PCI_HOST_GENERIC", "y"),
+                           ("VIRTIO_MMIO", "y")),
+        kconfig_power_button=("the virt machine's power button (gpio-keys on the PL061)", (
+            ("INPUT", "y"), ("INPUT_EVDEV", "y"), ("INPUT_KEYBOARD", "y"),
+            ("KEYBOARD_GPIO", "y"), ("GPIOLIB", "y"), ("GPIO_PL061", "y"),
+        )),
+        # arm64's KEXEC needs suspend support (PM_SLEEP_SMP); KEXEC_FILE selects the same.
+        kexec_option="KEXEC_FILE",
+        debian_image=True,
     ),
     "riscv64": ArchInfo(
         name="riscv64", qemu_binary="qemu-system-riscv64", qemu_package="qemu-system-misc",
@@ -138,6 +190,11 @@ ARCHES: dict[str, ArchInfo] = {
         no_vmcoreinfo="QEMU's riscv virt machine has no fw_cfg with DMA when devices are "
                       "added (\"vmcoreinfo device requires fw_cfg with DMA\")",
         cache_suffix="-riscv64",
+        kernel_arch="riscv", kernel_image="arch/riscv/boot/Image", qemu_user="qemu-riscv64",
+        kconfig_transport=(("PCI", "y"), ("VIRTIO_PCI", "y"), ("PCI_HOST_GENERIC", "y"),
+                           ("VIRTIO_MMIO", "y")),
+        no_pci_hotplug="riscv64 virt cannot hotplug: Debian's riscv64 kernel has no PCI "
+                       "hotplug driver",
     ),
     "s390x": ArchInfo(
         name="s390x", qemu_binary="qemu-system-s390x", qemu_package="qemu-system-s390x",
@@ -149,6 +206,8 @@ ARCHES: dict[str, ArchInfo] = {
         virtiofs="file reads fail in the guest (ECONNREFUSED here: FUSE "
                  "messages are in a big-endian guest's byte order)",
         cache_suffix="-s390x",
+        kernel_arch="s390", kernel_image="arch/s390/boot/bzImage", qemu_user="qemu-s390x",
+        kconfig_transport=(("S390_GUEST", "y"),),  # virtio-ccw
     ),
     "ppc64le": ArchInfo(
         # VOF instead of SLOF saves ~3.5 s and boots -kernel fine; the cap-* settings
@@ -163,6 +222,12 @@ ARCHES: dict[str, ArchInfo] = {
         no_vmcoreinfo="pseries has no fw_cfg: QEMU has no vmcoreinfo device there",
         virtiofs="reads through QEMU 7.2's virtiofsd fail with EINVAL in the pseries guest",
         cache_suffix="-ppc64le",
+        # pseries boots the ELF vmlinux at the tree's root ("vmlinux (ELF)" above).
+        kernel_arch="powerpc", kernel_image="vmlinux", qemu_user="qemu-ppc64le",
+        kconfig_base=(("PPC64", "y"), ("CPU_LITTLE_ENDIAN", "y"), ("PPC_PSERIES", "y")),
+        kconfig_transport=(("PCI", "y"), ("VIRTIO_PCI", "y")),
+        no_pci_hotplug="pseries PCI hotplug needs powerpc-utils' drmgr in the guest (the tiny "
+                       "guest has none)",
     ),
 }
 
@@ -170,6 +235,11 @@ ARCHES: dict[str, ArchInfo] = {
 def arch_info(name: str) -> ArchInfo:
     """The row for architecture ``name`` (KeyError for an unknown one)."""
     return ARCHES[name]
+
+
+def arch_option(arch: str) -> str:
+    """The `` --arch NAME`` a qemukit command line needs for ``arch`` ("" for the default)."""
+    return "" if arch == DEFAULT_ARCH else f" --arch {arch}"
 
 
 def host_arch_name(machine: str) -> str | None:

@@ -52,17 +52,9 @@ log = logging.getLogger(__name__)
 KCONFIG_VERSION = 3
 
 #: The kernel's ARCH= (and arch/ directory) for each guest architecture.
-KERNEL_ARCH: dict[str, str] = {
-    "x86_64": "x86_64", "aarch64": "arm64", "riscv64": "riscv", "s390x": "s390",
-    "ppc64le": "powerpc",
-}
-#: The arch/ directory holding each architecture's built image, and the image's path.
-_IMAGE_PATHS: dict[str, str] = {
-    "x86_64": "arch/x86/boot/bzImage", "aarch64": "arch/arm64/boot/Image",
-    "riscv64": "arch/riscv/boot/Image", "s390x": "arch/s390/boot/bzImage",
-    # pseries boots the ELF vmlinux at the tree's root (arch.py: "vmlinux (ELF)").
-    "ppc64le": "vmlinux",
-}
+KERNEL_ARCH: dict[str, str] = {name: info.kernel_arch for name, info in ARCHES.items()}
+#: Where a built tree holds each architecture's image.
+_IMAGE_PATHS: dict[str, str] = {name: info.kernel_image for name, info in ARCHES.items()}
 
 _Group = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -120,33 +112,17 @@ def _console_options(info: ArchInfo) -> tuple[tuple[str, str], ...]:
 
 def _arch_groups(info: ArchInfo) -> list[_Group]:
     groups: list[_Group] = []
-    base: tuple[tuple[str, str], ...] = {
-        "x86_64": (("64BIT", "y"),),
-        "ppc64le": (("PPC64", "y"), ("CPU_LITTLE_ENDIAN", "y"), ("PPC_PSERIES", "y")),
-    }.get(info.name, ())
-    if base:
-        groups.append((f"a {info.name} kernel", base))
+    if info.kconfig_base:
+        groups.append((f"a {info.name} kernel", info.kconfig_base))
     groups.append((f"the serial console ({info.console})", _console_options(info)))
-    if info.transport == "ccw":
-        transport: tuple[tuple[str, str], ...] = (("S390_GUEST", "y"),)  # virtio-ccw
-    else:
-        transport = (("PCI", "y"), ("VIRTIO_PCI", "y"))
-        if info.name in ("aarch64", "riscv64"):
-            transport += (("PCI_HOST_GENERIC", "y"),)
-        if info.name != "ppc64le":
-            transport += (("VIRTIO_MMIO", "y"),)
-        if info.name == "x86_64":  # microvm names its virtio-mmio devices on the command line
-            transport += (("VIRTIO_MMIO_CMDLINE_DEVICES", "y"),)
+    transport = info.kconfig_transport
     groups.append((f"the virtio transport ({info.transport})", transport))
     if info.acpi:
         groups.append(("ACPI and its power button (the graceful stop; acpid reads evdev)", (
             ("ACPI", "y"), ("ACPI_BUTTON", "y"), ("INPUT", "y"), ("INPUT_EVDEV", "y"),
         )))
-    elif info.name == "aarch64" and info.powerdown:
-        groups.append(("the virt machine's power button (gpio-keys on the PL061)", (
-            ("INPUT", "y"), ("INPUT_EVDEV", "y"), ("INPUT_KEYBOARD", "y"),
-            ("KEYBOARD_GPIO", "y"), ("GPIOLIB", "y"), ("GPIO_PL061", "y"),
-        )))
+    elif info.kconfig_power_button is not None and info.powerdown:
+        groups.append(info.kconfig_power_button)
     hotplug: list[tuple[str, str]] = []
     if info.hotplug_bus is not None:
         hotplug += [("PCIEPORTBUS", "y"), ("HOTPLUG_PCI", "y"), ("HOTPLUG_PCI_PCIE", "y")]
@@ -165,8 +141,7 @@ def _arch_groups(info: ArchInfo) -> list[_Group]:
     if info.no_vmcoreinfo is None:
         # qemu_fw_cfg hands the VMCOREINFO note (CRASH_CORE, selected through KEXEC_CORE) to
         # QEMU's vmcoreinfo device, which writes it into dumps: drgn and crash need it.
-        # arm64's KEXEC needs suspend support (PM_SLEEP_SMP); KEXEC_FILE selects the same.
-        kexec = "KEXEC_FILE" if info.name == "aarch64" else "KEXEC"
+        kexec = info.kexec_option  # arm64's KEXEC needs PM_SLEEP_SMP; KEXEC_FILE does not
         groups.append(("crash dumps drgn and crash can open (qemukit dump, --dump-on-panic)", (
             ("FW_CFG_SYSFS", "y"), (kexec, "y"), ("CRASH_CORE", "y"),
         )))
@@ -313,9 +288,14 @@ class KernelTree:
     modules: bool
 
 
-def _ppc_tree(root: Path) -> bool:
+def _configured_for(root: Path, info: ArchInfo) -> bool:
+    """Whether the tree's .config sets the option that names ``info``'s architecture
+    (its image, ``vmlinux`` at the root, is in every built tree)."""
     config = root / ".config"
-    return config.is_file() and read_config(config).get("CONFIG_PPC64") == "y"
+    if not info.kconfig_base or not config.is_file():
+        return False
+    name, value = info.kconfig_base[0]
+    return read_config(config).get(f"CONFIG_{name}") == value
 
 
 def find_tree(path: str | Path, arch: str | None = None) -> KernelTree:
@@ -332,9 +312,10 @@ def find_tree(path: str | Path, arch: str | None = None) -> KernelTree:
                         "(a directory with Makefile, Kconfig and arch/, or a make O=DIR build "
                         "directory)")
     found = [name for name, rel in _IMAGE_PATHS.items()
-             if name != "ppc64le" and (root / rel).is_file()]
-    if not found and (root / "vmlinux").is_file() and _ppc_tree(root):
-        found = ["ppc64le"]
+             if rel.startswith("arch/") and (root / rel).is_file()]
+    if not found:
+        found = [name for name, rel in _IMAGE_PATHS.items() if not rel.startswith("arch/")
+                 and (root / rel).is_file() and _configured_for(root, ARCHES[name])]
     if not found:
         looked = _IMAGE_PATHS[arch] if arch in _IMAGE_PATHS else ", ".join(_IMAGE_PATHS.values())
         raise SpecError("kernel", str(path), f"a kernel tree with no built image (looked for "

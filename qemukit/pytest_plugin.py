@@ -14,6 +14,8 @@ Fixtures a test asks for:
     ``qemu_network("server", "client", spec=None, **overrides)`` boots VMs of those
     names on one private network of their own (``vm.networks[...]`` holds each one's
     address; the names resolve in every guest); stopped at teardown like the factory's.
+    It returns a :class:`VMNetwork`, a list of the VMs whose ``.forward("server", 80)``
+    gives the host a port into one of them.
 ``qemu_clean_vm``
     A session-wide VM booted once; each test receives it rolled back to a snapshot
     taken right after boot, so what one test did in the guest is gone in the next.
@@ -46,7 +48,8 @@ prints how to reach them; a guest that never became ready is always stopped.
 leaves a crash bundle under DIR (see :mod:`qemukit.crashdir`), named in its report
 and its JUnit case.
 
-Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``), port
+Under ``pytest -n`` (xdist) each worker's VMs are named after it (``gw0-…``; a
+``qemu_network`` VM ``gw0-server`` goes by ``server`` on its network), port
 forwards ask the kernel for free ports, and a worker's artifacts carry its id.
 
 pytest loads this plugin in every run of an environment where qemukit is
@@ -252,10 +255,12 @@ def _named(config: pytest.Config, spec: VMSpec) -> VMSpec:
     return spec.replace(name=f"{worker}-{secrets.token_hex(3)}")
 
 
-def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True) -> VM:
+def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True,
+          aliases: dict[str, str] | None = None) -> VM:
     """Start a VM of ``spec`` and wait until it is ready; a guest that never is gets stopped.
 
     ``keepable``: --qemukit-keep-failed may leave it running, so it must not die with pytest.
+    ``aliases``: network -> the name the VM goes by there (``qemu_network`` under xdist).
     """
     from .timeouts import BOOT_TIMEOUT
     from .vm import VM, VMState
@@ -264,6 +269,8 @@ def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True
     keep = keepable and bool(config.getoption("--qemukit-keep-failed"))
     timeout = config.getoption("--qemukit-boot-timeout") or BOOT_TIMEOUT
     vm = VM(_named(config, spec), die_with_parent=not keep, boot_timeout=timeout)
+    if aliases:
+        vm.networks.aliases.update(aliases)  # type: ignore[attr-defined]  # a Networks
     try:
         vm.start()
         vm.wait_ready()
@@ -337,11 +344,13 @@ def qemu_vm_factory(request: pytest.FixtureRequest,
     made: list[VM] = []
     base = _marked_spec(request, qemukit_spec) or qemukit_spec
 
-    def make(spec: VMSpec | None = None, **overrides: Any) -> VM:
+    def make(spec: VMSpec | None = None, *, _aliases: dict[str, str] | None = None,
+             **overrides: Any) -> VM:
         from .resolve import resolve
 
         # The user's own spec (or the fixture's), resolved as every front end resolves one.
-        vm = _boot(request, resolve(_request(request.config, spec or base, **overrides)).spec)
+        vm = _boot(request, resolve(_request(request.config, spec or base, **overrides)).spec,
+                   aliases=_aliases)
         _track(request, vm)
         made.append(vm)
         return vm
@@ -359,20 +368,62 @@ def qemu_vm_factory(request: pytest.FixtureRequest,
             raise errors[0]
 
 
+class VMNetwork(list["VM"]):
+    """What ``qemu_network(...)`` returns: its VMs, in the order named, and their network.
+
+    It unpacks like a list (``server, client = qemu_network("server", "client")``);
+    :attr:`name` is the network's (made per call), :meth:`vm` finds a VM by the name
+    the test gave it, :meth:`forward` gives the host a port into one.
+    """
+
+    def __init__(self, name: str, vms: list[VM], names: list[str]) -> None:
+        super().__init__(vms)
+        #: The network's name (``vm.networks[net.name]`` is each VM's place on it).
+        self.name = name
+        self._by_name = dict(zip(names, vms, strict=True))
+
+    def vm(self, name: str) -> VM:
+        """The VM the test named ``name``."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no VM named {name!r} on network {self.name!r}; its VMs: "
+                           f"{', '.join(self._by_name)}") from None
+
+    def forward(self, vm: VM | str, port: int) -> int:
+        """A port on 127.0.0.1 into ``vm``'s TCP ``port`` (the host is not on a network
+        until asked: see :func:`qemukit.network_forward`)."""
+        from .vm import network_forward
+
+        return network_forward(self.name, self.vm(vm) if isinstance(vm, str) else vm, port)
+
+
 @pytest.fixture
-def qemu_network(qemu_vm_factory: Callable[..., VM]) -> Callable[..., list[VM]]:
+def qemu_network(request: pytest.FixtureRequest,
+                 qemu_vm_factory: Callable[..., VM]) -> Callable[..., VMNetwork]:
     """Boot VMs on one private network of this test: ``qemu_network("server", "client")``.
 
-    The network's name is made per call (so tests and pytest-xdist workers never
-    share one); ``vm.networks`` maps it to each VM's address. ``spec`` and
-    ``overrides`` are as for ``qemu_vm_factory``.
+    The network's name is made per call (``gw0-…`` under pytest-xdist, so tests and
+    workers never share one); the guests know each other by the names given. Under
+    xdist the VMs themselves are named after the worker (``gw0-server``: VM names
+    are per user, so two workers' "server"s would clash) and go by the given names
+    on the network. Returns a :class:`VMNetwork` (a list of the VMs); ``spec`` and
+    ``overrides`` are as for ``qemu_vm_factory`` (``networks=[...]`` adds networks
+    shared by name, where the VMs go by their own names).
     """
     import secrets
 
-    def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> list[VM]:
-        networks = (*overrides.pop("networks", ()), f"t{secrets.token_hex(4)}")
-        return [qemu_vm_factory(spec, **overrides, name=name, networks=networks)
-                for name in names]
+    worker = _worker(request.config)
+
+    def make(*names: str, spec: VMSpec | None = None, **overrides: Any) -> VMNetwork:
+        if len(set(names)) != len(names):
+            raise ValueError(f"qemu_network: a name twice in {names!r}")
+        network = f"{worker}-{secrets.token_hex(4)}" if worker else f"t{secrets.token_hex(4)}"
+        networks = (*overrides.pop("networks", ()), network)
+        vms = [qemu_vm_factory(spec, **overrides, name=f"{worker}-{name}" if worker else name,
+                               networks=networks, _aliases={network: name})
+               for name in names]
+        return VMNetwork(network, vms, list(names))
 
     return make
 

@@ -15,9 +15,23 @@ from ..errors import SpecError
 from ..spec import NETWORK_RE
 
 __all__ = [
-    "NetworkMember", "Networks", "check_network_name", "network_address", "network_dir", "network_mac",
-    "network_nic_id", "network_subnet",
+    "GATEWAY_DHCP_INDEX", "GATEWAY_DNS_INDEX", "GATEWAY_INDEX", "MAX_MEMBERS", "NetworkMember",
+    "Networks", "check_network_name", "gateway_macs", "network_address", "network_dir",
+    "network_mac", "network_nic_id", "network_subnet",
 ]
+
+#: The highest index a VM gets on a network (addresses .1 to .223 of its /24): the top of
+#: the /24 belongs to the host's gateway (see :mod:`qemukit._launch.netgate`), whether or
+#: not one runs, so an address never changes hands when the host is asked onto a network.
+MAX_MEMBERS = 223
+#: The host's address on a network (where forwarded connections come from).
+GATEWAY_INDEX = 254
+#: The gateway's DNS address (QEMU's user network has one; refused to VMs under ``restrict``).
+GATEWAY_DNS_INDEX = 253
+#: The first of the 16 addresses the gateway's DHCP server hands out (.224 to .239): a
+#: guest's DHCP client that asks before qemukit configures its NIC gets one of these,
+#: never a member's address.
+GATEWAY_DHCP_INDEX = 224
 
 
 def _digest(*parts: str) -> bytes:
@@ -45,8 +59,22 @@ def network_subnet(network: str) -> ipaddress.IPv4Network:
 
 
 def network_address(network: str, index: int) -> str:
-    """The address of member ``index`` (1-254) of ``network``."""
+    """The address of index ``index`` (1-254) of ``network`` (members: 1 to :data:`MAX_MEMBERS`)."""
     return str(network_subnet(network).network_address + index)
+
+
+def gateway_macs(network: str) -> frozenset[str]:
+    """The MACs the host's gateway on ``network`` sends from.
+
+    QEMU's user network (libslirp) answers as ``52:55`` plus the four bytes of the
+    address it answers for: its host address, or its DNS address.
+    """
+    subnet = network_subnet(network)
+    macs = set()
+    for index in (GATEWAY_INDEX, GATEWAY_DNS_INDEX):
+        raw = (subnet.network_address + index).packed
+        macs.add("52:55:" + ":".join(f"{b:02x}" for b in raw))
+    return frozenset(macs)
 
 
 def network_nic_id(network: str) -> str:
@@ -96,6 +124,10 @@ class Networks(dict[str, NetworkMember]):
     def __init__(self, vm_name: str = "") -> None:
         super().__init__()
         self.vm_name = vm_name
+        #: Network -> the name the VM goes by there (in its members' /etc/hosts), where it
+        #: is not the VM's own name: the pytest plugin's ``qemu_network`` under xdist names a
+        #: VM ``gw0-server`` but the test (and the other guests) call it ``server``.
+        self.aliases: dict[str, str] = {}
 
     def __missing__(self, key: str) -> NetworkMember:
         raise KeyError(f"VM {self.vm_name!r} is not on network {key!r}; its networks: "

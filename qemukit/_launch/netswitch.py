@@ -19,7 +19,9 @@ The switch treats every frame as hostile: a frame longer than
 the one the VM joined with is dropped (no VM can pose as another); frames to a
 known MAC go to that VM only, the rest (broadcast, multicast, unknown) to all
 others; a VM that does not read is skipped once :data:`MAX_BACKLOG` bytes wait
-for it. The host has no interface on the network.
+for it. The host has no interface on the network until a user asks for a port
+into one of its VMs (:func:`forward`): then the switch starts the network's
+gateway (:mod:`qemukit._launch.netgate`), its child, stopped with the network.
 
 The switch exits, removing its directory, when its last VM has gone: it takes
 the network's lock before it decides, and joiners hold that lock from connect
@@ -50,8 +52,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import LaunchError, SpecError, WaitTimeout
+from ..errors import LaunchError, SpecError, StateError, WaitTimeout
 from .netaddr import (
+    GATEWAY_INDEX,
+    MAX_MEMBERS,
     NetworkMember,
     check_network_name,
     network_address,
@@ -60,18 +64,19 @@ from .netaddr import (
     network_nic_id,
     network_subnet,
 )
+from .netgate import PID_NAME, Gateway, GatewayError, check_qemu_path
 
 __all__ = [
-    "MAX_FRAME", "NetworkMember", "check_network_name", "join", "network_address", "network_dir",
-    "network_mac", "network_nic_id", "network_subnet",
+    "MAX_FRAME", "MAX_MEMBERS", "NetworkMember", "check_network_name", "forward", "join", "members",
+    "network_address", "network_dir", "network_mac", "network_nic_id", "network_subnet",
 ]
 
 #: The longest frame a VM may send: QEMU's stream backends carry at most 68 KiB.
 MAX_FRAME = 69632
 #: Bytes waiting for one VM beyond which frames to it are dropped (a VM that stopped reading).
 MAX_BACKLOG = 4 * 1024 * 1024
-#: The highest index on a network (addresses .1 to .254 of its /24).
-MAX_MEMBERS = 254
+#: A VM's name as a member: what qemukit's VM names allow (it goes into guests' /etc/hosts).
+MEMBER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 #: How long a joiner waits for the network's lock and the switch's welcome.
 JOIN_TIMEOUT = 30.0
 #: A switch nobody joins within this time (its starter died) exits.
@@ -253,7 +258,84 @@ def join(root: Path, network: str, name: str, mac: str | None = None,
     return sock, NetworkMember(network, name, int(answer["index"]), mac, members)
 
 
+def forward(root: Path, network: str, member: str, port: int, qemu: str,
+            timeout: float = JOIN_TIMEOUT) -> int:
+    """Ask ``network``'s switch for a port of 127.0.0.1 into member ``member``'s ``port``.
+
+    The switch starts the network's gateway (:mod:`qemukit._launch.netgate`) with
+    ``qemu`` if it has none yet. Returns the host port. Raises :class:`SpecError`
+    for a bad network name or port, :class:`StateError` if no VM runs on the
+    network, or the switch refused (no such member, the gateway failed: its
+    reason), :class:`WaitTimeout` once ``timeout`` has passed.
+    """
+    check_network_name(network)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SpecError("port", port, "a TCP port is 1 to 65535")
+    deadline = time.monotonic() + timeout
+    directory = network_dir(root, network)
+    path = directory / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            _connect(sock, path, deadline)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise StateError(f"network {network!r} has no VM running (no switch at {path})") from exc
+        except TimeoutError as exc:
+            raise WaitTimeout(f"network {network!r}'s switch ({path}) to take the request",
+                              timeout) from exc
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(json.dumps({"op": "forward", "vm": member, "port": port,
+                                     "qemu": qemu}).encode() + b"\n")
+            answer = json.loads(_recv_line(sock, deadline))
+        except TimeoutError as exc:
+            raise WaitTimeout(f"network {network!r}'s switch to forward a port to {member!r}'s "
+                              f"port {port}", timeout) from exc
+        except (OSError, ValueError) as exc:
+            raise StateError(f"network {network!r}: asking its switch for a forward failed: "
+                             f"{exc}; see {directory / LOG_NAME}") from exc
+    if not isinstance(answer, dict) or "error" in answer or not isinstance(answer.get("port"), int):
+        reason = answer.get("error") if isinstance(answer, dict) else answer
+        raise StateError(f"network {network!r}: no forward to {member!r}'s port {port}: {reason}")
+    return int(answer["port"])
+
+
+def members(root: Path, network: str, timeout: float = 10.0) -> dict[str, int]:
+    """Who is on ``network`` now: member name -> index ({} if no switch runs).
+
+    Raises :class:`WaitTimeout` or :class:`StateError` if the switch does not answer.
+    """
+    check_network_name(network)
+    deadline = time.monotonic() + timeout
+    path = network_dir(root, network) / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            _connect(sock, path, deadline)
+            sock.settimeout(_left(deadline))
+            sock.sendall(b'{"op": "members"}\n')
+            answer = json.loads(_recv_line(sock, deadline))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return {}
+        except TimeoutError as exc:
+            raise WaitTimeout(f"network {network!r}'s switch ({path}) to list its members",
+                              timeout) from exc
+        except (OSError, ValueError) as exc:
+            raise StateError(f"network {network!r}: listing its members failed: {exc}") from exc
+    if not isinstance(answer, dict) or not isinstance(answer.get("members"), dict):
+        raise StateError(f"network {network!r}: its switch answered {answer!r} for its members")
+    return {str(k): int(v) for k, v in answer["members"].items()}
+
+
 # -- the switch ---------------------------------------------------------------------------------
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of this connection runs as the switch's own user (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    _pid, uid, _gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return bool(uid == os.geteuid())
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -261,8 +343,11 @@ def _mac_bytes(mac: str) -> bytes:
 
 
 class _Port:
-    def __init__(self, name: str, mac: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, name: str, mac: bytes, index: int, writer: asyncio.StreamWriter,
+                 macs: frozenset[bytes] = frozenset()) -> None:
         self.name, self.mac, self.index, self.writer = name, mac, index, writer
+        #: The source MACs this port may send from (a VM: its own; the gateway: its two).
+        self.macs = macs or frozenset({mac})
 
 
 class Switch:
@@ -271,6 +356,11 @@ class Switch:
     def __init__(self, directory: Path, lock_path: Path, network: str) -> None:
         self.directory, self.lock_path, self.network = directory, lock_path, network
         self.ports: dict[bytes, _Port] = {}
+        #: The host's gateway, once asked for (not a member: it does not keep the network up).
+        self.gateway: Gateway | None = None
+        self.gateway_port: _Port | None = None
+        self._gateway_lock = asyncio.Lock()
+        self._gateway_task: asyncio.Future[None] | None = None
         self.started = time.monotonic()
         self.had_members = False
         self.done = asyncio.Event()
@@ -280,7 +370,7 @@ class Switch:
     def _welcome(self, hello: Mapping[str, object]) -> dict[str, object] | tuple[str, bytes]:
         name, mac = hello.get("name"), hello.get("mac")
         if not isinstance(name, str) or not isinstance(mac, str) or not re.fullmatch(
-                r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+                r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) or not MEMBER_NAME_RE.fullmatch(name):
             return {"error": "bad introduction"}
         raw = _mac_bytes(mac)
         if raw[0] & 1:
@@ -298,6 +388,8 @@ class Switch:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         port = None
         try:
+            if not _same_user(writer):
+                return  # the directory's mode keeps others out; this holds if it is loosened
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), JOIN_TIMEOUT)
                 hello = json.loads(line)
@@ -305,6 +397,12 @@ class Switch:
                     ValueError):
                 return
             if not isinstance(hello, dict):
+                return
+            if hello.get("op") in ("forward", "members"):
+                answer = (await self._forward_request(hello) if hello["op"] == "forward" else
+                          {"members": {p.name: p.index for p in self.ports.values()}})
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
                 return
             verdict = self._welcome(hello)
             if isinstance(verdict, dict):
@@ -326,6 +424,57 @@ class Switch:
                 del self.ports[port.mac]
             writer.close()
 
+    async def _forward_request(self, hello: Mapping[str, object]) -> dict[str, object]:
+        """A host port into a member's TCP port, through the gateway (started if none runs)."""
+        member, port = hello.get("vm"), hello.get("port")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            return {"error": f"bad port {port!r}"}
+        target = next((p for p in self.ports.values() if p.name == member), None)
+        if target is None:
+            names = ", ".join(sorted(p.name for p in self.ports.values())) or "none"
+            return {"error": f"no VM named {member!r} is on network {self.network!r} "
+                             f"(its VMs: {names})"}
+        try:
+            async with self._gateway_lock:
+                if self.gateway is None or not self.gateway.alive():
+                    await self._start_gateway(check_qemu_path(hello.get("qemu")))
+                assert self.gateway is not None
+            host_port = await self.gateway.forward(network_address(self.network, target.index),
+                                                   port)
+        except (GatewayError, OSError, TimeoutError, ValueError) as exc:
+            return {"error": f"{exc or type(exc).__name__}; see {self.directory / LOG_NAME}"}
+        return {"port": host_port}
+
+    async def _start_gateway(self, qemu: str) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        gateway = Gateway(self.network, self.directory, qemu)
+        reader, writer = await gateway.start()
+        self.gateway = gateway
+        port = self.gateway_port = _Port("(host)", min(gateway.macs), GATEWAY_INDEX, writer,
+                                         gateway.macs)
+
+        async def carry() -> None:
+            try:
+                await self._forward(port, reader)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                if self.gateway_port is port:
+                    self.gateway_port = None
+                writer.close()
+
+        self._gateway_task = asyncio.ensure_future(carry())
+
+    async def stop_gateway(self) -> None:
+        """Stop the host's gateway, if one runs (the network is going)."""
+        gateway, self.gateway = self.gateway, None
+        if self.gateway_port is not None:
+            self.gateway_port.writer.close()
+            self.gateway_port = None
+        if gateway is not None:
+            await gateway.stop()
+
     async def _forward(self, port: _Port, reader: asyncio.StreamReader) -> None:
         while True:
             try:
@@ -336,13 +485,17 @@ class Switch:
                 frame = await reader.readexactly(size)
             except asyncio.IncompleteReadError:
                 return
-            if size < 14 or frame[6:12] != port.mac:
+            if size < 14 or frame[6:12] not in port.macs:
                 continue  # too short for Ethernet, or posing as another VM
             dest = frame[0:6]
             packet = header + frame
+            gateway = self.gateway_port
             target = self.ports.get(dest)
+            if target is None and gateway is not None and dest in gateway.macs:
+                target = gateway
             # A known MAC gets the frame alone; broadcast, multicast and unknown go to all.
-            targets = [target] if target is not None else list(self.ports.values())
+            targets = [target] if target is not None else [
+                *self.ports.values(), *([gateway] if gateway is not None else [])]
             for other in targets:
                 if other is port or other.writer.is_closing():
                     continue
@@ -375,6 +528,7 @@ class Switch:
             try:
                 if self.ports:  # joined while we took the lock
                     continue
+                await self.stop_gateway()
                 self._remove_files()
                 self.done.set()
                 return
@@ -398,6 +552,7 @@ class Switch:
             server.close()
             for port in list(self.ports.values()):
                 port.writer.close()
+            await self.stop_gateway()
             if fd != _HELD:
                 self._remove_files()
         finally:
@@ -406,7 +561,8 @@ class Switch:
 
     def _remove_files(self) -> None:
         self.removed = True
-        for leftover in (self.directory / SOCKET_NAME, self.directory / LOG_NAME, self.lock_path):
+        for leftover in (self.directory / SOCKET_NAME, self.directory / LOG_NAME,
+                         self.directory / PID_NAME, self.lock_path):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
         for directory in (self.directory, self.directory.parent):
@@ -427,6 +583,7 @@ async def _run(listen_fd: int, switch: Switch) -> None:
         await idle
     if switch.removed:  # the last VM went: the files went with it, under the lock
         server.close()
+        await switch.stop_gateway()
         for port in list(switch.ports.values()):
             port.writer.close()
     else:  # stopped by a signal: the files go now, under the lock

@@ -29,7 +29,10 @@ from ._pids import is_same_process, process_start_time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QemuProcess", "is_same_process", "process_start_time", "run_command", "run_streaming"]
+__all__ = [
+    "QemuProcess", "die_with_parent", "is_same_process", "process_start_time", "run_command",
+    "run_streaming",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,6 +49,12 @@ def _die_with_parent(parent_pid: int) -> None:
     # The parent may have died between fork and prctl: then nobody would signal us.
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A ``preexec_fn`` for a child of a daemon (the network switch's gateway): SIGKILL it
+    when the spawning thread dies; ``parent_pid`` is the spawner's pid."""
+    _die_with_parent(parent_pid)
 
 
 @functools.lru_cache(maxsize=1)

@@ -98,6 +98,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         'Run every job of the matrix FILE (TOML) and report; exit 1 if any job did not pass.'),
     'mcp': ('_mcp',
         'Serve MCP over stdin/stdout: tools to start a VM, exec, read/write files, stop it.'),
+    'net': ('_net',
+        'Private networks of running VMs: give the host a port into one (net forward).'),
     'pause': ('_hotplug',
         "Pause VM NAME's vCPUs (returns once QEMU reports STOP)."),
     'ports': ('_files',

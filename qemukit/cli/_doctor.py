@@ -3,43 +3,55 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import errors
-from ..arch import ARCHES
+from ..arch import ARCHES, DEFAULT_ARCH, arch_option
 from ._common import emit_json
+
+if TYPE_CHECKING:
+    from ..host import HostProbe
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--reprobe", is_flag=True, help="Ignore the cached KVM probe result.")
 def doctor(as_json: bool, reprobe: bool) -> None:
-    """Report QEMU, KVM (with the probe boot's verdict), firmware and images."""
+    """Report QEMU, KVM (with the probe boot's verdict), firmware and images.
+
+    The QEMU reported is the one for this host's architecture (the one KVM can
+    run), with the others installed listed; then each guest architecture.
+    """
     from .. import host, images
-    from ..arch import DEFAULT_ARCH
     from ..paths import cache_dir, state_dir
 
+    probe = host.host_probe()
     report: dict[str, Any] = {"cache_dir": str(cache_dir()), "state_dir": str(state_dir())}
     problems = 0
+    # The QEMU that matters here is the host's own architecture's: the one KVM can run.
+    arch = _native_arch(probe)
+    others = {name: path for name in ARCHES if name != arch
+              and (path := probe.qemu_path(name)) is not None}
     try:
-        qemu = host.find_qemu(DEFAULT_ARCH)
-        report["qemu"] = {"path": qemu.path, "version": qemu.version_string,
+        qemu = probe.find_qemu(arch)
+        report["qemu"] = {"arch": arch, "path": qemu.path, "version": qemu.version_string,
                           "sandbox": qemu.has_sandbox, "qemu_img": qemu.qemu_img,
-                          "machines": sorted(m for m in qemu.machines if m in
-                                             ("q35", "pc", "microvm"))}
+                          "machines": sorted(m for m in qemu.machines
+                                             if m in ARCHES[arch].machines),
+                          "others": others}
     except errors.HostError as exc:
-        report["qemu"] = {"error": str(exc)}
+        report["qemu"] = {"arch": arch, "error": str(exc), "others": others}
         qemu = None
         problems += 1
-    tiny = images.find_image("tiny")
+    tiny = images.find_image("tiny", arch)
     report["images"] = {"tiny": str(tiny.directory) if tiny else None}
-    device_ok, device_reason = host.kvm_device_status()
+    device_ok, device_reason = probe.kvm_device_status()
     kvm: dict[str, Any] = {"device": device_ok, "device_reason": device_reason}
     if qemu is not None:
-        probe = (str(tiny.kernel), str(tiny.initrd)) if tiny else None
-        status = host.kvm_status(qemu, probe, use_cache=not reprobe)
+        probe_image = (str(tiny.kernel), str(tiny.initrd)) if tiny else None
+        status = probe.kvm_status(qemu, probe_image, use_cache=not reprobe, arch=arch)
         kvm.update(usable=status.usable, probed=status.probed, reason=status.reason)
         if status.probed and not status.usable:
             kvm["probe_console_tail"] = status.console
@@ -48,21 +60,25 @@ def doctor(as_json: bool, reprobe: bool) -> None:
     ovmf = host.find_ovmf()
     report["firmware"] = {"seabios": "built into QEMU",
                           "ovmf": list(ovmf) if ovmf else None}
-    report["architectures"] = _architectures(report["accel_auto"])
+    report["architectures"] = _architectures(report["accel_auto"], probe)
     if as_json:
         emit_json(report)
     else:
         q = report["qemu"]
-        click.echo(f"QEMU:      {q.get('path')} {q.get('version', '')}" if "path" in q
-                   else f"QEMU:      MISSING: {q['error']}")
+        click.echo(f"QEMU:      {q.get('path')} {q.get('version', '')} (this {arch} host's)"
+                   if "path" in q else f"QEMU:      MISSING for this {arch} host: {q['error']}")
         if "path" in q:
             click.echo(f"           sandbox: {'yes' if q['sandbox'] else 'no'}; "
                        f"qemu-img: {q['qemu_img'] or 'MISSING'}")
+        if others:
+            click.echo("           also: " + ", ".join(f"{name} ({path})"
+                                                        for name, path in others.items()))
         click.echo(f"KVM:       {'usable' if kvm.get('usable') else 'not used'}: "
                    f"{kvm.get('reason', device_reason)}")
         click.echo(f"auto:      {report['accel_auto']}")
         click.echo(f"firmware:  SeaBIOS (built in); OVMF: {ovmf[0] if ovmf else 'not installed'}")
-        click.echo(f"tiny:      {tiny.directory if tiny else 'not built (qemukit images build tiny)'}")
+        build = f"not built (qemukit images build tiny{arch_option(arch)})"
+        click.echo(f"tiny:      {tiny.directory if tiny else build}")
         click.echo("guests:")
         for name, row in report["architectures"].items():
             binary = row["qemu"] or f"MISSING (apt-get install {row['package']})"
@@ -79,19 +95,26 @@ def doctor(as_json: bool, reprobe: bool) -> None:
     sys.exit(1 if problems else 0)
 
 
-def _architectures(native_accel: str) -> dict[str, dict[str, Any]]:
+def _native_arch(probe: HostProbe) -> str:
+    """The guest architecture of this host's machine (the default for a machine qemukit
+    boots no guests of)."""
+    native = probe.arch()
+    return native if native in ARCHES else DEFAULT_ARCH
+
+
+def _architectures(native_accel: str, probe: HostProbe) -> dict[str, dict[str, Any]]:
     """Each guest architecture's state: QEMU binary (or the package to install),
     firmware, tiny image, debian image (where there is one for it; built or
     what building it needs), and the accelerator it would get."""
     import os
 
-    from .. import host, images
+    from .. import images
     from ..images.debian import ARCHES_BUILT
 
-    native = host.host_arch()
+    native = probe.arch()
     out: dict[str, dict[str, Any]] = {}
     for name, info in ARCHES.items():
-        path = host.qemu_path(name)
+        path = probe.qemu_path(name)
         image = images.find_image("tiny", name)
         fw_path = f"/usr/share/qemu/{info.firmware_file}" if info.firmware_file else None
         if name == native:
@@ -130,7 +153,7 @@ def _debian_state(arch: str) -> str:
     found = images.find_image("debian", arch)
     if found is not None:
         return str(found.directory)
-    flag = "" if arch == "x86_64" else f" --arch {arch}"
+    flag = arch_option(arch)
     problem = host.foreign_exec_problem(arch)
     return f"not built (qemukit images build debian{flag}" + (
         f"; cannot here: {problem})" if problem else ")")

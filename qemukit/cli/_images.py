@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import errors
-from ..arch import ARCHES
+from ..arch import ARCHES, DEFAULT_ARCH
 from ._common import emit_json
 
 
@@ -27,7 +27,7 @@ def _split_packages(text: str | None) -> tuple[str, ...]:
 @click.argument("name", type=click.Choice(["tiny", "debian"]))
 @click.option("--force", is_flag=True, help="Rebuild even if already built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--arch", type=click.Choice(list(ARCHES)), default="x86_64", show_default=True,
+@click.option("--arch", type=click.Choice(list(ARCHES)), default=DEFAULT_ARCH, show_default=True,
               help="Guest architecture (tiny; debian: x86_64 or aarch64). Foreign packages come from "
               "apt lists of their own; a foreign debian tree is built under qemu-user.")
 @click.option("--suite", type=click.Choice(["bookworm", "trixie", "sid"]), default=None,
@@ -116,7 +116,7 @@ def images_list(as_json: bool) -> None:
 
     rows = {n: images.find_image(n) for n in images.NAMES}
     foreign = {arch: {n: images.find_image(n, arch) for n in images.NAMES
-                      if n == "tiny" or arch in ARCHES_BUILT} for arch in ARCHES if arch != "x86_64"}
+                      if n == "tiny" or arch in ARCHES_BUILT} for arch in ARCHES if arch != DEFAULT_ARCH}
     imported = images.list_imported()
     if as_json:
         data = {n: (str(i.directory) if i else None) for n, i in rows.items()}

@@ -7,7 +7,7 @@ import os
 import click
 
 from .. import errors
-from ..arch import ARCHES, host_arch_name
+from ..arch import ARCHES, DEFAULT_ARCH, host_arch_name
 
 __all__ = ["COMMANDS", "kconfig"]
 
@@ -32,7 +32,7 @@ def kconfig(arch: str | None, show: bool, tree: str | None) -> None:
     from .. import kconfig as kc
 
     if tree is None or show:
-        click.echo(kc.fragment(arch or "x86_64"), nl=False)
+        click.echo(kc.fragment(arch or DEFAULT_ARCH), nl=False)
     if tree is None:
         return
     if arch is None:
@@ -51,13 +51,13 @@ def kconfig(arch: str | None, show: bool, tree: str | None) -> None:
 
 
 def _tree_arch(tree: str) -> str:
-    """The architecture a tree is built for, if it is built; else x86_64."""
+    """The architecture a tree is built for, if it is built; else the host's (or the default)."""
     from ..kconfig import find_tree
 
     try:
         return find_tree(tree).arch
     except errors.SpecError:
-        return host_arch_name(os.uname().machine) or "x86_64"
+        return host_arch_name(os.uname().machine) or DEFAULT_ARCH
 
 
 COMMANDS = (kconfig,)

@@ -13,11 +13,13 @@ from ._binfmt import foreign_exec_problem
 from ._firmware import find_ovmf, tsc_khz
 from ._img import Qcow2Header, create_overlay, image_format, open_regular, read_qcow2_header, resolve_disk
 from ._kvm import AccelChoice, KvmStatus, host_arch, kvm_device_status, kvm_status, resolve_accel
+from ._probe import HostProbe, host_probe, using_host_probe
 from ._qemu import QemuBinary, find_qemu, find_qemu_img, qemu_env_var, qemu_path
 from ._virtiofsd import find_virtiofsd, qemu_share_guard, virtiofsd_argv, virtiofsd_launcher
 
 __all__ = [
     "AccelChoice",
+    "HostProbe",
     "KvmStatus",
     "Qcow2Header",
     "QemuBinary",
@@ -28,6 +30,7 @@ __all__ = [
     "find_virtiofsd",
     "foreign_exec_problem",
     "host_arch",
+    "host_probe",
     "image_format",
     "kvm_device_status",
     "kvm_status",
@@ -39,6 +42,7 @@ __all__ = [
     "resolve_accel",
     "resolve_disk",
     "tsc_khz",
+    "using_host_probe",
     "virtiofsd_argv",
     "virtiofsd_launcher",
 ]

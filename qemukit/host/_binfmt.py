@@ -17,10 +17,7 @@ from ..arch import ARCHES, host_arch_name
 #: Where the kernel's binfmt_misc file system is mounted.
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 #: The entry names qemu-user-static registers, by guest architecture.
-BINFMT_ENTRIES = {
-    "x86_64": "qemu-x86_64", "aarch64": "qemu-aarch64", "riscv64": "qemu-riscv64",
-    "s390x": "qemu-s390x", "ppc64le": "qemu-ppc64le",
-}
+BINFMT_ENTRIES = {name: info.qemu_user for name, info in ARCHES.items()}
 _INSTALL = ("apt-get install qemu-user-static binfmt-support, then update-binfmts --enable {entry} "
             "(scripts/setup does both)")
 

@@ -60,11 +60,12 @@ _S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
 _CREATES = 0o100 | 0o20000000   # O_CREAT | __O_TMPFILE (the same on x86_64 and arm64)
 _X32_BIT = 0x40000000
 
-#: Per host machine: (AUDIT_ARCH_*, {syscall: its role and the argument positions}).
+#: Per host machine: (AUDIT_ARCH_*, whether x32 calls (the x32 bit set) exist and are
+#: refused, {syscall: its role and the argument positions}).
 #: Roles: "mode" (args: the mode), "create" (the flags, the mode), "node" (the mode),
 #: "nosys" (refused with ENOSYS).
-_ARCHES: dict[str, tuple[int, dict[int, tuple[str, tuple[int, ...]]]]] = {
-    "x86_64": (0xC000003E, {
+_ARCHES: dict[str, tuple[int, bool, dict[int, tuple[str, tuple[int, ...]]]]] = {
+    "x86_64": (0xC000003E, True, {
         2: ("create", (1, 2)),      # open
         85: ("create_always", (1,)),  # creat (always creates)
         90: ("mode", (1,)),         # chmod
@@ -76,7 +77,7 @@ _ARCHES: dict[str, tuple[int, dict[int, tuple[str, tuple[int, ...]]]]] = {
         437: ("nosys", ()),         # openat2
         452: ("mode", (2,)),        # fchmodat2
     }),
-    "aarch64": (0xC00000B7, {
+    "aarch64": (0xC00000B7, False, {
         33: ("node", (2,)),         # mknodat
         52: ("mode", (1,)),         # fchmod
         53: ("mode", (2,)),         # fchmodat
@@ -106,13 +107,13 @@ def seccomp_program(machine: str | None = None) -> list[tuple[int, int, int, int
     machine = machine or platform.machine()
     if machine not in _ARCHES:
         raise GuardError(f"no share guard for a {machine} host (x86_64 and aarch64 only)")
-    audit_arch, calls = _ARCHES[machine]
+    audit_arch, has_x32, calls = _ARCHES[machine]
     # Written with labels, then laid out: ("jump", code, k, true_label, false_label).
     body: list[tuple[Any, ...]] = [
         ("op", _LD_ABS_W, 4), ("jump", _JEQ, audit_arch, None, "nosys"),
         ("op", _LD_ABS_W, 0),
     ]
-    if machine == "x86_64":
+    if has_x32:
         body.append(("jump", _JGE, _X32_BIT, "nosys", None))
     for nr, (role, args) in sorted(calls.items()):
         nxt = f"after{nr}"

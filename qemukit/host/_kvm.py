@@ -106,6 +106,8 @@ def _kvm_summary(status: KvmStatus) -> str:
             else "KVM works"
     if not status.probed:
         return status.reason.split(":")[0].split(" (")[0]
+    if status.busy_timeout:  # provisional: a slow boot and a hung one look the same then
+        return "KVM not verified: the probe boot timed out on a busy host"
     if "did not reach its init" in status.reason:
         return "this host's KVM cannot run Linux guests"
     return "QEMU aborts under this host's KVM with every CPU model tried"
@@ -243,17 +245,11 @@ def _host_busy() -> tuple[bool, str]:
     return load >= cpus, f"load average {load:.1f} on {cpus} CPUs"
 
 
-#: CPU models tried under KVM, in order. Some hosts (nested, paravirtual)
-#: reject an MSR that ``host`` passes through and QEMU aborts at start; the
-#: next model is tried only when QEMU exited, never after a hang.
-KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities", "kvm64")
-
-
 def _probe_boot(
     qemu: QemuBinary, kernel: str, initrd: str, timeout: float, arch: str = DEFAULT_ARCH
 ) -> KvmStatus:
     failures: list[str] = []
-    candidates = KVM_CPU_CANDIDATES if arch == "x86_64" else ("host",)
+    candidates = ARCHES[arch].kvm_cpus
     for cpu in candidates:
         spec = VMSpec(
             name="kvm-probe",

@@ -114,7 +114,7 @@ class AsyncHotplug:
             try:
                 # Not probed again on a disk a guest wrote; a header naming a backing
                 # file or a data file is refused (see qemukit.host._img).
-                image = await asyncio.to_thread(host.resolve_disk, drive, qemu)
+                image = await asyncio.to_thread(host.host_probe().resolve_disk, drive, qemu)
             except SpecError as exc:
                 name = exc.field.removeprefix("drive.")
                 raise refuse("path" if name == "file" else name, exc.value, exc.reason) from exc
@@ -198,7 +198,7 @@ class AsyncHotplug:
         with contextlib.suppress(FileNotFoundError):
             overlay.unlink()  # a leftover of a device with this id that is gone
         try:
-            host.create_overlay(qemu, base, image.format, overlay, size=image.virtual_size,
+            host.host_probe().create_overlay(qemu, base, image.format, overlay, size=image.virtual_size,
                                 unsafe=True)
         except HostError as exc:
             raise refuse("overlay", True, str(exc), dev_id) from exc
@@ -627,12 +627,8 @@ class AsyncHotplug:
         spec = self._vm.spec
         if self._ccw:
             return  # virtio-ccw devices hotplug without ports
-        if spec.arch == "riscv64":
-            raise refuse("machine", spec.machine, "riscv64 virt cannot hotplug: Debian's riscv64 "
-                         "kernel has no PCI hotplug driver")
-        if spec.arch == "ppc64le":
-            raise refuse("machine", spec.machine, "pseries PCI hotplug needs powerpc-utils' "
-                         "drmgr in the guest (the tiny guest has none)")
+        if spec.arch_info.no_pci_hotplug is not None:
+            raise refuse("machine", spec.machine, spec.arch_info.no_pci_hotplug)
         if spec.machine not in ("q35", "virt"):
             raise refuse("machine", spec.machine, "PCI hotplug needs q35 (its pcie-root-ports)")
         if spec.hotplug_ports < 1:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from ..arch import ARCHES, DEFAULT_ARCH, ArchName
+from ..arch import ARCHES, DEFAULT_ARCH, ArchName, arch_option
 from ..errors import HostError, SpecError
 from ..paths import cache_dir, cache_dir_error, hand_over_cache, invoking_user
 from ..spec import CloudInit, Drive, Nic, PortForward, VMSpec
@@ -94,11 +94,8 @@ def find_image(name: str, arch: str = DEFAULT_ARCH) -> TinyImage | DebianImage |
     _check_arch(name, arch)
     try:
         if name == "debian":
-            return find_debian(cache_dir()) if arch == "x86_64" else find_debian(cache_dir(),
-                                                                                 arch=arch)
-        if arch != "x86_64":
-            return find_tiny(cache_dir(), recipe_dir(name), arch=arch)
-        return find_tiny(cache_dir(), recipe_dir(name))
+            return find_debian(cache_dir(), arch=arch)
+        return find_tiny(cache_dir(), recipe_dir(name), arch=arch)
     except OSError as exc:
         raise _os_error(exc, f"looking for image {name!r} failed") from exc
 
@@ -162,10 +159,9 @@ def _build(name: str, *, force: bool, progress: Callable[[str], None], arch: str
             raise SpecError("suite", suite, f"must be one of {', '.join(SUITES)}")
         extra = check_packages(packages)
         check_arch(arch, bootable)
-        by_arch = {} if arch == "x86_64" else {"arch": arch}
         try:
             return build_debian(cache_dir(), recipe_dir(name), progress=progress, force=force,
-                                suite=suite, packages=extra, bootable=bootable, **by_arch)
+                                suite=suite, packages=extra, bootable=bootable, arch=arch)
         except RuntimeError as exc:
             raise HostError(f"building image {name!r} failed: {exc}") from exc
         except OSError as exc:
@@ -176,10 +172,8 @@ def _build(name: str, *, force: bool, progress: Callable[[str], None], arch: str
             progress(f"already built: {found.directory}")
             return found
     try:
-        if arch != "x86_64":
-            return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force,
-                              arch=arch)
-        return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force)
+        return build_tiny(cache_dir(), recipe_dir(name), progress=progress, force=force,
+                          arch=arch)
     except RuntimeError as exc:
         raise HostError(f"building image {name!r} failed: {exc}") from exc
     except OSError as exc:
@@ -211,7 +205,7 @@ def spec(name: str = "tiny", *, suite: str | None = None, packages: Sequence[str
     kernel = overrides.pop("kernel", None)
     initrd = overrides.pop("initrd", None)
     if image is None and (kernel is None or initrd is None):
-        flag = "" if arch == "x86_64" else f" --arch {arch}"
+        flag = arch_option(arch)
         raise HostError(f"image {name!r}{' for ' + arch if flag else ''} is not built; "
                         f"run: qemukit images build {name}{flag}")
     base = VMSpec(

@@ -78,7 +78,7 @@ DEFAULT_SUITE = SUITES[0]
 #: Bumped whenever the build steps change what an image holds (part of the cache key).
 RECIPE_VERSION = 2
 #: The guest architectures the image is built for (qemukit's names); the first is the default.
-ARCHES_BUILT = ("x86_64", "aarch64")
+ARCHES_BUILT = tuple(name for name, info in ARCHES.items() if info.debian_image)
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 #: Where packages come from; ``QEMUKIT_DEBIAN_MIRROR`` points at another mirror of the same layout.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -117,9 +117,11 @@ def check_arch(arch: str, bootable: bool = False) -> None:
     if arch not in ARCHES_BUILT:
         raise SpecError("arch", arch, f"the debian image is built for {' and '.join(ARCHES_BUILT)} "
                         "only")
-    if bootable and arch != "x86_64":
-        raise SpecError("bootable", True, f"bootable disks are built for x86_64 only (GRUB for "
-                        f"x86_64-efi); the {arch} image boots with -kernel (drop --bootable)")
+    grub = {name: info.grub_platform for name, info in ARCHES.items() if info.grub_platform}
+    if bootable and arch not in grub:
+        raise SpecError("bootable", True, f"bootable disks are built for {' and '.join(grub)} "
+                        f"only (GRUB for {' and '.join(grub.values())}); the {arch} image boots "
+                        "with -kernel (drop --bootable)")
 
 
 def debian_append(arch: str = DEFAULT_ARCH) -> str:
@@ -198,11 +200,11 @@ def cache_key(suite: str, packages: Sequence[str] = (), *, bootable: bool = Fals
 
 
 def _recipe_files(recipe_dir: Path | None, arch: str = DEFAULT_ARCH) -> dict[str, bytes]:
-    """The recipe files a build of ``arch`` reads (x86_64: the top ones; else also ``<debarch>/``)."""
+    """The recipe files a build of ``arch`` reads (the top ones; a foreign arch also ``<debarch>/``)."""
     if recipe_dir is None:
         return {}
     names = list(_RECIPE_FILES)
-    if arch != "x86_64":
+    if not ARCHES[arch].images_native:
         names += [f"{ARCHES[arch].debian_arch}/{n}" for n in _FOREIGN_RECIPE_FILES]
     return {name: (Path(recipe_dir) / name).read_bytes() for name in names
             if (Path(recipe_dir) / name).is_file()}
@@ -271,7 +273,7 @@ def read_package_list(recipe_dir: Path, arch: str = DEFAULT_ARCH) -> list[str]:
     are replaced by the ones in ``<debian-arch>/packages``.
     """
     names = _read_names(Path(recipe_dir) / "packages")
-    if arch == "x86_64":
+    if ARCHES[arch].images_native:
         return names
     extra = _read_names(Path(recipe_dir) / ARCHES[arch].debian_arch / "packages")
     return [n for n in names if not n.startswith("linux-image-")] + [
@@ -531,11 +533,12 @@ def build_debian(
     layout: dict[str, Any] = {}
     try:
         root = work / "root"
-        foreign = f" for {ARCHES[arch].debian_arch} (under qemu-user)" if arch != "x86_64" else ""
+        native = ARCHES[arch].images_native
+        foreign = "" if native else f" for {ARCHES[arch].debian_arch} (under qemu-user)"
         progress(f"mmdebstrap {suite}{foreign} with {len(all_packages)} packages (and their "
                  "dependencies)")
         t0 = time.monotonic()
-        if arch == "x86_64":
+        if native:
             _mmdebstrap(root, all_packages, progress, suite)
         else:
             _mmdebstrap(root, all_packages, progress, suite, arch,
@@ -545,8 +548,9 @@ def build_debian(
 
         _customize(root, recipe_dir)
         release, vmlinuz, initrd = _kernel_files(root)
-        # The generic arm64 kernel has ext4 as a module: the initramfs must carry it too.
-        need_ext4 = bootable or arch != "x86_64"
+        # A foreign kernel package (generic, not cloud) has ext4 as a module: the initramfs
+        # must carry it too.
+        need_ext4 = bootable or not native
         missing = _check_initramfs(root, release, _MODULES_WANTED + (("ext4",) if need_ext4 else ()))
         if missing:
             raise RuntimeError(f"the initramfs for {release} lacks {', '.join(missing)}; "

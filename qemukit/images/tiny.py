@@ -132,7 +132,7 @@ def recipe_digest(recipe_dir: Path, arch: str = DEFAULT_ARCH) -> str:
     for name in sorted(p.name for p in Path(recipe_dir).iterdir() if p.is_file()):
         h.update(name.encode() + b"\0" + (Path(recipe_dir) / name).read_bytes() + b"\0")
     h.update(repr((REQUIRED_MODULES, OPTIONAL_MODULES)).encode())
-    if arch != "x86_64":
+    if not ARCHES[arch].images_native:
         h.update(repr((arch, FOREIGN_OPTIONAL, FOREIGN_PREAMBLE, FOREIGN_POWEROFF)).encode())
     return h.hexdigest()[:16]
 
@@ -712,7 +712,7 @@ def build_tiny(
     cache_dir = Path(cache_dir)
     recipe_dir = Path(recipe_dir)
     info = ARCHES[arch]
-    foreign = arch != "x86_64"
+    foreign = not info.images_native
     meta = info.kernel_package
     if not force:
         existing = find_tiny(cache_dir, recipe_dir, arch)

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import socket
+import tarfile
 import tempfile
 import threading
 import uuid
@@ -47,7 +48,7 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
                  for key, (digest, base, data) in files.items()}
         if paths.get("kernel", "").endswith(KERNEL_DIR):  # the image with its .config
             paths["kernel"] = str(bundled_image(Path(paths["kernel"])))
-    except (OSError, ValueError) as exc:  # ValueError: bytes not of their digest
+    except (OSError, ValueError, tarfile.TarError) as exc:  # ValueError: bytes not of their digest
         return Attempt(None, f"cannot store the job's files on worker {name}: {exc}",
                         socket.gethostname(), name)
     return run_attempt(job.with_files(paths), matrix, name)

@@ -10,10 +10,12 @@ error is raised.
 from __future__ import annotations
 
 from .._launch.start import AdoptedQemu
-from ._core import AsyncVM, VMState
+from ._core import AsyncVM
 from ._facade import VM
 from ._ladder import ShutdownResult, ShutdownRung
+from ._netgate import network_forward
 from ._preview import preview_argv
+from ._state import VMState
 
 __all__ = [
     "AdoptedQemu",
@@ -22,5 +24,6 @@ __all__ = [
     "ShutdownRung",
     "VM",
     "VMState",
+    "network_forward",
     "preview_argv",
 ]

@@ -5,28 +5,27 @@ registry of live VMs that an exit hook (and a fork) keeps from outliving, or
 being cleaned up by, the wrong process. What is not supervision lives
 beside it: the launch plan is carried out by :mod:`qemukit._launch.start`,
 ssh, copies and the gdb stub are functions of the target in
-:mod:`qemukit._access`, the test writer's verbs come from
-:class:`qemukit.vm._verbs.Verbs`, the shutdown ladder is :mod:`._ladder`.
-"""
+:mod:`qemukit._access`; the operations (hotplug, snapshots, saved state, dumps,
+ssh, copies) come as methods from :class:`qemukit.vm._operations.Operations`,
+the test writer's verbs from :class:`qemukit.vm._verbs.Verbs`. The guarded
+wait's mechanism is :mod:`._guard`, a clone of a bundle :mod:`._restore`, the
+agent's waits :mod:`._guestagent`, the monitor's verbs :mod:`._monitor`, the
+shutdown ladder (and the kill rung) :mod:`._ladder`, the states :mod:`._state`."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import contextlib
-import enum
 import logging
 import os
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .. import _access, _sync, host
-from .._access import CopyVia
+from .. import _sync, host
 from .._aio import cancel_and_wait
 from .._launch.netaddr import NetworkMember, Networks
 from .._launch.plan import plan_launch
@@ -48,56 +47,47 @@ from .._wire.agent import Agent, ExecResult
 from .._wire.console import (
     ConsoleEvent,
     ConsoleWatcher,
-    classify_text,
-    console_verdict,
-    first_fatal,
     log_tail,
 )
 from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
-from ..dump import DumpFormat, DumpResult, dump_memory
 from ..errors import (
-    HotplugError,
     LaunchError,
-    QemukitError,
     QMPConnectionError,
     SnapshotError,
     SpecError,
     StateError,
     WaitTimeout,
 )
-from ..guest import AsyncGuest, Progress
-from ..hotplug import AsyncHotplug, PluggedDevice
+from ..guest import AsyncGuest
+from ..hotplug import AsyncHotplug
 from ..identity import CloneIdentity
 from ..kconfig import ResolvedKernel, resolve_kernel
-from ..snapshot import Bundle, Snapshots, save_state
-from ..snapshot._bundle import discarding_device_refusal
 from ..spec import VMSpec
-from ..timeouts import BOOT_TIMEOUT, LOCK_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT, UNPLUG_TIMEOUT
+from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _net, _verbs, _warm
+from . import _monitor, _net, _verbs, _warm
 from ._facts import default_probe_image, host_facts
-from ._ladder import ShutdownResult, ShutdownRung, graceful_rung, run_ladder
+from ._guard import guarded_wait
+from ._guestagent import checked, make_agent, wait_agent
+from ._ladder import (
+    ShutdownResult,
+    close_connections,
+    graceful_rung,
+    kill_at_once,
+    run_ladder,
+)
+from ._operations import Operations
+from ._restore import start_clone
+from ._state import VMState
 
 log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
-
-
-class VMState(enum.Enum):
-    """Where a VM is in its life."""
-
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-    DETACHED = "detached"
 
 
 _live: weakref.WeakSet[AsyncVM] = weakref.WeakSet()
@@ -134,20 +124,7 @@ def _forget_parents_vms() -> None:
 os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
-def _make_agent(spec: VMSpec, rd: RuntimeDir, connect_timeout: float = 30.0,
-                monitor: QMP | None = None) -> Agent:
-    """The client for the spec's in-guest agent (qemukit's own, or qemu-guest-agent).
-
-    qemu-guest-agent's client watches ``monitor`` for the guest opening its port.
-    """
-    if spec.agent == "qga":
-        from .._wire.qga import GuestAgent
-
-        return GuestAgent(rd.agent_socket, connect_timeout=connect_timeout, monitor=monitor)
-    return Agent(rd.agent_socket, connect_timeout=connect_timeout)
-
-
-class AsyncVM(_verbs.Verbs):
+class AsyncVM(_verbs.Verbs, Operations):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -285,11 +262,6 @@ class AsyncVM(_verbs.Verbs):
         if self._proc is None or not self._proc.alive():
             raise StateError(f"VM {self.name!r} has no running QEMU")
         return self._proc.stats()
-
-    def _require(self, *states: VMState) -> None:
-        if self.state not in states:
-            allowed = ", ".join(s.value for s in states)
-            raise StateError(f"VM {self.name!r} is {self.state.value}; this needs: {allowed}")
 
     # -- start ---------------------------------------------------------------
 
@@ -434,7 +406,7 @@ class AsyncVM(_verbs.Verbs):
             self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
-            self._agent = _make_agent(self.spec, rd, monitor=self._qmp)
+            self._agent = make_agent(self.spec, rd, monitor=self._qmp)
 
     @classmethod
     async def attach(
@@ -469,7 +441,7 @@ class AsyncVM(_verbs.Verbs):
         await self.guarded(self._qmp.connect(sock, timeout), timeout, "QMP")
         self._io_watch = IOErrorWatch(self._qmp, self.name)
         if self.has_agent:
-            self._agent = _make_agent(self.spec, self.runtime, connect_timeout=timeout,
+            self._agent = make_agent(self.spec, self.runtime, connect_timeout=timeout,
                                       monitor=self._qmp)
 
     async def detach(self) -> None:
@@ -478,13 +450,8 @@ class AsyncVM(_verbs.Verbs):
         Only a VM started with ``die_with_parent=False`` outlives this process.
         """
         await self._stop_io_watch()
-        for closer in (self._agent, self._console, self._qmp):
-            if closer is not None:
-                try:
-                    await closer.close()
-                except Exception as exc:  # the VM runs on; our side is closed either way
-                    log.warning("%s: detach: closing %s failed: %r", self.name,
-                                type(closer).__name__, exc)
+        await close_connections((self._agent, self._console, self._qmp), self.name, "detach",
+                                logging.WARNING)  # the VM runs on: say so
         self._agent = self._console = self._qmp = None
         for proc in (self._proc, *self._helpers):
             if proc is not None:
@@ -527,50 +494,12 @@ class AsyncVM(_verbs.Verbs):
         (dumping a panicked kernel): a panic or oops does not end that wait.
         """
         assert self._proc is not None
-        task = asyncio.ensure_future(aw)
-        # The long-lived futures (QEMU's exit, a panic, an I/O error) go to asyncio.wait
-        # as they are: it removes its callbacks from them when it returns, so a VM that
-        # serves many calls keeps none per call (an asyncio.shield here would leave one
-        # on each until QEMU exits). asyncio.wait never cancels them.
-        waiters: set[asyncio.Future[Any]] = {task, self._proc.exit_future()}
-        panic = self._console.panic if self._console and guest_faults else None
-        if panic is not None:
-            waiters.add(panic)
-        io_error = self._io_watch.error if guest_io and self._io_watch is not None else None
-        if io_error is not None:
-            waiters.add(io_error)
-        try:
-            done, _ = await asyncio.wait(
-                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        except BaseException:
-            # Our caller was cancelled (or interrupted): the call goes with it, and is
-            # let finish unwinding first, so the cleanup after us (closing the monitor
-            # a cancelled connect is still tearing down) does not race it.
-            await cancel_and_wait(task)
-            raise
-        if task in done and task.exception() is not None and self._proc.alive():
-            # A connection that broke (agent, monitor) often means QEMU is dying: it
-            # closes its sockets before it exits. Let the exit, if any, show first.
-            with contextlib.suppress(WaitTimeout):
-                await self._proc.wait(0.5)
-        def fault() -> ConsoleEvent | None:
-            return self._panic_line(panic) if guest_faults else None
-
-        if task in done and (task.exception() is None or (self._proc.alive() and fault() is None)):
-            return task.result()
-        await cancel_and_wait(task)
-        if io_error is not None and io_error.done() and self._io_watch is not None:
-            self._io_watch.rearm()  # reported once: later calls (on the paused VM) are not blocked
-            raise io_error.result()
-        console_event = fault()
-        if console_event is not None:
-            raise await console_verdict(console_event, self._console, self._proc.exit_future(),
-                                        self.spec.all_shares, self.console_tail)
-        if not self._proc.alive():
-            raise self._exited(f"QEMU exited while waiting for {what}",
-                               self.argv if launching else ())
-        raise WaitTimeout(what, timeout or 0, self.console_tail(20) or self.qemu_output(10))
+        return await guarded_wait(
+            aw, timeout, what, proc=self._proc, console=self._console,
+            io_watch=self._io_watch if guest_io else None, guest_faults=guest_faults,
+            continue_on_oops=self.continue_on_oops, shares=self.spec.all_shares,
+            console_tail=self.console_tail,
+            exited=lambda message: self._exited(message, self.argv if launching else ()))
 
     def qemu_alive(self) -> bool:
         """True while this VM's QEMU process runs."""
@@ -601,15 +530,6 @@ class AsyncVM(_verbs.Verbs):
         if self._console is not None:
             self._console.reset()
 
-    def _panic_line(self, panic: asyncio.Future[ConsoleEvent] | None) -> ConsoleEvent | None:
-        """The console event that ends the wait (a panic, an oops unless continued past,
-        a share that did not mount): seen live, else found in the console log (QEMU exited
-        before the watcher read it)."""
-        if panic is not None and panic.done() and not panic.cancelled():
-            return panic.result()
-        continue_on_oops = self._console.continue_on_oops if self._console else self.continue_on_oops
-        return first_fatal(classify_text(self.console_tail(200)), continue_on_oops)
-
     # -- QMP ---------------------------------------------------------------------
 
     @property
@@ -626,13 +546,7 @@ class AsyncVM(_verbs.Verbs):
         Arguments come as a mapping or as keyword arguments (``-`` in QMP
         names becomes ``_``: ``node_name=`` is sent as ``node-name``).
         """
-        args = dict(arguments or {})
-        args.update({k.replace("_", "-"): v for k, v in kwargs.items()})
-        if command == "device_add":  # a mapped clone's RAM template must not be discarded
-            refusal = discarding_device_refusal(self.spec.extra_args, args.get("driver"))
-            if refusal is not None:
-                raise HotplugError(f"driver={args.get('driver')!r}: {refusal}", field="driver",
-                                   value=args.get("driver"), device=args.get("id"))
+        args = _monitor.qmp_arguments(command, arguments, kwargs, self.spec.extra_args)
         # Not guarded(): a QEMU that dies closes the monitor, which fails the command
         # at once; skipping the guard's extra futures keeps a round trip cheap.
         try:
@@ -646,107 +560,17 @@ class AsyncVM(_verbs.Verbs):
                                    ) from None
             raise
 
-    async def gdb_address(self) -> str:
-        """Where QEMU's gdb stub listens, as gdb's ``target remote`` takes it.
-
-        By default (``spec.gdb``) the path of a Unix socket in the VM's private
-        runtime directory; with ``spec.gdb_port``, ``127.0.0.1:PORT`` (for 0, the
-        port the kernel picked). Connect with ``gdb vmlinux -ex 'target remote
-        ADDRESS'``. Raises :class:`StateError` if the spec has no gdb stub.
-        """
-        return await _access.gdb_address(self)
-
     async def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``shutdown``...)."""
         return str((await self.qmp("query-status"))["status"])
 
     async def pause(self) -> None:
         """Stop the guest's vCPUs; returns once QEMU reports the STOP event."""
-        with self.monitor.listen("STOP") as listener:
-            if await self.status() == "paused":
-                return
-            await self.qmp("stop")
-            await self.monitor.wait_event(listener, QMP_TIMEOUT, "the STOP event after 'stop'")
+        await _monitor.pause(self)
 
     async def resume(self) -> None:
         """Let a paused guest run again; returns once QEMU reports the RESUME event."""
-        with self.monitor.listen("RESUME") as listener:
-            if await self.status() == "running":
-                return
-            await self.qmp("cont")
-            await self.monitor.wait_event(listener, QMP_TIMEOUT, "the RESUME event after 'cont'")
-
-    # -- hotplug (qemukit.hotplug) -------------------------------------------------------
-
-    @property
-    def hotplug(self) -> AsyncHotplug:
-        """Hot-plug disks, NICs, CPUs and memory: ``await vm.hotplug.disk("scratch.qcow2")``.
-
-        See :class:`qemukit.hotplug.AsyncHotplug` (disk, nic, cpu, memory).
-        """
-        self._require(VMState.RUNNING)
-        if self._hotplug is None:
-            self._hotplug = AsyncHotplug(self)
-        return self._hotplug
-
-    def operation_lock(self, timeout: float = LOCK_TIMEOUT) -> AbstractAsyncContextManager[None]:
-        """Held by every operation that reads and changes the VM's state files.
-
-        Hotplug (``devices.json``), external snapshots (their records) and
-        restore run one at a time per VM, across processes too (an owner and
-        a ``qemukit`` command at once): an ``flock`` on ``ops.lock`` in the
-        runtime directory. Waiting for it is bounded by ``timeout``.
-        """
-        if self.runtime is None:
-            raise StateError(f"VM {self.name!r} has no runtime directory (not started)")
-        return self.runtime.operation_lock(timeout)
-
-    async def unplug(self, device: PluggedDevice | str, timeout: float = UNPLUG_TIMEOUT) -> None:
-        """Remove a hot-plugged device; returns once QEMU deleted it and its backends.
-
-        Raises :class:`~qemukit.errors.HotplugError` if the guest refuses or
-        does not release it within ``timeout`` (it then stays plugged).
-        """
-        await self.hotplug.unplug(device, timeout)
-
-    async def devices(self) -> list[PluggedDevice]:
-        """The devices hot-plugged into this VM (by any process) that are still plugged."""
-        return await self.hotplug.devices()
-
-    # -- snapshots (qemukit.snapshot) --------------------------------------------------
-
-    @property
-    def snapshots(self) -> Snapshots:
-        """Internal and external snapshots: ``await vm.snapshots.save("tag")``.
-
-        See :class:`qemukit.snapshot.Snapshots` (save, load, delete, list,
-        external, revert, commit, preflight).
-        """
-        self._require(VMState.RUNNING)
-        return Snapshots(self)
-
-    async def save_state(self, path: str | Path, *, stop: bool = False,
-                         timeout: float = SAVE_TIMEOUT) -> Bundle:
-        """Save the guest's live state to a new bundle directory at ``path``.
-
-        The guest is paused, its state migrated into ``path/state.bin`` and
-        each writable disk's top layer copied beside it, then it runs on
-        (``stop=True``: QEMU quits instead). :meth:`restore` starts clones
-        from the bundle. Raises :class:`~qemukit.errors.SnapshotError`, before
-        anything changed, if the VM cannot be saved (and says why).
-        """
-        self._require(VMState.RUNNING)
-        return await save_state(self, Path(path), stop=stop, timeout=timeout)
-
-    async def dump_memory(self, path: str | Path, *, format: DumpFormat = "elf",
-                          timeout: float = SAVE_TIMEOUT) -> DumpResult:
-        """Write the guest's memory to the new file ``path`` as an ELF core (or kdump).
-
-        Readable by ``crash`` and drgn: one ``NT_PRSTATUS`` note per vCPU and
-        the RAM. See :func:`qemukit.dump.dump_memory`.
-        """
-        self._require(VMState.RUNNING)
-        return await dump_memory(self, path, format=format, timeout=timeout)
+        await _monitor.resume(self)
 
     @classmethod
     async def restore(cls, bundle: str | Path, *, name: str | None = None,
@@ -769,21 +593,10 @@ class AsyncVM(_verbs.Verbs):
         with the tiny agent that is not x86_64 (the reseed program's only
         architecture).
         """
-        saved = Bundle.open(bundle)
-        qemu = await asyncio.to_thread(host.find_qemu, saved.spec.arch)
-        saved.check_qemu(qemu)
-        clone = saved.clone_spec(name, qemu_version=qemu.version)
-        vm = cls(clone, die_with_parent=die_with_parent,
-                 keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
-                 continue_on_oops=continue_on_oops, incoming="defer", qemu=qemu)
-        await vm.start()
-        try:
-            await _warm.restore_clone(vm, saved, timeout)
-        except BaseException:
-            with contextlib.suppress(QemukitError):  # the restore's own error is raised
-                await vm.kill()
-            raise
-        return vm
+        return await start_clone(bundle, name, lambda clone, qemu: cls(
+            clone, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
+            state_root=state_root, boot_timeout=boot_timeout, continue_on_oops=continue_on_oops,
+            incoming="defer", qemu=qemu), timeout)
 
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
 
@@ -800,32 +613,6 @@ class AsyncVM(_verbs.Verbs):
             raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
         return AsyncGuest(self, self._agent)
 
-    async def ssh_address(self, guest_port: int = 22) -> tuple[str, int]:
-        """The host address and port forwarded to the guest's TCP ``guest_port``.
-
-        Asks QEMU (HMP ``info usernet``), so a forward with host port 0 gives
-        the port the kernel picked. Raises :class:`StateError` if none.
-        """
-        return await _access.ssh_address(self, guest_port)
-
-    async def ssh_argv(self, command: Sequence[str] = (), *, user: str | None = None,
-                       options: Sequence[str] = ()) -> list[str]:
-        """The ``ssh`` argv reaching this guest through its forward, with the seed's key.
-
-        ``command`` is an argv, each word quoted for the remote shell. The host
-        keys qemukit gave the guest (its seed's, a warm clone's) are pinned
-        through ``known_hosts`` in the runtime directory; where qemukit knows
-        none, they are not checked. See :func:`qemukit.seed.ssh_argv`.
-        """
-        return await _access.ssh_argv(self, command, user=user, options=options)
-
-    async def wait_ssh(self, timeout: float | None = None) -> float:
-        """Wait until ssh logs in to the guest; returns seconds since QEMU started."""
-        self._require(VMState.RUNNING)
-        await _access.wait_ssh(self, self.boot_timeout if timeout is None else timeout)
-        assert self._proc is not None
-        return self._proc.uptime()
-
     # -- guest -------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float | None = None) -> float:
@@ -838,14 +625,7 @@ class AsyncVM(_verbs.Verbs):
         if self._agent is None:
             raise StateError(f"VM {self.name!r} has no agent (spec.agent is 'none')")
         timeout = self.boot_timeout if timeout is None else timeout
-        if not self._agent.ready:
-            await self.guarded(self._agent.ping(timeout), timeout, "the guest agent (boot)",
-                              guest_io=True)
-            if self.runtime is not None and not self.runtime.ready_stamp.exists():
-                # Tells other processes (qemukit hotplug NAME ...) that the guest is up.
-                self.runtime.write_private(self.runtime.ready_stamp, f"{time.time()}\n")
-        if _net.needs_configuring(self) and self.has_agent:
-            await _net.configure_guest(self)
+        await wait_agent(self, self._agent, timeout)
         assert self._proc is not None
         return self._proc.uptime()
 
@@ -865,39 +645,7 @@ class AsyncVM(_verbs.Verbs):
         ``stdin`` is fed to the command (qemu-guest-agent only).
         """
         await self.wait_ready()
-        result = await self.guest.exec(command, timeout, stdin=stdin)
-        if check and result.exit_status != 0:
-            from ..errors import GuestError
-
-            raise GuestError(
-                f"{command!r} exited with {result.exit_status}: {result.stderr_text.strip()[-500:]}"
-            )
-        return result
-
-    async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str, *,
-                      recursive: bool = False, progress: Progress | None = None,
-                      timeout: float = 600.0, via: CopyVia = "auto") -> str:
-        """Copy a host file or directory into the guest (see :meth:`AsyncGuest.copy_in`).
-
-        ``via``: ``agent`` (a virtio-serial port plugged for the copy), ``ssh``
-        (a tar streamed over the VM's ssh forward with the seed's key, see
-        :func:`qemukit.guest.ssh_copy_in`), or ``auto``: the agent when the VM
-        has one, else ssh.
-        """
-        self._require(VMState.RUNNING)
-        return await _access.copy_in(self, host_path, guest_path, recursive=recursive,
-                                     progress=progress, timeout=timeout, via=via)
-
-    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str], *,
-                       recursive: bool = False, progress: Progress | None = None,
-                       timeout: float = 600.0, via: CopyVia = "auto") -> Path:
-        """Copy a guest file or directory to the host (see :meth:`AsyncGuest.copy_out`).
-
-        ``via`` as for :meth:`copy_in`.
-        """
-        self._require(VMState.RUNNING)
-        return await _access.copy_out(self, guest_path, host_path, recursive=recursive,
-                                      progress=progress, timeout=timeout, via=via)
+        return checked(command, await self.guest.exec(command, timeout, stdin=stdin), check)
 
     def follow_console(self, sink: Callable[[bytes], None] | None) -> None:
         """Pass everything the guest prints from now on to ``sink`` (None stops)."""
@@ -980,39 +728,20 @@ class AsyncVM(_verbs.Verbs):
         self._require(VMState.RUNNING)
         self.state = VMState.STOPPING
         assert self._proc is not None
-        proc = self._proc
-        start = time.monotonic()
         try:
-            if proc.alive():
-                log.debug("%s: kill: SIGKILL to QEMU pid %d", self.name, proc.pid)
-                proc.kill()
-                try:
-                    await proc.wait(kill_timeout)
-                except WaitTimeout:
-                    raise StateError(
-                        f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s") from None
-                rung = ShutdownRung.SIGKILL
-            else:
-                rung = ShutdownRung.ALREADY_EXITED
+            result = await kill_at_once(self._proc, self.name, kill_timeout)
         finally:
             await self._cleanup(force=True)
             self.state = VMState.STOPPED
-        tried = (rung,) if rung is ShutdownRung.SIGKILL else ()
-        self.last_shutdown = ShutdownResult(rung, proc.returncode, time.monotonic() - start, tried)
-        return self.last_shutdown
+        self.last_shutdown = result
+        return result
 
     async def _cleanup(self, force: bool) -> None:
         """Close connections, make sure QEMU is gone, remove runtime files."""
         await self._stop_io_watch()
         if self._console is not None and self._proc is not None and not self._proc.alive():
             await self._console.drain()  # QEMU's last output, into the log the watcher writes
-        for closer in (self._agent, self._console, self._qmp):
-            if closer is not None:
-                try:
-                    await closer.close()
-                except Exception as exc:  # closing a dead connection may fail; go on
-                    log.debug("%s: cleanup: closing %s failed: %r", self.name,
-                              type(closer).__name__, exc)
+        await close_connections((self._agent, self._console, self._qmp), self.name, "cleanup")
         if self._proc is not None:
             if force and self._proc.alive():
                 self._proc.kill()

@@ -19,8 +19,9 @@ from ..snapshot import SyncSnapshots
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmStart
-from ._core import AsyncVM, VMState
+from ._core import AsyncVM
 from ._ladder import ShutdownResult
+from ._state import VMState
 
 
 class VM(SyncFacade):

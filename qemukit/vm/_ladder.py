@@ -13,8 +13,9 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .._launch.process import QemuProcess
 from .._wire.agent import Agent
@@ -172,3 +173,43 @@ async def run_ladder(proc: QemuProcess, qmp: QMP | None, name: str, *, acpi_time
     if proc.alive():
         raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s")
     return done(tried[-1] if tried else ShutdownRung.ALREADY_EXITED)
+
+
+async def kill_at_once(proc: QemuProcess, name: str, kill_timeout: float) -> ShutdownResult:
+    """The SIGKILL rung alone (``AsyncVM.kill``): no QMP, no graceful rung.
+
+    The result's rung is ``SIGKILL`` (``ALREADY_EXITED`` if QEMU was gone); a QEMU
+    that outlives ``kill_timeout`` raises :class:`StateError`.
+    """
+    start = time.monotonic()
+    if not proc.alive():
+        return ShutdownResult(ShutdownRung.ALREADY_EXITED, proc.returncode,
+                              time.monotonic() - start, ())
+    log.debug("%s: kill: SIGKILL to QEMU pid %d", name, proc.pid)
+    proc.kill()
+    try:
+        await proc.wait(kill_timeout)
+    except WaitTimeout:
+        raise StateError(f"QEMU pid {proc.pid} survived SIGKILL for {kill_timeout:g}s") from None
+    return ShutdownResult(ShutdownRung.SIGKILL, proc.returncode, time.monotonic() - start,
+                          (ShutdownRung.SIGKILL,))
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+async def close_connections(closers: Iterable[_Closable | None], name: str, step: str,
+                            level: int = logging.DEBUG) -> None:
+    """Close each of a VM's connections (agent, console, QMP), going on past failures.
+
+    Closing a connection to a QEMU that died may fail; each failure is logged at
+    ``level`` (a warning where the VM runs on, ``detach``) and the next is closed.
+    """
+    for closer in closers:
+        if closer is not None:
+            try:
+                await closer.close()
+            except Exception as exc:  # our side is closed either way
+                log.log(level, "%s: %s: closing %s failed: %r", name, step,
+                        type(closer).__name__, exc)

@@ -8,12 +8,16 @@ network), so its NICs are hot-plugged right after the restore, then configured.
 
 Names: a guest's ``/etc/hosts`` gets every member known when it is configured;
 VMs of this process on the same event loop (every :class:`~qemukit.VM` of the
-sync API shares one) also get each later member's line as it comes.
+sync API shares one) also get each later member's line as it comes. Members that
+another process started (``qemukit run --detach`` twice) are found in the
+registry by name and told through their agents (:func:`_tell_other_processes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shlex
 import socket
 import time
@@ -21,12 +25,21 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._launch.netaddr import NetworkMember, Networks, network_mac, network_nic_id, network_subnet
-from .._launch.netswitch import join
+from .._launch.netaddr import (
+    NetworkMember,
+    Networks,
+    network_address,
+    network_mac,
+    network_nic_id,
+    network_subnet,
+)
+from .._launch.netswitch import join, members
 from ..errors import SpecError, StateError, WaitTimeout
 
 if TYPE_CHECKING:
     from ._core import AsyncVM
+
+_log = logging.getLogger("qemukit.network")
 
 #: How long a hot-plugged NIC of a warm clone may take to show up in the guest.
 NIC_APPEAR_TIMEOUT = 30.0
@@ -63,7 +76,10 @@ async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list
         vm.networks.vm_name = vm.name  # generated at the start when the spec had none
     try:
         for name in names:
-            sock, member = await asyncio.to_thread(join, root, name, vm.name)
+            # The MAC comes from the VM's own name (as on its command line), the name it
+            # goes by on the network may be an alias.
+            sock, member = await asyncio.to_thread(
+                join, root, name, _name_on(vm, name), network_mac(name, vm.name))
             joined.append(sock)
             vm.networks[name] = member
             _peers.setdefault((str(root), name), weakref.WeakSet()).add(vm)
@@ -72,6 +88,12 @@ async def join_networks(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> list
             sock.close()
         raise
     return joined
+
+
+def _name_on(vm: AsyncVM, network: str) -> str:
+    """The name ``vm`` goes by on ``network``: its alias there, else its own."""
+    aliases = getattr(vm.networks, "aliases", {})
+    return str(aliases.get(network, vm.name))
 
 
 def _hosts_script(network: str, hosts: dict[str, str]) -> str:
@@ -122,6 +144,15 @@ async def _configure(vm: AsyncVM) -> None:
     root = str(vm.runtime.path.parent) if vm.runtime is not None else ""
     for name, member in vm.networks.items():
         hosts = member.hosts()
+        now: dict[str, int] = {}
+        if root:
+            # Who is there now: members that joined after this VM (another process's, whose
+            # start overlapped this one) are not in its welcome.
+            try:
+                now = await asyncio.to_thread(members, Path(root), name)
+            except (StateError, WaitTimeout) as exc:
+                _log.info("network %s: listing its members failed: %s", name, exc)
+            hosts.update({other: network_address(name, index) for other, index in now.items()})
         peers = [p for p in _peers.get((root, name), ())
                  if p is not vm and name in p.networks and p.qemu_alive()]
         for peer in peers:
@@ -131,16 +162,20 @@ async def _configure(vm: AsyncVM) -> None:
                    f"configuring its NIC on network {name!r}")
         # Tell the members already configured on this loop about the newcomer.
         loop = asyncio.get_running_loop()
+        here = {p.networks[name].name for p in peers} | {member.name}
+        # Those that joined before it (in its welcome) and are still there: a later one
+        # reads this VM's line from the switch when it is configured itself.
+        others = sorted((set(member.members) & set(now or member.members)) - here)
+        if others and root:
+            await _tell_other_processes(Path(root), member, others)
         for peer in peers:
             if _configured.get(peer) is loop and peer.has_agent:
                 try:
                     await _run(peer, _hosts_script(name, {member.name: member.address}),
                                f"adding {vm.name!r} to its /etc/hosts")
                 except Exception as exc:  # noqa: BLE001 - a stopped peer costs it the name only
-                    import logging
-
-                    logging.getLogger("qemukit.network").debug(
-                        "%s: could not add %s to %s's hosts: %r", name, vm.name, peer.name, exc)
+                    _log.debug("%s: could not add %s to %s's hosts: %r", name, vm.name, peer.name,
+                               exc)
 
 
 async def plug_after_restore(vm: AsyncVM, root: Path, names: tuple[str, ...]) -> None:
@@ -203,3 +238,45 @@ async def _free_port(vm: AsyncVM) -> str:
             return port
     raise StateError(f"VM {vm.name!r}: no free pcie-root-port for its network NIC; start it "
                      "with more hotplug_ports")
+
+
+#: How long telling one member of another process about a newcomer may take (attach,
+#: the agent's command): a member whose QEMU another client holds costs this, no more.
+TELL_TIMEOUT = 15.0
+
+
+async def _tell_other_processes(root: Path, member: NetworkMember, names: list[str]) -> None:
+    """Add ``member``'s line to the /etc/hosts of earlier members that other processes run.
+
+    Each is found in the registry by its name (a VM's name is unique in a state
+    directory, and the switch lets one name onto a network once), attached (QMP,
+    agent), checked to be that member (its NIC's MAC there comes from the network
+    and its name) and let go again. What comes back from the
+    guest is its exit status only. A member that cannot be reached (no agent, its
+    QMP held by another client, gone) keeps knowing the newcomer by address only:
+    logged, not raised; the newcomer's own start does not fail for it.
+    """
+    from ._core import AsyncVM
+
+    script = _hosts_script(member.network, {member.name: member.address})
+    for name in names:
+        peer = None
+        try:
+            async with asyncio.timeout(TELL_TIMEOUT):
+                peer = await AsyncVM.attach(name, state_root=root, timeout=TELL_TIMEOUT)
+                # That VM is the member if its NIC on the network has the MAC of that name
+                # there (a warm clone's spec file does not list its hot-plugged networks).
+                mac = await peer.qmp("qom-get", {"path": f"/machine/peripheral/{member.nic_id}",
+                                                 "property": "mac"})
+                if mac != network_mac(member.network, name) or not peer.has_agent:
+                    _log.info("network %s: VM %s of the registry is not its member %s",
+                              member.network, name, name)
+                    continue
+                await _run(peer, script, f"adding {member.name!r} to its /etc/hosts")
+        except Exception as exc:  # noqa: BLE001 - that member keeps the address only
+            _log.info("network %s: could not tell %s (another process's VM) about %s: %s",
+                      member.network, name, member.name, exc)
+        finally:
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    await peer.detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+
 from qemukit import VM, VMSpec
 
 LINE = ("console-log-check 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ "

@@ -16,7 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
-from qemukit._launch.netaddr import network_dir, network_mac
+from qemukit._launch.netaddr import network_address, network_dir, network_mac
+from tests.helpers import qemu_processes_under
 from tests.integration.test_nonroot import NormalUser, normal_user  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
@@ -110,7 +111,9 @@ def test_warm_clones_join_a_network_after_restore(qemu_network: Any) -> None:
 
 
 def test_two_cli_vms_share_a_network_as_a_normal_user(normal_user: NormalUser) -> None:  # noqa: F811
-    """``qemukit run --detach --net``: two VMs of a normal user on one network, by name."""
+    """``qemukit run --detach --net``: two VMs of a normal user on one network, by name both
+    ways (the second one's start tells the first, another process's VM, its name), and
+    ``qemukit net forward`` gives the host a port into one of them."""
     try:
         for name in ("alpha", "beta"):
             out = normal_user.run("run", "--image", "tiny", "--accel", "tcg", "--name", name,
@@ -119,12 +122,60 @@ def test_two_cli_vms_share_a_network_as_a_normal_user(normal_user: NormalUser) -
         ping = normal_user.run("exec", "beta", "--", "ping", "-c", "1", "-W", "5", "alpha")
         assert ping.returncode == 0, ping.stderr + ping.stdout
         assert "1 packets received" in ping.stdout
+        # The first VM learned the later one's name though another process started it.
+        ping = normal_user.run("exec", "alpha", "--", "ping", "-c", "1", "-W", "5", "beta")
+        assert ping.returncode == 0, ping.stderr + ping.stdout
+        assert "1 packets received" in ping.stdout
+
+        serve = normal_user.run("exec", "beta", "--", "sh", "-c",
+                                f"mkdir -p /www && echo '{PAGE}' >/www/index.html && "
+                                "httpd -p 80 -h /www")
+        assert serve.returncode == 0, serve.stderr
+        assert PAGE not in _host_fetch(network_address("lan", 2))
+        fwd = normal_user.run("net", "forward", "lan", "beta:80")
+        assert fwd.returncode == 0, fwd.stderr
+        host, port = fwd.stdout.strip().rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.settimeout(30)
+            conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+        assert PAGE in reply.decode(errors="replace")
     finally:
         for name in ("alpha", "beta"):
             normal_user.run("stop", name)
     state = normal_user.base / "state"
     assert _gone(lambda: _switches(state)), "the switch outlived its last VM"
+    assert _gone(lambda: qemu_processes_under(state)), "a QEMU (the gateway?) outlived the network"
     assert _gone(lambda: (state / ".net").exists())
+
+
+def test_two_cli_starts_at_once_know_each_other_by_name(qk: Any, state_root: Path) -> None:
+    """Two ``run --detach`` whose starts overlap: each welcome predates the other VM, so the
+    names come from the switch's list when each guest is configured (or the other's telling)."""
+    import subprocess
+
+    from tests.helpers import QEMUKIT
+
+    assert QEMUKIT
+    names = ("gamma", "delta")
+    try:
+        starts = [subprocess.Popen([QEMUKIT, "run", "--image", "tiny", "--accel", "tcg",
+                                    "--name", name, "--net", "both", "--detach"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for name in names]
+        for start in starts:
+            out, err = start.communicate(timeout=300)
+            assert start.returncode == 0, err
+        for one, other in (names, names[::-1]):
+            ping = qk("exec", one, "--", "ping", "-c", "1", "-W", "5", other)
+            assert ping.returncode == 0, ping.stderr + ping.stdout
+    finally:
+        for name in names:
+            qk("stop", name)
+    assert _gone(lambda: _switches(state_root))
 
 
 

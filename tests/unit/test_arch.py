@@ -9,6 +9,8 @@ from __future__ import annotations
 import platform
 import struct
 import tomllib
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -319,26 +321,34 @@ def test_arch_table_is_pure() -> None:
 # -- hotplug per arch (refusals before QEMU is touched; CCW disks) ------------------------
 
 
-def _fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, **kw: Any) -> Any:
+@pytest.fixture
+def raw_disks() -> Iterator[None]:
+    """Disks resolve as raw without qemu-img: the host probe's resolve_disk answers."""
+    probe = replace(host.HostProbe(), resolve_disk=lambda drive, q: DiskImage("raw", (), 4096))
+    with host.using_host_probe(probe):
+        yield
+
+
+def _fake_vm(tmp_path: Path, arch: str, **kw: Any) -> Any:
     from .test_hotplug_preflight import FakeVM
 
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")
-    monkeypatch.setattr(host, "resolve_disk", lambda drive, q: DiskImage("raw", (), 4096))
     (tmp_path / "run").mkdir()
     return FakeVM(tmp_path / "run", _spec(arch, **kw), qemu=qemu)
 
 
+@pytest.mark.usefixtures("raw_disks")
 @pytest.mark.parametrize(("arch", "why"), [
     ("riscv64", "no PCI hotplug driver"), ("ppc64le", "drmgr")])
 def test_disk_hotplug_is_refused_where_the_guest_cannot_see_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, why: str) -> None:
+        tmp_path: Path, arch: str, why: str) -> None:
     import asyncio
 
     from qemukit import HotplugError
     from qemukit.hotplug import AsyncHotplug
 
-    vm = _fake_vm(tmp_path, monkeypatch, arch)
+    vm = _fake_vm(tmp_path, arch)
     raw = tmp_path / "d.raw"
     raw.write_bytes(b"\0" * 4096)
     with pytest.raises(HotplugError, match=why) as info:
@@ -348,26 +358,25 @@ def test_disk_hotplug_is_refused_where_the_guest_cannot_see_it(
 
 
 @pytest.mark.parametrize("arch", ["s390x", "ppc64le"])
-def test_cpu_hotplug_is_refused_on_machines_without_acpi(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+def test_cpu_hotplug_is_refused_on_machines_without_acpi(tmp_path: Path, arch: str) -> None:
     import asyncio
 
     from qemukit import HotplugError
     from qemukit.hotplug import AsyncHotplug
 
-    vm = _fake_vm(tmp_path, monkeypatch, arch, max_cpus=2)
+    vm = _fake_vm(tmp_path, arch, max_cpus=2)
     with pytest.raises(HotplugError, match=vm.spec.machine):
         asyncio.run(AsyncHotplug(vm).cpu(1))
     assert vm.log == []
 
 
-def test_s390x_disk_hotplug_uses_ccw_without_a_port(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("raw_disks")
+def test_s390x_disk_hotplug_uses_ccw_without_a_port(tmp_path: Path) -> None:
     import asyncio
 
     from qemukit.hotplug import AsyncHotplug
 
-    vm = _fake_vm(tmp_path, monkeypatch, "s390x", hotplug_ports=0)
+    vm = _fake_vm(tmp_path, "s390x", hotplug_ports=0)
     raw = tmp_path / "d.raw"
     raw.write_bytes(b"\0" * 4096)
     handle = asyncio.run(AsyncHotplug(vm).disk(raw, id="hpd"))

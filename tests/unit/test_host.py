@@ -297,3 +297,14 @@ def test_the_timeout_verdict_says_when_the_host_was_busy(monkeypatch: pytest.Mon
     assert "load average 7.9 on 2 CPUs" in status.reason and "probed again" in status.reason
     monkeypatch.setattr(_kvm, "_host_busy", lambda: (False, "load average 0.1 on 2 CPUs"))
     assert not _kvm._probe_boot(QEMU, "/k", "/i", 8.0).busy_timeout
+
+
+def test_a_busy_hosts_timeout_is_not_summed_up_as_a_verdict(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-line summary (run's accelerator line, doctor) does not call it broken KVM."""
+    monkeypatch.setattr(_kvm, "run_until_output", lambda *a, **k: (False, "Booting the kernel.", None))
+    monkeypatch.setattr(_kvm, "_host_busy", lambda: (True, "load average 7.9 on 2 CPUs"))
+    busy = _kvm._probe_boot(QEMU, "/k", "/i", 8.0)
+    assert "cannot run" not in busy.summary and "not verified" in busy.summary
+    monkeypatch.setattr(_kvm, "_host_busy", lambda: (False, "load average 0.1 on 2 CPUs"))
+    assert _kvm._probe_boot(QEMU, "/k", "/i", 8.0).summary == "this host's KVM cannot run Linux guests"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +40,9 @@ def _resolve_disk(drive: Drive, qemu: host.QemuBinary) -> DiskImage:
 
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVM:
-    monkeypatch.setattr(host, "resolve_disk", _resolve_disk)
-    return FakeVM(tmp_path, SPEC)
+def fake(tmp_path: Path) -> Iterator[FakeVM]:
+    with host.using_host_probe(replace(host.HostProbe(), resolve_disk=_resolve_disk)):
+        yield FakeVM(tmp_path, SPEC)
 
 
 @pytest.fixture

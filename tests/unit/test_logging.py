@@ -81,10 +81,15 @@ def test_no_logger_is_registered_per_connection() -> None:
 def test_long_lived_objects_say_what_they_are() -> None:
     """repr of a VM (sync and async), before anything starts: its name and state."""
     from qemukit import VM, AsyncVM, VMSpec
+    from qemukit._launch.process import QemuProcess
 
     spec = VMSpec(name="web", kernel="/k")
     assert repr(AsyncVM(spec)) == "<AsyncVM 'web' new>"
     assert repr(VM(spec)) == "<VM 'web' new>"
+    # And what a VM is made of: its QEMU process and its QMP connection.
+    proc = QemuProcess(4242, 0.0, ["/usr/bin/qemu-system-x86_64", "-S"], Path("/dev/null"))
+    assert repr(proc) == "<QemuProcess pid=4242 adopted qemu-system-x86_64>"
+    assert "qemukit-web" in repr(QMP("qemukit-web"))
 
 
 def _spawn_command(tmp_path: Path) -> click.Command:

@@ -560,3 +560,31 @@ def test_a_shipped_module_tree_unpacks_only_inside_its_target(
         with tarfile.open(fileobj=io.BytesIO(_tar(*bad))) as tar, pytest.raises(tarfile.TarError):
             _shipping.extract_tree(tar, tmp_path / f"bad{n}")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_shipped_tree_that_is_not_a_tar_fails_the_attempt_not_the_worker(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A modules payload whose digest matches but which is no tar archive (a client's bug or
+    a hostile client) ends this attempt with a message naming the worker; the task does not
+    raise tarfile's error into Dask, where it would be retried into the same failure."""
+    import sys
+    import types
+
+    from qemukit.matrix import _dask
+
+    class FakeWorker:
+        name = "w-1"
+
+        def log_event(self, topic: str, msg: object) -> None:
+            pass
+
+    fake = types.ModuleType("distributed")
+    fake.get_worker = FakeWorker  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "distributed", fake)
+    monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
+    junk = b"this is not a tar archive" * 40
+    job = Job(name="j", command=("true",))
+    files = {"modules": (hashlib.sha256(junk).hexdigest(), "modules-0", junk)}
+    attempt = _dask.run_job_on_worker(job, files, "m", "key-1")
+    assert attempt.result is None
+    assert attempt.infra is not None and "worker w-1" in attempt.infra, attempt.infra

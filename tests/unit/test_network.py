@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import shutil
 import socket
 import stat
 import struct
@@ -239,6 +240,58 @@ def test_another_user_cannot_reach_the_switch(root: Path) -> None:
     _, status = os.waitpid(pid, 0)
     a.close()
     assert os.waitstatus_to_exitcode(status) == 0, "another user connected to the switch"
+
+
+def test_the_switch_refuses_another_user_even_where_its_directory_was_opened() -> None:
+    """Defence in depth: with the network's directory and socket made world-accessible
+    (a loosened umask, a chmod by hand), another user connects but the switch checks the
+    peer's uid and closes without a welcome; the owner still joins."""
+    import os
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    root = Path(tempfile.mkdtemp(prefix="qk-net-open-"))  # pytest's own tmp is 0700
+    root.chmod(0o755)
+    try:
+        _switch_refuses_another_user(root)
+    finally:
+        for pid in _switch_pids(root):
+            psutil.Process(pid).kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _switch_refuses_another_user(root: Path) -> None:
+    import os
+
+    a, _ = _join(root, "a")
+    directory = network_dir(root, "lan")
+    for path, mode in ((root, 0o755), (root / ".net", 0o755), (directory, 0o755),
+                       (directory / "switch.sock", 0o777)):
+        if path.exists():
+            path.chmod(mode)
+    pid = os.fork()
+    if pid == 0:  # nobody: connects, says hello as a member, must get no answer
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(str(directory / "switch.sock"))
+            try:
+                sock.sendall(b'{"name": "intruder", "mac": "52:54:00:12:34:56"}\n')
+                code = 0 if sock.recv(4096) == b"" else 2
+            except (BrokenPipeError, ConnectionResetError):
+                code = 0  # closed before the hello was read
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    b, mb = _join(root, "b")
+    assert mb.members == {"a": 1, "b": 2}, mb.members
+    a.close()
+    b.close()
+    assert os.waitstatus_to_exitcode(status) == 0, "the switch answered another user"
 
 
 def test_the_switches_directory_is_no_vm_entry(root: Path) -> None:

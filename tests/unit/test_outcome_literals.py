@@ -33,7 +33,7 @@ NAMES = {o.value for o in Outcome}
 OTHER_VOCABULARIES: dict[tuple[str, str], str] = {
     ("_wire/console.py", "panic"): "a kind of console event (EventKind), not a verdict",
     ("_wire/console.py", "oops"): "a kind of console event (EventKind), not a verdict",
-    ("vm/_core.py", "failed"): "VMState.FAILED, the VM's lifecycle state",
+    ("vm/_state.py", "failed"): "VMState.FAILED, the VM's lifecycle state",
     ("guest.py", "failed"): "a word of an error message",
     ("matrix/_file.py", "timeout"): "a job's key, its timeout in seconds",
 }

@@ -88,7 +88,7 @@ def test_unreadable_cache_while_looking_for_an_image(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QEMUKIT_CACHE", str(tmp_path / "cache"))
 
-    def denied(cache: Path, recipe: Path | None = None) -> None:
+    def denied(cache: Path, recipe: Path | None = None, arch: str = "x86_64") -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(cache / "tiny"))
 
     monkeypatch.setattr(images, "find_tiny", denied)
