@@ -196,11 +196,6 @@ def run_streaming(argv: Sequence[str], *, source: BinaryIO | None = None,
     return status, stderr.decode("utf-8", "replace")
 
 
-#: QEMU's note at every start whose console the launcher reads (the console's
-#: ``wait=on``, see :func:`qemukit._launch.start.spawn_qemu`): no news, so not shown.
-_CONSOLE_WAIT = "info: QEMU waiting for connection on: "
-
-
 class QemuProcess:
     """A QEMU process: one we spawned (a child) or one we adopted by pid.
 
@@ -349,8 +344,7 @@ class QemuProcess:
             data = self.log_path.read_bytes()[-16384:]
         except OSError:
             return ""
-        lines = [line for line in data.decode("utf-8", "replace").splitlines()
-                 if _CONSOLE_WAIT not in line]
+        lines = data.decode("utf-8", "replace").splitlines()
         return "\n".join(lines[-max_lines:])
 
     def exit_future(self) -> asyncio.Future[int | None]:

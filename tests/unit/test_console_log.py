@@ -149,15 +149,3 @@ def test_no_serial_means_no_console_chardev_either_way(tmp_path: Path) -> None:
     argv = build_argv(VMSpec(serial=False), qemu="qemu-system-x86_64", accel="tcg",
                       plumbing=Plumbing(console_fd=7))
     assert not any("console0" in arg for arg in argv)
-
-
-def test_qemus_note_that_it_waits_for_the_console_is_not_shown_as_its_output(
-        tmp_path: Path) -> None:
-    from qemukit._launch.process import QemuProcess
-
-    log = tmp_path / "qemu.log"
-    log.write_text("qemu-system-x86_64: -chardev socket,id=console0,fd=9,server=on,wait=on: "
-                   "info: QEMU waiting for connection on: disconnected:unix:/r/console.sock,"
-                   "server=on\nqemu-system-x86_64: -device foo: 'foo' is not a valid device\n")
-    proc = QemuProcess(os.getpid(), 0.0, ["qemu-system-x86_64"], log)
-    assert proc.output_tail() == "qemu-system-x86_64: -device foo: 'foo' is not a valid device"
