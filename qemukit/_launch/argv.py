@@ -50,8 +50,8 @@ class Plumbing:
 
     qmp_fd: int | None = None
     qmp_path: str | None = None
-    #: The serial console's listening socket (bound at ``console_path`` by the owner, who
-    #: is already connected to it), inherited by QEMU: the owner writes the console log.
+    #: QEMU's end of the serial console's connection to the owner (made before QEMU
+    #: starts, inherited): the owner reads the console and writes its log.
     console_fd: int | None = None
     console_path: str | None = None
     console_log: str | None = None
@@ -317,13 +317,11 @@ def build_argv(
         argv += ["-mon", "chardev=qmp-shared,mode=control"]
     if spec.serial:
         if plumbing.console_fd is not None:
-            # A listening socket the owner bound and already connected to: QEMU accepts
-            # that connection before the guest runs (wait=on), so the owner reads every
-            # byte and writes the log itself. QEMU's logfile= logs a byte twice when the
+            # Connected to the owner before QEMU starts, so the owner reads every byte
+            # and writes the log itself. QEMU's logfile= logs a byte twice when the
             # reader is slow (a write that failed with EAGAIN is logged, then logged
             # again when the UART retries it); a detached VM, read by nobody, keeps it.
-            argv += ["-chardev",
-                     f"socket,id=console0,fd={plumbing.console_fd},server=on,wait=on"]
+            argv += ["-chardev", f"socket,id=console0,fd={plumbing.console_fd}"]
             argv += ["-serial", "chardev:console0"]
         elif plumbing.console_path:
             log = ""

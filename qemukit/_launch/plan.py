@@ -100,7 +100,7 @@ class LaunchPlan:
 
         ``network_fds`` are QEMU's ends of its switch connections, one per
         ``spec.networks`` (a preview numbers them after ``qmp_fd``);
-        ``console_fd`` the console's listening socket when :attr:`console_reader`
+        ``console_fd`` QEMU's end of the console's connection when :attr:`console_reader`
         (a preview numbers it after the networks').
         """
         facts = self.facts

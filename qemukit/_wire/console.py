@@ -5,9 +5,11 @@ UART, so once connected the watcher keeps reading. QEMU also writes every
 byte to the console log, which is what error messages quote.
 
 Who writes the log: a VM's launcher that lives as long as the VM (the usual
-case) connects to the console before the guest runs (see
-:func:`qemukit._launch.start.spawn_qemu`) and the watcher writes the log
-itself, every chunk as it is read: the log is the stream, byte for byte.
+case) hands QEMU a console connection made before QEMU starts (loopback TCP,
+which holds megabytes of the UART's one-byte writes where a Unix socket holds
+about 280 bytes: see :func:`qemukit._launch.start._console_connection`) and
+the watcher writes the log itself, every chunk as it is read: the log is the
+stream, byte for byte.
 QEMU's own ``logfile=`` is not: QEMU 7.2's ``qemu_chr_write_buffer`` logs a
 write that failed with ``EAGAIN`` (a full socket: the reader is slow) as if
 it were final, and the UART (``hw/char/serial.c``) then retries the byte,
@@ -441,7 +443,7 @@ class ConsoleWatcher:
         loop = asyncio.get_running_loop()
         if sock is not None:
             self._open_log()
-            transport, _ = await loop.create_unix_connection(lambda: _Reader(self), sock=sock)
+            transport, _ = await loop.create_connection(lambda: _Reader(self), sock=sock)
             self._transport = transport
             return
         transport, _ = await loop.create_unix_connection(lambda: _Reader(self), str(socket_path))

@@ -34,10 +34,12 @@ def _check(vm: VM) -> None:
     vm.wait_ready(120)
     seen: list[bytes] = []
     stalled = threading.Event()
+    tail = bytearray()
 
     def sink(chunk: bytes) -> None:
         seen.append(chunk)
-        if not stalled.is_set() and b"console-log-begin" in chunk:
+        tail[:] = (bytes(tail) + chunk)[-64:]  # the marker may come in many small reads
+        if not stalled.is_set() and b"console-log-begin" in tail:
             stalled.set()
             time.sleep(8)  # the reader falls behind: QEMU's socket fills, its writes fail EAGAIN
 
@@ -47,7 +49,7 @@ def _check(vm: VM) -> None:
                      f"echo console-log-end > /dev/console", timeout=600)
     assert result.exit_status == 0, result.stderr_text
     vm.wait_for_console_text("console-log-end", timeout=300, since="start")
-    assert stalled.is_set()
+    assert stalled.is_set(), (b"console-log-begin" in b"".join(seen), len(seen), b"".join(seen)[:300])
     log_path = vm.console_log
     assert log_path is not None
     vm.shutdown(timeout=60)  # QEMU gone: the watcher read the socket to its end

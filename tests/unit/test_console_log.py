@@ -16,7 +16,7 @@ from pathlib import Path
 from qemukit._launch.argv import Plumbing, build_argv
 from qemukit._launch.plan import HostFacts, plan_launch
 from qemukit._launch.runtime import RuntimeDir
-from qemukit._launch.start import _console_listener
+from qemukit._launch.start import _console_connection
 from qemukit._wire.console import ConsoleWatcher, log_tail
 from qemukit.spec import VMSpec
 
@@ -111,18 +111,42 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_reading(tmp_path: Path) 
     assert watcher._received == len(data)
 
 
-def test_the_console_listener_queues_our_connection_for_qemu_to_accept(tmp_path: Path) -> None:
-    path = tmp_path / "console.sock"
-    listener, client = _console_listener(path)
+def test_the_console_connection_is_loopback_tcp_between_qemu_and_us() -> None:
+    qemu, ours = _console_connection()
     try:
-        assert path.stat().st_mode & 0o777 == 0o600
-        server_side, _ = listener.accept()  # what QEMU does at start-up (wait=on)
-        with server_side:
-            server_side.sendall(b"hello\n")
-            assert client.recv(16) == b"hello\n"
+        assert qemu.family == socket.AF_INET and qemu.getsockname()[0] == "127.0.0.1"
+        assert qemu.getpeername() == ours.getsockname()
+        assert qemu.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        qemu.sendall(b"hello\n")
+        assert ours.recv(16) == b"hello\n"
     finally:
-        listener.close()
-        client.close()
+        qemu.close()
+        ours.close()
+
+
+def test_the_console_connection_holds_far_more_than_a_unix_socket_of_one_byte_writes() -> None:
+    # The UART writes one byte at a time. A Unix stream socket is full after a few
+    # hundred of them (each costs a whole buffer), and a reader that misses a few
+    # milliseconds then makes QEMU drop console bytes; TCP appends them to its queue.
+    def one_byte_sends(sock: socket.socket, limit: int) -> int:
+        sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < limit:
+                sock.send(b"x")
+                sent += 1
+        except BlockingIOError:
+            pass
+        return sent
+
+    unix_a, unix_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu, ours = _console_connection()
+    try:
+        assert one_byte_sends(unix_a, 100_000) < 10_000
+        assert one_byte_sends(qemu, 100_000) == 100_000
+    finally:
+        for sock in (unix_a, unix_b, qemu, ours):
+            sock.close()
 
 
 def test_a_launcher_that_reads_the_console_gives_qemu_the_listener_and_no_logfile(
@@ -130,7 +154,7 @@ def test_a_launcher_that_reads_the_console_gives_qemu_the_listener_and_no_logfil
     rd = RuntimeDir(tmp_path / "vm")
     facts = HostFacts(qemu="qemu-system-x86_64", accel="tcg")
     owned = plan_launch(VMSpec(), facts, rd, ()).argv(qmp_fd=3, network_fds=(), console_fd=9)
-    assert "socket,id=console0,fd=9,server=on,wait=on" in owned
+    assert "socket,id=console0,fd=9" in owned
     assert not any("logfile=" in arg for arg in owned)
     detached = plan_launch(VMSpec(), facts, rd, (), console_reader=False).argv()
     console = next(arg for arg in detached if arg.startswith("socket,id=console0"))
@@ -138,7 +162,7 @@ def test_a_launcher_that_reads_the_console_gives_qemu_the_listener_and_no_logfil
     assert f"logfile={rd.console_log},logappend=on" in console
     # A preview numbers the listener after the monitor's and the networks' descriptors.
     preview = plan_launch(VMSpec(), facts, rd, ()).argv()
-    assert "socket,id=console0,fd=4,server=on,wait=on" in preview
+    assert "socket,id=console0,fd=4" in preview
 
 
 def test_no_serial_means_no_console_chardev_either_way(tmp_path: Path) -> None:
