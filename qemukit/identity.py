@@ -81,7 +81,10 @@ if [ $# -gt 0 ] && [ -d /etc/ssh ]; then
             > /etc/ssh/sshd_config.d/50-qemukit-host-keys.conf
     fi
 fi
-home=$(getent passwd "$user" | cut -d: -f6)
+home=
+if [ -n "$user" ]; then
+    home=$(getent passwd "$user" | cut -d: -f6)
+fi
 if [ -n "$home" ]; then
     mkdir -p "$home/.ssh"
     printf '%s' "$keys" | base64 -d > "$home/.ssh/authorized_keys"
@@ -139,8 +142,8 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
                      timeout: float = 60.0) -> CloneIdentity:
     """Give the running clone ``vm`` its own identity (see the module's docstring).
 
-    ``keys`` are host key files from :func:`host_keys` (made here if None); a
-    clone is given its seed's (:attr:`qemukit.seed.Seed.host_keys`), the ones
+    ``keys`` are host key files from :func:`host_keys` (made here if None; ``{}``
+    for a guest without sshd); a clone is given its seed's (:attr:`qemukit.seed.Seed.host_keys`), the ones
     pinned in its known_hosts and the ones cloud-init installs if it reboots.
     Raises :class:`StateError` with the guest's stderr if the command fails.
     """
@@ -159,9 +162,9 @@ async def reidentify(vm: _Target, hostname: str, public_keys: Sequence[str], *,
                 macs[entry["name"]] = new
                 pairs.append(f"{entry['main-mac']}={new}")
     machine_id = uuid.uuid4().hex
-    assert spec.cloud_init is not None
-    argv = ["sh", "-c", _SCRIPT, "qemukit-identity", hostname, machine_id,
-            spec.cloud_init.ssh_user,
+    # A guest without cloud-init (a fork of the tiny image) has no login user to authorize.
+    user = spec.cloud_init.ssh_user if spec.cloud_init is not None else ""
+    argv = ["sh", "-c", _SCRIPT, "qemukit-identity", hostname, machine_id, user,
             base64.b64encode("".join(k + "\n" for k in public_keys).encode()).decode(),
             " ".join(pairs), secrets.token_hex(64)]
     for name, data in sorted(keys.items()):

@@ -57,6 +57,7 @@ from typing import Any
 from . import images
 from .errors import QemukitError, SpecError
 from .resolve import Request, resolve
+from .snapshot._checkpoint import CHECKPOINT_FILE
 from .spec import (
     TEMPLATE_DIR,
     Nic,
@@ -68,7 +69,8 @@ from .spec import (
     resolve_spec_file,
     template_names,
 )
-from .vm import AsyncVM
+from .vm import AsyncVM, _standby
+from .vm._fork import check_count
 
 __all__ = [
     "CLIENT_FIELDS",
@@ -96,7 +98,11 @@ TEMPLATE_FIELDS = ("base", "description", "image", "cpus", "memory", "append", "
                    "warm", "shares", "host_root")
 #: The fields in which a VM's spec may differ from its built-in image's spec.
 SPEC_FIELDS = ("name", "memory", "cpus", "append", "no_reboot", "warm", "forward_auto",
-               "shares", "nics", "host_root")
+               "shares", "nics", "host_root", "standby")
+
+#: The checkpoints one VM keeps (each holds its RAM on the host's disk, counted in
+#: ``max_disk``); a newer one drops the oldest.
+MAX_CHECKPOINTS = 8
 
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: How often the watcher of each VM checks its lifetime, overlays and console log.
@@ -174,6 +180,10 @@ class _Running:
     vm: AsyncVM
     deadline: float
     watcher: asyncio.Task[None] | None = None
+    #: Its checkpoints' ids, oldest first (see :meth:`Sandbox.checkpoint`).
+    checkpoints: list[str] = dataclasses.field(default_factory=list)
+    #: The number in the next checkpoint's id.
+    next_checkpoint: int = 1
 
 
 class Sandbox:
@@ -309,6 +319,8 @@ class Sandbox:
             spec = base = images.spec(chosen)
         # No automatic port forwards: nothing here watches the guest's listeners.
         changes: dict[str, Any] = {"warm": True, "forward_auto": False}
+        if spec.standby is None:  # a long-lived server: the next start takes a standby clone
+            changes["standby"] = True
         if name is not None:
             changes["name"] = name
         if memory is not None:
@@ -378,6 +390,21 @@ class Sandbox:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def _room_for(self, vms: int, memory: int) -> bool:
+        """Whether ``vms`` more QEMUs of ``memory`` MiB in all fit the limits beside the
+        running VMs and this server's standby clones; if they fit only without the
+        standbys, those are ended (they are spare capacity, never counted as free)."""
+        lim = self.limits
+        running = len(self._running)
+        used = sum(r.vm.spec.memory for r in self._running.values())
+        if running + vms > lim.max_vms or used + memory > lim.max_total_memory_mib:
+            return False
+        kept = _standby.kept_memory()
+        if kept and (running + vms + len(kept) > lim.max_vms
+                     or used + memory + sum(kept) > lim.max_total_memory_mib):
+            await _standby.end_all()
+        return True
+
     async def start(self, *, image: str | None = None, template: str | None = None,
                     name: str | None = None, memory: str | int | None = None,
                     cpus: int | None = None, share: str | None = None,
@@ -394,6 +421,10 @@ class Sandbox:
                 raise SpecError("memory", spec.memory, f"{used} MiB are in use; all VMs together "
                                 f"may use at most {lim.max_total_memory_mib} MiB "
                                 "(qemukit mcp --max-total-memory)")
+            if spec.standby:  # a standby is one more QEMU: only where the limits leave room
+                spec = spec.replace(standby=await self._room_for(2, 2 * spec.memory))
+            if not spec.standby:
+                await self._room_for(1, spec.memory)
             vm = AsyncVM(spec, die_with_parent=True, boot_timeout=lim.boot_timeout)
             deadline = time.monotonic() + lim.max_lifetime
             try:
@@ -444,12 +475,13 @@ class Sandbox:
 
     @staticmethod
     def overlay_bytes(vm: AsyncVM) -> int:
-        """Bytes the VM's throwaway overlays take on the host (allocated blocks, or size if more)."""
+        """Bytes the VM's throwaway overlays and checkpoints take on the host (allocated
+        blocks, or size if more)."""
         runtime = vm.runtime
         if runtime is None:
             return 0
         total = 0
-        for path in runtime.path.glob("overlay-*"):
+        for path in [*runtime.path.glob("overlay-*"), runtime.path / CHECKPOINT_FILE]:
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
                 total += max(st.st_blocks * 512, st.st_size)
@@ -546,6 +578,67 @@ class Sandbox:
             local.chmod(0o644)
             await vm.copy_in(local, path, timeout=300.0)
 
+    # -- checkpoints and forks ----------------------------------------------------------
+
+    async def checkpoint(self, name: str) -> dict[str, Any]:
+        """Checkpoint VM ``name`` (RAM and disks, see :mod:`qemukit.snapshot._checkpoint`);
+        its id for :meth:`rollback`. Past :data:`MAX_CHECKPOINTS` the oldest is dropped."""
+        vm = self._vm(name)
+        running = self._running[name]
+        began = time.monotonic()
+        cid = f"cp{running.next_checkpoint}"
+        running.next_checkpoint += 1
+        await vm.snapshots.checkpoint(_checkpoint_tag(cid))
+        running.checkpoints.append(cid)
+        out: dict[str, Any] = {"name": name, "id": cid,
+                               "seconds": round(time.monotonic() - began, 3)}
+        if len(running.checkpoints) > MAX_CHECKPOINTS:
+            oldest = running.checkpoints.pop(0)
+            await vm.snapshots.drop_checkpoint(_checkpoint_tag(oldest))
+            out["dropped"] = oldest
+        return out
+
+    async def rollback(self, name: str, checkpoint: str) -> dict[str, Any]:
+        """Bring VM ``name`` back to its checkpoint ``checkpoint`` (an id :meth:`checkpoint`
+        returned for this VM, nothing else); the checkpoint stays, for another rollback."""
+        vm = self._vm(name)
+        running = self._running[name]
+        if not isinstance(checkpoint, str) or checkpoint not in running.checkpoints:
+            have = ", ".join(running.checkpoints) or "none"
+            raise SpecError("id", checkpoint, f"not a checkpoint of VM {name} (it has: {have})")
+        began = time.monotonic()
+        await vm.snapshots.rollback(_checkpoint_tag(checkpoint))
+        return {"name": name, "id": checkpoint, "seconds": round(time.monotonic() - began, 3)}
+
+    async def fork(self, name: str, n: int) -> dict[str, Any]:
+        """Fork VM ``name`` into ``n`` clones (see :meth:`qemukit.vm.AsyncVM.fork`), each a VM
+        of this server: they count against ``max_vms`` and ``max_total_memory_mib``, and end
+        when the parent's lifetime ends."""
+        count = check_count(n)
+        async with self._lock:
+            vm = self._vm(name)
+            parent = self._running[name]
+            lim = self.limits
+            if len(self._running) + count > lim.max_vms:
+                raise SpecError("n", n, f"{len(self._running)} VMs run and this server runs at "
+                                f"most {lim.max_vms} at once (qemukit mcp --max-vms)")
+            used = sum(r.vm.spec.memory for r in self._running.values())
+            if used + count * vm.spec.memory > lim.max_total_memory_mib:
+                raise SpecError("n", n, f"{used} MiB are in use and {count} clones of "
+                                f"{vm.spec.memory} MiB would pass {lim.max_total_memory_mib} MiB "
+                                "(qemukit mcp --max-total-memory)")
+            await self._room_for(count, count * vm.spec.memory)
+            began = time.monotonic()
+            clones = await vm.fork(count)
+            loop = asyncio.get_running_loop()
+            for clone in clones:
+                running = self._running[clone.name] = _Running(clone, parent.deadline)
+                self.ended.pop(clone.name, None)
+                running.watcher = loop.create_task(self._watch(clone.name, running))
+        return {"name": name, "forks": [c.name for c in clones],
+                "seconds": round(time.monotonic() - began, 3),
+                "seconds_left": round(max(0.0, parent.deadline - time.monotonic()))}
+
     def list(self) -> list[dict[str, Any]]:
         """The VMs this server started and runs."""
         now = time.monotonic()
@@ -573,6 +666,11 @@ class Sandbox:
         for r, result in zip(runs, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("ending VM %s failed: %s", r.vm.name, result)
+
+
+def _checkpoint_tag(cid: str) -> str:
+    """The snapshot tag of checkpoint id ``cid`` (made by the server, never the client's)."""
+    return f"mcp-{cid}"
 
 
 def _bytes_under(top: Path) -> int:
@@ -640,7 +738,9 @@ def build_server(sandbox: Sandbox) -> Any:
 
     server = MCPServer("qemukit", instructions=(
         "Throwaway Linux VMs (QEMU). start_vm, then exec / read_file / write_file with its name, "
-        "then stop_vm. Every VM is stopped when this server exits."))
+        "then stop_vm. checkpoint_vm and rollback_vm undo what a command did; fork_vm makes "
+        "copies of a VM to try alternatives side by side. Every VM is stopped when this server "
+        "exits."))
     lim = sandbox.limits
 
     async def start_vm(image: str | None = None, template: str | None = None,
@@ -716,7 +816,43 @@ def build_server(sandbox: Sandbox) -> Any:
         except QemukitError as exc:
             raise _tool_error(exc) from exc
 
-    tools = (start_vm, exec, read_file, write_file, list_vms, stop_vm)
+    async def checkpoint_vm(name: str) -> dict[str, Any]:
+        try:
+            return await sandbox.checkpoint(name)
+        except QemukitError as exc:
+            raise _tool_error(exc) from exc
+
+    checkpoint_vm.__doc__ = (
+        "Checkpoint VM name: its memory and disks as they are now; returns the id for "
+        "rollback_vm.\n\n"
+        f"A VM keeps its last {MAX_CHECKPOINTS} checkpoints (a newer one drops the oldest: "
+        "'dropped' names it); they count in its disk cap.")
+
+    async def rollback_vm(name: str, id: str) -> dict[str, Any]:  # noqa: A002 (the tool's word)
+        try:
+            return await sandbox.rollback(name, id)
+        except QemukitError as exc:
+            raise _tool_error(exc) from exc
+
+    rollback_vm.__doc__ = (
+        "Bring VM name back to checkpoint id (from checkpoint_vm): memory, processes and "
+        "files as they were, in well under a second. The checkpoint stays for another "
+        "rollback.")
+
+    async def fork_vm(name: str, n: int) -> dict[str, Any]:
+        try:
+            return await sandbox.fork(name, n)
+        except QemukitError as exc:
+            raise _tool_error(exc) from exc
+
+    fork_vm.__doc__ = (
+        "Fork VM name into n clones: each starts with its memory, processes and files as they "
+        "are now, then goes its own way (its own name, returned in forks; its own disk). "
+        f"Clones count against this server's limit of {lim.max_vms} VMs and "
+        f"{lim.max_total_memory_mib} MiB, and end when name's lifetime ends; name runs on.")
+
+    tools = (start_vm, exec, read_file, write_file, list_vms, stop_vm, checkpoint_vm,
+             rollback_vm, fork_vm)
     params = {fn.__name__: tuple(inspect.signature(fn).parameters) for fn in tools}
     for fn in tools:
         server.tool()(fn)

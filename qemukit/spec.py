@@ -679,6 +679,12 @@ class VMSpec:
     changes kept in guest memory, each of its ``rw`` directories writable at its
     own path (:class:`HostRoot`; ``host_root = { rw = ["out"] }`` in a spec file;
     see :mod:`qemukit.rootfs`). It needs a kernel and the tiny image's init.
+    ``standby`` keeps a standby clone ready after a warm start: the next clone
+    of the same warm state restored in the background and left paused, which
+    the next start of the same description takes (resumes and gives its
+    identity) instead of restoring (see docs/warm-starts.md). ``None`` (the
+    default) leaves it to the VM's owner: on for the pytest plugin's VMs and
+    the MCP server's, off elsewhere.
     """
 
     name: str | None = None
@@ -715,6 +721,7 @@ class VMSpec:
     networks: tuple[str, ...] = ()
     tb_size: int | None = None
     host_root: HostRoot | None = None
+    standby: bool | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (
@@ -883,6 +890,8 @@ class VMSpec:
             _check_int("tb_size", self.tb_size, MIN_TB_SIZE_MIB, MAX_TB_SIZE_MIB)
         if self.forward_auto is not None and not isinstance(self.forward_auto, bool):
             raise SpecError("forward_auto", self.forward_auto, "must be true or false")
+        if self.standby is not None and not isinstance(self.standby, bool):
+            raise SpecError("standby", self.standby, "must be true or false")
         if self.forward_auto:
             if not any(n.kind == "user" for n in self.nics):
                 raise SpecError("forward_auto", True, "needs a user network (a nic of kind "

@@ -41,6 +41,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ from typing import Any
 from . import host
 from ._fs import write_atomic
 from ._launch.plan import HostFacts
-from .errors import SnapshotError
+from .errors import QemukitError, SnapshotError
 from .paths import cache_dir
 from .snapshot import Bundle
 from .spec import CloudInit, Drive, VMSpec
@@ -71,6 +72,8 @@ __all__ = [
     "warm_refusal",
     "warm_spec",
 ]
+
+log = logging.getLogger("qemukit.warm")
 
 #: Bumped when the layout of an entry or the meaning of a key changes.
 WARM_FORMAT = 3
@@ -106,11 +109,15 @@ class WarmStart:
     memory: str = ""
     #: Seconds this start spent building the warm state (booting and saving it) first, if it did.
     build_seconds: float = 0.0
+    #: True if the start took a standby clone (restored ahead, paused) instead of restoring.
+    standby: bool = False
 
     def describe(self) -> str:
         """One line: ``warm: restored KEY in 0.12 s (memory mapped)`` or ``cold: REASON``."""
         if self.warm:
-            memory = f" ({self.memory})" if self.memory else ""
+            how = "; ".join(p for p in (self.memory, "standby clone taken" if self.standby
+                                        else "") if p)
+            memory = f" ({how})" if how else ""
             return f"warm: restored {self.key} in {self.seconds:.2f} s{memory}"
         return f"cold: {self.reason}"
 
@@ -306,7 +313,8 @@ def warm_key(spec: VMSpec, qemu: host.QemuBinary, facts: HostFacts,
     # What the VM is, not how it is reached: forward_auto acts from outside, once it runs.
     # Networks too: a clone's NICs on them are hot-plugged after the restore (qemukit.vm._net).
     # tb_size: how big QEMU's code buffer is on this host, not what the guest is.
-    for ignored in ("name", "warm", "forward_auto", "networks", "tb_size"):
+    # standby: whether a clone is kept ready, not what the clones are.
+    for ignored in ("name", "warm", "forward_auto", "networks", "tb_size", "standby"):
         data.pop(ignored, None)
     files: dict[str, Any] = {}
     for field in ("kernel", "initrd"):
@@ -349,7 +357,7 @@ def warm_spec(spec: VMSpec) -> VMSpec:
     seed = spec.cloud_init
     if seed is not None:
         seed = CloudInit(user_data=seed.user_data, ssh_user=seed.ssh_user)
-    return spec.replace(name=None, warm=False, cloud_init=seed, networks=(),
+    return spec.replace(name=None, warm=False, standby=None, cloud_init=seed, networks=(),
                         extra_args=spec.extra_args + VMGENID_ARGS)
 
 
@@ -603,6 +611,17 @@ class WarmCache:
                 removed.append(entry)
         return removed
 
-    def clear(self) -> list[WarmEntry]:
-        """Remove every entry not in use (and half-written ones); see :meth:`in_use`."""
+    def clear(self, state_root: Path | None = None) -> list[WarmEntry]:
+        """Remove every entry not in use (and half-written ones); see :meth:`in_use`.
+
+        The standby clones of these states in the registry at ``state_root``
+        (default: the user's) are ended first: a standby keeps its state in
+        use, and is worth nothing without it.
+        """
+        from ._launch.standby import end_standbys
+
+        try:
+            end_standbys(state_root, cache=self.root)
+        except (OSError, QemukitError) as exc:  # no registry: no standby either
+            log.debug("warm cache: cannot look for standby clones: %s", exc)
         return self.prune(-1)

@@ -14,7 +14,11 @@ from typing import Any
 
 import psutil
 
-__all__ = ["QEMUKIT", "private_warm_cache", "qemu_gone", "qemu_processes_under", "run_qemukit"]
+from qemukit import VM, Drive, images
+from qemukit.arch import ARCHES, DEFAULT_ARCH
+
+__all__ = ["FOREIGN_ARCHES", "QEMUKIT", "foreign_tiny_vm", "private_warm_cache", "qemu_gone",
+           "qemu_processes_under", "run_qemukit"]
 
 
 def qemu_processes_under(root: Path) -> list[psutil.Process]:
@@ -89,3 +93,32 @@ def private_warm_cache(root: Path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QEMUKIT_CACHE", str(root))
         yield root
+
+
+#: The guest architectures other than the default one, in ARCHES' order: the ``[aarch64]``,
+#: ``[riscv64]``, ``[s390x]`` and ``[ppc64le]`` parameters of the per-architecture tests.
+FOREIGN_ARCHES: tuple[str, ...] = tuple(a for a in ARCHES if a != DEFAULT_ARCH)
+
+
+@contextmanager
+def foreign_tiny_vm(arch: str, work: Path, **changes: Any) -> Iterator[VM]:
+    """A started tiny guest of ``arch`` under TCG whose agent answers, with a 16 MiB qcow2
+    disk (``work/root.qcow2``, under an overlay); ``changes`` override the spec's fields.
+    The tiny image is built first (cached). Killed after the block, not stopped: after a
+    snapshot load the block I/O of some guests may hang, and a power-off syncs the disks
+    first; a kept runtime directory (``keep_runtime=True``) is removed."""
+    keep_runtime = bool(changes.pop("keep_runtime", False))
+    images.build("tiny", arch=arch)
+    disk = work / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    vm = VM(images.spec("tiny", arch=arch, drives=(Drive(disk, overlay=True),), **changes),
+            keep_runtime=keep_runtime)
+    try:
+        vm.start()
+        vm.wait_ready(180)
+        yield vm
+    finally:
+        if vm.state.value == "running":
+            vm.kill()
+        if keep_runtime and vm.runtime is not None:
+            shutil.rmtree(vm.runtime.path, ignore_errors=True)

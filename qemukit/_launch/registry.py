@@ -25,6 +25,7 @@ from ..errors import StateError
 from ..paths import state_dir, state_dir_error
 from ._pids import is_same_process
 from .runtime import RuntimeDir, VMInfo, list_entries
+from .standby import MARKER, end_standby, read_marker
 from .usernet import parse_usernet
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ def _entry(rd: RuntimeDir, info: VMInfo | None, query: bool) -> VMEntry | None:
             _peek(rd.qmp_socket, any(fw.host_port == 0 for fw in spec_fwds))
             if query else ("alive", "")
         )
+        if (rd.path / MARKER).exists():  # paused, waiting to be taken (qemukit.vm._standby)
+            state = "standby"
     if not rd.path.is_dir():
         return None
     return VMEntry(
@@ -196,8 +199,9 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
 
     Removes entries whose QEMU is gone; kills (SIGKILL, through a pidfd so a
     reused pid is never hit) QEMUs that were meant to die with an owner that
-    is gone, then removes their entries; removes entries left half-created
-    by a launch that died more than ``incomplete_age`` seconds ago.
+    is gone, and standby clones whose warm state is gone, then removes their
+    entries; removes entries left half-created by a launch that died more
+    than ``incomplete_age`` seconds ago.
     """
     actions = []
     for rd, info in _entries(state_root):
@@ -220,6 +224,10 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
             actions.append(
                 GcAction(rd.name, "killed", f"QEMU pid {info.pid} outlived its owner {info.owner_pid}")
             )
+        elif (marker := read_marker(rd)) is not None and marker.outdated():
+            if end_standby(rd, info):
+                actions.append(GcAction(rd.name, "killed", f"standby clone of the warm state "
+                                        f"{marker.key}, which is gone"))
     return actions
 
 

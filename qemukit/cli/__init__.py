@@ -78,6 +78,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Write VM NAME's guest memory to FILE (new) as an ELF core; the guest runs on."),
     'exec': ('_detached',
         "Run CMD in a running VM's guest; exit with its status."),
+    'fork': ('_fork',
+        'Fork the running VM NAME into COUNT clones that run on from this moment; NAME runs on.'),
     'gc': ('_detached',
         'Remove entries of dead VMs; kill QEMUs whose owner died (die-with-parent VMs).'),
     'hotplug': ('_hotplug',

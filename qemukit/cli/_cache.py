@@ -75,13 +75,19 @@ def cache_clear() -> None:
 
     A state a running clone was restored from (a detached one too) is kept: its
     disks back the clone's overlays. It goes with the next clear once those ended.
+    The standby clones of the states cleared (see qemukit ls) are ended first.
+    The saved states of forks (qemukit fork) whose clones have ended go too.
     """
+    from ..vm._fork import fork_cache
     from ..warm import WarmCache
 
     cache = WarmCache()
     removed = cache.clear()
     click.echo(f"{len(removed)} removed")
     _say_kept(cache)
+    forks = fork_cache().clear()
+    if forks:
+        click.echo(f"{len(forks)} fork states removed")
 
 
 def _say_kept(cache: Any) -> None:

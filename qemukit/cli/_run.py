@@ -74,6 +74,10 @@ if TYPE_CHECKING:
 @click.option("--verbose", "-v", is_flag=True,
               help="Explain the accelerator choice in full (as qemukit doctor does), and say "
               "whether the start was warm or cold, and why.")
+@click.option("--standby/--no-standby", "standby", default=None,
+              help="After a warm start, leave a standby clone of the same state behind "
+              "(restored and paused, running after this command ends) for the next start of "
+              "this VM description to take [default: the spec's standby, off].")
 @click.option("--forward-auto/--no-forward-auto", "forward_auto", default=None,
               help="With --detach: forward each port the guest listens on (TCP and UDP) from "
                    "127.0.0.1, as it comes and goes [default: the spec's forward_auto, on for "
@@ -83,7 +87,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         modules: str | None, detach: bool, wait_for: str, continue_on_oops: bool,
         dump_on_panic: str | None, crash_dir: str | None, vmlinux: str | None,
         kselftest: str | None, kselftest_src: str | None, verbose: bool,
-        warm: bool | None, forward_auto: bool | None, command: tuple[str, ...], **opts: Any) -> None:
+        warm: bool | None, standby: bool | None, forward_auto: bool | None,
+        command: tuple[str, ...], **opts: Any) -> None:
     """Boot a VM; with -- CMD, run CMD in the guest, print its output, stop, exit with its code.
 
     \b
@@ -111,6 +116,12 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     resolution = resolve(build_request(opts, purpose=_purpose(detach, command, kselftest),
                                        warm=warm, modules=modules, forward_auto=forward_auto))
     spec = apply_run_options(resolution.spec, opts)
+    if standby is not None:
+        spec = spec.replace(standby=standby)
+    if spec.standby:
+        from ..vm import _standby
+
+        _standby.detach_standbys()  # this process ends: the next run takes it
     if verbose and json_out != "-":
         click.echo(f"qemukit: {resolution.machine.describe()}", err=True)
     if kselftest is not None:
@@ -127,6 +138,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     if detach:
         _run_detached(resolution.replace_spec(spec) if spec is not resolution.spec
                       else resolution, timeout, wait_for, json_out == "-", verbose)
+        _settle_standbys(spec)
         return
     if not command:
         vm = VM(spec, boot_timeout=timeout, modules=modules)
@@ -137,6 +149,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
             click.echo(f"\nqemukit: {vm.name} stopped (interrupted while starting)", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
         foreground(vm, verbose)
+        _settle_standbys(spec)
         return
     from ..kernel import run_in_vm
 
@@ -157,6 +170,7 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     result = run_in_vm(spec, list(command), timeout=timeout, console_log=console_log,
                        modules=modules, on_started=announce, continue_on_oops=continue_on_oops,
                        dump_on_panic=dump_on_panic, crash_dir=crash_dir, vmlinux=vmlinux)
+    _settle_standbys(spec)
     if json_out is not None:
         if json_out == "-":
             click.echo(json_text(result.to_dict()))
@@ -225,6 +239,16 @@ def _purpose(detach: bool, command: tuple[str, ...], kselftest: str | None = Non
     if detach:
         return "detached"
     return "command" if command or kselftest is not None else "interactive"
+
+
+def _settle_standbys(spec: VMSpec) -> None:
+    """With ``--standby``: wait until the standby clone left behind is ready (it outlives us)."""
+    if spec.standby:
+        from .._sync import run_sync
+        from ..vm import _standby
+
+        run_sync(_standby.settle())
+
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:

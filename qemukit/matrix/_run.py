@@ -223,6 +223,8 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         image = job.needs_image()
         if image is not None:
             ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
+        # No standby clone by default here (a job's spec may ask for one): the pool promises
+        # at most --jobs QEMUs at once, and a worker leaves none behind between runs.
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)

@@ -419,15 +419,21 @@ async def _resume_after(vm: VMTarget, was_running: bool, migrated: bool) -> None
         await vm.pause()
 
 
-async def restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
-    """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock."""
+async def restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT, *,
+                     resume: bool = True) -> None:
+    """Restore ``bundle`` into ``vm`` (see :func:`_restore_vm`), under the clone's operation lock.
+
+    ``resume=False`` leaves the guest paused after the load (a standby clone,
+    launched with ``-S``: nothing of the guest runs until it is taken).
+    """
     async with vm.operation_lock():
         log.debug("%s: restoring the state of %s", vm.name, bundle.path)
-        await _restore_vm(vm, bundle, timeout)
+        await _restore_vm(vm, bundle, timeout, resume=resume)
         log.debug("%s: restored from %s", vm.name, bundle.path)
 
 
-async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT) -> None:
+async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOUT, *,
+                      resume: bool = True) -> None:
     """Feed ``bundle``'s state to ``vm``, just started with ``-incoming defer``; resume it.
 
     The hot-plugged devices are recreated first (same ids and arguments), so
@@ -459,5 +465,5 @@ async def _restore_vm(vm: VMTarget, bundle: Bundle, timeout: float = SAVE_TIMEOU
             f"QEMU could not load the state in {bundle.path} (were devices added or changed "
             f"since it was saved?): {exc}"
         ) from exc
-    if bundle.manifest.get("guest") == "running":
+    if resume and bundle.manifest.get("guest") == "running":
         await vm.resume()

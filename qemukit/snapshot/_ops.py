@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from .._sync import SyncFacade, blocking
 from ..errors import QemukitError, SnapshotError
 from ..timeouts import JOB_TIMEOUT
+from ._checkpoint import checkpoint, drop_checkpoint, rollback
 from ._jobs import Deadline, complete_job, next_event, run_job
 from ._preflight import CheckKind, SnapshotInfo, block_devices, check_tag, checks, internal_infos
 from ._records import EXT_PREFIX, EXTERNAL_FILE, create_overlay, external_records, safe_name, write_json
@@ -140,6 +141,20 @@ class Snapshots:
             {"tag": tag, "vmstate": vmstate.node, "devices": [d.node for d in nodes]},
             what=f"snapshot-load of {tag!r}", deadline=Deadline(timeout),
         )
+
+    async def checkpoint(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
+        """Save RAM and disks as checkpoint ``tag``, also on a VM with no disk; the guest
+        runs on. See :mod:`qemukit.snapshot._checkpoint`."""
+        await checkpoint(self.vm, tag, timeout=timeout)
+
+    async def rollback(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
+        """Bring RAM and disks back to checkpoint ``tag`` (a fraction of a second for a small
+        guest); the guest runs on from there."""
+        await rollback(self.vm, tag, timeout=timeout)
+
+    async def drop_checkpoint(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
+        """Delete checkpoint ``tag``."""
+        await drop_checkpoint(self.vm, tag, timeout=timeout)
 
     @_under_operation_lock
     async def delete(self, tag: str, *, timeout: float = JOB_TIMEOUT) -> None:
@@ -384,3 +399,6 @@ class SyncSnapshots(SyncFacade):
     external = blocking(Snapshots.external)
     revert = blocking(Snapshots.revert)
     commit = blocking(Snapshots.commit)
+    checkpoint = blocking(Snapshots.checkpoint)
+    rollback = blocking(Snapshots.rollback)
+    drop_checkpoint = blocking(Snapshots.drop_checkpoint)

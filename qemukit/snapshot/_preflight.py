@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 #: What a preflight checks for: the kind of snapshot about to be taken.
-CheckKind = Literal["internal", "external", "external-memory", "state"]
+CheckKind = Literal["internal", "external", "external-memory", "state", "checkpoint"]
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}")
 
 
@@ -106,7 +106,7 @@ def find_problems(
     empty list means go ahead.
     """
     problems: list[str] = []
-    saves_ram = kind in ("internal", "external-memory", "state")
+    saves_ram = kind in ("internal", "external-memory", "state", "checkpoint")
     if runstate not in ("running", "paused"):
         problems.append(
             f"the VM is {runstate!r}; snapshots need a running or paused guest"
@@ -121,7 +121,7 @@ def find_problems(
                 "file that can hold no snapshot and is not part of the guest's saved state: "
                 "boot with firmware='seabios' (the default) to use snapshots"
             )
-        elif kind == "internal" and dev.driver != "qcow2":
+        elif kind in ("internal", "checkpoint") and dev.driver != "qcow2":
             problems.append(
                 f"disk {dev.device!r} (node {dev.node}, {dev.file}) is a writable {dev.driver} "
                 "image, which cannot hold internal snapshots: boot it with overlay=True (a "
@@ -257,7 +257,8 @@ async def checks(vm: VMTarget, kind: CheckKind) -> list[BlockDevice]:
         external_tags=[r["tag"] for r in external_records(vm)],
     )
     if problems:
-        what = {"internal": "take an internal snapshot of", "state": "save the state of"}.get(
+        what = {"internal": "take an internal snapshot of", "state": "save the state of",
+                "checkpoint": "checkpoint"}.get(
             kind, "take an external snapshot of"
         )
         raise SnapshotError(f"cannot {what} VM {vm.name!r}; nothing was changed", problems=problems)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import weakref
@@ -53,6 +54,7 @@ from .._wire.io_errors import IOErrorWatch
 from .._wire.qmp import QMP
 from ..errors import (
     LaunchError,
+    QemukitError,
     QMPConnectionError,
     SnapshotError,
     SpecError,
@@ -69,7 +71,7 @@ from ..warm import WarmHold, WarmStart
 
 if TYPE_CHECKING:
     from .._launch.seed import Seed
-from . import _monitor, _net, _verbs, _warm
+from . import _fork, _monitor, _net, _standby, _verbs, _warm
 from ._facts import default_probe_image, host_facts
 from ._guard import guarded_wait
 from ._guestagent import checked, make_agent, wait_agent
@@ -124,7 +126,7 @@ def _forget_parents_vms() -> None:
 os.register_at_fork(after_in_child=_forget_parents_vms)
 
 
-class AsyncVM(_verbs.Verbs, Operations):
+class AsyncVM(_verbs.Verbs, Operations, _standby.StandbyClones):
     """A QEMU virtual machine controlled from asyncio.
 
     ``die_with_parent`` (default) kills QEMU when this Python process dies;
@@ -278,10 +280,17 @@ class AsyncVM(_verbs.Verbs, Operations):
         try:
             spec = await self._resolve_kernel()
             warm = await self._choose_warm(spec)
-            await self._start(warm.spec if warm is not None else spec, timeout)
+            taken = await self._take_standby(warm, spec, timeout) if warm is not None else None
+            if taken is None:
+                await self._start(warm.spec if warm is not None else spec, timeout)
+            else:  # a standby clone (qemukit.vm._standby): launched and loaded already
+                warm = taken
+                _live.add(self)
             self.state = VMState.RUNNING
             if warm is not None:
                 restored = await self._finish_warm(warm, spec, timeout)
+                if restored:
+                    self._leave_standby(warm, spec)
                 if restored and networks and self.runtime is not None:
                     # The saved state has no NICs on private networks: plugged in now.
                     await _net.plug_after_restore(self, self.runtime.path.parent, networks)
@@ -597,6 +606,40 @@ class AsyncVM(_verbs.Verbs, Operations):
             clone, die_with_parent=die_with_parent, keep_runtime=keep_runtime,
             state_root=state_root, boot_timeout=boot_timeout, continue_on_oops=continue_on_oops,
             incoming="defer", qemu=qemu), timeout)
+
+    async def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT,
+                   die_with_parent: bool | None = None) -> list[AsyncVM]:
+        """Fork this running VM into ``n`` clones; returns them running, each with its own
+        identity, name (``NAME-1``...), ports and disk overlays (see :mod:`qemukit.vm._fork`).
+
+        The guest is paused while its state is saved once, then runs on. Each
+        clone has the memory, disks and hot-plugged devices of the fork point.
+        ``n`` beyond :data:`~qemukit.vm._fork.FORK_LIMIT` is refused before
+        anything starts; if a clone fails, those started are stopped.
+        ``die_with_parent`` is the clones' (None: this VM's).
+        """
+        root = self.runtime.path.parent if self.runtime is not None else None
+        dies = self.die_with_parent if die_with_parent is None else die_with_parent
+        return await _fork.fork_vm(
+            self, n, functools.partial(self._fork_clone, die_with_parent=dies), timeout=timeout,
+            taken=lambda name: root is not None and (root / name).exists())
+
+    async def _fork_clone(self, plan: _warm.WarmPlan, *, die_with_parent: bool) -> AsyncVM:
+        """Start one clone of a fork: restored like a warm clone, given its identity."""
+        vm = AsyncVM(plan.spec, die_with_parent=die_with_parent, state_root=self._state_root,
+                     boot_timeout=self.boot_timeout, continue_on_oops=self.continue_on_oops,
+                     incoming="defer", qemu=self._qemu)
+        vm._warm_hold = plan.hold  # its QEMU inherits it: the fork's entry stays while it runs
+        await vm.start()
+        try:
+            vm.warm_start, vm.identity = await _warm.finish_warm(vm, plan, vm._seed)
+            if vm._seed is None:
+                await _fork.give_identity(vm)
+        except BaseException:
+            with contextlib.suppress(QemukitError):  # the restore's own error is raised
+                await vm.kill()
+            raise
+        return vm
 
     # -- guest agent and cloud-init (qemukit.qga, qemukit.seed) -------------------------
 

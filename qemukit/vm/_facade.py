@@ -143,6 +143,12 @@ class VM(SyncFacade):
             keep_runtime=keep_runtime, state_root=state_root, boot_timeout=boot_timeout,
             continue_on_oops=continue_on_oops)))
 
+    def fork(self, n: int, *, timeout: float = SAVE_TIMEOUT,
+             die_with_parent: bool | None = None) -> list[VM]:
+        """Fork this running VM into ``n`` running clones (see :meth:`AsyncVM.fork`)."""
+        return [VM._wrap(clone) for clone in run_sync(
+            self._aio.fork(n, timeout=timeout, die_with_parent=die_with_parent))]
+
     @classmethod
     def _wrap(cls, aio: AsyncVM) -> VM:
         vm = cls.__new__(cls)

@@ -162,6 +162,9 @@ class WarmPlan:
     #: The clone's shared lock on the entry (pass its fd to the clone's QEMU: while either
     #: holds it, ``cache clear`` and the prune leave the entry alone).
     hold: WarmHold | None = None
+    #: True for a standby clone taken (qemukit.vm._standby): the state is loaded already,
+    #: the guest paused; finishing resumes it instead of restoring.
+    loaded: bool = False
 
 
 # -- which RAM: mapped or copied -------------------------------------------------
@@ -373,12 +376,15 @@ async def finish_warm(vm: WarmTarget, plan: WarmPlan, seed: Seed | None = None
     try:
         steps = _Steps(vm.name)
         try:
-            await restore_vm(vm, plan.bundle, SAVE_TIMEOUT)  # maps a mapped bundle's RAM
+            if plan.loaded:  # a standby clone: loaded ahead, paused until now
+                await vm.resume()
+            else:
+                await restore_vm(vm, plan.bundle, SAVE_TIMEOUT)  # maps a mapped bundle's RAM
         except (SnapshotError, LaunchError, QMPCommandError) as exc:
             # QEMU refused the state, a capability, or exited while loading.
             raise SnapshotError(
                 f"QEMU could not load the warm state {plan.entry.key} ({exc})") from exc
-        steps.mark("state loaded")
+        steps.mark("standby resumed" if plan.loaded else "state loaded")
         await set_guest_clock(vm)
         steps.mark("clock set, RNG reseeded")
         if seed is not None:

@@ -10,7 +10,9 @@ the same kernel and initramfs), cli (import, --help, ls with 10 VMs), rollback
 scale (16 VMs launched at once), warm (warm against cold against raw for run --
 true, 16 warm VMs at once, the pytest plugin's per-test cost), mapped (warm with the RAM
 mapped against copied against cold against raw for run -- true, restore to the first command's
-output by step, the PSS of 8 clones mapped against copied). Optional: arch (each foreign
+output by step, the PSS of 8 clones mapped against copied), fork (a running tiny guest forked
+into 4 clones: seconds until all 4 answer, the save and each restore, their PSS; checkpoint and
+rollback of it). Optional: arch (each foreign
 architecture's run -- true against raw QEMU), debian (seconds to an ssh login on the Debian
 image, warm against cold), kloop (the cold kernel loop: qemukit run --kernel K
 -- true on a fresh copy of a kernel built here, against raw QEMU booting it to init on the machine
@@ -40,7 +42,8 @@ from qemukit.arch import DEFAULT_ARCH
 
 from .common import Result
 
-DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm", "mapped")
+DEFAULT_PARTS = ("launch", "qmp", "loop", "cli", "rollback", "restore", "scale", "warm", "mapped",
+                 "fork")
 OPTIONAL_PARTS = ("arch", "debian", "kloop", "libvirt", "tbsize", "virtme")
 
 
@@ -83,6 +86,10 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         from .mapped import bench_mapped
         return bench_mapped(runs, 3 if args.quick else 8)
 
+    def fork() -> Result:
+        from .fork import bench_fork
+        return bench_fork(runs, 2 if args.quick else 4)
+
     def tbsize() -> Result:
         from .tbsize import bench_tbsize
         return bench_tbsize(2 if args.quick else runs, image=args.tb_image)
@@ -108,7 +115,8 @@ def _parts(args: argparse.Namespace, runs: int) -> dict[str, Callable[[], Result
         return bench_virtme(runs, args.with_virtme, args.vng_kernel)
 
     return {"launch": launch, "qmp": qmp, "loop": loop, "cli": cli, "rollback": rollback,
-            "restore": restore, "scale": scale, "warm": warm, "mapped": mapped, "debian": debian,
+            "restore": restore, "scale": scale, "warm": warm, "mapped": mapped, "fork": fork,
+            "debian": debian,
             "arch": arch, "kloop": kloop, "libvirt": libvirt, "tbsize": tbsize, "virtme": virtme}
 
 

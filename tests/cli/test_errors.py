@@ -23,7 +23,7 @@ def _one_error(out: Any, code: int) -> list[str]:
     """Check the exit code and that stderr holds qemukit's message, not a traceback."""
     assert out.returncode == code, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr
-    lines = out.stderr.splitlines()
+    lines: list[str] = out.stderr.splitlines()
     assert lines and lines[0].startswith("qemukit: "), out.stderr
     return lines
 

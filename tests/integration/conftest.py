@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from qemukit import VM, VMSpec, images
+from tests.helpers import private_warm_cache
 
 
 @pytest.fixture
@@ -35,6 +36,16 @@ def booted(tiny_spec: VMSpec) -> Iterator[Any]:
     for vm in vms:
         if vm.state.value == "running":
             vm.shutdown(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``QEMUKIT_CACHE`` of the requesting module's own (the shared tiny image linked in), so
+    its warm states start from nothing and other modules' are not touched."""
+    module = request.module.__name__.rpartition(".")[2]
+    with private_warm_cache(tmp_path_factory.mktemp(f"cache-{module}")) as root:
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,17 @@ guest's own power-off here).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from qemukit import VM, Drive, HotplugError, Share, images
+from qemukit import VM, HotplugError, Share
 from qemukit.arch import ARCHES
 from qemukit.vm import ShutdownRung
-
-FOREIGN = ("aarch64", "riscv64", "s390x", "ppc64le")
+from tests.helpers import FOREIGN_ARCHES, foreign_tiny_vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("arch-guests")]
 
@@ -37,31 +35,19 @@ GRACEFUL = {"aarch64": ShutdownRung.ACPI, "riscv64": ShutdownRung.AGENT,
 DISK_HOTPLUG = {"aarch64": True, "riscv64": False, "s390x": True, "ppc64le": False}
 
 
-@pytest.fixture(scope="module", params=FOREIGN)
+@pytest.fixture(scope="module", params=FOREIGN_ARCHES)
 def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, VM, Path]]:
-    arch = request.param
-    images.build("tiny", arch=arch)
+    arch: str = request.param
     work = tmp_path_factory.mktemp(f"arch-{arch}")
-    disk = work / "root.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     (work / "share").mkdir()
     (work / "share" / "hello.txt").write_text(f"hello from the host to {arch}\n")
     # virtiofs where it works; 9p on s390x and pseries (the arm64 cloud kernel has no 9p).
-    transport = "9p" if ARCHES[arch].virtiofs else "virtiofs"
+    transport: Literal["virtiofs", "9p"] = "9p" if ARCHES[arch].virtiofs else "virtiofs"
     share = Share(work / "share", "/mnt/host", transport=transport)
-    # The runtime directory is kept so a failed stop can show the console; removed below.
-    vm = VM(images.spec("tiny", arch=arch, drives=(Drive(disk, overlay=True),), shares=(share,)),
-            keep_runtime=True)
-    try:
-        vm.start()
-        vm.wait_ready(180)
+    # The runtime directory is kept so a failed stop can show the console; removed after.
+    with foreign_tiny_vm(arch, work, shares=(share,), keep_runtime=True) as vm:
         yield arch, vm, work
-    finally:
-        if vm.state.value == "running":
-            vm.kill()
-        if vm.runtime is not None:
-            shutil.rmtree(vm.runtime.path, ignore_errors=True)
 
 
 def test_uname_and_exit_code(guest: tuple[str, VM, Path]) -> None:

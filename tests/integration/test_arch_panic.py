@@ -11,11 +11,12 @@ import pytest
 
 from qemukit import images
 from qemukit.kernel import run_in_vm
+from tests.helpers import FOREIGN_ARCHES
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("arch-panic")]
 
 
-@pytest.mark.parametrize("arch", ["aarch64", "riscv64", "s390x", "ppc64le"])
+@pytest.mark.parametrize("arch", FOREIGN_ARCHES)
 def test_sysrq_crash_is_a_panic(arch: str) -> None:
     images.build("tiny", arch=arch)
     result = run_in_vm(images.spec("tiny", arch=arch, accel="tcg"),

@@ -7,37 +7,26 @@ disk marker.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qemukit import VM, Drive, images
-
-FOREIGN = ("aarch64", "riscv64", "s390x", "ppc64le")
+from qemukit import VM
+from tests.helpers import FOREIGN_ARCHES, foreign_tiny_vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("arch-snapshot")]
 
 
-@pytest.fixture(scope="module", params=FOREIGN)
+@pytest.fixture(scope="module", params=FOREIGN_ARCHES)
 def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, VM, Path]]:
-    arch = request.param
-    images.build("tiny", arch=arch)
+    arch: str = request.param
     work = tmp_path_factory.mktemp(f"snap-{arch}")
-    disk = work / "root.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    vm = VM(images.spec("tiny", arch=arch, drives=(Drive(disk, overlay=True),)))
-    vm.start()
-    try:
-        vm.wait_ready(180)
+    # Killed after, not stopped: after a load, s390x/pseries block I/O may hang (see below),
+    # and the guest's power-off syncs its disks first.
+    with foreign_tiny_vm(arch, work) as vm:
         yield arch, vm, work
-    finally:
-        # Killed, not stopped: after a load, s390x/pseries block I/O may hang (see below),
-        # and the guest's power-off syncs its disks first.
-        if vm.state.value == "running":
-            vm.kill()
 
 
 def test_snapshot_marker_comes_back(guest: tuple[str, VM, Path]) -> None:

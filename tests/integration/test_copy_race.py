@@ -59,7 +59,7 @@ def test_copy_out_finishes_when_the_guest_command_answers_before_the_host_stored
 
     async def exec_then_open_the_gate(command: Any, timeout: float | None = 60.0,
                                       **kwargs: Any) -> ExecResult:
-        result = await real_exec(command, timeout, **kwargs)
+        result: ExecResult = await real_exec(command, timeout, **kwargs)
         if "virtio-ports" in str(command):  # the transfer command has answered
             answered.append(result)
             gate.set()
@@ -99,7 +99,8 @@ def test_copy_out_of_a_file_that_shrinks_fails_at_once_naming_the_bytes(booted: 
         if "virtio-ports" in str(command):  # between the stat and the transfer
             cut = await real_exec("head -c 1000 /dev/zero > /tmp/shrinks", 60.0)
             assert cut.exit_status == 0
-        return await real_exec(command, timeout, **kwargs)
+        result: ExecResult = await real_exec(command, timeout, **kwargs)
+        return result
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(aio, "exec", shrink_before_the_transfer)

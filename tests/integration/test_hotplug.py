@@ -322,7 +322,7 @@ def test_preflight_errors_change_nothing(vm: VM, images_dir: Path) -> None:
         ("format", lambda: vm.hotplug.disk(raw, format="qcow2")),
         ("id", lambda: vm.hotplug.disk(raw, id="vser0")),  # the agent's serial controller
         ("id", lambda: vm.hotplug.disk(raw, id="bad id")),
-        ("interface", lambda: vm.hotplug.disk(raw, interface="ide")),
+        ("interface", lambda: vm.hotplug.disk(raw, interface="ide")),  # type: ignore[arg-type]
         ("overlay", lambda: vm.hotplug.disk(raw, read_only=True, overlay=True)),
         ("forwards", lambda: vm.hotplug.nic(forwards=[f"{taken}:22"])),
         ("mac", lambda: vm.hotplug.nic(mac="nonsense")),

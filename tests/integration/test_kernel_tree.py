@@ -268,7 +268,7 @@ def test_cmdline_prints_the_argv_run_spawns_for_a_kernel(tree: Path, tiny_image:
     spawned: list[list[str]] = []
     real = QemuProcess.spawn.__func__  # type: ignore[attr-defined]
 
-    def spy(cls: type[QemuProcess], argv: Any, **kw: Any) -> QemuProcess:
+    def spy(cls: type[QemuProcess], /, argv: Any, **kw: Any) -> QemuProcess:
         spawned.append(list(argv))
         return real(cls, argv, **kw)  # type: ignore[no-any-return]
 

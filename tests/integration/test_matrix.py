@@ -195,7 +195,7 @@ def test_local_junit_is_valid_and_complete(local_run: Run) -> None:
     suite = root.find("testsuite")
     assert suite is not None
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("12", "8", "0")
-    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    cases = {c.get("name", ""): c for c in suite.iter("testcase")}
     assert set(cases) == set(local_run.results)
     for name, case in cases.items():
         kind = [child.tag for child in case if child.tag in ("failure", "error")]
@@ -316,8 +316,8 @@ def dask_cluster(root: Path, tiny_image: Any, workers: tuple[str, ...] = ("w1", 
                     proc.kill()
                     proc.wait(10)
         leaked = qemu_processes_under(root)
-        for proc in leaked:
-            proc.kill()
+        for leak in leaked:
+            leak.kill()
         assert leaked == [], f"QEMUs left behind by the cluster: {leaked}"
 
 

@@ -46,6 +46,7 @@ def test_qmp_on_tcp_only_when_asked_and_on_loopback(tiny_spec: VMSpec) -> None:
     with pytest.warns(UserWarning, match="127.0.0.1"):
         vm = VM(tiny_spec.replace(qmp_tcp_port=port)).start()
     try:
+        assert vm.pid is not None
         assert [(c.laddr.ip, c.laddr.port) for c in _listening(vm.pid)] == [("127.0.0.1", port)]
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             assert "QMP" in json.loads(sock.makefile().readline())

@@ -258,6 +258,7 @@ def test_ovmf_boots_the_guest_under_uefi(tiny_spec: VMSpec) -> None:
     before = hashlib.sha256(template.read_bytes()).hexdigest()
     with VM(tiny_spec.replace(firmware="ovmf")) as vm:
         assert vm.exec("test -d /sys/firmware/efi").ok  # the kernel was started by UEFI
+        assert vm.runtime is not None
         assert (vm.runtime.path / "ovmf-vars.fd").exists()  # a private copy of the store
     assert hashlib.sha256(template.read_bytes()).hexdigest() == before
 

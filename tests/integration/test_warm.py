@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from qemukit import VM, Drive, Nic, PortForward, images
 from qemukit.warm import WarmCache
-from tests.helpers import QEMUKIT, private_warm_cache, run_qemukit
+from tests.helpers import QEMUKIT, run_qemukit
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 pytest_plugins = ["pytester"]
@@ -30,14 +29,6 @@ pytest_plugins = ["pytester"]
 READ_DISK = (
     "sync; blockdev --flushbufs /dev/vda; echo 3 > /proc/sys/vm/drop_caches; head -c 8 /dev/vda"
 )
-
-
-@pytest.fixture(scope="module")
-def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Path]:
-    """A cache directory of this module's own, with the shared tiny image linked in."""
-    with private_warm_cache(tmp_path_factory.mktemp("warm-cache")) as root:
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,13 @@ import pytest
 
 from qemukit import VM, Drive, images
 from qemukit.warm import WarmCache
-from tests.helpers import private_warm_cache, run_qemukit
+from tests.helpers import run_qemukit
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 
 READ_DISK = (
     "sync; blockdev --flushbufs /dev/vda; echo 3 > /proc/sys/vm/drop_caches; head -c 8 /dev/vda"
 )
-
-
-@pytest.fixture(scope="module")
-def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Path]:
-    with private_warm_cache(tmp_path_factory.mktemp("warm-cache-wedge")) as root:
-        yield root
 
 
 def _spec(disk: Path, memory: int, **changes: Any) -> Any:
@@ -121,7 +113,8 @@ def test_a_half_deleted_key_directory_is_rebuilt(private_cache: Path) -> None:
         assert "first start of this spec" in vm.warm_start.reason, vm.warm_start.reason
         assert vm.exec(READ_DISK).stdout_text == "BASE-002"
     with VM(spec) as vm:  # and the rebuilt entry serves the next start
-        assert vm.warm_start is not None and vm.warm_start.warm, vm.warm_start.reason
+        assert vm.warm_start is not None
+        assert vm.warm_start.warm, vm.warm_start.reason
         assert vm.exec(READ_DISK).stdout_text == "BASE-002"
     # A kill while deleting today leaves only a hidden directory, removed by the next prune.
     shutil.copytree(path, WarmCache().root / f".tmp-{key}-gone999-1")

@@ -17,7 +17,6 @@ import pytest
 from qemukit import VM, HotplugError, images
 from qemukit.vm import _warm
 from qemukit.warm import WarmCache
-from tests.helpers import private_warm_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm-mapped")]
 
@@ -25,12 +24,11 @@ MARKER = "cat /tmp/marker 2>/dev/null || echo none"
 
 
 @pytest.fixture(scope="module")
-def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Path]:
-    with private_warm_cache(tmp_path_factory.mktemp("warm-mapped")) as root, \
-            pytest.MonkeyPatch.context() as mp:
+def private_cache(private_cache: Path) -> Iterator[Path]:
+    """The module's own cache (conftest.py's), with mapped restores on."""
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv(_warm.MAP_ENV, "1")
-        yield root
+        yield private_cache
 
 
 def digest(path: Path) -> str:

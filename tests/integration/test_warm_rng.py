@@ -42,7 +42,6 @@ from qemukit import VM, images
 from qemukit.identity import reseed_script, static_elf
 from qemukit.vm import _core
 from qemukit.warm import WarmCache
-from tests.helpers import private_warm_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warm")]
 
@@ -83,14 +82,6 @@ FIRST_COMMAND = (
 #: Waits (guest time, in the guest) until the uptime is AGE seconds; prints the uptime.
 AGE_COMMAND = (f"while [ $(cut -d. -f1 /proc/uptime) -lt {AGE} ]; do sleep 1; done; "
                "cut -d' ' -f1 /proc/uptime")
-
-
-@pytest.fixture(scope="module")
-def private_cache(tiny_image: images.TinyImage, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Path]:
-    """A cache of this module's own (the shared tiny image linked in): its own warm state."""
-    with private_warm_cache(tmp_path_factory.mktemp("warm-rng-cache")) as root:
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -330,7 +330,7 @@ def raw_disks() -> Iterator[None]:
 
 
 def _fake_vm(tmp_path: Path, arch: str, **kw: Any) -> Any:
-    from .test_hotplug_preflight import FakeVM
+    from qemukit.testing import FakeVM
 
     qemu = host.QemuBinary(f"/usr/bin/{ARCHES[arch].qemu_binary}", (7, 2, 0), "7.2",
                            frozenset(ARCHES[arch].machines), True, "/usr/bin/qemu-img")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from qemukit import Drive, Nic, PortForward, Share, SpecError, VMSpec
 from qemukit._launch.argv import AGENT_PORT_NAME, Plumbing, build_argv, drive_ids, nic_ids, quote_opt
-from qemukit.spec import NAME_RE
+from qemukit.spec import NAME_RE, MachineType
 
 from .optsplit import parse_opts, split_opts
 
@@ -209,7 +209,7 @@ def test_golden_nics() -> None:
 
 
 def test_golden_hotplug() -> None:
-    spec = VMSpec(name="hotplug", cpus=2, max_cpus=8, memory="1G", max_memory="8G", slots=4, hotplug_ports=2)
+    spec = VMSpec(name="hotplug", cpus=2, max_cpus=8, memory=1024, max_memory=8192, slots=4, hotplug_ports=2)
     argv = build_argv(
         spec,
         qemu=QEMU,
@@ -241,7 +241,7 @@ def test_golden_microvm() -> None:
 
 def test_golden_ovmf() -> None:
     run = "/run/user/1000/qemukit/uefi"
-    spec = VMSpec(name="uefi", firmware="ovmf", memory="1G", drives=(Drive("/images/esp.qcow2"),))
+    spec = VMSpec(name="uefi", firmware="ovmf", memory=1024, drives=(Drive("/images/esp.qcow2"),))
     argv = build_argv(
         spec,
         qemu=QEMU,
@@ -433,7 +433,8 @@ def test_accepted_specs_give_unique_device_ids() -> None:
         qemu=QEMU,
         accel="tcg",
         plumbing=plumbing(
-            "/r", drive_files=tuple(d.file for d in spec.drives), drive_formats=("raw",) * len(spec.drives)
+            "/r", drive_files=tuple(str(d.file) for d in spec.drives),
+            drive_formats=("raw",) * len(spec.drives)
         ),
     )
     ids = _device_ids(argv)
@@ -561,7 +562,7 @@ def test_microvm_kernel_gets_the_host_tsc_rate_once() -> None:
 
 @pytest.mark.parametrize(("machine", "device"), [("q35", "vhost-user-fs-pci"),
                                                  ("microvm", "vhost-user-fs-device")])
-def test_virtiofs_shares_guest_ram_and_uses_the_machine_s_transport(machine: str,
+def test_virtiofs_shares_guest_ram_and_uses_the_machine_s_transport(machine: MachineType,
                                                                    device: str) -> None:
     spec = VMSpec(machine=machine, kernel="/k", shares=(Share("/src,x", "/mnt/src"),))
     argv = build_argv(spec, qemu=QEMU, accel="tcg",
@@ -607,7 +608,7 @@ def test_golden_tb_size() -> None:
     # Many TCG VMs per host: a bounded code buffer through -accel (QEMU refuses it beside
     # -machine accel=, so the machine loses its accel= option).
     argv = build_argv(
-        VMSpec(name="pooled", tb_size="128M"), qemu=QEMU, accel="tcg",
+        VMSpec(name="pooled", tb_size="128M"), qemu=QEMU, accel="tcg",  # type: ignore[arg-type]
         plumbing=plumbing("/run/user/1000/qemukit/pooled"),
     )
     check_golden("tb_size", argv)

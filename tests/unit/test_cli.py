@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from qemukit import SpecError, VMSpec
+from qemukit import Drive, Nic, SpecError, VMSpec, parse_nic
 from qemukit.cli import EXIT_ERROR, build_spec, main
 
 from .optsplit import parse_opts
@@ -132,9 +132,9 @@ def test_cmdline_reads_spec_file(cli: Any, tmp_path: Path) -> None:
         name="fromfile",
         accel="tcg",
         cpus=3,
-        memory="768M",
+        memory=768,
         machine="pc",
-        nics=("user,hostfwd=2222:22",),
+        nics=(parse_nic("user,hostfwd=2222:22"),),
         extra_args=("-S",),
     ).dump(spec_file)
     argv = json_argv(cli("cmdline", "-f", str(spec_file), "--json"))
@@ -149,7 +149,7 @@ def test_cmdline_reads_spec_file(cli: Any, tmp_path: Path) -> None:
 @needs_qemu
 def test_cmdline_options_override_spec_file(cli: Any, tmp_path: Path) -> None:
     spec_file = tmp_path / "vm.toml"
-    VMSpec(name="fromfile", accel="tcg", cpus=3, drives=("a.img",)).dump(spec_file)
+    VMSpec(name="fromfile", accel="tcg", cpus=3, drives=(Drive("a.img"),)).dump(spec_file)
     argv = json_argv(cli("cmdline", "-f", str(spec_file), "--cpus", "2", "--disk", "b.img", "--json"))
     assert option_values(argv, "-smp") == ["2"]
     files = [parse_opts(b)["filename"] for b in option_values(argv, "-blockdev") if "driver=file" in b]
@@ -241,7 +241,7 @@ def test_build_spec_defaults() -> None:
 
 def test_build_spec_appends_to_file_lists(tmp_path: Path) -> None:
     path = tmp_path / "vm.toml"
-    VMSpec(drives=("a.img",), nics=("user",), extra_args=("-S",)).dump(path)
+    VMSpec(drives=(Drive("a.img"),), nics=(Nic(),), extra_args=("-S",)).dump(path)
     spec = build_spec(
         _opts(
             spec_file=str(path),

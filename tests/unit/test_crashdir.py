@@ -110,7 +110,7 @@ def _foreign(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if os.geteuid() == 0:
         os.chown(path, 54321, 54321)
     else:
-        monkeypatch.setattr(crashdir.os, "geteuid", lambda: 54321)
+        monkeypatch.setattr("qemukit.crashdir.os.geteuid", lambda: 54321)
 
 
 def test_gdb_never_trusts_a_vmlinux_three_levels_up_outside_a_tree(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_gdb_never_trusts_files_another_user_owns(tmp_path: Path,
 
 
 def test_drgn_triage_says_why_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(crashdir.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("qemukit.crashdir.importlib.util.find_spec", lambda name: None)
     assert "drgn is not installed" in crashdir.drgn_triage(tmp_path / "core", None)
     monkeypatch.undo()
     (tmp_path / "core").write_bytes(b"not a core")
@@ -253,7 +253,7 @@ def test_no_dump_without_room_for_the_guests_memory(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     assert crashdir.dump_space_note(tmp_path / "vmcore", 1) is None
     free = SimpleNamespace(f_bavail=100, f_frsize=1 << 20)  # 100 MiB free
-    monkeypatch.setattr(crashdir.os, "statvfs", lambda path: free)
+    monkeypatch.setattr("qemukit.crashdir.os.statvfs", lambda path: free)
     note = crashdir.dump_space_note(tmp_path / "vmcore", 512)
     assert note is not None and note.startswith("no crash dump: 100 MiB free")
 

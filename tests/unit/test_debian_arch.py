@@ -101,7 +101,7 @@ def test_mmdebstrap_argv_is_foreign_only_for_aarch64(tmp_path: Path,
         def __exit__(self, *exc: object) -> None:
             return None
 
-    monkeypatch.setattr(debian.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr("qemukit.images.debian.subprocess.Popen", FakePopen)
     monkeypatch.setattr(debian, "host_arch", lambda: "x86_64")
     debian._mmdebstrap(tmp_path / "a", ["p"], lambda s: None)
     debian._mmdebstrap(tmp_path / "b", ["p"], lambda s: None, "bookworm", "aarch64",
@@ -137,16 +137,19 @@ def test_unsupported_arch_and_bootable_aarch64_are_refused(cache: Path,
 def test_missing_binfmt_is_one_line_before_any_work(cache: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(debian.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("qemukit.images.debian.os.geteuid", lambda: 0)
     monkeypatch.setattr(debian, "host_arch", lambda: "x86_64")
-    monkeypatch.setattr(debian, "foreign_exec_problem",
-                        lambda arch: calls.append(arch) or "binfmt_misc is not mounted (fake)")
+    def foreign_exec_problem(arch: str) -> str:
+        calls.append(arch)
+        return "binfmt_misc is not mounted (fake)"
+
+    monkeypatch.setattr(debian, "foreign_exec_problem", foreign_exec_problem)
 
     def must_not_run(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("mmdebstrap ran")
 
     monkeypatch.setattr(debian, "_mmdebstrap", must_not_run)
-    monkeypatch.setattr(debian.subprocess, "run", must_not_run)
+    monkeypatch.setattr("qemukit.images.debian.subprocess.run", must_not_run)
     with pytest.raises(HostError) as caught:
         images.build("debian", arch="aarch64")
     message = str(caught.value)
@@ -157,10 +160,10 @@ def test_missing_binfmt_is_one_line_before_any_work(cache: Path,
 
 
 def test_missing_arch_test_is_named(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("qemukit.images.debian.os.geteuid", lambda: 0)
     monkeypatch.setattr(debian, "host_arch", lambda: "x86_64")
     monkeypatch.setattr(debian, "foreign_exec_problem", lambda arch: None)
-    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    monkeypatch.setattr("qemukit.images.debian.shutil.which", lambda name: None)
     with pytest.raises(HostError, match="apt-get install arch-test"):
         images.build("debian", arch="aarch64")
     assert not (cache / "debian").exists()

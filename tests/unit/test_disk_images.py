@@ -24,7 +24,7 @@ from qemukit import Drive, SpecError, host
 from qemukit.host import _img
 from qemukit.warm import file_digest, warm_key
 
-from .test_warm import FACTS
+from .warm_inputs import FACTS
 
 QEMU = host.QemuBinary("/usr/bin/qemu-system-x86_64", (7, 2, 0), "7.2", frozenset({"q35"}),
                        True, None)  # no qemu-img: a probe would fail loudly

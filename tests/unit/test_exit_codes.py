@@ -74,8 +74,8 @@ def test_codes_that_scripts_rely_on() -> None:
     for cls in (errors.SpecError, errors.LaunchError, errors.HostError, errors.StateError,
                 errors.QMPConnectionError):
         assert exit_code_for(_instance(cls)) == EXIT_ERROR == 125
-    for cls in (errors.HotplugError, errors.SnapshotError, errors.QMPCommandError):
-        assert exit_code_for(_instance(cls)) == EXIT_REFUSED == 1
+    for refused in (errors.HotplugError, errors.SnapshotError, errors.QMPCommandError):
+        assert exit_code_for(_instance(refused)) == EXIT_REFUSED == 1
 
 
 @pytest.mark.parametrize("outcome", list(Outcome), ids=str)
@@ -227,7 +227,7 @@ def test_stop_without_qmp_says_how_to_end_it(
 ) -> None:
     from qemukit.vm import VM
 
-    def refuse(cls: type, name: str, **kwargs: Any) -> Any:
+    def refuse(cls: type[VM], /, name: str, **kwargs: Any) -> Any:
         raise error
 
     monkeypatch.setattr(VM, "attach", classmethod(refuse))

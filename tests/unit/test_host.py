@@ -6,9 +6,11 @@ so each branch is checked whatever the machine running the tests looks like.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import resource
+import shutil
 import stat
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from qemukit import HostError, Share, host
 from qemukit.host import _kvm, _virtiofsd
 from qemukit.host._fsguard import guard_prefix
+from qemukit.host._qemu import write_cache
 
 HANG_REASON = (
     "-cpu host: QEMU exited with status -6 (qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: "
@@ -102,8 +105,9 @@ def test_probe_verdict_has_a_short_summary() -> None:
     status = host.KvmStatus(False, HANG_REASON, probed=True)
     assert status.summary == "this host's KVM cannot run Linux guests"
     # A probe cached before summaries existed (no "summary" key) still gets one.
-    assert host.KvmStatus(**{"usable": False, "reason": HANG_REASON, "probed": True,
-                             "console": "", "cpu": None}).summary == status.summary
+    cached: dict[str, Any] = {"usable": False, "reason": HANG_REASON, "probed": True,
+                              "console": "", "cpu": None}
+    assert host.KvmStatus(**cached).summary == status.summary
     aborted = host.KvmStatus(False, "-cpu host: QEMU exited with status -6 (x); "
                              "-cpu kvm64: QEMU exited with status 1 (y)", probed=True)
     assert "Assertion" not in aborted.summary and "every CPU model" in aborted.summary
@@ -130,11 +134,11 @@ def _no_cache() -> None:
 def test_normal_user_without_uidmap_is_told_before_anything_starts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     _no_cache()
-    real_which = _virtiofsd.shutil.which
-    monkeypatch.setattr(_virtiofsd.shutil, "which", lambda cmd, *a, **k: None
+    real_which = shutil.which
+    monkeypatch.setattr("qemukit.host._virtiofsd.shutil.which", lambda cmd, *a, **k: None
                         if cmd in ("newuidmap", "newgidmap") else real_which(cmd, *a, **k))
     monkeypatch.setattr(_virtiofsd, "uid_name", lambda uid: "alice")
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 1000)
     with pytest.raises(HostError, match=r"normal user \(alice\) needs newuidmap and "
                        r"newgidmap \(as root: apt-get install uidmap\); or run as root"):
         host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c"))
@@ -144,9 +148,9 @@ def test_normal_user_without_uidmap_is_told_before_anything_starts(
 def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Any) -> None:
     _no_cache()
-    monkeypatch.setattr(_virtiofsd.shutil, "which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
+    monkeypatch.setattr("qemukit.host._virtiofsd.shutil.which", lambda cmd, *a, **k: f"/usr/bin/{cmd}")
     monkeypatch.setattr(_virtiofsd, "uid_name", lambda uid: "alice")
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 1000)
     subuid = tmp_path / "subuid"
     subuid.write_text("bob:100000:65536\n1000:165536:65536\n")  # alice by uid, in subuid only
     assert _virtiofsd._subid_range(str(subuid), "alice", 1000) == (165536, 65536)
@@ -161,9 +165,9 @@ def test_normal_user_without_subordinate_ids(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_root_and_rust_virtiofsd_need_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 0)
     assert host.virtiofsd_launcher(("/usr/lib/qemu/virtiofsd", "c")) == []
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 1000)
     assert host.virtiofsd_launcher(("/usr/libexec/virtiofsd", "rust")) == []
 
 
@@ -193,26 +197,26 @@ def test_a_read_only_share_is_read_only_at_the_host_for_both_virtiofsds() -> Non
 def test_qemu_runs_guarded_only_for_a_writable_9p_share(monkeypatch: pytest.MonkeyPatch) -> None:
     from qemukit import VMSpec
 
-    for shares in ((), ("/srv:/mnt,9p,ro",), ("/srv:/mnt",)):
+    writable_9p = (Share.parse("/srv:/mnt,9p"),)
+    for shares in ((), (Share.parse("/srv:/mnt,9p,ro"),), (Share.parse("/srv:/mnt"),)):
         assert host.qemu_share_guard(VMSpec(shares=shares)) == []
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 0)
-    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix(drop_caps=True)
-    monkeypatch.setattr(_virtiofsd.os, "geteuid", lambda: 1000)
-    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",))) == guard_prefix()
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 0)
+    assert host.qemu_share_guard(VMSpec(shares=writable_9p)) == guard_prefix(drop_caps=True)
+    monkeypatch.setattr("qemukit.host._virtiofsd.os.geteuid", lambda: 1000)
+    assert host.qemu_share_guard(VMSpec(shares=writable_9p)) == guard_prefix()
 
 
 def test_a_host_the_share_guard_does_not_know_refuses_guarded_shares(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from qemukit import VMSpec
     from qemukit.errors import HostError
-    from qemukit.host import _fsguard
 
-    monkeypatch.setattr(_fsguard.platform, "machine", lambda: "ppc64le")
+    monkeypatch.setattr("qemukit.host._fsguard.platform.machine", lambda: "ppc64le")
     with pytest.raises(HostError, match="ppc64le.*read-only over 9p"):
-        host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p",)))
+        host.qemu_share_guard(VMSpec(shares=(Share.parse("/srv:/mnt,9p"),)))
     with pytest.raises(HostError, match="ppc64le"):
         host.virtiofsd_argv(("/usr/lib/qemu/virtiofsd", "c"), Share.parse("/srv:/mnt"), 5)
-    assert host.qemu_share_guard(VMSpec(shares=("/srv:/mnt,9p,ro",))) == []
+    assert host.qemu_share_guard(VMSpec(shares=(Share.parse("/srv:/mnt,9p,ro"),))) == []
 
 
 # --------------------------------------------------------------- the probe's verdict in the cache
@@ -257,8 +261,8 @@ def test_a_timeout_on_a_busy_host_is_probed_again_later(
     assert not _kvm.kvm_status(QEMU, image).usable
     assert not _kvm.kvm_status(QEMU, image).usable
     assert len(calls) == 1, "within its time the cached verdict is used"
-    stale = _kvm.KvmStatus(**{**busy.__dict__, "probed_at": time.time() - _kvm.BUSY_PROBE_TTL - 1})
-    _kvm.write_cache("kvm-probe.json", _kvm._probe_key(QEMU, *image), stale.__dict__)
+    stale = dataclasses.replace(busy, probed_at=time.time() - _kvm.BUSY_PROBE_TTL - 1)
+    write_cache("kvm-probe.json", _kvm._probe_key(QEMU, *image), stale.__dict__)
     _kvm.kvm_status(QEMU, image)
     assert len(calls) == 2, "a busy host's timeout is not a verdict for the whole boot"
 

@@ -92,7 +92,7 @@ def test_a_locked_image_is_refused_with_a_clear_error(cache: Path, tmp_path: Pat
             return subprocess.CompletedProcess(argv, 1, "", message)
         return real_run(argv, **kwargs)  # type: ignore[call-overload, no-any-return]
 
-    monkeypatch.setattr(imported.subprocess, "run", fake_run)
+    monkeypatch.setattr("qemukit.images.imported.subprocess.run", fake_run)
     with pytest.raises(SpecError) as caught:
         images.import_image("mine", disk)
     assert caught.value.field == "file" and "in use" in str(caught.value)
@@ -231,7 +231,7 @@ def test_bad_suite_and_package_names_name_the_field() -> None:
 
 def test_a_normal_user_gets_one_line_saying_what_is_missing(
         cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("qemukit.images.debian.os.geteuid", lambda: 1000)
     with pytest.raises(Exception) as caught:
         images.build("debian", suite="trixie", packages=["vim"])
     message = str(caught.value)

@@ -498,11 +498,14 @@ def test_run_kernel_says_its_machine_under_v_and_machine_overrides(
     out = CliRunner().invoke(main, [*base, "-v", "--", "true"])
     assert out.exit_code == 0, out.output
     assert "qemukit: machine microvm: nothing in this run needs q35" in out.output
-    assert seen[-1].machine == "microvm" and not seen[-1].warm
+    chosen = seen[-1]
+    assert chosen.machine == "microvm" and not chosen.warm
     out = CliRunner().invoke(main, [*base, "--machine", "q35", "-v", "--", "true"])
-    assert seen[-1].machine == "q35" and "machine microvm" not in out.output
+    asked = seen[-1]
+    assert asked.machine == "q35" and "machine microvm" not in out.output
     out = CliRunner().invoke(main, [*base, "--warm", "-v", "--", "true"])
-    assert seen[-1].machine == "q35" and seen[-1].warm and "vmgenid" in out.output
+    warm = seen[-1]
+    assert warm.machine == "q35" and warm.warm and "vmgenid" in out.output
 
 
 @pytest.mark.parametrize("arch", list(ARCHES))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ ok 3 selftests: qkdemo: skip.sh # SKIP
 
 
 def _result(outcome: str = "passed", stdout: str = RUNNER, **kw: object) -> KernelTestResult:
-    fields: dict = dict(command=("sh",), outcome=outcome, exit_status=0, stdout=stdout, stderr="",
+    fields: dict[str, Any] = dict(command=("sh",), outcome=outcome, exit_status=0, stdout=stdout, stderr="",
                         boot_time=1.0, duration=2.0, panic=None, error=None, accel="tcg",
                         console_log=None, console_tail="tail\x1b")
     fields.update(kw)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,8 @@ def watched(tmp_path: Path) -> Iterator[AsyncVM]:
     proc.close()
 
 
-def _callbacks(fut: asyncio.Future[object]) -> int:
-    return len(fut._callbacks or ())  # type: ignore[attr-defined]
+def _callbacks(fut: asyncio.Future[Any]) -> int:
+    return len(fut._callbacks or ())
 
 
 def test_guard_keeps_no_callback_per_call(watched: AsyncVM) -> None:
@@ -239,13 +240,15 @@ def test_prctl_is_resolved_before_any_fork() -> None:
 
 def test_qemu_qmps_default_listener_keeps_no_event() -> None:
     """qemu.qmp's all-events listener is never read by qemukit: it must not queue events."""
+    from qemu.qmp.message import Message
+
     from qemukit._wire.qmp import QMP
 
     async def main() -> None:
         qmp = QMP("test")
         default = qmp._client.events
         for i in range(100):
-            await qmp._client._event_dispatch({"event": "RESUME", "data": {"i": i}})
+            await qmp._client._event_dispatch(Message({"event": "RESUME", "data": {"i": i}}))
         assert default.empty() and not default.history
 
     asyncio.run(main())

@@ -128,7 +128,7 @@ def test_parallelism_is_bounded_by_memory(monkeypatch: pytest.MonkeyPatch) -> No
         available = 3 * 640 * 1024 * 1024  # room for three VMs of 512 MiB + overhead
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
-    monkeypatch.setattr(_local.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("qemukit.matrix._local.os.sched_getaffinity", lambda pid: set(range(16)))
     jobs = [Job(f"j{i}", ("true",), image="tiny") for i in range(10)]
     assert matrix.default_parallelism(jobs) == 3
     assert matrix.default_parallelism(jobs[:2]) == 2
@@ -312,8 +312,8 @@ def test_an_image_is_built_once_when_many_jobs_ask_at_once(
         (tmp_path / "built").touch()
         return "image"
 
-    monkeypatch.setattr(_run.images, "find_image", find_image)
-    monkeypatch.setattr(_run.images, "build", build)
+    monkeypatch.setattr("qemukit.matrix._run.images.find_image", find_image)
+    monkeypatch.setattr("qemukit.matrix._run.images.build", build)
     threads = [threading.Thread(target=_run.ensure_image, args=("tiny",)) for _ in range(6)]
     for thread in threads:
         thread.start()
@@ -555,9 +555,11 @@ def test_a_shipped_module_tree_unpacks_only_inside_its_target(
     assert (tmp_path / "ok/lib/a.ko").read_bytes() == b"ko"
     assert (tmp_path / "ok/lib/a.ko").stat().st_mode & 0o7022 == 0  # no set-ID, no g/o write
     assert (tmp_path / "ok/lib/b.ko").readlink() == Path("a.ko")
-    for n, bad in enumerate([(("file", "../escape", b"x"),), (("sym", "l", "/etc/passwd"),),
-                             (("sym", "d/l", "../../x"),), (("dev", "tty", b""),)]):
-        with tarfile.open(fileobj=io.BytesIO(_tar(*bad))) as tar, pytest.raises(tarfile.TarError):
+    bad_trees: list[tuple[str, str, bytes | str]] = [
+        ("file", "../escape", b"x"), ("sym", "l", "/etc/passwd"), ("sym", "d/l", "../../x"),
+        ("dev", "tty", b"")]
+    for n, bad in enumerate(bad_trees):
+        with tarfile.open(fileobj=io.BytesIO(_tar(bad))) as tar, pytest.raises(tarfile.TarError):
             _shipping.extract_tree(tar, tmp_path / f"bad{n}")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
 

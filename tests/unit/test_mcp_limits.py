@@ -17,11 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from qemukit import mcp as qmcp
-from qemukit.cli import _mcp as cli_mcp
 from qemukit.cli import main
 from qemukit.errors import SpecError
 from qemukit.guest import ExecResult
-from qemukit.spec import CloudInit, Drive, Nic, Share, VMSpec
+from qemukit.spec import CloudInit, Drive, Nic, PortForward, Share, VMSpec
 
 
 def _fake_spec(name: str = "tiny", **overrides: Any) -> VMSpec:
@@ -93,7 +92,7 @@ def fake_vms(monkeypatch: pytest.MonkeyPatch) -> list[FakeVM]:
 
 @pytest.fixture(autouse=True)
 def fake_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qmcp.images, "spec", _fake_spec)
+    monkeypatch.setattr("qemukit.mcp.images.spec", _fake_spec)
 
 
 @pytest.fixture
@@ -146,9 +145,9 @@ def test_no_network_unless_allowed(sandbox: qmcp.Sandbox, fake_vms: list[FakeVM]
     err = _refused(sandbox, forwards=["8080:80"])
     assert err.field == "forwards" and "--allow-network" in err.reason and "10.0.2.2" in err.reason
     # An image's own NIC (debian's ssh forward) is removed too.
-    debian_like = _fake_spec(nics=(Nic(forwards=("0:22",)),))
+    debian_like = _fake_spec(nics=(Nic(forwards=(PortForward(0, 22),)),))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qmcp.images, "spec", lambda name="tiny", **kw: debian_like)
+        mp.setattr("qemukit.mcp.images.spec", lambda name="tiny", **kw: debian_like)
         spec, _ = sandbox._spec("debian", None, None, None, None, None, None)
     assert spec.nics == ()
     with pytest.raises(SpecError, match="--allow-network"):
@@ -545,7 +544,7 @@ def test_cli_bad_sizes_and_grants(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_sdk_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_mcp.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("qemukit.cli._mcp.importlib.util.find_spec", lambda name: None)
     out = CliRunner().invoke(main, ["mcp"])
     assert out.exit_code != 0
     assert out.output.strip() == "qemukit: qemukit mcp needs the MCP SDK: pip install 'qemukit[mcp]'"
@@ -572,3 +571,36 @@ def test_a_template_host_root_needs_the_operator_to_grant_the_root_and_its_rw_di
     assert spec.host_root is not None and spec.host_root.rw == (str(out),)
     assert [(s.host_path, s.read_only) for s in spec.all_shares] == [("/", True),
                                                                      (str(out), False)]
+
+
+def test_standby_clones_count_against_the_limits(fake_vms: list[FakeVM],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: a client starting VMs of ever other sizes leaves one standby clone per
+    size (each a QEMU with its memory) that --max-vms and --max-total-memory never saw.
+    The server asks for a standby only where the limits leave room for it, and ends its
+    standbys before a start or fork that would not fit beside them."""
+    kept: list[int] = []
+    ended: list[list[int]] = []
+
+    async def end_all() -> None:
+        ended.append(list(kept))
+        kept.clear()
+
+    monkeypatch.setattr("qemukit.vm._standby.kept_memory", lambda: list(kept))
+    monkeypatch.setattr("qemukit.vm._standby.end_all", end_all)
+    box = qmcp.Sandbox(qmcp.Limits(max_vms=2, max_memory_mib=1024, max_total_memory_mib=1536))
+
+    async def go() -> None:
+        await box.start(memory="512M")
+        assert fake_vms[-1].spec.standby is True  # room for it and its standby
+        kept.append(512)  # the standby that start left
+        await box.start(memory="256M")  # 1 running + this one: no room for a standby
+        assert fake_vms[-1].spec.standby is False
+        assert ended == [[512]], "the standby was not ended though 3 QEMUs would run"
+        await box.stop_all()
+        kept.append(1024)  # a standby of another size
+        await box.start(memory="512M")  # 2 QEMUs fit, 512 + 512 + 1024 MiB do not
+        assert ended[-1] == [1024] and fake_vms[-1].spec.standby is True
+        await box.stop_all()
+
+    asyncio.run(go())

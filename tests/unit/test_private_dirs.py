@@ -183,7 +183,8 @@ def test_images_build_under_sudo_hands_the_image_over(sudo: Path,
 
     monkeypatch.setattr(images, "find_image", lambda name, arch="x86_64": None)
     monkeypatch.setattr(images, "build_tiny", built)
-    assert images.build("tiny") == "image"
+    built_image: object = images.build("tiny")  # what the patched build_tiny returned
+    assert built_image == "image"
     assert (sudo / ".cache" / "qemukit" / "tiny" / "6.1" / "initrd.img").stat().st_uid == OTHER_UID
 
 

@@ -54,7 +54,7 @@ def test_bisect_ends_git_and_its_judge_on_an_error_or_ctrl_c(
     def ctrl_c(line: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bisect.subprocess, "Popen", fake_git)
+    monkeypatch.setattr("qemukit.bisect.subprocess.Popen", fake_git)
     with pytest.raises(KeyboardInterrupt):
         bisect._run_bisect(tmp_path, tmp_path, ctrl_c)
     monkeypatch.undo()

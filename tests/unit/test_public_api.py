@@ -76,7 +76,7 @@ def _own_doc(obj: object) -> str:
 
 
 def _public_members(cls: type) -> list[tuple[str, object]]:
-    members = []
+    members: list[tuple[str, object]] = []
     for name, value in vars(cls).items():
         if name.startswith("_"):
             continue

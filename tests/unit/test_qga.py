@@ -247,7 +247,7 @@ class FakeMonitor:
 def test_port_open_event_triggers_a_fresh_sync(tmp_path: Path) -> None:
     async def main() -> None:
         monitor = FakeMonitor()
-        async with agent_and_fake(tmp_path, monitor=monitor) as (agent, fake):  # type: ignore[arg-type]
+        async with agent_and_fake(tmp_path, monitor=monitor) as (agent, fake):
             fake.drop_syncs = 1  # the first sync is lost with an agent that restarts
             task = asyncio.ensure_future(agent.ping(30))
             await asyncio.sleep(0.3)

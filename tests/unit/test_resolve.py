@@ -19,7 +19,7 @@ from qemukit import VMSpec, kernel, matrix
 from qemukit.cli import main
 from qemukit.errors import SpecError
 from qemukit.resolve import Request, job_request, resolve
-from qemukit.spec import HostRoot
+from qemukit.spec import HostRoot, Nic
 
 from .test_kconfig import base_initrd, fake_tree, full_config
 
@@ -167,7 +167,7 @@ def test_requests_are_checked_before_anything_is_looked_up(tmp_path: Path) -> No
 def test_forward_auto_asked_for_a_vm_that_is_not_detached_is_refused(tmp_path: Path) -> None:
     vmlinuz = tmp_path / "vmlinuz"
     vmlinuz.write_bytes(b"k")
-    spec = VMSpec(kernel=str(vmlinuz), nics=("user",))
+    spec = VMSpec(kernel=str(vmlinuz), nics=(Nic(),))
     with pytest.raises(SpecError) as err:
         resolve(Request(spec=spec, overrides={"forward_auto": True}))
     assert err.value.field == "forward_auto" and "detached" in err.value.reason

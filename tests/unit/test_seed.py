@@ -100,8 +100,15 @@ def test_user_data_passes_through_byte_for_byte(tmp_path: Path, pubkey: Path) ->
 def user_data_parts(data: bytes) -> list[tuple[str, bytes]]:
     msg = email.message_from_bytes(data)
     assert msg.is_multipart()
-    return [(part.get_content_type(), part.get_payload(decode=True))
-            for part in msg.get_payload()]
+    parts = msg.get_payload()
+    assert isinstance(parts, list)
+    out = []
+    for part in parts:
+        assert isinstance(part, email.message.Message)
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((part.get_content_type(), payload))
+    return out
 
 
 def _cloud_config(data: bytes) -> dict[str, object]:
@@ -198,7 +205,7 @@ def test_cloud_init_round_trips_through_toml() -> None:
 ])
 def test_cloud_init_validation(kwargs: dict[str, str], field: str) -> None:
     with pytest.raises(SpecError) as info:
-        CloudInit(**kwargs)  # type: ignore[arg-type]
+        CloudInit(**kwargs)
     assert info.value.field == field
 
 
@@ -206,17 +213,17 @@ def test_spec_refuses_seed_on_microvm_and_cidata_ids() -> None:
     with pytest.raises(SpecError, match="microvm"):
         VMSpec(machine="microvm", kernel="/k", cloud_init=CloudInit())
     with pytest.raises(SpecError, match="cidata"):
-        VMSpec(drives=[Drive("/d", id="cidata1")], cloud_init=CloudInit())
+        VMSpec(drives=(Drive("/d", id="cidata1"),), cloud_init=CloudInit())
     with pytest.raises(SpecError, match="unknown field"):
         VMSpec.from_dict({"cloud_init": {"password": "x"}})
-    VMSpec(drives=[Drive("/d", id="cidata1")])  # without a seed the id is free
+    VMSpec(drives=(Drive("/d", id="cidata1"),))  # without a seed the id is free
 
 
 # -- the seed CD's argv -------------------------------------------------------------------------
 
 
 def test_seed_cd_gets_its_own_scsi_controller() -> None:
-    args = seed_device_args(VMSpec(drives=[Drive("/a.qcow2")]), "/run/x,y/seed.iso")
+    args = seed_device_args(VMSpec(drives=(Drive("/a.qcow2"),)), "/run/x,y/seed.iso")
     assert args == [
         "-blockdev", "driver=file,node-name=cidata-file,filename=/run/x,,y/seed.iso,read-only=on",
         "-blockdev", "driver=raw,node-name=cidata-fmt,file=cidata-file,read-only=on",
@@ -226,7 +233,7 @@ def test_seed_cd_gets_its_own_scsi_controller() -> None:
 
 
 def test_seed_cd_shares_the_spec_scsi_controller() -> None:
-    args = seed_device_args(VMSpec(drives=[Drive("/a.qcow2", interface="virtio-scsi")]), "/s.iso")
+    args = seed_device_args(VMSpec(drives=(Drive("/a.qcow2", interface="virtio-scsi"),)), "/s.iso")
     assert "virtio-scsi-pci,id=scsi1" not in args
     assert args[-1] == "scsi-cd,bus=scsi0.0,drive=cidata-fmt,id=cidata0"
 
@@ -334,8 +341,8 @@ def test_keep_disks_makes_a_persistent_overlay_and_key(tmp_path: Path, cache: Pa
     base = tmp_path / "base.raw"
     base.write_bytes(b"\0" * 1024 * 1024)
     base.chmod(0o444)
-    spec = VMSpec(name="keeper", drives=[Drive(base, overlay=True), Drive(tmp_path / "other.raw")],
-                  nics=[Nic(forwards=[PortForward(0, 22)])], cloud_init=CloudInit())
+    spec = VMSpec(name="keeper", drives=(Drive(base, overlay=True), Drive(tmp_path / "other.raw")),
+                  nics=(Nic(forwards=(PortForward(0, 22),)),), cloud_init=CloudInit())
     kept, directory = keep_disks(spec)
     assert directory == tmp_path / "data/qemukit/disks/keeper"
     first = kept.drives[0]

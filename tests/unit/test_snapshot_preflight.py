@@ -40,7 +40,7 @@ def test_block_devices_reads_query_block() -> None:
 def test_a_qcow2_disk_passes_every_kind() -> None:
     devices = block_devices([QCOW2, RAW_RO])
     for kind in ("internal", "external", "external-memory"):
-        assert find_problems(kind, devices) == []  # type: ignore[arg-type]
+        assert find_problems(kind, devices) == []
     assert find_problems("state", devices, spec_drives=["disk0", "iso"]) == []
 
 
@@ -59,7 +59,7 @@ def test_read_only_raw_disk_is_fine() -> None:
 
 def test_pflash_variable_store_is_refused_for_every_kind() -> None:
     for kind in ("internal", "external", "external-memory", "state"):
-        problems = find_problems(kind, block_devices([QCOW2, PFLASH]),  # type: ignore[arg-type]
+        problems = find_problems(kind, block_devices([QCOW2, PFLASH]),
                                  spec_drives=["disk0"])
         assert len(problems) == 1, kind
         assert "pflash" in problems[0] and "firmware='seabios'" in problems[0]
@@ -75,7 +75,7 @@ def test_migration_blockers_are_reported_when_ram_is_saved() -> None:
     reasons = ["The vvfat (rw) format used by node '#block012' does not support live migration"]
     devices = block_devices([QCOW2])
     for kind in ("internal", "external-memory", "state"):
-        problems = find_problems(kind, devices, blocked_reasons=reasons,  # type: ignore[arg-type]
+        problems = find_problems(kind, devices, blocked_reasons=reasons,
                                  spec_drives=["disk0"])
         assert any("vvfat" in p for p in problems), kind
     assert find_problems("external", devices, blocked_reasons=reasons) == []

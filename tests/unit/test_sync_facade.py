@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -17,10 +19,12 @@ ASYNC_ONLY = {
     "reset_agent": "used by operations inside the loop (a reverted guest reboots)",
     "frozen": "an async context manager; the sync class has its own context manager",
 }
+#: Methods that return VMs: the sync twin gives sync VMs (same parameters, its own return type).
+FACTORY_METHODS = ("start", "fork")
 PAIRS = [(VM, AsyncVM), (Hotplug, AsyncHotplug), (SyncSnapshots, Snapshots), (SyncGuest, AsyncGuest)]
 
 
-def _public_coroutines(cls: type) -> dict[str, object]:
+def _public_coroutines(cls: type) -> dict[str, Callable[..., Any]]:
     return {name: fn for name, fn in inspect.getmembers(cls, inspect.iscoroutinefunction)
             if not name.startswith("_")}
 
@@ -35,8 +39,9 @@ def test_every_coroutine_has_a_sync_twin_with_the_same_signature(sync_cls: type,
         assert twin is not None, f"{sync_cls.__name__}.{name} is missing"
         expected = inspect.signature(coroutine)
         actual = inspect.signature(twin)
-        if isinstance(inspect.getattr_static(async_cls, name), classmethod) or name == "start":
-            # A factory (or start, which returns the VM) gives the sync class: same parameters.
+        if (isinstance(inspect.getattr_static(async_cls, name), classmethod)
+                or name in FACTORY_METHODS):
+            # A factory (or start, fork, which return VMs) gives the sync class: same parameters.
             assert list(actual.parameters.values()) == list(expected.parameters.values()), name
         else:
             assert actual == expected, f"{sync_cls.__name__}.{name}: {actual} != {expected}"
@@ -48,7 +53,7 @@ def test_sync_methods_are_not_written_by_hand() -> None:
         for name, coroutine in _public_coroutines(async_cls).items():
             raw = inspect.getattr_static(sync_cls, name, None)
             if name in ASYNC_ONLY or isinstance(inspect.getattr_static(async_cls, name),
-                                                classmethod) or name == "start":
+                                                classmethod) or name in FACTORY_METHODS:
                 continue
             assert getattr(raw, "__wrapped__", None) is coroutine, f"{sync_cls.__name__}.{name}"
 

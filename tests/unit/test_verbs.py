@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pytest
 
@@ -23,6 +23,9 @@ from qemukit import CommandFailed, GuestError, GuestPanic, SpecError, StateError
 from qemukit._wire.agent import ExecResult
 from qemukit.errors import QMPCommandError
 from qemukit.vm import _verbs
+
+if TYPE_CHECKING:
+    from qemukit._wire.console import ConsoleWatcher
 
 T = TypeVar("T")
 Answer = Callable[[str | Sequence[str]], ExecResult]
@@ -299,7 +302,8 @@ def test_console_text_is_matched_across_chunks_and_the_previous_sink_still_gets_
         console = FakeConsole()
         console.sink = seen.append
         waiting = asyncio.ensure_future(
-            _verbs.wait_for_console_text(vm, console, r"ready: (\d+) \u00e9", 10, "now"))
+            _verbs.wait_for_console_text(vm, cast("ConsoleWatcher", console),
+                                         r"ready: (\d+) \u00e9", 10, "now"))
         await asyncio.sleep(0)
         assert console.sink is not seen.append
         sink = console.sink

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qemukit import Drive, Share, VMSpec, host
+from qemukit import Drive, Share, VMSpec
 from qemukit._launch.plan import HostFacts
 from qemukit.spec import CloudInit, Nic
 from qemukit.warm import (
@@ -21,22 +21,7 @@ from qemukit.warm import (
     warm_refusal,
     warm_spec,
 )
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    out = {}
-    for name in ("vmlinuz", "initrd", "qemu", "disk.raw"):
-        (tmp_path / name).write_bytes(name.encode() * 100)
-        out[name] = tmp_path / name
-    return out
-
-
-def qemu(path: Path, version: tuple[int, int, int] = (7, 2, 0)) -> host.QemuBinary:
-    return host.QemuBinary(str(path), version, "", frozenset({"q35"}), True, None)
-
-
-FACTS = HostFacts(qemu="/usr/bin/qemu-system-x86_64", accel="tcg")
+from tests.unit.warm_inputs import FACTS, qemu
 
 
 def spec(files: dict[str, Path], **changes: object) -> VMSpec:

@@ -18,35 +18,20 @@ from typing import Any
 
 import pytest
 
-from qemukit import Drive, VMSpec, host
-from qemukit._launch.plan import HostFacts
+from qemukit import Drive, VMSpec
 from qemukit._wire.agent import ExecResult
 from qemukit.errors import LaunchError, SnapshotError, StateError
 from qemukit.snapshot import Bundle
 from qemukit.snapshot._bundle import private_ram_args, shared_ram_args, without_ram_args
 from qemukit.vm import _warm
 from qemukit.warm import WarmCache
-
-FACTS = HostFacts(qemu="/usr/bin/qemu-system-x86_64", accel="tcg")
+from tests.unit.warm_inputs import FACTS, qemu
 
 
 @pytest.fixture(autouse=True)
 def mapped_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mapped restores on, whatever the default and the caller's environment."""
     monkeypatch.setenv(_warm.MAP_ENV, "1")
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    out = {}
-    for name in ("vmlinuz", "initrd", "qemu", "disk.raw"):
-        (tmp_path / name).write_bytes(name.encode() * 100)
-        out[name] = tmp_path / name
-    return out
-
-
-def qemu(path: Path, version: tuple[int, int, int] = (7, 2, 0)) -> host.QemuBinary:
-    return host.QemuBinary(str(path), version, "", frozenset({"q35"}), True, None)
 
 
 def tiny(files: dict[str, Path], **changes: Any) -> VMSpec:
