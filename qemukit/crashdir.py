@@ -51,8 +51,9 @@ from .results import Outcome
 from .spec import VMSpec
 from .vm import VM, VMState
 
-__all__ = ["BUNDLE_FILES", "bundle_from_vm", "call_trace", "drgn_triage", "find_vmlinux",
-           "finish_run_bundle", "kernel_identity", "new_bundle", "write_bundle"]
+__all__ = ["BUNDLE_FILES", "bundle_from_vm", "call_trace", "crash_command", "drgn_triage",
+           "find_vmlinux", "finish_run_bundle", "kernel_identity", "kernel_uses_slob",
+           "new_bundle", "write_bundle"]
 
 #: The files a crash bundle holds (``vmcore`` only when the dump could be taken).
 BUNDLE_FILES = ("verdict.json", "console.log", "vmcore", "kernel.json", "qemu-argv.json",
@@ -208,6 +209,49 @@ def kernel_identity(*, kernel: str | Path | None, initrd: str | Path | None,
     }
 
 
+#: What to say when it is not known whether the kernel uses SLOB.
+SLOB_NOTE = ("add --no_kmem_cache if the kernel uses SLOB (CONFIG_SLOB=y, as tinyconfig "
+             "kernels do): crash 8.0 cannot read SLOB's caches")
+
+
+def kernel_uses_slob(config: str | Path | None) -> bool | None:
+    """Whether the kernel config file ``config`` says ``CONFIG_SLOB=y`` (None: not known)."""
+    if config is None:
+        return None
+    try:
+        with open(config, encoding="utf-8", errors="replace") as fh:
+            return any(line.strip() == "CONFIG_SLOB=y" for line in fh)
+    except OSError:
+        return None
+
+
+def _tree_config(kernel: str | Path | None) -> Path | None:
+    """The ``.config`` of the tree a kernel (a tree, or an image built in one) comes from."""
+    if kernel is None:
+        return None
+    start = Path(os.path.abspath(kernel))
+    tree = start if start.is_dir() else _kernel_tree_of(start)
+    config = tree / ".config" if tree is not None else None
+    return config if config is not None and config.is_file() else None
+
+
+def crash_command(dump: str | Path, vmlinux: str | Path | None = None,
+                  config: str | Path | None = None, *, kernel: str | Path | None = None) -> str:
+    """The ``crash`` command line that opens ``dump``, for the kernel whose config is ``config``.
+
+    crash 8.0 (Debian 12's) stops at ``invalid structure member offset:
+    kmem_cache_s_num`` on a SLOB kernel unless started with ``--no_kmem_cache``:
+    the flag is in the command when the config says ``CONFIG_SLOB=y``; when
+    the config is not known the command is followed by when to add it.
+    Without ``config``, that of the tree ``kernel`` (a tree, or an image in
+    its ``arch/*/boot/``) was built in is read.
+    """
+    slob = kernel_uses_slob(config if config is not None else _tree_config(kernel))
+    flag = "--no_kmem_cache " if slob else ""
+    command = f"crash {flag}{vmlinux if vmlinux is not None else 'vmlinux'} {dump}"
+    return command if slob is not None else f"{command} ({SLOB_NOTE})"
+
+
 def call_trace(console: str, line: str | None = None) -> list[str]:
     """The first call trace on ``console`` at or after the report ``line`` (printk stamps removed).
 
@@ -331,7 +375,10 @@ def _triage(bundle: Path, verdict: Mapping[str, Any], identity: Mapping[str, Any
     dump = bundle / "vmcore" if (bundle / "vmcore").is_file() else identity.get("dump")
     out += ["", "--- from the dump (drgn) ---"]
     out.append(drgn_triage(dump, vmlinux) if dump else "no dump was taken")
-    out += ["", "Open the dump: drgn -c vmcore -s vmlinux; crash vmlinux vmcore"]
+    vmlinux_name = identity.get("vmlinux") or "vmlinux"
+    crash = crash_command("vmcore", vmlinux_name, identity.get("config"),
+                          kernel=identity.get("image"))
+    out += ["", f"Open the dump: drgn -c vmcore -s {vmlinux_name}; {crash}"]
     return "\n".join(out) + "\n"
 
 

@@ -19,6 +19,7 @@ bytes themselves are in :class:`~qemukit.guest.ExecResult`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,8 @@ from .vm import VM, VMState
 
 __all__ = ["JUNIT_TEXT_LIMIT", "KernelTestResult", "MachineChoice", "bzimage_release",
            "json_safe", "kernel_run_machine", "run_in_vm", "run_kernel", "xml_safe"]
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KernelTestResult:
@@ -93,6 +96,9 @@ class KernelTestResult:
     #: Seconds the run spent first building the spec's warm state (None: it did not), apart
     #: from ``boot_time``; the ``timeout`` for boot plus command counts from after it.
     warm_build_time: float | None = None
+    #: Why the console log could not be copied to the ``console_log`` asked for (then
+    #: ``console_log`` is None); the verdict stands regardless. None when it was written.
+    console_log_error: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outcome", Outcome(self.outcome))
@@ -128,6 +134,7 @@ class KernelTestResult:
                         ("oops", self.oops), ("dump", self.dump), ("arch", self.arch),
                         ("kernel_release", self.kernel_release),
                         ("kernel_config_sha256", self.kernel_config_sha256),
+                        ("console_log_error", self.console_log_error),
                         *(("warning", w) for w in self.warnings)])
 
     def write_junit(self, path: str | Path, *, suite: str = "qemukit") -> None:
@@ -166,7 +173,9 @@ def run_in_vm(
     warm state first (a boot bounded by ``timeout`` as well, then a save): that
     is reported apart (``warm_build_time``) and does not shorten the command's
     time. ``console_log`` keeps a copy of the
-    whole serial console (the VM's runtime directory is removed afterwards).
+    whole serial console (the VM's runtime directory is removed afterwards); a
+    copy that cannot be written is logged and said in the result's
+    ``console_log_error``, and the verdict stands.
     ``modules`` (see :func:`run_kernel`) is appended to the spec's initrd.
     ``on_started`` is called once QEMU is up (e.g. to say which accelerator).
     ``on_starting`` is called (on qemukit's loop thread) as the start begins, with
@@ -326,8 +335,12 @@ def _run_resolved(
                 # A guest that never became ready will hardly honour the power button.
                 vm.shutdown(timeout=10 if fields["boot_time"] is not None else 2)
     if log_copy_error is not None:
-        raise HostError(f"cannot write the console log to {console_log}: "
-                        f"{log_copy_error.strerror or log_copy_error}") from log_copy_error
+        # The verdict is what the run is for (a bisection judges by it): the copy's failure
+        # goes beside it, never in its place.
+        fields["console_log_error"] = (f"cannot write the console log to {console_log}: "
+                                       f"{log_copy_error.strerror or log_copy_error}")
+        log.warning("%s", fields["console_log_error"])
+        console_log = None
     oopses = [e.line for e in events if e.kind == "oops"]
     if fields["oops"] is None and oopses:
         fields["oops"] = oopses[0]

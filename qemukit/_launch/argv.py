@@ -50,6 +50,9 @@ class Plumbing:
 
     qmp_fd: int | None = None
     qmp_path: str | None = None
+    #: QEMU's end of the serial console's connection to the owner (made before QEMU
+    #: starts, inherited): the owner reads the console and writes its log.
+    console_fd: int | None = None
     console_path: str | None = None
     console_log: str | None = None
     agent_path: str | None = None
@@ -313,7 +316,14 @@ def build_argv(
         argv += _chardev_socket("qmp-shared", plumbing.qmp_path)
         argv += ["-mon", "chardev=qmp-shared,mode=control"]
     if spec.serial:
-        if plumbing.console_path:
+        if plumbing.console_fd is not None:
+            # Connected to the owner before QEMU starts, so the owner reads every byte
+            # and writes the log itself. QEMU's logfile= logs a byte twice when the
+            # reader is slow (a write that failed with EAGAIN is logged, then logged
+            # again when the UART retries it); a detached VM, read by nobody, keeps it.
+            argv += ["-chardev", f"socket,id=console0,fd={plumbing.console_fd}"]
+            argv += ["-serial", "chardev:console0"]
+        elif plumbing.console_path:
             log = ""
             if plumbing.console_log:
                 log = f",logfile={quote_opt(plumbing.console_log)},logappend=on"

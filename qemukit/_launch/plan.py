@@ -88,22 +88,35 @@ class LaunchPlan:
     #: The cloud-init seed ISO to write, and the arguments attaching it.
     seed_iso: str | None
     seed_args: tuple[str, ...]
+    #: The launcher reads the serial console from QEMU's start and writes its log
+    #: (:class:`~qemukit._wire.console.ConsoleWatcher`); else QEMU logs it (``logfile=``),
+    #: for a VM that outlives the launcher (detached) and that nobody else reads.
+    console_reader: bool = False
 
     def argv(self, qmp_fd: int = PREVIEW_QMP_FD,
-             network_fds: Sequence[int] | None = None) -> list[str]:
+             network_fds: Sequence[int] | None = None, console_fd: int | None = None
+             ) -> list[str]:
         """QEMU's argv, with ``qmp_fd`` the inherited end of the owner's monitor socket.
 
         ``network_fds`` are QEMU's ends of its switch connections, one per
-        ``spec.networks`` (a preview numbers them after ``qmp_fd``).
+        ``spec.networks`` (a preview numbers them after ``qmp_fd``);
+        ``console_fd`` QEMU's end of the console's connection when :attr:`console_reader`
+        (a preview numbers it after the networks').
         """
         facts = self.facts
         if network_fds is None:
             network_fds = range(qmp_fd + 1, qmp_fd + 1 + len(self.spec.networks))
+        plumbing = replace(self.plumbing, qmp_fd=qmp_fd, network_fds=tuple(network_fds))
+        if self.console_reader and self.spec.serial:
+            if console_fd is None:
+                console_fd = max([qmp_fd, *network_fds]) + 1
+            # The launcher writes the log from what it reads: QEMU logs nothing.
+            plumbing = replace(plumbing, console_fd=console_fd, console_log=None)
         return build_argv(
             self.spec,
             qemu=facts.qemu,
             accel=facts.accel,
-            plumbing=replace(self.plumbing, qmp_fd=qmp_fd, network_fds=tuple(network_fds)),
+            plumbing=plumbing,
             sandbox=facts.sandbox,
             name=self.runtime.name,
             cpu=facts.cpu,
@@ -119,6 +132,7 @@ def plan_launch(
     images: Sequence[DiskImage | str],
     *,
     incoming: str | None = None,
+    console_reader: bool = True,
 ) -> LaunchPlan:
     """Decide a start of ``spec`` in ``runtime`` (pure; nothing is created).
 
@@ -127,6 +141,8 @@ def plan_launch(
     file). An ``overlay=True`` drive gets a qcow2 overlay whose backing is
     the drive's file, then that file's chain. ``incoming`` is
     ``-incoming``'s value for a VM that will be fed saved state (``defer``).
+    ``console_reader`` says the launcher reads the console from QEMU's start
+    and writes its log (false for a VM that outlives it: QEMU logs it).
     """
     files: list[str] = []
     final_formats: list[str] = []
@@ -180,4 +196,5 @@ def plan_launch(
         virtiofs=virtiofs,
         seed_iso=seed_iso,
         seed_args=tuple(seed_device_args(spec, seed_iso)) if seed_iso else (),
+        console_reader=console_reader,
     )

@@ -175,32 +175,93 @@ def _start_virtiofsd(prepared: Prepared, share: Share, path: str, runtime: Runti
 
 def spawn_qemu(plan: LaunchPlan, prepared: Prepared, links: Sequence[socket.socket] = (),
                inherit: Sequence[int] = (), *, die_with_parent: bool
-               ) -> tuple[QemuProcess, list[str], socket.socket]:
+               ) -> tuple[QemuProcess, list[str], socket.socket, socket.socket | None]:
     """Spawn QEMU for ``plan`` with its monitor on a socket pair we made.
 
     ``links`` are the VM's connections to its private networks' switches,
     handed to QEMU (it keeps its own copies: they are closed here either way);
     ``inherit`` other descriptors QEMU keeps (a warm entry's hold), left open.
-    Returns the process, its argv (without the share guard before it) and
-    our end of the monitor socket, non-blocking: QEMU is connected from the
-    start, so there is no wait for a socket to appear and no race for it.
+    Returns the process, its argv (without the share guard before it), our
+    end of the monitor socket, non-blocking: QEMU is connected from the
+    start, so there is no wait for a socket to appear and no race for it; and,
+    when the plan's launcher reads the console (:attr:`LaunchPlan.console_reader`),
+    our end of its connection, made the same way (see :func:`_console_connection`).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    console: socket.socket | None = None
+    qemu_console: socket.socket | None = None
     try:
-        argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links])
+        if plan.console_reader and plan.spec.serial:
+            qemu_console, console = _console_connection()
+        argv = plan.argv(qmp_fd=theirs.fileno(), network_fds=[link.fileno() for link in links],
+                         console_fd=qemu_console.fileno() if qemu_console is not None else None)
+        passed = [theirs.fileno(), *(link.fileno() for link in links), *inherit]
+        if qemu_console is not None:
+            passed.append(qemu_console.fileno())
         proc = QemuProcess.spawn([*prepared.qemu_guard, *argv], log_path=plan.runtime.qemu_log,
-                                 pass_fds=[theirs.fileno(), *(link.fileno() for link in links),
-                                           *inherit],
-                                 die_with_parent=die_with_parent)
+                                 pass_fds=passed, die_with_parent=die_with_parent)
+    except BaseException:
+        ours.close()
+        if console is not None:
+            console.close()
+        raise
+    finally:
+        theirs.close()
+        if qemu_console is not None:
+            qemu_console.close()
+        for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
+            link.close()
+    ours.setblocking(False)
+    if console is not None:
+        console.setblocking(False)
+    return proc, argv, ours, console
+
+
+def _console_connection() -> tuple[socket.socket, socket.socket]:
+    """QEMU's end and ours of a loopback TCP connection for the serial console.
+
+    TCP, not a Unix socket: the UART hands QEMU's chardev one byte per write,
+    and a Unix stream socket spends a whole buffer (about 800 bytes of kernel
+    memory) on each, so it is full after about 280 bytes of console output
+    (measured: 278 one-byte sends before ``EAGAIN``). A reader that misses a
+    few milliseconds on a loaded host then fills it, and QEMU's UART drops
+    the bytes it cannot send (``serial_xmit`` gives up after
+    ``MAX_XMIT_RETRY`` tries, and the guest's driver overwrites the busy
+    transmitter after its own timeout): ``    ok 6`` reached the stream as
+    ``  6``. TCP appends small writes to its queue: megabytes fit (measured:
+    4 million one-byte sends). The connection is made here: the listener is
+    bound to 127.0.0.1 for an instant and accepts only our own connection (a
+    stranger's that came first is closed), then it is closed.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ours = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    theirs: socket.socket | None = None
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        ours.connect(listener.getsockname())
+        mine = ours.getsockname()
+        listener.settimeout(5)
+        for _ in range(8):
+            conn, peer = listener.accept()
+            if peer == mine:
+                theirs = conn
+                break
+            conn.close()  # another local process raced for the port: never QEMU's console
+        if theirs is None:
+            raise LaunchError("cannot connect the console: other local processes kept "
+                              "connecting to its loopback port")
+        # Each byte goes out at once (no Nagle wait for an ACK): a prompt shows when printed.
+        theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        ours.close()
+        raise LaunchError(f"cannot connect the console: {exc.strerror or exc}") from exc
     except BaseException:
         ours.close()
         raise
     finally:
-        theirs.close()
-        for link in links:  # QEMU holds its own copies; the VM leaves when QEMU exits
-            link.close()
-    ours.setblocking(False)
-    return proc, argv, ours
+        listener.close()
+    return theirs, ours
 
 
 def record(rd: RuntimeDir, proc: QemuProcess, argv: list[str], accel: host.AccelChoice,

@@ -2,9 +2,22 @@
 
 A connected console socket that nobody reads fills up and stalls the guest's
 UART, so once connected the watcher keeps reading. QEMU also writes every
-byte to the console log, which is what error messages quote (when the socket
-is slow QEMU may log a character twice, so events are taken from the socket's
-stream, which is exact, and the log is only a fallback).
+byte to the console log, which is what error messages quote.
+
+Who writes the log: a VM's launcher that lives as long as the VM (the usual
+case) hands QEMU a console connection made before QEMU starts (loopback TCP,
+which holds megabytes of the UART's one-byte writes where a Unix socket holds
+about 280 bytes: see :func:`qemukit._launch.start._console_connection`) and
+the watcher writes the log itself, every chunk as it is read: the log is the
+stream, byte for byte.
+QEMU's own ``logfile=`` is not: QEMU 7.2's ``qemu_chr_write_buffer`` logs a
+write that failed with ``EAGAIN`` (a full socket: the reader is slow) as if
+it were final, and the UART (``hw/char/serial.c``) then retries the byte,
+which is logged again when it goes through, so a loaded host's log reads
+``skiipped``. A detached VM, whose launcher exits, keeps QEMU's log: nobody
+reads its socket then (a write to an unconnected socket fails with ``EIO``,
+which the UART does not retry, so each byte is logged once), except a
+``qemukit console`` or ``logs -f`` attached for a while.
 
 Each console line is classified by :func:`classify` (formats from the Linux
 sources, checked against real output of Debian's 6.1 kernel):
@@ -53,10 +66,11 @@ The log is capped: a guest printing without end (``yes > /dev/console``)
 must not fill the disk. Once ``console.log`` passes ``max_log_bytes``
 (:data:`CONSOLE_LOG_MAX`) the watcher moves it to ``console.log.1`` (replacing
 the one before) and empties it, so the log keeps between one and two caps'
-worth of the latest output; :func:`log_tail` reads across the two. QEMU writes
-the log in append mode, so it goes on at the start of the emptied file. What
-QEMU writes between the copy and the truncation (microseconds) is lost from
-the log, never from the events: those come from the socket's stream.
+worth of the latest output; :func:`log_tail` reads across the two. When QEMU
+writes the log (in append mode) it goes on at the start of the emptied file,
+and what it writes between the copy and the truncation (microseconds) is lost
+from the log, never from the events: those come from the socket's stream.
+When the watcher writes the log it renames it instead, and nothing is lost.
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import termios
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -396,6 +411,9 @@ class ConsoleWatcher:
         self._transport: asyncio.Transport | None = None
         self._partial = b""
         self._reports = _ReportLines()
+        #: The log's file descriptor while the watcher writes it (see the module's docstring).
+        self._log_fd: int | None = None
+        self._log_failed = False
 
     @property
     def panic(self) -> asyncio.Future[ConsoleEvent]:
@@ -409,16 +427,52 @@ class ConsoleWatcher:
         return [e.line for e in self.events
                 if e.kind == "warning" or (e.kind == "oops" and e is not fatal)]
 
-    async def start(self, socket_path: Path) -> None:
-        """Connect to the console socket and start draining it in the background."""
+    @property
+    def writes_log(self) -> bool:
+        """True when the watcher writes the log from what it reads (else QEMU writes it)."""
+        return self._log_fd is not None
+
+    async def start(self, socket_path: Path, *, sock: socket.socket | None = None) -> None:
+        """Start draining the console in the background.
+
+        With ``sock``, a connection made before the guest ran (see
+        :func:`qemukit._launch.start.spawn_qemu`), the watcher reads it and
+        writes everything it reads to :attr:`log_path` (appending). Without,
+        it connects to ``socket_path`` and QEMU writes the log.
+        """
         loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._open_log()
+            transport, _ = await loop.create_connection(lambda: _Reader(self), sock=sock)
+            self._transport = transport
+            return
         transport, _ = await loop.create_unix_connection(lambda: _Reader(self), str(socket_path))
         self._transport = transport
-        # Output that arrived before we connected is only in the log: scan it once.
+        # Output that arrived before we connected is only in QEMU's log: scan it once.
         for line in log_tail(self.log_path, 200).splitlines():
             self._scan(line)
 
+    def _open_log(self) -> None:
+        # O_APPEND: another appender (a warm clone's boot log) or a truncation (the MCP
+        # server's cap) never makes this write over anything or leave a hole.
+        self._log_fd = os.open(self.log_path,
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _write_log(self, chunk: bytes) -> None:
+        """Append ``chunk`` to the log at once (no buffer: the log is as current as the stream)."""
+        assert self._log_fd is not None
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._log_fd, view):]
+        except OSError as exc:  # a full disk must not stop the draining (the guest would stall)
+            if not self._log_failed:
+                log.warning("console log %s: cannot write it: %s", self.log_path, exc)
+            self._log_failed = True
+
     def _feed(self, chunk: bytes) -> None:
+        if self._log_fd is not None:
+            self._write_log(chunk)
         if self.sink is not None:
             try:
                 self.sink(chunk)
@@ -443,7 +497,14 @@ class ConsoleWatcher:
     def _cap_log(self) -> None:
         """Rotate the log if it passed its cap (a check every 1/16 of the cap received)."""
         try:
-            if os.stat(self.log_path).st_size > self.max_log_bytes:
+            if self._log_fd is not None:
+                if os.fstat(self._log_fd).st_size > self.max_log_bytes:
+                    # Ours alone: renamed whole, and a new one opened; nothing is lost.
+                    os.replace(self.log_path, f"{self.log_path}.1")
+                    os.close(self._log_fd)
+                    self._log_fd = None
+                    self._open_log()
+            elif os.stat(self.log_path).st_size > self.max_log_bytes:
                 rotate_log(self.log_path)
         except OSError as exc:  # a full disk must not stop the draining either
             log.warning("console log %s: cannot rotate it: %s", self.log_path, exc)
@@ -547,14 +608,24 @@ class ConsoleWatcher:
             self._kernel_panic = loop.create_future()
 
     def tail(self, max_lines: int = 30) -> str:
-        """The console's last lines, from QEMU's log of it."""
+        """The console's last lines, from the log."""
         return log_tail(self.log_path, max_lines)
 
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Once QEMU has exited: read what is left on the socket, up to its end (bounded)."""
+        if self._transport is None or self._closed.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+
     async def close(self) -> None:
-        """Stop draining and disconnect."""
+        """Stop draining and disconnect (the log, if the watcher writes it, is complete)."""
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
         for fut in (self.fatal, self._kernel_panic):
             if not fut.done():
                 fut.cancel()

@@ -46,7 +46,8 @@ def bisect(good: str, bad: str, build: str | None, repo: str, timeout: float,
     """
     from ..bisect import bisect as run_bisect
 
-    spec = build_spec(opts)
+    # Each commit's kernel is one cold run of TEST, resolved as run --kernel K -- TEST.
+    spec = build_spec(opts, purpose="command", warm=False)
     result = run_bisect(repo, good, bad, spec, list(command), build=build, timeout=timeout,
                         crash_dir=crash_dir, continue_on_oops=continue_on_oops,
                         progress=lambda line: click.echo(line, err=True))

@@ -346,11 +346,16 @@ def build_request(opts: dict[str, Any], *, purpose: Purpose = "interactive",
                    purpose=purpose, modules=modules, seed=seed, record=record)
 
 
-def build_spec(opts: dict[str, Any]) -> VMSpec:
-    """The spec the options describe, resolved as ``run`` resolves it (see :func:`build_request`)."""
+def build_spec(opts: dict[str, Any], *, purpose: Purpose = "interactive",
+               warm: bool | None = None) -> VMSpec:
+    """The spec the options describe, resolved as ``run`` resolves it (see :func:`build_request`).
+
+    A command that runs the kernel once and judges it (``kunit``, ``bisect``) asks for
+    ``purpose="command"``, as ``run --kernel K -- CMD`` does, so it boots the same machine.
+    """
     from ..resolve import resolve
 
-    return resolve(build_request(opts)).spec
+    return resolve(build_request(opts, purpose=purpose, warm=warm)).spec
 
 
 @click.group(cls=QemukitGroup, context_settings={"help_option_names": ["-h", "--help"]},

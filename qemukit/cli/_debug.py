@@ -22,7 +22,8 @@ def dump_command(name: str, file: str, dump_format: str, timeout: float, as_json
     """Write VM NAME's guest memory to FILE (new) as an ELF core; the guest runs on.
 
     \b
-    Open it with: crash vmlinux FILE, or drgn -c FILE -s vmlinux.
+    Open it with: crash vmlinux FILE (crash --no_kmem_cache vmlinux FILE for a SLOB
+    kernel, CONFIG_SLOB=y), or drgn -c FILE -s vmlinux.
     """
     with attached(name) as vm:
         result = vm.dump_memory(file, format=dump_format, timeout=timeout)

@@ -113,8 +113,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
                                "use 'qemukit exec NAME -- CMD'")
     # Unset, --forward-auto is the spec's: developer images (debian, imported ones with
     # an agent) say on; the library starts the forwards of a detached VM.
-    resolution = resolve(build_request(opts, purpose=_purpose(detach, command), warm=warm,
-                                       modules=modules, forward_auto=forward_auto))
+    resolution = resolve(build_request(opts, purpose=_purpose(detach, command, kselftest),
+                                       warm=warm, modules=modules, forward_auto=forward_auto))
     spec = apply_run_options(resolution.spec, opts)
     if standby is not None:
         spec = spec.replace(standby=standby)
@@ -193,7 +193,8 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
         click.echo(f"qemukit: guest kernel panic: {result.panic}\n--- console ---\n"
                    f"{result.console_tail}", err=True)
         if result.dump is not None:
-            click.echo(f"qemukit: crash dump in {result.dump} (crash vmlinux {result.dump}; "
+            hint = _crash_hint(spec, result.dump, vmlinux)
+            click.echo(f"qemukit: crash dump in {result.dump} ({hint}; "
                        f"drgn -c {result.dump})", err=True)
         elif dump_on_panic is not None:
             click.echo(f"qemukit: {result.error}", err=True)
@@ -203,11 +204,41 @@ def run(timeout: float, json_out: str | None, junit: str | None, console_log: st
     if result.crash_bundle is not None:
         click.echo(f"qemukit: crash bundle in {result.crash_bundle} (start with triage.txt)",
                    err=True)
+    if result.console_log_error is not None:  # beside the verdict, which decides the exit
+        click.echo(f"qemukit: warning: {result.console_log_error}", err=True)
     if result.outcome in (Outcome.TIMEOUT, Outcome.ERROR):
         tail = (f"\n--- console ---\n{result.console_tail}"
                 if result.outcome is Outcome.TIMEOUT else "")
         click.echo(f"qemukit: {result.error}{tail}", err=True)
     sys.exit(exit_code_for_outcome(result.outcome, result.exit_status))
+
+
+def _crash_hint(spec: VMSpec, dump: str, vmlinux: str | None) -> str:
+    """The crash command for ``dump``: with ``--no_kmem_cache`` when the kernel's config says
+    SLOB, with when to add it when there is no config to read."""
+    from ..crashdir import crash_command, find_vmlinux
+    from ..kconfig import resolve_kernel
+
+    try:
+        about = resolve_kernel(spec)
+    except errors.QemukitError:  # it booted: this does not fail; if it does, say when instead
+        config, tree = None, None
+    else:
+        config, tree = about.config, about.tree
+    if vmlinux is None:
+        found = find_vmlinux(tree.root if tree is not None else spec.kernel)
+        vmlinux = str(found) if found is not None else None
+    return crash_command(dump, vmlinux, config, kernel=spec.kernel)
+
+
+def _purpose(detach: bool, command: tuple[str, ...], kselftest: str | None = None) -> Purpose:
+    """What ``run`` (and ``cmdline`` with the same arguments) starts the VM for.
+
+    ``--kselftest`` runs the kernel's runner as the command: a one-shot run too.
+    """
+    if detach:
+        return "detached"
+    return "command" if command or kselftest is not None else "interactive"
 
 
 def _settle_standbys(spec: VMSpec) -> None:
@@ -218,10 +249,6 @@ def _settle_standbys(spec: VMSpec) -> None:
 
         run_sync(_standby.settle())
 
-
-def _purpose(detach: bool, command: tuple[str, ...]) -> Purpose:
-    """What ``run`` (and ``cmdline`` with the same arguments) starts the VM for."""
-    return "detached" if detach else ("command" if command else "interactive")
 
 
 def _announce_accel(vm: Any, verbose: bool) -> None:

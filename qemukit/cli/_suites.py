@@ -102,7 +102,8 @@ def kunit(timeout: float, filter_glob: str | None, json_out: str | None, junit: 
     Exit: 0 all passed or skipped; 1 a test failed or the KTAP stopped early;
     255/254/124/125 as for run.
     """
-    spec = build_spec(opts).replace(warm=False)
+    # One cold boot (the KTAP is printed at boot), resolved as run --kernel K -- CMD.
+    spec = build_spec(opts, purpose="command", warm=False)
     run_kunit_cli(spec, command, timeout=timeout, filter_glob=filter_glob, json_out=json_out,
                   junit=junit, console_log=console_log, crash_dir=crash_dir)
 

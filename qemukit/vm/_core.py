@@ -382,15 +382,19 @@ class AsyncVM(_verbs.Verbs, Operations, _standby.StandbyClones):
         self.spec = spec
         # The plan again, now in the directory really claimed (its name may be generated).
         plan = plan_launch(self.spec, host_facts(self._prepared.qemu, self.accel), rd,
-                           self._prepared.formats, incoming=self.incoming)
+                           self._prepared.formats, incoming=self.incoming,
+                           console_reader=self.die_with_parent)
         rd.write_private(rd.spec_file, self.spec.dumps())
         self._seed = await asyncio.to_thread(carry_out, plan, self._prepared, self._helpers,
                                              die_with_parent=self.die_with_parent)
         links = await _net.join_networks(self, rd.path.parent, self.spec.networks)
-        self._proc, self.argv, ours = spawn_qemu(
+        self._proc, self.argv, ours, console = spawn_qemu(
             plan, self._prepared, links, [self._warm_hold.fd] if self._warm_hold else [],
             die_with_parent=self.die_with_parent)
         _live.add(self)
+        if console is not None:  # connected from QEMU's start: read (and log) it at once
+            self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
+            await self._console.start(rd.console_socket, sock=console)
         self._qmp = QMP(f"qemukit-{rd.name}")
         # Start talking to QEMU at once; the bookkeeping below runs while it boots.
         connect = asyncio.ensure_future(self._qmp.connect(ours, timeout))
@@ -407,7 +411,7 @@ class AsyncVM(_verbs.Verbs, Operations, _standby.StandbyClones):
             await self._raise_launch_failure()
             raise
         self._io_watch = IOErrorWatch(self._qmp, self.name)
-        if self.spec.serial:
+        if self.spec.serial and self._console is None:  # QEMU logs it: connect by its path
             self._console = ConsoleWatcher(rd.console_log, continue_on_oops=self.continue_on_oops)
             await self._console.start(rd.console_socket)
         if self.spec.agent != "none":
@@ -778,6 +782,8 @@ class AsyncVM(_verbs.Verbs, Operations, _standby.StandbyClones):
     async def _cleanup(self, force: bool) -> None:
         """Close connections, make sure QEMU is gone, remove runtime files."""
         await self._stop_io_watch()
+        if self._console is not None and self._proc is not None and not self._proc.alive():
+            await self._console.drain()  # QEMU's last output, into the log the watcher writes
         await close_connections((self._agent, self._console, self._qmp), self.name, "cleanup")
         if self._proc is not None:
             if force and self._proc.alive():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,6 +35,8 @@ def bundle(debug_kernel: Path, tiny_image: Any, tmp_path_factory: pytest.TempPat
     assert verdict["outcome"] == "panic" and "sysrq triggered crash" in verdict["panic"]
     kernel = json.loads((found / "kernel.json").read_text())
     assert kernel["vmlinux"] == str(debug_kernel / "vmlinux")  # found in the tree, trusted
+    # The hint names crash's flag for SLOB: the tree's .config says CONFIG_SLOB=y.
+    assert f"crash --no_kmem_cache {debug_kernel / 'vmlinux'} " in out.stderr, out.stderr[-3000:]
     return found
 
 
@@ -67,10 +70,13 @@ def test_crash_opens_the_dump_and_shows_the_stack(bundle: Path, debug_kernel: Pa
     crash = shutil.which("crash")
     if crash is None:
         pytest.skip("Debian's crash is not installed (apt-get install crash; scripts/setup --test)")
-    # --no_kmem_cache: crash 8.0.2 knows SLAB and SLUB, and the suite's tinyconfig kernel has
-    # SLOB (without it crash stops at "invalid structure member offset: kmem_cache_s_num").
-    proc = subprocess.run([crash, "-s", "--no_kmem_cache", str(debug_kernel / "vmlinux"),
-                           str(bundle / "vmcore")], input="bt\nlog\nquit\n",
+    # The command triage.txt gives, as given: crash 8.0.2 knows SLAB and SLUB, and the suite's
+    # tinyconfig kernel has SLOB, so it must carry --no_kmem_cache (without it crash stops at
+    # "invalid structure member offset: kmem_cache_s_num").
+    triage = (bundle / "triage.txt").read_text()
+    command = shlex.split(triage.split("Open the dump: ", 1)[1].splitlines()[0].split("; ")[1])
+    assert command == ["crash", "--no_kmem_cache", str(debug_kernel / "vmlinux"), "vmcore"]
+    proc = subprocess.run([crash, "-s", *command[1:]], input="bt\nlog\nquit\n", cwd=bundle,
                           capture_output=True, text=True, timeout=600, check=False)
     both = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, both

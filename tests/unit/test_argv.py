@@ -84,6 +84,20 @@ def test_golden_minimal_q35() -> None:
     check_golden("minimal_q35", argv)
 
 
+def test_golden_console_read_by_the_launcher() -> None:
+    # A VM whose launcher lives as long as it: QEMU inherits its end of the console's
+    # connection to the launcher and logs nothing; the launcher writes the log.
+    from dataclasses import replace
+
+    argv = build_argv(
+        VMSpec(name="owned"), qemu=QEMU, accel="tcg",
+        plumbing=replace(plumbing("/run/user/1000/qemukit/owned"), console_fd=4, console_log=None),
+    )
+    check_golden("console_reader", argv)
+    assert "socket,id=console0,fd=4" in option_values(argv, "-chardev")
+    assert not any("logfile=" in arg for arg in argv)
+
+
 def test_golden_kernel_boot() -> None:
     # Like images.spec("tiny"): direct kernel boot, panics end QEMU. Only a console
     # log (no socket), no agent socket: the file chardev and no virtio-serial.

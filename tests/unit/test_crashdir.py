@@ -269,3 +269,50 @@ def test_triage_reads_only_the_end_of_a_huge_console(tmp_path: Path,
                "oops": None, "command": ["sh"]}
     crashdir.write_bundle(bundle, verdict=verdict, argv=[], identity={}, console_log=log)
     assert "sysrq_handle_crash" in (bundle / "triage.txt").read_text()
+
+
+def test_crash_command_adds_no_kmem_cache_for_a_slob_kernel(tmp_path: Path) -> None:
+    # Debian 12's crash 8.0.2 stops on SLOB kernels ("invalid structure member offset:
+    # kmem_cache_s_num") unless started with --no_kmem_cache; tinyconfig kernels use SLOB.
+    slob, slub = tmp_path / "slob.config", tmp_path / "slub.config"
+    slob.write_text("CONFIG_SLOB=y\nCONFIG_FW_CFG_SYSFS=y\n")
+    slub.write_text("# CONFIG_SLOB is not set\nCONFIG_SLUB=y\n")
+    assert crashdir.kernel_uses_slob(slob) is True
+    assert crashdir.kernel_uses_slob(slub) is False
+    assert crashdir.kernel_uses_slob(tmp_path / "missing") is None
+    assert crashdir.crash_command("c.core", "/k/vmlinux", slob) == (
+        "crash --no_kmem_cache /k/vmlinux c.core")
+    assert crashdir.crash_command("c.core", "/k/vmlinux", slub) == "crash /k/vmlinux c.core"
+    unknown = crashdir.crash_command("c.core")
+    assert unknown.startswith("crash vmlinux c.core (") and "--no_kmem_cache" in unknown
+    assert "CONFIG_SLOB=y" in unknown
+
+
+def test_crash_command_reads_the_config_of_the_tree_an_image_was_built_in(
+        tmp_path: Path) -> None:
+    boot = tmp_path / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    (tmp_path / "Makefile").write_text("")
+    (boot / "bzImage").write_bytes(b"")
+    (tmp_path / ".config").write_text("CONFIG_SLOB=y\n")
+    assert crashdir.crash_command("v", "vmlinux", kernel=boot / "bzImage") == (
+        "crash --no_kmem_cache vmlinux v")
+    assert crashdir.crash_command("v", "vmlinux", kernel=tmp_path) == (
+        "crash --no_kmem_cache vmlinux v")
+
+
+def test_triage_gives_the_crash_command_for_the_bundles_kernel(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("CONFIG_SLOB=y\n")
+    log = tmp_path / "console"
+    log.write_text(SYSRQ)
+    verdict = {"outcome": "panic", "panic": "Kernel panic - not syncing: sysrq triggered crash",
+               "oops": None, "command": ["true"]}
+    for cfg, want in ((config, "crash --no_kmem_cache vmlinux vmcore"),
+                      (None, "crash vmlinux vmcore (add --no_kmem_cache if")):
+        bundle = crashdir.new_bundle(tmp_path / "b", "panic", "vm")
+        identity = crashdir.kernel_identity(kernel=None, initrd=None, append=None,
+                                            arch="x86_64", release="6.1", config=cfg)
+        crashdir.write_bundle(bundle, verdict=verdict, argv=[], identity=identity,
+                              console_log=log)
+        assert want in (bundle / "triage.txt").read_text()
