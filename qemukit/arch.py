@@ -111,6 +111,10 @@ class ArchInfo:
     debian_image: bool = False
     #: The GRUB platform of a bootable debian disk (``--bootable``); None: none is built.
     grub_platform: str | None = None
+    #: Whether the tiny agent's reseed program (:func:`qemukit.identity.reseed_program`, a
+    #: static ELF of this architecture's instructions) runs in its guests: a restored
+    #: clone's clock and RNG reseed.
+    reseed_program: bool = False
 
     @property
     def qemu_env(self) -> str:
@@ -151,7 +155,7 @@ ARCHES: dict[str, ArchInfo] = {
         kconfig_transport=(("PCI", "y"), ("VIRTIO_PCI", "y"), ("VIRTIO_MMIO", "y"),
                            ("VIRTIO_MMIO_CMDLINE_DEVICES", "y")),
         kvm_cpus=("host", "host,-arch-capabilities", "kvm64"),
-        images_native=True, debian_image=True, grub_platform="x86_64-efi",
+        images_native=True, debian_image=True, grub_platform="x86_64-efi", reseed_program=True,
     ),
     "aarch64": ArchInfo(
         # cortex-a57, not max: max's pointer authentication makes TCG ~4x slower.

@@ -44,6 +44,7 @@ from .. import host
 from .._aio import cancel_and_wait, file_lock
 from .._launch.plan import HostFacts
 from .._wire.agent import ExecResult
+from ..arch import ARCHES
 from ..errors import (
     AgentError,
     LaunchError,
@@ -520,8 +521,8 @@ async def reseed_restored(vm: WarmTarget, bundle: Bundle) -> None:
         why = "it was saved paused"
     elif vm.spec.agent == "none":
         why = "it has no agent"
-    elif vm.spec.agent == "qemukit" and vm.spec.arch != "x86_64":
-        why = f"the reseed program is x86_64 only and this guest is {vm.spec.arch}"
+    elif vm.spec.agent == "qemukit" and not ARCHES[vm.spec.arch].reseed_program:
+        why = f"the reseed program does not run on {vm.spec.arch} guests"
     if why is None:
         await set_guest_clock(vm)
         return
