@@ -26,7 +26,15 @@ from typing import Any
 from ..errors import SpecError
 from ..results import Outcome
 from ._file import Job
-from ._run import Attempt, JobResult, MatrixProgress, Tracker, run_attempt, stop_matrix_here
+from ._run import (
+    Attempt,
+    JobResult,
+    MatrixProgress,
+    Tracker,
+    end_standbys_here,
+    run_attempt,
+    stop_matrix_here,
+)
 from ._shipping import KERNEL_DIR, bundled_image, files_to_ship, materialize, read_for_shipping
 
 __all__ = ["dask_security", "run_dask", "run_job_on_worker"]
@@ -143,6 +151,11 @@ def run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool,
                 client.run(stop_matrix_here, matrix)
             except Exception as exc:  # a worker that is gone took its VMs with it anyway
                 log.warning("matrix %s: stopping the VMs on the workers failed: %r", matrix, exc)
+        try:  # a standby clone a job left (its vm table asked) ends with the matrix
+            client.run(end_standbys_here)
+        except Exception as exc:  # a worker that is gone took its standbys with it
+            log.warning("matrix %s: ending the standby clones on the workers failed: %r",
+                        matrix, exc)
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(EVENT_TOPIC)
         client.close()

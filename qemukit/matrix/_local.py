@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Generator, Sequence
@@ -11,9 +12,19 @@ from collections.abc import Callable, Generator, Sequence
 from ..host._tcg import tb_size_for
 from ..results import Outcome
 from ._file import Job
-from ._run import REGISTRY, Attempt, JobResult, MatrixProgress, Tracker, run_attempt
+from ._run import (
+    REGISTRY,
+    Attempt,
+    JobResult,
+    MatrixProgress,
+    Tracker,
+    end_standbys_here,
+    run_attempt,
+)
 
 __all__ = ["default_parallelism", "run_local"]
+
+log = logging.getLogger(__name__)
 
 #: Memory a VM costs beyond its guest RAM (QEMU itself, TCG's code buffer), in MiB.
 VM_OVERHEAD_MIB = 128
@@ -76,4 +87,9 @@ def run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: b
                 future.cancel()
             REGISTRY.stop(matrix)
         pool.shutdown(wait=True, cancel_futures=True)
+        # Every job has ended: a standby clone one left (its vm table asked) ends with the matrix.
+        try:
+            end_standbys_here()
+        except Exception as exc:  # noqa: BLE001 - the process's exit ends them still
+            log.warning("matrix %s: ending the standby clones failed: %r", matrix, exc)
 

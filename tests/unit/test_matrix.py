@@ -226,6 +226,62 @@ def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
     assert seen == {"a": None, "b": "32M"}  # one VM at a time: QEMU's default
 
 
+def test_the_pool_ends_standby_clones_after_the_matrix_and_after_a_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose vm table asks for a standby leaves one: it ends once every job has, after a
+    full run as after --fail-fast (and a Ctrl-C: the same finally)."""
+    events: list[str] = []
+
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        events.append(job.name)
+        return _run.Attempt(_result(job, "failed" if job.name == "b" else "passed"), None, "h",
+                            worker)
+
+    monkeypatch.setattr(_local, "run_attempt", fake)
+    monkeypatch.setattr(_local, "end_standbys_here", lambda: events.append("end") or 0)
+    jobs = [Job(n, ("true",), image="tiny") for n in "abc"]
+    list(run_matrix(jobs, jobs_at_once=1))
+    assert sorted(events[:-1]) == ["a", "b", "c"] and events[-1] == "end"
+    events.clear()
+    assert [r.job.name for r in run_matrix(jobs, jobs_at_once=1, fail_fast=True)][-1] == "b"
+    assert events[-1] == "end" and events.count("end") == 1
+
+
+def test_end_standbys_here_ends_what_the_sync_loop_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit.vm import _standby
+
+    ended: list[bool] = []
+
+    async def end_all() -> None:
+        ended.append(True)
+
+    monkeypatch.setattr(_standby, "kept_memory", lambda: [256, 384])
+    monkeypatch.setattr(_standby, "end_all", end_all)
+    assert _run.end_standbys_here() == 2 and ended == [True]
+
+
+def test_a_job_that_ends_after_its_matrix_was_stopped_ends_the_standbys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that finished as the stop came may have left a standby after the runner ended
+    them: the job's own end ends them again (Dask cannot wait for a cancelled task)."""
+    ended: list[str] = []
+
+    def run_in_vm(spec: Any, command: Any, **kwargs: Any) -> KernelTestResult:
+        _run.REGISTRY.stop("stopped-matrix")
+        return _result(Job("j", ("true",), image="tiny"), "passed")
+
+    monkeypatch.setattr(_run, "run_in_vm", run_in_vm)
+    monkeypatch.setattr(_run, "ensure_image", lambda *a: None)
+    monkeypatch.setattr(_run, "end_standbys_here", lambda: ended.append("end") or 0)
+    attempt = _run.run_attempt(Job("j", ("true",), image="tiny"), "stopped-matrix", "local")
+    assert attempt.infra == "the matrix was stopped" and ended == ["end"]
+    ended.clear()
+    monkeypatch.setattr(_run, "run_in_vm", lambda *a, **k: _result(Job("k", ("true",),
+                                                                       image="tiny"), "passed"))
+    assert _run.run_attempt(Job("k", ("true",), image="tiny"), "running-matrix", "local").infra is None
+    assert ended == []
+
+
 def _job_results() -> list[JobResult]:
     nasty = "ok \x1b[6n \x00 \ufffe \udc80 end"
     out = []
