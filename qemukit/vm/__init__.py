@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from .._launch.start import AdoptedQemu
 from ._core import AsyncVM
-from ._facade import VM
+from ._facade import VM, VMPool
 from ._ladder import ShutdownResult, ShutdownRung
 from ._netgate import network_forward
-from ._pool import AsyncVMPool, VMPool
+from ._pool import AsyncVMPool
 from ._preview import preview_argv
 from ._state import VMState
 

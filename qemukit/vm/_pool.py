@@ -1,4 +1,5 @@
-"""A pool of warm clones of one spec, for a test harness or a service.
+"""A pool of warm clones of one spec, for a test harness or a service (the sync
+:class:`~qemukit.vm.VMPool` is derived from it in :mod:`qemukit.vm._facade`).
 
 ``async with AsyncVMPool(spec, max_vms=4) as pool: async with pool.vm() as vm: ...``
 starts a warm clone of ``spec`` for the block and stops it when the block ends.
@@ -22,20 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
-from .._sync import SyncFacade, blocking, delegated, run_sync
 from ..errors import SpecError, StateError, WaitTimeout
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, SAVE_TIMEOUT
 from . import _standby
 from ._core import AsyncVM
-from ._facade import VM
 from ._state import VMState
 
-__all__ = ["POOL_WAIT_TIMEOUT", "AsyncVMPool", "VMPool"]
+__all__ = ["POOL_WAIT_TIMEOUT", "AsyncVMPool"]
 
 log = logging.getLogger("qemukit")
 
@@ -133,7 +133,7 @@ class AsyncVMPool:
             if isinstance(outcome, BaseException):
                 log.debug("pool: a VM did not stop cleanly: %r", outcome)
 
-    async def __aenter__(self) -> AsyncVMPool:
+    async def __aenter__(self) -> Self:
         self._require_open()
         return self
 
@@ -239,52 +239,3 @@ async def _stop(vm: AsyncVM) -> None:
     """Stop ``vm`` as the end of ``async with vm`` does (the shutdown ladder)."""
     if vm.state == VMState.RUNNING:
         await vm.shutdown()
-
-
-class VMPool(SyncFacade):
-    """A pool of warm clones with a synchronous API (see :class:`AsyncVMPool`).
-
-    ``with VMPool(spec, max_vms=2) as pool: with pool.vm() as vm: vm.exec("true")``;
-    :meth:`vm` may be used from several threads at once.
-    """
-
-    _aio: AsyncVMPool
-
-    def __init__(self, spec: VMSpec, *, max_vms: int = 2,
-                 wait_timeout: float = POOL_WAIT_TIMEOUT, boot_timeout: float = BOOT_TIMEOUT,
-                 state_root: Path | None = None) -> None:
-        super().__init__(AsyncVMPool(spec, max_vms=max_vms, wait_timeout=wait_timeout,
-                                     boot_timeout=boot_timeout, state_root=state_root))
-
-    @property
-    def aio(self) -> AsyncVMPool:
-        """The underlying :class:`AsyncVMPool`."""
-        return self._aio
-
-    spec: delegated[VMSpec] = delegated(lambda pool: pool.spec, "The spec every VM is a clone of.")
-    max_vms: delegated[int] = delegated(lambda pool: pool.max_vms,
-                                        "At most this many QEMUs at once, the standby included.")
-    standby: delegated[bool] = delegated(lambda pool: pool.standby,
-                                         "Whether the pool keeps a standby clone when it fits.")
-    running = delegated(AsyncVMPool.running)
-    closed = delegated(AsyncVMPool.closed)
-
-    close = blocking(AsyncVMPool.close)
-
-    @contextlib.contextmanager
-    def vm(self, timeout: float | None = None) -> Iterator[VM]:
-        """A running warm clone for the ``with`` block (see :meth:`AsyncVMPool.vm`)."""
-        aio = run_sync(self._aio._acquire(self._aio.wait_timeout if timeout is None
-                                          else timeout))
-        try:
-            yield VM._wrap(aio)
-        finally:
-            run_sync(self._aio._release(aio))
-
-    def __enter__(self) -> VMPool:
-        self._aio._require_open()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
