@@ -206,8 +206,9 @@ class AsyncVMPool:
         """The spec of the next VM: with a standby only if one more QEMU still fits."""
         if not self.standby:
             return self.spec
-        if self._key is not None and self._key not in _standby.ready_keys():
-            await _standby.settle(SAVE_TIMEOUT)  # a standby being made is taken, not raced
+        if (self._key is not None and self._key in _standby.kept_keys()
+                and self._key not in _standby.ready_keys()):
+            await _standby.settle(SAVE_TIMEOUT)  # the standby being made is taken, not raced
         # A ready standby is taken by this start: it becomes this VM, no new QEMU.
         taken = self._key is not None and self._key in _standby.ready_keys()
         after = len(self._running) + 1 + self._own_standbys() - taken

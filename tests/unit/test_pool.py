@@ -247,3 +247,14 @@ def test_the_sync_pool_is_a_view_of_the_async_one(tmp_path: Path) -> None:
     assert pool.closed and repr(pool).startswith("<VMPool closed")
     with pytest.raises(StateError):
         pool.__enter__()
+
+
+def test_refill_needs_a_vm_restored_from_a_warm_state() -> None:
+    from qemukit.vm import _standby
+
+    async def main() -> tuple[bool, list[str]]:
+        refilled = _standby.refill(AsyncVM(SPEC))  # never started: nothing to clone
+        await _standby.end_kept("no-such-key")  # nothing kept: nothing ended, no error
+        return refilled, _standby.kept_keys()
+
+    assert run(main()) == (False, [])
