@@ -43,11 +43,12 @@ log = logging.getLogger("qemukit")
 POOL_WAIT_TIMEOUT = 600.0
 
 
-def _check_timeout(field: str, value: object) -> float:
-    """``value`` as a positive number of seconds, or a SpecError naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise SpecError(field, value, "must be a positive number of seconds")
-    return float(value)
+def _seconds(**values: object) -> list[float]:
+    """Each value as a positive number of seconds, or a SpecError naming its keyword."""
+    for field, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise SpecError(field, value, "must be a positive number of seconds")
+    return [float(value) for value in values.values()]  # type: ignore[arg-type]
 
 
 class AsyncVMPool:
@@ -76,8 +77,8 @@ class AsyncVMPool:
             raise SpecError("name", spec.name, "a pool names each of its VMs: leave it unset")
         self.spec = spec
         self.max_vms = max_vms
-        self.wait_timeout = _check_timeout("wait_timeout", wait_timeout)
-        self.boot_timeout = _check_timeout("boot_timeout", boot_timeout)
+        self.wait_timeout, self.boot_timeout = _seconds(wait_timeout=wait_timeout,
+                                                        boot_timeout=boot_timeout)
         self.state_root = state_root
         #: Standby clones: on unless the spec says ``standby = false``.
         self.standby = spec.standby is not False
@@ -149,7 +150,7 @@ class AsyncVMPool:
 
     async def _acquire(self, timeout: float) -> AsyncVM:
         """Take a place (waiting up to ``timeout``) and start a VM in it, its agent answering."""
-        timeout = _check_timeout("timeout", timeout)
+        (timeout,) = _seconds(timeout=timeout)
         self._require_open()
         async with self._cond:
             try:
