@@ -185,8 +185,10 @@ class AsyncVMPool:
             self._require_open()  # closed while it started: close() may have missed it
             await vm.wait_ready(self.boot_timeout)
         except BaseException:
-            with contextlib.suppress(Exception):
+            try:
                 await _stop(vm)
+            except Exception as exc:  # noqa: BLE001 - the first error is the one raised
+                log.debug("pool: %s did not stop cleanly after a failed start: %r", vm.name, exc)
             if vm in self._running:
                 self._running.remove(vm)
             if self._closed and self._key is not None:
