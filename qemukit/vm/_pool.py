@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Self
 
 from ..errors import SpecError, StateError, WaitTimeout
+from ..host._tcg import tb_size_for
 from ..spec import VMSpec
 from ..timeouts import BOOT_TIMEOUT, SAVE_TIMEOUT
 from . import _standby
@@ -75,7 +76,9 @@ class AsyncVMPool:
                             "warm = true (spec.replace(warm=True))")
         if spec.name is not None:
             raise SpecError("name", spec.name, "a pool names each of its VMs: leave it unset")
-        self.spec = spec
+        tb_size = tb_size_for(max_vms) if spec.tb_size is None else None
+        # Several TCG VMs at once: each a bounded code buffer, as the matrix pool does.
+        self.spec = spec if tb_size is None else spec.replace(tb_size=tb_size)
         self.max_vms = max_vms
         self.wait_timeout, self.boot_timeout = _seconds(wait_timeout=wait_timeout,
                                                         boot_timeout=boot_timeout)

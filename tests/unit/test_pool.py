@@ -105,6 +105,17 @@ def test_standby_is_on_unless_the_spec_says_false() -> None:
     assert VMPool(SPEC, max_vms=3).max_vms == 3
 
 
+def test_several_vms_at_once_get_a_bounded_tcg_code_buffer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the matrix pool: QEMU's default 1 GiB code buffer per VM only for a pool of one;
+    a spec's own tb_size is kept."""
+    monkeypatch.setattr("qemukit.host._tcg._host_memory_mib", lambda: 2048)
+    assert AsyncVMPool(SPEC, max_vms=1).spec.tb_size is None
+    sizes = [AsyncVMPool(SPEC, max_vms=n).spec.tb_size for n in (2, 4, 8)]
+    assert sizes == [256, 128, 64]  # a quarter of the host's memory, shared
+    assert AsyncVMPool(SPEC.replace(tb_size=32), max_vms=8).spec.tb_size == 32
+
+
 def test_at_most_max_vms_run_at_once_and_each_is_stopped() -> None:
     async def main() -> FakePool:
         async with FakePool(max_vms=2) as pool:
@@ -240,7 +251,7 @@ def test_a_bad_wait_timeout_is_refused_before_waiting() -> None:
 
 def test_the_sync_pool_is_a_view_of_the_async_one(tmp_path: Path) -> None:
     pool = VMPool(SPEC, max_vms=2, state_root=tmp_path)
-    assert pool.aio.state_root == tmp_path and pool.spec == SPEC and pool.standby
+    assert pool.aio.state_root == tmp_path and pool.spec.replace(tb_size=None) == SPEC and pool.standby
     assert pool.running == 0 and not pool.closed
     with pool:
         pass
