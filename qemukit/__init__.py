@@ -73,7 +73,17 @@ if TYPE_CHECKING:
         parse_nic,
         parse_size,
     )
-    from .vm import VM, AsyncVM, ShutdownResult, ShutdownRung, VMState, network_forward, preview_argv
+    from .vm import (
+        VM,
+        AsyncVM,
+        AsyncVMPool,
+        ShutdownResult,
+        ShutdownRung,
+        VMPool,
+        VMState,
+        network_forward,
+        preview_argv,
+    )
 
 # The VM machinery pulls in asyncio and qemu.qmp (most of qemukit's import time), the
 # spec dataclasses (dataclasses, inspect, ipaddress, tomllib): load each on first use, so
@@ -91,6 +101,8 @@ _LAZY = {
     "ExecResult": "guest",
     "VM": "vm",
     "AsyncVM": "vm",
+    "AsyncVMPool": "vm",
+    "VMPool": "vm",
     "ShutdownResult": "vm",
     "ShutdownRung": "vm",
     "VMState": "vm",
@@ -133,6 +145,7 @@ __all__ = [
     "AcceleratorError",
     "AgentError",
     "AsyncVM",
+    "AsyncVMPool",
     "CommandFailed",
     "Drive",
     "ExecResult",
@@ -157,6 +170,7 @@ __all__ = [
     "SnapshotError",
     "SpecError",
     "StateError",
+    "VMPool",
     "VMSpec",
     "VMState",
     "WaitTimeout",

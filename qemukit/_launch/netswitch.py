@@ -43,6 +43,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -297,6 +298,52 @@ def forward(root: Path, network: str, member: str, port: int, qemu: str,
         reason = answer.get("error") if isinstance(answer, dict) else answer
         raise StateError(f"network {network!r}: no forward to {member!r}'s port {port}: {reason}")
     return int(answer["port"])
+
+
+def sweep_stale(root: Path) -> list[str]:
+    """Remove the files of networks whose switch is gone (killed with SIGKILL: a clean
+    switch removes its own); the names of the networks removed.
+
+    A network counts as gone only while its lock is free (no joiner, no switch on its
+    way out) and nothing accepts on its socket; the lock is held while its files go.
+    """
+    base = Path(root) / ".net"
+    try:
+        names = sorted(p.name for p in base.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for network in names:
+        path = base / f"{network}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a joiner or the switch itself: in use
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(2.0)
+                probe.connect(str(base / network / SOCKET_NAME))
+                continue  # a live switch
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            except OSError:
+                continue  # anything else: leave it, never remove what may be in use
+            finally:
+                probe.close()
+            shutil.rmtree(base / network, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # joiners re-check the inode (see _lock)
+            removed.append(network)
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        base.rmdir()  # only if empty
+    return removed
 
 
 def members(root: Path, network: str, timeout: float = 10.0) -> dict[str, int]:

@@ -228,6 +228,11 @@ def gc(state_root: Path | None = None, *, incomplete_age: float = 60.0) -> list[
             if end_standby(rd, info):
                 actions.append(GcAction(rd.name, "killed", f"standby clone of the warm state "
                                         f"{marker.key}, which is gone"))
+    from .netswitch import sweep_stale
+
+    for network in sweep_stale(state_root or state_dir()):
+        actions.append(GcAction(f".net/{network}", "removed",
+                                "files of a network whose switch is gone"))
     return actions
 
 

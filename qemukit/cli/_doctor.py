@@ -9,7 +9,7 @@ import click
 
 from .. import errors
 from ..arch import ARCHES, DEFAULT_ARCH, arch_option
-from ._common import emit_json
+from ._common import EXIT_REFUSED, emit_json
 
 if TYPE_CHECKING:
     from ..host import HostProbe
@@ -92,7 +92,7 @@ def doctor(as_json: bool, reprobe: bool) -> None:
                 click.echo(f"  {'':8} {'':16} debian: {row['debian']}")
         click.echo(f"cache:     {report['cache_dir']}")
         click.echo(f"state:     {report['state_dir']}")
-    sys.exit(1 if problems else 0)
+    sys.exit(EXIT_REFUSED if problems else 0)
 
 
 def _native_arch(probe: HostProbe) -> str:

@@ -1,16 +1,21 @@
-"""The synchronous :class:`VM`, derived method by method from :class:`AsyncVM`."""
+"""The synchronous :class:`VM` and :class:`VMPool`, derived from :class:`AsyncVM` and
+:class:`AsyncVMPool`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from .. import host
 from .._launch.netaddr import NetworkMember
 from .._launch.runtime import RuntimeDir
 from .._launch.start import AdoptedQemu
 from .._sync import SyncFacade, blocking, delegated, passthrough, run_sync
+from ..errors import StateError
 from ..guest import SyncGuest
 from ..hotplug import Hotplug
 from ..identity import CloneIdentity
@@ -21,6 +26,7 @@ from ..timeouts import BOOT_TIMEOUT, QMP_TIMEOUT, SAVE_TIMEOUT
 from ..warm import WarmStart
 from ._core import AsyncVM
 from ._ladder import ShutdownResult
+from ._pool import POOL_WAIT_TIMEOUT, AsyncVMPool
 from ._state import VMState
 
 
@@ -181,3 +187,56 @@ class VM(SyncFacade):
     ) -> None:
         if self._aio.state == VMState.RUNNING:
             self.shutdown()
+
+
+class VMPool(SyncFacade):
+    """A pool of warm clones with a synchronous API (see :class:`AsyncVMPool`).
+
+    ``with VMPool(spec, max_vms=2) as pool: with pool.vm() as vm: vm.exec("true")``;
+    :meth:`vm` may be used from several threads at once.
+    """
+
+    _aio: AsyncVMPool
+
+    def __init__(self, spec: VMSpec, *, max_vms: int = 2,
+                 wait_timeout: float = POOL_WAIT_TIMEOUT, boot_timeout: float = BOOT_TIMEOUT,
+                 state_root: Path | None = None) -> None:
+        super().__init__(AsyncVMPool(spec, max_vms=max_vms, wait_timeout=wait_timeout,
+                                     boot_timeout=boot_timeout, state_root=state_root))
+
+    @property
+    def aio(self) -> AsyncVMPool:
+        """The underlying :class:`AsyncVMPool`."""
+        return self._aio
+
+    spec: delegated[VMSpec] = delegated(lambda pool: pool.spec, "The spec every VM is a clone of.")
+    max_vms: delegated[int] = delegated(lambda pool: pool.max_vms,
+                                        "At most this many QEMUs at once, the standby included.")
+    standby: delegated[bool] = delegated(lambda pool: pool.standby,
+                                         "Whether the pool keeps a standby clone when it fits.")
+    running = delegated(AsyncVMPool.running)
+    closed = delegated(AsyncVMPool.closed)
+
+    close = blocking(AsyncVMPool.close)
+
+    @contextlib.contextmanager
+    def vm(self, timeout: float | None = None) -> Iterator[VM]:
+        """A running warm clone for the ``with`` block (see :meth:`AsyncVMPool.vm`)."""
+        block = self._aio.vm(timeout)
+        aio = run_sync(block.__aenter__())
+        try:
+            yield VM._wrap(aio)
+        except BaseException as exc:
+            if not run_sync(block.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            run_sync(block.__aexit__(None, None, None))
+
+    def __enter__(self) -> Self:
+        if self._aio.closed:
+            raise StateError("the VM pool is closed")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qemukit.warm")
 
 __all__ = ["ENV", "StandbyClones", "detach_standbys", "end_all", "family", "kept_memory",
-           "ready_keys", "settle", "wanted"]
+           "kept_keys", "ready_keys", "refill", "settle", "wanted"]
 
 #: ``QEMUKIT_STANDBY=0`` turns standby clones off (none made, none taken); ``1`` turns them
 #: on for every warm start whose spec does not say.
@@ -208,6 +208,8 @@ class StandbyClones(_Base):
     incoming: str | None
     _loop: asyncio.AbstractEventLoop | None
     _warm_hold: WarmHold | None
+    #: The warm state this VM was restored from and its spec: what :func:`refill` clones.
+    _standby_source: tuple[WarmPlan, VMSpec] | None = None
 
     def _registry_root(self) -> Path:
         """The registry this VM lives in (its state root, else the user's state directory)."""
@@ -382,6 +384,7 @@ class StandbyClones(_Base):
 
     def _leave_standby(self, plan: WarmPlan, spec: VMSpec) -> None:
         """After a warm start of ``spec``: make the next clone of its state, in the background."""
+        self._standby_source = (plan, spec)
         if not wanted(spec):
             return
         global _exit_hooked
@@ -531,6 +534,23 @@ def _end_at_exit() -> None:
         _sync.finish_at_exit([end_all()], EXIT_TIMEOUT)
 
 
+def refill(vm: AsyncVM) -> bool:
+    """Make the next standby clone of the warm state ``vm`` was restored from, in the
+    background, as its start would have with ``standby`` on (running or stopped since).
+
+    For an owner that counts its QEMUs (:class:`~qemukit.vm.AsyncVMPool`): its VMs start
+    without a standby while there is no room for one, and it asks for one here when
+    room is freed. False if ``vm`` was not restored from a warm state, or standby clones
+    are off (``QEMUKIT_STANDBY=0``); nothing is made if one is ready or being made.
+    """
+    source = vm._standby_source
+    if source is None or os.environ.get(ENV) == "0":
+        return False
+    plan, spec = source
+    vm._leave_standby(plan, spec.replace(standby=True))
+    return True
+
+
 def kept_memory() -> list[int]:
     """The memory (MiB) of each standby this event loop keeps ready or is making: what a
     server with limits (``qemukit mcp``) counts beside its running VMs."""
@@ -539,6 +559,28 @@ def kept_memory() -> list[int]:
     making = [mib for slot, mib in _making_memory.get(loop, {}).items()
               if slot in _making.get(loop, {})]
     return ready + making
+
+
+def kept_keys() -> list[str]:
+    """The warm keys of the standbys this event loop keeps ready or is making (one per
+    standby): what an owner of one warm state (a pool) counts as its own."""
+    loop = asyncio.get_running_loop()
+    return [key for (_, key) in (*_ready.get(loop, {}), *_making.get(loop, {}))]
+
+
+async def end_kept(key: str) -> None:
+    """End this event loop's standbys of the warm state ``key``, ready or being made (the
+    tidy end of an owner of that state; other owners' standbys stay)."""
+    loop = asyncio.get_running_loop()
+    tasks = [task for (_, k), task in _making.get(loop, {}).items() if k == key]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=SAVE_TIMEOUT)
+    ready = _ready.get(loop, {})
+    for slot in [slot for slot in ready if slot[1] == key]:
+        standby, _ = ready.pop(slot)
+        await _end_own(standby)
 
 
 def ready_keys() -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import os
 import shutil
 import socket
 import stat
@@ -472,4 +473,34 @@ def test_a_warm_clones_nics_are_awaited_within_their_timeout(
     with pytest.raises(WaitTimeout, match="hot-plugged NICs of networks lan"):
         asyncio.run(_net.plug_after_restore(clone, root, ("lan",)))  # type: ignore[arg-type]
     assert clone.timeouts and max(clone.timeouts) <= 1.0, clone.timeouts
+    assert _wait_until(lambda: not _switch_pids(root))
+
+
+def test_gc_removes_the_files_of_a_killed_switch_and_never_a_live_ones(root: Path) -> None:
+    """A switch killed with SIGKILL leaves its socket, log and lock file; ``gc`` removes
+    them (the suite's leak check counts them as runtime entries left behind). A live
+    switch and one whose lock is held are left alone."""
+    from qemukit._launch.registry import gc
+
+    a, _ = _join(root, "a")
+    assert [x.name for x in gc(root)] == [], "gc touched a live switch"
+    assert (network_dir(root, "lan") / "switch.sock").exists()
+    pids = _switch_pids(root)
+    assert pids
+    for pid in pids:
+        psutil.Process(pid).kill()
+    assert _wait_until(lambda: not _switch_pids(root))
+    a.close()
+    assert (root / ".net").exists(), "the killed switch cleaned up after itself"
+    held = os.open(root / ".net" / "lan.lock", os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a joiner at work: not stale yet
+        assert [x.name for x in gc(root)] == []
+    finally:
+        os.close(held)
+    assert [(x.name, x.action) for x in gc(root)] == [(".net/lan", "removed")]
+    assert not (root / ".net").exists()
+    b, mb = _join(root, "b")  # the network starts again from nothing
+    assert mb.index == 1
+    b.close()
     assert _wait_until(lambda: not _switch_pids(root))

@@ -232,3 +232,11 @@ def test_lint_and_test_tools_are_the_pinned_versions() -> None:
                 .splitlines() if "==" in line and not line.startswith("#"))
     assert {"ruff", "mypy", "pytest"} <= set(pins)
     assert {name: version(name) for name in pins} == pins
+
+
+def test_the_vm_pool_is_public_and_loaded_on_first_use() -> None:
+    assert {"AsyncVMPool", "VMPool"} <= set(qemukit.__all__)
+    _run_fresh("import qemukit, sys\n"
+               "assert 'qemukit.vm' not in sys.modules\n"
+               "assert qemukit.VMPool is sys.modules['qemukit.vm'].VMPool\n"
+               "assert qemukit.AsyncVMPool is qemukit.VMPool(qemukit.VMSpec(warm=True)).aio.__class__\n")

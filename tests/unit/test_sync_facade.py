@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qemukit import VM, AsyncVM
+from qemukit import VM, AsyncVM, AsyncVMPool, VMPool
 from qemukit.hotplug import AsyncHotplug, Hotplug
 from qemukit.qga import AsyncGuest, SyncGuest
 from qemukit.snapshot import Snapshots, SyncSnapshots
@@ -21,7 +21,8 @@ ASYNC_ONLY = {
 }
 #: Methods that return VMs: the sync twin gives sync VMs (same parameters, its own return type).
 FACTORY_METHODS = ("start", "fork")
-PAIRS = [(VM, AsyncVM), (Hotplug, AsyncHotplug), (SyncSnapshots, Snapshots), (SyncGuest, AsyncGuest)]
+PAIRS = [(VM, AsyncVM), (Hotplug, AsyncHotplug), (SyncSnapshots, Snapshots), (SyncGuest, AsyncGuest),
+         (VMPool, AsyncVMPool)]
 
 
 def _public_coroutines(cls: type) -> dict[str, Callable[..., Any]]:
@@ -60,3 +61,4 @@ def test_sync_methods_are_not_written_by_hand() -> None:
 
 def test_vm_takes_the_same_options_as_asyncvm() -> None:
     assert inspect.signature(VM.__init__) == inspect.signature(AsyncVM.__init__)
+    assert inspect.signature(VMPool.__init__) == inspect.signature(AsyncVMPool.__init__)
