@@ -238,7 +238,11 @@ def test_the_pool_ends_standby_clones_after_the_matrix_and_after_a_stop(
                             worker)
 
     monkeypatch.setattr(_local, "run_attempt", fake)
-    monkeypatch.setattr(_local, "end_standbys_here", lambda: events.append("end") or 0)
+    def end_standbys() -> int:
+        events.append("end")
+        return 0
+
+    monkeypatch.setattr(_local, "end_standbys_here", end_standbys)
     jobs = [Job(n, ("true",), image="tiny") for n in "abc"]
     list(run_matrix(jobs, jobs_at_once=1))
     assert sorted(events[:-1]) == ["a", "b", "c"] and events[-1] == "end"
@@ -272,7 +276,11 @@ def test_a_job_that_ends_after_its_matrix_was_stopped_ends_the_standbys(
 
     monkeypatch.setattr(_run, "run_in_vm", run_in_vm)
     monkeypatch.setattr(_run, "ensure_image", lambda *a: None)
-    monkeypatch.setattr(_run, "end_standbys_here", lambda: ended.append("end") or 0)
+    def end_standbys() -> int:
+        ended.append("end")
+        return 0
+
+    monkeypatch.setattr(_run, "end_standbys_here", end_standbys)
     attempt = _run.run_attempt(Job("j", ("true",), image="tiny"), "stopped-matrix", "local")
     assert attempt.infra == "the matrix was stopped" and ended == ["end"]
     ended.clear()
