@@ -28,6 +28,7 @@ from ..kernel import KernelTestResult, run_in_vm
 from ..paths import cache_dir
 from ..results import Outcome, ReportCase
 from ..vm import VM, _standby
+from . import _slots
 from ._file import Job
 
 __all__ = ["REGISTRY", "Attempt", "Cancelled", "JobResult", "MatrixProgress", "Registry",
@@ -194,18 +195,20 @@ def stop_matrix_here(matrix: str) -> int:
     return REGISTRY.stop(matrix)
 
 
-def end_standbys_here() -> int:
+def end_standbys_here(matrix: str | None = None) -> int:
     """End the standby clones this process keeps; how many were kept (ready or being made).
 
-    A job whose ``vm`` table says ``standby = true`` leaves one after its warm
-    start (the matrix asks for none by default: see docs/warm-starts.md). What
-    a matrix started must not outlive it, on this host or on a worker: the
-    runners call this after the matrix, after a stop (Ctrl-C, --fail-fast) and
-    when a job ends after its matrix was stopped. The jobs' VMs run on the sync
-    API's loop, so its standbys are theirs (and any other standby of this
-    process's sync VMs: spare capacity, which the next start of theirs
-    restores without).
+    A matrix's jobs leave one (:mod:`qemukit.matrix._slots`); what a matrix
+    started must not outlive it, on this host or on a worker: the runners
+    call this after the matrix (``matrix``: its jobs are counted no more here),
+    after a stop (Ctrl-C, --fail-fast) and when a job ends after its matrix
+    was stopped. The jobs' VMs run on the sync API's loop, so its standbys
+    are theirs (and any other standby of this process's sync VMs: spare
+    capacity, which the next start of theirs restores without).
     """
+    if matrix is not None:
+        _slots.forget(matrix)
+
     async def end() -> int:
         kept = len(_standby.kept_memory())
         await _standby.end_all()
@@ -256,11 +259,16 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         image = job.needs_image()
         if image is not None:
             ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
-        # No standby clone by default here (a job's spec may ask for one): the pool promises
-        # at most --jobs QEMUs at once, and a worker leaves none behind between runs.
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)
+    # A standby clone, within the QEMUs the runner promises (see _slots): left when the job's
+    # VM has stopped, if it fits, never by the start (spec.standby False) beyond the count.
+    slots = _slots.for_matrix(matrix)
+    leave = slots is not None and _slots.wanted(spec)
+    desc = _slots.description(spec)
+    relied = slots.admit_here(desc) if slots is not None else None
+    spec = spec.replace(standby=False) if slots is not None else spec
     try:
         result = run_in_vm(spec, job.command, timeout=job.timeout, modules=job.modules,
                            on_started=on_started, continue_on_oops=job.continue_on_oops,
@@ -275,7 +283,11 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
     finally:
         REGISTRY.finished(matrix, started[0] if started else None,
                           cancels[0] if cancels else None)
-        if REGISTRY.is_stopped(matrix):  # a standby its start left after the stop: ended
+        stopped = REGISTRY.is_stopped(matrix)
+        if slots is not None:
+            slots.release_here(desc, relied, started[0] if started else None,
+                               leave and not stopped)
+        if stopped:  # a standby its start left after the stop: ended
             _end_standbys_quietly()
     if result.outcome is Outcome.ERROR and not started:
         # The VM never started (LaunchError, out of memory, no QEMU): the machine's fault.
