@@ -683,8 +683,9 @@ class VMSpec:
     of the same warm state restored in the background and left paused, which
     the next start of the same description takes (resumes and gives its
     identity) instead of restoring (see docs/warm-starts.md). ``None`` (the
-    default) leaves it to the VM's owner: on for the pytest plugin's VMs and
-    the MCP server's, off elsewhere.
+    default) leaves it to the VM's owner: on for the pytest plugin's VMs, the
+    MCP server's, a VM pool's and a matrix worker's (within their limits), off
+    elsewhere.
     """
 
     name: str | None = None

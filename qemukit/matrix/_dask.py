@@ -25,8 +25,17 @@ from typing import Any
 
 from ..errors import SpecError
 from ..results import Outcome
+from . import _slots
 from ._file import Job
-from ._run import Attempt, JobResult, MatrixProgress, Tracker, run_attempt, stop_matrix_here
+from ._run import (
+    Attempt,
+    JobResult,
+    MatrixProgress,
+    Tracker,
+    end_standbys_here,
+    run_attempt,
+    stop_matrix_here,
+)
 from ._shipping import KERNEL_DIR, bundled_image, files_to_ship, materialize, read_for_shipping
 
 __all__ = ["dask_security", "run_dask", "run_job_on_worker"]
@@ -51,6 +60,9 @@ def run_job_on_worker(job: Job, files: Mapping[str, tuple[str, str, bytes]], mat
     except (OSError, ValueError, tarfile.TarError) as exc:  # ValueError: bytes not of their digest
         return Attempt(None, f"cannot store the job's files on worker {name}: {exc}",
                         socket.gethostname(), name)
+    # The worker's standby clone counts in its vm resource, with every matrix's jobs here.
+    cap = int(worker.state.total_resources.get("vm", 1))
+    _slots.register(matrix, _slots.worker_slots(max(1, cap)))
     return run_attempt(job.with_files(paths), matrix, name)
 
 
@@ -143,6 +155,11 @@ def run_dask(jobs: Sequence[Job], scheduler: str, retries: int, fail_fast: bool,
                 client.run(stop_matrix_here, matrix)
             except Exception as exc:  # a worker that is gone took its VMs with it anyway
                 log.warning("matrix %s: stopping the VMs on the workers failed: %r", matrix, exc)
+        try:  # the standby clones the last jobs left end with the matrix
+            client.run(end_standbys_here, matrix)
+        except Exception as exc:  # a worker that is gone took its standbys with it
+            log.warning("matrix %s: ending the standby clones on the workers failed: %r",
+                        matrix, exc)
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(EVENT_TOPIC)
         client.close()

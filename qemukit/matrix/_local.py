@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Generator, Sequence
 
 from ..host._tcg import tb_size_for
 from ..results import Outcome
+from . import _slots
 from ._file import Job
-from ._run import REGISTRY, Attempt, JobResult, MatrixProgress, Tracker, run_attempt
+from ._run import (
+    REGISTRY,
+    Attempt,
+    JobResult,
+    MatrixProgress,
+    Tracker,
+    end_standbys_here,
+    run_attempt,
+)
 
 __all__ = ["default_parallelism", "run_local"]
+
+log = logging.getLogger(__name__)
 
 #: Memory a VM costs beyond its guest RAM (QEMU itself, TCG's code buffer), in MiB.
 VM_OVERHEAD_MIB = 128
@@ -41,6 +53,7 @@ def run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: b
     if tb_size is not None:  # several TCG VMs at once: each a bounded code buffer (host/_tcg.py)
         jobs = [job if "tb_size" in job.vm
                 else dataclasses.replace(job, vm={**job.vm, "tb_size": tb_size}) for job in jobs]
+    _slots.register(matrix, _slots.Slots(jobs_at_once))  # its standby counted in --jobs
     tracker = Tracker(len(jobs), retries, progress, jobs_at_once)
     pool = cf.ThreadPoolExecutor(max_workers=jobs_at_once, thread_name_prefix="qemukit-matrix")
     pending: dict[cf.Future[Attempt], Job] = {}
@@ -76,4 +89,10 @@ def run_local(jobs: Sequence[Job], jobs_at_once: int, retries: int, fail_fast: b
                 future.cancel()
             REGISTRY.stop(matrix)
         pool.shutdown(wait=True, cancel_futures=True)
+        # Every job has ended: the standby clone the last ones left ends with the matrix.
+        _slots.forget(matrix)
+        try:
+            end_standbys_here()
+        except Exception as exc:  # noqa: BLE001 - the process's exit ends them still
+            log.warning("matrix %s: ending the standby clones failed: %r", matrix, exc)
 

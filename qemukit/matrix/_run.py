@@ -21,16 +21,19 @@ from typing import Any
 
 from .. import images
 from .._fs import locked
+from .._sync import run_sync
 from ..arch import DEFAULT_ARCH
 from ..errors import QemukitError, StateError
 from ..kernel import KernelTestResult, run_in_vm
 from ..paths import cache_dir
 from ..results import Outcome, ReportCase
-from ..vm import VM
+from ..vm import VM, _standby
+from . import _slots
 from ._file import Job
 
 __all__ = ["REGISTRY", "Attempt", "Cancelled", "JobResult", "MatrixProgress", "Registry",
-           "Tracker", "ensure_image", "error_result", "run_attempt", "stop_matrix_here"]
+           "Tracker", "end_standbys_here", "ensure_image", "error_result", "run_attempt",
+           "stop_matrix_here"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,39 @@ def stop_matrix_here(matrix: str) -> int:
     return REGISTRY.stop(matrix)
 
 
+def end_standbys_here(matrix: str | None = None) -> int:
+    """End the standby clones this process keeps; how many were kept (ready or being made).
+
+    A matrix's jobs leave one (:mod:`qemukit.matrix._slots`); what a matrix
+    started must not outlive it, on this host or on a worker: the runners
+    call this after the matrix (``matrix``: its jobs are counted no more here),
+    after a stop (Ctrl-C, --fail-fast) and when a job ends after its matrix
+    was stopped. The jobs' VMs run on the sync API's loop, so its standbys
+    are theirs (and any other standby of this process's sync VMs: spare
+    capacity, which the next start of theirs restores without).
+    """
+    if matrix is not None:
+        _slots.forget(matrix)
+
+    async def end() -> int:
+        kept = len(_standby.kept_memory())
+        await _standby.end_all()
+        return kept
+
+    kept = run_sync(end())
+    if kept:
+        log.debug("ended %d standby clones", kept)
+    return kept
+
+
+def _end_standbys_quietly() -> None:
+    """:func:`end_standbys_here`, a failure logged (a runner's cleanup goes on)."""
+    try:
+        end_standbys_here()
+    except Exception as exc:  # noqa: BLE001 - the process's exit ends them still
+        log.warning("ending the standby clones failed: %r", exc)
+
+
 def ensure_image(name: str, arch: str = DEFAULT_ARCH) -> None:
     """Build image ``name`` for ``arch`` unless it is cached; one builder at a time per cache."""
     if images.find_image(name, arch) is not None:
@@ -223,11 +259,16 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
         image = job.needs_image()
         if image is not None:
             ensure_image(image, str(job.vm.get("arch", DEFAULT_ARCH)))
-        # No standby clone by default here (a job's spec may ask for one): the pool promises
-        # at most --jobs QEMUs at once, and a worker leaves none behind between runs.
         spec = job.spec()
     except QemukitError as exc:  # a bad job: its result, not worth a retry
         return Attempt(error_result(job, str(exc), time.monotonic() - start), None, host, worker)
+    # A standby clone, within the QEMUs the runner promises (see _slots): left when the job's
+    # VM has stopped, if it fits, never by the start (spec.standby False) beyond the count.
+    slots = _slots.for_matrix(matrix)
+    leave = slots is not None and _slots.wanted(spec)
+    desc = _slots.description(spec)
+    relied = slots.admit_here(desc) if slots is not None else None
+    spec = spec.replace(standby=False) if slots is not None else spec
     try:
         result = run_in_vm(spec, job.command, timeout=job.timeout, modules=job.modules,
                            on_started=on_started, continue_on_oops=job.continue_on_oops,
@@ -242,6 +283,12 @@ def run_attempt(job: Job, matrix: str, worker: str) -> Attempt:
     finally:
         REGISTRY.finished(matrix, started[0] if started else None,
                           cancels[0] if cancels else None)
+        stopped = REGISTRY.is_stopped(matrix)
+        if slots is not None:
+            slots.release_here(desc, relied, started[0] if started else None,
+                               leave and not stopped)
+        if stopped:  # a standby its start left after the stop: ended
+            _end_standbys_quietly()
     if result.outcome is Outcome.ERROR and not started:
         # The VM never started (LaunchError, out of memory, no QEMU): the machine's fault.
         return Attempt(result, f"QEMU did not start on {host}: {result.error}", host, worker)

@@ -1,8 +1,8 @@
 """Standby clones: the next warm clone of a state, restored ahead and left paused.
 
 After a warm start of a spec with ``standby`` (:attr:`VMSpec.standby
-<qemukit.spec.VMSpec>`; on by default for the pytest plugin's VMs and the
-MCP server's), the VM's process restores another clone of
+<qemukit.spec.VMSpec>`; on by default for the pytest plugin's VMs, the
+MCP server's, a VM pool's and a matrix worker's), the VM's process restores another clone of
 the same warm state in the background: a VM of its own, ``standby-XXXXXX``,
 launched with ``-S -incoming defer``, its state loaded, the after-restore
 command run once (so TCG has translated it: :func:`_warm_up`) and the guest

@@ -459,6 +459,86 @@ def test_a_killed_worker_takes_its_vms_and_its_jobs_go_elsewhere(
         assert qemu_processes_under(cluster.state("w1")) == []
 
 
+# Four jobs of one VM description: a matrix worker keeps a standby clone between them.
+ONE_DESCRIPTION = """
+[defaults]
+image = "tiny"
+accel = "tcg"
+timeout = 240
+command = ["true"]
+
+[matrix.n]
+a = {}
+b = {}
+c = {}
+d = {}
+"""
+
+
+def _standby_watch(roots: tuple[Path, ...]) -> tuple[set[str], threading.Event, threading.Thread]:
+    """Names of the standby clones seen under ``roots`` while a matrix runs (from a thread)."""
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            seen.update(name for root in roots for name in _state_entries(root)
+                        if name.startswith("standby-"))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return seen, stop, thread
+
+
+def test_the_local_pool_keeps_a_standby_within_its_jobs(tmp_path: Path, tiny_image: Any) -> None:
+    """--jobs 2 and six jobs of one image: a job that ends leaves a standby in its place
+    (one job runs: it fits), the next job takes it (-v says so), never more than 2 QEMUs
+    counting the standby, none left afterwards."""
+    assert QEMUKIT
+    state = tmp_path / "state"
+    text = ONE_DESCRIPTION.replace('d = {}', 'd = {}\ne = {}\nf = {}')
+    (tmp_path / "matrix.toml").write_text(text)
+    jsonl = tmp_path / "results.jsonl"
+    seen, stop, watcher = _standby_watch((state,))
+    try:
+        with Sampler(state) as sampler:
+            proc = subprocess.run([QEMUKIT, "-v", "matrix", str(tmp_path / "matrix.toml"),
+                                   "--jobs", "2", "--json", str(jsonl)], env=_env(state),
+                                  capture_output=True, text=True, timeout=600,
+                                  stdin=subprocess.DEVNULL, check=False)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert proc.returncode == 0, proc.stderr
+    assert {n: d["outcome"] for n, d in _results(jsonl).items()} == dict.fromkeys("abcdef",
+                                                                                    "passed")
+    assert seen, "no standby clone was made"
+    assert "took the standby clone" in proc.stderr, proc.stderr[-3000:]
+    assert sampler.samples > 10
+    assert sampler.peak <= 2, f"peak {sampler.peak} QEMUs at once with --jobs 2"
+    assert qemu_processes_under(state) == [] and _state_entries(state) == []
+
+
+def test_a_workers_standby_ends_with_the_matrix(tmp_path: Path, cluster: Cluster) -> None:
+    """Each worker (vm=1) keeps a standby between its jobs; once the matrix is over none is
+    left there, though the worker process lives on (its exit would end them: too late)."""
+    roots = (cluster.state("w1"), cluster.state("w2"))
+    seen, stop, watcher = _standby_watch(roots)
+    try:
+        run = _run_matrix(tmp_path, ONE_DESCRIPTION, _env(tmp_path / "client-state"),
+                          "--scheduler", cluster.address, roots=roots)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert run.proc.returncode == 0, run.proc.stderr
+    assert {n: d["outcome"] for n, d in run.results.items()} == dict.fromkeys("abcd", "passed")
+    assert seen, "no standby clone was made on either worker"
+    assert run.peak <= 2, f"{run.peak} QEMUs at once on two workers with vm=1 each"
+    # client.run ended them before the CLI returned: nothing to wait for.
+    assert [qemu_processes_under(r) for r in roots] == [[], []]
+    assert [_state_entries(r) for r in roots] == [[], []]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_every_vm_of_the_local_pool(tmp_path: Path, tiny_image: Any,
                                                  signum: int) -> None:

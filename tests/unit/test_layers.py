@@ -145,7 +145,7 @@ def test_layers_only_import_downward() -> None:
 
 #: Inside a package, its modules' own order (lowest first), checked like LAYERS.
 INNER_LAYERS: dict[str, list[tuple[str, ...]]] = {
-    "qemukit.matrix": [("_file",), ("_run", "_shipping"), ("_local", "_dask", "_report")],
+    "qemukit.matrix": [("_file", "_slots"), ("_run", "_shipping"), ("_local", "_dask", "_report")],
 }
 
 

@@ -6,6 +6,7 @@ real VMs do is in tests/integration/test_matrix.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -224,6 +225,197 @@ def test_the_pool_bounds_each_vms_code_buffer_when_it_runs_several(
     seen.clear()
     list(run_matrix(jobs, jobs_at_once=1))
     assert seen == {"a": None, "b": "32M"}  # one VM at a time: QEMU's default
+
+
+def test_the_pool_ends_standby_clones_after_the_matrix_and_after_a_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose vm table asks for a standby leaves one: it ends once every job has, after a
+    full run as after --fail-fast (and a Ctrl-C: the same finally)."""
+    events: list[str] = []
+
+    def fake(job: Job, matrix_id: str, worker: str) -> Any:
+        events.append(job.name)
+        return _run.Attempt(_result(job, "failed" if job.name == "b" else "passed"), None, "h",
+                            worker)
+
+    monkeypatch.setattr(_local, "run_attempt", fake)
+    def end_standbys() -> int:
+        events.append("end")
+        return 0
+
+    monkeypatch.setattr(_local, "end_standbys_here", end_standbys)
+    jobs = [Job(n, ("true",), image="tiny") for n in "abc"]
+    list(run_matrix(jobs, jobs_at_once=1))
+    assert sorted(events[:-1]) == ["a", "b", "c"] and events[-1] == "end"
+    events.clear()
+    assert [r.job.name for r in run_matrix(jobs, jobs_at_once=1, fail_fast=True)][-1] == "b"
+    assert events[-1] == "end" and events.count("end") == 1
+
+
+def test_end_standbys_here_ends_what_the_sync_loop_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit.vm import _standby
+
+    ended: list[bool] = []
+
+    async def end_all() -> None:
+        ended.append(True)
+
+    monkeypatch.setattr(_standby, "kept_memory", lambda: [256, 384])
+    monkeypatch.setattr(_standby, "end_all", end_all)
+    assert _run.end_standbys_here() == 2 and ended == [True]
+
+
+def test_a_job_that_ends_after_its_matrix_was_stopped_ends_the_standbys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that finished as the stop came may have left a standby after the runner ended
+    them: the job's own end ends them again (Dask cannot wait for a cancelled task)."""
+    ended: list[str] = []
+
+    def run_in_vm(spec: Any, command: Any, **kwargs: Any) -> KernelTestResult:
+        _run.REGISTRY.stop("stopped-matrix")
+        return _result(Job("j", ("true",), image="tiny"), "passed")
+
+    monkeypatch.setattr(_run, "run_in_vm", run_in_vm)
+    monkeypatch.setattr(_run, "ensure_image", lambda *a: None)
+    def end_standbys() -> int:
+        ended.append("end")
+        return 0
+
+    monkeypatch.setattr(_run, "end_standbys_here", end_standbys)
+    attempt = _run.run_attempt(Job("j", ("true",), image="tiny"), "stopped-matrix", "local")
+    assert attempt.infra == "the matrix was stopped" and ended == ["end"]
+    ended.clear()
+    monkeypatch.setattr(_run, "run_in_vm", lambda *a, **k: _result(Job("k", ("true",),
+                                                                       image="tiny"), "passed"))
+    assert _run.run_attempt(Job("k", ("true",), image="tiny"), "running-matrix", "local").infra is None
+    assert ended == []
+
+
+class _FakeStandbys:
+    """The standby side as _slots sees it: keys kept (ready or being made), no QEMU."""
+
+    def __init__(self) -> None:
+        self.making: list[str] = []
+        self.ready: list[str] = []
+        self.log: list[str] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from qemukit.vm import _standby
+
+        async def settle(timeout: float) -> None:
+            self.log.append("settle")
+            self.ready += self.making
+            self.making = []
+
+        async def end_kept(key: str) -> None:
+            self.log.append(f"end {key}")
+            self.making = [k for k in self.making if k != key]
+            self.ready = [k for k in self.ready if k != key]
+
+        def refill(vm: Any) -> bool:
+            self.log.append(f"refill {vm.warm_start.key}")
+            self.making.append(vm.warm_start.key)
+            return True
+
+        monkeypatch.setattr(_standby, "kept_keys", lambda: self.ready + self.making)
+        monkeypatch.setattr(_standby, "ready_keys", lambda: list(self.ready))
+        monkeypatch.setattr(_standby, "settle", settle)
+        monkeypatch.setattr(_standby, "end_kept", end_kept)
+        monkeypatch.setattr(_standby, "refill", refill)
+
+    def take(self, key: str) -> None:  # what the taker's start does
+        self.ready.remove(key)
+
+
+class _FakeVM:
+    def __init__(self, key: str) -> None:
+        from qemukit.warm import WarmStart
+
+        self.warm_start = WarmStart(warm=True, reason="", key=key)
+        self.aio = self
+
+
+def test_a_matrix_standby_fits_in_the_slots_and_the_next_job_takes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs 2, one description: the first job that ends leaves a standby (one job runs, so
+    it fits), the next job of the description waits for it being made and takes it; the
+    count never passes 2 (jobs admitted + standbys kept - standbys being taken)."""
+    from qemukit.matrix import _slots
+
+    fake = _FakeStandbys()
+    fake.install(monkeypatch)
+    slots = _slots.Slots(2)
+
+    async def scenario() -> None:
+        assert await slots.admit("d") is None and await slots.admit("d") is None
+        assert slots._counted() == 2
+        assert await slots.release("d", None, _FakeVM("k"), True) is True  # type: ignore[arg-type]
+        assert fake.making == ["k"] and slots._counted() == 2
+        assert await slots.admit("d") == "k"  # waited for it (settle), will take it
+        assert fake.log == ["refill k", "settle"] and slots._counted() == 2
+        fake.take("k")
+        assert slots._counted() == 2
+        # The taker ends: no room while the other job runs? One runs: room, one more standby.
+        assert await slots.release("d", "k", _FakeVM("k"), True) is True  # type: ignore[arg-type]
+        assert slots.relied == {} and slots._counted() == 2
+        # A job of another description needs the slot: the standby ends first.
+        assert await slots.admit("e") is None
+        assert fake.log[-1] == "end k" and fake.ready + fake.making == []
+        assert slots._counted() == 2
+        # Both running: a job that ends leaves one (room again) unless it says not to...
+        assert await slots.release("e", None, _FakeVM("ke"), False) is False  # type: ignore[arg-type]
+        # ...and while a standby is kept, no second one (one a matrix).
+        assert await slots.release("d", None, _FakeVM("k"), True) is True  # type: ignore[arg-type]
+        assert await slots.admit("x") is None  # no job runs: room for it beside the standby
+        assert slots.active == 1 and fake.ready + fake.making == ["k"]
+        assert await slots.admit("y") is None  # the second needs the standby's slot
+        assert fake.log[-1] == "end k" and fake.ready + fake.making == []
+
+    asyncio.run(scenario())
+
+
+def test_a_standby_is_left_only_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit.matrix import _slots
+
+    fake = _FakeStandbys()
+    fake.install(monkeypatch)
+
+    async def scenario() -> None:
+        one = _slots.Slots(1)  # a single-VM Dask worker: its standby between jobs
+        assert await one.admit("d") is None
+        assert await one.release("d", None, _FakeVM("k"), True) is True  # type: ignore[arg-type]
+        assert await one.admit("d") == "k" and one._counted() == 1
+        fake.take("k")
+        assert await one.release("d", "k", None, True) is False  # no VM: nothing to refill
+        three = _slots.Slots(3)
+        for _ in range(3):
+            await three.admit("d")
+        fake.ready = ["other"]  # a standby of another description kept: no second one
+        assert await three.release("d", None, _FakeVM("k"), True) is False  # type: ignore[arg-type]
+        fake.ready = []
+        assert await three.release("d", None, _FakeVM("k"), True) is True  # type: ignore[arg-type]
+        # Two jobs of the description, one ready standby: one relies on it, the other
+        # needs a slot of its own (there is one: 1 running + 1 standby + 1 < 3... then full).
+        assert await three.admit("d") == "k"
+        assert await three.admit("d") is None and three._counted() == 3
+
+    asyncio.run(scenario())
+
+
+def test_standby_is_wanted_unless_the_job_or_the_environment_says_no(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemukit import VMSpec
+    from qemukit.matrix import _slots
+
+    spec = VMSpec(kernel="/k", warm=True)
+    monkeypatch.delenv("QEMUKIT_STANDBY", raising=False)
+    assert _slots.wanted(spec) and _slots.wanted(spec.replace(standby=True))
+    assert not _slots.wanted(spec.replace(standby=False))
+    assert not _slots.wanted(spec.replace(warm=False))
+    monkeypatch.setenv("QEMUKIT_STANDBY", "0")
+    assert not _slots.wanted(spec)
+    assert _slots.description(spec) == _slots.description(spec.replace(name="x", standby=False))
+    assert _slots.description(spec) != _slots.description(spec.replace(memory=384))
 
 
 def _job_results() -> list[JobResult]:
