@@ -33,13 +33,23 @@ def raw_qmp_handshake(sock: socket.socket) -> None:
             return
 
 
-def _raw_argv(qemukit_argv: list[str], runtime: Path, qmp_fd: int) -> list[str]:
-    """qemukit's argv with its runtime directory replaced by ``runtime``, the monitor by ``qmp_fd``."""
+def _raw_argv(qemukit_argv: list[str], runtime: Path, qmp_fd: int,
+              console_fd: int) -> list[str]:
+    """qemukit's argv with its runtime directory replaced by ``runtime``, the monitor by
+    ``qmp_fd`` and the console connection qemukit hands over (``fd=``) by ``console_fd``."""
     shared = next(a for a in qemukit_argv if "qmp.sock" in a)
     old_dir = str(Path(shared.split("path=")[1].split(",")[0]).parent)
     argv = [a.replace(old_dir, str(runtime)) for a in qemukit_argv]
-    return [f"socket,id=qmp-owner,fd={qmp_fd}" if a.startswith("socket,id=qmp-owner,fd=") else a
-            for a in argv]
+    fds = {"socket,id=qmp-owner,fd=": qmp_fd, "socket,id=console0,fd=": console_fd}
+
+    def handed(arg: str) -> str:
+        for prefix, fd in fds.items():
+            if arg.startswith(prefix):
+                rest = arg[len(prefix):]
+                return f"{prefix}{fd}{rest[rest.find(','):] if ',' in rest else ''}"
+        return arg
+
+    return [handed(a) for a in argv]
 
 
 def bench_launch(runs: int) -> Result:
@@ -70,15 +80,19 @@ def bench_launch(runs: int) -> Result:
     def raw_launch() -> float:
         tmp = Path(tempfile.mkdtemp(prefix="qk-raw-"))
         ours, theirs = socket.socketpair()
+        console, console_end = socket.socketpair()
         try:
-            argv = _raw_argv(argv_holder, tmp, theirs.fileno())
+            argv = _raw_argv(argv_holder, tmp, theirs.fileno(), console_end.fileno())
             if argv[0] != found:
                 raise RuntimeError(f"raw side would run {argv[0]}, qemukit found {found}")
             used["raw"] = argv[0]
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), console_end.fileno()],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            theirs.close()  # QEMU's now: a QEMU that exits closes the monitor (EOF, no hang)
+            console_end.close()
+            ours.settimeout(60)
             try:
                 raw_qmp_handshake(ours)
                 elapsed = time.perf_counter() - t0
@@ -87,8 +101,8 @@ def bench_launch(runs: int) -> Result:
                 proc.wait(timeout=30)
             return elapsed
         finally:
-            ours.close()
-            theirs.close()
+            for sock in (ours, theirs, console, console_end):
+                sock.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
     res = interleave(runs, raw=raw_launch, qemukit=qemukit_launch,
