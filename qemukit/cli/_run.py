@@ -357,7 +357,7 @@ def cmdline(as_json: bool, detach: bool, warm: bool | None, modules: str | None,
     if verbose:
         for line in resolution.describe():
             click.echo(f"# {line}", err=True)
-    argv, notes = preview_argv(resolution.spec)
+    argv, notes = preview_argv(resolution.spec, detached=detach)
     if as_json:
         emit_json({"argv": argv, "notes": notes})
         return

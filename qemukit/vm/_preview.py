@@ -15,8 +15,12 @@ from ..spec import VMSpec
 from ._facts import default_probe_image, host_facts
 
 
-def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], list[str]]:
+def preview_argv(spec: VMSpec, *, name: str | None = None,
+                 detached: bool = False) -> tuple[list[str], list[str]]:
     """The argv :class:`VM` would run for ``spec``, without starting anything.
+
+    ``detached``: as a VM that outlives its starter (``run --detach``), whose
+    console QEMU logs itself instead of handing it to qemukit's reader.
 
     Returns (argv, notes). It is the launch plan a start would carry out
     (:mod:`qemukit.plan`), in the runtime directory the VM would get; a
@@ -45,7 +49,7 @@ def preview_argv(spec: VMSpec, *, name: str | None = None) -> tuple[list[str], l
     accel = host.resolve_accel(spec.accel, qemu, default_probe_image(spec.arch), arch=spec.arch)
     notes.append(f"accelerator: {accel.reason}")
     rd = RuntimeDir(state_dir() / (name or spec.name or "NAME"))
-    plan = plan_launch(spec, host_facts(qemu, accel), rd, formats)
+    plan = plan_launch(spec, host_facts(qemu, accel), rd, formats, console_reader=not detached)
     if plan.firmware_copy is not None and plan.facts.ovmf is None:
         notes.append("OVMF is not installed (apt-get install ovmf); a start would fail")
     for share, sock in plan.virtiofs:

@@ -41,7 +41,7 @@ def test_hotplug_cpu_and_unplug_disk_while_the_guest_boots(qk: Any, tmp_path: Pa
 
 def _without_fd(argv: list[str]) -> list[str]:
     """The inherited monitor fd's number differs between a preview and a start."""
-    return [re.sub(r"^socket,id=qmp-owner,fd=\d+", "socket,id=qmp-owner,fd=N", a) for a in argv]
+    return [re.sub(r"^socket,id=(qmp-owner|console0),fd=\d+", r"socket,id=\1,fd=N", a) for a in argv]
 
 
 def test_cmdline_prints_what_run_runs_with_a_share(qk: Any, tmp_path: Path,
@@ -49,9 +49,13 @@ def test_cmdline_prints_what_run_runs_with_a_share(qk: Any, tmp_path: Path,
     share = tmp_path / "shared"
     share.mkdir()
     opts = ("--name", "same", *TCG, "--share", f"{share}:/mnt/s", "--memory", "768M")
-    preview = qk("cmdline", "--json", *opts)
+    preview = qk("cmdline", "--json", "--detach", *opts)  # as the run below
     assert preview.returncode == 0, preview.stderr
     planned = json.loads(preview.stdout)["argv"]
+    owned = json.loads(qk("cmdline", "--json", *opts).stdout)["argv"]
+    # A VM qemukit owns hands QEMU its console connection; a detached one's QEMU logs it.
+    assert any(a.startswith("socket,id=console0,fd=") for a in owned)
+    assert any(a.startswith("socket,id=console0,path=") for a in planned)
     assert any(a.startswith("vhost-user-fs-pci") for a in planned)
     started = qk("run", "--detach", *opts)
     assert started.returncode == 0, started.stderr

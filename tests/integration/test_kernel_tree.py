@@ -286,8 +286,8 @@ def test_cmdline_prints_the_argv_run_spawns_for_a_kernel(tree: Path, tiny_image:
     (qemu_argv,) = [a for a in spawned if any("qemu-system" in x for x in a)]
     qemu_argv = qemu_argv[next(i for i, x in enumerate(qemu_argv) if "qemu-system" in x):]
 
-    def same_fd(argv: list[str]) -> list[str]:  # the monitor socket's inherited fd number
-        return [re.sub(r"(id=qmp-owner,fd=)\d+", r"\1N", x) for x in argv]
+    def same_fd(argv: list[str]) -> list[str]:  # the monitor's and console's inherited fds
+        return [re.sub(r"(id=(?:qmp-owner|console0),fd=)\d+", r"\1N", x) for x in argv]
 
     assert "microvm,accel=tcg" in printed[printed.index("-machine") + 1]
     assert same_fd(printed) == same_fd(qemu_argv)
