@@ -27,7 +27,7 @@ from qemukit._launch.netaddr import (
 )
 from qemukit._launch.netgate import _forwards, gateway_argv
 from qemukit._launch.netswitch import forward, join
-from tests.helpers import qemu_processes_under
+from tests.helpers import qemu_processes_under, wait_until
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -42,14 +42,6 @@ def _switches(root: Path) -> list[psutil.Process]:
             found.append(proc)
     return found
 
-
-def _wait_until(check: object, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -121,7 +113,7 @@ def test_a_forward_needs_a_running_network_a_member_and_a_sane_request(root: Pat
         assert not qemu_processes_under(root)  # refused requests start no gateway
     finally:
         a.close()
-    assert _wait_until(lambda: not _switches(root))
+    wait_until(lambda: not _switches(root), 30, 'not _switches(root)', interval=0.05)
 
 
 def test_a_member_name_that_would_inject_hosts_lines_is_refused(root: Path) -> None:
@@ -158,9 +150,11 @@ def test_a_forward_starts_one_gateway_on_127_0_0_1_that_goes_with_the_network(ro
         assert ":".join(f"{b:02x}" for b in frame[6:12]) in gateway_macs("lan")
     finally:
         a.close()
-    assert _wait_until(lambda: not qemu_processes_under(root)), "the gateway outlived its network"
-    assert _wait_until(lambda: not _switches(root))
-    assert _wait_until(lambda: not network_dir(root, "lan").exists())
+    wait_until(lambda: not qemu_processes_under(root), 30, "the gateway outlived its network",
+               interval=0.05)
+    wait_until(lambda: not _switches(root), 30, 'not _switches(root)', interval=0.05)
+    wait_until(lambda: not network_dir(root, "lan").exists(), 30, "the network's directory to go",
+               interval=0.05)
 
 
 def test_the_switch_lists_who_is_on_the_network_now(root: Path) -> None:
@@ -175,7 +169,7 @@ def test_the_switch_lists_who_is_on_the_network_now(root: Path) -> None:
     finally:
         a.close()
         b.close()
-    assert _wait_until(lambda: not _switches(root))
+    wait_until(lambda: not _switches(root), 30, 'not _switches(root)', interval=0.05)
 
 
 def test_a_vm_cannot_pose_as_the_hosts_gateway(root: Path) -> None:
@@ -196,4 +190,4 @@ def test_a_vm_cannot_pose_as_the_hosts_gateway(root: Path) -> None:
     finally:
         a.close()
         b.close()
-    assert _wait_until(lambda: not _switches(root))
+    wait_until(lambda: not _switches(root), 30, 'not _switches(root)', interval=0.05)

@@ -34,6 +34,7 @@ from qemukit._launch.netaddr import (
     network_subnet,
 )
 from qemukit._launch.netswitch import MAX_FRAME, join
+from tests.helpers import wait_until
 
 from .test_argv import QEMU, check_golden, plumbing
 
@@ -109,14 +110,6 @@ def _switch_pids(root: Path) -> list[int]:
     return pids
 
 
-def _wait_until(check: object, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
 
 @pytest.fixture
 def root(tmp_path: Path) -> Iterator[Path]:
@@ -156,7 +149,7 @@ def test_members_get_indexes_frames_go_to_their_mac_and_nobody_poses_as_another(
         join(root, "lan", "a")
     # A VM that leaves frees its index for the next one.
     b.close()
-    assert _wait_until(lambda: join_index(root, "d") == 2)
+    wait_until(lambda: join_index(root, "d") == 2, 20, 'join_index(root, "d") == 2', interval=0.05)
     for sock in (a, c):
         sock.close()
 
@@ -192,13 +185,14 @@ def test_the_switch_exits_and_cleans_up_with_its_last_member(root: Path) -> None
     time.sleep(0.5)
     assert _switch_pids(root) == pids  # one member left: it stays
     b.close()
-    assert _wait_until(lambda: not _switch_pids(root)), "the switch outlived its last member"
-    assert _wait_until(lambda: not (root / ".net").exists()), list((root / ".net").iterdir())
+    wait_until(lambda: not _switch_pids(root), 20, "the switch outlived its last member", interval=0.05)
+    wait_until(lambda: not (root / ".net").exists(), 20, "the network's files to go",
+               interval=0.05)
     # The next join starts a new switch.
     c, mc = _join(root, "c")
     assert mc.index == 1
     c.close()
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
 
 
 def test_a_second_user_of_the_state_dir_shares_the_switch_a_stale_socket_is_replaced(
@@ -216,7 +210,7 @@ def test_a_second_user_of_the_state_dir_shares_the_switch_a_stale_socket_is_repl
                          timeout=60, check=True)
     assert json.loads(out.stdout) == {"a": 1, "other": 2}
     a.close()
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
 
 
 def test_another_user_cannot_reach_the_switch(root: Path) -> None:
@@ -422,7 +416,7 @@ def test_a_switch_stopped_by_sigterm_removes_its_files(root: Path) -> None:
     a, _ = _join(root, "a")
     (pid,) = _switch_pids(root)
     os.kill(pid, signal.SIGTERM)
-    assert _wait_until(lambda: not _switch_pids(root)), "the switch ignored SIGTERM"
+    wait_until(lambda: not _switch_pids(root), 20, "the switch ignored SIGTERM", interval=0.05)
     assert a.recv(4096) == b""  # its members were disconnected
     a.close()
     assert not (root / ".net").exists(), sorted(str(p) for p in (root / ".net").rglob("*"))
@@ -430,7 +424,7 @@ def test_a_switch_stopped_by_sigterm_removes_its_files(root: Path) -> None:
     b, mb = _join(root, "b")
     assert mb.index == 1
     b.close()
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
 
 
 def test_a_warm_clones_nics_are_awaited_within_their_timeout(
@@ -473,7 +467,7 @@ def test_a_warm_clones_nics_are_awaited_within_their_timeout(
     with pytest.raises(WaitTimeout, match="hot-plugged NICs of networks lan"):
         asyncio.run(_net.plug_after_restore(clone, root, ("lan",)))  # type: ignore[arg-type]
     assert clone.timeouts and max(clone.timeouts) <= 1.0, clone.timeouts
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
 
 
 def test_gc_removes_the_files_of_a_killed_switch_and_never_a_live_ones(root: Path) -> None:
@@ -489,7 +483,7 @@ def test_gc_removes_the_files_of_a_killed_switch_and_never_a_live_ones(root: Pat
     assert pids
     for pid in pids:
         psutil.Process(pid).kill()
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
     a.close()
     assert (root / ".net").exists(), "the killed switch cleaned up after itself"
     held = os.open(root / ".net" / "lan.lock", os.O_RDWR)
@@ -503,4 +497,4 @@ def test_gc_removes_the_files_of_a_killed_switch_and_never_a_live_ones(root: Pat
     b, mb = _join(root, "b")  # the network starts again from nothing
     assert mb.index == 1
     b.close()
-    assert _wait_until(lambda: not _switch_pids(root))
+    wait_until(lambda: not _switch_pids(root), 20, 'not _switch_pids(root)', interval=0.05)
