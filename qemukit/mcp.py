@@ -319,8 +319,6 @@ class Sandbox:
             spec = base = images.spec(chosen)
         # No automatic port forwards: nothing here watches the guest's listeners.
         changes: dict[str, Any] = {"warm": True, "forward_auto": False}
-        if spec.standby is None:  # a long-lived server: the next start takes a standby clone
-            changes["standby"] = True
         if name is not None:
             changes["name"] = name
         if memory is not None:

@@ -268,8 +268,6 @@ def _boot(request: pytest.FixtureRequest, spec: VMSpec, *, keepable: bool = True
     config = request.config
     keep = keepable and bool(config.getoption("--qemukit-keep-failed"))
     timeout = config.getoption("--qemukit-boot-timeout") or BOOT_TIMEOUT
-    if spec.standby is None:  # the session is long-lived: the next start takes a standby clone
-        spec = spec.replace(standby=True)
     vm = VM(_named(config, spec), die_with_parent=not keep, boot_timeout=timeout)
     if aliases:
         vm.networks.aliases.update(aliases)  # type: ignore[attr-defined]  # a Networks

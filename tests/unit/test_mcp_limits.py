@@ -586,6 +586,8 @@ def test_standby_clones_count_against_the_limits(fake_vms: list[FakeVM],
         ended.append(list(kept))
         kept.clear()
 
+    monkeypatch.setattr("qemukit.mcp.images.spec",
+                        lambda name, **kw: _fake_spec(name, standby=True, **kw))
     monkeypatch.setattr("qemukit.vm._standby.kept_memory", lambda: list(kept))
     monkeypatch.setattr("qemukit.vm._standby.end_all", end_all)
     box = qmcp.Sandbox(qmcp.Limits(max_vms=2, max_memory_mib=1024, max_total_memory_mib=1536))
