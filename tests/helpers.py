@@ -122,3 +122,42 @@ def foreign_tiny_vm(arch: str, work: Path, **changes: Any) -> Iterator[VM]:
             vm.kill()
         if keep_runtime and vm.runtime is not None:
             shutil.rmtree(vm.runtime.path, ignore_errors=True)
+
+
+class RunInVMFake:
+    """What :func:`qemukit.kernel.run_in_vm` uses of a VM, booting nothing: its command
+    passes, or panics the kernel when ``panics``; ``log`` is its console log (None: none),
+    ``tail`` what its console ends with. Subclass (or ``type(...)``) to set them."""
+
+    panics = False
+    log: Path | None = None
+    tail = "ready"
+
+    def __init__(self, spec: Any, **_: Any) -> None:
+        from qemukit.vm import VMState
+
+        self.spec, self.name, self.argv = spec, "vm-1", ["qemu-system-x86_64"]
+        self.warm_start = self.accel = None
+        self.console_log: Path | None = self.log
+        self.state = VMState.STOPPED
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> float:
+        return 0.5
+
+    def exec(self, command: Any, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        from qemukit.errors import GuestPanic
+
+        if self.panics:
+            raise GuestPanic("Kernel panic - not syncing: sysrq triggered crash")
+        return SimpleNamespace(exit_status=0, stdout_text="ok\n", stderr_text="")
+
+    def console_events(self) -> list[Any]:
+        return []
+
+    def console_tail(self, lines: int) -> str:
+        return self.tail

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from qemukit import crashdir
-from qemukit.errors import GuestPanic, HostError
-from qemukit.vm import VMState
+from qemukit.errors import HostError
+from tests.helpers import RunInVMFake
 
 SAMPLES = Path(__file__).parent / "console_samples"
 
@@ -189,29 +189,11 @@ def test_gdb_command_loads_the_kernels_scripts_when_built(tmp_path: Path) -> Non
         "-ex", "target remote h:1"]
 
 
-class _PanickingVM:
-    """What run_in_vm uses of a VM, for a guest whose command panics the kernel."""
+class _PanickingVM(RunInVMFake):
+    """A guest whose command panics the kernel (the sysrq crash's console)."""
 
-    def __init__(self, spec: Any, **_: Any) -> None:
-        self.spec, self.name, self.argv = spec, "vm-1", ["qemu-system-x86_64"]
-        self.warm_start = self.accel = None
-        self.console_log: Path | None = None
-        self.state = VMState.STOPPED
-
-    def start(self) -> None:
-        pass
-
-    def wait_ready(self, timeout: float) -> float:
-        return 0.5
-
-    def exec(self, command: Any, timeout: float) -> Any:
-        raise GuestPanic("Kernel panic - not syncing: sysrq triggered crash")
-
-    def console_events(self) -> list[Any]:
-        return []
-
-    def console_tail(self, lines: int) -> str:
-        return SYSRQ
+    panics = True
+    tail = SYSRQ
 
 
 def _panicking_run(crash_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:

@@ -6,54 +6,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from qemukit import kernel
-from qemukit.errors import GuestPanic
 from qemukit.kconfig import ResolvedKernel
 from qemukit.spec import VMSpec
-from qemukit.vm import VMState
-
-
-class _FakeVM:
-    """A VM whose command passes (or panics) and whose console log is a file of ``tmp``."""
-
-    panics = False
-    log: Path
-
-    def __init__(self, spec: Any, **_: Any) -> None:
-        self.spec, self.name, self.argv = spec, "vm-1", ["qemu-system-x86_64"]
-        self.warm_start = self.accel = None
-        self.console_log: Path | None = self.log
-        self.state = VMState.STOPPED
-
-    def start(self) -> None:
-        pass
-
-    def wait_ready(self, timeout: float) -> float:
-        return 0.5
-
-    def exec(self, command: Any, timeout: float) -> Any:
-        if self.panics:
-            raise GuestPanic("Kernel panic - not syncing: sysrq triggered crash")
-        from types import SimpleNamespace
-
-        return SimpleNamespace(exit_status=0, stdout_text="ok\n", stderr_text="")
-
-    def console_events(self) -> list[Any]:
-        return []
-
-    def console_tail(self, lines: int) -> str:
-        return "ready"
+from tests.helpers import RunInVMFake
 
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: Path, *,
          panics: bool = False) -> kernel.KernelTestResult:
     log = tmp_path / "console.log"
     log.write_text("booted\nready\n")
-    fake = type("VM", (_FakeVM,), {"panics": panics, "log": log})
+    fake = type("VM", (RunInVMFake,), {"panics": panics, "log": log})
     monkeypatch.setattr(kernel, "VM", fake)
     spec = VMSpec(kernel="/nonexistent/bzImage")
     about = ResolvedKernel(spec=spec, tree=None, config=None, release="6.1")
